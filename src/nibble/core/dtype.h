@@ -1,0 +1,21 @@
+// Element types of stored tensors (safetensors names), their sizes and conversion to fp32.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace nibble {
+
+enum class DType { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2 };
+
+size_t dtype_size(DType t);
+std::string_view dtype_name(DType t);  // the safetensors spelling: "F32", "BF16", ...
+bool dtype_from_name(std::string_view name, DType* out);
+bool dtype_is_float(DType t);
+
+// Converts n elements of a floating-point dtype (F64/F32/F16/BF16) to fp32.
+void convert_to_f32(const void* src, DType t, size_t n, float* dst);
+
+}  // namespace nibble
