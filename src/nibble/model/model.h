@@ -1,0 +1,107 @@
+// Model: the one forward pass for every architecture and every quantization recipe.
+// Linear layers, activation quantizers and the KV cache are pluggable (model/linear.h,
+// model/kv_cache.h); the forward pass itself never changes for a quantized model.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "nibble/model/config.h"
+#include "nibble/model/kv_cache.h"
+#include "nibble/model/linear.h"
+
+namespace nibble {
+
+class WeightSource;
+
+// Which linear of a layer; q/k/v are fused into one product, and so are gate/up.
+enum class LinearSlot { QKV, O, GateUp, Down, Router };
+const char* linear_slot_name(LinearSlot s);
+
+struct Expert {
+  std::unique_ptr<Linear> gate_up;  // [2*intermediate, hidden]: gate rows then up rows
+  std::unique_ptr<Linear> down;     // [hidden, intermediate]
+};
+
+struct Layer {
+  std::vector<float> attn_norm;      // [hidden]
+  std::unique_ptr<Linear> qkv;       // [q_dim + 2*kv_dim, hidden] (+ bias for Qwen2)
+  std::unique_ptr<Linear> o;         // [hidden, q_dim]
+  std::vector<float> mlp_norm;       // [hidden]
+  std::vector<Expert> experts;       // one for a dense MLP; num_experts for Mixtral
+  std::unique_ptr<Linear> router;    // Mixtral only: [num_experts, hidden]
+};
+
+// One sequence's part of a batch: `tokens` are appended to `cache` (positions continue from
+// cache->length()). all_logits: logits for every token (scoring), else only for the last (generation).
+struct Step {
+  KVCache* cache = nullptr;
+  std::span<const int32_t> tokens;
+  bool all_logits = false;
+};
+
+// Sees the input of every linear layer as the forward pass runs (calibration statistics).
+// `expert` is -1 outside a MoE; `x` is [rows, in_features] in the model's channel order.
+using LinearObserver =
+    std::function<void(int layer, LinearSlot slot, int expert, const float* x, int64_t rows)>;
+
+class Model {
+ public:
+  // Loads a Hugging Face checkpoint directory (config.json + *.safetensors, sharded or not).
+  static std::unique_ptr<Model> load(const std::filesystem::path& path);
+
+  const ModelConfig& config() const { return config_; }
+  const std::string& source() const { return source_; }
+
+  // A new empty cache in this model's KV format, able to grow to max_tokens.
+  std::unique_ptr<KVCache> new_cache(int64_t max_tokens) const;
+  void set_kv_format(KVFormat f) { kv_format_ = f; }
+  const KVFormat& kv_format() const { return kv_format_; }
+
+  // Appends each step's tokens to its cache and returns logits [rows, vocab], rows in batch order:
+  // n rows for a step with all_logits, 1 otherwise.
+  std::vector<float> forward(std::span<const Step> batch);
+
+  // Layer-by-layer access for calibration: hidden [n, hidden_size] of one sequence whose tokens
+  // sit at positions 0..n-1; run_layer transforms it in place through layer `l` (fresh cache).
+  std::vector<float> embed(std::span<const int32_t> tokens) const;
+  void run_layer(int l, float* hidden, int64_t n);
+  // Final norm + LM head on `rows` hidden states.
+  std::vector<float> head(const float* hidden, int64_t rows) const;
+
+  void set_observer(LinearObserver obs) { observer_ = std::move(obs); }
+
+  // The weights, for quantization passes that replace linears in place.
+  std::vector<Layer>& layers() { return layers_; }
+  const std::vector<Layer>& layers() const { return layers_; }
+  Linear& lm_head() { return *lm_head_; }
+  const std::vector<float>& embedding() const { return embedding_; }
+  std::vector<float>& final_norm() { return final_norm_; }
+
+  int64_t parameter_count() const;
+
+  Model(ModelConfig config, std::string source);
+
+ private:
+  friend class ModelBuilder;
+  struct SeqView;
+  void attention(int l, const std::vector<SeqView>& seqs, float* qkv, float* out);
+  void mlp(int l, const float* x, int64_t rows, float* out);
+
+  ModelConfig config_;
+  std::string source_;
+  KVFormat kv_format_;
+  std::vector<float> embedding_;  // [vocab, hidden]
+  std::vector<Layer> layers_;
+  std::vector<float> final_norm_;
+  std::unique_ptr<Linear> lm_head_;  // shares embedding_'s values when tied
+  std::vector<double> rope_inv_freq_;
+  LinearObserver observer_;
+};
+
+}  // namespace nibble
