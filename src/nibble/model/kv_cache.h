@@ -42,5 +42,7 @@ class KVCache {
 
 // fp32 (bits 32) or fp16 (bits 16) storage.
 std::unique_ptr<KVCache> make_float_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t capacity, int bits);
+// The cache for any format: float storage, or integer codes through quant/format.h.
+std::unique_ptr<KVCache> make_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t capacity, const KVFormat& f);
 
 }  // namespace nibble

@@ -17,8 +17,6 @@
 
 namespace nibble {
 
-class WeightSource;
-
 // Which linear of a layer; q/k/v are fused into one product, and so are gate/up.
 enum class LinearSlot { QKV, O, GateUp, Down, Router };
 const char* linear_slot_name(LinearSlot s);
@@ -88,8 +86,8 @@ class Model {
   Model(ModelConfig config, std::string source);
 
  private:
-  friend class ModelBuilder;
   struct SeqView;
+  void layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden, int64_t rows);
   void attention(int l, const std::vector<SeqView>& seqs, float* qkv, float* out);
   void mlp(int l, const float* x, int64_t rows, float* out);
 

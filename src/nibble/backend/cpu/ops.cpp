@@ -1,0 +1,117 @@
+#include "nibble/backend/cpu/ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numbers>
+
+namespace nibble::cpu {
+
+float dot(const float* a, const float* b, int64_t n) {
+  // Eight independent partial sums: vectorizes without -ffast-math.
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void rms_norm(const float* x, const float* weight, int64_t rows, int64_t n, double eps, float* out) {
+#pragma omp parallel for if (rows > 16)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    const float ms = dot(xr, xr, n) / float(n);
+    const float inv = 1.0f / std::sqrt(ms + float(eps));
+    for (int64_t i = 0; i < n; ++i) out[r * n + i] = weight[i] * (xr[i] * inv);
+  }
+}
+
+std::vector<double> rope_inv_freq(const ModelConfig& c) {
+  const int64_t d = c.head_dim;
+  std::vector<double> inv(size_t(d / 2));
+  for (int64_t i = 0; i < d / 2; ++i) inv[size_t(i)] = std::pow(c.rope_theta, -double(2 * i) / double(d));
+  if (c.rope_scaling.type == "llama3") {
+    // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
+    const auto& s = c.rope_scaling;
+    const double old_len = double(s.original_max_position_embeddings);
+    const double low_freq_wavelen = old_len / s.low_freq_factor;
+    const double high_freq_wavelen = old_len / s.high_freq_factor;
+    for (double& f : inv) {
+      const double wavelen = 2 * std::numbers::pi / f;
+      if (wavelen > low_freq_wavelen) {
+        f = f / s.factor;
+      } else if (wavelen >= high_freq_wavelen) {
+        const double smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        f = (1 - smooth) * f / s.factor + smooth * f;
+      }
+    }
+  }
+  return inv;
+}
+
+void apply_rope(float* x, int64_t heads, int64_t head_dim, int64_t pos, std::span<const double> inv_freq) {
+  const int64_t half = head_dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const double angle = double(pos) * inv_freq[size_t(i)];
+    const float c = float(std::cos(angle)), s = float(std::sin(angle));
+    for (int64_t h = 0; h < heads; ++h) {
+      float* xh = x + h * head_dim;
+      const float a = xh[i], b = xh[i + half];
+      xh[i] = a * c - b * s;
+      xh[i + half] = b * c + a * s;
+    }
+  }
+}
+
+void attention(const float* q, const float* k, const float* v, int64_t n, int64_t start, int64_t heads,
+               int64_t kv_heads, int64_t d, int64_t sliding_window, float* out) {
+  const int64_t group = heads / kv_heads;
+  const int64_t q_stride = heads * d, kv_stride = kv_heads * d;
+  const float scale = 1.0f / std::sqrt(float(d));
+#pragma omp parallel
+  {
+    std::vector<float> scores(size_t(start + n));
+#pragma omp for collapse(2) schedule(dynamic, 4)
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t pos = start + i;
+        const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
+        const float* qi = q + i * q_stride + h * d;
+        const int64_t kvh = h / group;
+        float mx = -INFINITY;
+        for (int64_t j = first; j <= pos; ++j) {
+          scores[size_t(j)] = dot(qi, k + j * kv_stride + kvh * d, d) * scale;
+          mx = std::max(mx, scores[size_t(j)]);
+        }
+        float sum = 0;
+        for (int64_t j = first; j <= pos; ++j) sum += (scores[size_t(j)] = std::exp(scores[size_t(j)] - mx));
+        const float inv = 1.0f / sum;
+        float* o = out + i * q_stride + h * d;
+        std::fill(o, o + d, 0.0f);
+        for (int64_t j = first; j <= pos; ++j) {
+          const float p = scores[size_t(j)] * inv;
+          const float* vj = v + j * kv_stride + kvh * d;
+          for (int64_t c = 0; c < d; ++c) o[c] += p * vj[c];
+        }
+      }
+  }
+}
+
+void swiglu(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+#pragma omp parallel for if (rows > 16)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gate_up + r * 2 * inter;
+    const float* u = g + inter;
+    for (int64_t i = 0; i < inter; ++i) out[r * inter + i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  }
+}
+
+void softmax(float* x, int64_t n) {
+  const float mx = *std::max_element(x, x + n);
+  float sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += (x[i] = std::exp(x[i] - mx));
+  for (int64_t i = 0; i < n; ++i) x[i] /= sum;
+}
+
+}  // namespace nibble::cpu
