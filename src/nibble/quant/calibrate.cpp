@@ -1,0 +1,59 @@
+#include "nibble/quant/calibrate.h"
+
+#include <cblas.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+
+#include "nibble/core/error.h"
+
+namespace nibble::quant {
+
+std::vector<std::vector<int32_t>> sample_calibration_windows(std::span<const int32_t> tokens, int64_t count,
+                                                             int64_t ctx, uint64_t seed, const std::string& where) {
+  check(count > 0 && ctx > 1, where, "need at least one calibration window of at least 2 tokens");
+  check(int64_t(tokens.size()) > ctx, where,
+        "calibration text has {} tokens, too short for one window of {} tokens (give a longer text or a smaller "
+        "--calib-ctx)",
+        tokens.size(), ctx);
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int64_t> start(0, int64_t(tokens.size()) - ctx - 1);
+  std::vector<std::vector<int32_t>> windows;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t s = start(rng);
+    windows.emplace_back(tokens.begin() + s, tokens.begin() + s + ctx);
+  }
+  return windows;
+}
+
+InputStats::InputStats(int64_t dim, bool with_xtx)
+    : dim_(dim), sum_sq_(size_t(dim)), sum_abs_(size_t(dim)) {
+  if (with_xtx) xtx_.assign(size_t(dim * dim), 0.0);
+}
+
+void InputStats::add(const float* x, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < dim_; ++c) {
+      const double v = x[r * dim_ + c];
+      sum_sq_[size_t(c)] += v * v;
+      sum_abs_[size_t(c)] += std::abs(v);
+    }
+  count_ += rows;
+  if (xtx_.empty()) return;
+  // One window's product in fp32 through BLAS (exact enough over ~1k rows), summed in float64.
+  std::vector<float> part(size_t(dim_ * dim_));
+  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, int(dim_), int(rows), 1.0f, x, int(dim_), 0.0f, part.data(),
+              int(dim_));
+  for (int64_t i = 0; i < dim_; ++i)
+    for (int64_t j = i; j < dim_; ++j) xtx_[size_t(i * dim_ + j)] += part[size_t(i * dim_ + j)];
+}
+
+std::vector<double> InputStats::xtx() const {
+  std::vector<double> full(xtx_);
+  for (int64_t i = 0; i < dim_; ++i)
+    for (int64_t j = 0; j < i; ++j) full[size_t(i * dim_ + j)] = full[size_t(j * dim_ + i)];
+  return full;
+}
+
+}  // namespace nibble::quant

@@ -1,0 +1,40 @@
+// Calibration: random windows of real text, and the statistics Atom and GPTQ need about the
+// input of every linear layer (per-channel Σx² and Σ|x|, and XᵀX), accumulated in float64.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace nibble::quant {
+
+// `count` windows of `ctx` tokens starting at uniformly random offsets (seeded), as GPTQ and
+// Atom draw them from their calibration text. Throws when the text is shorter than one window.
+std::vector<std::vector<int32_t>> sample_calibration_windows(std::span<const int32_t> tokens, int64_t count,
+                                                             int64_t ctx, uint64_t seed, const std::string& where);
+
+// Statistics of one linear layer's input over all calibration tokens.
+class InputStats {
+ public:
+  InputStats() = default;
+  InputStats(int64_t dim, bool with_xtx);
+
+  // Adds rows of x ([rows, dim]).
+  void add(const float* x, int64_t rows);
+
+  int64_t dim() const { return dim_; }
+  int64_t count() const { return count_; }
+  const std::vector<double>& sum_sq() const { return sum_sq_; }    // Σ x_c², the Hessian's diagonal / 2
+  const std::vector<double>& sum_abs() const { return sum_abs_; }  // Σ |x_c|
+  bool has_xtx() const { return !xtx_.empty(); }
+  // XᵀX [dim, dim], full (both triangles filled).
+  std::vector<double> xtx() const;
+
+ private:
+  int64_t dim_ = 0, count_ = 0;
+  std::vector<double> sum_sq_, sum_abs_;
+  std::vector<double> xtx_;  // upper triangle accumulated, mirrored by xtx()
+};
+
+}  // namespace nibble::quant
