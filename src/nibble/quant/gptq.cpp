@@ -1,0 +1,161 @@
+#include "nibble/quant/gptq.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "nibble/core/error.h"
+#include "nibble/core/half.h"
+
+extern "C" {
+// LAPACK (shipped inside OpenBLAS), Fortran calling convention, column-major.
+void dpotrf_(const char* uplo, const int* n, double* a, const int* lda, int* info);
+void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* info);
+}
+
+namespace nibble::quant {
+
+std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K, double percdamp,
+                                                std::vector<char>* dead, const std::string& where) {
+  // Channels that never fired carry no information: give them a unit diagonal (their weights are zeroed).
+  dead->assign(size_t(K), 0);
+  double mean_diag = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    if (H[size_t(i * K + i)] == 0) {
+      (*dead)[size_t(i)] = 1;
+      H[size_t(i * K + i)] = 1;
+    }
+    mean_diag += H[size_t(i * K + i)];
+  }
+  mean_diag /= double(K);
+  for (int64_t i = 0; i < K; ++i) H[size_t(i * K + i)] += percdamp * mean_diag;
+  // H is symmetric, so row-major and column-major views coincide: factor with LAPACK directly.
+  const int n = int(K);
+  int info = 0;
+  dpotrf_("L", &n, H.data(), &n, &info);
+  check(info == 0, where, "GPTQ: the damped Hessian is not positive definite (LAPACK dpotrf info {}); raise --percdamp",
+        info);
+  dpotri_("L", &n, H.data(), &n, &info);
+  check(info == 0, where, "GPTQ: inverting the Hessian failed (LAPACK dpotri info {})", info);
+  // dpotri filled the lower triangle (column-major) = the upper triangle in row-major; mirror it down.
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < i; ++j) H[size_t(i * K + j)] = H[size_t(j * K + i)];
+  // Column-major "U" factor of H⁻¹ = Uᵀ U. In our row-major view the factor lands transposed.
+  dpotrf_("U", &n, H.data(), &n, &info);
+  check(info == 0, where, "GPTQ: Cholesky of the inverse Hessian failed (LAPACK dpotrf info {})", info);
+  std::vector<double> U(size_t(K * K), 0.0);
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = i; j < K; ++j) U[size_t(i * K + j)] = H[size_t(i + j * K)];
+  return U;
+}
+
+GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, const std::vector<double>& xtx,
+                         const LinearQuantSpec& spec, const GptqOptions& opt, const std::string& where) {
+  check(int64_t(xtx.size()) == K * K, where, "GPTQ: Hessian is {} values for K = {}", xtx.size(), K);
+  const int64_t M = K - spec.keeper;
+  const FormatSpec& wspec = spec.weight;
+  check(wspec.group == 0 || M % wspec.group == 0, where, "GPTQ: group {} does not divide {} channels", wspec.group, M);
+  check(N % wspec.row_group == 0, where, "GPTQ: row group {} does not divide {} rows", wspec.row_group, N);
+  const int64_t group = wspec.group == 0 ? M : wspec.group;
+  const std::optional<FormatSpec> kspec = keeper_spec(spec.keeper_precision, wspec.clip);
+
+  std::vector<char> dead;
+  const std::vector<double> U = gptq_inverse_hessian_factor(xtx, K, opt.percdamp, &dead, where);
+  std::vector<double> W(Wf.begin(), Wf.end());
+  for (int64_t k = 0; k < K; ++k)
+    if (dead[size_t(k)])
+      for (int64_t n = 0; n < N; ++n) W[size_t(n * K + k)] = 0;
+
+  GptqResult r;
+  r.main.spec = wspec;
+  r.main.rows = N;
+  r.main.cols = M;
+  r.main.codes.assign(size_t(N * M), 0);
+  const bool has_scales = scale_bytes(wspec.format) > 0;
+  if (has_scales) r.main.scales.assign(size_t(N / wspec.row_group * (M / group)), 0.0f);
+  if (format_is_asymmetric(wspec.format)) r.main.zeros.assign(r.main.scales.size(), 0);
+  std::vector<float> keeper_values(size_t(N * spec.keeper));
+  std::vector<uint8_t> keeper_codes(size_t(N * spec.keeper));
+  std::vector<float> keeper_scales(static_cast<size_t>(N));
+
+  // The scale a column's element uses, set when the column loop enters its group.
+  std::vector<GroupScale> row_scale(static_cast<size_t>(N));
+  auto enter_group = [&](int64_t k0, int64_t width, const FormatSpec& fs, int row_group, bool keeper) {
+    for (int64_t n0 = 0; n0 < N; n0 += row_group) {
+      GroupStats stats;
+      for (int64_t n = n0; n < n0 + row_group; ++n)
+        for (int64_t k = k0; k < k0 + width; ++k) stats.add(float(W[size_t(n * K + k)]));
+      const GroupScale g = choose_scale(fs, stats);
+      for (int64_t n = n0; n < n0 + row_group; ++n) row_scale[size_t(n)] = g;
+      if (keeper) {
+        for (int64_t n = n0; n < n0 + row_group; ++n) keeper_scales[size_t(n)] = g.scale;
+      } else if (has_scales) {
+        const size_t idx = size_t(n0 / row_group * (M / group) + k0 / group);
+        r.main.scales[idx] = g.scale;
+        if (!r.main.zeros.empty()) r.main.zeros[idx] = g.zero;
+      }
+    }
+  };
+  // Quantizes one element of column k with the current group scale; returns the stored value.
+  auto quantize = [&](int64_t n, int64_t k, double w) -> double {
+    const GroupScale& g = row_scale[size_t(n)];
+    if (k < M) {
+      const uint8_t code = encode_element(wspec.format, float(w), g);
+      r.main.codes[size_t(n * M + k)] = code;
+      return decode_element(wspec.format, code, g);
+    }
+    const int64_t kk = k - M;
+    if (!kspec) return keeper_values[size_t(n * spec.keeper + kk)] = round_fp16(float(w));
+    const uint8_t code = encode_element(kspec->format, float(w), g);
+    keeper_codes[size_t(n * spec.keeper + kk)] = code;
+    return keeper_values[size_t(n * spec.keeper + kk)] = decode_element(kspec->format, code, g);
+  };
+
+  std::vector<double> err;
+  // A block never straddles a group start or the keeper boundary: a group's scale is then chosen
+  // after every earlier column's error has reached it, exactly as without lazy batches.
+  auto block_end = [&](int64_t i1) {
+    int64_t end = std::min(K, i1 + opt.block);
+    if (i1 < M) end = std::min({end, M, (i1 / group + 1) * group});
+    return end;
+  };
+  for (int64_t i1 = 0, i2; i1 < K; i1 = i2) {
+    i2 = block_end(i1);
+    const int64_t count = i2 - i1;
+    err.assign(size_t(N * count), 0.0);
+    for (int64_t i = i1; i < i2; ++i) {
+      if (i < M && i % group == 0) enter_group(i, group, wspec, wspec.row_group, false);
+      if (i == M && kspec) enter_group(M, spec.keeper, *kspec, 1, true);
+      const double d = U[size_t(i * K + i)];
+      for (int64_t n = 0; n < N; ++n) {
+        const double w = W[size_t(n * K + i)];
+        const double q = quantize(n, i, w);
+        const double e = (w - q) / d;
+        r.loss += (w - q) * (w - q) / (d * d);
+        err[size_t(n * count + (i - i1))] = e;
+        // Spread the error over the rest of this block now; later blocks get it in one product.
+        for (int64_t j = i + 1; j < i2; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)];
+      }
+    }
+    if (i2 < K)
+      cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(K - i2), int(count), -1.0, err.data(),
+                  int(count), U.data() + i1 * K + i2, int(K), 1.0, W.data() + i2, int(K));
+  }
+  if (spec.keeper > 0) {
+    if (kspec) {
+      QuantizedMatrix km;
+      km.spec = *kspec;
+      km.rows = N;
+      km.cols = spec.keeper;
+      km.codes = std::move(keeper_codes);
+      if (scale_bytes(kspec->format) > 0) km.scales = keeper_scales;
+      r.keepers = std::move(km);
+    } else {
+      for (float v : keeper_values) r.keeper_fp16.push_back(float_to_fp16(v));
+    }
+  }
+  return r;
+}
+
+}  // namespace nibble::quant
