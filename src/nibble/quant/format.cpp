@@ -1,0 +1,206 @@
+#include "nibble/quant/format.h"
+
+#include <cmath>
+
+#include "nibble/core/error.h"
+
+namespace nibble::quant {
+
+namespace {
+
+struct FormatInfo {
+  Format format;
+  std::string_view name;
+};
+constexpr FormatInfo kFormats[] = {
+    {Format::Int4Sym, "int4"},     {Format::Int4SymAtomGptq, "int4-atom-gptq"},
+    {Format::Int8Sym, "int8"},     {Format::Int4Asym, "int4-asym"},
+    {Format::Int8Asym, "int8-asym"}, {Format::Fp4E2M1, "fp4"},
+    {Format::Mxfp4, "mxfp4"},      {Format::Nvfp4, "nvfp4"},
+    {Format::Fp8E4M3, "fp8-e4m3"}, {Format::Fp8E5M2, "fp8-e5m2"},
+};
+
+// The group size along cols that the matrix helpers use.
+int64_t effective_group(const FormatSpec& spec, int64_t cols) {
+  return spec.group == 0 || scale_bytes(spec.format) == 0 ? cols : spec.group;
+}
+
+void check_shape(const FormatSpec& spec, int64_t rows, int64_t cols, const std::string& where) {
+  validate_spec(spec, where);
+  check(rows >= 0 && cols > 0, where, "bad matrix shape [{}, {}]", rows, cols);
+  const int64_t group = effective_group(spec, cols);
+  check(cols % group == 0, where, "{} columns are not a multiple of the group size {} ({})", cols, group,
+        format_name(spec.format));
+  check(rows % spec.row_group == 0, where, "{} rows are not a multiple of row_group {}", rows, spec.row_group);
+}
+
+float tensor_scale_of(const FormatSpec& spec, const float* x, int64_t n) {
+  if (spec.format != Format::Nvfp4) return 1;
+  GroupStats stats;
+  stats.add(x, n);
+  return nvfp4_tensor_scale(stats.absmax());
+}
+
+// Quantizes the row_group rows starting at x: one scale per group (from the whole
+// row_group × group block) into scales[groups], codes into codes[row_group, cols].
+void quantize_row_block(const FormatSpec& spec, const float* x, int64_t cols, float tensor_scale,
+                        uint8_t* codes, GroupScale* scales) {
+  const int64_t group = effective_group(spec, cols);
+  for (int64_t c0 = 0, g = 0; c0 < cols; c0 += group, ++g) {
+    GroupStats stats;
+    for (int r = 0; r < spec.row_group; ++r) stats.add(x + r * cols + c0, group);
+    scales[g] = choose_scale(spec, stats, tensor_scale);
+    for (int r = 0; r < spec.row_group; ++r)
+      for (int64_t c = c0; c < c0 + group; ++c)
+        codes[r * cols + c] = encode_element(spec.format, x[r * cols + c], scales[g]);
+  }
+}
+
+void dequantize_row_block(const FormatSpec& spec, const uint8_t* codes, int64_t cols, const GroupScale* scales,
+                          float* out) {
+  const int64_t group = effective_group(spec, cols);
+  for (int r = 0; r < spec.row_group; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out[r * cols + c] = decode_element(spec.format, codes[r * cols + c], scales[c / group]);
+}
+
+}  // namespace
+
+std::string_view format_name(Format f) {
+  for (const auto& info : kFormats)
+    if (info.format == f) return info.name;
+  return "unknown";
+}
+
+Format parse_format(std::string_view name, const std::string& where) {
+  std::string known;
+  for (const auto& info : kFormats) {
+    if (info.name == name) return info.format;
+    known += (known.empty() ? "" : ", ") + std::string(info.name);
+  }
+  throw Error(where, fmt::format("unknown number format '{}' (known: {})", name, known));
+}
+
+void validate_spec(const FormatSpec& spec, const std::string& where) {
+  const std::string_view name = format_name(spec.format);
+  check(name != "unknown", where, "invalid format enum value {}", int(spec.format));
+  check(spec.group >= 0, where, "{}: group size {} is negative", name, spec.group);
+  check(spec.row_group >= 1, where, "{}: row_group {} must be at least 1", name, spec.row_group);
+  if (spec.format == Format::Mxfp4) check(spec.group == 32, where, "mxfp4 needs group 32, not {}", spec.group);
+  if (spec.format == Format::Nvfp4) check(spec.group == 16, where, "nvfp4 needs group 16, not {}", spec.group);
+  const bool clips = spec.format != Format::Mxfp4 && spec.format != Format::Nvfp4 && scale_bytes(spec.format) > 0;
+  if (clips)
+    check(spec.clip > 0 && spec.clip <= 1, where, "{}: clip ratio {} is not in (0, 1]", name, spec.clip);
+  else
+    check(spec.clip == 1, where, "{} takes no clip ratio (got {})", name, spec.clip);
+}
+
+void pack_4bit(Format format, const uint8_t* codes, int64_t n, uint8_t* packed, const std::string& where) {
+  check(format_bits(format) == 4, where, "{} is not a 4-bit format", format_name(format));
+  check(n % 2 == 0, where, "cannot pack an odd number ({}) of 4-bit codes", n);
+  const bool is_signed = format_signed_codes(format);
+  for (int64_t i = 0; i < n; ++i) {
+    const int value = is_signed ? int(int8_t(codes[i])) : int(codes[i]);
+    check(is_signed ? value >= -8 && value <= 7 : value <= 15, where, "code {} at {} is not a 4-bit {} code",
+          value, i, format_name(format));
+  }
+  for (int64_t i = 0; i < n; i += 2) packed[i / 2] = uint8_t((codes[i] & 0xf) | (codes[i + 1] & 0xf) << 4);
+}
+
+void unpack_4bit(Format format, const uint8_t* packed, int64_t n, uint8_t* codes, const std::string& where) {
+  check(format_bits(format) == 4, where, "{} is not a 4-bit format", format_name(format));
+  check(n % 2 == 0, where, "cannot unpack an odd number ({}) of 4-bit codes", n);
+  // Sign extension: flipping bit 3 then subtracting 8 maps nibbles 0x8..0xf to -8..-1.
+  const auto widen = [&](uint8_t nibble) {
+    return format_signed_codes(format) ? uint8_t((nibble ^ 8) - 8) : nibble;
+  };
+  for (int64_t i = 0; i < n; i += 2) {
+    codes[i] = widen(packed[i / 2] & 0xf);
+    codes[i + 1] = widen(packed[i / 2] >> 4);
+  }
+}
+
+int64_t find_non_finite(const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(x[i])) return i;
+  return -1;
+}
+
+void check_finite(const float* x, int64_t rows, int64_t cols, const std::string& where) {
+  const int64_t i = find_non_finite(x, rows * cols);
+  if (i < 0) return;
+  throw Error(where, fmt::format("cannot quantize {} at row {}, column {}",
+                                 std::isnan(x[i]) ? "NaN" : x[i] > 0 ? "+inf" : "-inf", i / cols, i % cols));
+}
+
+int64_t QuantizedMatrix::group_size() const { return effective_group(spec, cols); }
+
+GroupScale QuantizedMatrix::group_scale(int64_t row, int64_t col) const {
+  if (scales.empty()) return {1};  // FP8 casts
+  const int64_t index = (row / spec.row_group) * (cols / group_size()) + col / group_size();
+  return {scales[index], tensor_scale, zeros.empty() ? uint8_t(0) : zeros[index]};
+}
+
+QuantizedMatrix quantize_rows(const float* x, int64_t rows, int64_t cols, const FormatSpec& spec,
+                              const std::string& where) {
+  check_shape(spec, rows, cols, where);
+  check_finite(x, rows, cols, where);
+  QuantizedMatrix q;
+  q.spec = spec;
+  q.rows = rows;
+  q.cols = cols;
+  q.tensor_scale = tensor_scale_of(spec, x, rows * cols);
+  q.codes.resize(rows * cols);
+  const int64_t groups = cols / q.group_size(), blocks = rows / spec.row_group;
+  const bool has_scales = scale_bytes(spec.format) > 0, has_zeros = format_is_asymmetric(spec.format);
+  if (has_scales) q.scales.resize(blocks * groups);
+  if (has_zeros) q.zeros.resize(blocks * groups);
+#pragma omp parallel
+  {
+    std::vector<GroupScale> scales(groups);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t offset = b * spec.row_group * cols;
+      quantize_row_block(spec, x + offset, cols, q.tensor_scale, q.codes.data() + offset, scales.data());
+      for (int64_t g = 0; g < groups; ++g) {
+        if (has_scales) q.scales[b * groups + g] = scales[g].scale;
+        if (has_zeros) q.zeros[b * groups + g] = scales[g].zero;
+      }
+    }
+  }
+  return q;
+}
+
+void dequantize_rows(const QuantizedMatrix& q, float* out) {
+  const int64_t groups = q.cols / q.group_size(), blocks = q.rows / q.spec.row_group;
+#pragma omp parallel
+  {
+    std::vector<GroupScale> scales(groups);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t g = 0; g < groups; ++g) scales[g] = q.group_scale(b * q.spec.row_group, g * q.group_size());
+      const int64_t offset = b * q.spec.row_group * q.cols;
+      dequantize_row_block(q.spec, q.codes.data() + offset, q.cols, scales.data(), out + offset);
+    }
+  }
+}
+
+void fake_quantize_rows(float* x, int64_t rows, int64_t cols, const FormatSpec& spec, const std::string& where) {
+  check_shape(spec, rows, cols, where);
+  check_finite(x, rows, cols, where);
+  const float tensor_scale = tensor_scale_of(spec, x, rows * cols);
+  const int64_t groups = cols / effective_group(spec, cols), blocks = rows / spec.row_group;
+#pragma omp parallel
+  {
+    std::vector<GroupScale> scales(groups);
+    std::vector<uint8_t> codes(spec.row_group * cols);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      float* block = x + b * spec.row_group * cols;
+      quantize_row_block(spec, block, cols, tensor_scale, codes.data(), scales.data());
+      dequantize_row_block(spec, codes.data(), cols, scales.data(), block);
+    }
+  }
+}
+
+}  // namespace nibble::quant
