@@ -155,7 +155,7 @@ QuantizedMatrix quantize_rows(const float* x, int64_t rows, int64_t cols, const 
   const bool has_scales = scale_bytes(spec.format) > 0, has_zeros = format_is_asymmetric(spec.format);
   if (has_scales) q.scales.resize(blocks * groups);
   if (has_zeros) q.zeros.resize(blocks * groups);
-#pragma omp parallel
+#pragma omp parallel if (blocks > 1)
   {
     std::vector<GroupScale> scales(groups);
 #pragma omp for schedule(static)
@@ -173,7 +173,7 @@ QuantizedMatrix quantize_rows(const float* x, int64_t rows, int64_t cols, const 
 
 void dequantize_rows(const QuantizedMatrix& q, float* out) {
   const int64_t groups = q.cols / q.group_size(), blocks = q.rows / q.spec.row_group;
-#pragma omp parallel
+#pragma omp parallel if (blocks > 1)
   {
     std::vector<GroupScale> scales(groups);
 #pragma omp for schedule(static)
@@ -190,7 +190,8 @@ void fake_quantize_rows(float* x, int64_t rows, int64_t cols, const FormatSpec& 
   check_finite(x, rows, cols, where);
   const float tensor_scale = tensor_scale_of(spec, x, rows * cols);
   const int64_t groups = cols / effective_group(spec, cols), blocks = rows / spec.row_group;
-#pragma omp parallel
+  // One-row calls (a token's activations) stay on the caller's thread.
+#pragma omp parallel if (blocks > 1)
   {
     std::vector<GroupScale> scales(groups);
     std::vector<uint8_t> codes(spec.row_group * cols);
