@@ -6,6 +6,7 @@
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/quant/kv_quant.h"
 
 namespace nibble {
 
@@ -67,8 +68,9 @@ std::unique_ptr<KVCache> make_float_kv_cache(int64_t num_layers, int64_t kv_dim,
 }  // namespace nibble
 
 namespace nibble {
-std::unique_ptr<KVCache> make_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t capacity, const KVFormat& f) {
-  check(f.bits == 32 || f.bits == 16, "KVCache", "KV cache bits {} are not supported yet", f.bits);
-  return make_float_kv_cache(num_layers, kv_dim, capacity, f.bits);
+std::unique_ptr<KVCache> make_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t head_dim, int64_t capacity,
+                                       const KVFormat& f) {
+  if (f.bits == 32 || f.bits == 16) return make_float_kv_cache(num_layers, kv_dim, capacity, f.bits);
+  return quant::make_int_kv_cache(num_layers, kv_dim, head_dim, capacity, f);
 }
 }  // namespace nibble

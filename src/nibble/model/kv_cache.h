@@ -12,6 +12,7 @@ namespace nibble {
 struct KVFormat {
   int bits = 32;                  // 32: fp32 reference; 16: fp16; 8 or 4: integer (quant/format.h)
   bool k_before_rope = false;     // store K unrotated and rotate when read (Atom's KV4 order)
+  float clip = 1.0f;              // integer formats: clip ratio of each token-and-head group
   std::string describe() const;
 };
 
@@ -43,6 +44,7 @@ class KVCache {
 // fp32 (bits 32) or fp16 (bits 16) storage.
 std::unique_ptr<KVCache> make_float_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t capacity, int bits);
 // The cache for any format: float storage, or integer codes through quant/format.h.
-std::unique_ptr<KVCache> make_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t capacity, const KVFormat& f);
+std::unique_ptr<KVCache> make_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t head_dim, int64_t capacity,
+                                       const KVFormat& f);
 
 }  // namespace nibble

@@ -6,6 +6,7 @@
 
 #include "nibble/backend/cpu/ops.h"
 #include "nibble/core/error.h"
+#include "nibble/io/packed.h"
 #include "nibble/io/safetensors.h"
 
 namespace nibble {
@@ -31,6 +32,15 @@ struct Model::SeqView {
 
 Model::Model(ModelConfig config, std::string source)
     : config_(std::move(config)), source_(std::move(source)), rope_inv_freq_(cpu::rope_inv_freq(config_)) {}
+
+Model::Model(ModelConfig config, std::string source, std::vector<float> embedding, std::vector<Layer> layers,
+             std::vector<float> final_norm, std::unique_ptr<Linear> lm_head)
+    : Model(std::move(config), std::move(source)) {
+  embedding_ = std::move(embedding);
+  layers_ = std::move(layers);
+  final_norm_ = std::move(final_norm);
+  lm_head_ = std::move(lm_head);
+}
 
 namespace {
 
@@ -78,6 +88,7 @@ class CheckpointReader {
 
 std::unique_ptr<Model> Model::load(const std::filesystem::path& path) {
   namespace fs = std::filesystem;
+  if (fs::is_regular_file(path)) return load_packed_model(path);
   check(fs::is_directory(path), path.string(),
         "not a model directory (expected a Hugging Face checkpoint folder with config.json and *.safetensors)");
   check(fs::exists(path / "config.json"), path.string(), "no config.json in this directory");
@@ -134,7 +145,7 @@ int64_t Model::parameter_count() const {
 }
 
 std::unique_ptr<KVCache> Model::new_cache(int64_t max_tokens) const {
-  return make_kv_cache(config_.num_layers, config_.kv_dim(), max_tokens, kv_format_);
+  return make_kv_cache(config_.num_layers, config_.kv_dim(), config_.head_dim, max_tokens, kv_format_);
 }
 
 std::vector<float> Model::embed(std::span<const int32_t> tokens) const {
@@ -194,6 +205,7 @@ void Model::mlp(int l, const float* x, int64_t rows, float* out) {
   // Mixtral: softmax over experts, keep the top k, renormalise their weights to sum to one.
   const int64_t E = config_.num_experts, K = config_.num_experts_per_tok;
   std::vector<float> logits(size_t(rows * E));
+  if (observer_) observer_(l, LinearSlot::Router, -1, x, rows);
   layer.router->forward(x, rows, logits.data());
   std::vector<std::vector<int64_t>> rows_of(static_cast<size_t>(E));
   std::vector<std::vector<float>> weight_of(static_cast<size_t>(E));

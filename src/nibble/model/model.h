@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -84,6 +85,12 @@ class Model {
   int64_t parameter_count() const;
 
   Model(ModelConfig config, std::string source);
+  // Assembles a model from parts (the packed-file loader).
+  Model(ModelConfig config, std::string source, std::vector<float> embedding, std::vector<Layer> layers,
+        std::vector<float> final_norm, std::unique_ptr<Linear> lm_head);
+  // Free-form facts about where the weights came from (the packed file's recipe and metadata).
+  std::map<std::string, std::string>& metadata() { return metadata_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
 
  private:
   struct SeqView;
@@ -100,6 +107,7 @@ class Model {
   std::unique_ptr<Linear> lm_head_;  // shares embedding_'s values when tied
   std::vector<double> rope_inv_freq_;
   LinearObserver observer_;
+  std::map<std::string, std::string> metadata_;
 };
 
 }  // namespace nibble

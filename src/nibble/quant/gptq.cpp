@@ -58,7 +58,7 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
   check(wspec.group == 0 || M % wspec.group == 0, where, "GPTQ: group {} does not divide {} channels", wspec.group, M);
   check(N % wspec.row_group == 0, where, "GPTQ: row group {} does not divide {} rows", wspec.row_group, N);
   const int64_t group = wspec.group == 0 ? M : wspec.group;
-  const std::optional<FormatSpec> kspec = keeper_spec(spec.keeper_precision, wspec.clip);
+  const std::optional<FormatSpec> kspec = keeper_spec(spec.keeper_precision);
 
   std::vector<char> dead;
   const std::vector<double> U = gptq_inverse_hessian_factor(xtx, K, opt.percdamp, &dead, where);

@@ -28,10 +28,10 @@ KeeperPrecision parse_keeper_precision(const std::string& name, const std::strin
   throw Error(where, fmt::format("unknown keeper precision '{}' (fp16, int8, fp8-e4m3, fp8-e5m2 or 0..3)", name));
 }
 
-std::optional<FormatSpec> keeper_spec(KeeperPrecision p, float clip) {
+std::optional<FormatSpec> keeper_spec(KeeperPrecision p) {
   switch (p) {
     case KeeperPrecision::Fp16: return std::nullopt;
-    case KeeperPrecision::Int8: return FormatSpec{Format::Int8Sym, 0, 1, clip};
+    case KeeperPrecision::Int8: return FormatSpec{Format::Int8Sym, 0, 1, 1.0f};
     case KeeperPrecision::Fp8E4M3: return FormatSpec{Format::Fp8E4M3, 0, 1, 1.0f};
     case KeeperPrecision::Fp8E5M2: return FormatSpec{Format::Fp8E5M2, 0, 1, 1.0f};
   }
@@ -41,7 +41,7 @@ std::optional<FormatSpec> keeper_spec(KeeperPrecision p, float clip) {
 void quantize_activations(float* x, int64_t rows, int64_t K, const LinearQuantSpec& spec) {
   if (!spec.act) return;
   const int64_t main = K - spec.keeper;
-  const std::optional<FormatSpec> keep = keeper_spec(spec.keeper_precision, spec.act_keeper_clip);
+  const std::optional<FormatSpec> keep = keeper_spec(spec.keeper_precision);
 #pragma omp parallel for if (rows > 8)
   for (int64_t r = 0; r < rows; ++r) {
     float* xr = x + r * K;
@@ -63,7 +63,7 @@ void quantize_keepers(const std::vector<float>& weight, int64_t N, int64_t K, co
   std::vector<float> part(size_t(N * spec.keeper));
   for (int64_t n = 0; n < N; ++n)
     std::copy_n(weight.begin() + n * K + main, spec.keeper, part.begin() + n * spec.keeper);
-  if (const auto ks = keeper_spec(spec.keeper_precision, spec.weight.clip)) {
+  if (const auto ks = keeper_spec(spec.keeper_precision)) {
     *keepers = quantize_rows(part.data(), N, spec.keeper, *ks, where + " keepers");
   } else {
     check_finite(part.data(), N, spec.keeper, where + " keepers");
@@ -96,6 +96,20 @@ QuantLinear::QuantLinear(LinearQuantSpec spec, std::vector<int32_t> perm, Quanti
     std::copy_n(main_values.begin() + n * M, M, weight_.begin() + n * K);
     std::copy_n(keep_values.begin() + n * spec_.keeper, spec_.keeper, weight_.begin() + n * K + M);
   }
+}
+
+QuantLinear::QuantLinear(LinearQuantSpec spec, int64_t N, int64_t K, std::vector<int32_t> perm,
+                         std::vector<float> weight, std::vector<float> bias)
+    : Linear(K, N), spec_(spec), perm_(std::move(perm)), bias_(std::move(bias)), weight_(std::move(weight)) {
+  check(int64_t(weight_.size()) == N * K, "QuantLinear", "weight has {} values for {}x{}", weight_.size(), N, K);
+}
+
+std::unique_ptr<QuantLinear> QuantLinear::activation_only(LinearQuantSpec spec, int64_t N, int64_t K,
+                                                          std::vector<int32_t> perm, std::vector<float> weight,
+                                                          std::vector<float> bias) {
+  spec.quantize_weights = false;
+  return std::unique_ptr<QuantLinear>(
+      new QuantLinear(spec, N, K, std::move(perm), std::move(weight), std::move(bias)));
 }
 
 void QuantLinear::forward(const float* x, int64_t rows, float* y) const {

@@ -20,9 +20,9 @@ namespace nibble::quant {
 enum class KeeperPrecision { Fp16, Int8, Fp8E4M3, Fp8E5M2 };
 const char* keeper_precision_name(KeeperPrecision p);
 KeeperPrecision parse_keeper_precision(const std::string& name, const std::string& where);
-// The format.h spec keepers are stored in (Int8: one scale per row over the keeper block);
-// nullopt for Fp16, which is a plain cast.
-std::optional<FormatSpec> keeper_spec(KeeperPrecision p, float clip);
+// The format.h spec keepers are stored in (Int8: one scale per row over the keeper block, no
+// clip, as Atom); nullopt for Fp16, which is a plain cast.
+std::optional<FormatSpec> keeper_spec(KeeperPrecision p);
 
 // How one linear's operands are quantized.
 struct LinearQuantSpec {
@@ -30,7 +30,7 @@ struct LinearQuantSpec {
   std::optional<FormatSpec> act;     // per-token activation quantizer of the main part; none = FP
   int64_t keeper = 0;                // trailing channels kept at keeper precision
   KeeperPrecision keeper_precision = KeeperPrecision::Int8;
-  float act_keeper_clip = 1.0f;      // clip of the INT8 activation keepers (weights: weight.clip)
+  bool quantize_weights = true;      // false: weights stay full precision (calibration passes)
 };
 
 // Applies the activation side of `spec` to rows of x ([rows, K], already permuted), in place.
@@ -53,10 +53,18 @@ class QuantLinear final : public Linear {
   const std::optional<QuantizedMatrix>& keepers() const { return keepers_; }
   const std::vector<uint16_t>& keeper_fp16() const { return keeper_fp16_; }
   const std::vector<float>& bias() const { return bias_; }
+  // A linear whose weights stay full precision ([N, K], already permuted) but whose input is
+  // gathered and quantized as `spec` says: what GPTQ's Hessian pass runs.
+  static std::unique_ptr<QuantLinear> activation_only(LinearQuantSpec spec, int64_t N, int64_t K,
+                                                      std::vector<int32_t> perm, std::vector<float> weight,
+                                                      std::vector<float> bias);
   // The dequantized weight [N, K] in permuted channel order (what the product uses).
   const std::vector<float>& dequantized() const { return weight_; }
 
  private:
+  QuantLinear(LinearQuantSpec spec, int64_t N, int64_t K, std::vector<int32_t> perm, std::vector<float> weight,
+              std::vector<float> bias);
+
   LinearQuantSpec spec_;
   std::vector<int32_t> perm_;
   QuantizedMatrix main_;

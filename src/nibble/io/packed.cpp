@@ -1,0 +1,321 @@
+#include "nibble/io/packed.h"
+
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "nibble/core/error.h"
+#include "nibble/core/half.h"
+#include "nibble/io/safetensors.h"
+#include "nibble/quant/quant_linear.h"
+#include "nibble/quant/recipe.h"
+
+namespace nibble {
+
+namespace {
+
+constexpr const char* kFormatTag = "nibble-packed-v1";
+
+using quant::QuantizedMatrix;
+using quant::QuantLinear;
+
+// Names of a layer's linears in the packed file (q/k/v and gate/up are stored fused, as they run).
+std::string qkv_name(int l) { return fmt::format("model.layers.{}.self_attn.qkv_proj", l); }
+std::string o_name(int l) { return fmt::format("model.layers.{}.self_attn.o_proj", l); }
+std::string router_name(int l) { return fmt::format("model.layers.{}.block_sparse_moe.gate", l); }
+std::string expert_prefix(int l, int e, bool moe) {
+  return moe ? fmt::format("model.layers.{}.block_sparse_moe.experts.{}.", l, e) : fmt::format("model.layers.{}.mlp.", l);
+}
+
+template <typename T>
+std::span<const uint8_t> bytes_of(const std::vector<T>& v) {
+  return {reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(T)};
+}
+
+// Stores full-precision values in the smallest dtype that holds every one of them exactly.
+void add_exact_floats(SafetensorsWriter& w, const std::string& name, const std::vector<float>& v,
+                      std::vector<int64_t> shape) {
+  bool bf16 = true, fp16 = true;
+  for (float x : v) {
+    bf16 = bf16 && round_bf16(x) == x;
+    fp16 = fp16 && round_fp16(x) == x;
+  }
+  if (bf16 || fp16) {
+    std::vector<uint16_t> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) h[i] = bf16 ? float_to_bf16(v[i]) : float_to_fp16(v[i]);
+    w.add(name, bf16 ? DType::BF16 : DType::F16, std::move(shape), bytes_of(h));
+  } else {
+    w.add(name, DType::F32, std::move(shape), bytes_of(v));
+  }
+}
+
+void add_matrix(SafetensorsWriter& w, const std::string& prefix, const QuantizedMatrix& q) {
+  const quant::Format f = q.spec.format;
+  if (quant::format_bits(f) == 4) {
+    std::vector<uint8_t> packed(q.codes.size() / 2);
+    quant::pack_4bit(f, q.codes.data(), int64_t(q.codes.size()), packed.data(), prefix);
+    w.add(prefix + "codes", DType::U8, {q.rows, q.cols / 2}, bytes_of(packed));
+  } else {
+    w.add(prefix + "codes", DType::U8, {q.rows, q.cols}, bytes_of(q.codes));
+  }
+  if (!q.scales.empty()) {
+    const int64_t srows = q.rows / q.spec.row_group, scols = int64_t(q.scales.size()) / srows;
+    if (quant::scale_bytes(f) == 2) {
+      std::vector<uint16_t> bits(q.scales.size());
+      for (size_t i = 0; i < bits.size(); ++i) bits[i] = quant::scale_to_bits(f, q.scales[i]);
+      w.add(prefix + "scales", DType::F16, {srows, scols}, bytes_of(bits));
+    } else {
+      std::vector<uint8_t> bits(q.scales.size());
+      for (size_t i = 0; i < bits.size(); ++i) bits[i] = uint8_t(quant::scale_to_bits(f, q.scales[i]));
+      w.add(prefix + "scales", DType::U8, {srows, scols}, bytes_of(bits));
+    }
+  }
+  if (!q.zeros.empty()) w.add(prefix + "zeros", DType::U8, {int64_t(q.zeros.size())}, bytes_of(q.zeros));
+  if (f == quant::Format::Nvfp4) w.add(prefix + "tensor_scale", DType::F32, {1}, bytes_of(std::vector<float>{q.tensor_scale}));
+}
+
+void add_linear(SafetensorsWriter& w, const std::string& name, const Linear& lin) {
+  const int64_t N = lin.out_features(), K = lin.in_features();
+  if (const auto* d = dynamic_cast<const DenseLinear*>(&lin)) {
+    add_exact_floats(w, name + ".weight", d->weight(), {N, K});
+    if (!d->bias().empty()) add_exact_floats(w, name + ".bias", d->bias(), {N});
+    return;
+  }
+  const auto* q = dynamic_cast<const QuantLinear*>(&lin);
+  check(q != nullptr, name, "cannot pack a linear layer of unknown kind");
+  const std::string p = name + ".";
+  if (!q->perm().empty()) w.add(p + "perm", DType::I32, {K}, bytes_of(q->perm()));
+  if (!q->bias().empty()) add_exact_floats(w, p + "bias", q->bias(), {N});
+  if (!q->spec().quantize_weights) {
+    add_exact_floats(w, p + "weight", q->dequantized(), {N, K});
+    return;
+  }
+  add_matrix(w, p, q->main());
+  if (q->keepers()) add_matrix(w, p + "keeper_", *q->keepers());
+  if (!q->keeper_fp16().empty()) w.add(p + "keeper_fp16", DType::F16, {N, q->spec().keeper}, bytes_of(q->keeper_fp16()));
+}
+
+std::string read_file_bytes(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Reads the packed tensors back, checking each against the shape the config and recipe imply.
+class PackedReader {
+ public:
+  PackedReader(const SafetensorsFile& f, const quant::Recipe& r) : f_(f), recipe_(r) {}
+
+  const TensorInfo& expect(const std::string& name, DType dtype, const std::vector<int64_t>& shape) const {
+    check(f_.has(name), f_.path(), "tensor '{}' is missing (the file is incomplete or from another model)", name);
+    const TensorInfo& t = f_.get(name);
+    check(t.dtype == dtype, f_.path(), "tensor '{}' has dtype {}, expected {}", name, dtype_name(t.dtype),
+          dtype_name(dtype));
+    if (t.shape != shape) {
+      TensorInfo e;
+      e.shape = shape;
+      throw Error(f_.path(), fmt::format("tensor '{}' has shape {} but the recipe and config imply {}", name,
+                                         t.shape_str(), e.shape_str()));
+    }
+    return t;
+  }
+
+  std::vector<float> floats(const std::string& name, const std::vector<int64_t>& shape) const {
+    check(f_.has(name), f_.path(), "tensor '{}' is missing (the file is incomplete or from another model)", name);
+    const TensorInfo& t = f_.get(name);
+    check(dtype_is_float(t.dtype), f_.path(), "tensor '{}' has dtype {}, expected a float type", name,
+          dtype_name(t.dtype));
+    return expect_floats(t, name, shape);
+  }
+
+  std::unique_ptr<Linear> linear(const std::string& name, int64_t N, int64_t K) const {
+    const std::string p = name + ".";
+    if (f_.has(name + ".weight"))  // left at full precision (router, lm_head)
+      return std::make_unique<DenseLinear>(K, N, floats(name + ".weight", {N, K}),
+                                           f_.has(name + ".bias") ? floats(name + ".bias", {N}) : std::vector<float>{});
+    const quant::LinearQuantSpec spec = recipe_.linear_spec(K, f_.path() + ": " + name);
+    std::vector<int32_t> perm;
+    if (f_.has(p + "perm")) {
+      const TensorInfo& t = expect(p + "perm", DType::I32, {K});
+      perm.assign(reinterpret_cast<const int32_t*>(t.data), reinterpret_cast<const int32_t*>(t.data) + K);
+      std::vector<char> seen(size_t(K), 0);
+      for (int32_t v : perm) {
+        check(v >= 0 && v < K && !seen[size_t(v)], f_.path(), "tensor '{}perm' is not a permutation of 0..{}", p, K - 1);
+        seen[size_t(v)] = 1;
+      }
+    }
+    std::vector<float> bias;
+    if (f_.has(p + "bias")) bias = floats(p + "bias", {N});
+    if (!spec.quantize_weights)
+      return QuantLinear::activation_only(spec, N, K, std::move(perm), floats(p + "weight", {N, K}), std::move(bias));
+    QuantizedMatrix main = matrix(p, spec.weight, N, K - spec.keeper);
+    std::optional<QuantizedMatrix> keepers;
+    std::vector<uint16_t> keeper_fp16;
+    if (spec.keeper > 0) {
+      if (const auto ks = quant::keeper_spec(spec.keeper_precision)) {
+        keepers = matrix(p + "keeper_", *ks, N, spec.keeper);
+      } else {
+        const TensorInfo& t = expect(p + "keeper_fp16", DType::F16, {N, spec.keeper});
+        keeper_fp16.resize(size_t(N * spec.keeper));
+        std::memcpy(keeper_fp16.data(), t.data, t.nbytes);
+      }
+    }
+    return std::make_unique<QuantLinear>(spec, std::move(perm), std::move(main), std::move(keepers),
+                                         std::move(keeper_fp16), std::move(bias));
+  }
+
+ private:
+  std::vector<float> expect_floats(const TensorInfo& t, const std::string& name, const std::vector<int64_t>& shape) const {
+    expect(name, t.dtype, shape);
+    std::vector<float> v(size_t(t.numel()));
+    convert_to_f32(t.data, t.dtype, v.size(), v.data());
+    return v;
+  }
+
+  QuantizedMatrix matrix(const std::string& p, const quant::FormatSpec& spec, int64_t rows, int64_t cols) const {
+    QuantizedMatrix q;
+    q.spec = spec;
+    q.rows = rows;
+    q.cols = cols;
+    const bool four = quant::format_bits(spec.format) == 4;
+    const TensorInfo& c = expect(p + "codes", DType::U8, {rows, four ? cols / 2 : cols});
+    q.codes.resize(size_t(rows * cols));
+    if (four) quant::unpack_4bit(spec.format, c.data, rows * cols, q.codes.data(), f_.path() + ": " + p + "codes");
+    else std::memcpy(q.codes.data(), c.data, c.nbytes);
+    if (quant::scale_bytes(spec.format) > 0) {
+      const int64_t srows = rows / spec.row_group, scols = cols / q.group_size();
+      const int sb = quant::scale_bytes(spec.format);
+      const TensorInfo& s = expect(p + "scales", sb == 2 ? DType::F16 : DType::U8, {srows, scols});
+      q.scales.resize(size_t(srows * scols));
+      for (size_t i = 0; i < q.scales.size(); ++i) {
+        const uint16_t bits = sb == 2 ? reinterpret_cast<const uint16_t*>(s.data)[i] : s.data[i];
+        q.scales[i] = quant::scale_from_bits(spec.format, bits);
+      }
+      if (quant::format_is_asymmetric(spec.format)) {
+        const TensorInfo& z = expect(p + "zeros", DType::U8, {srows * scols});
+        q.zeros.assign(z.data, z.data + z.nbytes);
+      }
+    }
+    if (spec.format == quant::Format::Nvfp4)
+      q.tensor_scale = *reinterpret_cast<const float*>(expect(p + "tensor_scale", DType::F32, {1}).data);
+    return q;
+  }
+
+  const SafetensorsFile& f_;
+  const quant::Recipe& recipe_;
+};
+
+}  // namespace
+
+bool is_packed_model(const std::filesystem::path& path) {
+  try {
+    const auto f = SafetensorsFile::open(path);
+    auto it = f->metadata().find("format");
+    return it != f->metadata().end() && it->second == kFormatTag;
+  } catch (const Error&) {
+    return false;
+  }
+}
+
+int64_t save_packed_model(const Model& model, const std::string& recipe_json,
+                          const std::filesystem::path& tokenizer_dir, const std::filesystem::path& out) {
+  const ModelConfig& c = model.config();
+  SafetensorsWriter w;
+  add_exact_floats(w, "model.embed_tokens.weight", model.embedding(), {c.vocab_size, c.hidden_size});
+  for (int l = 0; l < int(c.num_layers); ++l) {
+    const Layer& layer = model.layers()[size_t(l)];
+    add_exact_floats(w, fmt::format("model.layers.{}.input_layernorm.weight", l), layer.attn_norm, {c.hidden_size});
+    add_exact_floats(w, fmt::format("model.layers.{}.post_attention_layernorm.weight", l), layer.mlp_norm,
+                     {c.hidden_size});
+    add_linear(w, qkv_name(l), *layer.qkv);
+    add_linear(w, o_name(l), *layer.o);
+    if (layer.router) add_linear(w, router_name(l), *layer.router);
+    for (size_t e = 0; e < layer.experts.size(); ++e) {
+      const std::string p = expert_prefix(l, int(e), bool(layer.router));
+      add_linear(w, p + "gate_up_proj", *layer.experts[e].gate_up);
+      add_linear(w, p + "down_proj", *layer.experts[e].down);
+    }
+  }
+  add_exact_floats(w, "model.norm.weight", const_cast<Model&>(model).final_norm(), {c.hidden_size});
+  if (!c.tie_word_embeddings) add_linear(w, "lm_head", const_cast<Model&>(model).lm_head());
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
+    const auto p = tokenizer_dir / f;
+    if (!std::filesystem::exists(p)) continue;
+    const std::string bytes = read_file_bytes(p);
+    w.add(f, DType::U8, {int64_t(bytes.size())},
+          std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+  }
+  w.set_metadata("format", kFormatTag);
+  w.set_metadata("nibble.version", NIBBLE_VERSION);
+  w.set_metadata("nibble.recipe", recipe_json);
+  w.set_metadata("nibble.config", c.to_json().dump());
+  w.set_metadata("nibble.source", model.source());
+  w.write(out);
+  return int64_t(std::filesystem::file_size(out));
+}
+
+std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
+  const auto file = SafetensorsFile::open(path);
+  const auto& meta = file->metadata();
+  auto tag = meta.find("format");
+  check(tag != meta.end() && tag->second == kFormatTag, path.string(),
+        "not a nibble packed model (no '{}' metadata): give a Hugging Face checkpoint directory or a file written "
+        "by `nibble quantize`",
+        kFormatTag);
+  auto json_of = [&](const char* key) {
+    auto it = meta.find(key);
+    check(it != meta.end(), path.string(), "metadata '{}' is missing", key);
+    try {
+      return nlohmann::json::parse(it->second);
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(path.string(), fmt::format("metadata '{}' is not valid JSON ({})", key, e.what()));
+    }
+  };
+  const ModelConfig c = ModelConfig::from_json(json_of("nibble.config"), path.string() + " (metadata nibble.config)");
+  const quant::Recipe recipe = quant::Recipe::from_json(json_of("nibble.recipe"), path.string() + " (metadata nibble.recipe)");
+  recipe.validate(c);
+  PackedReader r(*file, recipe);
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  std::vector<float> embedding = r.floats("model.embed_tokens.weight", {c.vocab_size, H});
+  std::vector<Layer> layers;
+  for (int l = 0; l < int(c.num_layers); ++l) {
+    Layer layer;
+    layer.attn_norm = r.floats(fmt::format("model.layers.{}.input_layernorm.weight", l), {H});
+    layer.mlp_norm = r.floats(fmt::format("model.layers.{}.post_attention_layernorm.weight", l), {H});
+    layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H);
+    layer.o = r.linear(o_name(l), H, c.q_dim());
+    const bool moe = c.num_experts > 0;
+    if (moe) layer.router = r.linear(router_name(l), c.num_experts, H);
+    for (int64_t e = 0; e < (moe ? c.num_experts : 1); ++e) {
+      const std::string p = expert_prefix(l, int(e), moe);
+      layer.experts.push_back({r.linear(p + "gate_up_proj", 2 * I, H), r.linear(p + "down_proj", H, I)});
+    }
+    layers.push_back(std::move(layer));
+  }
+  std::vector<float> final_norm = r.floats("model.norm.weight", {H});
+  std::unique_ptr<Linear> head = c.tie_word_embeddings
+                                     ? std::make_unique<DenseLinear>(H, c.vocab_size, embedding, std::vector<float>{})
+                                     : r.linear("lm_head", c.vocab_size, H);
+  auto m = std::make_unique<Model>(c, path.string(), std::move(embedding), std::move(layers), std::move(final_norm),
+                                   std::move(head));
+  m->set_kv_format(recipe.kv);
+  m->metadata() = meta;
+  return m;
+}
+
+bool packed_tokenizer_files(const std::filesystem::path& path, std::string* tokenizer_json,
+                            std::string* tokenizer_config) {
+  const auto f = SafetensorsFile::open(path);
+  if (!f->has("tokenizer.json")) return false;
+  const TensorInfo& t = f->get("tokenizer.json");
+  tokenizer_json->assign(reinterpret_cast<const char*>(t.data), t.nbytes);
+  tokenizer_config->clear();
+  if (f->has("tokenizer_config.json")) {
+    const TensorInfo& c = f->get("tokenizer_config.json");
+    tokenizer_config->assign(reinterpret_cast<const char*>(c.data), c.nbytes);
+  }
+  return true;
+}
+
+}  // namespace nibble

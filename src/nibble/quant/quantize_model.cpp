@@ -1,0 +1,237 @@
+#include "nibble/quant/quantize_model.h"
+
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <map>
+#include <numeric>
+
+#include "nibble/core/error.h"
+#include "nibble/core/half.h"
+#include "nibble/core/progress.h"
+#include "nibble/quant/calibrate.h"
+#include "nibble/quant/gptq.h"
+
+namespace nibble::quant {
+
+int64_t peak_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return int64_t(u.ru_maxrss) * 1024;
+}
+
+std::vector<int32_t> salience_order(const std::vector<double>& metric) {
+  std::vector<int32_t> order(metric.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return metric[size_t(a)] < metric[size_t(b)]; });
+  return order;
+}
+
+namespace {
+
+using Key = std::pair<LinearSlot, int>;  // (slot, expert; -1 outside a MoE)
+
+// Minimum routed calibration tokens for an expert's own statistics.
+constexpr int64_t kMinExpertTokens = 64;
+
+DenseLinear& dense(Linear& l) {
+  auto* d = dynamic_cast<DenseLinear*>(&l);
+  check(d != nullptr, "quantize", "the model is already quantized: quantize a full-precision checkpoint");
+  return *d;
+}
+
+// W[:, c] := W[:, perm[c]]
+std::vector<float> gather_columns(const std::vector<float>& w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
+  if (perm.empty()) return w;
+  std::vector<float> out(w.size());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < K; ++c) out[size_t(n * K + c)] = w[size_t(n * K + perm[size_t(c)])];
+  return out;
+}
+
+// Rows of gate and up both reordered by `perm` (the intermediate channel order of down_proj).
+void permute_gate_up_rows(DenseLinear& gu, int64_t I, const std::vector<int32_t>& perm) {
+  const int64_t H = gu.in_features();
+  std::vector<float> w(gu.weight().size());
+  for (int half = 0; half < 2; ++half)
+    for (int64_t i = 0; i < I; ++i)
+      std::copy_n(gu.weight().begin() + (half * I + perm[size_t(i)]) * H, H, w.begin() + (half * I + i) * H);
+  gu.weight() = std::move(w);
+  if (!gu.bias().empty()) {
+    std::vector<float> b(gu.bias().size());
+    for (int half = 0; half < 2; ++half)
+      for (int64_t i = 0; i < I; ++i) b[size_t(half * I + i)] = gu.bias()[size_t(half * I + perm[size_t(i)])];
+    gu.bias() = std::move(b);
+  }
+}
+
+std::vector<float> fp16_rounded(std::vector<float> v) {
+  for (float& x : v) x = round_fp16(x);
+  return v;
+}
+
+// One linear waiting to be quantized: its FP weight in permuted column order and its spec.
+struct Pending {
+  std::unique_ptr<Linear>* slot;
+  std::vector<int32_t> perm;  // runtime gather (empty when folded or identity)
+  std::vector<float> weight;  // [N, K], permuted
+  std::vector<float> bias;
+  LinearQuantSpec spec;
+  Key key;
+  std::string name;
+};
+
+}  // namespace
+
+QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
+                              const std::string& calib_where, bool show_progress) {
+  const ModelConfig& c = model.config();
+  recipe.validate(c);
+  QuantizeReport report;
+  Progress progress("quantize", c.num_layers, "layers");
+  if (!recipe.quantize_weights && !recipe.quantize_activations && !recipe.reorder) {
+    model.set_kv_format(recipe.kv);
+    return report;
+  }
+  const bool need_fp_stream = recipe.reorder;
+  const bool need_q_stream = recipe.gptq;
+  const int64_t ctx = std::min(recipe.calib_ctx, c.max_position_embeddings);
+  report.calib_ctx = ctx;
+  report.calib_windows = recipe.calib_windows;
+  std::vector<std::vector<float>> fp_stream, q_stream;
+  if (need_fp_stream || need_q_stream) {
+    const auto windows = sample_calibration_windows(calib_tokens, recipe.calib_windows, ctx, recipe.seed, calib_where);
+    for (const auto& w : windows) {
+      if (need_fp_stream) fp_stream.push_back(model.embed(w));
+      if (need_q_stream) q_stream.push_back(model.embed(w));
+    }
+  }
+  const KVFormat fp_kv{32, false, 1.0f};
+  const int64_t I = c.intermediate_size;
+
+  for (int l = 0; l < int(c.num_layers); ++l) {
+    Layer& layer = model.layers()[size_t(l)];
+    const std::string lw = fmt::format("layer {}", l);
+
+    // 1. Full-precision statistics of every linear input (the reorder metric); advances the FP stream.
+    std::map<Key, InputStats> fp_stats;
+    if (need_fp_stream) {
+      model.set_kv_format(fp_kv);
+      model.set_observer([&](int, LinearSlot s, int e, const float* x, int64_t rows) {
+        auto [it, inserted] = fp_stats.try_emplace({s, e});
+        if (inserted) it->second = InputStats(s == LinearSlot::Down ? I : s == LinearSlot::O ? c.q_dim() : c.hidden_size, false);
+        it->second.add(x, rows);
+      });
+      for (auto& h : fp_stream) model.run_layer(l, h.data(), ctx);
+      model.set_observer(nullptr);
+    }
+    auto order_for = [&](Key k, Key fallback) -> std::vector<int32_t> {
+      if (!recipe.reorder) return {};
+      auto it = fp_stats.find(k);
+      if (it == fp_stats.end() || it->second.count() < kMinExpertTokens) {
+        if (k.second >= 0)
+          report.warnings.push_back(fmt::format("{} expert {}: {} calibration tokens routed to it (< {}); using the "
+                                                "statistics of all tokens reaching the layer",
+                                                lw, k.second, it == fp_stats.end() ? 0 : it->second.count(),
+                                                kMinExpertTokens));
+        it = fp_stats.find(fallback);
+        if (it == fp_stats.end()) return {};
+      }
+      return salience_order(recipe.sort_metric == SortMetric::Hessian ? it->second.sum_sq() : it->second.sum_abs());
+    };
+
+    // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).
+    std::vector<Pending> pending;
+    auto add = [&](std::unique_ptr<Linear>* slot, std::vector<int32_t> perm, Key key, std::string name) {
+      DenseLinear& d = dense(**slot);
+      const int64_t N = d.out_features(), K = d.in_features();
+      Pending p{slot, perm, gather_columns(d.weight(), N, K, perm), fp16_rounded(d.bias()),
+                recipe.linear_spec(K, lw + " " + name), key, name};
+      pending.push_back(std::move(p));
+    };
+    add(&layer.qkv, order_for({LinearSlot::QKV, -1}, {LinearSlot::QKV, -1}), {LinearSlot::QKV, -1}, "q/k/v");
+    add(&layer.o, order_for({LinearSlot::O, -1}, {LinearSlot::O, -1}), {LinearSlot::O, -1}, "o_proj");
+    for (size_t e = 0; e < layer.experts.size(); ++e) {
+      const int tag = layer.router ? int(e) : -1;
+      Expert& ex = layer.experts[e];
+      const std::vector<int32_t> down_order = order_for({LinearSlot::Down, tag}, {LinearSlot::Down, tag});
+      if (!down_order.empty()) {
+        permute_gate_up_rows(dense(*ex.gate_up), I, down_order);
+        DenseLinear& dn = dense(*ex.down);
+        dn.weight() = gather_columns(dn.weight(), dn.out_features(), I, down_order);
+      }
+      const std::string en = layer.router ? fmt::format(" expert {}", e) : "";
+      add(&ex.gate_up, order_for({LinearSlot::GateUp, tag}, {LinearSlot::Router, -1}), {LinearSlot::GateUp, tag},
+          "gate/up" + en);
+      add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en);
+    }
+
+    // 3. GPTQ's Hessians from the quantized model's stream, the layer's activations quantized as
+    //    it will run (Atom), its weights still full precision.
+    std::map<Key, InputStats> hessians;
+    if (recipe.gptq) {
+      std::map<Key, const Pending*> by_key;
+      for (auto& p : pending) {
+        by_key[p.key] = &p;
+        *p.slot = QuantLinear::activation_only(p.spec, (*p.slot)->out_features(), (*p.slot)->in_features(), p.perm,
+                                               p.weight, p.bias);
+      }
+      model.set_kv_format(recipe.kv);
+      model.set_observer([&](int, LinearSlot s, int e, const float* x, int64_t rows) {
+        auto pit = by_key.find({s, e});
+        if (pit == by_key.end()) return;
+        const Pending& p = *pit->second;
+        const int64_t K = (*p.slot)->in_features();
+        std::vector<float> xg(size_t(rows * K));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t k = 0; k < K; ++k) xg[size_t(r * K + k)] = x[r * K + (p.perm.empty() ? k : p.perm[size_t(k)])];
+        if (recipe.hessian_from_quantized_inputs) quantize_activations(xg.data(), rows, K, p.spec);
+        auto [it, inserted] = hessians.try_emplace(p.key);
+        if (inserted) it->second = InputStats(K, true);
+        it->second.add(xg.data(), rows);
+      });
+      for (const auto& h : q_stream) {
+        std::vector<float> copy(h);
+        model.run_layer(l, copy.data(), ctx);
+      }
+      model.set_observer(nullptr);
+    }
+
+    // 4. Quantize every linear (RTN or GPTQ) and install it.
+    for (auto& p : pending) {
+      const int64_t K = (*p.slot)->in_features(), N = (*p.slot)->out_features();
+      const std::string where = lw + " " + p.name;
+      if (!p.spec.quantize_weights) {
+        *p.slot = QuantLinear::activation_only(p.spec, N, K, p.perm, std::move(p.weight), std::move(p.bias));
+        continue;
+      }
+      auto hit = hessians.find(p.key);
+      if (recipe.gptq && hit != hessians.end()) {
+        GptqOptions opt;
+        opt.block = recipe.gptq_block;
+        opt.percdamp = recipe.percdamp;
+        GptqResult g = gptq_quantize(p.weight, N, K, hit->second.xtx(), p.spec, opt, where);
+        *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
+                                                std::move(g.keeper_fp16), std::move(p.bias));
+      } else {
+        if (recipe.gptq)
+          report.warnings.push_back(where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ");
+        *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
+      }
+    }
+
+    // 5. The quantized layer's outputs are the next layer's calibration inputs.
+    if (need_q_stream) {
+      model.set_kv_format(recipe.kv);
+      for (auto& h : q_stream) model.run_layer(l, h.data(), ctx);
+    }
+    report.peak_rss_bytes = std::max(report.peak_rss_bytes, peak_rss_bytes());
+    if (show_progress) progress.update(l + 1, fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6));
+  }
+  model.set_kv_format(recipe.kv);
+  report.seconds = progress.elapsed_seconds();
+  if (show_progress) progress.finish(fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6));
+  return report;
+}
+
+}  // namespace nibble::quant

@@ -1,0 +1,194 @@
+#include "nibble/quant/recipe.h"
+
+#include "nibble/core/error.h"
+
+namespace nibble::quant {
+
+std::vector<std::string> Recipe::preset_names() {
+  return {"fp16", "w4a16-g128", "w4a16-g128-gptq", "w8a8", "w4a4-rtn", "atom-w4a4", "fp4-e2m1", "mxfp4", "nvfp4"};
+}
+
+Recipe Recipe::preset(const std::string& name) {
+  Recipe r;
+  r.name = name;
+  if (name == "fp16") {
+  } else if (name == "w4a16-g128" || name == "w4a16-g128-gptq") {
+    r.quantize_weights = true;
+    r.weight = {Format::Int4Sym, 128, 1, 1.0f};
+    r.gptq = name == "w4a16-g128-gptq";
+  } else if (name == "w8a8") {
+    r.quantize_weights = r.quantize_activations = true;
+    r.weight = {Format::Int8Sym, 0, 1, 1.0f};  // per output channel
+    r.act = {Format::Int8Sym, 0, 1, 1.0f};     // per token
+  } else if (name == "w4a4-rtn") {
+    r.quantize_weights = r.quantize_activations = true;
+    r.weight = {Format::Int4Sym, 0, 1, 1.0f};
+    r.act = {Format::Int4Sym, 0, 1, 1.0f};
+  } else if (name == "atom-w4a4") {
+    r.quantize_weights = r.quantize_activations = true;
+    r.weight = {Format::Int4Sym, 128, 2, 0.85f};
+    r.act = {Format::Int4Sym, 128, 1, 0.9f};
+    r.reorder = true;
+    r.keeper = 128;
+    r.keeper_precision = KeeperPrecision::Int8;
+    r.gptq = true;
+    r.kv = {4, true, 1.0f};
+  } else if (name == "fp4-e2m1") {
+    r.quantize_weights = r.quantize_activations = true;
+    r.weight = {Format::Fp4E2M1, 32, 1, 1.0f};
+    r.act = {Format::Fp4E2M1, 32, 1, 1.0f};
+  } else if (name == "mxfp4") {
+    r.quantize_weights = r.quantize_activations = true;
+    r.weight = {Format::Mxfp4, 32, 1, 1.0f};
+    r.act = {Format::Mxfp4, 32, 1, 1.0f};
+  } else if (name == "nvfp4") {
+    r.quantize_weights = r.quantize_activations = true;
+    r.weight = {Format::Nvfp4, 16, 1, 1.0f};
+    r.act = {Format::Nvfp4, 16, 1, 1.0f};
+  } else {
+    std::string names;
+    for (const auto& n : preset_names()) names += (names.empty() ? "" : ", ") + n;
+    throw Error("--recipe", fmt::format("unknown recipe '{}' (presets: {})", name, names));
+  }
+  return r;
+}
+
+void Recipe::apply_atom_compat() {
+  atom_compat = true;
+  hessian_from_quantized_inputs = true;
+  kv.k_before_rope = true;
+  // Atom's GPTQ quantizer uses its own INT4 grid (format.h Int4SymAtomGptq); its RTN path the plain one.
+  if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
+}
+
+LinearQuantSpec Recipe::linear_spec(int64_t in, const std::string& where) const {
+  LinearQuantSpec s;
+  s.weight = weight;
+  if (quantize_activations) s.act = act;
+  s.keeper = keeper;
+  s.keeper_precision = keeper_precision;
+  s.quantize_weights = quantize_weights;
+  check(keeper >= 0 && keeper < in, where, "--keeper {} must be below the layer's {} input channels", keeper, in);
+  std::vector<const FormatSpec*> used;
+  if (quantize_weights) used.push_back(&s.weight);
+  if (s.act) used.push_back(&*s.act);
+  for (const FormatSpec* f : used) {
+    validate_spec(*f, where);
+    const int64_t main = in - s.keeper;
+    check(f->group <= main, where, "group size {} is larger than the {} quantized channels ({} inputs - {} keepers)",
+          f->group, main, in, s.keeper);
+    if (f->group == 0 || main % f->group == 0) continue;
+    // Groups must tile the quantized channels. With keepers, the remainder (the most salient of the
+    // rest, since channels are sorted) joins them; without keepers the recipe does not fit.
+    check(keeper > 0, where, "group size {} does not divide the layer's {} input channels (give --keeper to hold the "
+          "remainder at keeper precision, or another --group)", f->group, in);
+    s.keeper += main % f->group;
+  }
+  for (const FormatSpec* f : used)
+    check(f->group == 0 || (in - s.keeper) % f->group == 0, where,
+          "weight group {} and activation group {} need different remainders on {} channels", weight.group,
+          act.group, in);
+  return s;
+}
+
+void Recipe::validate(const ModelConfig& c) const {
+  const std::string where = fmt::format("recipe '{}' on {} (hidden {}, intermediate {})", name, arch_name(c.arch),
+                                        c.hidden_size, c.intermediate_size);
+  check(kv.bits == 4 || kv.bits == 8 || kv.bits == 16 || kv.bits == 32, where, "--kv-bits must be 4, 8 or 16, not {}",
+        kv.bits);
+  check(kv.clip > 0 && kv.clip <= 1, where, "--kv-clip must be in (0, 1], not {}", kv.clip);
+  if (!quantize_weights && !quantize_activations) return;
+  const int bits = format_bits(weight.format);
+  check(bits >= 2 && bits <= 8, where, "weight bits {} are outside 2..8", bits);
+  check(calib_windows > 0 && calib_ctx > 1, where, "need at least one calibration window of at least 2 tokens");
+  if (weight.row_group > 1)
+    for (int64_t n : {c.q_dim() + 2 * c.kv_dim(), c.hidden_size, 2 * c.intermediate_size})
+      check(n % weight.row_group == 0, where, "--w-row-group {} does not divide {} output rows", weight.row_group, n);
+  linear_spec(c.hidden_size, where + ", q/k/v and gate/up inputs");
+  linear_spec(c.q_dim(), where + ", o_proj input");
+  linear_spec(c.intermediate_size, where + ", down_proj input");
+}
+
+std::string Recipe::describe() const {
+  if (!quantizes_anything()) return name + " (no quantization)";
+  std::string s = name + ":";
+  if (quantize_weights)
+    s += fmt::format(" W {} g{}{} clip {}{}", format_name(weight.format), weight.group,
+                     weight.row_group > 1 ? fmt::format(" rows{}", weight.row_group) : "", weight.clip,
+                     gptq ? " GPTQ" : " RTN");
+  if (quantize_activations) s += fmt::format(", A {} g{} clip {}", format_name(act.format), act.group, act.clip);
+  if (reorder || keeper) s += fmt::format(", reorder {} keepers at {}", keeper, keeper_precision_name(keeper_precision));
+  s += ", KV " + kv.describe();
+  if (atom_compat) s += ", atom-compat";
+  return s;
+}
+
+namespace {
+nlohmann::json spec_json(const FormatSpec& f) {
+  return {{"format", format_name(f.format)}, {"group", f.group}, {"row_group", f.row_group}, {"clip", f.clip}};
+}
+FormatSpec spec_from_json(const nlohmann::json& j, const std::string& where) {
+  FormatSpec f;
+  f.format = parse_format(j.at("format").get<std::string>(), where);
+  f.group = j.at("group").get<int>();
+  f.row_group = j.at("row_group").get<int>();
+  f.clip = j.at("clip").get<float>();
+  return f;
+}
+}  // namespace
+
+nlohmann::json Recipe::to_json() const {
+  return {{"name", name},
+          {"quantize_weights", quantize_weights},
+          {"weight", spec_json(weight)},
+          {"gptq", gptq},
+          {"percdamp", percdamp},
+          {"gptq_block", gptq_block},
+          {"clip_search", clip_search},
+          {"quantize_activations", quantize_activations},
+          {"act", spec_json(act)},
+          {"reorder", reorder},
+          {"sort_metric", sort_metric == SortMetric::Hessian ? "hessian" : "abs_mean"},
+          {"keeper", keeper},
+          {"keeper_precision", keeper_precision_name(keeper_precision)},
+          {"kv_bits", kv.bits},
+          {"kv_k_before_rope", kv.k_before_rope},
+          {"kv_clip", kv.clip},
+          {"hessian_from_quantized_inputs", hessian_from_quantized_inputs},
+          {"atom_compat", atom_compat},
+          {"calib_windows", calib_windows},
+          {"calib_ctx", calib_ctx},
+          {"seed", seed}};
+}
+
+Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
+  try {
+    Recipe r;
+    r.name = j.at("name").get<std::string>();
+    r.quantize_weights = j.at("quantize_weights").get<bool>();
+    r.weight = spec_from_json(j.at("weight"), where);
+    r.gptq = j.at("gptq").get<bool>();
+    r.percdamp = j.at("percdamp").get<double>();
+    r.gptq_block = j.at("gptq_block").get<int64_t>();
+    r.clip_search = j.at("clip_search").get<bool>();
+    r.quantize_activations = j.at("quantize_activations").get<bool>();
+    r.act = spec_from_json(j.at("act"), where);
+    r.reorder = j.at("reorder").get<bool>();
+    r.sort_metric = j.at("sort_metric").get<std::string>() == "abs_mean" ? SortMetric::AbsMean : SortMetric::Hessian;
+    r.keeper = j.at("keeper").get<int64_t>();
+    r.keeper_precision = parse_keeper_precision(j.at("keeper_precision").get<std::string>(), where);
+    r.kv.bits = j.at("kv_bits").get<int>();
+    r.kv.k_before_rope = j.at("kv_k_before_rope").get<bool>();
+    r.kv.clip = j.at("kv_clip").get<float>();
+    r.hessian_from_quantized_inputs = j.at("hessian_from_quantized_inputs").get<bool>();
+    r.atom_compat = j.at("atom_compat").get<bool>();
+    r.calib_windows = j.at("calib_windows").get<int64_t>();
+    r.calib_ctx = j.at("calib_ctx").get<int64_t>();
+    r.seed = j.at("seed").get<uint64_t>();
+    return r;
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(where, fmt::format("recipe metadata is malformed: {}", e.what()));
+  }
+}
+
+}  // namespace nibble::quant

@@ -1,0 +1,63 @@
+// A quantization recipe: every knob of Atom's method (and the other formats) in one struct, with
+// named presets. It travels inside the packed file as JSON, so a file says how it was made.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "nibble/model/config.h"
+#include "nibble/model/kv_cache.h"
+#include "nibble/quant/quant_linear.h"
+
+namespace nibble::quant {
+
+enum class SortMetric { Hessian, AbsMean };  // Atom's --act_sort_metric
+
+struct Recipe {
+  std::string name = "fp16";
+  bool quantize_weights = false;
+  FormatSpec weight{Format::Int4Sym, 128, 1, 1.0f};
+  bool gptq = false;
+  double percdamp = 0.01;
+  int64_t gptq_block = 128;
+  bool clip_search = false;  // per-group weight clip minimising the Hessian-weighted error (beyond Atom)
+
+  bool quantize_activations = false;
+  FormatSpec act{Format::Int4Sym, 128, 1, 1.0f};
+
+  bool reorder = false;
+  SortMetric sort_metric = SortMetric::Hessian;
+  int64_t keeper = 0;
+  KeeperPrecision keeper_precision = KeeperPrecision::Int8;
+
+  KVFormat kv{16, true, 1.0f};
+
+  // GPTQ's Hessian from the activations the quantized linear really sees (gathered and
+  // quantized, as Atom) rather than from the full-precision ones.
+  bool hessian_from_quantized_inputs = false;
+  bool atom_compat = false;
+
+  int64_t calib_windows = 128;
+  int64_t calib_ctx = 2048;  // capped at the model's context
+  uint64_t seed = 0;
+
+  static Recipe preset(const std::string& name);
+  static std::vector<std::string> preset_names();
+  // Atom's released-code choices: its GPTQ grid, Hessians from quantized inputs, K before RoPE.
+  void apply_atom_compat();
+
+  // The spec of one linear with `in` input channels; throws when the recipe does not fit it.
+  LinearQuantSpec linear_spec(int64_t in, const std::string& where) const;
+  // Checks the recipe against every linear of the model (group divides K - keeper, keeper < K, ...).
+  void validate(const ModelConfig& c) const;
+  bool quantizes_anything() const { return quantize_weights || quantize_activations || kv.bits < 16; }
+  std::string describe() const;
+
+  nlohmann::json to_json() const;
+  static Recipe from_json(const nlohmann::json& j, const std::string& where);
+};
+
+}  // namespace nibble::quant

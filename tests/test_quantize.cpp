@@ -1,0 +1,140 @@
+// Model-level quantization: reordering is exact, the packed file reproduces the in-memory model
+// bit for bit, recipes that do not fit a model are refused, the quantized KV cache is close.
+#include <cmath>
+#include <random>
+
+#include <gtest/gtest.h>
+
+#include "nibble/core/error.h"
+#include "nibble/io/packed.h"
+#include "nibble/model/model.h"
+#include "nibble/quant/quantize_model.h"
+#include "tests/test_util.h"
+
+namespace nibble {
+namespace {
+
+using quant::Recipe;
+
+std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = int32_t(rng() % uint32_t(vocab));
+  return t;
+}
+
+std::vector<float> logits_of(Model& m, const std::vector<int32_t>& ids) {
+  auto cache = m.new_cache(int64_t(ids.size()));
+  const Step s{cache.get(), ids, true};
+  return m.forward({&s, 1});
+}
+
+double rel_max(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = 0, r = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d = std::max(d, std::abs(double(a[i]) - b[i]));
+    r = std::max(r, std::abs(double(b[i])));
+  }
+  return d / r;
+}
+
+// stories260K's scaled-down Atom recipe: K = 64 cannot take groups of 128 with 128 keepers.
+Recipe small_atom() {
+  Recipe r = Recipe::preset("atom-w4a4");
+  r.weight.group = r.act.group = 32;
+  r.keeper = 8;
+  r.calib_windows = 8;
+  r.calib_ctx = 128;
+  return r;
+}
+
+class QuantizeStories : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!std::filesystem::exists(test::data_dir() / "models/stories260K/model.safetensors"))
+      GTEST_SKIP() << "reference data not found: " << test::data_dir() << " (set NIBBLE_DATA)";
+    model = Model::load(test::data_dir() / "models/stories260K");
+    calib = random_tokens(4096, 512, 1);
+    probe = random_tokens(96, 512, 2);
+  }
+  std::unique_ptr<Model> model;
+  std::vector<int32_t> calib, probe;
+};
+
+TEST_F(QuantizeStories, ReorderAloneKeepsLogits) {
+  const std::vector<float> before = logits_of(*model, probe);
+  Recipe r = Recipe::preset("fp16");
+  r.reorder = true;
+  r.calib_windows = 4;
+  r.calib_ctx = 64;
+  r.kv.bits = 32;
+  quant::quantize_model(*model, r, calib, "calib", false);
+  // Every linear now gathers its input and down_proj's order is folded into gate/up.
+  EXPECT_FALSE(dynamic_cast<quant::QuantLinear&>(*model->layers()[0].qkv).perm().empty());
+  EXPECT_LE(rel_max(logits_of(*model, probe), before), 1e-5);
+}
+
+TEST_F(QuantizeStories, PackedFileEqualsSimulatedModelBitForBit) {
+  quant::quantize_model(*model, small_atom(), calib, "calib", false);
+  const std::vector<float> simulated = logits_of(*model, probe);
+  const auto path = std::filesystem::temp_directory_path() / "nibble_test_packed.safetensors";
+  save_packed_model(*model, small_atom().to_json().dump(), test::data_dir() / "models/stories260K", path);
+  auto loaded = Model::load(path);
+  const std::vector<float> packed = logits_of(*loaded, probe);
+  ASSERT_EQ(packed.size(), simulated.size());
+  for (size_t i = 0; i < packed.size(); ++i) ASSERT_EQ(packed[i], simulated[i]) << "logit " << i;
+  EXPECT_EQ(loaded->kv_format().bits, 4);
+  std::filesystem::remove(path);
+}
+
+TEST_F(QuantizeStories, EveryPresetRunsOrIsRefused) {
+  for (const std::string& name : Recipe::preset_names()) {
+    auto m = Model::load(test::data_dir() / "models/stories260K");
+    Recipe r = Recipe::preset(name);
+    r.calib_windows = 4;
+    r.calib_ctx = 64;
+    if (name != "fp16" && name != "w8a8" && name != "w4a4-rtn") {
+      // Groups of 128 cannot fit K = 64, groups of 16 or 32 not K = 172 without keepers:
+      // a clear error naming the group and the channels.
+      try {
+        quant::quantize_model(*m, r, calib, "calib", false);
+        FAIL() << name << " should be refused on stories260K";
+      } catch (const Error& e) {
+        const std::string msg = e.what();
+        EXPECT_TRUE(msg.find("group size") != std::string::npos || msg.find("--keeper 128") != std::string::npos) << msg;
+      }
+      continue;
+    }
+    quant::quantize_model(*m, r, calib, "calib", false);
+    for (float v : logits_of(*m, probe)) ASSERT_TRUE(std::isfinite(v)) << name;
+  }
+}
+
+TEST_F(QuantizeStories, NonsenseRecipesAreRefused) {
+  Recipe r = small_atom();
+  r.keeper = 64;  // keeper >= K
+  EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
+  r = small_atom();
+  r.keeper = 0;  // 32 does not divide down_proj's 172 channels, and no keepers hold the rest
+  EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
+  r = small_atom();
+  r.weight.format = quant::Format::Mxfp4;  // MXFP4 needs group 32 and clip 1
+  EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
+  r = small_atom();
+  r.calib_ctx = 512;
+  const std::vector<int32_t> too_short(100, 5);
+  EXPECT_THROW(quant::quantize_model(*model, r, too_short, "calib", false), Error);
+}
+
+TEST_F(QuantizeStories, Int8KVCacheStaysClose) {
+  const std::vector<float> fp = logits_of(*model, probe);
+  model->set_kv_format({8, false, 1.0f});
+  EXPECT_LE(rel_max(logits_of(*model, probe), fp), 0.05);
+  model->set_kv_format({4, true, 1.0f});
+  const std::vector<float> kv4 = logits_of(*model, probe);
+  EXPECT_GT(rel_max(kv4, fp), 1e-4);  // really quantized
+  EXPECT_LE(rel_max(kv4, fp), 0.5);
+}
+
+}  // namespace
+}  // namespace nibble
