@@ -12,6 +12,7 @@
 #include "nibble/core/error.h"
 #include "nibble/core/progress.h"
 #include "nibble/eval/perplexity.h"
+#include "nibble/tokenizer/tokenizer.h"
 
 namespace nibble {
 
@@ -40,8 +41,8 @@ TokenizedRequest tokenize_request(const LLRequest& r, const EncodeFn& encode, in
     t.continuation = encode(r.continuation, false);
     return t;
   }
-  // HFLM._encode_pair (lm-eval >= 0.4).
-  const bool add_bos = bos >= 0;
+  // HFLM._encode_pair (lm-eval >= 0.4), encoding with the tokenizer's default special tokens.
+  const bool add_bos = true;
   if (r.context.empty()) {
     check(bos >= 0, "zero-shot", "an empty context needs a BOS token and the tokenizer has none");
     t.context = {bos};
@@ -349,6 +350,12 @@ TaskResult evaluate_task(Model& model, const EncodeFn& encode, int32_t bos, cons
                                                             : fmt::format("acc {:.4f}", r.acc));
   }
   return r;
+}
+
+ZeroShotResults evaluate_tasks(Model& model, const Tokenizer& tokenizer, std::span<const std::string> tasks,
+                               const ZeroShotOptions& opt) {
+  const EncodeFn encode = [&tokenizer](const std::string& text, bool add_bos) { return tokenizer.encode(text, add_bos); };
+  return evaluate_tasks(model, encode, tokenizer.bos_id(), tasks, opt);
 }
 
 ZeroShotResults evaluate_tasks(Model& model, const EncodeFn& encode, int32_t bos, std::span<const std::string> tasks,

@@ -5,8 +5,10 @@
 // Tokenization protocols (a request's strings -> context tokens + continuation tokens):
 //  - LLProtocol::Harness04 (default): lm-eval >= 0.4's HFLM._encode_pair: trailing whitespace of
 //    the context moves to the front of the continuation; context+continuation is encoded as one
-//    string and split where the context's own encoding ends; a BOS is prepended (the tokenizer's
-//    default special tokens, which the current HFLM uses for Llama tokenizers; add_bos_token).
+//    string and split where the context's own encoding ends. Both are encoded with the
+//    tokenizer's default special tokens (add_special_tokens=True: a BOS for Llama-2/Mistral, none
+//    for the original Llama-3 tokenizer.json), which is what the current HFLM does when
+//    add_bos_token is left unset (earlier 0.4 releases passed add_special_tokens=False: no BOS).
 //  - LLProtocol::Harness03: lm-eval 0.3.0 as Atom ran it (Atom's model/LMClass.py over
 //    BaseLM.loglikelihood): context and continuation encoded separately, no special tokens, and
 //    concatenated. With a SentencePiece tokenizer the continuation " yes" then starts with a lone
@@ -41,14 +43,15 @@ enum class LLProtocol { Harness04, Harness03 };
 const char* protocol_name(LLProtocol p);        // "lm-eval-0.4", "lm-eval-0.3"
 LLProtocol parse_protocol(const std::string& s);  // accepts the names above (and "0.4", "0.3", "atom")
 
-// Encodes text; add_bos prepends the BOS token.
+// Encodes text; add_bos adds the tokenizer's default special tokens (Tokenizer::encode's add_bos).
 using EncodeFn = std::function<std::vector<int32_t>(const std::string& text, bool add_bos)>;
 
 struct TokenizedRequest {
   std::vector<int32_t> context, continuation;
 };
 
-// One request's tokens under a protocol; `bos` is the tokenizer's BOS id (-1: none).
+// One request's tokens under a protocol; `bos` (the tokenizer's BOS id, -1: none) is the prefix
+// token of an empty context.
 TokenizedRequest tokenize_request(const LLRequest& r, const EncodeFn& encode, int32_t bos, LLProtocol p);
 
 struct LLResult {

@@ -1,0 +1,117 @@
+// nibble eval: zero-shot accuracy on the common-sense tasks Atom reports, scored by
+// lm-evaluation-harness rules (src/nibble/eval/zero_shot.h), on an FP checkpoint or a packed file.
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#include "nibble/core/error.h"
+#include "nibble/core/progress.h"
+#include "nibble/eval/zero_shot.h"
+#include "nibble/io/packed.h"
+#include "nibble/model/model.h"
+#include "nibble/tokenizer/tokenizer.h"
+#include "tools/commands.h"
+
+namespace nibble::cli {
+
+namespace {
+
+struct EvalArgs {
+  std::string model, tokenizer, data, protocol = "lm-eval-0.4", output;
+  std::string tasks = "piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande";
+  int64_t limit = 0, ctx = 0, batch = 16;
+  uint64_t seed = 0;
+  bool json = false, csv = false, quiet = false;
+};
+
+std::vector<std::string> split_tasks(const std::string& s) {
+  std::vector<std::string> out;
+  if (s == "all") {
+    for (const TaskInfo& t : known_tasks()) out.push_back(t.name);
+    return out;
+  }
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) out.push_back(item);
+  check(!out.empty(), "--tasks", "no task named");
+  return out;
+}
+
+// The model's tokenizer: --tokenizer, the checkpoint directory's tokenizer.json, or the one a
+// packed file carries.
+Tokenizer load_model_tokenizer(const EvalArgs& a) {
+  if (!a.tokenizer.empty()) return Tokenizer::load(a.tokenizer);
+  const std::filesystem::path p = a.model;
+  if (std::filesystem::is_directory(p)) return Tokenizer::load(p);
+  std::string json, config;
+  check(is_packed_model(p) && packed_tokenizer_files(p, &json, &config), p.string(),
+        "no tokenizer inside this file: pass --tokenizer DIR");
+  return Tokenizer::from_json_string(json, p.string() + " (embedded tokenizer.json)");
+}
+
+void run_eval(const EvalArgs& a) {
+  if (a.quiet) Progress::set_quiet(true);
+  const std::vector<std::string> tasks = split_tasks(a.tasks);
+  for (const std::string& t : tasks) task_info(t);  // fail on a typo before loading the model
+
+  ZeroShotOptions opt;
+  opt.tasks_dir = a.data.empty() ? default_tasks_dir() : std::filesystem::path(a.data);
+  check(std::filesystem::is_directory(opt.tasks_dir), opt.tasks_dir.string(),
+        "task data folder not found (pass --data DIR or set NIBBLE_DATA)");
+  opt.limit = a.limit;
+  if (a.seed != 0) opt.seed = a.seed;
+  opt.protocol = parse_protocol(a.protocol);
+  opt.score.max_length = a.ctx;
+  opt.score.batch_docs = a.batch;
+  opt.show_progress = !a.quiet;
+
+  std::unique_ptr<Model> model = Model::load(a.model);
+  const Tokenizer tokenizer = load_model_tokenizer(a);
+  const ZeroShotResults r = evaluate_tasks(*model, tokenizer, tasks, opt);
+  for (const std::string& u : r.unavailable) std::fprintf(stderr, "nibble eval: skipped %s\n", u.c_str());
+  check(!r.tasks.empty(), opt.tasks_dir.string(), "none of the tasks has data here");
+
+  const std::string text = a.json ? r.to_json().dump(2) + "\n" : a.csv ? r.to_csv() : r.to_table();
+  if (!a.output.empty()) {
+    std::ofstream f(a.output, std::ios::binary);
+    check(bool(f), a.output, "cannot write the file");
+    f << text;
+  }
+  std::fputs(text.c_str(), stdout);
+}
+
+}  // namespace
+
+void add_eval_command(CLI::App& app) {
+  auto a = std::make_shared<EvalArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "eval", "Zero-shot accuracy (PIQA, ARC-e/c, BoolQ, HellaSwag, WinoGrande, LAMBADA) by lm-eval-harness rules");
+  cmd->add_option("-m,--model", a->model, "Model: an HF checkpoint directory or a packed nibble file")->required();
+  cmd->add_option("--tasks", a->tasks,
+                  "Comma-separated tasks (piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, "
+                  "lambada_openai) or 'all'; default: Atom's six")
+      ->capture_default_str();
+  cmd->add_option("--data", a->data, "Task data folder (shared/data/tasks layout); default $NIBBLE_DATA/tasks");
+  cmd->add_option("--limit", a->limit, "Score only N docs per task (the first N, or a random N with --seed)");
+  cmd->add_option("--seed", a->seed, "With --limit: draw a random subset of N docs with this seed (nonzero)");
+  cmd->add_option("--protocol", a->protocol,
+                  "Tokenization: lm-eval-0.4 (joint encoding, BOS) or lm-eval-0.3 (Atom's: separate, no BOS)")
+      ->capture_default_str();
+  cmd->add_option("--ctx", a->ctx, "Model window for left truncation (default: max_position_embeddings)");
+  cmd->add_option("--batch", a->batch, "Questions forwarded together")->capture_default_str();
+  cmd->add_option("--tokenizer", a->tokenizer, "tokenizer.json or a folder holding it (default: the model's)");
+  cmd->add_flag("--json", a->json, "Print lm-eval-style JSON instead of the table");
+  cmd->add_flag("--csv", a->csv, "Print CSV instead of the table");
+  cmd->add_option("-o,--output", a->output, "Also write the output to this file");
+  cmd->add_flag("-q,--quiet", a->quiet, "No progress on stderr");
+  cmd->callback([a] {
+    check(!(a->json && a->csv), "nibble eval", "--json and --csv are exclusive");
+    run_eval(*a);
+  });
+}
+
+}  // namespace nibble::cli
