@@ -12,6 +12,7 @@
 #include "nibble/eval/zero_shot.h"
 #include "nibble/io/safetensors.h"
 #include "nibble/model/model.h"
+#include "nibble/tokenizer/tokenizer.h"
 #include "tests/test_util.h"
 
 namespace nibble {
@@ -209,6 +210,23 @@ TEST(ZeroShotTokenize, Harness03EncodesSeparatelyWithoutBos) {
   EXPECT_EQ(parse_protocol("atom"), LLProtocol::Harness03);
   EXPECT_EQ(parse_protocol("lm-eval-0.4"), LLProtocol::Harness04);
   EXPECT_THROW(parse_protocol("0.5"), Error);
+}
+
+TEST(ZeroShotTokenize, Llama2TokenizerProtocols) {
+  NIBBLE_REQUIRE_DATA("tokenizers/llama2/tokenizer.json");
+  const Tokenizer tok = Tokenizer::load(test::data_dir() / "tokenizers/llama2");
+  const EncodeFn enc = [&](const std::string& s, bool bos) { return tok.encode(s, bos); };
+  const LLRequest yes{"Question: is it?\nAnswer:", " yes"};
+  const TokenizedRequest a = tokenize_request(yes, enc, tok.bos_id(), LLProtocol::Harness04);
+  EXPECT_EQ(a.context, (std::vector<int32_t>{1, 894, 29901, 338, 372, 29973, 13, 22550, 29901}));
+  EXPECT_EQ(a.continuation, (std::vector<int32_t>{4874}));  // "▁yes"
+  const TokenizedRequest b = tokenize_request(yes, enc, tok.bos_id(), LLProtocol::Harness03);
+  EXPECT_EQ(b.context, (std::vector<int32_t>{894, 29901, 338, 372, 29973, 13, 22550, 29901}));  // no BOS
+  EXPECT_EQ(b.continuation, (std::vector<int32_t>{29871, 4874}));  // "▁" "▁yes": the dummy prefix of a separate encode
+  const TokenizedRequest w = tokenize_request(
+      {"Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."}, enc, tok.bos_id(),
+      LLProtocol::Harness04);
+  EXPECT_EQ(w.continuation, (std::vector<int32_t>{2337, 2355, 278, 6775, 4251, 29889}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -495,6 +513,69 @@ TEST(ZeroShotScoring, TaskMetricsFollowTheLogLikelihoods) {
               lambada_doc("She went to the park", "l")};
   const TaskResult l = evaluate_task(*model, byte_encode, 1, lam, opt);
   EXPECT_NEAR(l.ppl, std::exp(-(l.logliks[0][0] + l.logliks[1][0]) / 2), 1e-9);
+}
+
+TEST(ZeroShotEvaluate, EveryTaskEndToEndOnStories260K) {
+  NIBBLE_REQUIRE_DATA("tasks");
+  NIBBLE_REQUIRE_DATA("models/stories260K/tokenizer.json");
+  const auto model_dir = test::data_dir() / "models/stories260K";
+  auto model = Model::load(model_dir);
+  const Tokenizer tok = Tokenizer::load(model_dir);
+  std::vector<std::string> names;
+  for (const TaskInfo& t : known_tasks()) names.push_back(t.name);
+  ZeroShotOptions opt;
+  opt.tasks_dir = test::data_dir() / "tasks";
+  opt.limit = 3;
+  opt.seed = 11;
+  opt.show_progress = false;
+  const ZeroShotResults r = evaluate_tasks(*model, tok, names, opt);
+  ASSERT_EQ(r.tasks.size(), names.size());
+  EXPECT_TRUE(r.unavailable.empty());
+  EXPECT_EQ(r.average_tasks, 6);
+  double sum = 0;
+  for (const TaskResult& t : r.tasks) {
+    EXPECT_EQ(t.n, 3) << t.info.name;
+    EXPECT_GE(t.acc, 0);
+    EXPECT_LE(t.acc, 1);
+    EXPECT_GT(t.tokens, 0);
+    for (const auto& lls : t.logliks)
+      for (double ll : lls) EXPECT_LT(ll, 0) << t.info.name;
+    if (!t.info.atom_metric.empty()) sum += t.atom_value();
+  }
+  EXPECT_NEAR(r.average, sum / 6, 1e-12);
+  EXPECT_GT(r.tasks.back().ppl, 1);  // lambada_openai
+  const auto j = r.to_json();
+  EXPECT_TRUE(j["results"].contains("hellaswag"));
+  EXPECT_TRUE(j["results"]["hellaswag"].contains("note"));
+  EXPECT_TRUE(j["results"]["piqa"].contains("acc_norm"));
+  EXPECT_FALSE(j["results"]["boolq"].contains("acc_norm"));
+  EXPECT_NE(r.to_table().find("average (6 of 6"), std::string::npos);
+  EXPECT_NE(r.to_csv().find("winogrande,3,1267,"), std::string::npos);
+
+  // Spot check against a plain forward of the tokenized request, truncation included
+  // (BoolQ passages run past stories260K's 512 positions).
+  const Task boolq = load_task("boolq", opt.tasks_dir);
+  const TaskResult& br = r.tasks[3];
+  ASSERT_EQ(br.info.name, "boolq");
+  const EncodeFn enc = [&](const std::string& s, bool bos) { return tok.encode(s, bos); };
+  for (size_t k = 0; k < br.doc_indices.size(); ++k)
+    for (size_t i = 0; i < 2; ++i) {
+      const TokenizedRequest q =
+          tokenize_request(boolq.docs[size_t(br.doc_indices[k])].choices[i], enc, tok.bos_id(), opt.protocol);
+      const LLResult want = plain_ll(*model, q, 512);
+      EXPECT_NEAR(br.logliks[k][i], want.logprob, 1e-4 * (1 + std::abs(want.logprob)));
+    }
+
+  // A data folder without a task's files: the task is listed as not run, the others still run.
+  const auto empty = std::filesystem::temp_directory_path() / "nibble_zero_shot_empty";
+  std::filesystem::create_directories(empty);
+  opt.tasks_dir = empty;
+  const std::vector<std::string> one = {"piqa"};
+  const ZeroShotResults none = evaluate_tasks(*model, tok, one, opt);
+  EXPECT_TRUE(none.tasks.empty());
+  ASSERT_EQ(none.unavailable.size(), 1u);
+  EXPECT_NE(none.unavailable[0].find("piqa"), std::string::npos);
+  std::filesystem::remove_all(empty);
 }
 
 }  // namespace
