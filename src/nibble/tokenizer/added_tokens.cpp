@@ -11,7 +11,7 @@ namespace {
 
 // Rust regex's Unicode \w, which Hugging Face uses to decide what a word character is.
 bool is_word_char_at(std::string_view text, size_t pos) {
-  static const Regex word(R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}])", "single_word test");
+  static const Regex word(R"([\p{Alphabetic}\p{M}\p{Nd}\p{Pc}\p{Join_Control}])", "nibble", "single_word test");
   return word.matches_at(text, pos);
 }
 

@@ -34,6 +34,24 @@ void reject_unsupported_options(const JsonNode& model) {
   }
 }
 
+constexpr std::string_view kMetaspace = "\xe2\x96\x81";  // "▁", SentencePiece's word marker
+
+// Where the next "▁" that follows another character starts, or npos.
+size_t find_metaspace_after_other_char(std::string_view text, size_t from) {
+  for (size_t pos = text.find(kMetaspace, std::max<size_t>(from, 1)); pos != std::string_view::npos;
+       pos = text.find(kMetaspace, pos + kMetaspace.size())) {
+    if (text.substr(0, pos).ends_with(kMetaspace)) continue;
+    return pos;
+  }
+  return std::string_view::npos;
+}
+
+bool has_metaspace_after_other_char(std::string_view token) {
+  return find_metaspace_after_other_char(token, 0) != std::string_view::npos;
+}
+
+constexpr size_t kMaxCachedWordBytes = 64;
+
 }  // namespace
 
 BpeModel BpeModel::parse(const JsonNode& model) {
@@ -62,6 +80,10 @@ BpeModel BpeModel::parse(const JsonNode& model) {
     if (!id) unk->fail(fmt::format("unk_token '{}' is not in the vocab", unk_token));
     bpe.unk_id_ = *id;
   }
+  bpe.cut_before_metaspace_ = bpe.find(kMetaspace).has_value() &&
+                              std::none_of(bpe.vocab_.begin(), bpe.vocab_.end(), [](const auto& entry) {
+                                return has_metaspace_after_other_char(entry.first);
+                              });
   for (int b = 0; b < 256; ++b) bpe.byte_ids_[b] = bpe.find(fmt::format("<0x{:02X}>", b)).value_or(-1);
 
   const JsonNode merges = model.at("merges");
@@ -164,18 +186,43 @@ void BpeModel::merge_symbols(std::vector<Symbol>& symbols) const {
   }
 }
 
-void BpeModel::encode_word(std::string_view word, std::vector<int32_t>& out) const {
-  if (word.empty()) return;
+void BpeModel::merge_word(std::string_view word, std::vector<int32_t>& out) const {
+  std::vector<Symbol> symbols = split_into_symbols(word);
+  merge_symbols(symbols);
+  for (const Symbol& s : symbols) {
+    if (s.id >= 0) out.push_back(s.id);
+  }
+}
+
+const std::vector<int32_t>* BpeModel::WordCache::find(std::string_view word) const {
+  const auto it = ids_.find(word);
+  return it == ids_.end() ? nullptr : &it->second;
+}
+
+void BpeModel::WordCache::add(std::string_view word, std::vector<int32_t> ids) { ids_.emplace(word, std::move(ids)); }
+
+void BpeModel::encode_word(std::string_view word, std::vector<int32_t>& out, WordCache& cache) const {
   if (ignore_merges_) {
     if (const auto id = find(word)) {
       out.push_back(*id);
       return;
     }
   }
-  std::vector<Symbol> symbols = split_into_symbols(word);
-  merge_symbols(symbols);
-  for (const Symbol& s : symbols) {
-    if (s.id >= 0) out.push_back(s.id);
+  size_t begin = 0;
+  while (begin < word.size()) {
+    const size_t cut = cut_before_metaspace_ ? find_metaspace_after_other_char(word, begin + 1) : std::string_view::npos;
+    const std::string_view part = word.substr(begin, cut == std::string_view::npos ? std::string_view::npos : cut - begin);
+    begin += part.size();
+    if (part.size() > kMaxCachedWordBytes) {
+      merge_word(part, out);
+    } else if (const auto* cached = cache.find(part)) {
+      out.insert(out.end(), cached->begin(), cached->end());
+    } else {
+      std::vector<int32_t> ids;
+      merge_word(part, ids);
+      out.insert(out.end(), ids.begin(), ids.end());
+      cache.add(part, std::move(ids));
+    }
   }
 }
 

@@ -27,8 +27,17 @@ class BpeModel {
   // Parses tokenizer.json's "model" object; throws nibble::Error naming the bad field.
   static BpeModel parse(const JsonNode& model);
 
+  // Remembers the ids of short words during one encode() call: text repeats its words.
+  class WordCache {
+   public:
+    const std::vector<int32_t>* find(std::string_view word) const;
+    void add(std::string_view word, std::vector<int32_t> ids);
+   private:
+    std::unordered_map<std::string, std::vector<int32_t>, StringHash, std::equal_to<>> ids_;
+  };
+
   // Appends the ids of one pre-tokenized word.
-  void encode_word(std::string_view word, std::vector<int32_t>& out) const;
+  void encode_word(std::string_view word, std::vector<int32_t>& out, WordCache& cache) const;
 
   std::optional<int32_t> find(std::string_view token) const;
   const TokenIds& vocab() const { return vocab_; }
@@ -48,6 +57,7 @@ class BpeModel {
   const Merge* find_merge(int32_t left, int32_t right) const;
   std::vector<Symbol> split_into_symbols(std::string_view word) const;
   void merge_symbols(std::vector<Symbol>& symbols) const;
+  void merge_word(std::string_view word, std::vector<int32_t>& out) const;
 
   TokenIds vocab_;
   std::unordered_map<uint64_t, Merge> merges_;
@@ -56,6 +66,9 @@ class BpeModel {
   bool fuse_unk_ = false;        // consecutive unknown characters become one unk
   bool byte_fallback_ = false;
   bool ignore_merges_ = false;   // a word that is itself in the vocab is emitted whole
+  // No token has "▁" right after another character, so no merge crosses such a point and a
+  // SentencePiece-style text (one long word) can be merged piece by piece with the same result.
+  bool cut_before_metaspace_ = false;
 };
 
 }  // namespace nibble::tokenizer

@@ -45,7 +45,7 @@ constexpr const char* kGpt2SplitRegex =
 // ---- Pattern ----
 
 Pattern Pattern::parse(const JsonNode& node) {
-  if (const auto expr = node.find("Regex")) return regex(expr->string(), node.where() + ": " + expr->path());
+  if (const auto expr = node.find("Regex")) return regex(expr->string(), node.where(), expr->path());
   const auto literal = node.find("String");
   if (!literal) node.fail("a pattern is {\"String\": ...} or {\"Regex\": ...}");
   Pattern p;
@@ -53,9 +53,9 @@ Pattern Pattern::parse(const JsonNode& node) {
   return p;
 }
 
-Pattern Pattern::regex(const std::string& pattern, std::string where) {
+Pattern Pattern::regex(const std::string& pattern, std::string where, std::string label) {
   Pattern p;
-  p.regex_.emplace(pattern, std::move(where));
+  p.regex_.emplace(pattern, std::move(where), std::move(label));
   return p;
 }
 
@@ -127,7 +127,7 @@ void PreTokenizer::add(const JsonNode& node) {
   } else if (type == "ByteLevel") {
     ByteLevel step{node.boolean_or("add_prefix_space", true), std::nullopt};
     if (node.boolean_or("use_regex", true)) {
-      step.gpt2_split = Pattern::regex(kGpt2SplitRegex, "ByteLevel pre-tokenizer");
+      step.gpt2_split = Pattern::regex(kGpt2SplitRegex, node.where(), node.path() + " (GPT-2 split)");
     }
     steps_.push_back(std::move(step));
   } else {

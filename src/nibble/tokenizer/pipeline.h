@@ -26,7 +26,7 @@ namespace nibble::tokenizer {
 class Pattern {
  public:
   static Pattern parse(const JsonNode& node);
-  static Pattern regex(const std::string& pattern, std::string where);
+  static Pattern regex(const std::string& pattern, std::string where, std::string label);
   std::vector<Span> find_all(std::string_view text) const;
   std::string replace_all(std::string_view text, std::string_view content) const;
 

@@ -34,11 +34,12 @@ class Matcher {
   Matcher& operator=(const Matcher&) = delete;
 
   // Returns false on no match; throws on matcher errors (limits hit by a pathological pattern).
-  bool match(const pcre2_code* code, std::string_view text, size_t pos, uint32_t options, const std::string& where) {
+  bool match(const pcre2_code* code, std::string_view text, size_t pos, uint32_t options, const std::string& where,
+             const std::string& label) {
     const int rc = pcre2_match(code, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos,
                                options | PCRE2_NO_UTF_CHECK, data_, context_);
     if (rc == PCRE2_ERROR_NOMATCH) return false;
-    if (rc < 0) throw Error(where, fmt::format("regex match failed at byte {}: {}", pos, pcre2_message(rc)));
+    if (rc < 0) throw Error(where, fmt::format("{}: regex match failed at byte {}: {}", label, pos, pcre2_message(rc)));
     return true;
   }
   Span span() const {
@@ -59,13 +60,14 @@ struct Regex::Code {
   ~Code() { pcre2_code_free(code); }
 };
 
-Regex::Regex(const std::string& pattern, std::string where) : where_(std::move(where)) {
+Regex::Regex(const std::string& pattern, std::string where, std::string label)
+    : where_(std::move(where)), label_(std::move(label)) {
   int error = 0;
   PCRE2_SIZE error_offset = 0;
   auto code = std::make_shared<Code>();
   code->code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP,
                              &error, &error_offset, nullptr);
-  check(code->code != nullptr, where_, "regex does not compile at offset {}: {} (pattern {})", error_offset,
+  check(code->code != nullptr, where_, "{}: regex does not compile at offset {}: {} (pattern {})", label_, error_offset,
         pcre2_message(error), pattern);
   // JIT makes the Llama-3 split several times faster; without it PCRE2 interprets, still correct.
   pcre2_jit_compile(code->code, PCRE2_JIT_COMPLETE);
@@ -77,7 +79,7 @@ std::vector<Span> Regex::find_all(std::string_view text) const {
   std::vector<Span> spans;
   size_t pos = 0;
   size_t last_end = std::string_view::npos;
-  while (pos <= text.size() && matcher.match(code_->code, text, pos, 0, where_)) {
+  while (pos <= text.size() && matcher.match(code_->code, text, pos, 0, where_, label_)) {
     const Span m = matcher.span();
     if (m.begin == m.end && m.end == last_end) {
       if (m.end == text.size()) break;
@@ -94,7 +96,7 @@ std::vector<Span> Regex::find_all(std::string_view text) const {
 
 bool Regex::matches_at(std::string_view text, size_t pos) const {
   Matcher matcher(code_->code);
-  return matcher.match(code_->code, text, pos, PCRE2_ANCHORED, where_);
+  return matcher.match(code_->code, text, pos, PCRE2_ANCHORED, where_, label_);
 }
 
 }  // namespace nibble::tokenizer

@@ -17,8 +17,9 @@ struct Span {
 
 class Regex {
  public:
-  // Throws nibble::Error(where, ...) when the pattern does not compile.
-  Regex(const std::string& pattern, std::string where);
+  // Throws nibble::Error(where, label + ": ...") when the pattern does not compile; `label` names
+  // the pattern in that error and in matching errors.
+  Regex(const std::string& pattern, std::string where, std::string label);
 
   // Every match in `text` (valid UTF-8), in order, the way Oniguruma's find_iter reports them: an
   // empty match right where the previous match ended is skipped by advancing one character.
@@ -31,6 +32,7 @@ class Regex {
   struct Code;
   std::shared_ptr<const Code> code_;
   std::string where_;
+  std::string label_;
 };
 
 }  // namespace nibble::tokenizer

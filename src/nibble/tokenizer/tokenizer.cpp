@@ -216,22 +216,6 @@ void read_special_token_config(TokenizerData& t, const std::filesystem::path& di
   }
 }
 
-// Caches the ids of short words for the length of one encode() call: pre-tokenized text repeats
-// the same words over and over.
-class WordCache {
- public:
-  void encode(const tokenizer::BpeModel& model, const std::string& word, std::vector<int32_t>& out) {
-    if (word.size() > kMaxCachedBytes) return model.encode_word(word, out);
-    auto [it, inserted] = cache_.try_emplace(word);
-    if (inserted) model.encode_word(word, it->second);
-    out.insert(out.end(), it->second.begin(), it->second.end());
-  }
-
- private:
-  static constexpr size_t kMaxCachedBytes = 64;
-  std::unordered_map<std::string, std::vector<int32_t>, tokenizer::StringHash, std::equal_to<>> cache_;
-};
-
 }  // namespace
 
 Tokenizer Tokenizer::load(const std::filesystem::path& path) {
@@ -252,7 +236,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) cons
     throw Error("text to encode", fmt::format("not valid UTF-8 at byte offset {}", bad));
   std::vector<int32_t> ids;
   if (add_bos) ids = t.post_processor.prefix;
-  WordCache cache;
+  tokenizer::BpeModel::WordCache cache;
   for (const auto& raw : t.raw_splitter.split(text)) {
     if (raw.id >= 0) {
       ids.push_back(raw.id);
@@ -264,7 +248,7 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_bos) cons
         ids.push_back(piece.id);
         continue;
       }
-      for (const std::string& word : t.pre_tokenizer.apply(piece.text)) cache.encode(t.model, word, ids);
+      for (const std::string& word : t.pre_tokenizer.apply(piece.text)) t.model.encode_word(word, ids, cache);
     }
   }
   if (add_bos) ids.insert(ids.end(), t.post_processor.suffix.begin(), t.post_processor.suffix.end());
