@@ -1,0 +1,411 @@
+// bench_gemm_w4a4: Atom W4A4 GEMM (gemm_w4a4) vs cuBLAS fp16, cuBLASLt fp8 with 128-wide block
+// scales on both operands, and cuBLASLt INT8, all measured in the same run, on the linear layers
+// of Llama-2-7B and -70B; then norm_quantize against the device's copy bandwidth.
+// Timing: CUDA events around batches of launches, warm-up first, median of the batches, inputs
+// rotated over enough copies to overflow L2. Prints markdown tables (bench/RESULTS.md).
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "nibble/backend/cuda/atom_layout.h"
+#include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/gemm_w4a4.h"
+#include "nibble/backend/cuda/linear_fp16.h"
+#include "nibble/backend/cuda/norm_quantize.h"
+
+using namespace nibble::cuda;
+
+namespace {
+
+__device__ uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return uint32_t(x);
+}
+// Random but valid data of each kind: never zeros (they run faster than real data).
+__global__ void fill_half(__half* p, size_t n, float range, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __float2half(range * (float(hash32(seed * 0x9e3779b97f4a7c15ull + i) >> 8) * 0x1p-23f - 1.0f));
+}
+__global__ void fill_bytes(uint8_t* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = uint8_t(hash32(seed * 0x9e3779b97f4a7c15ull + i));
+}
+__global__ void fill_fp8(__nv_fp8_e4m3* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __nv_fp8_e4m3(4.0f * (float(hash32(seed * 0x9e3779b97f4a7c15ull + i) >> 8) * 0x1p-23f - 1.0f));
+}
+__global__ void fill_scales(__half* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    p[i] = __float2half(0.01f + 0.01f * float(hash32(seed + i) >> 8) * 0x1p-24f);
+}
+__global__ void fill_float(float* p, size_t n, float v) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = v;
+}
+
+template <typename T>
+T* dalloc(size_t count) {
+  T* p = nullptr;
+  NIBBLE_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)));
+  return p;
+}
+
+size_t g_l2 = 50 << 20;
+
+// Copies of an input set needed so that rotating over them does not run from L2.
+int rotations(size_t bytes_per_set) {
+  return int(std::clamp<size_t>((4 * g_l2 + bytes_per_set - 1) / bytes_per_set, 1, 16));
+}
+
+// Median milliseconds per launch of launch(rotation index).
+double time_ms(const std::function<void(int)>& launch, int rots) {
+  cudaEvent_t a, b;
+  NIBBLE_CUDA_CHECK(cudaEventCreate(&a));
+  NIBBLE_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) launch(i % rots);
+  NIBBLE_CUDA_CHECK(cudaEventRecord(a));
+  for (int i = 0; i < 3; ++i) launch(i % rots);
+  NIBBLE_CUDA_CHECK(cudaEventRecord(b));
+  NIBBLE_CUDA_CHECK(cudaEventSynchronize(b));
+  float est = 0;
+  NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&est, a, b));
+  est /= 3;
+  const int batch = std::clamp(int(0.3 / std::max(est, 1e-4f)), 1, 40);
+  const int reps = std::clamp(int(40.0 / std::max(est * batch, 1e-3f)), 7, 31);
+  std::vector<float> t;
+  int r = 0;
+  for (int rep = 0; rep < reps; ++rep) {
+    NIBBLE_CUDA_CHECK(cudaEventRecord(a));
+    for (int i = 0; i < batch; ++i) launch(r++ % rots);
+    NIBBLE_CUDA_CHECK(cudaEventRecord(b));
+    NIBBLE_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms / float(batch));
+  }
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+double copy_bandwidth() {
+  const size_t bytes = size_t(1) << 30;
+  uint8_t* src = dalloc<uint8_t>(bytes);
+  uint8_t* dst = dalloc<uint8_t>(bytes);
+  fill_bytes<<<1024, 256>>>(src, bytes, 1);
+  const double ms = time_ms([&](int) { NIBBLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 1);
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;  // read + write
+}
+
+struct Shape {
+  const char* model;
+  const char* name;
+  int64_t N, K;
+};
+
+// ---- cuBLASLt baselines -------------------------------------------------------------------------
+
+struct LtGemm {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool ok = false;
+  std::string note;
+  ~LtGemm() {
+    if (op) cublasLtMatmulDescDestroy(op);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (d) cublasLtMatrixLayoutDestroy(d);
+  }
+};
+
+void* g_lt_ws = nullptr;
+const size_t kLtWs = 64 << 20;
+
+// Yᵀ [N, M] (column-major) = op(W) [N, K] · X [K, M]: A = W (K x N col-major, transposed).
+bool lt_setup(cublasLtHandle_t lt, LtGemm& g, int64_t M, int64_t N, int64_t K, cudaDataType ab, cudaDataType dt,
+              cublasComputeType_t ct, cudaDataType st, int scale_mode_a, int scale_mode_b, const float* sa,
+              const float* sb) {
+  if (cublasLtMatmulDescCreate(&g.op, ct, st) != CUBLAS_STATUS_SUCCESS) return false;
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
+  cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
+  if (scale_mode_a >= 0) {
+    const int32_t ma = scale_mode_a, mb = scale_mode_b;
+    if (cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &ma, sizeof(ma)) ||
+        cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &mb, sizeof(mb)) ||
+        cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &sa, sizeof(sa)) ||
+        cublasLtMatmulDescSetAttribute(g.op, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &sb, sizeof(sb)))
+      return false;
+  }
+  cublasLtMatrixLayoutCreate(&g.a, ab, uint64_t(K), uint64_t(N), K);
+  cublasLtMatrixLayoutCreate(&g.b, ab, uint64_t(K), uint64_t(M), K);
+  cublasLtMatrixLayoutCreate(&g.d, dt, uint64_t(N), uint64_t(M), N);
+  cublasLtMatmulPreference_t pref;
+  cublasLtMatmulPreferenceCreate(&pref);
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &kLtWs, sizeof(kLtWs));
+  cublasLtMatmulHeuristicResult_t res{};
+  int found = 0;
+  const cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(lt, g.op, g.a, g.b, g.d, g.d, pref, 1, &res, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (s != CUBLAS_STATUS_SUCCESS || found == 0) return false;
+  g.algo = res.algo;
+  g.ok = true;
+  return true;
+}
+
+std::string fmt_ms(double ms) {
+  char b[32];
+  if (ms <= 0) return "n/a";
+  std::snprintf(b, sizeof b, "%.4f", ms);
+  return b;
+}
+std::string fmt_ratio(double base, double ours) {
+  char b[32];
+  if (base <= 0 || ours <= 0) return "n/a";
+  std::snprintf(b, sizeof b, "%.2fx", base / ours);
+  return b;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "norm" or empty for both
+  cudaDeviceProp prop{};
+  NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  g_l2 = size_t(prop.l2CacheSize);
+  int runtime = 0;
+  cudaRuntimeGetVersion(&runtime);
+  std::printf("device: %s, %d SMs, L2 %zu MB, CUDA runtime %d, cuBLASLt %zu\n", prop.name, prop.multiProcessorCount,
+              g_l2 >> 20, runtime, cublasLtGetVersion());
+  const double copy_gbs = copy_bandwidth();
+  std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
+
+  LinearFp16 fp16;
+  cublasLtHandle_t lt;
+  NIBBLE_CUBLAS_CHECK(cublasLtCreate(&lt));
+  g_lt_ws = dalloc<uint8_t>(kLtWs);
+
+  const Shape shapes[] = {
+      {"7B", "q/k/v/o", 4096, 4096},    {"7B", "gate/up", 11008, 4096}, {"7B", "down", 4096, 11008},
+      {"70B", "q/o", 8192, 8192},       {"70B", "k/v", 1024, 8192},     {"70B", "gate/up", 28672, 8192},
+      {"70B", "down", 8192, 28672},
+  };
+  const int64_t Ms[] = {1, 16, 64, 256, 1024, 4096};
+  const int keeper = 128;
+
+  if (only.empty() || only == "gemm") {
+    std::printf("| model | layer | M | N | K | w4a4 ms | TOPS | GB/s packed | %% copy BW | fp16 ms | vs fp16 | fp8-blk ms | vs fp8-blk | int8 ms | vs int8 |\n");
+    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (const Shape& sh : shapes) {
+      for (int64_t M : Ms) {
+        const int64_t N = sh.N, K = sh.K;
+        const double flops = 2.0 * double(M) * double(N) * double(K);
+        // ---- ours
+        const AtomShape xs = atom_shape(M, int(K), keeper), wsh = atom_shape(N, int(K), keeper);
+        const size_t set_bytes = size_t(xs.code_bytes() + wsh.code_bytes() + (xs.scale_count() + wsh.scale_count()) * 2);
+        const int rots = rotations(set_bytes);
+        std::vector<AtomDeviceMatrix> X, W;
+        for (int r = 0; r < rots; ++r) {
+          X.emplace_back(xs);
+          W.emplace_back(wsh);
+          fill_bytes<<<1024, 256>>>(X.back().mut().q, size_t(xs.code_bytes()), 10 + r);
+          fill_bytes<<<1024, 256>>>(W.back().mut().q, size_t(wsh.code_bytes()), 20 + r);
+          fill_scales<<<256, 256>>>(X.back().mut().s, size_t(xs.scale_count()), 30 + r);
+          fill_scales<<<256, 256>>>(W.back().mut().s, size_t(wsh.scale_count()), 40 + r);
+        }
+        __half* y = dalloc<__half>(size_t(M * N));
+        const size_t wsb = gemm_w4a4_workspace_bytes(M, N, int(K), keeper);
+        void* ws = wsb ? dalloc<uint8_t>(wsb) : nullptr;
+        if (ws) NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, wsb));
+        NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+        const double t_ours = time_ms(
+            [&](int r) { gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, ws, wsb, nullptr); }, rots);
+        const double bytes = double(xs.packed_bytes() + wsh.packed_bytes()) + double(M * N * 2);
+        X.clear();
+        W.clear();
+        if (ws) cudaFree(ws);
+
+        // ---- cuBLAS fp16
+        double t_fp16 = 0;
+        {
+          const int fr = rotations(size_t((M + N) * K * 2));
+          std::vector<__half*> xa, wa;
+          for (int r = 0; r < fr; ++r) {
+            xa.push_back(dalloc<__half>(size_t(M * K)));
+            wa.push_back(dalloc<__half>(size_t(N * K)));
+            fill_half<<<1024, 256>>>(xa.back(), size_t(M * K), 1.0f, 50 + r);
+            fill_half<<<1024, 256>>>(wa.back(), size_t(N * K), 0.05f, 60 + r);
+          }
+          t_fp16 = time_ms([&](int r) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, nullptr); }, fr);
+          for (auto p : xa) cudaFree(p);
+          for (auto p : wa) cudaFree(p);
+        }
+        cudaFree(y);
+
+        // ---- cuBLASLt fp8 e4m3, 128-wide block scales on both operands (bf16 out)
+        double t_fp8 = 0;
+        std::string fp8_note;
+        {
+          const int fr = rotations(size_t((M + N) * K));
+          std::vector<__nv_fp8_e4m3*> xa, wa;
+          for (int r = 0; r < fr; ++r) {
+            xa.push_back(dalloc<__nv_fp8_e4m3>(size_t(M * K)));
+            wa.push_back(dalloc<__nv_fp8_e4m3>(size_t(N * K)));
+            fill_fp8<<<1024, 256>>>(xa.back(), size_t(M * K), 70 + r);
+            fill_fp8<<<1024, 256>>>(wa.back(), size_t(N * K), 80 + r);
+          }
+          // Scale tensors: generous sizes (any of the documented layouts fits), all one value.
+          const size_t ns = size_t((N + 128) * (K / 128 + 4)), ms_ = size_t((M + 128) * (K / 128 + 4));
+          float* sa = dalloc<float>(ns);
+          float* sb = dalloc<float>(ms_);
+          fill_float<<<256, 256>>>(sa, ns, 0.01f);
+          fill_float<<<256, 256>>>(sb, ms_, 0.01f);
+          __nv_bfloat16* yb = dalloc<__nv_bfloat16>(size_t(M * N));
+          LtGemm g;
+          const int vec128 = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F, blk = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F;
+          bool ok = lt_setup(lt, g, M, N, K, CUDA_R_8F_E4M3, CUDA_R_16BF, CUBLAS_COMPUTE_32F, CUDA_R_32F, vec128, vec128, sa, sb);
+          if (ok) fp8_note = "1x128 both";
+          if (!ok) {
+            LtGemm g2;
+            ok = lt_setup(lt, g2, M, N, K, CUDA_R_8F_E4M3, CUDA_R_16BF, CUBLAS_COMPUTE_32F, CUDA_R_32F, blk, vec128, sa, sb);
+            if (ok) {
+              std::swap(g.op, g2.op);
+              std::swap(g.a, g2.a);
+              std::swap(g.b, g2.b);
+              std::swap(g.d, g2.d);
+              g.algo = g2.algo;
+              fp8_note = "W 128x128";
+            }
+          }
+          if (ok) {
+            const float alpha = 1, beta = 0;
+            bool failed = false;
+            t_fp8 = time_ms(
+                [&](int r) {
+                  if (failed) return;
+                  const cublasStatus_t s = cublasLtMatmul(lt, g.op, &alpha, wa[size_t(r)], g.a, xa[size_t(r)], g.b, &beta,
+                                                          yb, g.d, yb, g.d, &g.algo, g_lt_ws, kLtWs, nullptr);
+                  if (s != CUBLAS_STATUS_SUCCESS) failed = true;
+                },
+                fr);
+            if (failed) t_fp8 = 0;
+          }
+          for (auto p : xa) cudaFree(p);
+          for (auto p : wa) cudaFree(p);
+          cudaFree(sa);
+          cudaFree(sb);
+          cudaFree(yb);
+        }
+
+        // ---- cuBLASLt INT8 (int32 out)
+        double t_int8 = 0;
+        {
+          const int fr = rotations(size_t((M + N) * K));
+          std::vector<uint8_t*> xa, wa;
+          for (int r = 0; r < fr; ++r) {
+            xa.push_back(dalloc<uint8_t>(size_t(M * K)));
+            wa.push_back(dalloc<uint8_t>(size_t(N * K)));
+            fill_bytes<<<1024, 256>>>(xa.back(), size_t(M * K), 90 + r);
+            fill_bytes<<<1024, 256>>>(wa.back(), size_t(N * K), 100 + r);
+          }
+          int32_t* yi = dalloc<int32_t>(size_t(M * N));
+          LtGemm g;
+          if (lt_setup(lt, g, M, N, K, CUDA_R_8I, CUDA_R_32I, CUBLAS_COMPUTE_32I, CUDA_R_32I, -1, -1, nullptr, nullptr)) {
+            const int32_t alpha = 1, beta = 0;
+            bool failed = false;
+            t_int8 = time_ms(
+                [&](int r) {
+                  if (failed) return;
+                  const cublasStatus_t s = cublasLtMatmul(lt, g.op, &alpha, wa[size_t(r)], g.a, xa[size_t(r)], g.b, &beta,
+                                                          yi, g.d, yi, g.d, &g.algo, g_lt_ws, kLtWs, nullptr);
+                  if (s != CUBLAS_STATUS_SUCCESS) failed = true;
+                },
+                fr);
+            if (failed) t_int8 = 0;
+          }
+          for (auto p : xa) cudaFree(p);
+          for (auto p : wa) cudaFree(p);
+          cudaFree(yi);
+        }
+        cudaGetLastError();  // a refused Lt call must not poison the next row
+
+        std::printf("| %s | %s | %lld | %lld | %lld | %.4f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s |\n", sh.model,
+                    sh.name, (long long)M, (long long)N, (long long)K, t_ours, flops / (t_ours * 1e-3) / 1e12,
+                    bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_ms(t_fp16).c_str(),
+                    fmt_ratio(t_fp16, t_ours).c_str(), fmt_ms(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
+                    fmt_ms(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
+        if (!fp8_note.empty() && fp8_note != "1x128 both") std::printf("<!-- fp8 scales: %s -->\n", fp8_note.c_str());
+        std::fflush(stdout);
+      }
+    }
+    std::printf("\n");
+  }
+
+  if (only.empty() || only == "norm") {
+    std::printf("| kernel | M | K | ms | GB/s (in + out) | %% copy BW |\n|---|---:|---:|---:|---:|---:|\n");
+    struct NormCase {
+      const char* name;
+      int K;
+    };
+    const NormCase cases[] = {{"rmsnorm_quantize", 4096}, {"rmsnorm_quantize", 8192}, {"gather_quantize", 4096},
+                              {"swiglu_quantize", 11008}, {"swiglu_quantize", 28672}};
+    for (const NormCase& c : cases) {
+      for (int64_t M : {16, 256, 4096}) {
+        const int K = c.K;
+        const bool swiglu = std::string(c.name) == "swiglu_quantize";
+        const AtomShape sh = atom_shape(M, K, keeper);
+        const size_t in_bytes = size_t(M * K * 2) * (swiglu ? 2 : 1);
+        const int rots = rotations(in_bytes + size_t(sh.code_bytes()));
+        std::vector<__half*> a, u;
+        std::vector<AtomDeviceMatrix> out;
+        for (int r = 0; r < rots; ++r) {
+          a.push_back(dalloc<__half>(size_t(M * K)));
+          u.push_back(dalloc<__half>(swiglu ? size_t(M * K) : 1));
+          fill_half<<<1024, 256>>>(a.back(), size_t(M * K), 3.0f, 110 + r);
+          if (swiglu) fill_half<<<1024, 256>>>(u.back(), size_t(M * K), 3.0f, 120 + r);
+          out.emplace_back(sh);
+        }
+        std::vector<int32_t> perm(static_cast<size_t>(K));
+        for (int j = 0; j < K; ++j) perm[size_t(j)] = int32_t((int64_t(j) * 7919) % K);  // a bijection when gcd(7919,K)=1
+        int32_t* dperm = dalloc<int32_t>(size_t(K));
+        NIBBLE_CUDA_CHECK(cudaMemcpy(dperm, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
+        float* w = dalloc<float>(size_t(K));
+        fill_float<<<64, 256>>>(w, size_t(K), 1.0f);
+        const ActQuant q{};
+        const double ms = time_ms(
+            [&](int r) {
+              if (swiglu) swiglu_quantize(a[size_t(r)], u[size_t(r)], K, nullptr, out[size_t(r)].mut(), q, nullptr);
+              else if (std::string(c.name) == "gather_quantize") gather_quantize(a[size_t(r)], K, dperm, out[size_t(r)].mut(), q, nullptr);
+              else rmsnorm_quantize(a[size_t(r)], K, dperm, w, 1e-5f, out[size_t(r)].mut(), q, nullptr);
+            },
+            rots);
+        const double bytes = double(in_bytes) + double(sh.packed_bytes());
+        std::printf("| %s | %lld | %d | %.4f | %.0f | %.0f%% |\n", c.name, (long long)M, K, ms, bytes / (ms * 1e-3) / 1e9,
+                    100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs);
+        std::fflush(stdout);
+        for (auto p : a) cudaFree(p);
+        for (auto p : u) cudaFree(p);
+        cudaFree(dperm);
+        cudaFree(w);
+      }
+    }
+  }
+  cublasLtDestroy(lt);
+  return 0;
+}

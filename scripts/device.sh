@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Run THERE (the device machine: nvcc + cmake, no Debian dev packages, no network), from the repo
+# root, with .devdata carried (scripts/device_deps.sh made it here). Builds the GPU-only tree,
+# runs the GPU tests and the benches, and leaves logs and tables in $OUT.
+#   scripts/device.sh [all|test|bench|sass] [bench args...]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/nibble-out}
+mkdir -p "$OUT"
+what=${1:-all}
+shift || true
+SYSROOT=$PWD/.devdata/sysroot
+BUILD=build-device
+export PATH=/usr/local/cuda/bin:$PATH
+
+{
+  echo "== $(date -u +%FT%TZ) commit $(echo ${NIBBLE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)})"
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+} | tee "$OUT/env.txt"
+
+cmake -S . -B $BUILD -G Ninja -DNIBBLE_GPU_ONLY=ON -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$SYSROOT/usr" -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc >"$OUT/build.log" 2>&1 &&
+  ninja -C $BUILD -j16 >>"$OUT/build.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ]; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+echo "build ok"
+export LD_LIBRARY_PATH=$SYSROOT/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+
+# Resource usage and the tensor-core instructions actually in the kernels.
+lib=$BUILD/libnibble_cuda.a
+{
+  cuobjdump --dump-resource-usage "$lib" 2>/dev/null | grep -E "Function|REG|SHARED" | sed 's/^ *//' | paste - - | \
+    sed -E 's/Function ([^ :]*).*REG:([0-9]+).*STACK:([0-9]+).*SHARED:([0-9]+).*LOCAL:([0-9]+).*/\1 REG=\2 STACK=\3 SHARED=\4 LOCAL=\5/' | \
+    c++filt | cut -c1-200
+  echo "-- SASS instruction counts (IMMA = integer mma.sync, IGMMA = wgmma s8)"
+  cuobjdump --dump-sass "$lib" 2>/dev/null | grep -oE "\b(IMMA|IGMMA|HMMA|HGMMA|LDG|LDS|STL|LDL|LDSM)[.A-Z0-9_]*" | sort | uniq -c
+} >"$OUT/sass.txt" 2>&1
+if [ "$what" = sass ]; then cat "$OUT/sass.txt"; exit 0; fi
+
+status=0
+if [ "$what" = all ] || [ "$what" = test ]; then
+  for t in $BUILD/bin/gpu_test_*; do
+    echo "== $t"
+    "$t" --gtest_brief=0 >"$OUT/$(basename $t).log" 2>&1
+    r=$?
+    grep -E "^\[  (PASSED|FAILED|SKIPPED) |FAILED|^norm_quantize:|^gemm_w4a4:|Failure" "$OUT/$(basename $t).log" | head -20
+    [ $r -ne 0 ] && status=1
+  done
+fi
+if [ "$what" = all ] || [ "$what" = bench ]; then
+  echo "== bench_gemm_w4a4 $*"
+  $BUILD/bin/bench_gemm_w4a4 "$@" >"$OUT/bench_gemm_w4a4.md" 2>&1 || status=1
+  cat "$OUT/bench_gemm_w4a4.md"
+fi
+grep -E "IMMA|IGMMA|LDL|STL" "$OUT/sass.txt"
+exit $status

@@ -1,0 +1,492 @@
+#include "nibble/backend/cuda/gemm_w4a4.h"
+
+#include <algorithm>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/core/error.h"
+
+namespace nibble::cuda {
+
+namespace {
+
+// ---- Small device helpers ------------------------------------------------------------------------
+
+// The INT8 fragment of the high nibbles (k = 4t..4t+3 of a k-step) and of the low nibbles
+// (k = 16+4t..): each byte 16 * code, see atom_layout.h.
+__device__ __forceinline__ uint32_t hi4(uint32_t w) { return w & 0xF0F0F0F0u; }
+__device__ __forceinline__ uint32_t lo4(uint32_t w) { return (w << 4) & 0xF0F0F0F0u; }
+
+__device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                       uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Weights are read exactly once: keep them out of L1.
+__device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem));
+  const int size = valid ? 16 : 0;  // 0: zero-fill, nothing read
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(size));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Scale group of slab s (INT4 groups first, then two slabs per keeper group).
+__device__ __forceinline__ int slab_group(int s, int g4) { return s < g4 ? s : g4 + (s - g4) / 2; }
+
+// ---- Decode: M <= 64 ---------------------------------------------------------------------------------
+
+struct DecodeParams {
+  const uint8_t* xq;
+  const __half* xs;
+  const uint8_t* wq;
+  const __half* ws;
+  int64_t M, x_rows_pad, N, w_rows_pad;
+  int slabs, g4, splits, slabs_per_split;
+  float* partial;  // [splits][gridDim.x][8 warps][MT][32 lanes] float4
+  int* counters;   // [gridDim.x], zero between launches
+  void* y;
+};
+
+constexpr int kDecodeWarps = 8;  // one 16-row W tile each: 128 rows of N per block
+
+// Accumulates MT m-tiles of slab s (already loaded) into c.
+template <int MT, bool kInt4>
+__device__ __forceinline__ void decode_slab_mma(const uint4& A0, const uint4& A1, const uint4 (&B)[MT],
+                                                int (&c)[MT][4]) {
+  if constexpr (kInt4) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t a0 = hi4(word(A0, k)), a1 = hi4(word(A1, k)), a2 = lo4(word(A0, k)), a3 = lo4(word(A1, k));
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma_s8(c[mt], a0, a1, a2, a3, hi4(word(B[mt], k)), lo4(word(B[mt], k)));
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const uint32_t a0 = word(A0, 2 * k), a1 = word(A1, 2 * k), a2 = word(A0, 2 * k + 1), a3 = word(A1, 2 * k + 1);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) mma_s8(c[mt], a0, a1, a2, a3, word(B[mt], 2 * k), word(B[mt], 2 * k + 1));
+    }
+  }
+}
+
+// U slabs starting at s: all loads first (U * (2 + MT) 16-byte loads in flight per lane), then math.
+template <int MT, int U, bool kInt4>
+__device__ __forceinline__ void decode_slabs(const DecodeParams& p, int s, const uint8_t* wa, const uint8_t* wb,
+                                             const uint8_t* xl, int n0, int lane, float (&acc)[MT][4]) {
+  uint4 A0[U], A1[U], B[U][MT];
+  float sw0[U], sw1[U];
+  __half2 sx[U][MT];
+  const int t = lane % 4;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    A0[u] = ld_stream(wa + size_t(s + u) * kSlabBytes);
+    A1[u] = ld_stream(wb + size_t(s + u) * kSlabBytes);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      B[u][mt] = __ldg(reinterpret_cast<const uint4*>(xl + (size_t(mt) * p.slabs + s + u) * kSlabBytes));
+    const int grp = slab_group(s + u, p.g4);
+    sw0[u] = __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0]);
+    sw1[u] = __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0 + 8]);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      sx[u][mt] = *reinterpret_cast<const __half2*>(p.xs + size_t(grp) * p.x_rows_pad + mt * 8 + 2 * t);
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    int c[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0;
+    decode_slab_mma<MT, kInt4>(A0[u], A1[u], B[u], c);
+    const float f = kInt4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const float sx0 = __low2float(sx[u][mt]), sx1 = __high2float(sx[u][mt]);
+      acc[mt][0] += float(c[mt][0]) * f * (sx0 * sw0[u]);
+      acc[mt][1] += float(c[mt][1]) * f * (sx1 * sw0[u]);
+      acc[mt][2] += float(c[mt][2]) * f * (sx0 * sw1[u]);
+      acc[mt][3] += float(c[mt][3]) * f * (sx1 * sw1[u]);
+    }
+  }
+}
+
+template <int MT, typename OutT>
+__global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
+  constexpr int U = MT <= 2 ? 4 : MT <= 4 ? 2 : 1;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t tile16 = int64_t(blockIdx.x) * kDecodeWarps + warp;
+  const bool active = tile16 * 16 < p.w_rows_pad;
+  const int s0 = blockIdx.y * p.slabs_per_split, s1 = min(p.slabs, s0 + p.slabs_per_split);
+  const int64_t n0 = tile16 * 16 + g;
+
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+
+  if (active) {
+    const uint8_t* wa = p.wq + size_t(tile16 * 2) * p.slabs * kSlabBytes + lane * 16;
+    const uint8_t* wb = wa + size_t(p.slabs) * kSlabBytes;
+    const uint8_t* xl = p.xq + lane * 16;
+    const int e4 = min(s1, p.g4);
+    int s = s0;
+    for (; s + U <= e4; s += U) decode_slabs<MT, U, true>(p, s, wa, wb, xl, int(n0), lane, acc);
+    for (; s < e4; ++s) decode_slabs<MT, 1, true>(p, s, wa, wb, xl, int(n0), lane, acc);
+    for (s = max(s0, p.g4); s < s1; ++s) decode_slabs<MT, 1, false>(p, s, wa, wb, xl, int(n0), lane, acc);
+  }
+
+  if (p.splits > 1) {
+    float4* part = reinterpret_cast<float4*>(p.partial);
+    const size_t stride_split = size_t(gridDim.x) * kDecodeWarps * MT * 32;
+    const size_t mine = (size_t(blockIdx.x) * kDecodeWarps + warp) * MT * 32 + lane;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      __stcg(part + blockIdx.y * stride_split + mine + mt * 32,
+             make_float4(acc[mt][0], acc[mt][1], acc[mt][2], acc[mt][3]));
+    __threadfence();
+    __syncthreads();
+    __shared__ int is_last;
+    if (threadIdx.x == 0) is_last = atomicAdd(&p.counters[blockIdx.x], 1) == p.splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    // The last block of this column range sums the splits in order: deterministic.
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+    for (int z = 0; z < p.splits; ++z) {
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const float4 v = __ldcg(part + z * stride_split + mine + mt * 32);
+        acc[mt][0] += v.x;
+        acc[mt][1] += v.y;
+        acc[mt][2] += v.z;
+        acc[mt][3] += v.w;
+      }
+    }
+    if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;
+  }
+  if (!active) return;
+  OutT* y = static_cast<OutT*>(p.y);
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const int64_t m = mt * 8 + 2 * t;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t mm = m + (i & 1), nn = n0 + (i >> 1) * 8;
+      if (mm < p.M && nn < p.N) y[mm * p.N + nn] = from_float<OutT>(acc[mt][i]);
+    }
+  }
+}
+
+struct DecodePlan {
+  int nblocks, splits, slabs_per_split, mt;
+};
+
+int sm_count() {
+  static int count = [] {
+    int dev = 0, n = 0;
+    NIBBLE_CUDA_CHECK(cudaGetDevice(&dev));
+    NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  }();
+  return count;
+}
+
+DecodePlan decode_plan(int64_t M, int64_t n_rows_pad, int slabs) {
+  DecodePlan d;
+  d.mt = int((M + 7) / 8);
+  d.nblocks = int((n_rows_pad + 16 * kDecodeWarps - 1) / (16 * kDecodeWarps));
+  const int target = sm_count() * 4;  // blocks of 8 warps
+  int splits = std::clamp((target + d.nblocks - 1) / d.nblocks, 1, std::min(slabs, 32));
+  d.slabs_per_split = (slabs + splits - 1) / splits;
+  d.splits = (slabs + d.slabs_per_split - 1) / d.slabs_per_split;
+  return d;
+}
+
+size_t decode_workspace(const DecodePlan& d) {
+  if (d.splits <= 1) return 0;
+  const size_t counters = round_up(int64_t(d.nblocks) * 4, 256);
+  return counters + size_t(d.splits) * d.nblocks * kDecodeWarps * d.mt * 32 * 16;
+}
+
+template <typename OutT>
+void launch_decode(DecodeParams p, const DecodePlan& d, cudaStream_t stream) {
+  const dim3 grid(d.nblocks, d.splits), block(kDecodeWarps * 32);
+  switch (d.mt) {
+#define NIBBLE_DECODE_CASE(MT) \
+  case MT: decode_kernel<MT, OutT><<<grid, block, 0, stream>>>(p); break;
+    NIBBLE_DECODE_CASE(1)
+    NIBBLE_DECODE_CASE(2)
+    NIBBLE_DECODE_CASE(3)
+    NIBBLE_DECODE_CASE(4)
+    NIBBLE_DECODE_CASE(5)
+    NIBBLE_DECODE_CASE(6)
+    NIBBLE_DECODE_CASE(7)
+    NIBBLE_DECODE_CASE(8)
+#undef NIBBLE_DECODE_CASE
+    default: throw Error("gemm_w4a4", cformat("decode path needs M <= 64, got {}", p.M));
+  }
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+// ---- Prefill: M > 64 -----------------------------------------------------------------------------
+
+constexpr int kBN = 128, kBM = 128, kStages = 4, kPrefillThreads = 256;
+constexpr int kTileBytes = (kBN / kRowTile) * kSlabBytes;      // 8 KB of W (and of X) per slab
+constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's scales
+constexpr int kPrefillSmem = kStages * kStageBytes;
+constexpr int kYPitch = kBN + 8;  // epilogue staging, halves
+static_assert(kBM * kYPitch * 2 <= kPrefillSmem, "epilogue staging must fit in the pipeline buffers");
+
+struct PrefillParams {
+  const uint8_t* xq;
+  const __half* xs;
+  const uint8_t* wq;
+  const __half* ws;
+  int64_t M, x_rows_pad, N, w_rows_pad;
+  int slabs, g4;
+  void* y;
+};
+
+__device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* stage, int s, int64_t n_base,
+                                             int64_t m_base) {
+  const int tid = threadIdx.x;
+  const int grp = slab_group(s, p.g4);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // 512 chunks of 16 bytes per operand
+    const int c = tid + i * kPrefillThreads;
+    const int tile = c / 32, l = c % 32;
+    const int64_t wt = n_base / kRowTile + tile, xt = m_base / kRowTile + tile;
+    const bool wv = wt * kRowTile < p.w_rows_pad, xv = xt * kRowTile < p.x_rows_pad;
+    cp_async16(stage + c * 16, p.wq + ((wv ? wt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, wv);
+    cp_async16(stage + kTileBytes + c * 16, p.xq + ((xv ? xt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, xv);
+  }
+  if (tid < 32) {  // 16 chunks of W scales, 16 of X scales (8 halves each)
+    const bool is_w = tid < 16;
+    const int c = tid % 16;
+    const int64_t row = (is_w ? n_base : m_base) + c * 8;
+    const bool v = row < (is_w ? p.w_rows_pad : p.x_rows_pad);
+    const __half* src = (is_w ? p.ws + size_t(grp) * p.w_rows_pad : p.xs + size_t(grp) * p.x_rows_pad) + (v ? row : 0);
+    cp_async16(stage + 2 * kTileBytes + (is_w ? 0 : kBN * 2) + c * 16, src, v);
+  }
+}
+
+template <typename OutT>
+__global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wn = warp % 2, wm = warp / 2;  // warp tile: 64 rows of N x 32 rows of M
+  const int64_t n_base = int64_t(blockIdx.x) * kBN, m_base = int64_t(blockIdx.y) * kBM;
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < p.slabs) prefill_load(p, smem + s * kStageBytes, s, n_base, m_base);
+    cp_async_commit();
+  }
+
+  for (int s = 0; s < p.slabs; ++s) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int next = s + kStages - 1;
+    if (next < p.slabs) prefill_load(p, smem + (next % kStages) * kStageBytes, next, n_base, m_base);
+    cp_async_commit();
+
+    const uint8_t* stage = smem + (s % kStages) * kStageBytes;
+    uint4 A[8], B[4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      A[i] = *reinterpret_cast<const uint4*>(stage + (wn * 8 + i) * kSlabBytes + lane * 16);
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      B[j] = *reinterpret_cast<const uint4*>(stage + kTileBytes + (wm * 4 + j) * kSlabBytes + lane * 16);
+    const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
+    const __half* sxs = sws + kBN;
+    int c[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0;
+    const bool int4 = s < p.g4;
+    if (int4) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t a0 = hi4(word(A[2 * i], k)), a1 = hi4(word(A[2 * i + 1], k));
+          const uint32_t a2 = lo4(word(A[2 * i], k)), a3 = lo4(word(A[2 * i + 1], k));
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_s8(c[i][j], a0, a1, a2, a3, hi4(word(B[j], k)), lo4(word(B[j], k)));
+        }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 2; ++k)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t a0 = word(A[2 * i], 2 * k), a1 = word(A[2 * i + 1], 2 * k);
+          const uint32_t a2 = word(A[2 * i], 2 * k + 1), a3 = word(A[2 * i + 1], 2 * k + 1);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) mma_s8(c[i][j], a0, a1, a2, a3, word(B[j], 2 * k), word(B[j], 2 * k + 1));
+        }
+    }
+    const float f = int4 ? 1.0f / 256.0f : 1.0f;
+    float sw[4][2], sx[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      sw[i][0] = __half2float(sws[wn * 64 + i * 16 + g]);
+      sw[i][1] = __half2float(sws[wn * 64 + i * 16 + g + 8]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const __half2 v = *reinterpret_cast<const __half2*>(sxs + wm * 32 + j * 8 + 2 * t);
+      sx[j][0] = __low2float(v);
+      sx[j][1] = __high2float(v);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][j][e] += float(c[i][j][e]) * f * (sx[j][e & 1] * sw[i][e >> 1]);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: stage the 128x128 tile as Y[m][n] in shared memory, then 16-byte row stores.
+  OutT* ys = reinterpret_cast<OutT*>(smem);
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = wn * 64 + i * 16 + g + (e >> 1) * 8, m = wm * 32 + j * 8 + 2 * t + (e & 1);
+        ys[m * kYPitch + n] = from_float<OutT>(acc[i][j][e]);
+      }
+  __syncthreads();
+  OutT* y = static_cast<OutT*>(p.y);
+  for (int c = threadIdx.x; c < kBM * (kBN / 8); c += kPrefillThreads) {
+    const int m = c / (kBN / 8), n = (c % (kBN / 8)) * 8;
+    const int64_t gm = m_base + m, gn = n_base + n;
+    if (gm >= p.M) continue;
+    if (gn + 8 <= p.N && p.N % 8 == 0) {
+      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(ys + m * kYPitch + n);
+    } else {
+      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = ys[m * kYPitch + n + e];
+    }
+  }
+}
+
+template <typename OutT>
+void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
+  static bool configured = [] {
+    NIBBLE_CUDA_CHECK(
+        cudaFuncSetAttribute(prefill_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(unsigned((p.w_rows_pad + kBN - 1) / kBN), unsigned((p.x_rows_pad + kBM - 1) / kBM));
+  prefill_kernel<OutT><<<grid, kPrefillThreads, kPrefillSmem, stream>>>(p);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper) {
+  if (M > 64) return 0;
+  const AtomShape w = atom_shape(N, K, keeper);
+  return decode_workspace(decode_plan(M, w.rows_pad, w.slabs()));
+}
+
+void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
+               size_t workspace_bytes, cudaStream_t stream, int force_path) {
+  const std::string where = "gemm_w4a4";
+  require(x.shape.K == w.shape.K && x.shape.keeper == w.shape.keeper, where,
+        "X is [{}, {}] keeper {}, W is [{}, {}] keeper {}: K and keeper must match", x.shape.rows, x.shape.K,
+        x.shape.keeper, w.shape.rows, w.shape.K, w.shape.keeper);
+  const int64_t M = x.shape.rows, N = w.shape.rows;
+  if (M == 0 || N == 0) return;
+  const bool decode = force_path == 1 || (force_path == 0 && M <= 64);
+  if (decode) {
+    require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
+    const DecodePlan d = decode_plan(M, w.shape.rows_pad, w.shape.slabs());
+    const size_t need = decode_workspace(d);
+    require(workspace_bytes >= need && (need == 0 || workspace), where, "workspace of {} bytes, need {}",
+          workspace_bytes, need);
+    DecodeParams p{};
+    p.xq = x.q;
+    p.xs = x.s;
+    p.wq = w.q;
+    p.ws = w.s;
+    p.M = M;
+    p.x_rows_pad = x.shape.rows_pad;
+    p.N = N;
+    p.w_rows_pad = w.shape.rows_pad;
+    p.slabs = w.shape.slabs();
+    p.g4 = w.shape.g4;
+    p.splits = d.splits;
+    p.slabs_per_split = d.slabs_per_split;
+    p.counters = static_cast<int*>(workspace);
+    p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + round_up(int64_t(d.nblocks) * 4, 256))
+                     : nullptr;
+    p.y = y;
+    if (out == OutType::F16) launch_decode<__half>(p, d, stream);
+    else launch_decode<__nv_bfloat16>(p, d, stream);
+    return;
+  }
+  PrefillParams p{};
+  p.xq = x.q;
+  p.xs = x.s;
+  p.wq = w.q;
+  p.ws = w.s;
+  p.M = M;
+  p.x_rows_pad = x.shape.rows_pad;
+  p.N = N;
+  p.w_rows_pad = w.shape.rows_pad;
+  p.slabs = w.shape.slabs();
+  p.g4 = w.shape.g4;
+  p.y = y;
+  if (out == OutType::F16) launch_prefill<__half>(p, stream);
+  else launch_prefill<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace nibble::cuda

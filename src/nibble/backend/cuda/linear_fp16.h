@@ -1,0 +1,27 @@
+// The FP16 baseline of every linear layer: Y[M, N] = X[M, K] · W[N, K]ᵀ through cuBLAS (fp16
+// operands, fp32 accumulation, fp16 output), so every benchmark reports the W4A4 path against it.
+#pragma once
+
+#include <cstdint>
+
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+
+namespace nibble::cuda {
+
+class LinearFp16 {
+ public:
+  LinearFp16();
+  ~LinearFp16();
+  LinearFp16(const LinearFp16&) = delete;
+  LinearFp16& operator=(const LinearFp16&) = delete;
+
+  // Asynchronous on `stream`; row-major X [M, K], W [N, K], Y [M, N].
+  void run(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+  cublasHandle_t handle() const { return handle_; }
+
+ private:
+  cublasHandle_t handle_ = nullptr;
+};
+
+}  // namespace nibble::cuda

@@ -1,0 +1,38 @@
+// The activation side of gemm_w4a4: one kernel per linear input that reads fp16 activations once
+// and writes Atom's packed operand (INT4 groups + fp16 scales, INT8 keepers + a scale per row) in
+// the GPU layout of atom_layout.h, with the clip ratios of the simulation (quant/format.h's
+// choose_scale + int_sym_encode, called from device code).
+//
+//   rmsnorm_quantize:  x[j] = w[j] * (h[perm[j]] * inv),  inv = 1 / sqrt(mean(h²) + eps)
+//                      (inputs of q/k/v and gate/up; w is the norm weight in permuted order)
+//   gather_quantize:   x[j] = a[perm[j]]                  (input of o_proj)
+//   swiglu_quantize:   x[j] = silu(g[perm[j]]) * u[perm[j]], silu(v) = v / (1 + exp(-v))
+//                      (input of down_proj; perm usually null: gate/up rows carry its order)
+// perm may be null (identity). Output channels [0, K-keeper) are quantized Int4Sym per group of
+// 128 with clip4, [K-keeper, K) Int8Sym per row with clip8. The arithmetic follows
+// backend/cpu/ops.cpp (rms_norm, swiglu) in fp32; rows [M, rows_pad) of the output are zeroed.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "nibble/backend/cuda/atom_layout.h"
+
+namespace nibble::cuda {
+
+struct ActQuant {
+  float clip4 = 0.9f;  // Atom's activation clip ratio
+  float clip8 = 1.0f;  // keepers
+};
+
+// `out` must have shape atom_shape(M, K, keeper). ld_*: elements between rows of the input.
+void rmsnorm_quantize(const __half* h, int64_t ld_h, const int32_t* perm, const float* norm_w, float eps,
+                      const AtomOperandMut& out, ActQuant q, cudaStream_t stream);
+void gather_quantize(const __half* a, int64_t ld_a, const int32_t* perm, const AtomOperandMut& out, ActQuant q,
+                     cudaStream_t stream);
+void swiglu_quantize(const __half* gate, const __half* up, int64_t ld, const int32_t* perm,
+                     const AtomOperandMut& out, ActQuant q, cudaStream_t stream);
+
+}  // namespace nibble::cuda

@@ -1,0 +1,185 @@
+// norm_quantize (rmsnorm / gather / swiglu variants) against quant/format.h: the CPU computes the
+// fp32 values the simulated model computes (backend/cpu/ops.cpp's formulas), quantizes them with
+// atom_quantize_host (format.h), and the device's codes and scales must match. A code may differ
+// by one only where x / scale sits on a rounding boundary (the two sides' fp32 values differ in
+// the last bits: summation order, exp); those are counted and reported.
+#include <cuda_fp16.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+
+#include "gpu_test_util.h"
+#include "nibble/backend/cuda/atom_layout.h"
+#include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/norm_quantize.h"
+#include "nibble/core/half.h"
+#include "nibble/quant/format.h"
+
+namespace nibble::cuda {
+namespace {
+
+using testing::uniform;
+
+enum class Variant { Norm, Gather, Swiglu };
+
+struct Counts {
+  int64_t codes = 0, boundary_codes = 0, bad_codes = 0;
+  int64_t scales = 0, boundary_scales = 0, bad_scales = 0, bad_padding = 0;
+};
+
+// Compares one group of codes: expected from x with the device's scale (format.h), the device's
+// scale against format.h's scale from the reference values.
+void compare_group(const float* x, int n, int bits, float ref_scale, float gpu_scale, const int8_t* gpu_codes,
+                   Counts& c) {
+  ++c.scales;
+  if (gpu_scale != ref_scale) {
+    // Only a one-ulp fp16 difference, from an absmax one ulp apart, is a boundary case.
+    const int d = std::abs(int(float_to_fp16(gpu_scale)) - int(float_to_fp16(ref_scale)));
+    if (d == 1) ++c.boundary_scales;
+    else ++c.bad_scales;
+  }
+  for (int i = 0; i < n; ++i) {
+    ++c.codes;
+    const int8_t want = int8_t(quant::int_sym_encode(x[i], gpu_scale, bits));
+    if (want == gpu_codes[i]) continue;
+    const float q = gpu_scale == 0 ? 0 : x[i] / gpu_scale;
+    const float frac = std::fabs(q - std::floor(q) - 0.5f);
+    if (std::abs(int(want) - int(gpu_codes[i])) == 1 && frac < 1e-3f) ++c.boundary_codes;
+    else ++c.bad_codes;
+  }
+}
+
+Counts run_case(Variant v, int64_t M, int K, int keeper, uint64_t seed) {
+  const int64_t ld = K + (v == Variant::Swiglu ? 0 : 64);  // a row stride wider than K, once
+  std::vector<uint16_t> a(size_t(M * ld)), u(size_t(M * ld));
+  std::vector<int32_t> perm(static_cast<size_t>(K));
+  std::vector<float> w(static_cast<size_t>(K));
+  for (int64_t i = 0; i < M * ld; ++i) {
+    // Activations with a few outlier channels, as fp16 values.
+    const int64_t ch = i % ld;
+    const float scale = (ch % 97 == 3) ? 20.0f : 2.0f;
+    a[size_t(i)] = float_to_fp16(scale * uniform(seed, uint64_t(i)));
+    u[size_t(i)] = float_to_fp16(2.0f * uniform(seed + 1, uint64_t(i)));
+  }
+  std::iota(perm.begin(), perm.end(), 0);
+  std::mt19937_64 rng(seed);
+  std::shuffle(perm.begin(), perm.end(), rng);
+  for (int j = 0; j < K; ++j) w[size_t(j)] = 1.0f + 0.5f * uniform(seed + 2, uint64_t(j));
+
+  // Reference values, channel j of the permuted order.
+  std::vector<float> x(size_t(M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* ar = &a[size_t(m * ld)];
+    const uint16_t* ur = &u[size_t(m * ld)];
+    float inv = 1;
+    if (v == Variant::Norm) {
+      double ss = 0;
+      for (int k = 0; k < K; ++k) ss += double(fp16_to_float(ar[k])) * fp16_to_float(ar[k]);
+      const float ms = float(ss) / float(K);
+      inv = 1.0f / std::sqrt(ms + 1e-5f);
+    }
+    for (int j = 0; j < K; ++j) {
+      const int src = perm[size_t(j)];
+      float val = fp16_to_float(ar[src]);
+      if (v == Variant::Norm) val = w[size_t(j)] * (val * inv);
+      if (v == Variant::Swiglu) val = val / (1.0f + std::exp(-val)) * fp16_to_float(ur[src]);
+      x[size_t(m * K + j)] = val;
+    }
+  }
+  const ActQuant aq{0.9f, 1.0f};
+  const AtomPackedHost ref = atom_quantize_host(x.data(), M, K, keeper, aq.clip4, aq.clip8);
+
+  // Device run, output poisoned.
+  __half *da = nullptr, *du = nullptr;
+  int32_t* dperm = nullptr;
+  float* dw = nullptr;
+  NIBBLE_CUDA_CHECK(cudaMalloc(&da, a.size() * 2));
+  NIBBLE_CUDA_CHECK(cudaMalloc(&du, u.size() * 2));
+  NIBBLE_CUDA_CHECK(cudaMalloc(&dperm, perm.size() * 4));
+  NIBBLE_CUDA_CHECK(cudaMalloc(&dw, w.size() * 4));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(da, a.data(), a.size() * 2, cudaMemcpyHostToDevice));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(du, u.data(), u.size() * 2, cudaMemcpyHostToDevice));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(dperm, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(dw, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
+  AtomDeviceMatrix out(atom_shape(M, K, keeper));
+  NIBBLE_CUDA_CHECK(cudaMemset(out.mut().q, 0xab, size_t(out.shape().code_bytes())));
+  NIBBLE_CUDA_CHECK(cudaMemset(out.mut().s, 0xff, size_t(out.shape().scale_count()) * 2));
+  switch (v) {
+    case Variant::Norm: rmsnorm_quantize(da, ld, dperm, dw, 1e-5f, out.mut(), aq, nullptr); break;
+    case Variant::Gather: gather_quantize(da, ld, dperm, out.mut(), aq, nullptr); break;
+    case Variant::Swiglu: swiglu_quantize(da, du, ld, dperm, out.mut(), aq, nullptr); break;
+  }
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  const AtomGpuHost got_gpu = out.download();
+  cudaFree(da);
+  cudaFree(du);
+  cudaFree(dperm);
+  cudaFree(dw);
+  const AtomPackedHost got = from_gpu_layout(got_gpu);
+
+  Counts c;
+  const AtomShape& sh = ref.shape;
+  const int k4 = K - keeper;
+  for (int64_t m = 0; m < M; ++m) {
+    std::vector<uint8_t> codes(size_t(std::max(k4, 2)));
+    if (k4) quant::unpack_4bit(quant::Format::Int4Sym, &got.q4[size_t(m * k4 / 2)], k4, codes.data(), "test");
+    for (int g = 0; g < sh.g4; ++g) {
+      compare_group(&x[size_t(m * K + g * 128)], 128, 4, fp16_to_float(ref.s4[size_t(m * sh.g4 + g)]),
+                    fp16_to_float(got.s4[size_t(m * sh.g4 + g)]), reinterpret_cast<const int8_t*>(&codes[size_t(g * 128)]),
+                    c);
+    }
+    if (keeper) {
+      compare_group(&x[size_t(m * K + k4)], keeper, 8, fp16_to_float(ref.s8[size_t(m)]), fp16_to_float(got.s8[size_t(m)]),
+                    &got.q8[size_t(m * keeper)], c);
+      for (int cg = 1; cg < sh.g8; ++cg)  // the keeper scale is repeated per keeper group
+        if (got_gpu.s[size_t((sh.g4 + cg) * sh.rows_pad + m)] != got.s8[size_t(m)]) ++c.bad_scales;
+    }
+  }
+  // Padding rows: zero codes and zero scales.
+  for (int64_t row = M; row < sh.rows_pad; ++row) {
+    for (int s = 0; s < sh.slabs(); ++s)
+      for (int b = 0; b < 64; ++b)
+        c.bad_padding += got_gpu.q[size_t(((row / 8) * sh.slabs() + s) * 512 + (row % 8) * 64 + b)] != 0;
+    for (int g = 0; g < sh.groups(); ++g) c.bad_padding += got_gpu.s[size_t(g * sh.rows_pad + row)] != 0;
+  }
+  return c;
+}
+
+TEST(NormQuantize, MatchesFormat) {
+  NIBBLE_REQUIRE_GPU();
+  Counts total;
+  for (Variant v : {Variant::Norm, Variant::Gather, Variant::Swiglu}) {
+    for (int K : {512, 4096, 11008, 14336}) {
+      for (int keeper : {0, 128, 256}) {
+        for (int64_t M : {1, 7, 64, 300}) {
+          if (keeper == 256 && K != 4096) continue;
+          const Counts c = run_case(v, M, K, keeper, uint64_t(K * 131 + M * 7 + keeper + int(v)));
+          const char* name = v == Variant::Norm ? "rmsnorm" : v == Variant::Gather ? "gather" : "swiglu";
+          EXPECT_EQ(c.bad_codes, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
+          EXPECT_EQ(c.bad_scales, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
+          EXPECT_EQ(c.bad_padding, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
+          // Boundary cases must stay rare.
+          EXPECT_LE(c.boundary_codes, c.codes / 1000 + 2) << name << " M=" << M << " K=" << K;
+          EXPECT_LE(c.boundary_scales, c.scales / 100 + 2) << name << " M=" << M << " K=" << K;
+          total.codes += c.codes;
+          total.boundary_codes += c.boundary_codes;
+          total.scales += c.scales;
+          total.boundary_scales += c.boundary_scales;
+          total.bad_codes += c.bad_codes;
+          total.bad_scales += c.bad_scales;
+        }
+      }
+    }
+  }
+  std::printf("norm_quantize: %lld codes (%lld differ by one on a rounding boundary, %lld wrong), "
+              "%lld scales (%lld one fp16 ulp apart on a boundary, %lld wrong)\n",
+              (long long)total.codes, (long long)total.boundary_codes, (long long)total.bad_codes,
+              (long long)total.scales, (long long)total.boundary_scales, (long long)total.bad_scales);
+}
+
+}  // namespace
+}  // namespace nibble::cuda
