@@ -123,12 +123,11 @@ void PreTokenizer::add(const JsonNode& node) {
     const std::string behavior = node.at("behavior").string();
     if (behavior != "Isolated") node.fail(fmt::format("Split behavior '{}' is not supported (supported: Isolated)", behavior));
     if (node.boolean_or("invert", false)) node.fail("Split with invert=true is not supported");
-    steps_.push_back(Split{Pattern::parse(node.at("pattern"))});
+    steps_.push_back(Step{false, Pattern::parse(node.at("pattern")), false});
   } else if (type == "ByteLevel") {
-    ByteLevel step{node.boolean_or("add_prefix_space", true), std::nullopt};
-    if (node.boolean_or("use_regex", true)) {
-      step.gpt2_split = Pattern::regex(kGpt2SplitRegex, node.where(), node.path() + " (GPT-2 split)");
-    }
+    Step step{node.boolean_or("add_prefix_space", true), std::nullopt, true};
+    if (node.boolean_or("use_regex", true))
+      step.split = Pattern::regex(kGpt2SplitRegex, node.where(), node.path() + " (GPT-2 split)");
     steps_.push_back(std::move(step));
   } else {
     unsupported(node, "pre_tokenizer", "Sequence, Split, ByteLevel");
@@ -140,21 +139,17 @@ std::vector<std::string> PreTokenizer::apply(std::string_view text) const {
   for (const Step& step : steps_) {
     std::vector<std::string> next;
     next.reserve(words.size());
-    if (const auto* split = std::get_if<Split>(&step)) {
-      for (const std::string& w : words) split_isolated(split->pattern, w, next);
-    } else {
-      const auto& byte_level = std::get<ByteLevel>(step);
-      std::vector<std::string> pieces;
-      for (std::string& w : words) {
-        if (byte_level.add_prefix_space && !w.starts_with(' ')) w.insert(w.begin(), ' ');
-        if (byte_level.gpt2_split) split_isolated(*byte_level.gpt2_split, w, pieces);
-        else pieces.push_back(std::move(w));
-      }
-      for (const std::string& piece : pieces) {
+    for (std::string& w : words) {
+      if (step.add_prefix_space && !w.starts_with(' ')) w.insert(w.begin(), ' ');
+      if (step.split) split_isolated(*step.split, w, next);
+      else next.push_back(std::move(w));
+    }
+    if (step.byte_level) {
+      for (std::string& w : next) {
         std::string mapped;
-        mapped.reserve(piece.size() * 2);
-        for (const char c : piece) mapped += byte_to_char(uint8_t(c));
-        next.push_back(std::move(mapped));
+        mapped.reserve(w.size() * 2);
+        for (const char c : w) mapped += byte_to_char(uint8_t(c));
+        w = std::move(mapped);
       }
     }
     words = std::move(next);

@@ -54,9 +54,12 @@ class PreTokenizer {
   std::vector<std::string> apply(std::string_view text) const;
 
  private:
-  struct Split { Pattern pattern; };  // behavior Isolated: matches and gaps are all words
-  struct ByteLevel { bool add_prefix_space; std::optional<Pattern> gpt2_split; };
-  using Step = std::variant<Split, ByteLevel>;
+  // Split is a pattern; ByteLevel is the byte map, optionally after a prefix space and GPT-2's split.
+  struct Step {
+    bool add_prefix_space = false;  // a space before each word that does not start with one
+    std::optional<Pattern> split;   // behavior Isolated: matches and gaps are all words
+    bool byte_level = false;        // bytes -> GPT-2's printable alphabet
+  };
   void add(const JsonNode& node);
   std::vector<Step> steps_;
 };
