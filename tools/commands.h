@@ -1,11 +1,28 @@
 // The `nibble` CLI's subcommands; each lives in tools/cmd_<name>.cpp and registers itself here.
 #pragma once
 
+#include <filesystem>
+#include <memory>
+#include <string>
+
 #include <CLI/CLI.hpp>
+
+#include "nibble/core/error.h"
+#include "nibble/model/model.h"
+#include "nibble/tokenizer/tokenizer.h"
 
 namespace nibble::cli {
 
+void add_generate_command(CLI::App& app);
+void add_perplexity_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
+void add_inspect_command(CLI::App& app);
+void add_quantize_command(CLI::App& app);
+void add_ablate_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
+
+// The tokenizer of the model given with -m: a Hugging Face directory's tokenizer.json, or the
+// one embedded in a packed nibble file.
+Tokenizer load_tokenizer(const std::string& model_path);
 
 }  // namespace nibble::cli

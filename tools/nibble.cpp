@@ -1,26 +1,56 @@
 // nibble: 4-bit LLM quantization and inference. Subcommands follow llama.cpp's conventions
 // (-m model, -f file, -p prompt, -n tokens). Errors print as one line and exit 1.
+#include <unistd.h>
+
 #include <cstdio>
 #include <exception>
+#include <fstream>
 
 #include <CLI/CLI.hpp>
 
 #include "nibble/core/error.h"
+#include "nibble/io/packed.h"
 #include "tools/commands.h"
+
+namespace nibble::cli {
+
+Tokenizer load_tokenizer(const std::string& model_path) {
+  namespace fs = std::filesystem;
+  if (!fs::is_regular_file(model_path) || fs::path(model_path).filename() == "tokenizer.json")
+    return Tokenizer::load(model_path);
+  // A packed file carries its tokenizer files; Tokenizer::load reads BOS/EOS from the files beside
+  // tokenizer.json, so they are laid out in a private temporary folder.
+  std::string json, config;
+  check(packed_tokenizer_files(model_path, &json, &config), model_path,
+        "the packed file holds no tokenizer.json (it was written without one)");
+  const fs::path dir = fs::temp_directory_path() / ("nibble-tokenizer-" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  std::ofstream(dir / "tokenizer.json", std::ios::binary) << json;
+  if (!config.empty()) std::ofstream(dir / "tokenizer_config.json", std::ios::binary) << config;
+  auto model_config = Model::load(model_path)->config().to_json();
+  std::ofstream(dir / "config.json") << model_config.dump();
+  Tokenizer tok = Tokenizer::load(dir);
+  fs::remove_all(dir);
+  return tok;
+}
+
+}  // namespace nibble::cli
 
 int main(int argc, char** argv) {
   CLI::App app{"nibble: Atom-style W4A4 quantization and inference for Llama-family models"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string("nibble ") + NIBBLE_VERSION);
+  nibble::cli::add_generate_command(app);
+  nibble::cli::add_perplexity_command(app);
   nibble::cli::add_tokenize_command(app);
+  nibble::cli::add_inspect_command(app);
+  nibble::cli::add_quantize_command(app);
+  nibble::cli::add_ablate_command(app);
   nibble::cli::add_eval_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
-  } catch (const nibble::Error& e) {
-    std::fprintf(stderr, "nibble: error: %s\n", e.what());
-    return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "nibble: error: %s\n", e.what());
     return 1;

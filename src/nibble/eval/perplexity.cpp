@@ -44,80 +44,103 @@ std::vector<float> window_logits(Model& m, std::span<const int32_t> window) {
 
 PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
                             Model* base) {
-  const ModelConfig& c = model.config();
-  PerplexityResult r;
-  r.ctx = opt.ctx > 0 ? opt.ctx : default_perplexity_ctx(c);
-  check(r.ctx >= 2, "perplexity", "--ctx must be at least 2, got {}", r.ctx);
-  check(r.ctx <= c.max_position_embeddings, "perplexity", "--ctx {} is beyond the model's max_position_embeddings ({})",
-        r.ctx, c.max_position_embeddings);
+  Model* const models[] = {&model};
+  return perplexity_many(models, tokens, opt, base)[0];
+}
+
+std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, std::span<const int32_t> tokens,
+                                              const PerplexityOptions& opt, Model* base) {
+  check(!models.empty(), "perplexity", "no model to score");
+  const ModelConfig& c = models[0]->config();
+  PerplexityResult proto;
+  proto.ctx = opt.ctx > 0 ? opt.ctx : default_perplexity_ctx(c);
+  check(proto.ctx >= 2, "perplexity", "--ctx must be at least 2, got {}", proto.ctx);
+  for (Model* m : models)
+    check(proto.ctx <= m->config().max_position_embeddings && m->config().vocab_size == c.vocab_size, "perplexity",
+          "--ctx {} is beyond max_position_embeddings ({}) or the models' vocabularies differ", proto.ctx,
+          m->config().max_position_embeddings);
   if (base)
     check(base->config().vocab_size == c.vocab_size, "perplexity", "--kld-base has vocab {} but the model has {}",
           base->config().vocab_size, c.vocab_size);
-  r.tokens = int64_t(tokens.size());
-  r.windows = r.tokens / r.ctx;
-  if (opt.max_windows > 0) r.windows = std::min(r.windows, opt.max_windows);
-  check(r.windows > 0, "perplexity", "the text has {} tokens, fewer than one window of {}", r.tokens, r.ctx);
-  r.has_base = base != nullptr;
+  proto.tokens = int64_t(tokens.size());
+  proto.windows = proto.tokens / proto.ctx;
+  if (opt.max_windows > 0) proto.windows = std::min(proto.windows, opt.max_windows);
+  check(proto.windows > 0, "perplexity", "the text has {} tokens, fewer than one window of {}", proto.tokens,
+        proto.ctx);
+  proto.has_base = base != nullptr;
 
-  const int64_t V = c.vocab_size, preds = r.ctx - 1;
-  double nll = 0, base_nll = 0;
-  int64_t agree = 0;
-  std::vector<double> klds;
-  Progress progress("perplexity", r.windows * r.ctx, "tokens");
-  for (int64_t w = 0; w < r.windows; ++w) {
-    const auto window = tokens.subspan(size_t(w * r.ctx), size_t(r.ctx));
-    const std::vector<float> logits = window_logits(model, window);
-    std::vector<float> base_logits;
-    if (base) base_logits = window_logits(*base, window);
-    const size_t npred = static_cast<size_t>(preds);
-    std::vector<double> nll_at(npred), base_nll_at(npred), kld_at(npred);
-    std::vector<char> agree_at(npred);
+  const int64_t V = c.vocab_size, preds = proto.ctx - 1;
+  const size_t npred = static_cast<size_t>(preds), nmodels = models.size();
+  std::vector<double> nll(nmodels, 0.0);
+  std::vector<int64_t> agree(nmodels, 0);
+  std::vector<std::vector<double>> klds(nmodels);
+  double base_nll = 0;
+  Progress progress("perplexity", proto.windows * proto.ctx * int64_t(nmodels), "tokens");
+  std::vector<double> base_lp;  // [preds, V] log-probs of the base on this window
+  for (int64_t w = 0; w < proto.windows; ++w) {
+    const auto window = tokens.subspan(size_t(w * proto.ctx), size_t(proto.ctx));
+    if (base) {
+      const std::vector<float> bl = window_logits(*base, window);
+      base_lp.resize(npred * size_t(V));
+#pragma omp parallel for
+      for (int64_t i = 0; i < preds; ++i) log_softmax(bl.data() + i * V, V, base_lp.data() + i * V);
+      for (int64_t i = 0; i < preds; ++i) base_nll -= base_lp[size_t(i * V + window[size_t(i + 1)])];
+    }
+    for (size_t mi = 0; mi < nmodels; ++mi) {
+      const std::vector<float> logits = window_logits(*models[mi], window);
+      std::vector<double> nll_at(npred), kld_at(npred);
+      std::vector<char> agree_at(npred);
 #pragma omp parallel
-    {
-      std::vector<double> lp(static_cast<size_t>(V)), blp(static_cast<size_t>(V));
+      {
+        std::vector<double> lp(static_cast<size_t>(V));
 #pragma omp for
-      for (int64_t i = 0; i < preds; ++i) {
-        log_softmax(logits.data() + i * V, V, lp.data());
-        const int32_t next = window[size_t(i + 1)];
-        nll_at[size_t(i)] = -lp[size_t(next)];
-        if (!base) continue;
-        log_softmax(base_logits.data() + i * V, V, blp.data());
-        base_nll_at[size_t(i)] = -blp[size_t(next)];
-        double kl = 0;
-        for (int64_t t = 0; t < V; ++t) kl += std::exp(blp[size_t(t)]) * (blp[size_t(t)] - lp[size_t(t)]);
-        kld_at[size_t(i)] = std::max(0.0, kl);
-        agree_at[size_t(i)] = std::max_element(lp.begin(), lp.end()) - lp.begin() ==
-                              std::max_element(blp.begin(), blp.end()) - blp.begin();
+        for (int64_t i = 0; i < preds; ++i) {
+          log_softmax(logits.data() + i * V, V, lp.data());
+          nll_at[size_t(i)] = -lp[size_t(window[size_t(i + 1)])];
+          if (!base) continue;
+          const double* blp = base_lp.data() + i * V;
+          double kl = 0;
+          for (int64_t t = 0; t < V; ++t) kl += std::exp(blp[t]) * (blp[t] - lp[size_t(t)]);
+          kld_at[size_t(i)] = std::max(0.0, kl);
+          agree_at[size_t(i)] = std::max_element(lp.begin(), lp.end()) - lp.begin() == std::max_element(blp, blp + V) - blp;
+        }
       }
-    }
-    for (int64_t i = 0; i < preds; ++i) {
-      nll += nll_at[size_t(i)];
-      if (base) {
-        base_nll += base_nll_at[size_t(i)];
-        klds.push_back(kld_at[size_t(i)]);
-        agree += agree_at[size_t(i)];
+      for (size_t i = 0; i < npred; ++i) {
+        nll[mi] += nll_at[i];
+        if (base) {
+          klds[mi].push_back(kld_at[i]);
+          agree[mi] += agree_at[i];
+        }
       }
+      const int64_t done = (w * int64_t(nmodels) + int64_t(mi) + 1) * proto.ctx;
+      progress.update(done, fmt::format("ppl {:.4f}", std::exp(nll[0] / double((w + 1) * preds))));
     }
-    r.scored += preds;
-    progress.update((w + 1) * r.ctx, fmt::format("ppl {:.4f}", std::exp(nll / double(r.scored))));
   }
-  r.nll_mean = nll / double(r.scored);
-  r.ppl = std::exp(r.nll_mean);
-  r.seconds = progress.elapsed_seconds();
-  progress.finish(fmt::format("ppl {:.4f}", r.ppl));
-  if (base) {
-    r.base_ppl = std::exp(base_nll / double(r.scored));
-    double sum = 0;
-    for (double k : klds) sum += k;
-    r.kld_mean = sum / double(klds.size());
-    std::sort(klds.begin(), klds.end());
-    auto quantile = [&](double q) { return klds[std::min(klds.size() - 1, size_t(q * double(klds.size() - 1) + 0.5))]; };
-    r.kld_median = quantile(0.5);
-    r.kld_p99 = quantile(0.99);
-    r.kld_max = klds.back();
-    r.top1 = double(agree) / double(r.scored);
+  const double seconds = progress.elapsed_seconds();
+  std::vector<PerplexityResult> out;
+  for (size_t mi = 0; mi < nmodels; ++mi) {
+    PerplexityResult r = proto;
+    r.scored = proto.windows * preds;
+    r.nll_mean = nll[mi] / double(r.scored);
+    r.ppl = std::exp(r.nll_mean);
+    r.seconds = seconds;
+    if (base) {
+      r.base_ppl = std::exp(base_nll / double(r.scored));
+      auto& k = klds[mi];
+      double sum = 0;
+      for (double v : k) sum += v;
+      r.kld_mean = sum / double(k.size());
+      std::sort(k.begin(), k.end());
+      auto quantile = [&](double q) { return k[std::min(k.size() - 1, size_t(q * double(k.size() - 1) + 0.5))]; };
+      r.kld_median = quantile(0.5);
+      r.kld_p99 = quantile(0.99);
+      r.kld_max = k.back();
+      r.top1 = double(agree[mi]) / double(r.scored);
+    }
+    out.push_back(r);
   }
-  return r;
+  progress.finish(fmt::format("ppl {:.4f}", out[0].ppl));
+  return out;
 }
 
 }  // namespace nibble

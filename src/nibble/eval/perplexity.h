@@ -42,6 +42,11 @@ int64_t default_perplexity_ctx(const ModelConfig& c);
 PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
                             Model* base = nullptr);
 
+// Scores several models on the same windows, the base (if any) run once per window for all of
+// them: what an ablation table needs. Results come back in the order of `models`.
+std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, std::span<const int32_t> tokens,
+                                              const PerplexityOptions& opt, Model* base = nullptr);
+
 // log-softmax of one row of logits, in float64.
 void log_softmax(const float* logits, int64_t n, double* out);
 

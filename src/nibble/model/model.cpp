@@ -144,6 +144,19 @@ int64_t Model::parameter_count() const {
   return n;
 }
 
+int64_t Model::storage_bytes() const {
+  // Embedding and norms as 16-bit values; every linear at its own storage size.
+  int64_t n = int64_t(embedding_.size() + final_norm_.size()) * 2;
+  for (const Layer& layer : layers_) {
+    n += int64_t(layer.attn_norm.size() + layer.mlp_norm.size()) * 2 + layer.qkv->storage_bytes() +
+         layer.o->storage_bytes();
+    if (layer.router) n += layer.router->storage_bytes();
+    for (const Expert& e : layer.experts) n += e.gate_up->storage_bytes() + e.down->storage_bytes();
+  }
+  if (!config_.tie_word_embeddings) n += lm_head_->storage_bytes();
+  return n;
+}
+
 std::unique_ptr<KVCache> Model::new_cache(int64_t max_tokens) const {
   return make_kv_cache(config_.num_layers, config_.kv_dim(), config_.head_dim, max_tokens, kv_format_);
 }

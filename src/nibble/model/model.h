@@ -83,6 +83,8 @@ class Model {
   std::vector<float>& final_norm() { return final_norm_; }
 
   int64_t parameter_count() const;
+  // Bytes the weights take as stored (quantized linears at their packed size).
+  int64_t storage_bytes() const;
 
   Model(ModelConfig config, std::string source);
   // Assembles a model from parts (the packed-file loader).

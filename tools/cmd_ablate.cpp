@@ -1,0 +1,151 @@
+// nibble ablate -m DIR -f CALIB --eval TEXT[,TEXT]: Atom's ablation ladder as one table (perplexity
+// on each text, KL-divergence and top-1 agreement against the full-precision model, size), plus
+// nibble's own atom-w4a4; also written as CSV and a PNG bar chart.
+#include <cstdio>
+#include <fstream>
+
+#include "nibble/core/progress.h"
+#include "nibble/eval/perplexity.h"
+#include "nibble/io/text_file.h"
+#include "nibble/quant/ablation.h"
+#include "nibble/quant/quantize_model.h"
+#include "tools/commands.h"
+
+namespace nibble::cli {
+
+namespace {
+struct AblateArgs {
+  std::string model, calib, out = "ablation";
+  std::vector<std::string> eval;
+  int64_t ctx = 0, chunks = 0;
+  int group = 128;
+  int64_t keeper = 128;
+  int64_t calib_windows = 128;
+  uint64_t seed = 0;
+  bool atom_compat = false, json = false;
+};
+
+struct Row {
+  std::string label;
+  std::string recipe;
+  int64_t bytes = 0;
+  std::vector<PerplexityResult> results;  // one per eval text
+};
+
+void write_chart(const std::vector<Row>& rows, const std::vector<std::string>& eval, const std::string& path) {
+  FILE* gp = popen("gnuplot 2>/dev/null", "w");
+  if (!gp) return;
+  std::fprintf(gp, "set terminal pngcairo size 1100,520 noenhanced\nset output '%s'\n", path.c_str());
+  std::fprintf(gp, "set style data histogram\nset style histogram cluster gap 1\nset style fill solid 0.8\n");
+  std::fprintf(gp, "set ylabel 'perplexity relative to FP'\nset xtics rotate by -25\nset key top right\n");
+  std::fprintf(gp, "set title 'nibble ablation (perplexity / FP perplexity)'\nset grid ytics\n");
+  std::fprintf(gp, "plot ");
+  for (size_t t = 0; t < eval.size(); ++t)
+    std::fprintf(gp, "%s'-' using 2:xtic(1) title '%s'", t ? ", " : "", std::filesystem::path(eval[t]).filename().c_str());
+  std::fprintf(gp, "\n");
+  for (size_t t = 0; t < eval.size(); ++t) {
+    for (const Row& r : rows)
+      std::fprintf(gp, "\"%s\" %.5f\n", r.label.substr(0, 28).c_str(), r.results[t].ppl / rows[0].results[t].ppl);
+    std::fprintf(gp, "e\n");
+  }
+  pclose(gp);
+}
+
+void run_ablate(const AblateArgs& a) {
+  if (a.json) Progress::set_quiet(!isatty(2));
+  auto base = Model::load(a.model);
+  const Tokenizer tok = load_tokenizer(a.model);
+  const std::vector<int32_t> calib = tok.encode(read_text_file(a.calib), tok.bos_id() >= 0);
+  std::vector<std::vector<int32_t>> texts;
+  for (const auto& e : a.eval) texts.push_back(tok.encode(read_text_file(e), tok.bos_id() >= 0));
+  const int64_t ctx = a.ctx > 0 ? a.ctx : default_perplexity_ctx(base->config());
+
+  std::vector<quant::AblationStep> steps =
+      quant::atom_ladder(a.group, a.keeper, a.atom_compat, a.calib_windows, ctx, a.seed);
+  quant::Recipe ours = quant::Recipe::preset("atom-w4a4");
+  ours.weight.group = ours.act.group = a.group;
+  ours.keeper = a.keeper;
+  ours.calib_ctx = ctx;
+  ours.calib_windows = a.calib_windows;
+  ours.seed = a.seed;
+  ours.name = "nibble-atom-w4a4";
+  steps.push_back({"nibble atom-w4a4 (default recipe)", ours});
+
+  std::vector<Row> rows = {{"FP (bf16 weights, fp32 compute)", "fp16", base->storage_bytes(), {}}};
+  std::vector<std::unique_ptr<Model>> models;
+  for (const auto& s : steps) {
+    std::fprintf(stderr, "%s: %s\n", s.label.c_str(), s.recipe.describe().c_str());
+    auto m = Model::load(a.model);
+    quant::quantize_model(*m, s.recipe, calib, a.calib);
+    rows.push_back({s.label, s.recipe.describe(), m->storage_bytes(), {}});
+    models.push_back(std::move(m));
+  }
+  std::vector<Model*> ptrs = {base.get()};
+  for (auto& m : models) ptrs.push_back(m.get());
+  PerplexityOptions opt;
+  opt.ctx = ctx;
+  opt.max_windows = a.chunks;
+  for (size_t t = 0; t < texts.size(); ++t) {
+    std::fprintf(stderr, "evaluating %zu models on %s\n", ptrs.size(), a.eval[t].c_str());
+    const auto results = perplexity_many(ptrs, texts[t], opt, base.get());
+    for (size_t i = 0; i < rows.size(); ++i) rows[i].results.push_back(results[i]);
+  }
+
+  // The table: perplexity per text, KLD and top-1 on the first text, size.
+  std::printf("model: %s, calibration: %s (%lld windows of %lld tokens), eval windows of %lld tokens%s\n\n",
+              a.model.c_str(), a.calib.c_str(), (long long)steps[0].recipe.calib_windows, (long long)ctx, (long long)ctx,
+              a.atom_compat ? ", ladder with --atom-compat" : "");
+  std::printf("| recipe |");
+  for (const auto& e : a.eval) std::printf(" ppl %s |", std::filesystem::path(e).filename().c_str());
+  std::printf(" KLD mean | KLD p99 | top-1 | bytes |\n|---|");
+  for (size_t t = 0; t < a.eval.size(); ++t) std::printf("---|");
+  std::printf("---|---|---|---|\n");
+  std::ofstream csv(a.out + ".csv");
+  csv << "recipe,description";
+  for (const auto& e : a.eval) csv << ",ppl " << std::filesystem::path(e).filename().string();
+  csv << ",kld_mean,kld_p99,top1,bytes\n";
+  nlohmann::json j = nlohmann::json::array();
+  for (const Row& r : rows) {
+    std::printf("| %s |", r.label.c_str());
+    csv << '"' << r.label << "\",\"" << r.recipe << '"';
+    nlohmann::json jr = {{"label", r.label}, {"recipe", r.recipe}, {"bytes", r.bytes}};
+    for (size_t t = 0; t < r.results.size(); ++t) {
+      std::printf(" %.3f |", r.results[t].ppl);
+      csv << ',' << r.results[t].ppl;
+      jr["ppl"][std::filesystem::path(a.eval[t]).filename().string()] = r.results[t].ppl;
+    }
+    const PerplexityResult& f = r.results[0];
+    std::printf(" %.4f | %.4f | %.2f%% | %lld |\n", f.kld_mean, f.kld_p99, 100 * f.top1, (long long)r.bytes);
+    csv << ',' << f.kld_mean << ',' << f.kld_p99 << ',' << f.top1 << ',' << r.bytes << '\n';
+    jr["kld_mean"] = f.kld_mean;
+    jr["kld_p99"] = f.kld_p99;
+    jr["top1"] = f.top1;
+    j.push_back(jr);
+  }
+  write_chart(rows, a.eval, a.out + ".png");
+  std::printf("\nwrote %s.csv and %s.png\n", a.out.c_str(), a.out.c_str());
+  if (a.json) std::printf("%s\n", j.dump().c_str());
+}
+}  // namespace
+
+void add_ablate_command(CLI::App& app) {
+  auto a = std::make_shared<AblateArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "ablate", "Atom's ablation ladder (W4A4 RTN -> + keepers -> INT8 keepers -> + groups -> + clipping -> + GPTQ -> + "
+                "KV4) and nibble's own recipe, scored on each --eval text against the FP model");
+  cmd->add_option("-m,--model", a->model, "Hugging Face checkpoint directory")->required();
+  cmd->add_option("-f,--file", a->calib, "calibration text")->required()->check(CLI::ExistingFile);
+  cmd->add_option("--eval", a->eval, "evaluation text(s), comma separated")->required()->delimiter(',')->check(CLI::ExistingFile);
+  cmd->add_option("-c,--ctx", a->ctx, "window length for calibration and evaluation (default: min(2048, context))");
+  cmd->add_option("--chunks", a->chunks, "evaluate only the first N windows of each text (0 = all)");
+  cmd->add_option("--ladder-group", a->group, "group size of the ladder's grouped steps")->capture_default_str();
+  cmd->add_option("--ladder-keeper", a->keeper, "keeper channels of the ladder")->capture_default_str();
+  cmd->add_flag("--atom-compat", a->atom_compat, "run the ladder with Atom's released-code choices");
+  cmd->add_option("-o,--output", a->out, "prefix of the CSV and PNG files")->capture_default_str();
+  cmd->add_flag("--json", a->json, "print the table as JSON as the last line");
+  cmd->add_option("--calib-windows,--nsamples", a->calib_windows, "calibration windows")->capture_default_str();
+  cmd->add_option("--seed", a->seed, "calibration window seed")->capture_default_str();
+  cmd->callback([a] { run_ablate(*a); });
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,64 @@
+// nibble perplexity -m MODEL -f TEXT [--ctx N] [--kld-base MODEL] [--json]
+#include <cstdio>
+
+#include "nibble/core/progress.h"
+#include "nibble/eval/perplexity.h"
+#include "nibble/io/text_file.h"
+#include "nibble/tokenizer/tokenizer.h"
+#include "tools/commands.h"
+
+namespace nibble::cli {
+
+namespace {
+struct PerplexityArgs {
+  std::string model, file, kld_base;
+  PerplexityOptions opt;
+  bool json = false;
+};
+
+void run_perplexity(PerplexityArgs a) {
+  if (a.json) Progress::set_quiet(!isatty(2));
+  auto model = Model::load(a.model);
+  std::unique_ptr<Model> base;
+  if (!a.kld_base.empty()) base = Model::load(a.kld_base);
+  const Tokenizer tok = load_tokenizer(a.model);
+  const std::string text = read_text_file(a.file);
+  const std::vector<int32_t> tokens = tok.encode(text, tok.bos_id() >= 0);
+  const PerplexityResult r = perplexity(*model, tokens, a.opt, base.get());
+  std::printf("model: %s\ntext: %s (%lld tokens with BOS)\n", a.model.c_str(), a.file.c_str(), (long long)r.tokens);
+  std::printf("windows: %lld of %lld tokens (remainder dropped), %lld predictions scored\n", (long long)r.windows,
+              (long long)r.ctx, (long long)r.scored);
+  std::printf("perplexity: %.4f (mean NLL %.6f nats/token), %.1f s, %.1f tokens/s\n", r.ppl, r.nll_mean, r.seconds,
+              double(r.windows * r.ctx) / r.seconds);
+  if (r.has_base)
+    std::printf("vs %s (ppl %.4f): KLD mean %.6f, median %.6f, p99 %.6f, max %.4f; top-1 agreement %.2f%%\n",
+                a.kld_base.c_str(), r.base_ppl, r.kld_mean, r.kld_median, r.kld_p99, r.kld_max, 100 * r.top1);
+  if (a.json) {
+    nlohmann::json j = r.to_json();
+    j["model"] = a.model;
+    j["text"] = a.file;
+    if (r.has_base) j["kld_base"] = a.kld_base;
+    std::printf("%s\n", j.dump().c_str());
+  }
+}
+}  // namespace
+
+void add_perplexity_command(CLI::App& app) {
+  auto a = std::make_shared<PerplexityArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "perplexity",
+      "Perplexity by the GPTQ/Atom protocol: the whole text tokenized once with one BOS at its start, cut into "
+      "non-overlapping windows of --ctx tokens (remainder dropped), each window scored on its own, loss at "
+      "positions 1..ctx-1 of every window, ppl = exp(mean NLL)");
+  cmd->add_option("-m,--model", a->model, "Hugging Face checkpoint directory or packed nibble .safetensors")->required();
+  cmd->add_option("-f,--file", a->file, "UTF-8 text file (e.g. wikitext2_test_gptq_join.txt)")->required()->check(CLI::ExistingFile);
+  cmd->add_option("-c,--ctx", a->opt.ctx, "window length in tokens; default min(2048, max_position_embeddings)");
+  cmd->add_option("--chunks", a->opt.max_windows, "score only the first N windows (0 = all)")->capture_default_str();
+  cmd->add_option("--kld-base", a->kld_base,
+                  "a second (e.g. FP16) model run on the same windows: report KL-divergence(base||model) mean, "
+                  "median, p99 and top-1 agreement");
+  cmd->add_flag("--json", a->json, "print one JSON object as the last line of stdout (ppl, tokens, windows, ctx, kld_*)");
+  cmd->callback([a] { run_perplexity(*a); });
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,61 @@
+// nibble quantize -m DIR --recipe atom-w4a4 -f CALIB_TEXT -o FILE
+#include <cstdio>
+
+#include "nibble/core/progress.h"
+#include "nibble/io/packed.h"
+#include "nibble/io/text_file.h"
+#include "nibble/quant/quantize_model.h"
+#include "tools/commands.h"
+#include "tools/recipe_options.h"
+
+namespace nibble::cli {
+
+namespace {
+struct QuantizeArgs {
+  std::string model, calib, out;
+  RecipeOptions recipe;
+  bool json = false;
+};
+
+void run_quantize(const QuantizeArgs& a) {
+  if (a.json) Progress::set_quiet(!isatty(2));
+  const quant::Recipe recipe = a.recipe.build();
+  auto model = Model::load(a.model);
+  check(model->metadata().count("nibble.recipe") == 0, a.model, "this is already a quantized nibble file");
+  recipe.validate(model->config());
+  std::vector<int32_t> calib;
+  if (recipe.quantize_weights || recipe.quantize_activations || recipe.reorder) {
+    check(!a.calib.empty(), "quantize", "recipe '{}' needs calibration text: give -f FILE (e.g. calib.txt)", recipe.name);
+    const Tokenizer tok = load_tokenizer(a.model);
+    calib = tok.encode(read_text_file(a.calib), tok.bos_id() >= 0);
+  }
+  std::fprintf(stderr, "quantizing %s with %s\n", a.model.c_str(), recipe.describe().c_str());
+  const quant::QuantizeReport report = quant::quantize_model(*model, recipe, calib, a.calib);
+  for (const auto& w : report.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
+  const int64_t bytes = save_packed_model(*model, recipe.to_json().dump(), a.model, a.out);
+  std::printf("wrote %s: %.2f MB (weights %.2f MB), recipe %s\n", a.out.c_str(), double(bytes) / 1e6,
+              double(model->storage_bytes()) / 1e6, recipe.describe().c_str());
+  std::printf("calibration: %lld windows of %lld tokens; %.1f s; peak RSS %.0f MB\n", (long long)report.calib_windows,
+              (long long)report.calib_ctx, report.seconds, double(report.peak_rss_bytes) / 1e6);
+  if (a.json) {
+    nlohmann::json j = {{"out", a.out},         {"bytes", bytes},
+                        {"weight_bytes", model->storage_bytes()}, {"recipe", recipe.to_json()},
+                        {"seconds", report.seconds}, {"peak_rss_bytes", report.peak_rss_bytes},
+                        {"warnings", report.warnings}};
+    std::printf("%s\n", j.dump().c_str());
+  }
+}
+}  // namespace
+
+void add_quantize_command(CLI::App& app) {
+  auto a = std::make_shared<QuantizeArgs>();
+  CLI::App* cmd = app.add_subcommand("quantize", "Quantize a Hugging Face checkpoint (Atom W4A4 by default) into a packed .safetensors file");
+  cmd->add_option("-m,--model", a->model, "Hugging Face checkpoint directory")->required();
+  cmd->add_option("-f,--file", a->calib, "calibration text (e.g. calib.txt; never an evaluation text)");
+  cmd->add_option("-o,--output", a->out, "packed model file to write")->required();
+  cmd->add_flag("--json", a->json, "print a JSON summary as the last line of stdout");
+  a->recipe.add_to(cmd, true);
+  cmd->callback([a] { run_quantize(*a); });
+}
+
+}  // namespace nibble::cli

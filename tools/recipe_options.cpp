@@ -1,0 +1,77 @@
+#include "tools/recipe_options.h"
+
+#include "nibble/core/error.h"
+
+namespace nibble::cli {
+
+void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
+  if (with_preset) {
+    std::string names;
+    for (const auto& n : quant::Recipe::preset_names()) names += (names.empty() ? "" : ", ") + n;
+    cmd->add_option("--recipe", recipe, "preset: " + names)->capture_default_str();
+  }
+  cmd->add_option("--w-format", w_format, "weight format: int4, int4-atom-gptq, int8, fp4, mxfp4, nvfp4");
+  cmd->add_option("--a-format", a_format, "activation format (same names)");
+  cmd->add_option("--group", group, "group size along K for weights and activations (0 = whole row)");
+  cmd->add_option("--w-group", w_group, "weight group size");
+  cmd->add_option("--a-group", a_group, "activation group size");
+  cmd->add_option("--w-row-group", w_row_group, "adjacent output rows sharing a weight scale (Atom's --weight_channel_group)");
+  cmd->add_option("--w-clip", w_clip, "weight clip ratio (atom-w4a4: 0.85)");
+  cmd->add_option("--a-clip", a_clip, "activation clip ratio (atom-w4a4: 0.9)");
+  cmd->add_option("--keeper", keeper, "outlier channels kept at keeper precision (atom-w4a4: 128)");
+  cmd->add_option("--keeper-precision", keeper_precision, "fp16, int8, fp8-e4m3, fp8-e5m2 (or Atom's 0..3)");
+  cmd->add_option("--act-sort-metric", sort_metric, "reorder metric: hessian (sum of x^2) or abs_mean");
+  auto* g = cmd->add_flag("--gptq,!--no-gptq", gptq, "quantize weights with GPTQ (else round to nearest)");
+  g->default_str("");
+  cmd->add_flag("--reorder,!--no-reorder", reorder, "permute input channels by salience (keepers last)");
+  cmd->add_option("--percdamp", percdamp, "GPTQ damping, a fraction of the mean Hessian diagonal (0.01)");
+  cmd->add_option("--kv-bits", kv_bits, "KV cache: 4, 8 (integer, asymmetric per token and head) or 16");
+  cmd->add_option("--kv-clip", kv_clip, "clip ratio of the integer KV cache");
+  cmd->add_flag("--k-after-rope,!--k-before-rope", k_after_rope,
+                "quantize K after RoPE (default for atom-w4a4: before, as Atom)");
+  cmd->add_flag("--hessian-fp,!--hessian-quantized", hessian_fp,
+                "GPTQ Hessian from full-precision inputs, or from the quantized inputs the layer sees (Atom)");
+  cmd->add_flag("--atom-compat", atom_compat,
+                "Atom's released-code choices: its GPTQ INT4 grid, Hessians from quantized inputs, K before RoPE");
+  cmd->add_option("--calib-windows,--nsamples", calib_windows, "calibration windows (128)");
+  cmd->add_option("--calib-ctx", calib_ctx, "tokens per calibration window (2048, or the model's context)");
+  cmd->add_option("--seed", seed, "calibration window seed (0)");
+}
+
+void RecipeOptions::apply(quant::Recipe& r) const {
+  const std::string where = "recipe options";
+  if (w_format) r.weight.format = quant::parse_format(*w_format, where);
+  if (a_format) r.act.format = quant::parse_format(*a_format, where);
+  if (group) r.weight.group = r.act.group = *group;
+  if (w_group) r.weight.group = *w_group;
+  if (a_group) r.act.group = *a_group;
+  if (w_row_group) r.weight.row_group = *w_row_group;
+  if (w_clip) r.weight.clip = *w_clip;
+  if (a_clip) r.act.clip = *a_clip;
+  if (keeper) r.keeper = *keeper;
+  if (keeper_precision) r.keeper_precision = quant::parse_keeper_precision(*keeper_precision, "--keeper-precision");
+  if (sort_metric) {
+    check(*sort_metric == "hessian" || *sort_metric == "abs_mean", "--act-sort-metric",
+          "must be hessian or abs_mean, not '{}'", *sort_metric);
+    r.sort_metric = *sort_metric == "hessian" ? quant::SortMetric::Hessian : quant::SortMetric::AbsMean;
+  }
+  if (gptq) r.gptq = *gptq;
+  if (reorder) r.reorder = *reorder;
+  if (percdamp) r.percdamp = *percdamp;
+  if (kv_bits) r.kv.bits = *kv_bits;
+  if (kv_clip) r.kv.clip = *kv_clip;
+  if (k_after_rope) r.kv.k_before_rope = !*k_after_rope;
+  if (hessian_fp) r.hessian_from_quantized_inputs = !*hessian_fp;
+  if (calib_windows) r.calib_windows = *calib_windows;
+  if (calib_ctx) r.calib_ctx = *calib_ctx;
+  if (seed) r.seed = *seed;
+  if (atom_compat) r.apply_atom_compat();
+}
+
+quant::Recipe RecipeOptions::build() const {
+  quant::Recipe r = quant::Recipe::preset(recipe);
+  apply(r);
+  return r;
+}
+
+}  // namespace nibble::cli

@@ -1,0 +1,32 @@
+// Command-line knobs of a quantization recipe, shared by `nibble quantize` and `nibble ablate`.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "nibble/quant/recipe.h"
+
+namespace nibble::cli {
+
+struct RecipeOptions {
+  std::string recipe = "atom-w4a4";
+  std::optional<std::string> w_format, a_format, keeper_precision, sort_metric;
+  std::optional<int> group, w_group, a_group, w_row_group, kv_bits;
+  std::optional<float> w_clip, a_clip, kv_clip;
+  std::optional<int64_t> keeper, calib_windows, calib_ctx;
+  std::optional<double> percdamp;
+  std::optional<uint64_t> seed;
+  std::optional<bool> gptq, reorder, k_after_rope, hessian_fp;
+  bool atom_compat = false;
+
+  // `with_preset`: the --recipe option too (ablate builds its own ladder).
+  void add_to(CLI::App* cmd, bool with_preset);
+  // The preset with every given knob applied on top.
+  quant::Recipe build() const;
+  // Applies the knobs (not the preset name) to `r`.
+  void apply(quant::Recipe& r) const;
+};
+
+}  // namespace nibble::cli
