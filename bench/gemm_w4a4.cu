@@ -184,8 +184,28 @@ std::string fmt_ratio(double base, double ours) {
 
 }  // namespace
 
+// `bench_gemm_w4a4 one M N K`: five launches of gemm_w4a4 alone (keeper 128), for ncu.
+int run_one(int64_t M, int64_t N, int64_t K) {
+  const AtomShape xs = atom_shape(M, int(K), 128), wsh = atom_shape(N, int(K), 128);
+  AtomDeviceMatrix X(xs), W(wsh);
+  fill_bytes<<<1024, 256>>>(X.mut().q, size_t(xs.code_bytes()), 1);
+  fill_bytes<<<1024, 256>>>(W.mut().q, size_t(wsh.code_bytes()), 2);
+  fill_scales<<<256, 256>>>(X.mut().s, size_t(xs.scale_count()), 3);
+  fill_scales<<<256, 256>>>(W.mut().s, size_t(wsh.scale_count()), 4);
+  __half* y = dalloc<__half>(size_t(M * N));
+  const size_t wsb = gemm_w4a4_workspace_bytes(M, N, int(K), 128);
+  void* ws = wsb ? dalloc<uint8_t>(wsb) : nullptr;
+  if (ws) NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, wsb));
+  for (int i = 0; i < 5; ++i) gemm_w4a4(X.view(), W.view(), y, OutType::F16, ws, wsb, nullptr);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  std::printf("one: M=%lld N=%lld K=%lld packed bytes %lld\n", (long long)M, (long long)N, (long long)K,
+              (long long)(xs.packed_bytes() + wsh.packed_bytes() + M * N * 2));
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "norm" or empty for both
+  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "norm", "one M N K" or empty for gemm + norm
+  if (only == "one" && argc == 5) return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]));
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   g_l2 = size_t(prop.l2CacheSize);

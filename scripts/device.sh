@@ -56,5 +56,14 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   $BUILD/bin/bench_gemm_w4a4 "$@" >"$OUT/bench_gemm_w4a4.md" 2>&1 || status=1
   cat "$OUT/bench_gemm_w4a4.md"
 fi
+if [ "$what" = all ] || [ "$what" = profile ]; then
+  # Bytes the kernels really move (vs the packed bytes the table counts), occupancy, time.
+  m="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_imma_cycles_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size,launch__occupancy_limit_registers"
+  for shape in "16 11008 4096" "1 4096 4096" "4096 4096 4096"; do
+    echo "== ncu gemm_w4a4 M N K = $shape"
+    timeout 120 ncu --metrics $m -k regex:"decode_kernel|prefill_kernel" --launch-skip 2 --launch-count 1 \
+      $BUILD/bin/bench_gemm_w4a4 one $shape 2>&1 | grep -E "one:|duration|bytes|warps_active|imma|registers|grid_size|occupancy" | sed 's/^ *//'
+  done 2>&1 | tee "$OUT/ncu.txt"
+fi
 grep -E "IMMA|IGMMA|LDL|STL" "$OUT/sass.txt"
 exit $status

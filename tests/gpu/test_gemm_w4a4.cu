@@ -242,7 +242,8 @@ TEST(GemmW4A4, MatchesFormatReference) {
             total_unwritten += st.unwritten;
             EXPECT_EQ(st.unwritten, 0) << "M=" << M << " N=" << N << " K=" << K << " keeper=" << keeper;
             EXPECT_EQ(st.bad, 0) << "M=" << M << " N=" << N << " K=" << K << " keeper=" << keeper;
-            EXPECT_LE(rel, 1e-3) << "M=" << M << " N=" << N << " K=" << K << " keeper=" << keeper;
+            // fp16 output: the issue's 1e-3. bf16 keeps 8 bits, its own rounding alone is ~1.7e-3.
+            EXPECT_LE(rel, out == OutType::F16 ? 1e-3 : 4e-3) << "M=" << M << " N=" << N << " K=" << K << " keeper=" << keeper;
             std::printf("gemm M=%5lld N=%5lld K=%5d keeper=%3d %s path=%d: checked %8lld rel %.2e worst %.2e bad %lld unwritten %lld\n",
                         (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16", path,
                         (long long)st.checked, rel, st.worst, (long long)st.bad, (long long)st.unwritten);

@@ -37,6 +37,11 @@ __device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
   return v;
 }
 
+// float(i) for |i| < 2^22 with an integer add and a float add (full rate) instead of I2F (a
+// quarter-rate conversion that bounded v1 of the prefill kernel). The int32 slab sums stay below
+// 2^21 (INT4: 128 * 8 * 8 * 256, INT8 half slab: 64 * 128 * 128).
+__device__ __forceinline__ float exact_float(int i) { return __int_as_float(i + 0x4B400000) - 12582912.0f; }
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -103,24 +108,28 @@ __device__ __forceinline__ void decode_slab_mma(const uint4& A0, const uint4& A1
   }
 }
 
-// U slabs starting at s: all loads first (U * (2 + MT) 16-byte loads in flight per lane), then math.
+// U slabs starting at s (those below `end`): all loads first (U * (2 + MT) 16-byte loads in flight
+// per lane), then the math. Slabs past `end` load nothing and add zero.
 template <int MT, int U, bool kInt4>
-__device__ __forceinline__ void decode_slabs(const DecodeParams& p, int s, const uint8_t* wa, const uint8_t* wb,
-                                             const uint8_t* xl, int n0, int lane, float (&acc)[MT][4]) {
+__device__ __forceinline__ void decode_slabs(const DecodeParams& p, int s, int end, const uint8_t* wa,
+                                             const uint8_t* wb, const uint8_t* xl, int n0, int lane,
+                                             float (&acc)[MT][4]) {
   uint4 A0[U], A1[U], B[U][MT];
   float sw0[U], sw1[U];
   __half2 sx[U][MT];
   const int t = lane % 4;
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    A0[u] = ld_stream(wa + size_t(s + u) * kSlabBytes);
-    A1[u] = ld_stream(wb + size_t(s + u) * kSlabBytes);
+    const bool ok = s + u < end;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    A0[u] = ok ? ld_stream(wa + size_t(s + u) * kSlabBytes) : zero;
+    A1[u] = ok ? ld_stream(wb + size_t(s + u) * kSlabBytes) : zero;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
-      B[u][mt] = __ldg(reinterpret_cast<const uint4*>(xl + (size_t(mt) * p.slabs + s + u) * kSlabBytes));
-    const int grp = slab_group(s + u, p.g4);
-    sw0[u] = __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0]);
-    sw1[u] = __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0 + 8]);
+      B[u][mt] = ok ? __ldg(reinterpret_cast<const uint4*>(xl + (size_t(mt) * p.slabs + s + u) * kSlabBytes)) : zero;
+    const int grp = slab_group(ok ? s + u : s, p.g4);
+    sw0[u] = ok ? __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0]) : 0.f;
+    sw1[u] = ok ? __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0 + 8]) : 0.f;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
       sx[u][mt] = *reinterpret_cast<const __half2*>(p.xs + size_t(grp) * p.x_rows_pad + mt * 8 + 2 * t);
@@ -135,10 +144,10 @@ __device__ __forceinline__ void decode_slabs(const DecodeParams& p, int s, const
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const float sx0 = __low2float(sx[u][mt]), sx1 = __high2float(sx[u][mt]);
-      acc[mt][0] += float(c[mt][0]) * f * (sx0 * sw0[u]);
-      acc[mt][1] += float(c[mt][1]) * f * (sx1 * sw0[u]);
-      acc[mt][2] += float(c[mt][2]) * f * (sx0 * sw1[u]);
-      acc[mt][3] += float(c[mt][3]) * f * (sx1 * sw1[u]);
+      acc[mt][0] = fmaf(exact_float(c[mt][0]), (sx0 * sw0[u]) * f, acc[mt][0]);
+      acc[mt][1] = fmaf(exact_float(c[mt][1]), (sx1 * sw0[u]) * f, acc[mt][1]);
+      acc[mt][2] = fmaf(exact_float(c[mt][2]), (sx0 * sw1[u]) * f, acc[mt][2]);
+      acc[mt][3] = fmaf(exact_float(c[mt][3]), (sx1 * sw1[u]) * f, acc[mt][3]);
     }
   }
 }
@@ -162,10 +171,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     const uint8_t* wb = wa + size_t(p.slabs) * kSlabBytes;
     const uint8_t* xl = p.xq + lane * 16;
     const int e4 = min(s1, p.g4);
-    int s = s0;
-    for (; s + U <= e4; s += U) decode_slabs<MT, U, true>(p, s, wa, wb, xl, int(n0), lane, acc);
-    for (; s < e4; ++s) decode_slabs<MT, 1, true>(p, s, wa, wb, xl, int(n0), lane, acc);
-    for (s = max(s0, p.g4); s < s1; ++s) decode_slabs<MT, 1, false>(p, s, wa, wb, xl, int(n0), lane, acc);
+    for (int s = s0; s < e4; s += U) decode_slabs<MT, U, true>(p, s, e4, wa, wb, xl, int(n0), lane, acc);
+    for (int s = max(s0, p.g4); s < s1; s += 2) decode_slabs<MT, 2, false>(p, s, s1, wa, wb, xl, int(n0), lane, acc);
   }
 
   if (p.splits > 1) {
@@ -186,15 +193,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     // The last block of this column range sums the splits in order: deterministic.
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
-    for (int z = 0; z < p.splits; ++z) {
+    for (int z0 = 0; z0 < p.splits; z0 += 4) {  // 4 * MT loads in flight, summed in split order
+      float4 v[4][MT];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const float4 v = __ldcg(part + z * stride_split + mine + mt * 32);
-        acc[mt][0] += v.x;
-        acc[mt][1] += v.y;
-        acc[mt][2] += v.z;
-        acc[mt][3] += v.w;
-      }
+      for (int dz = 0; dz < 4; ++dz)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+          v[dz][mt] = z0 + dz < p.splits ? __ldcg(part + (z0 + dz) * stride_split + mine + mt * 32)
+                                         : make_float4(0, 0, 0, 0);
+#pragma unroll
+      for (int dz = 0; dz < 4; ++dz)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          acc[mt][0] += v[dz][mt].x;
+          acc[mt][1] += v[dz][mt].y;
+          acc[mt][2] += v[dz][mt].z;
+          acc[mt][3] += v[dz][mt].w;
+        }
     }
     if (threadIdx.x == 0) p.counters[blockIdx.x] = 0;
   }
@@ -225,13 +240,27 @@ int sm_count() {
   return count;
 }
 
+// Split-K so that the blocks fill the SMs evenly: the time of a split count is modelled as the
+// most blocks one SM runs times the slabs each block streams plus a fixed per-block cost (launch,
+// partial-sum store and reduction: about two slabs).
 DecodePlan decode_plan(int64_t M, int64_t n_rows_pad, int slabs) {
   DecodePlan d;
   d.mt = int((M + 7) / 8);
   d.nblocks = int((n_rows_pad + 16 * kDecodeWarps - 1) / (16 * kDecodeWarps));
-  const int target = sm_count() * 4;  // blocks of 8 warps
-  int splits = std::clamp((target + d.nblocks - 1) / d.nblocks, 1, std::min(slabs, 32));
-  d.slabs_per_split = (slabs + splits - 1) / splits;
+  const int sms = sm_count();
+  int best = 1;
+  double best_cost = 1e30;
+  for (int splits = 1; splits <= std::min(32, std::max(1, slabs / 2)); ++splits) {
+    const int sps = (slabs + splits - 1) / splits;
+    const int real = (slabs + sps - 1) / sps;
+    const double waves = double((int64_t(d.nblocks) * real + sms - 1) / sms);
+    const double cost = waves * (sps + 2.0);
+    if (cost < best_cost - 1e-9) {
+      best_cost = cost;
+      best = real;
+    }
+  }
+  d.slabs_per_split = (slabs + best - 1) / best;
   d.splits = (slabs + d.slabs_per_split - 1) / d.slabs_per_split;
   return d;
 }
@@ -368,7 +397,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
           for (int j = 0; j < 4; ++j) mma_s8(c[i][j], a0, a1, a2, a3, word(B[j], 2 * k), word(B[j], 2 * k + 1));
         }
     }
-    const float f = int4 ? 1.0f / 256.0f : 1.0f;
+    const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
     float sw[4][2], sx[4][2];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -378,15 +407,16 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const __half2 v = *reinterpret_cast<const __half2*>(sxs + wm * 32 + j * 8 + 2 * t);
-      sx[j][0] = __low2float(v);
-      sx[j][1] = __high2float(v);
+      sx[j][0] = __low2float(v) * f;
+      sx[j][1] = __high2float(v) * f;
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][j][e] += float(c[i][j][e]) * f * (sx[j][e & 1] * sw[i][e >> 1]);
+        for (int e = 0; e < 4; ++e)
+          acc[i][j][e] = fmaf(exact_float(c[i][j][e]), sx[j][e & 1] * sw[i][e >> 1], acc[i][j][e]);
   }
   cp_async_wait<0>();
   __syncthreads();

@@ -106,13 +106,22 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
   const int s_k = lane / 8, h = (lane / 4) & 1, t = lane & 3;
   for (int gi = warp; gi < sh.g4; gi += kWarps) {
     const int j0 = gi * kGroup + lane * 4;
+    // Four channels per lane: one 16-byte load of the permutation and one of the norm weight.
+    int src[4] = {j0, j0 + 1, j0 + 2, j0 + 3};
+    if (p.perm) {
+      const int4 pv = __ldg(reinterpret_cast<const int4*>(p.perm + j0));
+      src[0] = pv.x, src[1] = pv.y, src[2] = pv.z, src[3] = pv.w;
+    }
     float v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = vals[src[i]];
+    if constexpr (MODE == kNorm) {
+      const float4 wv = __ldg(reinterpret_cast<const float4*>(p.norm_w + j0));
+      v[0] = wv.x * (v[0] * inv), v[1] = wv.y * (v[1] * inv), v[2] = wv.z * (v[2] * inv), v[3] = wv.w * (v[3] * inv);
+    }
     float amax = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[i] = value(j0 + i);
-      amax = fmaxf(amax, fabsf(v[i]));
-    }
+    for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
     amax = warp_max(amax);
     const float scale = int_sym_scale_device(p.q.clip4, amax, 7);
     uint32_t mine = 0;
