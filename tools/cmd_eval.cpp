@@ -10,7 +10,6 @@
 #include "nibble/core/error.h"
 #include "nibble/core/progress.h"
 #include "nibble/eval/zero_shot.h"
-#include "nibble/io/packed.h"
 #include "nibble/model/model.h"
 #include "nibble/tokenizer/tokenizer.h"
 #include "tools/commands.h"
@@ -41,18 +40,6 @@ std::vector<std::string> split_tasks(const std::string& s) {
   return out;
 }
 
-// The model's tokenizer: --tokenizer, the checkpoint directory's tokenizer.json, or the one a
-// packed file carries.
-Tokenizer load_model_tokenizer(const EvalArgs& a) {
-  if (!a.tokenizer.empty()) return Tokenizer::load(a.tokenizer);
-  const std::filesystem::path p = a.model;
-  if (std::filesystem::is_directory(p)) return Tokenizer::load(p);
-  std::string json, config;
-  check(is_packed_model(p) && packed_tokenizer_files(p, &json, &config), p.string(),
-        "no tokenizer inside this file: pass --tokenizer DIR");
-  return Tokenizer::from_json_string(json, p.string() + " (embedded tokenizer.json)");
-}
-
 void run_eval(const EvalArgs& a) {
   if (a.quiet) Progress::set_quiet(true);
   const std::vector<std::string> tasks = split_tasks(a.tasks);
@@ -70,7 +57,7 @@ void run_eval(const EvalArgs& a) {
   opt.show_progress = !a.quiet;
 
   std::unique_ptr<Model> model = Model::load(a.model);
-  const Tokenizer tokenizer = load_model_tokenizer(a);
+  const Tokenizer tokenizer = a.tokenizer.empty() ? load_tokenizer(a.model) : Tokenizer::load(a.tokenizer);
   const ZeroShotResults r = evaluate_tasks(*model, tokenizer, tasks, opt);
   for (const std::string& u : r.unavailable) std::fprintf(stderr, "nibble eval: skipped %s\n", u.c_str());
   check(!r.tasks.empty(), opt.tasks_dir.string(), "none of the tasks has data here");
