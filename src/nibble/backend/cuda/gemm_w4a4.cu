@@ -28,15 +28,6 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Weights are read exactly once: keep them out of L1.
-__device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
 // float(i) for |i| < 2^22 with an integer add and a float add (full rate) instead of I2F (a
 // quarter-rate conversion that bounded v1 of the prefill kernel). The int32 slab sums stay below
 // 2^21 (INT4: 128 * 8 * 8 * 256, INT8 half slab: 64 * 128 * 128).
@@ -108,53 +99,37 @@ __device__ __forceinline__ void decode_slab_mma(const uint4& A0, const uint4& A1
   }
 }
 
-// U slabs starting at s (those below `end`): all loads first (U * (2 + MT) 16-byte loads in flight
-// per lane), then the math. Slabs past `end` load nothing and add zero.
-template <int MT, int U, bool kInt4>
-__device__ __forceinline__ void decode_slabs(const DecodeParams& p, int s, int end, const uint8_t* wa,
-                                             const uint8_t* wb, const uint8_t* xl, int n0, int lane,
-                                             float (&acc)[MT][4]) {
-  uint4 A0[U], A1[U], B[U][MT];
-  float sw0[U], sw1[U];
-  __half2 sx[U][MT];
-  const int t = lane % 4;
+// Per-warp ring of W slabs in shared memory, filled by cp.async kDecodeStages - 1 slabs ahead:
+// each lane copies and later reads back only its own 2 x 16 bytes of a slab, so no barrier is
+// needed, and every warp keeps ~7 KB of weights in flight without holding them in registers (v2
+// batched loads in registers: too few bytes in flight, 37-50% of copy bandwidth on 7B shapes).
+constexpr int kDecodeStages = 8;
+constexpr int kDecodeSmem = kDecodeWarps * kDecodeStages * 64 * 16;  // 64 KB
+
+// X fragments and scales of one slab (registers, loaded one slab ahead).
+template <int MT>
+struct DecodeSide {
+  uint4 B[MT];
+  __half2 sx[MT];
+  float sw0, sw1;
+};
+
+template <int MT>
+__device__ __forceinline__ void decode_side_load(const DecodeParams& p, int s, const uint8_t* xl, int64_t n0, int t,
+                                                 DecodeSide<MT>& d) {
+  const int grp = slab_group(s, p.g4);
 #pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const bool ok = s + u < end;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    A0[u] = ok ? ld_stream(wa + size_t(s + u) * kSlabBytes) : zero;
-    A1[u] = ok ? ld_stream(wb + size_t(s + u) * kSlabBytes) : zero;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-      B[u][mt] = ok ? __ldg(reinterpret_cast<const uint4*>(xl + (size_t(mt) * p.slabs + s + u) * kSlabBytes)) : zero;
-    const int grp = slab_group(ok ? s + u : s, p.g4);
-    sw0[u] = ok ? __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0]) : 0.f;
-    sw1[u] = ok ? __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0 + 8]) : 0.f;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-      sx[u][mt] = *reinterpret_cast<const __half2*>(p.xs + size_t(grp) * p.x_rows_pad + mt * 8 + 2 * t);
+  for (int mt = 0; mt < MT; ++mt) {
+    d.B[mt] = __ldg(reinterpret_cast<const uint4*>(xl + (size_t(mt) * p.slabs + s) * kSlabBytes));
+    d.sx[mt] = *reinterpret_cast<const __half2*>(p.xs + size_t(grp) * p.x_rows_pad + mt * 8 + 2 * t);
   }
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    int c[MT][4];
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0;
-    decode_slab_mma<MT, kInt4>(A0[u], A1[u], B[u], c);
-    const float f = kInt4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const float sx0 = __low2float(sx[u][mt]), sx1 = __high2float(sx[u][mt]);
-      acc[mt][0] = fmaf(exact_float(c[mt][0]), (sx0 * sw0[u]) * f, acc[mt][0]);
-      acc[mt][1] = fmaf(exact_float(c[mt][1]), (sx1 * sw0[u]) * f, acc[mt][1]);
-      acc[mt][2] = fmaf(exact_float(c[mt][2]), (sx0 * sw1[u]) * f, acc[mt][2]);
-      acc[mt][3] = fmaf(exact_float(c[mt][3]), (sx1 * sw1[u]) * f, acc[mt][3]);
-    }
-  }
+  d.sw0 = __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0]);
+  d.sw1 = __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0 + 8]);
 }
 
 template <int MT, typename OutT>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
-  constexpr int U = MT <= 2 ? 4 : MT <= 4 ? 2 : 1;
+  extern __shared__ uint4 ring[];  // [warp][stage][2 tiles][32 lanes]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t tile16 = int64_t(blockIdx.x) * kDecodeWarps + warp;
@@ -167,12 +142,46 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
 
   if (active) {
+    uint4* my = ring + warp * kDecodeStages * 64;
     const uint8_t* wa = p.wq + size_t(tile16 * 2) * p.slabs * kSlabBytes + lane * 16;
     const uint8_t* wb = wa + size_t(p.slabs) * kSlabBytes;
     const uint8_t* xl = p.xq + lane * 16;
-    const int e4 = min(s1, p.g4);
-    for (int s = s0; s < e4; s += U) decode_slabs<MT, U, true>(p, s, e4, wa, wb, xl, int(n0), lane, acc);
-    for (int s = max(s0, p.g4); s < s1; s += 2) decode_slabs<MT, 2, false>(p, s, s1, wa, wb, xl, int(n0), lane, acc);
+    const auto issue = [&](int s, int slot) {
+      cp_async16(&my[slot * 64 + lane], wa + size_t(s) * kSlabBytes, true);
+      cp_async16(&my[slot * 64 + 32 + lane], wb + size_t(s) * kSlabBytes, true);
+    };
+#pragma unroll
+    for (int i = 0; i < kDecodeStages - 1; ++i) {
+      if (s0 + i < s1) issue(s0 + i, i);
+      cp_async_commit();
+    }
+    DecodeSide<MT> cur, next;
+    decode_side_load<MT>(p, s0, xl, n0, t, cur);
+    for (int s = s0; s < s1; ++s) {
+      cp_async_wait<kDecodeStages - 2>();  // this lane's copy of slab s has landed
+      const int slot = (s - s0) % kDecodeStages;
+      const uint4 A0 = my[slot * 64 + lane], A1 = my[slot * 64 + 32 + lane];
+      if (s + kDecodeStages - 1 < s1) issue(s + kDecodeStages - 1, (slot + kDecodeStages - 1) % kDecodeStages);
+      cp_async_commit();
+      if (s + 1 < s1) decode_side_load<MT>(p, s + 1, xl, n0, t, next);
+      int c[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0;
+      const bool int4 = s < p.g4;
+      if (int4) decode_slab_mma<MT, true>(A0, A1, cur.B, c);
+      else decode_slab_mma<MT, false>(A0, A1, cur.B, c);
+      const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const float sx0 = __low2float(cur.sx[mt]) * f, sx1 = __high2float(cur.sx[mt]) * f;
+        acc[mt][0] = fmaf(exact_float(c[mt][0]), sx0 * cur.sw0, acc[mt][0]);
+        acc[mt][1] = fmaf(exact_float(c[mt][1]), sx1 * cur.sw0, acc[mt][1]);
+        acc[mt][2] = fmaf(exact_float(c[mt][2]), sx0 * cur.sw1, acc[mt][2]);
+        acc[mt][3] = fmaf(exact_float(c[mt][3]), sx1 * cur.sw1, acc[mt][3]);
+      }
+      cur = next;
+    }
+    cp_async_wait<0>();
   }
 
   if (p.splits > 1) {
@@ -271,12 +280,23 @@ size_t decode_workspace(const DecodePlan& d) {
   return counters + size_t(d.splits) * d.nblocks * kDecodeWarps * d.mt * 32 * 16;
 }
 
+template <int MT, typename OutT>
+void launch_decode_mt(const DecodeParams& p, dim3 grid, dim3 block, cudaStream_t stream) {
+  static bool configured = [] {
+    NIBBLE_CUDA_CHECK(
+        cudaFuncSetAttribute(decode_kernel<MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDecodeSmem));
+    return true;
+  }();
+  (void)configured;
+  decode_kernel<MT, OutT><<<grid, block, kDecodeSmem, stream>>>(p);
+}
+
 template <typename OutT>
 void launch_decode(DecodeParams p, const DecodePlan& d, cudaStream_t stream) {
   const dim3 grid(d.nblocks, d.splits), block(kDecodeWarps * 32);
   switch (d.mt) {
 #define NIBBLE_DECODE_CASE(MT) \
-  case MT: decode_kernel<MT, OutT><<<grid, block, 0, stream>>>(p); break;
+  case MT: launch_decode_mt<MT, OutT>(p, grid, block, stream); break;
     NIBBLE_DECODE_CASE(1)
     NIBBLE_DECODE_CASE(2)
     NIBBLE_DECODE_CASE(3)
@@ -293,7 +313,12 @@ void launch_decode(DecodeParams p, const DecodePlan& d, cudaStream_t stream) {
 
 // ---- Prefill: M > 64 -----------------------------------------------------------------------------
 
-constexpr int kBN = 128, kBM = 128, kStages = 4, kPrefillThreads = 256;
+constexpr int kBN = 128, kBM = 128, kStages = 4;
+// Warp tiles: NA 16-row tiles of W (n) x 4 8-row tiles of X (m, 32 rows). NA = 4: 8 warps of
+// 64x32 (v1/v2, 224 registers, 8 warps per SM); NA = 2: 16 warps of 32x32 (v3: twice the warps to
+// hide mma.sync and fold latency).
+template <int NA>
+constexpr int prefill_threads() { return (kBN / (16 * NA)) * 4 * 32; }
 constexpr int kTileBytes = (kBN / kRowTile) * kSlabBytes;      // 8 KB of W (and of X) per slab
 constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's scales
 constexpr int kPrefillSmem = kStages * kStageBytes;
@@ -310,13 +335,14 @@ struct PrefillParams {
   void* y;
 };
 
+template <int kThreads>
 __device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* stage, int s, int64_t n_base,
                                              int64_t m_base) {
   const int tid = threadIdx.x;
   const int grp = slab_group(s, p.g4);
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {  // 512 chunks of 16 bytes per operand
-    const int c = tid + i * kPrefillThreads;
+  for (int i = 0; i < 512 / kThreads; ++i) {  // 512 chunks of 16 bytes per operand
+    const int c = tid + i * kThreads;
     const int tile = c / 32, l = c % 32;
     const int64_t wt = n_base / kRowTile + tile, xt = m_base / kRowTile + tile;
     const bool wv = wt * kRowTile < p.w_rows_pad, xv = xt * kRowTile < p.x_rows_pad;
@@ -333,23 +359,24 @@ __device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* st
   }
 }
 
-template <typename OutT>
-__global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillParams p) {
+template <typename OutT, int NA>
+__global__ void __launch_bounds__(prefill_threads<NA>(), 1) prefill_kernel(PrefillParams p) {
+  constexpr int kThreads = prefill_threads<NA>(), kWN = kBN / (16 * NA);
   extern __shared__ __align__(128) uint8_t smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int wn = warp % 2, wm = warp / 2;  // warp tile: 64 rows of N x 32 rows of M
+  const int wn = warp % kWN, wm = warp / kWN;  // warp tile: 16 NA rows of N x 32 rows of M
   const int64_t n_base = int64_t(blockIdx.x) * kBN, m_base = int64_t(blockIdx.y) * kBM;
 
-  float acc[4][4][4];
+  float acc[NA][4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < NA; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < p.slabs) prefill_load(p, smem + s * kStageBytes, s, n_base, m_base);
+    if (s < p.slabs) prefill_load<kThreads>(p, smem + s * kStageBytes, s, n_base, m_base);
     cp_async_commit();
   }
 
@@ -357,22 +384,22 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
     cp_async_wait<kStages - 2>();
     __syncthreads();
     const int next = s + kStages - 1;
-    if (next < p.slabs) prefill_load(p, smem + (next % kStages) * kStageBytes, next, n_base, m_base);
+    if (next < p.slabs) prefill_load<kThreads>(p, smem + (next % kStages) * kStageBytes, next, n_base, m_base);
     cp_async_commit();
 
     const uint8_t* stage = smem + (s % kStages) * kStageBytes;
-    uint4 A[8], B[4];
+    uint4 A[2 * NA], B[4];
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
-      A[i] = *reinterpret_cast<const uint4*>(stage + (wn * 8 + i) * kSlabBytes + lane * 16);
+    for (int i = 0; i < 2 * NA; ++i)
+      A[i] = *reinterpret_cast<const uint4*>(stage + (wn * 2 * NA + i) * kSlabBytes + lane * 16);
 #pragma unroll
     for (int j = 0; j < 4; ++j)
       B[j] = *reinterpret_cast<const uint4*>(stage + kTileBytes + (wm * 4 + j) * kSlabBytes + lane * 16);
     const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
     const __half* sxs = sws + kBN;
-    int c[4][4][4];
+    int c[NA][4][4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < NA; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0;
     const bool int4 = s < p.g4;
@@ -380,7 +407,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
 #pragma unroll
       for (int k = 0; k < 4; ++k)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < NA; ++i) {
           const uint32_t a0 = hi4(word(A[2 * i], k)), a1 = hi4(word(A[2 * i + 1], k));
           const uint32_t a2 = lo4(word(A[2 * i], k)), a3 = lo4(word(A[2 * i + 1], k));
 #pragma unroll
@@ -390,7 +417,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
 #pragma unroll
       for (int k = 0; k < 2; ++k)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < NA; ++i) {
           const uint32_t a0 = word(A[2 * i], 2 * k), a1 = word(A[2 * i + 1], 2 * k);
           const uint32_t a2 = word(A[2 * i], 2 * k + 1), a3 = word(A[2 * i + 1], 2 * k + 1);
 #pragma unroll
@@ -398,11 +425,11 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
         }
     }
     const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
-    float sw[4][2], sx[4][2];
+    float sw[NA][2], sx[4][2];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      sw[i][0] = __half2float(sws[wn * 64 + i * 16 + g]);
-      sw[i][1] = __half2float(sws[wn * 64 + i * 16 + g + 8]);
+    for (int i = 0; i < NA; ++i) {
+      sw[i][0] = __half2float(sws[wn * 16 * NA + i * 16 + g]);
+      sw[i][1] = __half2float(sws[wn * 16 * NA + i * 16 + g + 8]);
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
@@ -411,7 +438,7 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
       sx[j][1] = __high2float(v) * f;
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < NA; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -424,17 +451,17 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
   // Epilogue: stage the 128x128 tile as Y[m][n] in shared memory, then 16-byte row stores.
   OutT* ys = reinterpret_cast<OutT*>(smem);
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < NA; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int n = wn * 64 + i * 16 + g + (e >> 1) * 8, m = wm * 32 + j * 8 + 2 * t + (e & 1);
+        const int n = wn * 16 * NA + i * 16 + g + (e >> 1) * 8, m = wm * 32 + j * 8 + 2 * t + (e & 1);
         ys[m * kYPitch + n] = from_float<OutT>(acc[i][j][e]);
       }
   __syncthreads();
   OutT* y = static_cast<OutT*>(p.y);
-  for (int c = threadIdx.x; c < kBM * (kBN / 8); c += kPrefillThreads) {
+  for (int c = threadIdx.x; c < kBM * (kBN / 8); c += kThreads) {
     const int m = c / (kBN / 8), n = (c % (kBN / 8)) * 8;
     const int64_t gm = m_base + m, gn = n_base + n;
     if (gm >= p.M) continue;
@@ -446,16 +473,16 @@ __global__ void __launch_bounds__(kPrefillThreads, 1) prefill_kernel(PrefillPara
   }
 }
 
-template <typename OutT>
+template <typename OutT, int NA>
 void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
   static bool configured = [] {
     NIBBLE_CUDA_CHECK(
-        cudaFuncSetAttribute(prefill_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem));
+        cudaFuncSetAttribute(prefill_kernel<OutT, NA>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem));
     return true;
   }();
   (void)configured;
   const dim3 grid(unsigned((p.w_rows_pad + kBN - 1) / kBN), unsigned((p.x_rows_pad + kBM - 1) / kBM));
-  prefill_kernel<OutT><<<grid, kPrefillThreads, kPrefillSmem, stream>>>(p);
+  prefill_kernel<OutT, NA><<<grid, prefill_threads<NA>(), kPrefillSmem, stream>>>(p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -515,8 +542,14 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   p.slabs = w.shape.slabs();
   p.g4 = w.shape.g4;
   p.y = y;
-  if (out == OutType::F16) launch_prefill<__half>(p, stream);
-  else launch_prefill<__nv_bfloat16>(p, stream);
+  // force_path 3: the 8-warp prefill kernel (v2), kept for comparison.
+  if (force_path == 3) {
+    if (out == OutType::F16) launch_prefill<__half, 4>(p, stream);
+    else launch_prefill<__nv_bfloat16, 4>(p, stream);
+    return;
+  }
+  if (out == OutType::F16) launch_prefill<__half, 2>(p, stream);
+  else launch_prefill<__nv_bfloat16, 2>(p, stream);
 }
 
 }  // namespace nibble::cuda

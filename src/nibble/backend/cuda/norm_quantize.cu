@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
     uint32_t mine = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      mine |= uint32_t(uint8_t(int_sym_code_device(v[i], scale, 4)) & 0xf) << (8 * i + (h ? 0 : 4));
+      mine |= uint32_t(uint8_t(int_sym_code_fast(v[i], scale, 4)) & 0xf) << (8 * i + (h ? 0 : 4));
     const uint32_t w = mine | __shfl_xor_sync(0xffffffffu, mine, 4);
     if (h == 0) *reinterpret_cast<uint32_t*>(q_tile + size_t(gi) * kSlabBytes + t * 16 + s_k * 4) = w;
     if (lane == 0) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(scale);
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
       const int j0 = k4 + c * kGroup + lane * 4;
       uint32_t wd = 0;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) wd |= uint32_t(uint8_t(int_sym_code_device(value(j0 + i), scale, 8))) << (8 * i);
+      for (int i = 0; i < 4; ++i) wd |= uint32_t(uint8_t(int_sym_code_fast(value(j0 + i), scale, 8))) << (8 * i);
       *reinterpret_cast<uint32_t*>(q_tile + size_t(sh.g4 + 2 * c + half) * kSlabBytes + tt * 16 + (2 * ks + hh) * 4) =
           wd;
     }
