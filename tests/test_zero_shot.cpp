@@ -236,9 +236,21 @@ TEST(ZeroShotMetrics, MeanStderrAndSubsets) {
   const std::vector<double> xs = {1, 0, 1, 1};
   EXPECT_DOUBLE_EQ(mean_stderr(xs), 0.25);  // sample sd 0.5 / sqrt(4)
   EXPECT_EQ(mean_stderr(std::vector<double>{1}), 0);
-  EXPECT_EQ(select_docs(5, 0, std::nullopt), (std::vector<int64_t>{0, 1, 2, 3, 4}));
-  EXPECT_EQ(select_docs(5, 3, std::nullopt), (std::vector<int64_t>{0, 1, 2}));
-  EXPECT_EQ(select_docs(5, 9, 7), (std::vector<int64_t>{0, 1, 2, 3, 4}));
+  // Python 3: x = list(range(n)); random.Random(seed).shuffle(x)
+  EXPECT_EQ(python_shuffled(10, 42), (std::vector<int64_t>{7, 3, 2, 8, 5, 6, 9, 4, 0, 1}));
+  EXPECT_EQ(python_shuffled(7, 0), (std::vector<int64_t>{4, 2, 1, 0, 5, 3, 6}));
+  const auto p1838 = python_shuffled(1838, 42);
+  EXPECT_EQ(std::vector<int64_t>(p1838.begin(), p1838.begin() + 12),
+            (std::vector<int64_t>{717, 241, 568, 626, 1139, 296, 1255, 1834, 1752, 695, 573, 68}));
+  const auto p100 = python_shuffled(100, 1234);
+  EXPECT_EQ(std::vector<int64_t>(p100.begin(), p100.begin() + 12),
+            (std::vector<int64_t>{71, 80, 18, 26, 55, 51, 27, 98, 6, 75, 83, 7}));
+  const auto big = python_shuffled(20, (uint64_t(1) << 40) + 5);  // a seed of two 32-bit words
+  EXPECT_EQ(std::vector<int64_t>(big.begin(), big.begin() + 12),
+            (std::vector<int64_t>{9, 7, 17, 13, 4, 18, 5, 6, 10, 11, 3, 14}));
+  EXPECT_EQ(select_docs(5, 0), (std::vector<int64_t>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(select_docs(5, 9), (std::vector<int64_t>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(select_docs(10, 3), (std::vector<int64_t>{2, 3, 7}));  // lm-eval 0.3.0 --limit 3
   const auto a = select_docs(1000, 50, 1234), b = select_docs(1000, 50, 1234), c = select_docs(1000, 50, 99);
   EXPECT_EQ(a, b);
   EXPECT_NE(a, c);

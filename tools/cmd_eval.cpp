@@ -22,7 +22,7 @@ struct EvalArgs {
   std::string model, tokenizer, data, protocol = "lm-eval-0.4", output;
   std::string tasks = "piqa,arc_easy,arc_challenge,boolq,hellaswag,winogrande";
   int64_t limit = 0, ctx = 0, batch = 16;
-  uint64_t seed = 0;
+  uint64_t seed = 42;
   bool json = false, csv = false, quiet = false;
 };
 
@@ -50,7 +50,7 @@ void run_eval(const EvalArgs& a) {
   check(std::filesystem::is_directory(opt.tasks_dir), opt.tasks_dir.string(),
         "task data folder not found (pass --data DIR or set NIBBLE_DATA)");
   opt.limit = a.limit;
-  if (a.seed != 0) opt.seed = a.seed;
+  opt.seed = a.seed;
   opt.protocol = parse_protocol(a.protocol);
   opt.score.max_length = a.ctx;
   opt.score.batch_docs = a.batch;
@@ -83,8 +83,10 @@ void add_eval_command(CLI::App& app) {
                   "lambada_openai) or 'all'; default: Atom's six")
       ->capture_default_str();
   cmd->add_option("--data", a->data, "Task data folder (shared/data/tasks layout); default $NIBBLE_DATA/tasks");
-  cmd->add_option("--limit", a->limit, "Score only N docs per task (the first N, or a random N with --seed)");
-  cmd->add_option("--seed", a->seed, "With --limit: draw a random subset of N docs with this seed (nonzero)");
+  cmd->add_option("--limit", a->limit,
+                  "Score N docs per task, the ones lm-eval 0.3.0's --limit picks (its seed-42 shuffle, first N)");
+  cmd->add_option("--seed", a->seed, "With --limit: the shuffle seed (Python random.Random(seed))")
+      ->capture_default_str();
   cmd->add_option("--protocol", a->protocol,
                   "Tokenization: lm-eval-0.4 (joint encoding, BOS) or lm-eval-0.3 (Atom's: separate, no BOS)")
       ->capture_default_str();

@@ -241,25 +241,95 @@ double mean_stderr(std::span<const double> xs) {
   return std::sqrt(ss / double(n - 1)) / std::sqrt(double(n));
 }
 
-std::vector<int64_t> select_docs(int64_t n, int64_t limit, std::optional<uint64_t> seed) {
-  std::vector<int64_t> idx(static_cast<size_t>(n));
-  std::iota(idx.begin(), idx.end(), 0);
-  if (limit <= 0 || limit >= n) return idx;
-  if (seed) {
-    // Partial Fisher-Yates with a fixed generator and an explicit bounded draw (portable).
-    std::mt19937_64 rng(*seed);
-    for (int64_t i = 0; i < limit; ++i) {
-      const uint64_t range = uint64_t(n - i);
-      const uint64_t bound = UINT64_MAX - UINT64_MAX % range;
-      uint64_t x;
-      do x = rng(); while (x >= bound);
-      std::swap(idx[size_t(i)], idx[size_t(i + int64_t(x % range))]);
-    }
-    idx.resize(size_t(limit));
-    std::sort(idx.begin(), idx.end());
-    return idx;
+namespace {
+
+// Python's random.Random: MT19937 seeded by init_by_array over the 32-bit words of the integer
+// seed, getrandbits and the rejection-sampling _randbelow that random.shuffle uses.
+class PyRandom {
+ public:
+  explicit PyRandom(uint64_t seed) {
+    std::vector<uint32_t> key;
+    for (uint64_t s = seed; s != 0; s >>= 32) key.push_back(uint32_t(s & 0xffffffffu));
+    if (key.empty()) key.push_back(0);
+    init_by_array(key);
   }
+  uint32_t next() {
+    if (i_ >= kN) twist();
+    uint32_t y = mt_[size_t(i_++)];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    return y ^ (y >> 18);
+  }
+  uint64_t below(uint64_t n) {  // _randbelow_with_getrandbits, n < 2^32
+    int k = 0;
+    while ((uint64_t(1) << k) <= n) ++k;  // n.bit_length()
+    uint64_t r;
+    do r = next() >> (32 - k); while (r >= n);
+    return r;
+  }
+
+ private:
+  static constexpr int kN = 624, kM = 397;
+  void init_genrand(uint32_t s) {
+    mt_[0] = s;
+    for (int i = 1; i < kN; ++i) mt_[size_t(i)] = 1812433253u * (mt_[size_t(i - 1)] ^ (mt_[size_t(i - 1)] >> 30)) + uint32_t(i);
+    i_ = kN;
+  }
+  void init_by_array(const std::vector<uint32_t>& key) {
+    init_genrand(19650218u);
+    int i = 1;
+    size_t j = 0;
+    for (int k = std::max<int>(kN, int(key.size())); k > 0; --k) {
+      mt_[size_t(i)] = (mt_[size_t(i)] ^ ((mt_[size_t(i - 1)] ^ (mt_[size_t(i - 1)] >> 30)) * 1664525u)) + key[j] + uint32_t(j);
+      ++i;
+      ++j;
+      if (i >= kN) {
+        mt_[0] = mt_[kN - 1];
+        i = 1;
+      }
+      if (j >= key.size()) j = 0;
+    }
+    for (int k = kN - 1; k > 0; --k) {
+      mt_[size_t(i)] = (mt_[size_t(i)] ^ ((mt_[size_t(i - 1)] ^ (mt_[size_t(i - 1)] >> 30)) * 1566083941u)) - uint32_t(i);
+      if (++i >= kN) {
+        mt_[0] = mt_[kN - 1];
+        i = 1;
+      }
+    }
+    mt_[0] = 0x80000000u;
+  }
+  void twist() {
+    for (int k = 0; k < kN; ++k) {
+      const uint32_t y = (mt_[size_t(k)] & 0x80000000u) | (mt_[size_t((k + 1) % kN)] & 0x7fffffffu);
+      mt_[size_t(k)] = mt_[size_t((k + kM) % kN)] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+    }
+    i_ = 0;
+  }
+  uint32_t mt_[kN];
+  int i_ = kN;
+};
+
+}  // namespace
+
+std::vector<int64_t> python_shuffled(int64_t n, uint64_t seed) {
+  std::vector<int64_t> x(static_cast<size_t>(n));
+  std::iota(x.begin(), x.end(), 0);
+  PyRandom rng(seed);
+  for (int64_t i = n - 1; i > 0; --i) std::swap(x[size_t(i)], x[size_t(rng.below(uint64_t(i + 1)))]);
+  return x;
+}
+
+std::vector<int64_t> select_docs(int64_t n, int64_t limit, uint64_t seed) {
+  if (limit <= 0 || limit >= n) {
+    std::vector<int64_t> all(static_cast<size_t>(n));
+    std::iota(all.begin(), all.end(), 0);
+    return all;
+  }
+  // lm-eval 0.3.0's evaluator: random.Random(42).shuffle(docs), then the first `limit`.
+  std::vector<int64_t> idx = python_shuffled(n, seed);
   idx.resize(size_t(limit));
+  std::sort(idx.begin(), idx.end());
   return idx;
 }
 
@@ -398,7 +468,7 @@ json ZeroShotResults::to_json() const {
                            "acc for boolq, winogrande"}};
   j["config"] = {{"model", model}, {"protocol", protocol}, {"limit", limit}, {"max_length", max_length},
                  {"num_fewshot", 0}};
-  j["config"]["seed"] = seed ? json(*seed) : json(nullptr);
+  j["config"]["seed"] = seed;
   j["unavailable"] = unavailable;
   return j;
 }
@@ -417,8 +487,9 @@ std::string ZeroShotResults::to_csv() const {
 
 std::string ZeroShotResults::to_table() const {
   std::string s = fmt::format("zero-shot: {} | protocol {} | window {} | {}\n\n", model, protocol, max_length,
-                              limit > 0 ? (seed ? fmt::format("--limit {} --seed {}", limit, *seed)
-                                                : fmt::format("--limit {} (first docs)", limit))
+                              limit > 0 ? fmt::format("--limit {} (lm-eval 0.3.0's subset: Python "
+                                                      "random.Random({}).shuffle, first {})",
+                                                      limit, seed, limit)
                                         : std::string("all docs"));
   s += "| task | n | acc | acc_norm | ppl | Atom's metric |\n|---|---|---|---|---|---|\n";
   auto pct = [](double v, double e) { return fmt::format("{:.2f} ± {:.2f}", 100 * v, 100 * e); };

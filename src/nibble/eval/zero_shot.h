@@ -95,8 +95,8 @@ struct TaskResult {
 
 struct ZeroShotOptions {
   std::filesystem::path tasks_dir;  // shared/data/tasks layout
-  int64_t limit = 0;                // 0 = every doc; else the first `limit` (or a random subset with seed)
-  std::optional<uint64_t> seed;     // with limit: a random subset of `limit` docs drawn with this seed
+  int64_t limit = 0;                // 0 = every doc; else `limit` docs chosen as lm-eval 0.3.0 does
+  uint64_t seed = 42;               // the shuffle seed of that choice (lm-eval 0.3.0 fixes 42)
   LLProtocol protocol = LLProtocol::Harness04;
   ScoreOptions score;
   bool show_progress = true;
@@ -111,7 +111,7 @@ struct ZeroShotResults {
   int average_tasks = 0;
   std::string model, protocol;
   int64_t limit = 0, max_length = 0;
-  std::optional<uint64_t> seed;
+  uint64_t seed = 42;
 
   nlohmann::json to_json() const;
   std::string to_csv() const;
@@ -128,8 +128,11 @@ ZeroShotResults evaluate_tasks(Model& model, const EncodeFn& encode, int32_t bos
 TaskResult evaluate_task(Model& model, const EncodeFn& encode, int32_t bos, const Task& task,
                          const ZeroShotOptions& opt);
 
-// Which docs of n a run scores: all, the first `limit`, or a seeded random subset (sorted).
-std::vector<int64_t> select_docs(int64_t n, int64_t limit, std::optional<uint64_t> seed);
+// Which docs of n a run scores (sorted): all, or the first `limit` of Python's
+// random.Random(seed).shuffle(range(n)), which is lm-eval 0.3.0's --limit with seed 42.
+std::vector<int64_t> select_docs(int64_t n, int64_t limit, uint64_t seed = 42);
+// Python's random.Random(seed).shuffle(list(range(n))), bit for bit.
+std::vector<int64_t> python_shuffled(int64_t n, uint64_t seed);
 // lm-eval's mean_stderr: sample standard deviation / sqrt(n).
 double mean_stderr(std::span<const double> xs);
 // The default tasks folder: $NIBBLE_DATA/tasks, else ../shared/data/tasks beside the working dir.
