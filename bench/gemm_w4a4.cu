@@ -203,9 +203,28 @@ int run_one(int64_t M, int64_t N, int64_t K) {
   return 0;
 }
 
+// `bench_gemm_w4a4 onenorm M K`: five launches of rmsnorm_quantize alone (keeper 128), for ncu.
+int run_one_norm(int64_t M, int K) {
+  const AtomShape sh = atom_shape(M, K, 128);
+  AtomDeviceMatrix out(sh);
+  __half* a = dalloc<__half>(size_t(M * K));
+  fill_half<<<1024, 256>>>(a, size_t(M * K), 3.0f, 5);
+  std::vector<int32_t> perm(static_cast<size_t>(K));
+  for (int j = 0; j < K; ++j) perm[size_t(j)] = int32_t((int64_t(j) * 7919) % K);
+  int32_t* dperm = dalloc<int32_t>(size_t(K));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(dperm, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
+  float* w = dalloc<float>(size_t(K));
+  fill_float<<<64, 256>>>(w, size_t(K), 1.0f);
+  for (int i = 0; i < 5; ++i) rmsnorm_quantize(a, K, dperm, w, 1e-5f, out.mut(), ActQuant{}, nullptr);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  std::printf("onenorm: M=%lld K=%d bytes in+out %lld\n", (long long)M, K, (long long)(M * K * 2 + sh.packed_bytes()));
+  return 0;
+}
+
 int main(int argc, char** argv) {
   std::string only = argc > 1 ? argv[1] : "";  // "gemm", "norm", "one M N K" or empty for gemm + norm
   if (only == "one" && argc == 5) return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]));
+  if (only == "onenorm" && argc == 4) return run_one_norm(std::atoll(argv[2]), std::atoi(argv[3]));
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   g_l2 = size_t(prop.l2CacheSize);

@@ -64,6 +64,14 @@ if [ "$what" = all ] || [ "$what" = profile ]; then
     timeout 120 ncu --metrics $m -k regex:"decode_kernel|prefill_kernel" --launch-skip 2 --launch-count 1 \
       $BUILD/bin/bench_gemm_w4a4 one $shape 2>&1 | grep -E "one:|duration|bytes|warps_active|imma|registers|grid_size|occupancy" | sed 's/^ *//'
   done 2>&1 | tee "$OUT/ncu.txt"
+  st="smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_short_scoreboard_per_issue_active.ratio,smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio,smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_mio_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_wait_per_issue_active.ratio,smsp__average_warps_issue_stalled_tex_throttle_per_issue_active.ratio,smsp__average_warps_issue_stalled_lg_throttle_per_issue_active.ratio"
+  { echo "== ncu stalls prefill 4096^3"
+    timeout 120 ncu --metrics $st,gpu__time_duration.sum -k regex:prefill_kernel --launch-skip 2 --launch-count 1 \
+      $BUILD/bin/bench_gemm_w4a4 one 4096 4096 4096 2>&1 | grep -E "duration|issue|stalled" | sed 's/^ *//; s/smsp__average_warps_issue_stalled_//'
+    echo "== ncu rmsnorm_quantize 4096 x 4096"
+    timeout 120 ncu --metrics $m,$st -k regex:act_quant --launch-skip 2 --launch-count 1 \
+      $BUILD/bin/bench_gemm_w4a4 onenorm 4096 4096 2>&1 | grep -E "onenorm|duration|bytes|warps_active|registers|occupancy|issue|stalled" | sed 's/^ *//; s/smsp__average_warps_issue_stalled_//'
+  } 2>&1 | tee -a "$OUT/ncu.txt"
 fi
 grep -E "IMMA|IGMMA|LDL|STL" "$OUT/sass.txt"
 exit $status

@@ -99,37 +99,28 @@ __device__ __forceinline__ void decode_slab_mma(const uint4& A0, const uint4& A1
   }
 }
 
-// Per-warp ring of W slabs in shared memory, filled by cp.async kDecodeStages - 1 slabs ahead:
-// each lane copies and later reads back only its own 2 x 16 bytes of a slab, so no barrier is
-// needed, and every warp keeps ~7 KB of weights in flight without holding them in registers (v2
-// batched loads in registers: too few bytes in flight, 37-50% of copy bandwidth on 7B shapes).
-constexpr int kDecodeStages = 8;
-constexpr int kDecodeSmem = kDecodeWarps * kDecodeStages * 64 * 16;  // 64 KB
-
-// X fragments and scales of one slab (registers, loaded one slab ahead).
+// Per-warp ring in shared memory, filled by cp.async D - 1 slabs ahead with everything one slab
+// needs: the warp's two W tiles (each lane copies its own 2 x 16 bytes), its X fragments (MT x 16
+// bytes per lane) and the slab's scales (16 W rows, 8 X rows per m-tile: 16-byte copies by a few
+// lanes, read by all after __syncwarp). v3 kept X and the scales in registers one slab ahead:
+// every slab then waited on an L2 round trip (7B shapes fell to 35-43% of copy bandwidth).
 template <int MT>
-struct DecodeSide {
-  uint4 B[MT];
-  __half2 sx[MT];
-  float sw0, sw1;
+struct DecodeRing {
+  static constexpr int kX = 2 * kSlabBytes;               // after the two W tiles
+  static constexpr int kSw = kX + MT * kSlabBytes;        // 16 halves
+  static constexpr int kSx = kSw + 32;                    // MT x 8 halves
+  static constexpr int kStage = kSx + MT * 16;            // bytes per warp and stage
+  static constexpr int kBudget = MT <= 4 ? 112 * 1024 : 224 * 1024;  // 2 blocks per SM, or 1
+  static constexpr int kStages = std::min(8, kBudget / (kDecodeWarps * kStage));
+  static constexpr int kSmem = kDecodeWarps * kStages * kStage;
+  static_assert(kStages >= 2, "decode ring too small");
 };
-
-template <int MT>
-__device__ __forceinline__ void decode_side_load(const DecodeParams& p, int s, const uint8_t* xl, int64_t n0, int t,
-                                                 DecodeSide<MT>& d) {
-  const int grp = slab_group(s, p.g4);
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    d.B[mt] = __ldg(reinterpret_cast<const uint4*>(xl + (size_t(mt) * p.slabs + s) * kSlabBytes));
-    d.sx[mt] = *reinterpret_cast<const __half2*>(p.xs + size_t(grp) * p.x_rows_pad + mt * 8 + 2 * t);
-  }
-  d.sw0 = __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0]);
-  d.sw1 = __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0 + 8]);
-}
 
 template <int MT, typename OutT>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
-  extern __shared__ uint4 ring[];  // [warp][stage][2 tiles][32 lanes]
+  using R = DecodeRing<MT>;
+  constexpr int D = R::kStages;
+  extern __shared__ __align__(16) uint8_t ring[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t tile16 = int64_t(blockIdx.x) * kDecodeWarps + warp;
@@ -142,44 +133,60 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
 
   if (active) {
-    uint4* my = ring + warp * kDecodeStages * 64;
+    uint8_t* my = ring + size_t(warp) * D * R::kStage;
     const uint8_t* wa = p.wq + size_t(tile16 * 2) * p.slabs * kSlabBytes + lane * 16;
     const uint8_t* wb = wa + size_t(p.slabs) * kSlabBytes;
     const uint8_t* xl = p.xq + lane * 16;
     const auto issue = [&](int s, int slot) {
-      cp_async16(&my[slot * 64 + lane], wa + size_t(s) * kSlabBytes, true);
-      cp_async16(&my[slot * 64 + 32 + lane], wb + size_t(s) * kSlabBytes, true);
+      uint8_t* st = my + slot * R::kStage;
+      cp_async16(st + lane * 16, wa + size_t(s) * kSlabBytes, true);
+      cp_async16(st + kSlabBytes + lane * 16, wb + size_t(s) * kSlabBytes, true);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        cp_async16(st + R::kX + mt * kSlabBytes + lane * 16, xl + (size_t(mt) * p.slabs + s) * kSlabBytes, true);
+      const int grp = slab_group(s, p.g4);
+      if (lane < 2) cp_async16(st + R::kSw + lane * 16, p.ws + size_t(grp) * p.w_rows_pad + tile16 * 16 + lane * 8, true);
+      else if (lane < 2 + MT)
+        cp_async16(st + R::kSx + (lane - 2) * 16, p.xs + size_t(grp) * p.x_rows_pad + (lane - 2) * 8, true);
     };
 #pragma unroll
-    for (int i = 0; i < kDecodeStages - 1; ++i) {
+    for (int i = 0; i < D - 1; ++i) {
       if (s0 + i < s1) issue(s0 + i, i);
       cp_async_commit();
     }
-    DecodeSide<MT> cur, next;
-    decode_side_load<MT>(p, s0, xl, n0, t, cur);
     for (int s = s0; s < s1; ++s) {
-      cp_async_wait<kDecodeStages - 2>();  // this lane's copy of slab s has landed
-      const int slot = (s - s0) % kDecodeStages;
-      const uint4 A0 = my[slot * 64 + lane], A1 = my[slot * 64 + 32 + lane];
-      if (s + kDecodeStages - 1 < s1) issue(s + kDecodeStages - 1, (slot + kDecodeStages - 1) % kDecodeStages);
+      cp_async_wait<D - 2>();  // this lane's copies of slab s have landed ...
+      __syncwarp();            // ... and every lane's (the scales), and slot s-1 is free
+      const int slot = (s - s0) % D;
+      const uint8_t* st = my + slot * R::kStage;
+      const uint4 A0 = *reinterpret_cast<const uint4*>(st + lane * 16);
+      const uint4 A1 = *reinterpret_cast<const uint4*>(st + kSlabBytes + lane * 16);
+      uint4 B[MT];
+      __half2 sx[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        B[mt] = *reinterpret_cast<const uint4*>(st + R::kX + mt * kSlabBytes + lane * 16);
+        sx[mt] = *reinterpret_cast<const __half2*>(st + R::kSx + mt * 16 + 4 * t);
+      }
+      const __half* sws = reinterpret_cast<const __half*>(st + R::kSw);
+      const float sw0 = __half2float(sws[g]), sw1 = __half2float(sws[g + 8]);
+      if (s + D - 1 < s1) issue(s + D - 1, (slot + D - 1) % D);
       cp_async_commit();
-      if (s + 1 < s1) decode_side_load<MT>(p, s + 1, xl, n0, t, next);
       int c[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0;
       const bool int4 = s < p.g4;
-      if (int4) decode_slab_mma<MT, true>(A0, A1, cur.B, c);
-      else decode_slab_mma<MT, false>(A0, A1, cur.B, c);
+      if (int4) decode_slab_mma<MT, true>(A0, A1, B, c);
+      else decode_slab_mma<MT, false>(A0, A1, B, c);
       const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const float sx0 = __low2float(cur.sx[mt]) * f, sx1 = __high2float(cur.sx[mt]) * f;
-        acc[mt][0] = fmaf(exact_float(c[mt][0]), sx0 * cur.sw0, acc[mt][0]);
-        acc[mt][1] = fmaf(exact_float(c[mt][1]), sx1 * cur.sw0, acc[mt][1]);
-        acc[mt][2] = fmaf(exact_float(c[mt][2]), sx0 * cur.sw1, acc[mt][2]);
-        acc[mt][3] = fmaf(exact_float(c[mt][3]), sx1 * cur.sw1, acc[mt][3]);
+        const float sx0 = __low2float(sx[mt]) * f, sx1 = __high2float(sx[mt]) * f;
+        acc[mt][0] = fmaf(exact_float(c[mt][0]), sx0 * sw0, acc[mt][0]);
+        acc[mt][1] = fmaf(exact_float(c[mt][1]), sx1 * sw0, acc[mt][1]);
+        acc[mt][2] = fmaf(exact_float(c[mt][2]), sx0 * sw1, acc[mt][2]);
+        acc[mt][3] = fmaf(exact_float(c[mt][3]), sx1 * sw1, acc[mt][3]);
       }
-      cur = next;
     }
     cp_async_wait<0>();
   }
@@ -284,11 +291,11 @@ template <int MT, typename OutT>
 void launch_decode_mt(const DecodeParams& p, dim3 grid, dim3 block, cudaStream_t stream) {
   static bool configured = [] {
     NIBBLE_CUDA_CHECK(
-        cudaFuncSetAttribute(decode_kernel<MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kDecodeSmem));
+        cudaFuncSetAttribute(decode_kernel<MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeRing<MT>::kSmem));
     return true;
   }();
   (void)configured;
-  decode_kernel<MT, OutT><<<grid, block, kDecodeSmem, stream>>>(p);
+  decode_kernel<MT, OutT><<<grid, block, DecodeRing<MT>::kSmem, stream>>>(p);
 }
 
 template <typename OutT>
