@@ -56,7 +56,7 @@ namespace {
 nlohmann::json parse_json(std::string_view text, const std::string& where) {
   try {
     return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {  // syntax errors, and numbers out of range (406)
     throw Error(where, fmt::format("not valid JSON: {}", e.what()));
   }
 }
