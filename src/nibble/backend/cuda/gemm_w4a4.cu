@@ -28,6 +28,15 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// Weights are read exactly once: keep them out of L1.
+__device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
 // float(i) for |i| < 2^22 with an integer add and a float add (full rate) instead of I2F (a
 // quarter-rate conversion that bounded v1 of the prefill kernel). The int32 slab sums stay below
 // 2^21 (INT4: 128 * 8 * 8 * 256, INT8 half slab: 64 * 128 * 128).
@@ -99,28 +108,57 @@ __device__ __forceinline__ void decode_slab_mma(const uint4& A0, const uint4& A1
   }
 }
 
-// Per-warp ring in shared memory, filled by cp.async D - 1 slabs ahead with everything one slab
-// needs: the warp's two W tiles (each lane copies its own 2 x 16 bytes), its X fragments (MT x 16
-// bytes per lane) and the slab's scales (16 W rows, 8 X rows per m-tile: 16-byte copies by a few
-// lanes, read by all after __syncwarp). v3 kept X and the scales in registers one slab ahead:
-// every slab then waited on an L2 round trip (7B shapes fell to 35-43% of copy bandwidth).
-template <int MT>
-struct DecodeRing {
-  static constexpr int kX = 2 * kSlabBytes;               // after the two W tiles
-  static constexpr int kSw = kX + MT * kSlabBytes;        // 16 halves
-  static constexpr int kSx = kSw + 32;                    // MT x 8 halves
-  static constexpr int kStage = kSx + MT * 16;            // bytes per warp and stage
-  static constexpr int kBudget = MT <= 4 ? 112 * 1024 : 224 * 1024;  // 2 blocks per SM, or 1
-  static constexpr int kStages = std::min(8, kBudget / (kDecodeWarps * kStage));
-  static constexpr int kSmem = kDecodeWarps * kStages * kStage;
-  static_assert(kStages >= 2, "decode ring too small");
-};
+// v2/v5 decode: every warp streams its 16-row W tile through registers, U slabs per batch with all
+// their loads (W, X fragments, scales) issued before the math. (v3/v4 staged W, then W + X +
+// scales, through a per-warp cp.async ring in shared memory: slower on every shape, see
+// bench/NOTES-gemm_w4a4.md.)
+// U slabs starting at s (those below `end`): all loads first (U * (2 + MT) 16-byte loads in flight
+// per lane), then the math. Slabs past `end` load nothing and add zero.
+template <int MT, int U, bool kInt4>
+__device__ __forceinline__ void decode_slabs(const DecodeParams& p, int s, int end, const uint8_t* wa,
+                                             const uint8_t* wb, const uint8_t* xl, int n0, int lane,
+                                             float (&acc)[MT][4]) {
+  uint4 A0[U], A1[U], B[U][MT];
+  float sw0[U], sw1[U];
+  __half2 sx[U][MT];
+  const int t = lane % 4;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const bool ok = s + u < end;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    A0[u] = ok ? ld_stream(wa + size_t(s + u) * kSlabBytes) : zero;
+    A1[u] = ok ? ld_stream(wb + size_t(s + u) * kSlabBytes) : zero;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      B[u][mt] = ok ? __ldg(reinterpret_cast<const uint4*>(xl + (size_t(mt) * p.slabs + s + u) * kSlabBytes)) : zero;
+    const int grp = slab_group(ok ? s + u : s, p.g4);
+    sw0[u] = ok ? __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0]) : 0.f;
+    sw1[u] = ok ? __half2float(p.ws[size_t(grp) * p.w_rows_pad + n0 + 8]) : 0.f;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+      sx[u][mt] = *reinterpret_cast<const __half2*>(p.xs + size_t(grp) * p.x_rows_pad + mt * 8 + 2 * t);
+  }
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    int c[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0;
+    decode_slab_mma<MT, kInt4>(A0[u], A1[u], B[u], c);
+    const float f = kInt4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const float sx0 = __low2float(sx[u][mt]), sx1 = __high2float(sx[u][mt]);
+      acc[mt][0] = fmaf(exact_float(c[mt][0]), (sx0 * sw0[u]) * f, acc[mt][0]);
+      acc[mt][1] = fmaf(exact_float(c[mt][1]), (sx1 * sw0[u]) * f, acc[mt][1]);
+      acc[mt][2] = fmaf(exact_float(c[mt][2]), (sx0 * sw1[u]) * f, acc[mt][2]);
+      acc[mt][3] = fmaf(exact_float(c[mt][3]), (sx1 * sw1[u]) * f, acc[mt][3]);
+    }
+  }
+}
 
 template <int MT, typename OutT>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
-  using R = DecodeRing<MT>;
-  constexpr int D = R::kStages;
-  extern __shared__ __align__(16) uint8_t ring[];
+  constexpr int U = MT <= 2 ? 4 : MT <= 4 ? 2 : 1;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int64_t tile16 = int64_t(blockIdx.x) * kDecodeWarps + warp;
@@ -133,62 +171,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
 
   if (active) {
-    uint8_t* my = ring + size_t(warp) * D * R::kStage;
     const uint8_t* wa = p.wq + size_t(tile16 * 2) * p.slabs * kSlabBytes + lane * 16;
     const uint8_t* wb = wa + size_t(p.slabs) * kSlabBytes;
     const uint8_t* xl = p.xq + lane * 16;
-    const auto issue = [&](int s, int slot) {
-      uint8_t* st = my + slot * R::kStage;
-      cp_async16(st + lane * 16, wa + size_t(s) * kSlabBytes, true);
-      cp_async16(st + kSlabBytes + lane * 16, wb + size_t(s) * kSlabBytes, true);
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
-        cp_async16(st + R::kX + mt * kSlabBytes + lane * 16, xl + (size_t(mt) * p.slabs + s) * kSlabBytes, true);
-      const int grp = slab_group(s, p.g4);
-      if (lane < 2) cp_async16(st + R::kSw + lane * 16, p.ws + size_t(grp) * p.w_rows_pad + tile16 * 16 + lane * 8, true);
-      else if (lane < 2 + MT)
-        cp_async16(st + R::kSx + (lane - 2) * 16, p.xs + size_t(grp) * p.x_rows_pad + (lane - 2) * 8, true);
-    };
-#pragma unroll
-    for (int i = 0; i < D - 1; ++i) {
-      if (s0 + i < s1) issue(s0 + i, i);
-      cp_async_commit();
-    }
-    for (int s = s0; s < s1; ++s) {
-      cp_async_wait<D - 2>();  // this lane's copies of slab s have landed ...
-      __syncwarp();            // ... and every lane's (the scales), and slot s-1 is free
-      const int slot = (s - s0) % D;
-      const uint8_t* st = my + slot * R::kStage;
-      const uint4 A0 = *reinterpret_cast<const uint4*>(st + lane * 16);
-      const uint4 A1 = *reinterpret_cast<const uint4*>(st + kSlabBytes + lane * 16);
-      uint4 B[MT];
-      __half2 sx[MT];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        B[mt] = *reinterpret_cast<const uint4*>(st + R::kX + mt * kSlabBytes + lane * 16);
-        sx[mt] = *reinterpret_cast<const __half2*>(st + R::kSx + mt * 16 + 4 * t);
-      }
-      const __half* sws = reinterpret_cast<const __half*>(st + R::kSw);
-      const float sw0 = __half2float(sws[g]), sw1 = __half2float(sws[g + 8]);
-      if (s + D - 1 < s1) issue(s + D - 1, (slot + D - 1) % D);
-      cp_async_commit();
-      int c[MT][4];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0;
-      const bool int4 = s < p.g4;
-      if (int4) decode_slab_mma<MT, true>(A0, A1, B, c);
-      else decode_slab_mma<MT, false>(A0, A1, B, c);
-      const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const float sx0 = __low2float(sx[mt]) * f, sx1 = __high2float(sx[mt]) * f;
-        acc[mt][0] = fmaf(exact_float(c[mt][0]), sx0 * sw0, acc[mt][0]);
-        acc[mt][1] = fmaf(exact_float(c[mt][1]), sx1 * sw0, acc[mt][1]);
-        acc[mt][2] = fmaf(exact_float(c[mt][2]), sx0 * sw1, acc[mt][2]);
-        acc[mt][3] = fmaf(exact_float(c[mt][3]), sx1 * sw1, acc[mt][3]);
-      }
-    }
-    cp_async_wait<0>();
+    const int e4 = min(s1, p.g4);
+    for (int s = s0; s < e4; s += U) decode_slabs<MT, U, true>(p, s, e4, wa, wb, xl, int(n0), lane, acc);
+    for (int s = max(s0, p.g4); s < s1; s += 2) decode_slabs<MT, 2, false>(p, s, s1, wa, wb, xl, int(n0), lane, acc);
   }
 
   if (p.splits > 1) {
@@ -256,20 +244,46 @@ int sm_count() {
   return count;
 }
 
-// Split-K so that the blocks fill the SMs evenly: the time of a split count is modelled as the
-// most blocks one SM runs times the slabs each block streams plus a fixed per-block cost (launch,
-// partial-sum store and reduction: about two slabs).
+// Resident decode blocks per SM for an m-tile count (occupancy of the fp16 instance; bf16's is the
+// same kernel but for the final conversion).
+template <int MT>
+int decode_blocks_per_sm_mt() {
+  static int n = [] {
+    int b = 0;
+    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, decode_kernel<MT, __half>, kDecodeWarps * 32, 0));
+    return std::max(b, 1);
+  }();
+  return n;
+}
+int decode_blocks_per_sm(int mt) {
+  switch (mt) {
+    case 1: return decode_blocks_per_sm_mt<1>();
+    case 2: return decode_blocks_per_sm_mt<2>();
+    case 3: return decode_blocks_per_sm_mt<3>();
+    case 4: return decode_blocks_per_sm_mt<4>();
+    case 5: return decode_blocks_per_sm_mt<5>();
+    case 6: return decode_blocks_per_sm_mt<6>();
+    case 7: return decode_blocks_per_sm_mt<7>();
+    default: return decode_blocks_per_sm_mt<8>();
+  }
+}
+
+// Split-K: every warp streams its slabs latency-bound (a few KB in flight), so the time of a split
+// count is modelled as the waves of resident blocks (SMs x blocks per SM) times the slabs each
+// block streams plus a fixed per-block cost (launch, partial-sum store, reduction: ~2 slabs).
+// v2 counted waves over SMs only and picked too few blocks for long K (70B down at 39% of copy
+// bandwidth with 128 blocks of 113 slabs).
 DecodePlan decode_plan(int64_t M, int64_t n_rows_pad, int slabs) {
   DecodePlan d;
   d.mt = int((M + 7) / 8);
   d.nblocks = int((n_rows_pad + 16 * kDecodeWarps - 1) / (16 * kDecodeWarps));
-  const int sms = sm_count();
+  const int slots = sm_count() * decode_blocks_per_sm(std::min(d.mt, 8));
   int best = 1;
   double best_cost = 1e30;
   for (int splits = 1; splits <= std::min(32, std::max(1, slabs / 2)); ++splits) {
     const int sps = (slabs + splits - 1) / splits;
     const int real = (slabs + sps - 1) / sps;
-    const double waves = double((int64_t(d.nblocks) * real + sms - 1) / sms);
+    const double waves = double((int64_t(d.nblocks) * real + slots - 1) / slots);
     const double cost = waves * (sps + 2.0);
     if (cost < best_cost - 1e-9) {
       best_cost = cost;
@@ -289,13 +303,7 @@ size_t decode_workspace(const DecodePlan& d) {
 
 template <int MT, typename OutT>
 void launch_decode_mt(const DecodeParams& p, dim3 grid, dim3 block, cudaStream_t stream) {
-  static bool configured = [] {
-    NIBBLE_CUDA_CHECK(
-        cudaFuncSetAttribute(decode_kernel<MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, DecodeRing<MT>::kSmem));
-    return true;
-  }();
-  (void)configured;
-  decode_kernel<MT, OutT><<<grid, block, DecodeRing<MT>::kSmem, stream>>>(p);
+  decode_kernel<MT, OutT><<<grid, block, 0, stream>>>(p);
 }
 
 template <typename OutT>

@@ -124,10 +124,11 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
     for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
     amax = warp_max(amax);
     const float scale = int_sym_scale_device(p.q.clip4, amax, 7);
+    const float rcp = scale == 0 ? 0.f : 1.0f / scale;
     uint32_t mine = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
-      mine |= uint32_t(uint8_t(int_sym_code_fast(v[i], scale, 4)) & 0xf) << (8 * i + (h ? 0 : 4));
+      mine |= uint32_t(uint8_t(int_sym_code_rcp(v[i], scale, rcp, 4)) & 0xf) << (8 * i + (h ? 0 : 4));
     const uint32_t w = mine | __shfl_xor_sync(0xffffffffu, mine, 4);
     if (h == 0) *reinterpret_cast<uint32_t*>(q_tile + size_t(gi) * kSlabBytes + t * 16 + s_k * 4) = w;
     if (lane == 0) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(scale);
