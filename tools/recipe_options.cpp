@@ -21,16 +21,19 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   cmd->add_option("--keeper", keeper, "outlier channels kept at keeper precision (atom-w4a4: 128)");
   cmd->add_option("--keeper-precision", keeper_precision, "fp16, int8, fp8-e4m3, fp8-e5m2 (or Atom's 0..3)");
   cmd->add_option("--act-sort-metric", sort_metric, "reorder metric: hessian (sum of x^2) or abs_mean");
-  auto* g = cmd->add_flag("--gptq,!--no-gptq", gptq, "quantize weights with GPTQ (else round to nearest)");
-  g->default_str("");
-  cmd->add_flag("--reorder,!--no-reorder", reorder, "permute input channels by salience (keepers last)");
+  // Tri-state switches: absent keeps the preset's choice.
+  auto tri = [cmd](const std::string& on, const std::string& off, std::optional<bool>* v, const std::string& help) {
+    cmd->add_flag_callback(on, [v] { *v = true; }, help);
+    cmd->add_flag_callback(off, [v] { *v = false; }, "the opposite of " + on);
+  };
+  tri("--gptq", "--no-gptq", &gptq, "quantize weights with GPTQ (else round to nearest)");
+  tri("--reorder", "--no-reorder", &reorder, "permute input channels by salience (keepers last)");
   cmd->add_option("--percdamp", percdamp, "GPTQ damping, a fraction of the mean Hessian diagonal (0.01)");
   cmd->add_option("--kv-bits", kv_bits, "KV cache: 4, 8 (integer, asymmetric per token and head) or 16");
   cmd->add_option("--kv-clip", kv_clip, "clip ratio of the integer KV cache");
-  cmd->add_flag("--k-after-rope,!--k-before-rope", k_after_rope,
-                "quantize K after RoPE (default for atom-w4a4: before, as Atom)");
-  cmd->add_flag("--hessian-fp,!--hessian-quantized", hessian_fp,
-                "GPTQ Hessian from full-precision inputs, or from the quantized inputs the layer sees (Atom)");
+  tri("--k-after-rope", "--k-before-rope", &k_after_rope, "quantize K after RoPE (Atom: before)");
+  tri("--hessian-fp", "--hessian-quantized", &hessian_fp,
+      "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
   cmd->add_flag("--atom-compat", atom_compat,
                 "Atom's released-code choices: its GPTQ INT4 grid, Hessians from quantized inputs, K before RoPE");
   cmd->add_option("--calib-windows,--nsamples", calib_windows, "calibration windows (128)");

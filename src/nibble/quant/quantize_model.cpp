@@ -74,6 +74,7 @@ std::vector<float> fp16_rounded(std::vector<float> v) {
 struct Pending {
   std::unique_ptr<Linear>* slot;
   std::vector<int32_t> perm;  // runtime gather (empty when folded or identity)
+  std::vector<int32_t> order;  // the linear's channel c is statistics channel order[c] (gathered or folded)
   std::vector<float> weight;  // [N, K], permuted
   std::vector<float> bias;
   LinearQuantSpec spec;
@@ -93,7 +94,12 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
     model.set_kv_format(recipe.kv);
     return report;
   }
-  const bool need_fp_stream = recipe.reorder;
+  // Atom (--atom-compat) takes the reorder statistics from the FP model and GPTQ's Hessians from
+  // the gathered, quantized inputs, which needs the order first: three passes per layer. The
+  // default takes both from one pass over the calibration stream (earlier layers quantized, this
+  // one full precision) and permutes the Hessians afterwards: two passes per layer.
+  const bool fused_stats = recipe.gptq && !recipe.hessian_from_quantized_inputs;
+  const bool need_fp_stream = recipe.reorder && !fused_stats;
   const bool need_q_stream = recipe.gptq;
   const int64_t ctx = std::min(recipe.calib_ctx, c.max_position_embeddings);
   report.calib_ctx = ctx;
@@ -115,16 +121,26 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
 
     // 1. Full-precision statistics of every linear input (the reorder metric); advances the FP stream.
     std::map<Key, InputStats> fp_stats;
-    if (need_fp_stream) {
-      model.set_kv_format(fp_kv);
-      model.set_observer([&](int, LinearSlot s, int e, const float* x, int64_t rows) {
+    auto collect = [&](bool with_xtx) {
+      model.set_observer([&, with_xtx](int, LinearSlot s, int e, const float* x, int64_t rows) {
         auto [it, inserted] = fp_stats.try_emplace({s, e});
-        if (inserted) it->second = InputStats(s == LinearSlot::Down ? I : s == LinearSlot::O ? c.q_dim() : c.hidden_size, false);
+        const int64_t dim = s == LinearSlot::Down ? I : s == LinearSlot::O ? c.q_dim() : c.hidden_size;
+        if (inserted) it->second = InputStats(dim, with_xtx && s != LinearSlot::Router);
         it->second.add(x, rows);
       });
+    };
+    model.set_kv_format(fp_kv);
+    if (need_fp_stream) {
+      collect(false);
       for (auto& h : fp_stream) model.run_layer(l, h.data(), ctx);
-      model.set_observer(nullptr);
+    } else if (fused_stats) {
+      collect(true);
+      for (const auto& h : q_stream) {
+        std::vector<float> copy(h);
+        model.run_layer(l, copy.data(), ctx);
+      }
     }
+    model.set_observer(nullptr);
     auto order_for = [&](Key k, Key fallback) -> std::vector<int32_t> {
       if (!recipe.reorder) return {};
       auto it = fp_stats.find(k);
@@ -142,10 +158,12 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
 
     // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).
     std::vector<Pending> pending;
-    auto add = [&](std::unique_ptr<Linear>* slot, std::vector<int32_t> perm, Key key, std::string name) {
+    auto add = [&](std::unique_ptr<Linear>* slot, std::vector<int32_t> perm, Key key, std::string name,
+                   std::vector<int32_t> folded = {}) {
       DenseLinear& d = dense(**slot);
       const int64_t N = d.out_features(), K = d.in_features();
-      Pending p{slot, perm, gather_columns(d.weight(), N, K, perm), fp16_rounded(d.bias()),
+      std::vector<int32_t> order = folded.empty() ? perm : folded;
+      Pending p{slot, perm, std::move(order), gather_columns(d.weight(), N, K, perm), fp16_rounded(d.bias()),
                 recipe.linear_spec(K, lw + " " + name), key, name};
       pending.push_back(std::move(p));
     };
@@ -163,13 +181,28 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
       const std::string en = layer.router ? fmt::format(" expert {}", e) : "";
       add(&ex.gate_up, order_for({LinearSlot::GateUp, tag}, {LinearSlot::Router, -1}), {LinearSlot::GateUp, tag},
           "gate/up" + en);
-      add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en);
+      add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en, down_order);
     }
 
     // 3. GPTQ's Hessians from the quantized model's stream, the layer's activations quantized as
     //    it will run (Atom), its weights still full precision.
-    std::map<Key, InputStats> hessians;
-    if (recipe.gptq) {
+    std::map<Key, std::vector<double>> hessians;
+    if (fused_stats) {
+      for (const auto& p : pending) {
+        auto it = fp_stats.find(p.key);
+        if (it == fp_stats.end() || !it->second.has_xtx()) continue;
+        std::vector<double> H = it->second.xtx();
+        if (!p.order.empty()) {
+          const int64_t K = it->second.dim();
+          std::vector<double> Hp(H.size());
+          for (int64_t i = 0; i < K; ++i)
+            for (int64_t j = 0; j < K; ++j) Hp[size_t(i * K + j)] = H[size_t(p.order[size_t(i)] * K + p.order[size_t(j)])];
+          H = std::move(Hp);
+        }
+        hessians[p.key] = std::move(H);
+      }
+    } else if (recipe.gptq) {
+      std::map<Key, InputStats> quantized_inputs;
       std::map<Key, const Pending*> by_key;
       for (auto& p : pending) {
         by_key[p.key] = &p;
@@ -186,7 +219,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t k = 0; k < K; ++k) xg[size_t(r * K + k)] = x[r * K + (p.perm.empty() ? k : p.perm[size_t(k)])];
         if (recipe.hessian_from_quantized_inputs) quantize_activations(xg.data(), rows, K, p.spec);
-        auto [it, inserted] = hessians.try_emplace(p.key);
+        auto [it, inserted] = quantized_inputs.try_emplace(p.key);
         if (inserted) it->second = InputStats(K, true);
         it->second.add(xg.data(), rows);
       });
@@ -195,6 +228,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         model.run_layer(l, copy.data(), ctx);
       }
       model.set_observer(nullptr);
+      for (auto& [key, st] : quantized_inputs) hessians[key] = st.xtx();
     }
 
     // 4. Quantize every linear (RTN or GPTQ) and install it.
@@ -210,7 +244,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         GptqOptions opt;
         opt.block = recipe.gptq_block;
         opt.percdamp = recipe.percdamp;
-        GptqResult g = gptq_quantize(p.weight, N, K, hit->second.xtx(), p.spec, opt, where);
+        GptqResult g = gptq_quantize(p.weight, N, K, hit->second, p.spec, opt, where);
         *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                                 std::move(g.keeper_fp16), std::move(p.bias));
       } else {

@@ -1,5 +1,7 @@
 #include "nibble/backend/cpu/ops.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <numbers>
@@ -66,35 +68,28 @@ void apply_rope(float* x, int64_t heads, int64_t head_dim, int64_t pos, std::spa
 
 void attention(const float* q, const float* k, const float* v, int64_t n, int64_t start, int64_t heads,
                int64_t kv_heads, int64_t d, int64_t sliding_window, float* out) {
-  const int64_t group = heads / kv_heads;
+  const int64_t group = heads / kv_heads, total = start + n;
   const int64_t q_stride = heads * d, kv_stride = kv_heads * d;
   const float scale = 1.0f / std::sqrt(float(d));
-#pragma omp parallel
-  {
-    std::vector<float> scores(size_t(start + n));
-#pragma omp for collapse(2) schedule(dynamic, 4)
-    for (int64_t h = 0; h < heads; ++h)
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t pos = start + i;
-        const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
-        const float* qi = q + i * q_stride + h * d;
-        const int64_t kvh = h / group;
-        float mx = -INFINITY;
-        for (int64_t j = first; j <= pos; ++j) {
-          scores[size_t(j)] = dot(qi, k + j * kv_stride + kvh * d, d) * scale;
-          mx = std::max(mx, scores[size_t(j)]);
-        }
-        float sum = 0;
-        for (int64_t j = first; j <= pos; ++j) sum += (scores[size_t(j)] = std::exp(scores[size_t(j)] - mx));
-        const float inv = 1.0f / sum;
-        float* o = out + i * q_stride + h * d;
-        std::fill(o, o + d, 0.0f);
-        for (int64_t j = first; j <= pos; ++j) {
-          const float p = scores[size_t(j)] * inv;
-          const float* vj = v + j * kv_stride + kvh * d;
-          for (int64_t c = 0; c < d; ++c) o[c] += p * vj[c];
-        }
-      }
+  // Per head: S = Q Kᵀ / sqrt(d) through BLAS, causal (and sliding-window) mask, row softmax,
+  // O = P V through BLAS. Heads run in parallel; BLAS runs single-threaded inside the region.
+#pragma omp parallel for schedule(dynamic, 1) if (heads > 1)
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* kh = k + (h / group) * d;
+    const float* vh = v + (h / group) * d;
+    std::vector<float> scores(static_cast<size_t>(n * total));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(total), int(d), scale, q + h * d,
+                int(q_stride), kh, int(kv_stride), 0.0f, scores.data(), int(total));
+    for (int64_t i = 0; i < n; ++i) {
+      float* row = scores.data() + i * total;
+      const int64_t pos = start + i;
+      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
+      std::fill(row, row + first, 0.0f);
+      softmax(row + first, pos + 1 - first);
+      std::fill(row + pos + 1, row + total, 0.0f);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(d), int(total), 1.0f, scores.data(),
+                int(total), vh, int(kv_stride), 0.0f, out + h * d, int(q_stride));
   }
 }
 
