@@ -69,7 +69,7 @@ BpeModel BpeModel::parse(const JsonNode& model) {
     const JsonNode id_node(id_value, fmt::format("{}['{}']", vocab.path(), token), vocab.where());
     const int64_t id = id_node.integer();
     if (id < 0 || id > std::numeric_limits<int32_t>::max()) id_node.fail(fmt::format("token id {} is out of range", id));
-    const auto [it, inserted] = bpe.vocab_.emplace(token, int32_t(id));
+    const auto it = bpe.vocab_.emplace(token, int32_t(id)).first;
     const auto [other, fresh] = token_of_id.emplace(int32_t(id), it->first);
     if (!fresh) id_node.fail(fmt::format("id {} is also given to '{}'", id, other->second));
   }
