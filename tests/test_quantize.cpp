@@ -8,6 +8,7 @@
 #include "nibble/core/error.h"
 #include "nibble/io/packed.h"
 #include "nibble/model/model.h"
+#include "nibble/quant/kv_quant.h"
 #include "nibble/quant/quantize_model.h"
 #include "tests/test_util.h"
 
@@ -134,6 +135,55 @@ TEST_F(QuantizeStories, Int8KVCacheStaysClose) {
   const std::vector<float> kv4 = logits_of(*model, probe);
   EXPECT_GT(rel_max(kv4, fp), 1e-4);  // really quantized
   EXPECT_LE(rel_max(kv4, fp), 0.5);
+}
+
+}  // namespace
+}  // namespace nibble
+
+namespace nibble {
+namespace {
+
+TEST(KVQuant, HadamardIsOrthonormalAndSelfInverse) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  std::vector<float> x(128), y;
+  for (auto& v : x) v = nd(rng);
+  y = x;
+  quant::hadamard_transform(y.data(), 128);
+  double nx = 0, ny = 0;
+  for (size_t i = 0; i < x.size(); ++i) {
+    nx += double(x[i]) * x[i];
+    ny += double(y[i]) * y[i];
+  }
+  EXPECT_NEAR(ny / nx, 1.0, 1e-5);
+  // The first output is the scaled sum: an independent check of the butterfly.
+  double sum = 0;
+  for (float v : x) sum += v;
+  EXPECT_NEAR(y[0], sum / std::sqrt(128.0), 1e-4);
+  quant::hadamard_transform(y.data(), 128);
+  for (size_t i = 0; i < x.size(); ++i) EXPECT_NEAR(y[i], x[i], 1e-5);
+}
+
+// A channel outlier in K ruins a plain INT4 group; the rotated cache spreads it out.
+TEST(KVQuant, HadamardShrinksErrorOnOutlierChannels) {
+  std::mt19937 rng(4);
+  std::normal_distribution<float> nd;
+  const int64_t d = 128, n = 64;
+  std::vector<float> k(size_t(n * d)), v(size_t(n * d));
+  for (auto& x : k) x = nd(rng);
+  for (int64_t t = 0; t < n; ++t) k[size_t(t * d + 7)] = 40.0f;  // an outlier channel
+  v = k;
+  double err[2];
+  for (int h = 0; h < 2; ++h) {
+    auto cache = make_kv_cache(1, d, d, n, KVFormat{4, false, 1.0f, h == 1});
+    cache->write(0, 0, n, k.data(), v.data());
+    std::vector<float> K(k.size()), V(v.size());
+    cache->read(0, n, K.data(), V.data());
+    err[h] = 0;
+    for (size_t i = 0; i < k.size(); ++i)
+      if (i % size_t(d) != 7) err[h] += (K[i] - k[i]) * (K[i] - k[i]);
+  }
+  EXPECT_LT(err[1], 0.5 * err[0]) << "plain " << err[0] << " rotated " << err[1];
 }
 
 }  // namespace

@@ -13,19 +13,22 @@ namespace {
 struct PerplexityArgs {
   std::string model, file, kld_base;
   PerplexityOptions opt;
+  KVOverride kv;
   bool json = false;
 };
 
 void run_perplexity(PerplexityArgs a) {
   if (a.json) Progress::set_quiet(!isatty(2));
   auto model = Model::load(a.model);
+  a.kv.apply(*model);
   std::unique_ptr<Model> base;
   if (!a.kld_base.empty()) base = Model::load(a.kld_base);
   const Tokenizer tok = load_tokenizer(a.model);
   const std::string text = read_text_file(a.file);
   const std::vector<int32_t> tokens = tok.encode(text, tok.bos_id() >= 0);
   const PerplexityResult r = perplexity(*model, tokens, a.opt, base.get());
-  std::printf("model: %s\ntext: %s (%lld tokens with BOS)\n", a.model.c_str(), a.file.c_str(), (long long)r.tokens);
+  std::printf("model: %s (KV cache %s)\ntext: %s (%lld tokens with BOS)\n", a.model.c_str(), model->kv_format().describe().c_str(), a.file.c_str(),
+              (long long)r.tokens);
   std::printf("windows: %lld of %lld tokens (remainder dropped), %lld predictions scored\n", (long long)r.windows,
               (long long)r.ctx, (long long)r.scored);
   std::printf("perplexity: %.4f (mean NLL %.6f nats/token), %.1f s, %.1f tokens/s\n", r.ppl, r.nll_mean, r.seconds,
@@ -57,6 +60,7 @@ void add_perplexity_command(CLI::App& app) {
   cmd->add_option("--kld-base", a->kld_base,
                   "a second (e.g. FP16) model run on the same windows: report KL-divergence(base||model) mean, "
                   "median, p99 and top-1 agreement");
+  a->kv.add_to(cmd);
   cmd->add_flag("--json", a->json, "print one JSON object as the last line of stdout (ppl, tokens, windows, ctx, kld_*)");
   cmd->callback([a] { run_perplexity(*a); });
 }

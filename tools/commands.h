@@ -3,6 +3,7 @@
 
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -20,6 +21,16 @@ void add_inspect_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_ablate_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
+
+// Run-time KV cache choices (--kv-bits, --kv-clip, --k-after-rope, --kv-hadamard) that override
+// what a model file says, to measure cache formats without re-quantizing.
+struct KVOverride {
+  std::optional<int> bits;
+  std::optional<float> clip;
+  std::optional<bool> k_after_rope, hadamard;
+  void add_to(CLI::App* cmd);
+  void apply(Model& m) const;
+};
 
 // The tokenizer of the model given with -m: a Hugging Face directory's tokenizer.json, or the
 // one embedded in a packed nibble file.

@@ -34,6 +34,24 @@ Tokenizer load_tokenizer(const std::string& model_path) {
   return tok;
 }
 
+void KVOverride::add_to(CLI::App* cmd) {
+  cmd->add_option("--kv-bits", bits, "KV cache at run time: 4 or 8 (integer), 16 (fp16), 32 (fp32)");
+  cmd->add_option("--kv-clip", clip, "clip ratio of an integer KV cache");
+  cmd->add_flag_callback("--k-after-rope", [this] { k_after_rope = true; }, "quantize K after RoPE");
+  cmd->add_flag_callback("--k-before-rope", [this] { k_after_rope = false; }, "quantize K before RoPE (Atom)");
+  cmd->add_flag_callback("--kv-hadamard", [this] { hadamard = true; }, "quantize K/V in a Hadamard-rotated basis");
+  cmd->add_flag_callback("--no-kv-hadamard", [this] { hadamard = false; }, "no Hadamard rotation of K/V");
+}
+
+void KVOverride::apply(Model& m) const {
+  KVFormat f = m.kv_format();
+  if (bits) f.bits = *bits;
+  if (clip) f.clip = *clip;
+  if (k_after_rope) f.k_before_rope = !*k_after_rope;
+  if (hadamard) f.hadamard = *hadamard;
+  m.set_kv_format(f);
+}
+
 }  // namespace nibble::cli
 
 int main(int argc, char** argv) {

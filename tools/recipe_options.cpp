@@ -32,6 +32,7 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   cmd->add_option("--kv-bits", kv_bits, "KV cache: 4, 8 (integer, asymmetric per token and head) or 16");
   cmd->add_option("--kv-clip", kv_clip, "clip ratio of the integer KV cache");
   tri("--k-after-rope", "--k-before-rope", &k_after_rope, "quantize K after RoPE (Atom: before)");
+  tri("--kv-hadamard", "--no-kv-hadamard", &kv_hadamard, "quantize K/V per head in a Hadamard-rotated basis");
   tri("--hessian-fp", "--hessian-quantized", &hessian_fp,
       "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
   cmd->add_flag("--atom-compat", atom_compat,
@@ -64,6 +65,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (kv_bits) r.kv.bits = *kv_bits;
   if (kv_clip) r.kv.clip = *kv_clip;
   if (k_after_rope) r.kv.k_before_rope = !*k_after_rope;
+  if (kv_hadamard) r.kv.hadamard = *kv_hadamard;
   if (hessian_fp) r.hessian_from_quantized_inputs = !*hessian_fp;
   if (calib_windows) r.calib_windows = *calib_windows;
   if (calib_ctx) r.calib_ctx = *calib_ctx;

@@ -12,7 +12,9 @@ namespace nibble {
 
 std::string KVFormat::describe() const {
   std::string s = bits == 32 ? "fp32" : bits == 16 ? "fp16" : fmt::format("int{}-asym", bits);
-  if (bits < 16) s += k_before_rope ? " (K before RoPE)" : " (K after RoPE)";
+  if (bits < 16) s += k_before_rope ? " (K before RoPE" : " (K after RoPE";
+  if (bits < 16 && clip < 1) s += fmt::format(", clip {}", clip);
+  if (bits < 16) s += hadamard ? ", Hadamard)" : ")";
   return s;
 }
 

@@ -13,6 +13,9 @@ struct KVFormat {
   int bits = 32;                  // 32: fp32 reference; 16: fp16; 8 or 4: integer (quant/format.h)
   bool k_before_rope = false;     // store K unrotated and rotate when read (Atom's KV4 order)
   float clip = 1.0f;              // integer formats: clip ratio of each token-and-head group
+  // Integer formats: quantize each head vector in a Walsh-Hadamard-rotated basis (undone on read),
+  // which spreads outlier channels over the whole group; attention itself is unchanged.
+  bool hadamard = false;
   std::string describe() const;
 };
 

@@ -1,5 +1,7 @@
 #include "nibble/quant/kv_quant.h"
 
+#include <cmath>
+
 #include "nibble/core/error.h"
 
 namespace nibble::quant {
@@ -9,14 +11,28 @@ FormatSpec kv_format_spec(const KVFormat& f, int64_t head_dim) {
   return FormatSpec{f.bits == 4 ? Format::Int4Asym : Format::Int8Asym, int(head_dim), 1, f.clip};
 }
 
+void hadamard_transform(float* x, int64_t n) {
+  for (int64_t h = 1; h < n; h *= 2)
+    for (int64_t i = 0; i < n; i += 2 * h)
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+  const float norm = 1.0f / std::sqrt(float(n));
+  for (int64_t i = 0; i < n; ++i) x[i] *= norm;
+}
+
 namespace {
 
 class IntKVCache final : public KVCache {
  public:
   IntKVCache(int64_t layers, int64_t kv_dim, int64_t head_dim, int64_t capacity, const KVFormat& f)
       : KVCache(layers, kv_dim, capacity), spec_(kv_format_spec(f, head_dim)), head_dim_(head_dim),
-        layers_(size_t(layers)) {
+        hadamard_(f.hadamard), layers_(size_t(layers)) {
     check(kv_dim % head_dim == 0, "KVCache", "kv_dim {} is not a multiple of head_dim {}", kv_dim, head_dim);
+    check(!hadamard_ || (head_dim & (head_dim - 1)) == 0, "KVCache",
+          "a Hadamard-rotated KV cache needs a power-of-two head_dim, not {}", head_dim);
   }
 
   std::unique_ptr<KVCache> clone() const override { return std::make_unique<IntKVCache>(*this); }
@@ -59,22 +75,30 @@ class IntKVCache final : public KVCache {
   void encode(const float* x, int64_t pos, int64_t n, std::vector<uint8_t>& codes,
               std::vector<GroupScale>& scales) const {
     const int64_t heads = kv_dim_ / head_dim_;
+    std::vector<float> head(static_cast<size_t>(head_dim_));
     for (int64_t t = 0; t < n; ++t)
-      for (int64_t h = 0; h < heads; ++h)
-        scales[size_t((pos + t) * heads + h)] = encode_group(spec_, x + t * kv_dim_ + h * head_dim_, head_dim_,
-                                                             codes.data() + (pos + t) * kv_dim_ + h * head_dim_);
+      for (int64_t h = 0; h < heads; ++h) {
+        std::copy_n(x + t * kv_dim_ + h * head_dim_, head_dim_, head.begin());
+        if (hadamard_) hadamard_transform(head.data(), head_dim_);
+        scales[size_t((pos + t) * heads + h)] =
+            encode_group(spec_, head.data(), head_dim_, codes.data() + (pos + t) * kv_dim_ + h * head_dim_);
+      }
   }
 
   void decode(const std::vector<uint8_t>& codes, const std::vector<GroupScale>& scales, int64_t n, float* out) const {
     const int64_t heads = kv_dim_ / head_dim_;
     for (int64_t t = 0; t < n; ++t)
       for (int64_t h = 0; h < heads; ++h)
-        decode_group(spec_.format, codes.data() + t * kv_dim_ + h * head_dim_, head_dim_,
-                     scales[size_t(t * heads + h)], out + t * kv_dim_ + h * head_dim_);
+      {
+        float* o = out + t * kv_dim_ + h * head_dim_;
+        decode_group(spec_.format, codes.data() + t * kv_dim_ + h * head_dim_, head_dim_, scales[size_t(t * heads + h)], o);
+        if (hadamard_) hadamard_transform(o, head_dim_);
+      }
   }
 
   FormatSpec spec_;
   int64_t head_dim_;
+  bool hadamard_;
   std::vector<Store> layers_;
 };
 

@@ -154,6 +154,7 @@ nlohmann::json Recipe::to_json() const {
           {"kv_bits", kv.bits},
           {"kv_k_before_rope", kv.k_before_rope},
           {"kv_clip", kv.clip},
+          {"kv_hadamard", kv.hadamard},
           {"hessian_from_quantized_inputs", hessian_from_quantized_inputs},
           {"atom_compat", atom_compat},
           {"calib_windows", calib_windows},
@@ -180,6 +181,7 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
     r.kv.bits = j.at("kv_bits").get<int>();
     r.kv.k_before_rope = j.at("kv_k_before_rope").get<bool>();
     r.kv.clip = j.at("kv_clip").get<float>();
+    r.kv.hadamard = j.value("kv_hadamard", false);
     r.hessian_from_quantized_inputs = j.at("hessian_from_quantized_inputs").get<bool>();
     r.atom_compat = j.at("atom_compat").get<bool>();
     r.calib_windows = j.at("calib_windows").get<int64_t>();
