@@ -1,0 +1,532 @@
+// attention_decode: one query token per sequence against its paged KV cache (INT4 or FP16).
+//
+// Grid (splits, kv_heads, batch), 4 warps per block. A block owns a contiguous range of 16-token
+// chunks of one sequence's cache for one KV head (flash-decoding: the sequence is split when the
+// batch alone cannot fill the GPU); its warps take every 4th chunk, each streaming its chunks
+// through a private cp.async ring in shared memory. All query heads of the KV head ride in the M
+// rows of one mma.sync m16n8k16 (GQA: every K/V load serves G <= 16 heads):
+//   S (16 heads x 16 keys) = Q · Kᵀ,  O (16 heads x D) += P · V.
+// INT4 is dequantized in registers. K: the raw codes c enter the MMA (exact in fp16 through the
+// 1024 + c trick) and the score is scale · (q·c - zero · Σq); V: (c - zero) · scale in fp16
+// (= fp16 of format.h's decode) feeds the MMA. Warps combine in shared memory, splits in a
+// second small kernel (log-sum-exp weights).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+#include "nibble/backend/cuda/attention_device.h"
+#include "nibble/backend/cuda/cuda_check.h"
+
+namespace nibble::cuda {
+namespace {
+
+using namespace attn;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kWarps = 4;
+
+struct DecodeParams {
+  const __half* q;
+  __half* out;
+  int H, G, layer;
+  const float2* rope;
+  float scale_log2;
+  int splits, chunks_per_split;
+  float* ws_o;    // [batch][H][splits][D]
+  float* ws_lse;  // [batch][H][splits]
+};
+
+template <int D, bool INT4>
+constexpr int stage_bytes() {
+  return INT4 ? 16 * D + 96 : 2 * 16 * (2 * D + 16);
+}
+template <bool INT4>
+constexpr int stages() {
+  return INT4 ? 4 : 3;
+}
+template <int D, bool INT4, bool ROPE_K>
+constexpr int warp_smem_bytes() {
+  return stages<INT4>() * stage_bytes<D, INT4>() + (ROPE_K ? 16 * (2 * D + 16) : 0);
+}
+template <int D, bool INT4, bool ROPE_K>
+constexpr int decode_smem_bytes() {
+  constexpr int pipe = kWarps * warp_smem_bytes<D, INT4, ROPE_K>();
+  constexpr int reduce = kWarps * 16 * (D + 2) * 4;
+  return pipe > reduce ? pipe : reduce;
+}
+
+template <int D, bool INT4, bool ROPE_K>
+__global__ void __launch_bounds__(128) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
+  constexpr int SB = stage_bytes<D, INT4>();
+  constexpr int NS = stages<INT4>();
+  constexpr int KR = 2 * D + 16;  // fp16 row stride in bytes (padded: ldmatrix conflict-free)
+  constexpr bool K_NIBBLE = INT4 && !ROPE_K;  // K straight from codes (else an fp16 K tile)
+  extern __shared__ __align__(16) uint8_t smem[];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
+  const int len = b.seq_lens[seq];
+  const int n_chunks = (len + 15) / 16;
+  const int c_begin = split * p.chunks_per_split;
+  const int c_end = min(n_chunks, c_begin + p.chunks_per_split);
+  const int my_n = c_begin + warp < c_end ? (c_end - c_begin - warp + kWarps - 1) / kWarps : 0;
+  const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
+  const int P = c.page_size;
+  uint8_t* ring = smem + warp * warp_smem_bytes<D, INT4, ROPE_K>();
+  uint8_t* krot = ring + NS * SB;  // ROPE_K: the rotated fp16 K tile
+
+  auto issue = [&](int i) {
+    if (i >= my_n) return;
+    const int chunk = c_begin + warp + i * kWarps;
+    const int key0 = chunk * 16;
+    const uint8_t* blk = block_ptr(c, p.layer, table[key0 / P], kvh);
+    const int r0 = key0 % P;
+    uint8_t* dst = ring + (i % NS) * SB;
+    if constexpr (INT4) {
+      constexpr int KU = D / 2;
+      const int64_t v_off = int64_t(P) * (D / 2), s_off = 2 * v_off;
+      for (int u = lane; u < 2 * KU + 6; u += 32) {
+        const uint8_t* src;
+        if (u < KU) src = blk + int64_t(r0) * (D / 2) + u * 16;
+        else if (u < 2 * KU) src = blk + v_off + int64_t(r0) * (D / 2) + (u - KU) * 16;
+        else if (u < 2 * KU + 2) src = blk + s_off + r0 * 2 + (u - 2 * KU) * 16;
+        else if (u < 2 * KU + 4) src = blk + s_off + 2 * P + r0 * 2 + (u - 2 * KU - 2) * 16;
+        else if (u == 2 * KU + 4) src = blk + s_off + 4 * P + r0;
+        else src = blk + s_off + 5 * P + r0;
+        cp_async16(dst + u * 16, src);
+      }
+    } else {
+      constexpr int RU = D / 8;  // 16-byte units per fp16 row
+      for (int u = lane; u < 2 * 16 * RU; u += 32) {
+        const int kv = u / (16 * RU), rem = u % (16 * RU), r = rem / RU, cc = rem % RU;
+        const bool ok = key0 + r < len;  // rows past the end: zeros (V must stay finite)
+        const uint8_t* src = blk + (kv ? int64_t(P) * D * 2 : 0) + int64_t(r0 + r) * D * 2 + cc * 16;
+        cp_async16(dst + kv * 16 * KR + r * KR + cc * 16, ok ? src : blk, ok ? 16 : 0);
+      }
+    }
+  };
+
+  // Q fragments (rows = the G heads of this KV head, zero beyond G) and, for the INT4 K path, Σq.
+  const __half* qh = p.q + (int64_t(seq) * p.H + int64_t(kvh) * p.G) * D;
+  uint32_t qf[D / 16][4];
+  float sumq_g = 0, sumq_g8 = 0;
+  {
+    const bool v_g = g < p.G, v_g8 = g + 8 < p.G;
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+      int d0, d1;  // dims of the a[0] / a[2] pairs
+      if constexpr (K_NIBBLE) {
+        d0 = t * (D / 4) + 8 * (ks / 2) + 4 * (ks % 2);
+        d1 = d0 + 2;
+      } else {
+        d0 = ks * 16 + 2 * t;
+        d1 = d0 + 8;
+      }
+      const uint32_t* q32g = reinterpret_cast<const uint32_t*>(qh + g * D);
+      const uint32_t* q32g8 = reinterpret_cast<const uint32_t*>(qh + (g + 8) * D);
+      qf[ks][0] = v_g ? q32g[d0 / 2] : 0u;
+      qf[ks][1] = v_g8 ? q32g8[d0 / 2] : 0u;
+      qf[ks][2] = v_g ? q32g[d1 / 2] : 0u;
+      qf[ks][3] = v_g8 ? q32g8[d1 / 2] : 0u;
+      if constexpr (K_NIBBLE) {
+        const float2 a = __half22float2(u2h(qf[ks][0])), a2 = __half22float2(u2h(qf[ks][2]));
+        const float2 c8 = __half22float2(u2h(qf[ks][1])), c82 = __half22float2(u2h(qf[ks][3]));
+        sumq_g += (a.x + a.y) + (a2.x + a2.y);
+        sumq_g8 += (c8.x + c8.y) + (c82.x + c82.y);
+      }
+    }
+    if constexpr (K_NIBBLE) {
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {
+        sumq_g += __shfl_xor_sync(0xffffffffu, sumq_g, off);
+        sumq_g8 += __shfl_xor_sync(0xffffffffu, sumq_g8, off);
+      }
+    }
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
+  float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
+
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    issue(i);
+    cp_async_commit();
+  }
+
+  for (int i = 0; i < my_n; ++i) {
+    issue(i + NS - 1);
+    cp_async_commit();
+    cp_async_wait<NS - 1>();
+    __syncwarp();
+    const uint8_t* st = ring + (i % NS) * SB;
+    const int key0 = (c_begin + warp + i * kWarps) * 16;
+    const int nvalid = min(16, len - key0);
+
+    // K tile in fp16 (rotated) for the ROPE_K path.
+    if constexpr (ROPE_K) {
+      const int r = lane / 2, hf = lane % 2;
+      const int pos = key0 + r;
+      const bool ok = r < nvalid;
+      constexpr int WH = D / 16;  // 8-dim words in the first half
+#pragma unroll
+      for (int w = hf * (WH / 2); w < (hf + 1) * (WH / 2); ++w) {
+        float lo[8], hi[8];
+        if constexpr (INT4) {
+          const uint32_t wl = reinterpret_cast<const uint32_t*>(st + r * (D / 2))[w];
+          const uint32_t wh = reinterpret_cast<const uint32_t*>(st + r * (D / 2))[w + WH];
+          const float s = __half2float(reinterpret_cast<const __half*>(st + 16 * D)[r]);
+          const int z = st[16 * D + 64 + r];
+#pragma unroll
+          for (int n = 0; n < 8; ++n) {
+            const int dim = n < 4 ? 2 * n : 2 * (n - 4) + 1;
+            // format.h int_asym_decode: (code - zero) · scale in fp32
+            lo[dim] = float(int((wl >> (4 * n)) & 15u) - z) * s;
+            hi[dim] = float(int((wh >> (4 * n)) & 15u) - z) * s;
+          }
+        } else {
+          const uint4 vl = *reinterpret_cast<const uint4*>(st + r * KR + w * 16);
+          const uint4 vh = *reinterpret_cast<const uint4*>(st + r * KR + (w + WH) * 16);
+          const uint32_t ul[4] = {vl.x, vl.y, vl.z, vl.w}, uh[4] = {vh.x, vh.y, vh.z, vh.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 fl = __half22float2(u2h(ul[k])), fh = __half22float2(u2h(uh[k]));
+            lo[2 * k] = fl.x;
+            lo[2 * k + 1] = fl.y;
+            hi[2 * k] = fh.x;
+            hi[2 * k + 1] = fh.y;
+          }
+        }
+        uint32_t ol[4] = {0, 0, 0, 0}, oh[4] = {0, 0, 0, 0};
+        if (ok) {
+          const float2* cs = p.rope + int64_t(pos) * (D / 2) + w * 8;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const float2 c0 = cs[2 * k], c1 = cs[2 * k + 1];
+            ol[k] = pack_half2(lo[2 * k] * c0.x - hi[2 * k] * c0.y, lo[2 * k + 1] * c1.x - hi[2 * k + 1] * c1.y);
+            oh[k] = pack_half2(hi[2 * k] * c0.x + lo[2 * k] * c0.y, hi[2 * k + 1] * c1.x + lo[2 * k + 1] * c1.y);
+          }
+        }
+        *reinterpret_cast<uint4*>(krot + r * KR + w * 16) = make_uint4(ol[0], ol[1], ol[2], ol[3]);
+        *reinterpret_cast<uint4*>(krot + r * KR + (w + WH) * 16) = make_uint4(oh[0], oh[1], oh[2], oh[3]);
+      }
+      __syncwarp();
+    }
+
+    // ---- S = Q · Kᵀ ----
+    float s[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+      if constexpr (K_NIBBLE) {
+        uint32_t w[D / 32];
+        const uint8_t* krow = st + (8 * j + g) * (D / 2) + t * (D / 8);
+        if constexpr (D == 128) {
+          const uint4 v = *reinterpret_cast<const uint4*>(krow);
+          w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+        } else {
+          const uint2 v = *reinterpret_cast<const uint2*>(krow);
+          w[0] = v.x, w[1] = v.y;
+        }
+        const __half2 k1024 = __float2half2_rn(1024.0f);
+#pragma unroll
+        for (int r = 0; r < D / 32; ++r)
+#pragma unroll
+          for (int a = 0; a < 2; ++a)
+            mma16816(s[j], qf[2 * r + a], h2u(__hsub2(u2h(nibble_pair_1024(w[r], 2 * a)), k1024)),
+                     h2u(__hsub2(u2h(nibble_pair_1024(w[r], 2 * a + 1)), k1024)));
+      } else {
+        const uint8_t* kt = ROPE_K ? krot : st;
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks += 2) {
+          uint32_t r[4];
+          ldmatrix_x4(r, kt + (8 * j + (lane % 8)) * KR + (ks * 16 + (lane / 8) * 8) * 2);
+          mma16816(s[j], qf[ks], r[0], r[1]);
+          mma16816(s[j], qf[ks + 1], r[2], r[3]);
+        }
+      }
+    }
+    // Scores in the log2 domain, masked past the end.
+    float mx_g = -INFINITY, mx_g8 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int k0 = 8 * j + 2 * t;  // this thread's keys k0, k0 + 1
+      float sc0 = p.scale_log2, sc1 = p.scale_log2, zq0 = 0, zq1 = 0, zq80 = 0, zq81 = 0;
+      if constexpr (K_NIBBLE) {
+        const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(st + 16 * D + 2 * k0));
+        const uint16_t kz = *reinterpret_cast<const uint16_t*>(st + 16 * D + 64 + k0);
+        sc0 *= ksc.x;
+        sc1 *= ksc.y;
+        zq0 = float(kz & 0xff) * sumq_g;
+        zq1 = float(kz >> 8) * sumq_g;
+        zq80 = float(kz & 0xff) * sumq_g8;
+        zq81 = float(kz >> 8) * sumq_g8;
+      }
+      s[j][0] = k0 < nvalid ? (s[j][0] - zq0) * sc0 : -INFINITY;
+      s[j][1] = k0 + 1 < nvalid ? (s[j][1] - zq1) * sc1 : -INFINITY;
+      s[j][2] = k0 < nvalid ? (s[j][2] - zq80) * sc0 : -INFINITY;
+      s[j][3] = k0 + 1 < nvalid ? (s[j][3] - zq81) * sc1 : -INFINITY;
+      mx_g = fmaxf(mx_g, fmaxf(s[j][0], s[j][1]));
+      mx_g8 = fmaxf(mx_g8, fmaxf(s[j][2], s[j][3]));
+    }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_g = fmaxf(mx_g, __shfl_xor_sync(0xffffffffu, mx_g, off));
+      mx_g8 = fmaxf(mx_g8, __shfl_xor_sync(0xffffffffu, mx_g8, off));
+    }
+    const float mn_g = fmaxf(m_g, mx_g), mn_g8 = fmaxf(m_g8, mx_g8);
+    const float al_g = exp2f(m_g - mn_g), al_g8 = exp2f(m_g8 - mn_g8);
+    m_g = mn_g;
+    m_g8 = mn_g8;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      s[j][0] = exp2f(s[j][0] - mn_g);
+      s[j][1] = exp2f(s[j][1] - mn_g);
+      s[j][2] = exp2f(s[j][2] - mn_g8);
+      s[j][3] = exp2f(s[j][3] - mn_g8);
+    }
+    l_g = l_g * al_g + (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]);
+    l_g8 = l_g8 * al_g8 + (s[0][2] + s[0][3]) + (s[1][2] + s[1][3]);
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][0] *= al_g;
+      o[n][1] *= al_g;
+      o[n][2] *= al_g8;
+      o[n][3] *= al_g8;
+    }
+    const uint32_t pa[4] = {pack_half2(s[0][0], s[0][1]), pack_half2(s[0][2], s[0][3]), pack_half2(s[1][0], s[1][1]),
+                            pack_half2(s[1][2], s[1][3])};
+
+    // ---- O += P · V ----
+    if constexpr (INT4) {
+      // Keys 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1); scale 0 past the end keeps garbage out.
+      const uint8_t* vc = st + 8 * D;
+      __half2 ss01 = *reinterpret_cast<const __half2*>(st + 16 * D + 32 + 4 * t);
+      __half2 ss23 = *reinterpret_cast<const __half2*>(st + 16 * D + 32 + 4 * t + 16);
+      const uint16_t z01 = *reinterpret_cast<const uint16_t*>(st + 16 * D + 80 + 2 * t);
+      const uint16_t z23 = *reinterpret_cast<const uint16_t*>(st + 16 * D + 80 + 2 * t + 8);
+      if (nvalid < 16) {
+        const __half zero = __float2half_rn(0.0f);
+        ss01 = __halves2half2(2 * t < nvalid ? __low2half(ss01) : zero, 2 * t + 1 < nvalid ? __high2half(ss01) : zero);
+        ss23 = __halves2half2(2 * t + 8 < nvalid ? __low2half(ss23) : zero,
+                              2 * t + 9 < nvalid ? __high2half(ss23) : zero);
+      }
+      const __half2 zz01 = __halves2half2(__int2half_rn(1024 + (z01 & 0xff)), __int2half_rn(1024 + (z01 >> 8)));
+      const __half2 zz23 = __halves2half2(__int2half_rn(1024 + (z23 & 0xff)), __int2half_rn(1024 + (z23 >> 8)));
+#pragma unroll
+      for (int r = 0; r < D / 64; ++r) {
+        const int wi = g * (D / 64) + r;
+        const uint32_t x0 = reinterpret_cast<const uint32_t*>(vc + (2 * t) * (D / 2))[wi];
+        const uint32_t x1 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 1) * (D / 2))[wi];
+        const uint32_t x2 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 8) * (D / 2))[wi];
+        const uint32_t x3 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 9) * (D / 2))[wi];
+        const uint32_t lo01 = __byte_perm(x0, x1, 0x5410), hi01 = __byte_perm(x0, x1, 0x7632);
+        const uint32_t lo23 = __byte_perm(x2, x3, 0x5410), hi23 = __byte_perm(x2, x3, 0x7632);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          mma16816(o[r * 8 + 2 * k], pa, h2u(dequant_pair(lo01, k, zz01, ss01)),
+                   h2u(dequant_pair(lo23, k, zz23, ss23)));
+          mma16816(o[r * 8 + 2 * k + 1], pa, h2u(dequant_pair(hi01, k, zz01, ss01)),
+                   h2u(dequant_pair(hi23, k, zz23, ss23)));
+        }
+      }
+    } else {
+      const uint8_t* vt = st + 16 * KR;
+#pragma unroll
+      for (int np = 0; np < D / 16; ++np) {
+        uint32_t r[4];
+        const int mi = lane / 8;
+        ldmatrix_x4_trans(r, vt + ((lane % 8) + (mi & 1) * 8) * KR + (np * 16 + (mi >> 1) * 8) * 2);
+        mma16816(o[2 * np], pa, r[0], r[1]);
+        mma16816(o[2 * np + 1], pa, r[2], r[3]);
+      }
+    }
+    __syncwarp();  // the ring slot is refilled next iteration
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_g += __shfl_xor_sync(0xffffffffu, l_g, off);
+    l_g8 += __shfl_xor_sync(0xffffffffu, l_g8, off);
+  }
+
+  // ---- Combine the 4 warps in shared memory ----
+  __syncthreads();
+  float* red_m = reinterpret_cast<float*>(smem);  // [4][16]
+  float* red_l = red_m + kWarps * 16;             // [4][16]
+  float* red_o = red_l + kWarps * 16;             // [4][16][D]
+  const int G = p.G;
+  if (t == 0) {
+    red_m[warp * 16 + g] = m_g;
+    red_l[warp * 16 + g] = l_g;
+    red_m[warp * 16 + g + 8] = m_g8;
+    red_l[warp * 16 + g + 8] = l_g8;
+  }
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    int d0, d1;  // output dims of columns 2t and 2t+1 of n-tile n
+    if constexpr (INT4) {
+      d0 = (2 * t) * (D / 8) + n;
+      d1 = d0 + D / 8;
+    } else {
+      d0 = 8 * n + 2 * t;
+      d1 = d0 + 1;
+    }
+    if (g < G) {
+      red_o[(warp * 16 + g) * D + d0] = o[n][0];
+      red_o[(warp * 16 + g) * D + d1] = o[n][1];
+    }
+    if (g + 8 < G) {
+      red_o[(warp * 16 + g + 8) * D + d0] = o[n][2];
+      red_o[(warp * 16 + g + 8) * D + d1] = o[n][3];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += 128) {
+    const int row = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, red_m[w * 16 + row]);
+    float L = 0, acc = 0;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = exp2f(red_m[w * 16 + row] - M);
+        L += red_l[w * 16 + row] * f;
+        acc += red_o[(w * 16 + row) * D + d] * f;
+      }
+    }
+    const int h = kvh * G + row;
+    if (p.splits == 1) {
+      p.out[(int64_t(seq) * p.H + h) * D + d] = __float2half_rn(acc / L);
+    } else {
+      const int64_t slot = (int64_t(seq) * p.H + h) * p.splits + split;
+      p.ws_o[slot * D + d] = M == -INFINITY ? 0.0f : acc / L;
+      if (d == 0) p.ws_lse[slot] = M == -INFINITY ? -INFINITY : M + log2f(L);
+    }
+  }
+}
+
+// out = Σ_s 2^(lse_s - max) o_s / Σ_s 2^(lse_s - max); one block per (sequence, head).
+template <int D>
+__global__ void __launch_bounds__(D) combine_kernel(DecodeParams p) {
+  const int64_t sh = blockIdx.x;
+  const float* lse = p.ws_lse + sh * p.splits;
+  float M = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) M = fmaxf(M, lse[s]);
+  float acc = 0, L = 0;
+  for (int s = 0; s < p.splits; ++s) {
+    const float f = exp2f(lse[s] - M);
+    L += f;
+    acc += f * p.ws_o[(sh * p.splits + s) * D + threadIdx.x];
+  }
+  p.out[sh * D + threadIdx.x] = __float2half_rn(acc / L);
+}
+
+template <int D, bool INT4, bool ROPE_K>
+int blocks_per_sm() {
+  static int cached = [] {
+    constexpr int smem = decode_smem_bytes<D, INT4, ROPE_K>();
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    int n = 0;
+    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, INT4, ROPE_K>, 128, smem));
+    return std::max(n, 1);
+  }();
+  return cached;
+}
+
+int sm_count() {
+  static int n = [] {
+    int dev = 0, v = 0;
+    NIBBLE_CUDA_CHECK(cudaGetDevice(&dev));
+    NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, dev));
+    return v;
+  }();
+  return n;
+}
+
+template <int D, bool INT4, bool ROPE_K>
+int plan_splits(const AttentionBatch& b, int kv_heads) {
+  const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
+  const int64_t base = int64_t(b.batch) * kv_heads;
+  const int64_t target = int64_t(sm_count()) * blocks_per_sm<D, INT4, ROPE_K>();
+  if (base >= target || chunks < 2 * 2 * kWarps) return 1;
+  // At least two chunks per warp; no more blocks than one full wave.
+  const int64_t by_work = chunks / (2 * kWarps);
+  const int64_t by_gpu = (target + base - 1) / base;
+  return int(std::max<int64_t>(1, std::min(by_work, by_gpu)));
+}
+
+template <int D, bool INT4, bool ROPE_K>
+void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p, int forced, AttentionWorkspace& ws,
+                   Stream stream) {
+  constexpr int smem = decode_smem_bytes<D, INT4, ROPE_K>();
+  blocks_per_sm<D, INT4, ROPE_K>();  // sets the smem attribute once
+  const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
+  int splits = forced > 0 ? forced : plan_splits<D, INT4, ROPE_K>(b, c.kv_heads);
+  splits = int(std::clamp<int64_t>(splits, 1, std::max<int64_t>(chunks, 1)));
+  p.chunks_per_split = int((chunks + splits - 1) / splits);
+  p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);
+  if (p.splits > 1) {
+    const size_t slots = size_t(b.batch) * size_t(p.H) * size_t(p.splits);
+    float* w = static_cast<float*>(ws.get(slots * (D + 1) * sizeof(float)));
+    p.ws_o = w;
+    p.ws_lse = w + slots * D;
+  }
+  decode_kernel<D, INT4, ROPE_K><<<dim3(p.splits, c.kv_heads, b.batch), 128, smem, stream>>>(c, b, p);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (p.splits > 1) {
+    combine_kernel<D><<<b.batch * p.H, D, 0, stream>>>(p);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace
+
+int attention_decode_splits(const KVCacheView& c, const AttentionBatch& b, int num_heads) {
+  const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
+  int s = 1;
+  const bool int4 = c.dtype == KVDtype::Int4;
+  if (c.head_dim == 128) s = int4 ? plan_splits<128, true, false>(b, c.kv_heads) : plan_splits<128, false, false>(b, c.kv_heads);
+  else s = int4 ? plan_splits<64, true, false>(b, c.kv_heads) : plan_splits<64, false, false>(b, c.kv_heads);
+  s = int(std::clamp<int64_t>(s, 1, std::max<int64_t>(chunks, 1)));
+  const int64_t cps = (chunks + s - 1) / s;
+  return int((chunks + cps - 1) / cps);
+}
+
+void attention_decode(const KVCacheView& c, const AttentionBatch& b, const AttentionArgs& a, AttentionWorkspace& ws,
+                      Stream stream) {
+  require(a.num_heads > 0 && a.num_heads % c.kv_heads == 0 && a.num_heads / c.kv_heads <= 16, "attention_decode",
+          "{} query heads over {} KV heads: need a multiple, at most 16 per KV head", a.num_heads, c.kv_heads);
+  require(b.num_tokens == b.batch, "attention_decode", "decode takes one new token per sequence ({} for {})",
+          b.num_tokens, b.batch);
+  require(!a.k_before_rope || (a.rope && a.rope->half_dim() * 2 == c.head_dim &&
+                               b.max_seq_len <= a.rope->max_positions()),
+          "attention_decode", "K stored before RoPE needs a RoPE table covering {} positions", b.max_seq_len);
+  if (b.batch == 0) return;
+  const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
+  DecodeParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
+                 a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e, 1, 1, nullptr, nullptr};
+  const bool int4 = c.dtype == KVDtype::Int4, rk = a.k_before_rope;
+#define NIBBLE_DECODE(D)                                                             \
+  if (int4) {                                                                        \
+    if (rk) launch_decode<D, true, true>(c, b, p, a.num_splits, ws, stream);         \
+    else launch_decode<D, true, false>(c, b, p, a.num_splits, ws, stream);           \
+  } else {                                                                           \
+    if (rk) launch_decode<D, false, true>(c, b, p, a.num_splits, ws, stream);        \
+    else launch_decode<D, false, false>(c, b, p, a.num_splits, ws, stream);          \
+  }
+  if (c.head_dim == 128) {
+    NIBBLE_DECODE(128)
+  } else {
+    NIBBLE_DECODE(64)
+  }
+#undef NIBBLE_DECODE
+}
+
+}  // namespace nibble::cuda

@@ -1,0 +1,87 @@
+// Device helpers of the attention kernels (include from .cu files only): cp.async, ldmatrix,
+// mma.sync m16n8k16 (fp16 in, fp32 accumulate), INT4 -> fp16 pairs, block addressing.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "nibble/backend/cuda/attention_common.h"
+
+namespace nibble::cuda::attn {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return uint32_t(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes 0 zero-fills the destination without reading src.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes = 16) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_u32(smem)));
+}
+
+// D += A·B, A 16x16 (row), B 16x8 (col), fp16 in, fp32 accumulate. Fragment layouts (lane = 4g + t):
+//   A: a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..), a[3] = (g+8, 2t+8..)
+//   B: b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8..2t+9, n g)
+//   C: c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+__device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
+__device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<const __half2*>(&u); }
+
+// The fp16 pair (1024 + code_a, 1024 + code_b) of nibbles i and i + 4 of `word`: in the page's
+// nibble order these are dims (2i, 2i+1) of the word's 8 dims. Exact; subtract 1024 + zero next.
+__device__ __forceinline__ uint32_t nibble_pair_1024(uint32_t word, int i) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(word >> (4 * i)), "r"(0x000F000Fu), "r"(0x64006400u));
+  return r;  // (a & b) | c
+}
+
+// Dequantized fp16 pair of nibbles i, i+4: fp16((code - zero) · scale) for each, where
+// zz = (1024 + zero) twice and ss = scale twice (half2). (code - zero) is exact, the product is
+// rounded once: equal to fp16(format.h int_asym_decode).
+__device__ __forceinline__ __half2 dequant_pair(uint32_t word, int i, __half2 zz, __half2 ss) {
+  return __hmul2(__hsub2(u2h(nibble_pair_1024(word, i)), zz), ss);
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ const uint8_t* block_ptr(const KVCacheView& c, int layer, int page, int kvh) {
+  return c.pool + ((int64_t(layer) * c.num_pages + page) * c.kv_heads + kvh) * c.block_bytes;
+}
+
+}  // namespace nibble::cuda::attn

@@ -1,0 +1,426 @@
+// attention_append (RoPE + K/V into the paged cache, INT4 quantization on the fly) and
+// attention_prefill (causal GQA flash attention of a ragged batch over its paged cache).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "nibble/backend/cuda/attention_device.h"
+#include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/format_device.cuh"
+
+namespace nibble::cuda {
+namespace {
+
+using namespace attn;
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---- attention_append ------------------------------------------------------------------------
+
+struct AppendParams {
+  const __half* qkv;
+  int64_t stride;
+  int H, Hkv, layer;
+  const float2* rope;  // null: no RoPE
+  bool rope_k;         // rotate K before storing it
+  float clip;
+  __half* q_out;
+};
+
+// One block per new token, a warp per head vector (Q heads, then K heads, then V heads). A lane
+// holds dims lane + 32e: dims i and i + D/2 (a RoPE pair) sit in the same lane.
+template <int D, bool INT4>
+__global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBatch b, AppendParams p) {
+  constexpr int E = D / 32;
+  __shared__ uint8_t codes_smem[4][D];
+  const int tok = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int seq = b.token_seq[tok], pos = b.token_pos[tok];
+  const int page = b.block_tables[int64_t(seq) * b.max_blocks + pos / c.page_size];
+  const int row = pos % c.page_size;
+  const __half* src = p.qkv + int64_t(tok) * p.stride;
+  uint8_t* codes = codes_smem[warp];
+
+  for (int hh = warp; hh < p.H + 2 * p.Hkv; hh += 4) {
+    float x[E];
+#pragma unroll
+    for (int e = 0; e < E; ++e) x[e] = __half2float(src[int64_t(hh) * D + lane + 32 * e]);
+    const bool is_q = hh < p.H, is_k = !is_q && hh < p.H + p.Hkv;
+    if (p.rope && (is_q || (is_k && p.rope_k))) {
+      const float2* cs = p.rope + int64_t(pos) * (D / 2);
+#pragma unroll
+      for (int e = 0; e < E / 2; ++e) {
+        const float2 r = cs[lane + 32 * e];
+        const float a = x[e], bb = x[e + E / 2];
+        x[e] = a * r.x - bb * r.y;
+        x[e + E / 2] = bb * r.x + a * r.y;
+      }
+    }
+    if (is_q) {
+      __half* q = p.q_out + (int64_t(tok) * p.H + hh) * D;
+#pragma unroll
+      for (int e = 0; e < E; ++e) q[lane + 32 * e] = __float2half_rn(x[e]);
+      continue;
+    }
+    const int kvh = is_k ? hh - p.H : hh - p.H - p.Hkv;
+    uint8_t* blk = const_cast<uint8_t*>(block_ptr(c, p.layer, page, kvh));
+    if constexpr (!INT4) {
+      __half* dst = reinterpret_cast<__half*>(blk + (is_k ? 0 : int64_t(c.page_size) * D * 2) + int64_t(row) * D * 2);
+#pragma unroll
+      for (int e = 0; e < E; ++e) dst[lane + 32 * e] = __float2half_rn(x[e]);
+    } else {
+      // quant::choose_scale for Int4Asym, rule for rule: the range always contains 0.
+      float mn = 0, mx = 0;
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        mn = fminf(mn, x[e]);
+        mx = fmaxf(mx, x[e]);
+      }
+      mn = warp_min(mn);
+      mx = warp_max(mx);
+      const float hi = p.clip * mx, lo = p.clip * mn;
+      const float scale = fp16_scale_device((hi - lo) / 15.0f);
+      const float zero = scale == 0 ? 0.0f : fminf(quant::round_half_even(-lo / scale), 15.0f);
+#pragma unroll
+      for (int e = 0; e < E; ++e) codes[lane + 32 * e] = quant::int_asym_encode(x[e], scale, uint8_t(zero), 4);
+      __syncwarp();
+      const int64_t row_bytes = D / 2;
+      uint8_t* rowp = blk + (is_k ? 0 : int64_t(c.page_size) * row_bytes) + int64_t(row) * row_bytes;
+      if (lane < D / 8) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int n = 0; n < 8; ++n) word |= uint32_t(codes[8 * lane + (n < 4 ? 2 * n : 2 * (n - 4) + 1)]) << (4 * n);
+        reinterpret_cast<uint32_t*>(rowp)[lane] = word;
+      }
+      if (lane == 0) {
+        const int64_t s_off = 2 * int64_t(c.page_size) * row_bytes + (is_k ? 0 : 2 * c.page_size);
+        const int64_t z_off = 2 * int64_t(c.page_size) * row_bytes + 4 * c.page_size + (is_k ? 0 : c.page_size);
+        reinterpret_cast<__half*>(blk + s_off)[row] = __float2half_rn(scale);
+        blk[z_off + row] = uint8_t(zero);
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// ---- attention_prefill -----------------------------------------------------------------------
+
+struct PrefillParams {
+  const __half* q;
+  __half* out;
+  int H, G, layer;
+  const float2* rope;
+  float scale_log2;
+};
+
+constexpr int kBM = kPrefillTileRows;  // query rows per block (4 warps x 16)
+constexpr int kBN = 64;                // keys per tile
+
+template <int D>
+constexpr int chunk_bytes() {  // 16 tokens of one INT4 block: K codes, V codes, scales, zeros
+  return 16 * D + 96;
+}
+
+template <int D, bool INT4>
+constexpr int prefill_smem_bytes() {
+  constexpr int tile = kBM * (D + 8) * 2;
+  return INT4 ? tile * 3 + 2 * 4 * chunk_bytes<D>() : tile * 5;
+}
+
+// Copies 16 tokens [key0, key0 + 16) of one INT4 block (key0 a multiple of 16) into `dst` in the
+// chunk layout, the copies spread over `n` threads starting at `i`.
+template <int D>
+__device__ __forceinline__ void copy_int4_chunk(uint8_t* dst, const uint8_t* blk, int r0, int P, int i, int n) {
+  constexpr int KU = D / 2;  // 16-byte units of 16 rows of codes
+  const int64_t v_off = int64_t(P) * (D / 2), s_off = 2 * v_off;
+  for (int u = i; u < 2 * KU + 6; u += n) {
+    const uint8_t* src;
+    if (u < KU) src = blk + int64_t(r0) * (D / 2) + u * 16;
+    else if (u < 2 * KU) src = blk + v_off + int64_t(r0) * (D / 2) + (u - KU) * 16;
+    else if (u < 2 * KU + 2) src = blk + s_off + r0 * 2 + (u - 2 * KU) * 16;
+    else if (u < 2 * KU + 4) src = blk + s_off + 2 * P + r0 * 2 + (u - 2 * KU - 2) * 16;
+    else if (u == 2 * KU + 4) src = blk + s_off + 4 * P + r0;
+    else src = blk + s_off + 5 * P + r0;
+    cp_async16(dst + u * 16, src);
+  }
+}
+
+// One block: 64 new tokens of one sequence x one query head; 4 warps of 16 rows. Key tiles of 64
+// from the paged cache (earlier chunks and this one: the append kernel wrote them first), fp16
+// tiles in shared memory (INT4 dequantized there), mma.sync m16n8k16, online softmax in registers.
+template <int D, bool INT4, bool ROPE_K>
+__global__ void __launch_bounds__(128) prefill_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
+  constexpr int RS = D + 8;  // smem row stride in halfs (16 bytes of padding: ldmatrix conflict-free)
+  constexpr int TILE = kBM * RS;
+  extern __shared__ __align__(16) uint8_t smem[];
+  __half* Qs = reinterpret_cast<__half*>(smem);
+  __half* KVs = Qs + TILE;  // FP16: K[2], V[2]; INT4: K, V, then the raw chunks
+  uint8_t* raw = reinterpret_cast<uint8_t*>(KVs + 2 * TILE);
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  const int h = blockIdx.y, kvh = h / p.G;
+  const int2 tile = b.tiles[blockIdx.x];
+  const int seq = tile.x, q0 = tile.y;
+  const int tok_base = b.cu_new[seq];
+  const int n_new = b.cu_new[seq + 1] - tok_base;
+  const int len = b.seq_lens[seq];
+  const int context = len - n_new;
+  const int rows = min(kBM, n_new - q0);
+  const int kv_end = context + q0 + rows;  // keys [0, kv_end) are visible to some row
+  const int n_tiles = (kv_end + kBN - 1) / kBN;
+  const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
+  const int P = c.page_size;
+
+  // Q tile.
+  for (int i = tid; i < kBM * (D / 8); i += 128) {
+    const int r = i / (D / 8), cc = i % (D / 8);
+    const bool ok = r < rows;
+    const __half* src = p.q + ((int64_t(tok_base + q0 + (ok ? r : 0))) * p.H + h) * D + cc * 8;
+    cp_async16(Qs + r * RS + cc * 8, src, ok ? 16 : 0);
+  }
+
+  auto load_tile = [&](int kt, int buf) {
+    if constexpr (!INT4) {
+      __half* Kd = KVs + buf * TILE;
+      __half* Vd = KVs + (2 + buf) * TILE;
+      for (int i = tid; i < 2 * kBN * (D / 8); i += 128) {
+        const int kv = i / (kBN * (D / 8)), rem = i % (kBN * (D / 8));
+        const int r = rem / (D / 8), cc = rem % (D / 8);
+        const int key = kt * kBN + r;
+        const bool ok = key < kv_end;
+        const uint8_t* src = c.pool;
+        if (ok) {
+          const uint8_t* blk = block_ptr(c, p.layer, table[key / P], kvh);
+          src = blk + (kv ? int64_t(P) * D * 2 : 0) + int64_t(key % P) * D * 2 + cc * 16;
+        }
+        cp_async16((kv ? Vd : Kd) + r * RS + cc * 8, src, ok ? 16 : 0);
+      }
+    } else {
+      uint8_t* dst = raw + buf * 4 * chunk_bytes<D>();
+      // 4 chunks of 16 keys; 32 threads each.
+      const int ch = tid / 32;
+      const int key0 = kt * kBN + ch * 16;
+      if (key0 < kv_end)
+        copy_int4_chunk<D>(dst + ch * chunk_bytes<D>(), block_ptr(c, p.layer, table[key0 / P], kvh), key0 % P, P,
+                           lane, 32);
+    }
+  };
+
+  load_tile(0, 0);
+  cp_async_commit();
+
+  uint32_t qf[D / 16][4];
+  float o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
+  float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
+  const int wr0 = warp * 16;
+  const int pos_g = context + q0 + wr0 + g, pos_g8 = pos_g + 8;
+
+  for (int kt = 0; kt < n_tiles; ++kt) {
+    cp_async_wait<0>();
+    __syncthreads();
+    const int buf = INT4 ? 0 : kt & 1;
+    __half* Ks = KVs + buf * TILE;
+    __half* Vs = KVs + (INT4 ? 1 : 2 + buf) * TILE;
+    if constexpr (INT4) {
+      // Dequantize the raw chunks into fp16 tiles: one 8-dim word per thread and step.
+      const uint8_t* rc = raw + (kt & 1) * 4 * chunk_bytes<D>();
+      for (int i = tid; i < 2 * kBN * (D / 8); i += 128) {
+        const int kv = i / (kBN * (D / 8)), rem = i % (kBN * (D / 8));
+        const int r = rem / (D / 8), w = rem % (D / 8);
+        const uint8_t* ch = rc + (r / 16) * chunk_bytes<D>();
+        const int rr = r % 16;
+        uint4 outv = make_uint4(0, 0, 0, 0);
+        if (kt * kBN + r < kv_end) {
+          const uint32_t word = reinterpret_cast<const uint32_t*>(ch + kv * 8 * D + rr * (D / 2))[w];
+          const __half s = reinterpret_cast<const __half*>(ch + 16 * D + kv * 32)[rr];
+          const int z = ch[16 * D + 64 + kv * 16 + rr];
+          const __half2 ss = __halves2half2(s, s);
+          const __half zh = __int2half_rn(1024 + z);
+          const __half2 zz = __halves2half2(zh, zh);
+          outv.x = h2u(dequant_pair(word, 0, zz, ss));
+          outv.y = h2u(dequant_pair(word, 1, zz, ss));
+          outv.z = h2u(dequant_pair(word, 2, zz, ss));
+          outv.w = h2u(dequant_pair(word, 3, zz, ss));
+        }
+        *reinterpret_cast<uint4*>((kv ? Vs : Ks) + r * RS + w * 8) = outv;
+      }
+    }
+    if (kt + 1 < n_tiles) load_tile(kt + 1, (kt + 1) & 1);
+    cp_async_commit();
+    if constexpr (INT4 || ROPE_K) __syncthreads();
+    if constexpr (ROPE_K) {
+      // K was stored before RoPE: rotate the tile in place (pairs i, i + D/2).
+      for (int i = tid; i < kBN * (D / 2); i += 128) {
+        const int r = i / (D / 2), d = i % (D / 2);
+        const int key = kt * kBN + r;
+        if (key < kv_end) {
+          const float2 cs = p.rope[int64_t(key) * (D / 2) + d];
+          const float a = __half2float(Ks[r * RS + d]), bb = __half2float(Ks[r * RS + d + D / 2]);
+          Ks[r * RS + d] = __float2half_rn(a * cs.x - bb * cs.y);
+          Ks[r * RS + d + D / 2] = __float2half_rn(bb * cs.x + a * cs.y);
+        }
+      }
+      __syncthreads();
+    }
+    if (kt == 0) {
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks)
+        ldmatrix_x4(qf[ks], Qs + (wr0 + (lane % 8) + ((lane / 8) % 2) * 8) * RS + ks * 16 + (lane / 16) * 8);
+    }
+    // Every key of this tile lies after every row of this warp: nothing to do.
+    if (kt * kBN > context + q0 + wr0 + 15) continue;
+
+    float s[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ks += 2) {
+        uint32_t r[4];
+        ldmatrix_x4(r, Ks + (j * 8 + (lane % 8)) * RS + ks * 16 + (lane / 8) * 8);
+        mma16816(s[j], qf[ks], r[0], r[1]);
+        mma16816(s[j], qf[ks + 1], r[2], r[3]);
+      }
+    }
+    const bool need_mask = kt * kBN + kBN - 1 > context + q0 + wr0;
+    float mx_g = -INFINITY, mx_g8 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = kt * kBN + j * 8 + 2 * t + (e & 1);
+        float v = s[j][e] * p.scale_log2;
+        if (need_mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
+        s[j][e] = v;
+        if (e < 2) mx_g = fmaxf(mx_g, v);
+        else mx_g8 = fmaxf(mx_g8, v);
+      }
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      mx_g = fmaxf(mx_g, __shfl_xor_sync(0xffffffffu, mx_g, off));
+      mx_g8 = fmaxf(mx_g8, __shfl_xor_sync(0xffffffffu, mx_g8, off));
+    }
+    const float mn_g = fmaxf(m_g, mx_g), mn_g8 = fmaxf(m_g8, mx_g8);
+    const float al_g = exp2f(m_g - mn_g), al_g8 = exp2f(m_g8 - mn_g8);
+    m_g = mn_g;
+    m_g8 = mn_g8;
+    float sum_g = 0, sum_g8 = 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s[j][0] = exp2f(s[j][0] - mn_g);
+      s[j][1] = exp2f(s[j][1] - mn_g);
+      s[j][2] = exp2f(s[j][2] - mn_g8);
+      s[j][3] = exp2f(s[j][3] - mn_g8);
+      sum_g += s[j][0] + s[j][1];
+      sum_g8 += s[j][2] + s[j][3];
+    }
+    l_g = l_g * al_g + sum_g;
+    l_g8 = l_g8 * al_g8 + sum_g8;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) {
+      o[i][0] *= al_g;
+      o[i][1] *= al_g;
+      o[i][2] *= al_g8;
+      o[i][3] *= al_g8;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
+                              pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < D / 16; ++np) {
+        uint32_t r[4];
+        const int mi = lane / 8;
+        ldmatrix_x4_trans(r, Vs + (kk * 16 + (lane % 8) + (mi & 1) * 8) * RS + np * 16 + (mi >> 1) * 8);
+        mma16816(o[2 * np], pa, r[0], r[1]);
+        mma16816(o[2 * np + 1], pa, r[2], r[3]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_g += __shfl_xor_sync(0xffffffffu, l_g, off);
+    l_g8 += __shfl_xor_sync(0xffffffffu, l_g8, off);
+  }
+  const float inv_g = 1.0f / l_g, inv_g8 = 1.0f / l_g8;
+  const int r_g = wr0 + g, r_g8 = r_g + 8;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    if (r_g < rows)
+      *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + r_g) * p.H + h) * D + nt * 8 + 2 * t) =
+          pack_half2(o[nt][0] * inv_g, o[nt][1] * inv_g);
+    if (r_g8 < rows)
+      *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + r_g8) * p.H + h) * D + nt * 8 + 2 * t) =
+          pack_half2(o[nt][2] * inv_g8, o[nt][3] * inv_g8);
+  }
+}
+
+template <int D, bool INT4, bool ROPE_K>
+void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const PrefillParams& p, Stream stream) {
+  constexpr int smem = prefill_smem_bytes<D, INT4>();
+  static bool configured = false;
+  if (!configured) {
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(prefill_kernel<D, INT4, ROPE_K>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    configured = true;
+  }
+  prefill_kernel<D, INT4, ROPE_K><<<dim3(b.num_tiles, p.H), 128, smem, stream>>>(c, b, p);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void attention_append(const KVCacheView& c, const AttentionBatch& b, const AppendArgs& a, Stream stream) {
+  require(a.num_heads > 0 && a.num_heads % c.kv_heads == 0, "attention_append",
+          "{} query heads are not a multiple of {} KV heads", a.num_heads, c.kv_heads);
+  require(!a.rope || (a.rope->half_dim() * 2 == c.head_dim && b.max_seq_len <= a.rope->max_positions()),
+          "attention_append", "RoPE table ({} positions, dim {}) does not cover {} positions of dim {}",
+          a.rope ? a.rope->max_positions() : 0, a.rope ? 2 * a.rope->half_dim() : 0, b.max_seq_len, c.head_dim);
+  if (b.num_tokens == 0) return;
+  AppendParams p{a.qkv,  a.qkv_stride, a.num_heads,    c.kv_heads, a.layer, a.rope ? a.rope->data() : nullptr,
+                 !a.k_before_rope, a.clip, a.q_out};
+  const dim3 grid(b.num_tokens);
+  const bool int4 = c.dtype == KVDtype::Int4;
+  if (c.head_dim == 128) {
+    if (int4) append_kernel<128, true><<<grid, 128, 0, stream>>>(c, b, p);
+    else append_kernel<128, false><<<grid, 128, 0, stream>>>(c, b, p);
+  } else {
+    if (int4) append_kernel<64, true><<<grid, 128, 0, stream>>>(c, b, p);
+    else append_kernel<64, false><<<grid, 128, 0, stream>>>(c, b, p);
+  }
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void attention_prefill(const KVCacheView& c, const AttentionBatch& b, const AttentionArgs& a, Stream stream) {
+  require(a.num_heads > 0 && a.num_heads % c.kv_heads == 0, "attention_prefill",
+          "{} query heads are not a multiple of {} KV heads", a.num_heads, c.kv_heads);
+  require(!a.k_before_rope || (a.rope && a.rope->half_dim() * 2 == c.head_dim &&
+                               b.max_seq_len <= a.rope->max_positions()),
+          "attention_prefill", "K stored before RoPE needs a RoPE table covering {} positions", b.max_seq_len);
+  if (b.num_tiles == 0) return;
+  const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
+  PrefillParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
+                  a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e};
+  const bool int4 = c.dtype == KVDtype::Int4, rk = a.k_before_rope;
+#define NIBBLE_PREFILL(D)                                               \
+  if (int4) {                                                           \
+    if (rk) launch_prefill<D, true, true>(c, b, p, stream);             \
+    else launch_prefill<D, true, false>(c, b, p, stream);               \
+  } else {                                                              \
+    if (rk) launch_prefill<D, false, true>(c, b, p, stream);            \
+    else launch_prefill<D, false, false>(c, b, p, stream);              \
+  }
+  if (c.head_dim == 128) {
+    NIBBLE_PREFILL(128)
+  } else {
+    NIBBLE_PREFILL(64)
+  }
+#undef NIBBLE_PREFILL
+}
+
+}  // namespace nibble::cuda
