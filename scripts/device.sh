@@ -2,7 +2,9 @@
 # Run THERE (the device machine: nvcc + cmake, no Debian dev packages, no network), from the repo
 # root, with .devdata carried (scripts/device_deps.sh made it here). Builds the GPU-only tree,
 # runs the GPU tests and the benches, and leaves logs and tables in $OUT.
-#   scripts/device.sh [all|test|bench|sass] [bench args...]
+#   scripts/device.sh [all|test|bench|sass|attention|attention-bench] [bench args...]
+#   (NIBBLE_TARGETS="a b ..." limits the ninja build to those targets; ATTN_BENCH_MODE picks
+#   bench_attention's mode, default all)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nibble-out}
@@ -20,7 +22,7 @@ export PATH=/usr/local/cuda/bin:$PATH
 
 cmake -S . -B $BUILD -G Ninja -DNIBBLE_GPU_ONLY=ON -DCMAKE_BUILD_TYPE=Release \
   -DCMAKE_PREFIX_PATH="$SYSROOT/usr" -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc >"$OUT/build.log" 2>&1 &&
-  ninja -C $BUILD -j16 >>"$OUT/build.log" 2>&1
+  ninja -C $BUILD -j16 ${NIBBLE_TARGETS:-} >>"$OUT/build.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ]; then
   tail -40 "$OUT/build.log"
@@ -55,6 +57,20 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   echo "== bench_gemm_w4a4 $*"
   $BUILD/bin/bench_gemm_w4a4 "$@" >"$OUT/bench_gemm_w4a4.md" 2>&1 || status=1
   cat "$OUT/bench_gemm_w4a4.md"
+fi
+if [ "$what" = attention ]; then
+  for t in $BUILD/bin/gpu_test_kv_cache_paged $BUILD/bin/gpu_test_attention; do
+    echo "== $t"
+    "$t" >"$OUT/$(basename $t).log" 2>&1
+    r=$?
+    grep -E "^(append|decode|prefill) |^\[  (PASSED|FAILED|SKIPPED) |FAILED|Failure" "$OUT/$(basename $t).log" | head -100
+    [ $r -ne 0 ] && status=1
+  done
+fi
+if [ "$what" = all ] || [ "$what" = attention ] || [ "$what" = attention-bench ]; then
+  echo "== bench_attention ${ATTN_BENCH_MODE:-all}"
+  $BUILD/bin/bench_attention ${ATTN_BENCH_MODE:-all} >"$OUT/bench_attention.md" 2>&1 || status=1
+  cat "$OUT/bench_attention.md"
 fi
 if [ "$what" = all ] || [ "$what" = profile ]; then
   # Bytes the kernels really move (vs the packed bytes the table counts), occupancy, time.

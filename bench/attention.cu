@@ -1,0 +1,336 @@
+// Attention over the paged KV cache on the device:
+//   decode:  batch {1, 16, 64, 256} x context {512, 2048, 8192}, Llama-2-7B (32 heads, MHA) and
+//            Llama-2-70B (64 query / 8 KV heads) shapes, head_dim 128, one layer: time, GB/s on the
+//            KV bytes the step must read (codes + scales + zeros of every cached token), % of the
+//            copy bandwidth measured in the same run, INT4 vs our FP16-KV decode.
+//   prefill: 512 / 2048 / 8192-token prompts (16384 tokens per batch), causal, TFLOP/s against
+//            torch.nn.functional.scaled_dot_product_attention (flash backend) run in the same
+//            process run (bench/attention_sdpa.py through popen, before our allocations).
+// Timing: CUDA events around batches of launches after warm-up, median of the batches; decode
+// inputs rotated over enough distinct caches (block tables over disjoint pages) to overflow L2.
+// Pool contents are random valid codes/scales/values, never zeros.
+//   bench_attention [all|decode|prefill]
+//   bench_attention one-decode int4|fp16 7B|70B BATCH CTX   (a few launches, for ncu)
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "nibble/backend/cuda/attention_common.h"
+#include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/kv_cache_paged.h"
+
+using namespace nibble;
+using namespace nibble::cuda;
+
+namespace {
+
+__host__ __device__ inline uint32_t hash32(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ull;
+  x ^= x >> 33;
+  return uint32_t(x);
+}
+__device__ inline float unit(uint64_t seed, uint64_t i) {  // [0, 1)
+  return float(hash32(seed * 0x9e3779b97f4a7c15ull + i) >> 8) * 0x1p-24f;
+}
+
+// Random valid blocks: INT4 codes, scales in [0.005, 0.015), zeros 0..15; FP16 values in [-1, 1).
+__global__ void fill_pool(uint16_t* pool, int64_t halfwords, int64_t block_half, bool fp16, int64_t ks_off,
+                          int64_t kz_off, int64_t end_off, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < halfwords; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t o = 2 * (i % block_half);
+    const uint32_t r = hash32(seed * 0x9e3779b97f4a7c15ull + uint64_t(i));
+    uint16_t v;
+    if (fp16) {
+      v = __half_as_ushort(__float2half(2.0f * unit(seed + 1, uint64_t(i)) - 1.0f));
+    } else if (o < ks_off) {
+      v = uint16_t(r);
+    } else if (o < kz_off) {
+      v = __half_as_ushort(__float2half(0.005f + 0.01f * unit(seed + 2, uint64_t(i))));
+    } else if (o < end_off) {
+      v = uint16_t((r & 15) | ((r >> 8 & 15) << 8));
+    } else {
+      v = 0;
+    }
+    pool[i] = v;
+  }
+}
+
+__global__ void fill_half(__half* p, int64_t n, float range, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    p[i] = __float2half(range * (2.0f * unit(seed, uint64_t(i)) - 1.0f));
+}
+
+size_t g_l2 = 50 << 20;
+int g_sms = 132;
+
+double time_ms(const std::function<void(int)>& launch, int rots) {
+  cudaEvent_t a, b;
+  NIBBLE_CUDA_CHECK(cudaEventCreate(&a));
+  NIBBLE_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) launch(i % rots);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  NIBBLE_CUDA_CHECK(cudaEventRecord(a));
+  for (int i = 0; i < 3; ++i) launch(i % rots);
+  NIBBLE_CUDA_CHECK(cudaEventRecord(b));
+  NIBBLE_CUDA_CHECK(cudaEventSynchronize(b));
+  float est = 0;
+  NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&est, a, b));
+  est /= 3;
+  const int batch = std::clamp(int(0.3 / std::max(est, 1e-4f)), 1, 40);
+  const int reps = std::clamp(int(30.0 / std::max(est * batch, 1e-3f)), 5, 21);
+  std::vector<float> t;
+  int r = 0;
+  for (int rep = 0; rep < reps; ++rep) {
+    NIBBLE_CUDA_CHECK(cudaEventRecord(a));
+    for (int i = 0; i < batch; ++i) launch(r++ % rots);
+    NIBBLE_CUDA_CHECK(cudaEventRecord(b));
+    NIBBLE_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms / float(batch));
+  }
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+double copy_bandwidth() {
+  const size_t bytes = size_t(1) << 30;
+  uint8_t *src = nullptr, *dst = nullptr;
+  NIBBLE_CUDA_CHECK(cudaMalloc(&src, bytes));
+  NIBBLE_CUDA_CHECK(cudaMalloc(&dst, bytes));
+  fill_half<<<1024, 256>>>(reinterpret_cast<__half*>(src), int64_t(bytes / 2), 1.0f, 7);
+  const double ms = time_ms([&](int) { NIBBLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 1);
+  cudaFree(src);
+  cudaFree(dst);
+  return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
+}
+
+struct Model {
+  const char* name;
+  int heads, kv_heads, head_dim;
+};
+const Model kModels[] = {{"7B", 32, 32, 128}, {"70B", 64, 8, 128}};
+
+// A filled cache with `rots` disjoint sets of `batch` sequences of `ctx` tokens, decode-ready.
+struct DecodeSetup {
+  PagedKVLayout layout;
+  std::unique_ptr<PagedKVCache> cache;
+  std::vector<std::unique_ptr<AttentionBatchBuilder>> builders;
+  std::vector<AttentionBatch> batches;
+  int rots = 1;
+  int64_t kv_bytes = 0;  // bytes one decode step must read
+
+  DecodeSetup(const Model& m, KVDtype dt, int batch, int ctx) {
+    layout = PagedKVLayout{1, m.kv_heads, m.head_dim, 16, dt};
+    const int64_t pages_per_seq = (ctx + 15) / 16;
+    kv_bytes = int64_t(batch) * ctx * layout.token_bytes_per_layer();
+    const int64_t set_bytes = int64_t(batch) * pages_per_seq * layout.page_bytes();
+    rots = int(std::clamp<int64_t>((4 * int64_t(g_l2) + set_bytes - 1) / set_bytes, 1, 16));
+    cache = std::make_unique<PagedKVCache>(layout, rots * batch * pages_per_seq);
+    const int64_t halfwords = cache->pool_bytes() / 2;
+    fill_pool<<<4 * g_sms, 256>>>(reinterpret_cast<uint16_t*>(cache->view().pool), halfwords,
+                                  layout.block_bytes() / 2, dt == KVDtype::Fp16, layout.k_scale_offset(),
+                                  layout.k_zero_offset(), layout.v_zero_offset() + layout.page_size, 11);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+    const std::vector<int> ones(size_t(batch), 1);
+    for (int r = 0; r < rots; ++r) {
+      std::vector<SeqId> seqs;
+      for (int i = 0; i < batch; ++i) {
+        seqs.push_back(cache->add_sequence());
+        if (!cache->append(seqs.back(), ctx)) throw Error("bench", "out of pages");
+      }
+      builders.push_back(std::make_unique<AttentionBatchBuilder>());
+      batches.push_back(builders.back()->build(cache->allocator(), seqs, ones, nullptr));
+    }
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+};
+
+struct DecodeResult {
+  double ms = 0;
+  int splits = 0;
+  int64_t bytes = 0;
+};
+
+DecodeResult bench_decode(const Model& m, KVDtype dt, int batch, int ctx) {
+  DecodeSetup s(m, dt, batch, ctx);
+  __half *q = nullptr, *out = nullptr;
+  const size_t n = size_t(batch) * m.heads * m.head_dim;
+  NIBBLE_CUDA_CHECK(cudaMalloc(&q, n * 2));
+  NIBBLE_CUDA_CHECK(cudaMalloc(&out, n * 2));
+  fill_half<<<256, 256>>>(q, int64_t(n), 3.0f, 5);
+  AttentionWorkspace ws;
+  AttentionArgs a;
+  a.q = q;
+  a.out = out;
+  a.num_heads = m.heads;
+  DecodeResult r;
+  r.ms = time_ms([&](int rot) { attention_decode(s.cache->view(), s.batches[size_t(rot)], a, ws, nullptr); }, s.rots);
+  r.splits = attention_decode_splits(s.cache->view(), s.batches[0], m.heads);
+  r.bytes = s.kv_bytes;
+  cudaFree(q);
+  cudaFree(out);
+  return r;
+}
+
+struct PrefillResult {
+  double ms = 0, append_ms = 0;
+};
+
+PrefillResult bench_prefill(const Model& m, KVDtype dt, int n, int batch) {
+  const PagedKVLayout layout{1, m.kv_heads, m.head_dim, 16, dt};
+  const int64_t pages = int64_t(batch) * ((n + 15) / 16);
+  PagedKVCache cache(layout, pages);
+  std::vector<SeqId> seqs;
+  for (int i = 0; i < batch; ++i) {
+    seqs.push_back(cache.add_sequence());
+    if (!cache.append(seqs.back(), n)) throw Error("bench", "out of pages");
+  }
+  const std::vector<int> counts(size_t(batch), n);
+  AttentionBatchBuilder builder;
+  const AttentionBatch b = builder.build(cache.allocator(), seqs, counts, nullptr);
+  const int64_t T = int64_t(batch) * n, row = int64_t(m.heads + 2 * m.kv_heads) * m.head_dim;
+  __half *qkv = nullptr, *q = nullptr, *out = nullptr;
+  NIBBLE_CUDA_CHECK(cudaMalloc(&qkv, size_t(T * row) * 2));
+  NIBBLE_CUDA_CHECK(cudaMalloc(&q, size_t(T) * m.heads * m.head_dim * 2));
+  NIBBLE_CUDA_CHECK(cudaMalloc(&out, size_t(T) * m.heads * m.head_dim * 2));
+  fill_half<<<4 * g_sms, 256>>>(qkv, T * row, 2.0f, 3);
+  std::vector<double> inv(size_t(m.head_dim / 2));
+  for (int i = 0; i < m.head_dim / 2; ++i) inv[size_t(i)] = std::pow(10000.0, -2.0 * i / m.head_dim);
+  RopeTable rope(inv, n);
+  AppendArgs ap;
+  ap.qkv = qkv;
+  ap.qkv_stride = row;
+  ap.num_heads = m.heads;
+  ap.rope = &rope;
+  ap.q_out = q;
+  AttentionArgs a;
+  a.q = q;
+  a.out = out;
+  a.num_heads = m.heads;
+  PrefillResult r;
+  r.append_ms = time_ms([&](int) { attention_append(cache.view(), b, ap, nullptr); }, 1);
+  r.ms = time_ms([&](int) { attention_prefill(cache.view(), b, a, nullptr); }, 1);
+  cudaFree(qkv);
+  cudaFree(q);
+  cudaFree(out);
+  return r;
+}
+
+constexpr int kPrefillTokens = 16384;
+const int kPrefillN[] = {512, 2048, 8192};
+
+// torch SDPA (flash) on the prefill shapes, keyed by (heads, kv_heads, n).
+std::map<std::tuple<int, int, int>, std::pair<double, std::string>> run_sdpa() {
+  std::map<std::tuple<int, int, int>, std::pair<double, std::string>> res;
+  std::string cmd = "python3 bench/attention_sdpa.py";
+  for (const Model& m : kModels)
+    for (int n : kPrefillN)
+      cmd += " " + std::to_string(m.heads) + ":" + std::to_string(m.kv_heads) + ":" + std::to_string(m.head_dim) + ":" +
+             std::to_string(n) + ":" + std::to_string(kPrefillTokens / n);
+  cmd += " 2>&1";
+  FILE* f = popen(cmd.c_str(), "r");
+  if (!f) return res;
+  char line[512];
+  while (fgets(line, sizeof line, f)) {
+    int h, hkv, d, n, b;
+    double ms, tf;
+    char how[64] = "";
+    if (std::sscanf(line, "sdpa %d %d %d %d %d %lf %lf %63s", &h, &hkv, &d, &n, &b, &ms, &tf, how) == 8)
+      res[{h, hkv, n}] = {ms, how};
+    else
+      std::printf("  (sdpa) %s", line);
+  }
+  pclose(f);
+  return res;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const std::string mode = argc > 1 ? argv[1] : "all";
+    cudaDeviceProp prop{};
+    NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    g_l2 = size_t(prop.l2CacheSize);
+    g_sms = prop.multiProcessorCount;
+    if (mode == "one-decode" && argc >= 6) {
+      const KVDtype dt = std::string(argv[2]) == "fp16" ? KVDtype::Fp16 : KVDtype::Int4;
+      const Model& m = std::string(argv[3]) == "70B" ? kModels[1] : kModels[0];
+      const DecodeResult r = bench_decode(m, dt, std::atoi(argv[4]), std::atoi(argv[5]));
+      std::printf("one-decode %s %s: %.4f ms, %.0f GB/s, splits %d\n", argv[2], m.name, r.ms,
+                  double(r.bytes) / (r.ms * 1e-3) / 1e9, r.splits);
+      return 0;
+    }
+    int rt = 0;
+    cudaRuntimeGetVersion(&rt);
+    std::printf("device: %s, %d SMs, L2 %zu MB, CUDA runtime %d\n", prop.name, g_sms, g_l2 >> 20, rt);
+
+    std::map<std::tuple<int, int, int>, std::pair<double, std::string>> sdpa;
+    if (mode == "all" || mode == "prefill") sdpa = run_sdpa();
+    const double copy_gbs = copy_bandwidth();
+    std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
+
+    if (mode == "all" || mode == "decode") {
+      std::printf("### decode (one layer, head_dim 128, page 16; GB/s on the KV bytes read; vs fp16 = fp16 ms / int4 ms)\n\n");
+      std::printf("| model | batch | context | int4 splits | int4 ms | int4 GB/s | %% copy BW | fp16 splits | fp16 ms | fp16 GB/s | %% copy BW | int4 vs fp16 |\n");
+      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      for (const Model& m : kModels)
+        for (int batch : {1, 16, 64, 256})
+          for (int ctx : {512, 2048, 8192}) {
+            const DecodeResult i4 = bench_decode(m, KVDtype::Int4, batch, ctx);
+            const DecodeResult f16 = bench_decode(m, KVDtype::Fp16, batch, ctx);
+            const double g4 = double(i4.bytes) / (i4.ms * 1e-3) / 1e9, g16 = double(f16.bytes) / (f16.ms * 1e-3) / 1e9;
+            std::printf("| %s | %d | %d | %d | %.4f | %.0f | %.0f%% | %d | %.4f | %.0f | %.0f%% | %.2fx |\n", m.name, batch,
+                        ctx, i4.splits, i4.ms, g4, 100 * g4 / copy_gbs, f16.splits, f16.ms, g16, 100 * g16 / copy_gbs,
+                        f16.ms / i4.ms);
+            std::fflush(stdout);
+          }
+      std::printf("\n");
+    }
+    if (mode == "all" || mode == "prefill") {
+      std::printf("### prefill (causal, %d tokens per batch, TFLOP/s = 2·batch·H·N²·D / time; attention only, the "
+                  "cache already written; append = RoPE + K/V into the cache, separately)\n\n",
+                  kPrefillTokens);
+      std::printf("| model | N | batch | int4 ms | int4 TFLOP/s | fp16 ms | fp16 TFLOP/s | sdpa ms | sdpa TFLOP/s | int4 / sdpa | fp16 / sdpa | append int4 ms | append fp16 ms |\n");
+      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      for (const Model& m : kModels)
+        for (int n : kPrefillN) {
+          const int batch = kPrefillTokens / n;
+          const double flops = 2.0 * batch * m.heads * double(n) * n * m.head_dim;
+          const PrefillResult i4 = bench_prefill(m, KVDtype::Int4, n, batch);
+          const PrefillResult f16 = bench_prefill(m, KVDtype::Fp16, n, batch);
+          const auto it = sdpa.find({m.heads, m.kv_heads, n});
+          const double ts = it == sdpa.end() ? 0 : it->second.first;
+          const auto tf = [&](double ms) { return flops / (ms * 1e-3) / 1e12; };
+          char sd[96] = "n/a | n/a | n/a | n/a";
+          if (ts > 0)
+            std::snprintf(sd, sizeof sd, "%.3f | %.0f | %.2fx | %.2fx", ts, tf(ts), tf(i4.ms) / tf(ts), tf(f16.ms) / tf(ts));
+          std::printf("| %s | %d | %d | %.3f | %.0f | %.3f | %.0f | %s | %.3f | %.3f |\n", m.name, n, batch, i4.ms,
+                      tf(i4.ms), f16.ms, tf(f16.ms), sd, i4.append_ms, f16.append_ms);
+          std::fflush(stdout);
+        }
+      if (!sdpa.empty()) std::printf("\nsdpa GQA mode: %s\n", sdpa.rbegin()->second.second.c_str());
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_attention: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
