@@ -17,7 +17,8 @@ namespace {
 struct AblateArgs {
   std::string model, calib, out = "ablation";
   std::vector<std::string> eval;
-  int64_t ctx = 0, chunks = 0;
+  int64_t ctx = 0;
+  std::vector<int64_t> chunks;  // per --eval text (one value: all texts)
   int group = 128;
   int64_t keeper = 128;
   int64_t calib_windows = 128;
@@ -82,10 +83,12 @@ void run_ablate(const AblateArgs& a) {
   }
   std::vector<Model*> ptrs = {base.get()};
   for (auto& m : models) ptrs.push_back(m.get());
+  check(a.chunks.size() <= 1 || a.chunks.size() == a.eval.size(), "--chunks",
+        "give one value, or one per --eval text ({})", a.eval.size());
   PerplexityOptions opt;
   opt.ctx = ctx;
-  opt.max_windows = a.chunks;
   for (size_t t = 0; t < texts.size(); ++t) {
+    opt.max_windows = a.chunks.empty() ? 0 : a.chunks[a.chunks.size() == 1 ? 0 : t];
     std::fprintf(stderr, "evaluating %zu models on %s\n", ptrs.size(), a.eval[t].c_str());
     const auto results = perplexity_many(ptrs, texts[t], opt, base.get());
     for (size_t i = 0; i < rows.size(); ++i) rows[i].results.push_back(results[i]);
@@ -95,7 +98,10 @@ void run_ablate(const AblateArgs& a) {
   std::printf("model: %s, calibration: %s (%lld windows of %lld tokens), eval windows of %lld tokens%s\n\n",
               a.model.c_str(), a.calib.c_str(), (long long)steps[0].recipe.calib_windows, (long long)ctx, (long long)ctx,
               a.atom_compat ? ", ladder with --atom-compat" : "");
-  std::printf("| recipe |");
+  for (size_t t = 0; t < a.eval.size(); ++t)
+    std::printf("%s: %lld windows of %lld tokens%s\n", a.eval[t].c_str(), (long long)rows[0].results[t].windows,
+                (long long)ctx, rows[0].results[t].windows * ctx * 2 < rows[0].results[t].tokens ? " (a prefix: --chunks)" : "");
+  std::printf("\n| recipe |");
   for (const auto& e : a.eval) std::printf(" ppl %s |", std::filesystem::path(e).filename().c_str());
   std::printf(" KLD mean | KLD p99 | top-1 | bytes |\n|---|");
   for (size_t t = 0; t < a.eval.size(); ++t) std::printf("---|");
@@ -137,7 +143,8 @@ void add_ablate_command(CLI::App& app) {
   cmd->add_option("-f,--file", a->calib, "calibration text")->required()->check(CLI::ExistingFile);
   cmd->add_option("--eval", a->eval, "evaluation text(s), comma separated")->required()->delimiter(',')->check(CLI::ExistingFile);
   cmd->add_option("-c,--ctx", a->ctx, "window length for calibration and evaluation (default: min(2048, context))");
-  cmd->add_option("--chunks", a->chunks, "evaluate only the first N windows of each text (0 = all)");
+  cmd->add_option("--chunks", a->chunks, "evaluate only the first N windows (0 = all); one value, or one per --eval text")
+      ->delimiter(',');
   cmd->add_option("--ladder-group", a->group, "group size of the ladder's grouped steps")->capture_default_str();
   cmd->add_option("--ladder-keeper", a->keeper, "keeper channels of the ladder")->capture_default_str();
   cmd->add_flag("--atom-compat", a->atom_compat, "run the ladder with Atom's released-code choices");

@@ -79,6 +79,32 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
   std::vector<uint8_t> keeper_codes(size_t(N * spec.keeper));
   std::vector<float> keeper_scales(static_cast<size_t>(N));
 
+  // diag(H): how much each input channel's rounding error costs at the output.
+  std::vector<double> hdiag(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) hdiag[size_t(k)] = xtx[size_t(k * K + k)];
+  auto best_clip_scale = [&](const FormatSpec& fs, const GroupStats& stats, int64_t n0, int row_group, int64_t k0,
+                             int64_t width) {
+    GroupScale best{};
+    double best_err = -1;
+    for (int step = 0; step <= 10; ++step) {
+      FormatSpec trial = fs;
+      trial.clip = 1.0f - 0.05f * float(step);
+      const GroupScale g = choose_scale(trial, stats);
+      double err = 0;
+      for (int64_t n = n0; n < n0 + row_group; ++n)
+        for (int64_t k = k0; k < k0 + width; ++k) {
+          const float w = float(W[size_t(n * K + k)]);
+          const double d = w - decode_element(fs.format, encode_element(fs.format, w, g), g);
+          err += hdiag[size_t(k)] * d * d;
+        }
+      if (best_err < 0 || err < best_err) {
+        best_err = err;
+        best = g;
+      }
+    }
+    return best;
+  };
+
   // The scale a column's element uses, set when the column loop enters its group.
   std::vector<GroupScale> row_scale(static_cast<size_t>(N));
   auto enter_group = [&](int64_t k0, int64_t width, const FormatSpec& fs, int row_group, bool keeper) {
@@ -86,7 +112,8 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
       GroupStats stats;
       for (int64_t n = n0; n < n0 + row_group; ++n)
         for (int64_t k = k0; k < k0 + width; ++k) stats.add(float(W[size_t(n * K + k)]));
-      const GroupScale g = choose_scale(fs, stats);
+      GroupScale g = choose_scale(fs, stats);
+      if (opt.clip_search && !keeper) g = best_clip_scale(fs, stats, n0, row_group, k0, width);
       for (int64_t n = n0; n < n0 + row_group; ++n) row_scale[size_t(n)] = g;
       if (keeper) {
         for (int64_t n = n0; n < n0 + row_group; ++n) keeper_scales[size_t(n)] = g.scale;

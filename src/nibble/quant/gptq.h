@@ -17,6 +17,9 @@ namespace nibble::quant {
 struct GptqOptions {
   int64_t block = 128;     // columns per lazy batch
   double percdamp = 0.01;  // damping: percdamp · mean(diag H) added to the diagonal
+  // Per group (and row group): the clip ratio in {1, 0.95, ..., 0.5} whose rounding error,
+  // weighted by diag(H) (each input channel's energy), is smallest, instead of the fixed clip.
+  bool clip_search = false;
 };
 
 struct GptqResult {

@@ -244,6 +244,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         GptqOptions opt;
         opt.block = recipe.gptq_block;
         opt.percdamp = recipe.percdamp;
+        opt.clip_search = recipe.clip_search;
         GptqResult g = gptq_quantize(p.weight, N, K, hit->second, p.spec, opt, where);
         *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                                 std::move(g.keeper_fp16), std::move(p.bias));
@@ -254,8 +255,8 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
       }
     }
 
-    // 5. The quantized layer's outputs are the next layer's calibration inputs.
-    if (need_q_stream) {
+    // 5. The quantized layer's outputs are the next layer's calibration inputs (the last feeds none).
+    if (need_q_stream && l + 1 < int(c.num_layers)) {
       model.set_kv_format(recipe.kv);
       for (auto& h : q_stream) model.run_layer(l, h.data(), ctx);
     }
