@@ -47,22 +47,20 @@ __device__ inline float unit(uint64_t seed, uint64_t i) {  // [0, 1)
 }
 
 // Random valid blocks: INT4 codes, scales in [0.005, 0.015), zeros 0..15; FP16 values in [-1, 1).
-__global__ void fill_pool(uint16_t* pool, int64_t halfwords, int64_t block_half, bool fp16, int64_t ks_off,
-                          int64_t kz_off, int64_t end_off, uint64_t seed) {
+__global__ void fill_pool(uint16_t* pool, int64_t halfwords, int64_t block_half, bool fp16, int64_t chunk,
+                          int64_t ks_off, int64_t kz_off, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < halfwords; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t o = 2 * (i % block_half);
     const uint32_t r = hash32(seed * 0x9e3779b97f4a7c15ull + uint64_t(i));
     uint16_t v;
     if (fp16) {
       v = __half_as_ushort(__float2half(2.0f * unit(seed + 1, uint64_t(i)) - 1.0f));
-    } else if (o < ks_off) {
+    } else if (o % chunk < ks_off) {
       v = uint16_t(r);
-    } else if (o < kz_off) {
+    } else if (o % chunk < kz_off) {
       v = __half_as_ushort(__float2half(0.005f + 0.01f * unit(seed + 2, uint64_t(i))));
-    } else if (o < end_off) {
-      v = uint16_t((r & 15) | ((r >> 8 & 15) << 8));
     } else {
-      v = 0;
+      v = uint16_t((r & 15) | ((r >> 8 & 15) << 8));
     }
     pool[i] = v;
   }
@@ -145,8 +143,8 @@ struct DecodeSetup {
     cache = std::make_unique<PagedKVCache>(layout, rots * batch * pages_per_seq);
     const int64_t halfwords = cache->pool_bytes() / 2;
     fill_pool<<<4 * g_sms, 256>>>(reinterpret_cast<uint16_t*>(cache->view().pool), halfwords,
-                                  layout.block_bytes() / 2, dt == KVDtype::Fp16, layout.k_scale_offset(),
-                                  layout.k_zero_offset(), layout.v_zero_offset() + layout.page_size, 11);
+                                  layout.block_bytes() / 2, dt == KVDtype::Fp16, layout.chunk_bytes(),
+                                  layout.k_scale_offset(0), layout.k_zero_offset(0), 11);
     NIBBLE_CUDA_CHECK_LAUNCH();
     const std::vector<int> ones(size_t(batch), 1);
     for (int r = 0; r < rots; ++r) {

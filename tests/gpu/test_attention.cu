@@ -177,10 +177,11 @@ struct Harness {
         if (dtype == KVDtype::Int4) {
           for (int kv = 0; kv < 2; ++kv) {
             uint8_t* codes = (kv ? r.vc : r.kc).data() + o;
-            unpack_int4_row(blk + (kv ? layout.v_codes_offset() : 0) + row * (D / 2), D, codes);
+            const int rw = int(row);
+            unpack_int4_row(blk + (kv ? layout.v_row_offset(rw) : layout.k_row_offset(rw)), D, codes);
             uint16_t sb;
-            std::memcpy(&sb, blk + (kv ? layout.v_scale_offset() : layout.k_scale_offset()) + row * 2, 2);
-            const uint8_t z = blk[(kv ? layout.v_zero_offset() : layout.k_zero_offset()) + row];
+            std::memcpy(&sb, blk + (kv ? layout.v_scale_offset(rw) : layout.k_scale_offset(rw)), 2);
+            const uint8_t z = blk[kv ? layout.v_zero_offset(rw) : layout.k_zero_offset(rw)];
             const float scale = fp16_to_float(sb);
             (kv ? r.vs : r.ks)[size_t(pos * sh.hkv + h)] = scale;
             (kv ? r.vz : r.kz)[size_t(pos * sh.hkv + h)] = z;
@@ -192,7 +193,7 @@ struct Harness {
           for (int kv = 0; kv < 2; ++kv)
             for (int d = 0; d < D; ++d) {
               uint16_t bits;
-              std::memcpy(&bits, blk + (kv ? layout.v_codes_offset() : 0) + row * 2 * D + 2 * d, 2);
+              std::memcpy(&bits, blk + (kv ? layout.v_row_offset(int(row)) : layout.k_row_offset(int(row))) + 2 * d, 2);
               (kv ? r.v : r.k)[size_t(o + d)] = fp16_to_float(bits);
             }
         }

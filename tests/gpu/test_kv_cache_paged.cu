@@ -140,18 +140,29 @@ TEST(PagedKVLayout, Int4RowPackingRoundTripsAndPairsDims) {
       }
     }
   }
+  // Every byte of a block belongs to exactly one field of one token; chunks are 16-byte aligned.
   for (int D : {64, 128})
-    for (int P : {16, 32, 64})
+    for (int P : {16, 32, 64, 256})
       for (KVDtype dt : {KVDtype::Fp16, KVDtype::Int4}) {
         PagedKVLayout l{2, 4, D, P, dt};
-        EXPECT_EQ(l.block_bytes() % 16, 0);
-        EXPECT_EQ(l.v_codes_offset() % 16, 0);
-        if (dt == KVDtype::Int4) {
-          EXPECT_EQ(l.k_scale_offset() % 16, 0);
-          EXPECT_EQ(l.block_bytes(), P * D + 6 * P);
-        } else {
-          EXPECT_EQ(l.block_bytes(), 4 * P * D);
+        EXPECT_EQ(l.chunk_bytes() % 16, 0);
+        EXPECT_EQ(l.block_bytes(), dt == KVDtype::Int4 ? P * D + 6 * P : 4 * P * D);
+        std::vector<int> owner(size_t(l.block_bytes()), 0);
+        const auto mark = [&](int64_t off, int64_t n) {
+          for (int64_t i = 0; i < n; ++i) ++owner[size_t(off + i)];
+        };
+        for (int r = 0; r < P; ++r) {
+          EXPECT_EQ(l.chunk_offset(r) % 16, 0);
+          mark(l.k_row_offset(r), l.row_bytes());
+          mark(l.v_row_offset(r), l.row_bytes());
+          if (dt == KVDtype::Int4) {
+            mark(l.k_scale_offset(r), 2);
+            mark(l.v_scale_offset(r), 2);
+            mark(l.k_zero_offset(r), 1);
+            mark(l.v_zero_offset(r), 1);
+          }
         }
+        for (int x : owner) ASSERT_EQ(x, 1) << "D " << D << " P " << P;
       }
 }
 
@@ -164,6 +175,7 @@ TEST(PagedKVCache, PoolFromMemoryFractionAndCopyOnWriteOnDevice) {
   EXPECT_GT(n_small, 0);
   EXPECT_EQ(PagedKVCache::pages_for_free_memory(l, 0.01, int64_t(1) << 50), 0);
   EXPECT_THROW(PagedKVCache::pages_for_free_memory(l, 1.5), Error);
+  EXPECT_THROW(PagedKVCache(PagedKVLayout{1, 1, 128, 48, KVDtype::Int4}, 4), Error);  // not a power of two
 
   PagedKVCache cache(l, 6);
   const KVCacheView v = cache.view();

@@ -25,7 +25,7 @@
 
 namespace nibble::cuda {
 
-constexpr int kPrefillTileRows = 64;  // query rows (new tokens of one sequence) per prefill block
+constexpr int kPrefillTileRows = 128;  // query rows (new tokens of one sequence) per prefill block
 
 // Device metadata of one step. All pointers are device pointers into one buffer.
 struct AttentionBatch {

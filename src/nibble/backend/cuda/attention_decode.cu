@@ -39,7 +39,7 @@ struct DecodeParams {
 };
 
 template <int D, bool INT4>
-constexpr int stage_bytes() {
+constexpr int stage_bytes() {  // INT4: one chunk as stored; FP16: its 32 rows padded to 2D + 16 bytes
   return INT4 ? 16 * D + 96 : 2 * 16 * (2 * D + 16);
 }
 template <bool INT4>
@@ -57,8 +57,9 @@ constexpr int decode_smem_bytes() {
   return pipe > reduce ? pipe : reduce;
 }
 
+// INT4 capped at 128 registers: 4 blocks (16 warps) per SM instead of 3.
 template <int D, bool INT4, bool ROPE_K>
-__global__ void __launch_bounds__(128) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
+__global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
   constexpr int SB = stage_bytes<D, INT4>();
   constexpr int NS = stages<INT4>();
   constexpr int KR = 2 * D + 16;  // fp16 row stride in bytes (padded: ldmatrix conflict-free)
@@ -73,37 +74,26 @@ __global__ void __launch_bounds__(128) decode_kernel(KVCacheView c, AttentionBat
   const int c_end = min(n_chunks, c_begin + p.chunks_per_split);
   const int my_n = c_begin + warp < c_end ? (c_end - c_begin - warp + kWarps - 1) / kWarps : 0;
   const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
-  const int P = c.page_size;
   uint8_t* ring = smem + warp * warp_smem_bytes<D, INT4, ROPE_K>();
   uint8_t* krot = ring + NS * SB;  // ROPE_K: the rotated fp16 K tile
 
+  // Chunk i of this warp (16 keys, contiguous in its block) into ring slot i % NS.
   auto issue = [&](int i) {
     if (i >= my_n) return;
-    const int chunk = c_begin + warp + i * kWarps;
-    const int key0 = chunk * 16;
-    const uint8_t* blk = block_ptr(c, p.layer, table[key0 / P], kvh);
-    const int r0 = key0 % P;
+    const int key0 = (c_begin + warp + i * kWarps) * 16;
+    const uint8_t* src = block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) +
+                         ((key0 & (c.page_size - 1)) >> 4) * int64_t(SB);
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
-      constexpr int KU = D / 2;
-      const int64_t v_off = int64_t(P) * (D / 2), s_off = 2 * v_off;
-      for (int u = lane; u < 2 * KU + 6; u += 32) {
-        const uint8_t* src;
-        if (u < KU) src = blk + int64_t(r0) * (D / 2) + u * 16;
-        else if (u < 2 * KU) src = blk + v_off + int64_t(r0) * (D / 2) + (u - KU) * 16;
-        else if (u < 2 * KU + 2) src = blk + s_off + r0 * 2 + (u - 2 * KU) * 16;
-        else if (u < 2 * KU + 4) src = blk + s_off + 2 * P + r0 * 2 + (u - 2 * KU - 2) * 16;
-        else if (u == 2 * KU + 4) src = blk + s_off + 4 * P + r0;
-        else src = blk + s_off + 5 * P + r0;
-        cp_async16(dst + u * 16, src);
-      }
+#pragma unroll
+      for (int u = lane; u < SB / 16; u += 32) cp_async16(dst + u * 16, src + u * 16);
     } else {
-      constexpr int RU = D / 8;  // 16-byte units per fp16 row
-      for (int u = lane; u < 2 * 16 * RU; u += 32) {
-        const int kv = u / (16 * RU), rem = u % (16 * RU), r = rem / RU, cc = rem % RU;
-        const bool ok = key0 + r < len;  // rows past the end: zeros (V must stay finite)
-        const uint8_t* src = blk + (kv ? int64_t(P) * D * 2 : 0) + int64_t(r0 + r) * D * 2 + cc * 16;
-        cp_async16(dst + kv * 16 * KR + r * KR + cc * 16, ok ? src : blk, ok ? 16 : 0);
+      constexpr int RU = D / 8;  // 16-byte units per fp16 row; rows 0..15 K, 16..31 V
+#pragma unroll 4
+      for (int u = lane; u < 32 * RU; u += 32) {
+        const int row = u / RU, cc = u % RU;
+        const bool ok = key0 + (row & 15) < len;  // rows past the end: zeros (V must stay finite)
+        cp_async16(dst + row * KR + cc * 16, ok ? src + u * 16 : src, ok ? 16 : 0);
       }
     }
   };
@@ -290,12 +280,14 @@ __global__ void __launch_bounds__(128) decode_kernel(KVCacheView c, AttentionBat
     }
     l_g = l_g * al_g + (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]);
     l_g8 = l_g8 * al_g8 + (s[0][2] + s[0][3]) + (s[1][2] + s[1][3]);
+    if (__any_sync(0xffffffffu, al_g != 1.0f || al_g8 != 1.0f)) {  // skipped while no row max moves
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      o[n][0] *= al_g;
-      o[n][1] *= al_g;
-      o[n][2] *= al_g8;
-      o[n][3] *= al_g8;
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][0] *= al_g;
+        o[n][1] *= al_g;
+        o[n][2] *= al_g8;
+        o[n][3] *= al_g8;
+      }
     }
     const uint32_t pa[4] = {pack_half2(s[0][0], s[0][1]), pack_half2(s[0][2], s[0][3]), pack_half2(s[1][0], s[1][1]),
                             pack_half2(s[1][2], s[1][3])};

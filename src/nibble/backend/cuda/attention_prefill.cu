@@ -36,8 +36,8 @@ __global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBat
   __shared__ uint8_t codes_smem[4][D];
   const int tok = blockIdx.x, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int seq = b.token_seq[tok], pos = b.token_pos[tok];
-  const int page = b.block_tables[int64_t(seq) * b.max_blocks + pos / c.page_size];
-  const int row = pos % c.page_size;
+  const int page = b.block_tables[int64_t(seq) * b.max_blocks + (pos >> c.page_shift)];
+  const int row = pos & (c.page_size - 1);
   const __half* src = p.qkv + int64_t(tok) * p.stride;
   uint8_t* codes = codes_smem[warp];
 
@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBat
     const int kvh = is_k ? hh - p.H : hh - p.H - p.Hkv;
     uint8_t* blk = const_cast<uint8_t*>(block_ptr(c, p.layer, page, kvh));
     if constexpr (!INT4) {
-      __half* dst = reinterpret_cast<__half*>(blk + (is_k ? 0 : int64_t(c.page_size) * D * 2) + int64_t(row) * D * 2);
+      // Chunk of 16 tokens: K rows, then V rows (kv_cache_paged.h).
+      __half* dst = reinterpret_cast<__half*>(blk + (row >> 4) * (64 * D) + ((is_k ? 0 : 16) + (row & 15)) * (2 * D));
 #pragma unroll
       for (int e = 0; e < E; ++e) dst[lane + 32 * e] = __float2half_rn(x[e]);
     } else {
@@ -84,8 +85,10 @@ __global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBat
 #pragma unroll
       for (int e = 0; e < E; ++e) codes[lane + 32 * e] = quant::int_asym_encode(x[e], scale, uint8_t(zero), 4);
       __syncwarp();
-      const int64_t row_bytes = D / 2;
-      uint8_t* rowp = blk + (is_k ? 0 : int64_t(c.page_size) * row_bytes) + int64_t(row) * row_bytes;
+      // Chunk of 16 tokens: K codes, V codes, K scales, V scales, K zeros, V zeros.
+      uint8_t* chunk = blk + (row >> 4) * (16 * D + 96);
+      const int rr = row & 15;
+      uint8_t* rowp = chunk + ((is_k ? 0 : 16) + rr) * (D / 2);
       if (lane < D / 8) {
         uint32_t word = 0;
 #pragma unroll
@@ -93,10 +96,8 @@ __global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBat
         reinterpret_cast<uint32_t*>(rowp)[lane] = word;
       }
       if (lane == 0) {
-        const int64_t s_off = 2 * int64_t(c.page_size) * row_bytes + (is_k ? 0 : 2 * c.page_size);
-        const int64_t z_off = 2 * int64_t(c.page_size) * row_bytes + 4 * c.page_size + (is_k ? 0 : c.page_size);
-        reinterpret_cast<__half*>(blk + s_off)[row] = __float2half_rn(scale);
-        blk[z_off + row] = uint8_t(zero);
+        reinterpret_cast<__half*>(chunk + 16 * D + (is_k ? 0 : 32))[rr] = __float2half_rn(scale);
+        chunk[16 * D + 64 + (is_k ? 0 : 16) + rr] = uint8_t(zero);
       }
       __syncwarp();
     }
@@ -113,48 +114,36 @@ struct PrefillParams {
   float scale_log2;
 };
 
-constexpr int kBM = kPrefillTileRows;  // query rows per block (4 warps x 16)
+constexpr int kBM = kPrefillTileRows;  // query rows per block (8 warps x 16)
+constexpr int kThreads = kBM * 2;      // 32 threads per 16 rows
 constexpr int kBN = 64;                // keys per tile
 
-template <int D>
-constexpr int chunk_bytes() {  // 16 tokens of one INT4 block: K codes, V codes, scales, zeros
-  return 16 * D + 96;
+template <int D, bool INT4>
+constexpr int chunk_bytes() {  // 16 tokens of one block (kv_cache_paged.h)
+  return INT4 ? 16 * D + 96 : 64 * D;
 }
 
 template <int D, bool INT4>
 constexpr int prefill_smem_bytes() {
-  constexpr int tile = kBM * (D + 8) * 2;
-  return INT4 ? tile * 3 + 2 * 4 * chunk_bytes<D>() : tile * 5;
+  constexpr int q_tile = kBM * (D + 8) * 2, kv_tile = kBN * (D + 8) * 2;
+  return q_tile + (INT4 ? kv_tile * 2 + 2 * 4 * chunk_bytes<D, true>() : kv_tile * 4);
 }
 
-// Copies 16 tokens [key0, key0 + 16) of one INT4 block (key0 a multiple of 16) into `dst` in the
-// chunk layout, the copies spread over `n` threads starting at `i`.
-template <int D>
-__device__ __forceinline__ void copy_int4_chunk(uint8_t* dst, const uint8_t* blk, int r0, int P, int i, int n) {
-  constexpr int KU = D / 2;  // 16-byte units of 16 rows of codes
-  const int64_t v_off = int64_t(P) * (D / 2), s_off = 2 * v_off;
-  for (int u = i; u < 2 * KU + 6; u += n) {
-    const uint8_t* src;
-    if (u < KU) src = blk + int64_t(r0) * (D / 2) + u * 16;
-    else if (u < 2 * KU) src = blk + v_off + int64_t(r0) * (D / 2) + (u - KU) * 16;
-    else if (u < 2 * KU + 2) src = blk + s_off + r0 * 2 + (u - 2 * KU) * 16;
-    else if (u < 2 * KU + 4) src = blk + s_off + 2 * P + r0 * 2 + (u - 2 * KU - 2) * 16;
-    else if (u == 2 * KU + 4) src = blk + s_off + 4 * P + r0;
-    else src = blk + s_off + 5 * P + r0;
-    cp_async16(dst + u * 16, src);
-  }
+// Copies chunk `bytes` (a multiple of 16) from `src` to `dst`, spread over `n` threads from `i`.
+__device__ __forceinline__ void copy_chunk(uint8_t* dst, const uint8_t* src, int bytes, int i, int n) {
+  for (int u = i; u < bytes / 16; u += n) cp_async16(dst + u * 16, src + u * 16);
 }
 
-// One block: 64 new tokens of one sequence x one query head; 4 warps of 16 rows. Key tiles of 64
+// One block: 128 new tokens of one sequence x one query head; 8 warps of 16 rows. Key tiles of 64
 // from the paged cache (earlier chunks and this one: the append kernel wrote them first), fp16
 // tiles in shared memory (INT4 dequantized there), mma.sync m16n8k16, online softmax in registers.
 template <int D, bool INT4, bool ROPE_K>
-__global__ void __launch_bounds__(128) prefill_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
+__global__ void __launch_bounds__(kThreads) prefill_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
   constexpr int RS = D + 8;  // smem row stride in halfs (16 bytes of padding: ldmatrix conflict-free)
-  constexpr int TILE = kBM * RS;
+  constexpr int TILE = kBN * RS;  // one K or V tile
   extern __shared__ __align__(16) uint8_t smem[];
   __half* Qs = reinterpret_cast<__half*>(smem);
-  __half* KVs = Qs + TILE;  // FP16: K[2], V[2]; INT4: K, V, then the raw chunks
+  __half* KVs = Qs + kBM * RS;  // FP16: K[2], V[2]; INT4: K, V, then the raw chunks
   uint8_t* raw = reinterpret_cast<uint8_t*>(KVs + 2 * TILE);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
@@ -169,40 +158,37 @@ __global__ void __launch_bounds__(128) prefill_kernel(KVCacheView c, AttentionBa
   const int kv_end = context + q0 + rows;  // keys [0, kv_end) are visible to some row
   const int n_tiles = (kv_end + kBN - 1) / kBN;
   const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
-  const int P = c.page_size;
 
   // Q tile.
-  for (int i = tid; i < kBM * (D / 8); i += 128) {
+  for (int i = tid; i < kBM * (D / 8); i += kThreads) {
     const int r = i / (D / 8), cc = i % (D / 8);
     const bool ok = r < rows;
     const __half* src = p.q + ((int64_t(tok_base + q0 + (ok ? r : 0))) * p.H + h) * D + cc * 8;
     cp_async16(Qs + r * RS + cc * 8, src, ok ? 16 : 0);
   }
 
+  // Tile kt = 4 chunks of 16 keys, 64 threads each.
   auto load_tile = [&](int kt, int buf) {
+    const int ch = tid / 64, i64 = tid % 64;
+    const int key0 = kt * kBN + ch * 16;
+    if constexpr (INT4) {
+      if (key0 >= kv_end) return;  // the dequantization writes zeros for these keys
+    }
+    // Past the end: zero-filled rows (masked P is 0, and V must stay finite: 0 * NaN is NaN).
+    const uint8_t* chunk = key0 < kv_end ? block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) +
+                                               ((key0 & (c.page_size - 1)) >> 4) * int64_t(chunk_bytes<D, INT4>())
+                                         : c.pool;
     if constexpr (!INT4) {
-      __half* Kd = KVs + buf * TILE;
-      __half* Vd = KVs + (2 + buf) * TILE;
-      for (int i = tid; i < 2 * kBN * (D / 8); i += 128) {
-        const int kv = i / (kBN * (D / 8)), rem = i % (kBN * (D / 8));
-        const int r = rem / (D / 8), cc = rem % (D / 8);
-        const int key = kt * kBN + r;
-        const bool ok = key < kv_end;
-        const uint8_t* src = c.pool;
-        if (ok) {
-          const uint8_t* blk = block_ptr(c, p.layer, table[key / P], kvh);
-          src = blk + (kv ? int64_t(P) * D * 2 : 0) + int64_t(key % P) * D * 2 + cc * 16;
-        }
-        cp_async16((kv ? Vd : Kd) + r * RS + cc * 8, src, ok ? 16 : 0);
+      __half* Kd = KVs + buf * TILE + ch * 16 * RS;
+      __half* Vd = KVs + (2 + buf) * TILE + ch * 16 * RS;
+#pragma unroll 4
+      for (int u = i64; u < 32 * (D / 8); u += 64) {
+        const int row = u / (D / 8), cc = u % (D / 8);  // rows 0..15 K, 16..31 V
+        const bool ok = key0 + (row & 15) < kv_end;
+        cp_async16((row < 16 ? Kd : Vd) + (row & 15) * RS + cc * 8, ok ? chunk + u * 16 : chunk, ok ? 16 : 0);
       }
     } else {
-      uint8_t* dst = raw + buf * 4 * chunk_bytes<D>();
-      // 4 chunks of 16 keys; 32 threads each.
-      const int ch = tid / 32;
-      const int key0 = kt * kBN + ch * 16;
-      if (key0 < kv_end)
-        copy_int4_chunk<D>(dst + ch * chunk_bytes<D>(), block_ptr(c, p.layer, table[key0 / P], kvh), key0 % P, P,
-                           lane, 32);
+      copy_chunk(raw + (buf * 4 + ch) * chunk_bytes<D, true>(), chunk, chunk_bytes<D, true>(), i64, 64);
     }
   };
 
@@ -225,11 +211,11 @@ __global__ void __launch_bounds__(128) prefill_kernel(KVCacheView c, AttentionBa
     __half* Vs = KVs + (INT4 ? 1 : 2 + buf) * TILE;
     if constexpr (INT4) {
       // Dequantize the raw chunks into fp16 tiles: one 8-dim word per thread and step.
-      const uint8_t* rc = raw + (kt & 1) * 4 * chunk_bytes<D>();
-      for (int i = tid; i < 2 * kBN * (D / 8); i += 128) {
+      const uint8_t* rc = raw + (kt & 1) * 4 * chunk_bytes<D, true>();
+      for (int i = tid; i < 2 * kBN * (D / 8); i += kThreads) {
         const int kv = i / (kBN * (D / 8)), rem = i % (kBN * (D / 8));
         const int r = rem / (D / 8), w = rem % (D / 8);
-        const uint8_t* ch = rc + (r / 16) * chunk_bytes<D>();
+        const uint8_t* ch = rc + (r / 16) * chunk_bytes<D, true>();
         const int rr = r % 16;
         uint4 outv = make_uint4(0, 0, 0, 0);
         if (kt * kBN + r < kv_end) {
@@ -252,7 +238,7 @@ __global__ void __launch_bounds__(128) prefill_kernel(KVCacheView c, AttentionBa
     if constexpr (INT4 || ROPE_K) __syncthreads();
     if constexpr (ROPE_K) {
       // K was stored before RoPE: rotate the tile in place (pairs i, i + D/2).
-      for (int i = tid; i < kBN * (D / 2); i += 128) {
+      for (int i = tid; i < kBN * (D / 2); i += kThreads) {
         const int r = i / (D / 2), d = i % (D / 2);
         const int key = kt * kBN + r;
         if (key < kv_end) {
@@ -318,12 +304,14 @@ __global__ void __launch_bounds__(128) prefill_kernel(KVCacheView c, AttentionBa
     }
     l_g = l_g * al_g + sum_g;
     l_g8 = l_g8 * al_g8 + sum_g8;
+    if (__any_sync(0xffffffffu, al_g != 1.0f || al_g8 != 1.0f)) {  // skipped while no row max moves
 #pragma unroll
-    for (int i = 0; i < D / 8; ++i) {
-      o[i][0] *= al_g;
-      o[i][1] *= al_g;
-      o[i][2] *= al_g8;
-      o[i][3] *= al_g8;
+      for (int i = 0; i < D / 8; ++i) {
+        o[i][0] *= al_g;
+        o[i][1] *= al_g;
+        o[i][2] *= al_g8;
+        o[i][3] *= al_g8;
+      }
     }
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
@@ -369,7 +357,7 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     configured = true;
   }
-  prefill_kernel<D, INT4, ROPE_K><<<dim3(b.num_tiles, p.H), 128, smem, stream>>>(c, b, p);
+  prefill_kernel<D, INT4, ROPE_K><<<dim3(b.num_tiles, p.H), kThreads, smem, stream>>>(c, b, p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

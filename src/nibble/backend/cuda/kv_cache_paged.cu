@@ -14,8 +14,8 @@ void PagedKVLayout::validate(const std::string& where) const {
   require(num_layers >= 1 && kv_heads >= 1, where, "KV cache needs >= 1 layer and KV head, not {} and {}",
           num_layers, kv_heads);
   require(head_dim == 64 || head_dim == 128, where, "KV cache head_dim must be 64 or 128, not {}", head_dim);
-  require(page_size >= 16 && page_size % 16 == 0 && page_size <= 256, where,
-          "KV cache page size must be a multiple of 16 up to 256, not {}", page_size);
+  require(page_size >= 16 && page_size <= 256 && (page_size & (page_size - 1)) == 0, where,
+          "KV cache page size must be a power of two from 16 to 256, not {}", page_size);
 }
 
 // ---- PageAllocator ---------------------------------------------------------------------------
@@ -155,6 +155,7 @@ KVCacheView PagedKVCache::view() const {
   v.kv_heads = layout_.kv_heads;
   v.head_dim = layout_.head_dim;
   v.page_size = layout_.page_size;
+  while ((1 << v.page_shift) < v.page_size) ++v.page_shift;
   v.dtype = layout_.dtype;
   return v;
 }

@@ -6,19 +6,18 @@
 // block_bytes() long (a multiple of 16). A sequence's block table lists its pages in order; token
 // `pos` lives in page table[pos / page_size], row pos % page_size, in every layer.
 //
-// Block layouts (P = page_size, D = head_dim):
-//   Fp16:  K [P][D] fp16, then V [P][D] fp16.
-//   Int4:  K codes [P][D/2] bytes, V codes [P][D/2], K scales [P] fp16, V scales [P] fp16,
-//          K zeros [P] u8, V zeros [P] u8 (then padding to 16 bytes).
+// Block layout (P = page_size, a power of two >= 16; D = head_dim): P/16 chunks of 16 tokens, each
+// chunk contiguous (one cp.async stream of 16-byte copies, coalesced, fetches it whole):
+//   Fp16 chunk:  K [16][D] fp16, V [16][D] fp16                                   (64·D bytes)
+//   Int4 chunk:  K codes [16][D/2], V codes [16][D/2], K scales [16] fp16,
+//                V scales [16] fp16, K zeros [16] u8, V zeros [16] u8              (16·D + 96 bytes)
 // The INT4 codes are format.h's Int4Asym codes (group = D, one fp16 scale + u8 zero per token and
 // head: choose_scale / int_asym_encode), but their nibble order inside each 32-bit word differs from
 // pack_4bit: word w of a row holds dims 8w..8w+7 with nibble n (bits 4n..4n+3) holding dim
 //   8w + 2n       for n < 4,
 //   8w + 2(n-4)+1 for n >= 4,
 // so that (word >> 4i) & 0x000F000F puts dims (2i, 2i+1) into the two halves of a register: one
-// LOP3 turns them into an fp16 pair (the 0x6400 = 1024.0 trick), in natural order. Every row is
-// D/2 contiguous bytes, every 16-token chunk of a block is 16-byte aligned: the kernels read it with
-// 16-byte cp.async copies, a warp's copies coalesced.
+// LOP3 turns them into an fp16 pair (the 0x6400 = 1024.0 trick), in natural order.
 #pragma once
 
 #include <cstdint>
@@ -37,25 +36,31 @@ using Stream = CUstream_st*;
 enum class KVDtype : uint8_t { Fp16, Int4 };
 const char* kv_dtype_name(KVDtype d);
 
+#if defined(__CUDACC__)
+#define NIBBLE_HD __host__ __device__
+#else
+#define NIBBLE_HD
+#endif
+
 struct PagedKVLayout {
   int num_layers = 1;
   int kv_heads = 1;
   int head_dim = 128;  // 64 or 128
-  int page_size = 16;  // a multiple of 16
+  int page_size = 16;  // a power of two, 16..256
   KVDtype dtype = KVDtype::Int4;
 
   void validate(const std::string& where) const;  // throws nibble::Error
-  int64_t row_bytes() const { return dtype == KVDtype::Int4 ? head_dim / 2 : head_dim * 2; }
-  int64_t k_codes_offset() const { return 0; }
-  int64_t v_codes_offset() const { return int64_t(page_size) * row_bytes(); }
-  int64_t k_scale_offset() const { return 2 * v_codes_offset(); }
-  int64_t v_scale_offset() const { return k_scale_offset() + 2 * page_size; }
-  int64_t k_zero_offset() const { return v_scale_offset() + 2 * page_size; }
-  int64_t v_zero_offset() const { return k_zero_offset() + page_size; }
-  int64_t block_bytes() const {
-    const int64_t raw = dtype == KVDtype::Int4 ? v_zero_offset() + page_size : 2 * v_codes_offset();
-    return (raw + 15) / 16 * 16;
-  }
+  NIBBLE_HD int64_t row_bytes() const { return dtype == KVDtype::Int4 ? head_dim / 2 : head_dim * 2; }
+  NIBBLE_HD int64_t chunk_bytes() const { return 32 * row_bytes() + (dtype == KVDtype::Int4 ? 96 : 0); }
+  NIBBLE_HD int64_t block_bytes() const { return page_size / 16 * chunk_bytes(); }
+  // Byte offsets inside a block of token row r (0 <= r < page_size).
+  NIBBLE_HD int64_t chunk_offset(int r) const { return int64_t(r / 16) * chunk_bytes(); }
+  NIBBLE_HD int64_t k_row_offset(int r) const { return chunk_offset(r) + (r % 16) * row_bytes(); }
+  NIBBLE_HD int64_t v_row_offset(int r) const { return k_row_offset(r) + 16 * row_bytes(); }
+  NIBBLE_HD int64_t k_scale_offset(int r) const { return chunk_offset(r) + 32 * row_bytes() + 2 * (r % 16); }
+  NIBBLE_HD int64_t v_scale_offset(int r) const { return k_scale_offset(r) + 32; }
+  NIBBLE_HD int64_t k_zero_offset(int r) const { return chunk_offset(r) + 32 * row_bytes() + 64 + r % 16; }
+  NIBBLE_HD int64_t v_zero_offset(int r) const { return k_zero_offset(r) + 16; }
   // One page of every layer and KV head: the unit the pool is counted in.
   int64_t page_bytes() const { return block_bytes() * kv_heads * num_layers; }
   // Bytes the decode kernel reads per cached token, per layer (all KV heads).
@@ -67,7 +72,7 @@ struct KVCacheView {
   uint8_t* pool = nullptr;
   int64_t num_pages = 0;
   int64_t block_bytes = 0;
-  int kv_heads = 0, head_dim = 0, page_size = 0;
+  int kv_heads = 0, head_dim = 0, page_size = 0, page_shift = 0;  // page_size = 1 << page_shift
   KVDtype dtype = KVDtype::Int4;
 };
 
