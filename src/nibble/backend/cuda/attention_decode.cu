@@ -81,8 +81,8 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
   auto issue = [&](int i) {
     if (i >= my_n) return;
     const int key0 = (c_begin + warp + i * kWarps) * 16;
-    const uint8_t* src = block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) +
-                         ((key0 & (c.page_size - 1)) >> 4) * int64_t(SB);
+    constexpr int64_t CB = INT4 ? 16 * D + 96 : 64 * D;  // a chunk in global memory (kv_cache_paged.h)
+    const uint8_t* src = block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) + ((key0 & (c.page_size - 1)) >> 4) * CB;
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
 #pragma unroll
@@ -447,10 +447,12 @@ int plan_splits(const AttentionBatch& b, int kv_heads) {
   const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
   const int64_t base = int64_t(b.batch) * kv_heads;
   const int64_t target = int64_t(sm_count()) * blocks_per_sm<D, INT4, ROPE_K>();
-  if (base >= target || chunks < 2 * 2 * kWarps) return 1;
-  // At least two chunks per warp; no more blocks than one full wave.
+  // Half the resident slots filled already: splitting only adds the combine.
+  if (2 * base >= target || chunks < 2 * 2 * kWarps) return 1;
+  // At least two chunks per warp; no more blocks than one full wave (a partial second wave
+  // doubles the time).
   const int64_t by_work = chunks / (2 * kWarps);
-  const int64_t by_gpu = (target + base - 1) / base;
+  const int64_t by_gpu = target / base;
   return int(std::max<int64_t>(1, std::min(by_work, by_gpu)));
 }
 

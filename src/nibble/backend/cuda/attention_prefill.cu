@@ -126,7 +126,7 @@ constexpr int chunk_bytes() {  // 16 tokens of one block (kv_cache_paged.h)
 template <int D, bool INT4>
 constexpr int prefill_smem_bytes() {
   constexpr int q_tile = kBM * (D + 8) * 2, kv_tile = kBN * (D + 8) * 2;
-  return q_tile + (INT4 ? kv_tile * 2 + 2 * 4 * chunk_bytes<D, true>() : kv_tile * 4);
+  return q_tile + kv_tile * 4 + (INT4 ? 2 * 4 * chunk_bytes<D, true>() : 0);
 }
 
 // Copies chunk `bytes` (a multiple of 16) from `src` to `dst`, spread over `n` threads from `i`.
@@ -143,8 +143,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(KVCacheView c, Attent
   constexpr int TILE = kBN * RS;  // one K or V tile
   extern __shared__ __align__(16) uint8_t smem[];
   __half* Qs = reinterpret_cast<__half*>(smem);
-  __half* KVs = Qs + kBM * RS;  // FP16: K[2], V[2]; INT4: K, V, then the raw chunks
-  uint8_t* raw = reinterpret_cast<uint8_t*>(KVs + 2 * TILE);
+  __half* KVs = Qs + kBM * RS;  // K[2], V[2]; INT4: then the raw chunks [2][4]
+  uint8_t* raw = reinterpret_cast<uint8_t*>(KVs + 4 * TILE);  // INT4 only
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
   const int h = blockIdx.y, kvh = h / p.G;
@@ -192,8 +192,83 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(KVCacheView c, Attent
     }
   };
 
+  // INT4: raw chunks -> fp16 tiles F[2], dequantized one tile ahead of the MMAs with no barrier in
+  // between (warps overlap one's dequantization with another's MMAs). K words w and w + D/16 of a
+  // row go together: a RoPE pair when K is stored before RoPE, rotated right here.
+  constexpr int CB = chunk_bytes<D, INT4>();
+  auto dequant = [&](int kt) {
+    const uint8_t* rc = raw + (kt & 1) * 4 * CB;
+    __half* Kf = KVs + (kt & 1) * TILE;
+    __half* Vf = KVs + (2 + (kt & 1)) * TILE;
+    for (int i = tid; i < kBN * (D / 16); i += kThreads) {
+      const int r = i / (D / 16), w = i % (D / 16), key = kt * kBN + r;
+      const uint8_t* ch = rc + (r / 16) * CB;
+      const int rr = r % 16;
+      uint32_t lo[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};
+      if (key < kv_end) {
+        const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + rr * (D / 2));
+        const uint32_t w0 = row[w], w1 = row[w + D / 16];
+        const __half sh = reinterpret_cast<const __half*>(ch + 16 * D)[rr];
+        const int z = ch[16 * D + 64 + rr];
+        if constexpr (!ROPE_K) {
+          const __half2 ss = __halves2half2(sh, sh);
+          const __half zh = __int2half_rn(1024 + z);
+          const __half2 zz = __halves2half2(zh, zh);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            lo[k] = h2u(dequant_pair(w0, k, zz, ss));
+            hi[k] = h2u(dequant_pair(w1, k, zz, ss));
+          }
+        } else {
+          const float sc = __half2float(sh);
+          const float2* cs = p.rope + int64_t(key) * (D / 2) + w * 8;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            float a[2], bb[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {  // dims 8w + 2k + e and + D/2; format.h int_asym_decode
+              a[e] = float(int((w0 >> (4 * (k + 4 * e))) & 15u) - z) * sc;
+              bb[e] = float(int((w1 >> (4 * (k + 4 * e))) & 15u) - z) * sc;
+            }
+            const float2 c0 = cs[2 * k], c1 = cs[2 * k + 1];
+            lo[k] = pack_half2(a[0] * c0.x - bb[0] * c0.y, a[1] * c1.x - bb[1] * c1.y);
+            hi[k] = pack_half2(bb[0] * c0.x + a[0] * c0.y, bb[1] * c1.x + a[1] * c1.y);
+          }
+        }
+      }
+      *reinterpret_cast<uint4*>(Kf + r * RS + w * 8) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      *reinterpret_cast<uint4*>(Kf + r * RS + (w + D / 16) * 8) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    }
+    for (int i = tid; i < kBN * (D / 8); i += kThreads) {
+      const int r = i / (D / 8), w = i % (D / 8);
+      const uint8_t* ch = rc + (r / 16) * CB;
+      const int rr = r % 16;
+      uint4 outv = make_uint4(0, 0, 0, 0);
+      if (kt * kBN + r < kv_end) {
+        const uint32_t word = reinterpret_cast<const uint32_t*>(ch + 8 * D + rr * (D / 2))[w];
+        const __half sh = reinterpret_cast<const __half*>(ch + 16 * D + 32)[rr];
+        const int z = ch[16 * D + 80 + rr];
+        const __half2 ss = __halves2half2(sh, sh);
+        const __half zh = __int2half_rn(1024 + z);
+        const __half2 zz = __halves2half2(zh, zh);
+        outv.x = h2u(dequant_pair(word, 0, zz, ss));
+        outv.y = h2u(dequant_pair(word, 1, zz, ss));
+        outv.z = h2u(dequant_pair(word, 2, zz, ss));
+        outv.w = h2u(dequant_pair(word, 3, zz, ss));
+      }
+      *reinterpret_cast<uint4*>(Vf + r * RS + w * 8) = outv;
+    }
+  };
+
   load_tile(0, 0);
   cp_async_commit();
+  if constexpr (INT4) {
+    if (n_tiles > 1) load_tile(1, 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    dequant(0);
+  }
 
   uint32_t qf[D / 16][4];
   float o[D / 8][4];
@@ -206,49 +281,29 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(KVCacheView c, Attent
   for (int kt = 0; kt < n_tiles; ++kt) {
     cp_async_wait<0>();
     __syncthreads();
-    const int buf = INT4 ? 0 : kt & 1;
-    __half* Ks = KVs + buf * TILE;
-    __half* Vs = KVs + (INT4 ? 1 : 2 + buf) * TILE;
+    __half* Ks = KVs + (kt & 1) * TILE;
+    __half* Vs = KVs + (2 + (kt & 1)) * TILE;
     if constexpr (INT4) {
-      // Dequantize the raw chunks into fp16 tiles: one 8-dim word per thread and step.
-      const uint8_t* rc = raw + (kt & 1) * 4 * chunk_bytes<D, true>();
-      for (int i = tid; i < 2 * kBN * (D / 8); i += kThreads) {
-        const int kv = i / (kBN * (D / 8)), rem = i % (kBN * (D / 8));
-        const int r = rem / (D / 8), w = rem % (D / 8);
-        const uint8_t* ch = rc + (r / 16) * chunk_bytes<D, true>();
-        const int rr = r % 16;
-        uint4 outv = make_uint4(0, 0, 0, 0);
-        if (kt * kBN + r < kv_end) {
-          const uint32_t word = reinterpret_cast<const uint32_t*>(ch + kv * 8 * D + rr * (D / 2))[w];
-          const __half s = reinterpret_cast<const __half*>(ch + 16 * D + kv * 32)[rr];
-          const int z = ch[16 * D + 64 + kv * 16 + rr];
-          const __half2 ss = __halves2half2(s, s);
-          const __half zh = __int2half_rn(1024 + z);
-          const __half2 zz = __halves2half2(zh, zh);
-          outv.x = h2u(dequant_pair(word, 0, zz, ss));
-          outv.y = h2u(dequant_pair(word, 1, zz, ss));
-          outv.z = h2u(dequant_pair(word, 2, zz, ss));
-          outv.w = h2u(dequant_pair(word, 3, zz, ss));
+      if (kt + 2 < n_tiles) load_tile(kt + 2, kt & 1);
+      cp_async_commit();
+      if (kt + 1 < n_tiles) dequant(kt + 1);
+    } else {
+      if (kt + 1 < n_tiles) load_tile(kt + 1, (kt + 1) & 1);
+      cp_async_commit();
+      if constexpr (ROPE_K) {
+        // K was stored before RoPE: rotate the tile in place (pairs i, i + D/2).
+        for (int i = tid; i < kBN * (D / 2); i += kThreads) {
+          const int r = i / (D / 2), d = i % (D / 2);
+          const int key = kt * kBN + r;
+          if (key < kv_end) {
+            const float2 cs = p.rope[int64_t(key) * (D / 2) + d];
+            const float a = __half2float(Ks[r * RS + d]), bb = __half2float(Ks[r * RS + d + D / 2]);
+            Ks[r * RS + d] = __float2half_rn(a * cs.x - bb * cs.y);
+            Ks[r * RS + d + D / 2] = __float2half_rn(bb * cs.x + a * cs.y);
+          }
         }
-        *reinterpret_cast<uint4*>((kv ? Vs : Ks) + r * RS + w * 8) = outv;
+        __syncthreads();
       }
-    }
-    if (kt + 1 < n_tiles) load_tile(kt + 1, (kt + 1) & 1);
-    cp_async_commit();
-    if constexpr (INT4 || ROPE_K) __syncthreads();
-    if constexpr (ROPE_K) {
-      // K was stored before RoPE: rotate the tile in place (pairs i, i + D/2).
-      for (int i = tid; i < kBN * (D / 2); i += kThreads) {
-        const int r = i / (D / 2), d = i % (D / 2);
-        const int key = kt * kBN + r;
-        if (key < kv_end) {
-          const float2 cs = p.rope[int64_t(key) * (D / 2) + d];
-          const float a = __half2float(Ks[r * RS + d]), bb = __half2float(Ks[r * RS + d + D / 2]);
-          Ks[r * RS + d] = __float2half_rn(a * cs.x - bb * cs.y);
-          Ks[r * RS + d + D / 2] = __float2half_rn(bb * cs.x + a * cs.y);
-        }
-      }
-      __syncthreads();
     }
     if (kt == 0) {
 #pragma unroll
