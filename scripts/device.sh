@@ -2,7 +2,7 @@
 # Run THERE (the device machine: nvcc + cmake, no Debian dev packages, no network), from the repo
 # root, with .devdata carried (scripts/device_deps.sh made it here). Builds the GPU-only tree,
 # runs the GPU tests and the benches, and leaves logs and tables in $OUT.
-#   scripts/device.sh [all|test|bench|sass|attention|attention-bench] [bench args...]
+#   scripts/device.sh [all|test|bench|sass|attention|attention-bench|attention-profile] [bench args...]
 #   (NIBBLE_TARGETS="a b ..." limits the ninja build to those targets; ATTN_BENCH_MODE picks
 #   bench_attention's mode, default all)
 set -uo pipefail
@@ -71,6 +71,19 @@ if [ "$what" = all ] || [ "$what" = attention ] || [ "$what" = attention-bench ]
   echo "== bench_attention ${ATTN_BENCH_MODE:-all}"
   $BUILD/bin/bench_attention ${ATTN_BENCH_MODE:-all} >"$OUT/bench_attention.md" 2>&1 || status=1
   cat "$OUT/bench_attention.md"
+fi
+if [ "$what" = attention-profile ]; then
+  # INT4 vs FP16 decode (7B, batch 256, context 2048): DRAM, issue, stalls; and the INT4 kernel's SASS.
+  B=$BUILD/bin/bench_attention
+  cuobjdump --dump-sass $B 2>/dev/null | awk '/Function : .*decode_kernelILi128ELb1ELb0E/{p=1} /Function : /&&!/decode_kernelILi128ELb1ELb0E/{p=0} p' >"$OUT/sass_decode_int4.txt"
+  st=long_scoreboard,short_scoreboard,math_pipe_throttle,mio_throttle,wait,lg_throttle,not_selected,barrier,no_instruction,dispatch_stall,branch_resolving
+  m="gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,sm__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,sm__warps_active.avg.pct_of_peak_sustained_active,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread"
+  for s in ${st//,/ }; do m="$m,smsp__average_warps_issue_stalled_${s}_per_issue_active.ratio"; done
+  for dt in int4 fp16; do
+    echo "== ncu decode $dt 7B 256 2048"
+    timeout 150 ncu --metrics $m -k regex:decode_kernel --launch-skip 3 --launch-count 1 $B one-decode $dt 7B 256 2048 2>&1 |
+      grep -E "one-decode|duration|dram|inst_executed|issue_active|warps_active|conflicts|stalled|hmma|launch__" | sed 's/^ *//; s/smsp__average_warps_issue_stalled_//'
+  done 2>&1 | tee "$OUT/ncu_attention.txt"
 fi
 if [ "$what" = all ] || [ "$what" = profile ]; then
   # Bytes the kernels really move (vs the packed bytes the table counts), occupancy, time.
