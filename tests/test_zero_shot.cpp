@@ -429,7 +429,8 @@ LLResult plain_ll(Model& m, const TokenizedRequest& r, int64_t max_length) {
   auto cache = m.new_cache(int64_t(input.size()));
   const Step step{cache.get(), input, true};
   const std::vector<float> logits = m.forward({&step, 1});
-  const int64_t V = m.config().vocab_size, n = int64_t(input.size()), c = int64_t(r.continuation.size());
+  const int64_t V = m.config().vocab_size, n = int64_t(input.size()),
+                c = std::min<int64_t>(int64_t(r.continuation.size()), n);
   LLResult out{0, true};
   std::vector<double> row(static_cast<size_t>(V));
   for (int64_t k = n - c; k < n; ++k) {
@@ -480,11 +481,17 @@ TEST(ZeroShotScoring, LeftTruncationAndBatchingMatchPlainForward) {
         EXPECT_EQ(b[g][i].is_greedy, want.is_greedy);
       }
   }
-  // A continuation longer than the window cannot be scored (lm-eval asserts the same).
+  // A continuation longer than the window (lm-eval asserts): its last 4 tokens are scored after
+  // the token before them, and the result says so.
   ScoreOptions tiny;
   tiny.max_length = 4;
-  const std::vector<std::vector<TokenizedRequest>> too_long = {{{{1, 2}, {5, 6, 7, 8, 9}}}};
-  EXPECT_THROW(score_loglikelihood(*model, too_long, tiny), Error);
+  const std::vector<std::vector<TokenizedRequest>> too_long = {{{{1, 2}, {5, 6, 7, 8, 9}}, {{1, 2}, {5, 6}}}};
+  const auto t = score_loglikelihood(*model, too_long, tiny);
+  EXPECT_TRUE(t[0][0].truncated);
+  EXPECT_FALSE(t[0][1].truncated);
+  const TokenizedRequest last{{5}, {6, 7, 8, 9}};
+  EXPECT_NEAR(t[0][0].logprob, plain_ll(*model, last, 4).logprob, 1e-4 * (1 + std::abs(t[0][0].logprob)));
+  EXPECT_NEAR(t[0][1].logprob, plain_ll(*model, too_long[0][1], 4).logprob, 1e-4 * (1 + std::abs(t[0][1].logprob)));
 }
 
 TEST(ZeroShotScoring, TaskMetricsFollowTheLogLikelihoods) {

@@ -70,7 +70,8 @@ namespace {
 // One choice after lm-eval's left truncation.
 struct Prepared {
   std::vector<int32_t> seq;  // (context + continuation)[-(max_length + 1):]
-  int64_t ctx_len = 0;       // tokens of seq before the continuation
+  int64_t ctx_len = 0;       // tokens of seq before the (scored part of the) continuation
+  bool cut = false;          // the continuation itself was longer than the window
 };
 
 struct GroupPlan {
@@ -85,13 +86,14 @@ GroupPlan plan_group(const std::vector<TokenizedRequest>& reqs, int64_t max_leng
   for (const TokenizedRequest& r : reqs) {
     check(!r.continuation.empty(), "zero-shot", "a continuation encoded to no tokens");
     check(!r.context.empty(), "zero-shot", "a context encoded to no tokens");
-    check(int64_t(r.continuation.size()) <= max_length, "zero-shot",
-          "a continuation of {} tokens does not fit the model window of {}", r.continuation.size(), max_length);
     Prepared p;
     p.seq = r.context;
     p.seq.insert(p.seq.end(), r.continuation.begin(), r.continuation.end());
     if (int64_t(p.seq.size()) > max_length + 1) p.seq.erase(p.seq.begin(), p.seq.end() - (max_length + 1));
-    p.ctx_len = int64_t(p.seq.size()) - int64_t(r.continuation.size());
+    // A continuation longer than the window (lm-eval asserts here) keeps its last max_length
+    // tokens scored, the token before them serving as the only context.
+    p.ctx_len = std::max<int64_t>(1, int64_t(p.seq.size()) - int64_t(r.continuation.size()));
+    p.cut = int64_t(r.continuation.size()) > max_length;
     g.capacity = std::max(g.capacity, int64_t(p.seq.size()) - 1);
     g.choices.push_back(std::move(p));
   }
@@ -212,7 +214,7 @@ std::vector<std::vector<LLResult>> score_loglikelihood(Model& model,
                                  : choice_logits.data() + (wh.row + (r - p.prefix)) * V;
           score_row(row, V, ch.seq[size_t(r + 1)], lp, &sum, &greedy);
         }
-        flat[size_t(w)] = {sum, greedy};
+        flat[size_t(w)] = {sum, greedy, ch.cut};
       }
     }
     for (size_t w = 0; w < where.size(); ++w) {
@@ -355,6 +357,7 @@ json TaskResult::to_json() const {
   if (info.kind == TaskKind::LastWord) j["ppl"] = ppl;
   if (!info.atom_metric.empty()) j["atom_metric"] = info.atom_metric;
   if (!note.empty()) j["note"] = note;
+  if (truncated) j["truncated_continuations"] = truncated;
   return j;
 }
 
@@ -388,7 +391,10 @@ TaskResult evaluate_task(Model& model, const EncodeFn& encode, int32_t bos, cons
   for (size_t k = 0; k < results.size(); ++k) {
     const TaskDoc& doc = task.docs[size_t(r.doc_indices[k])];
     std::vector<double> lls;
-    for (const LLResult& x : results[k]) lls.push_back(x.logprob);
+    for (const LLResult& x : results[k]) {
+      lls.push_back(x.logprob);
+      r.truncated += x.truncated;
+    }
     r.logliks.push_back(lls);
     if (task.info.kind == TaskKind::LastWord) {
       acc.push_back(results[k][0].is_greedy ? 1.0 : 0.0);
@@ -503,8 +509,13 @@ std::string ZeroShotResults::to_table() const {
   if (average_tasks > 0)
     s += fmt::format("| **average ({} of 6, Atom's rule)** | | | | | **{:.2f}** |\n", average_tasks, 100 * average);
   s += "\nAccuracies in %, ± one standard error (lm-eval's mean_stderr).\n";
-  for (const TaskResult& r : tasks)
+  for (const TaskResult& r : tasks) {
     if (!r.note.empty()) s += fmt::format("Note ({}): {}.\n", r.info.name, r.note);
+    if (r.truncated)
+      s += fmt::format("Note ({}): {} continuation(s) longer than the {}-token window were scored on their last {} "
+                       "tokens (lm-eval stops with an assertion there).\n",
+                       r.info.name, r.truncated, max_length, max_length);
+  }
   for (const std::string& u : unavailable) s += fmt::format("Not run: {}\n", u);
   return s;
 }

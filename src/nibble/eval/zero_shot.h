@@ -15,6 +15,8 @@
 //    "▁" token (the dummy prefix), which is what that version scored.
 // Context longer than the model's window: lm-eval's left truncation,
 // (context + continuation)[-(max_length + 1):][:-1] is fed and the continuation rows are scored.
+// A continuation longer than the window itself (lm-eval stops with an assertion) is scored on its
+// last max_length tokens; such choices are counted and reported (TaskResult::truncated).
 //
 // Scoring: the choices of one question share a prefix (the context, or for WinoGrande the
 // sentence before the blank); that prefix is forwarded once into a KV cache, each choice forwards
@@ -57,6 +59,7 @@ TokenizedRequest tokenize_request(const LLRequest& r, const EncodeFn& encode, in
 struct LLResult {
   double logprob = 0;      // sum of the continuation tokens' log-probabilities (float64 log-softmax)
   bool is_greedy = false;  // every continuation token is the argmax of its row
+  bool truncated = false;  // the continuation alone exceeded the window: only its last tokens count
 };
 
 struct ScoreOptions {
@@ -82,6 +85,7 @@ struct TaskResult {
   double acc_norm = 0, acc_norm_stderr = 0;  // only when info.has_acc_norm
   double ppl = 0;                            // LAMBADA: exp(-mean loglik of the target)
   int64_t tokens = 0;                        // tokens forwarded
+  int64_t truncated = 0;                     // choices whose continuation exceeded the window
   double seconds = 0;
   std::string source, note;
   std::vector<int64_t> doc_indices;          // which docs of the file were scored
