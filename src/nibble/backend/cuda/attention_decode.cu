@@ -38,9 +38,16 @@ struct DecodeParams {
   float* ws_lse;  // [batch][H][splits]
 };
 
+// A chunk in a ring slot. INT4: K codes [16][D/2], V codes [16][D/2 + 16] (padded: the V reads,
+// rows 2t.. of 4 lanes t at once, hit distinct banks), scales and zeros (96 bytes).
+// FP16: K then V, 32 rows padded to 2D + 16 bytes (ldmatrix conflict-free).
+template <int D>
+constexpr int v_row_stride() {
+  return D / 2 + 16;
+}
 template <int D, bool INT4>
-constexpr int stage_bytes() {  // INT4: one chunk as stored; FP16: its 32 rows padded to 2D + 16 bytes
-  return INT4 ? 16 * D + 96 : 2 * 16 * (2 * D + 16);
+constexpr int stage_bytes() {
+  return INT4 ? 8 * D + 16 * v_row_stride<D>() + 96 : 2 * 16 * (2 * D + 16);
 }
 template <bool INT4>
 constexpr int stages() {
@@ -85,8 +92,14 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
     const uint8_t* src = block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) + ((key0 & (c.page_size - 1)) >> 4) * CB;
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
+      constexpr int VRS = v_row_stride<D>(), RU = D / 32;  // RU: 16-byte units per row of codes
 #pragma unroll
-      for (int u = lane; u < SB / 16; u += 32) cp_async16(dst + u * 16, src + u * 16);
+      for (int u = lane; u < CB / 16; u += 32) {
+        int d = u * 16;  // K codes and the params keep their offsets; V rows get padded
+        if (u >= 16 * RU) d = u < 32 * RU ? 8 * D + ((u - 16 * RU) / RU) * VRS + ((u - 16 * RU) % RU) * 16
+                                          : 8 * D + 16 * VRS + (u - 32 * RU) * 16;
+        cp_async16(dst + d, src + u * 16);
+      }
     } else {
       constexpr int RU = D / 8;  // 16-byte units per fp16 row; rows 0..15 K, 16..31 V
 #pragma unroll 4
@@ -153,6 +166,7 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
     cp_async_wait<NS - 1>();
     __syncwarp();
     const uint8_t* st = ring + (i % NS) * SB;
+    const uint8_t* prm = st + 8 * D + 16 * v_row_stride<D>();  // INT4: K scales, V scales, K zeros, V zeros
     const int key0 = (c_begin + warp + i * kWarps) * 16;
     const int nvalid = min(16, len - key0);
 
@@ -168,8 +182,8 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
         if constexpr (INT4) {
           const uint32_t wl = reinterpret_cast<const uint32_t*>(st + r * (D / 2))[w];
           const uint32_t wh = reinterpret_cast<const uint32_t*>(st + r * (D / 2))[w + WH];
-          const float s = __half2float(reinterpret_cast<const __half*>(st + 16 * D)[r]);
-          const int z = st[16 * D + 64 + r];
+          const float s = __half2float(reinterpret_cast<const __half*>(prm)[r]);
+          const int z = prm[64 + r];
 #pragma unroll
           for (int n = 0; n < 8; ++n) {
             const int dim = n < 4 ? 2 * n : 2 * (n - 4) + 1;
@@ -246,8 +260,8 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
       const int k0 = 8 * j + 2 * t;  // this thread's keys k0, k0 + 1
       float sc0 = p.scale_log2, sc1 = p.scale_log2, zq0 = 0, zq1 = 0, zq80 = 0, zq81 = 0;
       if constexpr (K_NIBBLE) {
-        const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(st + 16 * D + 2 * k0));
-        const uint16_t kz = *reinterpret_cast<const uint16_t*>(st + 16 * D + 64 + k0);
+        const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(prm + 2 * k0));
+        const uint16_t kz = *reinterpret_cast<const uint16_t*>(prm + 64 + k0);
         sc0 *= ksc.x;
         sc1 *= ksc.y;
         zq0 = float(kz & 0xff) * sumq_g;
@@ -295,26 +309,28 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
     // ---- O += P · V ----
     if constexpr (INT4) {
       // Keys 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1); scale 0 past the end keeps garbage out.
+      constexpr int VRS = v_row_stride<D>();
       const uint8_t* vc = st + 8 * D;
-      __half2 ss01 = *reinterpret_cast<const __half2*>(st + 16 * D + 32 + 4 * t);
-      __half2 ss23 = *reinterpret_cast<const __half2*>(st + 16 * D + 32 + 4 * t + 16);
-      const uint16_t z01 = *reinterpret_cast<const uint16_t*>(st + 16 * D + 80 + 2 * t);
-      const uint16_t z23 = *reinterpret_cast<const uint16_t*>(st + 16 * D + 80 + 2 * t + 8);
+      __half2 ss01 = *reinterpret_cast<const __half2*>(prm + 32 + 4 * t);
+      __half2 ss23 = *reinterpret_cast<const __half2*>(prm + 32 + 4 * t + 16);
+      const uint32_t z01 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t);
+      const uint32_t z23 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8);
       if (nvalid < 16) {
         const __half zero = __float2half_rn(0.0f);
         ss01 = __halves2half2(2 * t < nvalid ? __low2half(ss01) : zero, 2 * t + 1 < nvalid ? __high2half(ss01) : zero);
         ss23 = __halves2half2(2 * t + 8 < nvalid ? __low2half(ss23) : zero,
                               2 * t + 9 < nvalid ? __high2half(ss23) : zero);
       }
-      const __half2 zz01 = __halves2half2(__int2half_rn(1024 + (z01 & 0xff)), __int2half_rn(1024 + (z01 >> 8)));
-      const __half2 zz23 = __halves2half2(__int2half_rn(1024 + (z23 & 0xff)), __int2half_rn(1024 + (z23 >> 8)));
+      // (1024 + z0, 1024 + z1) in fp16 is the bit pattern 0x64zz for each (z < 16): one PRMT.
+      const __half2 zz01 = u2h(__byte_perm(z01, 0x64u, 0x4140));
+      const __half2 zz23 = u2h(__byte_perm(z23, 0x64u, 0x4140));
 #pragma unroll
       for (int r = 0; r < D / 64; ++r) {
         const int wi = g * (D / 64) + r;
-        const uint32_t x0 = reinterpret_cast<const uint32_t*>(vc + (2 * t) * (D / 2))[wi];
-        const uint32_t x1 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 1) * (D / 2))[wi];
-        const uint32_t x2 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 8) * (D / 2))[wi];
-        const uint32_t x3 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 9) * (D / 2))[wi];
+        const uint32_t x0 = reinterpret_cast<const uint32_t*>(vc + (2 * t) * VRS)[wi];
+        const uint32_t x1 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 1) * VRS)[wi];
+        const uint32_t x2 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 8) * VRS)[wi];
+        const uint32_t x3 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 9) * VRS)[wi];
         const uint32_t lo01 = __byte_perm(x0, x1, 0x5410), hi01 = __byte_perm(x0, x1, 0x7632);
         const uint32_t lo23 = __byte_perm(x2, x3, 0x5410), hi23 = __byte_perm(x2, x3, 0x7632);
 #pragma unroll
