@@ -83,13 +83,16 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
   const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
   uint8_t* ring = smem + warp * warp_smem_bytes<D, INT4, ROPE_K>();
   uint8_t* krot = ring + NS * SB;  // ROPE_K: the rotated fp16 K tile
+  // Block (layer, page, kvh) = kv_base + page * page_stride (kv_cache_paged.h pool layout).
+  const uint8_t* kv_base = block_ptr(c, p.layer, 0, kvh);
+  const int64_t page_stride = int64_t(c.kv_heads) * c.block_bytes;
 
   // Chunk i of this warp (16 keys, contiguous in its block) into ring slot i % NS.
   auto issue = [&](int i) {
     if (i >= my_n) return;
     const int key0 = (c_begin + warp + i * kWarps) * 16;
     constexpr int64_t CB = INT4 ? 16 * D + 96 : 64 * D;  // a chunk in global memory (kv_cache_paged.h)
-    const uint8_t* src = block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) + ((key0 & (c.page_size - 1)) >> 4) * CB;
+    const uint8_t* src = kv_base + table[key0 >> c.page_shift] * page_stride + ((key0 & (c.page_size - 1)) >> 4) * CB;
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
       constexpr int VRS = v_row_stride<D>(), RU = D / 32;  // RU: 16-byte units per row of codes
@@ -282,15 +285,15 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
       mx_g8 = fmaxf(mx_g8, __shfl_xor_sync(0xffffffffu, mx_g8, off));
     }
     const float mn_g = fmaxf(m_g, mx_g), mn_g8 = fmaxf(m_g8, mx_g8);
-    const float al_g = exp2f(m_g - mn_g), al_g8 = exp2f(m_g8 - mn_g8);
+    const float al_g = fast_exp2(m_g - mn_g), al_g8 = fast_exp2(m_g8 - mn_g8);
     m_g = mn_g;
     m_g8 = mn_g8;
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      s[j][0] = exp2f(s[j][0] - mn_g);
-      s[j][1] = exp2f(s[j][1] - mn_g);
-      s[j][2] = exp2f(s[j][2] - mn_g8);
-      s[j][3] = exp2f(s[j][3] - mn_g8);
+      s[j][0] = fast_exp2(s[j][0] - mn_g);
+      s[j][1] = fast_exp2(s[j][1] - mn_g);
+      s[j][2] = fast_exp2(s[j][2] - mn_g8);
+      s[j][3] = fast_exp2(s[j][3] - mn_g8);
     }
     l_g = l_g * al_g + (s[0][0] + s[0][1]) + (s[1][0] + s[1][1]);
     l_g8 = l_g8 * al_g8 + (s[0][2] + s[0][3]) + (s[1][2] + s[1][3]);

@@ -69,6 +69,14 @@ __device__ __forceinline__ __half2 dequant_pair(uint32_t word, int i, __half2 zz
   return __hmul2(__hsub2(u2h(nibble_pair_1024(word, i)), zz), ss);
 }
 
+// 2^x in one MUFU.EX2, denormal results flushed to 0 (exp2f adds a range check and two multiplies
+// per call). Softmax arguments are <= 0 after the max is subtracted; a flushed tiny weight is 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -344,16 +344,16 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(KVCacheView c, Attent
       mx_g8 = fmaxf(mx_g8, __shfl_xor_sync(0xffffffffu, mx_g8, off));
     }
     const float mn_g = fmaxf(m_g, mx_g), mn_g8 = fmaxf(m_g8, mx_g8);
-    const float al_g = exp2f(m_g - mn_g), al_g8 = exp2f(m_g8 - mn_g8);
+    const float al_g = fast_exp2(m_g - mn_g), al_g8 = fast_exp2(m_g8 - mn_g8);
     m_g = mn_g;
     m_g8 = mn_g8;
     float sum_g = 0, sum_g8 = 0;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      s[j][0] = exp2f(s[j][0] - mn_g);
-      s[j][1] = exp2f(s[j][1] - mn_g);
-      s[j][2] = exp2f(s[j][2] - mn_g8);
-      s[j][3] = exp2f(s[j][3] - mn_g8);
+      s[j][0] = fast_exp2(s[j][0] - mn_g);
+      s[j][1] = fast_exp2(s[j][1] - mn_g);
+      s[j][2] = fast_exp2(s[j][2] - mn_g8);
+      s[j][3] = fast_exp2(s[j][3] - mn_g8);
       sum_g += s[j][0] + s[j][1];
       sum_g8 += s[j][2] + s[j][3];
     }
