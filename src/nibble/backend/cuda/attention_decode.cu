@@ -467,10 +467,11 @@ int plan_splits(const AttentionBatch& b, int kv_heads) {
   const int64_t base = int64_t(b.batch) * kv_heads;
   const int64_t target = int64_t(sm_count()) * blocks_per_sm<D, INT4, ROPE_K>();
   // Half the resident slots filled already: splitting only adds the combine.
-  if (2 * base >= target || chunks < 2 * 2 * kWarps) return 1;
-  // At least two chunks per warp; no more blocks than one full wave (a partial second wave
-  // doubles the time).
-  const int64_t by_work = chunks / (2 * kWarps);
+  if (2 * base >= target || chunks < 2 * 4 * kWarps) return 1;
+  // At least four chunks per warp (each split writes G·D fp32 partials per KV head: with GQA 8
+  // and two chunks per warp they were half the KV bytes); no more blocks than one full wave (a
+  // partial second wave doubles the time).
+  const int64_t by_work = chunks / (4 * kWarps);
   const int64_t by_gpu = target / base;
   return int(std::max<int64_t>(1, std::min(by_work, by_gpu)));
 }
