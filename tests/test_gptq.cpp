@@ -167,6 +167,26 @@ TEST(Gptq, BeatsRoundToNearestOnCorrelatedInputs) {
   EXPECT_LT(e_gptq, 0.7 * e_rtn);
 }
 
+// The per-group clip search picks, per block, the clip with the least diag(H)-weighted rounding
+// error; on heavy-tailed weights it must not lose to the fixed clip it replaces.
+TEST(Gptq, ClipSearchDoesNotLoseToFixedClip) {
+  Problem p = make_problem(32, 256, 600, 9);
+  std::mt19937 rng(10);
+  std::student_t_distribution<float> heavy(2.0f);
+  for (auto& w : p.W) w = 0.02f * heavy(rng);
+  const LinearQuantSpec spec = int4_spec(64, 2, 0);
+  GptqOptions fixed, search;
+  search.clip_search = true;
+  const GptqResult a = gptq_quantize(p.W, p.N, p.K, p.H, spec, fixed, "test");
+  const GptqResult b = gptq_quantize(p.W, p.N, p.K, p.H, spec, search, "test");
+  const auto qa = QuantLinear(spec, {}, a.main, a.keepers, a.keeper_fp16, {});
+  const auto qb = QuantLinear(spec, {}, b.main, b.keepers, b.keeper_fp16, {});
+  const double ea = output_error(p, qa.dequantized()), eb = output_error(p, qb.dequantized());
+  std::printf("output error: fixed clip 0.85 %.4g, clip search %.4g\n", ea, eb);
+  EXPECT_NE(a.main.scales, b.main.scales);
+  EXPECT_LT(eb, ea);
+}
+
 TEST(Gptq, DeadChannelsAreZeroed) {
   Problem p = make_problem(8, 64, 100, 3);
   for (int64_t k = 0; k < p.K; ++k) p.H[size_t(5 * p.K + k)] = p.H[size_t(k * p.K + 5)] = 0;
