@@ -7,6 +7,7 @@
 
 #include "nibble/core/error.h"
 #include "nibble/io/packed.h"
+#include "nibble/io/safetensors.h"
 #include "nibble/model/model.h"
 #include "nibble/quant/kv_quant.h"
 #include "nibble/quant/quantize_model.h"
@@ -184,6 +185,86 @@ TEST(KVQuant, HadamardShrinksErrorOnOutlierChannels) {
       if (i % size_t(d) != 7) err[h] += (K[i] - k[i]) * (K[i] - k[i]);
   }
   EXPECT_LT(err[1], 0.5 * err[0]) << "plain " << err[0] << " rotated " << err[1];
+}
+
+}  // namespace
+}  // namespace nibble
+
+namespace nibble {
+namespace {
+
+// Mixtral experts are quantized from the tokens routed to each; Qwen2's q/k/v biases stay
+// (fp16) and are added after the product. The packed file must still equal the simulated model.
+class QuantizeFixture : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(QuantizeFixture, PackedEqualsSimulated) {
+  const auto dir = test::source_dir() / "tests/fixtures" / GetParam();
+  auto model = Model::load(dir);
+  Recipe r = Recipe::preset("atom-w4a4");
+  r.weight.group = r.act.group = 16;
+  r.keeper = 16;
+  r.calib_windows = 8;
+  r.calib_ctx = 64;
+  const std::vector<int32_t> calib = random_tokens(2048, 256, 5), probe = random_tokens(40, 256, 6);
+  const auto fp = logits_of(*model, probe);
+  const quant::QuantizeReport rep = quant::quantize_model(*model, r, calib, "calib", false);
+  const auto sim = logits_of(*model, probe);
+  EXPECT_GT(rel_max(sim, fp), 1e-4);  // really quantized (random tiny weights: no accuracy claim)
+  for (float v : sim) ASSERT_TRUE(std::isfinite(v));
+  if (model->config().num_experts) {
+    auto& layer = model->layers()[0];
+    EXPECT_NE(dynamic_cast<quant::QuantLinear*>(layer.experts[1].gate_up.get()), nullptr);
+    EXPECT_NE(dynamic_cast<DenseLinear*>(layer.router.get()), nullptr);  // the router stays full precision
+  }
+  if (model->config().attention_bias)
+    EXPECT_FALSE(dynamic_cast<quant::QuantLinear&>(*model->layers()[0].qkv).bias().empty());
+  const auto path = std::filesystem::temp_directory_path() / (std::string("nibble_fx_") + GetParam() + ".safetensors");
+  save_packed_model(*model, r.to_json().dump(), dir, path);
+  const auto packed = logits_of(*Model::load(path), probe);
+  for (size_t i = 0; i < sim.size(); ++i) ASSERT_EQ(packed[i], sim[i]) << i;
+  std::filesystem::remove(path);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizeFixture, ::testing::Values("mixtral", "qwen2", "llama3-rope"));
+
+// A packed file whose tensors disagree with its recipe/config, or that is not a nibble file.
+TEST(PackedFile, TamperedFilesAreRefused) {
+  const auto dir = test::source_dir() / "tests/fixtures/mistral";
+  auto model = Model::load(dir);
+  Recipe r = Recipe::preset("w4a4-rtn");
+  quant::quantize_model(*model, r, {}, "calib", false);
+  const auto path = std::filesystem::temp_directory_path() / "nibble_tamper.safetensors";
+  save_packed_model(*model, r.to_json().dump(), dir, path);
+  // Rewrite it with one tensor's shape changed, keeping the metadata.
+  const auto f = SafetensorsFile::open(path);
+  SafetensorsWriter w;
+  for (const auto& [k, v] : f->metadata()) w.set_metadata(k, v);
+  for (const auto& [name, t] : f->tensors()) {
+    auto shape = t.shape;
+    if (name == "model.layers.1.self_attn.o_proj.codes") std::swap(shape[0], shape[1]);
+    w.add(name, t.dtype, shape, std::span<const uint8_t>(t.data, t.nbytes));
+  }
+  const auto bad = std::filesystem::temp_directory_path() / "nibble_tamper_bad.safetensors";
+  w.write(bad);
+  try {
+    Model::load(bad);
+    FAIL() << "a wrong shape must be refused";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("o_proj.codes"), std::string::npos) << e.what();
+  }
+  // A recipe the config cannot take.
+  SafetensorsWriter w2;
+  for (const auto& [k, v] : f->metadata()) w2.set_metadata(k, v);
+  auto recipe = nlohmann::json::parse(f->metadata().at("nibble.recipe"));
+  recipe["weight"]["group"] = 48;
+  w2.set_metadata("nibble.recipe", recipe.dump());
+  for (const auto& [name, t] : f->tensors()) w2.add(name, t.dtype, t.shape, std::span<const uint8_t>(t.data, t.nbytes));
+  w2.write(bad);
+  EXPECT_THROW(Model::load(bad), Error);
+  // A plain safetensors file given where a model is expected.
+  EXPECT_THROW(load_packed_model(test::source_dir() / "tests/fixtures/mistral/reference.safetensors"), Error);
+  std::filesystem::remove(path);
+  std::filesystem::remove(bad);
 }
 
 }  // namespace
