@@ -269,3 +269,27 @@ TEST(PackedFile, TamperedFilesAreRefused) {
 
 }  // namespace
 }  // namespace nibble
+
+namespace nibble {
+namespace {
+
+// Rotating each group of both operands by the same orthonormal Hadamard leaves the product exact:
+// with nothing quantized, a group-rotated model computes the original logits.
+TEST(GroupHadamard, RotationAloneKeepsLogits) {
+  const auto dir = test::source_dir() / "tests/fixtures/llama3-rope";
+  auto model = Model::load(dir);
+  const std::vector<int32_t> probe = random_tokens(40, 256, 8);
+  const auto before = logits_of(*model, probe);
+  auto& layer = model->layers()[1];
+  auto& d = dynamic_cast<DenseLinear&>(*layer.experts[0].down);
+  quant::LinearQuantSpec spec;
+  spec.weight.group = 32;
+  spec.group_hadamard = true;
+  std::vector<float> w = d.weight();
+  quant::rotate_groups(w.data(), d.out_features(), d.in_features(), d.in_features(), 32);
+  layer.experts[0].down = quant::QuantLinear::activation_only(spec, d.out_features(), d.in_features(), {}, w, {});
+  EXPECT_LE(rel_max(logits_of(*model, probe), before), 1e-5);
+}
+
+}  // namespace
+}  // namespace nibble

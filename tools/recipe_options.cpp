@@ -29,6 +29,8 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   tri("--gptq", "--no-gptq", &gptq, "quantize weights with GPTQ (else round to nearest)");
   tri("--w-clip-search", "--no-w-clip-search", &clip_search,
       "GPTQ: per-group weight clip minimising the Hessian-weighted error (beyond Atom; overrides --w-clip)");
+  tri("--group-hadamard", "--no-group-hadamard", &group_hadamard,
+      "quantize each group of weights and activations in a Hadamard-rotated basis (exact; beyond Atom)");
   tri("--reorder", "--no-reorder", &reorder, "permute input channels by salience (keepers last)");
   cmd->add_option("--percdamp", percdamp, "GPTQ damping, a fraction of the mean Hessian diagonal (0.01)");
   cmd->add_option("--kv-bits", kv_bits, "KV cache: 4, 8 (integer, asymmetric per token and head) or 16");
@@ -64,6 +66,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (gptq) r.gptq = *gptq;
   if (reorder) r.reorder = *reorder;
   if (clip_search) r.clip_search = *clip_search;
+  if (group_hadamard) r.group_hadamard = *group_hadamard;
   if (percdamp) r.percdamp = *percdamp;
   if (kv_bits) r.kv.bits = *kv_bits;
   if (kv_clip) r.kv.clip = *kv_clip;

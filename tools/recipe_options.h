@@ -18,7 +18,7 @@ struct RecipeOptions {
   std::optional<int64_t> keeper, calib_windows, calib_ctx;
   std::optional<double> percdamp;
   std::optional<uint64_t> seed;
-  std::optional<bool> gptq, reorder, k_after_rope, hessian_fp, kv_hadamard, clip_search;
+  std::optional<bool> gptq, reorder, k_after_rope, hessian_fp, kv_hadamard, clip_search, group_hadamard;
   bool atom_compat = false;
 
   // `with_preset`: the --recipe option too (ablate builds its own ladder).

@@ -11,18 +11,6 @@ FormatSpec kv_format_spec(const KVFormat& f, int64_t head_dim) {
   return FormatSpec{f.bits == 4 ? Format::Int4Asym : Format::Int8Asym, int(head_dim), 1, f.clip};
 }
 
-void hadamard_transform(float* x, int64_t n) {
-  for (int64_t h = 1; h < n; h *= 2)
-    for (int64_t i = 0; i < n; i += 2 * h)
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
-  const float norm = 1.0f / std::sqrt(float(n));
-  for (int64_t i = 0; i < n; ++i) x[i] *= norm;
-}
-
 namespace {
 
 class IntKVCache final : public KVCache {

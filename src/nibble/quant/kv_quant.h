@@ -6,13 +6,12 @@
 
 #include "nibble/model/kv_cache.h"
 #include "nibble/quant/format.h"
+#include "nibble/quant/hadamard.h"
 
 namespace nibble::quant {
 
 FormatSpec kv_format_spec(const KVFormat& f, int64_t head_dim);
 
-// In-place orthonormal Walsh-Hadamard transform of n values (n a power of two); its own inverse.
-void hadamard_transform(float* x, int64_t n);
 
 std::unique_ptr<KVCache> make_int_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t head_dim, int64_t capacity,
                                            const KVFormat& f);

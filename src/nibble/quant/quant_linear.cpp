@@ -4,6 +4,7 @@
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/quant/hadamard.h"
 
 namespace nibble::quant {
 
@@ -38,9 +39,15 @@ std::optional<FormatSpec> keeper_spec(KeeperPrecision p) {
   return std::nullopt;
 }
 
+void rotate_groups(float* x, int64_t rows, int64_t K, int64_t main, int64_t group) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < main; g += group) hadamard_transform(x + r * K + g, group);
+}
+
 void quantize_activations(float* x, int64_t rows, int64_t K, const LinearQuantSpec& spec) {
-  if (!spec.act) return;
   const int64_t main = K - spec.keeper;
+  if (spec.group_hadamard) rotate_groups(x, rows, K, main, spec.weight.group);
+  if (!spec.act) return;
   const std::optional<FormatSpec> keep = keeper_spec(spec.keeper_precision);
 #pragma omp parallel for if (rows > 8)
   for (int64_t r = 0; r < rows; ++r) {

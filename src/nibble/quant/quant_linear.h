@@ -31,7 +31,13 @@ struct LinearQuantSpec {
   int64_t keeper = 0;                // trailing channels kept at keeper precision
   KeeperPrecision keeper_precision = KeeperPrecision::Int8;
   bool quantize_weights = true;      // false: weights stay full precision (calibration passes)
+  // Quantize each group of the main part in a Hadamard-rotated basis: activations H·x at run time,
+  // weights stored as W·Hᵀ (exact, since H is orthonormal). Needs equal power-of-two groups.
+  bool group_hadamard = false;
 };
+
+// Rotates every `group`-wide block of the first `main` values of each of `rows` rows (stride K).
+void rotate_groups(float* x, int64_t rows, int64_t K, int64_t main, int64_t group);
 
 // Applies the activation side of `spec` to rows of x ([rows, K], already permuted), in place.
 void quantize_activations(float* x, int64_t rows, int64_t K, const LinearQuantSpec& spec);

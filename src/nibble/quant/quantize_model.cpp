@@ -165,6 +165,8 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
       std::vector<int32_t> order = folded.empty() ? perm : folded;
       Pending p{slot, perm, std::move(order), gather_columns(d.weight(), N, K, perm), fp16_rounded(d.bias()),
                 recipe.linear_spec(K, lw + " " + name), key, name};
+      // Group-rotated recipes hold W·Hᵀ from here on, so every pass computes the same products.
+      if (p.spec.group_hadamard) rotate_groups(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
       pending.push_back(std::move(p));
     };
     add(&layer.qkv, order_for({LinearSlot::QKV, -1}, {LinearSlot::QKV, -1}), {LinearSlot::QKV, -1}, "q/k/v");
@@ -235,6 +237,22 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
     for (auto& p : pending) {
       const int64_t K = (*p.slot)->in_features(), N = (*p.slot)->out_features();
       const std::string where = lw + " " + p.name;
+      if (p.spec.group_hadamard) {
+        // The Hessian of the rotated inputs is R·H·R (R symmetric), unless it was collected from
+        // inputs already rotated by quantize_activations (the --hessian-quantized pass).
+        const int64_t main = K - p.spec.keeper, G = p.spec.weight.group;
+        auto hit = hessians.find(p.key);
+        if (hit != hessians.end() && !recipe.hessian_from_quantized_inputs) {
+          std::vector<float> H(hit->second.begin(), hit->second.end());
+          rotate_groups(H.data(), K, K, main, G);  // H·R: each row's column blocks
+          std::vector<float> T(H.size());
+          for (int64_t i = 0; i < K; ++i)
+            for (int64_t j = 0; j < K; ++j) T[size_t(j * K + i)] = H[size_t(i * K + j)];
+          rotate_groups(T.data(), K, K, main, G);  // (H·R)ᵀ rows = R·H columns
+          for (int64_t i = 0; i < K; ++i)
+            for (int64_t j = 0; j < K; ++j) hit->second[size_t(i * K + j)] = T[size_t(j * K + i)];
+        }
+      }
       if (!p.spec.quantize_weights) {
         *p.slot = QuantLinear::activation_only(p.spec, N, K, p.perm, std::move(p.weight), std::move(p.bias));
         continue;

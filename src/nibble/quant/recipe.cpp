@@ -68,6 +68,11 @@ LinearQuantSpec Recipe::linear_spec(int64_t in, const std::string& where) const 
   s.keeper = keeper;
   s.keeper_precision = keeper_precision;
   s.quantize_weights = quantize_weights;
+  s.group_hadamard = group_hadamard;
+  if (group_hadamard)
+    check(quantize_weights && quantize_activations && weight.group == act.group && weight.group > 0 &&
+              (weight.group & (weight.group - 1)) == 0,
+          where, "--group-hadamard needs weights and activations quantized in equal power-of-two groups");
   check(keeper >= 0 && keeper < in, where, "--keeper {} must be below the layer's {} input channels", keeper, in);
   std::vector<const FormatSpec*> used;
   if (quantize_weights) used.push_back(&s.weight);
@@ -119,6 +124,8 @@ std::string Recipe::describe() const {
   if (quantize_activations) s += fmt::format(", A {} g{} clip {}", format_name(act.format), act.group, act.clip);
   if (reorder || keeper) s += fmt::format(", reorder {} keepers at {}", keeper, keeper_precision_name(keeper_precision));
   s += ", KV " + kv.describe();
+  if (group_hadamard) s += ", group Hadamard";
+  if (clip_search) s += ", W clip search";
   if (atom_compat) s += ", atom-compat";
   return s;
 }
@@ -145,6 +152,7 @@ nlohmann::json Recipe::to_json() const {
           {"percdamp", percdamp},
           {"gptq_block", gptq_block},
           {"clip_search", clip_search},
+          {"group_hadamard", group_hadamard},
           {"quantize_activations", quantize_activations},
           {"act", spec_json(act)},
           {"reorder", reorder},
@@ -172,6 +180,7 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
     r.percdamp = j.at("percdamp").get<double>();
     r.gptq_block = j.at("gptq_block").get<int64_t>();
     r.clip_search = j.at("clip_search").get<bool>();
+    r.group_hadamard = j.value("group_hadamard", false);
     r.quantize_activations = j.at("quantize_activations").get<bool>();
     r.act = spec_from_json(j.at("act"), where);
     r.reorder = j.at("reorder").get<bool>();

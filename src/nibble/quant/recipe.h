@@ -24,6 +24,7 @@ struct Recipe {
   double percdamp = 0.01;
   int64_t gptq_block = 128;
   bool clip_search = false;  // per-group weight clip minimising the Hessian-weighted error (beyond Atom)
+  bool group_hadamard = false;  // rotate each quantization group by a Hadamard matrix (beyond Atom)
 
   bool quantize_activations = false;
   FormatSpec act{Format::Int4Sym, 128, 1, 1.0f};
