@@ -133,6 +133,8 @@ std::vector<std::vector<LLResult>> score_loglikelihood(Model& model,
         c.max_position_embeddings);
   const int64_t batch_docs = std::max<int64_t>(1, opt.batch_docs);
   const int64_t batch_tokens = std::max<int64_t>(1, opt.batch_tokens);
+  // Every choice token returns a logits row: keep one batch's rows within 256 MB of fp32.
+  const int64_t choice_budget = std::max<int64_t>(1, std::min(batch_tokens, (int64_t(64) << 20) / V));
 
   std::vector<std::vector<LLResult>> out(groups.size());
   int64_t forwarded = 0;
@@ -146,7 +148,7 @@ std::vector<std::vector<LLResult>> score_loglikelihood(Model& model,
       GroupPlan p = plan_group(groups[g1], max_length);
       int64_t ct = 0;
       for (const Prepared& ch : p.choices) ct += int64_t(ch.seq.size()) - 1 - p.prefix;
-      if (!plans.empty() && (prefix_tokens + p.prefix > batch_tokens || choice_tokens + ct > batch_tokens)) break;
+      if (!plans.empty() && (prefix_tokens + p.prefix > batch_tokens || choice_tokens + ct > choice_budget)) break;
       prefix_tokens += p.prefix;
       choice_tokens += ct;
       plans.push_back(std::move(p));
