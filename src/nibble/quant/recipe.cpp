@@ -32,7 +32,10 @@ Recipe Recipe::preset(const std::string& name) {
     r.keeper = 128;
     r.keeper_precision = KeeperPrecision::Int8;
     r.gptq = true;
-    r.kv = {4, true, 1.0f};
+    // Beyond Atom, chosen by measurement on nibble-ref (notes/quantization.md): K quantized after
+    // RoPE in a Hadamard-rotated basis, and a per-group weight clip search inside GPTQ.
+    r.kv = {4, false, 1.0f, true};
+    r.clip_search = true;
   } else if (name == "fp4-e2m1") {
     r.quantize_weights = r.quantize_activations = true;
     r.weight = {Format::Fp4E2M1, 32, 1, 1.0f};
@@ -57,6 +60,9 @@ void Recipe::apply_atom_compat() {
   atom_compat = true;
   hessian_from_quantized_inputs = true;
   kv.k_before_rope = true;
+  kv.hadamard = false;
+  clip_search = false;
+  group_hadamard = false;
   // Atom's GPTQ quantizer uses its own INT4 grid (format.h Int4SymAtomGptq); its RTN path the plain one.
   if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
 }
