@@ -32,8 +32,10 @@ Recipe Recipe::preset(const std::string& name) {
     r.keeper = 128;
     r.keeper_precision = KeeperPrecision::Int8;
     r.gptq = true;
-    // Beyond Atom, chosen by measurement on nibble-ref (notes/quantization.md): K quantized after
-    // RoPE in a Hadamard-rotated basis, and a per-group weight clip search inside GPTQ.
+    // Beyond Atom, chosen by measurement on nibble-ref (notes/quantization.md): every quantization
+    // group of weights and activations in a Hadamard-rotated basis, K quantized after RoPE in a
+    // Hadamard-rotated basis, and a per-group weight clip search inside GPTQ.
+    r.group_hadamard = true;
     r.kv = {4, false, 1.0f, true};
     r.clip_search = true;
   } else if (name == "fp4-e2m1") {
