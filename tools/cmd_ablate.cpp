@@ -6,6 +6,7 @@
 
 #include "nibble/core/progress.h"
 #include "nibble/eval/perplexity.h"
+#include "nibble/eval/zero_shot.h"
 #include "nibble/io/text_file.h"
 #include "nibble/quant/ablation.h"
 #include "nibble/quant/quantize_model.h"
@@ -23,6 +24,8 @@ struct AblateArgs {
   int64_t keeper = 128;
   int64_t calib_windows = 128;
   uint64_t seed = 0;
+  std::vector<std::string> tasks;  // zero-shot columns (nibble eval's tasks)
+  int64_t task_limit = 0;
   bool atom_compat = false, json = false;
 };
 
@@ -31,6 +34,7 @@ struct Row {
   std::string recipe;
   int64_t bytes = 0;
   std::vector<PerplexityResult> results;  // one per eval text
+  std::vector<double> task_values;        // Atom's metric per --tasks entry, then Atom's average
 };
 
 void write_chart(const std::vector<Row>& rows, const std::vector<std::string>& eval, const std::string& path) {
@@ -94,6 +98,18 @@ void run_ablate(const AblateArgs& a) {
     for (size_t i = 0; i < rows.size(); ++i) rows[i].results.push_back(results[i]);
   }
 
+  if (!a.tasks.empty()) {
+    ZeroShotOptions zo;
+    zo.tasks_dir = default_tasks_dir();
+    zo.limit = a.task_limit;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      std::fprintf(stderr, "zero-shot: %s\n", rows[i].label.c_str());
+      const ZeroShotResults z = evaluate_tasks(*ptrs[i], tok, a.tasks, zo);
+      for (const auto& t : z.tasks) rows[i].task_values.push_back(100 * t.atom_value());
+      rows[i].task_values.push_back(100 * z.average);
+    }
+  }
+
   // The table: perplexity per text, KLD and top-1 on the first text, size.
   std::printf("model: %s, calibration: %s (%lld windows of %lld tokens), eval windows of %lld tokens%s\n\n",
               a.model.c_str(), a.calib.c_str(), (long long)steps[0].recipe.calib_windows, (long long)ctx, (long long)ctx,
@@ -103,9 +119,12 @@ void run_ablate(const AblateArgs& a) {
                 (long long)ctx, rows[0].results[t].windows * ctx * 2 < rows[0].results[t].tokens ? " (a prefix: --chunks)" : "");
   std::printf("\n| recipe |");
   for (const auto& e : a.eval) std::printf(" ppl %s |", std::filesystem::path(e).filename().c_str());
-  std::printf(" KLD mean | KLD p99 | top-1 | bytes |\n|---|");
-  for (size_t t = 0; t < a.eval.size(); ++t) std::printf("---|");
-  std::printf("---|---|---|---|\n");
+  std::printf(" KLD mean | KLD p99 | top-1 | bytes |");
+  for (const auto& t : a.tasks) std::printf(" %s |", t.c_str());
+  if (!a.tasks.empty()) std::printf(" zero-shot avg |");
+  std::printf("\n|---|");
+  for (size_t t = 0; t < a.eval.size() + 4 + (a.tasks.empty() ? 0 : a.tasks.size() + 1); ++t) std::printf("---|");
+  std::printf("\n");
   std::ofstream csv(a.out + ".csv");
   csv << "recipe,description";
   for (const auto& e : a.eval) csv << ",ppl " << std::filesystem::path(e).filename().string();
@@ -121,7 +140,10 @@ void run_ablate(const AblateArgs& a) {
       jr["ppl"][std::filesystem::path(a.eval[t]).filename().string()] = r.results[t].ppl;
     }
     const PerplexityResult& f = r.results[0];
-    std::printf(" %.4f | %.4f | %.2f%% | %lld |\n", f.kld_mean, f.kld_p99, 100 * f.top1, (long long)r.bytes);
+    std::printf(" %.4f | %.4f | %.2f%% | %lld |", f.kld_mean, f.kld_p99, 100 * f.top1, (long long)r.bytes);
+    for (double v : r.task_values) std::printf(" %.1f |", v);
+    std::printf("\n");
+    jr["zero_shot"] = r.task_values;
     csv << ',' << f.kld_mean << ',' << f.kld_p99 << ',' << f.top1 << ',' << r.bytes << '\n';
     jr["kld_mean"] = f.kld_mean;
     jr["kld_p99"] = f.kld_p99;
@@ -152,6 +174,9 @@ void add_ablate_command(CLI::App& app) {
   cmd->add_flag("--json", a->json, "print the table as JSON as the last line");
   cmd->add_option("--calib-windows,--nsamples", a->calib_windows, "calibration windows")->capture_default_str();
   cmd->add_option("--seed", a->seed, "calibration window seed")->capture_default_str();
+  cmd->add_option("--tasks", a->tasks, "zero-shot columns, comma separated (nibble eval's tasks; Atom's metric each)")
+      ->delimiter(',');
+  cmd->add_option("--task-limit", a->task_limit, "zero-shot docs per task (lm-eval's --limit; 0 = all)");
   cmd->callback([a] { run_ablate(*a); });
 }
 
