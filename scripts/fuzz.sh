@@ -12,9 +12,16 @@ for target in safetensors tokenizer; do
   mkdir -p "$corpus"
   [ -d "fuzz/corpus/$target" ] && cp -n fuzz/corpus/"$target"/* "$corpus"/ 2>/dev/null || true
   echo "fuzz_$target: ${seconds}s"
-  "build-fuzz/fuzz/fuzz_$target" -max_total_time="$seconds" -max_len=65536 -timeout=10 -print_final_stats=1 \
-    "$corpus" 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb)|ERROR|SUMMARY" || true
-  # libFuzzer exits non-zero on a crash; re-check so a failure stops the script.
-  "build-fuzz/fuzz/fuzz_$target" -runs=0 "$corpus" >/dev/null 2>&1 || { echo "fuzz_$target: crash found" >&2; exit 1; }
+  log="build-fuzz/fuzz-$target.log"
+  status=0
+  "build-fuzz/bin/fuzz_$target" -max_total_time="$seconds" -max_len=65536 -timeout=10 -print_final_stats=1 \
+    -artifact_prefix="build-fuzz/crash-$target-" "$corpus" >"$log" 2>&1 || status=$?
+  grep -E "^stat::(number_of_executed_units|peak_rss_mb)" "$log" || true
+  # libFuzzer exits non-zero on a crash, a leak or a timeout, and saves the input as an artifact.
+  if [ "$status" -ne 0 ]; then
+    echo "fuzz_$target: failure (exit $status), input saved under build-fuzz/crash-$target-*" >&2
+    tail -40 "$log" >&2
+    exit 1
+  fi
 done
 echo "fuzzing: no crash"

@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --no-demo
+# Two test binaries run at once on 2 cores: OpenMP threads must sleep, not spin, while waiting.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-passive}"
 export NIBBLE_DATA="${NIBBLE_DATA:-$(pwd)/../shared/data}"
 scripts/fuzz.sh "${NIBBLE_FUZZ_SECONDS:-30}"
 ctest --test-dir build --output-on-failure -j 2 --timeout 1200
