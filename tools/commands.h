@@ -22,13 +22,14 @@ void add_quantize_command(CLI::App& app);
 void add_ablate_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
 
-// Run-time KV cache choices (--kv-bits, --kv-clip, --k-after-rope, --kv-hadamard) that override
-// what a model file says, to measure cache formats without re-quantizing.
+// KV cache choices (--kv-bits, --kv-clip, --k-after-rope, --kv-hadamard): in a recipe, or at run
+// time over what a model file says, to measure cache formats without re-quantizing.
 struct KVOverride {
   std::optional<int> bits;
   std::optional<float> clip;
   std::optional<bool> k_after_rope, hadamard;
   void add_to(CLI::App* cmd);
+  void apply(KVFormat& f) const;
   void apply(Model& m) const;
 };
 

@@ -35,7 +35,7 @@ Tokenizer load_tokenizer(const std::string& model_path) {
 }
 
 void KVOverride::add_to(CLI::App* cmd) {
-  cmd->add_option("--kv-bits", bits, "KV cache at run time: 4 or 8 (integer), 16 (fp16), 32 (fp32)");
+  cmd->add_option("--kv-bits", bits, "KV cache: 4 or 8 (integer, asymmetric per token and head), 16 (fp16), 32 (fp32)");
   cmd->add_option("--kv-clip", clip, "clip ratio of an integer KV cache");
   cmd->add_flag_callback("--k-after-rope", [this] { k_after_rope = true; }, "quantize K after RoPE");
   cmd->add_flag_callback("--k-before-rope", [this] { k_after_rope = false; }, "quantize K before RoPE (Atom)");
@@ -43,12 +43,16 @@ void KVOverride::add_to(CLI::App* cmd) {
   cmd->add_flag_callback("--no-kv-hadamard", [this] { hadamard = false; }, "no Hadamard rotation of K/V");
 }
 
-void KVOverride::apply(Model& m) const {
-  KVFormat f = m.kv_format();
+void KVOverride::apply(KVFormat& f) const {
   if (bits) f.bits = *bits;
   if (clip) f.clip = *clip;
   if (k_after_rope) f.k_before_rope = !*k_after_rope;
   if (hadamard) f.hadamard = *hadamard;
+}
+
+void KVOverride::apply(Model& m) const {
+  KVFormat f = m.kv_format();
+  apply(f);
   m.set_kv_format(f);
 }
 

@@ -33,10 +33,7 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
       "quantize each group of weights and activations in a Hadamard-rotated basis (exact; beyond Atom)");
   tri("--reorder", "--no-reorder", &reorder, "permute input channels by salience (keepers last)");
   cmd->add_option("--percdamp", percdamp, "GPTQ damping, a fraction of the mean Hessian diagonal (0.01)");
-  cmd->add_option("--kv-bits", kv_bits, "KV cache: 4, 8 (integer, asymmetric per token and head) or 16");
-  cmd->add_option("--kv-clip", kv_clip, "clip ratio of the integer KV cache");
-  tri("--k-after-rope", "--k-before-rope", &k_after_rope, "quantize K after RoPE (Atom: before)");
-  tri("--kv-hadamard", "--no-kv-hadamard", &kv_hadamard, "quantize K/V per head in a Hadamard-rotated basis");
+  kv.add_to(cmd);
   tri("--hessian-fp", "--hessian-quantized", &hessian_fp,
       "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
   cmd->add_flag("--atom-compat", atom_compat,
@@ -68,10 +65,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (clip_search) r.clip_search = *clip_search;
   if (group_hadamard) r.group_hadamard = *group_hadamard;
   if (percdamp) r.percdamp = *percdamp;
-  if (kv_bits) r.kv.bits = *kv_bits;
-  if (kv_clip) r.kv.clip = *kv_clip;
-  if (k_after_rope) r.kv.k_before_rope = !*k_after_rope;
-  if (kv_hadamard) r.kv.hadamard = *kv_hadamard;
+  kv.apply(r.kv);
   if (hessian_fp) r.hessian_from_quantized_inputs = !*hessian_fp;
   if (calib_windows) r.calib_windows = *calib_windows;
   if (calib_ctx) r.calib_ctx = *calib_ctx;

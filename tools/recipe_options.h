@@ -7,18 +7,20 @@
 #include <CLI/CLI.hpp>
 
 #include "nibble/quant/recipe.h"
+#include "tools/commands.h"
 
 namespace nibble::cli {
 
 struct RecipeOptions {
   std::string recipe = "atom-w4a4";
   std::optional<std::string> w_format, a_format, keeper_precision, sort_metric;
-  std::optional<int> group, w_group, a_group, w_row_group, kv_bits;
-  std::optional<float> w_clip, a_clip, kv_clip;
+  std::optional<int> group, w_group, a_group, w_row_group;
+  std::optional<float> w_clip, a_clip;
+  KVOverride kv;
   std::optional<int64_t> keeper, calib_windows, calib_ctx;
   std::optional<double> percdamp;
   std::optional<uint64_t> seed;
-  std::optional<bool> gptq, reorder, k_after_rope, hessian_fp, kv_hadamard, clip_search, group_hadamard;
+  std::optional<bool> gptq, reorder, hessian_fp, clip_search, group_hadamard;
   bool atom_compat = false;
 
   // `with_preset`: the --recipe option too (ablate builds its own ladder).

@@ -208,16 +208,6 @@ class PackedReader {
 
 }  // namespace
 
-bool is_packed_model(const std::filesystem::path& path) {
-  try {
-    const auto f = SafetensorsFile::open(path);
-    auto it = f->metadata().find("format");
-    return it != f->metadata().end() && it->second == kFormatTag;
-  } catch (const Error&) {
-    return false;
-  }
-}
-
 int64_t save_packed_model(const Model& model, const std::string& recipe_json,
                           const std::filesystem::path& tokenizer_dir, const std::filesystem::path& out) {
   const ModelConfig& c = model.config();

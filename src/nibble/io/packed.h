@@ -26,6 +26,5 @@ std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path);
 bool packed_tokenizer_files(const std::filesystem::path& path, std::string* tokenizer_json,
                             std::string* tokenizer_config);
 
-bool is_packed_model(const std::filesystem::path& path);
 
 }  // namespace nibble
