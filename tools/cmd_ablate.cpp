@@ -76,13 +76,13 @@ void run_ablate(const AblateArgs& a) {
   ours.name = "nibble-atom-w4a4";
   steps.push_back({"nibble atom-w4a4 (default recipe)", ours});
 
-  std::vector<Row> rows = {{"FP (bf16 weights, fp32 compute)", "fp16", base->storage_bytes(), {}}};
+  std::vector<Row> rows = {{"FP (bf16 weights, fp32 compute)", "fp16", base->storage_bytes(), {}, {}}};
   std::vector<std::unique_ptr<Model>> models;
   for (const auto& s : steps) {
     std::fprintf(stderr, "%s: %s\n", s.label.c_str(), s.recipe.describe().c_str());
     auto m = Model::load(a.model);
     quant::quantize_model(*m, s.recipe, calib, a.calib);
-    rows.push_back({s.label, s.recipe.describe(), m->storage_bytes(), {}});
+    rows.push_back({s.label, s.recipe.describe(), m->storage_bytes(), {}, {}});
     models.push_back(std::move(m));
   }
   std::vector<Model*> ptrs = {base.get()};
