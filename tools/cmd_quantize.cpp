@@ -24,7 +24,7 @@ void run_quantize(const QuantizeArgs& a) {
   check(model->metadata().count("nibble.recipe") == 0, a.model, "this is already a quantized nibble file");
   recipe.validate(model->config());
   std::vector<int32_t> calib;
-  if (recipe.quantize_weights || recipe.quantize_activations || recipe.reorder) {
+  if (recipe.needs_calibration()) {
     check(!a.calib.empty(), "quantize", "recipe '{}' needs calibration text: give -f FILE (e.g. calib.txt)", recipe.name);
     const Tokenizer tok = load_tokenizer(a.model);
     calib = tok.encode(read_text_file(a.calib), tok.bos_id() >= 0);
@@ -35,8 +35,12 @@ void run_quantize(const QuantizeArgs& a) {
   const int64_t bytes = save_packed_model(*model, recipe.to_json().dump(), a.model, a.out);
   std::printf("wrote %s: %.2f MB (weights %.2f MB), recipe %s\n", a.out.c_str(), double(bytes) / 1e6,
               double(model->storage_bytes()) / 1e6, recipe.describe().c_str());
-  std::printf("calibration: %lld windows of %lld tokens; %.1f s; peak RSS %.0f MB\n", (long long)report.calib_windows,
-              (long long)report.calib_ctx, report.seconds, double(report.peak_rss_bytes) / 1e6);
+  if (report.calib_windows > 0)
+    std::printf("calibration: %lld windows of %lld tokens; ", (long long)report.calib_windows,
+                (long long)report.calib_ctx);
+  else
+    std::printf("no calibration (the recipe takes no statistics); ");
+  std::printf("%.1f s; peak RSS %.0f MB\n", report.seconds, double(report.peak_rss_bytes) / 1e6);
   if (a.json) {
     nlohmann::json j = {{"out", a.out},         {"bytes", bytes},
                         {"weight_bytes", model->storage_bytes()}, {"recipe", recipe.to_json()},

@@ -102,10 +102,10 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
   const bool need_fp_stream = recipe.reorder && !fused_stats;
   const bool need_q_stream = recipe.gptq;
   const int64_t ctx = std::min(recipe.calib_ctx, c.max_position_embeddings);
-  report.calib_ctx = ctx;
-  report.calib_windows = recipe.calib_windows;
   std::vector<std::vector<float>> fp_stream, q_stream;
   if (need_fp_stream || need_q_stream) {
+    report.calib_ctx = ctx;
+    report.calib_windows = recipe.calib_windows;
     const auto windows = sample_calibration_windows(calib_tokens, recipe.calib_windows, ctx, recipe.seed, calib_where);
     for (const auto& w : windows) {
       if (need_fp_stream) fp_stream.push_back(model.embed(w));

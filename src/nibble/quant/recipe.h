@@ -55,6 +55,8 @@ struct Recipe {
   // Checks the recipe against every linear of the model (group divides K - keeper, keeper < K, ...).
   void validate(const ModelConfig& c) const;
   bool quantizes_anything() const { return quantize_weights || quantize_activations || kv.bits < 16; }
+  // Only the channel order and GPTQ's Hessians come from calibration text; RTN needs none.
+  bool needs_calibration() const { return reorder || gptq; }
   std::string describe() const;
 
   nlohmann::json to_json() const;
