@@ -28,23 +28,13 @@
 #include "nibble/backend/cuda/attention_common.h"
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/kv_cache_paged.h"
+#include "bench/bench_cuda.cuh"
 
 using namespace nibble;
 using namespace nibble::cuda;
+using namespace nibble::bench;
 
 namespace {
-
-__host__ __device__ inline uint32_t hash32(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return uint32_t(x);
-}
-__device__ inline float unit(uint64_t seed, uint64_t i) {  // [0, 1)
-  return float(hash32(seed * 0x9e3779b97f4a7c15ull + i) >> 8) * 0x1p-24f;
-}
 
 // Random valid blocks: INT4 codes, scales in [0.005, 0.015), zeros 0..15; FP16 values in [-1, 1).
 __global__ void fill_pool(uint16_t* pool, int64_t halfwords, int64_t block_half, bool fp16, int64_t chunk,
@@ -64,59 +54,6 @@ __global__ void fill_pool(uint16_t* pool, int64_t halfwords, int64_t block_half,
     }
     pool[i] = v;
   }
-}
-
-__global__ void fill_half(__half* p, int64_t n, float range, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    p[i] = __float2half(range * (2.0f * unit(seed, uint64_t(i)) - 1.0f));
-}
-
-size_t g_l2 = 50 << 20;
-int g_sms = 132;
-
-double time_ms(const std::function<void(int)>& launch, int rots) {
-  cudaEvent_t a, b;
-  NIBBLE_CUDA_CHECK(cudaEventCreate(&a));
-  NIBBLE_CUDA_CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < 3; ++i) launch(i % rots);
-  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-  NIBBLE_CUDA_CHECK(cudaEventRecord(a));
-  for (int i = 0; i < 3; ++i) launch(i % rots);
-  NIBBLE_CUDA_CHECK(cudaEventRecord(b));
-  NIBBLE_CUDA_CHECK(cudaEventSynchronize(b));
-  float est = 0;
-  NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&est, a, b));
-  est /= 3;
-  const int batch = std::clamp(int(0.3 / std::max(est, 1e-4f)), 1, 40);
-  const int reps = std::clamp(int(30.0 / std::max(est * batch, 1e-3f)), 5, 21);
-  std::vector<float> t;
-  int r = 0;
-  for (int rep = 0; rep < reps; ++rep) {
-    NIBBLE_CUDA_CHECK(cudaEventRecord(a));
-    for (int i = 0; i < batch; ++i) launch(r++ % rots);
-    NIBBLE_CUDA_CHECK(cudaEventRecord(b));
-    NIBBLE_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms / float(batch));
-  }
-  NIBBLE_CUDA_CHECK(cudaGetLastError());
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-double copy_bandwidth() {
-  const size_t bytes = size_t(1) << 30;
-  uint8_t *src = nullptr, *dst = nullptr;
-  NIBBLE_CUDA_CHECK(cudaMalloc(&src, bytes));
-  NIBBLE_CUDA_CHECK(cudaMalloc(&dst, bytes));
-  fill_half<<<1024, 256>>>(reinterpret_cast<__half*>(src), int64_t(bytes / 2), 1.0f, 7);
-  const double ms = time_ms([&](int) { NIBBLE_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, 1);
-  cudaFree(src);
-  cudaFree(dst);
-  return 2.0 * double(bytes) / (ms * 1e-3) / 1e9;
 }
 
 struct Model {
@@ -139,7 +76,7 @@ struct DecodeSetup {
     const int64_t pages_per_seq = (ctx + 15) / 16;
     kv_bytes = int64_t(batch) * ctx * layout.token_bytes_per_layer();
     const int64_t set_bytes = int64_t(batch) * pages_per_seq * layout.page_bytes();
-    rots = int(std::clamp<int64_t>((4 * int64_t(g_l2) + set_bytes - 1) / set_bytes, 1, 16));
+    rots = rotations(size_t(set_bytes));
     cache = std::make_unique<PagedKVCache>(layout, rots * batch * pages_per_seq);
     const int64_t halfwords = cache->pool_bytes() / 2;
     fill_pool<<<4 * g_sms, 256>>>(reinterpret_cast<uint16_t*>(cache->view().pool), halfwords,
