@@ -73,16 +73,21 @@ __device__ __forceinline__ int slab_group(int s, int g4) { return s < g4 ? s : g
 
 // ---- Decode: M <= 64 ---------------------------------------------------------------------------------
 
-struct DecodeParams {
+// The operands and the output, as both paths read them.
+struct GemmOperands {
   const uint8_t* xq;
   const __half* xs;
   const uint8_t* wq;
   const __half* ws;
   int64_t M, x_rows_pad, N, w_rows_pad;
-  int slabs, g4, splits, slabs_per_split;
+  int slabs, g4;
+  void* y;
+};
+
+struct DecodeParams : GemmOperands {
+  int splits, slabs_per_split;
   float* partial;  // [splits][gridDim.x][8 warps][MT][32 lanes] float4
   int* counters;   // [gridDim.x], zero between launches
-  void* y;
 };
 
 constexpr int kDecodeWarps = 8;  // one 16-row W tile each: 128 rows of N per block
@@ -340,15 +345,7 @@ constexpr int kPrefillSmem = kStages * kStageBytes;
 constexpr int kYPitch = kBN + 8;  // epilogue staging, halves
 static_assert(kBM * kYPitch * 2 <= kPrefillSmem, "epilogue staging must fit in the pipeline buffers");
 
-struct PrefillParams {
-  const uint8_t* xq;
-  const __half* xs;
-  const uint8_t* wq;
-  const __half* ws;
-  int64_t M, x_rows_pad, N, w_rows_pad;
-  int slabs, g4;
-  void* y;
-};
+using PrefillParams = GemmOperands;
 
 template <int kThreads>
 __device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* stage, int s, int64_t n_base,
@@ -517,6 +514,7 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
         x.shape.keeper, w.shape.rows, w.shape.K, w.shape.keeper);
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
+  const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
   const bool decode = force_path == 1 || (force_path == 0 && M <= 64);
   if (decode) {
     require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
@@ -524,39 +522,17 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
     const size_t need = decode_workspace(d);
     require(workspace_bytes >= need && (need == 0 || workspace), where, "workspace of {} bytes, need {}",
           workspace_bytes, need);
-    DecodeParams p{};
-    p.xq = x.q;
-    p.xs = x.s;
-    p.wq = w.q;
-    p.ws = w.s;
-    p.M = M;
-    p.x_rows_pad = x.shape.rows_pad;
-    p.N = N;
-    p.w_rows_pad = w.shape.rows_pad;
-    p.slabs = w.shape.slabs();
-    p.g4 = w.shape.g4;
+    DecodeParams p{ops};
     p.splits = d.splits;
     p.slabs_per_split = d.slabs_per_split;
     p.counters = static_cast<int*>(workspace);
     p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + round_up(int64_t(d.nblocks) * 4, 256))
                      : nullptr;
-    p.y = y;
     if (out == OutType::F16) launch_decode<__half>(p, d, stream);
     else launch_decode<__nv_bfloat16>(p, d, stream);
     return;
   }
-  PrefillParams p{};
-  p.xq = x.q;
-  p.xs = x.s;
-  p.wq = w.q;
-  p.ws = w.s;
-  p.M = M;
-  p.x_rows_pad = x.shape.rows_pad;
-  p.N = N;
-  p.w_rows_pad = w.shape.rows_pad;
-  p.slabs = w.shape.slabs();
-  p.g4 = w.shape.g4;
-  p.y = y;
+  const PrefillParams& p = ops;
   // force_path 3: the 8-warp prefill kernel (v2), kept for comparison.
   if (force_path == 3) {
     if (out == OutType::F16) launch_prefill<__half, 4>(p, stream);
