@@ -77,6 +77,45 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// One online-softmax step for the two query rows a lane holds in m16n8 accumulator fragments
+// (elements 0, 1: row g; 2, 3: row g + 8; the 4 lanes of a quad share the rows). s: NJ fragments
+// of scores in the log2 domain, masked keys at -inf, turned into exp2(s - new row max); mx_g,
+// mx_g8: the lane's own maxima of them (the caller takes them while it scales and masks). The
+// running max m and sum l move on; the output accumulators o are rescaled when a max moved.
+template <int NJ, int NO>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NJ][4], float (&o)[NO][4], float mx_g, float mx_g8,
+                                                    float& m_g, float& m_g8, float& l_g, float& l_g8) {
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    mx_g = fmaxf(mx_g, __shfl_xor_sync(0xffffffffu, mx_g, off));
+    mx_g8 = fmaxf(mx_g8, __shfl_xor_sync(0xffffffffu, mx_g8, off));
+  }
+  const float mn_g = fmaxf(m_g, mx_g), mn_g8 = fmaxf(m_g8, mx_g8);
+  const float al_g = fast_exp2(m_g - mn_g), al_g8 = fast_exp2(m_g8 - mn_g8);
+  m_g = mn_g;
+  m_g8 = mn_g8;
+  l_g *= al_g;
+  l_g8 *= al_g8;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    s[j][0] = fast_exp2(s[j][0] - mn_g);
+    s[j][1] = fast_exp2(s[j][1] - mn_g);
+    s[j][2] = fast_exp2(s[j][2] - mn_g8);
+    s[j][3] = fast_exp2(s[j][3] - mn_g8);
+    l_g += s[j][0] + s[j][1];
+    l_g8 += s[j][2] + s[j][3];
+  }
+  if (__any_sync(0xffffffffu, al_g != 1.0f || al_g8 != 1.0f)) {  // skipped while no row max moves
+#pragma unroll
+    for (int i = 0; i < NO; ++i) {
+      o[i][0] *= al_g;
+      o[i][1] *= al_g;
+      o[i][2] *= al_g8;
+      o[i][3] *= al_g8;
+    }
+  }
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

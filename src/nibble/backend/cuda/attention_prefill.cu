@@ -338,36 +338,7 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(KVCacheView c, Attent
         if (e < 2) mx_g = fmaxf(mx_g, v);
         else mx_g8 = fmaxf(mx_g8, v);
       }
-#pragma unroll
-    for (int off = 1; off <= 2; off <<= 1) {
-      mx_g = fmaxf(mx_g, __shfl_xor_sync(0xffffffffu, mx_g, off));
-      mx_g8 = fmaxf(mx_g8, __shfl_xor_sync(0xffffffffu, mx_g8, off));
-    }
-    const float mn_g = fmaxf(m_g, mx_g), mn_g8 = fmaxf(m_g8, mx_g8);
-    const float al_g = fast_exp2(m_g - mn_g), al_g8 = fast_exp2(m_g8 - mn_g8);
-    m_g = mn_g;
-    m_g8 = mn_g8;
-    float sum_g = 0, sum_g8 = 0;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      s[j][0] = fast_exp2(s[j][0] - mn_g);
-      s[j][1] = fast_exp2(s[j][1] - mn_g);
-      s[j][2] = fast_exp2(s[j][2] - mn_g8);
-      s[j][3] = fast_exp2(s[j][3] - mn_g8);
-      sum_g += s[j][0] + s[j][1];
-      sum_g8 += s[j][2] + s[j][3];
-    }
-    l_g = l_g * al_g + sum_g;
-    l_g8 = l_g8 * al_g8 + sum_g8;
-    if (__any_sync(0xffffffffu, al_g != 1.0f || al_g8 != 1.0f)) {  // skipped while no row max moves
-#pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[i][0] *= al_g;
-        o[i][1] *= al_g;
-        o[i][2] *= al_g8;
-        o[i][3] *= al_g8;
-      }
-    }
+    online_softmax_step(s, o, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
