@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <random>
+#include <string>
 
 #include <omp.h>
 
@@ -43,7 +44,12 @@ double decode_tokens_per_second(Model& m, int batch, int context, int steps, std
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
+  if (argc > 1 && (std::string(argv[1]) == "-h" || std::string(argv[1]) == "--help")) {
+    std::printf("usage: bench_cpu_tokens [MODEL_DIR]   (default $NIBBLE_DATA/models/nibble-ref)\n"
+                "prints tokens/s of prefill (512 tokens) and decode (batch 1 and 8) as a table\n");
+    return 0;
+  }
   std::filesystem::path dir;
   if (argc > 1) dir = argv[1];
   else dir = std::filesystem::path(std::getenv("NIBBLE_DATA") ? std::getenv("NIBBLE_DATA") : "../shared/data") /
@@ -72,4 +78,7 @@ int main(int argc, char** argv) {
   std::printf("| decode batch 1 (context 128) | %.1f | 1.00 |\n", d1);
   std::printf("| decode batch 8 (context 128) | %.1f | %.2f |\n", d8, d8 / d1);
   return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "bench_cpu_tokens: error: %s\n", e.what());
+  return 1;
 }
