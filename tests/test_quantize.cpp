@@ -216,8 +216,9 @@ TEST_P(QuantizeFixture, PackedEqualsSimulated) {
     EXPECT_NE(dynamic_cast<quant::QuantLinear*>(layer.experts[1].gate_up.get()), nullptr);
     EXPECT_NE(dynamic_cast<DenseLinear*>(layer.router.get()), nullptr);  // the router stays full precision
   }
-  if (model->config().attention_bias)
+  if (model->config().attention_bias) {
     EXPECT_FALSE(dynamic_cast<quant::QuantLinear&>(*model->layers()[0].qkv).bias().empty());
+  }
   const auto path = std::filesystem::temp_directory_path() / (std::string("nibble_fx_") + GetParam() + ".safetensors");
   save_packed_model(*model, r.to_json().dump(), dir, path);
   const auto packed = logits_of(*Model::load(path), probe);

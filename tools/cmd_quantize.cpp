@@ -40,11 +40,15 @@ void run_quantize(const QuantizeArgs& a) {
                 (long long)report.calib_ctx);
   else
     std::printf("no calibration (the recipe takes no statistics); ");
-  std::printf("%.1f s; peak RSS %.0f MB\n", report.seconds, double(report.peak_rss_bytes) / 1e6);
+  std::printf("%.1f s (statistics %.1f s, GPTQ/rounding %.1f s, quantized layers' passes %.1f s); peak RSS %.0f MB\n",
+              report.seconds, report.stats_seconds, report.quantize_seconds, report.advance_seconds,
+              double(report.peak_rss_bytes) / 1e6);
   if (a.json) {
     nlohmann::json j = {{"out", a.out},         {"bytes", bytes},
                         {"weight_bytes", model->storage_bytes()}, {"recipe", recipe.to_json()},
-                        {"seconds", report.seconds}, {"peak_rss_bytes", report.peak_rss_bytes},
+                        {"seconds", report.seconds}, {"stats_seconds", report.stats_seconds},
+                        {"quantize_seconds", report.quantize_seconds}, {"advance_seconds", report.advance_seconds},
+                        {"peak_rss_bytes", report.peak_rss_bytes},
                         {"warnings", report.warnings}};
     std::printf("%s\n", j.dump().c_str());
   }

@@ -198,7 +198,7 @@ void Model::attention(int l, const std::vector<SeqView>& seqs, float* qkv, float
   }
 }
 
-void Model::mlp(int l, const float* x, int64_t rows, float* out) {
+void Model::mlp(int l, const float* x, int64_t rows, float* out, bool need_output) {
   Layer& layer = layers_[size_t(l)];
   const int64_t H = config_.hidden_size, I = config_.intermediate_size;
   auto run_expert = [&](int e, const float* xe, int64_t n, float* ye) {
@@ -209,7 +209,7 @@ void Model::mlp(int l, const float* x, int64_t rows, float* out) {
     ex.gate_up->forward(xe, n, gu.data());
     cpu::swiglu(gu.data(), n, I, act.data());
     if (observer_) observer_(l, LinearSlot::Down, tag, act.data(), n);
-    ex.down->forward(act.data(), n, ye);
+    if (need_output) ex.down->forward(act.data(), n, ye);
   };
   if (!layer.router) {
     run_expert(0, x, rows, out);
@@ -243,6 +243,7 @@ void Model::mlp(int l, const float* x, int64_t rows, float* out) {
     std::vector<float> xe(size_t(n * H)), ye(size_t(n * H));
     for (int64_t i = 0; i < n; ++i) std::copy_n(x + idx[size_t(i)] * H, H, xe.data() + i * H);
     run_expert(int(e), xe.data(), n, ye.data());
+    if (!need_output) continue;
     for (int64_t i = 0; i < n; ++i) {
       const float w = weight_of[size_t(e)][size_t(i)];
       float* o = out + idx[size_t(i)] * H;
@@ -251,7 +252,7 @@ void Model::mlp(int l, const float* x, int64_t rows, float* out) {
   }
 }
 
-void Model::layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden, int64_t rows) {
+void Model::layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden, int64_t rows, bool need_output) {
   const ModelConfig& c = config_;
   Layer& layer = layers_[size_t(l)];
   const int64_t H = c.hidden_size, qd = c.q_dim();
@@ -265,13 +266,20 @@ void Model::layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden
   layer.o->forward(attn.data(), rows, y.data());
   for (int64_t i = 0; i < rows * H; ++i) hidden[i] += y[size_t(i)];
   cpu::rms_norm(hidden, layer.mlp_norm.data(), rows, H, c.rms_norm_eps, xn.data());
-  mlp(l, xn.data(), rows, y.data());
-  for (int64_t i = 0; i < rows * H; ++i) hidden[i] += y[size_t(i)];
+  mlp(l, xn.data(), rows, y.data(), need_output);
+  if (need_output)
+    for (int64_t i = 0; i < rows * H; ++i) hidden[i] += y[size_t(i)];
 }
 
 void Model::run_layer(int l, float* hidden, int64_t n) {
   auto cache = new_cache(n);
   layer_forward(l, {SeqView{cache.get(), 0, n, 0}}, hidden, n);
+}
+
+void Model::observe_layer(int l, const float* hidden, int64_t n) {
+  auto cache = new_cache(n);
+  std::vector<float> scratch(hidden, hidden + n * config_.hidden_size);
+  layer_forward(l, {SeqView{cache.get(), 0, n, 0}}, scratch.data(), n, /*need_output=*/false);
 }
 
 std::vector<float> Model::head(const float* hidden, int64_t rows) const {

@@ -70,6 +70,9 @@ class Model {
   // sit at positions 0..n-1; run_layer transforms it in place through layer `l` (fresh cache).
   std::vector<float> embed(std::span<const int32_t> tokens) const;
   void run_layer(int l, float* hidden, int64_t n);
+  // Runs layer `l` on `hidden` only as far as the observer needs: every linear's input is seen,
+  // the down_proj products (whose outputs nobody reads then) are skipped; `hidden` is unchanged.
+  void observe_layer(int l, const float* hidden, int64_t n);
   // Final norm + LM head on `rows` hidden states.
   std::vector<float> head(const float* hidden, int64_t rows) const;
 
@@ -96,9 +99,10 @@ class Model {
 
  private:
   struct SeqView;
-  void layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden, int64_t rows);
+  // With need_output false only the observer's view matters: down_proj is skipped, `hidden` is garbage after.
+  void layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden, int64_t rows, bool need_output = true);
   void attention(int l, const std::vector<SeqView>& seqs, float* qkv, float* out);
-  void mlp(int l, const float* x, int64_t rows, float* out);
+  void mlp(int l, const float* x, int64_t rows, float* out, bool need_output = true);
 
   ModelConfig config_;
   std::string source_;

@@ -41,27 +41,68 @@ float tensor_scale_of(const FormatSpec& spec, const float* x, int64_t n) {
   return nvfp4_tensor_scale(stats.absmax());
 }
 
+// Runs fn.template operator()<F>() with the format as a compile-time constant, so that the switch
+// inside encode_element / decode_element folds away in the per-element loops.
+template <typename Fn>
+void with_format(Format f, Fn&& fn) {
+  switch (f) {
+    case Format::Int4Sym: return fn.template operator()<Format::Int4Sym>();
+    case Format::Int4SymAtomGptq: return fn.template operator()<Format::Int4SymAtomGptq>();
+    case Format::Int8Sym: return fn.template operator()<Format::Int8Sym>();
+    case Format::Int4Asym: return fn.template operator()<Format::Int4Asym>();
+    case Format::Int8Asym: return fn.template operator()<Format::Int8Asym>();
+    case Format::Fp4E2M1: return fn.template operator()<Format::Fp4E2M1>();
+    case Format::Mxfp4: return fn.template operator()<Format::Mxfp4>();
+    case Format::Nvfp4: return fn.template operator()<Format::Nvfp4>();
+    case Format::Fp8E4M3: return fn.template operator()<Format::Fp8E4M3>();
+    case Format::Fp8E5M2: return fn.template operator()<Format::Fp8E5M2>();
+  }
+}
+
+// The scale of group g of the row_group rows starting at x (one scale per row_group × group block).
+GroupScale block_scale(const FormatSpec& spec, const float* x, int64_t cols, int64_t c0, int64_t group,
+                       float tensor_scale) {
+  GroupStats stats;
+  for (int r = 0; r < spec.row_group; ++r) stats.add(x + r * cols + c0, group);
+  return choose_scale(spec, stats, tensor_scale);
+}
+
 // Quantizes the row_group rows starting at x: one scale per group (from the whole
 // row_group × group block) into scales[groups], codes into codes[row_group, cols].
 void quantize_row_block(const FormatSpec& spec, const float* x, int64_t cols, float tensor_scale,
                         uint8_t* codes, GroupScale* scales) {
   const int64_t group = effective_group(spec, cols);
-  for (int64_t c0 = 0, g = 0; c0 < cols; c0 += group, ++g) {
-    GroupStats stats;
-    for (int r = 0; r < spec.row_group; ++r) stats.add(x + r * cols + c0, group);
-    scales[g] = choose_scale(spec, stats, tensor_scale);
-    for (int r = 0; r < spec.row_group; ++r)
-      for (int64_t c = c0; c < c0 + group; ++c)
-        codes[r * cols + c] = encode_element(spec.format, x[r * cols + c], scales[g]);
-  }
+  with_format(spec.format, [&]<Format F>() {
+    for (int64_t c0 = 0, g = 0; c0 < cols; c0 += group, ++g) {
+      scales[g] = block_scale(spec, x, cols, c0, group, tensor_scale);
+      for (int r = 0; r < spec.row_group; ++r)
+        for (int64_t c = c0; c < c0 + group; ++c) codes[r * cols + c] = encode_element(F, x[r * cols + c], scales[g]);
+    }
+  });
 }
 
 void dequantize_row_block(const FormatSpec& spec, const uint8_t* codes, int64_t cols, const GroupScale* scales,
                           float* out) {
   const int64_t group = effective_group(spec, cols);
-  for (int r = 0; r < spec.row_group; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      out[r * cols + c] = decode_element(spec.format, codes[r * cols + c], scales[c / group]);
+  with_format(spec.format, [&]<Format F>() {
+    for (int r = 0; r < spec.row_group; ++r)
+      for (int64_t c = 0; c < cols; ++c) out[r * cols + c] = decode_element(F, codes[r * cols + c], scales[c / group]);
+  });
+}
+
+// quantize_row_block then dequantize_row_block in place, without the codes in between.
+void fake_quantize_row_block(const FormatSpec& spec, float* x, int64_t cols, float tensor_scale) {
+  const int64_t group = effective_group(spec, cols);
+  with_format(spec.format, [&]<Format F>() {
+    for (int64_t c0 = 0; c0 < cols; c0 += group) {
+      const GroupScale g = block_scale(spec, x, cols, c0, group, tensor_scale);
+      for (int r = 0; r < spec.row_group; ++r)
+        for (int64_t c = c0; c < c0 + group; ++c) {
+          float& v = x[r * cols + c];
+          v = decode_element(F, encode_element(F, v, g), g);
+        }
+    }
+  });
 }
 
 }  // namespace
@@ -189,19 +230,10 @@ void fake_quantize_rows(float* x, int64_t rows, int64_t cols, const FormatSpec& 
   check_shape(spec, rows, cols, where);
   check_finite(x, rows, cols, where);
   const float tensor_scale = tensor_scale_of(spec, x, rows * cols);
-  const int64_t groups = cols / effective_group(spec, cols), blocks = rows / spec.row_group;
+  const int64_t blocks = rows / spec.row_group;
   // One-row calls (a token's activations) stay on the caller's thread.
-#pragma omp parallel if (blocks > 1)
-  {
-    std::vector<GroupScale> scales(groups);
-    std::vector<uint8_t> codes(spec.row_group * cols);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-      float* block = x + b * spec.row_group * cols;
-      quantize_row_block(spec, block, cols, tensor_scale, codes.data(), scales.data());
-      dequantize_row_block(spec, codes.data(), cols, scales.data(), block);
-    }
-  }
+#pragma omp parallel for schedule(static) if (blocks > 1)
+  for (int64_t b = 0; b < blocks; ++b) fake_quantize_row_block(spec, x + b * spec.row_group * cols, cols, tensor_scale);
 }
 
 }  // namespace nibble::quant

@@ -3,6 +3,8 @@
 #include <sys/resource.h>
 
 #include <algorithm>
+#include <chrono>
+#include <exception>
 #include <map>
 #include <numeric>
 
@@ -28,6 +30,10 @@ std::vector<int32_t> salience_order(const std::vector<double>& metric) {
 }
 
 namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 
 using Key = std::pair<LinearSlot, int>;  // (slot, expert; -1 outside a MoE)
 
@@ -120,6 +126,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
     const std::string lw = fmt::format("layer {}", l);
 
     // 1. Full-precision statistics of every linear input (the reorder metric); advances the FP stream.
+    auto t0 = std::chrono::steady_clock::now();
     std::map<Key, InputStats> fp_stats;
     auto collect = [&](bool with_xtx) {
       model.set_observer([&, with_xtx](int, LinearSlot s, int e, const float* x, int64_t rows) {
@@ -135,12 +142,10 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
       for (auto& h : fp_stream) model.run_layer(l, h.data(), ctx);
     } else if (fused_stats) {
       collect(true);
-      for (const auto& h : q_stream) {
-        std::vector<float> copy(h);
-        model.run_layer(l, copy.data(), ctx);
-      }
+      for (const auto& h : q_stream) model.observe_layer(l, h.data(), ctx);
     }
     model.set_observer(nullptr);
+    report.stats_seconds += seconds_since(t0);
     auto order_for = [&](Key k, Key fallback) -> std::vector<int32_t> {
       if (!recipe.reorder) return {};
       auto it = fp_stats.find(k);
@@ -189,6 +194,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
     // 3. GPTQ's Hessians from the quantized model's stream, the layer's activations quantized as
     //    it will run (Atom), its weights still full precision.
     std::map<Key, std::vector<double>> hessians;
+    t0 = std::chrono::steady_clock::now();
     if (fused_stats) {
       for (const auto& p : pending) {
         auto it = fp_stats.find(p.key);
@@ -225,16 +231,19 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         if (inserted) it->second = InputStats(K, true);
         it->second.add(xg.data(), rows);
       });
-      for (const auto& h : q_stream) {
-        std::vector<float> copy(h);
-        model.run_layer(l, copy.data(), ctx);
-      }
+      for (const auto& h : q_stream) model.observe_layer(l, h.data(), ctx);
       model.set_observer(nullptr);
       for (auto& [key, st] : quantized_inputs) hessians[key] = st.xtx();
     }
+    report.stats_seconds += seconds_since(t0);
 
     // 4. Quantize every linear (RTN or GPTQ) and install it.
-    for (auto& p : pending) {
+    //    The linears are independent: one thread each (BLAS runs single-threaded inside).
+    t0 = std::chrono::steady_clock::now();
+    std::exception_ptr failure;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (size_t i = 0; i < pending.size(); ++i) try {
+      Pending& p = pending[i];
       const int64_t K = (*p.slot)->in_features(), N = (*p.slot)->out_features();
       const std::string where = lw + " " + p.name;
       if (p.spec.group_hadamard) {
@@ -267,17 +276,27 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                                 std::move(g.keeper_fp16), std::move(p.bias));
       } else {
-        if (recipe.gptq)
+        if (recipe.gptq) {
+#pragma omp critical(quantize_warnings)
           report.warnings.push_back(where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ");
+        }
         *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
       }
+    } catch (...) {
+#pragma omp critical(quantize_failure)
+      if (!failure) failure = std::current_exception();
     }
+    if (failure) std::rethrow_exception(failure);
+
+    report.quantize_seconds += seconds_since(t0);
 
     // 5. The quantized layer's outputs are the next layer's calibration inputs (the last feeds none).
+    t0 = std::chrono::steady_clock::now();
     if (need_q_stream && l + 1 < int(c.num_layers)) {
       model.set_kv_format(recipe.kv);
       for (auto& h : q_stream) model.run_layer(l, h.data(), ctx);
     }
+    report.advance_seconds += seconds_since(t0);
     report.peak_rss_bytes = std::max(report.peak_rss_bytes, peak_rss_bytes());
     if (show_progress) progress.update(l + 1, fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6));
   }

@@ -19,6 +19,10 @@ namespace nibble::quant {
 
 struct QuantizeReport {
   double seconds = 0;
+  // Where the time went: calibration passes collecting statistics (the full-precision layer, and
+  // with --hessian-quantized the gathered quantized inputs), GPTQ or rounding, and the passes of
+  // the quantized layer that feed the next one.
+  double stats_seconds = 0, quantize_seconds = 0, advance_seconds = 0;
   int64_t calib_windows = 0, calib_ctx = 0;
   int64_t peak_rss_bytes = 0;
   std::vector<std::string> warnings;

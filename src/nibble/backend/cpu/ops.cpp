@@ -68,29 +68,38 @@ void apply_rope(float* x, int64_t heads, int64_t head_dim, int64_t pos, std::spa
 
 void attention(const float* q, const float* k, const float* v, int64_t n, int64_t start, int64_t heads,
                int64_t kv_heads, int64_t d, int64_t sliding_window, float* out) {
-  const int64_t group = heads / kv_heads, total = start + n;
+  const int64_t group = heads / kv_heads;
   const int64_t q_stride = heads * d, kv_stride = kv_heads * d;
   const float scale = 1.0f / std::sqrt(float(d));
-  // Per head: S = Q Kᵀ / sqrt(d) through BLAS, causal (and sliding-window) mask, row softmax,
-  // O = P V through BLAS. Heads run in parallel; BLAS runs single-threaded inside the region.
-#pragma omp parallel for schedule(dynamic, 1) if (heads > 1)
-  for (int64_t h = 0; h < heads; ++h) {
-    const float* kh = k + (h / group) * d;
-    const float* vh = v + (h / group) * d;
-    std::vector<float> scores(static_cast<size_t>(n * total));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(total), int(d), scale, q + h * d,
-                int(q_stride), kh, int(kv_stride), 0.0f, scores.data(), int(total));
-    for (int64_t i = 0; i < n; ++i) {
-      float* row = scores.data() + i * total;
-      const int64_t pos = start + i;
-      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
-      std::fill(row, row + first, 0.0f);
-      softmax(row + first, pos + 1 - first);
-      std::fill(row + pos + 1, row + total, 0.0f);
+  // Per head and block of query rows: S = Q Kᵀ / sqrt(d) through BLAS over only the keys the
+  // block can see (causal: about half the products of the full square in a long prefill), the
+  // mask, row softmax, O = P V through BLAS. (head, block) pairs run in parallel; BLAS runs
+  // single-threaded inside the region.
+  constexpr int64_t kRows = 128;
+  const int64_t blocks = (n + kRows - 1) / kRows;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) if (heads * blocks > 1)
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t i0 = b * kRows, rows = std::min(kRows, n - i0);
+      const int64_t end = start + i0 + rows;  // keys [lo, end) are visible to some row of the block
+      const int64_t lo = sliding_window > 0 ? std::max<int64_t>(0, start + i0 - sliding_window + 1) : 0;
+      const int64_t keys = end - lo;
+      const float* kh = k + lo * kv_stride + (h / group) * d;
+      const float* vh = v + lo * kv_stride + (h / group) * d;
+      std::vector<float> scores(static_cast<size_t>(rows * keys));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(keys), int(d), scale,
+                  q + i0 * q_stride + h * d, int(q_stride), kh, int(kv_stride), 0.0f, scores.data(), int(keys));
+      for (int64_t i = 0; i < rows; ++i) {
+        float* row = scores.data() + i * keys;
+        const int64_t pos = start + i0 + i;  // sees keys [first, pos]
+        const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
+        std::fill(row, row + (first - lo), 0.0f);
+        softmax(row + (first - lo), pos + 1 - first);
+        std::fill(row + (pos + 1 - lo), row + keys, 0.0f);
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(d), int(keys), 1.0f, scores.data(),
+                  int(keys), vh, int(kv_stride), 0.0f, out + i0 * q_stride + h * d, int(q_stride));
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(n), int(d), int(total), 1.0f, scores.data(),
-                int(total), vh, int(kv_stride), 0.0f, out + h * d, int(q_stride));
-  }
 }
 
 void swiglu(const float* gate_up, int64_t rows, int64_t inter, float* out) {
