@@ -2,7 +2,6 @@
 
 #include <cblas.h>
 
-#include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
@@ -34,23 +33,18 @@ InputStats::InputStats(int64_t dim, bool with_xtx)
 }
 
 void InputStats::add(const float* x, int64_t rows) {
-  // Threads own column ranges, so every sum runs in row order as on one thread.
-  constexpr int64_t kColumns = 64;
-#pragma omp parallel for schedule(static) if (rows * dim_ > (1 << 16))
-  for (int64_t c0 = 0; c0 < dim_; c0 += kColumns)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = c0; c < std::min(dim_, c0 + kColumns); ++c) {
-        const double v = x[r * dim_ + c];
-        sum_sq_[size_t(c)] += v * v;
-        sum_abs_[size_t(c)] += std::abs(v);
-      }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < dim_; ++c) {
+      const double v = x[r * dim_ + c];
+      sum_sq_[size_t(c)] += v * v;
+      sum_abs_[size_t(c)] += std::abs(v);
+    }
   count_ += rows;
   if (xtx_.empty()) return;
   // One window's product in fp32 through BLAS (exact enough over ~1k rows), summed in float64.
   std::vector<float> part(size_t(dim_ * dim_));
   cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, int(dim_), int(rows), 1.0f, x, int(dim_), 0.0f, part.data(),
               int(dim_));
-#pragma omp parallel for schedule(dynamic, 16)
   for (int64_t i = 0; i < dim_; ++i)
     for (int64_t j = i; j < dim_; ++j) xtx_[size_t(i * dim_ + j)] += part[size_t(i * dim_ + j)];
 }

@@ -125,7 +125,6 @@ void QuantLinear::forward(const float* x, int64_t rows, float* y) const {
   if (perm_.empty()) {
     std::copy_n(x, rows * K, xq.begin());
   } else {
-#pragma omp parallel for if (rows > 8)
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t c = 0; c < K; ++c) xq[size_t(r * K + c)] = x[r * K + perm_[size_t(c)]];
   }

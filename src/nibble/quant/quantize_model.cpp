@@ -109,7 +109,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
   const bool need_q_stream = recipe.gptq;
   const int64_t ctx = std::min(recipe.calib_ctx, c.max_position_embeddings);
   std::vector<std::vector<float>> fp_stream, q_stream;
-  if (need_fp_stream || need_q_stream) {
+  if (recipe.needs_calibration()) {  // = need_fp_stream || need_q_stream
     report.calib_ctx = ctx;
     report.calib_windows = recipe.calib_windows;
     const auto windows = sample_calibration_windows(calib_tokens, recipe.calib_windows, ctx, recipe.seed, calib_where);
