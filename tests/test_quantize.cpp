@@ -228,6 +228,33 @@ TEST_P(QuantizeFixture, PackedEqualsSimulated) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizeFixture, ::testing::Values("mixtral", "qwen2", "llama3-rope"));
 
+// --atom-compat runs the model with fp16 activations, from calibration on; the packed file says so
+// and the loaded model runs the same way, bit for bit.
+TEST(PackedFile, AtomCompatKeepsFp16Activations) {
+  const auto dir = test::source_dir() / "tests/fixtures/llama3-rope";
+  auto model = Model::load(dir);
+  Recipe r = Recipe::preset("atom-w4a4");
+  r.weight.group = r.act.group = 16;
+  r.keeper = 16;
+  r.calib_windows = 8;
+  r.calib_ctx = 64;
+  r.apply_atom_compat();
+  ASSERT_TRUE(r.fp16_activations);
+  const std::vector<int32_t> calib = random_tokens(2048, 256, 5), probe = random_tokens(40, 256, 6);
+  quant::quantize_model(*model, r, calib, "calib", false);
+  EXPECT_TRUE(model->fp16_activations());
+  const auto sim = logits_of(*model, probe);
+  const auto path = std::filesystem::temp_directory_path() / "nibble_atom_compat.safetensors";
+  save_packed_model(*model, r.to_json().dump(), dir, path);
+  auto loaded = Model::load(path);
+  EXPECT_TRUE(loaded->fp16_activations());
+  const auto packed = logits_of(*loaded, probe);
+  for (size_t i = 0; i < sim.size(); ++i) ASSERT_EQ(packed[i], sim[i]) << i;
+  loaded->set_fp16_activations(false);
+  EXPECT_GT(rel_max(logits_of(*loaded, probe), sim), 1e-5);  // the mode really changes the numbers
+  std::filesystem::remove(path);
+}
+
 // A packed file whose tensors disagree with its recipe/config, or that is not a nibble file.
 TEST(PackedFile, TamperedFilesAreRefused) {
   const auto dir = test::source_dir() / "tests/fixtures/mistral";

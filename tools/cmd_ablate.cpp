@@ -169,7 +169,7 @@ void add_ablate_command(CLI::App& app) {
       ->delimiter(',');
   cmd->add_option("--ladder-group", a->group, "group size of the ladder's grouped steps")->capture_default_str();
   cmd->add_option("--ladder-keeper", a->keeper, "keeper channels of the ladder")->capture_default_str();
-  cmd->add_flag("--atom-compat", a->atom_compat, "run the ladder with Atom's released-code choices");
+  cmd->add_flag("--atom-compat", a->atom_compat, "run the ladder with Atom's released-code choices (and an FP16 row: fp16 activations)");
   cmd->add_option("-o,--output", a->out, "prefix of the CSV and PNG files")->capture_default_str();
   cmd->add_flag("--json", a->json, "print the table as JSON as the last line");
   cmd->add_option("--calib-windows,--nsamples", a->calib_windows, "calibration windows")->capture_default_str();

@@ -37,7 +37,8 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   tri("--hessian-fp", "--hessian-quantized", &hessian_fp,
       "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
   cmd->add_flag("--atom-compat", atom_compat,
-                "Atom's released-code choices: its GPTQ INT4 grid, Hessians from quantized inputs, K before RoPE");
+                "Atom's released-code choices: its GPTQ INT4 grid, Hessians from quantized inputs, K before RoPE, "
+                "fp16 activations");
   cmd->add_option("--calib-windows,--nsamples", calib_windows, "calibration windows (128)");
   cmd->add_option("--calib-ctx", calib_ctx, "tokens per calibration window (2048, or the model's context)");
   cmd->add_option("--seed", seed, "calibration window seed (0)");

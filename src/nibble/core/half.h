@@ -47,5 +47,8 @@ inline uint16_t float_to_fp16(float f) {
 // Rounds through fp16 and back: what storing a value as fp16 does to it.
 inline float round_fp16(float f) { return fp16_to_float(float_to_fp16(f)); }
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+inline void round_fp16(float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = round_fp16(x[i]);
+}
 
 }  // namespace nibble

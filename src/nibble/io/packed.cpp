@@ -290,6 +290,7 @@ std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
   auto m = std::make_unique<Model>(c, path.string(), std::move(embedding), std::move(layers), std::move(final_norm),
                                    std::move(head));
   m->set_kv_format(recipe.kv);
+  m->set_fp16_activations(recipe.fp16_activations);
   m->metadata() = meta;
   return m;
 }

@@ -169,6 +169,7 @@ std::vector<float> Model::embed(std::span<const int32_t> tokens) const {
           tokens[i], i, config_.vocab_size - 1);
     std::copy_n(embedding_.begin() + tokens[i] * H, H, h.begin() + int64_t(i) * H);
   }
+  store(h.data(), int64_t(h.size()));
   return h;
 }
 
@@ -183,18 +184,19 @@ void Model::attention(int l, const std::vector<SeqView>& seqs, float* qkv, float
       std::copy_n(row, qd, q.data() + i * qd);
       std::copy_n(row + qd, kvd, k.data() + i * kvd);
       std::copy_n(row + qd + kvd, kvd, v.data() + i * kvd);
-      cpu::apply_rope(q.data() + i * qd, c.num_heads, c.head_dim, s.start + i, rope_inv_freq_);
+      cpu::apply_rope(q.data() + i * qd, c.num_heads, c.head_dim, s.start + i, rope_inv_freq_, fp16_activations_);
       if (!kv_format_.k_before_rope)
-        cpu::apply_rope(k.data() + i * kvd, c.num_kv_heads, c.head_dim, s.start + i, rope_inv_freq_);
+        cpu::apply_rope(k.data() + i * kvd, c.num_kv_heads, c.head_dim, s.start + i, rope_inv_freq_,
+                        fp16_activations_);
     }
     s.cache->write(l, s.start, s.n, k.data(), v.data());
     std::vector<float> K(size_t(total * kvd)), V(size_t(total * kvd));
     s.cache->read(l, total, K.data(), V.data());
     if (kv_format_.k_before_rope)
       for (int64_t j = 0; j < total; ++j)
-        cpu::apply_rope(K.data() + j * kvd, c.num_kv_heads, c.head_dim, j, rope_inv_freq_);
+        cpu::apply_rope(K.data() + j * kvd, c.num_kv_heads, c.head_dim, j, rope_inv_freq_, fp16_activations_);
     cpu::attention(q.data(), K.data(), V.data(), s.n, s.start, c.num_heads, c.num_kv_heads, c.head_dim,
-                   c.sliding_window, out + s.row * qd);
+                   c.sliding_window, out + s.row * qd, fp16_activations_);
   }
 }
 
@@ -207,7 +209,8 @@ void Model::mlp(int l, const float* x, int64_t rows, float* out, bool need_outpu
     if (observer_) observer_(l, LinearSlot::GateUp, tag, xe, n);
     std::vector<float> gu(size_t(n * 2 * I)), act(size_t(n * I));
     ex.gate_up->forward(xe, n, gu.data());
-    cpu::swiglu(gu.data(), n, I, act.data());
+    store(gu.data(), int64_t(gu.size()));
+    cpu::swiglu(gu.data(), n, I, act.data(), fp16_activations_);
     if (observer_) observer_(l, LinearSlot::Down, tag, act.data(), n);
     if (need_output) ex.down->forward(act.data(), n, ye);
   };
@@ -258,17 +261,23 @@ void Model::layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden
   const int64_t H = c.hidden_size, qd = c.q_dim();
   std::vector<float> xn(size_t(rows * H)), qkv(size_t(rows * (qd + 2 * c.kv_dim()))), attn(size_t(rows * qd)),
       y(size_t(rows * H));
-  cpu::rms_norm(hidden, layer.attn_norm.data(), rows, H, c.rms_norm_eps, xn.data());
+  cpu::rms_norm(hidden, layer.attn_norm.data(), rows, H, c.rms_norm_eps, xn.data(), fp16_activations_);
   if (observer_) observer_(l, LinearSlot::QKV, -1, xn.data(), rows);
   layer.qkv->forward(xn.data(), rows, qkv.data());
+  store(qkv.data(), int64_t(qkv.size()));
   attention(l, seqs, qkv.data(), attn.data());
   if (observer_) observer_(l, LinearSlot::O, -1, attn.data(), rows);
   layer.o->forward(attn.data(), rows, y.data());
+  store(y.data(), rows * H);
   for (int64_t i = 0; i < rows * H; ++i) hidden[i] += y[size_t(i)];
-  cpu::rms_norm(hidden, layer.mlp_norm.data(), rows, H, c.rms_norm_eps, xn.data());
+  store(hidden, rows * H);
+  cpu::rms_norm(hidden, layer.mlp_norm.data(), rows, H, c.rms_norm_eps, xn.data(), fp16_activations_);
   mlp(l, xn.data(), rows, y.data(), need_output);
-  if (need_output)
+  if (need_output) {
+    store(y.data(), rows * H);
     for (int64_t i = 0; i < rows * H; ++i) hidden[i] += y[size_t(i)];
+    store(hidden, rows * H);
+  }
 }
 
 void Model::run_layer(int l, float* hidden, int64_t n) {
@@ -285,7 +294,7 @@ void Model::observe_layer(int l, const float* hidden, int64_t n) {
 std::vector<float> Model::head(const float* hidden, int64_t rows) const {
   const int64_t H = config_.hidden_size;
   std::vector<float> xn(size_t(rows * H)), logits(size_t(rows * config_.vocab_size));
-  cpu::rms_norm(hidden, final_norm_.data(), rows, H, config_.rms_norm_eps, xn.data());
+  cpu::rms_norm(hidden, final_norm_.data(), rows, H, config_.rms_norm_eps, xn.data(), fp16_activations_);
   lm_head_->forward(xn.data(), rows, logits.data());
   return logits;
 }

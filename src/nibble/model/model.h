@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "nibble/core/half.h"
 #include "nibble/model/config.h"
 #include "nibble/model/kv_cache.h"
 #include "nibble/model/linear.h"
@@ -61,6 +62,10 @@ class Model {
   std::unique_ptr<KVCache> new_cache(int64_t max_tokens) const;
   void set_kv_format(KVFormat f) { kv_format_ = f; }
   const KVFormat& kv_format() const { return kv_format_; }
+  // Round every activation the way a model running in fp16 stores it (Atom's code does): the
+  // embedding, each norm, linear and attention output, SwiGLU and the residual stream after each add.
+  void set_fp16_activations(bool on) { fp16_activations_ = on; }
+  bool fp16_activations() const { return fp16_activations_; }
 
   // Appends each step's tokens to its cache and returns logits [rows, vocab], rows in batch order:
   // n rows for a step with all_logits, 1 otherwise.
@@ -103,10 +108,15 @@ class Model {
   void layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden, int64_t rows, bool need_output = true);
   void attention(int l, const std::vector<SeqView>& seqs, float* qkv, float* out);
   void mlp(int l, const float* x, int64_t rows, float* out, bool need_output = true);
+  // The fp16 storage of an activation when fp16_activations_ is on; nothing otherwise.
+  void store(float* x, int64_t n) const {
+    if (fp16_activations_) round_fp16(x, n);
+  }
 
   ModelConfig config_;
   std::string source_;
   KVFormat kv_format_;
+  bool fp16_activations_ = false;
   std::vector<float> embedding_;  // [vocab, hidden]
   std::vector<Layer> layers_;
   std::vector<float> final_norm_;

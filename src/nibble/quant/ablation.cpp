@@ -11,12 +11,20 @@ std::vector<AblationStep> atom_ladder(int group, int64_t keeper, bool atom_compa
   r.calib_windows = calib_windows;
   r.calib_ctx = calib_ctx;
   r.seed = seed;
+  int step = 0;
   auto push = [&](std::string label) {
     Recipe s = r;
-    s.name = fmt::format("ladder-{}", steps.size() + 1);
+    s.name = fmt::format("ladder-{}", ++step);
     if (atom_compat) s.apply_atom_compat();
     steps.push_back({std::move(label), s});
   };
+  if (atom_compat) {
+    // Atom's FP16 row: the unquantized model with its activations stored in fp16.
+    Recipe fp = Recipe::preset("fp16");
+    fp.name = "ladder-fp16";
+    fp.fp16_activations = true;
+    steps.push_back({"FP16 (fp16 activations, as Atom's code runs)", fp});
+  }
   push("1. W4A4 RTN (per-channel W, per-token A)");
   r.reorder = true;
   r.keeper = keeper;

@@ -15,7 +15,8 @@ struct AblationStep {
 };
 
 // `group` and `keeper` are Atom's 128/128 unless scaled down for a narrow model; with
-// `atom_compat` every step uses Atom's released-code choices (Recipe::apply_atom_compat).
+// `atom_compat` every step uses Atom's released-code choices (Recipe::apply_atom_compat), and the
+// ladder starts with Atom's FP16 row (the unquantized model with fp16 activations).
 std::vector<AblationStep> atom_ladder(int group, int64_t keeper, bool atom_compat, int64_t calib_windows,
                                       int64_t calib_ctx, uint64_t seed);
 

@@ -96,6 +96,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
   recipe.validate(c);
   QuantizeReport report;
   Progress progress("quantize", c.num_layers, "layers");
+  model.set_fp16_activations(recipe.fp16_activations);  // calibrate as the quantized model will run
   if (!recipe.quantize_weights && !recipe.quantize_activations && !recipe.reorder) {
     model.set_kv_format(recipe.kv);
     return report;

@@ -61,6 +61,7 @@ Recipe Recipe::preset(const std::string& name) {
 void Recipe::apply_atom_compat() {
   atom_compat = true;
   hessian_from_quantized_inputs = true;
+  fp16_activations = true;
   kv.k_before_rope = true;
   kv.hadamard = false;
   clip_search = false;
@@ -134,6 +135,7 @@ std::string Recipe::describe() const {
   s += ", KV " + kv.describe();
   if (group_hadamard) s += ", group Hadamard";
   if (clip_search) s += ", W clip search";
+  if (fp16_activations) s += ", fp16 activations";
   if (atom_compat) s += ", atom-compat";
   return s;
 }
@@ -172,6 +174,7 @@ nlohmann::json Recipe::to_json() const {
           {"kv_clip", kv.clip},
           {"kv_hadamard", kv.hadamard},
           {"hessian_from_quantized_inputs", hessian_from_quantized_inputs},
+          {"fp16_activations", fp16_activations},
           {"atom_compat", atom_compat},
           {"calib_windows", calib_windows},
           {"calib_ctx", calib_ctx},
@@ -200,6 +203,7 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
     r.kv.clip = j.at("kv_clip").get<float>();
     r.kv.hadamard = j.value("kv_hadamard", false);
     r.hessian_from_quantized_inputs = j.at("hessian_from_quantized_inputs").get<bool>();
+    r.fp16_activations = j.value("fp16_activations", false);  // absent in files written before it existed
     r.atom_compat = j.at("atom_compat").get<bool>();
     r.calib_windows = j.at("calib_windows").get<int64_t>();
     r.calib_ctx = j.at("calib_ctx").get<int64_t>();

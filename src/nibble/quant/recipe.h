@@ -39,6 +39,8 @@ struct Recipe {
   // GPTQ's Hessian from the activations the quantized linear really sees (gathered and
   // quantized, as Atom) rather than from the full-precision ones.
   bool hessian_from_quantized_inputs = false;
+  // Activations stored in fp16 between operations, as Atom's code runs the model (else fp32).
+  bool fp16_activations = false;
   bool atom_compat = false;
 
   int64_t calib_windows = 128;
@@ -47,7 +49,8 @@ struct Recipe {
 
   static Recipe preset(const std::string& name);
   static std::vector<std::string> preset_names();
-  // Atom's released-code choices: its GPTQ grid, Hessians from quantized inputs, K before RoPE.
+  // Atom's released-code choices: its GPTQ grid, Hessians from quantized inputs, K before RoPE,
+  // fp16 activations.
   void apply_atom_compat();
 
   // The spec of one linear with `in` input channels; throws when the recipe does not fit it.

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <numbers>
 
+#include "nibble/core/half.h"
+
 namespace nibble::cpu {
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -19,42 +21,62 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void rms_norm(const float* x, const float* weight, int64_t rows, int64_t n, double eps, float* out) {
+void rms_norm(const float* x, const float* weight, int64_t rows, int64_t n, double eps, float* out, bool fp16) {
 #pragma omp parallel for if (rows > 16)
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
     const float ms = dot(xr, xr, n) / float(n);
     const float inv = 1.0f / std::sqrt(ms + float(eps));
-    for (int64_t i = 0; i < n; ++i) out[r * n + i] = weight[i] * (xr[i] * inv);
+    if (fp16)  // Hugging Face: weight * (x * inv).to(fp16), the product in fp16 again
+      for (int64_t i = 0; i < n; ++i) out[r * n + i] = round_fp16(weight[i] * round_fp16(xr[i] * inv));
+    else
+      for (int64_t i = 0; i < n; ++i) out[r * n + i] = weight[i] * (xr[i] * inv);
   }
 }
 
 std::vector<double> rope_inv_freq(const ModelConfig& c) {
+  // In fp32, step by step as transformers computes them: the frequencies a checkpoint was trained
+  // and evaluated with, and what an fp16 model (--atom-compat) rotates by.
   const int64_t d = c.head_dim;
-  std::vector<double> inv(size_t(d / 2));
-  for (int64_t i = 0; i < d / 2; ++i) inv[size_t(i)] = std::pow(c.rope_theta, -double(2 * i) / double(d));
+  std::vector<float> inv(size_t(d / 2));
+  for (int64_t i = 0; i < d / 2; ++i)
+    inv[size_t(i)] = 1.0f / std::pow(float(c.rope_theta), float(2 * i) / float(d));
   if (c.rope_scaling.type == "llama3") {
     // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended.
     const auto& s = c.rope_scaling;
-    const double old_len = double(s.original_max_position_embeddings);
-    const double low_freq_wavelen = old_len / s.low_freq_factor;
-    const double high_freq_wavelen = old_len / s.high_freq_factor;
-    for (double& f : inv) {
-      const double wavelen = 2 * std::numbers::pi / f;
+    const float factor = float(s.factor), low = float(s.low_freq_factor), high = float(s.high_freq_factor);
+    const float old_len = float(s.original_max_position_embeddings);
+    const float low_freq_wavelen = float(double(s.original_max_position_embeddings) / s.low_freq_factor);
+    const float high_freq_wavelen = float(double(s.original_max_position_embeddings) / s.high_freq_factor);
+    for (float& f : inv) {
+      const float wavelen = float(2 * std::numbers::pi) / f;
       if (wavelen > low_freq_wavelen) {
-        f = f / s.factor;
+        f = f / factor;
       } else if (wavelen >= high_freq_wavelen) {
-        const double smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-        f = (1 - smooth) * f / s.factor + smooth * f;
+        const float smooth = (old_len / wavelen - low) / (high - low);
+        f = (1 - smooth) * f / factor + smooth * f;
       }
     }
   }
-  return inv;
+  return std::vector<double>(inv.begin(), inv.end());
 }
 
-void apply_rope(float* x, int64_t heads, int64_t head_dim, int64_t pos, std::span<const double> inv_freq) {
+void apply_rope(float* x, int64_t heads, int64_t head_dim, int64_t pos, std::span<const double> inv_freq,
+                bool fp16) {
   const int64_t half = head_dim / 2;
   for (int64_t i = 0; i < half; ++i) {
+    if (fp16) {
+      // Hugging Face: the angle in fp32, cos/sin cast to fp16, x*cos + rotate_half(x)*sin by fp16 steps.
+      const float angle = float(pos) * float(inv_freq[size_t(i)]);
+      const float c = round_fp16(std::cos(angle)), s = round_fp16(std::sin(angle));
+      for (int64_t h = 0; h < heads; ++h) {
+        float* xh = x + h * head_dim;
+        const float a = xh[i], b = xh[i + half];
+        xh[i] = round_fp16(round_fp16(a * c) + round_fp16(-b * s));
+        xh[i + half] = round_fp16(round_fp16(b * c) + round_fp16(a * s));
+      }
+      continue;
+    }
     const double angle = double(pos) * inv_freq[size_t(i)];
     const float c = float(std::cos(angle)), s = float(std::sin(angle));
     for (int64_t h = 0; h < heads; ++h) {
@@ -67,7 +89,7 @@ void apply_rope(float* x, int64_t heads, int64_t head_dim, int64_t pos, std::spa
 }
 
 void attention(const float* q, const float* k, const float* v, int64_t n, int64_t start, int64_t heads,
-               int64_t kv_heads, int64_t d, int64_t sliding_window, float* out) {
+               int64_t kv_heads, int64_t d, int64_t sliding_window, float* out, bool fp16) {
   const int64_t group = heads / kv_heads;
   const int64_t q_stride = heads * d, kv_stride = kv_heads * d;
   const float scale = 1.0f / std::sqrt(float(d));
@@ -87,8 +109,12 @@ void attention(const float* q, const float* k, const float* v, int64_t n, int64_
       const float* kh = k + lo * kv_stride + (h / group) * d;
       const float* vh = v + lo * kv_stride + (h / group) * d;
       std::vector<float> scores(static_cast<size_t>(rows * keys));
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(keys), int(d), scale,
+      // fp16 (Hugging Face eager): Q Kᵀ stored in fp16, then scaled in fp16; softmax in fp32, its
+      // probabilities stored in fp16; P V stored in fp16.
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(keys), int(d), fp16 ? 1.0f : scale,
                   q + i0 * q_stride + h * d, int(q_stride), kh, int(kv_stride), 0.0f, scores.data(), int(keys));
+      if (fp16)
+        for (float& x : scores) x = round_fp16(round_fp16(x) * scale);
       for (int64_t i = 0; i < rows; ++i) {
         float* row = scores.data() + i * keys;
         const int64_t pos = start + i0 + i;  // sees keys [first, pos]
@@ -97,17 +123,24 @@ void attention(const float* q, const float* k, const float* v, int64_t n, int64_
         softmax(row + (first - lo), pos + 1 - first);
         std::fill(row + (pos + 1 - lo), row + keys, 0.0f);
       }
+      if (fp16) round_fp16(scores.data(), int64_t(scores.size()));
+      float* oh = out + i0 * q_stride + h * d;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(d), int(keys), 1.0f, scores.data(),
-                  int(keys), vh, int(kv_stride), 0.0f, out + i0 * q_stride + h * d, int(q_stride));
+                  int(keys), vh, int(kv_stride), 0.0f, oh, int(q_stride));
+      if (fp16)
+        for (int64_t i = 0; i < rows; ++i) round_fp16(oh + i * q_stride, d);
     }
 }
 
-void swiglu(const float* gate_up, int64_t rows, int64_t inter, float* out) {
+void swiglu(const float* gate_up, int64_t rows, int64_t inter, float* out, bool fp16) {
 #pragma omp parallel for if (rows > 16)
   for (int64_t r = 0; r < rows; ++r) {
     const float* g = gate_up + r * 2 * inter;
     const float* u = g + inter;
-    for (int64_t i = 0; i < inter; ++i) out[r * inter + i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    if (fp16)  // silu(gate) stored in fp16, then the product
+      for (int64_t i = 0; i < inter; ++i) out[r * inter + i] = round_fp16(round_fp16(g[i] / (1.0f + std::exp(-g[i]))) * u[i]);
+    else
+      for (int64_t i = 0; i < inter; ++i) out[r * inter + i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   }
 }
 
