@@ -8,7 +8,7 @@
 //     rotated on read (float64) when K is stored before RoPE; q rotated in float64 from the input.
 // The model's own CPU attention (cpu::attention, BLAS) is not part of the GPU-only build; this
 // reference computes the same function (ops.h) in float64. RoPE frequencies: Llama 3.1's llama3
-// scaling (theta 500000, factor 8), computed like cpu::rope_inv_freq.
+// scaling (theta 500000, factor 8), by cpu::rope_inv_freq's formula in float64.
 // The pool is poisoned with 0xFF bytes (NaN fp16 scales/values) before use and the outputs with
 // NaN: masked or unwritten elements show. Inputs are fresh random numbers on every run (the seed is
 // printed).
@@ -41,7 +41,7 @@ uint64_t fresh_seed() {
   return rng();
 }
 
-// cpu::rope_inv_freq with Llama 3.1's rope_scaling (float64).
+// cpu::rope_inv_freq's formula with Llama 3.1's rope_scaling, in float64 (the CPU computes it in fp32, as transformers).
 std::vector<double> llama3_inv_freq(int d) {
   const double theta = 500000.0, factor = 8, low = 1, high = 4, old_len = 8192;
   std::vector<double> inv(static_cast<size_t>(d / 2));
