@@ -9,15 +9,12 @@
 
 #include <omp.h>
 
+#include "nibble/core/progress.h"
 #include "nibble/model/model.h"
 
 using namespace nibble;
 
 namespace {
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // Runs `steps` decode steps for `batch` sequences after a `context`-token prefill; returns tokens/s.
 double decode_tokens_per_second(Model& m, int batch, int context, int steps, std::mt19937& rng) {

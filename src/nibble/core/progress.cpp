@@ -32,7 +32,7 @@ Progress::~Progress() {
 void Progress::set_quiet(bool quiet) { g_quiet = quiet; }
 
 double Progress::elapsed_seconds() const {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  return seconds_since(start_);
 }
 
 void Progress::update(int64_t done, const std::string& extra) {

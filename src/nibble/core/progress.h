@@ -7,6 +7,11 @@
 
 namespace nibble {
 
+// Wall-clock seconds since t0 on the monotonic clock (progress lines, phase timings, benches).
+inline double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 class Progress {
  public:
   // `unit` names what is counted ("tokens", "layers"); total <= 0 means unknown.

@@ -31,10 +31,6 @@ std::vector<int32_t> salience_order(const std::vector<double>& metric) {
 
 namespace {
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 using Key = std::pair<LinearSlot, int>;  // (slot, expert; -1 outside a MoE)
 
 // Minimum routed calibration tokens for an expert's own statistics.
