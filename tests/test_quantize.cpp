@@ -197,14 +197,20 @@ namespace {
 // (fp16) and are added after the product. The packed file must still equal the simulated model.
 class QuantizeFixture : public ::testing::TestWithParam<const char*> {};
 
-TEST_P(QuantizeFixture, PackedEqualsSimulated) {
-  const auto dir = test::source_dir() / "tests/fixtures" / GetParam();
-  auto model = Model::load(dir);
+// Atom's recipe scaled to the fixtures (hidden 64): groups of 16, 16 keepers, 8 windows of 64.
+Recipe fixture_atom() {
   Recipe r = Recipe::preset("atom-w4a4");
   r.weight.group = r.act.group = 16;
   r.keeper = 16;
   r.calib_windows = 8;
   r.calib_ctx = 64;
+  return r;
+}
+
+TEST_P(QuantizeFixture, PackedEqualsSimulated) {
+  const auto dir = test::source_dir() / "tests/fixtures" / GetParam();
+  auto model = Model::load(dir);
+  Recipe r = fixture_atom();
   const std::vector<int32_t> calib = random_tokens(2048, 256, 5), probe = random_tokens(40, 256, 6);
   const auto fp = logits_of(*model, probe);
   const quant::QuantizeReport rep = quant::quantize_model(*model, r, calib, "calib", false);
@@ -233,11 +239,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizeFixture, ::testing::Values("mixtral",
 TEST(PackedFile, AtomCompatKeepsFp16Activations) {
   const auto dir = test::source_dir() / "tests/fixtures/llama3-rope";
   auto model = Model::load(dir);
-  Recipe r = Recipe::preset("atom-w4a4");
-  r.weight.group = r.act.group = 16;
-  r.keeper = 16;
-  r.calib_windows = 8;
-  r.calib_ctx = 64;
+  Recipe r = fixture_atom();
   r.apply_atom_compat();
   ASSERT_TRUE(r.fp16_activations);
   const std::vector<int32_t> calib = random_tokens(2048, 256, 5), probe = random_tokens(40, 256, 6);
