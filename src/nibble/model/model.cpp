@@ -243,7 +243,7 @@ void Model::mlp(int l, const float* x, int64_t rows, float* out, bool need_outpu
     const auto& idx = rows_of[size_t(e)];
     if (idx.empty()) continue;
     const int64_t n = int64_t(idx.size());
-    std::vector<float> xe(size_t(n * H)), ye(size_t(n * H));
+    std::vector<float> xe(size_t(n * H)), ye(need_output ? size_t(n * H) : 0);  // no output: down_proj is skipped
     for (int64_t i = 0; i < n; ++i) std::copy_n(x + idx[size_t(i)] * H, H, xe.data() + i * H);
     run_expert(int(e), xe.data(), n, ye.data());
     if (!need_output) continue;
