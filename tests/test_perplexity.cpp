@@ -82,6 +82,12 @@ TEST(PerplexityMath, KldOfAModelWithItselfIsZero) {
   EXPECT_NEAR(r.kld_mean, 0.0, 1e-9);
   EXPECT_EQ(r.top1, 1.0);
   EXPECT_DOUBLE_EQ(r.ppl, r.base_ppl);
+  // Each window's NLL is that window scored on its own, and their mean is the total's.
+  ASSERT_EQ(r.window_nll.size(), 2u);
+  EXPECT_NEAR((r.window_nll[0] + r.window_nll[1]) / 2, r.nll_mean, 1e-12);
+  const PerplexityResult second = perplexity(*a, std::span<const int32_t>(ids).subspan(256, 256), opt);
+  EXPECT_DOUBLE_EQ(second.nll_mean, r.window_nll[1]);
+  EXPECT_NE(r.window_nll[0], r.window_nll[1]);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// nibble perplexity -m MODEL -f TEXT [--ctx N] [--kld-base MODEL] [--json]
+// nibble perplexity -m MODEL -f TEXT [--ctx N] [--kld-base MODEL] [--per-window] [--json]
 #include <cstdio>
 
 #include "nibble/core/progress.h"
@@ -14,7 +14,7 @@ struct PerplexityArgs {
   std::string model, file, kld_base;
   PerplexityOptions opt;
   KVOverride kv;
-  bool json = false;
+  bool json = false, per_window = false;
 };
 
 void run_perplexity(PerplexityArgs a) {
@@ -33,6 +33,10 @@ void run_perplexity(PerplexityArgs a) {
               (long long)r.ctx, (long long)r.scored);
   std::printf("perplexity: %.4f (mean NLL %.6f nats/token), %.1f s, %.1f tokens/s\n", r.ppl, r.nll_mean, r.seconds,
               double(r.windows * r.ctx) / r.seconds);
+  if (a.per_window) {
+    // llama.cpp's style: [window]ppl, one per window.
+    for (size_t w = 0; w < r.window_nll.size(); ++w) std::printf("[%zu]%.4f%s", w + 1, std::exp(r.window_nll[w]), w + 1 < r.window_nll.size() ? "," : "\n");
+  }
   if (r.has_base)
     std::printf("vs %s (ppl %.4f): KLD mean %.6f, median %.6f, p99 %.6f, max %.4f; top-1 agreement %.2f%%\n",
                 a.kld_base.c_str(), r.base_ppl, r.kld_mean, r.kld_median, r.kld_p99, r.kld_max, 100 * r.top1);
@@ -41,6 +45,7 @@ void run_perplexity(PerplexityArgs a) {
     j["model"] = a.model;
     j["text"] = a.file;
     if (r.has_base) j["kld_base"] = a.kld_base;
+    if (a.per_window) j["window_nll"] = r.window_nll;
     std::printf("%s\n", j.dump().c_str());
   }
 }
@@ -61,6 +66,7 @@ void add_perplexity_command(CLI::App& app) {
                   "a second (e.g. FP16) model run on the same windows: report KL-divergence(base||model) mean, "
                   "median, p99 and top-1 agreement");
   a->kv.add_to(cmd);
+  cmd->add_flag("--per-window", a->per_window, "print each window's perplexity (and window_nll in --json)");
   cmd->add_flag("--json", a->json, "print one JSON object as the last line of stdout (ppl, tokens, windows, ctx, kld_*)");
   cmd->callback([a] { run_perplexity(*a); });
 }

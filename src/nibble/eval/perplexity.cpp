@@ -72,6 +72,7 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
   const int64_t V = c.vocab_size, preds = proto.ctx - 1;
   const size_t npred = static_cast<size_t>(preds), nmodels = models.size();
   std::vector<double> nll(nmodels, 0.0);
+  std::vector<std::vector<double>> window_nll(nmodels);
   std::vector<int64_t> agree(nmodels, 0);
   std::vector<std::vector<double>> klds(nmodels);
   double base_nll = 0;
@@ -105,6 +106,9 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
           agree_at[size_t(i)] = std::max_element(lp.begin(), lp.end()) - lp.begin() == std::max_element(blp, blp + V) - blp;
         }
       }
+      double window_sum = 0;
+      for (size_t i = 0; i < npred; ++i) window_sum += nll_at[i];
+      window_nll[mi].push_back(window_sum / double(preds));
       for (size_t i = 0; i < npred; ++i) {
         nll[mi] += nll_at[i];
         if (base) {
@@ -124,6 +128,7 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
     r.nll_mean = nll[mi] / double(r.scored);
     r.ppl = std::exp(r.nll_mean);
     r.seconds = seconds;
+    r.window_nll = std::move(window_nll[mi]);
     if (base) {
       r.base_ppl = std::exp(base_nll / double(r.scored));
       auto& k = klds[mi];

@@ -10,6 +10,7 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -29,6 +30,7 @@ struct PerplexityResult {
   int64_t scored = 0;       // predictions scored
   int64_t windows = 0, ctx = 0;
   double seconds = 0;
+  std::vector<double> window_nll;  // mean NLL of each window, in text order
   // Against a base model (KLD(base || model) per predicted position), when one was given.
   bool has_base = false;
   double base_ppl = 0, kld_mean = 0, kld_median = 0, kld_p99 = 0, kld_max = 0, top1 = 0;
