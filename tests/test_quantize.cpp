@@ -128,6 +128,22 @@ TEST_F(QuantizeStories, NonsenseRecipesAreRefused) {
   EXPECT_THROW(quant::quantize_model(*model, r, too_short, "calib", false), Error);
 }
 
+// The default window is min(2048, context); a longer one is honoured, with a warning, as Atom's code
+// calibrates on 2048-token windows whatever the model's context.
+TEST_F(QuantizeStories, CalibrationPastTheContextWarns) {
+  const int64_t context = model->config().max_position_embeddings;
+  Recipe r = small_atom();
+  r.calib_windows = 2;
+  r.calib_ctx = 0;
+  EXPECT_EQ(quant::quantize_model(*model, r, calib, "calib", false).calib_ctx, std::min<int64_t>(2048, context));
+  auto fresh = Model::load(test::data_dir() / "models/stories260K");
+  r.calib_ctx = context + 64;
+  const quant::QuantizeReport rep = quant::quantize_model(*fresh, r, calib, "calib", false);
+  EXPECT_EQ(rep.calib_ctx, context + 64);
+  ASSERT_EQ(rep.warnings.size(), 1u);
+  EXPECT_NE(rep.warnings[0].find("past the model's context"), std::string::npos) << rep.warnings[0];
+}
+
 TEST_F(QuantizeStories, Int8KVCacheStaysClose) {
   const std::vector<float> fp = logits_of(*model, probe);
   model->set_kv_format({8, false, 1.0f});

@@ -18,7 +18,7 @@ namespace {
 struct AblateArgs {
   std::string model, calib, out = "ablation";
   std::vector<std::string> eval;
-  int64_t ctx = 0;
+  int64_t ctx = 0, calib_ctx = 0;
   std::vector<int64_t> chunks;  // per --eval text (one value: all texts)
   int group = 128;
   int64_t keeper = 128;
@@ -64,13 +64,14 @@ void run_ablate(const AblateArgs& a) {
   std::vector<std::vector<int32_t>> texts;
   for (const auto& e : a.eval) texts.push_back(tok.encode(read_text_file(e), tok.bos_id() >= 0));
   const int64_t ctx = a.ctx > 0 ? a.ctx : default_perplexity_ctx(base->config());
+  const int64_t calib_ctx = a.calib_ctx > 0 ? a.calib_ctx : ctx;
 
   std::vector<quant::AblationStep> steps =
-      quant::atom_ladder(a.group, a.keeper, a.atom_compat, a.calib_windows, ctx, a.seed);
+      quant::atom_ladder(a.group, a.keeper, a.atom_compat, a.calib_windows, calib_ctx, a.seed);
   quant::Recipe ours = quant::Recipe::preset("atom-w4a4");
   ours.weight.group = ours.act.group = a.group;
   ours.keeper = a.keeper;
-  ours.calib_ctx = ctx;
+  ours.calib_ctx = calib_ctx;
   ours.calib_windows = a.calib_windows;
   ours.seed = a.seed;
   ours.name = "nibble-atom-w4a4";
@@ -81,7 +82,8 @@ void run_ablate(const AblateArgs& a) {
   for (const auto& s : steps) {
     std::fprintf(stderr, "%s: %s\n", s.label.c_str(), s.recipe.describe().c_str());
     auto m = Model::load(a.model);
-    quant::quantize_model(*m, s.recipe, calib, a.calib);
+    for (const auto& w : quant::quantize_model(*m, s.recipe, calib, a.calib).warnings)
+      std::fprintf(stderr, "warning: %s\n", w.c_str());
     rows.push_back({s.label, s.recipe.describe(), m->storage_bytes(), {}, {}});
     models.push_back(std::move(m));
   }
@@ -112,7 +114,7 @@ void run_ablate(const AblateArgs& a) {
 
   // The table: perplexity per text, KLD and top-1 on the first text, size.
   std::printf("model: %s, calibration: %s (%lld windows of %lld tokens), eval windows of %lld tokens%s\n\n",
-              a.model.c_str(), a.calib.c_str(), (long long)steps[0].recipe.calib_windows, (long long)ctx, (long long)ctx,
+              a.model.c_str(), a.calib.c_str(), (long long)steps[0].recipe.calib_windows, (long long)calib_ctx, (long long)ctx,
               a.atom_compat ? ", ladder with --atom-compat" : "");
   for (size_t t = 0; t < a.eval.size(); ++t)
     std::printf("%s: %lld windows of %lld tokens%s\n", a.eval[t].c_str(), (long long)rows[0].results[t].windows,
@@ -165,6 +167,8 @@ void add_ablate_command(CLI::App& app) {
   cmd->add_option("-f,--file", a->calib, "calibration text")->required()->check(CLI::ExistingFile);
   cmd->add_option("--eval", a->eval, "evaluation text(s), comma separated")->required()->delimiter(',')->check(CLI::ExistingFile);
   cmd->add_option("-c,--ctx", a->ctx, "window length for calibration and evaluation (default: min(2048, context))");
+  cmd->add_option("--calib-ctx", a->calib_ctx,
+                  "calibration window length when it differs from --ctx (Atom's code: 2048, even past the context)");
   cmd->add_option("--chunks", a->chunks, "evaluate only the first N windows (0 = all); one value, or one per --eval text")
       ->delimiter(',');
   cmd->add_option("--ladder-group", a->group, "group size of the ladder's grouped steps")->capture_default_str();

@@ -32,7 +32,9 @@ void run_quantize(const QuantizeArgs& a) {
   std::fprintf(stderr, "quantizing %s with %s\n", a.model.c_str(), recipe.describe().c_str());
   const quant::QuantizeReport report = quant::quantize_model(*model, recipe, calib, a.calib);
   for (const auto& w : report.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
-  const int64_t bytes = save_packed_model(*model, recipe.to_json().dump(), a.model, a.out);
+  quant::Recipe used = recipe;  // the file records the window length the calibration really used
+  if (report.calib_ctx > 0) used.calib_ctx = report.calib_ctx;
+  const int64_t bytes = save_packed_model(*model, used.to_json().dump(), a.model, a.out);
   std::printf("wrote %s: %.2f MB (weights %.2f MB), recipe %s\n", a.out.c_str(), double(bytes) / 1e6,
               double(model->storage_bytes()) / 1e6, recipe.describe().c_str());
   if (report.calib_windows > 0)
@@ -45,7 +47,7 @@ void run_quantize(const QuantizeArgs& a) {
               double(report.peak_rss_bytes) / 1e6);
   if (a.json) {
     nlohmann::json j = {{"out", a.out},         {"bytes", bytes},
-                        {"weight_bytes", model->storage_bytes()}, {"recipe", recipe.to_json()},
+                        {"weight_bytes", model->storage_bytes()}, {"recipe", used.to_json()},
                         {"seconds", report.seconds}, {"stats_seconds", report.stats_seconds},
                         {"quantize_seconds", report.quantize_seconds}, {"advance_seconds", report.advance_seconds},
                         {"peak_rss_bytes", report.peak_rss_bytes},

@@ -40,7 +40,9 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
                 "Atom's released-code choices: its GPTQ INT4 grid, Hessians from quantized inputs, K before RoPE, "
                 "fp16 activations");
   cmd->add_option("--calib-windows,--nsamples", calib_windows, "calibration windows (128)");
-  cmd->add_option("--calib-ctx", calib_ctx, "tokens per calibration window (2048, or the model's context)");
+  cmd->add_option("--calib-ctx", calib_ctx,
+                  "tokens per calibration window (default min(2048, the model's context); longer windows run past "
+                  "the context, as Atom's code does with its fixed 2048)");
   cmd->add_option("--seed", seed, "calibration window seed (0)");
 }
 

@@ -114,7 +114,8 @@ void Recipe::validate(const ModelConfig& c) const {
   if (!quantize_weights && !quantize_activations) return;
   const int bits = format_bits(weight.format);
   check(bits >= 2 && bits <= 8, where, "weight bits {} are outside 2..8", bits);
-  check(calib_windows > 0 && calib_ctx > 1, where, "need at least one calibration window of at least 2 tokens");
+  check(calib_windows > 0 && (calib_ctx == 0 || calib_ctx > 1), where,
+        "need at least one calibration window of at least 2 tokens");
   if (weight.row_group > 1)
     for (int64_t n : {c.q_dim() + 2 * c.kv_dim(), c.hidden_size, 2 * c.intermediate_size})
       check(n % weight.row_group == 0, where, "--w-row-group {} does not divide {} output rows", weight.row_group, n);

@@ -44,7 +44,9 @@ struct Recipe {
   bool atom_compat = false;
 
   int64_t calib_windows = 128;
-  int64_t calib_ctx = 2048;  // capped at the model's context
+  // Tokens per calibration window; 0: min(2048, the model's context). A longer window runs past
+  // the context the model was trained at, as Atom's code does (its model.seqlen is fixed at 2048).
+  int64_t calib_ctx = 0;
   uint64_t seed = 0;
 
   static Recipe preset(const std::string& name);
