@@ -250,6 +250,26 @@ TEST_P(QuantizeFixture, PackedEqualsSimulated) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizeFixture, ::testing::Values("mixtral", "qwen2", "llama3-rope"));
 
+// atom-w4a4's clip ratios (activations 0.8 in the rotated basis, KV 0.9) are nibble's, chosen on
+// calib.txt; --atom-compat gives back Atom's paper values along with its other choices.
+TEST(Recipe, AtomCompatRestoresAtomsChoices) {
+  Recipe r = Recipe::preset("atom-w4a4");
+  EXPECT_FLOAT_EQ(r.act.clip, 0.8f);
+  EXPECT_FLOAT_EQ(r.kv.clip, 0.9f);
+  EXPECT_TRUE(r.group_hadamard && r.clip_search && r.kv.hadamard && !r.kv.k_before_rope && !r.fp16_activations);
+  r.apply_atom_compat();
+  EXPECT_FLOAT_EQ(r.act.clip, 0.9f);
+  EXPECT_FLOAT_EQ(r.weight.clip, 0.85f);
+  EXPECT_FLOAT_EQ(r.kv.clip, 1.0f);
+  EXPECT_FALSE(r.group_hadamard || r.clip_search || r.kv.hadamard);
+  EXPECT_TRUE(r.kv.k_before_rope && r.fp16_activations && r.hessian_from_quantized_inputs);
+  EXPECT_EQ(r.weight.format, quant::Format::Int4SymAtomGptq);
+  // The ladder's steps keep their own clip ratios (1.0 before step 5).
+  Recipe rtn = Recipe::preset("w4a4-rtn");
+  rtn.apply_atom_compat();
+  EXPECT_FLOAT_EQ(rtn.act.clip, 1.0f);
+}
+
 // --atom-compat runs the model with fp16 activations, from calibration on; the packed file says so
 // and the loaded model runs the same way, bit for bit.
 TEST(PackedFile, AtomCompatKeepsFp16Activations) {

@@ -73,7 +73,12 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (calib_windows) r.calib_windows = *calib_windows;
   if (calib_ctx) r.calib_ctx = *calib_ctx;
   if (seed) r.seed = *seed;
-  if (atom_compat) r.apply_atom_compat();
+  if (atom_compat) {
+    r.apply_atom_compat();
+    // Explicit clip ratios and KV choices still win over Atom's.
+    if (a_clip) r.act.clip = *a_clip;
+    kv.apply(r.kv);
+  }
 }
 
 quant::Recipe RecipeOptions::build() const {

@@ -8,6 +8,10 @@ std::vector<std::string> Recipe::preset_names() {
   return {"fp16", "w4a16-g128", "w4a16-g128-gptq", "w8a8", "w4a4-rtn", "atom-w4a4", "fp4-e2m1", "mxfp4", "nvfp4"};
 }
 
+namespace {
+constexpr float kAtomActClip = 0.9f;  // Atom's --a_clip_ratio in its paper recipe
+}  // namespace
+
 Recipe Recipe::preset(const std::string& name) {
   Recipe r;
   r.name = name;
@@ -27,16 +31,18 @@ Recipe Recipe::preset(const std::string& name) {
   } else if (name == "atom-w4a4") {
     r.quantize_weights = r.quantize_activations = true;
     r.weight = {Format::Int4Sym, 128, 2, 0.85f};
-    r.act = {Format::Int4Sym, 128, 1, 0.9f};
+    r.act = {Format::Int4Sym, 128, 1, kAtomActClip};
     r.reorder = true;
     r.keeper = 128;
     r.keeper_precision = KeeperPrecision::Int8;
     r.gptq = true;
     // Beyond Atom, chosen by measurement on nibble-ref (notes/quantization.md): every quantization
     // group of weights and activations in a Hadamard-rotated basis, K quantized after RoPE in a
-    // Hadamard-rotated basis, and a per-group weight clip search inside GPTQ.
+    // Hadamard-rotated basis, a per-group weight clip search inside GPTQ, and clip ratios for the
+    // rotated activations (0.8) and the KV cache (0.9) chosen on calib.txt (Atom: 0.9 and 1.0).
     r.group_hadamard = true;
-    r.kv = {4, false, 1.0f, true};
+    r.act.clip = 0.8f;
+    r.kv = {4, false, 0.9f, true};
     r.clip_search = true;
   } else if (name == "fp4-e2m1") {
     r.quantize_weights = r.quantize_activations = true;
@@ -66,6 +72,10 @@ void Recipe::apply_atom_compat() {
   kv.hadamard = false;
   clip_search = false;
   group_hadamard = false;
+  if (name == "atom-w4a4") {  // the preset's own clip ratios are nibble's; Atom's paper recipe uses these
+    act.clip = kAtomActClip;
+    kv.clip = 1.0f;
+  }
   // Atom's GPTQ quantizer uses its own INT4 grid (format.h Int4SymAtomGptq); its RTN path the plain one.
   if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
 }
