@@ -38,7 +38,7 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
       "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
   cmd->add_flag("--atom-compat", atom_compat,
                 "Atom's released-code choices: its GPTQ INT4 grid, Hessians from quantized inputs, K before RoPE, "
-                "fp16 activations");
+                "fp16 activations, none of nibble's additions (atom-w4a4: Atom's clips 0.9 and KV 1.0)");
   cmd->add_option("--calib-windows,--nsamples", calib_windows, "calibration windows (128)");
   cmd->add_option("--calib-ctx", calib_ctx,
                   "tokens per calibration window (default min(2048, the model's context); longer windows run past "
