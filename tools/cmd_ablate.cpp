@@ -63,7 +63,7 @@ void run_ablate(const AblateArgs& a) {
   const std::vector<int32_t> calib = tok.encode(read_text_file(a.calib), tok.bos_id() >= 0);
   std::vector<std::vector<int32_t>> texts;
   for (const auto& e : a.eval) texts.push_back(tok.encode(read_text_file(e), tok.bos_id() >= 0));
-  const int64_t ctx = a.ctx > 0 ? a.ctx : default_perplexity_ctx(base->config());
+  const int64_t ctx = a.ctx > 0 ? a.ctx : base->config().default_window();
   const int64_t calib_ctx = a.calib_ctx > 0 ? a.calib_ctx : ctx;
 
   std::vector<quant::AblationStep> steps =

@@ -8,7 +8,6 @@
 
 namespace nibble {
 
-int64_t default_perplexity_ctx(const ModelConfig& c) { return std::min<int64_t>(2048, c.max_position_embeddings); }
 
 void log_softmax(const float* logits, int64_t n, double* out) {
   const double mx = *std::max_element(logits, logits + n);
@@ -53,7 +52,7 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
   check(!models.empty(), "perplexity", "no model to score");
   const ModelConfig& c = models[0]->config();
   PerplexityResult proto;
-  proto.ctx = opt.ctx > 0 ? opt.ctx : default_perplexity_ctx(c);
+  proto.ctx = opt.ctx > 0 ? opt.ctx : c.default_window();
   check(proto.ctx >= 2, "perplexity", "--ctx must be at least 2, got {}", proto.ctx);
   for (Model* m : models)
     check(proto.ctx <= m->config().max_position_embeddings && m->config().vocab_size == c.vocab_size, "perplexity",
@@ -107,15 +106,15 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
         }
       }
       double window_sum = 0;
-      for (size_t i = 0; i < npred; ++i) window_sum += nll_at[i];
-      window_nll[mi].push_back(window_sum / double(preds));
       for (size_t i = 0; i < npred; ++i) {
+        window_sum += nll_at[i];
         nll[mi] += nll_at[i];
         if (base) {
           klds[mi].push_back(kld_at[i]);
           agree[mi] += agree_at[i];
         }
       }
+      window_nll[mi].push_back(window_sum / double(preds));
       const int64_t done = (w * int64_t(nmodels) + int64_t(mi) + 1) * proto.ctx;
       progress.update(done, fmt::format("ppl {:.4f}", std::exp(nll[0] / double((w + 1) * preds))));
     }

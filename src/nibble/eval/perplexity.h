@@ -38,7 +38,6 @@ struct PerplexityResult {
   nlohmann::json to_json() const;
 };
 
-int64_t default_perplexity_ctx(const ModelConfig& c);
 
 // Scores `tokens` (BOS included) with `model`; with `base`, also compares its distributions.
 PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,

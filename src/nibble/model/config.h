@@ -44,6 +44,8 @@ struct ModelConfig {
 
   int64_t q_dim() const { return num_heads * head_dim; }
   int64_t kv_dim() const { return num_kv_heads * head_dim; }
+  // The window GPTQ and Atom score and calibrate with: 2048 tokens, or the context if shorter.
+  int64_t default_window() const { return max_position_embeddings < 2048 ? max_position_embeddings : 2048; }
 
   // Parses a config.json object; `where` names the file for errors.
   static ModelConfig from_json(const nlohmann::json& j, const std::string& where);

@@ -104,7 +104,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
   const bool fused_stats = recipe.gptq && !recipe.hessian_from_quantized_inputs;
   const bool need_fp_stream = recipe.reorder && !fused_stats;
   const bool need_q_stream = recipe.gptq;
-  const int64_t ctx = recipe.calib_ctx > 0 ? recipe.calib_ctx : std::min<int64_t>(2048, c.max_position_embeddings);
+  const int64_t ctx = recipe.calib_ctx > 0 ? recipe.calib_ctx : c.default_window();
   if (recipe.needs_calibration() && ctx > c.max_position_embeddings)
     report.warnings.push_back(fmt::format("calibration windows of {} tokens run past the model's context of {}: "
                                           "the statistics include positions the model never saw (as Atom's code "

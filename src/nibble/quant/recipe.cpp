@@ -70,12 +70,11 @@ void Recipe::apply_atom_compat() {
   fp16_activations = true;
   kv.k_before_rope = true;
   kv.hadamard = false;
+  kv.clip = 1.0f;  // Atom never clips its KV cache (--kv_clip_ratio 1.0 in every recipe)
+  // The tighter activation clip belongs to the Hadamard-rotated groups; Atom's groups take its 0.9.
+  if (group_hadamard) act.clip = kAtomActClip;
   clip_search = false;
   group_hadamard = false;
-  if (name == "atom-w4a4") {  // the preset's own clip ratios are nibble's; Atom's paper recipe uses these
-    act.clip = kAtomActClip;
-    kv.clip = 1.0f;
-  }
   // Atom's GPTQ quantizer uses its own INT4 grid (format.h Int4SymAtomGptq); its RTN path the plain one.
   if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
 }
