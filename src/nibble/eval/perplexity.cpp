@@ -33,13 +33,32 @@ nlohmann::json PerplexityResult::to_json() const {
 
 namespace {
 
-std::vector<float> window_logits(Model& m, std::span<const int32_t> window) {
-  auto cache = m.new_cache(int64_t(window.size()));
-  const Step step{cache.get(), window, true};
-  return m.forward({&step, 1});
+// Every window is scored from an empty cache: a fresh sequence, freed after.
+std::vector<float> window_logits(Executor& m, std::span<const int32_t> window) {
+  const SeqId seq = m.kv().add();
+  std::vector<float> logits;
+  const BatchEntry entry{seq, window, true};
+  try {
+    m.forward({&entry, 1}, logits);
+  } catch (...) {
+    m.kv().free(seq);
+    throw;
+  }
+  m.kv().free(seq);
+  return logits;
+}
+
+int64_t window_length(const PerplexityOptions& opt, const ModelConfig& c) {
+  return opt.ctx > 0 ? opt.ctx : c.default_window();
 }
 
 }  // namespace
+
+PerplexityResult perplexity(Executor& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
+                            Executor* base) {
+  Executor* const models[] = {&model};
+  return perplexity_many(models, tokens, opt, base)[0];
+}
 
 PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
                             Model* base) {
@@ -50,11 +69,23 @@ PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const
 std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, std::span<const int32_t> tokens,
                                               const PerplexityOptions& opt, Model* base) {
   check(!models.empty(), "perplexity", "no model to score");
+  RuntimeOptions cpu;  // caches as long as one window, not the whole context
+  cpu.max_context = window_length(opt, models[0]->config());
+  std::vector<std::unique_ptr<Executor>> owned;
+  std::vector<Executor*> executors;
+  for (Model* m : models) executors.push_back(owned.emplace_back(make_executor(*m, cpu)).get());
+  std::unique_ptr<Executor> base_executor = base ? make_executor(*base, cpu) : nullptr;
+  return perplexity_many(executors, tokens, opt, base_executor.get());
+}
+
+std::vector<PerplexityResult> perplexity_many(std::span<Executor* const> models, std::span<const int32_t> tokens,
+                                              const PerplexityOptions& opt, Executor* base) {
+  check(!models.empty(), "perplexity", "no model to score");
   const ModelConfig& c = models[0]->config();
   PerplexityResult proto;
-  proto.ctx = opt.ctx > 0 ? opt.ctx : c.default_window();
+  proto.ctx = window_length(opt, c);
   check(proto.ctx >= 2, "perplexity", "--ctx must be at least 2, got {}", proto.ctx);
-  for (Model* m : models)
+  for (Executor* m : models)
     check(proto.ctx <= m->config().max_position_embeddings && m->config().vocab_size == c.vocab_size, "perplexity",
           "--ctx {} is beyond max_position_embeddings ({}) or the models' vocabularies differ", proto.ctx,
           m->config().max_position_embeddings);

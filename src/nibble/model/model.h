@@ -87,8 +87,10 @@ class Model {
   std::vector<Layer>& layers() { return layers_; }
   const std::vector<Layer>& layers() const { return layers_; }
   Linear& lm_head() { return *lm_head_; }
+  const Linear& lm_head() const { return *lm_head_; }
   const std::vector<float>& embedding() const { return embedding_; }
   std::vector<float>& final_norm() { return final_norm_; }
+  const std::vector<float>& final_norm() const { return final_norm_; }
 
   int64_t parameter_count() const;
   // Bytes the weights take as stored (quantized linears at their packed size).
