@@ -14,15 +14,20 @@ namespace nibble::cuda {
 void embed_rows(const int32_t* tokens, int64_t n, const __half* table, int64_t H, float* h, cudaStream_t stream);
 
 // For each of `rows` rows: h += y (when y is not null), then out = rms_norm(h) · w in fp16
-// (cpu::rms_norm: x / sqrt(mean(x²) + eps) · w). out may be null (only the residual add).
+// (cpu::rms_norm: x / sqrt(mean(x²) + eps) · w) when out is not null, and h16 = fp16(h) when h16
+// is not null (the input of the fused W4A4 norm/quantize kernels).
 void residual_rmsnorm(float* h, const __half* y, int64_t rows, int64_t H, const float* w, float eps, __half* out,
-                      cudaStream_t stream);
+                      __half* h16, cudaStream_t stream);
 
 // out[r, i] = silu(gu[r, i]) · gu[r, I + i] (cpu::swiglu), fp16 in and out.
 void swiglu(const __half* gu, int64_t rows, int64_t I, __half* out, cudaStream_t stream);
 
 // y[r, :] += b (fp16, added in fp32) for rows of width N.
 void add_bias(__half* y, const __half* b, int64_t rows, int64_t N, cudaStream_t stream);
+
+// The orthonormal Walsh-Hadamard transform (quant/hadamard.h) of each of `vectors` consecutive
+// D-wide vectors, in place (D = 64 or 128): turns a rotated-basis attention output back.
+void hadamard_heads(__half* x, int64_t vectors, int D, cudaStream_t stream);
 
 // out[i, :] = x[idx[i], :] for n rows of width H.
 void gather_rows(const __half* x, const int32_t* idx, int64_t n, int64_t H, __half* out, cudaStream_t stream);
