@@ -3,9 +3,10 @@
 // are timed (median of --steps, wall clock around Executor::forward, logits to the host included).
 // The roofline is the bytes one step must read (every weight once + every cached K/V byte) over the
 // device's copy bandwidth, measured in the same run.
-//   bench_decode_step [--like llama-2-7b|llama-2-70b|...] [--layers N] [--batch 1,16,64,256]
+//   bench_decode_step [-m MODEL | --like llama-2-7b|llama-2-70b|...] [--layers N] [--batch 1,16,64,256]
 //                     [--ctx 512,2048] [--steps 20]
-// Weights are random (a speed benchmark, never an accuracy one).
+// MODEL: any model nibble loads (`nibble synth` writes random-weight ones of real shapes, FP16 or
+// packed); without -m, FP16 random weights of the --like shape are made in memory.
 #include <omp.h>
 
 #include <algorithm>
@@ -93,30 +94,38 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  std::string like = "llama-2-7b";
+  std::string like = "llama-2-7b", model_path;
   int layers = 0, steps = 20;
   std::vector<int> batches = {1, 16, 64, 256}, contexts = {512, 2048};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     const char* v = i + 1 < argc ? argv[i + 1] : "";
     if (a == "--like") like = v, ++i;
+    else if (a == "-m") model_path = v, ++i;
     else if (a == "--layers") layers = std::atoi(v), ++i;
     else if (a == "--batch") batches = parse_list(v), ++i;
     else if (a == "--ctx") contexts = parse_list(v), ++i;
     else if (a == "--steps") steps = std::atoi(v), ++i;
     else throw Error("bench_decode_step", "unknown argument '" + a + "' (see the comment at the top of decode_step.cu)");
   }
-  ModelConfig c = shape_like(like);
-  if (layers > 0) c.num_layers = layers;
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double copy_gbs = bench::copy_bandwidth();
-  std::printf("# decode step, %s shapes (%lld layers), FP16 weights and KV, random weights; %s, copy %.0f GB/s\n",
-              like.c_str(), (long long)c.num_layers, prop.name, copy_gbs);
-
   auto t0 = std::chrono::steady_clock::now();
-  auto model = random_model(c);
-  std::fprintf(stderr, "random model: %.1f s\n", seconds_since(t0));
+  std::unique_ptr<Model> model;
+  if (model_path.empty()) {
+    ModelConfig shape = shape_like(like);
+    if (layers > 0) shape.num_layers = layers;
+    model = random_model(shape);
+  } else {
+    model = Model::load(model_path);
+    like = model_path;
+  }
+  const ModelConfig c = model->config();
+  std::fprintf(stderr, "model: %.1f s\n", seconds_since(t0));
+  std::printf("# decode step, %s (%lld layers), %s weights, KV %s; %s, copy %.0f GB/s\n", like.c_str(),
+              (long long)c.num_layers, model->metadata().count("nibble.recipe") ? "packed" : "FP16",
+              model->kv_format().describe().c_str(), prop.name, copy_gbs);
   t0 = std::chrono::steady_clock::now();
   RuntimeOptions opt;
   opt.device = "cuda";
@@ -125,9 +134,13 @@ int main(int argc, char** argv) try {
   auto exec = make_executor(*model, opt);
   std::fprintf(stderr, "upload: %.1f s; KV pool %lld tokens\n", seconds_since(t0),
                (long long)exec->kv().capacity_tokens());
-  const double weight_bytes = 2.0 * double(model->parameter_count());
+  const double weight_bytes = double(model->storage_bytes());
+  // Bytes one cached token takes in every layer: fp16 K and V, or INT4 codes + fp16 scale + u8 zero
+  // per token and head (kv_cache_paged.h's INT4 chunk).
+  const bool int4 = model->kv_format().bits == 4;
+  const double kv_token_bytes =
+      double(c.num_layers * c.num_kv_heads) * (int4 ? 2.0 * (double(c.head_dim) / 2 + 3) : 4.0 * double(c.head_dim));
   model.reset();  // the GPU holds its own copy
-  const double kv_token_bytes = 2.0 * 2.0 * double(c.kv_dim() * c.num_layers);
 
   std::printf("| batch | context | ms/step | tokens/s | bytes/step (GB) | roofline ms | roofline / measured |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
