@@ -191,8 +191,9 @@ void override_template_token(std::vector<int32_t>& ids, int32_t token, bool want
 
 void read_special_token_config(TokenizerData& t, const TokenizerFiles& files, const std::filesystem::path& where) {
   std::optional<int32_t> config_eos;
-  if (const auto json = parse_json_if_present(files.tokenizer_config_json, (where / "tokenizer_config.json").string())) {
-    const JsonNode config(*json, "", (where / "tokenizer_config.json").string());
+  const std::string config_file = (where / "tokenizer_config.json").string();
+  if (const auto json = parse_json_if_present(files.tokenizer_config_json, config_file)) {
+    const JsonNode config(*json, "", config_file);
     config.object();
     if (const auto bos = config_token(config, "bos_token", t)) t.bos = *bos;
     config_eos = config_token(config, "eos_token", t);
