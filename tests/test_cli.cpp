@@ -165,6 +165,16 @@ TEST_F(Cli, QuantizeRefusesToOverwriteItsInput) {
     EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
 }
 
+// A write that fails half-way (here: a 100 KiB file size limit, SIGXFSZ ignored) leaves neither
+// a partial output nor a temporary file.
+TEST_F(Cli, FailedWriteLeavesNoTemporary) {
+  REQUIRE_STORIES();
+  const Result r = nibble(quantize_args(stories(), "packed.safetensors"), "ulimit -f 100; trap '' XFSZ;");
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_NE(r.err.find("nibble: error: packed.safetensors: write failed"), std::string::npos) << r.err;
+  for (const auto& e : fs::directory_iterator(dir_)) ADD_FAILURE() << "left behind: " << e.path();
+}
+
 TEST_F(Cli, MissingOutputFolderFailsBeforeTheWork) {
   REQUIRE_STORIES();
   const Result r = nibble(fmt::format("quantize -m {} --recipe atom-w4a4 --group 32 --keeper 8 -f {} -o nowhere/x.safetensors",
