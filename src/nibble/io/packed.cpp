@@ -4,6 +4,8 @@
 #include <fstream>
 #include <sstream>
 
+#include <openssl/evp.h>
+
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
 #include "nibble/io/safetensors.h"
@@ -100,6 +102,27 @@ std::string read_file_bytes(const std::filesystem::path& p) {
   std::ostringstream ss;
   ss << in.rdbuf();
   return ss.str();
+}
+
+// SHA-256 (OpenSSL's libcrypto) of the checkpoint's .safetensors files, concatenated in the order
+// Checkpoint lists them (file-name order): reading them back costs a fraction of loading them.
+std::string checkpoint_sha256(const Checkpoint& ckpt) {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+  check(ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1, ckpt.where(), "cannot start SHA-256");
+  std::vector<char> buf(1 << 20);
+  for (const auto& f : ckpt.files()) {
+    std::ifstream in(f->path(), std::ios::binary);
+    check(bool(in), f->path(), "cannot read the file to hash it");
+    while (in.read(buf.data(), std::streamsize(buf.size())) || in.gcount() > 0)
+      EVP_DigestUpdate(ctx.get(), buf.data(), size_t(in.gcount()));
+    check(in.eof(), f->path(), "read failed while hashing");
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  check(EVP_DigestFinal_ex(ctx.get(), digest, &n) == 1, ckpt.where(), "SHA-256 failed");
+  std::string hex;
+  for (unsigned int i = 0; i < n; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
 }
 
 // Reads the packed tensors back, checking each against the shape the config and recipe imply.
@@ -209,7 +232,7 @@ class PackedReader {
 }  // namespace
 
 int64_t save_packed_model(const Model& model, const std::string& recipe_json,
-                          const std::filesystem::path& tokenizer_dir, const std::filesystem::path& out) {
+                          const std::filesystem::path& tokenizer, const std::filesystem::path& out) {
   const ModelConfig& c = model.config();
   SafetensorsWriter w;
   add_exact_floats(w, "model.embed_tokens.weight", model.embedding(), {c.vocab_size, c.hidden_size});
@@ -229,25 +252,34 @@ int64_t save_packed_model(const Model& model, const std::string& recipe_json,
   }
   add_exact_floats(w, "model.norm.weight", const_cast<Model&>(model).final_norm(), {c.hidden_size});
   if (!c.tie_word_embeddings) add_linear(w, "lm_head", const_cast<Model&>(model).lm_head());
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
-    const auto p = tokenizer_dir / f;
-    if (!std::filesystem::exists(p)) continue;
+  const std::filesystem::path tokenizer_json =
+      std::filesystem::is_directory(tokenizer) ? tokenizer / "tokenizer.json" : tokenizer;
+  for (const auto& [name, p] : {std::pair{"tokenizer.json", tokenizer_json},
+                                std::pair{"tokenizer_config.json", tokenizer_json.parent_path() / "tokenizer_config.json"}}) {
+    if (!std::filesystem::is_regular_file(p)) continue;
     const std::string bytes = read_file_bytes(p);
-    w.add(f, DType::U8, {int64_t(bytes.size())},
+    w.add(name, DType::U8, {int64_t(bytes.size())},
           std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
   }
   w.set_metadata("format", kFormatTag);
   w.set_metadata("nibble.version", NIBBLE_VERSION);
   w.set_metadata("nibble.recipe", recipe_json);
   w.set_metadata("nibble.config", c.to_json().dump());
-  w.set_metadata("nibble.source", model.source());
-  w.write(out);
+  const std::filesystem::path source(model.source());
+  w.set_metadata("nibble.source", std::filesystem::absolute(source).lexically_normal().filename().string());
+  w.set_metadata("nibble.source_sha256", checkpoint_sha256(Checkpoint::open(source)));
+  const std::filesystem::path inputs[] = {source, tokenizer};
+  w.write(out, inputs);
   return int64_t(std::filesystem::file_size(out));
 }
 
 std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
-  const auto file = SafetensorsFile::open(path);
-  const auto& meta = file->metadata();
+  return load_packed_model(*SafetensorsFile::open(path));
+}
+
+std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file) {
+  const std::filesystem::path path = file.path();
+  const auto& meta = file.metadata();
   auto tag = meta.find("format");
   check(tag != meta.end() && tag->second == kFormatTag, path.string(),
         "not a nibble packed model (no '{}' metadata): give a Hugging Face checkpoint directory or a file written "
@@ -265,7 +297,7 @@ std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
   const ModelConfig c = ModelConfig::from_json(json_of("nibble.config"), path.string() + " (metadata nibble.config)");
   const quant::Recipe recipe = quant::Recipe::from_json(json_of("nibble.recipe"), path.string() + " (metadata nibble.recipe)");
   recipe.validate(c);
-  PackedReader r(*file, recipe);
+  PackedReader r(file, recipe);
   const int64_t H = c.hidden_size, I = c.intermediate_size;
   std::vector<float> embedding = r.floats("model.embed_tokens.weight", {c.vocab_size, H});
   std::vector<Layer> layers;
@@ -295,18 +327,16 @@ std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
   return m;
 }
 
-bool packed_tokenizer_files(const std::filesystem::path& path, std::string* tokenizer_json,
-                            std::string* tokenizer_config) {
-  const auto f = SafetensorsFile::open(path);
-  if (!f->has("tokenizer.json")) return false;
-  const TensorInfo& t = f->get("tokenizer.json");
-  tokenizer_json->assign(reinterpret_cast<const char*>(t.data), t.nbytes);
-  tokenizer_config->clear();
-  if (f->has("tokenizer_config.json")) {
-    const TensorInfo& c = f->get("tokenizer_config.json");
-    tokenizer_config->assign(reinterpret_cast<const char*>(c.data), c.nbytes);
-  }
-  return true;
+std::optional<TokenizerFiles> packed_tokenizer_files(const SafetensorsFile& file) {
+  if (!file.has("tokenizer.json")) return std::nullopt;
+  auto text = [&](const char* name) {
+    if (!file.has(name)) return std::string();
+    const TensorInfo& t = file.get(name);
+    return std::string(reinterpret_cast<const char*>(t.data), t.nbytes);
+  };
+  const auto config = file.metadata().find("nibble.config");
+  return TokenizerFiles{text("tokenizer.json"), text("tokenizer_config.json"),
+                        config == file.metadata().end() ? std::string() : config->second, std::string()};
 }
 
 }  // namespace nibble

@@ -12,6 +12,7 @@
 #include <set>
 
 #include "nibble/core/error.h"
+#include "nibble/io/output_file.h"
 
 namespace nibble {
 
@@ -96,10 +97,13 @@ SafetensorsFile::~SafetensorsFile() {
 
 void SafetensorsFile::parse_header(std::span<const uint8_t> bytes) {
   const std::string& where = where_;
-  check(bytes.size() >= 8, where, "file is {} bytes, too short for the 8-byte header length", bytes.size());
+  check(bytes.size() >= 8, where, "not a safetensors file ({} bytes, too short for the 8-byte header length)",
+        bytes.size());
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[size_t(i)];
-  check(header_len <= kMaxHeaderBytes, where, "header length {} is over the {} byte limit", header_len, kMaxHeaderBytes);
+  check(header_len <= kMaxHeaderBytes, where,
+        "not a safetensors file (its first 8 bytes, the header length, say more than the {} byte limit)",
+        kMaxHeaderBytes);
   check(header_len <= bytes.size() - 8, where, "header length {} runs past the end of the file ({} bytes): truncated?",
         header_len, bytes.size());
   const std::string_view text(reinterpret_cast<const char*>(bytes.data() + 8), size_t(header_len));
@@ -272,16 +276,9 @@ std::vector<uint8_t> SafetensorsWriter::serialize() const {
   return out;
 }
 
-void SafetensorsWriter::write(const std::filesystem::path& path) const {
+void SafetensorsWriter::write(const std::filesystem::path& path, std::span<const std::filesystem::path> inputs) const {
   const std::vector<uint8_t> bytes = serialize();
-  const std::filesystem::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    check(bool(out), tmp.string(), "cannot create file");
-    out.write(reinterpret_cast<const char*>(bytes.data()), std::streamsize(bytes.size()));
-    check(bool(out), tmp.string(), "write failed (disk full?)");
-  }
-  std::filesystem::rename(tmp, path);
+  write_output_file(path, {reinterpret_cast<const char*>(bytes.data()), bytes.size()}, inputs);
 }
 
 }  // namespace nibble

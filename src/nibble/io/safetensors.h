@@ -87,8 +87,9 @@ class SafetensorsWriter {
         std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(T)));
   }
   void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
-  // Writes to a temporary name and renames, so a crash never leaves a half-written file.
-  void write(const std::filesystem::path& path) const;
+  // Writes through write_output_file (output_file.h): never over a device, FIFO, link or one of
+  // `inputs`, and never a half-written file.
+  void write(const std::filesystem::path& path, std::span<const std::filesystem::path> inputs = {}) const;
   std::vector<uint8_t> serialize() const;
 
  private:

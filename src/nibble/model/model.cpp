@@ -88,6 +88,7 @@ class CheckpointReader {
 
 std::unique_ptr<Model> Model::load(const std::filesystem::path& path) {
   namespace fs = std::filesystem;
+  check(fs::exists(path), path.string(), "no such file or folder");
   if (fs::is_regular_file(path)) return load_packed_model(path);
   check(fs::is_directory(path), path.string(),
         "not a model directory (expected a Hugging Face checkpoint folder with config.json and *.safetensors)");
