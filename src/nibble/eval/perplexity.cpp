@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "nibble/core/dtype.h"
 #include "nibble/core/error.h"
 #include "nibble/core/progress.h"
 
@@ -33,10 +34,20 @@ nlohmann::json PerplexityResult::to_json() const {
 
 namespace {
 
-std::vector<float> window_logits(Model& m, std::span<const int32_t> window) {
+// The logits of one window; a NaN or inf among them (a damaged model, an overflow) is an error,
+// as every score computed from it would be meaningless (std::max(0.0, NaN) even reads as 0).
+std::vector<float> window_logits(Model& m, std::span<const int32_t> window, int64_t w) {
   auto cache = m.new_cache(int64_t(window.size()));
   const Step step{cache.get(), window, true};
-  return m.forward({&step, 1});
+  std::vector<float> logits = m.forward({&step, 1});
+  const int64_t bad = find_non_finite(logits.data(), int64_t(logits.size()));
+  if (bad >= 0) {
+    const int64_t V = m.config().vocab_size;
+    throw Error(m.source(), fmt::format("non-finite logit ({}) at window {}, position {}, token id {}: the model's "
+                                        "output is not a number",
+                                        logits[size_t(bad)], w, bad / V, bad % V));
+  }
+  return logits;
 }
 
 }  // namespace
@@ -80,14 +91,14 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
   for (int64_t w = 0; w < proto.windows; ++w) {
     const auto window = tokens.subspan(size_t(w * proto.ctx), size_t(proto.ctx));
     if (base) {
-      const std::vector<float> bl = window_logits(*base, window);
+      const std::vector<float> bl = window_logits(*base, window, w);
       base_lp.resize(npred * size_t(V));
 #pragma omp parallel for
       for (int64_t i = 0; i < preds; ++i) log_softmax(bl.data() + i * V, V, base_lp.data() + i * V);
       for (int64_t i = 0; i < preds; ++i) base_nll -= base_lp[size_t(i * V + window[size_t(i + 1)])];
     }
     for (size_t mi = 0; mi < nmodels; ++mi) {
-      const std::vector<float> logits = window_logits(*models[mi], window);
+      const std::vector<float> logits = window_logits(*models[mi], window, w);
       std::vector<double> nll_at(npred), kld_at(npred);
       std::vector<char> agree_at(npred);
 #pragma omp parallel
@@ -141,6 +152,9 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
       r.kld_max = k.back();
       r.top1 = double(agree[mi]) / double(r.scored);
     }
+    check(std::isfinite(r.ppl) && (!base || (std::isfinite(r.base_ppl) && std::isfinite(r.kld_mean))),
+          models[mi]->source(), "perplexity {} (base {}, KLD {}) is not a finite number", r.ppl, r.base_ppl,
+          r.kld_mean);
     out.push_back(r);
   }
   progress.finish(fmt::format("ppl {:.4f}", out[0].ppl));

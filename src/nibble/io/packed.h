@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "nibble/io/safetensors.h"
 #include "nibble/model/model.h"
 
 namespace nibble {
@@ -21,6 +22,8 @@ int64_t save_packed_model(const Model& model, const std::string& recipe_json,
                           const std::filesystem::path& tokenizer_dir, const std::filesystem::path& out);
 
 std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path);
+// The same from an opened (or in-memory: the fuzz target) file; the model copies what it keeps.
+std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file);
 
 // The embedded tokenizer.json (and tokenizer_config.json, may be empty) of a packed file.
 bool packed_tokenizer_files(const std::filesystem::path& path, std::string* tokenizer_json,
