@@ -174,12 +174,11 @@ TEST(LoadChecks, HeaderLengthShortOfTheHeaderIsRefused) {
   std::memcpy(&len, bytes.data(), 8);
   const std::string header(bytes.begin() + 8, bytes.begin() + 8 + int64_t(len));
   // Pad the header with 8 more spaces, then declare it 4 bytes shorter than it is.
-  std::vector<uint8_t> damaged(8);
   const uint64_t short_len = len + 8 - 4;
-  std::memcpy(damaged.data(), &short_len, 8);
-  damaged.insert(damaged.end(), header.begin(), header.end());
-  damaged.insert(damaged.end(), 8, ' ');
-  damaged.insert(damaged.end(), bytes.begin() + 8 + int64_t(len), bytes.end());
+  std::string text(8, '\0');
+  std::memcpy(text.data(), &short_len, 8);
+  text += header + std::string(8, ' ') + std::string(bytes.begin() + 8 + int64_t(len), bytes.end());
+  const std::vector<uint8_t> damaged(text.begin(), text.end());
   const std::string e = error_of([&] { SafetensorsFile::parse(damaged, "short.safetensors"); });
   EXPECT_TRUE(contains(e, "wrong header length")) << e;
   // Bytes between two tensors are refused too.
