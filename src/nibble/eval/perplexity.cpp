@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "nibble/core/dtype.h"
 #include "nibble/core/error.h"
 #include "nibble/core/progress.h"
 
@@ -33,8 +34,10 @@ nlohmann::json PerplexityResult::to_json() const {
 
 namespace {
 
-// Every window is scored from an empty cache: a fresh sequence, freed after.
-std::vector<float> window_logits(Executor& m, std::span<const int32_t> window) {
+// The logits of one window, scored from an empty cache (a fresh sequence, freed after). A NaN or
+// inf among them (a damaged model, an overflow) is an error, as every score computed from it would
+// be meaningless (std::max(0.0, NaN) even reads as 0).
+std::vector<float> window_logits(Executor& m, std::span<const int32_t> window, int64_t w) {
   const SeqId seq = m.kv().add();
   std::vector<float> logits;
   const BatchEntry entry{seq, window, true};
@@ -45,6 +48,13 @@ std::vector<float> window_logits(Executor& m, std::span<const int32_t> window) {
     throw;
   }
   m.kv().free(seq);
+  const int64_t bad = find_non_finite(logits.data(), int64_t(logits.size()));
+  if (bad >= 0) {
+    const int64_t V = m.config().vocab_size;
+    throw Error(m.device_name(), fmt::format("non-finite logit ({}) at window {}, position {}, token id {}: the "
+                                             "model's output is not a number",
+                                             logits[size_t(bad)], w, bad / V, bad % V));
+  }
   return logits;
 }
 
@@ -111,14 +121,14 @@ std::vector<PerplexityResult> perplexity_many(std::span<Executor* const> models,
   for (int64_t w = 0; w < proto.windows; ++w) {
     const auto window = tokens.subspan(size_t(w * proto.ctx), size_t(proto.ctx));
     if (base) {
-      const std::vector<float> bl = window_logits(*base, window);
+      const std::vector<float> bl = window_logits(*base, window, w);
       base_lp.resize(npred * size_t(V));
 #pragma omp parallel for
       for (int64_t i = 0; i < preds; ++i) log_softmax(bl.data() + i * V, V, base_lp.data() + i * V);
       for (int64_t i = 0; i < preds; ++i) base_nll -= base_lp[size_t(i * V + window[size_t(i + 1)])];
     }
     for (size_t mi = 0; mi < nmodels; ++mi) {
-      const std::vector<float> logits = window_logits(*models[mi], window);
+      const std::vector<float> logits = window_logits(*models[mi], window, w);
       std::vector<double> nll_at(npred), kld_at(npred);
       std::vector<char> agree_at(npred);
 #pragma omp parallel
@@ -172,6 +182,9 @@ std::vector<PerplexityResult> perplexity_many(std::span<Executor* const> models,
       r.kld_max = k.back();
       r.top1 = double(agree[mi]) / double(r.scored);
     }
+    check(std::isfinite(r.ppl) && (!base || (std::isfinite(r.base_ppl) && std::isfinite(r.kld_mean))),
+          models[mi]->source(), "perplexity {} (base {}, KLD {}) is not a finite number", r.ppl, r.base_ppl,
+          r.kld_mean);
     out.push_back(r);
   }
   progress.finish(fmt::format("ppl {:.4f}", out[0].ppl));

@@ -2,12 +2,14 @@
 
 #include <cstring>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include <openssl/evp.h>
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/core/json.h"
 #include "nibble/io/safetensors.h"
 #include "nibble/quant/quant_linear.h"
 #include "nibble/quant/recipe.h"
@@ -133,6 +135,7 @@ class PackedReader {
   const TensorInfo& expect(const std::string& name, DType dtype, const std::vector<int64_t>& shape) const {
     check(f_.has(name), f_.path(), "tensor '{}' is missing (the file is incomplete or from another model)", name);
     const TensorInfo& t = f_.get(name);
+    read_.insert(name);
     check(t.dtype == dtype, f_.path(), "tensor '{}' has dtype {}, expected {}", name, dtype_name(t.dtype),
           dtype_name(dtype));
     if (t.shape != shape) {
@@ -152,14 +155,16 @@ class PackedReader {
     return expect_floats(t, name, shape);
   }
 
-  std::unique_ptr<Linear> linear(const std::string& name, int64_t N, int64_t K) const {
+  // `gathered`: the linear gathers its input channels at run time (all but down_proj, whose order is
+  // folded into gate/up), so a reordering recipe stored its permutation.
+  std::unique_ptr<Linear> linear(const std::string& name, int64_t N, int64_t K, bool gathered) const {
     const std::string p = name + ".";
     if (f_.has(name + ".weight"))  // left at full precision (router, lm_head)
       return std::make_unique<DenseLinear>(K, N, floats(name + ".weight", {N, K}),
                                            f_.has(name + ".bias") ? floats(name + ".bias", {N}) : std::vector<float>{});
     const quant::LinearQuantSpec spec = recipe_.linear_spec(K, f_.path() + ": " + name);
     std::vector<int32_t> perm;
-    if (f_.has(p + "perm")) {
+    if (recipe_.reorder && gathered) {
       const TensorInfo& t = expect(p + "perm", DType::I32, {K});
       perm.assign(reinterpret_cast<const int32_t*>(t.data), reinterpret_cast<const int32_t*>(t.data) + K);
       std::vector<char> seen(size_t(K), 0);
@@ -184,16 +189,27 @@ class PackedReader {
         std::memcpy(keeper_fp16.data(), t.data, t.nbytes);
       }
     }
-    return std::make_unique<QuantLinear>(spec, std::move(perm), std::move(main), std::move(keepers),
-                                         std::move(keeper_fp16), std::move(bias));
+    auto q = std::make_unique<QuantLinear>(spec, std::move(perm), std::move(main), std::move(keepers),
+                                           std::move(keeper_fp16), std::move(bias));
+    // Finite scales can still decode to inf (an E8M0 scale of 2^127 times a code of 6).
+    check_finite_tensor(q->dequantized().data(), int64_t(q->dequantized().size()), f_.path(),
+                        name + " (dequantized from its codes and scales)");
+    return q;
+  }
+
+  // Every tensor of the file must have been read; the tokenizer's are read by packed_tokenizer_files.
+  void check_all_read() const {
+    std::set<std::string> read = read_;
+    read.insert({"tokenizer.json", "tokenizer_config.json"});
+    std::vector<std::string> all;
+    for (const auto& [name, t] : f_.tensors()) all.push_back(name);
+    nibble::check_all_read(all, read, f_.path());
   }
 
  private:
   std::vector<float> expect_floats(const TensorInfo& t, const std::string& name, const std::vector<int64_t>& shape) const {
     expect(name, t.dtype, shape);
-    std::vector<float> v(size_t(t.numel()));
-    convert_to_f32(t.data, t.dtype, v.size(), v.data());
-    return v;
+    return finite_f32(t, f_.path());
   }
 
   QuantizedMatrix matrix(const std::string& p, const quant::FormatSpec& spec, int64_t rows, int64_t cols) const {
@@ -215,6 +231,7 @@ class PackedReader {
         const uint16_t bits = sb == 2 ? reinterpret_cast<const uint16_t*>(s.data)[i] : s.data[i];
         q.scales[i] = quant::scale_from_bits(spec.format, bits);
       }
+      check_finite_tensor(q.scales.data(), int64_t(q.scales.size()), f_.path(), p + "scales");
       if (quant::format_is_asymmetric(spec.format)) {
         const TensorInfo& z = expect(p + "zeros", DType::U8, {srows * scols});
         q.zeros.assign(z.data, z.data + z.nbytes);
@@ -227,6 +244,7 @@ class PackedReader {
 
   const SafetensorsFile& f_;
   const quant::Recipe& recipe_;
+  mutable std::set<std::string> read_;
 };
 
 }  // namespace
@@ -278,24 +296,20 @@ std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
 }
 
 std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file) {
-  const std::filesystem::path path = file.path();
+  const std::string& path = file.path();
   const auto& meta = file.metadata();
   auto tag = meta.find("format");
-  check(tag != meta.end() && tag->second == kFormatTag, path.string(),
+  check(tag != meta.end() && tag->second == kFormatTag, path,
         "not a nibble packed model (no '{}' metadata): give a Hugging Face checkpoint directory or a file written "
         "by `nibble quantize`",
         kFormatTag);
   auto json_of = [&](const char* key) {
     auto it = meta.find(key);
-    check(it != meta.end(), path.string(), "metadata '{}' is missing", key);
-    try {
-      return nlohmann::json::parse(it->second);
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(path.string(), fmt::format("metadata '{}' is not valid JSON ({})", key, e.what()));
-    }
+    check(it != meta.end(), path, "metadata '{}' is missing", key);
+    return parse_json(it->second, fmt::format("{} (metadata {})", path, key));
   };
-  const ModelConfig c = ModelConfig::from_json(json_of("nibble.config"), path.string() + " (metadata nibble.config)");
-  const quant::Recipe recipe = quant::Recipe::from_json(json_of("nibble.recipe"), path.string() + " (metadata nibble.recipe)");
+  const ModelConfig c = ModelConfig::from_json(json_of("nibble.config"), path + " (metadata nibble.config)");
+  const quant::Recipe recipe = quant::Recipe::from_json(json_of("nibble.recipe"), path + " (metadata nibble.recipe)");
   recipe.validate(c);
   PackedReader r(file, recipe);
   const int64_t H = c.hidden_size, I = c.intermediate_size;
@@ -305,21 +319,23 @@ std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file) {
     Layer layer;
     layer.attn_norm = r.floats(fmt::format("model.layers.{}.input_layernorm.weight", l), {H});
     layer.mlp_norm = r.floats(fmt::format("model.layers.{}.post_attention_layernorm.weight", l), {H});
-    layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H);
-    layer.o = r.linear(o_name(l), H, c.q_dim());
+    layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H, true);
+    layer.o = r.linear(o_name(l), H, c.q_dim(), true);
     const bool moe = c.num_experts > 0;
-    if (moe) layer.router = r.linear(router_name(l), c.num_experts, H);
+    if (moe) layer.router = r.linear(router_name(l), c.num_experts, H, false);
     for (int64_t e = 0; e < (moe ? c.num_experts : 1); ++e) {
       const std::string p = expert_prefix(l, int(e), moe);
-      layer.experts.push_back({r.linear(p + "gate_up_proj", 2 * I, H), r.linear(p + "down_proj", H, I)});
+      layer.experts.push_back(
+          {r.linear(p + "gate_up_proj", 2 * I, H, true), r.linear(p + "down_proj", H, I, false)});
     }
     layers.push_back(std::move(layer));
   }
   std::vector<float> final_norm = r.floats("model.norm.weight", {H});
   std::unique_ptr<Linear> head = c.tie_word_embeddings
                                      ? std::make_unique<DenseLinear>(H, c.vocab_size, embedding, std::vector<float>{})
-                                     : r.linear("lm_head", c.vocab_size, H);
-  auto m = std::make_unique<Model>(c, path.string(), std::move(embedding), std::move(layers), std::move(final_norm),
+                                     : r.linear("lm_head", c.vocab_size, H, false);
+  r.check_all_read();
+  auto m = std::make_unique<Model>(c, path, std::move(embedding), std::move(layers), std::move(final_norm),
                                    std::move(head));
   m->set_kv_format(recipe.kv);
   m->set_fp16_activations(recipe.fp16_activations);

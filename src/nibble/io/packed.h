@@ -28,7 +28,8 @@ int64_t save_packed_model(const Model& model, const std::string& recipe_json,
                           const std::filesystem::path& tokenizer, const std::filesystem::path& out);
 
 std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path);
-// The same from a file already open (commands read the model and its tokenizer from one opening).
+// The same from a file already open (commands read the model and its tokenizer from one opening;
+// the fuzz target passes an in-memory file); the model copies what it keeps.
 std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file);
 
 // The tokenizer files embedded in a packed file (config.json: its nibble.config metadata, which

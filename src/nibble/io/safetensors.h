@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -27,6 +28,18 @@ struct TensorInfo {
   int64_t numel() const;
   std::string shape_str() const;  // "[4096, 11008]"
 };
+
+// Throws nibble::Error(where, ...) naming `tensor` and the index of its first NaN or ±inf among
+// values[0, n): no working model has a non-finite weight, norm or scale, and one would turn every
+// result into NaN.
+void check_finite_tensor(const float* values, int64_t n, const std::string& where, const std::string& tensor);
+// A floating-point tensor as fp32, checked finite (check_finite_tensor).
+std::vector<float> finite_f32(const TensorInfo& t, const std::string& where);
+
+// Throws nibble::Error(where, ...) naming the tensors of `all` missing from `read` (at most a few,
+// and how many in all): a tensor that nothing reads means the file and its config disagree (fewer
+// layers in the config, a renamed tensor), and the model would run without it.
+void check_all_read(const std::vector<std::string>& all, const std::set<std::string>& read, const std::string& where);
 
 class SafetensorsFile {
  public:
