@@ -53,8 +53,7 @@ Recipe small_atom() {
 class QuantizeStories : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!std::filesystem::exists(test::data_dir() / "models/stories260K/model.safetensors"))
-      GTEST_SKIP() << "reference data not found: " << test::data_dir() << " (set NIBBLE_DATA)";
+    NIBBLE_REQUIRE_DATA("models/stories260K/model.safetensors");
     model = Model::load(test::data_dir() / "models/stories260K");
     calib = random_tokens(4096, 512, 1);
     probe = random_tokens(96, 512, 2);

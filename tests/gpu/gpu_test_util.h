@@ -1,4 +1,4 @@
-// Helpers shared by the GPU tests: a GPU check that skips with a message, a counter-based RNG (so
+// Helpers shared by the GPU tests: a GPU check that skips (no GPU) or fails (GPU asked for, or broken), a counter-based RNG (so
 // big random inputs are made in parallel and reproducibly), and a parallel loop.
 #pragma once
 
@@ -8,27 +8,37 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <thread>
 #include <vector>
 
 namespace nibble::testing {
 
-inline bool have_gpu(std::string* why) {
+// Whether the GPU tests can run. A machine with no GPU (no device, or no driver at all) skips them,
+// unless NIBBLE_REQUIRE_GPU=1 asks for the GPU (scripts/device.sh sets it): then that fails too.
+// Any other CUDA error (a broken driver, a device in a bad state) fails: it must not read as "no GPU".
+enum class GpuState { Ready, Absent, Broken };
+
+inline GpuState gpu_state(std::string* why) {
   int n = 0;
   const cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess || n == 0) {
-    *why = e != cudaSuccess ? std::string("no usable CUDA device: ") + cudaGetErrorString(e) : "no CUDA device";
-    cudaGetLastError();
-    return false;
-  }
-  return true;
+  cudaGetLastError();
+  if (e == cudaSuccess && n > 0) return GpuState::Ready;
+  *why = e == cudaSuccess ? std::string("no CUDA device") : std::string("cudaGetDeviceCount: ") + cudaGetErrorString(e);
+  const bool absent = e == cudaSuccess || e == cudaErrorNoDevice || e == cudaErrorInsufficientDriver;
+  const char* require = std::getenv("NIBBLE_REQUIRE_GPU");
+  return absent && !(require && std::string(require) == "1") ? GpuState::Absent : GpuState::Broken;
 }
 
-#define NIBBLE_REQUIRE_GPU()                                            \
-  do {                                                                  \
-    std::string why_;                                                   \
-    if (!::nibble::testing::have_gpu(&why_)) GTEST_SKIP() << "skipped: " << why_; \
+#define NIBBLE_REQUIRE_GPU()                                                                              \
+  do {                                                                                                    \
+    std::string why_;                                                                                     \
+    switch (::nibble::testing::gpu_state(&why_)) {                                                        \
+      case ::nibble::testing::GpuState::Ready: break;                                                     \
+      case ::nibble::testing::GpuState::Absent: GTEST_SKIP() << "skipped: " << why_;                      \
+      case ::nibble::testing::GpuState::Broken: GTEST_FAIL() << why_ << " (NIBBLE_REQUIRE_GPU=1 or a CUDA error)"; \
+    }                                                                                                     \
   } while (0)
 
 inline uint64_t splitmix64(uint64_t x) {
