@@ -6,9 +6,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -63,13 +66,34 @@ void parallel_for(int64_t n, F&& f) {
   for (auto& th : pool) th.join();
 }
 
-// [rows, cols] activations/weights: uniform noise with a few large channels (Atom's outliers,
-// which the reorder puts at the end: the keeper channels get 8x the range).
+// The seed of this run: NIBBLE_TEST_SEED to replay one (with the same --gtest_filter), else a fresh
+// one from std::random_device; printed once. fresh_seed() derives the run's successive seeds from it.
+inline uint64_t run_seed() {
+  static const uint64_t seed = [] {
+    const char* env = std::getenv("NIBBLE_TEST_SEED");
+    const uint64_t s = env && *env ? std::strtoull(env, nullptr, 10) : (uint64_t(std::random_device{}()) << 32) ^ std::random_device{}();
+    std::printf("GPU tests: run seed %llu (NIBBLE_TEST_SEED=%llu replays this run)\n", (unsigned long long)s,
+                (unsigned long long)s);
+    return s;
+  }();
+  return seed;
+}
+inline uint64_t fresh_seed() {
+  static std::atomic<uint64_t> n{0};
+  return splitmix64(run_seed() ^ splitmix64(n++));
+}
+
+// [rows, cols] activations/weights: uniform noise whose range varies by row and by 128-wide group
+// (factors 1/4..4, so a kernel applying another row's or group's scale is off by far more than
+// rounding), with a few large channels (Atom's outliers, which the reorder puts at the end: the
+// keeper channels get 8x the range).
 inline std::vector<float> random_matrix(uint64_t seed, int64_t rows, int64_t cols, float range, int keeper) {
   std::vector<float> x(size_t(rows * cols));
   parallel_for(rows, [&](int64_t r) {
     for (int64_t c = 0; c < cols; ++c) {
-      float v = range * uniform(seed, uint64_t(r * cols + c));
+      const int64_t group = c >= cols - keeper ? cols : c / 128;  // the keepers share one per-row range
+      const float factor = std::ldexp(1.0f, int(splitmix64(seed ^ splitmix64(uint64_t(r * (cols + 1) + group))) % 5) - 2);
+      float v = range * factor * uniform(seed, uint64_t(r * cols + c));
       if (c >= cols - keeper) v *= 8;
       x[size_t(r * cols + c)] = v;
     }
