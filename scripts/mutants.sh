@@ -23,27 +23,27 @@ command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DNIBBLE_CUDA=OFF "${launcher[@]}" >"$work/configure.log" 2>&1
 ctest_all() { ctest --test-dir build -j 2 --timeout 1200 "$@"; }
 
-# name | file | exact text (must occur once) | replacement | tests run first (ctest -R)
-# Fields are separated by " | "; "\n" in the texts is a newline.
+# name @@ file @@ exact text (must occur once) @@ replacement @@ tests run first (ctest -R regex)
+# "\n" in the texts is a newline.
 mutants=$(cat <<'EOF'
-salience-flipped | src/nibble/quant/quantize_model.cpp | return metric[size_t(a)] < metric[size_t(b)]; | return metric[size_t(a)] > metric[size_t(b)]; | Reorder|QuantizeQuality
-gptq-keepers-uncompensated | src/nibble/quant/gptq.cpp | const double q = quantize(n, i, w); | const double q = quantize(n, i, i < M ? w : double(Wf[size_t(n * K + i)])); | Gptq|QuantizeQuality
-ppl-drops-last-prediction | src/nibble/eval/perplexity.cpp | #pragma omp for\n        for (int64_t i = 0; i < preds; ++i) { | #pragma omp for\n        for (int64_t i = 0; i < preds - 1; ++i) { | Perplexity
-round-ties-away | src/nibble/quant/format.h | const float r = (a + 0x1p23f) - 0x1p23f; | const float r = float(int(a + 0.5f)); | Format
-int4-scale-over-8 | src/nibble/quant/format.h | case Format::Int4Sym: return {fp16_scale(spec.clip * absmax / 7)}; | case Format::Int4Sym: return {fp16_scale(spec.clip * absmax / 8)}; | Format
-hadamard-butterfly-sign | src/nibble/quant/hadamard.h | x[j + h] = a - b; | x[j + h] = b - a; | KVQuant|Reorder|GroupHadamard
-calib-sum-not-squared | src/nibble/quant/calibrate.cpp | sum_sq_[size_t(c)] += v * v; | sum_sq_[size_t(c)] += v; | Calibration|QuantizeQuality
-down-hessian-unpermuted | src/nibble/quant/quantize_model.cpp | add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en, down_order); | add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en); | QuantizeQuality
-gptq-absolute-damping | src/nibble/quant/gptq.cpp | for (int64_t i = 0; i < K; ++i) H[size_t(i * K + i)] += percdamp * mean_diag; | for (int64_t i = 0; i < K; ++i) H[size_t(i * K + i)] += percdamp; | Gptq
-gptq-block-update-short | src/nibble/quant/gptq.cpp | for (int64_t j = i + 1; j < i2; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)]; | for (int64_t j = i + 1; j < i2 - 1; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)]; | Gptq
-kld-direction-swapped | src/nibble/eval/perplexity.cpp | for (int64_t t = 0; t < V; ++t) kl += std::exp(blp[t]) * (blp[t] - lp[size_t(t)]); | for (int64_t t = 0; t < V; ++t) kl += std::exp(lp[size_t(t)]) * (lp[size_t(t)] - blp[t]); | PerplexityMath
-bpe-highest-rank-first | src/nibble/tokenizer/bpe.cpp | return rank != o.rank ? rank > o.rank : pos > o.pos; | return rank != o.rank ? rank < o.rank : pos > o.pos; | Tokenizer|Bpe
-rope-frequency-halved-exponent | src/nibble/backend/cpu/ops.cpp | inv[size_t(i)] = 1.0f / std::pow(float(c.rope_theta), float(2 * i) / float(d)); | inv[size_t(i)] = 1.0f / std::pow(float(c.rope_theta), float(i) / float(d)); | Model
-kv-clip-ignored | src/nibble/quant/kv_quant.cpp | return FormatSpec{f.bits == 4 ? Format::Int4Asym : Format::Int8Asym, int(head_dim), 1, f.clip}; | return FormatSpec{f.bits == 4 ? Format::Int4Asym : Format::Int8Asym, int(head_dim), 1, 1.0f}; | KVCache|KVQuant
-safetensors-end-off-by-one | src/nibble/io/safetensors.cpp | check(end <= data_size, tw, | check(end <= data_size + 1, tw, | Safetensors
+salience-flipped @@ src/nibble/quant/quantize_model.cpp @@ return metric[size_t(a)] < metric[size_t(b)]; @@ return metric[size_t(a)] > metric[size_t(b)]; @@ Reorder|QuantizeQuality.Stories
+gptq-keepers-uncompensated @@ src/nibble/quant/gptq.cpp @@ const double q = quantize(n, i, w); @@ const double q = quantize(n, i, i < M ? w : double(Wf[size_t(n * K + i)])); @@ Gptq|QuantizeQuality.Stories
+ppl-drops-last-prediction @@ src/nibble/eval/perplexity.cpp @@ #pragma omp for\n        for (int64_t i = 0; i < preds; ++i) { @@ #pragma omp for\n        for (int64_t i = 0; i < preds - 1; ++i) { @@ PerplexityMath|tinystories
+row-group-scale-from-first-row @@ src/nibble/quant/format.cpp @@ for (int r = 0; r < spec.row_group; ++r) stats.add(x + r * cols + c0, group); @@ for (int r = 0; r < 1; ++r) stats.add(x + r * cols + c0, group); @@ Format
+pack-nibbles-swapped @@ src/nibble/quant/format.cpp @@ packed[i / 2] = uint8_t((codes[i] & 0xf) | (codes[i + 1] & 0xf) << 4); @@ packed[i / 2] = uint8_t((codes[i] & 0xf) << 4 | (codes[i + 1] & 0xf)); @@ Format
+hadamard-butterfly-sign @@ src/nibble/quant/hadamard.h @@ x[j + h] = a - b; @@ x[j + h] = b - a; @@ KVQuant|KVCache|Reorder|GroupHadamard
+calib-sum-not-squared @@ src/nibble/quant/calibrate.cpp @@ sum_sq_[size_t(c)] += v * v; @@ sum_sq_[size_t(c)] += v; @@ Calibration|QuantizeQuality.Stories
+down-hessian-unpermuted @@ src/nibble/quant/quantize_model.cpp @@ add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en, down_order); @@ add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en); @@ QuantizeQuality.Stories
+gptq-absolute-damping @@ src/nibble/quant/gptq.cpp @@ for (int64_t i = 0; i < K; ++i) H[size_t(i * K + i)] += percdamp * mean_diag; @@ for (int64_t i = 0; i < K; ++i) H[size_t(i * K + i)] += percdamp; @@ Gptq
+gptq-block-update-short @@ src/nibble/quant/gptq.cpp @@ for (int64_t j = i + 1; j < i2; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)]; @@ for (int64_t j = i + 1; j < i2 - 1; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)]; @@ Gptq
+kld-direction-swapped @@ src/nibble/eval/perplexity.cpp @@ for (int64_t t = 0; t < V; ++t) kl += std::exp(blp[t]) * (blp[t] - lp[size_t(t)]); @@ for (int64_t t = 0; t < V; ++t) kl += std::exp(lp[size_t(t)]) * (lp[size_t(t)] - blp[t]); @@ PerplexityMath
+bpe-highest-rank-first @@ src/nibble/tokenizer/bpe.cpp @@ return rank != o.rank ? rank > o.rank : pos > o.pos; @@ return rank != o.rank ? rank < o.rank : pos > o.pos; @@ Tokenizer|Bpe
+rope-frequency-halved-exponent @@ src/nibble/backend/cpu/ops.cpp @@ inv[size_t(i)] = 1.0f / std::pow(float(c.rope_theta), float(2 * i) / float(d)); @@ inv[size_t(i)] = 1.0f / std::pow(float(c.rope_theta), float(i) / float(d)); @@ Model
+kv-clip-ignored @@ src/nibble/quant/kv_quant.cpp @@ return FormatSpec{f.bits == 4 ? Format::Int4Asym : Format::Int8Asym, int(head_dim), 1, f.clip}; @@ return FormatSpec{f.bits == 4 ? Format::Int4Asym : Format::Int8Asym, int(head_dim), 1, 1.0f}; @@ KVCache|KVQuant
+safetensors-end-off-by-one @@ src/nibble/io/safetensors.cpp @@ check(end <= data_size, tw, @@ check(end <= data_size + 1, tw, @@ Safetensors
 EOF
 )
-[ $# -gt 0 ] && mutants=$(grep -E "^($(IFS='|'; echo "$*")) \|" <<<"$mutants")
+[ $# -gt 0 ] && mutants=$(grep -E "^($(IFS='|'; echo "$*")) @@" <<<"$mutants")
 
 # Replaces the one occurrence of FROM by TO in FILE ("\n" = newline); fails loudly otherwise.
 mutate() {
@@ -68,7 +68,7 @@ echo "baseline passed ($(( $(date +%s) - t0 )) s including the build)"
 rows=() survived=0
 while IFS= read -r line; do
   [ -z "$line" ] && continue
-  IFS='|' read -r name file from to first <<<"${line// | /|}"
+  IFS=$'\x1f' read -r name file from to first <<<"${line// @@ /$'\x1f'}"
   t1=$(date +%s)
   cp "$file" "$work/original"
   mutate "$file" "$from" "$to"
