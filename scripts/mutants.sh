@@ -6,7 +6,8 @@
 #   scripts/mutants.sh [NAME...]       (default: every mutant; NIBBLE_DATA as scripts/test.sh;
 #                                       NIBBLE_MUTANTS_BASELINE=0 skips the unmutated run)
 # For each mutant the tests named in its `first` regex run first (a subset of the same ctest
-# suite); only if they all pass does the whole suite run, so a survivor has faced every test.
+# suite, only their executables rebuilt); only if they all pass does the whole suite run, so a
+# survivor has faced every test.
 # Prints a table mutant -> killed / SURVIVED and the time each took; exits 1 if any survived.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -78,11 +79,17 @@ while IFS= read -r line; do
   t1=$(date +%s)
   cp "$file" "$work/original"
   mutate "$file" "$from" "$to"
-  if ! ninja -C build >"$work/$name.build.log" 2>&1; then
+  # Only the executables of the `first` tests are relinked before they run; everything before the rest.
+  targets=$(ctest --test-dir build -N -R "$first" --show-only=json-v1 | python3 -c '
+import json, os, sys
+print(" ".join(sorted({os.path.basename(t["command"][0]) for t in json.load(sys.stdin)["tests"]})))')
+  if [ -z "$targets" ]; then
+    verdict="ERROR: no test matches $first"
+  elif ! ninja -C build $targets >"$work/$name.build.log" 2>&1; then
     verdict="ERROR: does not build"
   elif ! ctest_all -R "$first" >"$work/$name.first.log" 2>&1; then
     verdict="killed by: $(grep -oE '[0-9]+ - [^ ]+ \(Failed|Timeout\)' "$work/$name.first.log" | head -3 | sed -E 's/^[0-9]+ - //; s/ \(.*//' | paste -sd, -)"
-  elif ! ctest_all >"$work/$name.all.log" 2>&1; then
+  elif ! { ninja -C build >>"$work/$name.build.log" 2>&1 && ctest_all >"$work/$name.all.log" 2>&1; }; then
     verdict="killed (whole suite) by: $(grep -oE '[0-9]+ - [^ ]+ \(Failed|Timeout\)' "$work/$name.all.log" | head -3 | sed -E 's/^[0-9]+ - //; s/ \(.*//' | paste -sd, -)"
   else
     verdict="SURVIVED"
