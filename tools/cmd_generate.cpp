@@ -16,6 +16,7 @@ struct GenerateArgs {
   int n = 128;  // -1: until end of sequence or the context is full
   SamplerOptions sampling;
   bool no_bos = false, ignore_eos = false;
+  DeviceOptions device;
 };
 
 void run_generate(const GenerateArgs& a) {
@@ -26,7 +27,8 @@ void run_generate(const GenerateArgs& a) {
   check(int64_t(ids.size()) < context, "generate", "the prompt has {} tokens, at or past the model's context of {}",
         ids.size(), context);
   const int64_t capacity = a.n < 0 ? context : std::min<int64_t>(int64_t(ids.size()) + a.n, context);
-  auto cache = model->new_cache(capacity);
+  auto exec = a.device.make(*model, capacity, capacity);
+  const SeqId seq = exec->kv().add();
   Sampler sampler(a.sampling);
   StreamDecoder out(tok, false, /*continues_text=*/true);  // the prompt is already printed
   std::fputs(a.prompt.c_str(), stdout);
@@ -37,9 +39,10 @@ void run_generate(const GenerateArgs& a) {
   int generated = 0;
   double prefill_s = 0;
   const auto& eos = tok.eos_ids();
-  while ((a.n < 0 || generated < a.n) && cache->length() + int64_t(feed.size()) <= capacity) {
-    const Step step{cache.get(), feed, false};
-    const std::vector<float> logits = model->forward({&step, 1});
+  std::vector<float> logits;
+  while ((a.n < 0 || generated < a.n) && exec->kv().length(seq) + int64_t(feed.size()) <= capacity) {
+    const BatchEntry step{seq, feed, false};
+    exec->forward({&step, 1}, logits);
     if (generated == 0)
       prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const int32_t next = sampler.sample(logits.data(), model->config().vocab_size);
@@ -69,6 +72,7 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("-n,--n-predict", a->n, "tokens to generate; -1 = until end of sequence or the context is full")
       ->capture_default_str()
       ->check(CLI::Range(-1, std::numeric_limits<int>::max()));
+  a->device.add_to(cmd);
   cmd->add_option("--temp", a->sampling.temperature, "sampling temperature; 0 = greedy")->capture_default_str();
   cmd->add_option("--top-k", a->sampling.top_k, "sample among the k most likely tokens; 0 = all")->capture_default_str();
   cmd->add_option("--top-p", a->sampling.top_p, "nucleus sampling mass; 1 = off")->capture_default_str();

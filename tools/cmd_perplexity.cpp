@@ -14,6 +14,8 @@ struct PerplexityArgs {
   std::string model, tokenizer, file, kld_base;
   PerplexityOptions opt;
   KVOverride kv;
+  DeviceOptions device;
+  std::string base_device;  // empty: --device
   bool json = false, per_window = false;
 };
 
@@ -25,10 +27,17 @@ void run_perplexity(PerplexityArgs a) {
   if (!a.kld_base.empty()) base = Model::load(a.kld_base);
   const std::string text = read_text_file(a.file);
   const std::vector<int32_t> tokens = tok.encode(text, tok.bos_id() >= 0);
-  const PerplexityResult r = perplexity(*model, tokens, a.opt, base.get());
+  // Executors sized for one window at a time (the window is the whole step and the whole sequence).
+  const int64_t window = a.opt.ctx > 0 ? a.opt.ctx : model->config().default_window();
+  auto exec = a.device.make(*model, window, window);
+  DeviceOptions base_device = a.device;
+  if (!a.base_device.empty()) base_device.device = a.base_device;
+  std::unique_ptr<Executor> base_exec = base ? base_device.make(*base, window, window) : nullptr;
+  const PerplexityResult r = perplexity(*exec, tokens, a.opt, base_exec.get());
   if (a.json) {
     nlohmann::json j = r.to_json();
     j["model"] = a.model;
+    j["device"] = exec->device_name();
     j["text"] = a.file;
     if (r.has_base) j["kld_base"] = a.kld_base;
     if (a.per_window) j["window_nll"] = r.window_nll;
@@ -67,6 +76,10 @@ void add_perplexity_command(CLI::App& app) {
                   "a second (e.g. FP16) model run on the same windows: report KL-divergence(base||model) mean, "
                   "median, p99 and top-1 agreement");
   a->kv.add_to(cmd);
+  a->device.add_to(cmd);
+  cmd->add_option("--base-device", a->base_device,
+                  "where --kld-base runs (default: --device): e.g. the GPU against the CPU reference")
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_flag("--per-window", a->per_window, "print each window's perplexity (and window_nll in --json)");
   cmd->add_flag("--json", a->json, "stdout is one JSON object (ppl, tokens, windows, ctx, kld_*), progress on stderr");
   cmd->callback([a] { run_perplexity(*a); });

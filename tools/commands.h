@@ -9,6 +9,7 @@
 #include <CLI/CLI.hpp>
 
 #include "nibble/core/error.h"
+#include "nibble/backend/backend.h"
 #include "nibble/model/model.h"
 #include "nibble/tokenizer/tokenizer.h"
 
@@ -31,6 +32,18 @@ struct KVOverride {
   void add_to(CLI::App* cmd);
   void apply(KVFormat& f) const;
   void apply(Model& m) const;
+};
+
+// Where a model runs: --device cpu|cuda|auto (auto: cuda when a GPU is there and the model's
+// formats have CUDA kernels, else the CPU, saying why on stderr), and the GPU's memory knobs.
+struct DeviceOptions {
+  std::string device = "auto";
+  double gpu_mem_fraction = 0.9;
+  int64_t kv_pages = 0;
+  void add_to(CLI::App* cmd);
+  // An executor for `model` whose sequences reach `max_context` tokens and whose steps carry up
+  // to `max_batch_tokens`. Prints the device that runs it on stderr.
+  std::unique_ptr<Executor> make(Model& model, int64_t max_context, int64_t max_batch_tokens) const;
 };
 
 // --tokenizer PATH: every command that reads a tokenizer takes one in place of the model's.

@@ -89,6 +89,49 @@ void KVOverride::apply(KVFormat& f) const {
   if (hadamard) f.hadamard = *hadamard;
 }
 
+void DeviceOptions::add_to(CLI::App* cmd) {
+  cmd->add_option("--device", device,
+                  "cpu, cuda, or auto: cuda when a GPU is present and the model's formats have CUDA kernels, "
+                  "else cpu (stderr says which ran and why)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  cmd->add_option("--gpu-mem-fraction", gpu_mem_fraction,
+                  "cuda: share of the GPU memory free after loading that the KV cache may take")
+      ->capture_default_str()
+      ->check(CLI::Range(0.01, 1.0));
+  cmd->add_option("--kv-pages", kv_pages, "cuda: KV cache pages of 16 tokens (0: from --gpu-mem-fraction)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+}
+
+std::unique_ptr<Executor> DeviceOptions::make(Model& model, int64_t max_context, int64_t max_batch_tokens) const {
+  RuntimeOptions opt;
+  opt.max_context = max_context;
+  opt.max_batch_tokens = max_batch_tokens;
+  opt.kv_pages = kv_pages;
+  opt.gpu_mem_fraction = gpu_mem_fraction;
+  std::unique_ptr<Executor> e;
+  std::string why;
+  if (device == "auto" && cuda_device_available(&why)) {
+    opt.device = "cuda";
+    try {
+      e = make_executor(model, opt);
+    } catch (const Error& err) {
+      why = err.what();  // a format without a CUDA kernel: the CPU runs every format
+    }
+  }
+  if (!e) {
+    opt.device = device == "auto" ? "cpu" : device;
+    e = make_executor(model, opt);
+    if (device == "auto") why = " (" + why + ")";
+    else why.clear();
+  } else {
+    why.clear();
+  }
+  std::fprintf(stderr, "device: %s%s\n", e->device_name().c_str(), why.c_str());
+  return e;
+}
+
 void KVOverride::apply(Model& m) const {
   KVFormat f = m.kv_format();
   apply(f);
