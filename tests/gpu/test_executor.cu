@@ -168,8 +168,10 @@ void expect_within(const Compare& r, const Bounds& b, const std::string& what) {
   EXPECT_GE(r.top1, b.top1) << what;
 }
 
-Bounds sensitivity_bounds(const Compare& cpu16) {
-  return {1.0, 5e-3 + 2 * cpu16.kld, cpu16.top1 - 0.15};
+// Top-1 over a handful of rows says nothing on such a network (one row is a third of a decode step),
+// so it is held only where a step has many rows.
+Bounds sensitivity_bounds(const Compare& cpu16, int64_t rows) {
+  return {1.0, 5e-3 + 2 * cpu16.kld, rows >= 100 ? cpu16.top1 - 0.15 : 0.0};
 }
 
 enum class Weights { Fp16, AtomW4A4, AtomW4A4Rotated };
@@ -201,11 +203,9 @@ void run_case(const ModelConfig& c, uint64_t seed, Weights weights = Weights::Fp
   auto step = [&](const std::vector<BatchEntry>& batch, const std::string& what) {
     cpu->forward(batch, cl);
     gpu->forward(batch, gl);
+    cpu16->forward(batch, hl);  // always, so the three pools stay alike
     Bounds b;
-    if (quantized) {
-      cpu16->forward(batch, hl);
-      b = sensitivity_bounds(compare(hl, cl, c.vocab_size));
-    }
+    if (quantized) b = sensitivity_bounds(compare(hl, cl, c.vocab_size), int64_t(cl.size()) / c.vocab_size);
     expect_within(compare(gl, cl, c.vocab_size), b, what);
   };
   std::mt19937_64 rng(seed + 1);

@@ -59,7 +59,7 @@ enum class Format : uint8_t {
   Int8Sym,
   // Asymmetric integer grids (KV cache: one group per token and head), fp16 scale + uint8 zero:
   //   hi = clip·max(x, 0), lo = clip·min(x, 0)           (the range always contains 0)
-  //   scale = (hi - lo) / (2^b - 1), zero = min(rne(-lo / scale), 2^b - 1)
+  //   scale = clip·(max(x, 0) - min(x, 0)) / (2^b - 1), zero = min(rne(-lo / scale), 2^b - 1)
   //   code = clamp(rne(x / scale) + zero, 0, 2^b - 1),  x̂ = (code - zero) · scale
   // Atom's RTN uses max(x) and min(x) without the 0; they differ only for groups whose values are
   // all of one sign, where Atom's grid clips most of the group.
@@ -282,8 +282,10 @@ inline GroupScale choose_scale(const FormatSpec& spec, const GroupStats& stats, 
     case Format::Int4Asym:
     case Format::Int8Asym: {
       const float qmax = float((1 << format_bits(spec.format)) - 1);
-      const float hi = spec.clip * stats.max, lo = spec.clip * stats.min;
-      const float scale = fp16_scale((hi - lo) / qmax);
+      // clip·(max - min) rather than clip·max - clip·min: no product feeds a sum, so no compiler
+      // can fuse it into an FMA (g++ and nvcc fuse differently, and the GPU must match bit for bit).
+      const float lo = spec.clip * stats.min;
+      const float scale = fp16_scale(spec.clip * (stats.max - stats.min) / qmax);
       const float zero = scale == 0 ? 0 : std::min(round_half_even(-lo / scale), qmax);
       return {scale, 1, uint8_t(zero)};
     }

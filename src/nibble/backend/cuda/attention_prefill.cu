@@ -82,8 +82,8 @@ __global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBat
       }
       mn = warp_min(mn);
       mx = warp_max(mx);
-      const float hi = p.clip * mx, lo = p.clip * mn;
-      const float scale = fp16_scale_device((hi - lo) / 15.0f);
+      const float lo = p.clip * mn;
+      const float scale = fp16_scale_device(p.clip * (mx - mn) / 15.0f);
       const float zero = scale == 0 ? 0.0f : fminf(quant::round_half_even(-lo / scale), 15.0f);
 #pragma unroll
       for (int e = 0; e < E; ++e) codes[lane + 32 * e] = quant::int_asym_encode(x[e], scale, uint8_t(zero), 4);
