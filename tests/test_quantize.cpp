@@ -299,6 +299,8 @@ TEST(QuantizeQuality, NibbleRefAtomW4A4) {
   const auto eval = text_tokens("models/nibble-ref", "heldout.txt", 20000);
   ASSERT_GE(eval.size(), 4u * 512);
   const Quality got = quantized_quality("models/nibble-ref", r, calib, eval, 512, 4);
+  std::printf("nibble-ref atom-w4a4: KLD %.4f, top-1 %.4f, ppl %.2f (FP %.4f)\n", got.kld_mean, got.top1, got.ppl,
+              got.fp_ppl);
   // FP perplexity on these windows: a regression value of today's forward pass (which matches HF's
   // logits to 1e-4, test_model), to 1e-4 nats as the perplexity tests.
   EXPECT_NEAR(std::log(got.fp_ppl), std::log(31.4342), 1e-4);
