@@ -240,9 +240,12 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
     report.stats_seconds += seconds_since(t0);
 
     // 4. Quantize every linear (RTN or GPTQ) and install it.
-    //    The linears are independent: one thread each (BLAS runs single-threaded inside).
+    //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
+    //    (as with one thread), so GPTQ's codes do not depend on the thread count.
     t0 = std::chrono::steady_clock::now();
-    std::exception_ptr failure;
+    // Warnings and errors collected by index: the same ones, in the same order, on every run.
+    std::vector<std::exception_ptr> failures(pending.size());
+    std::vector<std::string> rtn_fallback(pending.size());
 #pragma omp parallel for schedule(dynamic, 1)
     for (size_t i = 0; i < pending.size(); ++i) try {
       Pending& p = pending[i];
@@ -278,17 +281,16 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                                 std::move(g.keeper_fp16), std::move(p.bias));
       } else {
-        if (recipe.gptq) {
-#pragma omp critical(quantize_warnings)
-          report.warnings.push_back(where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ");
-        }
+        if (recipe.gptq) rtn_fallback[i] = where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ";
         *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
       }
     } catch (...) {
-#pragma omp critical(quantize_failure)
-      if (!failure) failure = std::current_exception();
+      failures[i] = std::current_exception();
     }
-    if (failure) std::rethrow_exception(failure);
+    for (const std::exception_ptr& f : failures)
+      if (f) std::rethrow_exception(f);
+    for (std::string& w : rtn_fallback)
+      if (!w.empty()) report.warnings.push_back(std::move(w));
 
     report.quantize_seconds += seconds_since(t0);
 
