@@ -57,6 +57,7 @@ void run_eval(const EvalArgs& a) {
   opt.show_progress = !a.quiet;
 
   std::unique_ptr<Model> model = Model::load(a.model);
+  warn_if_synthetic(a.model);
   const Tokenizer tokenizer = a.tokenizer.empty() ? load_tokenizer(a.model) : Tokenizer::load(a.tokenizer);
   const ZeroShotResults r = evaluate_tasks(*model, tokenizer, tasks, opt);
   for (const std::string& u : r.unavailable) std::fprintf(stderr, "nibble eval: skipped %s\n", u.c_str());

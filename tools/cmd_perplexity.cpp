@@ -20,6 +20,7 @@ struct PerplexityArgs {
 void run_perplexity(PerplexityArgs a) {
   if (a.json) Progress::set_quiet(!isatty(2));
   auto model = Model::load(a.model);
+  warn_if_synthetic(a.model);
   a.kv.apply(*model);
   std::unique_ptr<Model> base;
   if (!a.kld_base.empty()) base = Model::load(a.kld_base);

@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   nibble::cli::add_quantize_command(app);
   nibble::cli::add_ablate_command(app);
   nibble::cli::add_eval_command(app);
+  nibble::cli::add_synth_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <iosfwd>
 #include <map>
 #include <memory>
 #include <span>
@@ -86,16 +88,24 @@ class SafetensorsWriter {
     add(name, dtype, std::move(shape),
         std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(T)));
   }
+  // A tensor whose bytes `fill` writes (every byte of a buffer of the tensor's size) when the file is
+  // written, so that only one such tensor is in memory at a time, however large the file.
+  using Fill = std::function<void(std::span<uint8_t>)>;
+  void add_generated(const std::string& name, DType dtype, std::vector<int64_t> shape, Fill fill);
   void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
   // Writes to a temporary name and renames, so a crash never leaves a half-written file.
   void write(const std::filesystem::path& path) const;
   std::vector<uint8_t> serialize() const;
 
  private:
+  void write_to(std::ostream& out) const;
+
   struct Entry {
     DType dtype;
     std::vector<int64_t> shape;
-    std::vector<uint8_t> bytes;
+    std::vector<uint8_t> bytes;  // empty when generated
+    size_t nbytes = 0;
+    Fill fill;
   };
   std::map<std::string, Entry> entries_;
   std::map<std::string, std::string> metadata_;
