@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 seconds="${1:-30}"
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNIBBLE_FUZZ=ON \
   -DNIBBLE_CUDA=OFF -DNIBBLE_TESTS=OFF -DNIBBLE_BENCH=OFF >/dev/null
-ninja -C build-fuzz fuzz_safetensors fuzz_tokenizer >/dev/null
-for target in safetensors tokenizer; do
+# Every fuzz/fuzz_<target>.cpp, each seeded from fuzz/corpus/<target>/.
+targets=$(cd fuzz && ls fuzz_*.cpp | sed 's/^fuzz_//; s/\.cpp$//')
+ninja -C build-fuzz $(printf 'fuzz_%s ' $targets) >/dev/null
+for target in $targets; do
   corpus="build-fuzz/corpus-$target"
   mkdir -p "$corpus"
   [ -d "fuzz/corpus/$target" ] && cp -n fuzz/corpus/"$target"/* "$corpus"/ 2>/dev/null || true

@@ -1,12 +1,20 @@
 // nibble ablate -m DIR -f CALIB --eval TEXT[,TEXT]: Atom's ablation ladder as one table (perplexity
 // on each text, KL-divergence and top-1 agreement against the full-precision model, size), plus
 // nibble's own atom-w4a4; also written as CSV and a PNG bar chart.
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
-#include <fstream>
+#include <optional>
+#include <sstream>
 
 #include "nibble/core/progress.h"
 #include "nibble/eval/perplexity.h"
 #include "nibble/eval/zero_shot.h"
+#include "nibble/io/output_file.h"
 #include "nibble/io/text_file.h"
 #include "nibble/quant/ablation.h"
 #include "nibble/quant/quantize_model.h"
@@ -16,7 +24,7 @@ namespace nibble::cli {
 
 namespace {
 struct AblateArgs {
-  std::string model, calib, out = "ablation";
+  std::string model, tokenizer, calib, out = "ablation";
   std::vector<std::string> eval;
   int64_t ctx = 0, calib_ctx = 0;
   std::vector<int64_t> chunks;  // per --eval text (one value: all texts)
@@ -37,29 +45,83 @@ struct Row {
   std::vector<double> task_values;        // Atom's metric per --tasks entry, then Atom's average
 };
 
-void write_chart(const std::vector<Row>& rows, const std::vector<std::string>& eval, const std::string& path) {
-  FILE* gp = popen("gnuplot 2>/dev/null", "w");
-  if (!gp) return;
-  std::fprintf(gp, "set terminal pngcairo size 1100,520 noenhanced\nset output '%s'\n", path.c_str());
-  std::fprintf(gp, "set style data histogram\nset style histogram cluster gap 1\nset style fill solid 0.8\n");
-  std::fprintf(gp, "set ylabel 'perplexity relative to FP'\nset xtics rotate by -25\nset key top right\n");
-  std::fprintf(gp, "set title 'nibble ablation (perplexity / FP perplexity)'\nset grid ytics\n");
-  std::fprintf(gp, "plot ");
-  for (size_t t = 0; t < eval.size(); ++t)
-    std::fprintf(gp, "%s'-' using 2:xtic(1) title '%s'", t ? ", " : "", std::filesystem::path(eval[t]).filename().c_str());
-  std::fprintf(gp, "\n");
-  for (size_t t = 0; t < eval.size(); ++t) {
-    for (const Row& r : rows)
-      std::fprintf(gp, "\"%s\" %.5f\n", r.label.substr(0, 28).c_str(), r.results[t].ppl / rows[0].results[t].ppl);
-    std::fprintf(gp, "e\n");
+// A name as a double-quoted gnuplot data string: gnuplot reads it as data, never as a command.
+// Quotes, backslashes and control characters (a newline could end the data block) become '?'.
+std::string gnuplot_data_string(const std::string& s) {
+  std::string out = "\"";
+  for (const char c : s) out += (c == '"' || c == '\\' || uint8_t(c) < 0x20 || c == 0x7f) ? '?' : c;
+  return out + "\"";
+}
+
+// Runs gnuplot on `script` (its stdin) and returns the image it writes to stdout; nullopt when
+// gnuplot is missing or fails. No shell, no file name in the script: nothing a user names is code.
+std::optional<std::string> run_gnuplot(const std::string& script) {
+  int in[2], out[2];
+  if (pipe2(in, O_CLOEXEC) != 0) return std::nullopt;
+  if (pipe2(out, O_CLOEXEC) != 0) {
+    close(in[0]);
+    close(in[1]);
+    return std::nullopt;
   }
-  pclose(gp);
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, in[0], 0);
+  posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+  char* argv[] = {const_cast<char*>("gnuplot"), nullptr};
+  pid_t pid = -1;
+  const int spawned = posix_spawnp(&pid, "gnuplot", &actions, nullptr, argv, environ);
+  posix_spawn_file_actions_destroy(&actions);
+  close(in[0]);
+  close(out[1]);
+  // The script is far below a pipe's buffer and gnuplot writes only once the plot is complete, so
+  // writing it all before reading cannot deadlock.
+  bool ok = spawned == 0 && write(in[1], script.data(), script.size()) == ssize_t(script.size());
+  close(in[1]);
+  std::string image;
+  char buf[65536];
+  for (ssize_t n; spawned == 0 && (n = read(out[0], buf, sizeof buf)) != 0;) {
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      ok = false;
+      break;
+    }
+    image.append(buf, size_t(n));
+  }
+  close(out[0]);
+  int status = 0;
+  if (spawned == 0) waitpid(pid, &status, 0);
+  if (!ok || !WIFEXITED(status) || WEXITSTATUS(status) != 0 || image.empty()) return std::nullopt;
+  return image;
+}
+
+// The PNG bar chart: perplexity relative to FP per recipe, one bar colour per --eval text.
+std::optional<std::string> draw_chart(const std::vector<Row>& rows, const std::vector<std::string>& eval) {
+  std::string script =
+      "set terminal pngcairo size 1100,520 noenhanced\n"
+      "set style data histogram\nset style histogram cluster gap 1\nset style fill solid 0.8\n"
+      "set ylabel 'perplexity relative to FP'\nset xtics rotate by -25\nset key top right autotitle columnheader\n"
+      "set title 'nibble ablation (perplexity / FP perplexity)'\nset grid ytics\nplot ";
+  for (size_t t = 0; t < eval.size(); ++t) script += std::string(t ? ", " : "") + "'-' using 2:xtic(1)";
+  script += "\n";
+  for (size_t t = 0; t < eval.size(); ++t) {
+    script += "\"recipe\" " + gnuplot_data_string(std::filesystem::path(eval[t]).filename().string()) + "\n";
+    for (const Row& r : rows)
+      script += fmt::format("{} {:.5f}\n", gnuplot_data_string(r.label.substr(0, 28)),
+                            r.results[t].ppl / rows[0].results[t].ppl);
+    script += "e\n";
+  }
+  return run_gnuplot(script);
 }
 
 void run_ablate(const AblateArgs& a) {
   if (a.json) Progress::set_quiet(!isatty(2));
+  std::vector<std::filesystem::path> inputs = {a.model, a.tokenizer, a.calib};
+  inputs.insert(inputs.end(), a.eval.begin(), a.eval.end());
+  const std::string csv_path = a.out + ".csv", png_path = a.out + ".png";
+  for (const std::string& out : {csv_path, png_path}) check_output_path(out, inputs);  // before the work
+  const Tokenizer tok = load_tokenizer(a.model, a.tokenizer);
   auto base = Model::load(a.model);
-  const Tokenizer tok = load_tokenizer(a.model);
   const std::vector<int32_t> calib = tok.encode(read_text_file(a.calib), tok.bos_id() >= 0);
   std::vector<std::vector<int32_t>> texts;
   for (const auto& e : a.eval) texts.push_back(tok.encode(read_text_file(e), tok.bos_id() >= 0));
@@ -112,49 +174,62 @@ void run_ablate(const AblateArgs& a) {
     }
   }
 
-  // The table: perplexity per text, KLD and top-1 on the first text, size.
-  std::printf("model: %s, calibration: %s (%lld windows of %lld tokens), eval windows of %lld tokens%s\n\n",
+  // The table: perplexity per text, KLD and top-1 on the first text, size (on stderr with --json,
+  // whose stdout is one JSON object).
+  FILE* human = a.json ? stderr : stdout;
+  std::fprintf(human, "model: %s, calibration: %s (%lld windows of %lld tokens), eval windows of %lld tokens%s\n\n",
               a.model.c_str(), a.calib.c_str(), (long long)steps[0].recipe.calib_windows, (long long)calib_ctx, (long long)ctx,
               a.atom_compat ? ", ladder with --atom-compat" : "");
   for (size_t t = 0; t < a.eval.size(); ++t)
-    std::printf("%s: %lld windows of %lld tokens%s\n", a.eval[t].c_str(), (long long)rows[0].results[t].windows,
+    std::fprintf(human, "%s: %lld windows of %lld tokens%s\n", a.eval[t].c_str(), (long long)rows[0].results[t].windows,
                 (long long)ctx, rows[0].results[t].windows * ctx * 2 < rows[0].results[t].tokens ? " (a prefix: --chunks)" : "");
-  std::printf("\n| recipe |");
-  for (const auto& e : a.eval) std::printf(" ppl %s |", std::filesystem::path(e).filename().c_str());
-  std::printf(" KLD mean | KLD p99 | top-1 | bytes |");
-  for (const auto& t : a.tasks) std::printf(" %s |", t.c_str());
-  if (!a.tasks.empty()) std::printf(" zero-shot avg |");
-  std::printf("\n|---|");
-  for (size_t t = 0; t < a.eval.size() + 4 + (a.tasks.empty() ? 0 : a.tasks.size() + 1); ++t) std::printf("---|");
-  std::printf("\n");
-  std::ofstream csv(a.out + ".csv");
+  std::fprintf(human, "\n| recipe |");
+  for (const auto& e : a.eval) std::fprintf(human, " ppl %s |", std::filesystem::path(e).filename().c_str());
+  std::fprintf(human, " KLD mean | KLD p99 | top-1 | bytes |");
+  for (const auto& t : a.tasks) std::fprintf(human, " %s |", t.c_str());
+  if (!a.tasks.empty()) std::fprintf(human, " zero-shot avg |");
+  std::fprintf(human, "\n|---|");
+  for (size_t t = 0; t < a.eval.size() + 4 + (a.tasks.empty() ? 0 : a.tasks.size() + 1); ++t) std::fprintf(human, "---|");
+  std::fprintf(human, "\n");
+  std::ostringstream csv;
   csv << "recipe,description";
   for (const auto& e : a.eval) csv << ",ppl " << std::filesystem::path(e).filename().string();
   csv << ",kld_mean,kld_p99,top1,bytes\n";
-  nlohmann::json j = nlohmann::json::array();
+  nlohmann::json j_rows = nlohmann::json::array();
   for (const Row& r : rows) {
-    std::printf("| %s |", r.label.c_str());
+    std::fprintf(human, "| %s |", r.label.c_str());
     csv << '"' << r.label << "\",\"" << r.recipe << '"';
     nlohmann::json jr = {{"label", r.label}, {"recipe", r.recipe}, {"bytes", r.bytes}};
     for (size_t t = 0; t < r.results.size(); ++t) {
-      std::printf(" %.3f |", r.results[t].ppl);
+      std::fprintf(human, " %.3f |", r.results[t].ppl);
       csv << ',' << r.results[t].ppl;
       jr["ppl"][std::filesystem::path(a.eval[t]).filename().string()] = r.results[t].ppl;
     }
     const PerplexityResult& f = r.results[0];
-    std::printf(" %.4f | %.4f | %.2f%% | %lld |", f.kld_mean, f.kld_p99, 100 * f.top1, (long long)r.bytes);
-    for (double v : r.task_values) std::printf(" %.1f |", v);
-    std::printf("\n");
+    std::fprintf(human, " %.4f | %.4f | %.2f%% | %lld |", f.kld_mean, f.kld_p99, 100 * f.top1, (long long)r.bytes);
+    for (double v : r.task_values) std::fprintf(human, " %.1f |", v);
+    std::fprintf(human, "\n");
     jr["zero_shot"] = r.task_values;
     csv << ',' << f.kld_mean << ',' << f.kld_p99 << ',' << f.top1 << ',' << r.bytes << '\n';
     jr["kld_mean"] = f.kld_mean;
     jr["kld_p99"] = f.kld_p99;
     jr["top1"] = f.top1;
-    j.push_back(jr);
+    j_rows.push_back(jr);
   }
-  write_chart(rows, a.eval, a.out + ".png");
-  std::printf("\nwrote %s.csv and %s.png\n", a.out.c_str(), a.out.c_str());
-  if (a.json) std::printf("%s\n", j.dump().c_str());
+  write_output_file(csv_path, csv.str(), inputs);
+  std::fprintf(human, "\nwrote %s", csv_path.c_str());
+  if (const std::optional<std::string> png = draw_chart(rows, a.eval)) {
+    write_output_file(png_path, *png, inputs);
+    std::fprintf(human, " and %s", png_path.c_str());
+  } else {
+    std::fprintf(stderr, "warning: no chart: gnuplot (with pngcairo) is not installed or failed\n");
+  }
+  std::fprintf(human, "\n");
+  if (a.json) {
+    const nlohmann::json j = {{"model", a.model}, {"calibration", a.calib}, {"eval", a.eval}, {"ctx", ctx},
+                              {"calib_ctx", calib_ctx}, {"csv", csv_path}, {"rows", j_rows}};
+    std::printf("%s\n", j.dump().c_str());
+  }
 }
 }  // namespace
 
@@ -164,6 +239,7 @@ void add_ablate_command(CLI::App& app) {
       "ablate", "Atom's ablation ladder (W4A4 RTN -> + keepers -> INT8 keepers -> + groups -> + clipping -> + GPTQ -> + "
                 "KV4) and nibble's own recipe, scored on each --eval text against the FP model");
   cmd->add_option("-m,--model", a->model, "Hugging Face checkpoint directory")->required();
+  add_tokenizer_option(cmd, &a->tokenizer);
   cmd->add_option("-f,--file", a->calib, "calibration text")->required()->check(CLI::ExistingFile);
   cmd->add_option("--eval", a->eval, "evaluation text(s), comma separated")->required()->delimiter(',')->check(CLI::ExistingFile);
   cmd->add_option("-c,--ctx", a->ctx, "window length for calibration and evaluation (default: min(2048, context))");
@@ -175,7 +251,7 @@ void add_ablate_command(CLI::App& app) {
   cmd->add_option("--ladder-keeper", a->keeper, "keeper channels of the ladder")->capture_default_str();
   cmd->add_flag("--atom-compat", a->atom_compat, "run the ladder with Atom's released-code choices (and an FP16 row: fp16 activations)");
   cmd->add_option("-o,--output", a->out, "prefix of the CSV and PNG files")->capture_default_str();
-  cmd->add_flag("--json", a->json, "print the table as JSON as the last line");
+  cmd->add_flag("--json", a->json, "stdout is one JSON object ({\"rows\": [...], ...}); the table and progress on stderr");
   cmd->add_option("--calib-windows,--nsamples", a->calib_windows, "calibration windows")->capture_default_str();
   cmd->add_option("--seed", a->seed, "calibration window seed")->capture_default_str();
   cmd->add_option("--tasks", a->tasks, "zero-shot columns, comma separated (nibble eval's tasks; Atom's metric each)")

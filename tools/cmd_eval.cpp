@@ -1,7 +1,6 @@
 // nibble eval: zero-shot accuracy on the common-sense tasks Atom reports, scored by
 // lm-evaluation-harness rules (src/nibble/eval/zero_shot.h), on an FP checkpoint or a packed file.
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <sstream>
 
@@ -10,6 +9,7 @@
 #include "nibble/core/error.h"
 #include "nibble/core/progress.h"
 #include "nibble/eval/zero_shot.h"
+#include "nibble/io/output_file.h"
 #include "nibble/model/model.h"
 #include "nibble/tokenizer/tokenizer.h"
 #include "tools/commands.h"
@@ -56,18 +56,20 @@ void run_eval(const EvalArgs& a) {
   opt.score.batch_docs = a.batch;
   opt.show_progress = !a.quiet;
 
-  std::unique_ptr<Model> model = Model::load(a.model);
+  if (!a.output.empty()) {
+    const std::filesystem::path inputs[] = {a.model, a.tokenizer, opt.tasks_dir};
+    check_output_path(a.output, inputs);
+  }
+  const auto [model, tokenizer] = load_model_and_tokenizer(a.model, a.tokenizer);
   warn_if_synthetic(a.model);
-  const Tokenizer tokenizer = a.tokenizer.empty() ? load_tokenizer(a.model) : Tokenizer::load(a.tokenizer);
   const ZeroShotResults r = evaluate_tasks(*model, tokenizer, tasks, opt);
   for (const std::string& u : r.unavailable) std::fprintf(stderr, "nibble eval: skipped %s\n", u.c_str());
   check(!r.tasks.empty(), opt.tasks_dir.string(), "none of the tasks has data here");
 
   const std::string text = a.json ? r.to_json().dump(2) + "\n" : a.csv ? r.to_csv() : r.to_table();
   if (!a.output.empty()) {
-    std::ofstream f(a.output, std::ios::binary);
-    check(bool(f), a.output, "cannot write the file");
-    f << text;
+    const std::filesystem::path inputs[] = {a.model, a.tokenizer, opt.tasks_dir};
+    write_output_file(a.output, text, inputs);
   }
   std::fputs(text.c_str(), stdout);
 }
@@ -83,7 +85,9 @@ void add_eval_command(CLI::App& app) {
                   "Comma-separated tasks (piqa, arc_easy, arc_challenge, boolq, hellaswag, winogrande, "
                   "lambada_openai) or 'all'; default: Atom's six")
       ->capture_default_str();
-  cmd->add_option("--data", a->data, "Task data folder (shared/data/tasks layout); default $NIBBLE_DATA/tasks");
+  cmd->add_option("--data", a->data,
+                  "Task data folder (shared/data/tasks layout); default $NIBBLE_DATA/tasks, else the checkout's "
+                  "../shared/data/tasks beside the nibble binary's source tree");
   cmd->add_option("--limit", a->limit,
                   "Score N docs per task, the ones lm-eval 0.3.0's --limit picks (its seed-42 shuffle, first N)");
   cmd->add_option("--seed", a->seed, "With --limit: the shuffle seed (Python random.Random(seed))")
@@ -93,8 +97,8 @@ void add_eval_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--ctx", a->ctx, "Model window for left truncation (default: max_position_embeddings)");
   cmd->add_option("--batch", a->batch, "Questions forwarded together")->capture_default_str();
-  cmd->add_option("--tokenizer", a->tokenizer, "tokenizer.json or a folder holding it (default: the model's)");
-  cmd->add_flag("--json", a->json, "Print lm-eval-style JSON instead of the table");
+  add_tokenizer_option(cmd, &a->tokenizer);
+  cmd->add_flag("--json", a->json, "stdout is one lm-eval-style JSON object instead of the table (progress on stderr)");
   cmd->add_flag("--csv", a->csv, "Print CSV instead of the table");
   cmd->add_option("-o,--output", a->output, "Also write the output to this file");
   cmd->add_flag("-q,--quiet", a->quiet, "No progress on stderr");

@@ -1,6 +1,7 @@
 // nibble generate -m MODEL -p PROMPT -n N: stream a continuation, greedy unless sampling is asked.
 #include <chrono>
 #include <cstdio>
+#include <limits>
 
 #include "nibble/engine/sampler.h"
 #include "nibble/model/model.h"
@@ -11,23 +12,23 @@ namespace nibble::cli {
 
 namespace {
 struct GenerateArgs {
-  std::string model, prompt;
-  int n = 128;
+  std::string model, tokenizer, prompt;
+  int n = 128;  // -1: until end of sequence or the context is full
   SamplerOptions sampling;
   bool no_bos = false, ignore_eos = false;
 };
 
 void run_generate(const GenerateArgs& a) {
-  auto model = Model::load(a.model);
-  const Tokenizer tok = load_tokenizer(a.model);
+  auto [model, tok] = load_model_and_tokenizer(a.model, a.tokenizer);
   std::vector<int32_t> ids = tok.encode(a.prompt, !a.no_bos && tok.bos_id() >= 0);
   check(!ids.empty(), "generate", "the prompt is empty and the tokenizer has no BOS token: give -p TEXT");
-  const int64_t capacity = std::min<int64_t>(int64_t(ids.size()) + a.n, model->config().max_position_embeddings);
-  check(int64_t(ids.size()) < capacity, "generate", "the prompt has {} tokens, at or past the model's context of {}",
-        ids.size(), model->config().max_position_embeddings);
+  const int64_t context = model->config().max_position_embeddings;
+  check(int64_t(ids.size()) < context, "generate", "the prompt has {} tokens, at or past the model's context of {}",
+        ids.size(), context);
+  const int64_t capacity = a.n < 0 ? context : std::min<int64_t>(int64_t(ids.size()) + a.n, context);
   auto cache = model->new_cache(capacity);
   Sampler sampler(a.sampling);
-  StreamDecoder out(tok);
+  StreamDecoder out(tok, false, /*continues_text=*/true);  // the prompt is already printed
   std::fputs(a.prompt.c_str(), stdout);
   std::fflush(stdout);
 
@@ -36,7 +37,7 @@ void run_generate(const GenerateArgs& a) {
   int generated = 0;
   double prefill_s = 0;
   const auto& eos = tok.eos_ids();
-  while (generated < a.n && cache->length() + int64_t(feed.size()) <= capacity) {
+  while ((a.n < 0 || generated < a.n) && cache->length() + int64_t(feed.size()) <= capacity) {
     const Step step{cache.get(), feed, false};
     const std::vector<float> logits = model->forward({&step, 1});
     if (generated == 0)
@@ -52,7 +53,8 @@ void run_generate(const GenerateArgs& a) {
   std::fputc('\n', stdout);
   const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const double decode_s = total_s - prefill_s;
-  std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tok/s); generated: %d tokens (%.1f tok/s)\n", ids.size(),
+  if (prefill_s > 0)  // the model ran (not -n 0)
+    std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tok/s); generated: %d tokens (%.1f tok/s)\n", ids.size(),
                prefill_s, double(ids.size()) / prefill_s, generated,
                generated > 1 ? double(generated - 1) / decode_s : 0.0);
 }
@@ -62,8 +64,11 @@ void add_generate_command(CLI::App& app) {
   auto a = std::make_shared<GenerateArgs>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt (greedy by default) and stream it");
   cmd->add_option("-m,--model", a->model, "Hugging Face checkpoint directory or packed nibble .safetensors")->required();
+  add_tokenizer_option(cmd, &a->tokenizer);
   cmd->add_option("-p,--prompt", a->prompt, "prompt text (BOS is prepended when the tokenizer has one)");
-  cmd->add_option("-n,--n-predict", a->n, "number of tokens to generate")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("-n,--n-predict", a->n, "tokens to generate; -1 = until end of sequence or the context is full")
+      ->capture_default_str()
+      ->check(CLI::Range(-1, std::numeric_limits<int>::max()));
   cmd->add_option("--temp", a->sampling.temperature, "sampling temperature; 0 = greedy")->capture_default_str();
   cmd->add_option("--top-k", a->sampling.top_k, "sample among the k most likely tokens; 0 = all")->capture_default_str();
   cmd->add_option("--top-p", a->sampling.top_p, "nucleus sampling mass; 1 = off")->capture_default_str();

@@ -11,7 +11,7 @@ namespace nibble::cli {
 
 namespace {
 struct PerplexityArgs {
-  std::string model, file, kld_base;
+  std::string model, tokenizer, file, kld_base;
   PerplexityOptions opt;
   KVOverride kv;
   bool json = false, per_window = false;
@@ -19,15 +19,23 @@ struct PerplexityArgs {
 
 void run_perplexity(PerplexityArgs a) {
   if (a.json) Progress::set_quiet(!isatty(2));
-  auto model = Model::load(a.model);
+  auto [model, tok] = load_model_and_tokenizer(a.model, a.tokenizer);
   warn_if_synthetic(a.model);
   a.kv.apply(*model);
   std::unique_ptr<Model> base;
   if (!a.kld_base.empty()) base = Model::load(a.kld_base);
-  const Tokenizer tok = load_tokenizer(a.model);
   const std::string text = read_text_file(a.file);
   const std::vector<int32_t> tokens = tok.encode(text, tok.bos_id() >= 0);
   const PerplexityResult r = perplexity(*model, tokens, a.opt, base.get());
+  if (a.json) {
+    nlohmann::json j = r.to_json();
+    j["model"] = a.model;
+    j["text"] = a.file;
+    if (r.has_base) j["kld_base"] = a.kld_base;
+    if (a.per_window) j["window_nll"] = r.window_nll;
+    std::printf("%s\n", j.dump().c_str());
+    return;
+  }
   std::printf("model: %s (KV cache %s)\ntext: %s (%lld tokens with BOS)\n", a.model.c_str(), model->kv_format().describe().c_str(), a.file.c_str(),
               (long long)r.tokens);
   std::printf("windows: %lld of %lld tokens (remainder dropped), %lld predictions scored\n", (long long)r.windows,
@@ -41,14 +49,6 @@ void run_perplexity(PerplexityArgs a) {
   if (r.has_base)
     std::printf("vs %s (ppl %.4f): KLD mean %.6f, median %.6f, p99 %.6f, max %.4f; top-1 agreement %.2f%%\n",
                 a.kld_base.c_str(), r.base_ppl, r.kld_mean, r.kld_median, r.kld_p99, r.kld_max, 100 * r.top1);
-  if (a.json) {
-    nlohmann::json j = r.to_json();
-    j["model"] = a.model;
-    j["text"] = a.file;
-    if (r.has_base) j["kld_base"] = a.kld_base;
-    if (a.per_window) j["window_nll"] = r.window_nll;
-    std::printf("%s\n", j.dump().c_str());
-  }
 }
 }  // namespace
 
@@ -60,6 +60,7 @@ void add_perplexity_command(CLI::App& app) {
       "non-overlapping windows of --ctx tokens (remainder dropped), each window scored on its own, loss at "
       "positions 1..ctx-1 of every window, ppl = exp(mean NLL)");
   cmd->add_option("-m,--model", a->model, "Hugging Face checkpoint directory or packed nibble .safetensors")->required();
+  add_tokenizer_option(cmd, &a->tokenizer);
   cmd->add_option("-f,--file", a->file, "UTF-8 text file (e.g. wikitext2_test_gptq_join.txt)")->required()->check(CLI::ExistingFile);
   cmd->add_option("-c,--ctx", a->opt.ctx, "window length in tokens; default min(2048, max_position_embeddings)");
   cmd->add_option("--chunks", a->opt.max_windows, "score only the first N windows (0 = all)")->capture_default_str();
@@ -68,7 +69,7 @@ void add_perplexity_command(CLI::App& app) {
                   "median, p99 and top-1 agreement");
   a->kv.add_to(cmd);
   cmd->add_flag("--per-window", a->per_window, "print each window's perplexity (and window_nll in --json)");
-  cmd->add_flag("--json", a->json, "print one JSON object as the last line of stdout (ppl, tokens, windows, ctx, kld_*)");
+  cmd->add_flag("--json", a->json, "stdout is one JSON object (ppl, tokens, windows, ctx, kld_*), progress on stderr");
   cmd->callback([a] { run_perplexity(*a); });
 }
 

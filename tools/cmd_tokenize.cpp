@@ -15,7 +15,7 @@ namespace nibble::cli {
 namespace {
 
 struct TokenizeArgs {
-  std::string model, prompt, file;
+  std::string model, tokenizer, prompt, file;
   bool json = false, bos = false;
 };
 
@@ -37,7 +37,7 @@ std::string readable(const std::string& piece) {
 }
 
 void run_tokenize(const TokenizeArgs& a) {
-  const Tokenizer tok = load_tokenizer(a.model);
+  const Tokenizer tok = load_tokenizer(a.model, a.tokenizer);
   const std::string text = a.file.empty() ? a.prompt : read_text_file(a.file);
   const std::vector<int32_t> ids = tok.encode(text, a.bos);
   if (a.json) {
@@ -56,6 +56,7 @@ void add_tokenize_command(CLI::App& app) {
   auto args = std::make_shared<TokenizeArgs>();
   CLI::App* cmd = app.add_subcommand("tokenize", "Tokenize text with a model's tokenizer.json");
   cmd->add_option("-m,--model", args->model, "model directory, tokenizer.json or packed nibble file")->required();
+  add_tokenizer_option(cmd, &args->tokenizer);
   CLI::Option_group* input = cmd->add_option_group("input", "the text to tokenize");
   input->add_option("-p,--prompt", args->prompt, "text given on the command line");
   input->add_option("-f,--file", args->file, "UTF-8 text file");

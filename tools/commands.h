@@ -37,8 +37,19 @@ struct KVOverride {
   void apply(Model& m) const;
 };
 
-// The tokenizer of the model given with -m: a Hugging Face directory's tokenizer.json, or the
-// one embedded in a packed nibble file.
-Tokenizer load_tokenizer(const std::string& model_path);
+// --tokenizer PATH: every command that reads a tokenizer takes one in place of the model's.
+void add_tokenizer_option(CLI::App* cmd, std::string* path);
+
+// The tokenizer at `tokenizer_path` when given, else the one of the model given with -m: a
+// Hugging Face directory's tokenizer.json, a tokenizer.json itself, or the one embedded in a
+// packed nibble file (read from memory: nothing is written anywhere).
+Tokenizer load_tokenizer(const std::string& model_path, const std::string& tokenizer_path);
+
+struct LoadedModel {
+  std::unique_ptr<Model> model;
+  Tokenizer tokenizer;
+};
+// The model and its tokenizer (as load_tokenizer); a packed file is opened once for both.
+LoadedModel load_model_and_tokenizer(const std::string& model_path, const std::string& tokenizer_path);
 
 }  // namespace nibble::cli

@@ -16,9 +16,11 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   cmd->add_option("--w-group", w_group, "weight group size");
   cmd->add_option("--a-group", a_group, "activation group size");
   cmd->add_option("--w-row-group", w_row_group, "adjacent output rows sharing a weight scale (Atom's --weight_channel_group)");
-  cmd->add_option("--w-clip", w_clip, "weight clip ratio (atom-w4a4: 0.85)");
-  cmd->add_option("--a-clip", a_clip, "activation clip ratio (atom-w4a4: 0.9)");
-  cmd->add_option("--keeper", keeper, "outlier channels kept at keeper precision (atom-w4a4: 128)");
+  // The defaults quoted from the preset itself, so the help cannot drift from it.
+  const quant::Recipe atom = quant::Recipe::preset("atom-w4a4");
+  cmd->add_option("--w-clip", w_clip, fmt::format("weight clip ratio (atom-w4a4: {})", atom.weight.clip));
+  cmd->add_option("--a-clip", a_clip, fmt::format("activation clip ratio (atom-w4a4: {})", atom.act.clip));
+  cmd->add_option("--keeper", keeper, fmt::format("outlier channels kept at keeper precision (atom-w4a4: {})", atom.keeper));
   cmd->add_option("--keeper-precision", keeper_precision, "fp16, int8, fp8-e4m3, fp8-e5m2 (or Atom's 0..3)");
   cmd->add_option("--act-sort-metric", sort_metric, "reorder metric: hessian (sum of x^2) or abs_mean");
   // Tri-state switches: absent keeps the preset's choice.

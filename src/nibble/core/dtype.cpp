@@ -1,5 +1,7 @@
 #include "nibble/core/dtype.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "nibble/core/error.h"
@@ -65,6 +67,23 @@ void convert_to_f32(const void* src, DType t, size_t n, float* dst) {
     default:
       throw Error("convert_to_f32", fmt::format("dtype {} is not a floating-point type", dtype_name(t)));
   }
+}
+
+int64_t find_non_finite(const float* x, int64_t n) {
+  constexpr int64_t kBlock = 4096;
+  for (int64_t begin = 0; begin < n; begin += kBlock) {
+    const int64_t end = std::min(n, begin + kBlock);
+    uint32_t hit = 0;  // exponent all ones: inf or NaN
+    for (int64_t i = begin; i < end; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i, 4);
+      hit |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
+    }
+    if (hit)
+      for (int64_t i = begin; i < end; ++i)
+        if (!std::isfinite(x[i])) return i;
+  }
+  return -1;
 }
 
 }  // namespace nibble

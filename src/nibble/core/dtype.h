@@ -18,4 +18,8 @@ bool dtype_is_float(DType t);
 // Converts n elements of a floating-point dtype (F64/F32/F16/BF16) to fp32.
 void convert_to_f32(const void* src, DType t, size_t n, float* dst);
 
+// Index of the first NaN or ±inf among x[0, n), or -1. Scans blocks branch-free (vectorized), so
+// checking every weight at load costs a small fraction of reading it.
+int64_t find_non_finite(const float* x, int64_t n);
+
 }  // namespace nibble

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "nibble/core/dtype.h"
 #include "nibble/core/error.h"
 #include "nibble/core/progress.h"
 
@@ -33,13 +34,41 @@ nlohmann::json PerplexityResult::to_json() const {
 
 namespace {
 
-std::vector<float> window_logits(Model& m, std::span<const int32_t> window) {
-  auto cache = m.new_cache(int64_t(window.size()));
-  const Step step{cache.get(), window, true};
-  return m.forward({&step, 1});
+// The logits of one window, scored from an empty cache (a fresh sequence, freed after). A NaN or
+// inf among them (a damaged model, an overflow) is an error, as every score computed from it would
+// be meaningless (std::max(0.0, NaN) even reads as 0).
+std::vector<float> window_logits(Executor& m, std::span<const int32_t> window, int64_t w) {
+  const SeqId seq = m.kv().add();
+  std::vector<float> logits;
+  const BatchEntry entry{seq, window, true};
+  try {
+    m.forward({&entry, 1}, logits);
+  } catch (...) {
+    m.kv().free(seq);
+    throw;
+  }
+  m.kv().free(seq);
+  const int64_t bad = find_non_finite(logits.data(), int64_t(logits.size()));
+  if (bad >= 0) {
+    const int64_t V = m.config().vocab_size;
+    throw Error(m.device_name(), fmt::format("non-finite logit ({}) at window {}, position {}, token id {}: the "
+                                             "model's output is not a number",
+                                             logits[size_t(bad)], w, bad / V, bad % V));
+  }
+  return logits;
+}
+
+int64_t window_length(const PerplexityOptions& opt, const ModelConfig& c) {
+  return opt.ctx > 0 ? opt.ctx : c.default_window();
 }
 
 }  // namespace
+
+PerplexityResult perplexity(Executor& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
+                            Executor* base) {
+  Executor* const models[] = {&model};
+  return perplexity_many(models, tokens, opt, base)[0];
+}
 
 PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
                             Model* base) {
@@ -50,11 +79,23 @@ PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const
 std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, std::span<const int32_t> tokens,
                                               const PerplexityOptions& opt, Model* base) {
   check(!models.empty(), "perplexity", "no model to score");
+  RuntimeOptions cpu;  // caches as long as one window, not the whole context
+  cpu.max_context = window_length(opt, models[0]->config());
+  std::vector<std::unique_ptr<Executor>> owned;
+  std::vector<Executor*> executors;
+  for (Model* m : models) executors.push_back(owned.emplace_back(make_executor(*m, cpu)).get());
+  std::unique_ptr<Executor> base_executor = base ? make_executor(*base, cpu) : nullptr;
+  return perplexity_many(executors, tokens, opt, base_executor.get());
+}
+
+std::vector<PerplexityResult> perplexity_many(std::span<Executor* const> models, std::span<const int32_t> tokens,
+                                              const PerplexityOptions& opt, Executor* base) {
+  check(!models.empty(), "perplexity", "no model to score");
   const ModelConfig& c = models[0]->config();
   PerplexityResult proto;
-  proto.ctx = opt.ctx > 0 ? opt.ctx : c.default_window();
+  proto.ctx = window_length(opt, c);
   check(proto.ctx >= 2, "perplexity", "--ctx must be at least 2, got {}", proto.ctx);
-  for (Model* m : models)
+  for (Executor* m : models)
     check(proto.ctx <= m->config().max_position_embeddings && m->config().vocab_size == c.vocab_size, "perplexity",
           "--ctx {} is beyond max_position_embeddings ({}) or the models' vocabularies differ", proto.ctx,
           m->config().max_position_embeddings);
@@ -80,14 +121,14 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
   for (int64_t w = 0; w < proto.windows; ++w) {
     const auto window = tokens.subspan(size_t(w * proto.ctx), size_t(proto.ctx));
     if (base) {
-      const std::vector<float> bl = window_logits(*base, window);
+      const std::vector<float> bl = window_logits(*base, window, w);
       base_lp.resize(npred * size_t(V));
 #pragma omp parallel for
       for (int64_t i = 0; i < preds; ++i) log_softmax(bl.data() + i * V, V, base_lp.data() + i * V);
       for (int64_t i = 0; i < preds; ++i) base_nll -= base_lp[size_t(i * V + window[size_t(i + 1)])];
     }
     for (size_t mi = 0; mi < nmodels; ++mi) {
-      const std::vector<float> logits = window_logits(*models[mi], window);
+      const std::vector<float> logits = window_logits(*models[mi], window, w);
       std::vector<double> nll_at(npred), kld_at(npred);
       std::vector<char> agree_at(npred);
 #pragma omp parallel
@@ -141,6 +182,9 @@ std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, st
       r.kld_max = k.back();
       r.top1 = double(agree[mi]) / double(r.scored);
     }
+    check(std::isfinite(r.ppl) && (!base || (std::isfinite(r.base_ppl) && std::isfinite(r.kld_mean))),
+          models[mi]->source(), "perplexity {} (base {}, KLD {}) is not a finite number", r.ppl, r.base_ppl,
+          r.kld_mean);
     out.push_back(r);
   }
   progress.finish(fmt::format("ppl {:.4f}", out[0].ppl));

@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "nibble/backend/backend.h"
 #include "nibble/model/model.h"
 
 namespace nibble {
@@ -40,11 +41,17 @@ struct PerplexityResult {
 
 
 // Scores `tokens` (BOS included) with `model`; with `base`, also compares its distributions.
-PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
-                            Model* base = nullptr);
+PerplexityResult perplexity(Executor& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
+                            Executor* base = nullptr);
 
 // Scores several models on the same windows, the base (if any) run once per window for all of
 // them: what an ablation table needs. Results come back in the order of `models`.
+std::vector<PerplexityResult> perplexity_many(std::span<Executor* const> models, std::span<const int32_t> tokens,
+                                              const PerplexityOptions& opt, Executor* base = nullptr);
+
+// The same on the CPU reference executor of each model.
+PerplexityResult perplexity(Model& model, std::span<const int32_t> tokens, const PerplexityOptions& opt,
+                            Model* base = nullptr);
 std::vector<PerplexityResult> perplexity_many(std::span<Model* const> models, std::span<const int32_t> tokens,
                                               const PerplexityOptions& opt, Model* base = nullptr);
 

@@ -339,8 +339,15 @@ std::vector<int64_t> select_docs(int64_t n, int64_t limit, uint64_t seed) {
 
 fs::path default_tasks_dir() {
   if (const char* env = std::getenv("NIBBLE_DATA"); env && *env) return fs::path(env) / "tasks";
-  for (const char* p : {"../shared/data/tasks", "shared/data/tasks", "../../shared/data/tasks"})
-    if (fs::is_directory(p)) return p;
+  // The running binary's folder first: a checkout's build/bin/nibble finds the shared/ beside the
+  // checkout from whatever folder it is run in.
+  std::error_code ec;
+  for (const fs::path& start : {fs::read_symlink("/proc/self/exe", ec).parent_path(), fs::current_path(ec)}) {
+    for (fs::path d = start; !d.empty(); d = d.parent_path()) {
+      if (fs::is_directory(d / "shared/data/tasks", ec)) return d / "shared/data/tasks";
+      if (d == d.parent_path()) break;
+    }
+  }
   return "../shared/data/tasks";
 }
 

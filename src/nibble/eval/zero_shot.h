@@ -139,7 +139,8 @@ std::vector<int64_t> select_docs(int64_t n, int64_t limit, uint64_t seed = 42);
 std::vector<int64_t> python_shuffled(int64_t n, uint64_t seed);
 // lm-eval's mean_stderr: sample standard deviation / sqrt(n).
 double mean_stderr(std::span<const double> xs);
-// The default tasks folder: $NIBBLE_DATA/tasks, else ../shared/data/tasks beside the working dir.
+// The default tasks folder: $NIBBLE_DATA/tasks, else shared/data/tasks in the nearest folder
+// above the running binary, else above the working folder.
 std::filesystem::path default_tasks_dir();
 
 }  // namespace nibble

@@ -2,10 +2,14 @@
 
 #include <cstring>
 #include <fstream>
+#include <set>
 #include <sstream>
+
+#include <openssl/evp.h>
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/core/json.h"
 #include "nibble/io/safetensors.h"
 #include "nibble/quant/quant_linear.h"
 #include "nibble/quant/recipe.h"
@@ -102,6 +106,27 @@ std::string read_file_bytes(const std::filesystem::path& p) {
   return ss.str();
 }
 
+// SHA-256 (OpenSSL's libcrypto) of the checkpoint's .safetensors files, concatenated in the order
+// Checkpoint lists them (file-name order): reading them back costs a fraction of loading them.
+std::string checkpoint_sha256(const Checkpoint& ckpt) {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
+  check(ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1, ckpt.where(), "cannot start SHA-256");
+  std::vector<char> buf(1 << 20);
+  for (const auto& f : ckpt.files()) {
+    std::ifstream in(f->path(), std::ios::binary);
+    check(bool(in), f->path(), "cannot read the file to hash it");
+    while (in.read(buf.data(), std::streamsize(buf.size())) || in.gcount() > 0)
+      EVP_DigestUpdate(ctx.get(), buf.data(), size_t(in.gcount()));
+    check(in.eof(), f->path(), "read failed while hashing");
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int n = 0;
+  check(EVP_DigestFinal_ex(ctx.get(), digest, &n) == 1, ckpt.where(), "SHA-256 failed");
+  std::string hex;
+  for (unsigned int i = 0; i < n; ++i) hex += fmt::format("{:02x}", digest[i]);
+  return hex;
+}
+
 // Reads the packed tensors back, checking each against the shape the config and recipe imply.
 class PackedReader {
  public:
@@ -110,6 +135,7 @@ class PackedReader {
   const TensorInfo& expect(const std::string& name, DType dtype, const std::vector<int64_t>& shape) const {
     check(f_.has(name), f_.path(), "tensor '{}' is missing (the file is incomplete or from another model)", name);
     const TensorInfo& t = f_.get(name);
+    read_.insert(name);
     check(t.dtype == dtype, f_.path(), "tensor '{}' has dtype {}, expected {}", name, dtype_name(t.dtype),
           dtype_name(dtype));
     if (t.shape != shape) {
@@ -129,14 +155,16 @@ class PackedReader {
     return expect_floats(t, name, shape);
   }
 
-  std::unique_ptr<Linear> linear(const std::string& name, int64_t N, int64_t K) const {
+  // `gathered`: the linear gathers its input channels at run time (all but down_proj, whose order is
+  // folded into gate/up), so a reordering recipe stored its permutation.
+  std::unique_ptr<Linear> linear(const std::string& name, int64_t N, int64_t K, bool gathered) const {
     const std::string p = name + ".";
     if (f_.has(name + ".weight"))  // left at full precision (router, lm_head)
       return std::make_unique<DenseLinear>(K, N, floats(name + ".weight", {N, K}),
                                            f_.has(name + ".bias") ? floats(name + ".bias", {N}) : std::vector<float>{});
     const quant::LinearQuantSpec spec = recipe_.linear_spec(K, f_.path() + ": " + name);
     std::vector<int32_t> perm;
-    if (f_.has(p + "perm")) {
+    if (recipe_.reorder && gathered) {
       const TensorInfo& t = expect(p + "perm", DType::I32, {K});
       perm.assign(reinterpret_cast<const int32_t*>(t.data), reinterpret_cast<const int32_t*>(t.data) + K);
       std::vector<char> seen(size_t(K), 0);
@@ -161,16 +189,27 @@ class PackedReader {
         std::memcpy(keeper_fp16.data(), t.data, t.nbytes);
       }
     }
-    return std::make_unique<QuantLinear>(spec, std::move(perm), std::move(main), std::move(keepers),
-                                         std::move(keeper_fp16), std::move(bias));
+    auto q = std::make_unique<QuantLinear>(spec, std::move(perm), std::move(main), std::move(keepers),
+                                           std::move(keeper_fp16), std::move(bias));
+    // Finite scales can still decode to inf (an E8M0 scale of 2^127 times a code of 6).
+    check_finite_tensor(q->dequantized().data(), int64_t(q->dequantized().size()), f_.path(),
+                        name + " (dequantized from its codes and scales)");
+    return q;
+  }
+
+  // Every tensor of the file must have been read; the tokenizer's are read by packed_tokenizer_files.
+  void check_all_read() const {
+    std::set<std::string> read = read_;
+    read.insert({"tokenizer.json", "tokenizer_config.json"});
+    std::vector<std::string> all;
+    for (const auto& [name, t] : f_.tensors()) all.push_back(name);
+    nibble::check_all_read(all, read, f_.path());
   }
 
  private:
   std::vector<float> expect_floats(const TensorInfo& t, const std::string& name, const std::vector<int64_t>& shape) const {
     expect(name, t.dtype, shape);
-    std::vector<float> v(size_t(t.numel()));
-    convert_to_f32(t.data, t.dtype, v.size(), v.data());
-    return v;
+    return finite_f32(t, f_.path());
   }
 
   QuantizedMatrix matrix(const std::string& p, const quant::FormatSpec& spec, int64_t rows, int64_t cols) const {
@@ -192,6 +231,7 @@ class PackedReader {
         const uint16_t bits = sb == 2 ? reinterpret_cast<const uint16_t*>(s.data)[i] : s.data[i];
         q.scales[i] = quant::scale_from_bits(spec.format, bits);
       }
+      check_finite_tensor(q.scales.data(), int64_t(q.scales.size()), f_.path(), p + "scales");
       if (quant::format_is_asymmetric(spec.format)) {
         const TensorInfo& z = expect(p + "zeros", DType::U8, {srows * scols});
         q.zeros.assign(z.data, z.data + z.nbytes);
@@ -204,12 +244,13 @@ class PackedReader {
 
   const SafetensorsFile& f_;
   const quant::Recipe& recipe_;
+  mutable std::set<std::string> read_;
 };
 
 }  // namespace
 
 int64_t save_packed_model(const Model& model, const std::string& recipe_json,
-                          const std::filesystem::path& tokenizer_dir, const std::filesystem::path& out) {
+                          const std::filesystem::path& tokenizer, const std::filesystem::path& out) {
   const ModelConfig& c = model.config();
   SafetensorsWriter w;
   add_exact_floats(w, "model.embed_tokens.weight", model.embedding(), {c.vocab_size, c.hidden_size});
@@ -229,43 +270,48 @@ int64_t save_packed_model(const Model& model, const std::string& recipe_json,
   }
   add_exact_floats(w, "model.norm.weight", const_cast<Model&>(model).final_norm(), {c.hidden_size});
   if (!c.tie_word_embeddings) add_linear(w, "lm_head", const_cast<Model&>(model).lm_head());
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json"}) {
-    const auto p = tokenizer_dir / f;
-    if (!std::filesystem::exists(p)) continue;
+  const std::filesystem::path tokenizer_json =
+      std::filesystem::is_directory(tokenizer) ? tokenizer / "tokenizer.json" : tokenizer;
+  for (const auto& [name, p] : {std::pair{"tokenizer.json", tokenizer_json},
+                                std::pair{"tokenizer_config.json", tokenizer_json.parent_path() / "tokenizer_config.json"}}) {
+    if (!std::filesystem::is_regular_file(p)) continue;
     const std::string bytes = read_file_bytes(p);
-    w.add(f, DType::U8, {int64_t(bytes.size())},
+    w.add(name, DType::U8, {int64_t(bytes.size())},
           std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
   }
   w.set_metadata("format", kFormatTag);
   w.set_metadata("nibble.version", NIBBLE_VERSION);
   w.set_metadata("nibble.recipe", recipe_json);
   w.set_metadata("nibble.config", c.to_json().dump());
-  w.set_metadata("nibble.source", model.source());
-  w.write(out);
+  const std::filesystem::path source(model.source());
+  w.set_metadata("nibble.source", std::filesystem::absolute(source).lexically_normal().filename().string());
+  w.set_metadata("nibble.source_sha256", checkpoint_sha256(Checkpoint::open(source)));
+  const std::filesystem::path inputs[] = {source, tokenizer};
+  w.write(out, inputs);
   return int64_t(std::filesystem::file_size(out));
 }
 
 std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
-  const auto file = SafetensorsFile::open(path);
-  const auto& meta = file->metadata();
+  return load_packed_model(*SafetensorsFile::open(path));
+}
+
+std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file) {
+  const std::string& path = file.path();
+  const auto& meta = file.metadata();
   auto tag = meta.find("format");
-  check(tag != meta.end() && tag->second == kFormatTag, path.string(),
+  check(tag != meta.end() && tag->second == kFormatTag, path,
         "not a nibble packed model (no '{}' metadata): give a Hugging Face checkpoint directory or a file written "
         "by `nibble quantize`",
         kFormatTag);
   auto json_of = [&](const char* key) {
     auto it = meta.find(key);
-    check(it != meta.end(), path.string(), "metadata '{}' is missing", key);
-    try {
-      return nlohmann::json::parse(it->second);
-    } catch (const nlohmann::json::exception& e) {
-      throw Error(path.string(), fmt::format("metadata '{}' is not valid JSON ({})", key, e.what()));
-    }
+    check(it != meta.end(), path, "metadata '{}' is missing", key);
+    return parse_json(it->second, fmt::format("{} (metadata {})", path, key));
   };
-  const ModelConfig c = ModelConfig::from_json(json_of("nibble.config"), path.string() + " (metadata nibble.config)");
-  const quant::Recipe recipe = quant::Recipe::from_json(json_of("nibble.recipe"), path.string() + " (metadata nibble.recipe)");
+  const ModelConfig c = ModelConfig::from_json(json_of("nibble.config"), path + " (metadata nibble.config)");
+  const quant::Recipe recipe = quant::Recipe::from_json(json_of("nibble.recipe"), path + " (metadata nibble.recipe)");
   recipe.validate(c);
-  PackedReader r(*file, recipe);
+  PackedReader r(file, recipe);
   const int64_t H = c.hidden_size, I = c.intermediate_size;
   std::vector<float> embedding = r.floats("model.embed_tokens.weight", {c.vocab_size, H});
   std::vector<Layer> layers;
@@ -273,21 +319,23 @@ std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
     Layer layer;
     layer.attn_norm = r.floats(fmt::format("model.layers.{}.input_layernorm.weight", l), {H});
     layer.mlp_norm = r.floats(fmt::format("model.layers.{}.post_attention_layernorm.weight", l), {H});
-    layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H);
-    layer.o = r.linear(o_name(l), H, c.q_dim());
+    layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H, true);
+    layer.o = r.linear(o_name(l), H, c.q_dim(), true);
     const bool moe = c.num_experts > 0;
-    if (moe) layer.router = r.linear(router_name(l), c.num_experts, H);
+    if (moe) layer.router = r.linear(router_name(l), c.num_experts, H, false);
     for (int64_t e = 0; e < (moe ? c.num_experts : 1); ++e) {
       const std::string p = expert_prefix(l, int(e), moe);
-      layer.experts.push_back({r.linear(p + "gate_up_proj", 2 * I, H), r.linear(p + "down_proj", H, I)});
+      layer.experts.push_back(
+          {r.linear(p + "gate_up_proj", 2 * I, H, true), r.linear(p + "down_proj", H, I, false)});
     }
     layers.push_back(std::move(layer));
   }
   std::vector<float> final_norm = r.floats("model.norm.weight", {H});
   std::unique_ptr<Linear> head = c.tie_word_embeddings
                                      ? std::make_unique<DenseLinear>(H, c.vocab_size, embedding, std::vector<float>{})
-                                     : r.linear("lm_head", c.vocab_size, H);
-  auto m = std::make_unique<Model>(c, path.string(), std::move(embedding), std::move(layers), std::move(final_norm),
+                                     : r.linear("lm_head", c.vocab_size, H, false);
+  r.check_all_read();
+  auto m = std::make_unique<Model>(c, path, std::move(embedding), std::move(layers), std::move(final_norm),
                                    std::move(head));
   m->set_kv_format(recipe.kv);
   m->set_fp16_activations(recipe.fp16_activations);
@@ -295,18 +343,16 @@ std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path) {
   return m;
 }
 
-bool packed_tokenizer_files(const std::filesystem::path& path, std::string* tokenizer_json,
-                            std::string* tokenizer_config) {
-  const auto f = SafetensorsFile::open(path);
-  if (!f->has("tokenizer.json")) return false;
-  const TensorInfo& t = f->get("tokenizer.json");
-  tokenizer_json->assign(reinterpret_cast<const char*>(t.data), t.nbytes);
-  tokenizer_config->clear();
-  if (f->has("tokenizer_config.json")) {
-    const TensorInfo& c = f->get("tokenizer_config.json");
-    tokenizer_config->assign(reinterpret_cast<const char*>(c.data), c.nbytes);
-  }
-  return true;
+std::optional<TokenizerFiles> packed_tokenizer_files(const SafetensorsFile& file) {
+  if (!file.has("tokenizer.json")) return std::nullopt;
+  auto text = [&](const char* name) {
+    if (!file.has(name)) return std::string();
+    const TensorInfo& t = file.get(name);
+    return std::string(reinterpret_cast<const char*>(t.data), t.nbytes);
+  };
+  const auto config = file.metadata().find("nibble.config");
+  return TokenizerFiles{text("tokenizer.json"), text("tokenizer_config.json"),
+                        config == file.metadata().end() ? std::string() : config->second, std::string()};
 }
 
 }  // namespace nibble

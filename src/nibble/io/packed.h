@@ -3,28 +3,38 @@
 // `.zeros`, `.tensor_scale`, `.perm` (int32), `.keeper_codes` + `.keeper_scales` or `.keeper_fp16`,
 // `.bias` (fp16); untouched tensors (embedding, norms, router, lm_head) in the most compact dtype
 // that holds their values exactly (bf16, fp16 or fp32); the tokenizer files as uint8 tensors; and
-// in `__metadata__` the recipe, model config, source and nibble version as JSON.
+// in `__metadata__` the recipe, model config and nibble version as JSON, `nibble.source` (the
+// source checkpoint folder's name, never a local path) and `nibble.source_sha256` (SHA-256 of the
+// source's .safetensors files, concatenated in file-name order: identifies the exact weights).
 // Loading rebuilds the same QuantLinears, so the logits equal the in-memory quantized model's.
 #pragma once
 
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "nibble/io/safetensors.h"
 #include "nibble/model/model.h"
+#include "nibble/tokenizer/tokenizer.h"
 
 namespace nibble {
 
-// Writes `model` (quantized in memory by quant::quantize_model) with `recipe_json`; tokenizer files
-// from `tokenizer_dir` are embedded so the file stands alone. Returns the bytes written.
+// Writes `model` (quantized in memory by quant::quantize_model from the checkpoint at
+// model.source()) with `recipe_json`; `tokenizer` (a tokenizer.json or a folder holding one) and
+// the tokenizer_config.json beside it are embedded when present, so the file stands alone. `out` is written by write_output_file
+// (never over the source or the tokenizer files). Returns the bytes written.
 int64_t save_packed_model(const Model& model, const std::string& recipe_json,
-                          const std::filesystem::path& tokenizer_dir, const std::filesystem::path& out);
+                          const std::filesystem::path& tokenizer, const std::filesystem::path& out);
 
 std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path);
+// The same from a file already open (commands read the model and its tokenizer from one opening;
+// the fuzz target passes an in-memory file); the model copies what it keeps.
+std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file);
 
-// The embedded tokenizer.json (and tokenizer_config.json, may be empty) of a packed file.
-bool packed_tokenizer_files(const std::filesystem::path& path, std::string* tokenizer_json,
-                            std::string* tokenizer_config);
+// The tokenizer files embedded in a packed file (config.json: its nibble.config metadata, which
+// carries bos_token_id/eos_token_id); nullopt when it was written without a tokenizer.
+std::optional<TokenizerFiles> packed_tokenizer_files(const SafetensorsFile& file);
 
 
 }  // namespace nibble

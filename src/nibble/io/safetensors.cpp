@@ -6,13 +6,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <limits>
 #include <set>
-#include <sstream>
 
 #include "nibble/core/error.h"
+#include "nibble/io/output_file.h"
 
 namespace nibble {
 
@@ -28,29 +29,90 @@ std::string TensorInfo::shape_str() const {
   return s + "]";
 }
 
+void check_finite_tensor(const float* values, int64_t n, const std::string& where, const std::string& tensor) {
+  const int64_t i = find_non_finite(values, n);
+  if (i < 0) return;
+  throw Error(where, fmt::format("tensor '{}' holds {} at element {} (of {}): the file is damaged", tensor,
+                                 std::isnan(values[i]) ? "NaN" : values[i] > 0 ? "+inf" : "-inf", i, n));
+}
+
+std::vector<float> finite_f32(const TensorInfo& t, const std::string& where) {
+  std::vector<float> out(size_t(t.numel()));
+  convert_to_f32(t.data, t.dtype, out.size(), out.data());
+  check_finite_tensor(out.data(), int64_t(out.size()), where, t.name);
+  return out;
+}
+
+void check_all_read(const std::vector<std::string>& all, const std::set<std::string>& read, const std::string& where) {
+  std::vector<std::string> unread;
+  for (const std::string& name : all)
+    if (!read.count(name)) unread.push_back(name);
+  if (unread.empty()) return;
+  constexpr size_t kNamed = 3;
+  std::string names;
+  for (size_t i = 0; i < std::min(unread.size(), kNamed); ++i) names += (i ? ", '" : "'") + unread[i] + "'";
+  throw Error(where, fmt::format("{} tensor(s) that the config does not use: {}{} (does the config match the "
+                                 "checkpoint, e.g. num_hidden_layers, tie_word_embeddings?)",
+                                 unread.size(), names, unread.size() > kNamed ? ", ..." : ""));
+}
+
 namespace {
 
 // Largest header we accept (the Rust reference implementation uses 100 MB too).
 constexpr uint64_t kMaxHeaderBytes = 100ull << 20;
 
-nlohmann::json parse_header_json(std::string_view text, const std::string& where) {
-  // nlohmann keeps the last of duplicate keys silently; a parser callback sees every top-level key.
-  std::set<std::string> seen;
-  std::string duplicate;
-  auto cb = [&](int depth, nlohmann::json::parse_event_t event, nlohmann::json& parsed) {
-    if (event == nlohmann::json::parse_event_t::key && depth == 1) {
-      const std::string key = parsed.get<std::string>();
-      if (!seen.insert(key).second && duplicate.empty()) duplicate = key;
-    }
+// A header nests three deep (the top object, a tensor's entry, its shape); deeper input is refused
+// before it is built (a deeply nested header would otherwise take many times its size in memory).
+constexpr int kMaxHeaderDepth = 8;
+
+// Builds the header as nlohmann::json::parse does, in time linear in its size (a parser callback
+// would make nlohmann rescan the top object after each entry: quadratic), refusing a key given
+// twice at the top (nlohmann keeps the last silently) and nesting beyond kMaxHeaderDepth.
+class HeaderSax {
+ public:
+  using json = nlohmann::json;
+  HeaderSax(json& root, const std::string& where) : dom_(root), where_(where) {}
+
+  bool null() { return dom_.null(); }
+  bool boolean(bool v) { return dom_.boolean(v); }
+  bool number_integer(json::number_integer_t v) { return dom_.number_integer(v); }
+  bool number_unsigned(json::number_unsigned_t v) { return dom_.number_unsigned(v); }
+  bool number_float(json::number_float_t v, const json::string_t& s) { return dom_.number_float(v, s); }
+  bool string(json::string_t& v) { return dom_.string(v); }
+  bool binary(json::binary_t& v) { return dom_.binary(v); }
+  bool start_object(std::size_t n) { return enter() && dom_.start_object(n); }
+  bool end_object() { --depth_; return dom_.end_object(); }
+  bool start_array(std::size_t n) { return enter() && dom_.start_array(n); }
+  bool end_array() { --depth_; return dom_.end_array(); }
+  bool key(json::string_t& k) {
+    check(depth_ != 1 || top_keys_.insert(k).second, where_, "header names tensor '{}' twice", k);
+    return dom_.key(k);
+  }
+  template <typename Exception>
+  bool parse_error(std::size_t position, const std::string& token, const Exception& e) {
+    return dom_.parse_error(position, token, e);
+  }
+
+ private:
+  bool enter() {
+    check(++depth_ <= kMaxHeaderDepth, where_, "header nests deeper than {} levels", kMaxHeaderDepth);
     return true;
-  };
+  }
+
+  nlohmann::detail::json_sax_dom_parser<json> dom_;
+  const std::string& where_;
+  int depth_ = 0;
+  std::set<std::string> top_keys_;
+};
+
+nlohmann::json parse_header_json(std::string_view text, const std::string& where) {
   nlohmann::json j;
+  HeaderSax sax(j, where);
   try {
-    j = nlohmann::json::parse(text.begin(), text.end(), cb);
+    nlohmann::json::sax_parse(text.begin(), text.end(), &sax);
   } catch (const nlohmann::json::exception& e) {
     throw Error(where, fmt::format("header is not valid JSON ({})", e.what()));
   }
-  check(duplicate.empty(), where, "header names tensor '{}' twice", duplicate);
   check(j.is_object(), where, "header is not a JSON object");
   return j;
 }
@@ -59,12 +121,15 @@ nlohmann::json parse_header_json(std::string_view text, const std::string& where
 
 std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path) {
   const std::string where = path.string();
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  check(fd >= 0, where, "cannot open file: {}", std::strerror(errno));
+  // Checked before open(): opening a FIFO for reading blocks until a writer appears.
   struct stat st {};
-  if (fstat(fd, &st) != 0) {
+  check(::stat(path.c_str(), &st) == 0, where, "cannot open file: {}", std::strerror(errno));
+  check(S_ISREG(st.st_mode), where, "not a regular file (a directory, FIFO or device)");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK);
+  check(fd >= 0, where, "cannot open file: {}", std::strerror(errno));
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {  // replaced between stat and open
     ::close(fd);
-    throw Error(where, "cannot stat file");
+    throw Error(where, "cannot stat file, or it is no longer a regular file");
   }
   const size_t size = size_t(st.st_size);
   void* map = nullptr;
@@ -97,10 +162,13 @@ SafetensorsFile::~SafetensorsFile() {
 
 void SafetensorsFile::parse_header(std::span<const uint8_t> bytes) {
   const std::string& where = where_;
-  check(bytes.size() >= 8, where, "file is {} bytes, too short for the 8-byte header length", bytes.size());
+  check(bytes.size() >= 8, where, "not a safetensors file ({} bytes, too short for the 8-byte header length)",
+        bytes.size());
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | bytes[size_t(i)];
-  check(header_len <= kMaxHeaderBytes, where, "header length {} is over the {} byte limit", header_len, kMaxHeaderBytes);
+  check(header_len <= kMaxHeaderBytes, where,
+        "not a safetensors file (its first 8 bytes, the header length, say more than the {} byte limit)",
+        kMaxHeaderBytes);
   check(header_len <= bytes.size() - 8, where, "header length {} runs past the end of the file ({} bytes): truncated?",
         header_len, bytes.size());
   const std::string_view text(reinterpret_cast<const char*>(bytes.data() + 8), size_t(header_len));
@@ -159,11 +227,25 @@ void SafetensorsFile::parse_header(std::span<const uint8_t> bytes) {
     auto [it, inserted] = tensors_.emplace(name, std::move(t));
     ranges.push_back({begin, end, &it->first});
   }
-  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
-  for (size_t i = 1; i < ranges.size(); ++i)
-    check(ranges[i].begin >= ranges[i - 1].end, where, "tensors '{}' and '{}' overlap (bytes {}..{} and {}..{})",
-          *ranges[i - 1].name, *ranges[i].name, ranges[i - 1].begin, ranges[i - 1].end, ranges[i].begin,
-          ranges[i].end);
+  // The tensors must tile the data section exactly (as the format requires): a gap or bytes left
+  // over mean a wrong header length or offsets, and every tensor would be read from the wrong bytes.
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) {
+    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;  // empty tensors first
+  });
+  uint64_t covered = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    if (ranges[i].begin < covered)  // covered > 0: an earlier tensor
+      throw Error(where, fmt::format("tensors '{}' and '{}' overlap (bytes {}..{} and {}..{})", *ranges[i - 1].name,
+                                     *ranges[i].name, ranges[i - 1].begin, ranges[i - 1].end, ranges[i].begin,
+                                     ranges[i].end));
+    check(ranges[i].begin == covered, where,
+          "bytes {}..{} of the data section belong to no tensor (before '{}'): wrong data_offsets?", covered,
+          ranges[i].begin, *ranges[i].name);
+    covered = ranges[i].end;
+  }
+  check(covered == data_size, where,
+        "the data section holds {} bytes but its tensors cover {}: wrong header length, or trailing bytes",
+        data_size, covered);
 }
 
 const TensorInfo& SafetensorsFile::get(const std::string& name) const {
@@ -237,9 +319,7 @@ std::vector<float> Checkpoint::load_f32(const std::string& name, const std::vect
   }
   check(dtype_is_float(t.dtype), where_, "tensor '{}' has dtype {}, expected a floating-point type", name,
         dtype_name(t.dtype));
-  std::vector<float> out(size_t(t.numel()));
-  convert_to_f32(t.data, t.dtype, out.size(), out.data());
-  return out;
+  return finite_f32(t, where_);
 }
 
 namespace {
@@ -263,7 +343,7 @@ void SafetensorsWriter::add_generated(const std::string& name, DType dtype, std:
   entries_[name] = Entry{dtype, std::move(shape), {}, nbytes, std::move(fill)};
 }
 
-void SafetensorsWriter::write_to(std::ostream& out) const {
+void SafetensorsWriter::write_to(const OutputSink& sink) const {
   nlohmann::ordered_json header;
   if (!metadata_.empty()) header["__metadata__"] = metadata_;
   uint64_t offset = 0;
@@ -273,10 +353,10 @@ void SafetensorsWriter::write_to(std::ostream& out) const {
   }
   std::string text = header.dump();
   while ((8 + text.size()) % 8) text.push_back(' ');  // keeps the data section 8-byte aligned
-  uint8_t length[8];
-  for (int i = 0; i < 8; ++i) length[i] = uint8_t(uint64_t(text.size()) >> (8 * i));
-  out.write(reinterpret_cast<const char*>(length), 8);
-  out.write(text.data(), std::streamsize(text.size()));
+  char length[8];
+  for (int i = 0; i < 8; ++i) length[i] = char(uint8_t(uint64_t(text.size()) >> (8 * i)));
+  sink({length, 8});
+  sink(text);
   std::vector<uint8_t> generated;
   for (const auto& [name, e] : entries_) {
     const std::vector<uint8_t>* bytes = &e.bytes;
@@ -285,26 +365,18 @@ void SafetensorsWriter::write_to(std::ostream& out) const {
       e.fill(generated);
       bytes = &generated;
     }
-    out.write(reinterpret_cast<const char*>(bytes->data()), std::streamsize(e.nbytes));
+    sink({reinterpret_cast<const char*>(bytes->data()), e.nbytes});
   }
 }
 
 std::vector<uint8_t> SafetensorsWriter::serialize() const {
-  std::ostringstream out;
-  write_to(out);
-  const std::string s = std::move(out).str();
-  return {s.begin(), s.end()};
+  std::vector<uint8_t> out;
+  write_to([&](std::string_view bytes) { out.insert(out.end(), bytes.begin(), bytes.end()); });
+  return out;
 }
 
-void SafetensorsWriter::write(const std::filesystem::path& path) const {
-  const std::filesystem::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary);
-    check(bool(out), tmp.string(), "cannot create file");
-    write_to(out);
-    check(bool(out), tmp.string(), "write failed (disk full?)");
-  }
-  std::filesystem::rename(tmp, path);
+void SafetensorsWriter::write(const std::filesystem::path& path, std::span<const std::filesystem::path> inputs) const {
+  write_output_file(path, [this](const OutputSink& sink) { write_to(sink); }, inputs);
 }
 
 }  // namespace nibble

@@ -5,9 +5,9 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
-#include <iosfwd>
 #include <map>
 #include <memory>
+#include <set>
 #include <span>
 #include <string>
 #include <vector>
@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "nibble/core/dtype.h"
+#include "nibble/io/output_file.h"
 
 namespace nibble {
 
@@ -29,6 +30,18 @@ struct TensorInfo {
   int64_t numel() const;
   std::string shape_str() const;  // "[4096, 11008]"
 };
+
+// Throws nibble::Error(where, ...) naming `tensor` and the index of its first NaN or ±inf among
+// values[0, n): no working model has a non-finite weight, norm or scale, and one would turn every
+// result into NaN.
+void check_finite_tensor(const float* values, int64_t n, const std::string& where, const std::string& tensor);
+// A floating-point tensor as fp32, checked finite (check_finite_tensor).
+std::vector<float> finite_f32(const TensorInfo& t, const std::string& where);
+
+// Throws nibble::Error(where, ...) naming the tensors of `all` missing from `read` (at most a few,
+// and how many in all): a tensor that nothing reads means the file and its config disagree (fewer
+// layers in the config, a renamed tensor), and the model would run without it.
+void check_all_read(const std::vector<std::string>& all, const std::set<std::string>& read, const std::string& where);
 
 class SafetensorsFile {
  public:
@@ -93,12 +106,13 @@ class SafetensorsWriter {
   using Fill = std::function<void(std::span<uint8_t>)>;
   void add_generated(const std::string& name, DType dtype, std::vector<int64_t> shape, Fill fill);
   void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
-  // Writes to a temporary name and renames, so a crash never leaves a half-written file.
-  void write(const std::filesystem::path& path) const;
+  // Writes through write_output_file (output_file.h): never over a device, FIFO, link or one of
+  // `inputs`, and never a half-written file.
+  void write(const std::filesystem::path& path, std::span<const std::filesystem::path> inputs = {}) const;
   std::vector<uint8_t> serialize() const;
 
  private:
-  void write_to(std::ostream& out) const;
+  void write_to(const OutputSink& sink) const;
 
   struct Entry {
     DType dtype;

@@ -1,8 +1,11 @@
 #include "nibble/model/config.h"
 
+#include <cmath>
 #include <fstream>
+#include <limits>
 
 #include "nibble/core/error.h"
+#include "nibble/core/json.h"
 
 namespace nibble {
 
@@ -18,24 +21,15 @@ const char* arch_name(Arch a) {
 
 namespace {
 
-template <typename T>
-T get_required(const nlohmann::json& j, const char* key, const std::string& where) {
-  check(j.contains(key) && !j[key].is_null(), where, "missing required field '{}'", key);
-  try {
-    return j[key].get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw Error(where, fmt::format("field '{}' has the wrong type: {}", key, j[key].dump()));
-  }
+// Sizes beyond 2^31 do not fit the BLAS calls (int dimensions), and are not a real model's.
+constexpr int64_t kMaxDim = std::numeric_limits<int32_t>::max();
+
+void check_positive_size(int64_t v, const char* key, const std::string& where) {
+  check(v > 0 && v <= kMaxDim, where, "{} must be in 1..{}, not {}", key, kMaxDim, v);
 }
 
-template <typename T>
-T get_or(const nlohmann::json& j, const char* key, T fallback, const std::string& where) {
-  if (!j.contains(key) || j[key].is_null()) return fallback;
-  try {
-    return j[key].get<T>();
-  } catch (const nlohmann::json::exception&) {
-    throw Error(where, fmt::format("field '{}' has the wrong type: {}", key, j[key].dump()));
-  }
+void check_positive_real(double v, const char* key, const std::string& where) {
+  check(std::isfinite(v) && v > 0, where, "{} must be a positive number, not {}", key, v);
 }
 
 }  // namespace
@@ -45,9 +39,9 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
   ModelConfig c;
   std::string arch;
   if (j.contains("architectures") && j["architectures"].is_array() && !j["architectures"].empty())
-    arch = j["architectures"][0].get<std::string>();
+    arch = json_as<std::string>(j["architectures"][0], "architectures", where);
   else
-    arch = get_or<std::string>(j, "model_type", "", where);
+    arch = json_field_or<std::string>(j, "model_type", "", where);
   if (arch == "LlamaForCausalLM" || arch == "llama") c.arch = Arch::Llama;
   else if (arch == "MistralForCausalLM" || arch == "mistral") c.arch = Arch::Mistral;
   else if (arch == "Qwen2ForCausalLM" || arch == "qwen2") c.arch = Arch::Qwen2;
@@ -57,75 +51,102 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& w
                                    "MistralForCausalLM, Qwen2ForCausalLM, MixtralForCausalLM)",
                                    arch.empty() ? "<none given>" : arch));
 
-  const std::string act = get_or<std::string>(j, "hidden_act", "silu", where);
+  const std::string act = json_field_or<std::string>(j, "hidden_act", "silu", where);
   check(act == "silu", where, "hidden_act '{}' is not supported (only silu/SwiGLU)", act);
 
-  c.vocab_size = get_required<int64_t>(j, "vocab_size", where);
-  c.hidden_size = get_required<int64_t>(j, "hidden_size", where);
-  c.intermediate_size = get_required<int64_t>(j, "intermediate_size", where);
-  c.num_layers = get_required<int64_t>(j, "num_hidden_layers", where);
-  c.num_heads = get_required<int64_t>(j, "num_attention_heads", where);
-  c.num_kv_heads = get_or<int64_t>(j, "num_key_value_heads", c.num_heads, where);
+  c.vocab_size = json_field<int64_t>(j, "vocab_size", where);
+  c.hidden_size = json_field<int64_t>(j, "hidden_size", where);
+  c.intermediate_size = json_field<int64_t>(j, "intermediate_size", where);
+  c.num_layers = json_field<int64_t>(j, "num_hidden_layers", where);
+  c.num_heads = json_field<int64_t>(j, "num_attention_heads", where);
+  c.num_kv_heads = json_field_or<int64_t>(j, "num_key_value_heads", c.num_heads, where);
   check(c.num_heads > 0 && c.hidden_size > 0, where, "num_attention_heads and hidden_size must be positive");
-  c.head_dim = get_or<int64_t>(j, "head_dim", c.hidden_size / c.num_heads, where);
-  c.max_position_embeddings = get_or<int64_t>(j, "max_position_embeddings", 2048, where);
-  c.rms_norm_eps = get_or<double>(j, "rms_norm_eps", 1e-6, where);
-  c.tie_word_embeddings = get_or<bool>(j, "tie_word_embeddings", false, where);
-  c.attention_bias = get_or<bool>(j, "attention_bias", c.arch == Arch::Qwen2, where);
-  c.sliding_window = get_or<int64_t>(j, "sliding_window", 0, where);
-  if (c.arch == Arch::Qwen2 && !get_or<bool>(j, "use_sliding_window", false, where)) c.sliding_window = 0;
+  c.head_dim = json_field_or<int64_t>(j, "head_dim", c.hidden_size / c.num_heads, where);
+  c.max_position_embeddings = json_field_or<int64_t>(j, "max_position_embeddings", 2048, where);
+  c.rms_norm_eps = json_field_or<double>(j, "rms_norm_eps", 1e-6, where);
+  c.tie_word_embeddings = json_field_or<bool>(j, "tie_word_embeddings", false, where);
+  c.attention_bias = json_field_or<bool>(j, "attention_bias", c.arch == Arch::Qwen2, where);
+  c.sliding_window = json_field_or<int64_t>(j, "sliding_window", 0, where);
+  if (c.arch == Arch::Qwen2 && !json_field_or<bool>(j, "use_sliding_window", false, where)) c.sliding_window = 0;
   if (c.arch == Arch::Mixtral) {
-    c.num_experts = get_required<int64_t>(j, "num_local_experts", where);
-    c.num_experts_per_tok = get_required<int64_t>(j, "num_experts_per_tok", where);
+    c.num_experts = json_field<int64_t>(j, "num_local_experts", where);
+    c.num_experts_per_tok = json_field<int64_t>(j, "num_experts_per_tok", where);
+    check_positive_size(c.num_experts, "num_local_experts", where);
     check(c.num_experts_per_tok >= 1 && c.num_experts_per_tok <= c.num_experts, where,
           "num_experts_per_tok {} must be in 1..num_local_experts ({})", c.num_experts_per_tok, c.num_experts);
   }
 
   // RoPE: transformers 5 writes rope_parameters; older configs rope_theta + rope_scaling.
-  c.rope_theta = get_or<double>(j, "rope_theta", 10000.0, where);
+  c.rope_theta = json_field_or<double>(j, "rope_theta", 10000.0, where);
   const nlohmann::json* rope = nullptr;
   if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) rope = &j["rope_parameters"];
   else if (j.contains("rope_scaling") && j["rope_scaling"].is_object()) rope = &j["rope_scaling"];
   if (rope) {
     const auto& r = *rope;
-    if (r.contains("rope_theta")) c.rope_theta = get_or<double>(r, "rope_theta", c.rope_theta, where);
-    std::string type = get_or<std::string>(r, "rope_type", get_or<std::string>(r, "type", "default", where), where);
+    if (r.contains("rope_theta")) c.rope_theta = json_field_or<double>(r, "rope_theta", c.rope_theta, where);
+    std::string type = json_field_or<std::string>(r, "rope_type", json_field_or<std::string>(r, "type", "default", where), where);
     if (type == "llama3") {
       c.rope_scaling.type = "llama3";
-      c.rope_scaling.factor = get_required<double>(r, "factor", where);
-      c.rope_scaling.low_freq_factor = get_required<double>(r, "low_freq_factor", where);
-      c.rope_scaling.high_freq_factor = get_required<double>(r, "high_freq_factor", where);
+      c.rope_scaling.factor = json_field<double>(r, "factor", where);
+      c.rope_scaling.low_freq_factor = json_field<double>(r, "low_freq_factor", where);
+      c.rope_scaling.high_freq_factor = json_field<double>(r, "high_freq_factor", where);
       c.rope_scaling.original_max_position_embeddings =
-          get_required<int64_t>(r, "original_max_position_embeddings", where);
+          json_field<int64_t>(r, "original_max_position_embeddings", where);
     } else {
       check(type == "default", where, "rope type '{}' is not supported (default, llama3)", type);
     }
   }
 
-  c.bos_token_id = get_or<int32_t>(j, "bos_token_id", -1, where);
+  c.bos_token_id = json_field_or<int32_t>(j, "bos_token_id", -1, where);
   if (j.contains("eos_token_id") && j["eos_token_id"].is_array())
-    c.eos_token_ids = j["eos_token_id"].get<std::vector<int32_t>>();
-  else if (j.contains("eos_token_id") && j["eos_token_id"].is_number_integer())
-    c.eos_token_ids = {j["eos_token_id"].get<int32_t>()};
+    for (const auto& id : j["eos_token_id"]) c.eos_token_ids.push_back(json_as<int32_t>(id, "eos_token_id", where));
+  else if (j.contains("eos_token_id") && !j["eos_token_id"].is_null())
+    c.eos_token_ids = {json_as<int32_t>(j["eos_token_id"], "eos_token_id", where)};
 
-  check(c.vocab_size > 0 && c.num_layers > 0 && c.intermediate_size > 0 && c.head_dim > 0, where,
-        "vocab_size, num_hidden_layers, intermediate_size and head_dim must be positive");
+  check_positive_size(c.vocab_size, "vocab_size", where);
+  check_positive_size(c.num_layers, "num_hidden_layers", where);
+  check_positive_size(c.intermediate_size, "intermediate_size", where);
+  check_positive_size(c.head_dim, "head_dim", where);
+  check_positive_size(c.num_heads, "num_attention_heads", where);
+  check_positive_size(c.hidden_size, "hidden_size", where);
+  check_positive_size(c.max_position_embeddings, "max_position_embeddings", where);
   check(c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads == 0, where,
         "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})", c.num_heads, c.num_kv_heads);
+  check(c.num_heads * c.head_dim <= kMaxDim, where, "num_attention_heads x head_dim ({} x {}) is over {}",
+        c.num_heads, c.head_dim, kMaxDim);
   check(c.head_dim % 2 == 0, where, "head_dim ({}) must be even for RoPE", c.head_dim);
+  check(c.sliding_window >= 0, where, "sliding_window must not be negative, not {}", c.sliding_window);
+  check_positive_real(c.rms_norm_eps, "rms_norm_eps", where);
+  check_positive_real(c.rope_theta, "rope_theta", where);
+  if (c.rope_scaling.type == "llama3") {
+    check_positive_real(c.rope_scaling.factor, "rope_scaling.factor", where);
+    check_positive_real(c.rope_scaling.low_freq_factor, "rope_scaling.low_freq_factor", where);
+    check_positive_real(c.rope_scaling.high_freq_factor, "rope_scaling.high_freq_factor", where);
+    check(c.rope_scaling.high_freq_factor > c.rope_scaling.low_freq_factor, where,
+          "rope_scaling.high_freq_factor ({}) must exceed low_freq_factor ({})", c.rope_scaling.high_freq_factor,
+          c.rope_scaling.low_freq_factor);
+    check_positive_size(c.rope_scaling.original_max_position_embeddings, "rope_scaling.original_max_position_embeddings",
+                        where);
+  }
+  check(c.bos_token_id >= -1 && c.bos_token_id < c.vocab_size, where, "bos_token_id {} is outside the vocabulary (0..{})",
+        c.bos_token_id, c.vocab_size - 1);
+  for (int32_t id : c.eos_token_ids)
+    check(id >= 0 && id < c.vocab_size, where, "eos_token_id {} is outside the vocabulary (0..{})", id,
+          c.vocab_size - 1);
   return c;
 }
 
+ModelConfig ModelConfig::from_text(std::string_view text, const std::string& where) {
+  return from_json(parse_json(text, where), where);
+}
+
 ModelConfig ModelConfig::from_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
+  // Checked before opening: reading a FIFO blocks until a writer appears.
+  check(std::filesystem::is_regular_file(path), path.string(), "not a regular file");
+  std::ifstream in(path, std::ios::binary);
   check(bool(in), path.string(), "cannot open config file");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw Error(path.string(), fmt::format("malformed JSON at byte {}: {}", e.byte, e.what()));
-  }
-  return from_json(j, path.string());
+  const std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  return from_text(text, path.string());
 }
 
 nlohmann::json ModelConfig::to_json() const {

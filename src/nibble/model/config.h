@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -49,6 +50,8 @@ struct ModelConfig {
 
   // Parses a config.json object; `where` names the file for errors.
   static ModelConfig from_json(const nlohmann::json& j, const std::string& where);
+  // Parses config.json's text (the fuzz target's entry point).
+  static ModelConfig from_text(std::string_view text, const std::string& where);
   static ModelConfig from_file(const std::filesystem::path& config_json);
   nlohmann::json to_json() const;
 };

@@ -18,6 +18,11 @@ std::string KVFormat::describe() const {
   return s;
 }
 
+void KVFormat::validate(const std::string& where) const {
+  check(bits == 4 || bits == 8 || bits == 16 || bits == 32, where, "--kv-bits must be 4, 8, 16 or 32, not {}", bits);
+  check(clip > 0 && clip <= 1, where, "--kv-clip must be in (0, 1], not {}", clip);
+}
+
 void KVCache::truncate(int64_t n) {
   check(n >= 0 && n <= length_, "KVCache::truncate", "cannot truncate {} tokens to {}", length_, n);
   length_ = n;

@@ -17,6 +17,8 @@ struct KVFormat {
   // which spreads outlier channels over the whole group; attention itself is unchanged.
   bool hadamard = false;
   std::string describe() const;
+  // Throws nibble::Error(where, ...) for bits other than 4, 8, 16, 32 or a clip outside (0, 1].
+  void validate(const std::string& where) const;
 };
 
 class KVCache {

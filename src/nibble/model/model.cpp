@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <set>
 
 #include "nibble/backend/cpu/ops.h"
 #include "nibble/core/error.h"
@@ -51,8 +52,13 @@ class CheckpointReader {
 
   std::vector<float> tensor(const std::string& name, std::vector<int64_t> shape) {
     params_ += std::accumulate(shape.begin(), shape.end(), int64_t(1), std::multiplies<>());
+    read_.insert(name);
     return ckpt_.load_f32(name, shape);
   }
+  // Marks a tensor the model knowingly does without (it is recomputed or duplicated).
+  void skip(const std::string& name) { read_.insert(name); }
+  // Every tensor of the checkpoint must have been read or skipped.
+  void check_all_read() const { nibble::check_all_read(ckpt_.names(), read_, ckpt_.where()); }
   int storage_bytes(const std::string& name) const { return int(dtype_size(ckpt_.get(name).dtype)); }
 
   // Stacks the output rows of several linears sharing one input (q/k/v, gate/up) into one layer;
@@ -82,12 +88,14 @@ class CheckpointReader {
  private:
   const Checkpoint& ckpt_;
   int64_t params_ = 0;
+  std::set<std::string> read_;
 };
 
 }  // namespace
 
 std::unique_ptr<Model> Model::load(const std::filesystem::path& path) {
   namespace fs = std::filesystem;
+  check(fs::exists(path), path.string(), "no such file or folder");
   if (fs::is_regular_file(path)) return load_packed_model(path);
   check(fs::is_directory(path), path.string(),
         "not a model directory (expected a Hugging Face checkpoint folder with config.json and *.safetensors)");
@@ -126,9 +134,14 @@ std::unique_ptr<Model> Model::load(const std::filesystem::path& path) {
     check(c.tie_word_embeddings, ckpt.where(), "tensor 'lm_head.weight' not found and tie_word_embeddings is false");
     m->lm_head_ = std::make_unique<DenseLinear>(H, c.vocab_size, m->embedding_,
                                                 std::vector<float>{}, r.storage_bytes("model.embed_tokens.weight"));
+    r.skip("lm_head.weight");  // some tied checkpoints store a copy; transformers ignores it too
   } else {
     m->lm_head_ = r.stacked({"lm_head"}, {c.vocab_size}, H, false);
   }
+  // Older checkpoints store each layer's RoPE frequencies; they are recomputed from the config.
+  for (const std::string& name : ckpt.names())
+    if (name.ends_with(".self_attn.rotary_emb.inv_freq")) r.skip(name);
+  r.check_all_read();
   return m;
 }
 

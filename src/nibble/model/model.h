@@ -60,7 +60,10 @@ class Model {
 
   // A new empty cache in this model's KV format, able to grow to max_tokens.
   std::unique_ptr<KVCache> new_cache(int64_t max_tokens) const;
-  void set_kv_format(KVFormat f) { kv_format_ = f; }
+  void set_kv_format(KVFormat f) {
+    f.validate("KV cache");
+    kv_format_ = f;
+  }
   const KVFormat& kv_format() const { return kv_format_; }
   // Round every activation the way a model running in fp16 stores it (Atom's code does): the
   // embedding, each norm, linear and attention output, SwiGLU and the residual stream after each add.
@@ -87,8 +90,10 @@ class Model {
   std::vector<Layer>& layers() { return layers_; }
   const std::vector<Layer>& layers() const { return layers_; }
   Linear& lm_head() { return *lm_head_; }
+  const Linear& lm_head() const { return *lm_head_; }
   const std::vector<float>& embedding() const { return embedding_; }
   std::vector<float>& final_norm() { return final_norm_; }
+  const std::vector<float>& final_norm() const { return final_norm_; }
 
   int64_t parameter_count() const;
   // Bytes the weights take as stored (quantized linears at their packed size).

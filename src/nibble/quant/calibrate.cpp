@@ -1,5 +1,7 @@
 #include "nibble/quant/calibrate.h"
 
+#include <unistd.h>
+
 #include <cmath>
 #include <random>
 #include <string>
@@ -9,6 +11,12 @@
 
 namespace nibble::quant {
 
+void check_fits_in_memory(double bytes, const std::string& what, const std::string& where) {
+  const double physical = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
+  check(bytes <= physical, where, "{} would take {:.1f} GB, more than this machine's {:.1f} GB of memory", what,
+        bytes / 1e9, physical / 1e9);
+}
+
 std::vector<std::vector<int32_t>> sample_calibration_windows(std::span<const int32_t> tokens, int64_t count,
                                                              int64_t ctx, uint64_t seed, const std::string& where) {
   check(count > 0 && ctx > 1, where, "need at least one calibration window of at least 2 tokens");
@@ -16,6 +24,8 @@ std::vector<std::vector<int32_t>> sample_calibration_windows(std::span<const int
         "calibration text has {} tokens, too short for one window of {} tokens (give a longer text or a smaller "
         "--calib-ctx)",
         tokens.size(), ctx);
+  check_fits_in_memory(double(count) * double(ctx) * sizeof(int32_t),
+                       fmt::format("{} calibration windows of {} tokens", count, ctx), where);
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int64_t> start(0, int64_t(tokens.size()) - ctx - 1);
   std::vector<std::vector<int32_t>> windows;

@@ -9,6 +9,10 @@
 
 namespace nibble::quant {
 
+// Throws nibble::Error(where, ...) when `bytes` (what `what` would take) exceed this machine's
+// physical memory: refused up front rather than grown until the kernel kills the process.
+void check_fits_in_memory(double bytes, const std::string& what, const std::string& where);
+
 // `count` windows of `ctx` tokens starting at uniformly random offsets (seeded), as GPTQ and
 // Atom draw them from their calibration text. Throws when the text is shorter than one window.
 std::vector<std::vector<int32_t>> sample_calibration_windows(std::span<const int32_t> tokens, int64_t count,

@@ -161,12 +161,6 @@ void unpack_4bit(Format format, const uint8_t* packed, int64_t n, uint8_t* codes
   }
 }
 
-int64_t find_non_finite(const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(x[i])) return i;
-  return -1;
-}
-
 void check_finite(const float* x, int64_t rows, int64_t cols, const std::string& where) {
   const int64_t i = find_non_finite(x, rows * cols);
   if (i < 0) return;

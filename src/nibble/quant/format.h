@@ -39,6 +39,7 @@
 #include <string_view>
 #include <vector>
 
+#include "nibble/core/dtype.h"
 #include "nibble/core/half.h"
 
 namespace nibble::quant {
@@ -374,8 +375,6 @@ void unpack_4bit(Format format, const uint8_t* packed, int64_t n, uint8_t* codes
 
 // ---- Validation ----------------------------------------------------------------------------------
 
-// Index of the first NaN or ±inf among x[0, n), or -1.
-int64_t find_non_finite(const float* x, int64_t n);
 // Throws nibble::Error(where, "... at row r, column c") for the first NaN or ±inf of a row-major
 // [rows, cols] tensor (a group is 1 × n).
 void check_finite(const float* x, int64_t rows, int64_t cols, const std::string& where);

@@ -3,6 +3,7 @@
 #include "nibble/backend/cpu/ops.h"
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/core/parallel.h"
 #include "nibble/quant/hadamard.h"
 
 namespace nibble::quant {
@@ -48,15 +49,15 @@ void quantize_activations(float* x, int64_t rows, int64_t K, const LinearQuantSp
   if (spec.group_hadamard) rotate_groups(x, rows, K, main, spec.weight.group);
   if (!spec.act) return;
   const std::optional<FormatSpec> keep = keeper_spec(spec.keeper_precision);
-#pragma omp parallel for if (rows > 8)
-  for (int64_t r = 0; r < rows; ++r) {
+  // A NaN or inf activation throws from inside the loop (fake_quantize_rows checks every row).
+  parallel_for(rows, [&](int64_t r) {
     float* xr = x + r * K;
     if (main > 0) fake_quantize_rows(xr, 1, main, *spec.act, "activations");
-    if (spec.keeper == 0) continue;
+    if (spec.keeper == 0) return;
     if (keep) fake_quantize_rows(xr + main, 1, spec.keeper, *keep, "activation keepers");
     else
       for (int64_t c = main; c < K; ++c) xr[c] = round_fp16(xr[c]);
-  }
+  }, rows > 8);
 }
 
 void quantize_keepers(const std::vector<float>& weight, int64_t N, int64_t K, const LinearQuantSpec& spec,

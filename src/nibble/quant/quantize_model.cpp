@@ -4,12 +4,12 @@
 
 #include <algorithm>
 #include <chrono>
-#include <exception>
 #include <map>
 #include <numeric>
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/core/parallel.h"
 #include "nibble/core/progress.h"
 #include "nibble/quant/calibrate.h"
 #include "nibble/quant/gptq.h"
@@ -114,6 +114,11 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
   if (recipe.needs_calibration()) {  // = need_fp_stream || need_q_stream
     report.calib_ctx = ctx;
     report.calib_windows = recipe.calib_windows;
+    const int streams = int(need_fp_stream) + int(need_q_stream);
+    check_fits_in_memory(double(recipe.calib_windows) * double(ctx) * double(c.hidden_size) * sizeof(float) * streams,
+                         fmt::format("the hidden states of {} calibration windows of {} tokens", recipe.calib_windows,
+                                     ctx),
+                         calib_where);
     const auto windows = sample_calibration_windows(calib_tokens, recipe.calib_windows, ctx, recipe.seed, calib_where);
     for (const auto& w : windows) {
       if (need_fp_stream) fp_stream.push_back(model.embed(w));
@@ -243,12 +248,9 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
     //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
     //    (as with one thread), so GPTQ's codes do not depend on the thread count.
     t0 = std::chrono::steady_clock::now();
-    // Warnings and errors collected by index: the same ones, in the same order, on every run.
-    std::vector<std::exception_ptr> failures(pending.size());
-    std::vector<std::string> rtn_fallback(pending.size());
-#pragma omp parallel for schedule(dynamic, 1)
-    for (size_t i = 0; i < pending.size(); ++i) try {
-      Pending& p = pending[i];
+    std::vector<std::string> rtn_fallback(pending.size());  // by index: the same order on every run
+    parallel_for(int64_t(pending.size()), [&](int64_t i) {
+      Pending& p = pending[size_t(i)];
       const int64_t K = (*p.slot)->in_features(), N = (*p.slot)->out_features();
       const std::string where = lw + " " + p.name;
       if (p.spec.group_hadamard) {
@@ -269,7 +271,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
       }
       if (!p.spec.quantize_weights) {
         *p.slot = QuantLinear::activation_only(p.spec, N, K, p.perm, std::move(p.weight), std::move(p.bias));
-        continue;
+        return;
       }
       auto hit = hessians.find(p.key);
       if (recipe.gptq && hit != hessians.end()) {
@@ -281,14 +283,10 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                                 std::move(g.keeper_fp16), std::move(p.bias));
       } else {
-        if (recipe.gptq) rtn_fallback[i] = where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ";
+        if (recipe.gptq) rtn_fallback[size_t(i)] = where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ";
         *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
       }
-    } catch (...) {
-      failures[i] = std::current_exception();
-    }
-    for (const std::exception_ptr& f : failures)
-      if (f) std::rethrow_exception(f);
+    }, true, Schedule::Dynamic);
     for (std::string& w : rtn_fallback)
       if (!w.empty()) report.warnings.push_back(std::move(w));
 

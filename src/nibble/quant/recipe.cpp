@@ -1,6 +1,7 @@
 #include "nibble/quant/recipe.h"
 
 #include "nibble/core/error.h"
+#include "nibble/core/json.h"
 
 namespace nibble::quant {
 
@@ -117,9 +118,7 @@ LinearQuantSpec Recipe::linear_spec(int64_t in, const std::string& where) const 
 void Recipe::validate(const ModelConfig& c) const {
   const std::string where = fmt::format("recipe '{}' on {} (hidden {}, intermediate {})", name, arch_name(c.arch),
                                         c.hidden_size, c.intermediate_size);
-  check(kv.bits == 4 || kv.bits == 8 || kv.bits == 16 || kv.bits == 32, where, "--kv-bits must be 4, 8 or 16, not {}",
-        kv.bits);
-  check(kv.clip > 0 && kv.clip <= 1, where, "--kv-clip must be in (0, 1], not {}", kv.clip);
+  kv.validate(where);
   if (!quantize_weights && !quantize_activations) return;
   const int bits = format_bits(weight.format);
   check(bits >= 2 && bits <= 8, where, "weight bits {} are outside 2..8", bits);
@@ -154,12 +153,15 @@ namespace {
 nlohmann::json spec_json(const FormatSpec& f) {
   return {{"format", format_name(f.format)}, {"group", f.group}, {"row_group", f.row_group}, {"clip", f.clip}};
 }
-FormatSpec spec_from_json(const nlohmann::json& j, const std::string& where) {
+FormatSpec spec_from_json(const nlohmann::json& parent, const char* key, const std::string& recipe_where) {
+  check(parent.contains(key) && parent[key].is_object(), recipe_where, "field '{}' is missing or not an object", key);
+  const nlohmann::json& j = parent[key];
+  const std::string where = fmt::format("{} ({})", recipe_where, key);
   FormatSpec f;
-  f.format = parse_format(j.at("format").get<std::string>(), where);
-  f.group = j.at("group").get<int>();
-  f.row_group = j.at("row_group").get<int>();
-  f.clip = j.at("clip").get<float>();
+  f.format = parse_format(json_field<std::string>(j, "format", where), where);
+  f.group = json_field<int>(j, "group", where);
+  f.row_group = json_field<int>(j, "row_group", where);
+  f.clip = json_field<float>(j, "clip", where);
   return f;
 }
 }  // namespace
@@ -192,36 +194,35 @@ nlohmann::json Recipe::to_json() const {
 }
 
 Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
-  try {
-    Recipe r;
-    r.name = j.at("name").get<std::string>();
-    r.quantize_weights = j.at("quantize_weights").get<bool>();
-    r.weight = spec_from_json(j.at("weight"), where);
-    r.gptq = j.at("gptq").get<bool>();
-    r.percdamp = j.at("percdamp").get<double>();
-    r.gptq_block = j.at("gptq_block").get<int64_t>();
-    r.clip_search = j.at("clip_search").get<bool>();
-    r.group_hadamard = j.value("group_hadamard", false);
-    r.quantize_activations = j.at("quantize_activations").get<bool>();
-    r.act = spec_from_json(j.at("act"), where);
-    r.reorder = j.at("reorder").get<bool>();
-    r.sort_metric = j.at("sort_metric").get<std::string>() == "abs_mean" ? SortMetric::AbsMean : SortMetric::Hessian;
-    r.keeper = j.at("keeper").get<int64_t>();
-    r.keeper_precision = parse_keeper_precision(j.at("keeper_precision").get<std::string>(), where);
-    r.kv.bits = j.at("kv_bits").get<int>();
-    r.kv.k_before_rope = j.at("kv_k_before_rope").get<bool>();
-    r.kv.clip = j.at("kv_clip").get<float>();
-    r.kv.hadamard = j.value("kv_hadamard", false);
-    r.hessian_from_quantized_inputs = j.at("hessian_from_quantized_inputs").get<bool>();
-    r.fp16_activations = j.value("fp16_activations", false);  // absent in files written before it existed
-    r.atom_compat = j.at("atom_compat").get<bool>();
-    r.calib_windows = j.at("calib_windows").get<int64_t>();
-    r.calib_ctx = j.at("calib_ctx").get<int64_t>();
-    r.seed = j.at("seed").get<uint64_t>();
-    return r;
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(where, fmt::format("recipe metadata is malformed: {}", e.what()));
-  }
+  check(j.is_object(), where, "recipe metadata is not a JSON object");
+  Recipe r;
+  r.name = json_field<std::string>(j, "name", where);
+  r.quantize_weights = json_field<bool>(j, "quantize_weights", where);
+  r.weight = spec_from_json(j, "weight", where);
+  r.gptq = json_field<bool>(j, "gptq", where);
+  r.percdamp = json_field<double>(j, "percdamp", where);
+  r.gptq_block = json_field<int64_t>(j, "gptq_block", where);
+  r.clip_search = json_field<bool>(j, "clip_search", where);
+  r.group_hadamard = json_field_or<bool>(j, "group_hadamard", false, where);
+  r.quantize_activations = json_field<bool>(j, "quantize_activations", where);
+  r.act = spec_from_json(j, "act", where);
+  r.reorder = json_field<bool>(j, "reorder", where);
+  const std::string metric = json_field<std::string>(j, "sort_metric", where);
+  check(metric == "hessian" || metric == "abs_mean", where, "sort_metric '{}' is not hessian or abs_mean", metric);
+  r.sort_metric = metric == "abs_mean" ? SortMetric::AbsMean : SortMetric::Hessian;
+  r.keeper = json_field<int64_t>(j, "keeper", where);
+  r.keeper_precision = parse_keeper_precision(json_field<std::string>(j, "keeper_precision", where), where);
+  r.kv.bits = json_field<int>(j, "kv_bits", where);
+  r.kv.k_before_rope = json_field<bool>(j, "kv_k_before_rope", where);
+  r.kv.clip = json_field<float>(j, "kv_clip", where);
+  r.kv.hadamard = json_field_or<bool>(j, "kv_hadamard", false, where);
+  r.hessian_from_quantized_inputs = json_field<bool>(j, "hessian_from_quantized_inputs", where);
+  r.fp16_activations = json_field_or<bool>(j, "fp16_activations", false, where);  // absent in files written before it existed
+  r.atom_compat = json_field<bool>(j, "atom_compat", where);
+  r.calib_windows = json_field<int64_t>(j, "calib_windows", where);
+  r.calib_ctx = json_field<int64_t>(j, "calib_ctx", where);
+  r.seed = json_field<uint64_t>(j, "seed", where);
+  return r;
 }
 
 }  // namespace nibble::quant

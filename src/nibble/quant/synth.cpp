@@ -9,6 +9,7 @@
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
 #include "nibble/core/progress.h"
+#include "nibble/io/output_file.h"
 #include "nibble/io/safetensors.h"
 
 namespace nibble::quant {
@@ -113,14 +114,17 @@ std::string read_file(const std::filesystem::path& p) {
   return ss.str();
 }
 
-// The folder holding tokenizer.json (and maybe tokenizer_config.json) that `path` names.
-std::filesystem::path tokenizer_dir(const std::filesystem::path& path) {
-  const auto dir = std::filesystem::is_directory(path) ? path : path.parent_path();
-  check(std::filesystem::is_regular_file(dir / "tokenizer.json"), path.string(), "no tokenizer.json here (--tokenizer)");
-  return dir;
+// The tokenizer files `path` (a tokenizer.json or a folder holding one) names, as save_packed_model
+// takes them: {file name, contents}; tokenizer_config.json when it lies beside.
+std::vector<std::pair<std::string, std::string>> tokenizer_files(const std::filesystem::path& path) {
+  if (path.empty()) return {};
+  const auto json = std::filesystem::is_directory(path) ? path / "tokenizer.json" : path;
+  check(std::filesystem::is_regular_file(json), json.string(), "tokenizer.json not found (--tokenizer)");
+  std::vector<std::pair<std::string, std::string>> files = {{"tokenizer.json", read_file(json)}};
+  if (const auto config = json.parent_path() / "tokenizer_config.json"; std::filesystem::is_regular_file(config))
+    files.emplace_back("tokenizer_config.json", read_file(config));
+  return files;
 }
-
-constexpr const char* kTokenizerFiles[] = {"tokenizer.json", "tokenizer_config.json"};
 
 // Adds every tensor of the checkpoint to a writer as a generated one, in the layout `nibble quantize`
 // (or a Hugging Face checkpoint) has, with values that keep a forward pass O(1): weights of a layer
@@ -168,14 +172,9 @@ class SynthWriter {
   }
 
   void tokenizer_tensors() {
-    if (opt_.tokenizer.empty()) return;
-    const auto dir = tokenizer_dir(opt_.tokenizer);
-    for (const char* f : kTokenizerFiles) {
-      if (!std::filesystem::exists(dir / f)) continue;
-      const std::string bytes = read_file(dir / f);
-      w_.add(f, DType::U8, {int64_t(bytes.size())},
+    for (const auto& [name, bytes] : tokenizer_files(opt_.tokenizer))
+      w_.add(name, DType::U8, {int64_t(bytes.size())},
              std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
-    }
   }
 
  private:
@@ -226,18 +225,15 @@ int64_t write_hf_directory(const SynthOptions& opt, const std::filesystem::path&
   s.writer().set_metadata("format", "pt");
   s.writer().set_metadata(kSyntheticKey, "true");
 
+  check(!std::filesystem::exists(out) || std::filesystem::is_directory(out), out.string(),
+        "exists and is not a folder: the fp16 recipe writes a Hugging Face directory");
   std::filesystem::create_directories(out);
   nlohmann::json config = c.to_json();
   config["model_type"] = "llama";
   config["torch_dtype"] = opt.dtype == DType::BF16 ? "bfloat16" : opt.dtype == DType::F16 ? "float16" : "float32";
   config["nibble_synthetic"] = true;
-  std::ofstream(out / "config.json") << config.dump(2) << "\n";
-  if (!opt.tokenizer.empty()) {
-    const auto dir = tokenizer_dir(opt.tokenizer);
-    for (const char* f : kTokenizerFiles)
-      if (std::filesystem::exists(dir / f))
-        std::filesystem::copy_file(dir / f, out / f, std::filesystem::copy_options::overwrite_existing);
-  }
+  write_output_file(out / "config.json", config.dump(2) + "\n");
+  for (const auto& [name, bytes] : tokenizer_files(opt.tokenizer)) write_output_file(out / name, bytes);
   s.writer().write(out / "model.safetensors");
   s.finish();
   int64_t bytes = 0;
@@ -284,6 +280,7 @@ int64_t write_packed_file(const SynthOptions& opt, const std::filesystem::path& 
   s.writer().set_metadata("nibble.recipe", used.to_json().dump());
   s.writer().set_metadata("nibble.config", c.to_json().dump());
   s.writer().set_metadata("nibble.source", opt.source);
+  s.writer().set_metadata("nibble.source_sha256", "none (synthetic)");
   s.writer().set_metadata(kSyntheticKey, "true");
   s.writer().write(out);
   s.finish();

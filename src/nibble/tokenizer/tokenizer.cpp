@@ -145,9 +145,13 @@ std::shared_ptr<TokenizerData> parse_tokenizer_json(std::string_view text, const
   return t;
 }
 
-std::optional<nlohmann::json> read_json_if_exists(const std::filesystem::path& file) {
-  if (!std::filesystem::exists(file)) return std::nullopt;
-  return parse_json(read_text_file(file), file.string());
+std::optional<nlohmann::json> parse_json_if_present(const std::string& text, const std::string& where) {
+  if (text.empty()) return std::nullopt;
+  return parse_json(text, where);
+}
+
+std::string read_file_if_exists(const std::filesystem::path& file) {
+  return std::filesystem::exists(file) ? read_text_file(file) : std::string();
 }
 
 // tokenizer_config.json names tokens as a string or as {"content": "<s>", ...}.
@@ -185,11 +189,11 @@ void override_template_token(std::vector<int32_t>& ids, int32_t token, bool want
   if (wanted) ids.insert(at_front ? ids.begin() : ids.end(), token);
 }
 
-void read_special_token_config(TokenizerData& t, const std::filesystem::path& dir) {
+void read_special_token_config(TokenizerData& t, const TokenizerFiles& files, const std::filesystem::path& where) {
   std::optional<int32_t> config_eos;
-  if (const auto json = read_json_if_exists(dir / "tokenizer_config.json")) {
-    const std::string where = (dir / "tokenizer_config.json").string();
-    const JsonNode config(*json, "", where);
+  const std::string config_file = (where / "tokenizer_config.json").string();
+  if (const auto json = parse_json_if_present(files.tokenizer_config_json, config_file)) {
+    const JsonNode config(*json, "", config_file);
     config.object();
     if (const auto bos = config_token(config, "bos_token", t)) t.bos = *bos;
     config_eos = config_token(config, "eos_token", t);
@@ -203,11 +207,12 @@ void read_special_token_config(TokenizerData& t, const std::filesystem::path& di
       if (config_eos) override_template_token(t.post_processor.suffix, *config_eos, add_eos->boolean(), false);
     }
   }
-  for (const char* name : {"config.json", "generation_config.json"}) {
-    const auto json = read_json_if_exists(dir / name);
+  for (const auto& [name, text] : {std::pair{"config.json", &files.config_json},
+                                   std::pair{"generation_config.json", &files.generation_config_json}}) {
+    const std::string file = (where / name).string();
+    const auto json = parse_json_if_present(*text, file);
     if (!json) continue;
-    const std::string where = (dir / name).string();
-    const JsonNode config(*json, "", where);
+    const JsonNode config(*json, "", file);
     config.object();
     if (const auto bos = config_ids(config, "bos_token_id", t); t.bos < 0 && !bos.empty()) t.bos = bos.front();
     for (const int32_t id : config_ids(config, "eos_token_id", t)) {
@@ -216,14 +221,26 @@ void read_special_token_config(TokenizerData& t, const std::filesystem::path& di
   }
 }
 
+std::shared_ptr<TokenizerData> build_tokenizer(const TokenizerFiles& files, const std::string& json_where,
+                                               const std::filesystem::path& where) {
+  auto data = parse_tokenizer_json(files.tokenizer_json, json_where);
+  read_special_token_config(*data, files, where);
+  return data;
+}
+
 }  // namespace
 
 Tokenizer Tokenizer::load(const std::filesystem::path& path) {
   const auto file = std::filesystem::is_directory(path) ? path / "tokenizer.json" : path;
   check(std::filesystem::is_regular_file(file), file.string(), "tokenizer.json not found");
-  auto data = parse_tokenizer_json(read_text_file(file), file.string());
-  read_special_token_config(*data, file.parent_path());
-  return Tokenizer(std::move(data));
+  const std::filesystem::path dir = file.parent_path();
+  TokenizerFiles files{read_text_file(file), read_file_if_exists(dir / "tokenizer_config.json"),
+                       read_file_if_exists(dir / "config.json"), read_file_if_exists(dir / "generation_config.json")};
+  return Tokenizer(build_tokenizer(files, file.string(), dir));  // errors name the file as given
+}
+
+Tokenizer Tokenizer::from_files(const TokenizerFiles& files, const std::filesystem::path& where) {
+  return Tokenizer(build_tokenizer(files, (where / "tokenizer.json").string(), where));
 }
 
 Tokenizer Tokenizer::from_json_string(std::string_view json, const std::string& where) {
@@ -296,8 +313,8 @@ bool Tokenizer::is_special(int32_t id) const {
 
 // ---- StreamDecoder ----
 
-StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool skip_special)
-    : tokenizer_(tokenizer), skip_special_(skip_special) {}
+StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool skip_special, bool continues_text)
+    : tokenizer_(tokenizer), skip_special_(skip_special), continues_text_(continues_text), at_start_(!continues_text) {}
 
 std::string StreamDecoder::push(int32_t id) {
   tokenizer_.data_->check_id(id);
@@ -326,7 +343,7 @@ std::string StreamDecoder::flush() {
   std::string out = text.size() > emitted_ ? text.substr(emitted_) : std::string();
   window_.clear();
   emitted_ = 0;
-  at_start_ = true;
+  at_start_ = !continues_text_;
   return out;
 }
 

@@ -23,6 +23,12 @@ namespace tokenizer {
 struct TokenizerData;
 }
 
+// The contents of the files a tokenizer is read from, as they sit in a model folder or inside a
+// packed nibble file; an empty string is a file that is absent (tokenizer.json must be there).
+struct TokenizerFiles {
+  std::string tokenizer_json, tokenizer_config_json, config_json, generation_config_json;
+};
+
 class Tokenizer {
  public:
   // `path` is a tokenizer.json file or a model directory holding one. BOS/EOS come from
@@ -30,6 +36,8 @@ class Tokenizer {
   // (bos_token_id, eos_token_id) and generation_config.json (eos_token_id) beside it.
   // Throws nibble::Error on malformed input.
   static Tokenizer load(const std::filesystem::path& path);
+  // The same from memory; errors name `where`/<file name> (`where`: the folder or packed file).
+  static Tokenizer from_files(const TokenizerFiles& files, const std::filesystem::path& where);
   // Parses tokenizer.json text alone (no BOS/EOS configuration); `where` names it in errors.
   static Tokenizer from_json_string(std::string_view json, const std::string& where);
 
@@ -62,7 +70,9 @@ class Tokenizer {
 // final flush() equals tokenizer.decode(all ids).
 class StreamDecoder {
  public:
-  explicit StreamDecoder(const Tokenizer& tokenizer, bool skip_special = false);
+  // `continues_text`: the ids continue text already shown (generate's prompt), so the leading
+  // space a SentencePiece decoder strips at the start of a text is kept.
+  explicit StreamDecoder(const Tokenizer& tokenizer, bool skip_special = false, bool continues_text = false);
   std::string push(int32_t id);
   std::string flush();  // the rest, including incomplete characters (as U+FFFD); then resets
 
@@ -71,7 +81,8 @@ class StreamDecoder {
   bool skip_special_;
   std::vector<int32_t> window_;  // ids since the last point where all text was final
   size_t emitted_ = 0;           // bytes of decode(window_) already returned
-  bool at_start_ = true;         // the window starts the text (a leading-space Strip applies)
+  bool continues_text_;
+  bool at_start_;                // the window starts the text (a leading-space Strip applies)
 };
 
 }  // namespace nibble

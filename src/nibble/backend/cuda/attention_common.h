@@ -103,6 +103,10 @@ struct AppendArgs {
   const RopeTable* rope = nullptr;  // null: no RoPE
   bool k_before_rope = false;       // store K unrotated (Atom's order); the readers rotate it
   float clip = 1.0f;                // INT4 cache: clip ratio of each token-and-head group
+  // Store K and V in a Walsh-Hadamard-rotated basis (KVFormat::hadamard) and rotate Q the same way,
+  // so scores are unchanged; the attention output is then in the rotated basis too (rotate it
+  // back with hadamard_heads). Needs K after RoPE.
+  bool hadamard = false;
   __half* q_out = nullptr;          // [num_tokens][num_heads][D], rotated
 };
 

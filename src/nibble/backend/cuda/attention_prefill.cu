@@ -8,6 +8,7 @@
 #include "nibble/backend/cuda/attention_device.h"
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/format_device.cuh"
+#include "nibble/backend/cuda/hadamard_device.cuh"
 
 namespace nibble::cuda {
 namespace {
@@ -25,6 +26,7 @@ struct AppendParams {
   const float2* rope;  // null: no RoPE
   bool rope_k;         // rotate K before storing it
   float clip;
+  bool hadamard;       // Q, K, V in the Walsh-Hadamard-rotated basis
   __half* q_out;
 };
 
@@ -56,6 +58,7 @@ __global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBat
         x[e + E / 2] = bb * r.x + a * r.y;
       }
     }
+    if (p.hadamard) hadamard_strided(x, lane);
     if (is_q) {
       __half* q = p.q_out + (int64_t(tok) * p.H + hh) * D;
 #pragma unroll
@@ -395,9 +398,11 @@ void attention_append(const KVCacheView& c, const AttentionBatch& b, const Appen
   require(!a.rope || (a.rope->half_dim() * 2 == c.head_dim && b.max_seq_len <= a.rope->max_positions()),
           "attention_append", "RoPE table ({} positions, dim {}) does not cover {} positions of dim {}",
           a.rope ? a.rope->max_positions() : 0, a.rope ? 2 * a.rope->half_dim() : 0, b.max_seq_len, c.head_dim);
+  require(!a.hadamard || !a.k_before_rope, "attention_append",
+          "a Hadamard-rotated KV cache needs K stored after RoPE");
   if (b.num_tokens == 0) return;
-  AppendParams p{a.qkv,  a.qkv_stride, a.num_heads,    c.kv_heads, a.layer, a.rope ? a.rope->data() : nullptr,
-                 !a.k_before_rope, a.clip, a.q_out};
+  AppendParams p{a.qkv,    a.qkv_stride, a.num_heads, c.kv_heads, a.layer, a.rope ? a.rope->data() : nullptr,
+                 !a.k_before_rope, a.clip, a.hadamard, a.q_out};
   const dim3 grid(b.num_tokens);
   const bool int4 = c.dtype == KVDtype::Int4;
   if (c.head_dim == 128) {

@@ -2,6 +2,7 @@
 
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/format_device.cuh"
+#include "nibble/backend/cuda/hadamard_device.cuh"
 #include "nibble/core/error.h"
 
 namespace nibble::cuda {
@@ -119,6 +120,7 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
       const float4 wv = __ldg(reinterpret_cast<const float4*>(p.norm_w + j0));
       v[0] = wv.x * (v[0] * inv), v[1] = wv.y * (v[1] * inv), v[2] = wv.z * (v[2] * inv), v[3] = wv.w * (v[3] * inv);
     }
+    if (p.q.hadamard) hadamard_blocked4(v, lane);
     float amax = 0;
 #pragma unroll
     for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));

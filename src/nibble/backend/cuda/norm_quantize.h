@@ -25,6 +25,9 @@ namespace nibble::cuda {
 struct ActQuant {
   float clip4 = 0.9f;  // Atom's activation clip ratio
   float clip8 = 1.0f;  // keepers
+  // Quantize each INT4 group in a Walsh-Hadamard-rotated basis (quant::LinearQuantSpec's
+  // group_hadamard: the weights were stored as W·Hᵀ, so the product is unchanged).
+  bool hadamard = false;
 };
 
 // `out` must have shape atom_shape(M, K, keeper). ld_*: elements between rows of the input.

@@ -1,0 +1,32 @@
+#include "nibble/backend/backend.h"
+
+#include "nibble/backend/cpu/executor.h"
+#include "nibble/core/error.h"
+#if NIBBLE_HAVE_CUDA
+#include "nibble/backend/cuda/executor.h"
+#endif
+
+namespace nibble {
+
+bool cuda_device_available(std::string* why) {
+#if NIBBLE_HAVE_CUDA
+  return cuda::device_available(why);
+#else
+  if (why) *why = "this nibble was built without CUDA (nvcc was not found at build time)";
+  return false;
+#endif
+}
+
+std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt) {
+  if (opt.device == "cpu") return std::make_unique<cpu::CpuExecutor>(model, opt);
+  check(opt.device == "cuda", "--device", "unknown device '{}' (cpu or cuda)", opt.device);
+  std::string why;
+  check(cuda_device_available(&why), "--device cuda", "{}", why);
+#if NIBBLE_HAVE_CUDA
+  return cuda::make_executor(model, opt);
+#else
+  return nullptr;  // unreachable: cuda_device_available said no
+#endif
+}
+
+}  // namespace nibble

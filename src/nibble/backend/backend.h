@@ -1,0 +1,68 @@
+// What a backend provides (DESIGN.md, "The seams"): an Executor holds one model resident on one
+// device and runs a ragged batch of sequences, prefill and decode mixed; its KVPool is the one
+// memory every sequence's cache lives in. The CPU backend is the reference; the CUDA backend runs
+// the formats that have kernels and refuses the others by name at construction.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "nibble/model/config.h"
+
+namespace nibble {
+
+class Model;
+using SeqId = int32_t;
+
+// One sequence's part of a step: `tokens` are appended after the sequence's cached ones.
+// all_logits: a row of logits for every token (scoring), else only for the last (generation).
+struct BatchEntry {
+  SeqId seq = -1;
+  std::span<const int32_t> tokens;
+  bool all_logits = false;
+};
+
+class KVPool {
+ public:
+  virtual ~KVPool() = default;
+  virtual SeqId add() = 0;                        // a new empty sequence
+  virtual SeqId fork(SeqId seq) = 0;              // a new sequence sharing seq's tokens
+  virtual void truncate(SeqId seq, int64_t n) = 0;  // forget positions n.. of seq
+  virtual void free(SeqId seq) = 0;
+  virtual int64_t length(SeqId seq) const = 0;    // tokens cached
+  virtual int64_t capacity_tokens() const = 0;    // tokens the whole pool holds
+  virtual int64_t free_tokens() const = 0;        // tokens it can still take
+};
+
+struct RuntimeOptions {
+  std::string device = "cpu";  // "cpu" or "cuda"
+  int64_t max_batch_tokens = 4096;  // tokens one forward() may carry (sizes the device buffers)
+  int64_t max_context = 0;          // longest sequence; 0 = the model's max_position_embeddings
+  int64_t kv_pages = 0;             // cuda: pages of 16 tokens in the KV pool; 0 = from memory
+  double gpu_mem_fraction = 0.9;    // cuda: share of the free device memory the KV pool may take
+};
+
+class Executor {
+ public:
+  virtual ~Executor() = default;
+  virtual const ModelConfig& config() const = 0;
+  virtual KVPool& kv() = 0;
+  virtual std::string device_name() const = 0;
+  // Appends each entry's tokens to its sequence and writes logits [rows, vocab] in batch order:
+  // one row per token of an all_logits entry, one otherwise. Throws nibble::Error on bad input
+  // (unknown sequence, token outside the vocabulary, past the context) and when the pool is full;
+  // then no sequence has changed.
+  virtual void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) = 0;
+};
+
+// The executor for opt.device. `model` must outlive a CPU executor (it runs on the model's
+// weights); a CUDA executor copies what it needs to the device.
+std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt);
+
+// Whether a CUDA device can be used; when not, *why says why (no CUDA build, no driver, no GPU).
+bool cuda_device_available(std::string* why);
+
+}  // namespace nibble

@@ -1,0 +1,468 @@
+// The whole forward pass on one GPU: embedding, per layer RMSNorm → QKV → RoPE + paged KV write →
+// attention (prefill or decode kernel) → O → residual → RMSNorm → gate/up → SwiGLU → down →
+// residual, then the final norm and the LM head on the rows whose logits were asked for.
+// Weights are uploaded once; buffers are sized once for opt.max_batch_tokens.
+#include "nibble/backend/cuda/executor.h"
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "nibble/backend/cpu/ops.h"
+#include "nibble/backend/cuda/atom_layout.h"
+#include "nibble/backend/cuda/attention_common.h"
+#include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/kv_cache_paged.h"
+#include "nibble/backend/cuda/linear_fp16.h"
+#include "nibble/backend/cuda/gemm_w4a4.h"
+#include "nibble/backend/cuda/model_kernels.h"
+#include "nibble/backend/cuda/norm_quantize.h"
+#include "nibble/core/half.h"
+#include "nibble/model/model.h"
+#include "nibble/quant/quant_linear.h"
+
+namespace nibble::cuda {
+
+bool device_available(std::string* why) {
+  int n = 0;
+  const cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    if (why)
+      *why = e != cudaSuccess ? cformat("no usable CUDA device: {}", cudaGetErrorString(e)) : "no CUDA device found";
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+// One cudaMalloc'd array, freed with its owner.
+template <typename T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  explicit DeviceArray(size_t n) : n_(n) {
+    if (n) NIBBLE_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
+  }
+  DeviceArray(const T* host, size_t n) : DeviceArray(n) {
+    if (n) NIBBLE_CUDA_CHECK(cudaMemcpy(p_, host, n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  ~DeviceArray() {
+    if (p_) cudaFree(p_);
+  }
+  DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; }
+  DeviceArray& operator=(DeviceArray&& o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(n_, o.n_);
+    return *this;
+  }
+  T* get() const { return p_; }
+  size_t size() const { return n_; }
+
+ private:
+  T* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+// fp32 host values as a device fp16 array; values past fp16's range are refused, naming the tensor.
+DeviceArray<__half> upload_fp16(const std::vector<float>& v, const std::string& what) {
+  std::vector<uint16_t> bits(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    require(std::fabs(v[i]) <= 65504.0f, what, "value {} at element {} does not fit fp16", v[i], i);
+    bits[i] = float_to_fp16(v[i]);
+  }
+  return DeviceArray<__half>(reinterpret_cast<const __half*>(bits.data()), bits.size());
+}
+
+// One linear on the device, in one of two forms: FP16 weights for cuBLAS, or Atom's W4A4 operand
+// (INT4 groups of 128 + INT8 keepers, GPU layout) whose input is gathered by `perm` and quantized
+// per token by the fused norm/quantize kernels.
+struct LinearWeights {
+  int64_t in = 0, out = 0;
+  DeviceArray<__half> bias;  // [out] or empty
+  // FP16
+  DeviceArray<__half> w;  // [out, in]
+  // W4A4
+  bool atom = false;
+  AtomDeviceMatrix atom_w;
+  DeviceArray<int32_t> perm;     // [in] input channel of each permuted channel, or empty (identity)
+  DeviceArray<float> norm_perm;  // the RMSNorm weight feeding this linear, in permuted order
+  ActQuant act;
+  int keeper = 0;
+};
+
+LinearWeights upload_dense(const DenseLinear& l, const std::string& what) {
+  LinearWeights w;
+  w.in = l.in_features();
+  w.out = l.out_features();
+  w.w = upload_fp16(l.weight(), what);
+  w.bias = upload_fp16(l.bias(), what + ".bias");
+  return w;
+}
+
+// What gemm_w4a4 and its quantize kernels run: Atom's recipe without nibble's group rotation.
+LinearWeights upload_atom(const quant::QuantLinear& q, const std::vector<float>* norm, const std::string& what) {
+  using quant::Format;
+  const quant::LinearQuantSpec& s = q.spec();
+  const int64_t N = q.out_features(), K = q.in_features(), main = K - s.keeper;
+  require(s.act && s.act->format == Format::Int4Sym && s.act->group == kGroup, what,
+          "the GPU runs INT4 activations in groups of 128 only (this linear: {}); use --device cpu",
+          s.act ? quant::format_name(s.act->format) : "full-precision activations");
+  require((s.weight.format == Format::Int4Sym || s.weight.format == Format::Int4SymAtomGptq) &&
+              s.weight.group == kGroup,
+          what, "the GPU runs INT4 weights in groups of 128 only (this linear: {}, group {}); use --device cpu",
+          quant::format_name(s.weight.format), s.weight.group);
+  require(s.keeper == 0 || (s.keeper_precision == quant::KeeperPrecision::Int8 && q.keepers()), what,
+          "the GPU runs INT8 keeper channels only (this linear: {}); use --device cpu",
+          quant::keeper_precision_name(s.keeper_precision));
+  const quant::QuantizedMatrix& m = q.main();
+  AtomPackedHost p;
+  p.shape = atom_shape(N, int(K), int(s.keeper));
+  p.q4.resize(size_t(N * main / 2));
+  quant::pack_4bit(m.spec.format, m.codes.data(), N * main, p.q4.data(), what);
+  const int64_t groups = main / kGroup, row_group = m.spec.row_group;
+  p.s4.resize(size_t(N * groups));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < groups; ++g)
+      p.s4[size_t(n * groups + g)] = float_to_fp16(m.scales[size_t((n / row_group) * groups + g)]);
+  if (s.keeper > 0) {
+    const quant::QuantizedMatrix& k = *q.keepers();
+    p.q8.assign(k.codes.begin(), k.codes.end());
+    p.s8.resize(size_t(N));
+    for (int64_t n = 0; n < N; ++n) p.s8[size_t(n)] = float_to_fp16(k.scales[size_t(n)]);
+  }
+  LinearWeights w;
+  w.in = K;
+  w.out = N;
+  w.atom = true;
+  w.atom_w = AtomDeviceMatrix(to_gpu_layout(p));
+  w.keeper = int(s.keeper);
+  w.act = ActQuant{s.act->clip, 1.0f, s.group_hadamard};
+  w.bias = upload_fp16(q.bias(), what + ".bias");
+  if (!q.perm().empty()) w.perm = DeviceArray<int32_t>(q.perm().data(), q.perm().size());
+  if (norm) {
+    std::vector<float> np(static_cast<size_t>(K));
+    for (int64_t j = 0; j < K; ++j) np[size_t(j)] = (*norm)[size_t(q.perm().empty() ? j : q.perm()[size_t(j)])];
+    w.norm_perm = DeviceArray<float>(np.data(), np.size());
+  }
+  return w;
+}
+
+LinearWeights upload_linear(const Linear& l, const std::vector<float>* norm, const std::string& what) {
+  if (const auto* dense = dynamic_cast<const DenseLinear*>(&l)) return upload_dense(*dense, what);
+  if (const auto* q = dynamic_cast<const quant::QuantLinear*>(&l)) return upload_atom(*q, norm, what);
+  throw Error(what, "this linear type has no CUDA kernel; use --device cpu");
+}
+
+struct LayerWeights {
+  DeviceArray<float> attn_norm, mlp_norm;
+  LinearWeights qkv, o, gate_up, down;
+};
+
+class PagedPool final : public KVPool {
+ public:
+  PagedPool(const PagedKVLayout& layout, int64_t pages) : cache_(layout, pages) {}
+  SeqId add() override { return cache_.add_sequence(); }
+  SeqId fork(SeqId seq) override { return cache_.fork(seq); }
+  void truncate(SeqId seq, int64_t n) override { cache_.truncate(seq, n); }
+  void free(SeqId seq) override { cache_.free_sequence(seq); }
+  int64_t length(SeqId seq) const override { return cache_.length(seq); }
+  int64_t capacity_tokens() const override { return cache_.allocator().num_pages() * cache_.layout().page_size; }
+  int64_t free_tokens() const override { return cache_.free_pages() * cache_.layout().page_size; }
+  PagedKVCache& cache() { return cache_; }
+
+ private:
+  PagedKVCache cache_;
+};
+
+class CudaExecutor final : public Executor {
+ public:
+  CudaExecutor(const Model& model, const RuntimeOptions& opt);
+  ~CudaExecutor() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+  const ModelConfig& config() const override { return cfg_; }
+  KVPool& kv() override { return *pool_; }
+  std::string device_name() const override { return device_name_; }
+  void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) override;
+
+ private:
+  // y = linear(x) for a FP16 linear (x: its fp16 input rows).
+  void dense(const LinearWeights& w, const __half* x, int64_t rows, __half* y);
+  // y = linear(quantized input) for a W4A4 linear whose input was quantized into act_op(rows, w).
+  void w4a4(const LinearWeights& w, int64_t rows, __half* y);
+  AtomOperandMut act_op(int64_t rows, const LinearWeights& w) const;
+
+  ModelConfig cfg_;
+  std::string device_name_;
+  int64_t max_tokens_, max_context_;
+  cudaStream_t stream_ = nullptr;
+  LinearFp16 blas_;
+  DeviceArray<__half> embedding_, lm_head_own_;
+  const __half* lm_head_ = nullptr;  // the embedding when tied
+  DeviceArray<float> final_norm_;
+  std::vector<LayerWeights> layers_;
+  std::unique_ptr<RopeTable> rope_;
+  std::unique_ptr<PagedPool> pool_;
+  AttentionBatchBuilder batch_builder_;
+  AttentionWorkspace attn_ws_;
+  // Activations for max_tokens_ rows.
+  DeviceArray<int32_t> tokens_, head_rows_;
+  DeviceArray<float> hidden_, logits_;
+  DeviceArray<__half> xn_, qkv_, q_rot_, attn_, y_, gate_up_, act_;
+  // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's split-K scratch.
+  DeviceArray<__half> hidden16_;
+  DeviceArray<uint8_t> act_codes_;  // sized for the largest linear input at max_tokens_ rows
+  DeviceArray<__half> act_scales_;
+  DeviceArray<uint8_t> gemm_ws_;
+  bool any_atom_ = false;
+  float kv_clip_ = 1.0f;
+  bool k_before_rope_ = false;
+  bool kv_hadamard_ = false;
+};
+
+CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
+    : cfg_(model.config()),
+      max_tokens_(opt.max_batch_tokens),
+      max_context_(opt.max_context > 0 ? std::min(opt.max_context, cfg_.max_position_embeddings)
+                                       : cfg_.max_position_embeddings) {
+  const ModelConfig& c = cfg_;
+  require(c.num_experts == 0, "--device cuda", "{} (mixture of experts) has no CUDA forward pass yet; use --device cpu",
+          arch_name(c.arch));
+  require(c.head_dim == 64 || c.head_dim == 128, "--device cuda",
+          "the CUDA attention kernels take head_dim 64 or 128; this model has {} (use --device cpu)", c.head_dim);
+  const KVFormat& kvf = model.kv_format();
+  require(kvf.bits == 4 || kvf.bits >= 16, "--device cuda",
+          "the KV cache format {} has no CUDA kernel (the GPU keeps fp16 or INT4 K/V); use --device cpu or --kv-bits",
+          kvf.describe());
+  require(!(kvf.bits == 4 && kvf.hadamard && kvf.k_before_rope), "--device cuda",
+          "a Hadamard-rotated KV cache with K stored before RoPE has no CUDA kernel (the attention kernels rotate "
+          "K by RoPE as they read it); use --k-after-rope or --device cpu");
+  require(max_tokens_ >= 1, "--device cuda", "max_batch_tokens must be >= 1, not {}", max_tokens_);
+  cudaDeviceProp prop{};
+  NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  device_name_ = cformat("cuda:0 ({})", prop.name);
+  NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+
+  embedding_ = upload_fp16(model.embedding(), "model.embed_tokens.weight");
+  final_norm_ = DeviceArray<float>(model.final_norm().data(), model.final_norm().size());
+  const auto* head = dynamic_cast<const DenseLinear*>(&model.lm_head());
+  require(head != nullptr, "lm_head", "a quantized LM head has no CUDA kernel yet; use --device cpu");
+  if (c.tie_word_embeddings && head->weight() == model.embedding()) {
+    lm_head_ = embedding_.get();
+  } else {
+    lm_head_own_ = upload_fp16(head->weight(), "lm_head.weight");
+    lm_head_ = lm_head_own_.get();
+  }
+  for (size_t l = 0; l < model.layers().size(); ++l) {
+    const Layer& src = model.layers()[l];
+    const std::string p = cformat("model.layers.{}.", l);
+    LayerWeights lw;
+    lw.attn_norm = DeviceArray<float>(src.attn_norm.data(), src.attn_norm.size());
+    lw.mlp_norm = DeviceArray<float>(src.mlp_norm.data(), src.mlp_norm.size());
+    lw.qkv = upload_linear(*src.qkv, &src.attn_norm, p + "self_attn.qkv");
+    lw.o = upload_linear(*src.o, nullptr, p + "self_attn.o_proj");
+    lw.gate_up = upload_linear(*src.experts[0].gate_up, &src.mlp_norm, p + "mlp.gate_up");
+    lw.down = upload_linear(*src.experts[0].down, nullptr, p + "mlp.down_proj");
+    for (const LinearWeights* w : {&lw.qkv, &lw.o, &lw.gate_up, &lw.down}) any_atom_ |= w->atom;
+    layers_.push_back(std::move(lw));
+  }
+  rope_ = std::make_unique<RopeTable>(cpu::rope_inv_freq(c), int(max_context_));
+
+  const int64_t T = max_tokens_, H = c.hidden_size, qkv = c.q_dim() + 2 * c.kv_dim();
+  tokens_ = DeviceArray<int32_t>(size_t(T));
+  head_rows_ = DeviceArray<int32_t>(size_t(T));
+  hidden_ = DeviceArray<float>(size_t(T * H));
+  logits_ = DeviceArray<float>(size_t(T * c.vocab_size));
+  xn_ = DeviceArray<__half>(size_t(T * std::max(H, c.q_dim())));
+  qkv_ = DeviceArray<__half>(size_t(T * qkv));
+  q_rot_ = DeviceArray<__half>(size_t(T * c.q_dim()));
+  attn_ = DeviceArray<__half>(size_t(T * c.q_dim()));
+  y_ = DeviceArray<__half>(size_t(T * H));
+  gate_up_ = DeviceArray<__half>(size_t(T * 2 * c.intermediate_size));
+  act_ = DeviceArray<__half>(size_t(T * c.intermediate_size));
+
+  if (any_atom_) {
+    hidden16_ = DeviceArray<__half>(size_t(T * H));
+    // One activation operand big enough for any linear's input; the split-K scratch for the largest.
+    int64_t code_bytes = 0, scale_count = 0;
+    size_t ws = 0;
+    for (const LayerWeights& lw : layers_)
+      for (const LinearWeights* w : {&lw.qkv, &lw.o, &lw.gate_up, &lw.down}) {
+        if (!w->atom) continue;
+        const AtomShape a = atom_shape(T, int(w->in), w->keeper);
+        code_bytes = std::max(code_bytes, a.code_bytes());
+        scale_count = std::max(scale_count, a.scale_count());
+        for (int64_t m = 1; m <= std::min<int64_t>(T, 64); ++m)
+          ws = std::max(ws, gemm_w4a4_workspace_bytes(m, w->out, int(w->in), w->keeper));
+      }
+    act_codes_ = DeviceArray<uint8_t>(size_t(code_bytes));
+    act_scales_ = DeviceArray<__half>(size_t(scale_count));
+    gemm_ws_ = DeviceArray<uint8_t>(std::max<size_t>(ws, 16));
+    NIBBLE_CUDA_CHECK(cudaMemset(gemm_ws_.get(), 0, gemm_ws_.size()));
+  }
+
+  PagedKVLayout layout;
+  layout.num_layers = int(c.num_layers);
+  layout.kv_heads = int(c.num_kv_heads);
+  layout.head_dim = int(c.head_dim);
+  layout.page_size = 16;
+  layout.dtype = kvf.bits == 4 ? KVDtype::Int4 : KVDtype::Fp16;
+  kv_clip_ = kvf.bits == 4 ? kvf.clip : 1.0f;
+  k_before_rope_ = kvf.bits == 4 && kvf.k_before_rope;
+  kv_hadamard_ = kvf.bits == 4 && kvf.hadamard;
+  layout.validate("--device cuda");
+  const int64_t pages = opt.kv_pages > 0 ? opt.kv_pages
+                                         : PagedKVCache::pages_for_free_memory(layout, opt.gpu_mem_fraction, 0);
+  require(pages * layout.page_size >= max_context_, "--device cuda",
+          "the KV pool holds {} tokens ({} pages of {}), less than one sequence of {} tokens: free GPU memory or "
+          "lower --ctx",
+          pages * layout.page_size, pages, layout.page_size, max_context_);
+  pool_ = std::make_unique<PagedPool>(layout, pages);
+}
+
+void CudaExecutor::dense(const LinearWeights& w, const __half* x, int64_t rows, __half* y) {
+  blas_.run(x, w.w.get(), y, rows, w.out, w.in, stream_);
+  if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
+}
+
+AtomOperandMut CudaExecutor::act_op(int64_t rows, const LinearWeights& w) const {
+  return {act_codes_.get(), act_scales_.get(), atom_shape(rows, int(w.in), w.keeper)};
+}
+
+void CudaExecutor::w4a4(const LinearWeights& w, int64_t rows, __half* y) {
+  gemm_w4a4(act_op(rows, w), w.atom_w.view(), y, OutType::F16, gemm_ws_.get(), gemm_ws_.size(), stream_);
+  if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
+}
+
+void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>& logits) {
+  const ModelConfig& c = cfg_;
+  PagedKVCache& cache = pool_->cache();
+  std::vector<int32_t> tokens, head_rows;
+  std::vector<SeqId> seqs;
+  std::vector<int> news;
+  for (const BatchEntry& e : batch) {
+    require(!e.tokens.empty(), "forward", "sequence {} has no new tokens", e.seq);
+    require(cache.allocator().alive(e.seq), "forward", "no live sequence {}", e.seq);
+    require(std::find(seqs.begin(), seqs.end(), e.seq) == seqs.end(), "forward", "sequence {} appears twice",
+            e.seq);
+    const int64_t len = cache.length(e.seq) + int64_t(e.tokens.size());
+    require(len <= max_context_, "forward", "sequence {} would hold {} tokens, past the context of {}", e.seq, len,
+            max_context_);
+    require(c.sliding_window == 0 || len <= c.sliding_window, "forward",
+            "sliding-window attention has no CUDA kernel yet: sequence {} reaches {} tokens, past the window of {}",
+            e.seq, len, c.sliding_window);
+    for (size_t i = 0; i < e.tokens.size(); ++i) {
+      require(e.tokens[i] >= 0 && e.tokens[i] < c.vocab_size, "forward",
+              "token id {} at position {} is outside the vocabulary (0..{})", e.tokens[i], i, c.vocab_size - 1);
+      if (e.all_logits || i + 1 == e.tokens.size()) head_rows.push_back(int32_t(tokens.size() + i));
+    }
+    tokens.insert(tokens.end(), e.tokens.begin(), e.tokens.end());
+    seqs.push_back(e.seq);
+    news.push_back(int(e.tokens.size()));
+  }
+  const int64_t n = int64_t(tokens.size()), rows = int64_t(head_rows.size());
+  require(n <= max_tokens_, "forward", "{} tokens in one step, more than the {} the buffers were sized for", n,
+          max_tokens_);
+  for (size_t i = 0; i < seqs.size(); ++i) {
+    if (cache.append(seqs[i], news[i], stream_)) continue;
+    for (size_t j = 0; j < i; ++j) cache.truncate(seqs[j], cache.length(seqs[j]) - news[j]);
+    throw Error("forward", cformat("the KV pool is full ({} tokens free, the step needs {})",
+                                   pool_->free_tokens(), n));
+  }
+
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_.get(), tokens.data(), size_t(n) * 4, cudaMemcpyHostToDevice, stream_));
+  NIBBLE_CUDA_CHECK(
+      cudaMemcpyAsync(head_rows_.get(), head_rows.data(), size_t(rows) * 4, cudaMemcpyHostToDevice, stream_));
+  const AttentionBatch ab = batch_builder_.build(cache.allocator(), seqs, news, stream_);
+  const KVCacheView view = cache.view();
+  const bool decode = ab.max_new == 1;
+
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  const float eps = float(c.rms_norm_eps);
+  embed_rows(tokens_.get(), n, embedding_.get(), H, hidden_.get(), stream_);
+  const __half* pending = nullptr;  // the last linear's output, added to the residual by the next norm
+  // The input of a linear fed by an RMSNorm: the fp16 normalized rows (FP16), or the permuted,
+  // normalized and quantized rows (W4A4); either way the residual add of `pending` comes first.
+  auto norm_into = [&](const LinearWeights& w, const DeviceArray<float>& norm, __half* y) {
+    if (!w.atom) {
+      residual_rmsnorm(hidden_.get(), pending, n, H, norm.get(), eps, xn_.get(), nullptr, stream_);
+      dense(w, xn_.get(), n, y);
+      return;
+    }
+    residual_rmsnorm(hidden_.get(), pending, n, H, nullptr, eps, nullptr, hidden16_.get(), stream_);
+    rmsnorm_quantize(hidden16_.get(), H, w.perm.get(), w.norm_perm.get(), eps, act_op(n, w), w.act, stream_);
+    w4a4(w, n, y);
+  };
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const LayerWeights& w = layers_[l];
+    norm_into(w.qkv, w.attn_norm, qkv_.get());
+    AppendArgs app;
+    app.qkv = qkv_.get();
+    app.qkv_stride = w.qkv.out;
+    app.num_heads = int(c.num_heads);
+    app.layer = int(l);
+    app.rope = rope_.get();
+    app.k_before_rope = k_before_rope_;
+    app.clip = kv_clip_;
+    app.hadamard = kv_hadamard_;
+    app.q_out = q_rot_.get();
+    attention_append(view, ab, app, stream_);
+    AttentionArgs att;
+    att.q = q_rot_.get();
+    att.out = attn_.get();
+    att.num_heads = int(c.num_heads);
+    att.layer = int(l);
+    att.rope = rope_.get();
+    att.k_before_rope = k_before_rope_;
+    if (decode)
+      attention_decode(view, ab, att, attn_ws_, stream_);
+    else
+      attention_prefill(view, ab, att, stream_);
+    if (kv_hadamard_) hadamard_heads(attn_.get(), n * c.num_heads, int(c.head_dim), stream_);
+    if (w.o.atom) {
+      gather_quantize(attn_.get(), w.o.in, w.o.perm.get(), act_op(n, w.o), w.o.act, stream_);
+      w4a4(w.o, n, y_.get());
+    } else {
+      dense(w.o, attn_.get(), n, y_.get());
+    }
+    pending = y_.get();
+    norm_into(w.gate_up, w.mlp_norm, gate_up_.get());
+    if (w.down.atom) {
+      swiglu_quantize(gate_up_.get(), gate_up_.get() + I, 2 * I, w.down.perm.get(), act_op(n, w.down), w.down.act,
+                      stream_);
+      w4a4(w.down, n, y_.get());
+    } else {
+      swiglu(gate_up_.get(), n, I, act_.get(), stream_);
+      dense(w.down, act_.get(), n, y_.get());
+    }
+  }
+  residual_rmsnorm(hidden_.get(), pending, n, H, final_norm_.get(), eps, xn_.get(), nullptr, stream_);
+  // The LM head on the selected rows only, fp32 logits: Logitsᵀ [V, rows] = E [V, H] · Xᵀ.
+  __half* selected = y_.get();  // consumed by the norm above: free again
+  gather_rows(xn_.get(), head_rows_.get(), rows, H, selected, stream_);
+  const float alpha = 1.0f, beta = 0.0f;
+  NIBBLE_CUBLAS_CHECK(cublasSetStream(blas_.handle(), stream_));
+  NIBBLE_CUBLAS_CHECK(cublasGemmEx(blas_.handle(), CUBLAS_OP_T, CUBLAS_OP_N, int(c.vocab_size), int(rows), int(H),
+                                   &alpha, lm_head_, CUDA_R_16F, int(H), selected, CUDA_R_16F, int(H), &beta,
+                                   logits_.get(), CUDA_R_32F, int(c.vocab_size), CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
+  logits.resize(size_t(rows * c.vocab_size));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(logits.data(), logits_.get(), logits.size() * 4, cudaMemcpyDeviceToHost,
+                                    stream_));
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (size_t i = 0; i < logits.size(); ++i)
+    require(std::isfinite(logits[i]), "forward",
+            "non-finite logit at row {} (an fp16 activation overflowed on the GPU?); use --device cpu",
+            i / size_t(c.vocab_size));
+}
+
+}  // namespace
+
+std::unique_ptr<Executor> make_executor(const Model& model, const RuntimeOptions& opt) {
+  return std::make_unique<CudaExecutor>(model, opt);
+}
+
+}  // namespace nibble::cuda

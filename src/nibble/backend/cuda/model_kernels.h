@@ -1,0 +1,35 @@
+// The elementwise steps of the forward pass on the GPU, each the CUDA twin of a backend/cpu/ops.h
+// function (same math in fp32; fp16 where a tensor is stored in fp16). The residual stream stays
+// fp32 so that the FP16 path differs from the CPU reference only by fp16 weights and linear inputs.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace nibble::cuda {
+
+// h[i, :] = float(table[tokens[i], :]) for n tokens of width H.
+void embed_rows(const int32_t* tokens, int64_t n, const __half* table, int64_t H, float* h, cudaStream_t stream);
+
+// For each of `rows` rows: h += y (when y is not null), then out = rms_norm(h) · w in fp16
+// (cpu::rms_norm: x / sqrt(mean(x²) + eps) · w) when out is not null, and h16 = fp16(h) when h16
+// is not null (the input of the fused W4A4 norm/quantize kernels).
+void residual_rmsnorm(float* h, const __half* y, int64_t rows, int64_t H, const float* w, float eps, __half* out,
+                      __half* h16, cudaStream_t stream);
+
+// out[r, i] = silu(gu[r, i]) · gu[r, I + i] (cpu::swiglu), fp16 in and out.
+void swiglu(const __half* gu, int64_t rows, int64_t I, __half* out, cudaStream_t stream);
+
+// y[r, :] += b (fp16, added in fp32) for rows of width N.
+void add_bias(__half* y, const __half* b, int64_t rows, int64_t N, cudaStream_t stream);
+
+// The orthonormal Walsh-Hadamard transform (quant/hadamard.h) of each of `vectors` consecutive
+// D-wide vectors, in place (D = 64 or 128): turns a rotated-basis attention output back.
+void hadamard_heads(__half* x, int64_t vectors, int D, cudaStream_t stream);
+
+// out[i, :] = x[idx[i], :] for n rows of width H.
+void gather_rows(const __half* x, const int32_t* idx, int64_t n, int64_t H, __half* out, cudaStream_t stream);
+
+}  // namespace nibble::cuda

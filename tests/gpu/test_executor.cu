@@ -1,0 +1,348 @@
+// The CUDA executor's whole forward pass against the CPU executor (the fp32 reference) on random
+// models of several shapes: prefill of a ragged batch, decode steps, fork + truncate, and the
+// errors a caller can trip (token outside the vocabulary, a full KV pool, a shape with no kernel).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <numeric>
+#include <random>
+
+#include "nibble/backend/backend.h"
+#include "nibble/core/error.h"
+#include "nibble/core/half.h"
+#include "nibble/model/model.h"
+#include "nibble/quant/quant_linear.h"
+#include "gpu_test_util.h"
+
+namespace nibble {
+namespace {
+
+// Uniform values of scale `range`, rounded to fp16 so the GPU holds exactly the CPU's weights.
+std::vector<float> random_fp16(std::mt19937_64& rng, int64_t n, float range) {
+  std::uniform_real_distribution<float> u(-range, range);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = round_fp16(u(rng));
+  return v;
+}
+
+std::unique_ptr<Linear> random_linear(std::mt19937_64& rng, int64_t in, int64_t out, bool bias) {
+  const float range = std::sqrt(3.0f / float(in));  // unit variance out for unit variance in
+  return std::make_unique<DenseLinear>(in, out, random_fp16(rng, in * out, range),
+                                       bias ? random_fp16(rng, out, 0.5f) : std::vector<float>{});
+}
+
+std::unique_ptr<Model> random_model(const ModelConfig& c, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto norm = [&](int64_t n) {
+    std::vector<float> w = random_fp16(rng, n, 0.2f);
+    for (float& x : w) x = round_fp16(1.0f + x);
+    return w;
+  };
+  std::vector<float> embedding = random_fp16(rng, c.vocab_size * c.hidden_size, 1.0f);
+  std::vector<Layer> layers;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    Layer layer;
+    layer.attn_norm = norm(c.hidden_size);
+    layer.mlp_norm = norm(c.hidden_size);
+    layer.qkv = random_linear(rng, c.hidden_size, c.q_dim() + 2 * c.kv_dim(), c.attention_bias);
+    layer.o = random_linear(rng, c.q_dim(), c.hidden_size, false);
+    layer.experts.push_back({random_linear(rng, c.hidden_size, 2 * c.intermediate_size, false),
+                             random_linear(rng, c.intermediate_size, c.hidden_size, false)});
+    layers.push_back(std::move(layer));
+  }
+  std::unique_ptr<Linear> head =
+      c.tie_word_embeddings ? std::make_unique<DenseLinear>(c.hidden_size, c.vocab_size, embedding)
+                            : random_linear(rng, c.hidden_size, c.vocab_size, false);
+  return std::make_unique<Model>(c, "random", std::move(embedding), std::move(layers), norm(c.hidden_size),
+                                 std::move(head));
+}
+
+ModelConfig llama_like() {
+  ModelConfig c;
+  c.vocab_size = 512;
+  c.hidden_size = 256;
+  c.intermediate_size = 512;
+  c.num_layers = 3;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 64;
+  c.max_position_embeddings = 512;
+  c.rms_norm_eps = 1e-5;
+  return c;
+}
+
+ModelConfig qwen2_like() {
+  ModelConfig c = llama_like();
+  c.arch = Arch::Qwen2;
+  c.num_heads = 2;
+  c.num_kv_heads = 1;
+  c.head_dim = 128;
+  c.attention_bias = true;
+  c.tie_word_embeddings = true;
+  c.rope_theta = 1e6;
+  return c;
+}
+
+// Replaces every linear of the layers with Atom's W4A4 form (RTN): input channels in a random
+// order, the last 128 INT8 keepers, INT4 groups of 128 for weights and per-token activations.
+void quantize_atom(Model& m, uint64_t seed, bool group_hadamard) {
+  using namespace quant;
+  std::mt19937_64 rng(seed);
+  LinearQuantSpec spec;
+  spec.group_hadamard = group_hadamard;
+  spec.weight = {Format::Int4Sym, 128, 1, 0.85f};
+  spec.act = FormatSpec{Format::Int4Sym, 128, 1, 0.9f};
+  spec.keeper = 128;
+  spec.keeper_precision = KeeperPrecision::Int8;
+  auto convert = [&](std::unique_ptr<Linear>& l) {
+    const auto& d = dynamic_cast<const DenseLinear&>(*l);
+    const int64_t N = d.out_features(), K = d.in_features();
+    std::vector<int32_t> perm(static_cast<size_t>(K));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<float> w(d.weight().size());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < K; ++c) w[size_t(n * K + c)] = d.weight()[size_t(n * K + perm[size_t(c)])];
+    l = quantize_linear_rtn(w, N, K, spec, perm, d.bias(), "test");
+  };
+  for (Layer& layer : m.layers()) {
+    convert(layer.qkv);
+    convert(layer.o);
+    convert(layer.experts[0].gate_up);
+    convert(layer.experts[0].down);
+  }
+}
+
+struct Compare {
+  double rel_max = 0;  // max |gpu - cpu| / max |cpu|
+  double top1 = 0;     // rows whose argmax agrees
+  double kld = 0;      // mean KL(cpu || gpu) of the softmax distributions
+};
+
+Compare compare(const std::vector<float>& gpu, const std::vector<float>& cpu, int64_t vocab) {
+  EXPECT_EQ(gpu.size(), cpu.size());
+  double diff = 0, ref = 0, kld = 0;
+  int64_t agree = 0, rows = int64_t(cpu.size()) / vocab;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gpu.data() + r * vocab;
+    const float* c = cpu.data() + r * vocab;
+    double gmax = *std::max_element(g, g + vocab), cmax = *std::max_element(c, c + vocab), gs = 0, cs = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+      diff = std::max(diff, std::abs(double(g[i]) - double(c[i])));
+      ref = std::max(ref, std::abs(double(c[i])));
+      gs += std::exp(double(g[i]) - gmax);
+      cs += std::exp(double(c[i]) - cmax);
+    }
+    for (int64_t i = 0; i < vocab; ++i) {
+      const double lc = double(c[i]) - cmax - std::log(cs), lg = double(g[i]) - gmax - std::log(gs);
+      kld += std::exp(lc) * (lc - lg);
+    }
+    agree += std::max_element(g, g + vocab) - g == std::max_element(c, c + vocab) - c;
+  }
+  return {diff / ref, double(agree) / double(rows), kld / double(rows)};
+}
+
+// fp16 weights are exact on both sides; the GPU rounds each linear's input and output to fp16
+// (relative 2^-11 each) and accumulates in another order, so after a few layers the logits differ
+// by a few 1e-3 of their range. 1e-2 leaves room for that and catches any wrong index or scale.
+constexpr double kRelTol = 1e-2;
+
+// What a comparison must meet. FP16 is held to kRelTol. With INT4 activations or KV, the GPU flips
+// a code wherever its fp16 input lands on the other side of a rounding boundary than the CPU's
+// fp32 one, and on a random network such flips cascade: the CPU itself, run with fp16-rounded
+// activations (Model::set_fp16_activations), moves as far (KLD 1e-4..3e-2 over seeds and shapes,
+// measured). So a quantized case is held to that sensitivity, measured on the same inputs: KLD at
+// most 2x the CPU's own fp16-vs-fp32 KLD + 5e-3 (the issue's bound for the packed model), top-1 at
+// most 0.15 below it. A wrong permutation, scale or rotation moves KLD by orders of magnitude more.
+struct Bounds {
+  double rel_max = kRelTol, kld = 1e-4, top1 = 0.95;
+};
+
+void expect_within(const Compare& r, const Bounds& b, const std::string& what) {
+  std::printf("  %s: rel max %.2e, KLD %.2e, top-1 %.3f (bounds: KLD %.2e, top-1 %.3f)\n", what.c_str(), r.rel_max,
+              r.kld, r.top1, b.kld, b.top1);
+  EXPECT_LE(r.rel_max, b.rel_max) << what;
+  EXPECT_LE(r.kld, b.kld) << what;
+  EXPECT_GE(r.top1, b.top1) << what;
+}
+
+Bounds sensitivity_bounds(const Compare& cpu16) {
+  return {1.0, 5e-3 + 2 * cpu16.kld, cpu16.top1 - 0.15};
+}
+
+enum class Weights { Fp16, AtomW4A4, AtomW4A4Rotated };
+
+void run_case(const ModelConfig& c, uint64_t seed, Weights weights = Weights::Fp16, KVFormat kv = {}) {
+  std::printf("seed %llu, head_dim %lld, bias %d, tied %d, %s, KV %s\n", (unsigned long long)seed,
+              (long long)c.head_dim, int(c.attention_bias), int(c.tie_word_embeddings),
+              weights == Weights::Fp16 ? "fp16" : weights == Weights::AtomW4A4 ? "atom w4a4" : "atom w4a4, group Hadamard",
+              kv.describe().c_str());
+  // The model twice (same seed): the reference, and the same weights run with fp16 activations.
+  auto model = random_model(c, seed), model16 = random_model(c, seed);
+  if (weights != Weights::Fp16) {
+    quantize_atom(*model, seed + 2, weights == Weights::AtomW4A4Rotated);
+    quantize_atom(*model16, seed + 2, weights == Weights::AtomW4A4Rotated);
+  }
+  const bool quantized = weights != Weights::Fp16 || kv.bits == 4;
+  model->set_kv_format(kv);
+  model16->set_kv_format(kv);
+  model16->set_fp16_activations(true);
+  RuntimeOptions copt, gopt;
+  gopt.device = "cuda";
+  gopt.max_batch_tokens = 512;
+  gopt.kv_pages = 64;
+  auto cpu = make_executor(*model, copt);
+  auto cpu16 = make_executor(*model16, copt);
+  auto gpu = make_executor(*model, gopt);
+  // Runs one step on the three executors and checks the GPU against the CPU reference.
+  std::vector<float> cl, gl, hl;
+  auto step = [&](const std::vector<BatchEntry>& batch, const std::string& what) {
+    cpu->forward(batch, cl);
+    gpu->forward(batch, gl);
+    Bounds b;
+    if (quantized) {
+      cpu16->forward(batch, hl);
+      b = sensitivity_bounds(compare(hl, cl, c.vocab_size));
+    }
+    expect_within(compare(gl, cl, c.vocab_size), b, what);
+  };
+  std::mt19937_64 rng(seed + 1);
+  std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size - 1));
+
+  // A ragged prefill: 1, 45 and 130 tokens, every row scored. Sequence ids are the same in the
+  // three pools (each starts empty), so one batch description serves all three.
+  const int lens[] = {1, 45, 130};
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<SeqId> seqs;
+  for (int len : lens) {
+    std::vector<int32_t> p(static_cast<size_t>(len));
+    for (int32_t& t : p) t = tok(rng);
+    prompts.push_back(std::move(p));
+    const SeqId s = cpu->kv().add();
+    ASSERT_EQ(gpu->kv().add(), s);
+    ASSERT_EQ(cpu16->kv().add(), s);
+    seqs.push_back(s);
+  }
+  std::vector<BatchEntry> batch;
+  for (size_t i = 0; i < prompts.size(); ++i) batch.push_back({seqs[i], prompts[i], true});
+  step(batch, "prefill 1+45+130");
+
+  // Greedy decode steps (the CPU's choice fed to all), one token per sequence.
+  for (int s = 0; s < 6; ++s) {
+    std::vector<int32_t> next(prompts.size());
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const float* row = cl.data() + (s == 0 ? (std::accumulate(lens, lens + i + 1, 0) - 1) : int(i)) * c.vocab_size;
+      next[i] = int32_t(std::max_element(row, row + c.vocab_size) - row);
+    }
+    batch.clear();
+    for (size_t i = 0; i < prompts.size(); ++i) batch.push_back({seqs[i], {&next[i], 1}, false});
+    step(batch, "decode step " + std::to_string(s));
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(gpu->kv().length(seqs[i]), cpu->kv().length(seqs[i]));
+
+  // Fork the longest sequence, cut it back to 20 tokens, and continue with 17 new ones.
+  const SeqId f = cpu->kv().fork(seqs[2]);
+  ASSERT_EQ(gpu->kv().fork(seqs[2]), f);
+  ASSERT_EQ(cpu16->kv().fork(seqs[2]), f);
+  for (Executor* e : {cpu.get(), gpu.get(), cpu16.get()}) e->kv().truncate(f, 20);
+  std::vector<int32_t> more(17);
+  for (int32_t& t : more) t = tok(rng);
+  batch = {{f, more, true}};
+  step(batch, "fork + truncate + 17");
+}
+
+TEST(CudaExecutor, LlamaShapeMatchesCpu) {
+  NIBBLE_REQUIRE_GPU();
+  run_case(llama_like(), std::random_device{}());
+}
+
+TEST(CudaExecutor, Qwen2ShapeWithBiasAndTiedHeadMatchesCpu) {
+  NIBBLE_REQUIRE_GPU();
+  run_case(qwen2_like(), std::random_device{}());
+}
+
+KVFormat int4_kv(bool k_before_rope) {
+  KVFormat f;
+  f.bits = 4;
+  f.clip = 0.9f;
+  f.k_before_rope = k_before_rope;
+  return f;
+}
+
+TEST(CudaExecutor, AtomW4A4WithInt4KVMatchesCpu) {
+  NIBBLE_REQUIRE_GPU();
+  run_case(llama_like(), std::random_device{}(), Weights::AtomW4A4, int4_kv(false));
+}
+
+TEST(CudaExecutor, AtomW4A4Qwen2ShapeWithKBeforeRopeMatchesCpu) {
+  NIBBLE_REQUIRE_GPU();
+  run_case(qwen2_like(), std::random_device{}(), Weights::AtomW4A4, int4_kv(true));
+}
+
+// nibble's default atom-w4a4: group-local Hadamard on weights and activations, rotated INT4 KV.
+TEST(CudaExecutor, DefaultRecipeShapeWithRotationsMatchesCpu) {
+  NIBBLE_REQUIRE_GPU();
+  KVFormat kv = int4_kv(false);
+  kv.hadamard = true;
+  run_case(llama_like(), std::random_device{}(), Weights::AtomW4A4Rotated, kv);
+  run_case(qwen2_like(), std::random_device{}(), Weights::AtomW4A4Rotated, kv);
+}
+
+TEST(CudaExecutor, Int4KVWithFp16WeightsMatchesCpu) {
+  NIBBLE_REQUIRE_GPU();
+  run_case(llama_like(), std::random_device{}(), Weights::Fp16, int4_kv(false));
+}
+
+TEST(CudaExecutor, RefusesWhatItCannotRun) {
+  NIBBLE_REQUIRE_GPU();
+  ModelConfig c = llama_like();
+  c.head_dim = 32;
+  c.num_heads = 8;
+  c.num_kv_heads = 4;
+  auto model = random_model(c, 7);
+  RuntimeOptions o;
+  o.device = "cuda";
+  o.kv_pages = 64;
+  EXPECT_THROW(make_executor(*model, o), Error);
+  // A rotated KV cache with K before RoPE: no kernel, a refusal naming it rather than a wrong answer.
+  auto ok_shape = random_model(llama_like(), 8);
+  KVFormat rotated = int4_kv(true);
+  rotated.hadamard = true;
+  ok_shape->set_kv_format(rotated);
+  try {
+    make_executor(*ok_shape, o);
+    ADD_FAILURE() << "a Hadamard-rotated KV cache was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("Hadamard"), std::string::npos) << e.what();
+  }
+}
+
+TEST(CudaExecutor, BadInputLeavesTheSequencesUnchanged) {
+  NIBBLE_REQUIRE_GPU();
+  const ModelConfig c = llama_like();
+  auto model = random_model(c, 11);
+  RuntimeOptions o;
+  o.device = "cuda";
+  o.max_batch_tokens = 512;
+  o.kv_pages = 40;  // 640 tokens: room for one full context, not two
+  auto gpu = make_executor(*model, o);
+  const SeqId a = gpu->kv().add(), b = gpu->kv().add();
+  std::vector<int32_t> bad = {1, 2, int32_t(c.vocab_size)};
+  BatchEntry e{a, bad, false};
+  std::vector<float> logits;
+  EXPECT_THROW(gpu->forward({&e, 1}, logits), Error);
+  EXPECT_EQ(gpu->kv().length(a), 0);
+  std::vector<int32_t> full(400, 3);
+  const BatchEntry two[] = {{a, full, false}, {b, full, false}};  // 800 tokens > 640
+  EXPECT_THROW(gpu->forward(two, logits), Error);
+  EXPECT_EQ(gpu->kv().length(a), 0);
+  EXPECT_EQ(gpu->kv().length(b), 0);
+  gpu->forward({two, 1}, logits);  // one of them fits
+  EXPECT_EQ(gpu->kv().length(a), 400);
+  EXPECT_EQ(logits.size(), size_t(c.vocab_size));
+}
+
+}  // namespace
+}  // namespace nibble

@@ -1,0 +1,333 @@
+// The `nibble` binary as a user runs it (issue 12): outputs never destroy what is there, no name
+// becomes gnuplot code, no temporary tokenizer files, one-line errors with exit status 1, and the
+// details of generate, eval, quantize and --json. Each test runs the built CLI (NIBBLE_CLI).
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "nibble/io/safetensors.h"
+#include "nibble/quant/recipe.h"
+#include "tests/test_util.h"
+
+namespace nibble {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string quote(const std::string& s) {  // one shell word, whatever `s` holds
+  std::string out = "'";
+  for (const char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+struct Result {
+  int status = -1;  // exit status (128 + signal when killed)
+  std::string out, err;
+  double seconds = 0;
+};
+
+// A fresh folder per test, removed afterwards; commands run inside it.
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / fmt::format("nibble-test-cli-{}-{}", getpid(),
+                                                    ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // `nibble ARGS` in the test folder, under `timeout 60` so a blocking command fails the test.
+  Result nibble(const std::string& args, const std::string& env = "", const fs::path& cwd = {}) const {
+    const fs::path out = dir_ / ".stdout", err = dir_ / ".stderr";
+    const std::string cmd = fmt::format("cd {} && {} timeout 60 {} {} >{} 2>{}", quote((cwd.empty() ? dir_ : cwd).string()),
+                                        env, quote(NIBBLE_CLI), args, quote(out.string()), quote(err.string()));
+    const auto t0 = std::chrono::steady_clock::now();
+    const int raw = std::system(cmd.c_str());
+    Result r;
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    r.status = WIFEXITED(raw) ? WEXITSTATUS(raw) : 128 + WTERMSIG(raw);
+    r.out = read_file(out);
+    r.err = read_file(err);
+    fs::remove(out);
+    fs::remove(err);
+    return r;
+  }
+
+  static std::string stories() { return (test::data_dir() / "models/stories260K").string(); }
+  static std::string sample_text() { return (test::data_dir() / "text/tinystories_valid_sample.txt").string(); }
+  // A quantize run that needs no calibration (instant on stories260K).
+  static std::string quantize_args(const std::string& model, const std::string& out) {
+    return fmt::format("quantize -m {} --recipe w8a8 -o {}", quote(model), quote(out));
+  }
+
+  // The user-facing failure: exit status 1 and exactly one line on stderr.
+  static void expect_one_line_error(const Result& r) {
+    EXPECT_EQ(r.status, 1) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_EQ(r.err.rfind("nibble: error: ", 0), 0u) << r.err;
+  }
+
+  fs::path dir_;
+};
+
+#define REQUIRE_STORIES() NIBBLE_REQUIRE_DATA("models/stories260K")
+
+TEST_F(Cli, ArgumentErrorsExitOneOnOneLine) {
+  expect_one_line_error(nibble("generate --no-such-flag"));
+  expect_one_line_error(nibble("generate -p hello"));  // -m missing
+  expect_one_line_error(nibble("frobnicate"));
+  expect_one_line_error(nibble("generate -m x -n -2"));
+  const Result help = nibble("generate --help");
+  EXPECT_EQ(help.status, 0);
+}
+
+TEST_F(Cli, MissingModelSaysNoSuchFile) {
+  const Result r = nibble("generate -m /no/such/model -p hi");
+  expect_one_line_error(r);
+  EXPECT_NE(r.err.find("no such file"), std::string::npos) << r.err;
+}
+
+TEST_F(Cli, TextFileAsModelSaysNotSafetensors) {
+  std::ofstream(dir_ / "notes.txt") << "This is a text file, not a model. It is long enough to have a header.\n";
+  for (const char* cmd : {"generate -m notes.txt -p hi", "inspect -m notes.txt"}) {
+    const Result r = nibble(cmd);
+    expect_one_line_error(r);
+    EXPECT_NE(r.err.find("not a safetensors file"), std::string::npos) << r.err;
+  }
+}
+
+// A device node as output (as root, -o /dev/null used to become a regular file). A fresh node
+// with /dev/null's numbers stands in for it, so a failing run cannot break this machine.
+TEST_F(Cli, DeviceOutputIsRefusedAndStaysADevice) {
+  REQUIRE_STORIES();
+  fs::path device = dir_ / "null";
+  if (mknod(device.c_str(), S_IFCHR | 0666, makedev(1, 3)) != 0) device = "/dev/null";  // not root: harmless
+  const Result r = nibble(quantize_args(stories(), device.string()));
+  expect_one_line_error(r);
+  EXPECT_NE(r.err.find("character device"), std::string::npos) << r.err;
+  struct stat st {};
+  ASSERT_EQ(lstat(device.c_str(), &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode)) << device << " is no longer a character device";
+}
+
+TEST_F(Cli, FifoOutputIsRefusedWithoutBlocking) {
+  NIBBLE_REQUIRE_DATA("tasks/piqa");
+  REQUIRE_STORIES();
+  ASSERT_EQ(mkfifo((dir_ / "fifo").c_str(), 0666), 0);
+  const Result r = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q -o fifo", quote(stories())));
+  expect_one_line_error(r);  // a blocked open would end in timeout's status 124
+  EXPECT_NE(r.err.find("FIFO"), std::string::npos) << r.err;
+  EXPECT_TRUE(fs::is_fifo(dir_ / "fifo"));
+}
+
+TEST_F(Cli, SymlinkOutputIsRefusedAndItsTargetKept) {
+  NIBBLE_REQUIRE_DATA("tasks/piqa");
+  REQUIRE_STORIES();
+  std::ofstream(dir_ / "victim") << "precious";
+  fs::create_symlink(dir_ / "victim", dir_ / "link");
+  const Result r = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q -o link", quote(stories())));
+  expect_one_line_error(r);
+  EXPECT_EQ(read_file(dir_ / "victim"), "precious");
+  EXPECT_TRUE(fs::is_symlink(dir_ / "link"));
+}
+
+TEST_F(Cli, QuantizeRefusesToOverwriteItsInput) {
+  REQUIRE_STORIES();
+  fs::copy(stories(), dir_ / "model");
+  const std::string before = read_file(dir_ / "model/model.safetensors");
+  const Result r = nibble(quantize_args("model", "model/model.safetensors"));
+  expect_one_line_error(r);
+  EXPECT_EQ(read_file(dir_ / "model/model.safetensors"), before) << "the input checkpoint was changed";
+  // A new file in the model folder is fine, and no temporary is left beside it.
+  ASSERT_EQ(nibble(quantize_args("model", "model/w8a8.safetensors")).status, 0);
+  for (const auto& e : fs::directory_iterator(dir_ / "model"))
+    EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
+}
+
+// A write that fails half-way (here: a 100 KiB file size limit, SIGXFSZ ignored) leaves neither
+// a partial output nor a temporary file.
+TEST_F(Cli, FailedWriteLeavesNoTemporary) {
+  REQUIRE_STORIES();
+  const Result r = nibble(quantize_args(stories(), "packed.safetensors"), "ulimit -f 100; trap '' XFSZ;");
+  EXPECT_EQ(r.status, 1) << r.err;
+  EXPECT_NE(r.err.find("nibble: error: packed.safetensors: write failed"), std::string::npos) << r.err;
+  for (const auto& e : fs::directory_iterator(dir_)) ADD_FAILURE() << "left behind: " << e.path();
+}
+
+TEST_F(Cli, MissingOutputFolderFailsBeforeTheWork) {
+  REQUIRE_STORIES();
+  const Result r = nibble(fmt::format("quantize -m {} --recipe atom-w4a4 --group 32 --keeper 8 -f {} -o nowhere/x.safetensors",
+                                   quote(stories()), quote(sample_text())));
+  expect_one_line_error(r);
+  EXPECT_NE(r.err.find("does not exist"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("quantizing"), std::string::npos) << "quantized before checking the output: " << r.err;
+}
+
+TEST_F(Cli, AblateFileNamesAreNotGnuplotCode) {
+  REQUIRE_STORIES();
+  const std::string name = "a'.system('touch MARKER').'.txt";
+  fs::copy_file(sample_text(), dir_ / name);
+  const Result r = nibble(fmt::format("ablate -m {} -f {} --eval {} --ladder-group 32 --ladder-keeper 8 --calib-windows 2 "
+                                   "--ctx 64 --chunks 2 -o {}",
+                                   quote(stories()), quote(sample_text()), quote(name), quote("out'.system('touch MARKER2').'")));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_FALSE(fs::exists(dir_ / "MARKER")) << "an --eval file name ran as gnuplot code";
+  EXPECT_FALSE(fs::exists(dir_ / "MARKER2")) << "the -o prefix ran as gnuplot code";
+  EXPECT_TRUE(fs::exists(dir_ / "out'.system('touch MARKER2').'.csv"));
+  const fs::path png = dir_ / "out'.system('touch MARKER2').'.png";
+  if (std::system("command -v gnuplot >/dev/null") == 0) EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
+}
+
+// The packed file's tokenizer is read from memory: nothing under $TMPDIR, and a TMPDIR that
+// cannot be used does not matter.
+TEST_F(Cli, PackedTokenizerWritesNoTemporaryFiles) {
+  REQUIRE_STORIES();
+  ASSERT_EQ(nibble(quantize_args(stories(), "packed.safetensors")).status, 0);
+  fs::create_directory(dir_ / "tmp");
+  const std::string args = "tokenize -m packed.safetensors -p 'Once upon a time' --bos --json";
+  const Result packed = nibble(args, "TMPDIR=" + quote((dir_ / "tmp").string()));
+  ASSERT_EQ(packed.status, 0) << packed.err;
+  EXPECT_TRUE(fs::is_empty(dir_ / "tmp"));
+  const Result unusable = nibble(args, "TMPDIR=/no/such/folder");
+  EXPECT_EQ(unusable.status, 0) << unusable.err;
+  // The same ids (BOS included) as the source folder's tokenizer.
+  const Result source = nibble(fmt::format("tokenize -m {} -p 'Once upon a time' --bos --json", quote(stories())));
+  EXPECT_EQ(packed.out, source.out);
+  // generate reads model and tokenizer from one file.
+  const Result gen = nibble("generate -m packed.safetensors -p 'Once upon' -n 4", "TMPDIR=/no/such/folder");
+  EXPECT_EQ(gen.status, 0) << gen.err;
+}
+
+// nibble.source is the folder's name (never a local path) and nibble.source_sha256 the
+// checkpoint's SHA-256, checked against coreutils' sha256sum.
+TEST_F(Cli, PackedFileRecordsSourceNameAndHash) {
+  REQUIRE_STORIES();
+  ASSERT_EQ(nibble(quantize_args(stories(), "packed.safetensors")).status, 0);
+  const auto f = SafetensorsFile::open(dir_ / "packed.safetensors");
+  EXPECT_EQ(f->metadata().at("nibble.source"), "stories260K");
+  FILE* p = popen(("sha256sum " + quote(stories() + "/model.safetensors")).c_str(), "r");
+  ASSERT_NE(p, nullptr);
+  char hex[65] = {};
+  ASSERT_EQ(std::fread(hex, 1, 64, p), 64u);
+  pclose(p);
+  EXPECT_EQ(f->metadata().at("nibble.source_sha256"), std::string(hex));
+}
+
+TEST_F(Cli, QuantizeWithoutTokenizerWarnsAndTakesTokenizerOption) {
+  REQUIRE_STORIES();
+  fs::create_directory(dir_ / "model");
+  for (const char* f : {"config.json", "model.safetensors"}) fs::copy_file(fs::path(stories()) / f, dir_ / "model" / f);
+  const Result bare = nibble(quantize_args("model", "bare.safetensors") + " --json");
+  ASSERT_EQ(bare.status, 0) << bare.err;
+  EXPECT_NE(bare.err.find("warning: "), std::string::npos) << bare.err;
+  EXPECT_NE(bare.err.find("no tokenizer"), std::string::npos) << bare.err;
+  EXPECT_EQ(nlohmann::json::parse(bare.out).at("warnings").size(), 1u) << bare.out;
+  EXPECT_EQ(nibble("tokenize -m bare.safetensors -p hi").status, 1);
+  // --tokenizer on the command that reads the file, and on quantize to embed one.
+  EXPECT_EQ(nibble(fmt::format("tokenize -m bare.safetensors --tokenizer {} -p hi", quote(stories()))).status, 0);
+  const Result with = nibble(quantize_args("model", "with.safetensors") + " --tokenizer " + quote(stories() + "/tokenizer.json"));
+  ASSERT_EQ(with.status, 0) << with.err;
+  EXPECT_EQ(with.err.find("warning"), std::string::npos) << with.err;
+  EXPECT_EQ(nibble("tokenize -m with.safetensors -p hi").status, 0);
+}
+
+TEST_F(Cli, GenerateKeepsTheSpaceAfterThePrompt) {
+  REQUIRE_STORIES();
+  const Result r = nibble(fmt::format("generate -m {} -p 'Once upon' -n 4", quote(stories())));
+  ASSERT_EQ(r.status, 0) << r.err;
+  ASSERT_GT(r.out.size(), 11u) << r.out;
+  EXPECT_EQ(r.out.substr(0, 10), "Once upon ") << r.out;  // greedy: "Once upon a time"
+  EXPECT_NE(r.out[10], ' ') << r.out;
+}
+
+TEST_F(Cli, GenerateCountZeroAndMinusOne) {
+  REQUIRE_STORIES();
+  const Result zero = nibble(fmt::format("generate -m {} -p 'Once upon' -n 0", quote(stories())));
+  ASSERT_EQ(zero.status, 0) << zero.err;
+  EXPECT_EQ(zero.out, "Once upon\n");
+  // -n -1: until end of sequence or the context (512 tokens) is full.
+  const Result all = nibble(fmt::format("generate -m {} -p 'Once upon' -n -1", quote(stories())));
+  ASSERT_EQ(all.status, 0) << all.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(all.err, m, std::regex("prompt: (\\d+) tokens.*generated: (\\d+) tokens"))) << all.err;
+  EXPECT_GT(std::stoi(m[2]), 0);
+  EXPECT_LE(std::stoi(m[1]) + std::stoi(m[2]), 512 + 1);  // the last token needs no position of its own
+}
+
+TEST_F(Cli, EveryCommandTakesThreads) {
+  REQUIRE_STORIES();
+  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval"}) {
+    const Result help = nibble(std::string(cmd) + " --help");
+    EXPECT_NE(help.out.find("-t,--threads"), std::string::npos) << cmd;
+  }
+  for (const char* t : {"1", "2"})
+    EXPECT_EQ(nibble(fmt::format("generate -m {} -p 'Once' -n 4 -t {}", quote(stories()), t)).status, 0);
+  expect_one_line_error(nibble(fmt::format("generate -m {} -p 'Once' -n 4 -t 0", quote(stories()))));
+}
+
+// Run from / with no NIBBLE_DATA: the task data is found beside the checkout the binary is in.
+TEST_F(Cli, EvalFindsTaskDataFromAnyFolder) {
+  REQUIRE_STORIES();
+  if (!fs::is_directory(test::source_dir() / "../shared/data/tasks/piqa"))
+    GTEST_SKIP() << "no shared/data/tasks beside the checkout";
+  const Result r = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --json", quote(stories())), "env -u NIBBLE_DATA", "/");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_TRUE(nlohmann::json::parse(r.out).is_object());
+}
+
+TEST_F(Cli, QuantizeHelpQuotesThePresetClips) {
+  const Result r = nibble("quantize --help");
+  ASSERT_EQ(r.status, 0);
+  const quant::Recipe atom = quant::Recipe::preset("atom-w4a4");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.out, m, std::regex("activation clip ratio \\(atom-w4a4: ([0-9.]+)\\)"))) << r.out;
+  EXPECT_FLOAT_EQ(std::stof(m[1]), atom.act.clip);
+  ASSERT_TRUE(std::regex_search(r.out, m, std::regex("weight clip ratio \\(atom-w4a4: ([0-9.]+)\\)"))) << r.out;
+  EXPECT_FLOAT_EQ(std::stof(m[1]), atom.weight.clip);
+}
+
+// --json: the whole stdout is one JSON object (progress, tables and logs go to stderr).
+TEST_F(Cli, JsonOutputIsOneObject) {
+  REQUIRE_STORIES();
+  const std::string m = quote(stories()), text = quote(sample_text());
+  std::vector<std::string> commands = {
+      "perplexity -m " + m + " -f " + text + " --ctx 64 --chunks 2 --json",
+      quantize_args(stories(), "q.safetensors") + " --json",
+      "inspect -m " + m + " --json",
+      "tokenize -m " + m + " -p hi --json",
+      "ablate -m " + m + " -f " + text + " --eval " + text +
+          " --ladder-group 32 --ladder-keeper 8 --calib-windows 2 --ctx 64 --chunks 2 --json"};
+  if (fs::is_directory(test::data_dir() / "tasks/piqa"))
+    commands.push_back("eval -m " + m + " --tasks piqa --limit 2 --json --data " + quote((test::data_dir() / "tasks").string()));
+  for (const std::string& c : commands) {
+    const Result r = nibble(c);
+    ASSERT_EQ(r.status, 0) << c << "\n" << r.err;
+    nlohmann::json j;
+    EXPECT_NO_THROW(j = nlohmann::json::parse(r.out)) << c << "\nstdout: " << r.out;
+    EXPECT_TRUE(j.is_object()) << c;
+  }
+}
+
+}  // namespace
+}  // namespace nibble
