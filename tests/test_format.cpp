@@ -646,6 +646,7 @@ TEST(Format, SpecAndShapeValidation) {
   EXPECT_NO_THROW(validate_spec({Format::Int4Asym, 0, 1, 0.5f}, "s"));
   try {
     quantize_rows(x.data(), 4, 96, {Format::Int4Sym, 128, 1, 1.0f}, "model.layers.0.mlp.up_proj");
+    ADD_FAILURE() << "a group of 128 over 96 columns must be refused";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("96 columns"), std::string::npos) << e.what();
   }

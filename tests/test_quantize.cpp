@@ -1,16 +1,23 @@
 // Model-level quantization: reordering is exact, the packed file reproduces the in-memory model
 // bit for bit, recipes that do not fit a model are refused, the quantized KV cache is close.
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <random>
 
 #include <gtest/gtest.h>
 
 #include "nibble/core/error.h"
+#include "nibble/core/progress.h"
+#include "nibble/eval/perplexity.h"
 #include "nibble/io/packed.h"
 #include "nibble/io/safetensors.h"
+#include "nibble/io/text_file.h"
 #include "nibble/model/model.h"
+#include "nibble/quant/calibrate.h"
 #include "nibble/quant/kv_quant.h"
 #include "nibble/quant/quantize_model.h"
+#include "nibble/tokenizer/tokenizer.h"
 #include "tests/test_util.h"
 
 namespace nibble {
@@ -53,8 +60,7 @@ Recipe small_atom() {
 class QuantizeStories : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!std::filesystem::exists(test::data_dir() / "models/stories260K/model.safetensors"))
-      GTEST_SKIP() << "reference data not found: " << test::data_dir() << " (set NIBBLE_DATA)";
+    NIBBLE_REQUIRE_DATA("models/stories260K/model.safetensors");
     model = Model::load(test::data_dir() / "models/stories260K");
     calib = random_tokens(4096, 512, 1);
     probe = random_tokens(96, 512, 2);
@@ -144,14 +150,78 @@ TEST_F(QuantizeStories, CalibrationPastTheContextWarns) {
   EXPECT_NE(rep.warnings[0].find("past the model's context"), std::string::npos) << rep.warnings[0];
 }
 
-TEST_F(QuantizeStories, Int8KVCacheStaysClose) {
-  const std::vector<float> fp = logits_of(*model, probe);
-  model->set_kv_format({8, false, 1.0f});
-  EXPECT_LE(rel_max(logits_of(*model, probe), fp), 0.05);
-  model->set_kv_format({4, true, 1.0f});
-  const std::vector<float> kv4 = logits_of(*model, probe);
-  EXPECT_GT(rel_max(kv4, fp), 1e-4);  // really quantized
-  EXPECT_LE(rel_max(kv4, fp), 0.5);
+// The cache quantizing K and V the way format.h fake-quantizes a tensor: each token's head vector
+// (Hadamard-rotated first when asked, and rotated back after) through fake_quantize_rows with the
+// asymmetric INT format and the clip ratio, stored in fp32.
+class FakeQuantKVCache final : public KVCache {
+ public:
+  FakeQuantKVCache(int64_t layers, int64_t kv_dim, int64_t head_dim, int64_t capacity, KVFormat f)
+      : KVCache(layers, kv_dim, capacity), head_dim_(head_dim), f_(f),
+        k_(size_t(layers), std::vector<float>(size_t(capacity * kv_dim))), v_(k_) {}
+  std::unique_ptr<KVCache> clone() const override { return std::make_unique<FakeQuantKVCache>(*this); }
+  void write(int layer, int64_t pos, int64_t n, const float* k, const float* v) override {
+    store(k, pos, n, k_[size_t(layer)]);
+    store(v, pos, n, v_[size_t(layer)]);
+  }
+  void read(int layer, int64_t n, float* k, float* v) const override {
+    std::copy_n(k_[size_t(layer)].begin(), n * kv_dim_, k);
+    std::copy_n(v_[size_t(layer)].begin(), n * kv_dim_, v);
+  }
+  int64_t bytes_per_token() const override { return 0; }
+
+ private:
+  void store(const float* x, int64_t pos, int64_t n, std::vector<float>& out) const {
+    const quant::FormatSpec spec{f_.bits == 4 ? quant::Format::Int4Asym : quant::Format::Int8Asym, int(head_dim_), 1,
+                                 f_.clip};
+    for (int64_t i = 0; i < n * kv_dim_; i += head_dim_) {
+      float* h = out.data() + pos * kv_dim_ + i;
+      std::copy_n(x + i, head_dim_, h);
+      if (f_.hadamard) quant::hadamard_transform(h, head_dim_);
+      quant::fake_quantize_rows(h, 1, head_dim_, spec, "test KV");
+      if (f_.hadamard) quant::hadamard_transform(h, head_dim_);
+    }
+  }
+  int64_t head_dim_;
+  KVFormat f_;
+  std::vector<std::vector<float>> k_, v_;
+};
+
+// Logits of a prefill of `prompt` then one token at a time through `cache` (every append reaches
+// the cached K/V of the earlier positions).
+std::vector<float> prefill_then_decode(Model& m, KVCache& cache, const std::vector<int32_t>& prompt,
+                                       const std::vector<int32_t>& more) {
+  const Step s{&cache, prompt, true};
+  std::vector<float> out = m.forward({&s, 1});
+  for (int32_t t : more) {
+    const int32_t one[1] = {t};
+    const Step d{&cache, one, true};
+    const std::vector<float> l = m.forward({&d, 1});
+    out.insert(out.end(), l.begin(), l.end());
+  }
+  return out;
+}
+
+// The integer KV cache, clip and Hadamard included, K stored after or before RoPE: the model's
+// logits equal, bit for bit, those of the same model over a cache holding format.h's
+// fake-quantized K/V, over a prefill and later appends.
+TEST_F(QuantizeStories, KVCacheEqualsFormatFakeQuantized) {
+  const std::vector<int32_t> prompt(probe.begin(), probe.begin() + 64), more(probe.begin() + 64, probe.end());
+  const ModelConfig& c = model->config();
+  model->set_kv_format({32, false, 1.0f});
+  auto fp_cache = model->new_cache(int64_t(probe.size()));
+  const std::vector<float> fp = prefill_then_decode(*model, *fp_cache, prompt, more);
+  for (const KVFormat& f : {KVFormat{8, false, 1.0f}, KVFormat{4, false, 0.9f, true}, KVFormat{4, true, 0.85f},
+                            KVFormat{4, false, 0.7f}}) {
+    SCOPED_TRACE(f.describe());
+    model->set_kv_format(f);
+    auto cache = model->new_cache(int64_t(probe.size()));
+    const std::vector<float> got = prefill_then_decode(*model, *cache, prompt, more);
+    FakeQuantKVCache ref_cache(c.num_layers, c.kv_dim(), c.head_dim, int64_t(probe.size()), f);
+    const std::vector<float> want = prefill_then_decode(*model, ref_cache, prompt, more);
+    ASSERT_EQ(got.size(), want.size());
+    for (size_t i = 0; i < got.size(); ++i) ASSERT_EQ(got[i], want[i]) << "logit " << i;
+    EXPECT_GT(rel_max(got, fp), 1e-4);  // really quantized
+  }
 }
 
 }  // namespace
@@ -159,6 +229,204 @@ TEST_F(QuantizeStories, Int8KVCacheStaysClose) {
 
 namespace nibble {
 namespace {
+
+// ---- Quality against full precision -------------------------------------------------------------
+// Consistency tests (packed = simulated) pass whatever the quantizer chooses; these bound what it
+// achieves. A fixed recipe, calibration text and evaluation windows, all deterministic: the bounds
+// sit a little above today's figures (the margin absorbs nothing but platform rounding), far below
+// what a plausible bug gives (notes/mutants.md: keepers chosen as the least salient channels, GPTQ
+// keepers from the uncompensated weights, ...).
+
+struct Quality {
+  double kld_mean, top1, ppl, fp_ppl;
+};
+
+// The first `max_chars` characters of a text, tokenized with BOS (tokenizing a whole
+// 2 MB text would cost more than the test).
+std::vector<int32_t> text_tokens(const std::string& model_dir, const std::string& text, size_t max_chars) {
+  const Tokenizer tok = Tokenizer::load(test::data_dir() / model_dir);
+  std::string s = read_text_file(test::data_dir() / "text" / text);
+  if (s.size() > max_chars) s.resize(max_chars);
+  return tok.encode(s, true);
+}
+
+Quality quantized_quality(const std::string& model_dir, const Recipe& recipe, const std::vector<int32_t>& calib,
+                          const std::vector<int32_t>& eval, int64_t ctx, int64_t windows) {
+  Progress::set_quiet(true);
+  auto fp = Model::load(test::data_dir() / model_dir);
+  auto q = Model::load(test::data_dir() / model_dir);
+  const quant::QuantizeReport rep = quant::quantize_model(*q, recipe, calib, "calib", false);
+  PerplexityOptions opt;
+  opt.ctx = ctx;
+  opt.max_windows = windows;
+  opt.show_progress = false;
+  const PerplexityResult r = perplexity(*q, eval, opt, fp.get());
+  std::printf("%s: KLD mean %.5f, top-1 %.4f, ppl %.4f (FP %.4f) over %lld predictions; quantized in %.1f s, "
+              "scored in %.1f s\n",
+              model_dir.c_str(), r.kld_mean, r.top1, r.ppl, r.base_ppl, (long long)r.scored, rep.seconds, r.seconds);
+  return {r.kld_mean, r.top1, r.ppl, r.base_ppl};
+}
+
+// stories260K, the scaled-down Atom recipe (group 32, 8 keepers), calibrated on the start of
+// WikiText-2, evaluated on the TinyStories sample (3 windows of 512, 1533 predictions).
+TEST(QuantizeQuality, Stories260KScaledAtomRecipe) {
+  NIBBLE_REQUIRE_DATA("models/stories260K/model.safetensors");
+  NIBBLE_REQUIRE_DATA("text/wikitext2_test_gptq_join.txt");
+  NIBBLE_REQUIRE_DATA("text/tinystories_valid_sample.txt");
+  const auto calib = text_tokens("models/stories260K", "wikitext2_test_gptq_join.txt", 200000);
+  const auto eval = text_tokens("models/stories260K", "tinystories_valid_sample.txt", 1u << 20);
+  const Quality got = quantized_quality("models/stories260K", small_atom(), calib, eval, 512, 0);
+  EXPECT_NEAR(std::log(got.fp_ppl), std::log(5.8493), 1e-4);  // REFERENCE.md, as test_perplexity
+  // Today (1 to 3 threads; the thread count moves the calibration sums' last bits): KLD 0.8690-0.8696,
+  // top-1 0.545-0.553, ppl 13.51-13.55. The bounds leave 3% (0.01 for top-1); the bugs of
+  // notes/mutants.md that reach this recipe move them by 10-14% (top-1 by 0.02-0.03).
+  EXPECT_LE(got.kld_mean, 0.895);
+  EXPECT_GE(got.top1, 0.535);
+  EXPECT_LE(got.ppl, 13.95);
+}
+
+// The Atom shape itself (groups of 128, 128 INT8 keepers), which only nibble-ref is wide enough
+// for: atom-w4a4 with a short calibration (16 windows of 512 tokens of calib.txt), evaluated on
+// the first 4 windows of 512 of heldout.txt (about a minute of CI's two cores).
+TEST(QuantizeQuality, NibbleRefAtomW4A4) {
+  NIBBLE_REQUIRE_DATA("models/nibble-ref/config.json");
+  NIBBLE_REQUIRE_DATA("text/calib.txt");
+  NIBBLE_REQUIRE_DATA("text/heldout.txt");
+  Recipe r = Recipe::preset("atom-w4a4");
+  r.calib_windows = 16;
+  r.calib_ctx = 512;
+  const auto calib = text_tokens("models/nibble-ref", "calib.txt", 400000);
+  const auto eval = text_tokens("models/nibble-ref", "heldout.txt", 20000);
+  ASSERT_GE(eval.size(), 4u * 512);
+  const Quality got = quantized_quality("models/nibble-ref", r, calib, eval, 512, 4);
+  // FP perplexity on these windows: a regression value of today's forward pass (which matches HF's
+  // logits to 1e-4, test_model), to 1e-4 nats as the perplexity tests.
+  EXPECT_NEAR(std::log(got.fp_ppl), std::log(31.4342), 1e-4);
+  // Today: KLD 0.1490, top-1 0.8116, ppl 32.82; 3% (0.01 for top-1) above, as for stories260K.
+  EXPECT_LE(got.kld_mean, 0.1535);
+  EXPECT_GE(got.top1, 0.8016);
+  EXPECT_LE(got.ppl, 33.80);
+}
+
+// Ascending and stable: equal channels keep their order, so the last `keeper` are the largest.
+TEST(Reorder, SalienceOrderIsAscendingAndStable) {
+  EXPECT_EQ(quant::salience_order({3, 1, 4, 1, 5, 9, 2, 6, 5, 3}), (std::vector<int32_t>{1, 3, 6, 0, 9, 2, 4, 8, 7, 5}));
+  const uint32_t seed = 21;
+  std::mt19937 rng(seed);
+  std::vector<double> metric(300);
+  for (auto& m : metric) m = double(rng() % 100);  // many ties
+  const std::vector<int32_t> order = quant::salience_order(metric);
+  std::vector<int32_t> sorted = order;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0; i < sorted.size(); ++i) ASSERT_EQ(sorted[i], int32_t(i)) << "not a permutation (seed " << seed << ")";
+  for (size_t i = 1; i < order.size(); ++i) {
+    const double a = metric[size_t(order[i - 1])], b = metric[size_t(order[i])];
+    ASSERT_TRUE(a < b || (a == b && order[i - 1] < order[i])) << "position " << i << " (seed " << seed << ")";
+  }
+  // The tail of k is the top k by the metric: nothing left in the head is larger than the tail's least.
+  for (size_t k : {1, 8, 64, 128}) {
+    double head_max = -1, tail_min = 1e9;
+    for (size_t i = 0; i < order.size() - k; ++i) head_max = std::max(head_max, metric[size_t(order[i])]);
+    for (size_t i = order.size() - k; i < order.size(); ++i) tail_min = std::min(tail_min, metric[size_t(order[i])]);
+    EXPECT_LE(head_max, tail_min) << "k " << k;
+  }
+}
+
+// The reorder metrics (Σx², Σ|x| per channel) and XᵀX, accumulated over several adds, against a
+// float64 loop. XᵀX goes through fp32 BLAS per add: each entry is a sum of `rows` products of
+// values up to 3, rounded at most ~rows times at 2^-24 relative: 1e-5 of the largest entry.
+TEST(Calibration, InputStatsMatchAFloat64Loop) {
+  const uint32_t seed = 24;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  const int64_t K = 24, rows = 30;
+  quant::InputStats st(K, true);
+  std::vector<double> sq(static_cast<size_t>(K)), ab(static_cast<size_t>(K)), xtx(size_t(K * K));
+  for (int add = 0; add < 3; ++add) {
+    std::vector<float> x(size_t(rows * K));
+    for (int64_t i = 0; i < rows * K; ++i) x[size_t(i)] = nd(rng) * (i % K == 5 ? 3.0f : 1.0f) + (i % K == 7 ? 2.0f : 0.0f);
+    st.add(x.data(), rows);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < K; ++i) {
+        const double v = x[size_t(r * K + i)];
+        sq[size_t(i)] += v * v;
+        ab[size_t(i)] += std::abs(v);
+        for (int64_t j = 0; j < K; ++j) xtx[size_t(i * K + j)] += v * x[size_t(r * K + j)];
+      }
+  }
+  EXPECT_EQ(st.count(), 3 * rows);
+  for (int64_t i = 0; i < K; ++i) {
+    EXPECT_NEAR(st.sum_sq()[size_t(i)], sq[size_t(i)], 1e-9 * sq[size_t(i)]) << "channel " << i << " (seed " << seed << ")";
+    EXPECT_NEAR(st.sum_abs()[size_t(i)], ab[size_t(i)], 1e-9 * ab[size_t(i)]) << "channel " << i;
+  }
+  double xmax = 0;
+  for (double v : xtx) xmax = std::max(xmax, std::abs(v));
+  const std::vector<double> got = st.xtx();
+  for (int64_t i = 0; i < K * K; ++i) ASSERT_NEAR(got[size_t(i)], xtx[size_t(i)], 1e-5 * xmax) << "entry " << i;
+}
+
+// XᵀX of the gathered inputs X[:, order], summed in float64 here, is the permuted Hessian.
+TEST(Reorder, PermutedHessianIsTheGatheredInputsHessian) {
+  const uint32_t seed = 22;
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd;
+  const int64_t T = 50, K = 40;
+  std::vector<double> X(size_t(T * K));
+  for (auto& x : X) x = nd(rng);
+  std::vector<int32_t> order(static_cast<size_t>(K));
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), rng);
+  auto xtx = [&](auto col) {
+    std::vector<double> H(size_t(K * K), 0.0);
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j)
+        for (int64_t t = 0; t < T; ++t) H[size_t(i * K + j)] += X[size_t(t * K + col(i))] * X[size_t(t * K + col(j))];
+    return H;
+  };
+  const std::vector<double> H = xtx([](int64_t i) { return i; });
+  const std::vector<double> gathered = xtx([&](int64_t i) { return int64_t(order[size_t(i)]); });
+  // The same products in the same order; only the compiler's FMA contraction may differ.
+  const std::vector<double> got = quant::permute_hessian(H, order);
+  for (int64_t i = 0; i < K * K; ++i)
+    ASSERT_NEAR(got[size_t(i)], gathered[size_t(i)], 1e-12 * T) << "entry " << i << " (seed " << seed << ")";
+  EXPECT_EQ(quant::permute_hessian(H, {}), H);
+}
+
+// R·H·R with R written out as a matrix in float64 (the Sylvester Hadamard H_ij = (-1)^popcount(i&j) / √G
+// on each group of the main channels, the identity on the keepers). rotate_hessian_groups works in
+// float: each entry carries ~2 log2(G) float roundings of values up to max|H|, so 1e-5 · max|H|.
+TEST(Reorder, RotatedHessianIsRHR) {
+  const uint32_t seed = 23;
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd;
+  const int64_t K = 96, main = 64, G = 32, T = 200;
+  std::vector<double> H(size_t(K * K), 0.0), x(static_cast<size_t>(K));
+  for (int64_t t = 0; t < T; ++t) {
+    for (auto& v : x) v = nd(rng) * (1 + 3 * (rng() % 5 == 0));
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) H[size_t(i * K + j)] += x[size_t(i)] * x[size_t(j)];
+  }
+  std::vector<double> R(size_t(K * K), 0.0);
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) {
+      if (i >= main || j >= main) R[size_t(i * K + j)] = i == j;
+      else if (i / G == j / G)
+        R[size_t(i * K + j)] = (__builtin_popcountll(uint64_t((i % G) & (j % G))) % 2 ? -1.0 : 1.0) / std::sqrt(double(G));
+    }
+  auto mul = [&](const std::vector<double>& A, const std::vector<double>& B) {
+    std::vector<double> C(size_t(K * K), 0.0);
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t j = 0; j < K; ++j) C[size_t(i * K + j)] += A[size_t(i * K + k)] * B[size_t(k * K + j)];
+    return C;
+  };
+  const std::vector<double> want = mul(mul(R, H), R);
+  std::vector<double> got = H;
+  quant::rotate_hessian_groups(got, K, main, G);
+  double hmax = 0;
+  for (double h : H) hmax = std::max(hmax, std::abs(h));
+  for (int64_t i = 0; i < K * K; ++i) ASSERT_NEAR(got[size_t(i)], want[size_t(i)], 1e-5 * hmax) << "entry " << i << " (seed " << seed << ")";
+}
 
 TEST(KVQuant, HadamardIsOrthonormalAndSelfInverse) {
   std::mt19937 rng(3);

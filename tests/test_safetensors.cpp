@@ -65,6 +65,7 @@ TEST(Safetensors, BadHeadersAreRefusedWithTheReason) {
       {R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})", 8, "not valid JSON"},
       {R"([1,2])", 0, "not a JSON object"},
       {ok, 4, "past the end"},
+      {ok, 7, "past the end"},  // one byte short: the boundary from below (8 bytes parse, above)
       {R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8, "need 12"},
       {R"({"x":{"dtype":"Q9","shape":[2],"data_offsets":[0,8]}})", 8, "unknown dtype"},
       {R"({"x":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8, "negative"},

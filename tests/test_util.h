@@ -1,4 +1,4 @@
-// Shared test helpers: where the reference data lives, and a clean skip when it is absent.
+// Shared test helpers: where the reference data lives, and what happens when it is absent.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -15,14 +15,26 @@ inline std::filesystem::path data_dir() {
   return std::filesystem::path(NIBBLE_SOURCE_DIR) / ".." / "shared" / "data";
 }
 
+// Whoever sets NIBBLE_DATA asks for the reference-data tests: a missing file is then a failure,
+// not a skip (a wrong path must not turn a run green).
+inline bool data_requested() {
+  const char* env = std::getenv("NIBBLE_DATA");
+  return env && *env;
+}
+
 inline std::filesystem::path source_dir() { return NIBBLE_SOURCE_DIR; }
 
 }  // namespace nibble::test
 
-// Skips the current test with a message when a file or folder of the reference data is missing.
-#define NIBBLE_REQUIRE_DATA(relpath)                                                          \
-  do {                                                                                        \
-    if (!std::filesystem::exists(::nibble::test::data_dir() / (relpath)))                     \
-      GTEST_SKIP() << "reference data not found: " << (::nibble::test::data_dir() / (relpath)) \
-                   << " (set NIBBLE_DATA to the shared/data folder)";                         \
+// A file or folder of the reference data that is missing fails the current test when NIBBLE_DATA
+// was set, and skips it with a message otherwise.
+#define NIBBLE_REQUIRE_DATA(relpath)                                                                      \
+  do {                                                                                                    \
+    const std::filesystem::path nibble_path_ = ::nibble::test::data_dir() / (relpath);                   \
+    if (!std::filesystem::exists(nibble_path_)) {                                                         \
+      if (::nibble::test::data_requested())                                                               \
+        GTEST_FAIL() << "reference data not found: " << nibble_path_ << " (NIBBLE_DATA is set: fix it)"; \
+      GTEST_SKIP() << "reference data not found: " << nibble_path_                                        \
+                   << " (set NIBBLE_DATA to the shared/data folder)";                                     \
+    }                                                                                                     \
   } while (0)

@@ -10,8 +10,8 @@
 // reference computes the same function (ops.h) in float64. RoPE frequencies: Llama 3.1's llama3
 // scaling (theta 500000, factor 8), by cpu::rope_inv_freq's formula in float64.
 // The pool is poisoned with 0xFF bytes (NaN fp16 scales/values) before use and the outputs with
-// NaN: masked or unwritten elements show. Inputs are fresh random numbers on every run (the seed is
-// printed).
+// NaN: masked or unwritten elements show. Inputs are fresh random numbers on every run (the run's
+// seed is printed; NIBBLE_TEST_SEED replays it).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -33,13 +33,9 @@
 namespace nibble::cuda {
 namespace {
 
+using testing::fresh_seed;
 using testing::parallel_for;
 using testing::uniform;
-
-uint64_t fresh_seed() {
-  static std::mt19937_64 rng(std::random_device{}());
-  return rng();
-}
 
 // cpu::rope_inv_freq's formula with Llama 3.1's rope_scaling, in float64 (the CPU computes it in fp32, as transformers).
 std::vector<double> llama3_inv_freq(int d) {
@@ -274,89 +270,124 @@ __half* alloc_poisoned(size_t n) {
 
 // ---- append: the cache rows are format.h's encoding -------------------------------------------
 
+// Half an fp16 ulp at |v| (10 mantissa bits, subnormals below 2^-14).
+double fp16_half_ulp(double v) {
+  const int e = std::max(v == 0 ? -14 : int(std::floor(std::log2(std::fabs(v)))), -14);
+  return std::ldexp(0.5, e - 10);
+}
+
 TEST(AttentionAppend, CacheRowsAreFormatEncoding) {
   NIBBLE_REQUIRE_GPU();
   for (KVDtype dt : {KVDtype::Int4, KVDtype::Fp16})
     for (bool kbr : {false, true})
       for (int D : {64, 128}) {
+        SCOPED_TRACE(::testing::Message() << kv_dtype_name(dt) << " D=" << D << " k_before_rope=" << kbr);
         const Shape sh{4, 2, D, 32};
         Harness hs(sh, dt, kbr, 64, 512);
+        std::printf("append %s D=%d k_before_rope=%d: seed %llu\n", kv_dtype_name(dt), D, int(kbr),
+                    (unsigned long long)hs.seed);
         const float clip = dt == KVDtype::Int4 ? 0.95f : 1.0f;
-        const std::vector<int> n = {37, 1, 200};
-        __half* q_rot = nullptr;
-        hs.append(n, &q_rot, clip);
-        const auto pool = hs.pool_host();
         const quant::FormatSpec spec{quant::Format::Int4Asym, D, 1, clip};
-        int64_t exact_rows = 0, rows = 0, code_diff = 0, codes = 0, q_bad = 0;
+        int64_t exact_rows = 0, rows = 0, code_diff = 0, codes = 0, q_bad = 0, k_bad = 0;
         double k_err = 0;
-        std::vector<uint16_t> qh = download_half(q_rot, size_t(238) * sh.heads() * D);
-        int64_t tok = 0;
-        for (size_t s = 0; s < n.size(); ++s) {
-          const auto kv = hs.read_back(s, pool);
-          for (int64_t pos = 0; pos < n[s]; ++pos, ++tok) {
-            for (int h = 0; h < sh.heads(); ++h) {
-              std::vector<double> q(static_cast<size_t>(D));
-              for (int d = 0; d < D; ++d) q[size_t(d)] = hs.input(s, pos, h, d);
-              rope_ref(q.data(), D, pos, hs.inv);
-              for (int d = 0; d < D; ++d)
-                if (std::fabs(fp16_to_float(qh[size_t((tok * sh.heads() + h) * D + d)]) - q[size_t(d)]) >
-                    1e-3 * (std::fabs(q[size_t(d)]) + 1e-2))
-                  ++q_bad;
-            }
-            for (int h = 0; h < sh.hkv; ++h)
-              for (int kvi = 0; kvi < 2; ++kvi) {
-                std::vector<double> x(static_cast<size_t>(D));
-                for (int d = 0; d < D; ++d) x[size_t(d)] = hs.input(s, pos, sh.heads() + kvi * sh.hkv + h, d);
-                const bool rotated = kvi == 0 && !kbr;
-                if (rotated) rope_ref(x.data(), D, pos, hs.inv);
-                const int64_t o = (pos * sh.hkv + h) * D;
-                ++rows;
-                if (dt == KVDtype::Fp16) {
-                  const auto& got = kvi ? kv.v : kv.k;
-                  bool exact = true;
-                  for (int d = 0; d < D; ++d) {
-                    const double want = round_fp16(float(x[size_t(d)]));
-                    if (got[size_t(o + d)] != want) exact = false;
-                    k_err = std::max(k_err, std::fabs(got[size_t(o + d)] - x[size_t(d)]) / (std::fabs(x[size_t(d)]) + 1e-3));
-                  }
-                  exact_rows += exact;
-                  if (!rotated) EXPECT_TRUE(exact) << "fp16 row not the input, seed " << hs.seed;
-                } else {
-                  std::vector<float> xf(static_cast<size_t>(D));
-                  for (int d = 0; d < D; ++d) xf[size_t(d)] = float(x[size_t(d)]);
-                  std::vector<uint8_t> want(static_cast<size_t>(D));
-                  const quant::GroupScale g = quant::encode_group(spec, xf.data(), D, want.data());
-                  const auto& got = kvi ? kv.vc : kv.kc;
-                  const float gs = (kvi ? kv.vs : kv.ks)[size_t(pos * sh.hkv + h)];
-                  const uint8_t gz = (kvi ? kv.vz : kv.kz)[size_t(pos * sh.hkv + h)];
-                  bool exact = gs == g.scale && gz == g.zero;
-                  for (int d = 0; d < D; ++d) {
-                    ++codes;
-                    if (got[size_t(o + d)] != want[size_t(d)]) {
-                      exact = false;
-                      ++code_diff;
-                      EXPECT_LE(std::abs(int(got[size_t(o + d)]) - int(want[size_t(d)])), 1);
+        // Q of the tokens this append wrote (positions [first, first + n) of each sequence), rotated.
+        auto check_q = [&](const __half* q_rot, const std::vector<int>& n, const std::vector<int64_t>& first) {
+          int64_t total = 0;
+          for (int x : n) total += x;
+          const std::vector<uint16_t> qh = download_half(q_rot, size_t(total) * sh.heads() * D);
+          int64_t tok = 0;
+          for (size_t s = 0; s < n.size(); ++s)
+            for (int64_t pos = first[s]; pos < first[s] + n[s]; ++pos, ++tok)
+              for (int h = 0; h < sh.heads(); ++h) {
+                std::vector<double> q(static_cast<size_t>(D));
+                for (int d = 0; d < D; ++d) q[size_t(d)] = hs.input(s, pos, h, d);
+                rope_ref(q.data(), D, pos, hs.inv);
+                for (int d = 0; d < D; ++d)
+                  if (std::fabs(fp16_to_float(qh[size_t((tok * sh.heads() + h) * D + d)]) - q[size_t(d)]) >
+                      1e-3 * (std::fabs(q[size_t(d)]) + 1e-2))
+                    ++q_bad;
+              }
+        };
+        // Every cached row of every sequence, the earlier appends' included.
+        auto check_cache = [&] {
+          const auto pool = hs.pool_host();
+          for (size_t s = 0; s < hs.seqs.size(); ++s) {
+            const auto kv = hs.read_back(s, pool);
+            for (int64_t pos = 0; pos < hs.cache->length(hs.seqs[s]); ++pos)
+              for (int h = 0; h < sh.hkv; ++h)
+                for (int kvi = 0; kvi < 2; ++kvi) {
+                  const int head = sh.heads() + kvi * sh.hkv + h;
+                  std::vector<double> x(static_cast<size_t>(D));
+                  for (int d = 0; d < D; ++d) x[size_t(d)] = hs.input(s, pos, head, d);
+                  const bool rotated = kvi == 0 && !kbr;
+                  if (rotated) rope_ref(x.data(), D, pos, hs.inv);
+                  const int64_t o = (pos * sh.hkv + h) * D;
+                  ++rows;
+                  if (dt == KVDtype::Fp16) {
+                    const auto& got = kvi ? kv.v : kv.k;
+                    bool exact = true;
+                    for (int d = 0; d < D; ++d) {
+                      const double want = round_fp16(float(x[size_t(d)]));
+                      if (got[size_t(o + d)] != want) exact = false;
+                      if (!rotated) continue;
+                      // The GPU rotates in fp32 (cos/sin rounded to fp32, two products and a sum: at most
+                      // 3 roundings of terms up to |x0| + |x1|; 4 with margin), then rounds to fp16.
+                      const double pair = hs.input(s, pos, head, d < D / 2 ? d + D / 2 : d - D / 2);
+                      const double e = 4 * 0x1p-24 * (std::fabs(hs.input(s, pos, head, d)) + std::fabs(pair));
+                      const double err = std::fabs(got[size_t(o + d)] - x[size_t(d)]);
+                      k_err = std::max(k_err, err / (fp16_half_ulp(std::fabs(x[size_t(d)]) + e) + e));
+                      if (!(err <= fp16_half_ulp(std::fabs(x[size_t(d)]) + e) + e)) ++k_bad;
+                    }
+                    exact_rows += exact;
+                    if (!rotated) EXPECT_TRUE(exact) << "fp16 row not the input, seed " << hs.seed;
+                  } else {
+                    std::vector<float> xf(static_cast<size_t>(D));
+                    for (int d = 0; d < D; ++d) xf[size_t(d)] = float(x[size_t(d)]);
+                    std::vector<uint8_t> want(static_cast<size_t>(D));
+                    const quant::GroupScale g = quant::encode_group(spec, xf.data(), D, want.data());
+                    const auto& got = kvi ? kv.vc : kv.kc;
+                    const float gs = (kvi ? kv.vs : kv.ks)[size_t(pos * sh.hkv + h)];
+                    const uint8_t gz = (kvi ? kv.vz : kv.kz)[size_t(pos * sh.hkv + h)];
+                    bool exact = gs == g.scale && gz == g.zero;
+                    for (int d = 0; d < D; ++d) {
+                      ++codes;
+                      if (got[size_t(o + d)] != want[size_t(d)]) {
+                        exact = false;
+                        ++code_diff;
+                        EXPECT_LE(std::abs(int(got[size_t(o + d)]) - int(want[size_t(d)])), 1) << "seed " << hs.seed;
+                      }
+                    }
+                    exact_rows += exact;
+                    if (!rotated) {
+                      // Exact fp16 input: bit for bit format.h.
+                      EXPECT_TRUE(exact) << "row (seq " << s << ", pos " << pos << ", head " << h << ", "
+                                         << (kvi ? "V" : "K") << ") differs from format.h, seed " << hs.seed;
+                    } else {
+                      EXPECT_NEAR(gs, g.scale, 2e-3 * g.scale + 1e-7) << "seed " << hs.seed;
                     }
                   }
-                  exact_rows += exact;
-                  if (!rotated) {
-                    // Exact fp16 input: bit for bit format.h.
-                    EXPECT_TRUE(exact) << "row (seq " << s << ", pos " << pos << ", head " << h << ", "
-                                       << (kvi ? "V" : "K") << ") differs from format.h, seed " << hs.seed;
-                  } else {
-                    EXPECT_NEAR(gs, g.scale, 2e-3 * g.scale + 1e-7) << "seed " << hs.seed;
-                  }
                 }
-              }
           }
+        };
+        // A first append creates the sequences, a second continues them (positions past the first).
+        const std::vector<std::vector<int>> appends = {{37, 1, 200}, {3, 16, 1}};
+        std::vector<int64_t> first(3, 0);
+        for (const auto& n : appends) {
+          __half* q_rot = nullptr;
+          hs.append(n, &q_rot, clip);
+          check_q(q_rot, n, first);
+          cudaFree(q_rot);
+          for (size_t s = 0; s < n.size(); ++s) first[s] += n[s];
+          check_cache();
         }
         std::printf("append %s D=%d k_before_rope=%d: %lld/%lld rows bit-exact, %lld/%lld codes off by one "
-                    "(rotated K: fp32 RoPE on the GPU vs float64 here), fp16 K rel err %.1e, q mismatches %lld\n",
+                    "(rotated K: fp32 RoPE on the GPU vs float64 here), fp16 rotated K: worst error / bound %.2f, "
+                    "%lld over; q mismatches %lld\n",
                     kv_dtype_name(dt), D, int(kbr), (long long)exact_rows, (long long)rows, (long long)code_diff,
-                    (long long)codes, k_err, (long long)q_bad);
+                    (long long)codes, k_err, (long long)k_bad, (long long)q_bad);
         if (dt == KVDtype::Int4) EXPECT_LT(double(code_diff), 2e-3 * double(codes) + 1);
+        EXPECT_EQ(k_bad, 0) << "seed " << hs.seed;
         EXPECT_EQ(q_bad, 0) << "seed " << hs.seed;
-        cudaFree(q_rot);
       }
 }
 

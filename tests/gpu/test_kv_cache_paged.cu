@@ -80,7 +80,7 @@ TEST(PageAllocator, ForkSharesPagesAndCopiesOnWrite) {
 }
 
 TEST(PageAllocator, TruncateAndRandomOpsKeepRefcountsConsistent) {
-  std::mt19937_64 rng(std::random_device{}());
+  std::mt19937_64 rng(testing::fresh_seed());
   PageAllocator a(64, 16);
   std::vector<SeqId> live;
   for (int step = 0; step < 5000; ++step) {
@@ -122,7 +122,7 @@ TEST(PageAllocator, TruncateAndRandomOpsKeepRefcountsConsistent) {
 }
 
 TEST(PagedKVLayout, Int4RowPackingRoundTripsAndPairsDims) {
-  std::mt19937 rng(std::random_device{}());
+  std::mt19937 rng(uint32_t(testing::fresh_seed()));
   for (int D : {64, 128}) {
     std::vector<uint8_t> codes(static_cast<size_t>(D)), back(static_cast<size_t>(D)), row(static_cast<size_t>(D / 2));
     for (auto& c : codes) c = uint8_t(rng() % 16);

@@ -183,7 +183,7 @@ std::vector<PerplexityResult> perplexity_many(std::span<Executor* const> models,
       r.top1 = double(agree[mi]) / double(r.scored);
     }
     check(std::isfinite(r.ppl) && (!base || (std::isfinite(r.base_ppl) && std::isfinite(r.kld_mean))),
-          models[mi]->source(), "perplexity {} (base {}, KLD {}) is not a finite number", r.ppl, r.base_ppl,
+          "perplexity", "perplexity {} (base {}, KLD {}) is not a finite number", r.ppl, r.base_ppl,
           r.kld_mean);
     out.push_back(r);
   }

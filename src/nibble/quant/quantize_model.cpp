@@ -29,6 +29,26 @@ std::vector<int32_t> salience_order(const std::vector<double>& metric) {
   return order;
 }
 
+std::vector<double> permute_hessian(const std::vector<double>& H, const std::vector<int32_t>& order) {
+  if (order.empty()) return H;
+  const int64_t K = int64_t(order.size());
+  std::vector<double> Hp(H.size());
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) Hp[size_t(i * K + j)] = H[size_t(order[size_t(i)] * K + order[size_t(j)])];
+  return Hp;
+}
+
+void rotate_hessian_groups(std::vector<double>& H, int64_t K, int64_t main, int64_t group) {
+  std::vector<float> HR(H.begin(), H.end());
+  rotate_groups(HR.data(), K, K, main, group);  // H·R: each row's column blocks
+  std::vector<float> T(HR.size());
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) T[size_t(j * K + i)] = HR[size_t(i * K + j)];
+  rotate_groups(T.data(), K, K, main, group);  // (H·R)ᵀ rows = R·H columns
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = 0; j < K; ++j) H[size_t(i * K + j)] = T[size_t(j * K + i)];
+}
+
 namespace {
 
 using Key = std::pair<LinearSlot, int>;  // (slot, expert; -1 outside a MoE)
@@ -206,15 +226,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
       for (const auto& p : pending) {
         auto it = fp_stats.find(p.key);
         if (it == fp_stats.end() || !it->second.has_xtx()) continue;
-        std::vector<double> H = it->second.xtx();
-        if (!p.order.empty()) {
-          const int64_t K = it->second.dim();
-          std::vector<double> Hp(H.size());
-          for (int64_t i = 0; i < K; ++i)
-            for (int64_t j = 0; j < K; ++j) Hp[size_t(i * K + j)] = H[size_t(p.order[size_t(i)] * K + p.order[size_t(j)])];
-          H = std::move(Hp);
-        }
-        hessians[p.key] = std::move(H);
+        hessians[p.key] = permute_hessian(it->second.xtx(), p.order);
       }
     } else if (recipe.gptq) {
       std::map<Key, InputStats> quantized_inputs;
@@ -258,16 +270,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         // inputs already rotated by quantize_activations (the --hessian-quantized pass).
         const int64_t main = K - p.spec.keeper, G = p.spec.weight.group;
         auto hit = hessians.find(p.key);
-        if (hit != hessians.end() && !recipe.hessian_from_quantized_inputs) {
-          std::vector<float> H(hit->second.begin(), hit->second.end());
-          rotate_groups(H.data(), K, K, main, G);  // H·R: each row's column blocks
-          std::vector<float> T(H.size());
-          for (int64_t i = 0; i < K; ++i)
-            for (int64_t j = 0; j < K; ++j) T[size_t(j * K + i)] = H[size_t(i * K + j)];
-          rotate_groups(T.data(), K, K, main, G);  // (H·R)ᵀ rows = R·H columns
-          for (int64_t i = 0; i < K; ++i)
-            for (int64_t j = 0; j < K; ++j) hit->second[size_t(i * K + j)] = T[size_t(j * K + i)];
-        }
+        if (hit != hessians.end() && !recipe.hessian_from_quantized_inputs) rotate_hessian_groups(hit->second, K, main, G);
       }
       if (!p.spec.quantize_weights) {
         *p.slot = QuantLinear::activation_only(p.spec, N, K, p.perm, std::move(p.weight), std::move(p.bias));

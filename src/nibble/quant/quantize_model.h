@@ -34,6 +34,13 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
 // Channel order sorting `metric` ascending (stable), so the largest channels come last.
 std::vector<int32_t> salience_order(const std::vector<double>& metric);
 
+// GPTQ's Hessian in a linear's channel order: Hp[i][j] = H[order[i]][order[j]] (empty order: H).
+// Exposed for tests.
+std::vector<double> permute_hessian(const std::vector<double>& H, const std::vector<int32_t>& order);
+// H := R·H·R for R the orthonormal Hadamard of each `group`-wide block of the first `main` channels
+// (identity on the keepers): the Hessian of group-rotated inputs. Computed in float. Exposed for tests.
+void rotate_hessian_groups(std::vector<double>& H, int64_t K, int64_t main, int64_t group);
+
 int64_t peak_rss_bytes();
 
 }  // namespace nibble::quant
