@@ -61,6 +61,7 @@ void run_eval(const EvalArgs& a) {
     check_output_path(a.output, inputs);
   }
   const auto [model, tokenizer] = load_model_and_tokenizer(a.model, a.tokenizer);
+  warn_if_synthetic(a.model);
   const ZeroShotResults r = evaluate_tasks(*model, tokenizer, tasks, opt);
   for (const std::string& u : r.unavailable) std::fprintf(stderr, "nibble eval: skipped %s\n", u.c_str());
   check(!r.tasks.empty(), opt.tasks_dir.string(), "none of the tasks has data here");

@@ -22,6 +22,7 @@ struct PerplexityArgs {
 void run_perplexity(PerplexityArgs a) {
   if (a.json) Progress::set_quiet(!isatty(2));
   auto [model, tok] = load_model_and_tokenizer(a.model, a.tokenizer);
+  warn_if_synthetic(a.model);
   a.kv.apply(*model);
   std::unique_ptr<Model> base;
   if (!a.kld_base.empty()) base = Model::load(a.kld_base);

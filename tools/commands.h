@@ -22,6 +22,10 @@ void add_inspect_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_ablate_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
+void add_synth_command(CLI::App& app);
+
+// A warning on stderr when the model was written by `nibble synth` (random weights).
+void warn_if_synthetic(const std::string& model_path);
 
 // KV cache choices (--kv-bits, --kv-clip, --k-after-rope, --kv-hadamard): in a recipe, or at run
 // time over what a model file says, to measure cache formats without re-quantizing.

@@ -68,18 +68,27 @@ void check_output_path(const fs::path& path, std::span<const fs::path> inputs) {
 }
 
 void write_output_file(const fs::path& path, std::string_view bytes, std::span<const fs::path> inputs) {
+  write_output_file(path, [bytes](const OutputSink& sink) { sink(bytes); }, inputs);
+}
+
+void write_output_file(const fs::path& path, const std::function<void(const OutputSink&)>& produce,
+                       std::span<const fs::path> inputs) {
   check_output_path(path, inputs);
   const std::string where = path.string();
   TempFile tmp(path);
   const mode_t mask = umask(0);
   umask(mask);
   check(fchmod(tmp.fd, 0666 & ~mask) == 0, where, "cannot set the file mode: {}", std::strerror(errno));
-  for (size_t done = 0; done < bytes.size();) {
-    const ssize_t n = ::write(tmp.fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    check(n > 0, where, "write failed after {} of {} bytes: {}", done, bytes.size(), std::strerror(errno));
-    done += size_t(n);
-  }
+  size_t written = 0;
+  produce([&](std::string_view bytes) {
+    for (size_t done = 0; done < bytes.size();) {
+      const ssize_t n = ::write(tmp.fd, bytes.data() + done, bytes.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      check(n > 0, where, "write failed after {} bytes: {}", written + done, std::strerror(errno));
+      done += size_t(n);
+    }
+    written += bytes.size();
+  });
   check(::fsync(tmp.fd) == 0, where, "write failed: {}", std::strerror(errno));
   const int fd = tmp.fd;
   tmp.fd = -1;

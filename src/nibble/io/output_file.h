@@ -5,6 +5,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <span>
 #include <string_view>
 
@@ -19,6 +20,12 @@ void check_output_path(const std::filesystem::path& path, std::span<const std::f
 // check_output_path, then writes `bytes` to a fresh temporary file beside `path` (mode 0666 less
 // the umask), syncs it and renames it over `path`.
 void write_output_file(const std::filesystem::path& path, std::string_view bytes,
+                       std::span<const std::filesystem::path> inputs = {});
+
+// The same for bytes made piece by piece: `produce` passes each piece, in order, to the sink it is
+// given, so that a large file never sits in memory whole.
+using OutputSink = std::function<void(std::string_view)>;
+void write_output_file(const std::filesystem::path& path, const std::function<void(const OutputSink&)>& produce,
                        std::span<const std::filesystem::path> inputs = {});
 
 }  // namespace nibble

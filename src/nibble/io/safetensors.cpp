@@ -322,40 +322,61 @@ std::vector<float> Checkpoint::load_f32(const std::string& name, const std::vect
   return finite_f32(t, where_);
 }
 
-void SafetensorsWriter::add(const std::string& name, DType dtype, std::vector<int64_t> shape,
-                            std::span<const uint8_t> bytes) {
+namespace {
+size_t tensor_bytes(DType dtype, const std::vector<int64_t>& shape) {
   int64_t numel = 1;
   for (int64_t d : shape) numel *= d;
-  check(size_t(numel) * dtype_size(dtype) == bytes.size(), name, "writer: {} bytes do not match the shape", bytes.size());
+  return size_t(numel) * dtype_size(dtype);
+}
+}  // namespace
+
+void SafetensorsWriter::add(const std::string& name, DType dtype, std::vector<int64_t> shape,
+                            std::span<const uint8_t> bytes) {
+  check(tensor_bytes(dtype, shape) == bytes.size(), name, "writer: {} bytes do not match the shape", bytes.size());
   check(!entries_.count(name), name, "writer: tensor added twice");
-  entries_[name] = Entry{dtype, std::move(shape), std::vector<uint8_t>(bytes.begin(), bytes.end())};
+  entries_[name] = Entry{dtype, std::move(shape), std::vector<uint8_t>(bytes.begin(), bytes.end()), bytes.size(), {}};
 }
 
-std::vector<uint8_t> SafetensorsWriter::serialize() const {
+void SafetensorsWriter::add_generated(const std::string& name, DType dtype, std::vector<int64_t> shape, Fill fill) {
+  check(!entries_.count(name), name, "writer: tensor added twice");
+  const size_t nbytes = tensor_bytes(dtype, shape);
+  entries_[name] = Entry{dtype, std::move(shape), {}, nbytes, std::move(fill)};
+}
+
+void SafetensorsWriter::write_to(const OutputSink& sink) const {
   nlohmann::ordered_json header;
   if (!metadata_.empty()) header["__metadata__"] = metadata_;
   uint64_t offset = 0;
   for (const auto& [name, e] : entries_) {
-    header[name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, offset + e.bytes.size()}}};
-    offset += e.bytes.size();
+    header[name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, offset + e.nbytes}}};
+    offset += e.nbytes;
   }
   std::string text = header.dump();
   while ((8 + text.size()) % 8) text.push_back(' ');  // keeps the data section 8-byte aligned
-  std::vector<uint8_t> out(8 + text.size() + offset);
-  const uint64_t n = text.size();
-  for (int i = 0; i < 8; ++i) out[size_t(i)] = uint8_t(n >> (8 * i));
-  std::memcpy(out.data() + 8, text.data(), text.size());
-  size_t pos = 8 + text.size();
+  char length[8];
+  for (int i = 0; i < 8; ++i) length[i] = char(uint8_t(uint64_t(text.size()) >> (8 * i)));
+  sink({length, 8});
+  sink(text);
+  std::vector<uint8_t> generated;
   for (const auto& [name, e] : entries_) {
-    if (!e.bytes.empty()) std::memcpy(out.data() + pos, e.bytes.data(), e.bytes.size());
-    pos += e.bytes.size();
+    const std::vector<uint8_t>* bytes = &e.bytes;
+    if (e.fill) {
+      generated.resize(e.nbytes);
+      e.fill(generated);
+      bytes = &generated;
+    }
+    sink({reinterpret_cast<const char*>(bytes->data()), e.nbytes});
   }
+}
+
+std::vector<uint8_t> SafetensorsWriter::serialize() const {
+  std::vector<uint8_t> out;
+  write_to([&](std::string_view bytes) { out.insert(out.end(), bytes.begin(), bytes.end()); });
   return out;
 }
 
 void SafetensorsWriter::write(const std::filesystem::path& path, std::span<const std::filesystem::path> inputs) const {
-  const std::vector<uint8_t> bytes = serialize();
-  write_output_file(path, {reinterpret_cast<const char*>(bytes.data()), bytes.size()}, inputs);
+  write_output_file(path, [this](const OutputSink& sink) { write_to(sink); }, inputs);
 }
 
 }  // namespace nibble

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -14,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "nibble/core/dtype.h"
+#include "nibble/io/output_file.h"
 
 namespace nibble {
 
@@ -99,6 +101,10 @@ class SafetensorsWriter {
     add(name, dtype, std::move(shape),
         std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(v.data()), v.size() * sizeof(T)));
   }
+  // A tensor whose bytes `fill` writes (every byte of a buffer of the tensor's size) when the file is
+  // written, so that only one such tensor is in memory at a time, however large the file.
+  using Fill = std::function<void(std::span<uint8_t>)>;
+  void add_generated(const std::string& name, DType dtype, std::vector<int64_t> shape, Fill fill);
   void set_metadata(const std::string& key, const std::string& value) { metadata_[key] = value; }
   // Writes through write_output_file (output_file.h): never over a device, FIFO, link or one of
   // `inputs`, and never a half-written file.
@@ -106,10 +112,14 @@ class SafetensorsWriter {
   std::vector<uint8_t> serialize() const;
 
  private:
+  void write_to(const OutputSink& sink) const;
+
   struct Entry {
     DType dtype;
     std::vector<int64_t> shape;
-    std::vector<uint8_t> bytes;
+    std::vector<uint8_t> bytes;  // empty when generated
+    size_t nbytes = 0;
+    Fill fill;
   };
   std::map<std::string, Entry> entries_;
   std::map<std::string, std::string> metadata_;

@@ -1,7 +1,6 @@
 #include "nibble/model/linear.h"
 
-#include <cblas.h>
-
+#include "nibble/backend/cpu/ops.h"
 #include "nibble/core/error.h"
 
 namespace nibble {
@@ -18,14 +17,9 @@ DenseLinear::DenseLinear(int64_t in, int64_t out, std::vector<float> weight, std
 
 void DenseLinear::forward(const float* x, int64_t rows, float* y) const {
   const int64_t in = in_features(), out = out_features();
-  if (bias_.empty()) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(out), int(in), 1.0f, x, int(in),
-                weight_.data(), int(in), 0.0f, y, int(out));
-    return;
-  }
-  for (int64_t r = 0; r < rows; ++r) std::copy(bias_.begin(), bias_.end(), y + r * out);
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(out), int(in), 1.0f, x, int(in),
-              weight_.data(), int(in), 1.0f, y, int(out));
+  if (!bias_.empty())
+    for (int64_t r = 0; r < rows; ++r) std::copy(bias_.begin(), bias_.end(), y + r * out);
+  cpu::gemm_nt(rows, out, in, x, weight_.data(), bias_.empty() ? 0.0f : 1.0f, y);
 }
 
 int64_t DenseLinear::storage_bytes() const {

@@ -1,12 +1,12 @@
 #include "nibble/quant/calibrate.h"
 
-#include <cblas.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <random>
 #include <string>
 
+#include "nibble/backend/cpu/ops.h"
 #include "nibble/core/error.h"
 
 namespace nibble::quant {
@@ -52,8 +52,7 @@ void InputStats::add(const float* x, int64_t rows) {
   if (xtx_.empty()) return;
   // One window's product in fp32 through BLAS (exact enough over ~1k rows), summed in float64.
   std::vector<float> part(size_t(dim_ * dim_));
-  cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, int(dim_), int(rows), 1.0f, x, int(dim_), 0.0f, part.data(),
-              int(dim_));
+  cpu::gram_upper(x, rows, dim_, part.data());
   for (int64_t i = 0; i < dim_; ++i)
     for (int64_t j = i; j < dim_; ++j) xtx_[size_t(i * dim_ + j)] += part[size_t(i * dim_ + j)];
 }

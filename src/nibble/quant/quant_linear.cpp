@@ -1,7 +1,6 @@
 #include "nibble/quant/quant_linear.h"
 
-#include <cblas.h>
-
+#include "nibble/backend/cpu/ops.h"
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
 #include "nibble/core/parallel.h"
@@ -135,8 +134,7 @@ void QuantLinear::forward(const float* x, int64_t rows, float* y) const {
     for (int64_t r = 0; r < rows; ++r) std::copy(bias_.begin(), bias_.end(), y + r * N);
     beta = 1.0f;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(N), int(K), 1.0f, xq.data(), int(K),
-              weight_.data(), int(K), beta, y, int(N));
+  cpu::gemm_nt(rows, N, K, xq.data(), weight_.data(), beta, y);
 }
 
 int64_t QuantLinear::storage_bytes() const {

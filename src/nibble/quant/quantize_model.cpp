@@ -257,8 +257,10 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
     report.stats_seconds += seconds_since(t0);
 
     // 4. Quantize every linear (RTN or GPTQ) and install it.
-    //    The linears are independent: one thread each (BLAS runs single-threaded inside).
+    //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
+    //    (as with one thread), so GPTQ's codes do not depend on the thread count.
     t0 = std::chrono::steady_clock::now();
+    std::vector<std::string> rtn_fallback(pending.size());  // by index: the same order on every run
     parallel_for(int64_t(pending.size()), [&](int64_t i) {
       Pending& p = pending[size_t(i)];
       const int64_t K = (*p.slot)->in_features(), N = (*p.slot)->out_features();
@@ -284,13 +286,12 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
         *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                                 std::move(g.keeper_fp16), std::move(p.bias));
       } else {
-        if (recipe.gptq) {
-#pragma omp critical(quantize_warnings)
-          report.warnings.push_back(where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ");
-        }
+        if (recipe.gptq) rtn_fallback[size_t(i)] = where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ";
         *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
       }
     }, true, Schedule::Dynamic);
+    for (std::string& w : rtn_fallback)
+      if (!w.empty()) report.warnings.push_back(std::move(w));
 
     report.quantize_seconds += seconds_since(t0);
 

@@ -21,6 +21,45 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+namespace {
+
+constexpr int64_t kTile = 256;
+
+// Calls fn(i0, rows, j0, cols) for every kTile x kTile tile of an [M, N] output (upper_only: the
+// tiles that reach the upper triangle), in parallel. BLAS inside runs single-threaded: OpenBLAS
+// (OpenMP build) does so inside an active parallel region, and with one OpenMP thread anyway.
+template <typename Fn>
+void for_each_tile(int64_t M, int64_t N, bool upper_only, const Fn& fn) {
+  const int64_t row_tiles = (M + kTile - 1) / kTile, col_tiles = (N + kTile - 1) / kTile;
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t t = 0; t < row_tiles * col_tiles; ++t) {
+    const int64_t i0 = t / col_tiles * kTile, j0 = t % col_tiles * kTile;
+    if (upper_only && i0 > j0) continue;
+    fn(i0, std::min(kTile, M - i0), j0, std::min(kTile, N - j0));
+  }
+}
+
+}  // namespace
+
+void gemm_nt(int64_t M, int64_t N, int64_t K, const float* x, const float* w, float beta, float* y) {
+  for_each_tile(M, N, false, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(cols), int(K), 1.0f, x + i0 * K, int(K),
+                w + j0 * K, int(K), beta, y + i0 * N + j0, int(N));
+  });
+}
+
+void gram_upper(const float* x, int64_t rows, int64_t dim, float* out) {
+  for_each_tile(dim, dim, true, [&](int64_t i0, int64_t m, int64_t j0, int64_t n) {
+    float* tile = out + i0 * dim + j0;
+    if (i0 == j0)
+      cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, int(m), int(rows), 1.0f, x + i0, int(dim), 0.0f, tile,
+                  int(dim));
+    else
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(m), int(n), int(rows), 1.0f, x + i0, int(dim), x + j0,
+                  int(dim), 0.0f, tile, int(dim));
+  });
+}
+
 void rms_norm(const float* x, const float* weight, int64_t rows, int64_t n, double eps, float* out, bool fp16) {
 #pragma omp parallel for if (rows > 16)
   for (int64_t r = 0; r < rows; ++r) {
@@ -96,10 +135,10 @@ void attention(const float* q, const float* k, const float* v, int64_t n, int64_
   // Per head and block of query rows: S = Q Kᵀ / sqrt(d) through BLAS over only the keys the
   // block can see (causal: about half the products of the full square in a long prefill), the
   // mask, row softmax, O = P V through BLAS. (head, block) pairs run in parallel; BLAS runs
-  // single-threaded inside the region.
+  // single-threaded inside the region, which is why it opens even for one pair (see gemm_nt).
   constexpr int64_t kRows = 128;
   const int64_t blocks = (n + kRows - 1) / kRows;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) if (heads * blocks > 1)
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t i0 = b * kRows, rows = std::min(kRows, n - i0);
