@@ -123,9 +123,10 @@ int main(int argc, char** argv) try {
   }
   const ModelConfig c = model->config();
   std::fprintf(stderr, "model: %.1f s\n", seconds_since(t0));
+  // The GPU keeps K/V as INT4 or fp16 (an fp32 cache format runs as fp16 there).
   std::printf("# decode step, %s (%lld layers), %s weights, KV %s; %s, copy %.0f GB/s\n", like.c_str(),
               (long long)c.num_layers, model->metadata().count("nibble.recipe") ? "packed" : "FP16",
-              model->kv_format().describe().c_str(), prop.name, copy_gbs);
+              model->kv_format().bits == 4 ? model->kv_format().describe().c_str() : "fp16", prop.name, copy_gbs);
   t0 = std::chrono::steady_clock::now();
   RuntimeOptions opt;
   opt.device = "cuda";
