@@ -43,6 +43,7 @@ struct KVOverride {
 struct DeviceOptions {
   std::string device = "auto";
   double gpu_mem_fraction = 0.9;
+  double gpu_mem_gb = 0;
   int64_t kv_pages = 0;
   void add_to(CLI::App* cmd);
   // An executor for `model` whose sequences reach `max_context` tokens and whose steps carry up

@@ -99,6 +99,10 @@ void DeviceOptions::add_to(CLI::App* cmd) {
                   "cuda: share of the GPU memory free after loading that the KV cache may take")
       ->capture_default_str()
       ->check(CLI::Range(0.01, 1.0));
+  cmd->add_option("--gpu-mem-gb", gpu_mem_gb,
+                  "cuda: cap in GB on everything nibble allocates on the GPU (weights, buffers, KV cache); 0 = none")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--kv-pages", kv_pages, "cuda: KV cache pages of 16 tokens (0: from --gpu-mem-fraction)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
@@ -110,6 +114,7 @@ std::unique_ptr<Executor> DeviceOptions::make(Model& model, int64_t max_context,
   opt.max_batch_tokens = max_batch_tokens;
   opt.kv_pages = kv_pages;
   opt.gpu_mem_fraction = gpu_mem_fraction;
+  opt.gpu_mem_gb = gpu_mem_gb;
   std::unique_ptr<Executor> e;
   std::string why;
   if (device == "auto" && cuda_device_available(&why)) {

@@ -319,6 +319,29 @@ TEST(CudaExecutor, RefusesWhatItCannotRun) {
   }
 }
 
+// --gpu-mem-gb: weights over the cap are refused before any allocation, saying how much they need;
+// under it, the KV pool takes what the cap leaves.
+TEST(CudaExecutor, MemoryCapIsHonoured) {
+  NIBBLE_REQUIRE_GPU();
+  auto model = random_model(llama_like(), 12);
+  RuntimeOptions o;
+  o.device = "cuda";
+  o.max_batch_tokens = 512;
+  o.gpu_mem_gb = 1e-3;  // 1 MB: less than the 4 MB of fp16 weights
+  try {
+    make_executor(*model, o);
+    ADD_FAILURE() << "a model over --gpu-mem-gb was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("GB"), std::string::npos) << e.what();
+  }
+  o.gpu_mem_gb = 0.1;
+  auto gpu = make_executor(*model, o);
+  const double pool_gb = double(gpu->kv().capacity_tokens()) * 2 * 2 * 128 * 3 / 1e9;  // fp16 K+V, kv_dim 128, 3 layers
+  std::printf("KV pool under a 0.1 GB cap: %lld tokens (%.3f GB)\n", (long long)gpu->kv().capacity_tokens(), pool_gb);
+  EXPECT_GT(gpu->kv().capacity_tokens(), 512);
+  EXPECT_LT(pool_gb, 0.1);
+}
+
 TEST(CudaExecutor, BadInputLeavesTheSequencesUnchanged) {
   NIBBLE_REQUIRE_GPU();
   const ModelConfig c = llama_like();

@@ -43,6 +43,7 @@ struct RuntimeOptions {
   int64_t max_context = 0;          // longest sequence; 0 = the model's max_position_embeddings
   int64_t kv_pages = 0;             // cuda: pages of 16 tokens in the KV pool; 0 = from memory
   double gpu_mem_fraction = 0.9;    // cuda: share of the free device memory the KV pool may take
+  double gpu_mem_gb = 0;            // cuda: cap on all nibble allocates on the device (GB); 0 = none
 };
 
 class Executor {

@@ -161,6 +161,21 @@ struct LayerWeights {
   LinearWeights qkv, o, gate_up, down;
 };
 
+// Bytes the weights take on the device: fp16 for dense tensors, the packed W4A4 operand otherwise.
+int64_t device_weight_bytes(const Model& m) {
+  auto linear = [](const Linear& l) -> int64_t {
+    if (dynamic_cast<const quant::QuantLinear*>(&l)) return l.storage_bytes();  // codes + scales
+    return 2 * l.in_features() * l.out_features();
+  };
+  int64_t n = 2 * int64_t(m.embedding().size());
+  for (const Layer& layer : m.layers()) {
+    n += linear(*layer.qkv) + linear(*layer.o);
+    for (const Expert& e : layer.experts) n += linear(*e.gate_up) + linear(*e.down);
+  }
+  if (!m.config().tie_word_embeddings) n += linear(m.lm_head());
+  return n;
+}
+
 class PagedPool final : public KVPool {
  public:
   PagedPool(const PagedKVLayout& layout, int64_t pages) : cache_(layout, pages) {}
@@ -244,6 +259,14 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   device_name_ = cformat("cuda:0 ({})", prop.name);
+  // The weights as they will sit on the device (fp16, or the packed W4A4 bytes) against what is free
+  // and what --gpu-mem-gb allows, before anything is allocated.
+  size_t free0 = 0, total = 0;
+  NIBBLE_CUDA_CHECK(cudaMemGetInfo(&free0, &total));
+  const double weights_gb = double(device_weight_bytes(model)) / 1e9;
+  const double cap_gb = opt.gpu_mem_gb > 0 ? std::min(opt.gpu_mem_gb, double(free0) / 1e9) : double(free0) / 1e9;
+  require(weights_gb < cap_gb, "--device cuda", "the weights need {:.2f} GB on the GPU; {:.2f} GB {}", weights_gb,
+          cap_gb, opt.gpu_mem_gb > 0 && opt.gpu_mem_gb * 1e9 < double(free0) ? "allowed by --gpu-mem-gb" : "free");
   NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
   embedding_ = upload_fp16(model.embedding(), "model.embed_tokens.weight");
@@ -314,8 +337,17 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   k_before_rope_ = kvf.bits == 4 && kvf.k_before_rope;
   kv_hadamard_ = kvf.bits == 4 && kvf.hadamard;
   layout.validate("--device cuda");
-  const int64_t pages = opt.kv_pages > 0 ? opt.kv_pages
-                                         : PagedKVCache::pages_for_free_memory(layout, opt.gpu_mem_fraction, 0);
+  int64_t pages = opt.kv_pages;
+  if (pages == 0 && opt.gpu_mem_gb > 0) {
+    // What is left of the cap after the weights and buffers allocated so far.
+    size_t free_now = 0;
+    NIBBLE_CUDA_CHECK(cudaMemGetInfo(&free_now, &total));
+    const double left = opt.gpu_mem_gb * 1e9 - double(free0 - free_now);
+    pages = left <= 0 ? 0 : std::min(int64_t(left / double(layout.page_bytes())),
+                                     PagedKVCache::pages_for_free_memory(layout, 1.0, 0));
+  } else if (pages == 0) {
+    pages = PagedKVCache::pages_for_free_memory(layout, opt.gpu_mem_fraction, 0);
+  }
   require(pages * layout.page_size >= max_context_, "--device cuda",
           "the KV pool holds {} tokens ({} pages of {}), less than one sequence of {} tokens: free GPU memory or "
           "lower --ctx",
