@@ -19,6 +19,7 @@
 #include <gtest/gtest.h>
 
 #include "nibble/core/error.h"
+#include "nibble/core/json.h"
 #include "nibble/core/half.h"
 #include "nibble/core/parallel.h"
 #include "nibble/eval/perplexity.h"
@@ -217,6 +218,15 @@ TEST(LoadChecks, PackedFileMissingOrCarryingExtraTensorsIsRefused) {
   EXPECT_TRUE(contains(e, "model.layers.2.input_layernorm.weight") && contains(e, "does not use")) << e;
   EXPECT_EQ(error_of([&] { Model::load(path); }), "");
   fs::remove_all(path.parent_path());
+}
+
+// A number past double's range makes nlohmann throw out_of_range (406), not parse_error: found by
+// fuzz_recipe (fuzz/corpus/recipe/number_out_of_range.json), it escaped as std::terminate.
+TEST(LoadChecks, JsonNumberOutOfRangeIsAnError) {
+  for (const char* text : {R"({"act": {"clip": 0.8e99999}})", R"({"rms_norm_eps": -1e400})"}) {
+    EXPECT_TRUE(contains(error_of([&] { parse_json(text, "x.json"); }), "not valid JSON")) << text;
+    EXPECT_TRUE(contains(error_of([&] { ModelConfig::from_text(text, "config.json"); }), "not valid JSON")) << text;
+  }
 }
 
 TEST(LoadChecks, ConfigValuesAreRangeAndTypeChecked) {

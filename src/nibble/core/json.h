@@ -15,12 +15,15 @@
 
 namespace nibble {
 
-// Parses JSON text; a syntax error names the byte.
+// Parses JSON text; a syntax error names the byte, and a number past double's range (nlohmann's
+// out_of_range 406, e.g. 0.8e99999) is an error too, not an escaping exception.
 inline nlohmann::json parse_json(std::string_view text, const std::string& where) {
   try {
     return nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
-    throw Error(where, fmt::format("malformed JSON at byte {}: {}", e.byte, e.what()));
+    throw Error(where, fmt::format("not valid JSON (byte {}): {}", e.byte, e.what()));
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(where, fmt::format("not valid JSON: {}", e.what()));
   }
 }
 

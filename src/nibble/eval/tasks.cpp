@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "nibble/core/error.h"
+#include "nibble/core/json.h"
 #include "nibble/io/text_file.h"
 
 #if __has_include(<bzlib.h>)
@@ -244,13 +245,6 @@ TaskDoc lambada_doc(const std::string& text, const std::string& where) {
 
 namespace {
 
-json parse_line(std::string_view line, const std::string& where) {
-  try {
-    return json::parse(line);
-  } catch (const json::exception& e) {
-    throw Error(where, fmt::format("invalid JSON: {}", e.what()));
-  }
-}
 
 std::string get_string(const json& j, const char* key, const std::string& where) {
   check(j.is_object() && j.contains(key) && j[key].is_string(), where, "missing string field \"{}\"", key);
@@ -270,12 +264,12 @@ std::vector<std::string> get_strings(const json& j, const std::string& where, co
 }  // namespace
 
 TaskDoc piqa_doc_from_json(std::string_view line, int label, const std::string& where) {
-  const json j = parse_line(line, where);
+  const json j = parse_json(line, where);
   return piqa_doc(get_string(j, "goal", where), get_string(j, "sol1", where), get_string(j, "sol2", where), label);
 }
 
 TaskDoc arc_doc_from_json(std::string_view line, const std::string& where) {
-  const json j = parse_line(line, where);
+  const json j = parse_json(line, where);
   check(j.contains("choices") && j["choices"].is_object(), where, "missing object field \"choices\"");
   const json& c = j["choices"];
   check(c.contains("text") && c.contains("label"), where, "\"choices\" needs \"text\" and \"label\"");
@@ -284,7 +278,7 @@ TaskDoc arc_doc_from_json(std::string_view line, const std::string& where) {
 }
 
 TaskDoc boolq_doc_from_json(std::string_view line, const std::string& where) {
-  const json j = parse_line(line, where);
+  const json j = parse_json(line, where);
   check(j.contains("label"), where, "missing field \"label\"");
   const json& l = j["label"];
   bool label;
@@ -295,13 +289,13 @@ TaskDoc boolq_doc_from_json(std::string_view line, const std::string& where) {
 }
 
 TaskDoc winogrande_doc_from_json(std::string_view line, const std::string& where) {
-  const json j = parse_line(line, where);
+  const json j = parse_json(line, where);
   return winogrande_doc(get_string(j, "sentence", where), get_string(j, "option1", where),
                         get_string(j, "option2", where), get_string(j, "answer", where), where);
 }
 
 TaskDoc lambada_doc_from_json(std::string_view line, const std::string& where) {
-  const json j = parse_line(line, where);
+  const json j = parse_json(line, where);
   return lambada_doc(get_string(j, "text", where), where);
 }
 

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "nibble/core/error.h"
+#include "nibble/core/json.h"
 #include "nibble/io/text_file.h"
 #include "nibble/tokenizer/added_tokens.h"
 #include "nibble/tokenizer/bpe.h"
@@ -52,14 +53,6 @@ using tokenizer::JsonNode;
 using tokenizer::TokenizerData;
 
 namespace {
-
-nlohmann::json parse_json(std::string_view text, const std::string& where) {
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {  // syntax errors, and numbers out of range (406)
-    throw Error(where, fmt::format("not valid JSON: {}", e.what()));
-  }
-}
 
 std::vector<tokenizer::AddedToken> parse_added_tokens(const std::optional<JsonNode>& list) {
   std::vector<tokenizer::AddedToken> tokens;
