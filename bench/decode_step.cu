@@ -19,32 +19,13 @@
 #include "bench/bench_cuda.cuh"
 #include "nibble/backend/backend.h"
 #include "nibble/core/error.h"
+#include "nibble/core/progress.h"
 #include "nibble/model/model.h"
+#include "nibble/quant/synth.h"
 
 using namespace nibble;
 
 namespace {
-
-ModelConfig shape_like(const std::string& like) {
-  ModelConfig c;
-  c.vocab_size = 32000;
-  c.head_dim = 128;
-  c.max_position_embeddings = 4096;
-  c.rms_norm_eps = 1e-5;
-  if (like == "llama-2-7b") {
-    c.hidden_size = 4096, c.intermediate_size = 11008, c.num_layers = 32, c.num_heads = 32, c.num_kv_heads = 32;
-  } else if (like == "llama-2-13b") {
-    c.hidden_size = 5120, c.intermediate_size = 13824, c.num_layers = 40, c.num_heads = 40, c.num_kv_heads = 40;
-  } else if (like == "llama-2-70b") {
-    c.hidden_size = 8192, c.intermediate_size = 28672, c.num_layers = 80, c.num_heads = 64, c.num_kv_heads = 8;
-  } else if (like == "llama-3-8b") {
-    c.hidden_size = 4096, c.intermediate_size = 14336, c.num_layers = 32, c.num_heads = 32, c.num_kv_heads = 8;
-    c.vocab_size = 128256, c.rope_theta = 500000;
-  } else {
-    throw Error("--like", "unknown shape '" + like + "' (llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b)");
-  }
-  return c;
-}
 
 // Uniform values in [-range, range), filled in parallel from a counter-based hash.
 std::vector<float> random_values(int64_t n, float range, uint64_t seed) {
@@ -87,10 +68,6 @@ std::vector<int> parse_list(const char* s) {
   return v;
 }
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -114,7 +91,7 @@ int main(int argc, char** argv) try {
   auto t0 = std::chrono::steady_clock::now();
   std::unique_ptr<Model> model;
   if (model_path.empty()) {
-    ModelConfig shape = shape_like(like);
+    ModelConfig shape = quant::synthetic_shape(like).config;
     if (layers > 0) shape.num_layers = layers;
     model = random_model(shape);
   } else {

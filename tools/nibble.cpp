@@ -115,25 +115,24 @@ std::unique_ptr<Executor> DeviceOptions::make(Model& model, int64_t max_context,
   opt.kv_pages = kv_pages;
   opt.gpu_mem_fraction = gpu_mem_fraction;
   opt.gpu_mem_gb = gpu_mem_gb;
-  std::unique_ptr<Executor> e;
-  std::string why;
-  if (device == "auto" && cuda_device_available(&why)) {
+  // auto: the GPU when there is one and it takes the model (a format without a CUDA kernel is
+  // refused by name), else the CPU, which runs every format; stderr says which, and why not the GPU.
+  std::string why_not_gpu;
+  if (device == "auto" && cuda_device_available(&why_not_gpu)) {
     opt.device = "cuda";
     try {
-      e = make_executor(model, opt);
+      auto e = make_executor(model, opt);
+      std::fprintf(stderr, "device: %s\n", e->device_name().c_str());
+      return e;
     } catch (const Error& err) {
-      why = err.what();  // a format without a CUDA kernel: the CPU runs every format
+      why_not_gpu = err.what();
     }
   }
-  if (!e) {
-    opt.device = device == "auto" ? "cpu" : device;
-    e = make_executor(model, opt);
-    if (device == "auto") why = " (" + why + ")";
-    else why.clear();
-  } else {
-    why.clear();
-  }
-  std::fprintf(stderr, "device: %s%s\n", e->device_name().c_str(), why.c_str());
+  opt.device = device == "auto" ? "cpu" : device;
+  auto e = make_executor(model, opt);
+  if (device == "auto") why_not_gpu = " (" + why_not_gpu + ")";
+  else why_not_gpu.clear();
+  std::fprintf(stderr, "device: %s%s\n", e->device_name().c_str(), why_not_gpu.c_str());
   return e;
 }
 
