@@ -1,6 +1,7 @@
 // The CUDA executor's whole forward pass against the CPU executor (the fp32 reference) on random
-// models of several shapes: prefill of a ragged batch, decode steps, fork + truncate, and the
-// errors a caller can trip (token outside the vocabulary, a full KV pool, a shape with no kernel).
+// models of several shapes: prefill of a ragged batch, decode steps (replayed as CUDA graphs),
+// fork + truncate, graphs against eager launches, and the errors a caller can trip (token outside
+// the vocabulary, a full KV pool, a shape with no kernel).
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -365,6 +366,73 @@ TEST(CudaExecutor, BadInputLeavesTheSequencesUnchanged) {
   gpu->forward({two, 1}, logits);  // one of them fits
   EXPECT_EQ(gpu->kv().length(a), 400);
   EXPECT_EQ(logits.size(), size_t(c.vocab_size));
+}
+
+// Decode steps replayed as CUDA graphs against the same (padded) steps launched kernel by kernel:
+// the same logits bit for bit; forward_greedy on a replay of a step gives exactly the argmax of its
+// logits. The batch grows past 512 tokens (the attention's split count changes: another graph) and
+// drops a sequence half-way (another graph batch).
+void graphs_case(Weights weights, KVFormat kv) {
+  ModelConfig c = llama_like();
+  c.max_position_embeddings = 1024;
+  const uint64_t seed = std::random_device{}();
+  std::printf("seed %llu, %s, KV %s\n", (unsigned long long)seed, weights == Weights::Fp16 ? "fp16" : "atom w4a4",
+              kv.describe().c_str());
+  auto model = random_model(c, seed);
+  if (weights != Weights::Fp16) quantize_atom(*model, seed + 2, false);
+  model->set_kv_format(kv);
+  RuntimeOptions o;
+  o.device = "cuda";
+  o.max_batch_tokens = 1024;
+  o.kv_pages = 256;
+  auto graphs = make_executor(*model, o);
+  o.cuda_graphs = false;
+  auto eager = make_executor(*model, o);
+  std::mt19937_64 rng(seed + 1);
+  std::uniform_int_distribution<int32_t> tok(0, int32_t(c.vocab_size - 1));
+  std::vector<SeqId> seqs;
+  std::vector<float> gl, el;
+  for (int len : {490, 300, 7, 120, 64}) {  // 5 sequences: graph batch 8
+    std::vector<int32_t> p(static_cast<size_t>(len));
+    for (int32_t& t : p) t = tok(rng);
+    const SeqId s = graphs->kv().add();
+    ASSERT_EQ(eager->kv().add(), s);
+    seqs.push_back(s);
+    const BatchEntry e{s, p, false};
+    graphs->forward({&e, 1}, gl);
+    eager->forward({&e, 1}, el);
+  }
+  std::vector<int32_t> next(seqs.size(), 1), ids;
+  for (int step = 0; step < 40; ++step) {
+    if (step == 20) seqs.pop_back();  // 4 sequences: graph batch 4
+    std::vector<BatchEntry> batch;
+    for (size_t i = 0; i < seqs.size(); ++i) batch.push_back({seqs[i], {&next[i], 1}, false});
+    graphs->forward(batch, gl);
+    eager->forward(batch, el);
+    ASSERT_EQ(gl.size(), el.size());
+    size_t differ = 0;
+    for (size_t i = 0; i < gl.size(); ++i) differ += gl[i] != el[i];
+    EXPECT_EQ(differ, 0u) << "step " << step << ": logits differ between the replay and the launches";
+    if (step % 8 == 3) {  // the same step again, greedy ids only
+      for (SeqId s : seqs) graphs->kv().truncate(s, graphs->kv().length(s) - 1);
+      graphs->forward_greedy(batch, ids);
+      ASSERT_EQ(ids.size(), seqs.size());
+      for (size_t i = 0; i < seqs.size(); ++i) {
+        const float* row = gl.data() + i * size_t(c.vocab_size);
+        EXPECT_EQ(ids[i], std::max_element(row, row + c.vocab_size) - row) << "step " << step << " row " << i;
+      }
+    }
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const float* row = el.data() + i * size_t(c.vocab_size);
+      next[i] = int32_t(std::max_element(row, row + c.vocab_size) - row);
+    }
+  }
+}
+
+TEST(CudaExecutor, DecodeGraphsReplayTheLaunchesBitForBit) {
+  NIBBLE_REQUIRE_GPU();
+  graphs_case(Weights::Fp16, {});
+  graphs_case(Weights::AtomW4A4, int4_kv(false));
 }
 
 }  // namespace

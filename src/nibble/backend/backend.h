@@ -44,6 +44,7 @@ struct RuntimeOptions {
   int64_t kv_pages = 0;             // cuda: pages of 16 tokens in the KV pool; 0 = from memory
   double gpu_mem_fraction = 0.9;    // cuda: share of the free device memory the KV pool may take
   double gpu_mem_gb = 0;            // cuda: cap on all nibble allocates on the device (GB); 0 = none
+  bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs (false: launch every kernel)
 };
 
 class Executor {
@@ -57,6 +58,9 @@ class Executor {
   // (unknown sequence, token outside the vocabulary, past the context) and when the pool is full;
   // then no sequence has changed.
   virtual void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) = 0;
+  // forward, returning only the greedy token of each logits row (the first maximum, as the greedy
+  // sampler picks), found where the logits are: one id per row crosses to the host, not a row.
+  virtual void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) = 0;
 };
 
 // The executor for opt.device. `model` must outlive a CPU executor (it runs on the model's

@@ -11,8 +11,29 @@ namespace nibble::cuda {
 
 // ---- AttentionBatchBuilder ---------------------------------------------------------------------
 
+AttentionBatchBuilder::AttentionBatchBuilder(int max_seqs, int64_t max_tokens, int max_blocks)
+    : fixed_(true), fixed_blocks_(std::max(max_blocks, 1)) {
+  require(max_seqs >= 1 && max_tokens >= 1, "AttentionBatchBuilder", "capacity of {} sequences and {} tokens",
+          max_seqs, max_tokens);
+  const size_t tiles = size_t(max_seqs) + size_t(max_tokens) / kPrefillTileRows;
+  ensure(size_t(max_seqs) * size_t(fixed_blocks_) + 2 * size_t(max_seqs) + 2 * size_t(max_tokens) + 2 * tiles + 32);
+}
+
 AttentionBatchBuilder::~AttentionBatchBuilder() {
   if (device_) cudaFree(device_);
+  if (host_) cudaFreeHost(host_);
+}
+
+void AttentionBatchBuilder::ensure(size_t words) {
+  if (words <= capacity_) return;
+  // cudaFree and cudaFreeHost wait for the work that may still read the old buffers.
+  if (device_) NIBBLE_CUDA_CHECK(cudaFree(device_));
+  if (host_) NIBBLE_CUDA_CHECK(cudaFreeHost(host_));
+  device_ = nullptr;
+  host_ = nullptr;
+  capacity_ = std::max(words, capacity_ * 2);
+  NIBBLE_CUDA_CHECK(cudaMalloc(&device_, capacity_ * sizeof(int32_t)));
+  NIBBLE_CUDA_CHECK(cudaMallocHost(&host_, capacity_ * sizeof(int32_t)));
 }
 
 AttentionBatch AttentionBatchBuilder::build(const PageAllocator& alloc, std::span<const SeqId> seqs,
@@ -32,18 +53,24 @@ AttentionBatch AttentionBatchBuilder::build(const PageAllocator& alloc, std::spa
     tokens += new_tokens[i];
     b.num_tiles += (new_tokens[i] + kPrefillTileRows - 1) / kPrefillTileRows;
   }
-  b.max_blocks = std::max(b.max_blocks, 1);
+  require(!fixed_ || b.max_blocks <= fixed_blocks_, "AttentionBatchBuilder",
+          "a sequence holds {} pages, more than the {} reserved at start", b.max_blocks, fixed_blocks_);
+  b.max_blocks = fixed_ ? fixed_blocks_ : std::max(b.max_blocks, 1);
   b.num_tokens = int(tokens);
 
+  // The small arrays first, the block tables last: their layout depends only on the batch's sizes.
   const auto align4 = [](size_t n) { return (n + 3) / 4 * 4; };
-  const size_t o_bt = 0;
-  const size_t o_len = align4(o_bt + size_t(b.batch) * size_t(b.max_blocks));
+  const size_t o_len = 0;
   const size_t o_cu = align4(o_len + size_t(b.batch));
   const size_t o_ts = align4(o_cu + size_t(b.batch) + 1);
   const size_t o_tp = align4(o_ts + size_t(tokens));
   const size_t o_tiles = align4(o_tp + size_t(tokens));
-  const size_t total = align4(o_tiles + 2 * size_t(b.num_tiles)) + 4;
-  host_.assign(total, 0);
+  const size_t o_bt = align4(o_tiles + 2 * size_t(b.num_tiles));
+  const size_t total = align4(o_bt + size_t(b.batch) * size_t(b.max_blocks)) + 4;
+  require(!fixed_ || total <= capacity_, "AttentionBatchBuilder",
+          "a step needs {} words of batch metadata, more than the {} reserved at start", total, capacity_);
+  ensure(total);
+  std::fill(host_, host_ + total, 0);
 
   struct Tile {
     int seq, q0, work;
@@ -53,7 +80,7 @@ AttentionBatch AttentionBatchBuilder::build(const PageAllocator& alloc, std::spa
   int32_t cu = 0;
   for (int i = 0; i < b.batch; ++i) {
     const auto& table = alloc.block_table(seqs[size_t(i)]);
-    std::copy(table.begin(), table.end(), host_.begin() + ptrdiff_t(o_bt + size_t(i) * size_t(b.max_blocks)));
+    std::copy(table.begin(), table.end(), host_ + o_bt + size_t(i) * size_t(b.max_blocks));
     const int len = int(alloc.length(seqs[size_t(i)]));
     const int n = new_tokens[size_t(i)];
     const int context = len - n;
@@ -75,13 +102,7 @@ AttentionBatch AttentionBatchBuilder::build(const PageAllocator& alloc, std::spa
     host_[o_tiles + 2 * t + 1] = tiles[t].q0;
   }
 
-  const size_t bytes = total * sizeof(int32_t);
-  if (bytes > device_bytes_) {
-    if (device_) NIBBLE_CUDA_CHECK(cudaFree(device_));
-    device_bytes_ = std::max(bytes, device_bytes_ * 2);
-    NIBBLE_CUDA_CHECK(cudaMalloc(&device_, device_bytes_));
-  }
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(device_, host_.data(), bytes, cudaMemcpyHostToDevice, stream));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(device_, host_, total * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
   const int32_t* d = static_cast<const int32_t*>(device_);
   b.block_tables = d + o_bt;
   b.seq_lens = d + o_len;

@@ -1,5 +1,5 @@
 // What the attention kernels share: the per-step batch metadata on the device (block tables,
-// lengths, token positions, prefill tiles), the RoPE table, a growing workspace, and the
+// lengths, token positions, prefill tiles), the RoPE table, the decode workspace, and the
 // arguments of the three entry points:
 //
 //   attention_append   new tokens' Q/K/V (fp16, straight from the fused QKV projection): RoPE on
@@ -43,24 +43,34 @@ struct AttentionBatch {
   const int2* tiles = nullptr;            // [num_tiles] (sequence, first new token), longest first
 };
 
-// Builds AttentionBatch from the allocator's block tables; owns the device buffer (grown as
-// needed, reused across steps). The sequences must already hold their new tokens (append).
+// Builds AttentionBatch from the allocator's block tables into one device buffer, through one
+// pinned host staging buffer. The sequences must already hold their new tokens (append).
 class AttentionBatchBuilder {
  public:
+  // Grows its buffers as batches need (tests, kernel benchmarks).
   AttentionBatchBuilder() = default;
+  // Sized once for steps of up to max_seqs sequences, max_tokens new tokens and max_blocks pages
+  // per sequence: build() then never allocates, and lays out a batch of the same sizes at the
+  // same device addresses every time (block tables max_blocks wide), so a captured decode step
+  // replays on the metadata of the next step.
+  AttentionBatchBuilder(int max_seqs, int64_t max_tokens, int max_blocks);
   ~AttentionBatchBuilder();
   AttentionBatchBuilder(const AttentionBatchBuilder&) = delete;
   AttentionBatchBuilder& operator=(const AttentionBatchBuilder&) = delete;
 
   // new_tokens[i]: tokens sequence seqs[i] appended this step (1 for decode). The upload is queued
-  // on `stream`; the host staging stays valid until the next build.
+  // on `stream`; the host staging must not be rebuilt before it has run (the next build).
   AttentionBatch build(const PageAllocator& alloc, std::span<const SeqId> seqs, std::span<const int> new_tokens,
                        Stream stream);
 
  private:
-  std::vector<int32_t> host_;
+  void ensure(size_t words);  // host and device buffers of at least `words` int32 (grows them)
+
+  bool fixed_ = false;
+  int fixed_blocks_ = 0;
+  int32_t* host_ = nullptr;  // pinned
   void* device_ = nullptr;
-  size_t device_bytes_ = 0;
+  size_t capacity_ = 0;  // int32 words of each buffer
 };
 
 // cos/sin of every (position, frequency) in fp32, computed in float64 exactly as cpu::apply_rope
@@ -81,7 +91,8 @@ class RopeTable {
   int max_positions_ = 0, half_dim_ = 0;
 };
 
-// Device scratch that grows on demand (rotated Q, split-K partials).
+// Device scratch for the decode splits' partial results: grows on demand, or reserved once at
+// start (reserve) so that a captured step never allocates.
 class AttentionWorkspace {
  public:
   AttentionWorkspace() = default;
@@ -89,6 +100,7 @@ class AttentionWorkspace {
   AttentionWorkspace(const AttentionWorkspace&) = delete;
   AttentionWorkspace& operator=(const AttentionWorkspace&) = delete;
   void* get(size_t bytes);
+  void reserve(size_t bytes) { get(bytes); }
 
  private:
   void* ptr_ = nullptr;
@@ -118,7 +130,7 @@ struct AttentionArgs {
   const RopeTable* rope = nullptr;  // needed when k_before_rope
   bool k_before_rope = false;
   float softmax_scale = 0;  // 0: 1/sqrt(D)
-  int num_splits = 0;       // decode only: 0 = planned from the batch and the GPU, else forced
+  int num_splits = 0;       // decode only: 0 = planned from the batch and the GPU, else forced (any >= 1)
 };
 
 void attention_append(const KVCacheView& cache, const AttentionBatch& batch, const AppendArgs& args, Stream stream);
@@ -127,7 +139,10 @@ void attention_prefill(const KVCacheView& cache, const AttentionBatch& batch, co
 void attention_decode(const KVCacheView& cache, const AttentionBatch& batch, const AttentionArgs& args,
                       AttentionWorkspace& ws, Stream stream);
 
-// The split count attention_decode plans for a batch (exposed for the bench's table).
-int attention_decode_splits(const KVCacheView& cache, const AttentionBatch& batch, int num_heads);
+// The split count attention_decode plans for a batch (the executor fixes it per captured step; the
+// bench prints it).
+int attention_decode_splits(const KVCacheView& cache, const AttentionBatch& batch, bool k_before_rope = false);
+// Workspace bytes attention_decode may ask for with planned splits, whatever the batch.
+size_t attention_decode_workspace_bytes(const KVCacheView& cache, int num_heads, bool k_before_rope);
 
 }  // namespace nibble::cuda

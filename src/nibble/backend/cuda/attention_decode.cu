@@ -33,7 +33,7 @@ struct DecodeParams {
   int H, G, layer;
   const float2* rope;
   float scale_log2;
-  int splits, chunks_per_split;
+  int splits;     // blocks per (sequence, KV head); each sequence's chunks are divided among them
   float* ws_o;    // [batch][H][splits][D]
   float* ws_lse;  // [batch][H][splits]
 };
@@ -77,8 +77,11 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
   const int split = blockIdx.x, kvh = blockIdx.y, seq = blockIdx.z;
   const int len = b.seq_lens[seq];
   const int n_chunks = (len + 15) / 16;
-  const int c_begin = split * p.chunks_per_split;
-  const int c_end = min(n_chunks, c_begin + p.chunks_per_split);
+  // Each sequence splits its own length, so the grid depends on the batch size alone (a captured
+  // step replays at any length); a split past a short sequence's end only writes an empty partial.
+  const int per_split = (n_chunks + p.splits - 1) / p.splits;
+  const int c_begin = split * per_split;
+  const int c_end = min(n_chunks, c_begin + per_split);
   const int my_n = c_begin + warp < c_end ? (c_end - c_begin - warp + kWarps - 1) / kWarps : 0;
   const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
   uint8_t* ring = smem + warp * warp_smem_bytes<D, INT4, ROPE_K>();
@@ -450,16 +453,19 @@ int plan_splits(const AttentionBatch& b, int kv_heads) {
   return int(std::max<int64_t>(1, std::min(by_work, by_gpu)));
 }
 
+// The split count for a batch, within what its longest sequence can use.
+template <int D, bool INT4, bool ROPE_K>
+int planned_splits(const KVCacheView& c, const AttentionBatch& b) {
+  const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
+  return int(std::clamp<int64_t>(plan_splits<D, INT4, ROPE_K>(b, c.kv_heads), 1, std::max<int64_t>(chunks, 1)));
+}
+
 template <int D, bool INT4, bool ROPE_K>
 void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p, int forced, AttentionWorkspace& ws,
                    Stream stream) {
   constexpr int smem = decode_smem_bytes<D, INT4, ROPE_K>();
   blocks_per_sm<D, INT4, ROPE_K>();  // sets the smem attribute once
-  const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
-  int splits = forced > 0 ? forced : plan_splits<D, INT4, ROPE_K>(b, c.kv_heads);
-  splits = int(std::clamp<int64_t>(splits, 1, std::max<int64_t>(chunks, 1)));
-  p.chunks_per_split = int((chunks + splits - 1) / splits);
-  p.splits = int((chunks + p.chunks_per_split - 1) / p.chunks_per_split);
+  p.splits = forced > 0 ? forced : planned_splits<D, INT4, ROPE_K>(c, b);
   if (p.splits > 1) {
     const size_t slots = size_t(b.batch) * size_t(p.H) * size_t(p.splits);
     float* w = static_cast<float*>(ws.get(slots * (D + 1) * sizeof(float)));
@@ -474,17 +480,31 @@ void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p
   }
 }
 
+// f.template operator()<D, INT4, ROPE_K>() for the cache's variant (head_dim 64 or 128).
+template <typename F>
+auto with_variant(const KVCacheView& c, bool k_before_rope, F&& f) {
+  const bool int4 = c.dtype == KVDtype::Int4;
+  if (c.head_dim == 128) {
+    if (int4) return k_before_rope ? f.template operator()<128, true, true>() : f.template operator()<128, true, false>();
+    return k_before_rope ? f.template operator()<128, false, true>() : f.template operator()<128, false, false>();
+  }
+  if (int4) return k_before_rope ? f.template operator()<64, true, true>() : f.template operator()<64, true, false>();
+  return k_before_rope ? f.template operator()<64, false, true>() : f.template operator()<64, false, false>();
+}
+
 }  // namespace
 
-int attention_decode_splits(const KVCacheView& c, const AttentionBatch& b, int num_heads) {
-  const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
-  int s = 1;
-  const bool int4 = c.dtype == KVDtype::Int4;
-  if (c.head_dim == 128) s = int4 ? plan_splits<128, true, false>(b, c.kv_heads) : plan_splits<128, false, false>(b, c.kv_heads);
-  else s = int4 ? plan_splits<64, true, false>(b, c.kv_heads) : plan_splits<64, false, false>(b, c.kv_heads);
-  s = int(std::clamp<int64_t>(s, 1, std::max<int64_t>(chunks, 1)));
-  const int64_t cps = (chunks + s - 1) / s;
-  return int((chunks + cps - 1) / cps);
+int attention_decode_splits(const KVCacheView& c, const AttentionBatch& b, bool k_before_rope) {
+  return with_variant(c, k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() { return planned_splits<D, INT4, ROPE_K>(c, b); });
+}
+
+size_t attention_decode_workspace_bytes(const KVCacheView& c, int num_heads, bool k_before_rope) {
+  // Planned splits keep batch · kv_heads · splits within one wave of resident blocks, so the partials
+  // of all (sequence, head, split) slots are at most G · that wave.
+  return with_variant(c, k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() {
+    const size_t wave = size_t(sm_count()) * size_t(blocks_per_sm<D, INT4, ROPE_K>());
+    return size_t(num_heads / c.kv_heads) * wave * (D + 1) * sizeof(float);
+  });
 }
 
 void attention_decode(const KVCacheView& c, const AttentionBatch& b, const AttentionArgs& a, AttentionWorkspace& ws,
@@ -498,23 +518,11 @@ void attention_decode(const KVCacheView& c, const AttentionBatch& b, const Atten
           "attention_decode", "K stored before RoPE needs a RoPE table covering {} positions", b.max_seq_len);
   if (b.batch == 0) return;
   const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
-  DecodeParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
-                 a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e, 1, 1, nullptr, nullptr};
-  const bool int4 = c.dtype == KVDtype::Int4, rk = a.k_before_rope;
-#define NIBBLE_DECODE(D)                                                             \
-  if (int4) {                                                                        \
-    if (rk) launch_decode<D, true, true>(c, b, p, a.num_splits, ws, stream);         \
-    else launch_decode<D, true, false>(c, b, p, a.num_splits, ws, stream);           \
-  } else {                                                                           \
-    if (rk) launch_decode<D, false, true>(c, b, p, a.num_splits, ws, stream);        \
-    else launch_decode<D, false, false>(c, b, p, a.num_splits, ws, stream);          \
-  }
-  if (c.head_dim == 128) {
-    NIBBLE_DECODE(128)
-  } else {
-    NIBBLE_DECODE(64)
-  }
-#undef NIBBLE_DECODE
+  const DecodeParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
+                       a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e, 1, nullptr, nullptr};
+  with_variant(c, a.k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() {
+    launch_decode<D, INT4, ROPE_K>(c, b, p, a.num_splits, ws, stream);
+  });
 }
 
 }  // namespace nibble::cuda

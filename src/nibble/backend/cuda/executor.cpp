@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "nibble/backend/cpu/ops.h"
 #include "nibble/backend/cuda/atom_layout.h"
@@ -176,34 +177,73 @@ int64_t device_weight_bytes(const Model& m) {
   return n;
 }
 
+// The paged KV cache behind the KVPool seam. One page is kept back for the padding rows of a
+// captured decode step (a batch padded to its graph's size): they write and read only there.
 class PagedPool final : public KVPool {
  public:
-  PagedPool(const PagedKVLayout& layout, int64_t pages) : cache_(layout, pages) {}
+  PagedPool(const PagedKVLayout& layout, int64_t pages) : cache_(layout, pages), pad_seq_(cache_.add_sequence()) {
+    require(cache_.append(pad_seq_, 1), "--device cuda", "a KV pool of {} pages has no page to spare", pages);
+  }
   SeqId add() override { return cache_.add_sequence(); }
-  SeqId fork(SeqId seq) override { return cache_.fork(seq); }
-  void truncate(SeqId seq, int64_t n) override { cache_.truncate(seq, n); }
-  void free(SeqId seq) override { cache_.free_sequence(seq); }
-  int64_t length(SeqId seq) const override { return cache_.length(seq); }
-  int64_t capacity_tokens() const override { return cache_.allocator().num_pages() * cache_.layout().page_size; }
+  SeqId fork(SeqId seq) override { return cache_.fork(user(seq)); }
+  void truncate(SeqId seq, int64_t n) override { cache_.truncate(user(seq), n); }
+  void free(SeqId seq) override { cache_.free_sequence(user(seq)); }
+  int64_t length(SeqId seq) const override { return cache_.length(user(seq)); }
+  int64_t capacity_tokens() const override {
+    return (cache_.allocator().num_pages() - 1) * cache_.layout().page_size;
+  }
   int64_t free_tokens() const override { return cache_.free_pages() * cache_.layout().page_size; }
   PagedKVCache& cache() { return cache_; }
+  SeqId pad_seq() const { return pad_seq_; }
+  // A sequence the pool's users may name (live, and not the padding sequence).
+  SeqId user(SeqId seq) const {
+    require(seq != pad_seq_ && cache_.allocator().alive(seq), "kv pool", "no live sequence {}", seq);
+    return seq;
+  }
 
  private:
   PagedKVCache cache_;
+  SeqId pad_seq_;
 };
+
+// A step ready to launch: its batch metadata uploaded, its sizes (padded to the graph's batch
+// when it is replayed as a graph).
+struct StepPlan {
+  AttentionBatch ab;
+  int64_t n = 0;          // token rows through the layers
+  int64_t rows = 0;       // rows the LM head computes
+  int64_t real_rows = 0;  // of which the caller's (the rest are padding)
+  int splits = 0;         // decode: attention splits; 0: prefill kernel
+  int graph_batch = 0;    // > 0: a decode step padded to this batch size (its graph's)
+};
+
+// The graph batch sizes (vLLM's): 1, 2, 4, then multiples of 8.
+int64_t graph_batch_for(int64_t b) { return b <= 2 ? b : b <= 4 ? 4 : (b + 7) / 8 * 8; }
 
 class CudaExecutor final : public Executor {
  public:
   CudaExecutor(const Model& model, const RuntimeOptions& opt);
-  ~CudaExecutor() override {
-    if (stream_) cudaStreamDestroy(stream_);
-  }
+  ~CudaExecutor() override;
   const ModelConfig& config() const override { return cfg_; }
   KVPool& kv() override { return *pool_; }
   std::string device_name() const override { return device_name_; }
   void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) override;
+  void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) override;
 
  private:
+  // Checks the batch, appends its tokens to the pool (every sequence rolled back when one does not
+  // fit), pads a decode batch to its graph size and uploads tokens, head rows and attention metadata.
+  StepPlan prepare(std::span<const BatchEntry> batch);
+  // Every kernel of the step, embedding to LM head, and nothing else: no allocation, copy or
+  // synchronisation, so that it can be captured.
+  void launch(const StepPlan& plan);
+  // launch, or the plan's decode graph (captured on its second use: the first runs eagerly and sets
+  // the kernels' attributes and cuBLAS's choices up outside a capture).
+  void run(const StepPlan& plan);
+  // Greedy ids of the caller's rows (and their logits when asked) to the host; one synchronisation;
+  // a non-finite logit is an error.
+  void finish(const StepPlan& plan, std::vector<float>* logits, std::vector<int32_t>& ids);
+
   // y = linear(x) for a FP16 linear (x: its fp16 input rows).
   void dense(const LinearWeights& w, const __half* x, int64_t rows, __half* y);
   // y = linear(quantized input) for a W4A4 linear whose input was quantized into act_op(rows, w).
@@ -213,18 +253,28 @@ class CudaExecutor final : public Executor {
   ModelConfig cfg_;
   std::string device_name_;
   int64_t max_tokens_, max_context_;
+  int64_t max_graph_batch_ = 0;  // decode batches up to this size are padded to a graph batch
+  bool use_graphs_ = true;       // and replayed as graphs (else launched kernel by kernel)
   cudaStream_t stream_ = nullptr;
   LinearFp16 blas_;
+  DeviceArray<uint8_t> blas_ws_;  // cuBLAS's workspace, set once (a captured GEMM may not allocate one)
   DeviceArray<__half> embedding_, lm_head_own_;
   const __half* lm_head_ = nullptr;  // the embedding when tied
   DeviceArray<float> final_norm_;
   std::vector<LayerWeights> layers_;
   std::unique_ptr<RopeTable> rope_;
   std::unique_ptr<PagedPool> pool_;
-  AttentionBatchBuilder batch_builder_;
+  std::unique_ptr<AttentionBatchBuilder> batch_builder_;
   AttentionWorkspace attn_ws_;
+  struct Graph {
+    bool warmed = false;
+    cudaGraphExec_t exec = nullptr;
+  };
+  std::map<std::pair<int64_t, int>, Graph> graphs_;  // by (graph batch, attention splits)
+  // Pinned host staging: tokens and head rows up, greedy ids and the non-finite flag down.
+  int32_t* host_io_ = nullptr;
   // Activations for max_tokens_ rows.
-  DeviceArray<int32_t> tokens_, head_rows_;
+  DeviceArray<int32_t> tokens_, head_rows_, ids_;
   DeviceArray<float> hidden_, logits_;
   DeviceArray<__half> xn_, qkv_, q_rot_, attn_, y_, gate_up_, act_;
   // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's split-K scratch.
@@ -237,6 +287,13 @@ class CudaExecutor final : public Executor {
   bool k_before_rope_ = false;
   bool kv_hadamard_ = false;
 };
+
+CudaExecutor::~CudaExecutor() {
+  for (auto& [key, g] : graphs_)
+    if (g.exec) cudaGraphExecDestroy(g.exec);
+  if (host_io_) cudaFreeHost(host_io_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
 
 CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
     : cfg_(model.config()),
@@ -268,6 +325,8 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   require(weights_gb < cap_gb, "--device cuda", "the weights need {:.2f} GB on the GPU; {:.2f} GB {}", weights_gb,
           cap_gb, opt.gpu_mem_gb > 0 && opt.gpu_mem_gb * 1e9 < double(free0) ? "allowed by --gpu-mem-gb" : "free");
   NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  blas_ws_ = DeviceArray<uint8_t>(size_t(32) << 20);  // NVIDIA's recommendation for Hopper
+  NIBBLE_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle(), blas_ws_.get(), blas_ws_.size()));
 
   embedding_ = upload_fp16(model.embedding(), "model.embed_tokens.weight");
   final_norm_ = DeviceArray<float>(model.final_norm().data(), model.final_norm().size());
@@ -297,6 +356,8 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   const int64_t T = max_tokens_, H = c.hidden_size, qkv = c.q_dim() + 2 * c.kv_dim();
   tokens_ = DeviceArray<int32_t>(size_t(T));
   head_rows_ = DeviceArray<int32_t>(size_t(T));
+  ids_ = DeviceArray<int32_t>(size_t(T) + 1);  // + the non-finite flag
+  NIBBLE_CUDA_CHECK(cudaMallocHost(&host_io_, (2 * size_t(T) + 1) * sizeof(int32_t)));
   hidden_ = DeviceArray<float>(size_t(T * H));
   logits_ = DeviceArray<float>(size_t(T * c.vocab_size));
   xn_ = DeviceArray<__half>(size_t(T * std::max(H, c.q_dim())));
@@ -337,6 +398,15 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   k_before_rope_ = kvf.bits == 4 && kvf.k_before_rope;
   kv_hadamard_ = kvf.bits == 4 && kvf.hadamard;
   layout.validate("--device cuda");
+  const int max_blocks = int((max_context_ + layout.page_size - 1) / layout.page_size);
+  batch_builder_ = std::make_unique<AttentionBatchBuilder>(int(T), T, max_blocks);
+  KVCacheView shape;  // what the decode workspace bound depends on
+  shape.kv_heads = layout.kv_heads;
+  shape.head_dim = layout.head_dim;
+  shape.dtype = layout.dtype;
+  attn_ws_.reserve(attention_decode_workspace_bytes(shape, int(c.num_heads), k_before_rope_));
+  max_graph_batch_ = std::min<int64_t>(T, 512);
+  use_graphs_ = opt.cuda_graphs;
   int64_t pages = opt.kv_pages;
   if (pages == 0 && opt.gpu_mem_gb > 0) {
     // What is left of the cap after the weights and buffers allocated so far.
@@ -348,10 +418,11 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   } else if (pages == 0) {
     pages = PagedKVCache::pages_for_free_memory(layout, opt.gpu_mem_fraction, 0);
   }
-  require(pages * layout.page_size >= max_context_, "--device cuda",
-          "the KV pool holds {} tokens ({} pages of {}), less than one sequence of {} tokens: free GPU memory or "
-          "lower --ctx",
-          pages * layout.page_size, pages, layout.page_size, max_context_);
+  // One page goes to the padding rows of captured steps (PagedPool).
+  require((pages - 1) * layout.page_size >= max_context_, "--device cuda",
+          "the KV pool holds {} tokens ({} pages of {}, one kept back), less than one sequence of {} tokens: free "
+          "GPU memory or lower --ctx",
+          std::max<int64_t>(pages - 1, 0) * layout.page_size, pages, layout.page_size, max_context_);
   pool_ = std::make_unique<PagedPool>(layout, pages);
 }
 
@@ -369,7 +440,7 @@ void CudaExecutor::w4a4(const LinearWeights& w, int64_t rows, __half* y) {
   if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
 }
 
-void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>& logits) {
+StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
   const ModelConfig& c = cfg_;
   PagedKVCache& cache = pool_->cache();
   std::vector<int32_t> tokens, head_rows;
@@ -377,7 +448,7 @@ void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>
   std::vector<int> news;
   for (const BatchEntry& e : batch) {
     require(!e.tokens.empty(), "forward", "sequence {} has no new tokens", e.seq);
-    require(cache.allocator().alive(e.seq), "forward", "no live sequence {}", e.seq);
+    require(e.seq != pool_->pad_seq() && cache.allocator().alive(e.seq), "forward", "no live sequence {}", e.seq);
     require(std::find(seqs.begin(), seqs.end(), e.seq) == seqs.end(), "forward", "sequence {} appears twice",
             e.seq);
     const int64_t len = cache.length(e.seq) + int64_t(e.tokens.size());
@@ -395,24 +466,43 @@ void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>
     seqs.push_back(e.seq);
     news.push_back(int(e.tokens.size()));
   }
-  const int64_t n = int64_t(tokens.size()), rows = int64_t(head_rows.size());
-  require(n <= max_tokens_, "forward", "{} tokens in one step, more than the {} the buffers were sized for", n,
-          max_tokens_);
+  StepPlan plan;
+  plan.n = int64_t(tokens.size());
+  plan.rows = plan.real_rows = int64_t(head_rows.size());
+  require(plan.n <= max_tokens_, "forward", "{} tokens in one step, more than the {} the buffers were sized for",
+          plan.n, max_tokens_);
   for (size_t i = 0; i < seqs.size(); ++i) {
     if (cache.append(seqs[i], news[i], stream_)) continue;
     for (size_t j = 0; j < i; ++j) cache.truncate(seqs[j], cache.length(seqs[j]) - news[j]);
-    throw Error("forward", cformat("the KV pool is full ({} tokens free, the step needs {})",
-                                   pool_->free_tokens(), n));
+    throw Error("forward", cformat("the KV pool is full ({} tokens free, the step needs {})", pool_->free_tokens(),
+                                   plan.n));
   }
+  const bool decode = plan.n == int64_t(seqs.size());
+  if (decode && plan.n <= max_graph_batch_) {
+    // Padding rows: token 0 of the padding sequence, their logits computed and ignored.
+    plan.graph_batch = int(graph_batch_for(plan.n));
+    for (int64_t i = plan.n; i < plan.graph_batch; ++i) {
+      tokens.push_back(0);
+      head_rows.push_back(int32_t(i));
+      seqs.push_back(pool_->pad_seq());
+      news.push_back(1);
+    }
+    plan.n = plan.rows = plan.graph_batch;
+  }
+  std::copy(tokens.begin(), tokens.end(), host_io_);
+  std::copy(head_rows.begin(), head_rows.end(), host_io_ + plan.n);
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_.get(), host_io_, size_t(plan.n) * 4, cudaMemcpyHostToDevice, stream_));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(head_rows_.get(), host_io_ + plan.n, size_t(plan.rows) * 4,
+                                    cudaMemcpyHostToDevice, stream_));
+  plan.ab = batch_builder_->build(cache.allocator(), seqs, news, stream_);
+  if (decode) plan.splits = attention_decode_splits(cache.view(), plan.ab, k_before_rope_);
+  return plan;
+}
 
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_.get(), tokens.data(), size_t(n) * 4, cudaMemcpyHostToDevice, stream_));
-  NIBBLE_CUDA_CHECK(
-      cudaMemcpyAsync(head_rows_.get(), head_rows.data(), size_t(rows) * 4, cudaMemcpyHostToDevice, stream_));
-  const AttentionBatch ab = batch_builder_.build(cache.allocator(), seqs, news, stream_);
-  const KVCacheView view = cache.view();
-  const bool decode = ab.max_new == 1;
-
-  const int64_t H = c.hidden_size, I = c.intermediate_size;
+void CudaExecutor::launch(const StepPlan& plan) {
+  const ModelConfig& c = cfg_;
+  const KVCacheView view = pool_->cache().view();
+  const int64_t n = plan.n, H = c.hidden_size, I = c.intermediate_size;
   const float eps = float(c.rms_norm_eps);
   embed_rows(tokens_.get(), n, embedding_.get(), H, hidden_.get(), stream_);
   const __half* pending = nullptr;  // the last linear's output, added to the residual by the next norm
@@ -441,7 +531,7 @@ void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>
     app.clip = kv_clip_;
     app.hadamard = kv_hadamard_;
     app.q_out = q_rot_.get();
-    attention_append(view, ab, app, stream_);
+    attention_append(view, plan.ab, app, stream_);
     AttentionArgs att;
     att.q = q_rot_.get();
     att.out = attn_.get();
@@ -449,10 +539,11 @@ void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>
     att.layer = int(l);
     att.rope = rope_.get();
     att.k_before_rope = k_before_rope_;
-    if (decode)
-      attention_decode(view, ab, att, attn_ws_, stream_);
+    att.num_splits = plan.splits;
+    if (plan.splits > 0)
+      attention_decode(view, plan.ab, att, attn_ws_, stream_);
     else
-      attention_prefill(view, ab, att, stream_);
+      attention_prefill(view, plan.ab, att, stream_);
     if (kv_hadamard_) hadamard_heads(attn_.get(), n * c.num_heads, int(c.head_dim), stream_);
     if (w.o.atom) {
       gather_quantize(attn_.get(), w.o.in, w.o.perm.get(), act_op(n, w.o), w.o.act, stream_);
@@ -474,21 +565,73 @@ void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>
   residual_rmsnorm(hidden_.get(), pending, n, H, final_norm_.get(), eps, xn_.get(), nullptr, stream_);
   // The LM head on the selected rows only, fp32 logits: Logitsᵀ [V, rows] = E [V, H] · Xᵀ.
   __half* selected = y_.get();  // consumed by the norm above: free again
-  gather_rows(xn_.get(), head_rows_.get(), rows, H, selected, stream_);
+  gather_rows(xn_.get(), head_rows_.get(), plan.rows, H, selected, stream_);
   const float alpha = 1.0f, beta = 0.0f;
   NIBBLE_CUBLAS_CHECK(cublasSetStream(blas_.handle(), stream_));
-  NIBBLE_CUBLAS_CHECK(cublasGemmEx(blas_.handle(), CUBLAS_OP_T, CUBLAS_OP_N, int(c.vocab_size), int(rows), int(H),
-                                   &alpha, lm_head_, CUDA_R_16F, int(H), selected, CUDA_R_16F, int(H), &beta,
+  NIBBLE_CUBLAS_CHECK(cublasGemmEx(blas_.handle(), CUBLAS_OP_T, CUBLAS_OP_N, int(c.vocab_size), int(plan.rows),
+                                   int(H), &alpha, lm_head_, CUDA_R_16F, int(H), selected, CUDA_R_16F, int(H), &beta,
                                    logits_.get(), CUDA_R_32F, int(c.vocab_size), CUBLAS_COMPUTE_32F,
                                    CUBLAS_GEMM_DEFAULT));
-  logits.resize(size_t(rows * c.vocab_size));
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(logits.data(), logits_.get(), logits.size() * 4, cudaMemcpyDeviceToHost,
-                                    stream_));
+}
+
+void CudaExecutor::run(const StepPlan& plan) {
+  if (plan.graph_batch == 0 || !use_graphs_) return launch(plan);
+  Graph& g = graphs_[{plan.graph_batch, plan.splits}];
+  if (!g.exec) {
+    if (!g.warmed) {
+      g.warmed = true;
+      return launch(plan);
+    }
+    cudaGraph_t graph = nullptr;
+    NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      launch(plan);
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &graph);  // leaves the stream usable; the error is the launch's
+      if (graph) cudaGraphDestroy(graph);
+      throw;
+    }
+    NIBBLE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    const cudaError_t e = cudaGraphInstantiate(&g.exec, graph, 0);
+    cudaGraphDestroy(graph);
+    NIBBLE_CUDA_CHECK(e);
+  }
+  NIBBLE_CUDA_CHECK(cudaGraphLaunch(g.exec, stream_));
+}
+
+void CudaExecutor::finish(const StepPlan& plan, std::vector<float>* logits, std::vector<int32_t>& ids) {
+  const int64_t V = cfg_.vocab_size, rows = plan.real_rows;
+  int32_t* flag = ids_.get() + max_tokens_;
+  NIBBLE_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int32_t), stream_));
+  argmax_rows(logits_.get(), rows, V, ids_.get(), flag, stream_);
+  if (logits) {
+    logits->resize(size_t(rows * V));
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(logits->data(), logits_.get(), logits->size() * 4, cudaMemcpyDeviceToHost,
+                                      stream_));
+  }
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(host_io_, ids_.get(), size_t(rows) * 4, cudaMemcpyDeviceToHost, stream_));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(host_io_ + rows, flag, 4, cudaMemcpyDeviceToHost, stream_));
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  for (size_t i = 0; i < logits.size(); ++i)
-    require(std::isfinite(logits[i]), "forward",
-            "non-finite logit at row {} (an fp16 activation overflowed on the GPU?); use --device cpu",
-            i / size_t(c.vocab_size));
+  require(host_io_[rows] == 0, "forward",
+          "a non-finite logit (an fp16 activation overflowed on the GPU?); use --device cpu");
+  ids.assign(host_io_, host_io_ + rows);
+}
+
+void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>& logits) {
+  logits.clear();
+  if (batch.empty()) return;
+  const StepPlan plan = prepare(batch);
+  run(plan);
+  std::vector<int32_t> ids;
+  finish(plan, &logits, ids);
+}
+
+void CudaExecutor::forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) {
+  ids.clear();
+  if (batch.empty()) return;
+  const StepPlan plan = prepare(batch);
+  run(plan);
+  finish(plan, nullptr, ids);
 }
 
 }  // namespace

@@ -74,6 +74,35 @@ __global__ void gather_rows_kernel(const __half* x, const int32_t* idx, int64_t 
   for (int64_t j = threadIdx.x; j < H; j += kThreads) out[blockIdx.x * H + j] = src[j];
 }
 
+// (value, index) pairs: the larger value wins, the lower index on a tie.
+__device__ bool beats(float v, int32_t i, float bv, int32_t bi) { return v > bv || (v == bv && i < bi); }
+
+__global__ void argmax_kernel(const float* logits, int64_t V, int32_t* ids, int32_t* nonfinite) {
+  __shared__ float best_v[kThreads / 32];
+  __shared__ int32_t best_i[kThreads / 32];
+  const float* row = logits + blockIdx.x * V;
+  float bv = -INFINITY;
+  int32_t bi = INT32_MAX;
+  bool bad = false;
+  for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+    const float v = row[j];
+    bad |= !isfinite(v);
+    if (beats(v, int32_t(j), bv, bi)) bv = v, bi = int32_t(j);
+  }
+  if (__syncthreads_or(bad) && threadIdx.x == 0) *nonfinite = 1;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (beats(ov, oi, bv, bi)) bv = ov, bi = oi;
+  }
+  if (threadIdx.x % 32 == 0) best_v[threadIdx.x / 32] = bv, best_i[threadIdx.x / 32] = bi;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w = 1; w < kThreads / 32; ++w)
+    if (beats(best_v[w], best_i[w], bv, bi)) bv = best_v[w], bi = best_i[w];
+  ids[blockIdx.x] = bi == INT32_MAX ? 0 : bi;  // an all-NaN row (flagged above) still names a token
+}
+
 }  // namespace
 
 void embed_rows(const int32_t* tokens, int64_t n, const __half* table, int64_t H, float* h, cudaStream_t stream) {
@@ -113,6 +142,13 @@ void hadamard_heads(__half* x, int64_t vectors, int D, cudaStream_t stream) {
 void gather_rows(const __half* x, const int32_t* idx, int64_t n, int64_t H, __half* out, cudaStream_t stream) {
   if (n == 0) return;
   gather_rows_kernel<<<unsigned(n), kThreads, 0, stream>>>(x, idx, H, out);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void argmax_rows(const float* logits, int64_t rows, int64_t V, int32_t* ids, int32_t* nonfinite,
+                 cudaStream_t stream) {
+  if (rows == 0) return;
+  argmax_kernel<<<unsigned(rows), kThreads, 0, stream>>>(logits, V, ids, nonfinite);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

@@ -32,4 +32,10 @@ void hadamard_heads(__half* x, int64_t vectors, int D, cudaStream_t stream);
 // out[i, :] = x[idx[i], :] for n rows of width H.
 void gather_rows(const __half* x, const int32_t* idx, int64_t n, int64_t H, __half* out, cudaStream_t stream);
 
+// ids[r] = the first maximum of row r of `logits` [rows, V] (std::max_element's choice, the CPU
+// sampler's greedy pick); *nonfinite is set to 1 when any value is NaN or infinite (and left
+// untouched otherwise: clear it first).
+void argmax_rows(const float* logits, int64_t rows, int64_t V, int32_t* ids, int32_t* nonfinite,
+                 cudaStream_t stream);
+
 }  // namespace nibble::cuda
