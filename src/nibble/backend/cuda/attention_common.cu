@@ -37,12 +37,18 @@ void AttentionBatchBuilder::ensure(size_t words) {
 }
 
 AttentionBatch AttentionBatchBuilder::build(const PageAllocator& alloc, std::span<const SeqId> seqs,
-                                            std::span<const int> new_tokens, Stream stream) {
+                                            std::span<const int> new_tokens, Stream stream, int pad_to,
+                                            int32_t pad_page) {
   require(seqs.size() == new_tokens.size(), "AttentionBatchBuilder", "{} sequences but {} new-token counts",
           seqs.size(), new_tokens.size());
+  const int real = int(seqs.size()), pads = std::max(pad_to - real, 0);
+  require(pads == 0 || (pad_page >= 0 && pad_page < alloc.num_pages()), "AttentionBatchBuilder",
+          "padding rows need a set-aside page, not {}", pad_page);
   AttentionBatch b;
-  b.batch = int(seqs.size());
-  int64_t tokens = 0;
+  b.batch = real + pads;
+  int64_t tokens = pads;
+  b.num_tiles = pads;
+  if (pads) b.max_new = 1, b.max_seq_len = 1, b.max_blocks = 1;
   for (size_t i = 0; i < seqs.size(); ++i) {
     const int64_t len = alloc.length(seqs[i]);
     require(new_tokens[i] >= 0 && new_tokens[i] <= len, "AttentionBatchBuilder",
@@ -78,7 +84,7 @@ AttentionBatch AttentionBatchBuilder::build(const PageAllocator& alloc, std::spa
   std::vector<Tile> tiles;
   tiles.reserve(size_t(b.num_tiles));
   int32_t cu = 0;
-  for (int i = 0; i < b.batch; ++i) {
+  for (int i = 0; i < real; ++i) {
     const auto& table = alloc.block_table(seqs[size_t(i)]);
     std::copy(table.begin(), table.end(), host_ + o_bt + size_t(i) * size_t(b.max_blocks));
     const int len = int(alloc.length(seqs[size_t(i)]));
@@ -93,6 +99,14 @@ AttentionBatch AttentionBatchBuilder::build(const PageAllocator& alloc, std::spa
     for (int q0 = 0; q0 < n; q0 += kPrefillTileRows)
       tiles.push_back({i, q0, context + std::min(q0 + kPrefillTileRows, n)});
     cu += n;
+  }
+  for (int i = real; i < b.batch; ++i, ++cu) {  // padding: token 0 of the set-aside page
+    host_[o_bt + size_t(i) * size_t(b.max_blocks)] = pad_page;
+    host_[o_len + size_t(i)] = 1;
+    host_[o_cu + size_t(i)] = cu;
+    host_[o_ts + size_t(cu)] = i;
+    host_[o_tp + size_t(cu)] = 0;
+    tiles.push_back({i, 0, 1});
   }
   host_[o_cu + size_t(b.batch)] = cu;
   // Longest tiles first: the last wave then holds the short ones.

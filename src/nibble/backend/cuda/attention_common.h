@@ -60,8 +60,10 @@ class AttentionBatchBuilder {
 
   // new_tokens[i]: tokens sequence seqs[i] appended this step (1 for decode). The upload is queued
   // on `stream`; the host staging must not be rebuilt before it has run (the next build).
+  // pad_to > seqs.size(): decode rows up to pad_to are padding, one token at position 0 of
+  // `pad_page` each (a page no sequence uses: PageAllocator::set_aside_page).
   AttentionBatch build(const PageAllocator& alloc, std::span<const SeqId> seqs, std::span<const int> new_tokens,
-                       Stream stream);
+                       Stream stream, int pad_to = 0, int32_t pad_page = -1);
 
  private:
   void ensure(size_t words);  // host and device buffers of at least `words` int32 (grows them)

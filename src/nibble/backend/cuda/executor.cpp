@@ -177,33 +177,27 @@ int64_t device_weight_bytes(const Model& m) {
   return n;
 }
 
-// The paged KV cache behind the KVPool seam. One page is kept back for the padding rows of a
+// The paged KV cache behind the KVPool seam. One page is set aside for the padding rows of a
 // captured decode step (a batch padded to its graph's size): they write and read only there.
 class PagedPool final : public KVPool {
  public:
-  PagedPool(const PagedKVLayout& layout, int64_t pages) : cache_(layout, pages), pad_seq_(cache_.add_sequence()) {
-    require(cache_.append(pad_seq_, 1), "--device cuda", "a KV pool of {} pages has no page to spare", pages);
-  }
+  PagedPool(const PagedKVLayout& layout, int64_t pages)
+      : cache_(layout, pages), pad_page_(cache_.allocator().set_aside_page()) {}
   SeqId add() override { return cache_.add_sequence(); }
-  SeqId fork(SeqId seq) override { return cache_.fork(user(seq)); }
-  void truncate(SeqId seq, int64_t n) override { cache_.truncate(user(seq), n); }
-  void free(SeqId seq) override { cache_.free_sequence(user(seq)); }
-  int64_t length(SeqId seq) const override { return cache_.length(user(seq)); }
+  SeqId fork(SeqId seq) override { return cache_.fork(seq); }
+  void truncate(SeqId seq, int64_t n) override { cache_.truncate(seq, n); }
+  void free(SeqId seq) override { cache_.free_sequence(seq); }
+  int64_t length(SeqId seq) const override { return cache_.length(seq); }
   int64_t capacity_tokens() const override {
     return (cache_.allocator().num_pages() - 1) * cache_.layout().page_size;
   }
   int64_t free_tokens() const override { return cache_.free_pages() * cache_.layout().page_size; }
   PagedKVCache& cache() { return cache_; }
-  SeqId pad_seq() const { return pad_seq_; }
-  // A sequence the pool's users may name (live, and not the padding sequence).
-  SeqId user(SeqId seq) const {
-    require(seq != pad_seq_ && cache_.allocator().alive(seq), "kv pool", "no live sequence {}", seq);
-    return seq;
-  }
+  int32_t pad_page() const { return pad_page_; }
 
  private:
   PagedKVCache cache_;
-  SeqId pad_seq_;
+  int32_t pad_page_;
 };
 
 // A step ready to launch: its batch metadata uploaded, its sizes (padded to the graph's batch
@@ -448,7 +442,7 @@ StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
   std::vector<int> news;
   for (const BatchEntry& e : batch) {
     require(!e.tokens.empty(), "forward", "sequence {} has no new tokens", e.seq);
-    require(e.seq != pool_->pad_seq() && cache.allocator().alive(e.seq), "forward", "no live sequence {}", e.seq);
+    require(cache.allocator().alive(e.seq), "forward", "no live sequence {}", e.seq);
     require(std::find(seqs.begin(), seqs.end(), e.seq) == seqs.end(), "forward", "sequence {} appears twice",
             e.seq);
     const int64_t len = cache.length(e.seq) + int64_t(e.tokens.size());
@@ -478,23 +472,19 @@ StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
                                    plan.n));
   }
   const bool decode = plan.n == int64_t(seqs.size());
-  if (decode && plan.n <= max_graph_batch_) {
-    // Padding rows: token 0 of the padding sequence, their logits computed and ignored.
-    plan.graph_batch = int(graph_batch_for(plan.n));
-    for (int64_t i = plan.n; i < plan.graph_batch; ++i) {
-      tokens.push_back(0);
-      head_rows.push_back(int32_t(i));
-      seqs.push_back(pool_->pad_seq());
-      news.push_back(1);
-    }
-    plan.n = plan.rows = plan.graph_batch;
+  // Padding rows (token 0 on the set-aside page): their logits are computed and ignored.
+  if (decode && graph_batch_for(plan.n) <= max_graph_batch_) plan.graph_batch = int(graph_batch_for(plan.n));
+  for (int64_t i = plan.n; i < plan.graph_batch; ++i) {
+    tokens.push_back(0);
+    head_rows.push_back(int32_t(i));
   }
+  if (plan.graph_batch > 0) plan.n = plan.rows = plan.graph_batch;
   std::copy(tokens.begin(), tokens.end(), host_io_);
   std::copy(head_rows.begin(), head_rows.end(), host_io_ + plan.n);
   NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_.get(), host_io_, size_t(plan.n) * 4, cudaMemcpyHostToDevice, stream_));
   NIBBLE_CUDA_CHECK(cudaMemcpyAsync(head_rows_.get(), host_io_ + plan.n, size_t(plan.rows) * 4,
                                     cudaMemcpyHostToDevice, stream_));
-  plan.ab = batch_builder_->build(cache.allocator(), seqs, news, stream_);
+  plan.ab = batch_builder_->build(cache.allocator(), seqs, news, stream_, plan.graph_batch, pool_->pad_page());
   if (decode) plan.splits = attention_decode_splits(cache.view(), plan.ab, k_before_rope_);
   return plan;
 }

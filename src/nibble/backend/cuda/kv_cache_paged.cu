@@ -64,6 +64,11 @@ int32_t PageAllocator::take_page() {
   return p;
 }
 
+int32_t PageAllocator::set_aside_page() {
+  require(!free_.empty(), "kv pool", "no free page to set aside");
+  return take_page();
+}
+
 void PageAllocator::release_page(int32_t page) {
   if (--refcount_[size_t(page)] == 0) free_.push_back(page);
 }

@@ -106,6 +106,9 @@ class PageAllocator {
   // Drops tokens from position n on, freeing pages no longer used.
   void truncate(SeqId seq, int64_t n);
   void free_sequence(SeqId seq);
+  // Takes a free page out of use for good (no sequence will get it): the padding rows of a
+  // captured decode step write and read there. Throws when no page is free.
+  int32_t set_aside_page();
 
   bool alive(SeqId seq) const;
   int64_t length(SeqId seq) const;
