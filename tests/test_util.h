@@ -9,10 +9,17 @@
 
 namespace nibble::test {
 
+// The source checkout (its tests/fixtures); NIBBLE_SOURCE_DIR in the environment moves it (test
+// programs packed and run on another machine, beside a copy of the checkout).
+inline std::filesystem::path source_dir() {
+  if (const char* env = std::getenv("NIBBLE_SOURCE_DIR"); env && *env) return env;
+  return NIBBLE_SOURCE_DIR;
+}
+
 // NIBBLE_DATA, or ../shared/data beside the source checkout.
 inline std::filesystem::path data_dir() {
   if (const char* env = std::getenv("NIBBLE_DATA"); env && *env) return env;
-  return std::filesystem::path(NIBBLE_SOURCE_DIR) / ".." / "shared" / "data";
+  return source_dir() / ".." / "shared" / "data";
 }
 
 // Whoever sets NIBBLE_DATA asks for the reference-data tests: a missing file is then a failure,
@@ -21,9 +28,6 @@ inline bool data_requested() {
   const char* env = std::getenv("NIBBLE_DATA");
   return env && *env;
 }
-
-inline std::filesystem::path source_dir() { return NIBBLE_SOURCE_DIR; }
-
 }  // namespace nibble::test
 
 // A file or folder of the reference data that is missing fails the current test when NIBBLE_DATA

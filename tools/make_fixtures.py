@@ -558,6 +558,19 @@ FIXTURES = [
          rope=dict(rope_type="default", rope_theta=1000000.0)),
 ]
 
+# The same features at shapes the CUDA kernels take (head_dim 64; the GPU tests run these): hidden
+# 128, two layers; "<name>-hd64".
+def gpu_shaped(fx):
+    g = copy.deepcopy(fx)
+    g["name"] = fx["name"] + "-hd64"
+    g["seed"] = fx["seed"] + 5000
+    heads, kv = (4, 1) if fx["name"] == "mistral" else (2, 1)  # mistral: q_dim 256 != hidden, GQA 4:1
+    g["common"].update(hidden_size=128, num_attention_heads=heads, num_key_value_heads=kv, head_dim=64)
+    return g
+
+
+FIXTURES += [gpu_shaped(fx) for fx in FIXTURES if fx["name"] != "mixtral"]
+
 
 def make_fixture(fx, out_root, device, summary):
     name = fx["name"]

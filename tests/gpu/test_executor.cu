@@ -13,9 +13,11 @@
 #include "nibble/backend/backend.h"
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/io/safetensors.h"
 #include "nibble/model/model.h"
 #include "nibble/quant/quant_linear.h"
 #include "gpu_test_util.h"
+#include "tests/test_util.h"
 
 namespace nibble {
 namespace {
@@ -433,6 +435,78 @@ TEST(CudaExecutor, DecodeGraphsReplayTheLaunchesBitForBit) {
   NIBBLE_REQUIRE_GPU();
   graphs_case(Weights::Fp16, {});
   graphs_case(Weights::AtomW4A4, int4_kv(false));
+}
+
+std::vector<int32_t> load_ids(const Checkpoint& ref, const std::string& name) {
+  const TensorInfo& t = ref.get(name);
+  const auto* p = reinterpret_cast<const int32_t*>(t.data);
+  return std::vector<int32_t>(p, p + t.numel());
+}
+
+// The architecture fixtures at the GPU's shapes (tests/fixtures/*-hd64, written by transformers
+// through tools/make_fixtures.py): the CUDA forward pass over every position against transformers'
+// fp32 logits (fp16 weights and activations: kRelTol), and greedy generation (8 prompt tokens,
+// 16 new ones, decode steps replayed as graphs) against transformers' greedy ids.
+class GpuArchFixture : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(GpuArchFixture, LogitsAndGreedyIdsMatchTransformers) {
+  NIBBLE_REQUIRE_GPU();
+  const auto dir = test::source_dir() / "tests/fixtures" / GetParam();
+  auto model = Model::load(dir);
+  const Checkpoint ref = Checkpoint::open(dir / "reference.safetensors");
+  const std::vector<int32_t> ids = load_ids(ref, "input_ids"), greedy = load_ids(ref, "greedy_ids");
+  const std::vector<float> expected = ref.load_f32("logits");
+  RuntimeOptions o;
+  o.device = "cuda";
+  o.max_batch_tokens = 256;
+  o.kv_pages = 64;
+  auto gpu = make_executor(*model, o);
+  std::vector<float> got;
+  const BatchEntry all{gpu->kv().add(), ids, true};
+  gpu->forward({&all, 1}, got);
+  const Compare r = compare(got, expected, model->config().vocab_size);
+  std::printf("%s on %s: rel max %.2e, KLD %.2e, top-1 %.3f over %zu positions\n", GetParam(),
+              gpu->device_name().c_str(), r.rel_max, r.kld, r.top1, ids.size());
+  EXPECT_LE(r.rel_max, kRelTol);
+  EXPECT_LE(r.kld, 1e-4);
+  EXPECT_GE(r.top1, 0.97);
+  // Greedy: the fixtures' greedy steps keep a top-1 margin of 0.02, far above fp16's error here.
+  const size_t prompt = 8;
+  std::vector<int32_t> out, next;
+  const BatchEntry first{gpu->kv().add(), std::span<const int32_t>(ids).first(prompt), false};
+  gpu->forward_greedy({&first, 1}, next);
+  while (out.size() < greedy.size()) {
+    out.push_back(next[0]);
+    const BatchEntry step{first.seq, {&out.back(), 1}, false};
+    gpu->forward_greedy({&step, 1}, next);
+  }
+  EXPECT_EQ(out, greedy);
+}
+
+INSTANTIATE_TEST_SUITE_P(Hd64, GpuArchFixture, ::testing::Values("llama3-rope-hd64", "mistral-hd64", "qwen2-hd64"));
+
+// What the kernels cannot run is refused at load, naming why and pointing at the CPU, never run
+// wrongly: head_dim 8 (stories260K) and 16 (the small fixtures), mixture of experts (mixtral).
+TEST(CudaExecutor, ModelsWithoutKernelsAreRefusedByName) {
+  NIBBLE_REQUIRE_GPU();
+  RuntimeOptions o;
+  o.device = "cuda";
+  o.kv_pages = 64;
+  auto refused = [&](const std::filesystem::path& dir, const std::string& why) {
+    auto model = Model::load(dir);
+    try {
+      make_executor(*model, o);
+      ADD_FAILURE() << dir << " was accepted";
+    } catch (const Error& e) {
+      std::printf("%s: %s\n", dir.filename().c_str(), e.what());
+      EXPECT_NE(std::string(e.what()).find(why), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("--device cpu"), std::string::npos) << e.what();
+    }
+  };
+  refused(test::source_dir() / "tests/fixtures/mixtral", "mixture of experts");
+  refused(test::source_dir() / "tests/fixtures/qwen2", "head_dim");
+  NIBBLE_REQUIRE_DATA("models/stories260K");
+  refused(test::data_dir() / "models/stories260K", "head_dim");
 }
 
 }  // namespace
