@@ -30,8 +30,9 @@ struct AppendParams {
   __half* q_out;
 };
 
-// One block per new token, a warp per head vector (Q heads, then K heads, then V heads). A lane
-// holds dims lane + 32e: dims i and i + D/2 (a RoPE pair) sit in the same lane.
+// Grid (new tokens, head groups of 4): a warp per head vector (Q heads, then K heads, then V
+// heads), so a decode step's few tokens still spread over many blocks. A lane holds dims
+// lane + 32e: dims i and i + D/2 (a RoPE pair) sit in the same lane.
 template <int D, bool INT4>
 __global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBatch b, AppendParams p) {
   constexpr int E = D / 32;
@@ -43,7 +44,7 @@ __global__ void __launch_bounds__(128) append_kernel(KVCacheView c, AttentionBat
   const __half* src = p.qkv + int64_t(tok) * p.stride;
   uint8_t* codes = codes_smem[warp];
 
-  for (int hh = warp; hh < p.H + 2 * p.Hkv; hh += 4) {
+  for (int hh = blockIdx.y * 4 + warp; hh < p.H + 2 * p.Hkv; hh += 4 * gridDim.y) {
     float x[E];
 #pragma unroll
     for (int e = 0; e < E; ++e) x[e] = __half2float(src[int64_t(hh) * D + lane + 32 * e]);
@@ -403,7 +404,7 @@ void attention_append(const KVCacheView& c, const AttentionBatch& b, const Appen
   if (b.num_tokens == 0) return;
   AppendParams p{a.qkv,    a.qkv_stride, a.num_heads, c.kv_heads, a.layer, a.rope ? a.rope->data() : nullptr,
                  !a.k_before_rope, a.clip, a.hadamard, a.q_out};
-  const dim3 grid(b.num_tokens);
+  const dim3 grid(b.num_tokens, (a.num_heads + 2 * c.kv_heads + 3) / 4);
   const bool int4 = c.dtype == KVDtype::Int4;
   if (c.head_dim == 128) {
     if (int4) append_kernel<128, true><<<grid, 128, 0, stream>>>(c, b, p);
