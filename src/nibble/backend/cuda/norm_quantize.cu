@@ -1,5 +1,7 @@
 #include "nibble/backend/cuda/norm_quantize.h"
 
+#include <algorithm>
+
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/format_device.cuh"
 #include "nibble/backend/cuda/hadamard_device.cuh"
@@ -48,7 +50,8 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
   const int slabs = sh.slabs();
   uint8_t* q_tile = p.out_q + size_t(row / kRowTile) * slabs * kSlabBytes + (row % kRowTile) * 64;
 
-  if (row >= sh.rows) {  // padding row: code 0, scale 0
+  if (row >= sh.rows) {  // padding row: code 0, scale 0 (written by the row's first block)
+    if (blockIdx.y != 0) return;
     for (int c = tid; c < slabs * 4; c += kThreads)
       *reinterpret_cast<uint4*>(q_tile + size_t(c / 4) * kSlabBytes + (c % 4) * 16) = make_uint4(0, 0, 0, 0);
     for (int gi = tid; gi < sh.groups(); gi += kThreads) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(0.f);
@@ -103,9 +106,10 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
     return v;
   };
 
-  // 2. INT4 groups: one warp per group of 128, four channels per lane.
+  // 2. INT4 groups: one warp per group of 128, four channels per lane; the row's groups are shared
+  // among its gridDim.y blocks.
   const int s_k = lane / 8, h = (lane / 4) & 1, t = lane & 3;
-  for (int gi = warp; gi < sh.g4; gi += kWarps) {
+  for (int gi = blockIdx.y * kWarps + warp; gi < sh.g4; gi += gridDim.y * kWarps) {
     const int j0 = gi * kGroup + lane * 4;
     // Four channels per lane: one 16-byte load of the permutation and one of the norm weight.
     int src[4] = {j0, j0 + 1, j0 + 2, j0 + 3};
@@ -136,8 +140,9 @@ __global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
     if (lane == 0) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(scale);
   }
 
-  // 3. Keepers: one scale over all of them (block reduction), then one warp per group of 128.
-  if (sh.g8 > 0) {
+  // 3. Keepers (by the row's last block): one scale over all of them (block reduction), then one
+  // warp per group of 128.
+  if (sh.g8 > 0 && blockIdx.y == gridDim.y - 1) {
     const int k4 = K - sh.keeper;
     float amax = 0;
     for (int j = k4 + tid; j < K; j += kThreads) amax = fmaxf(amax, fabsf(value(j)));
@@ -174,7 +179,16 @@ void launch(const ActParams& p, cudaStream_t stream) {
   require(size_t(p.shape.K) * 4 <= size_t(kMaxSmem), where, "K = {} is too large", p.shape.K);
   require(p.ld % 8 == 0 && p.ld >= p.shape.K, where, "row stride {} must be a multiple of 8 and >= K", p.ld);
   if (p.shape.rows_pad == 0) return;
-  act_quant_kernel<MODE><<<unsigned(p.shape.rows_pad), kThreads, size_t(p.shape.K) * 4, stream>>>(p);
+  // A few rows (decode) leave most SMs idle with a block per row, and a block's time is then the
+  // kernel's: split each row's groups over blocks (each loads the whole row, from L2) until about
+  // two blocks per SM are in flight.
+  int sms = 0, dev = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&dev));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t by_groups = (p.shape.g4 + kWarps - 1) / kWarps;
+  const int64_t by_gpu = (2 * int64_t(sms) + p.shape.rows_pad - 1) / p.shape.rows_pad;
+  const dim3 grid(unsigned(p.shape.rows_pad), unsigned(std::clamp<int64_t>(std::min(by_groups, by_gpu), 1, 65535)));
+  act_quant_kernel<MODE><<<grid, kThreads, size_t(p.shape.K) * 4, stream>>>(p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
