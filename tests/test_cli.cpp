@@ -296,6 +296,18 @@ TEST_F(Cli, EvalFindsTaskDataFromAnyFolder) {
   EXPECT_TRUE(nlohmann::json::parse(r.out).is_object());
 }
 
+// eval runs on an executor (--device) and says which: in the table's header and in --json.
+TEST_F(Cli, EvalSaysWhichDeviceRan) {
+  NIBBLE_REQUIRE_DATA("tasks/piqa");
+  REQUIRE_STORIES();
+  const Result j = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --json --device cpu", quote(stories())));
+  ASSERT_EQ(j.status, 0) << j.err;
+  EXPECT_EQ(nlohmann::json::parse(j.out)["config"]["device"], "cpu") << j.out;
+  const Result t = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --device cpu", quote(stories())));
+  ASSERT_EQ(t.status, 0) << t.err;
+  EXPECT_NE(t.out.find("| device cpu |"), std::string::npos) << t.out;
+}
+
 TEST_F(Cli, QuantizeHelpQuotesThePresetClips) {
   const Result r = nibble("quantize --help");
   ASSERT_EQ(r.status, 0);
