@@ -1,7 +1,8 @@
+// The W8A8 kernels: the per-token INT8 quantizer and the epilogue after cuBLASLt's INT8 GEMM. The
+// host side is linear_w8a8.cpp (g++): nvcc 13's front end crashes on its std::map of
+// cublasLtMatmulAlgo_t vectors ("internal error ... find_allocated_name_reference").
 #include "nibble/backend/cuda/linear_w8a8.h"
 
-// The W8A8 kernels: the per-token INT8 quantizer and the epilogue after cuBLASLt's INT8 GEMM (the
-// host side, linear_w8a8.cpp, is plain C++: nvcc 13 cannot compile its cuBLASLt bookkeeping).
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/format_device.cuh"
 
