@@ -28,6 +28,12 @@ struct Layouts {
 // Row bucket of `rows`: rows <= 1 → 0, else ceil(log2(rows)).
 int bucket_of(int64_t rows) { return int(std::bit_width(uint64_t(rows - 1))); }
 
+// The GEMM runs on at least 32 rows: cuBLASLt's INT8 path has refused small row counts (PyTorch's
+// _int_mm demands more than 16 and now pads 1..31 to 32). The rows past `rows` hold whatever the
+// scratch held (zero at first): their products land in rows of the int32 result nobody reads.
+constexpr int64_t kMinGemmRows = 32;
+int64_t gemm_rows(int64_t rows) { return std::max(rows, kMinGemmRows); }
+
 }  // namespace
 
 bool is_w8a8(const quant::QuantLinear& q) { return q.spec().weight.format == quant::Format::Int8Sym; }
@@ -87,8 +93,12 @@ W8A8Gemm::~W8A8Gemm() {
 }
 
 void W8A8Gemm::prepare(const W8A8Weights& w) {
-  if (act_codes_.size() < size_t(max_rows_ * w.in)) act_codes_ = DeviceArray<int8_t>(size_t(max_rows_ * w.in));
-  if (acc_.size() < size_t(max_rows_ * w.out)) acc_ = DeviceArray<int32_t>(size_t(max_rows_ * w.out));
+  const int64_t rows = gemm_rows(max_rows_);
+  if (act_codes_.size() < size_t(rows * w.in)) {
+    act_codes_ = DeviceArray<int8_t>(size_t(rows * w.in));
+    NIBBLE_CUDA_CHECK(cudaMemset(act_codes_.get(), 0, act_codes_.size()));
+  }
+  if (acc_.size() < size_t(rows * w.out)) acc_ = DeviceArray<int32_t>(size_t(rows * w.out));
   const auto key = std::make_pair(w.out, w.in);
   if (algos_.count(key)) return;
   cublasLtMatmulPreferenceOpaque_t pref;
@@ -100,7 +110,7 @@ void W8A8Gemm::prepare(const W8A8Weights& w) {
   // Bucket i holds rows (2^(i-1), 2^i] (the last one ends at max_rows_): the algorithm the heuristic
   // ranks best for the bucket's largest row count that also passes cuBLASLt's check at its smallest.
   for (int64_t lo = 1, hi = 1; lo <= max_rows_; lo = hi + 1, hi = std::min(2 * hi, max_rows_)) {
-    Layouts large(w.out, w.in, hi), small(w.out, w.in, lo);
+    Layouts large(w.out, w.in, gemm_rows(hi)), small(w.out, w.in, gemm_rows(lo));
     cublasLtMatmulHeuristicResult_t found[kCandidates] = {};
     int count = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle_, &desc_, &large.w, &large.x, &large.c, &large.c,
@@ -129,7 +139,7 @@ void W8A8Gemm::run(const W8A8Weights& w, const __half* x, int64_t rows, __half* 
   require(reinterpret_cast<uintptr_t>(y) % 8 == 0, w.name, "the W8A8 output at {} is not 8-byte aligned",
           static_cast<const void*>(y));
   quantize_rows_int8(x, rows, w.in, w.perm.get(), w.act_clip, act_codes_.get(), act_scales_.get(), stream);
-  Layouts l(w.out, w.in, rows);
+  Layouts l(w.out, w.in, gemm_rows(rows));
   const int32_t alpha = 1, beta = 0;
   NIBBLE_CUBLAS_CHECK(cublasLtMatmul(handle_, &desc_, &alpha, w.codes.get(), &l.w, act_codes_.get(), &l.x, &beta,
                                      acc_.get(), &l.c, acc_.get(), &l.c, &it->second[size_t(bucket_of(rows))],

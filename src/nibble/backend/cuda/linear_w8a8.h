@@ -5,7 +5,8 @@
 //
 // cuBLASLt runs INT8 only in the "TN" form with m and k multiples of 4 (cublasLtMatmul's IMMA
 // requirements); here m = out features and k = in features, so both must be multiples of 4, while
-// the row count is free. A linear that breaks this is refused at load, naming its shape.
+// the row count is free (fewer than 32 rows run as 32). A linear that breaks this is refused at
+// load, naming its shape.
 #pragma once
 
 #include <cstdint>
@@ -80,9 +81,9 @@ class W8A8Gemm {
   cublasLtHandle_t handle_ = nullptr;
   cublasLtMatmulDescOpaque_t desc_{};
   DeviceArray<uint8_t> workspace_;
-  DeviceArray<int8_t> act_codes_;  // [max_rows, largest in]
+  DeviceArray<int8_t> act_codes_;  // [max(max_rows, 32), largest in]
   DeviceArray<float> act_scales_;  // [max_rows]
-  DeviceArray<int32_t> acc_;       // [max_rows, largest out]
+  DeviceArray<int32_t> acc_;       // [max(max_rows, 32), largest out]
   // Per (out, in): the algorithm of each row bucket (rows <= 1, 2, 4, ..., max_rows).
   std::map<std::pair<int64_t, int64_t>, std::vector<cublasLtMatmulAlgo_t>> algos_;
 };
