@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "nibble/backend/backend.h"
 #include "nibble/io/safetensors.h"
 #include "nibble/quant/recipe.h"
 #include "tests/test_util.h"
@@ -306,6 +307,9 @@ TEST_F(Cli, EvalSaysWhichDeviceRan) {
   const Result t = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --device cpu", quote(stories())));
   ASSERT_EQ(t.status, 0) << t.err;
   EXPECT_NE(t.out.find("| device cpu |"), std::string::npos) << t.out;
+  std::string why;
+  if (!cuda_device_available(&why))  // --device cuda without a GPU: one line, exit 1, no fallback
+    expect_one_line_error(nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --device cuda", quote(stories()))));
 }
 
 TEST_F(Cli, QuantizeHelpQuotesThePresetClips) {
