@@ -514,6 +514,10 @@ class RecordingExecutor final : public Executor {
     calls.push_back({n, int64_t(batch.size())});
     inner_->forward(batch, logits);
   }
+  void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) override {
+    ADD_FAILURE() << "scoring needs the logits, not greedy ids";
+    inner_->forward_greedy(batch, ids);
+  }
   std::vector<std::pair<int64_t, int64_t>> calls;  // (tokens, sequences) per forward
 
  private:

@@ -195,19 +195,22 @@ const char* weights_name(Weights w) {
   return "?";
 }
 
+// Replaces every linear of m's layers with its `weights` form (RTN, random input order); FP16 keeps them.
+void quantize(Model& m, Weights weights, uint64_t seed) {
+  if (weights == Weights::Fp16) return;
+  quantize_layers(m, seed,
+                  weights == Weights::W8A8 ? quant::Recipe::preset("w8a8").linear_spec(m.config().hidden_size, "test")
+                                           : atom_spec(weights == Weights::AtomW4A4Rotated));
+}
+
 void run_case(const ModelConfig& c, uint64_t seed, Weights weights = Weights::Fp16, KVFormat kv = {}) {
   std::printf("seed %llu, head_dim %lld, bias %d, tied %d, %s, KV %s\n", (unsigned long long)seed,
               (long long)c.head_dim, int(c.attention_bias), int(c.tie_word_embeddings), weights_name(weights),
               kv.describe().c_str());
   // The model twice (same seed): the reference, and the same weights run with fp16 activations.
   auto model = random_model(c, seed), model16 = random_model(c, seed);
-  if (weights != Weights::Fp16) {
-    const quant::LinearQuantSpec spec =
-        weights == Weights::W8A8 ? quant::Recipe::preset("w8a8").linear_spec(c.hidden_size, "test")
-                                  : atom_spec(weights == Weights::AtomW4A4Rotated);
-    quantize_layers(*model, seed + 2, spec);
-    quantize_layers(*model16, seed + 2, spec);
-  }
+  quantize(*model, weights, seed + 2);
+  quantize(*model16, weights, seed + 2);
   const bool quantized = weights != Weights::Fp16 || kv.bits == 4;
   model->set_kv_format(kv);
   model16->set_kv_format(kv);
@@ -403,10 +406,9 @@ void graphs_case(Weights weights, KVFormat kv) {
   ModelConfig c = llama_like();
   c.max_position_embeddings = 1024;
   const uint64_t seed = std::random_device{}();
-  std::printf("seed %llu, %s, KV %s\n", (unsigned long long)seed, weights == Weights::Fp16 ? "fp16" : "atom w4a4",
-              kv.describe().c_str());
+  std::printf("seed %llu, %s, KV %s\n", (unsigned long long)seed, weights_name(weights), kv.describe().c_str());
   auto model = random_model(c, seed);
-  if (weights != Weights::Fp16) quantize_atom(*model, seed + 2, false);
+  quantize(*model, weights, seed + 2);
   model->set_kv_format(kv);
   RuntimeOptions o;
   o.device = "cuda";
@@ -460,6 +462,7 @@ TEST(CudaExecutor, DecodeGraphsReplayTheLaunchesBitForBit) {
   NIBBLE_REQUIRE_GPU();
   graphs_case(Weights::Fp16, {});
   graphs_case(Weights::AtomW4A4, int4_kv(false));
+  graphs_case(Weights::W8A8, {});  // cuBLASLt's INT8 GEMM inside a captured step
 }
 
 }  // namespace
