@@ -18,6 +18,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "nibble/backend/backend.h"
 #include "nibble/io/safetensors.h"
 #include "nibble/quant/recipe.h"
 #include "tests/test_util.h"
@@ -294,6 +295,21 @@ TEST_F(Cli, EvalFindsTaskDataFromAnyFolder) {
   const Result r = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --json", quote(stories())), "env -u NIBBLE_DATA", "/");
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_TRUE(nlohmann::json::parse(r.out).is_object());
+}
+
+// eval runs on an executor (--device) and says which: in the table's header and in --json.
+TEST_F(Cli, EvalSaysWhichDeviceRan) {
+  NIBBLE_REQUIRE_DATA("tasks/piqa");
+  REQUIRE_STORIES();
+  const Result j = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --json --device cpu", quote(stories())));
+  ASSERT_EQ(j.status, 0) << j.err;
+  EXPECT_EQ(nlohmann::json::parse(j.out)["config"]["device"], "cpu") << j.out;
+  const Result t = nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --device cpu", quote(stories())));
+  ASSERT_EQ(t.status, 0) << t.err;
+  EXPECT_NE(t.out.find("| device cpu |"), std::string::npos) << t.out;
+  std::string why;
+  if (!cuda_device_available(&why))  // --device cuda without a GPU: one line, exit 1, no fallback
+    expect_one_line_error(nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --device cuda", quote(stories()))));
 }
 
 TEST_F(Cli, QuantizeHelpQuotesThePresetClips) {

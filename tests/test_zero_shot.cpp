@@ -442,9 +442,9 @@ LLResult plain_ll(Model& m, const TokenizedRequest& r, int64_t max_length) {
   return out;
 }
 
-TEST(ZeroShotScoring, LeftTruncationAndBatchingMatchPlainForward) {
-  NIBBLE_REQUIRE_DATA("models/stories260K/model.safetensors");
-  auto model = Model::load(test::data_dir() / "models/stories260K");
+// Twelve questions of random stories260K tokens: 1 to 4 choices sharing a context of 5 to 82
+// tokens (beyond a window of 48), every third with a choice whose context has another tail.
+std::vector<std::vector<TokenizedRequest>> random_groups() {
   std::mt19937 rng(5);
   std::uniform_int_distribution<int32_t> tok(3, 511);
   auto rand_ids = [&](int n) {
@@ -464,6 +464,13 @@ TEST(ZeroShotScoring, LeftTruncationAndBatchingMatchPlainForward) {
     }
     groups.push_back(choices);
   }
+  return groups;
+}
+
+TEST(ZeroShotScoring, LeftTruncationAndBatchingMatchPlainForward) {
+  NIBBLE_REQUIRE_DATA("models/stories260K/model.safetensors");
+  auto model = Model::load(test::data_dir() / "models/stories260K");
+  const std::vector<std::vector<TokenizedRequest>> groups = random_groups();
   for (int64_t window : {48, 512}) {
     ScoreOptions one, many;
     one.max_length = many.max_length = window;
@@ -492,6 +499,59 @@ TEST(ZeroShotScoring, LeftTruncationAndBatchingMatchPlainForward) {
   const TokenizedRequest last{{5}, {6, 7, 8, 9}};
   EXPECT_NEAR(t[0][0].logprob, plain_ll(*model, last, 4).logprob, 1e-4 * (1 + std::abs(t[0][0].logprob)));
   EXPECT_NEAR(t[0][1].logprob, plain_ll(*model, too_long[0][1], 4).logprob, 1e-4 * (1 + std::abs(t[0][1].logprob)));
+}
+
+// The CPU executor with every forward call recorded: how many tokens, how many sequences.
+class RecordingExecutor final : public Executor {
+ public:
+  explicit RecordingExecutor(Model& m) : inner_(make_executor(m, RuntimeOptions{})) {}
+  const ModelConfig& config() const override { return inner_->config(); }
+  KVPool& kv() override { return inner_->kv(); }
+  std::string device_name() const override { return inner_->device_name(); }
+  void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) override {
+    int64_t n = 0;
+    for (const BatchEntry& e : batch) n += int64_t(e.tokens.size());
+    calls.push_back({n, int64_t(batch.size())});
+    inner_->forward(batch, logits);
+  }
+  void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) override {
+    ADD_FAILURE() << "scoring needs the logits, not greedy ids";
+    inner_->forward_greedy(batch, ids);
+  }
+  std::vector<std::pair<int64_t, int64_t>> calls;  // (tokens, sequences) per forward
+
+ private:
+  std::unique_ptr<Executor> inner_;
+};
+
+// --device cuda sizes its buffers for ScoreOptions::forward_tokens and caps each forward there:
+// a batch over the cap goes in several calls (a sequence never split), with the same scores, and
+// the scorer leaves no sequence behind in the executor's pool.
+TEST(ZeroShotScoring, ForwardCapSplitsBatchesWithoutChangingScores) {
+  NIBBLE_REQUIRE_DATA("models/stories260K/model.safetensors");
+  auto model = Model::load(test::data_dir() / "models/stories260K");
+  const std::vector<std::vector<TokenizedRequest>> groups = random_groups();
+  ScoreOptions opt;
+  opt.max_length = 64;
+  opt.batch_docs = 12;
+  opt.max_forward_tokens = 20;
+  RecordingExecutor exec(*model);
+  const int64_t capacity = exec.kv().capacity_tokens();
+  const auto got = score_loglikelihood(exec, groups, opt);
+  EXPECT_EQ(exec.kv().free_tokens(), capacity) << "sequences left in the pool";
+  int64_t split = 0;
+  for (const auto& [tokens, seqs] : exec.calls) {
+    EXPECT_TRUE(tokens <= opt.max_forward_tokens || seqs == 1) << tokens << " tokens in " << seqs << " sequences";
+    split += tokens <= opt.max_forward_tokens;
+  }
+  EXPECT_GT(exec.calls.size(), 2u) << "the cap never split a batch";
+  EXPECT_GT(split, 0);
+  for (size_t g = 0; g < groups.size(); ++g)
+    for (size_t i = 0; i < groups[g].size(); ++i) {
+      const LLResult want = plain_ll(*model, groups[g][i], opt.max_length);
+      EXPECT_NEAR(got[g][i].logprob, want.logprob, 1e-4 * (1 + std::abs(want.logprob))) << g << " " << i;
+      EXPECT_EQ(got[g][i].is_greedy, want.is_greedy) << g << " " << i;
+    }
 }
 
 TEST(ZeroShotScoring, TaskMetricsFollowTheLogLikelihoods) {

@@ -24,6 +24,7 @@ struct EvalArgs {
   int64_t limit = 0, ctx = 0, batch = 16;
   uint64_t seed = 42;
   bool json = false, csv = false, quiet = false;
+  DeviceOptions device;
 };
 
 std::vector<std::string> split_tasks(const std::string& s) {
@@ -62,7 +63,12 @@ void run_eval(const EvalArgs& a) {
   }
   const auto [model, tokenizer] = load_model_and_tokenizer(a.model, a.tokenizer);
   warn_if_synthetic(a.model);
-  const ZeroShotResults r = evaluate_tasks(*model, tokenizer, tasks, opt);
+  // Sequences as long as the window; forward calls capped at what the executor's buffers take.
+  const int64_t forward_tokens = opt.score.forward_tokens(model->config());
+  opt.score.max_forward_tokens = forward_tokens;
+  auto exec = a.device.make(*model, opt.score.window(model->config()), forward_tokens);
+  ZeroShotResults r = evaluate_tasks(*exec, tokenizer, tasks, opt);
+  r.model = model->source();
   for (const std::string& u : r.unavailable) std::fprintf(stderr, "nibble eval: skipped %s\n", u.c_str());
   check(!r.tasks.empty(), opt.tasks_dir.string(), "none of the tasks has data here");
 
@@ -97,6 +103,7 @@ void add_eval_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--ctx", a->ctx, "Model window for left truncation (default: max_position_embeddings)");
   cmd->add_option("--batch", a->batch, "Questions forwarded together")->capture_default_str();
+  a->device.add_to(cmd);
   add_tokenizer_option(cmd, &a->tokenizer);
   cmd->add_flag("--json", a->json, "stdout is one lm-eval-style JSON object instead of the table (progress on stderr)");
   cmd->add_flag("--csv", a->csv, "Print CSV instead of the table");

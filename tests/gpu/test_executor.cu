@@ -16,6 +16,7 @@
 #include "nibble/io/safetensors.h"
 #include "nibble/model/model.h"
 #include "nibble/quant/quant_linear.h"
+#include "nibble/quant/recipe.h"
 #include "gpu_test_util.h"
 #include "tests/test_util.h"
 
@@ -88,17 +89,24 @@ ModelConfig qwen2_like() {
   return c;
 }
 
-// Replaces every linear of the layers with Atom's W4A4 form (RTN): input channels in a random
-// order, the last 128 INT8 keepers, INT4 groups of 128 for weights and per-token activations.
-void quantize_atom(Model& m, uint64_t seed, bool group_hadamard) {
+// Atom's W4A4 form: the last 128 input channels INT8 keepers, INT4 groups of 128 for weights and
+// per-token activations.
+quant::LinearQuantSpec atom_spec(bool group_hadamard) {
   using namespace quant;
-  std::mt19937_64 rng(seed);
   LinearQuantSpec spec;
   spec.group_hadamard = group_hadamard;
   spec.weight = {Format::Int4Sym, 128, 1, 0.85f};
   spec.act = FormatSpec{Format::Int4Sym, 128, 1, 0.9f};
   spec.keeper = 128;
   spec.keeper_precision = KeeperPrecision::Int8;
+  return spec;
+}
+
+// Replaces every linear of the layers with its RTN quantization by `spec`, input channels in a
+// random order (the GPU gathers them as the CPU does).
+void quantize_layers(Model& m, uint64_t seed, const quant::LinearQuantSpec& spec) {
+  using namespace quant;
+  std::mt19937_64 rng(seed);
   auto convert = [&](std::unique_ptr<Linear>& l) {
     const auto& d = dynamic_cast<const DenseLinear&>(*l);
     const int64_t N = d.out_features(), K = d.in_features();
@@ -177,19 +185,34 @@ Bounds sensitivity_bounds(const Compare& cpu16, int64_t rows) {
   return {1.0, 5e-3 + 2 * cpu16.kld, rows >= 100 ? cpu16.top1 - 0.15 : 0.0};
 }
 
-enum class Weights { Fp16, AtomW4A4, AtomW4A4Rotated };
+enum class Weights { Fp16, AtomW4A4, AtomW4A4Rotated, W8A8 };
+
+const char* weights_name(Weights w) {
+  switch (w) {
+    case Weights::Fp16: return "fp16";
+    case Weights::AtomW4A4: return "atom w4a4";
+    case Weights::AtomW4A4Rotated: return "atom w4a4, group Hadamard";
+    case Weights::W8A8: return "w8a8";
+  }
+  return "?";
+}
+
+// Replaces every linear of m's layers with its `weights` form (RTN, random input order); FP16 keeps them.
+void quantize(Model& m, Weights weights, uint64_t seed) {
+  if (weights == Weights::Fp16) return;
+  quantize_layers(m, seed,
+                  weights == Weights::W8A8 ? quant::Recipe::preset("w8a8").linear_spec(m.config().hidden_size, "test")
+                                           : atom_spec(weights == Weights::AtomW4A4Rotated));
+}
 
 void run_case(const ModelConfig& c, uint64_t seed, Weights weights = Weights::Fp16, KVFormat kv = {}) {
   std::printf("seed %llu, head_dim %lld, bias %d, tied %d, %s, KV %s\n", (unsigned long long)seed,
-              (long long)c.head_dim, int(c.attention_bias), int(c.tie_word_embeddings),
-              weights == Weights::Fp16 ? "fp16" : weights == Weights::AtomW4A4 ? "atom w4a4" : "atom w4a4, group Hadamard",
+              (long long)c.head_dim, int(c.attention_bias), int(c.tie_word_embeddings), weights_name(weights),
               kv.describe().c_str());
   // The model twice (same seed): the reference, and the same weights run with fp16 activations.
   auto model = random_model(c, seed), model16 = random_model(c, seed);
-  if (weights != Weights::Fp16) {
-    quantize_atom(*model, seed + 2, weights == Weights::AtomW4A4Rotated);
-    quantize_atom(*model16, seed + 2, weights == Weights::AtomW4A4Rotated);
-  }
+  quantize(*model, weights, seed + 2);
+  quantize(*model16, weights, seed + 2);
   const bool quantized = weights != Weights::Fp16 || kv.bits == 4;
   model->set_kv_format(kv);
   model16->set_kv_format(kv);
@@ -293,6 +316,13 @@ TEST(CudaExecutor, DefaultRecipeShapeWithRotationsMatchesCpu) {
   run_case(qwen2_like(), std::random_device{}(), Weights::AtomW4A4Rotated, kv);
 }
 
+// The recipe w8a8 (cuBLASLt INT8 GEMM), with the Qwen2 shape's q/k/v bias through its epilogue.
+TEST(CudaExecutor, W8A8MatchesCpu) {
+  NIBBLE_REQUIRE_GPU();
+  run_case(llama_like(), std::random_device{}(), Weights::W8A8);
+  run_case(qwen2_like(), std::random_device{}(), Weights::W8A8);
+}
+
 TEST(CudaExecutor, Int4KVWithFp16WeightsMatchesCpu) {
   NIBBLE_REQUIRE_GPU();
   run_case(llama_like(), std::random_device{}(), Weights::Fp16, int4_kv(false));
@@ -378,10 +408,9 @@ void graphs_case(Weights weights, KVFormat kv) {
   ModelConfig c = llama_like();
   c.max_position_embeddings = 1024;
   const uint64_t seed = std::random_device{}();
-  std::printf("seed %llu, %s, KV %s\n", (unsigned long long)seed, weights == Weights::Fp16 ? "fp16" : "atom w4a4",
-              kv.describe().c_str());
+  std::printf("seed %llu, %s, KV %s\n", (unsigned long long)seed, weights_name(weights), kv.describe().c_str());
   auto model = random_model(c, seed);
-  if (weights != Weights::Fp16) quantize_atom(*model, seed + 2, false);
+  quantize(*model, weights, seed + 2);
   model->set_kv_format(kv);
   RuntimeOptions o;
   o.device = "cuda";
@@ -435,6 +464,7 @@ TEST(CudaExecutor, DecodeGraphsReplayTheLaunchesBitForBit) {
   NIBBLE_REQUIRE_GPU();
   graphs_case(Weights::Fp16, {});
   graphs_case(Weights::AtomW4A4, int4_kv(false));
+  graphs_case(Weights::W8A8, {});  // cuBLASLt's INT8 GEMM inside a captured step
 }
 
 std::vector<int32_t> load_ids(const Checkpoint& ref, const std::string& name) {

@@ -77,7 +77,6 @@ struct Prepared {
 struct GroupPlan {
   std::vector<Prepared> choices;
   int64_t prefix = 0;   // shared input tokens forwarded once
-  int64_t capacity = 0; // longest input of the group
 };
 
 GroupPlan plan_group(const std::vector<TokenizedRequest>& reqs, int64_t max_length) {
@@ -94,7 +93,6 @@ GroupPlan plan_group(const std::vector<TokenizedRequest>& reqs, int64_t max_leng
     // tokens scored, the token before them serving as the only context.
     p.ctx_len = std::max<int64_t>(1, int64_t(p.seq.size()) - int64_t(r.continuation.size()));
     p.cut = int64_t(r.continuation.size()) > max_length;
-    g.capacity = std::max(g.capacity, int64_t(p.seq.size()) - 1);
     g.choices.push_back(std::move(p));
   }
   // The input of a choice is seq[0 : len-1]; the shared prefix is the longest common prefix of
@@ -109,6 +107,48 @@ GroupPlan plan_group(const std::vector<TokenizedRequest>& reqs, int64_t max_leng
   }
   g.prefix = prefix;
   return g;
+}
+
+// The sequences one batch adds to an executor's KV pool, freed when it is done (or has failed).
+class BatchSequences {
+ public:
+  explicit BatchSequences(KVPool& kv) : kv_(kv) {}
+  ~BatchSequences() {
+    for (SeqId s : seqs_) kv_.free(s);
+  }
+  BatchSequences(const BatchSequences&) = delete;
+  BatchSequences& operator=(const BatchSequences&) = delete;
+  SeqId add() { return seqs_.emplace_back(kv_.add()); }
+  SeqId fork(SeqId seq) { return seqs_.emplace_back(kv_.fork(seq)); }
+
+ private:
+  KVPool& kv_;
+  std::vector<SeqId> seqs_;
+};
+
+// The logits of `batch` (rows in batch order) from forward calls of at most `max_tokens` tokens
+// each (0: one call); an entry is never split.
+std::vector<float> forward_batch(Executor& exec, std::span<const BatchEntry> batch, int64_t max_tokens) {
+  std::vector<float> logits, part;
+  for (size_t b0 = 0, b1; b0 < batch.size(); b0 = b1) {
+    int64_t n = 0;
+    for (b1 = b0; b1 < batch.size(); ++b1) {
+      const int64_t t = int64_t(batch[b1].tokens.size());
+      if (b1 > b0 && max_tokens > 0 && n + t > max_tokens) break;
+      n += t;
+    }
+    exec.forward(batch.subspan(b0, b1 - b0), part);
+    if (logits.empty()) logits.swap(part);
+    else logits.insert(logits.end(), part.begin(), part.end());
+  }
+  return logits;
+}
+
+// The CPU reference executor of `model`, its sequences as long as the scoring window.
+std::unique_ptr<Executor> cpu_executor(Model& model, const ScoreOptions& opt) {
+  RuntimeOptions cpu;
+  cpu.max_context = opt.window(model.config());
+  return make_executor(model, cpu);
 }
 
 // Adds log p(target | row) and whether target is the row's argmax (first maximum, as torch).
@@ -126,9 +166,17 @@ std::vector<std::vector<LLResult>> score_loglikelihood(Model& model,
                                                        const ScoreOptions& opt,
                                                        const std::function<void(int64_t)>& on_group_done,
                                                        int64_t* tokens_forwarded) {
-  const ModelConfig& c = model.config();
+  return score_loglikelihood(*cpu_executor(model, opt), groups, opt, on_group_done, tokens_forwarded);
+}
+
+std::vector<std::vector<LLResult>> score_loglikelihood(Executor& exec,
+                                                       std::span<const std::vector<TokenizedRequest>> groups,
+                                                       const ScoreOptions& opt,
+                                                       const std::function<void(int64_t)>& on_group_done,
+                                                       int64_t* tokens_forwarded) {
+  const ModelConfig& c = exec.config();
   const int64_t V = c.vocab_size;
-  const int64_t max_length = opt.max_length > 0 ? opt.max_length : c.max_position_embeddings;
+  const int64_t max_length = opt.window(c);
   check(max_length <= c.max_position_embeddings, "zero-shot", "--ctx {} is beyond the model's {} positions", max_length,
         c.max_position_embeddings);
   const int64_t batch_docs = std::max<int64_t>(1, opt.batch_docs);
@@ -156,22 +204,22 @@ std::vector<std::vector<LLResult>> score_loglikelihood(Model& model,
     }
 
     // Phase 1: every shared prefix, one batch, last logits row only.
-    std::vector<std::unique_ptr<KVCache>> prefix_cache(plans.size());
-    std::vector<Step> steps;
+    BatchSequences seqs(exec.kv());
+    std::vector<SeqId> prefix_seq(plans.size());
+    std::vector<BatchEntry> steps;
     std::vector<size_t> prefix_row(plans.size(), size_t(-1));
     for (size_t k = 0; k < plans.size(); ++k) {
-      prefix_cache[k] = model.new_cache(plans[k].capacity);
+      prefix_seq[k] = seqs.add();
       if (plans[k].prefix == 0) continue;
       prefix_row[k] = steps.size();
-      steps.push_back({prefix_cache[k].get(),
-                       std::span<const int32_t>(plans[k].choices[0].seq.data(), size_t(plans[k].prefix)), false});
+      steps.push_back(
+          {prefix_seq[k], std::span<const int32_t>(plans[k].choices[0].seq.data(), size_t(plans[k].prefix)), false});
     }
     std::vector<float> prefix_logits;
-    if (!steps.empty()) prefix_logits = model.forward(steps);
+    if (!steps.empty()) prefix_logits = forward_batch(exec, steps, opt.max_forward_tokens);
     forwarded += prefix_tokens;
 
-    // Phase 2: each choice's own tokens on a clone of its question's prefix cache, all logits.
-    std::vector<std::unique_ptr<KVCache>> choice_cache;
+    // Phase 2: each choice's own tokens on a fork of its question's prefix, all logits.
     steps.clear();
     struct Where {
       size_t plan, choice;
@@ -185,16 +233,15 @@ std::vector<std::vector<LLResult>> score_loglikelihood(Model& model,
         const int64_t n = int64_t(ch.seq.size()) - 1 - plans[k].prefix;
         Where w{k, i};
         if (n > 0) {
-          choice_cache.push_back(prefix_cache[k]->clone());
-          steps.push_back({choice_cache.back().get(),
-                           std::span<const int32_t>(ch.seq.data() + plans[k].prefix, size_t(n)), true});
+          steps.push_back(
+              {seqs.fork(prefix_seq[k]), std::span<const int32_t>(ch.seq.data() + plans[k].prefix, size_t(n)), true});
           w.row = rows;
           rows += n;
         }
         where.push_back(w);
       }
     std::vector<float> choice_logits;
-    if (!steps.empty()) choice_logits = model.forward(steps);
+    if (!steps.empty()) choice_logits = forward_batch(exec, steps, opt.max_forward_tokens);
     forwarded += choice_tokens;
 
     // Log-likelihoods in float64.
@@ -372,6 +419,11 @@ json TaskResult::to_json() const {
 
 TaskResult evaluate_task(Model& model, const EncodeFn& encode, int32_t bos, const Task& task,
                          const ZeroShotOptions& opt) {
+  return evaluate_task(*cpu_executor(model, opt.score), encode, bos, task, opt);
+}
+
+TaskResult evaluate_task(Executor& exec, const EncodeFn& encode, int32_t bos, const Task& task,
+                         const ZeroShotOptions& opt) {
   TaskResult r;
   r.info = task.info;
   r.source = task.source;
@@ -393,7 +445,7 @@ TaskResult evaluate_task(Model& model, const EncodeFn& encode, int32_t bos, cons
   std::optional<Progress> progress;
   if (opt.show_progress) progress.emplace(task.info.name, r.n, "docs");
   const auto results = score_loglikelihood(
-      model, groups, opt.score, [&](int64_t done) { if (progress) progress->update(done); }, &r.tokens);
+      exec, groups, opt.score, [&](int64_t done) { if (progress) progress->update(done); }, &r.tokens);
 
   std::vector<double> acc, acc_norm;
   double ll_sum = 0;
@@ -439,18 +491,25 @@ TaskResult evaluate_task(Model& model, const EncodeFn& encode, int32_t bos, cons
 
 ZeroShotResults evaluate_tasks(Model& model, const Tokenizer& tokenizer, std::span<const std::string> tasks,
                                const ZeroShotOptions& opt) {
-  const EncodeFn encode = [&tokenizer](const std::string& text, bool add_bos) { return tokenizer.encode(text, add_bos); };
-  return evaluate_tasks(model, encode, tokenizer.bos_id(), tasks, opt);
+  ZeroShotResults res = evaluate_tasks(*cpu_executor(model, opt.score), tokenizer, tasks, opt);
+  res.model = model.source();
+  return res;
 }
 
-ZeroShotResults evaluate_tasks(Model& model, const EncodeFn& encode, int32_t bos, std::span<const std::string> tasks,
+ZeroShotResults evaluate_tasks(Executor& exec, const Tokenizer& tokenizer, std::span<const std::string> tasks,
+                               const ZeroShotOptions& opt) {
+  const EncodeFn encode = [&tokenizer](const std::string& text, bool add_bos) { return tokenizer.encode(text, add_bos); };
+  return evaluate_tasks(exec, encode, tokenizer.bos_id(), tasks, opt);
+}
+
+ZeroShotResults evaluate_tasks(Executor& exec, const EncodeFn& encode, int32_t bos, std::span<const std::string> tasks,
                                const ZeroShotOptions& opt) {
   ZeroShotResults res;
-  res.model = model.source();
+  res.device = exec.device_name();
   res.protocol = protocol_name(opt.protocol);
   res.limit = opt.limit;
   res.seed = opt.seed;
-  res.max_length = opt.score.max_length > 0 ? opt.score.max_length : model.config().max_position_embeddings;
+  res.max_length = opt.score.window(exec.config());
   for (const std::string& name : tasks) task_info(name);  // unknown names fail before any work
   for (const std::string& name : tasks) {
     if (!task_available(name, opt.tasks_dir)) {
@@ -459,7 +518,7 @@ ZeroShotResults evaluate_tasks(Model& model, const EncodeFn& encode, int32_t bos
       continue;
     }
     const Task task = load_task(name, opt.tasks_dir);
-    res.tasks.push_back(evaluate_task(model, encode, bos, task, opt));
+    res.tasks.push_back(evaluate_task(exec, encode, bos, task, opt));
   }
   double sum = 0;
   for (const TaskResult& r : res.tasks)
@@ -481,7 +540,7 @@ json ZeroShotResults::to_json() const {
   j["average"] = {{"value", average}, {"tasks", average_tasks},
                   {"rule", "Atom / lm-eval 0.3.0 0-shot: acc_norm for piqa, arc_easy, arc_challenge, hellaswag; "
                            "acc for boolq, winogrande"}};
-  j["config"] = {{"model", model}, {"protocol", protocol}, {"limit", limit}, {"max_length", max_length},
+  j["config"] = {{"model", model}, {"device", device}, {"protocol", protocol}, {"limit", limit}, {"max_length", max_length},
                  {"num_fewshot", 0}};
   j["config"]["seed"] = seed;
   j["unavailable"] = unavailable;
@@ -501,7 +560,8 @@ std::string ZeroShotResults::to_csv() const {
 }
 
 std::string ZeroShotResults::to_table() const {
-  std::string s = fmt::format("zero-shot: {} | protocol {} | window {} | {}\n\n", model, protocol, max_length,
+  std::string s = fmt::format("zero-shot: {} | device {} | protocol {} | window {} | {}\n\n", model, device, protocol,
+                              max_length,
                               limit > 0 ? fmt::format("--limit {} (lm-eval 0.3.0's subset: Python "
                                                       "random.Random({}).shuffle, first {})",
                                                       limit, seed, limit)

@@ -18,12 +18,14 @@
 // A continuation longer than the window itself (lm-eval stops with an assertion) is scored on its
 // last max_length tokens; such choices are counted and reported (TaskResult::truncated).
 //
-// Scoring: the choices of one question share a prefix (the context, or for WinoGrande the
-// sentence before the blank); that prefix is forwarded once into a KV cache, each choice forwards
-// only its own tokens on a clone of it, and several questions go through the model as one batch.
-// The first continuation token is scored from the prefix's last logits row.
+// Scoring runs on an Executor (any backend; the Model overloads use the CPU reference executor):
+// the choices of one question share a prefix (the context, or for WinoGrande the sentence before
+// the blank); that prefix is forwarded once into a sequence of the executor's KV pool, each choice
+// forwards only its own tokens on a fork of it, and several questions go through the model as one
+// batch. The first continuation token is scored from the prefix's last logits row.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -34,6 +36,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "nibble/backend/backend.h"
 #include "nibble/eval/tasks.h"
 #include "nibble/model/model.h"
 
@@ -65,11 +68,25 @@ struct LLResult {
 struct ScoreOptions {
   int64_t max_length = 0;       // model window for truncation; 0 = max_position_embeddings
   int64_t batch_docs = 16;      // questions forwarded together
-  int64_t batch_tokens = 2048;  // cap on the tokens of one forward call (prefixes; choices)
+  int64_t batch_tokens = 2048;  // cap on the tokens of one batch's prefixes, and of its choices
+  // Cap on the tokens of one Executor::forward call (a CUDA executor's max_batch_tokens): a batch
+  // over it goes in several calls, never splitting a sequence. 0 = one call per batch and phase.
+  // A batch's first question is taken whole, so forward_tokens() is what an executor must take.
+  int64_t max_forward_tokens = 0;
+
+  int64_t window(const ModelConfig& c) const { return max_length > 0 ? max_length : c.max_position_embeddings; }
+  // The most tokens one forward call needs with max_forward_tokens set to it.
+  int64_t forward_tokens(const ModelConfig& c) const { return std::max(batch_tokens, window(c)); }
 };
 
 // Scores groups of requests (a group = the choices of one question); result[g][i] belongs to
-// groups[g][i]. `on_group_done(k)` is called with the number of groups finished so far.
+// groups[g][i]. `on_group_done(k)` is called with the number of groups finished so far. The
+// sequences it adds to the executor's KV pool are freed before it returns.
+std::vector<std::vector<LLResult>> score_loglikelihood(Executor& exec,
+                                                       std::span<const std::vector<TokenizedRequest>> groups,
+                                                       const ScoreOptions& opt,
+                                                       const std::function<void(int64_t)>& on_group_done = {},
+                                                       int64_t* tokens_forwarded = nullptr);
 std::vector<std::vector<LLResult>> score_loglikelihood(Model& model,
                                                        std::span<const std::vector<TokenizedRequest>> groups,
                                                        const ScoreOptions& opt,
@@ -113,7 +130,7 @@ struct ZeroShotResults {
   // BoolQ and WinoGrande, over the ones that ran; average_tasks says how many of the six.
   double average = 0;
   int average_tasks = 0;
-  std::string model, protocol;
+  std::string model, device, protocol;  // model: set by the caller of the Executor overloads
   int64_t limit = 0, max_length = 0;
   uint64_t seed = 42;
 
@@ -123,12 +140,17 @@ struct ZeroShotResults {
 };
 
 // The library entry point (`nibble eval`, `nibble ablate --tasks`): loads each task's data,
-// scores it on `model` and aggregates. Tasks without data are listed in `unavailable`.
+// scores it on `exec` and aggregates. Tasks without data are listed in `unavailable`.
+ZeroShotResults evaluate_tasks(Executor& exec, const Tokenizer& tokenizer, std::span<const std::string> tasks,
+                               const ZeroShotOptions& opt);
+ZeroShotResults evaluate_tasks(Executor& exec, const EncodeFn& encode, int32_t bos,
+                               std::span<const std::string> tasks, const ZeroShotOptions& opt);
+// On the CPU reference executor of `model` (results name model.source()).
 ZeroShotResults evaluate_tasks(Model& model, const Tokenizer& tokenizer, std::span<const std::string> tasks,
                                const ZeroShotOptions& opt);
-ZeroShotResults evaluate_tasks(Model& model, const EncodeFn& encode, int32_t bos, std::span<const std::string> tasks,
-                               const ZeroShotOptions& opt);
 // Scores already-loaded tasks (tests, and callers that reuse one load across models).
+TaskResult evaluate_task(Executor& exec, const EncodeFn& encode, int32_t bos, const Task& task,
+                         const ZeroShotOptions& opt);
 TaskResult evaluate_task(Model& model, const EncodeFn& encode, int32_t bos, const Task& task,
                          const ZeroShotOptions& opt);
 

@@ -15,8 +15,10 @@
 #include "nibble/backend/cuda/atom_layout.h"
 #include "nibble/backend/cuda/attention_common.h"
 #include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/device_array.h"
 #include "nibble/backend/cuda/kv_cache_paged.h"
 #include "nibble/backend/cuda/linear_fp16.h"
+#include "nibble/backend/cuda/linear_w8a8.h"
 #include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/backend/cuda/model_kernels.h"
 #include "nibble/backend/cuda/norm_quantize.h"
@@ -39,52 +41,18 @@ bool device_available(std::string* why) {
 
 namespace {
 
-// One cudaMalloc'd array, freed with its owner.
-template <typename T>
-class DeviceArray {
- public:
-  DeviceArray() = default;
-  explicit DeviceArray(size_t n) : n_(n) {
-    if (n) NIBBLE_CUDA_CHECK(cudaMalloc(&p_, n * sizeof(T)));
-  }
-  DeviceArray(const T* host, size_t n) : DeviceArray(n) {
-    if (n) NIBBLE_CUDA_CHECK(cudaMemcpy(p_, host, n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  ~DeviceArray() {
-    if (p_) cudaFree(p_);
-  }
-  DeviceArray(DeviceArray&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr; }
-  DeviceArray& operator=(DeviceArray&& o) noexcept {
-    std::swap(p_, o.p_);
-    std::swap(n_, o.n_);
-    return *this;
-  }
-  T* get() const { return p_; }
-  size_t size() const { return n_; }
-
- private:
-  T* p_ = nullptr;
-  size_t n_ = 0;
-};
-
-// fp32 host values as a device fp16 array; values past fp16's range are refused, naming the tensor.
-DeviceArray<__half> upload_fp16(const std::vector<float>& v, const std::string& what) {
-  std::vector<uint16_t> bits(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    require(std::fabs(v[i]) <= 65504.0f, what, "value {} at element {} does not fit fp16", v[i], i);
-    bits[i] = float_to_fp16(v[i]);
-  }
-  return DeviceArray<__half>(reinterpret_cast<const __half*>(bits.data()), bits.size());
-}
-
-// One linear on the device, in one of two forms: FP16 weights for cuBLAS, or Atom's W4A4 operand
-// (INT4 groups of 128 + INT8 keepers, GPU layout) whose input is gathered by `perm` and quantized
-// per token by the fused norm/quantize kernels.
+// One linear on the device, in one of three forms: FP16 weights for cuBLAS; W8A8, which takes the
+// same fp16 input rows and quantizes them itself; or Atom's W4A4 operand (INT4 groups of 128 + INT8
+// keepers, GPU layout) whose input is gathered by `perm` and quantized per token by the fused
+// norm/quantize kernels.
 struct LinearWeights {
   int64_t in = 0, out = 0;
-  DeviceArray<__half> bias;  // [out] or empty
+  DeviceArray<__half> bias;  // [out] or empty (W8A8: its own)
   // FP16
   DeviceArray<__half> w;  // [out, in]
+  // W8A8
+  bool int8 = false;
+  W8A8Weights w8a8;
   // W4A4
   bool atom = false;
   AtomDeviceMatrix atom_w;
@@ -151,9 +119,19 @@ LinearWeights upload_atom(const quant::QuantLinear& q, const std::vector<float>*
   return w;
 }
 
+LinearWeights upload_int8(const quant::QuantLinear& q, const std::string& what) {
+  LinearWeights w;
+  w.in = q.in_features();
+  w.out = q.out_features();
+  w.int8 = true;
+  w.w8a8 = upload_w8a8(q, what);
+  return w;
+}
+
 LinearWeights upload_linear(const Linear& l, const std::vector<float>* norm, const std::string& what) {
   if (const auto* dense = dynamic_cast<const DenseLinear*>(&l)) return upload_dense(*dense, what);
-  if (const auto* q = dynamic_cast<const quant::QuantLinear*>(&l)) return upload_atom(*q, norm, what);
+  if (const auto* q = dynamic_cast<const quant::QuantLinear*>(&l))
+    return is_w8a8(*q) ? upload_int8(*q, what) : upload_atom(*q, norm, what);
   throw Error(what, "this linear type has no CUDA kernel; use --device cpu");
 }
 
@@ -162,10 +140,12 @@ struct LayerWeights {
   LinearWeights qkv, o, gate_up, down;
 };
 
-// Bytes the weights take on the device: fp16 for dense tensors, the packed W4A4 operand otherwise.
+// Bytes the weights take on the device: fp16 for dense tensors, the W8A8 upload, the packed W4A4
+// operand otherwise.
 int64_t device_weight_bytes(const Model& m) {
   auto linear = [](const Linear& l) -> int64_t {
-    if (dynamic_cast<const quant::QuantLinear*>(&l)) return l.storage_bytes();  // codes + scales
+    if (const auto* q = dynamic_cast<const quant::QuantLinear*>(&l))
+      return is_w8a8(*q) ? w8a8_device_bytes(*q) : l.storage_bytes();  // codes + scales
     return 2 * l.in_features() * l.out_features();
   };
   int64_t n = 2 * int64_t(m.embedding().size());
@@ -238,7 +218,7 @@ class CudaExecutor final : public Executor {
   // a non-finite logit is an error.
   void finish(const StepPlan& plan, std::vector<float>* logits, std::vector<int32_t>& ids);
 
-  // y = linear(x) for a FP16 linear (x: its fp16 input rows).
+  // y = linear(x) for a linear that takes fp16 input rows: FP16 (cuBLAS) or W8A8.
   void dense(const LinearWeights& w, const __half* x, int64_t rows, __half* y);
   // y = linear(quantized input) for a W4A4 linear whose input was quantized into act_op(rows, w).
   void w4a4(const LinearWeights& w, int64_t rows, __half* y);
@@ -252,6 +232,7 @@ class CudaExecutor final : public Executor {
   cudaStream_t stream_ = nullptr;
   LinearFp16 blas_;
   DeviceArray<uint8_t> blas_ws_;  // cuBLAS's workspace, set once (a captured GEMM may not allocate one)
+  std::unique_ptr<W8A8Gemm> w8a8_;  // when any linear is W8A8
   DeviceArray<__half> embedding_, lm_head_own_;
   const __half* lm_head_ = nullptr;  // the embedding when tied
   DeviceArray<float> final_norm_;
@@ -342,7 +323,12 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
     lw.o = upload_linear(*src.o, nullptr, p + "self_attn.o_proj");
     lw.gate_up = upload_linear(*src.experts[0].gate_up, &src.mlp_norm, p + "mlp.gate_up");
     lw.down = upload_linear(*src.experts[0].down, nullptr, p + "mlp.down_proj");
-    for (const LinearWeights* w : {&lw.qkv, &lw.o, &lw.gate_up, &lw.down}) any_atom_ |= w->atom;
+    for (const LinearWeights* w : {&lw.qkv, &lw.o, &lw.gate_up, &lw.down}) {
+      any_atom_ |= w->atom;
+      if (!w->int8) continue;
+      if (!w8a8_) w8a8_ = std::make_unique<W8A8Gemm>(max_tokens_);
+      w8a8_->prepare(w->w8a8);
+    }
     layers_.push_back(std::move(lw));
   }
   rope_ = std::make_unique<RopeTable>(cpu::rope_inv_freq(c), int(max_context_));
@@ -421,6 +407,10 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
 }
 
 void CudaExecutor::dense(const LinearWeights& w, const __half* x, int64_t rows, __half* y) {
+  if (w.int8) {
+    w8a8_->run(w.w8a8, x, rows, y, stream_);
+    return;
+  }
   blas_.run(x, w.w.get(), y, rows, w.out, w.in, stream_);
   if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
 }
