@@ -197,7 +197,9 @@ TEST_F(Cli, AblateFileNamesAreNotGnuplotCode) {
   EXPECT_FALSE(fs::exists(dir_ / "MARKER2")) << "the -o prefix ran as gnuplot code";
   EXPECT_TRUE(fs::exists(dir_ / "out'.system('touch MARKER2').'.csv"));
   const fs::path png = dir_ / "out'.system('touch MARKER2').'.png";
-  if (std::system("command -v gnuplot >/dev/null") == 0) EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
+  if (std::system("command -v gnuplot >/dev/null") == 0) {
+    EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
+  }
 }
 
 // The packed file's tokenizer is read from memory: nothing under $TMPDIR, and a TMPDIR that

@@ -644,8 +644,9 @@ TEST(ZeroShotEvaluate, EveryTaskEndToEndOnStories260K) {
     }
     EXPECT_DOUBLE_EQ(t.acc, hits / 3);
     // The mean loglik is within the per-choice tolerance, so ppl within that relative error.
-    if (t.info.kind == TaskKind::LastWord)
+    if (t.info.kind == TaskKind::LastWord) {
       EXPECT_NEAR(t.ppl, std::exp(-ll_sum / 3), 1e-4 * (1 + std::abs(ll_sum / 3)) * t.ppl);
+    }
     if (!t.info.atom_metric.empty()) sum += t.atom_value();
   }
   EXPECT_NEAR(r.average, sum / 6, 1e-12);
