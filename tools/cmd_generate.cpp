@@ -31,7 +31,7 @@ void run_generate(const GenerateArgs& a) {
   auto exec = a.device.make(*model, capacity, capacity);
   std::fputs(a.prompt.c_str(), stdout);  // the continuation's text keeps the space after it
   if (a.n != 0) {
-    Engine engine(*exec, &tok, {capacity, capacity, /*prefix_caching=*/false});
+    Engine engine(*exec, &tok, {.max_batch_tokens = capacity, .max_context = capacity, .prefix_caching = false});
     Request r{std::move(ids), a.sampling, {}};
     // Past the context generation stops where the context is full, as with -n -1.
     r.stop.max_tokens = a.n < 0 || int64_t(r.prompt.size()) + a.n - 1 > capacity ? -1 : a.n;

@@ -24,7 +24,7 @@ struct EngineOptions {
   bool prefix_caching = true;
   // Tokens that end generation unless a request ignores EOS; empty = the tokenizer's (a model's
   // generation_config.json may name more).
-  std::vector<int32_t> eos_ids;
+  std::vector<int32_t> eos_ids = {};
 };
 
 class Engine {

@@ -26,8 +26,8 @@ struct SamplingParams {
 
 struct StopConditions {
   int64_t max_tokens = 16;                // tokens to generate; -1 = until the context is full
-  std::vector<int32_t> stop_ids;          // generating one of these ends the request
-  std::vector<std::string> stop_strings;  // matched on the decoded text; never streamed, not even in part
+  std::vector<int32_t> stop_ids = {};     // generating one of these ends the request
+  std::vector<std::string> stop_strings = {};  // matched on the decoded text; never streamed, not even in part
   bool ignore_eos = false;                // keep going past the tokenizer's end-of-sequence ids
 };
 
