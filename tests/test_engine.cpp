@@ -373,5 +373,118 @@ TEST_F(EngineTest, AbortMidGenerationFreesItsPages) {
   EXPECT_EQ(engine.pages_in_use(), 0);
 }
 
+// ---- The scheduler over a pool that shares pages, as the GPU's does -----------------------------
+
+// A stand-in for the CUDA backend: forks share whole pages (reference counted; a page is copied
+// before a sequence writes into a shared one, as PageAllocator does), and the "model" answers with
+// a hash of the sequence's whole history, so a lost, repeated or misplaced token shows.
+class SharedPagesExecutor final : public Executor, public KVPool {
+ public:
+  explicit SharedPagesExecutor(int64_t pages) : refs_(size_t(pages), 0) {
+    cfg_.vocab_size = 97;
+    cfg_.max_position_embeddings = 1024;
+  }
+  const ModelConfig& config() const override { return cfg_; }
+  KVPool& kv() override { return *this; }
+  std::string device_name() const override { return "shared-pages fake"; }
+  void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) override {
+    for (const BatchEntry& e : batch) check(reserve(e.seq, int64_t(e.tokens.size())), "fake", "pool full");
+    logits.assign(batch.size() * size_t(cfg_.vocab_size), 0.0f);
+    for (size_t i = 0; i < batch.size(); ++i) {
+      auto& t = seqs_.at(size_t(batch[i].seq)).tokens;
+      t.insert(t.end(), batch[i].tokens.begin(), batch[i].tokens.end());
+      uint64_t h = 1469598103934665603ull;
+      for (int32_t x : t) h = (h ^ uint64_t(x)) * 1099511628211ull;
+      logits[i * size_t(cfg_.vocab_size) + h % uint64_t(cfg_.vocab_size)] = 1.0f;
+    }
+  }
+
+  SeqId add() override {
+    seqs_.push_back({});
+    return SeqId(seqs_.size() - 1);
+  }
+  SeqId fork(SeqId seq) override {
+    Seq copy = seqs_.at(size_t(seq));
+    copy.pages.resize(size_t(pages_for(int64_t(copy.tokens.size()))));
+    for (int32_t p : copy.pages) ++refs_[size_t(p)];
+    seqs_.push_back(std::move(copy));
+    return SeqId(seqs_.size() - 1);
+  }
+  bool reserve(SeqId seq, int64_t n) override {
+    Seq& s = seqs_.at(size_t(seq));
+    const int64_t len = int64_t(s.tokens.size()), need = pages_for(len + n), have = int64_t(s.pages.size());
+    int64_t take = std::max<int64_t>(0, need - have);
+    for (int64_t i = len / kKVPageTokens; i < std::min(have, need); ++i) take += refs_[size_t(s.pages[size_t(i)])] > 1;
+    if (take > free_pages()) return false;
+    for (int64_t i = len / kKVPageTokens; i < std::min(have, need); ++i)
+      if (refs_[size_t(s.pages[size_t(i)])] > 1) {
+        --refs_[size_t(s.pages[size_t(i)])];
+        s.pages[size_t(i)] = take_page();
+      }
+    while (int64_t(s.pages.size()) < need) s.pages.push_back(take_page());
+    return true;
+  }
+  void truncate(SeqId seq, int64_t n) override {
+    Seq& s = seqs_.at(size_t(seq));
+    s.tokens.resize(size_t(n));
+    for (size_t i = size_t(pages_for(n)); i < s.pages.size(); ++i) --refs_[size_t(s.pages[i])];
+    s.pages.resize(size_t(pages_for(n)));
+  }
+  void free(SeqId seq) override { truncate(seq, 0); }
+  int64_t length(SeqId seq) const override { return int64_t(seqs_.at(size_t(seq)).tokens.size()); }
+  int64_t capacity_tokens() const override { return int64_t(refs_.size()) * kKVPageTokens; }
+  int64_t free_tokens() const override { return free_pages() * kKVPageTokens; }
+
+ private:
+  struct Seq {
+    std::vector<int32_t> tokens;
+    std::vector<int32_t> pages;
+  };
+  static int64_t pages_for(int64_t tokens) { return (tokens + kKVPageTokens - 1) / kKVPageTokens; }
+  int64_t free_pages() const { return std::count(refs_.begin(), refs_.end(), 0); }
+  int32_t take_page() {
+    const auto it = std::find(refs_.begin(), refs_.end(), 0);
+    *it = 1;
+    return int32_t(it - refs_.begin());
+  }
+  ModelConfig cfg_;
+  std::vector<int> refs_;
+  std::vector<Seq> seqs_;
+};
+
+TEST(EngineSharedPages, PrefixSharingUsesFewerPagesAndPreemptionLosesNothing) {
+  std::mt19937_64 rng(16);
+  const auto system = random_tokens(rng, 70, 97);  // four whole pages
+  std::vector<Request> reqs(16);
+  for (auto& r : reqs) {
+    r.prompt = system;
+    const auto own = random_tokens(rng, 1 + int64_t(rng() % 30), 97);
+    r.prompt.insert(r.prompt.end(), own.begin(), own.end());
+    r.stop.max_tokens = 1 + int64_t(rng() % 20);
+  }
+  auto run = [&](int64_t pages, bool sharing, SchedulerStats* stats) {
+    SharedPagesExecutor exec(pages);
+    Engine engine(exec, nullptr, {.max_batch_tokens = 128, .prefix_caching = sharing});
+    std::vector<std::vector<int32_t>> out(reqs.size());
+    auto sink = [&](size_t i) { return [&out, i](const OutputEvent& ev) { out[i].push_back(ev.token.id); }; };
+    engine.submit(reqs[0], sink(0));
+    engine.step();  // the first prompt is in (and cached) before the others come
+    for (size_t i = 1; i < reqs.size(); ++i) engine.submit(reqs[i], sink(i));
+    engine.run();
+    *stats = engine.stats();
+    return out;
+  };
+  SchedulerStats with, without, tiny;
+  const auto want = run(1000, false, &without);
+  EXPECT_EQ(run(1000, true, &with), want);
+  EXPECT_EQ(with.prefix_hit_tokens, 15 * 64);
+  EXPECT_LT(with.peak_pages, without.peak_pages);  // running requests share the 4 pages
+  EXPECT_EQ(with.computed_tokens, without.computed_tokens - with.prefix_hit_tokens);
+  // 12 pages: about two sequences at a time, the cached prefix evicted and taken again.
+  EXPECT_EQ(run(12, true, &tiny), want);
+  EXPECT_GT(tiny.preemptions, 0);
+  EXPECT_LE(tiny.peak_pages, 12);
+}
+
 }  // namespace
 }  // namespace nibble

@@ -36,7 +36,8 @@ class Engine {
   // prompt, an id outside the vocabulary, bad sampling parameters, or a prompt plus max_tokens past
   // the context or the whole KV pool.
   RequestId submit(Request request, TokenSink sink);
-  // Ends a request now: its pages are freed, its sink gets a last event with FinishReason::Abort.
+  // Ends a request now: its pages are freed (whole pages of its tokens may stay in the prefix cache,
+  // the first evicted when room is needed); its sink gets a last event with FinishReason::Abort.
   void abort(RequestId id);
   // Runs one step; false when there was nothing to run.
   bool step();

@@ -87,6 +87,7 @@ void Scheduler::cache_prefix(const Sequence& s, int64_t n, bool fork) {
     if (!fork) kv_.free(s.kv);
     return;
   }
+  if (int64_t(prefixes_.size()) >= opt_.max_cached_prefixes) evict_prefix();
   const SeqId kv = fork ? kv_.fork(s.kv) : s.kv;
   kv_.truncate(kv, n);
   prefixes_.push_back({std::vector<int32_t>(s.tokens.begin(), s.tokens.begin() + n), kv, ++tick_});

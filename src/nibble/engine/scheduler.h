@@ -21,6 +21,9 @@ namespace nibble {
 struct SchedulerOptions {
   int64_t max_batch_tokens = 4096;  // tokens one step may carry
   bool prefix_caching = true;
+  // Cached prefixes kept at most (each is a pool sequence; on the CPU a copy of the cache, and an
+  // unbounded CPU pool would otherwise never evict them).
+  int64_t max_cached_prefixes = 64;
 };
 
 struct SchedulerStats {
@@ -64,6 +67,8 @@ class Scheduler {
     uint64_t admitted = 0;        // admission tick: the highest is preempted first
     bool prompt_cached = false;   // its prompt's full pages went into the prefix cache
   };
+  // A pool sequence holding whole pages of tokens for later requests to fork. On the GPU its pages
+  // are reference counted by the pool: evicting it frees only those no running sequence shares.
   struct CachedPrefix {
     std::vector<int32_t> tokens;  // whole pages
     SeqId kv;

@@ -71,7 +71,7 @@ void dot_block(const float* const x[kBlockRows], const float* const w[kBlockCols
   for (int r = 0; r < kBlockRows; ++r)
     for (int c = 0; c < kBlockCols; ++c) {
       const Lanes& a = acc[r][c];
-      float s = ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+      float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));  // as dot()
       for (int64_t t = k; t < K; ++t) s += x[r][t] * w[c][t];
       out[r][c] = s;
     }
