@@ -122,6 +122,7 @@ void run_bench(const BenchArgs& a) {
       {"output_tokens", output_tokens},
       {"output_tokens_per_s", double(output_tokens) / wall},
       {"requests_per_s", double(completed) / wall},
+      {"max_batch_tokens", a.max_batch_tokens},
       {"kv_pages", exec->kv().capacity_tokens() / kKVPageTokens},
       {"peak_pages", s.peak_pages},
       {"preemptions", s.preemptions},
