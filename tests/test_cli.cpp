@@ -278,9 +278,31 @@ TEST_F(Cli, GenerateCountZeroAndMinusOne) {
   EXPECT_LE(std::stoi(m[1]) + std::stoi(m[2]), 512 + 1);  // the last token needs no position of its own
 }
 
+TEST_F(Cli, BenchRunsEveryRequestAndReportsTheEngine) {
+  REQUIRE_STORIES();
+  // A pool of 12 pages for 24 requests of up to 160 tokens: the engine has to preempt.
+  const Result r = nibble(fmt::format("bench -m {} --device cpu --num-prompts 24 --dist atom --max-len 160 "
+                                      "--kv-pages 12 --max-batch-tokens 64 --json",
+                                      quote(stories())));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j.at("completed"), 24);
+  EXPECT_EQ(j.at("refused"), 0);
+  EXPECT_GT(j.at("output_tokens_per_s").get<double>(), 0);
+  EXPECT_GT(j.at("preemptions").get<int>(), 0);
+  EXPECT_LE(j.at("peak_pages").get<int>(), 12);
+  EXPECT_GE(j.at("prefix_hit_tokens").get<int>(), 0);
+  EXPECT_LE(j.at("ttft_p50_ms").get<double>(), j.at("ttft_p99_ms").get<double>());
+  const Result csv = nibble(fmt::format("bench -m {} --device cpu --num-prompts 2 --prompt-len 4 --output-len 3 --csv",
+                                        quote(stories())));
+  ASSERT_EQ(csv.status, 0) << csv.err;
+  EXPECT_NE(csv.out.find("completed,"), std::string::npos) << csv.out;
+  expect_one_line_error(nibble(fmt::format("bench -m {} --json --csv", quote(stories()))));
+}
+
 TEST_F(Cli, EveryCommandTakesThreads) {
   REQUIRE_STORIES();
-  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval"}) {
+  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval", "bench"}) {
     const Result help = nibble(std::string(cmd) + " --help");
     EXPECT_NE(help.out.find("-t,--threads"), std::string::npos) << cmd;
   }

@@ -1,9 +1,10 @@
 // nibble generate -m MODEL -p PROMPT -n N: stream a continuation, greedy unless sampling is asked.
+// An Engine with one request: the same code path as the server and `nibble bench`.
 #include <chrono>
 #include <cstdio>
 #include <limits>
 
-#include "nibble/engine/sampler.h"
+#include "nibble/engine/engine.h"
 #include "nibble/model/model.h"
 #include "nibble/tokenizer/tokenizer.h"
 #include "tools/commands.h"
@@ -14,7 +15,7 @@ namespace {
 struct GenerateArgs {
   std::string model, tokenizer, prompt;
   int n = 128;  // -1: until end of sequence or the context is full
-  SamplerOptions sampling;
+  SamplingParams sampling;
   bool no_bos = false, ignore_eos = false;
   DeviceOptions device;
 };
@@ -28,38 +29,31 @@ void run_generate(const GenerateArgs& a) {
         ids.size(), context);
   const int64_t capacity = a.n < 0 ? context : std::min<int64_t>(int64_t(ids.size()) + a.n, context);
   auto exec = a.device.make(*model, capacity, capacity);
-  const SeqId seq = exec->kv().add();
-  Sampler sampler(a.sampling);
-  StreamDecoder out(tok, false, /*continues_text=*/true);  // the prompt is already printed
-  std::fputs(a.prompt.c_str(), stdout);
-  std::fflush(stdout);
-
-  const auto t0 = std::chrono::steady_clock::now();
-  std::vector<int32_t> feed = ids;
-  int generated = 0;
-  double prefill_s = 0;
-  const auto& eos = tok.eos_ids();
-  std::vector<float> logits;
-  while ((a.n < 0 || generated < a.n) && exec->kv().length(seq) + int64_t(feed.size()) <= capacity) {
-    const BatchEntry step{seq, feed, false};
-    exec->forward({&step, 1}, logits);
-    if (generated == 0)
-      prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    const int32_t next = sampler.sample(logits.data(), model->config().vocab_size);
-    if (!a.ignore_eos && std::find(eos.begin(), eos.end(), next) != eos.end()) break;
-    std::fputs(out.push(next).c_str(), stdout);
-    std::fflush(stdout);
-    feed = {next};
-    ++generated;
+  std::fputs(a.prompt.c_str(), stdout);  // the continuation's text keeps the space after it
+  if (a.n != 0) {
+    Engine engine(*exec, &tok, {.max_batch_tokens = capacity, .max_context = capacity, .prefix_caching = false});
+    Request r{std::move(ids), a.sampling, {}};
+    // Past the context generation stops where the context is full, as with -n -1.
+    r.stop.max_tokens = a.n < 0 || int64_t(r.prompt.size()) + a.n - 1 > capacity ? -1 : a.n;
+    r.stop.ignore_eos = a.ignore_eos;
+    const size_t prompt_tokens = r.prompt.size();
+    const auto t0 = std::chrono::steady_clock::now();
+    double prefill_s = 0;
+    int generated = 0;
+    engine.submit(std::move(r), [&](const OutputEvent& ev) {
+      if (generated == 0 && prefill_s == 0)
+        prefill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (ev.finish != FinishReason::Stop) ++generated;  // an end-of-sequence token is not output
+      std::fputs(ev.text.c_str(), stdout);
+      std::fflush(stdout);
+    });
+    engine.run();
+    const double decode_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() - prefill_s;
+    std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tok/s); generated: %d tokens (%.1f tok/s)\n", prompt_tokens,
+                 prefill_s, double(prompt_tokens) / prefill_s, generated,
+                 generated > 1 ? double(generated - 1) / decode_s : 0.0);
   }
-  std::fputs(out.flush().c_str(), stdout);
   std::fputc('\n', stdout);
-  const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double decode_s = total_s - prefill_s;
-  if (prefill_s > 0)  // the model ran (not -n 0)
-    std::fprintf(stderr, "prompt: %zu tokens in %.3f s (%.1f tok/s); generated: %d tokens (%.1f tok/s)\n", ids.size(),
-               prefill_s, double(ids.size()) / prefill_s, generated,
-               generated > 1 ? double(generated - 1) / decode_s : 0.0);
 }
 }  // namespace
 
@@ -73,13 +67,25 @@ void add_generate_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(-1, std::numeric_limits<int>::max()));
   a->device.add_to(cmd);
-  cmd->add_option("--temp", a->sampling.temperature, "sampling temperature; 0 = greedy")->capture_default_str();
-  cmd->add_option("--top-k", a->sampling.top_k, "sample among the k most likely tokens; 0 = all")->capture_default_str();
-  cmd->add_option("--top-p", a->sampling.top_p, "nucleus sampling mass; 1 = off")->capture_default_str();
-  cmd->add_option("--seed", a->sampling.seed, "random seed for sampling")->capture_default_str();
+  add_sampling_options(cmd, &a->sampling);
   cmd->add_flag("--no-bos", a->no_bos, "do not prepend BOS to the prompt");
   cmd->add_flag("--ignore-eos", a->ignore_eos, "keep generating past end-of-sequence tokens");
   cmd->callback([a] { run_generate(*a); });
+}
+
+void add_sampling_options(CLI::App* cmd, SamplingParams* s) {
+  cmd->add_option("--temp", s->temperature, "sampling temperature; 0 = greedy")->capture_default_str();
+  cmd->add_option("--top-k", s->top_k, "sample among the k most likely tokens; 0 = all")->capture_default_str();
+  cmd->add_option("--top-p", s->top_p, "nucleus sampling mass; 1 = off")->capture_default_str();
+  cmd->add_option("--min-p", s->min_p, "drop tokens less likely than min-p times the most likely; 0 = off")
+      ->capture_default_str();
+  cmd->add_option("--repeat-penalty", s->repetition_penalty, "penalty on tokens of the prompt and output; 1 = off")
+      ->capture_default_str();
+  cmd->add_option("--presence-penalty", s->presence_penalty, "subtracted from generated tokens' logits")
+      ->capture_default_str();
+  cmd->add_option("--frequency-penalty", s->frequency_penalty, "subtracted per time a token was generated")
+      ->capture_default_str();
+  cmd->add_option("--seed", s->seed, "random seed for sampling")->capture_default_str();
 }
 
 }  // namespace nibble::cli

@@ -10,6 +10,7 @@
 
 #include "nibble/core/error.h"
 #include "nibble/backend/backend.h"
+#include "nibble/engine/request.h"
 #include "nibble/model/model.h"
 #include "nibble/tokenizer/tokenizer.h"
 
@@ -23,6 +24,10 @@ void add_quantize_command(CLI::App& app);
 void add_ablate_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
 void add_synth_command(CLI::App& app);
+void add_bench_command(CLI::App& app);
+
+// --temp, --top-k, --top-p, --min-p, the penalties and --seed.
+void add_sampling_options(CLI::App* cmd, SamplingParams* s);
 
 // A warning on stderr when the model was written by `nibble synth` (random weights).
 void warn_if_synthetic(const std::string& model_path);

@@ -103,7 +103,8 @@ void DeviceOptions::add_to(CLI::App* cmd) {
                   "cuda: cap in GB on everything nibble allocates on the GPU (weights, buffers, KV cache); 0 = none")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--kv-pages", kv_pages, "cuda: KV cache pages of 16 tokens (0: from --gpu-mem-fraction)")
+  cmd->add_option("--kv-pages", kv_pages,
+                  "KV cache pages of 16 tokens, on either device (0: cuda from --gpu-mem-fraction, cpu unbounded)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
 }
@@ -156,6 +157,7 @@ int main(int argc, char** argv) {
   nibble::cli::add_ablate_command(app);
   nibble::cli::add_eval_command(app);
   nibble::cli::add_synth_command(app);
+  nibble::cli::add_bench_command(app);
   int threads = nibble::cli::default_threads();
   const std::string threads_help = fmt::format(
       "CPU threads (OpenMP and OpenBLAS); default: the CPUs this process may use less the 1-minute load average, "

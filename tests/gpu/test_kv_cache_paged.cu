@@ -79,6 +79,48 @@ TEST(PageAllocator, ForkSharesPagesAndCopiesOnWrite) {
   EXPECT_EQ(a.free_pages(), 8);
 }
 
+TEST(PageAllocator, ReserveTakesPagesAheadAndAppendThenCannotFail) {
+  PageAllocator a(6, 16);
+  std::vector<PageCopy> copies;
+  const SeqId p = a.add_sequence();
+  ASSERT_TRUE(a.append(p, 20, &copies));  // 2 pages, the second shared after the fork
+  const SeqId c = a.fork(p);
+  const SeqId q = a.add_sequence();
+  // c reserves 30 tokens: the shared partial page is copied now, one new page taken; length stays.
+  ASSERT_TRUE(a.reserve(c, 30, &copies));
+  EXPECT_EQ(a.length(c), 20);
+  ASSERT_EQ(copies.size(), 1u);
+  EXPECT_EQ(copies[0].src, a.block_table(p)[1]);
+  EXPECT_EQ(a.block_table(c).size(), 4u);  // positions 0..49
+  EXPECT_EQ(a.free_pages(), 6 - 2 - 3);
+  // Reservations add up: q cannot take 2 pages while c holds its own.
+  EXPECT_FALSE(a.reserve(q, 17, &copies));
+  EXPECT_EQ(a.free_pages(), 1);
+  EXPECT_TRUE(a.block_table(q).empty());
+  ASSERT_TRUE(a.reserve(q, 16, &copies));
+  EXPECT_EQ(a.free_pages(), 0);
+  // Appends within the reservations take nothing and copy nothing.
+  copies.clear();
+  EXPECT_EQ(a.pages_needed(c, 30), 0);
+  ASSERT_TRUE(a.append(c, 30, &copies));
+  ASSERT_TRUE(a.append(q, 16, &copies));
+  EXPECT_TRUE(copies.empty());
+  EXPECT_FALSE(a.append(q, 1, &copies));
+  // A fork shares only the pages of tokens; truncate gives the reserved pages back.
+  a.truncate(q, 0);
+  ASSERT_TRUE(a.reserve(p, 12, &copies));  // fills p's own second page: nothing new
+  EXPECT_EQ(a.block_table(p).size(), 2u);
+  ASSERT_TRUE(a.reserve(p, 13, &copies));
+  EXPECT_EQ(a.block_table(p).size(), 3u);
+  const SeqId f = a.fork(p);
+  EXPECT_EQ(a.block_table(f).size(), 2u);
+  EXPECT_EQ(a.refcount(a.block_table(p)[2]), 1);
+  a.truncate(p, 20);
+  EXPECT_EQ(a.block_table(p).size(), 2u);
+  for (SeqId s : {p, c, q, f}) a.free_sequence(s);
+  EXPECT_EQ(a.free_pages(), 6);
+}
+
 TEST(PageAllocator, TruncateAndRandomOpsKeepRefcountsConsistent) {
   std::mt19937_64 rng(testing::fresh_seed());
   PageAllocator a(64, 16);

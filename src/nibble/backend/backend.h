@@ -25,23 +25,31 @@ struct BatchEntry {
   bool all_logits = false;
 };
 
+// Both pools hand out room in pages of this many tokens (RuntimeOptions::kv_pages counts them).
+inline constexpr int64_t kKVPageTokens = 16;
+
 class KVPool {
  public:
   virtual ~KVPool() = default;
   virtual SeqId add() = 0;                        // a new empty sequence
   virtual SeqId fork(SeqId seq) = 0;              // a new sequence sharing seq's tokens
+  // Takes the room for n_new more tokens of seq now (pages, copy-on-write copies), so that the next
+  // forward() appending up to n_new tokens to it cannot run out; reservations of several sequences
+  // add up. False, changing nothing, when the pool cannot: the scheduler's cue to preempt.
+  // truncate and free give a reservation back.
+  [[nodiscard]] virtual bool reserve(SeqId seq, int64_t n_new) = 0;
   virtual void truncate(SeqId seq, int64_t n) = 0;  // forget positions n.. of seq
   virtual void free(SeqId seq) = 0;
   virtual int64_t length(SeqId seq) const = 0;    // tokens cached
   virtual int64_t capacity_tokens() const = 0;    // tokens the whole pool holds
-  virtual int64_t free_tokens() const = 0;        // tokens it can still take
+  virtual int64_t free_tokens() const = 0;        // tokens it can still take (reservations taken)
 };
 
 struct RuntimeOptions {
   std::string device = "cpu";  // "cpu" or "cuda"
   int64_t max_batch_tokens = 4096;  // tokens one forward() may carry (sizes the device buffers)
   int64_t max_context = 0;          // longest sequence; 0 = the model's max_position_embeddings
-  int64_t kv_pages = 0;             // cuda: pages of 16 tokens in the KV pool; 0 = from memory
+  int64_t kv_pages = 0;             // pages of kKVPageTokens in the KV pool; 0 = cuda: from memory, cpu: unbounded
   double gpu_mem_fraction = 0.9;    // cuda: share of the free device memory the KV pool may take
   double gpu_mem_gb = 0;            // cuda: cap on all nibble allocates on the device (GB); 0 = none
   bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs (false: launch every kernel)

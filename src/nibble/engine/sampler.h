@@ -1,27 +1,39 @@
-// Next-token sampling: greedy by default; temperature, top-k and top-p (nucleus) with a seed.
+// Next-token sampling for a batch of requests: penalties, temperature, top-k, top-p, min-p and the
+// top-n logprobs. Each request owns its generator, so its tokens depend on its seed alone, never
+// on what else shares the batch.
 #pragma once
 
 #include <cstdint>
 #include <random>
+#include <span>
+#include <unordered_map>
+#include <vector>
+
+#include "nibble/engine/request.h"
 
 namespace nibble {
 
-struct SamplerOptions {
-  float temperature = 0.0f;  // 0 = greedy (argmax)
-  int top_k = 0;             // 0 = all tokens
-  float top_p = 1.0f;        // 1 = no nucleus cut
-  uint64_t seed = 0;
+struct SampledToken {
+  TokenLogprob token;
+  std::vector<TokenLogprob> top;
 };
 
+// One request's sampler: its parameters, its generator, and the tokens it has seen (penalties).
 class Sampler {
  public:
-  explicit Sampler(SamplerOptions opt);
-  // Picks a token from one row of `n` logits.
-  int32_t sample(const float* logits, int64_t n);
+  Sampler(const SamplingParams& params, std::span<const int32_t> prompt);
+  // Picks the next token from one row of `vocab` logits and records it as generated.
+  SampledToken sample(const float* logits, int64_t vocab);
 
  private:
-  SamplerOptions opt_;
+  SamplingParams p_;
   std::mt19937_64 rng_;
+  std::vector<int32_t> prompt_;
+  std::unordered_map<int32_t, int> generated_;  // token -> times generated
+  std::vector<bool> seen_;                      // prompt or generated, sized to the vocabulary on first use
 };
+
+// Row i of `logits` ([samplers.size(), vocab]) through samplers[i], the rows in parallel.
+std::vector<SampledToken> sample_batch(std::span<const float> logits, int64_t vocab, std::span<Sampler* const> samplers);
 
 }  // namespace nibble

@@ -1,5 +1,6 @@
 // The CPU backend: today's reference forward pass (Model::forward) behind the Executor seam, with a
-// KV pool of per-sequence caches in the model's KV format.
+// KV pool of per-sequence caches in the model's KV format. The pool counts room as the GPU's does,
+// in whole pages of kKVPageTokens per sequence (a fork copies its parent's cache, so it takes pages).
 #pragma once
 
 #include <memory>
@@ -17,6 +18,7 @@ class KVCachePool final : public KVPool {
 
   SeqId add() override;
   SeqId fork(SeqId seq) override;
+  [[nodiscard]] bool reserve(SeqId seq, int64_t n_new) override;
   void truncate(SeqId seq, int64_t n) override;
   void free(SeqId seq) override;
   int64_t length(SeqId seq) const override { return cache(seq).length(); }
@@ -25,13 +27,19 @@ class KVCachePool final : public KVPool {
 
   KVCache& cache(SeqId seq) const;
   int64_t max_context() const { return max_context_; }
+  // Throws nibble::Error, changing nothing, when appending new_tokens[i] tokens to seqs[i] overflows
+  // the pool (room reserved for a sequence is its own).
+  void check_room(std::span<const SeqId> seqs, std::span<const int64_t> new_tokens) const;
 
  private:
   SeqId insert(std::unique_ptr<KVCache> cache);
+  // Tokens of room seq holds: its length or its reservation, rounded up to whole pages.
+  int64_t held_tokens(size_t seq, int64_t grow = 0) const;
 
   const Model& model_;
   int64_t max_context_, max_tokens_;
   std::vector<std::unique_ptr<KVCache>> caches_;  // indexed by SeqId; null = free id
+  std::vector<int64_t> reserved_;                 // per SeqId: length the reservation reaches
 };
 
 class CpuExecutor final : public Executor {

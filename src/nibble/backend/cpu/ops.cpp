@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numbers>
 
 #include "nibble/core/half.h"
@@ -41,11 +42,67 @@ void for_each_tile(int64_t M, int64_t N, bool upper_only, const Fn& fn) {
 
 }  // namespace
 
+namespace {
+
+using Lanes = float __attribute__((vector_size(32)));  // 8 floats: AVX2 on x86-64-v3
+constexpr int kBlockRows = 4, kBlockCols = 2;
+
+Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[r][c] = x[r] · w[c] for a block of 4 rows and 2 columns. Every element is summed the same
+// way whatever block it sits in: 8 lanes over k stepping by 8, a fixed reduction of the lanes, the
+// tail in order. A row's products are then a function of the row alone (batch invariance).
+void dot_block(const float* const x[kBlockRows], const float* const w[kBlockCols], int64_t K,
+               float out[kBlockRows][kBlockCols]) {
+  Lanes acc[kBlockRows][kBlockCols] = {};
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    Lanes wv[kBlockCols];
+    for (int c = 0; c < kBlockCols; ++c) wv[c] = load_lanes(w[c] + k);
+    for (int r = 0; r < kBlockRows; ++r) {
+      const Lanes xv = load_lanes(x[r] + k);
+      for (int c = 0; c < kBlockCols; ++c) acc[r][c] += xv * wv[c];
+    }
+  }
+  for (int r = 0; r < kBlockRows; ++r)
+    for (int c = 0; c < kBlockCols; ++c) {
+      const Lanes& a = acc[r][c];
+      float s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));  // as dot()
+      for (int64_t t = k; t < K; ++t) s += x[r][t] * w[c][t];
+      out[r][c] = s;
+    }
+}
+
+}  // namespace
+
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* x, const float* w, float beta, float* y) {
-  for_each_tile(M, N, false, [&](int64_t i0, int64_t rows, int64_t j0, int64_t cols) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(cols), int(K), 1.0f, x + i0 * K, int(K),
-                w + j0 * K, int(K), beta, y + i0 * N + j0, int(N));
-  });
+  // Tiles of 64 x 64 outputs in parallel; inside, blocks of 4 x 2 through dot_block. A block past
+  // the last row or column repeats that row or column and stores nothing for it, so edge blocks
+  // run the very same arithmetic.
+  constexpr int64_t kRowTile = 64, kColTile = 64;
+  const int64_t row_tiles = (M + kRowTile - 1) / kRowTile, col_tiles = (N + kColTile - 1) / kColTile;
+#pragma omp parallel for schedule(dynamic, 1) if (M * N * K > 1 << 16)
+  for (int64_t t = 0; t < row_tiles * col_tiles; ++t) {
+    const int64_t i_end = std::min(M, (t / col_tiles + 1) * kRowTile), j_end = std::min(N, (t % col_tiles + 1) * kColTile);
+    for (int64_t i0 = t / col_tiles * kRowTile; i0 < i_end; i0 += kBlockRows)
+      for (int64_t j0 = t % col_tiles * kColTile; j0 < j_end; j0 += kBlockCols) {
+        const float* xr[kBlockRows];
+        const float* wr[kBlockCols];
+        for (int r = 0; r < kBlockRows; ++r) xr[r] = x + std::min(i0 + r, M - 1) * K;
+        for (int c = 0; c < kBlockCols; ++c) wr[c] = w + std::min(j0 + c, N - 1) * K;
+        float out[kBlockRows][kBlockCols];
+        dot_block(xr, wr, K, out);
+        for (int r = 0; r < kBlockRows && i0 + r < i_end; ++r)
+          for (int c = 0; c < kBlockCols && j0 + c < j_end; ++c) {
+            float& dst = y[(i0 + r) * N + j0 + c];
+            dst = beta == 0 ? out[r][c] : out[r][c] + beta * dst;
+          }
+      }
+  }
 }
 
 void gram_upper(const float* x, int64_t rows, int64_t dim, float* out) {
@@ -132,42 +189,39 @@ void attention(const float* q, const float* k, const float* v, int64_t n, int64_
   const int64_t group = heads / kv_heads;
   const int64_t q_stride = heads * d, kv_stride = kv_heads * d;
   const float scale = 1.0f / std::sqrt(float(d));
-  // Per head and block of query rows: S = Q Kᵀ / sqrt(d) through BLAS over only the keys the
-  // block can see (causal: about half the products of the full square in a long prefill), the
-  // mask, row softmax, O = P V through BLAS. (head, block) pairs run in parallel; BLAS runs
-  // single-threaded inside the region, which is why it opens even for one pair (see gemm_nt).
-  constexpr int64_t kRows = 128;
+  // Per head and query row: scores over the keys the row sees (causal, sliding window), softmax,
+  // then the weighted sum of values in key order. Each row's result depends on its own keys only,
+  // not on how many rows share the call (prefill chunks, batches): see gemm_nt.
+  // (head, block of rows) pairs run in parallel.
+  constexpr int64_t kRows = 32;
   const int64_t blocks = (n + kRows - 1) / kRows;
-#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+#pragma omp parallel for collapse(2) schedule(dynamic, 1) if (heads * n * (start + n) * d > 1 << 16)
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t i0 = b * kRows, rows = std::min(kRows, n - i0);
-      const int64_t end = start + i0 + rows;  // keys [lo, end) are visible to some row of the block
-      const int64_t lo = sliding_window > 0 ? std::max<int64_t>(0, start + i0 - sliding_window + 1) : 0;
-      const int64_t keys = end - lo;
-      const float* kh = k + lo * kv_stride + (h / group) * d;
-      const float* vh = v + lo * kv_stride + (h / group) * d;
-      std::vector<float> scores(static_cast<size_t>(rows * keys));
-      // fp16 (Hugging Face eager): Q Kᵀ stored in fp16, then scaled in fp16; softmax in fp32, its
-      // probabilities stored in fp16; P V stored in fp16.
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(keys), int(d), fp16 ? 1.0f : scale,
-                  q + i0 * q_stride + h * d, int(q_stride), kh, int(kv_stride), 0.0f, scores.data(), int(keys));
-      if (fp16)
-        for (float& x : scores) x = round_fp16(round_fp16(x) * scale);
-      for (int64_t i = 0; i < rows; ++i) {
-        float* row = scores.data() + i * keys;
-        const int64_t pos = start + i0 + i;  // sees keys [first, pos]
+      const float* kh = k + (h / group) * d;
+      const float* vh = v + (h / group) * d;
+      std::vector<float> p(static_cast<size_t>(start + n));
+      for (int64_t i = b * kRows; i < std::min(n, (b + 1) * kRows); ++i) {
+        const int64_t pos = start + i;  // sees keys [first, pos]
         const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, pos - sliding_window + 1) : 0;
-        std::fill(row, row + (first - lo), 0.0f);
-        softmax(row + (first - lo), pos + 1 - first);
-        std::fill(row + (pos + 1 - lo), row + keys, 0.0f);
+        const float* qi = q + i * q_stride + h * d;
+        // fp16 (Hugging Face eager): Q Kᵀ stored in fp16, then scaled in fp16; softmax in fp32, its
+        // probabilities stored in fp16; P V stored in fp16.
+        for (int64_t j = first; j <= pos; ++j) {
+          const float s = dot(qi, kh + j * kv_stride, d);
+          p[size_t(j)] = fp16 ? round_fp16(round_fp16(s) * scale) : s * scale;
+        }
+        float* pr = p.data() + first;
+        softmax(pr, pos + 1 - first);
+        if (fp16) round_fp16(pr, pos + 1 - first);
+        float* oh = out + i * q_stride + h * d;
+        std::fill(oh, oh + d, 0.0f);
+        for (int64_t j = first; j <= pos; ++j) {
+          const float* vj = vh + j * kv_stride;
+          for (int64_t e = 0; e < d; ++e) oh[e] += p[size_t(j)] * vj[e];
+        }
+        if (fp16) round_fp16(oh, d);
       }
-      if (fp16) round_fp16(scores.data(), int64_t(scores.size()));
-      float* oh = out + i0 * q_stride + h * d;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(d), int(keys), 1.0f, scores.data(),
-                  int(keys), vh, int(kv_stride), 0.0f, oh, int(q_stride));
-      if (fp16)
-        for (int64_t i = 0; i < rows; ++i) round_fp16(oh + i * q_stride, d);
     }
 }
 

@@ -32,15 +32,15 @@ void attention(const float* q, const float* k, const float* v, int64_t n, int64_
 // SwiGLU: out[r, i] = silu(gate_up[r, i]) * gate_up[r, inter + i].
 void swiglu(const float* gate_up, int64_t rows, int64_t inter, float* out, bool fp16 = false);
 
-// The products of the forward pass and of calibration go through BLAS in fixed tiles of the
-// output, each tile by single-threaded BLAS, the tiles in parallel: which products are summed in
-// which order then depends on the shapes alone. (OpenBLAS's own threads split the work by their
-// number and change the rounding: 1 and 2 threads gave different logits and different codes.)
-
-// y[M, N] = x[M, K] · w[N, K]ᵀ + beta · y, all row-major and contiguous.
+// y[M, N] = x[M, K] · w[N, K]ᵀ + beta · y, all row-major and contiguous. Row i of y is a function of
+// row i of x alone, bit for bit, whatever M, the row's place and the thread count: the forward
+// pass of a sequence then gives the same logits alone and in any batch, in any prefill chunks.
+// (OpenBLAS sums a row differently for 1 row than for 5, and by its thread count.)
 void gemm_nt(int64_t M, int64_t N, int64_t K, const float* x, const float* w, float beta, float* y);
 
 // The upper triangle (j >= i) of xᵀx [dim, dim] for x [rows, dim]; the lower triangle is not written.
+// Through single-threaded BLAS in fixed tiles, the tiles in parallel: the order of the sums
+// depends on the shapes alone, not on the thread count.
 void gram_upper(const float* x, int64_t rows, int64_t dim, float* out);
 
 // In-place softmax over n values.

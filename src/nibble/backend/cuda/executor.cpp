@@ -165,6 +165,7 @@ class PagedPool final : public KVPool {
       : cache_(layout, pages), pad_page_(cache_.allocator().set_aside_page()) {}
   SeqId add() override { return cache_.add_sequence(); }
   SeqId fork(SeqId seq) override { return cache_.fork(seq); }
+  bool reserve(SeqId seq, int64_t n_new) override { return cache_.reserve(seq, n_new); }
   void truncate(SeqId seq, int64_t n) override { cache_.truncate(seq, n); }
   void free(SeqId seq) override { cache_.free_sequence(seq); }
   int64_t length(SeqId seq) const override { return cache_.length(seq); }

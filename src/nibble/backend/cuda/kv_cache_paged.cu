@@ -84,8 +84,8 @@ int64_t PageAllocator::pages_needed(SeqId seq, int64_t n) const {
   return std::max<int64_t>(need - have, 0) + shared;
 }
 
-bool PageAllocator::append(SeqId seq, int64_t n, std::vector<PageCopy>* copies) {
-  require(n >= 0, "PageAllocator", "append of {} tokens", n);
+bool PageAllocator::reserve(SeqId seq, int64_t n, std::vector<PageCopy>* copies) {
+  require(n >= 0, "PageAllocator", "reserve of {} tokens", n);
   if (pages_needed(seq, n) > free_pages()) return false;
   Seq& s = get(seq);
   if (n == 0) return true;
@@ -101,7 +101,12 @@ bool PageAllocator::append(SeqId seq, int64_t n, std::vector<PageCopy>* copies) 
     }
   }
   for (int64_t i = have; i < need; ++i) s.pages.push_back(take_page());
-  s.length += n;
+  return true;
+}
+
+bool PageAllocator::append(SeqId seq, int64_t n, std::vector<PageCopy>* copies) {
+  if (!reserve(seq, n, copies)) return false;
+  get(seq).length += n;
   return true;
 }
 
@@ -111,7 +116,7 @@ SeqId PageAllocator::fork(SeqId seq) {
   Seq& src = seqs_[size_t(seq)];  // add_sequence may have reallocated seqs_
   Seq& dst = seqs_[size_t(id)];
   dst.length = src.length;
-  dst.pages = src.pages;
+  dst.pages.assign(src.pages.begin(), src.pages.begin() + (src.length + page_size_ - 1) / page_size_);
   for (int32_t p : dst.pages) ++refcount_[size_t(p)];
   return id;
 }
@@ -171,6 +176,14 @@ void PagedKVCache::copy_page(int32_t src, int32_t dst, Stream stream) {
   const size_t pitch = width * size_t(alloc_.num_pages());
   NIBBLE_CUDA_CHECK(cudaMemcpy2DAsync(pool_ + size_t(dst) * width, pitch, pool_ + size_t(src) * width, pitch, width,
                                       size_t(layout_.num_layers), cudaMemcpyDeviceToDevice, stream));
+}
+
+bool PagedKVCache::reserve(SeqId seq, int64_t n) {
+  std::vector<PageCopy> copies;
+  if (!alloc_.reserve(seq, n, &copies)) return false;
+  for (const PageCopy& c : copies) copy_page(c.src, c.dst, nullptr);
+  if (!copies.empty()) NIBBLE_CUDA_CHECK(cudaStreamSynchronize(nullptr));
+  return true;
 }
 
 bool PagedKVCache::append(SeqId seq, int64_t n, Stream stream) {

@@ -101,7 +101,12 @@ class PageAllocator {
   [[nodiscard]] bool append(SeqId seq, int64_t n, std::vector<PageCopy>* copies);
   // Pages `append(seq, n)` would take from the free list (new + copied-on-write).
   int64_t pages_needed(SeqId seq, int64_t n) const;
-  // A new sequence sharing every page of `seq` (reference counted; written pages are copied first).
+  // Makes the pages of positions length..length+n-1 present and owned by seq alone, as append
+  // does, but leaves the length: the next append of up to n tokens takes no page and cannot fail.
+  // False, changing nothing, when the free pages do not suffice. truncate/free release the pages.
+  [[nodiscard]] bool reserve(SeqId seq, int64_t n, std::vector<PageCopy>* copies);
+  // A new sequence sharing the pages of `seq`'s tokens (reference counted; written pages are copied
+  // first); pages seq holds only as a reservation stay its own.
   SeqId fork(SeqId seq);
   // Drops tokens from position n on, freeing pages no longer used.
   void truncate(SeqId seq, int64_t n);
@@ -156,6 +161,9 @@ class PagedKVCache {
   SeqId add_sequence() { return alloc_.add_sequence(); }
   // PageAllocator::append plus the copy-on-write copies, queued on `stream`. False: out of pages.
   [[nodiscard]] bool append(SeqId seq, int64_t n, Stream stream = nullptr);
+  // PageAllocator::reserve plus its copy-on-write copies, done before it returns: reservations are
+  // made between steps, when no kernel of the executor's stream touches the pool.
+  [[nodiscard]] bool reserve(SeqId seq, int64_t n);
   SeqId fork(SeqId seq) { return alloc_.fork(seq); }
   void free_sequence(SeqId seq) { alloc_.free_sequence(seq); }
   void truncate(SeqId seq, int64_t n) { alloc_.truncate(seq, n); }

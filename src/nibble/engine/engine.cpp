@@ -1,0 +1,134 @@
+#include "nibble/engine/engine.h"
+
+#include <algorithm>
+
+#include "nibble/core/error.h"
+
+namespace nibble {
+
+Engine::Engine(Executor& exec, const Tokenizer* tokenizer, EngineOptions opt)
+    : exec_(exec),
+      tokenizer_(tokenizer),
+      opt_(opt),
+      scheduler_(exec.kv(), {opt.max_batch_tokens, opt.prefix_caching}) {
+  if (opt_.max_context <= 0) opt_.max_context = exec.config().max_position_embeddings;
+  eos_ = !opt_.eos_ids.empty() || !tokenizer ? opt_.eos_ids : tokenizer->eos_ids();
+}
+
+RequestId Engine::submit(Request r, TokenSink sink) {
+  const int64_t vocab = exec_.config().vocab_size, prompt = int64_t(r.prompt.size());
+  check(prompt > 0, "request", "the prompt is empty");
+  for (size_t i = 0; i < r.prompt.size(); ++i)
+    check(r.prompt[i] >= 0 && r.prompt[i] < vocab, "request", "prompt token {} at position {} is outside the vocabulary (0..{})",
+          r.prompt[i], i, vocab - 1);
+  r.sampling.validate();
+  check(r.stop.max_tokens == -1 || r.stop.max_tokens >= 1, "request", "max_tokens must be >= 1 or -1, got {}",
+        r.stop.max_tokens);
+  check(prompt < opt_.max_context, "request", "the prompt has {} tokens, at or past the context of {}", prompt,
+        opt_.max_context);
+  const int64_t max_tokens = r.stop.max_tokens < 0 ? opt_.max_context - prompt + 1 : r.stop.max_tokens;
+  // The last token generated is never fed back: the cache holds prompt + max_tokens - 1.
+  const int64_t cached = prompt + max_tokens - 1;
+  check(cached <= opt_.max_context, "request", "{} prompt tokens + {} to generate exceed the context of {}", prompt,
+        max_tokens, opt_.max_context);
+  const int64_t room = (cached + kKVPageTokens - 1) / kKVPageTokens * kKVPageTokens;
+  check(room <= exec_.kv().capacity_tokens(), "request",
+        "{} prompt tokens + {} to generate need {} pages, more than the whole KV pool of {}", prompt, max_tokens,
+        room / kKVPageTokens, exec_.kv().capacity_tokens() / kKVPageTokens);
+  for (const std::string& s : r.stop.stop_strings) check(!s.empty(), "request", "a stop string is empty");
+  check(r.stop.stop_strings.empty() || tokenizer_, "request", "stop strings need a tokenizer");
+
+  const RequestId id = next_id_++;
+  Output& out = outputs_.emplace(id, Output{std::move(sink), Sampler(r.sampling, r.prompt), prompt, max_tokens,
+                                            std::move(r.stop), std::nullopt, {}})
+                    .first->second;
+  if (tokenizer_) out.decoder.emplace(*tokenizer_, /*skip_special=*/false, /*continues_text=*/true);
+  scheduler_.add(id, std::move(r.prompt));
+  return id;
+}
+
+void Engine::end(RequestId id, Output& out, OutputEvent last) {
+  last.request = id;
+  const TokenSink sink = std::move(out.sink);
+  outputs_.erase(id);
+  scheduler_.finish(id);
+  sink(last);
+}
+
+void Engine::abort(RequestId id) {
+  auto it = outputs_.find(id);
+  check(it != outputs_.end(), "engine", "no running request {}", id);
+  OutputEvent last;
+  last.finish = FinishReason::Abort;
+  end(id, it->second, std::move(last));
+}
+
+bool Engine::emit(RequestId id, Output& out, const SampledToken& t) {
+  OutputEvent ev{id, t.token, t.top, {}, FinishReason::None};
+  const int32_t tok = t.token.id;
+  const bool stop_token = std::find(out.stop.stop_ids.begin(), out.stop.stop_ids.end(), tok) != out.stop.stop_ids.end() ||
+                          (!out.stop.ignore_eos && std::find(eos_.begin(), eos_.end(), tok) != eos_.end());
+  const int64_t generated = int64_t(scheduler_.tokens(id).size()) - out.prompt_len;
+  const bool done = stop_token || generated >= out.max_tokens;
+  if (out.decoder) {
+    if (!stop_token) out.pending += out.decoder->push(tok);  // a stop token's own text is not output
+    if (done) out.pending += out.decoder->flush();
+  }
+  size_t cut = std::string::npos;
+  for (const std::string& s : out.stop.stop_strings) cut = std::min(cut, out.pending.find(s));
+  if (cut != std::string::npos) {
+    ev.text = out.pending.substr(0, cut);
+    ev.finish = FinishReason::Stop;
+  } else if (done) {
+    ev.text = std::move(out.pending);
+    ev.finish = stop_token ? FinishReason::Stop : FinishReason::Length;
+  } else {
+    // Hold back the longest end of the text that may begin a stop string.
+    size_t hold = 0;
+    for (const std::string& s : out.stop.stop_strings)
+      for (size_t n = std::min(s.size() - 1, out.pending.size()); n > hold; --n)
+        if (out.pending.compare(out.pending.size() - n, n, s, 0, n) == 0) {
+          hold = n;
+          break;
+        }
+    ev.text = out.pending.substr(0, out.pending.size() - hold);
+    out.pending.erase(0, out.pending.size() - hold);
+  }
+  if (ev.finish != FinishReason::None) {
+    end(id, out, std::move(ev));
+    return true;
+  }
+  out.sink(ev);
+  return false;
+}
+
+bool Engine::step() {
+  if (!scheduler_.has_work()) return false;
+  const Scheduler::Step plan = scheduler_.schedule();
+  if (plan.batch.empty()) return true;  // everything was preempted: admitted again next step
+  exec_.forward(plan.batch, logits_);
+  const int64_t vocab = exec_.config().vocab_size;
+  std::vector<float> rows;
+  std::vector<Sampler*> samplers;
+  std::vector<RequestId> ids;
+  for (size_t i = 0; i < plan.batch.size(); ++i)
+    if (plan.samples[i]) {
+      rows.insert(rows.end(), logits_.begin() + int64_t(i) * vocab, logits_.begin() + int64_t(i + 1) * vocab);
+      samplers.push_back(&outputs_.at(plan.requests[i]).sampler);
+      ids.push_back(plan.requests[i]);
+    }
+  const std::vector<SampledToken> sampled = sample_batch(rows, vocab, samplers);
+  std::vector<int32_t> next;
+  for (const SampledToken& t : sampled) next.push_back(t.token.id);
+  scheduler_.update(plan, next);
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (auto it = outputs_.find(ids[i]); it != outputs_.end()) emit(ids[i], it->second, sampled[i]);  // a sink may abort others
+  return true;
+}
+
+void Engine::run() {
+  while (step()) {
+  }
+}
+
+}  // namespace nibble
