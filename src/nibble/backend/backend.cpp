@@ -1,5 +1,7 @@
 #include "nibble/backend/backend.h"
 
+#include <algorithm>
+
 #include "nibble/backend/cpu/executor.h"
 #include "nibble/core/error.h"
 #if NIBBLE_HAVE_CUDA
@@ -15,6 +17,17 @@ bool cuda_device_available(std::string* why) {
   if (why) *why = "this nibble was built without CUDA (nvcc was not found at build time)";
   return false;
 #endif
+}
+
+void Executor::forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) {
+  std::vector<float> logits;
+  forward(batch, logits);
+  const size_t V = size_t(config().vocab_size);
+  ids.resize(logits.size() / V);
+  for (size_t r = 0; r < ids.size(); ++r) {
+    const float* row = logits.data() + r * V;
+    ids[r] = int32_t(std::max_element(row, row + V) - row);
+  }
 }
 
 std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt) {

@@ -67,8 +67,9 @@ class Executor {
   // then no sequence has changed.
   virtual void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) = 0;
   // forward, returning only the greedy token of each logits row (the first maximum, as the greedy
-  // sampler picks), found where the logits are: one id per row crosses to the host, not a row.
-  virtual void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) = 0;
+  // sampler picks). A device backend finds them where the logits are, so one id per row crosses to
+  // the host, not a row; this default runs forward and scans the rows.
+  virtual void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids);
 };
 
 // The executor for opt.device. `model` must outlive a CPU executor (it runs on the model's

@@ -92,15 +92,4 @@ void CpuExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>&
   logits = model_.forward(steps);
 }
 
-void CpuExecutor::forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) {
-  std::vector<float> logits;
-  forward(batch, logits);
-  const int64_t V = model_.config().vocab_size;
-  ids.resize(logits.size() / size_t(V));
-  for (size_t r = 0; r < ids.size(); ++r) {
-    const float* row = logits.data() + r * size_t(V);
-    ids[r] = int32_t(std::max_element(row, row + V) - row);
-  }
-}
-
 }  // namespace nibble::cpu

@@ -49,7 +49,6 @@ class CpuExecutor final : public Executor {
   KVPool& kv() override { return pool_; }
   std::string device_name() const override { return "cpu"; }
   void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) override;
-  void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) override;
 
  private:
   Model& model_;
