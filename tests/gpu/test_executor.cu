@@ -281,12 +281,12 @@ void run_case(const ModelConfig& c, uint64_t seed, Weights weights = Weights::Fp
 
 TEST(CudaExecutor, LlamaShapeMatchesCpu) {
   NIBBLE_REQUIRE_GPU();
-  run_case(llama_like(), std::random_device{}());
+  run_case(llama_like(), testing::fresh_seed());
 }
 
 TEST(CudaExecutor, Qwen2ShapeWithBiasAndTiedHeadMatchesCpu) {
   NIBBLE_REQUIRE_GPU();
-  run_case(qwen2_like(), std::random_device{}());
+  run_case(qwen2_like(), testing::fresh_seed());
 }
 
 KVFormat int4_kv(bool k_before_rope) {
@@ -299,12 +299,12 @@ KVFormat int4_kv(bool k_before_rope) {
 
 TEST(CudaExecutor, AtomW4A4WithInt4KVMatchesCpu) {
   NIBBLE_REQUIRE_GPU();
-  run_case(llama_like(), std::random_device{}(), Weights::AtomW4A4, int4_kv(false));
+  run_case(llama_like(), testing::fresh_seed(), Weights::AtomW4A4, int4_kv(false));
 }
 
 TEST(CudaExecutor, AtomW4A4Qwen2ShapeWithKBeforeRopeMatchesCpu) {
   NIBBLE_REQUIRE_GPU();
-  run_case(qwen2_like(), std::random_device{}(), Weights::AtomW4A4, int4_kv(true));
+  run_case(qwen2_like(), testing::fresh_seed(), Weights::AtomW4A4, int4_kv(true));
 }
 
 // nibble's default atom-w4a4: group-local Hadamard on weights and activations, rotated INT4 KV.
@@ -312,20 +312,20 @@ TEST(CudaExecutor, DefaultRecipeShapeWithRotationsMatchesCpu) {
   NIBBLE_REQUIRE_GPU();
   KVFormat kv = int4_kv(false);
   kv.hadamard = true;
-  run_case(llama_like(), std::random_device{}(), Weights::AtomW4A4Rotated, kv);
-  run_case(qwen2_like(), std::random_device{}(), Weights::AtomW4A4Rotated, kv);
+  run_case(llama_like(), testing::fresh_seed(), Weights::AtomW4A4Rotated, kv);
+  run_case(qwen2_like(), testing::fresh_seed(), Weights::AtomW4A4Rotated, kv);
 }
 
 // The recipe w8a8 (cuBLASLt INT8 GEMM), with the Qwen2 shape's q/k/v bias through its epilogue.
 TEST(CudaExecutor, W8A8MatchesCpu) {
   NIBBLE_REQUIRE_GPU();
-  run_case(llama_like(), std::random_device{}(), Weights::W8A8);
-  run_case(qwen2_like(), std::random_device{}(), Weights::W8A8);
+  run_case(llama_like(), testing::fresh_seed(), Weights::W8A8);
+  run_case(qwen2_like(), testing::fresh_seed(), Weights::W8A8);
 }
 
 TEST(CudaExecutor, Int4KVWithFp16WeightsMatchesCpu) {
   NIBBLE_REQUIRE_GPU();
-  run_case(llama_like(), std::random_device{}(), Weights::Fp16, int4_kv(false));
+  run_case(llama_like(), testing::fresh_seed(), Weights::Fp16, int4_kv(false));
 }
 
 TEST(CudaExecutor, RefusesWhatItCannotRun) {
@@ -407,7 +407,7 @@ TEST(CudaExecutor, BadInputLeavesTheSequencesUnchanged) {
 void graphs_case(Weights weights, KVFormat kv) {
   ModelConfig c = llama_like();
   c.max_position_embeddings = 1024;
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = testing::fresh_seed();
   std::printf("seed %llu, %s, KV %s\n", (unsigned long long)seed, weights_name(weights), kv.describe().c_str());
   auto model = random_model(c, seed);
   quantize(*model, weights, seed + 2);
