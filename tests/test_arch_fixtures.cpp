@@ -17,19 +17,13 @@
 namespace nibble {
 namespace {
 
-std::vector<int32_t> load_ids(const Checkpoint& ref, const std::string& name) {
-  const TensorInfo& t = ref.get(name);
-  const auto* p = reinterpret_cast<const int32_t*>(t.data);
-  return std::vector<int32_t>(p, p + t.numel());
-}
-
 class ArchFixture : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(ArchFixture, LogitsMatchTransformers) {
   const auto dir = test::source_dir() / "tests/fixtures" / GetParam();
   auto model = Model::load(dir);
   const Checkpoint ref = Checkpoint::open(dir / "reference.safetensors");
-  const std::vector<int32_t> ids = load_ids(ref, "input_ids");
+  const std::vector<int32_t> ids = test::load_ids(ref, "input_ids");
   const std::vector<float> expected = ref.load_f32("logits");
   auto cache = model->new_cache(int64_t(ids.size()));
   const Step step{cache.get(), ids, true};
@@ -56,7 +50,7 @@ class Fp16Fixture : public ::testing::TestWithParam<const char*> {
     dir = test::source_dir() / "tests/fixtures" / GetParam();
     model = Model::load(dir);
     ref = std::make_unique<Checkpoint>(Checkpoint::open(dir / "reference_fp16.safetensors"));
-    ids = load_ids(*ref, "input_ids");
+    ids = test::load_ids(*ref, "input_ids");
   }
   std::vector<float> layer0(const std::string& name) const { return ref->load_f32("layers.0." + name); }
   // The fraction of `got` equal to the reference, `got` rounded to fp16 first.
@@ -145,8 +139,8 @@ TEST_P(ArchFixture, GreedyDecodeMatchesTransformers) {
   const auto dir = test::source_dir() / "tests/fixtures" / GetParam();
   auto model = Model::load(dir);
   const Checkpoint ref = Checkpoint::open(dir / "reference.safetensors");
-  const std::vector<int32_t> ids = load_ids(ref, "input_ids");
-  const std::vector<int32_t> expected = load_ids(ref, "greedy_ids");
+  const std::vector<int32_t> ids = test::load_ids(ref, "input_ids");
+  const std::vector<int32_t> expected = test::load_ids(ref, "greedy_ids");
   auto cache = model->new_cache(64);
   std::vector<int32_t> feed(ids.begin(), ids.begin() + 8), got;
   for (size_t i = 0; i < expected.size(); ++i) {

@@ -6,6 +6,9 @@
 #include <cstdlib>
 #include <filesystem>
 #include <string>
+#include <vector>
+
+#include "nibble/io/safetensors.h"
 
 namespace nibble::test {
 
@@ -27,6 +30,12 @@ inline std::filesystem::path data_dir() {
 inline bool data_requested() {
   const char* env = std::getenv("NIBBLE_DATA");
   return env && *env;
+}
+// An int32 tensor of a reference file (a fixture's input_ids, greedy_ids).
+inline std::vector<int32_t> load_ids(const Checkpoint& ref, const std::string& name) {
+  const TensorInfo& t = ref.get(name);
+  const auto* p = reinterpret_cast<const int32_t*>(t.data);
+  return std::vector<int32_t>(p, p + t.numel());
 }
 }  // namespace nibble::test
 

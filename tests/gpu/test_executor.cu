@@ -467,12 +467,6 @@ TEST(CudaExecutor, DecodeGraphsReplayTheLaunchesBitForBit) {
   graphs_case(Weights::W8A8, {});  // cuBLASLt's INT8 GEMM inside a captured step
 }
 
-std::vector<int32_t> load_ids(const Checkpoint& ref, const std::string& name) {
-  const TensorInfo& t = ref.get(name);
-  const auto* p = reinterpret_cast<const int32_t*>(t.data);
-  return std::vector<int32_t>(p, p + t.numel());
-}
-
 // The architecture fixtures at the GPU's shapes (tests/fixtures/*-hd64, written by transformers
 // through tools/make_fixtures.py): the CUDA forward pass over every position against transformers'
 // fp32 logits (fp16 weights and activations: kRelTol), and greedy generation (8 prompt tokens,
@@ -484,7 +478,7 @@ TEST_P(GpuArchFixture, LogitsAndGreedyIdsMatchTransformers) {
   const auto dir = test::source_dir() / "tests/fixtures" / GetParam();
   auto model = Model::load(dir);
   const Checkpoint ref = Checkpoint::open(dir / "reference.safetensors");
-  const std::vector<int32_t> ids = load_ids(ref, "input_ids"), greedy = load_ids(ref, "greedy_ids");
+  const std::vector<int32_t> ids = test::load_ids(ref, "input_ids"), greedy = test::load_ids(ref, "greedy_ids");
   const std::vector<float> expected = ref.load_f32("logits");
   RuntimeOptions o;
   o.device = "cuda";
