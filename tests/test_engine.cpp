@@ -192,6 +192,56 @@ TEST_F(EngineTest, ConcurrentRequestsGiveWhatEachGivesAlone) {
   EXPECT_NE(run_serial({greedy})[0].tokens, serial[1].tokens);
 }
 
+// The CPU executor, counting which forward the engine asked for.
+class CountingExecutor final : public Executor {
+ public:
+  explicit CountingExecutor(Executor& inner) : inner_(inner) {}
+  const ModelConfig& config() const override { return inner_.config(); }
+  KVPool& kv() override { return inner_.kv(); }
+  std::string device_name() const override { return inner_.device_name(); }
+  void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) override {
+    ++logits_steps;
+    inner_.forward(batch, logits);
+  }
+  void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) override {
+    ++greedy_steps;
+    inner_.forward_greedy(batch, ids);
+  }
+  int logits_steps = 0, greedy_steps = 0;
+
+ private:
+  Executor& inner_;
+};
+
+// Steps whose requests are all plainly greedy take only the executor's greedy ids (a GPU then
+// copies one id per row, not a row of logits); one request that asks for logprobs brings the
+// logits back; the tokens are the same either way.
+TEST_F(EngineTest, PlainGreedyStepsTakeOnlyTheIds) {
+  REQUIRE_STORIES();
+  std::vector<Request> reqs = random_requests(6, 20, 12, 5);
+  for (Request& r : reqs) r.sampling = SamplingParams{};  // greedy
+  cpu::CpuExecutor cpu(*model_, {});
+  auto run = [&](const std::vector<Request>& rs, CountingExecutor& exec) {
+    Engine engine(exec, tok_.get(), {});
+    std::vector<Finished> out(rs.size());
+    for (size_t i = 0; i < rs.size(); ++i) engine.submit(rs[i], sink(out[i]));
+    engine.run();
+    return out;
+  };
+  CountingExecutor greedy(cpu);
+  const std::vector<Finished> ids_only = run(reqs, greedy);
+  EXPECT_GT(greedy.greedy_steps, 0);
+  EXPECT_EQ(greedy.logits_steps, 0);
+  reqs[0].sampling.logprobs = 1;
+  reqs[0].stop.max_tokens = 40;  // outlives the others: its steps run alone
+  CountingExecutor mixed(cpu);
+  const std::vector<Finished> with_logits = run(reqs, mixed);
+  EXPECT_GT(mixed.logits_steps, 0);
+  for (size_t i = 1; i < reqs.size(); ++i) EXPECT_EQ(with_logits[i].tokens, ids_only[i].tokens) << "request " << i;
+  EXPECT_EQ(std::vector<int32_t>(with_logits[0].tokens.begin(), with_logits[0].tokens.begin() + ptrdiff_t(ids_only[0].tokens.size())),
+            ids_only[0].tokens);
+}
+
 TEST_F(EngineTest, PreemptionUnderATinyPoolLosesNothing) {
   REQUIRE_STORIES();
   const auto reqs = random_requests(24, 60, 40, 12);

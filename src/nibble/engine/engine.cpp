@@ -106,18 +106,30 @@ bool Engine::step() {
   if (!scheduler_.has_work()) return false;
   const Scheduler::Step plan = scheduler_.schedule();
   if (plan.batch.empty()) return true;  // everything was preempted: admitted again next step
-  exec_.forward(plan.batch, logits_);
-  const int64_t vocab = exec_.config().vocab_size;
-  std::vector<float> rows;
   std::vector<Sampler*> samplers;
   std::vector<RequestId> ids;
+  bool greedy = true;
   for (size_t i = 0; i < plan.batch.size(); ++i)
     if (plan.samples[i]) {
-      rows.insert(rows.end(), logits_.begin() + int64_t(i) * vocab, logits_.begin() + int64_t(i + 1) * vocab);
       samplers.push_back(&outputs_.at(plan.requests[i]).sampler);
       ids.push_back(plan.requests[i]);
+      greedy &= samplers.back()->plain_greedy();
     }
-  const std::vector<SampledToken> sampled = sample_batch(rows, vocab, samplers);
+  std::vector<SampledToken> sampled;
+  if (greedy) {
+    // Only the ids leave the device: one per row instead of a row of vocabulary logits.
+    exec_.forward_greedy(plan.batch, greedy_ids_);
+    for (size_t i = 0, s = 0; i < plan.batch.size(); ++i)
+      if (plan.samples[i]) sampled.push_back(samplers[s++]->take(greedy_ids_[i]));
+  } else {
+    exec_.forward(plan.batch, logits_);
+    const int64_t vocab = exec_.config().vocab_size;
+    std::vector<float> rows;
+    for (size_t i = 0; i < plan.batch.size(); ++i)
+      if (plan.samples[i])
+        rows.insert(rows.end(), logits_.begin() + int64_t(i) * vocab, logits_.begin() + int64_t(i + 1) * vocab);
+    sampled = sample_batch(rows, vocab, samplers);
+  }
   std::vector<int32_t> next;
   for (const SampledToken& t : sampled) next.push_back(t.token.id);
   scheduler_.update(plan, next);

@@ -69,6 +69,7 @@ class Engine {
   std::map<RequestId, Output> outputs_;
   RequestId next_id_ = 0;
   std::vector<float> logits_;
+  std::vector<int32_t> greedy_ids_;
 };
 
 }  // namespace nibble

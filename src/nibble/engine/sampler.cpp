@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "nibble/core/error.h"
@@ -102,6 +103,17 @@ SampledToken Sampler::sample(const float* logits, int64_t vocab) {
   ++generated_[pick];
   seen_[size_t(pick)] = true;
   return out;
+}
+
+bool Sampler::plain_greedy() const {
+  return p_.temperature == 0 && p_.repetition_penalty == 1 && p_.presence_penalty == 0 &&
+         p_.frequency_penalty == 0 && p_.logprobs == 0;
+}
+
+SampledToken Sampler::take(int32_t id) {
+  ++generated_[id];
+  if (!seen_.empty()) seen_[size_t(id)] = true;
+  return {TokenLogprob{id, std::numeric_limits<float>::quiet_NaN()}, {}};
 }
 
 std::vector<SampledToken> sample_batch(std::span<const float> logits, int64_t vocab, std::span<Sampler* const> samplers) {

@@ -14,7 +14,7 @@
 namespace nibble {
 
 struct SampledToken {
-  TokenLogprob token;
+  TokenLogprob token;  // logprob NaN when the step took the executor's greedy ids (Sampler::plain_greedy)
   std::vector<TokenLogprob> top;
 };
 
@@ -24,6 +24,11 @@ class Sampler {
   Sampler(const SamplingParams& params, std::span<const int32_t> prompt);
   // Picks the next token from one row of `vocab` logits and records it as generated.
   SampledToken sample(const float* logits, int64_t vocab);
+  // Greedy with no penalty and no logprobs: the argmax is the whole choice, so the engine may take
+  // the executor's greedy ids instead of the logits (forward_greedy).
+  bool plain_greedy() const;
+  // Records `id` (the executor's greedy pick) as generated, as sample would.
+  SampledToken take(int32_t id);
 
  private:
   SamplingParams p_;
