@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 packages=(build-essential cmake ninja-build pkg-config clang libclang-rt-14-dev
           libgtest-dev libbenchmark-dev nlohmann-json3-dev libfmt-dev libcli11-dev libcpp-httplib-dev
-          libpcre2-dev libopenblas-openmp-dev libssl-dev gnuplot-nox)
+          libpcre2-dev libopenblas-openmp-dev libssl-dev libicu-dev gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -139,6 +139,28 @@ TEST_P(ReferenceTokenizer, StreamingEqualsDecodeOnRandomIds) {
 
 INSTANTIATE_TEST_SUITE_P(Tokenizer, ReferenceTokenizer, ::testing::Values("llama2", "mistral", "llama3"));
 
+// Qwen3's real tokenizer declares an NFC normalizer: its 110 reference texts (the 95 above plus
+// decomposed accents, Hangul jamo, the Ångström and Ohm signs, stacked marks, a ChatML turn) encode
+// as Hugging Face's Rust tokenizers does, and a decomposed text encodes as its composed form.
+TEST(Tokenizer, Qwen3NfcNormalizerMatchesHuggingFace) {
+  NIBBLE_REQUIRE_DATA("tokenizers/qwen3/reference.jsonl");
+  const Tokenizer qwen3 = load_tokenizer("qwen3");
+  std::ifstream in(test::data_dir() / "tokenizers/qwen3/reference.jsonl");
+  int cases = 0;
+  for (std::string line; std::getline(in, line); ++cases) {
+    const auto j = json::parse(line);
+    SCOPED_TRACE(j["text"].dump());
+    EXPECT_EQ(qwen3.encode(j["text"].get<std::string>()), j["ids"].get<std::vector<int32_t>>());
+  }
+  EXPECT_EQ(cases, 110);
+  const std::string composed = "caf\u00e9 \u00c5ngstr\u00f6m", decomposed = "cafe\u0301 A\u030angstro\u0308m";
+  ASSERT_NE(composed, decomposed);
+  EXPECT_EQ(qwen3.encode(decomposed), qwen3.encode(composed));
+  EXPECT_EQ(qwen3.decode(qwen3.encode(decomposed)), composed);
+  // Ohm sign U+2126 is canonically the Greek capital omega U+03A9.
+  EXPECT_EQ(qwen3.encode("\u2126"), qwen3.encode("\u03a9"));
+}
+
 TEST(Tokenizer, SpecialTokensAndConfig) {
   NIBBLE_REQUIRE_DATA("tokenizers/llama3/tokenizer.json");
   const Tokenizer llama2 = load_tokenizer("llama2");
@@ -373,7 +395,7 @@ TEST(Tokenizer, MalformedFilesAreErrors) {
   expect_load_error(with(good, "/added_tokens/2/content"_json_pointer, 5), "added_tokens[2].content: expected a string");
   expect_load_error(with(good, "/added_tokens/2/content"_json_pointer, "ab"), "'ab' has id 11 but the vocab gives it id 9");
   expect_load_error(with(good, "/added_tokens/2/id"_json_pointer, 6), "id 6 is already the token 'a'");
-  expect_load_error(with(good, "/normalizer"_json_pointer, json{{"type", "NFC"}}), "normalizer type 'NFC' is not supported");
+  expect_load_error(with(good, "/normalizer"_json_pointer, json{{"type", "NFKD"}}), "normalizer type 'NFKD' is not supported");
   expect_load_error(with(good, "/normalizer/normalizers/0"_json_pointer, json{{"prepend", "x"}}), "normalizer.normalizers[0].type: missing");
   expect_load_error(with(good, "/pre_tokenizer"_json_pointer, json{{"type", "Metaspace"}}), "pre_tokenizer type 'Metaspace'");
   expect_load_error(with(good, "/pre_tokenizer"_json_pointer,

@@ -1,5 +1,8 @@
 #include "nibble/tokenizer/pipeline.h"
 
+#include <unicode/normalizer2.h>
+#include <unicode/unistr.h>
+
 #include "nibble/core/error.h"
 #include "nibble/io/text_file.h"
 #include "nibble/tokenizer/utf8.h"
@@ -7,6 +10,21 @@
 namespace nibble::tokenizer {
 
 namespace {
+
+// NFC through ICU. The text is valid UTF-8 here (the tokenizer checks it first).
+std::string nfc(const std::string& text) {
+  UErrorCode status = U_ZERO_ERROR;
+  const icu::Normalizer2* n = icu::Normalizer2::getNFCInstance(status);
+  check(U_SUCCESS(status), "tokenizer", "ICU's NFC normalizer is unavailable: {}", u_errorName(status));
+  const icu::UnicodeString in = icu::UnicodeString::fromUTF8(text);
+  if (n->isNormalized(in, status) && U_SUCCESS(status)) return text;
+  status = U_ZERO_ERROR;
+  const icu::UnicodeString out = n->normalize(in, status);
+  check(U_SUCCESS(status), "tokenizer", "NFC normalization failed: {}", u_errorName(status));
+  std::string s;
+  out.toUTF8String(s);
+  return s;
+}
 
 std::string component_type(const JsonNode& node) { return node.at("type").string(); }
 
@@ -93,7 +111,8 @@ void Normalizer::add(const JsonNode& node) {
   const std::string type = component_type(node);
   if (type == "Prepend") steps_.push_back(Prepend{node.at("prepend").string()});
   else if (type == "Replace") steps_.push_back(Replace{Pattern::parse(node.at("pattern")), node.at("content").string()});
-  else unsupported(node, "normalizer", "Sequence, Prepend, Replace");
+  else if (type == "NFC") steps_.push_back(Nfc{});
+  else unsupported(node, "normalizer", "Sequence, Prepend, Replace, NFC");
 }
 
 std::string Normalizer::apply(std::string_view text) const {
@@ -101,9 +120,10 @@ std::string Normalizer::apply(std::string_view text) const {
   for (const Step& step : steps_) {
     if (const auto* prepend = std::get_if<Prepend>(&step)) {
       if (!s.empty()) s.insert(0, prepend->prefix);  // Prepend leaves empty text alone
+    } else if (const auto* replace = std::get_if<Replace>(&step)) {
+      s = replace->pattern.replace_all(s, replace->content);
     } else {
-      const auto& replace = std::get<Replace>(step);
-      s = replace.pattern.replace_all(s, replace.content);
+      s = nfc(s);
     }
   }
   return s;

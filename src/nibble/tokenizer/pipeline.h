@@ -43,7 +43,8 @@ class Normalizer {
  private:
   struct Prepend { std::string prefix; };
   struct Replace { Pattern pattern; std::string content; };
-  using Step = std::variant<Prepend, Replace>;
+  struct Nfc {};  // Unicode canonical composition (ICU), as Hugging Face's NFC normalizer
+  using Step = std::variant<Prepend, Replace, Nfc>;
   void add(const JsonNode& node);
   std::vector<Step> steps_;
 };
