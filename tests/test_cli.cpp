@@ -300,6 +300,30 @@ TEST_F(Cli, BenchRunsEveryRequestAndReportsTheEngine) {
   expect_one_line_error(nibble(fmt::format("bench -m {} --json --csv", quote(stories()))));
 }
 
+// A list of rates sweeps the load over one loaded model: one run per rate, each on an empty pool
+// (the 12 pages would not hold a run that inherited the last one's prefix cache), and the curve.
+TEST_F(Cli, BenchSweepsRatesAndDrawsTheCurve) {
+  REQUIRE_STORIES();
+  const fs::path png = dir_ / "curve.png";
+  const Result r = nibble(fmt::format("bench -m {} --device cpu --num-prompts 6 --prompt-len 40 --output-len 8 "
+                                      "--kv-pages 12 --rate 400,0 --plot {} --json",
+                                      quote(stories()), quote(png.string())));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(j.is_array()) << r.out;
+  ASSERT_EQ(j.size(), 2u);
+  EXPECT_EQ(j[0].at("rate"), 400.0);
+  EXPECT_EQ(j[1].at("rate"), 0.0);
+  for (const auto& run : j) {
+    EXPECT_EQ(run.at("completed"), 6);
+    EXPECT_EQ(run.at("output_tokens"), 48);
+    EXPECT_GT(run.at("tpot_mean_ms").get<double>(), 0);
+  }
+  if (std::system("command -v gnuplot >/dev/null") == 0) {
+    EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
+  }
+}
+
 TEST_F(Cli, EveryCommandTakesThreads) {
   REQUIRE_STORIES();
   for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval", "bench"}) {

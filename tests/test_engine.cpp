@@ -242,6 +242,26 @@ TEST_F(EngineTest, PlainGreedyStepsTakeOnlyTheIds) {
             ids_only[0].tokens);
 }
 
+// An engine gives every pool sequence back when it ends (running requests, cached prefixes), so
+// the executor can serve the next one.
+TEST_F(EngineTest, EndingTheEngineEmptiesThePool) {
+  REQUIRE_STORIES();
+  RuntimeOptions opt;
+  opt.kv_pages = 64;
+  cpu::CpuExecutor exec(*model_, opt);
+  std::vector<Finished> out(4);
+  {
+    Engine engine(exec, tok_.get(), {});
+    const std::vector<Request> reqs = random_requests(4, 60, 10, 9);
+    for (size_t i = 0; i < 3; ++i) engine.submit(reqs[i], sink(out[i]));
+    engine.run();  // finished: their prompts' pages stay in the prefix cache
+    engine.submit(reqs[3], sink(out[3]));
+    engine.step();  // one running
+    EXPECT_LT(exec.kv().free_tokens(), exec.kv().capacity_tokens());
+  }
+  EXPECT_EQ(exec.kv().free_tokens(), exec.kv().capacity_tokens());
+}
+
 TEST_F(EngineTest, PreemptionUnderATinyPoolLosesNothing) {
   REQUIRE_STORIES();
   const auto reqs = random_requests(24, 60, 40, 12);

@@ -1,12 +1,6 @@
 // nibble ablate -m DIR -f CALIB --eval TEXT[,TEXT]: Atom's ablation ladder as one table (perplexity
 // on each text, KL-divergence and top-1 agreement against the full-precision model, size), plus
 // nibble's own atom-w4a4; also written as CSV and a PNG bar chart.
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <cstdio>
 #include <optional>
 #include <sstream>
@@ -18,6 +12,7 @@
 #include "nibble/io/text_file.h"
 #include "nibble/quant/ablation.h"
 #include "nibble/quant/quantize_model.h"
+#include "tools/plot.h"
 #include "tools/commands.h"
 
 namespace nibble::cli {
@@ -44,56 +39,6 @@ struct Row {
   std::vector<PerplexityResult> results;  // one per eval text
   std::vector<double> task_values;        // Atom's metric per --tasks entry, then Atom's average
 };
-
-// A name as a double-quoted gnuplot data string: gnuplot reads it as data, never as a command.
-// Quotes, backslashes and control characters (a newline could end the data block) become '?'.
-std::string gnuplot_data_string(const std::string& s) {
-  std::string out = "\"";
-  for (const char c : s) out += (c == '"' || c == '\\' || uint8_t(c) < 0x20 || c == 0x7f) ? '?' : c;
-  return out + "\"";
-}
-
-// Runs gnuplot on `script` (its stdin) and returns the image it writes to stdout; nullopt when
-// gnuplot is missing or fails. No shell, no file name in the script: nothing a user names is code.
-std::optional<std::string> run_gnuplot(const std::string& script) {
-  int in[2], out[2];
-  if (pipe2(in, O_CLOEXEC) != 0) return std::nullopt;
-  if (pipe2(out, O_CLOEXEC) != 0) {
-    close(in[0]);
-    close(in[1]);
-    return std::nullopt;
-  }
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, in[0], 0);
-  posix_spawn_file_actions_adddup2(&actions, out[1], 1);
-  posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
-  char* argv[] = {const_cast<char*>("gnuplot"), nullptr};
-  pid_t pid = -1;
-  const int spawned = posix_spawnp(&pid, "gnuplot", &actions, nullptr, argv, environ);
-  posix_spawn_file_actions_destroy(&actions);
-  close(in[0]);
-  close(out[1]);
-  // The script is far below a pipe's buffer and gnuplot writes only once the plot is complete, so
-  // writing it all before reading cannot deadlock.
-  bool ok = spawned == 0 && write(in[1], script.data(), script.size()) == ssize_t(script.size());
-  close(in[1]);
-  std::string image;
-  char buf[65536];
-  for (ssize_t n; spawned == 0 && (n = read(out[0], buf, sizeof buf)) != 0;) {
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      ok = false;
-      break;
-    }
-    image.append(buf, size_t(n));
-  }
-  close(out[0]);
-  int status = 0;
-  if (spawned == 0) waitpid(pid, &status, 0);
-  if (!ok || !WIFEXITED(status) || WEXITSTATUS(status) != 0 || image.empty()) return std::nullopt;
-  return image;
-}
 
 // The PNG bar chart: perplexity relative to FP per recipe, one bar colour per --eval text.
 std::optional<std::string> draw_chart(const std::vector<Row>& rows, const std::vector<std::string>& eval) {

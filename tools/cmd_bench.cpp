@@ -1,7 +1,8 @@
 // nibble bench -m MODEL: the serving engine offline (no HTTP). Requests of random token ids whose
 // prompt and output lengths are fixed or drawn from Atom's distribution (its
-// e2e/punica-atom/benchmarks/bench_textgen.py), all at once or as Poisson arrivals; reports
-// throughput, TTFT and TPOT percentiles, peak KV pages, preemptions and prefix-cache hits.
+// e2e/punica-atom/benchmarks/bench_textgen.py), all at once or as Poisson arrivals at one rate or a
+// sweep of rates (the model loaded once); reports throughput, TTFT and TPOT percentiles, peak KV
+// pages, preemptions and prefix-cache hits, and with --plot the load curve (tokens/s against TPOT).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -14,7 +15,9 @@
 
 #include "nibble/core/progress.h"
 #include "nibble/engine/engine.h"
+#include "nibble/io/output_file.h"
 #include "tools/commands.h"
+#include "tools/plot.h"
 
 namespace nibble::cli {
 
@@ -24,7 +27,8 @@ struct BenchArgs {
   int num_prompts = 100;
   int64_t prompt_len = 128, output_len = 128, max_len = 2048, max_batch_tokens = 4096;
   std::string dist = "fixed";
-  double rate = 0;  // requests per second; 0 = all at once
+  std::vector<double> rates = {0};  // requests per second, one run each; 0 = all at once
+  std::string plot;                 // PNG of throughput against TPOT over the rates
   uint64_t seed = 0;
   bool no_prefix_caching = false, json = false, csv = false;
   DeviceOptions device;
@@ -50,16 +54,15 @@ double percentile(std::vector<double> v, double q) {
   return v[size_t(std::llround(q * double(v.size() - 1)))];
 }
 
-void run_bench(const BenchArgs& a) {
-  auto model = Model::load(a.model);
-  const int64_t context = model->config().max_position_embeddings, vocab = model->config().vocab_size;
+// One run at one arrival rate, on a fresh engine over `exec` (whose pool the last engine emptied).
+nlohmann::ordered_json run_rate(const BenchArgs& a, Executor& exec, double rate) {
+  const int64_t context = exec.config().max_position_embeddings, vocab = exec.config().vocab_size;
   const int64_t maxlen = std::min(a.max_len, context);
-  auto exec = a.device.make(*model, context, a.max_batch_tokens);
-  Engine engine(*exec, nullptr, {.max_batch_tokens = a.max_batch_tokens, .prefix_caching = !a.no_prefix_caching});
+  Engine engine(exec, nullptr, {.max_batch_tokens = a.max_batch_tokens, .prefix_caching = !a.no_prefix_caching});
 
   // The requests and their arrival times (seconds from the start).
   std::mt19937_64 rng(a.seed);
-  std::exponential_distribution<double> gap(a.rate > 0 ? a.rate : 1);
+  std::exponential_distribution<double> gap(rate > 0 ? rate : 1);
   std::vector<Request> reqs(size_t(a.num_prompts));
   std::vector<double> arrival(reqs.size(), 0);
   for (size_t i = 0; i < reqs.size(); ++i) {
@@ -67,7 +70,7 @@ void run_bench(const BenchArgs& a) {
     reqs[i].prompt.resize(size_t(len.prompt));
     for (int32_t& t : reqs[i].prompt) t = int32_t(rng() % uint64_t(vocab));
     reqs[i].stop = {.max_tokens = len.output, .ignore_eos = true};
-    if (a.rate > 0) arrival[i] = (i ? arrival[i - 1] : 0) + gap(rng);
+    if (rate > 0) arrival[i] = (i ? arrival[i - 1] : 0) + gap(rng);
   }
 
   struct Timing {
@@ -77,12 +80,12 @@ void run_bench(const BenchArgs& a) {
   std::vector<Timing> t(reqs.size());
   const auto t0 = std::chrono::steady_clock::now();
   int64_t output_tokens = 0, completed = 0, refused = 0;
-  Progress progress("bench", a.num_prompts, "requests");
+  Progress progress(rate > 0 ? fmt::format("bench at {:g} req/s", rate) : "bench", a.num_prompts, "requests");
   size_t next = 0;
   while (true) {
     const double now = seconds_since(t0);
     for (; next < reqs.size() && arrival[next] <= now; ++next) {
-      t[next].arrival = a.rate > 0 ? arrival[next] : now;
+      t[next].arrival = rate > 0 ? arrival[next] : now;
       try {
         engine.submit(reqs[next], [&, i = next](const OutputEvent& ev) {
           const double at = seconds_since(t0);
@@ -112,10 +115,10 @@ void run_bench(const BenchArgs& a) {
   const SchedulerStats& s = engine.stats();
   nlohmann::ordered_json j = {
       {"model", a.model},
-      {"device", exec->device_name()},
+      {"device", exec.device_name()},
       {"num_prompts", a.num_prompts},
       {"dist", a.dist},
-      {"rate", a.rate},
+      {"rate", rate},
       {"completed", completed},
       {"refused", refused},
       {"duration_s", wall},
@@ -123,7 +126,7 @@ void run_bench(const BenchArgs& a) {
       {"output_tokens_per_s", double(output_tokens) / wall},
       {"requests_per_s", double(completed) / wall},
       {"max_batch_tokens", a.max_batch_tokens},
-      {"kv_pages", exec->kv().capacity_tokens() / kKVPageTokens},
+      {"kv_pages", exec.kv().capacity_tokens() / kKVPageTokens},
       {"peak_pages", s.peak_pages},
       {"preemptions", s.preemptions},
       {"prefix_hit_tokens", s.prefix_hit_tokens},
@@ -132,18 +135,53 @@ void run_bench(const BenchArgs& a) {
   for (const auto& [name, v] : {std::pair{"ttft", &ttft}, std::pair{"tpot", &tpot}})
     for (const auto& [q, label] : {std::pair{0.5, "p50"}, std::pair{0.9, "p90"}, std::pair{0.99, "p99"}})
       j[fmt::format("{}_{}_ms", name, label)] = 1000 * percentile(*v, q);
+  double tpot_sum = 0;
+  for (double x : tpot) tpot_sum += x;
+  j["tpot_mean_ms"] = tpot.empty() ? 0.0 : 1000 * tpot_sum / double(tpot.size());
+  return j;
+}
+
+// Output tokens/s against mean TPOT, one point per rate (Atom's figure 11 axes).
+std::optional<std::string> draw_load_curve(const std::vector<nlohmann::ordered_json>& runs, const std::string& model) {
+  std::string script = "set terminal pngcairo size 800,520 noenhanced\n"
+                       "set xlabel 'mean TPOT (ms)'\nset ylabel 'output tokens/s'\nset grid\nset key off\n"
+                       "set title " + gnuplot_data_string("nibble bench: " + model) + "\n"
+                       "plot '-' using 1:2 with linespoints pointtype 7\n";
+  for (const auto& j : runs)
+    script += fmt::format("{:.4f} {:.2f}\n", j["tpot_mean_ms"].get<double>(), j["output_tokens_per_s"].get<double>());
+  return run_gnuplot(script + "e\n");
+}
+
+void run_bench(const BenchArgs& a) {
+  const std::filesystem::path inputs[] = {a.model};
+  if (!a.plot.empty()) check_output_path(a.plot, inputs);  // before the work, not after it
+  auto model = Model::load(a.model);
+  auto exec = a.device.make(*model, model->config().max_position_embeddings, a.max_batch_tokens);
+  std::vector<nlohmann::ordered_json> runs;
+  for (double rate : a.rates) runs.push_back(run_rate(a, *exec, rate));
+  if (!a.plot.empty()) {
+    const std::optional<std::string> png = draw_load_curve(runs, a.model);
+    check(png.has_value(), "nibble bench", "--plot needs gnuplot (Debian's gnuplot-nox), which did not run");
+    write_output_file(a.plot, *png, inputs);
+  }
   if (a.json) {
-    std::printf("%s\n", j.dump(2).c_str());
+    std::printf("%s\n", (runs.size() == 1 ? nlohmann::ordered_json(runs[0]) : nlohmann::ordered_json(runs)).dump(2).c_str());
   } else if (a.csv) {
-    std::string head, row;
-    for (const auto& [k, v] : j.items()) {
-      head += (head.empty() ? "" : ",") + k;
-      row += (row.empty() ? "" : ",") + (v.is_string() ? v.get<std::string>() : v.dump());
+    std::string head;
+    for (const auto& [k, v] : runs[0].items()) head += (head.empty() ? "" : ",") + k;
+    std::printf("%s\n", head.c_str());
+    for (const auto& j : runs) {
+      std::string row;
+      for (const auto& [k, v] : j.items())
+        row += (row.empty() ? "" : ",") + (v.is_string() ? v.get<std::string>() : v.dump());
+      std::printf("%s\n", row.c_str());
     }
-    std::printf("%s\n%s\n", head.c_str(), row.c_str());
   } else {
-    for (const auto& [k, v] : j.items())
-      std::printf("%-22s %s\n", k.c_str(), v.is_string() ? v.get<std::string>().c_str() : v.dump().c_str());
+    for (const auto& j : runs) {
+      for (const auto& [k, v] : j.items())
+        std::printf("%-22s %s\n", k.c_str(), v.is_string() ? v.get<std::string>().c_str() : v.dump().c_str());
+      if (runs.size() > 1) std::printf("\n");
+    }
   }
 }
 }  // namespace
@@ -165,9 +203,13 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--max-len", a->max_len, "--dist atom: longest prompt + output (capped by the model's context)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t(3), int64_t(1) << 30));
-  cmd->add_option("--rate", a->rate, "Poisson arrivals, requests per second; 0 = all at once")
+  cmd->add_option("--rate", a->rates,
+                  "Poisson arrivals, requests per second; 0 = all at once; a list (1,2,4) sweeps the load, one run "
+                  "each over the model loaded once")
+      ->delimiter(',')
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--plot", a->plot, "write a PNG of output tokens/s against mean TPOT, one point per --rate");
   cmd->add_option("--max-batch-tokens", a->max_batch_tokens, "tokens one step may carry (decode + prefill chunks)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

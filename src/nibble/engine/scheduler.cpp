@@ -6,6 +6,12 @@
 
 namespace nibble {
 
+Scheduler::~Scheduler() {
+  for (const auto& [id, s] : seqs_)
+    if (s->kv >= 0) kv_.free(s->kv);
+  for (const CachedPrefix& p : prefixes_) kv_.free(p.kv);
+}
+
 Scheduler::Scheduler(KVPool& kv, SchedulerOptions opt) : kv_(kv), opt_(opt) {
   check(opt.max_batch_tokens >= 1, "scheduler", "--max-batch-tokens must be >= 1, got {}", opt.max_batch_tokens);
 }

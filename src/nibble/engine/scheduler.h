@@ -36,6 +36,11 @@ struct SchedulerStats {
 class Scheduler {
  public:
   Scheduler(KVPool& kv, SchedulerOptions opt);
+  // Gives every pool sequence it holds (running requests, cached prefixes) back to the pool, so the
+  // executor can serve another engine (a load sweep, a restarted server).
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
 
   void add(RequestId id, std::vector<int32_t> prompt);
   // This step's entries (tokens point into the scheduler's sequences: valid until update), with
