@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Run THERE (the device), from the repo root, after `. scripts/device_unpack.sh` (programs packed
+# here by scripts/device_pack.sh). Runs the packed GPU tests and the issue-13 decode-step table in
+# one call, logs and tables into $OUT:
+#   scripts/device_measure.sh tests                          every packed gpu_test_* (fixtures from this checkout)
+#   scripts/device_measure.sh decode LIKE RECIPES [BATCHES] [CTXS]
+#        e.g. decode llama-2-7b fp16,w8a8,atom-w4a4 1,16,64,256 512,2048
+#        (fp16 runs bench_decode_step's in-memory random model; the others a `nibble synth` file)
+#   scripts/device_measure.sh peer                           ../shared/peers/torch_decode.py, carried in .devdata/peers
+# Each step has its own time limit (STEP_TIMEOUT, default 150 s) so one slow row cannot eat a call.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/nibble-out}
+STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+mkdir -p "$OUT"
+export NIBBLE_REQUIRE_GPU=1 NIBBLE_SOURCE_DIR=$PWD
+[ -d .devdata/data ] && export NIBBLE_DATA=$PWD/.devdata/data
+what=${1:-tests}
+shift || true
+status=0
+case "$what" in
+  tests)
+    for t in $(ls /tmp/nibble-pack/bin | grep '^gpu_test_'); do
+      timeout "$STEP_TIMEOUT" "$t" >"$OUT/$t.log" 2>&1 || status=1
+      echo "== $t: $(grep -cE '^\[       OK \]' "$OUT/$t.log") ok, $(grep -cE '^\[  FAILED  \] [A-Za-z]' "$OUT/$t.log") failed"
+      grep -E "^\[  FAILED  \] [A-Za-z]|run seed" "$OUT/$t.log" | head -8
+    done ;;
+  decode)
+    like=${1:?LIKE}; recipes=${2:-fp16,atom-w4a4}; batches=${3:-1,16,64,256}; ctxs=${4:-512}
+    for r in ${recipes//,/ }; do
+      args=(--like "$like")
+      if [ "$r" != fp16 ]; then
+        timeout "$STEP_TIMEOUT" nibble synth --like "$like" --recipe "$r" -o "/tmp/$like-$r.nibble" >/dev/null 2>&1 ||
+          { echo "synth $like $r failed"; status=1; continue; }
+        args=(-m "/tmp/$like-$r.nibble")
+      fi
+      timeout "$STEP_TIMEOUT" bench_decode_step "${args[@]}" --batch "$batches" --ctx "$ctxs" --steps 20 \
+        >"$OUT/decode-$like-$r.md" 2>"$OUT/decode-$like-$r.err" || status=1
+      cat "$OUT/decode-$like-$r.md"
+      rm -f "/tmp/$like-$r.nibble"
+    done ;;
+  peer)
+    timeout "$STEP_TIMEOUT" python3 .devdata/peers/torch_decode.py >"$OUT/peer.txt" 2>&1 || status=1
+    python3 - "$OUT/peer_decode.json" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for r in d.get("graph_decode_step", []):
+    print(f"torch {r['model']} {r['kind']} batch {r['batch']} ctx {r['context']}: {r['ms_per_step']} ms")
+PY
+    ;;
+  *) echo "unknown mode '$what' (tests, decode, peer)"; exit 2 ;;
+esac
+exit $status
