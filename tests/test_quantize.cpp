@@ -309,10 +309,12 @@ TEST(QuantizeQuality, NibbleRefAtomW4A4) {
   // top-1 over 2044 predictions has a binomial spread of 0.009, so it may fall two of those (0.018):
   // a legitimate change of rounding anywhere upstream moves it that much (this session's merges
   // moved it by 0.012 while KLD and ppl improved; the order of gemm_nt's final lane sum alone moved
-  // KLD between 0.1505 and 0.1562). The uncompensated-keeper mutant gives KLD 0.1625.
-  EXPECT_LE(got.kld_mean, 0.1517);
-  EXPECT_GE(got.top1, 0.782);
-  EXPECT_LE(got.ppl, 33.01);
+  // KLD between 0.1505 and 0.1562). The uncompensated-keeper mutant gives KLD 0.1625. So the bounds
+  // are today's values + 3% (KLD, ppl) and - 0.018 (top-1): a rounding change passes, the mutant
+  // (+8% KLD) does not.
+  EXPECT_LE(got.kld_mean, 0.1550);
+  EXPECT_GE(got.top1, 0.793);
+  EXPECT_LE(got.ppl, 33.91);
 }
 
 // Ascending and stable: equal channels keep their order, so the last `keeper` are the largest.
