@@ -414,8 +414,17 @@ Server::Server(Engine& engine, const Tokenizer& tokenizer, ServerOptions opt)
 Server::~Server() { stop(); }
 
 int Server::bind(const std::string& host, int port) {
+  // httplib 0.11 listens with a backlog of 5, which drops connections that arrive together: the
+  // socket is kept to listen again with the system's largest backlog.
+  int listening = -1;
+  http_->set_socket_options([&listening](socket_t sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    listening = sock;
+  });
   const int bound = port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
   check(bound > 0, "serve", "cannot listen on {}:{}", host, port);
+  check(::listen(listening, SOMAXCONN) == 0, "serve", "cannot listen on {}:{} with a backlog of {}", host, port, SOMAXCONN);
   return bound;
 }
 
