@@ -224,7 +224,8 @@ std::string metrics_text(const ServerMetrics& m) {
   add("nibble_requests_waiting", "gauge", "Requests in the server without a first token.", m.waiting);
   add("nibble_requests_running", "gauge", "Requests generating.", m.running);
   add("nibble_kv_pages_used", "gauge", "KV cache pages in use, the prefix cache's included.", m.kv_pages_used);
-  add("nibble_kv_pages_free", "gauge", "KV cache pages free.", m.kv_pages_free);
+  add("nibble_kv_pages_free", "gauge", "KV cache pages free (the CPU's pool without --kv-pages has 2^36).",
+      m.kv_pages_free);
   add("nibble_prompt_tokens_total", "counter", "Prompt tokens of submitted requests.", m.prompt_tokens);
   add("nibble_generated_tokens_total", "counter", "Tokens generated.", m.generated_tokens);
   add("nibble_prefix_hit_tokens_total", "counter", "Prompt tokens taken from the prefix cache.", m.prefix_hit_tokens);
