@@ -79,7 +79,6 @@ struct Served {
   }
   static ServerOptions with_defaults(ServerOptions opt) {
     opt.model_name = "stories";
-    if (!opt.chat_template) opt.chat_template = ChatTemplate::named("llama-2");
     return opt;
   }
   httplib::Client client(const char* key = kKey) const {
@@ -131,6 +130,7 @@ struct Served {
 ServerOptions keyed() {
   ServerOptions o;
   o.api_key = kKey;
+  o.chat_template = ChatTemplate::named("llama-2");  // stories260K has none
   return o;
 }
 
@@ -224,6 +224,56 @@ TEST(Serve, ChatStreamedAndNotEqualsTheEngineOnTheTemplatesPrompt) {
   EXPECT_EQ(got.finish, finish_reason_name(want.finish));
 }
 
+// Completions' logprobs: one entry per generated token, the sampled token among the top n;
+// chat's: the same numbers in its content list.
+TEST(Serve, LogprobsListEachTokenWithItsTopAlternatives) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  auto res = s.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 8}, {"temperature", 0}, {"logprobs", 3}});
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  const json body = json::parse(res->body);
+  const json& lp = body["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["tokens"].size(), 8u) << lp;
+  ASSERT_EQ(lp["token_logprobs"].size(), 8u);
+  for (size_t i = 0; i < 8; ++i) {
+    const json& top = lp["top_logprobs"][i];
+    EXPECT_EQ(top.size(), 3u) << top;
+    // Greedy: the sampled token is the most likely, so its logprob is the top's largest.
+    float best = -1e30f;
+    for (const auto& [tok, v] : top.items()) best = std::max(best, v.get<float>());
+    EXPECT_FLOAT_EQ(lp["token_logprobs"][i].get<float>(), best) << i;
+    EXPECT_LE(best, 0.0f);
+  }
+  // Offsets index the answer's text: they start at 0 and grow up to its length.
+  EXPECT_EQ(lp["text_offset"][0], 0);
+  for (size_t i = 1; i < 8; ++i) EXPECT_GE(lp["text_offset"][i], lp["text_offset"][i - 1]);
+  EXPECT_LT(lp["text_offset"][7].get<size_t>(), body["choices"][0]["text"].get<std::string>().size());
+  res = s.post("/v1/chat/completions", {{"messages", json::array({json{{"role", "user"}, {"content", "Hi"}}})},
+                                        {"max_tokens", 5},
+                                        {"temperature", 0},
+                                        {"logprobs", true},
+                                        {"top_logprobs", 2}});
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  const json chat = json::parse(res->body);
+  const json& content = chat["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 5u) << chat;
+  for (const auto& t : content) {
+    ASSERT_EQ(t["top_logprobs"].size(), 2u) << t;
+    EXPECT_FLOAT_EQ(t["logprob"].get<float>(), t["top_logprobs"][0]["logprob"].get<float>()) << t;
+    EXPECT_EQ(t["token"], t["top_logprobs"][0]["token"]) << t;
+  }
+}
+
+TEST(Serve, ChatWithoutATemplateIsRefused) {
+  REQUIRE_STORIES();
+  Served s(ServerOptions{});  // stories260K has no chat template and none was given
+  auto res = s.post("/v1/chat/completions", {{"messages", json::array({json{{"role", "user"}, {"content", "Hi"}}})}}, nullptr);
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
+  EXPECT_NE(res->body.find("--chat-template"), std::string::npos) << res->body;
+  EXPECT_EQ(s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 2}}, nullptr)->status, 200);
+}
+
 // The stop string spans tokens: a stream that sent its first part before seeing the rest would leak it.
 TEST(Serve, StopStringsNeverLeakIntoAStream) {
   REQUIRE_STORIES();
@@ -302,7 +352,7 @@ TEST(Serve, ErrorsHaveOpenAIsShapeAndStatus) {
   expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 600}}), 400);  // past the 512 context
   expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"n", 2}}), 400, "n");
   expect_error(s.post("/v1/chat/completions", {{"messages", json::array()}}), 400, "messages");
-  expect_error(s.post("/v1/chat/completions", {{"messages", {{{"role", "robot"}, {"content", "x"}}}}}), 400);
+  expect_error(s.post("/v1/chat/completions", {{"messages", json::array({json{{"role", "robot"}, {"content", "x"}}})}}), 400);
   expect_error(s.post("/v1/completions", {{"model", "gpt-9"}, {"prompt", "Hi"}}), 404, "model");
   expect_error(c.Get("/v1/nothing"), 404);
   expect_error(c.Post("/v1/completions", json{{"prompt", std::string(4000, 'a')}}.dump(), "application/json"), 413);
@@ -370,6 +420,11 @@ TEST(Serve, AClientLeavingMidStreamAbortsItsRequestAndFreesItsPages) {
   httplib::Error err;
   EXPECT_FALSE(c.send(req, res, err));
   c.stop();
+  // The server notices (its keep-alive comments fail) while the engine still holds the request.
+  const auto noticed_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (s.metric("nibble_client_disconnects_total") == 0 && std::chrono::steady_clock::now() < noticed_by)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(s.metric("nibble_client_disconnects_total"), 1);
   hold.unlock();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
   while ((s.metric("nibble_requests_running") != 0 || s.metric("nibble_requests_waiting") != 0) &&

@@ -231,10 +231,13 @@ std::string metrics_text(const ServerMetrics& m) {
   add("nibble_prefix_hit_tokens_total", "counter", "Prompt tokens taken from the prefix cache.", m.prefix_hit_tokens);
   add("nibble_requests_finished_total", "counter", "Requests that ended with stop or length.", m.finished);
   add("nibble_requests_aborted_total", "counter", "Requests aborted (client gone or shutdown).", m.aborted);
+  add("nibble_client_disconnects_total", "counter", "Streams whose client left before the end.", m.client_disconnects);
   return out;
 }
 
 // Holds one place of --max-queue until the answer is sent.
+constexpr auto kKeepAlive = std::chrono::milliseconds(250);
+
 struct QueueSlot {
   std::atomic<int64_t>& count;
   ~QueueSlot() { --count; }
@@ -327,7 +330,7 @@ struct Handlers {
           ch->events.clear();
         }
         if (events.back().finish == FinishReason::Abort)
-          throw ApiError{503, "the server is shutting down", "", "shutting_down"};
+          throw ApiError{503, "the request was aborted: the server is stopping or its engine failed", "", "aborted"};
         res.set_content(job.answer(events, s.tokenizer_).dump(), "application/json");
         return;
       }
@@ -336,8 +339,14 @@ struct Handlers {
       res.set_chunked_content_provider(
           "text/event-stream", [this, slot, ch, state, started = false](size_t, httplib::DataSink& sink) mutable {
             auto send = [&](const std::string& text) { return text.empty() || sink.write(text.data(), text.size()); };
-            if (!started && !send(state->stream_start())) return s.abort(ch), false;
+            // A client gone mid-stream: its request ends and frees its pages.
+            auto client_left = [&] {
+              ++s.metrics_.client_disconnects;
+              s.abort(ch);
+            };
+            if (!started && !send(state->stream_start())) return client_left(), false;
             started = true;
+            auto last_write = std::chrono::steady_clock::now();
             while (true) {
               std::deque<OutputEvent> events;
               {
@@ -345,16 +354,26 @@ struct Handlers {
                 ch->cv.wait_for(l, std::chrono::milliseconds(50), [&] { return !ch->events.empty(); });
                 events.swap(ch->events);
               }
-              // A client gone mid-stream: its request ends and frees its pages.
-              if (events.empty() && !sink.is_writable()) return s.abort(ch), false;
+              // A quiet stream says it is alive now and then (an SSE comment): writing is how a
+              // client that left is found, since httplib 0.11 cannot see a closed socket otherwise.
+              if (events.empty()) {
+                if (std::chrono::steady_clock::now() - last_write < kKeepAlive) continue;
+                if (!send(": keep-alive\n\n")) return client_left(), false;
+                last_write = std::chrono::steady_clock::now();
+              }
               for (const auto& ev : events) {
-                if (!send(state->stream_event(ev, s.tokenizer_))) return s.abort(ch), false;
+                if (!send(state->stream_event(ev, s.tokenizer_))) return client_left(), false;
+                last_write = std::chrono::steady_clock::now();
                 if (ev.finish != FinishReason::None) {
                   sink.done();
                   return true;
                 }
               }
             }
+          },
+          // A stream httplib gave up on (the client left before it began) ends its request too.
+          [this, ch](bool success) {
+            if (!success) s.abort(ch);
           });
     } catch (const ApiError& e) {
       send_error(res, e);
@@ -417,15 +436,14 @@ Server::~Server() { stop(); }
 int Server::bind(const std::string& host, int port) {
   // httplib 0.11 listens with a backlog of 5, which drops connections that arrive together: the
   // socket is kept to listen again with the system's largest backlog.
-  int listening = -1;
-  http_->set_socket_options([&listening](socket_t sock) {
-    int yes = 1;
-    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
-    listening = sock;
+  auto listening = std::make_shared<int>(-1);
+  http_->set_socket_options([listening](socket_t sock) {
+    httplib::default_socket_options(sock);
+    *listening = sock;
   });
   const int bound = port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
   check(bound > 0, "serve", "cannot listen on {}:{}", host, port);
-  check(::listen(listening, SOMAXCONN) == 0, "serve", "cannot listen on {}:{} with a backlog of {}", host, port, SOMAXCONN);
+  check(::listen(*listening, SOMAXCONN) == 0, "serve", "cannot listen on {}:{} with a backlog of {}", host, port, SOMAXCONN);
   return bound;
 }
 
@@ -439,6 +457,13 @@ void Server::stop() {
   queue_cv_.notify_all();
   if (engine_thread_.joinable()) engine_thread_.join();  // it aborts what runs: the handlers answer
   http_->stop();
+}
+
+std::unique_lock<std::mutex> Server::hold_engine() {
+  ++hold_requests_;
+  std::unique_lock hold(engine_mu_);
+  --hold_requests_;
+  return hold;
 }
 
 std::shared_ptr<Channel> Server::submit(Request request) {
@@ -504,7 +529,7 @@ void Server::engine_loop() {
       aborts.swap(aborts_);
       stopping = stopping_;
     }
-    std::lock_guard hold(engine_mu_);
+    std::unique_lock hold(engine_mu_);
     for (const auto& ch : aborts)
       if (active_.count(ch)) engine_.abort(ch->id);
     for (auto& [request, ch] : pending) {
@@ -525,11 +550,19 @@ void Server::engine_loop() {
     if (stopping)
       for (const auto& ch : std::vector(active_.begin(), active_.end())) engine_.abort(ch->id);
     else if (!active_.empty())
-      engine_.step();
+      try {
+        engine_.step();
+      } catch (const std::exception& e) {  // a bug, not a request's fault: its requests end, the server goes on
+        std::fprintf(stderr, "nibble serve: the engine failed (%s): aborting its %zu requests\n", e.what(), active_.size());
+        for (const auto& ch : std::vector(active_.begin(), active_.end())) engine_.abort(ch->id);
+      }
     metrics_.kv_pages_used = engine_.pages_in_use();
     metrics_.kv_pages_free = engine_.executor().kv().free_tokens() / kKVPageTokens;
     metrics_.prefix_hit_tokens = engine_.stats().prefix_hit_tokens;
     if (stopping) return;
+    hold.unlock();
+    // std::mutex is not fair: a waiting hold_engine() gets the lock before the next step.
+    while (hold_requests_ > 0) std::this_thread::yield();
   }
 }
 

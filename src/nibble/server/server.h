@@ -41,6 +41,7 @@ struct ServerMetrics {
   std::atomic<int64_t> kv_pages_used{0}, kv_pages_free{0};
   std::atomic<int64_t> prompt_tokens{0}, generated_tokens{0}, prefix_hit_tokens{0};
   std::atomic<int64_t> finished{0}, aborted{0};
+  std::atomic<int64_t> client_disconnects{0};  // streams whose client left; written by the handlers
 };
 
 struct Channel;
@@ -61,7 +62,7 @@ class Server {
 
   // While the returned lock is held the engine does not step: requests queue up (tests use it to
   // fill the queue or hold a stream still).
-  std::unique_lock<std::mutex> hold_engine() { return std::unique_lock(engine_mu_); }
+  std::unique_lock<std::mutex> hold_engine();
   const ServerMetrics& metrics() const { return metrics_; }
 
  private:
@@ -86,6 +87,7 @@ class Server {
   std::vector<std::shared_ptr<Channel>> aborts_;
   bool stopping_ = false;
   std::mutex engine_mu_;  // held by the engine thread while it touches the engine
+  std::atomic<int> hold_requests_{0};  // hold_engine() callers waiting: the engine thread lets them in
   std::set<std::shared_ptr<Channel>> active_;  // submitted and unfinished; engine thread only
   std::thread engine_thread_;
 };
