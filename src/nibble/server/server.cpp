@@ -272,7 +272,7 @@ struct Handlers {
         if (job.logprobs) throw ApiError{400, "echo with logprobs is not supported yet", "echo", "unsupported_value"};
         job.echo_text = prompt;
       }
-      job.request.prompt = s.tokenizer_.encode(prompt, s.tokenizer_.bos_id() >= 0);
+      job.request.prompt = s.tokenizer_.encode(prompt, true);  // BOS as Hugging Face adds it
     } else {
       if (!s.opt_.chat_template)
         throw ApiError{400, "this model has no chat template: start the server with --chat-template NAME", "messages",
