@@ -326,13 +326,25 @@ TEST_F(Cli, BenchSweepsRatesAndDrawsTheCurve) {
 
 TEST_F(Cli, EveryCommandTakesThreads) {
   REQUIRE_STORIES();
-  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval", "bench"}) {
+  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval", "bench", "serve"}) {
     const Result help = nibble(std::string(cmd) + " --help");
     EXPECT_NE(help.out.find("-t,--threads"), std::string::npos) << cmd;
   }
   for (const char* t : {"1", "2"})
     EXPECT_EQ(nibble(fmt::format("generate -m {} -p 'Once' -n 4 -t {}", quote(stories()), t)).status, 0);
   expect_one_line_error(nibble(fmt::format("generate -m {} -p 'Once' -n 4 -t 0", quote(stories()))));
+}
+
+// A chat template nibble cannot render stops `serve` at start, before it loads or listens.
+TEST_F(Cli, ServeRefusesAChatTemplateItCannotRender) {
+  const Result named = nibble("serve -m . --chat-template vicuna --port 0");
+  expect_one_line_error(named);
+  EXPECT_NE(named.err.find("unknown chat template 'vicuna'"), std::string::npos) << named.err;
+  fs::create_directories(dir_ / "model");
+  std::ofstream(dir_ / "model/tokenizer_config.json") << R"({"chat_template": "{{ '### Human: ' + m.content }}"})";
+  const Result model = nibble("serve -m model --port 0");
+  expect_one_line_error(model);
+  EXPECT_NE(model.err.find("tokenizer_config.json: chat_template is none of the formats"), std::string::npos) << model.err;
 }
 
 // Run from / with no NIBBLE_DATA: the task data is found beside the checkout the binary is in.

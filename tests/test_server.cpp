@@ -1,0 +1,486 @@
+// `nibble serve` over loopback (stories260K on the CPU): completions and chat, streamed and not,
+// against the engine's own answer for the same prompt; usage; stop strings; 64 concurrent streams;
+// every error status; a client leaving mid-stream; the chat templates' text.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <fstream>
+#include <thread>
+
+#include <httplib.h>
+#include <nlohmann/json.hpp>
+
+#include "nibble/backend/cpu/executor.h"
+#include "nibble/core/error.h"
+#include "nibble/engine/engine.h"
+#include "nibble/model/model.h"
+#include "nibble/server/server.h"
+#include "nibble/tokenizer/tokenizer.h"
+#include "tests/test_util.h"
+
+namespace nibble::server {
+namespace {
+
+using json = nlohmann::json;
+#define REQUIRE_STORIES() NIBBLE_REQUIRE_DATA("models/stories260K/model.safetensors")
+constexpr const char* kKey = "test-key";
+
+struct Stories {
+  std::unique_ptr<Model> model = Model::load(test::data_dir() / "models/stories260K");
+  Tokenizer tok = Tokenizer::load(test::data_dir() / "models/stories260K");
+};
+Stories& stories() {
+  static Stories s;
+  return s;
+}
+
+// The engine's answer to one request alone: the reference for the server's.
+struct Direct {
+  std::string text;
+  int64_t tokens = 0;
+  FinishReason finish = FinishReason::None;
+};
+Direct direct(Request r) {
+  cpu::CpuExecutor exec(*stories().model, {});
+  Engine engine(exec, &stories().tok, {.prefix_caching = false});
+  Direct d;
+  engine.submit(std::move(r), [&](const OutputEvent& ev) {
+    d.text += ev.text;
+    d.tokens += ev.token.id >= 0;
+    d.finish = ev.finish;
+  });
+  engine.run();
+  return d;
+}
+Direct direct_completion(const std::string& prompt, int64_t max_tokens, std::vector<std::string> stop = {}) {
+  Request r;
+  r.prompt = stories().tok.encode(prompt, true);
+  r.stop.max_tokens = max_tokens;
+  r.stop.stop_strings = std::move(stop);
+  return direct(std::move(r));
+}
+
+// A server on an ephemeral loopback port, with its own executor and engine.
+struct Served {
+  cpu::CpuExecutor exec;
+  Engine engine;
+  Server server;
+  int port;
+  std::thread listener;
+  explicit Served(ServerOptions opt)
+      : exec(*stories().model, {}),
+        engine(exec, &stories().tok, {.prefix_caching = false}),  // so pages go back to 0 when idle
+        server(engine, stories().tok, with_defaults(std::move(opt))),
+        port(server.bind("127.0.0.1", 0)),
+        listener([this] { server.listen(); }) {}
+  ~Served() {
+    server.stop();
+    listener.join();
+  }
+  static ServerOptions with_defaults(ServerOptions opt) {
+    opt.model_name = "stories";
+    return opt;
+  }
+  httplib::Client client(const char* key = kKey) const {
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(30);
+    if (key) c.set_default_headers({{"Authorization", std::string("Bearer ") + key}});
+    return c;
+  }
+  httplib::Result post(const std::string& path, const json& body, const char* key = kKey) const {
+    return client(key).Post(path.c_str(), body.dump(), "application/json");
+  }
+  // The SSE stream of a request: each data payload, in order.
+  std::vector<std::string> stream(const std::string& path, const json& body) const {
+    auto c = client();
+    httplib::Request req;
+    req.method = "POST";
+    req.path = path;
+    req.body = body.dump();
+    req.set_header("Content-Type", "application/json");
+    req.set_header("Authorization", std::string("Bearer ") + kKey);
+    std::string raw;
+    req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+      raw.append(data, n);
+      return true;
+    };
+    httplib::Response res;
+    httplib::Error err;
+    EXPECT_TRUE(c.send(req, res, err)) << httplib::to_string(err);
+    EXPECT_EQ(res.status, 200);
+    std::vector<std::string> events;
+    for (size_t at = 0; (at = raw.find("data: ", at)) != std::string::npos;) {
+      const size_t end = raw.find("\n\n", at);
+      EXPECT_NE(end, std::string::npos) << "an event without its blank line";
+      if (end == std::string::npos) break;
+      events.push_back(raw.substr(at + 6, end - at - 6));
+      at = end + 2;
+    }
+    return events;
+  }
+  int64_t metric(const std::string& name) const {
+    auto res = client().Get("/metrics");
+    EXPECT_TRUE(res && res->status == 200);
+    const size_t at = res->body.find("\n" + name + " ");
+    EXPECT_NE(at, std::string::npos) << name;
+    return at == std::string::npos ? -1 : std::stoll(res->body.substr(at + name.size() + 2));
+  }
+};
+
+ServerOptions keyed() {
+  ServerOptions o;
+  o.api_key = kKey;
+  o.chat_template = ChatTemplate::named("llama-2");  // stories260K has none
+  return o;
+}
+
+// The text of a completions or chat stream, its finish reason and its usage chunk; checks the shape.
+struct Streamed {
+  std::string text, finish;
+  json usage;
+};
+Streamed join_stream(const std::vector<std::string>& events, bool chat) {
+  Streamed s;
+  EXPECT_GE(events.size(), 2u);
+  if (events.empty()) return s;
+  EXPECT_EQ(events.back(), "[DONE]");
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    const json chunk = json::parse(events[i]);
+    EXPECT_EQ(chunk["object"], chat ? "chat.completion.chunk" : "text_completion");
+    if (chunk.contains("usage") && !chunk["usage"].is_null()) s.usage = chunk["usage"];
+    if (chunk["choices"].empty()) continue;
+    const json& c = chunk["choices"][0];
+    EXPECT_TRUE(s.finish.empty()) << "a chunk after the finish: " << events[i];
+    if (c["finish_reason"].is_string()) s.finish = c["finish_reason"];
+    const json& text = chat ? c["delta"].value("content", json("")) : c["text"];
+    s.text += text.get<std::string>();
+  }
+  return s;
+}
+
+TEST(Serve, CompletionEqualsTheEnginesGreedyAnswer) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  const std::string prompt = "Once upon a time, there was a";
+  const Direct want = direct_completion(prompt, 40);
+  auto res = s.post("/v1/completions", {{"model", "stories"}, {"prompt", prompt}, {"max_tokens", 40}, {"temperature", 0}});
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  const json body = json::parse(res->body);
+  EXPECT_EQ(body["object"], "text_completion");
+  EXPECT_EQ(body["choices"][0]["text"], want.text);
+  EXPECT_EQ(body["choices"][0]["finish_reason"], finish_reason_name(want.finish));
+  EXPECT_EQ(body["usage"]["prompt_tokens"], stories().tok.encode(prompt, true).size());
+  EXPECT_EQ(body["usage"]["completion_tokens"], want.tokens);
+  EXPECT_EQ(body["usage"]["total_tokens"], body["usage"]["prompt_tokens"].get<int64_t>() + want.tokens);
+  // echo puts the prompt before the answer.
+  res = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 40}, {"temperature", 0}, {"echo", true}});
+  ASSERT_TRUE(res && res->status == 200);
+  EXPECT_EQ(json::parse(res->body)["choices"][0]["text"], prompt + want.text);
+}
+
+TEST(Serve, StreamedCompletionEqualsTheAnswerWithUsageAndDone) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  const std::string prompt = "The little dog";
+  const Direct want = direct_completion(prompt, 30);
+  const auto events = s.stream("/v1/completions", {{"prompt", prompt},
+                                                   {"max_tokens", 30},
+                                                   {"temperature", 0},
+                                                   {"stream", true},
+                                                   {"stream_options", {{"include_usage", true}}}});
+  const Streamed got = join_stream(events, false);
+  EXPECT_EQ(got.text, want.text);
+  EXPECT_EQ(got.finish, finish_reason_name(want.finish));
+  ASSERT_TRUE(got.usage.is_object()) << "no usage chunk";
+  EXPECT_EQ(got.usage["completion_tokens"], want.tokens);
+  EXPECT_EQ(got.usage["prompt_tokens"], stories().tok.encode(prompt, true).size());
+}
+
+TEST(Serve, ChatStreamedAndNotEqualsTheEngineOnTheTemplatesPrompt) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  const json messages = json::array({{{"role", "system"}, {"content", "Tell a story."}},
+                                     {{"role", "user"}, {"content", "A cat and a dog"}}});
+  Request r;
+  r.prompt = stories().tok.encode(
+      ChatTemplate::named("llama-2").render({{"system", "Tell a story."}, {"user", "A cat and a dog"}}), false);
+  r.stop.max_tokens = 25;
+  const Direct want = direct(r);
+  auto res = s.post("/v1/chat/completions", {{"messages", messages}, {"max_tokens", 25}, {"temperature", 0}});
+  ASSERT_TRUE(res);
+  ASSERT_EQ(res->status, 200) << res->body;
+  const json body = json::parse(res->body);
+  EXPECT_EQ(body["object"], "chat.completion");
+  EXPECT_EQ(body["choices"][0]["message"]["role"], "assistant");
+  EXPECT_EQ(body["choices"][0]["message"]["content"], want.text);
+  EXPECT_EQ(body["usage"]["prompt_tokens"], r.prompt.size());
+  const auto events = s.stream("/v1/chat/completions",
+                               {{"messages", messages}, {"max_tokens", 25}, {"temperature", 0}, {"stream", true}});
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(json::parse(events[0])["choices"][0]["delta"]["role"], "assistant");
+  const Streamed got = join_stream(events, true);
+  EXPECT_EQ(got.text, want.text);
+  EXPECT_EQ(got.finish, finish_reason_name(want.finish));
+}
+
+// Completions' logprobs: one entry per generated token, the sampled token among the top n;
+// chat's: the same numbers in its content list.
+TEST(Serve, LogprobsListEachTokenWithItsTopAlternatives) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  auto res = s.post("/v1/completions", {{"prompt", "Once upon a time"}, {"max_tokens", 8}, {"temperature", 0}, {"logprobs", 3}});
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  const json body = json::parse(res->body);
+  const json& lp = body["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["tokens"].size(), 8u) << lp;
+  ASSERT_EQ(lp["token_logprobs"].size(), 8u);
+  for (size_t i = 0; i < 8; ++i) {
+    const json& top = lp["top_logprobs"][i];
+    EXPECT_EQ(top.size(), 3u) << top;
+    // Greedy: the sampled token is the most likely, so its logprob is the top's largest.
+    float best = -1e30f;
+    for (const auto& [tok, v] : top.items()) best = std::max(best, v.get<float>());
+    EXPECT_FLOAT_EQ(lp["token_logprobs"][i].get<float>(), best) << i;
+    EXPECT_LE(best, 0.0f);
+  }
+  // Offsets index the answer's text: they start at 0 and grow up to its length.
+  EXPECT_EQ(lp["text_offset"][0], 0);
+  for (size_t i = 1; i < 8; ++i) EXPECT_GE(lp["text_offset"][i], lp["text_offset"][i - 1]);
+  EXPECT_LT(lp["text_offset"][7].get<size_t>(), body["choices"][0]["text"].get<std::string>().size());
+  res = s.post("/v1/chat/completions", {{"messages", json::array({json{{"role", "user"}, {"content", "Hi"}}})},
+                                        {"max_tokens", 5},
+                                        {"temperature", 0},
+                                        {"logprobs", true},
+                                        {"top_logprobs", 2}});
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  const json chat = json::parse(res->body);
+  const json& content = chat["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 5u) << chat;
+  for (const auto& t : content) {
+    ASSERT_EQ(t["top_logprobs"].size(), 2u) << t;
+    EXPECT_FLOAT_EQ(t["logprob"].get<float>(), t["top_logprobs"][0]["logprob"].get<float>()) << t;
+    EXPECT_EQ(t["token"], t["top_logprobs"][0]["token"]) << t;
+  }
+}
+
+TEST(Serve, ChatWithoutATemplateIsRefused) {
+  REQUIRE_STORIES();
+  Served s(ServerOptions{});  // stories260K has no chat template and none was given
+  auto res = s.post("/v1/chat/completions", {{"messages", json::array({json{{"role", "user"}, {"content", "Hi"}}})}}, nullptr);
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 400);
+  EXPECT_NE(res->body.find("--chat-template"), std::string::npos) << res->body;
+  EXPECT_EQ(s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 2}}, nullptr)->status, 200);
+}
+
+// The stop string spans tokens: a stream that sent its first part before seeing the rest would leak it.
+TEST(Serve, StopStringsNeverLeakIntoAStream) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  const std::string prompt = "Once upon a time";
+  const std::string full = direct_completion(prompt, 40).text;
+  const std::string stop = "irl nam";  // inside " girl named"
+  ASSERT_NE(full.find(stop), std::string::npos) << full;
+  const auto events = s.stream("/v1/completions", {{"prompt", prompt},
+                                                   {"max_tokens", 40},
+                                                   {"temperature", 0},
+                                                   {"stream", true},
+                                                   {"stop", json::array({"zzz", stop})}});
+  const Streamed got = join_stream(events, false);
+  EXPECT_EQ(got.text, full.substr(0, full.find(stop)));
+  EXPECT_EQ(got.finish, "stop");
+  // A string stop, not streamed: the same text.
+  auto res = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 40}, {"temperature", 0}, {"stop", stop}});
+  ASSERT_TRUE(res && res->status == 200);
+  EXPECT_EQ(json::parse(res->body)["choices"][0]["text"], got.text);
+}
+
+TEST(Serve, SixtyFourConcurrentStreamsEachEqualTheirSerialAnswer) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  constexpr int kClients = 64;
+  std::vector<std::string> prompts, want;
+  const char* subjects[] = {"The cat", "A big dog", "Lily", "Tom and Sue", "The sun", "A bird", "The tree", "Ben"};
+  for (int i = 0; i < kClients; ++i) {
+    prompts.push_back(fmt::format("{} {}", subjects[i % 8], std::string(size_t(i / 8), '!')));
+    want.push_back(direct_completion(prompts.back(), 12 + i % 5).text);
+  }
+  std::vector<std::string> got(kClients);
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kClients; ++i)
+    clients.emplace_back([&, i] {
+      got[size_t(i)] = join_stream(s.stream("/v1/completions", {{"prompt", prompts[size_t(i)]},
+                                                                {"max_tokens", 12 + i % 5},
+                                                                {"temperature", 0},
+                                                                {"stream", true}}),
+                                   false)
+                           .text;
+    });
+  for (auto& t : clients) t.join();
+  for (int i = 0; i < kClients; ++i) EXPECT_EQ(got[size_t(i)], want[size_t(i)]) << "client " << i;
+  EXPECT_EQ(s.metric("nibble_requests_finished_total"), kClients);
+  EXPECT_EQ(s.metric("nibble_kv_pages_used"), 0);
+}
+
+void expect_error(const httplib::Result& res, int status, const std::string& param = "") {
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, status) << res->body;
+  const json body = json::parse(res->body, nullptr, false);
+  ASSERT_TRUE(body.is_object() && body.contains("error")) << res->body;
+  const json& e = body["error"];
+  EXPECT_TRUE(e["message"].is_string() && !e["message"].get<std::string>().empty()) << res->body;
+  EXPECT_TRUE(e["type"].is_string()) << res->body;
+  EXPECT_TRUE(e.contains("param") && e.contains("code")) << res->body;
+  if (!param.empty()) {
+    EXPECT_EQ(e["param"], param) << res->body;
+  }
+}
+
+TEST(Serve, ErrorsHaveOpenAIsShapeAndStatus) {
+  REQUIRE_STORIES();
+  ServerOptions opt = keyed();
+  opt.max_body = 2048;
+  Served s(opt);
+  auto c = s.client();
+  expect_error(c.Post("/v1/completions", "{\"prompt\": ", "application/json"), 400);
+  expect_error(c.Post("/v1/completions", "[1, 2]", "application/json"), 400);
+  expect_error(s.post("/v1/completions", {{"max_tokens", 4}}), 400, "prompt");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", "4"}}), 400, "max_tokens");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"temperature", "hot"}}), 400, "temperature");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"stop", json::array({1})}}), 400, "stop");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 600}}), 400);  // past the 512 context
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"n", 2}}), 400, "n");
+  expect_error(s.post("/v1/chat/completions", {{"messages", json::array()}}), 400, "messages");
+  expect_error(s.post("/v1/chat/completions", {{"messages", json::array({json{{"role", "robot"}, {"content", "x"}}})}}), 400);
+  expect_error(s.post("/v1/completions", {{"model", "gpt-9"}, {"prompt", "Hi"}}), 404, "model");
+  expect_error(c.Get("/v1/nothing"), 404);
+  expect_error(c.Post("/v1/completions", json{{"prompt", std::string(4000, 'a')}}.dump(), "application/json"), 413);
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}}, nullptr), 401);
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}}, "wrong-key"), 401);
+  expect_error(s.client(nullptr).Get("/v1/models"), 401);
+  expect_error(s.client(nullptr).Get("/metrics"), 401);
+  auto health = s.client(nullptr).Get("/health");
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 200);
+  auto models = c.Get("/v1/models");
+  ASSERT_TRUE(models && models->status == 200);
+  EXPECT_EQ(json::parse(models->body)["data"][0]["id"], "stories");
+  // The server is fine after all of that.
+  auto ok = s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 3}, {"temperature", 0}});
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200) << ok->body;
+}
+
+TEST(Serve, AFullQueueAnswers429) {
+  REQUIRE_STORIES();
+  ServerOptions opt = keyed();
+  opt.max_queue = 1;
+  Served s(opt);
+  int first_status = 0;
+  {
+    auto hold = s.server.hold_engine();  // the first request waits in the queue
+    std::thread t([&] {
+      auto res = s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 3}, {"temperature", 0}});
+      first_status = res ? res->status : -1;
+    });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (s.server.metrics().waiting == 0 && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    ASSERT_EQ(s.server.metrics().waiting, 1);
+    expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 3}}), 429);
+    hold.unlock();
+    t.join();
+  }
+  EXPECT_EQ(first_status, 200);
+  // Its place is free again.
+  auto again = s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 3}, {"temperature", 0}});
+  ASSERT_TRUE(again);
+  EXPECT_EQ(again->status, 200) << again->body;
+}
+
+TEST(Serve, AClientLeavingMidStreamAbortsItsRequestAndFreesItsPages) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  constexpr int kMaxTokens = 400;
+  auto c = s.client();
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.body = json{{"prompt", "Once"}, {"max_tokens", kMaxTokens}, {"temperature", 0}, {"stream", true}}.dump();
+  req.set_header("Content-Type", "application/json");
+  req.set_header("Authorization", std::string("Bearer ") + kKey);
+  std::unique_lock<std::mutex> hold;
+  // On its first bytes the client stops the engine and leaves.
+  req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) {
+    hold = s.server.hold_engine();
+    return false;
+  };
+  httplib::Response res;
+  httplib::Error err;
+  EXPECT_FALSE(c.send(req, res, err));
+  c.stop();
+  // The server notices (its keep-alive comments fail) while the engine still holds the request.
+  const auto noticed_by = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (s.metric("nibble_client_disconnects_total") == 0 && std::chrono::steady_clock::now() < noticed_by)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(s.metric("nibble_client_disconnects_total"), 1);
+  hold.unlock();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while ((s.metric("nibble_requests_running") != 0 || s.metric("nibble_requests_waiting") != 0) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(s.metric("nibble_requests_aborted_total"), 1);
+  EXPECT_EQ(s.metric("nibble_requests_finished_total"), 0);
+  EXPECT_LT(s.metric("nibble_generated_tokens_total"), kMaxTokens);
+  EXPECT_EQ(s.metric("nibble_kv_pages_used"), 0);
+  // The server still answers.
+  auto ok = s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 3}, {"temperature", 0}});
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200);
+}
+
+// The four formats' text, as their Hugging Face templates write it.
+TEST(ChatTemplate, RendersTheFourFormats) {
+  const std::vector<ChatMessage> m = {{"system", "S"}, {"user", "U1"}, {"assistant", "A1"}, {"user", "U2"}};
+  EXPECT_EQ(ChatTemplate::named("llama-2").render(m),
+            "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU1 [/INST] A1 </s><s>[INST] U2 [/INST]");
+  EXPECT_EQ(ChatTemplate::named("mistral").render(m), "<s>[INST] S\n\nU1 [/INST]A1</s>[INST] U2 [/INST]");
+  EXPECT_EQ(ChatTemplate::named("llama-3").render(m),
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nU1<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nU2<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n");
+  EXPECT_EQ(ChatTemplate::named("chatml").render(m),
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+            "<|im_start|>user\nU2<|im_end|>\n<|im_start|>assistant\n");
+  EXPECT_THROW(ChatTemplate::named("vicuna"), Error);
+  EXPECT_THROW(ChatTemplate::named("chatml").render({{"robot", "x"}}), Error);
+}
+
+// A model's tokenizer_config.json chat_template: recognised by its markers, refused when unknown.
+TEST(ChatTemplate, RecognisesAModelsTemplateOrRefusesIt) {
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("nibble_chat_{}", ::getpid());
+  std::filesystem::create_directories(dir);
+  auto with = [&](const json& config) {
+    std::ofstream(dir / "tokenizer_config.json") << config.dump();
+    return ChatTemplate::from_model(dir);
+  };
+  EXPECT_FALSE(with({{"bos_token", "<s>"}}).has_value());
+  EXPECT_EQ(with({{"chat_template", "{% for m in messages %}<|im_start|>{{ m.role }}..."}})->format, ChatFormat::ChatML);
+  EXPECT_EQ(with({{"chat_template", "{{ '<|start_header_id|>' + m.role }}"}})->format, ChatFormat::Llama3);
+  EXPECT_EQ(with({{"chat_template", "{{ bos_token + '[INST] <<SYS>>\\n' }}"}})->format, ChatFormat::Llama2);
+  const auto mistral = with({{"chat_template", "{{ bos_token }}{{ '[INST] ' + m['content'] + ' [/INST]' }}"},
+                             {"bos_token", {{"content", "<B>"}}},
+                             {"eos_token", "<E>"}});
+  EXPECT_EQ(mistral->format, ChatFormat::Mistral);
+  EXPECT_EQ(mistral->render({{"user", "U"}}), "<B>[INST] U [/INST]");
+  EXPECT_EQ(with({{"chat_template", json::array({{{"name", "default"}, {"template", "<|im_start|>"}}})}})->format,
+            ChatFormat::ChatML);
+  EXPECT_THROW(with({{"chat_template", "{{ '### Human: ' + m.content }}"}}), Error);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace nibble::server
