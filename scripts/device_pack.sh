@@ -11,7 +11,7 @@ rm -rf "$out"
 mkdir -p "$out/stage/bin" "$out/stage/lib"
 for b in "$@"; do strip -o "$out/stage/bin/$b" "build/bin/$b"; done
 for l in libopenblas.so.0 libgfortran.so.5 libquadmath.so.0 libpcre2-8.so.0 libfmt.so.9 libgomp.so.1 libicuuc.so.72 \
-         libicudata.so.72; do
+         libicudata.so.72 libcpp-httplib.so.0.11 libbrotlidec.so.1 libbrotlienc.so.1 libbrotlicommon.so.1; do
   cp -L "/usr/lib/x86_64-linux-gnu/$l" "$out/stage/lib/"
 done
 tar -C "$out/stage" -cJf "$out/pack.tar.xz" .
