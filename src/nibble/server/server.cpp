@@ -239,6 +239,7 @@ std::string metrics_text(const ServerMetrics& m) {
 constexpr auto kKeepAlive = std::chrono::milliseconds(250);
 
 struct QueueSlot {
+  explicit QueueSlot(std::atomic<int64_t>& c) : count(c) {}  // clang 14: no aggregate make_shared
   std::atomic<int64_t>& count;
   ~QueueSlot() { --count; }
 };
