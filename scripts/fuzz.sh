@@ -8,7 +8,11 @@ CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWit
   -DNIBBLE_CUDA=OFF -DNIBBLE_TESTS=OFF -DNIBBLE_BENCH=OFF >/dev/null
 # Every fuzz/fuzz_<target>.cpp, each seeded from fuzz/corpus/<target>/.
 targets=$(cd fuzz && ls fuzz_*.cpp | sed 's/^fuzz_//; s/\.cpp$//')
-ninja -C build-fuzz $(printf 'fuzz_%s ' $targets) >/dev/null
+if ! ninja -C build-fuzz $(printf 'fuzz_%s ' $targets) >build-fuzz/build.log 2>&1; then
+  grep -E "error|FAILED" build-fuzz/build.log | head -20
+  echo "fuzz.sh: building the fuzzers (clang) failed; build-fuzz/build.log has the whole log" >&2
+  exit 1
+fi
 for target in $targets; do
   corpus="build-fuzz/corpus-$target"
   mkdir -p "$corpus"
