@@ -434,8 +434,6 @@ StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
   for (const BatchEntry& e : batch) {
     require(!e.tokens.empty(), "forward", "sequence {} has no new tokens", e.seq);
     require(cache.allocator().alive(e.seq), "forward", "no live sequence {}", e.seq);
-    require(std::find(seqs.begin(), seqs.end(), e.seq) == seqs.end(), "forward", "sequence {} appears twice",
-            e.seq);
     const int64_t len = cache.length(e.seq) + int64_t(e.tokens.size());
     require(len <= max_context_, "forward", "sequence {} would hold {} tokens, past the context of {}", e.seq, len,
             max_context_);
@@ -451,6 +449,11 @@ StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
     seqs.push_back(e.seq);
     news.push_back(int(e.tokens.size()));
   }
+  // Each sequence once (sorted, not pairwise: a decode step may carry hundreds).
+  std::vector<SeqId> sorted = seqs;
+  std::sort(sorted.begin(), sorted.end());
+  const auto twice = std::adjacent_find(sorted.begin(), sorted.end());
+  require(twice == sorted.end(), "forward", "sequence {} appears twice", twice == sorted.end() ? -1 : *twice);
   StepPlan plan;
   plan.n = int64_t(tokens.size());
   plan.rows = plan.real_rows = int64_t(head_rows.size());
