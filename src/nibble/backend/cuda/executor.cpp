@@ -135,9 +135,21 @@ LinearWeights upload_linear(const Linear& l, const std::vector<float>* norm, con
   throw Error(what, "this linear type has no CUDA kernel; use --device cpu");
 }
 
+struct ExpertWeights {
+  LinearWeights gate_up, down;
+};
+
 struct LayerWeights {
   DeviceArray<float> attn_norm, mlp_norm;
-  LinearWeights qkv, o, gate_up, down;
+  LinearWeights qkv, o;
+  std::vector<ExpertWeights> experts;  // one for a dense MLP
+  LinearWeights router;                // Mixtral: FP16 [num_experts, hidden]
+
+  std::vector<const LinearWeights*> linears() const {
+    std::vector<const LinearWeights*> all{&qkv, &o};
+    for (const ExpertWeights& e : experts) all.insert(all.end(), {&e.gate_up, &e.down});
+    return all;
+  }
 };
 
 // Bytes the weights take on the device: fp16 for dense tensors, the W8A8 upload, the packed W4A4
@@ -150,7 +162,7 @@ int64_t device_weight_bytes(const Model& m) {
   };
   int64_t n = 2 * int64_t(m.embedding().size());
   for (const Layer& layer : m.layers()) {
-    n += linear(*layer.qkv) + linear(*layer.o);
+    n += linear(*layer.qkv) + linear(*layer.o) + (layer.router ? linear(*layer.router) : 0);
     for (const Expert& e : layer.experts) n += linear(*e.gate_up) + linear(*e.down);
   }
   if (!m.config().tie_word_embeddings) n += linear(m.lm_head());
@@ -253,6 +265,7 @@ class CudaExecutor final : public Executor {
   DeviceArray<int32_t> tokens_, head_rows_, ids_;
   DeviceArray<float> hidden_, logits_;
   DeviceArray<__half> xn_, qkv_, q_rot_, attn_, y_, gate_up_, act_;
+  DeviceArray<float> router_scores_, expert_weights_;  // Mixtral: [rows, num_experts]
   // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's split-K scratch.
   DeviceArray<__half> hidden16_;
   DeviceArray<uint8_t> act_codes_;  // sized for the largest linear input at max_tokens_ rows
@@ -277,8 +290,8 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
       max_context_(opt.max_context > 0 ? std::min(opt.max_context, cfg_.max_position_embeddings)
                                        : cfg_.max_position_embeddings) {
   const ModelConfig& c = cfg_;
-  require(c.num_experts == 0, "--device cuda", "{} (mixture of experts) has no CUDA forward pass yet; use --device cpu",
-          arch_name(c.arch));
+  require(c.num_experts <= 64, "--device cuda", "the CUDA router takes at most 64 experts; this model has {}",
+          c.num_experts);
   require(c.head_dim == 64 || c.head_dim == 128, "--device cuda",
           "the CUDA attention kernels take head_dim 64 or 128; this model has {} (use --device cpu)", c.head_dim);
   const KVFormat& kvf = model.kv_format();
@@ -322,9 +335,19 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
     lw.mlp_norm = DeviceArray<float>(src.mlp_norm.data(), src.mlp_norm.size());
     lw.qkv = upload_linear(*src.qkv, &src.attn_norm, p + "self_attn.qkv");
     lw.o = upload_linear(*src.o, nullptr, p + "self_attn.o_proj");
-    lw.gate_up = upload_linear(*src.experts[0].gate_up, &src.mlp_norm, p + "mlp.gate_up");
-    lw.down = upload_linear(*src.experts[0].down, nullptr, p + "mlp.down_proj");
-    for (const LinearWeights* w : {&lw.qkv, &lw.o, &lw.gate_up, &lw.down}) {
+    const std::string mlp = src.router ? p + "block_sparse_moe." : p + "mlp.";
+    for (size_t e = 0; e < src.experts.size(); ++e) {
+      const std::string ex = src.router ? cformat("{}experts.{}.", mlp, e) : mlp;
+      lw.experts.push_back({upload_linear(*src.experts[e].gate_up, &src.mlp_norm, ex + "gate_up"),
+                            upload_linear(*src.experts[e].down, nullptr, ex + "down_proj")});
+    }
+    if (src.router) {
+      const auto* router = dynamic_cast<const DenseLinear*>(src.router.get());
+      require(router != nullptr && router->bias().empty(), mlp + "gate",
+              "a quantized router has no CUDA kernel; use --device cpu");
+      lw.router = upload_dense(*router, mlp + "gate");
+    }
+    for (const LinearWeights* w : lw.linears()) {
       any_atom_ |= w->atom;
       if (!w->int8) continue;
       if (!w8a8_) w8a8_ = std::make_unique<W8A8Gemm>(max_tokens_);
@@ -348,6 +371,10 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   y_ = DeviceArray<__half>(size_t(T * H));
   gate_up_ = DeviceArray<__half>(size_t(T * 2 * c.intermediate_size));
   act_ = DeviceArray<__half>(size_t(T * c.intermediate_size));
+  if (c.num_experts > 0) {
+    router_scores_ = DeviceArray<float>(size_t(T * c.num_experts));
+    expert_weights_ = DeviceArray<float>(size_t(T * c.num_experts));
+  }
 
   if (any_atom_) {
     hidden16_ = DeviceArray<__half>(size_t(T * H));
@@ -355,7 +382,7 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
     int64_t code_bytes = 0, scale_count = 0;
     size_t ws = 0;
     for (const LayerWeights& lw : layers_)
-      for (const LinearWeights* w : {&lw.qkv, &lw.o, &lw.gate_up, &lw.down}) {
+      for (const LinearWeights* w : lw.linears()) {
         if (!w->atom) continue;
         const AtomShape a = atom_shape(T, int(w->in), w->keeper);
         code_bytes = std::max(code_bytes, a.code_bytes());
@@ -490,21 +517,36 @@ void CudaExecutor::launch(const StepPlan& plan) {
   const float eps = float(c.rms_norm_eps);
   embed_rows(tokens_.get(), n, embedding_.get(), H, hidden_.get(), stream_);
   const __half* pending = nullptr;  // the last linear's output, added to the residual by the next norm
-  // The input of a linear fed by an RMSNorm: the fp16 normalized rows (FP16), or the permuted,
-  // normalized and quantized rows (W4A4); either way the residual add of `pending` comes first.
-  auto norm_into = [&](const LinearWeights& w, const DeviceArray<float>& norm, __half* y) {
-    if (!w.atom) {
-      residual_rmsnorm(hidden_.get(), pending, n, H, norm.get(), eps, xn_.get(), nullptr, stream_);
-      dense(w, xn_.get(), n, y);
-      return;
-    }
-    residual_rmsnorm(hidden_.get(), pending, n, H, nullptr, eps, nullptr, hidden16_.get(), stream_);
+  // The residual add of `pending`, then the RMSNorm the linears that follow take: fp16 normalized
+  // rows in xn_ (FP16, W8A8, a router) and/or the fp16 residual in hidden16_, which the fused W4A4
+  // kernels normalize, permute and quantize per linear.
+  auto add_and_norm = [&](const DeviceArray<float>& norm, bool rows16, bool atom) {
+    residual_rmsnorm(hidden_.get(), pending, n, H, rows16 ? norm.get() : nullptr, eps, rows16 ? xn_.get() : nullptr,
+                     atom ? hidden16_.get() : nullptr, stream_);
+    pending = nullptr;
+  };
+  // y = w(the rows add_and_norm left).
+  auto normed_linear = [&](const LinearWeights& w, __half* y) {
+    if (!w.atom) return dense(w, xn_.get(), n, y);
     rmsnorm_quantize(hidden16_.get(), H, w.perm.get(), w.norm_perm.get(), eps, act_op(n, w), w.act, stream_);
     w4a4(w, n, y);
   };
+  // gate/up → SwiGLU → down into y_.
+  auto expert_mlp = [&](const ExpertWeights& e) {
+    normed_linear(e.gate_up, gate_up_.get());
+    if (e.down.atom) {
+      swiglu_quantize(gate_up_.get(), gate_up_.get() + I, 2 * I, e.down.perm.get(), act_op(n, e.down), e.down.act,
+                      stream_);
+      w4a4(e.down, n, y_.get());
+    } else {
+      swiglu(gate_up_.get(), n, I, act_.get(), stream_);
+      dense(e.down, act_.get(), n, y_.get());
+    }
+  };
   for (size_t l = 0; l < layers_.size(); ++l) {
     const LayerWeights& w = layers_[l];
-    norm_into(w.qkv, w.attn_norm, qkv_.get());
+    add_and_norm(w.attn_norm, !w.qkv.atom, w.qkv.atom);
+    normed_linear(w.qkv, qkv_.get());
     AppendArgs app;
     app.qkv = qkv_.get();
     app.qkv_stride = w.qkv.out;
@@ -536,26 +578,30 @@ void CudaExecutor::launch(const StepPlan& plan) {
       dense(w.o, attn_.get(), n, y_.get());
     }
     pending = y_.get();
-    norm_into(w.gate_up, w.mlp_norm, gate_up_.get());
-    if (w.down.atom) {
-      swiglu_quantize(gate_up_.get(), gate_up_.get() + I, 2 * I, w.down.perm.get(), act_op(n, w.down), w.down.act,
-                      stream_);
-      w4a4(w.down, n, y_.get());
-    } else {
-      swiglu(gate_up_.get(), n, I, act_.get(), stream_);
-      dense(w.down, act_.get(), n, y_.get());
+    if (w.experts.size() == 1) {
+      add_and_norm(w.mlp_norm, !w.experts[0].gate_up.atom, w.experts[0].gate_up.atom);
+      expert_mlp(w.experts[0]);
+      pending = y_.get();
+      continue;
+    }
+    // Mixtral: every expert runs on every row and adds its output at the row's routing weight (0
+    // where the row did not choose it): k/E of the work is wasted, but the step has no host
+    // synchronisation, so it is captured like any other (MoE speed is not a target yet).
+    bool any_atom = false;
+    for (const ExpertWeights& e : w.experts) any_atom |= e.gate_up.atom;
+    add_and_norm(w.mlp_norm, true, any_atom);
+    blas_.run(xn_.get(), w.router.w.get(), router_scores_.get(), n, c.num_experts, H, stream_);
+    moe_route(router_scores_.get(), n, int(c.num_experts), int(c.num_experts_per_tok), expert_weights_.get(), stream_);
+    for (size_t e = 0; e < w.experts.size(); ++e) {
+      expert_mlp(w.experts[e]);
+      add_expert_output(hidden_.get(), y_.get(), expert_weights_.get(), int(c.num_experts), int(e), n, H, stream_);
     }
   }
   residual_rmsnorm(hidden_.get(), pending, n, H, final_norm_.get(), eps, xn_.get(), nullptr, stream_);
   // The LM head on the selected rows only, fp32 logits: Logitsᵀ [V, rows] = E [V, H] · Xᵀ.
   __half* selected = y_.get();  // consumed by the norm above: free again
   gather_rows(xn_.get(), head_rows_.get(), plan.rows, H, selected, stream_);
-  const float alpha = 1.0f, beta = 0.0f;
-  NIBBLE_CUBLAS_CHECK(cublasSetStream(blas_.handle(), stream_));
-  NIBBLE_CUBLAS_CHECK(cublasGemmEx(blas_.handle(), CUBLAS_OP_T, CUBLAS_OP_N, int(c.vocab_size), int(plan.rows),
-                                   int(H), &alpha, lm_head_, CUDA_R_16F, int(H), selected, CUDA_R_16F, int(H), &beta,
-                                   logits_.get(), CUDA_R_32F, int(c.vocab_size), CUBLAS_COMPUTE_32F,
-                                   CUBLAS_GEMM_DEFAULT));
+  blas_.run(selected, lm_head_, logits_.get(), plan.rows, c.vocab_size, H, stream_);
 }
 
 void CudaExecutor::run(const StepPlan& plan) {

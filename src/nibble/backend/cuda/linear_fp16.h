@@ -18,6 +18,8 @@ class LinearFp16 {
 
   // Asynchronous on `stream`; row-major X [M, K], W [N, K], Y [M, N].
   void run(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+  // The same product with fp32 output (the LM head's logits, a router's scores).
+  void run(const __half* x, const __half* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
   cublasHandle_t handle() const { return handle_; }
 
  private:

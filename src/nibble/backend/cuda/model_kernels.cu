@@ -65,6 +65,36 @@ __global__ void add_bias_kernel(__half* y, const __half* b, int64_t rows, int64_
   NIBBLE_FLAT_LOOP(i, rows * N) y[i] = __float2half(__half2float(y[i]) + __half2float(b[i % N]));
 }
 
+// One thread per row: E is small (8 for Mixtral).
+__global__ void moe_route_kernel(const float* scores, int64_t rows, int E, int k, float* weights) {
+  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (r >= rows) return;
+  const float* s = scores + r * E;
+  float* w = weights + r * E;
+  float mx = s[0];
+  for (int e = 1; e < E; ++e) mx = fmaxf(mx, s[e]);
+  float sum = 0;
+  for (int e = 0; e < E; ++e) sum += (w[e] = expf(s[e] - mx));
+  for (int e = 0; e < E; ++e) w[e] /= sum;
+  // Expert e is kept when fewer than k experts rank above it (higher probability, or equal and lower index).
+  uint64_t keep = 0;
+  float kept = 0;
+  for (int e = 0; e < E; ++e) {
+    int above = 0;
+    for (int f = 0; f < E; ++f) above += w[f] > w[e] || (w[f] == w[e] && f < e);
+    if (above < k) {
+      keep |= uint64_t(1) << e;
+      kept += w[e];
+    }
+  }
+  for (int e = 0; e < E; ++e) w[e] = keep >> e & 1 ? w[e] / kept : 0.0f;
+}
+
+__global__ void add_expert_output_kernel(float* h, const __half* y, const float* weights, int E, int e,
+                                         int64_t rows, int64_t H) {
+  NIBBLE_FLAT_LOOP(i, rows * H) h[i] += weights[(i / H) * E + e] * __half2float(y[i]);
+}
+
 // One warp per vector.
 template <int E>
 __global__ void hadamard_heads_kernel(__half* x, int64_t vectors) {
@@ -131,6 +161,19 @@ void residual_rmsnorm(float* h, const __half* y, int64_t rows, int64_t H, const 
 void swiglu(const __half* gu, int64_t rows, int64_t I, __half* out, cudaStream_t stream) {
   if (rows == 0) return;
   swiglu_kernel<<<flat_blocks(rows * I), kThreads, 0, stream>>>(gu, rows, I, out);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void moe_route(const float* scores, int64_t rows, int E, int k, float* weights, cudaStream_t stream) {
+  if (rows == 0) return;
+  moe_route_kernel<<<unsigned((rows + kThreads - 1) / kThreads), kThreads, 0, stream>>>(scores, rows, E, k, weights);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void add_expert_output(float* h, const __half* y, const float* weights, int E, int e, int64_t rows, int64_t H,
+                       cudaStream_t stream) {
+  if (rows == 0) return;
+  add_expert_output_kernel<<<flat_blocks(rows * H), kThreads, 0, stream>>>(h, y, weights, E, e, rows, H);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

@@ -29,6 +29,16 @@ void add_bias(__half* y, const __half* b, int64_t rows, int64_t N, cudaStream_t 
 // D-wide vectors, in place (D = 64 or 128): turns a rotated-basis attention output back.
 void hadamard_heads(__half* x, int64_t vectors, int D, cudaStream_t stream);
 
+// Mixtral's routing (Model::mlp): per row of router scores [rows, E], softmax, keep the top k
+// (ties to the lower expert, as a stable sort), renormalise them to sum to one; weights [rows, E]
+// holds each expert's weight, 0 for those not chosen.
+void moe_route(const float* scores, int64_t rows, int E, int k, float* weights, cudaStream_t stream);
+
+// h[r, :] += weights[r, e] · y[r, :] (an expert's output into the fp32 residual; rows that did not
+// choose expert e add 0).
+void add_expert_output(float* h, const __half* y, const float* weights, int E, int e, int64_t rows, int64_t H,
+                       cudaStream_t stream);
+
 // out[i, :] = x[idx[i], :] for n rows of width H.
 void gather_rows(const __half* x, const int32_t* idx, int64_t n, int64_t H, __half* out, cudaStream_t stream);
 
