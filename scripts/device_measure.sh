@@ -5,7 +5,8 @@
 #   scripts/device_measure.sh tests                          every packed gpu_test_* (fixtures from this checkout)
 #   scripts/device_measure.sh decode LIKE RECIPES [BATCHES] [CTXS]
 #        e.g. decode llama-2-7b fp16,w8a8,atom-w4a4 1,16,64,256 512,2048
-#        (fp16 runs bench_decode_step's in-memory random model; the others a `nibble synth` file)
+#        (fp16 runs bench_decode_step's in-memory random model; the others a `nibble synth` file;
+#        LAYERS=N cuts the model to N layers: a 70B W8A8 file is larger than the device's disk)
 #   scripts/device_measure.sh peer                           ../shared/peers/torch_decode.py, carried in .devdata/peers
 # Each step has its own time limit (STEP_TIMEOUT, default 150 s) so one slow row cannot eat a call.
 set -uo pipefail
@@ -28,9 +29,11 @@ case "$what" in
   decode)
     like=${1:?LIKE}; recipes=${2:-fp16,atom-w4a4}; batches=${3:-1,16,64,256}; ctxs=${4:-512}
     for r in ${recipes//,/ }; do
-      args=(--like "$like")
+      layers=()
+      [ -n "${LAYERS:-}" ] && layers=(--layers "$LAYERS")
+      args=(--like "$like" "${layers[@]}")
       if [ "$r" != fp16 ]; then
-        timeout "$STEP_TIMEOUT" nibble synth --like "$like" --recipe "$r" -o "/tmp/$like-$r.nibble" >/dev/null 2>&1 ||
+        timeout "$STEP_TIMEOUT" nibble synth --like "$like" --recipe "$r" "${layers[@]}" -o "/tmp/$like-$r.nibble" >/dev/null 2>&1 ||
           { echo "synth $like $r failed"; status=1; continue; }
         args=(-m "/tmp/$like-$r.nibble")
       fi

@@ -143,7 +143,7 @@ struct LayerWeights {
   DeviceArray<float> attn_norm, mlp_norm;
   LinearWeights qkv, o;
   std::vector<ExpertWeights> experts;  // one for a dense MLP
-  LinearWeights router;                // Mixtral: FP16 [num_experts, hidden]
+  DeviceArray<float> router;           // Mixtral: [num_experts, hidden], fp32 (routing decisions are discrete)
 
   std::vector<const LinearWeights*> linears() const {
     std::vector<const LinearWeights*> all{&qkv, &o};
@@ -265,7 +265,7 @@ class CudaExecutor final : public Executor {
   DeviceArray<int32_t> tokens_, head_rows_, ids_;
   DeviceArray<float> hidden_, logits_;
   DeviceArray<__half> xn_, qkv_, q_rot_, attn_, y_, gate_up_, act_;
-  DeviceArray<float> router_scores_, expert_weights_;  // Mixtral: [rows, num_experts]
+  DeviceArray<float> expert_weights_;  // Mixtral: [rows, num_experts]
   // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's split-K scratch.
   DeviceArray<__half> hidden16_;
   DeviceArray<uint8_t> act_codes_;  // sized for the largest linear input at max_tokens_ rows
@@ -290,8 +290,8 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
       max_context_(opt.max_context > 0 ? std::min(opt.max_context, cfg_.max_position_embeddings)
                                        : cfg_.max_position_embeddings) {
   const ModelConfig& c = cfg_;
-  require(c.num_experts <= 64, "--device cuda", "the CUDA router takes at most 64 experts; this model has {}",
-          c.num_experts);
+  require(c.num_experts <= kMaxExperts, "--device cuda", "the CUDA router takes at most {} experts; this model has {}",
+          kMaxExperts, c.num_experts);
   require(c.head_dim == 64 || c.head_dim == 128, "--device cuda",
           "the CUDA attention kernels take head_dim 64 or 128; this model has {} (use --device cpu)", c.head_dim);
   const KVFormat& kvf = model.kv_format();
@@ -345,7 +345,7 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
       const auto* router = dynamic_cast<const DenseLinear*>(src.router.get());
       require(router != nullptr && router->bias().empty(), mlp + "gate",
               "a quantized router has no CUDA kernel; use --device cpu");
-      lw.router = upload_dense(*router, mlp + "gate");
+      lw.router = DeviceArray<float>(router->weight().data(), router->weight().size());
     }
     for (const LinearWeights* w : lw.linears()) {
       any_atom_ |= w->atom;
@@ -371,10 +371,7 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   y_ = DeviceArray<__half>(size_t(T * H));
   gate_up_ = DeviceArray<__half>(size_t(T * 2 * c.intermediate_size));
   act_ = DeviceArray<__half>(size_t(T * c.intermediate_size));
-  if (c.num_experts > 0) {
-    router_scores_ = DeviceArray<float>(size_t(T * c.num_experts));
-    expert_weights_ = DeviceArray<float>(size_t(T * c.num_experts));
-  }
+  if (c.num_experts > 0) expert_weights_ = DeviceArray<float>(size_t(T * c.num_experts));
 
   if (any_atom_) {
     hidden16_ = DeviceArray<__half>(size_t(T * H));
@@ -587,11 +584,11 @@ void CudaExecutor::launch(const StepPlan& plan) {
     // Mixtral: every expert runs on every row and adds its output at the row's routing weight (0
     // where the row did not choose it): k/E of the work is wasted, but the step has no host
     // synchronisation, so it is captured like any other (MoE speed is not a target yet).
-    bool any_atom = false;
-    for (const ExpertWeights& e : w.experts) any_atom |= e.gate_up.atom;
-    add_and_norm(w.mlp_norm, true, any_atom);
-    blas_.run(xn_.get(), w.router.w.get(), router_scores_.get(), n, c.num_experts, H, stream_);
-    moe_route(router_scores_.get(), n, int(c.num_experts), int(c.num_experts_per_tok), expert_weights_.get(), stream_);
+    bool any_atom = false, any_rows16 = false;
+    for (const ExpertWeights& e : w.experts) (e.gate_up.atom ? any_atom : any_rows16) = true;
+    add_and_norm(w.mlp_norm, any_rows16, any_atom);
+    moe_route(hidden_.get(), n, H, w.mlp_norm.get(), eps, w.router.get(), int(c.num_experts),
+              int(c.num_experts_per_tok), expert_weights_.get(), stream_);
     for (size_t e = 0; e < w.experts.size(); ++e) {
       expert_mlp(w.experts[e]);
       add_expert_output(hidden_.get(), y_.get(), expert_weights_.get(), int(c.num_experts), int(e), n, H, stream_);

@@ -65,29 +65,41 @@ __global__ void add_bias_kernel(__half* y, const __half* b, int64_t rows, int64_
   NIBBLE_FLAT_LOOP(i, rows * N) y[i] = __float2half(__half2float(y[i]) + __half2float(b[i % N]));
 }
 
-// One thread per row: E is small (8 for Mixtral).
-__global__ void moe_route_kernel(const float* scores, int64_t rows, int E, int k, float* weights) {
-  const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (r >= rows) return;
-  const float* s = scores + r * E;
-  float* w = weights + r * E;
-  float mx = s[0];
-  for (int e = 1; e < E; ++e) mx = fmaxf(mx, s[e]);
+// One block of kRowThreads per row: the norm and the E dot products are block reductions, the
+// softmax and top-k (E is 8 for Mixtral) thread 0's.
+__global__ void __launch_bounds__(kRowThreads) moe_route_kernel(const float* h, int64_t H, const float* norm,
+                                                                 float eps, const float* router, int E, int k,
+                                                                 float* weights) {
+  __shared__ float p[kMaxExperts];
+  const float* x = h + blockIdx.x * H;
+  float ss = 0;
+  for (int64_t j = threadIdx.x; j < H; j += kRowThreads) ss += x[j] * x[j];
+  const float inv = 1.0f / sqrtf(block_sum(ss) / float(H) + eps);
+  for (int e = 0; e < E; ++e) {
+    float dot = 0;
+    for (int64_t j = threadIdx.x; j < H; j += kRowThreads) dot += router[e * H + j] * (norm[j] * (x[j] * inv));
+    dot = block_sum(dot);
+    if (threadIdx.x == 0) p[e] = dot;
+  }
+  if (threadIdx.x != 0) return;
+  float* w = weights + blockIdx.x * E;
+  float mx = p[0];
+  for (int e = 1; e < E; ++e) mx = fmaxf(mx, p[e]);
   float sum = 0;
-  for (int e = 0; e < E; ++e) sum += (w[e] = expf(s[e] - mx));
-  for (int e = 0; e < E; ++e) w[e] /= sum;
+  for (int e = 0; e < E; ++e) sum += (p[e] = expf(p[e] - mx));
+  for (int e = 0; e < E; ++e) p[e] /= sum;
   // Expert e is kept when fewer than k experts rank above it (higher probability, or equal and lower index).
   uint64_t keep = 0;
   float kept = 0;
   for (int e = 0; e < E; ++e) {
     int above = 0;
-    for (int f = 0; f < E; ++f) above += w[f] > w[e] || (w[f] == w[e] && f < e);
+    for (int f = 0; f < E; ++f) above += p[f] > p[e] || (p[f] == p[e] && f < e);
     if (above < k) {
       keep |= uint64_t(1) << e;
-      kept += w[e];
+      kept += p[e];
     }
   }
-  for (int e = 0; e < E; ++e) w[e] = keep >> e & 1 ? w[e] / kept : 0.0f;
+  for (int e = 0; e < E; ++e) w[e] = keep >> e & 1 ? p[e] / kept : 0.0f;
 }
 
 __global__ void add_expert_output_kernel(float* h, const __half* y, const float* weights, int E, int e,
@@ -164,9 +176,10 @@ void swiglu(const __half* gu, int64_t rows, int64_t I, __half* out, cudaStream_t
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-void moe_route(const float* scores, int64_t rows, int E, int k, float* weights, cudaStream_t stream) {
+void moe_route(const float* h, int64_t rows, int64_t H, const float* norm, float eps, const float* router, int E,
+               int k, float* weights, cudaStream_t stream) {
   if (rows == 0) return;
-  moe_route_kernel<<<unsigned((rows + kThreads - 1) / kThreads), kThreads, 0, stream>>>(scores, rows, E, k, weights);
+  moe_route_kernel<<<unsigned(rows), kRowThreads, 0, stream>>>(h, H, norm, eps, router, E, k, weights);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

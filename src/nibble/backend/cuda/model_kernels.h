@@ -29,10 +29,14 @@ void add_bias(__half* y, const __half* b, int64_t rows, int64_t N, cudaStream_t 
 // D-wide vectors, in place (D = 64 or 128): turns a rotated-basis attention output back.
 void hadamard_heads(__half* x, int64_t vectors, int D, cudaStream_t stream);
 
-// Mixtral's routing (Model::mlp): per row of router scores [rows, E], softmax, keep the top k
-// (ties to the lower expert, as a stable sort), renormalise them to sum to one; weights [rows, E]
-// holds each expert's weight, 0 for those not chosen.
-void moe_route(const float* scores, int64_t rows, int E, int k, float* weights, cudaStream_t stream);
+// Mixtral's routing (Model::mlp), in fp32 from the fp32 residual so that a choice between two
+// experts flips only where the CPU's would be a near-tie too: per row of h [rows, H], RMSNorm with
+// `norm`, scores = router [E, H] · x, softmax, keep the top k (ties to the lower expert, as a stable
+// sort), renormalise them to sum to one. weights [rows, E]: each expert's weight, 0 if not chosen.
+// E <= kMaxExperts.
+constexpr int kMaxExperts = 64;
+void moe_route(const float* h, int64_t rows, int64_t H, const float* norm, float eps, const float* router, int E,
+               int k, float* weights, cudaStream_t stream);
 
 // h[r, :] += weights[r, e] · y[r, :] (an expert's output into the fp32 residual; rows that did not
 // choose expert e add 0).
