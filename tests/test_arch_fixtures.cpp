@@ -156,7 +156,7 @@ TEST_P(ArchFixture, GreedyDecodeMatchesTransformers) {
 // The -hd64 fixtures: the same features at the GPU kernels' head_dim (gpu_test_executor runs them too).
 INSTANTIATE_TEST_SUITE_P(Fixtures, ArchFixture,
                          ::testing::Values("llama3-rope", "mistral", "qwen2", "mixtral", "llama3-rope-hd64",
-                                           "mistral-hd64", "qwen2-hd64"));
+                                           "mistral-hd64", "qwen2-hd64", "mixtral-hd64"));
 
 TEST(ArchConfig, ParsesTransformers5Configs) {
   const auto c = ModelConfig::from_file(test::source_dir() / "tests/fixtures/llama3-rope/config.json");
