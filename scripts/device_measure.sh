@@ -7,6 +7,10 @@
 #        e.g. decode llama-2-7b fp16,w8a8,atom-w4a4 1,16,64,256 512,2048
 #        (fp16 runs bench_decode_step's in-memory random model; the others a `nibble synth` file;
 #        LAYERS=N cuts the model to N layers: a 70B W8A8 file is larger than the device's disk)
+#   scripts/device_measure.sh engine LIKE RECIPES N [BENCH ARGS...]
+#        e.g. engine llama-2-7b fp16,w8a8,atom-w4a4 200 --gpu-mem-gb 24: `nibble bench --dist atom` with N
+#        requests on each recipe's synth model (issue 14's table), one JSON per recipe
+#   KEEP=1 keeps the synth files in /tmp for a later mode of the same call (the disk holds 64 GB).
 #   scripts/device_measure.sh peer                           ../shared/peers/torch_decode.py, carried in .devdata/peers
 # Each step has its own time limit (STEP_TIMEOUT, default 150 s) so one slow row cannot eat a call.
 set -uo pipefail
@@ -14,6 +18,15 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nibble-out}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
 mkdir -p "$OUT"
+# synth LIKE RECIPE [LAYERS]: the model's path (made once; fp16 is a Hugging Face directory).
+synth() {
+  local like=$1 r=$2 path=/tmp/$1-$2${3:+-l$3}.nibble
+  if [ ! -e "$path" ]; then
+    timeout "$STEP_TIMEOUT" nibble synth --like "$like" --recipe "$r" ${3:+--layers "$3"} -o "$path" >/dev/null 2>&1 ||
+      { rm -rf "$path"; return 1; }
+  fi
+  echo "$path"
+}
 export NIBBLE_REQUIRE_GPU=1 NIBBLE_SOURCE_DIR=$PWD
 [ -d .devdata/data ] && export NIBBLE_DATA=$PWD/.devdata/data
 what=${1:-tests}
@@ -29,18 +42,26 @@ case "$what" in
   decode)
     like=${1:?LIKE}; recipes=${2:-fp16,atom-w4a4}; batches=${3:-1,16,64,256}; ctxs=${4:-512}
     for r in ${recipes//,/ }; do
-      layers=()
-      [ -n "${LAYERS:-}" ] && layers=(--layers "$LAYERS")
-      args=(--like "$like" "${layers[@]}")
+      args=(--like "$like" ${LAYERS:+--layers "$LAYERS"})
       if [ "$r" != fp16 ]; then
-        timeout "$STEP_TIMEOUT" nibble synth --like "$like" --recipe "$r" "${layers[@]}" -o "/tmp/$like-$r.nibble" >/dev/null 2>&1 ||
-          { echo "synth $like $r failed"; status=1; continue; }
-        args=(-m "/tmp/$like-$r.nibble")
+        path=$(synth "$like" "$r" "${LAYERS:-}") || { echo "synth $like $r failed"; status=1; continue; }
+        args=(-m "$path")
       fi
       timeout "$STEP_TIMEOUT" bench_decode_step "${args[@]}" --batch "$batches" --ctx "$ctxs" --steps 20 \
         >"$OUT/decode-$like-$r.md" 2>"$OUT/decode-$like-$r.err" || status=1
       cat "$OUT/decode-$like-$r.md"
-      rm -f "/tmp/$like-$r.nibble"
+      [ -n "${KEEP:-}" ] || rm -rf "/tmp/$like-$r"*.nibble
+    done ;;
+  engine)
+    like=${1:?LIKE}; recipes=${2:-fp16,w8a8,atom-w4a4}; n=${3:-200}; shift 3 || true
+    for r in ${recipes//,/ }; do
+      path=$(synth "$like" "$r" "${LAYERS:-}") || { echo "synth $like $r failed"; status=1; continue; }
+      timeout "$STEP_TIMEOUT" nibble bench -m "$path" --dist atom --num-prompts "$n" --device cuda "$@" --json \
+        >"$OUT/engine-$like-$r.json" 2>"$OUT/engine-$like-$r.err" || status=1
+      python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d=d if isinstance(d,list) else [d]
+for x in d: print(sys.argv[2], *(f'{k}={x.get(k)}' for k in ('rate','completed','output_tokens_per_s','tpot_mean_ms','tpot_p50_ms','ttft_p50_ms','preemptions','peak_pages','kv_pages')))" \
+        "$OUT/engine-$like-$r.json" "$like $r $*" || tail -3 "$OUT/engine-$like-$r.err"
+      [ -n "${KEEP:-}" ] || rm -rf "/tmp/$like-$r"*.nibble
     done ;;
   peer)
     timeout "$STEP_TIMEOUT" python3 .devdata/peers/torch_decode.py >"$OUT/peer.txt" 2>&1 || status=1
@@ -51,6 +72,6 @@ for r in d.get("graph_decode_step", []):
     print(f"torch {r['model']} {r['kind']} batch {r['batch']} ctx {r['context']}: {r['ms_per_step']} ms")
 PY
     ;;
-  *) echo "unknown mode '$what' (tests, decode, peer)"; exit 2 ;;
+  *) echo "unknown mode '$what' (tests, decode, engine, peer)"; exit 2 ;;
 esac
 exit $status
