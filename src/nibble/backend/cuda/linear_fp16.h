@@ -1,5 +1,7 @@
-// The FP16 baseline of every linear layer: Y[M, N] = X[M, K] · W[N, K]ᵀ through cuBLAS (fp16
-// operands, fp32 accumulation, fp16 output), so every benchmark reports the W4A4 path against it.
+// The FP16 baseline of every linear layer: Y[M, N] = X[M, K] · W[N, K]ᵀ (fp16 operands, fp32
+// accumulation): cuBLAS, except for at most kGemvMaxRows rows (decode at small batch), where a
+// weight-streaming kernel of ours reads the weights at memory speed. Every benchmark reports the
+// W4A4 path against it.
 #pragma once
 
 #include <cstdint>
@@ -18,8 +20,11 @@ class LinearFp16 {
 
   // Asynchronous on `stream`; row-major X [M, K], W [N, K], Y [M, N].
   void run(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
-  // The same product with fp32 output (the LM head's logits, a router's scores).
+  // The same product with fp32 output (the LM head's logits).
   void run(const __half* x, const __half* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+  // cuBLAS at any M (the tests' and benchmarks' reference for the streaming path).
+  void run_cublas(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+  static constexpr int64_t kGemvMaxRows = 8;
   cublasHandle_t handle() const { return handle_; }
 
  private:
