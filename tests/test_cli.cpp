@@ -293,6 +293,12 @@ TEST_F(Cli, BenchRunsEveryRequestAndReportsTheEngine) {
   EXPECT_LE(j.at("peak_pages").get<int>(), 12);
   EXPECT_GE(j.at("prefix_hit_tokens").get<int>(), 0);
   EXPECT_LE(j.at("ttft_p50_ms").get<double>(), j.at("ttft_p99_ms").get<double>());
+  // The time split: every step ran the model, batches of 1..(pool-bound) sequences, inside the wall time.
+  EXPECT_GT(j.at("steps").get<int>(), 0);
+  EXPECT_GE(j.at("mean_batch").get<double>(), 1.0);
+  EXPECT_GT(j.at("forward_s").get<double>(), 0);
+  EXPECT_LE(j.at("schedule_s").get<double>() + j.at("forward_s").get<double>() + j.at("sample_and_stream_s").get<double>(),
+            j.at("duration_s").get<double>());
   const Result csv = nibble(fmt::format("bench -m {} --device cpu --num-prompts 2 --prompt-len 4 --output-len 3 --csv",
                                         quote(stories())));
   ASSERT_EQ(csv.status, 0) << csv.err;

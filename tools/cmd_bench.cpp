@@ -132,6 +132,13 @@ nlohmann::ordered_json run_rate(const BenchArgs& a, Executor& exec, double rate)
       {"prefix_hit_tokens", s.prefix_hit_tokens},
       {"computed_tokens", s.computed_tokens},
   };
+  // Where the steps' time went (the engine's clock; the rest of the wall time is waiting for arrivals).
+  const EngineTimes& et = engine.times();
+  j["steps"] = et.steps;
+  j["mean_batch"] = et.steps ? double(et.sequences) / double(et.steps) : 0.0;
+  j["schedule_s"] = et.schedule_s;
+  j["forward_s"] = et.forward_s;
+  j["sample_and_stream_s"] = et.after_s;
   for (const auto& [name, v] : {std::pair{"ttft", &ttft}, std::pair{"tpot", &tpot}})
     for (const auto& [q, label] : {std::pair{0.5, "p50"}, std::pair{0.9, "p90"}, std::pair{0.99, "p99"}})
       j[fmt::format("{}_{}_ms", name, label)] = 1000 * percentile(*v, q);

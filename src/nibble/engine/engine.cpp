@@ -1,6 +1,7 @@
 #include "nibble/engine/engine.h"
 
 #include <algorithm>
+#include <chrono>
 
 #include "nibble/core/error.h"
 
@@ -104,7 +105,10 @@ bool Engine::emit(RequestId id, Output& out, const SampledToken& t) {
 
 bool Engine::step() {
   if (!scheduler_.has_work()) return false;
+  const auto t0 = std::chrono::steady_clock::now();
   const Scheduler::Step plan = scheduler_.schedule();
+  const auto t1 = std::chrono::steady_clock::now();
+  times_.schedule_s += std::chrono::duration<double>(t1 - t0).count();
   if (plan.batch.empty()) return true;  // everything was preempted: admitted again next step
   std::vector<Sampler*> samplers;
   std::vector<RequestId> ids;
@@ -116,13 +120,16 @@ bool Engine::step() {
       greedy &= samplers.back()->plain_greedy();
     }
   std::vector<SampledToken> sampled;
+  auto t2 = t1;  // when the executor returned
   if (greedy) {
     // Only the ids leave the device: one per row instead of a row of vocabulary logits.
     exec_.forward_greedy(plan.batch, greedy_ids_);
+    t2 = std::chrono::steady_clock::now();
     for (size_t i = 0, s = 0; i < plan.batch.size(); ++i)
       if (plan.samples[i]) sampled.push_back(samplers[s++]->take(greedy_ids_[i]));
   } else {
     exec_.forward(plan.batch, logits_);
+    t2 = std::chrono::steady_clock::now();
     const int64_t vocab = exec_.config().vocab_size;
     std::vector<float> rows;
     for (size_t i = 0; i < plan.batch.size(); ++i)
@@ -135,6 +142,10 @@ bool Engine::step() {
   scheduler_.update(plan, next);
   for (size_t i = 0; i < ids.size(); ++i)
     if (auto it = outputs_.find(ids[i]); it != outputs_.end()) emit(ids[i], it->second, sampled[i]);  // a sink may abort others
+  ++times_.steps;
+  times_.sequences += int64_t(plan.batch.size());
+  times_.forward_s += std::chrono::duration<double>(t2 - t1).count();
+  times_.after_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count();
   return true;
 }
 

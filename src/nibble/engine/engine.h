@@ -27,6 +27,15 @@ struct EngineOptions {
   std::vector<int32_t> eos_ids = {};
 };
 
+// Where the engine's steps spent their wall time (nibble bench reports it): planning, the executor
+// (host preparation, the device's work and the copy back of ids or logits), and the host's
+// sampling, streaming and bookkeeping after it.
+struct EngineTimes {
+  int64_t steps = 0;
+  int64_t sequences = 0;  // summed over steps: sequences / steps is the mean batch
+  double schedule_s = 0, forward_s = 0, after_s = 0;
+};
+
 class Engine {
  public:
   // `tokenizer` (may be null: no text, no stop strings) decodes the output and gives the EOS ids.
@@ -45,6 +54,7 @@ class Engine {
   void run();
 
   const SchedulerStats& stats() const { return scheduler_.stats(); }
+  const EngineTimes& times() const { return times_; }
   int64_t pages_in_use() const { return scheduler_.pages_in_use(); }
   Executor& executor() { return exec_; }
 
@@ -70,6 +80,7 @@ class Engine {
   RequestId next_id_ = 0;
   std::vector<float> logits_;
   std::vector<int32_t> greedy_ids_;
+  EngineTimes times_;
 };
 
 }  // namespace nibble
