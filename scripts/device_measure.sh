@@ -59,7 +59,7 @@ case "$what" in
       timeout "$STEP_TIMEOUT" nibble bench -m "$path" --dist atom --num-prompts "$n" --device cuda "$@" --json \
         >"$OUT/engine-$like-$r.json" 2>"$OUT/engine-$like-$r.err" || status=1
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d=d if isinstance(d,list) else [d]
-for x in d: print(sys.argv[2], *(f'{k}={x.get(k)}' for k in ('rate','completed','output_tokens_per_s','tpot_mean_ms','tpot_p50_ms','ttft_p50_ms','preemptions','peak_pages','kv_pages')))" \
+for x in d: print(sys.argv[2], *(f'{k}={x.get(k)}' for k in ('rate','completed','output_tokens_per_s','tpot_mean_ms','tpot_p50_ms','ttft_p50_ms','preemptions','peak_pages','kv_pages','mean_batch','steps','forward_s','schedule_s','sample_and_stream_s','duration_s')))" \
         "$OUT/engine-$like-$r.json" "$like $r $*" || tail -3 "$OUT/engine-$like-$r.err"
       [ -n "${KEEP:-}" ] || rm -rf "/tmp/$like-$r"*.nibble
     done ;;
