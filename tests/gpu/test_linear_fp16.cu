@@ -1,5 +1,5 @@
 // The FP16 linear (linear_fp16.h) against a float64 loop over the same fp16 values: the streaming
-// path (1..8 rows, fp16 and fp32 output) and cuBLAS beyond it, at shapes with a tail of weight rows
+// path (1..4 rows, fp16 and fp32 output) and cuBLAS beyond it, at shapes with a tail of weight rows
 // (N not a multiple of a block's 16 rows) and K not a multiple of the warp's 256-wide stride.
 // Outputs are poisoned first, so a row left unwritten fails. Seeds are fresh on every run and printed.
 #include <cuda_fp16.h>
@@ -61,7 +61,7 @@ TEST(LinearFp16, StreamingRowsAndCublasMatchFloat64) {
   LinearFp16 blas;
   const uint64_t seed = testing::fresh_seed();
   std::printf("seed %llu\n", (unsigned long long)seed);
-  for (int64_t M : {1, 2, 3, 5, 8, 9, 17})
+  for (int64_t M : {1, 2, 3, 4, 5, 17})
     for (auto [N, K] : {std::pair<int64_t, int64_t>{1, 8}, {37, 264}, {300, 4096}, {4096, 1032}}) {
       check_case<__half>(blas, M, N, K, seed + uint64_t(M * 7 + N + K));
       check_case<float>(blas, M, N, K, seed + uint64_t(M * 7 + N + K) + 1);

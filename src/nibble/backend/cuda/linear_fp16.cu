@@ -80,6 +80,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const __half* __restr
 template <typename Out>
 void gemv(const __half* x, const __half* w, Out* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
   const unsigned blocks = unsigned((N + kWarps * kRowsPerWarp - 1) / (kWarps * kRowsPerWarp));
+  static_assert(LinearFp16::kGemvMaxRows == 4, "one case per row count");
   switch (M) {
 #define NIBBLE_GEMV_CASE(m) \
   case m: gemv_kernel<m, Out><<<blocks, kWarps * 32, 0, stream>>>(x, w, y, N, K); break;
@@ -87,10 +88,6 @@ void gemv(const __half* x, const __half* w, Out* y, int64_t M, int64_t N, int64_
     NIBBLE_GEMV_CASE(2)
     NIBBLE_GEMV_CASE(3)
     NIBBLE_GEMV_CASE(4)
-    NIBBLE_GEMV_CASE(5)
-    NIBBLE_GEMV_CASE(6)
-    NIBBLE_GEMV_CASE(7)
-    NIBBLE_GEMV_CASE(8)
 #undef NIBBLE_GEMV_CASE
   }
   NIBBLE_CUDA_CHECK_LAUNCH();
