@@ -97,10 +97,10 @@ bool lt_setup(cublasLtHandle_t lt, LtGemm& g, int64_t M, int64_t N, int64_t K, c
   return true;
 }
 
-std::string fmt_ms(double ms) {
+std::string fmt_us(double ms) {
   char b[32];
   if (ms <= 0) return "n/a";
-  std::snprintf(b, sizeof b, "%.4f", ms);
+  std::snprintf(b, sizeof b, "%.2f", ms * 1e3);
   return b;
 }
 std::string fmt_ratio(double base, double ours) {
@@ -149,8 +149,92 @@ int run_one_norm(int64_t M, int K) {
   return 0;
 }
 
+__global__ void no_op() {}
+
+// `bench_gemm_w4a4 decode`: M <= 16 on every layer the engine runs (7B's fused q/k/v and gate/up
+// included): the stream kernel back to back (programmatic dependent launch overlaps a launch with
+// the previous one's tail), the same with a no-op kernel launched before each (as in the engine,
+// where the quantize kernel comes first and does not release its dependents early; the no-op's own
+// time is subtracted), the v5 decode kernel, and cuBLAS fp16, all in the same run.
+int run_decode(double copy_gbs) {
+  struct DecodeShape {
+    const char* model;
+    const char* name;
+    int64_t N, K;
+  };
+  const DecodeShape shapes[] = {
+      {"7B", "q/k/v fused", 12288, 4096}, {"7B", "q/k/v/o", 4096, 4096}, {"7B", "gate/up fused", 22016, 4096},
+      {"7B", "gate/up", 11008, 4096},     {"7B", "down", 4096, 11008},   {"70B", "q/o", 8192, 8192},
+      {"70B", "k/v", 1024, 8192},         {"70B", "gate/up", 28672, 8192}, {"70B", "down", 8192, 28672},
+  };
+  const int keeper = 128;
+  LinearFp16 fp16;
+  std::printf("| model | layer | M | N | K | stream µs | %% copy BW | after a kernel µs | %% copy BW | v5 decode µs | %% copy BW | fp16 µs | stream vs fp16 |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  const double t_noop = time_ms([&](int) { no_op<<<1, 32>>>(); }, 1);
+  for (const DecodeShape& sh : shapes) {
+    for (int64_t M : {1, 2, 4, 8, 16}) {
+      const int64_t N = sh.N, K = sh.K;
+      const AtomShape xs = atom_shape(M, int(K), keeper), wsh = atom_shape(N, int(K), keeper);
+      const size_t set_bytes = size_t(xs.code_bytes() + wsh.code_bytes() + (xs.scale_count() + wsh.scale_count()) * 2);
+      const int rots = rotations(set_bytes);
+      std::vector<AtomDeviceMatrix> X, W;
+      for (int r = 0; r < rots; ++r) {
+        X.emplace_back(xs);
+        W.emplace_back(wsh);
+        fill_bytes<<<1024, 256>>>(X.back().mut().q, size_t(xs.code_bytes()), 10 + r);
+        fill_bytes<<<1024, 256>>>(W.back().mut().q, size_t(wsh.code_bytes()), 20 + r);
+        fill_scales<<<256, 256>>>(X.back().mut().s, size_t(xs.scale_count()), 30 + r);
+        fill_scales<<<256, 256>>>(W.back().mut().s, size_t(wsh.scale_count()), 40 + r);
+      }
+      __half* y = dalloc<__half>(size_t(M * N));
+      const size_t wsb = gemm_w4a4_workspace_bytes(M, N, int(K), keeper);
+      void* ws = wsb ? dalloc<uint8_t>(wsb) : nullptr;
+      if (ws) NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, wsb));
+      NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+      const auto gemm = [&](int r, GemmPath path) {
+        gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, ws, wsb, nullptr, path);
+      };
+      const double t_stream = time_ms([&](int r) { gemm(r, GemmPath::Stream); }, rots);
+      const double t_after = time_ms(
+                                 [&](int r) {
+                                   no_op<<<1, 32>>>();
+                                   gemm(r, GemmPath::Stream);
+                                 },
+                                 rots) -
+                             t_noop;
+      const double t_v5 = time_ms([&](int r) { gemm(r, GemmPath::Decode); }, rots);
+      const double bytes = double(xs.packed_bytes() + wsh.packed_bytes()) + double(M * N * 2);
+      X.clear();
+      W.clear();
+      if (ws) cudaFree(ws);
+      double t_fp16 = 0;
+      {
+        const int fr = rotations(size_t((M + N) * K * 2));
+        std::vector<__half*> xa, wa;
+        for (int r = 0; r < fr; ++r) {
+          xa.push_back(dalloc<__half>(size_t(M * K)));
+          wa.push_back(dalloc<__half>(size_t(N * K)));
+          fill_half<<<1024, 256>>>(xa.back(), size_t(M * K), 1.0f, 50 + r);
+          fill_half<<<1024, 256>>>(wa.back(), size_t(N * K), 0.05f, 60 + r);
+        }
+        t_fp16 = time_ms([&](int r) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, nullptr); }, fr);
+        for (auto q : xa) cudaFree(q);
+        for (auto q : wa) cudaFree(q);
+      }
+      cudaFree(y);
+      const auto pct = [&](double ms) { return 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs; };
+      std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %s |\n", sh.model,
+                  sh.name, (long long)M, (long long)N, (long long)K, t_stream * 1e3, pct(t_stream), t_after * 1e3,
+                  pct(t_after), t_v5 * 1e3, pct(t_v5), t_fp16 * 1e3, fmt_ratio(t_fp16, t_stream).c_str());
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "norm", "one M N K" or empty for gemm + norm
+  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "decode", "norm", "one M N K" or empty for gemm + norm
   if (only == "one" && argc == 5) return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]));
   if (only == "onenorm" && argc == 4) return run_one_norm(std::atoll(argv[2]), std::atoi(argv[3]));
   cudaDeviceProp prop{};
@@ -162,6 +246,7 @@ int main(int argc, char** argv) {
               g_l2 >> 20, runtime, cublasLtGetVersion());
   const double copy_gbs = copy_bandwidth();
   std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
+  if (only == "decode") return run_decode(copy_gbs);
 
   LinearFp16 fp16;
   cublasLtHandle_t lt;
@@ -177,7 +262,7 @@ int main(int argc, char** argv) {
   const int keeper = 128;
 
   if (only.empty() || only == "gemm") {
-    std::printf("| model | layer | M | N | K | w4a4 ms | TOPS | GB/s packed | %% copy BW | fp16 ms | vs fp16 | fp8-blk ms | vs fp8-blk | int8 ms | vs int8 |\n");
+    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
     std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (const Shape& sh : shapes) {
       for (int64_t M : Ms) {
@@ -312,11 +397,11 @@ int main(int argc, char** argv) {
         }
         cudaGetLastError();  // a refused Lt call must not poison the next row
 
-        std::printf("| %s | %s | %lld | %lld | %lld | %.4f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s |\n", sh.model,
-                    sh.name, (long long)M, (long long)N, (long long)K, t_ours, flops / (t_ours * 1e-3) / 1e12,
-                    bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_ms(t_fp16).c_str(),
-                    fmt_ratio(t_fp16, t_ours).c_str(), fmt_ms(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
-                    fmt_ms(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
+        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s |\n", sh.model,
+                    sh.name, (long long)M, (long long)N, (long long)K, t_ours * 1e3, flops / (t_ours * 1e-3) / 1e12,
+                    bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_us(t_fp16).c_str(),
+                    fmt_ratio(t_fp16, t_ours).c_str(), fmt_us(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
+                    fmt_us(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
         if (!fp8_note.empty() && fp8_note != "1x128 both") std::printf("<!-- fp8 scales: %s -->\n", fp8_note.c_str());
         std::fflush(stdout);
       }

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <cooperative_groups.h>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -71,9 +73,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // Scale group of slab s (INT4 groups first, then two slabs per keeper group).
 __device__ __forceinline__ int slab_group(int s, int g4) { return s < g4 ? s : g4 + (s - g4) / 2; }
 
-// ---- Decode: M <= 64 ---------------------------------------------------------------------------------
-
-// The operands and the output, as both paths read them.
+// The operands and the output, as every path reads them.
 struct GemmOperands {
   const uint8_t* xq;
   const __half* xs;
@@ -83,6 +83,184 @@ struct GemmOperands {
   int slabs, g4;
   void* y;
 };
+
+// ---- Weight streaming: M <= 16 --------------------------------------------------------------------
+//
+// A GEMV at heart: the time is W's bytes over DRAM bandwidth plus the fixed cost of one launch, so
+// every SM must have its share of W requested from the first microsecond and nothing may add a
+// round trip through global memory afterwards. The tokens are the mma's A operand (16 rows = the
+// two 8-row X tiles), an 8-row W tile its B operand, so the work unit is one (8-row W tile, slab)
+// block of 512 bytes. A block owns `tiles_per_block` consecutive W tiles (one contiguous stretch of
+// W, tile-major) and its slab range; its warps cut that stretch into equal contiguous runs of units
+// and stream them through a ring of kStreamRing units in registers, so all of a small layer's bytes
+// are in flight at once. Sums are finished on chip: a tile cut between warps is summed through
+// shared memory, a tile cut between the blocks of a cluster (split-K where N is small) through
+// distributed shared memory, in a fixed order (deterministic, no workspace, no atomics). Launched
+// with programmatic dependent launch: the W loads of the prologue overlap the previous kernel's
+// tail, X is read only after griddepcontrol.wait.
+constexpr int kStreamWarps = 8;
+constexpr int kStreamRing = 8;       // units (16 bytes a lane) in flight per warp
+constexpr int kStreamMaxTiles = 32;  // W tiles per block (their sums live in shared memory)
+
+struct StreamParams : GemmOperands {
+  int w_tiles;          // w_rows_pad / 8
+  int tiles_per_block;  // W tiles per cluster (every block of a cluster has the same tiles)
+  int cluster;          // blocks per cluster; rank r takes the r-th of `cluster` equal slab ranges
+};
+
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void grid_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
+// A walking (tile, slab) position inside a block's units; slabs of a tile run s0..s1-1.
+struct UnitCursor {
+  int tile, slab;
+  __device__ __forceinline__ void next(int s0, int s1) {
+    if (++slab == s1) {
+      slab = s0;
+      ++tile;
+    }
+  }
+};
+
+// Loads the lane's 16 bytes of W and its two rows' scales (rows 2t, 2t+1 of the tile) for one unit.
+__device__ __forceinline__ void stream_load(const StreamParams& p, int tile, int slab, int lane, uint4& w,
+                                            uint32_t& sw) {
+  w = ld_stream(p.wq + (size_t(tile) * p.slabs + slab) * kSlabBytes + lane * 16);
+  sw = __ldg(reinterpret_cast<const uint32_t*>(p.ws + size_t(slab_group(slab, p.g4)) * p.w_rows_pad + tile * 8 +
+                                                2 * (lane % 4)));
+}
+
+// acc += the unit's product: tokens g (and g + 8 when kTok16) x W rows 2t, 2t+1 of the tile.
+template <bool kTok16>
+__device__ __forceinline__ void stream_unit(const StreamParams& p, const uint4& w, uint32_t sw, int slab, int lane,
+                                            float (&acc)[4]) {
+  const uint8_t* xl = p.xq + size_t(slab) * kSlabBytes + lane * 16;
+  const uint4 x0 = __ldg(reinterpret_cast<const uint4*>(xl));
+  const uint4 x1 = kTok16 ? __ldg(reinterpret_cast<const uint4*>(xl + size_t(p.slabs) * kSlabBytes))
+                          : make_uint4(0, 0, 0, 0);
+  const bool int4 = slab < p.g4;
+  const __half* sxp = p.xs + size_t(slab_group(slab, p.g4)) * p.x_rows_pad + lane / 4;
+  const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
+  const float sx0 = __half2float(sxp[0]) * f, sx1 = kTok16 ? __half2float(sxp[8]) * f : 0.0f;
+  int c[4] = {0, 0, 0, 0};
+  if (int4) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      mma_s8(c, hi4(word(x0, k)), hi4(word(x1, k)), lo4(word(x0, k)), lo4(word(x1, k)), hi4(word(w, k)),
+             lo4(word(w, k)));
+  } else {
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      mma_s8(c, word(x0, 2 * k), word(x1, 2 * k), word(x0, 2 * k + 1), word(x1, 2 * k + 1), word(w, 2 * k),
+             word(w, 2 * k + 1));
+  }
+  const __half2 s2 = *reinterpret_cast<const __half2*>(&sw);
+  const float sw0 = __low2float(s2), sw1 = __high2float(s2);
+  acc[0] = fmaf(exact_float(c[0]), sx0 * sw0, acc[0]);
+  acc[1] = fmaf(exact_float(c[1]), sx0 * sw1, acc[1]);
+  acc[2] = fmaf(exact_float(c[2]), sx1 * sw0, acc[2]);
+  acc[3] = fmaf(exact_float(c[3]), sx1 * sw1, acc[3]);
+}
+
+template <bool kTok16, typename OutT>
+__global__ void __launch_bounds__(kStreamWarps * 32) stream_kernel(StreamParams p) {
+  namespace cg = cooperative_groups;
+  __shared__ float4 tile_sum[kStreamMaxTiles][32];  // the block's sum of each of its tiles
+  __shared__ float4 part[kStreamWarps][2][32];       // a warp's first and last tile when cut
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rank = p.cluster > 1 ? int(cg::this_cluster().block_rank()) : 0;
+  const int t0 = int(blockIdx.x) / p.cluster * p.tiles_per_block;
+  const int ntiles = min(p.tiles_per_block, p.w_tiles - t0);
+  const int per_rank = (p.slabs + p.cluster - 1) / p.cluster;
+  const int s0 = rank * per_rank, s1 = min(p.slabs, s0 + per_rank), ns = s1 - s0;
+  const int nu = ntiles * ns;
+  const auto run_begin = [&](int w) { return w * nu / kStreamWarps; };
+  const int u0 = run_begin(warp), count = run_begin(warp + 1) - u0;
+
+  // Prologue: the first ring of W (constant) goes out before waiting on the kernel that wrote X.
+  uint4 ring_w[kStreamRing];
+  uint32_t ring_s[kStreamRing];
+  UnitCursor ld{u0 / ns, s0 + u0 % ns};
+#pragma unroll
+  for (int j = 0; j < kStreamRing; ++j)
+    if (j < count) {
+      stream_load(p, t0 + ld.tile, ld.slab, lane, ring_w[j], ring_s[j]);
+      ld.next(s0, s1);
+    }
+  grid_dependency_wait();
+  grid_dependents_launch();
+
+  UnitCursor at{u0 / ns, s0 + u0 % ns};
+  float acc[4] = {0, 0, 0, 0};
+  for (int i = 0; i < count; i += kStreamRing) {
+#pragma unroll
+    for (int j = 0; j < kStreamRing; ++j) {
+      if (i + j >= count) break;
+      stream_unit<kTok16>(p, ring_w[j], ring_s[j], at.slab, lane, acc);
+      if (i + j + kStreamRing < count) {
+        stream_load(p, t0 + ld.tile, ld.slab, lane, ring_w[j], ring_s[j]);
+        ld.next(s0, s1);
+      }
+      if (at.slab + 1 == s1 || i + j + 1 == count) {  // the tile ends here, or the warp's run does
+        const int first = at.tile * ns;
+        const bool whole = first >= u0 && first + ns <= u0 + count;
+        float4* dst = whole ? &tile_sum[at.tile][lane] : &part[warp][at.tile == u0 / ns ? 0 : 1][lane];
+        *dst = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        acc[0] = acc[1] = acc[2] = acc[3] = 0;
+      }
+      at.next(s0, s1);
+    }
+  }
+  __syncthreads();
+  // Tiles cut between warps: their pieces summed in warp order.
+  for (int tl = warp; tl < ntiles; tl += kStreamWarps) {
+    const int a = tl * ns, b = a + ns;
+    float4 s = make_float4(0, 0, 0, 0);
+    bool whole = false;
+    for (int w = 0; w < kStreamWarps; ++w) {
+      const int w0 = run_begin(w), w1 = run_begin(w + 1);
+      if (w0 == w1 || w1 <= a || w0 >= b) continue;
+      whole = w0 <= a && w1 >= b;
+      if (whole) break;
+      const float4 v = part[w][tl == w0 / ns ? 0 : 1][lane];
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    if (!whole) tile_sum[tl][lane] = s;
+  }
+  __syncthreads();
+  if (p.cluster > 1) cg::this_cluster().sync();  // every rank's tile sums are final
+
+  OutT* y = static_cast<OutT*>(p.y);
+  const int g = lane / 4, t = lane % 4;
+  for (int tl = warp; tl < ntiles; tl += kStreamWarps) {
+    if (tl % p.cluster != rank) continue;  // each rank finishes every cluster-th tile
+    float4 s = tile_sum[tl][lane];
+    if (p.cluster > 1) {  // K was split over the cluster: ranks summed in rank order
+      s = make_float4(0, 0, 0, 0);
+      for (int r = 0; r < p.cluster; ++r) {
+        const float4 v = *cg::this_cluster().map_shared_rank(&tile_sum[tl][lane], r);
+        s.x += v.x;
+        s.y += v.y;
+        s.z += v.z;
+        s.w += v.w;
+      }
+    }
+    const int64_t n = int64_t(t0 + tl) * 8 + 2 * t;
+    const float v[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t m = g + (i >> 1) * 8, nn = n + (i & 1);
+      if (m < p.M && nn < p.N) y[m * p.N + nn] = from_float<OutT>(v[i]);
+    }
+  }
+  if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its shared memory is read
+}
+
+// ---- Decode: M <= 64 ---------------------------------------------------------------------------------
+
 
 struct DecodeParams : GemmOperands {
   int splits, slabs_per_split;
@@ -331,6 +509,83 @@ void launch_decode(DecodeParams p, const DecodePlan& d, cudaStream_t stream) {
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
+// The stream kernel's launch shape: whole W tiles per block, K split over a cluster only where
+// there are too few tiles for the SMs. Cost = units (512-byte blocks of W) on the busiest SM,
+// stretched when the SM cannot keep kStreamUnitsForFullRate of them in flight (unless all of its
+// units are requested at once), plus a wave penalty and a little for the cluster's barrier. Fewer
+// tiles per block win ties: more blocks, more bytes in flight.
+struct StreamPlan {
+  int tiles_per_block, cluster, blocks;
+};
+constexpr int kStreamUnitsForFullRate = 96;  // 48 KB per SM: ~1 µs of DRAM latency at an SM's share of 4.2 TB/s
+
+int stream_blocks_per_sm() {
+  static int n = [] {
+    int b = 0;
+    NIBBLE_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, stream_kernel<true, __half>, kStreamWarps * 32, 0));
+    return std::max(b, 1);
+  }();
+  return n;
+}
+
+StreamPlan stream_plan(int64_t w_tiles, int slabs) {
+  const int64_t sms = sm_count(), slots = sms * stream_blocks_per_sm();
+  StreamPlan best{};
+  double best_cost = 1e30;
+  for (int cluster : {1, 2, 4, 8}) {
+    const int per_rank = (slabs + cluster - 1) / cluster;
+    if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
+    for (int tpb = 1; tpb <= kStreamMaxTiles; ++tpb) {
+      const int64_t blocks = (w_tiles + tpb - 1) / tpb * cluster;
+      const int64_t waves = (blocks + slots - 1) / slots, on_sm = (blocks + sms - 1) / sms;
+      const int64_t units = int64_t(tpb) * per_rank, per_sm = on_sm * units;
+      const int64_t in_flight =
+          std::min(on_sm, int64_t(stream_blocks_per_sm())) * kStreamWarps * std::min<int64_t>(kStreamRing, (units + kStreamWarps - 1) / kStreamWarps);
+      const double stretch = in_flight >= per_sm ? 1.0 : std::max(1.0, double(kStreamUnitsForFullRate) / double(in_flight));
+      const double cost = double(per_sm) * stretch + 64.0 * double(waves - 1) + (cluster > 1 ? 4 : 0);
+      if (cost < best_cost) {
+        best_cost = cost;
+        best = {tpb, cluster, int(blocks)};
+      }
+    }
+  }
+  return best;
+}
+
+template <bool kTok16, typename OutT>
+void launch_stream_t(const StreamParams& p, const StreamPlan& d, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(d.blocks));
+  cfg.blockDim = dim3(kStreamWarps * 32);
+  cfg.stream = stream;
+  cudaLaunchAttribute attrs[2];
+  attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[0].val.programmaticStreamSerializationAllowed = 1;
+  attrs[1].id = cudaLaunchAttributeClusterDimension;
+  attrs[1].val.clusterDim.x = unsigned(d.cluster);
+  attrs[1].val.clusterDim.y = attrs[1].val.clusterDim.z = 1;
+  cfg.attrs = attrs;
+  cfg.numAttrs = d.cluster > 1 ? 2 : 1;
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_kernel<kTok16, OutT>, p));
+}
+
+void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
+  StreamParams p{ops};
+  p.w_tiles = int(ops.w_rows_pad / kRowTile);
+  const StreamPlan d = stream_plan(p.w_tiles, ops.slabs);
+  p.tiles_per_block = d.tiles_per_block;
+  p.cluster = d.cluster;
+  const bool tok16 = ops.M > 8;
+  if (out == OutType::F16) {
+    if (tok16) launch_stream_t<true, __half>(p, d, stream);
+    else launch_stream_t<false, __half>(p, d, stream);
+  } else {
+    if (tok16) launch_stream_t<true, __nv_bfloat16>(p, d, stream);
+    else launch_stream_t<false, __nv_bfloat16>(p, d, stream);
+  }
+}
+
 // ---- Prefill: M > 64 -----------------------------------------------------------------------------
 
 constexpr int kBN = 128, kBM = 128, kStages = 4;
@@ -501,13 +756,13 @@ void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
 }  // namespace
 
 size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper) {
-  if (M > 64) return 0;
+  if (M > 64) return 0;  // the decode kernel's split-K sums (enough when it is forced at M <= 16 too)
   const AtomShape w = atom_shape(N, K, keeper);
   return decode_workspace(decode_plan(M, w.rows_pad, w.slabs()));
 }
 
 void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
-               size_t workspace_bytes, cudaStream_t stream, int force_path) {
+               size_t workspace_bytes, cudaStream_t stream, GemmPath path) {
   const std::string where = "gemm_w4a4";
   require(x.shape.K == w.shape.K && x.shape.keeper == w.shape.keeper, where,
         "X is [{}, {}] keeper {}, W is [{}, {}] keeper {}: K and keeper must match", x.shape.rows, x.shape.K,
@@ -515,32 +770,37 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
-  const bool decode = force_path == 1 || (force_path == 0 && M <= 64);
-  if (decode) {
-    require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
-    const DecodePlan d = decode_plan(M, w.shape.rows_pad, w.shape.slabs());
-    const size_t need = decode_workspace(d);
-    require(workspace_bytes >= need && (need == 0 || workspace), where, "workspace of {} bytes, need {}",
-          workspace_bytes, need);
-    DecodeParams p{ops};
-    p.splits = d.splits;
-    p.slabs_per_split = d.slabs_per_split;
-    p.counters = static_cast<int*>(workspace);
-    p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + round_up(int64_t(d.nblocks) * 4, 256))
-                     : nullptr;
-    if (out == OutType::F16) launch_decode<__half>(p, d, stream);
-    else launch_decode<__nv_bfloat16>(p, d, stream);
-    return;
+  if (path == GemmPath::Auto) path = M <= kStreamMaxM ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Prefill;
+  switch (path) {
+    case GemmPath::Stream:
+      require(M <= kStreamMaxM, where, "the stream path needs M <= {}, got {}", kStreamMaxM, M);
+      launch_stream(ops, out, stream);
+      return;
+    case GemmPath::Decode: {
+      require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
+      const DecodePlan d = decode_plan(M, w.shape.rows_pad, w.shape.slabs());
+      const size_t need = decode_workspace(d);
+      require(workspace_bytes >= need && (need == 0 || workspace), where, "workspace of {} bytes, need {}",
+              workspace_bytes, need);
+      DecodeParams p{ops};
+      p.splits = d.splits;
+      p.slabs_per_split = d.slabs_per_split;
+      p.counters = static_cast<int*>(workspace);
+      p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + round_up(int64_t(d.nblocks) * 4, 256))
+                       : nullptr;
+      if (out == OutType::F16) launch_decode<__half>(p, d, stream);
+      else launch_decode<__nv_bfloat16>(p, d, stream);
+      return;
+    }
+    case GemmPath::Prefill8Warps:  // v2's 8-warp tiles, kept for comparison
+      if (out == OutType::F16) launch_prefill<__half, 4>(ops, stream);
+      else launch_prefill<__nv_bfloat16, 4>(ops, stream);
+      return;
+    default:
+      if (out == OutType::F16) launch_prefill<__half, 2>(ops, stream);
+      else launch_prefill<__nv_bfloat16, 2>(ops, stream);
+      return;
   }
-  const PrefillParams& p = ops;
-  // force_path 3: the 8-warp prefill kernel (v2), kept for comparison.
-  if (force_path == 3) {
-    if (out == OutType::F16) launch_prefill<__half, 4>(p, stream);
-    else launch_prefill<__nv_bfloat16, 4>(p, stream);
-    return;
-  }
-  if (out == OutType::F16) launch_prefill<__half, 2>(p, stream);
-  else launch_prefill<__nv_bfloat16, 2>(p, stream);
 }
 
 }  // namespace nibble::cuda
