@@ -626,6 +626,23 @@ __device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* st
   }
 }
 
+// The epilogue's second half: the 128x128 output tile staged as ys[m * kYPitch + n] goes out in
+// 16-byte row stores.
+template <typename OutT, int kThreads>
+__device__ __forceinline__ void store_tile(const GemmOperands& p, const OutT* ys, int64_t n_base, int64_t m_base) {
+  OutT* y = static_cast<OutT*>(p.y);
+  for (int c = threadIdx.x; c < kBM * (kBN / 8); c += kThreads) {
+    const int m = c / (kBN / 8), n = (c % (kBN / 8)) * 8;
+    const int64_t gm = m_base + m, gn = n_base + n;
+    if (gm >= p.M) continue;
+    if (gn + 8 <= p.N && p.N % 8 == 0) {
+      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(ys + m * kYPitch + n);
+    } else {
+      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = ys[m * kYPitch + n + e];
+    }
+  }
+}
+
 template <typename OutT, int NA>
 __global__ void __launch_bounds__(prefill_threads<NA>(), 1) prefill_kernel(PrefillParams p) {
   constexpr int kThreads = prefill_threads<NA>(), kWN = kBN / (16 * NA);
@@ -727,17 +744,7 @@ __global__ void __launch_bounds__(prefill_threads<NA>(), 1) prefill_kernel(Prefi
         ys[m * kYPitch + n] = from_float<OutT>(acc[i][j][e]);
       }
   __syncthreads();
-  OutT* y = static_cast<OutT*>(p.y);
-  for (int c = threadIdx.x; c < kBM * (kBN / 8); c += kThreads) {
-    const int m = c / (kBN / 8), n = (c % (kBN / 8)) * 8;
-    const int64_t gm = m_base + m, gn = n_base + n;
-    if (gm >= p.M) continue;
-    if (gn + 8 <= p.N && p.N % 8 == 0) {
-      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(ys + m * kYPitch + n);
-    } else {
-      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = ys[m * kYPitch + n + e];
-    }
-  }
+  store_tile<OutT, kThreads>(p, ys, n_base, m_base);
 }
 
 template <typename OutT, int NA>
@@ -750,6 +757,202 @@ void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
   (void)configured;
   const dim3 grid(unsigned((p.w_rows_pad + kBN - 1) / kBN), unsigned((p.x_rows_pad + kBM - 1) / kBM));
   prefill_kernel<OutT, NA><<<grid, prefill_threads<NA>(), kPrefillSmem, stream>>>(p);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+// ---- wgmma (sm_90a): M > 64 ------------------------------------------------------------------------
+//
+// Yᵀ = W·Xᵀ on `wgmma.mma_async.m64n128k32.s32.s8.s8`: W rows are wgmma's M (a warpgroup takes 64
+// rows: each warp's 16-row tile is, in our slab layout, exactly its register-A fragment after the
+// two-LOP widening), the tokens are its N (128 per block), X its shared-memory B operand. Per slab
+// the block unpacks X's INT4 codes (16 * code per byte, as for A) into the canonical K-major
+// no-swizzle layout (8 tokens x 16 bytes core matrices: core (kc, j) at kc * 2048 + j * 128, so
+// LBO = 2048 between K halves and SBO = 128 between token groups); keeper slabs are copied as they
+// are. Each warpgroup issues the slab's 4 (INT4) or 2 (keeper) wgmma into one of two int32
+// accumulator sets and, while they run, folds the previous slab's set into fp32 with the
+// per-row x per-token scales (DeepGEMM's promotion). Operands come through the prefill kernel's
+// 128x128 cp.async stages.
+constexpr int kWgThreads = 256;     // two warpgroups: W rows 0..63 and 64..127 of the block
+constexpr int kWgStages = 5;        // cp.async stages (prefetch distance kWgStages - 2)
+constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
+constexpr int kWgSmem = kWgStages * kStageBytes + 2 * kUnpackBytes;
+static_assert(kBM * kYPitch * 2 <= kWgSmem, "epilogue staging must fit");
+
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  const uint64_t addr = uint32_t(__cvta_generic_to_shared(p));
+  constexpr uint64_t lbo = 2048, sbo = 128;  // K-direction and token-direction core-matrix strides
+  return ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32);  // no swizzle, base offset 0
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of an accumulator across wgmma issue / wait.
+__device__ __forceinline__ void fence_regs(int (&d)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// d (+)= A (registers, 64 x 32) · B (shared memory, 32 x 128): accumulate unless `zero`.
+__device__ __forceinline__ void wgmma_s8(int (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint64_t desc, bool zero) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.eq.u32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(uint32_t(zero)));
+}
+
+// X's slab in the stage (16 packed 8-token tiles) -> INT8 in the canonical layout; warp w takes
+// tiles 2w and 2w + 1. A lane's word s of an INT4 slab holds its token's channels 32s + 4t.. (high
+// nibbles: core kc = 2s) and 32s + 16 + 4t.. (low nibbles: kc = 2s + 1); word j of a keeper slab
+// is core kc = j as it is.
+__device__ __forceinline__ void unpack_x(const uint8_t* packed, uint8_t* out, bool int4, int warp, int lane) {
+  const int r = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int tile = 2 * warp + i;
+    const uint4 v = *reinterpret_cast<const uint4*>(packed + tile * kSlabBytes + lane * 16);
+    uint8_t* base = out + tile * 128 + r * 16 + t * 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (int4) {
+        *reinterpret_cast<uint32_t*>(base + (2 * j) * 2048) = hi4(word(v, j));
+        *reinterpret_cast<uint32_t*>(base + (2 * j + 1) * 2048) = lo4(word(v, j));
+      } else {
+        *reinterpret_cast<uint32_t*>(base + j * 2048) = word(v, j);
+      }
+    }
+  }
+}
+
+// Issues slab s's wgmma into d (the A fragments of this warp's 16 W rows from the stage).
+__device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, const uint8_t* unpacked, bool int4,
+                                           int wtile, int lane) {
+  const uint4 A0 = *reinterpret_cast<const uint4*>(stage + wtile * kSlabBytes + lane * 16);
+  const uint4 A1 = *reinterpret_cast<const uint4*>(stage + (wtile + 1) * kSlabBytes + lane * 16);
+  uint32_t a[4][4];  // widened before the fence: registers written after it would need another
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (int4) {
+      a[k][0] = hi4(word(A0, k)), a[k][1] = hi4(word(A1, k)), a[k][2] = lo4(word(A0, k)), a[k][3] = lo4(word(A1, k));
+    } else {  // keeper slab: k-steps 0, 1 only
+      a[k][0] = word(A0, 2 * (k % 2)), a[k][1] = word(A1, 2 * (k % 2));
+      a[k][2] = word(A0, 2 * (k % 2) + 1), a[k][3] = word(A1, 2 * (k % 2) + 1);
+    }
+  }
+  wgmma_fence();
+  fence_regs(d);
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    if (int4 || k < 2) wgmma_s8(d, a[k][0], a[k][1], a[k][2], a[k][3], smem_desc(unpacked + 2 * k * 2048), k == 0);
+  wgmma_commit();
+  fence_regs(d);
+}
+
+// acc += d · sw[row] · sx[token] (· 2^-8 for INT4 slabs); the lane holds rows g, g + 8 of its warp's
+// 16 and tokens 8j + 2t, 8j + 2t + 1.
+__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const uint8_t* stage, bool int4,
+                                           int wrow, int lane) {
+  const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
+  const __half* sxs = sws + kBN;
+  const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
+  const float sw0 = __half2float(sws[wrow]) * f, sw1 = __half2float(sws[wrow + 8]) * f;
+  const int t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const __half2 sx = *reinterpret_cast<const __half2*>(sxs + 8 * j + 2 * t);
+    const float x0 = __low2float(sx), x1 = __high2float(sx);
+    acc[4 * j + 0] = fmaf(exact_float(d[4 * j + 0]), sw0 * x0, acc[4 * j + 0]);
+    acc[4 * j + 1] = fmaf(exact_float(d[4 * j + 1]), sw0 * x1, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(exact_float(d[4 * j + 2]), sw1 * x0, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(exact_float(d[4 * j + 3]), sw1 * x1, acc[4 * j + 3]);
+  }
+}
+
+template <typename OutT>
+__global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(GemmOperands p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* unpacked = smem + kWgStages * kStageBytes;  // two slabs: s % 2
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wtile = warp * 2;                                   // the warp's first 8-row W tile in the block
+  const int wrow = warp * 16 + lane / 4;                        // the lane's first W row in the block
+  const int64_t n_base = int64_t(blockIdx.x) * kBN, m_base = int64_t(blockIdx.y) * kBM;
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  int d0[64], d1[64];
+
+#pragma unroll
+  for (int s = 0; s < kWgStages - 2; ++s) {
+    if (s < p.slabs) prefill_load<kWgThreads>(p, smem + s * kStageBytes, s, n_base, m_base);
+    cp_async_commit();
+  }
+  // Slab s: stage ready, prefetch, unpack X, issue wgmma into d_cur, fold slab s - 1 from d_prev.
+  const auto slab = [&](int s, int (&d_cur)[64], int (&d_prev)[64]) {
+    cp_async_wait<kWgStages - 3>();
+    __syncthreads();  // stage s landed; slab s - 2's wgmma (unpacked buffer s % 2) are done in both warpgroups
+    const int next = s + kWgStages - 2;
+    if (next < p.slabs) prefill_load<kWgThreads>(p, smem + (next % kWgStages) * kStageBytes, next, n_base, m_base);
+    cp_async_commit();
+    const uint8_t* stage = smem + (s % kWgStages) * kStageBytes;
+    uint8_t* ubuf = unpacked + (s % 2) * kUnpackBytes;
+    const bool int4 = s < p.g4;
+    unpack_x(stage + kTileBytes, ubuf, int4, warp, lane);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
+    __syncthreads();
+    wgmma_slab(d_cur, stage, ubuf, int4, wtile, lane);
+    if (s > 0) {
+      wgmma_wait<1>();
+      fence_regs(d_prev);
+      wgmma_fold(acc, d_prev, smem + ((s - 1) % kWgStages) * kStageBytes, s - 1 < p.g4, wrow, lane);
+    }
+  };
+  int s = 0;
+  for (; s + 1 < p.slabs; s += 2) {
+    slab(s, d0, d1);
+    slab(s + 1, d1, d0);
+  }
+  if (s < p.slabs) slab(s, d0, d1);
+  wgmma_wait<0>();
+  const int last = p.slabs - 1;
+  if (last % 2 == 0) {
+    fence_regs(d0);
+    wgmma_fold(acc, d0, smem + (last % kWgStages) * kStageBytes, last < p.g4, wrow, lane);
+  } else {
+    fence_regs(d1);
+    wgmma_fold(acc, d1, smem + (last % kWgStages) * kStageBytes, last < p.g4, wrow, lane);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: the lane's rows wrow, wrow + 8, tokens 8j + 2t (+1), staged as Y[m][n].
+  OutT* ys = reinterpret_cast<OutT*>(smem);
+  const int t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int n = wrow + (e >> 1) * 8, m = 8 * j + 2 * t + (e & 1);
+      ys[m * kYPitch + n] = from_float<OutT>(acc[4 * j + e]);
+    }
+  __syncthreads();
+  store_tile<OutT, kWgThreads>(p, ys, n_base, m_base);
+}
+
+template <typename OutT>
+void launch_wgmma(const GemmOperands& p, cudaStream_t stream) {
+  static bool configured = [] {
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(wgmma_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem));
+    return true;
+  }();
+  (void)configured;
+  const dim3 grid(unsigned((p.w_rows_pad + kBN - 1) / kBN), unsigned((p.x_rows_pad + kBM - 1) / kBM));
+  wgmma_kernel<OutT><<<grid, kWgThreads, kWgSmem, stream>>>(p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -770,7 +973,7 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
-  if (path == GemmPath::Auto) path = M <= kStreamMaxM ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Prefill;
+  if (path == GemmPath::Auto) path = M <= kStreamMaxM ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
   switch (path) {
     case GemmPath::Stream:
       require(M <= kStreamMaxM, where, "the stream path needs M <= {}, got {}", kStreamMaxM, M);
@@ -792,6 +995,10 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       else launch_decode<__nv_bfloat16>(p, d, stream);
       return;
     }
+    case GemmPath::Wgmma:
+      if (out == OutType::F16) launch_wgmma<__half>(ops, stream);
+      else launch_wgmma<__nv_bfloat16>(ops, stream);
+      return;
     case GemmPath::Prefill8Warps:  // v2's 8-warp tiles, kept for comparison
       if (out == OutType::F16) launch_prefill<__half, 4>(ops, stream);
       else launch_prefill<__nv_bfloat16, 4>(ops, stream);

@@ -8,7 +8,9 @@
 //                      W tiles per block, split-K over a cluster only for small N, sums finished on chip.
 //   decode  (M <= 64): W streamed once through registers, split-K over the SMs, the partial sums
 //                      reduced in-kernel by the last block of each column range (deterministic).
-//   prefill (M > 64):  128×128 block tiles, 4-stage cp.async pipeline, 16 warps of 32×32.
+//   wgmma   (M > 64):  128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as the register A
+//                      operand, X unpacked to INT8 in shared memory as B, fold overlapped with the MMA.
+//   prefill:           the mma.sync 128×128 kernel it replaces (16 warps of 32×32), for comparison.
 #pragma once
 
 #include <cstddef>
@@ -23,7 +25,7 @@ namespace nibble::cuda {
 enum class OutType { F16, BF16 };
 
 // Which kernel runs: Auto picks by M; tests and benches force the others.
-enum class GemmPath { Auto, Stream, Decode, Prefill, Prefill8Warps };
+enum class GemmPath { Auto, Stream, Decode, Prefill, Prefill8Warps, Wgmma };
 inline constexpr int64_t kStreamMaxM = 16;
 
 // Bytes of scratch gemm_w4a4 needs for these shapes (split-K partial sums + counters). The
