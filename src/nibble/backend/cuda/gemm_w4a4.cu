@@ -873,14 +873,24 @@ __device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64],
   }
 }
 
+struct WgmmaParams : GemmOperands {
+  int cluster;         // blocks per cluster, splitting K: rank r takes slabs [r * per_rank, (r + 1) * per_rank)
+  int slabs_per_rank;
+};
+constexpr int kPartPitch = kBN + 4;  // floats; conflict-free staging of the fp32 tile
+static_assert(kBM * kPartPitch * 4 <= kWgSmem, "the fp32 tile must fit in the pipeline buffers");
+
 template <typename OutT>
-__global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(GemmOperands p) {
+__global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
+  namespace cg = cooperative_groups;
   extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* unpacked = smem + kWgStages * kStageBytes;  // two slabs: s % 2
+  uint8_t* unpacked = smem + kWgStages * kStageBytes;  // two slabs: i % 2
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int wtile = warp * 2;                                   // the warp's first 8-row W tile in the block
   const int wrow = warp * 16 + lane / 4;                        // the lane's first W row in the block
-  const int64_t n_base = int64_t(blockIdx.x) * kBN, m_base = int64_t(blockIdx.y) * kBM;
+  const int rank = int(blockIdx.x);                             // the cluster spans x
+  const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
+  const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
 
   float acc[64];
 #pragma unroll
@@ -888,72 +898,130 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(GemmOperands p) {
   int d0[64], d1[64];
 
 #pragma unroll
-  for (int s = 0; s < kWgStages - 2; ++s) {
-    if (s < p.slabs) prefill_load<kWgThreads>(p, smem + s * kStageBytes, s, n_base, m_base);
+  for (int i = 0; i < kWgStages - 2; ++i) {
+    if (i < ns) prefill_load<kWgThreads>(p, smem + i * kStageBytes, s0 + i, n_base, m_base);
     cp_async_commit();
   }
-  // Slab s: stage ready, prefetch, unpack X, issue wgmma into d_cur, fold slab s - 1 from d_prev.
-  const auto slab = [&](int s, int (&d_cur)[64], int (&d_prev)[64]) {
+  // Step i (slab s0 + i): stage ready, prefetch, unpack X, issue wgmma into d_cur, fold step i - 1 from d_prev.
+  const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
     cp_async_wait<kWgStages - 3>();
-    __syncthreads();  // stage s landed; slab s - 2's wgmma (unpacked buffer s % 2) are done in both warpgroups
-    const int next = s + kWgStages - 2;
-    if (next < p.slabs) prefill_load<kWgThreads>(p, smem + (next % kWgStages) * kStageBytes, next, n_base, m_base);
+    __syncthreads();  // stage i landed; step i - 2's wgmma (unpacked buffer i % 2) are done in both warpgroups
+    const int next = i + kWgStages - 2;
+    if (next < ns) prefill_load<kWgThreads>(p, smem + (next % kWgStages) * kStageBytes, s0 + next, n_base, m_base);
     cp_async_commit();
-    const uint8_t* stage = smem + (s % kWgStages) * kStageBytes;
-    uint8_t* ubuf = unpacked + (s % 2) * kUnpackBytes;
-    const bool int4 = s < p.g4;
+    const uint8_t* stage = smem + (i % kWgStages) * kStageBytes;
+    uint8_t* ubuf = unpacked + (i % 2) * kUnpackBytes;
+    const bool int4 = s0 + i < p.g4;
     unpack_x(stage + kTileBytes, ubuf, int4, warp, lane);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
     __syncthreads();
     wgmma_slab(d_cur, stage, ubuf, int4, wtile, lane);
-    if (s > 0) {
+    if (i > 0) {
       wgmma_wait<1>();
       fence_regs(d_prev);
-      wgmma_fold(acc, d_prev, smem + ((s - 1) % kWgStages) * kStageBytes, s - 1 < p.g4, wrow, lane);
+      wgmma_fold(acc, d_prev, smem + ((i - 1) % kWgStages) * kStageBytes, s0 + i - 1 < p.g4, wrow, lane);
     }
   };
-  int s = 0;
-  for (; s + 1 < p.slabs; s += 2) {
-    slab(s, d0, d1);
-    slab(s + 1, d1, d0);
+  int i = 0;
+  for (; i + 1 < ns; i += 2) {
+    step(i, d0, d1);
+    step(i + 1, d1, d0);
   }
-  if (s < p.slabs) slab(s, d0, d1);
+  if (i < ns) step(i, d0, d1);
   wgmma_wait<0>();
-  const int last = p.slabs - 1;
-  if (last % 2 == 0) {
+  const int last = ns - 1;
+  const uint8_t* last_stage = smem + (last % kWgStages) * kStageBytes;
+  if (last % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
     fence_regs(d0);
-    wgmma_fold(acc, d0, smem + (last % kWgStages) * kStageBytes, last < p.g4, wrow, lane);
+    wgmma_fold(acc, d0, last_stage, s0 + last < p.g4, wrow, lane);
   } else {
     fence_regs(d1);
-    wgmma_fold(acc, d1, smem + (last % kWgStages) * kStageBytes, last < p.g4, wrow, lane);
+    wgmma_fold(acc, d1, last_stage, s0 + last < p.g4, wrow, lane);
   }
   cp_async_wait<0>();
   __syncthreads();
 
-  // Epilogue: the lane's rows wrow, wrow + 8, tokens 8j + 2t (+1), staged as Y[m][n].
-  OutT* ys = reinterpret_cast<OutT*>(smem);
+  // Epilogue: the fp32 tile staged as part[m][n] (the lane holds rows wrow, wrow + 8 and tokens
+  // 8j + 2t, 8j + 2t + 1); rank r sums token rows [r, r + 1) * 128 / cluster over the cluster's
+  // ranks in rank order (deterministic) and writes them in 16-byte row stores.
+  float* part = reinterpret_cast<float*>(smem);
   const int t = lane % 4;
 #pragma unroll
   for (int j = 0; j < 16; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int n = wrow + (e >> 1) * 8, m = 8 * j + 2 * t + (e & 1);
-      ys[m * kYPitch + n] = from_float<OutT>(acc[4 * j + e]);
+    for (int e = 0; e < 4; ++e) part[(8 * j + 2 * t + (e & 1)) * kPartPitch + wrow + (e >> 1) * 8] = acc[4 * j + e];
+  if (p.cluster > 1) cg::this_cluster().sync();
+  else __syncthreads();
+  OutT* y = static_cast<OutT*>(p.y);
+  const int rows = kBM / p.cluster;
+  for (int c = threadIdx.x; c < rows * (kBN / 8); c += kWgThreads) {
+    const int m = rank * rows + c / (kBN / 8), n = (c % (kBN / 8)) * 8;
+    const int64_t gm = m_base + m, gn = n_base + n;
+    if (gm >= p.M) continue;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int r = 0; r < p.cluster; ++r) {
+      const float* src = (p.cluster > 1 ? cg::this_cluster().map_shared_rank(part, r) : part) + m * kPartPitch + n;
+      const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 4);
+      v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
     }
-  __syncthreads();
-  store_tile<OutT, kWgThreads>(p, ys, n_base, m_base);
+    alignas(16) OutT o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = from_float<OutT>(v[e]);
+    if (gn + 8 <= p.N && p.N % 8 == 0) {
+      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(o);
+    } else {
+      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = o[e];
+    }
+  }
+  if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its tile is read
+}
+
+// Split-K over a cluster where the 128x128 tiles do not fill the SMs (one block per SM): cost =
+// waves x (slabs per rank + ~3 slabs of prologue/epilogue + 2 for the cluster's reduction).
+struct WgmmaPlan {
+  int cluster, slabs_per_rank;
+};
+WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
+  const int64_t sms = sm_count();
+  WgmmaPlan best{1, slabs};
+  double best_cost = 1e30;
+  for (int cluster : {1, 2, 4, 8}) {
+    const int per_rank = (slabs + cluster - 1) / cluster;
+    if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
+    const double waves = double((tiles * cluster + sms - 1) / sms);
+    const double cost = waves * (per_rank + 3 + (cluster > 1 ? 2 : 0));
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = {cluster, per_rank};
+    }
+  }
+  return best;
 }
 
 template <typename OutT>
-void launch_wgmma(const GemmOperands& p, cudaStream_t stream) {
+void launch_wgmma(const GemmOperands& ops, cudaStream_t stream) {
   static bool configured = [] {
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(wgmma_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem));
     return true;
   }();
   (void)configured;
-  const dim3 grid(unsigned((p.w_rows_pad + kBN - 1) / kBN), unsigned((p.x_rows_pad + kBM - 1) / kBM));
-  wgmma_kernel<OutT><<<grid, kWgThreads, kWgSmem, stream>>>(p);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  const int64_t n_tiles = (ops.w_rows_pad + kBN - 1) / kBN, m_tiles = (ops.x_rows_pad + kBM - 1) / kBM;
+  const WgmmaPlan d = wgmma_plan(n_tiles * m_tiles, ops.slabs);
+  WgmmaParams p{ops};
+  p.cluster = d.cluster;
+  p.slabs_per_rank = d.slabs_per_rank;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(d.cluster), unsigned(n_tiles), unsigned(m_tiles));
+  cfg.blockDim = dim3(kWgThreads);
+  cfg.dynamicSmemBytes = kWgSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = unsigned(d.cluster);
+  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = d.cluster > 1 ? 1 : 0;
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, wgmma_kernel<OutT>, p));
 }
 
 }  // namespace
