@@ -110,6 +110,65 @@ std::string fmt_ratio(double base, double ours) {
   return b;
 }
 
+// W4A4 operands of one shape (random codes and scales, rotated copies to overflow L2), the output
+// and the workspace: times gemm_w4a4 on them along a given path.
+struct AtomInputs {
+  int64_t M, N;
+  AtomShape xs, ws;
+  int rots;
+  std::vector<AtomDeviceMatrix> X, W;
+  __half* y;
+  size_t work_bytes;
+  void* work;
+  AtomInputs(int64_t m, int64_t n, int64_t K, int keeper)
+      : M(m), N(n), xs(atom_shape(m, int(K), keeper)), ws(atom_shape(n, int(K), keeper)) {
+    rots = rotations(size_t(xs.code_bytes() + ws.code_bytes() + (xs.scale_count() + ws.scale_count()) * 2));
+    for (int r = 0; r < rots; ++r) {
+      X.emplace_back(xs);
+      W.emplace_back(ws);
+      fill_bytes<<<1024, 256>>>(X.back().mut().q, size_t(xs.code_bytes()), 10 + r);
+      fill_bytes<<<1024, 256>>>(W.back().mut().q, size_t(ws.code_bytes()), 20 + r);
+      fill_scales<<<256, 256>>>(X.back().mut().s, size_t(xs.scale_count()), 30 + r);
+      fill_scales<<<256, 256>>>(W.back().mut().s, size_t(ws.scale_count()), 40 + r);
+    }
+    y = dalloc<__half>(size_t(M * N));
+    work_bytes = gemm_w4a4_workspace_bytes(M, N, int(K), keeper);
+    work = work_bytes ? dalloc<uint8_t>(work_bytes) : nullptr;
+    if (work) NIBBLE_CUDA_CHECK(cudaMemset(work, 0, work_bytes));
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  ~AtomInputs() {
+    cudaFree(y);
+    if (work) cudaFree(work);
+  }
+  // Packed operand bytes plus the fp16 output: what a kernel must move at least.
+  double bytes() const { return double(xs.packed_bytes() + ws.packed_bytes()) + double(M * N * 2); }
+  void run(int r, GemmPath path) {
+    gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, work, work_bytes, nullptr, path);
+  }
+  double time(GemmPath path) {
+    return time_ms([&](int r) { run(r, path); }, rots);
+  }
+};
+
+// cuBLAS fp16 on rotated random inputs of the same shape.
+double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K) {
+  const int fr = rotations(size_t((M + N) * K * 2));
+  std::vector<__half*> xa, wa;
+  for (int r = 0; r < fr; ++r) {
+    xa.push_back(dalloc<__half>(size_t(M * K)));
+    wa.push_back(dalloc<__half>(size_t(N * K)));
+    fill_half<<<1024, 256>>>(xa.back(), size_t(M * K), 1.0f, 50 + r);
+    fill_half<<<1024, 256>>>(wa.back(), size_t(N * K), 0.05f, 60 + r);
+  }
+  __half* y = dalloc<__half>(size_t(M * N));
+  const double t = time_ms([&](int r) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, nullptr); }, fr);
+  for (auto q : xa) cudaFree(q);
+  for (auto q : wa) cudaFree(q);
+  cudaFree(y);
+  return t;
+}
+
 }  // namespace
 
 // `bench_gemm_w4a4 one M N K`: five launches of gemm_w4a4 alone (keeper 128), for ncu.
@@ -175,54 +234,21 @@ int run_decode(double copy_gbs) {
   for (const DecodeShape& sh : shapes) {
     for (int64_t M : {1, 2, 4, 8, 16}) {
       const int64_t N = sh.N, K = sh.K;
-      const AtomShape xs = atom_shape(M, int(K), keeper), wsh = atom_shape(N, int(K), keeper);
-      const size_t set_bytes = size_t(xs.code_bytes() + wsh.code_bytes() + (xs.scale_count() + wsh.scale_count()) * 2);
-      const int rots = rotations(set_bytes);
-      std::vector<AtomDeviceMatrix> X, W;
-      for (int r = 0; r < rots; ++r) {
-        X.emplace_back(xs);
-        W.emplace_back(wsh);
-        fill_bytes<<<1024, 256>>>(X.back().mut().q, size_t(xs.code_bytes()), 10 + r);
-        fill_bytes<<<1024, 256>>>(W.back().mut().q, size_t(wsh.code_bytes()), 20 + r);
-        fill_scales<<<256, 256>>>(X.back().mut().s, size_t(xs.scale_count()), 30 + r);
-        fill_scales<<<256, 256>>>(W.back().mut().s, size_t(wsh.scale_count()), 40 + r);
-      }
-      __half* y = dalloc<__half>(size_t(M * N));
-      const size_t wsb = gemm_w4a4_workspace_bytes(M, N, int(K), keeper);
-      void* ws = wsb ? dalloc<uint8_t>(wsb) : nullptr;
-      if (ws) NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, wsb));
-      NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-      const auto gemm = [&](int r, GemmPath path) {
-        gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, ws, wsb, nullptr, path);
-      };
-      const double t_stream = time_ms([&](int r) { gemm(r, GemmPath::Stream); }, rots);
-      const double t_after = time_ms(
-                                 [&](int r) {
-                                   no_op<<<1, 32>>>();
-                                   gemm(r, GemmPath::Stream);
-                                 },
-                                 rots) -
-                             t_noop;
-      const double t_v5 = time_ms([&](int r) { gemm(r, GemmPath::Decode); }, rots);
-      const double bytes = double(xs.packed_bytes() + wsh.packed_bytes()) + double(M * N * 2);
-      X.clear();
-      W.clear();
-      if (ws) cudaFree(ws);
-      double t_fp16 = 0;
+      double t_stream, t_after, t_v5, bytes;
       {
-        const int fr = rotations(size_t((M + N) * K * 2));
-        std::vector<__half*> xa, wa;
-        for (int r = 0; r < fr; ++r) {
-          xa.push_back(dalloc<__half>(size_t(M * K)));
-          wa.push_back(dalloc<__half>(size_t(N * K)));
-          fill_half<<<1024, 256>>>(xa.back(), size_t(M * K), 1.0f, 50 + r);
-          fill_half<<<1024, 256>>>(wa.back(), size_t(N * K), 0.05f, 60 + r);
-        }
-        t_fp16 = time_ms([&](int r) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, nullptr); }, fr);
-        for (auto q : xa) cudaFree(q);
-        for (auto q : wa) cudaFree(q);
+        AtomInputs in(M, N, K, keeper);
+        t_stream = in.time(GemmPath::Stream);
+        t_after = time_ms(
+                      [&](int r) {
+                        no_op<<<1, 32>>>();
+                        in.run(r, GemmPath::Stream);
+                      },
+                      in.rots) -
+                  t_noop;
+        t_v5 = in.time(GemmPath::Decode);
+        bytes = in.bytes();
       }
-      cudaFree(y);
+      const double t_fp16 = time_fp16(fp16, M, N, K);
       const auto pct = [&](double ms) { return 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs; };
       std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %s |\n", sh.model,
                   sh.name, (long long)M, (long long)N, (long long)K, t_stream * 1e3, pct(t_stream), t_after * 1e3,
@@ -269,54 +295,19 @@ int main(int argc, char** argv) {
         const int64_t N = sh.N, K = sh.K;
         const double flops = 2.0 * double(M) * double(N) * double(K);
         // ---- ours
-        const AtomShape xs = atom_shape(M, int(K), keeper), wsh = atom_shape(N, int(K), keeper);
-        const size_t set_bytes = size_t(xs.code_bytes() + wsh.code_bytes() + (xs.scale_count() + wsh.scale_count()) * 2);
-        const int rots = rotations(set_bytes);
-        std::vector<AtomDeviceMatrix> X, W;
-        for (int r = 0; r < rots; ++r) {
-          X.emplace_back(xs);
-          W.emplace_back(wsh);
-          fill_bytes<<<1024, 256>>>(X.back().mut().q, size_t(xs.code_bytes()), 10 + r);
-          fill_bytes<<<1024, 256>>>(W.back().mut().q, size_t(wsh.code_bytes()), 20 + r);
-          fill_scales<<<256, 256>>>(X.back().mut().s, size_t(xs.scale_count()), 30 + r);
-          fill_scales<<<256, 256>>>(W.back().mut().s, size_t(wsh.scale_count()), 40 + r);
-        }
-        __half* y = dalloc<__half>(size_t(M * N));
-        const size_t wsb = gemm_w4a4_workspace_bytes(M, N, int(K), keeper);
-        void* ws = wsb ? dalloc<uint8_t>(wsb) : nullptr;
-        if (ws) NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, wsb));
-        NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-        const double t_ours = time_ms(
-            [&](int r) { gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, ws, wsb, nullptr); }, rots);
-        // Beside it on the same inputs: the wgmma kernel forced, and v5's mma.sync choice (decode
-        // kernel at M <= 64, 128x128 prefill kernel above).
-        const auto forced = [&](GemmPath path) {
-          return M <= kStreamMaxM ? 0.0 : time_ms([&](int r) {
-            gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, ws, wsb, nullptr, path);
-          }, rots);
-        };
-        const double t_wgmma = forced(GemmPath::Wgmma), t_mma = forced(M <= 64 ? GemmPath::Decode : GemmPath::Prefill);
-        const double bytes = double(xs.packed_bytes() + wsh.packed_bytes()) + double(M * N * 2);
-        X.clear();
-        W.clear();
-        if (ws) cudaFree(ws);
-
-        // ---- cuBLAS fp16
-        double t_fp16 = 0;
+        double t_ours, t_wgmma = 0, t_mma = 0, bytes;
         {
-          const int fr = rotations(size_t((M + N) * K * 2));
-          std::vector<__half*> xa, wa;
-          for (int r = 0; r < fr; ++r) {
-            xa.push_back(dalloc<__half>(size_t(M * K)));
-            wa.push_back(dalloc<__half>(size_t(N * K)));
-            fill_half<<<1024, 256>>>(xa.back(), size_t(M * K), 1.0f, 50 + r);
-            fill_half<<<1024, 256>>>(wa.back(), size_t(N * K), 0.05f, 60 + r);
+          AtomInputs in(M, N, K, keeper);
+          t_ours = in.time(GemmPath::Auto);
+          // Beside it on the same inputs: the wgmma kernel forced, and v5's mma.sync choice (decode
+          // kernel at M <= 64, 128x128 prefill kernel above).
+          if (M > kStreamMaxM) {
+            t_wgmma = in.time(GemmPath::Wgmma);
+            t_mma = in.time(M <= 64 ? GemmPath::Decode : GemmPath::Prefill);
           }
-          t_fp16 = time_ms([&](int r) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, nullptr); }, fr);
-          for (auto p : xa) cudaFree(p);
-          for (auto p : wa) cudaFree(p);
+          bytes = in.bytes();
         }
-        cudaFree(y);
+        const double t_fp16 = time_fp16(fp16, M, N, K);
 
         // ---- cuBLASLt fp8 e4m3, 128-wide block scales on both operands (bf16 out)
         double t_fp8 = 0;
