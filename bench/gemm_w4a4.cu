@@ -110,6 +110,27 @@ std::string fmt_ratio(double base, double ours) {
   return b;
 }
 
+// Milliseconds per launch when 32 launches (rotating over the input copies) are captured into one
+// CUDA graph and replayed, as the engine runs a decode step: no host launch cost between kernels.
+double time_graph_ms(const std::function<void(int, cudaStream_t)>& launch, int rots) {
+  constexpr int kLaunches = 32;
+  launch(0, nullptr);  // first-use setup (function attributes, handles) outside the capture
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  cudaStream_t stream;
+  NIBBLE_CUDA_CHECK(cudaStreamCreate(&stream));  // blocking: ordered with time_ms's events
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < kLaunches; ++i) launch(i % rots, stream);
+  NIBBLE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  NIBBLE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double ms = time_ms([&](int) { NIBBLE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }, 1) / kLaunches;
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  return ms;
+}
+
 // W4A4 operands of one shape (random codes and scales, rotated copies to overflow L2), the output
 // and the workspace: times gemm_w4a4 on them along a given path.
 struct AtomInputs {
@@ -143,16 +164,19 @@ struct AtomInputs {
   }
   // Packed operand bytes plus the fp16 output: what a kernel must move at least.
   double bytes() const { return double(xs.packed_bytes() + ws.packed_bytes()) + double(M * N * 2); }
-  void run(int r, GemmPath path) {
-    gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, work, work_bytes, nullptr, path);
+  void run(int r, GemmPath path, cudaStream_t stream = nullptr) {
+    gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, work, work_bytes, stream, path);
   }
   double time(GemmPath path) {
     return time_ms([&](int r) { run(r, path); }, rots);
   }
+  double time_in_graph(GemmPath path) {
+    return time_graph_ms([&](int r, cudaStream_t stream) { run(r, path, stream); }, rots);
+  }
 };
 
 // cuBLAS fp16 on rotated random inputs of the same shape.
-double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K) {
+double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K, bool in_graph = false) {
   const int fr = rotations(size_t((M + N) * K * 2));
   std::vector<__half*> xa, wa;
   for (int r = 0; r < fr; ++r) {
@@ -162,7 +186,8 @@ double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K) {
     fill_half<<<1024, 256>>>(wa.back(), size_t(N * K), 0.05f, 60 + r);
   }
   __half* y = dalloc<__half>(size_t(M * N));
-  const double t = time_ms([&](int r) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, nullptr); }, fr);
+  const auto launch = [&](int r, cudaStream_t stream) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, stream); };
+  const double t = in_graph ? time_graph_ms(launch, fr) : time_ms([&](int r) { launch(r, nullptr); }, fr);
   for (auto q : xa) cudaFree(q);
   for (auto q : wa) cudaFree(q);
   cudaFree(y);
@@ -208,13 +233,10 @@ int run_one_norm(int64_t M, int K) {
   return 0;
 }
 
-__global__ void no_op() {}
-
 // `bench_gemm_w4a4 decode`: M <= 16 on every layer the engine runs (7B's fused q/k/v and gate/up
-// included): the stream kernel back to back (programmatic dependent launch overlaps a launch with
-// the previous one's tail), the same with a no-op kernel launched before each (as in the engine,
-// where the quantize kernel comes first and does not release its dependents early; the no-op's own
-// time is subtracted), the v5 decode kernel, and cuBLAS fp16, all in the same run.
+// included), each kernel timed inside a CUDA graph of 32 launches as the engine's decode step runs
+// them (the stream kernel's programmatic dependent launch overlaps a launch with the previous
+// one's tail), and the stream kernel also launched eagerly, all in the same run with cuBLAS fp16.
 int run_decode(double copy_gbs) {
   struct DecodeShape {
     const char* model;
@@ -228,31 +250,27 @@ int run_decode(double copy_gbs) {
   };
   const int keeper = 128;
   LinearFp16 fp16;
-  std::printf("| model | layer | M | N | K | stream µs | %% copy BW | after a kernel µs | %% copy BW | v5 decode µs | %% copy BW | fp16 µs | stream vs fp16 |\n");
-  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-  const double t_noop = time_ms([&](int) { no_op<<<1, 32>>>(); }, 1);
+  std::printf("| model | layer | M | N | K | dispatched | stream µs (graph) | %% copy BW | decode µs (graph) | %% copy BW | stream µs (eager) | fp16 µs (graph) | best vs fp16 |\n");
+  std::printf("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const DecodeShape& sh : shapes) {
     for (int64_t M : {1, 2, 4, 8, 16}) {
       const int64_t N = sh.N, K = sh.K;
-      double t_stream, t_after, t_v5, bytes;
+      double t_stream, t_decode, t_eager, bytes;
+      bool small_w;
       {
         AtomInputs in(M, N, K, keeper);
-        t_stream = in.time(GemmPath::Stream);
-        t_after = time_ms(
-                      [&](int r) {
-                        no_op<<<1, 32>>>();
-                        in.run(r, GemmPath::Stream);
-                      },
-                      in.rots) -
-                  t_noop;
-        t_v5 = in.time(GemmPath::Decode);
+        t_stream = in.time_in_graph(GemmPath::Stream);
+        t_decode = in.time_in_graph(GemmPath::Decode);
+        t_eager = in.time(GemmPath::Stream);
         bytes = in.bytes();
+        small_w = in.ws.packed_bytes() <= kStreamMaxWeightBytes;
       }
-      const double t_fp16 = time_fp16(fp16, M, N, K);
+      const double t_fp16 = time_fp16(fp16, M, N, K, true);
       const auto pct = [&](double ms) { return 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs; };
-      std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %s |\n", sh.model,
-                  sh.name, (long long)M, (long long)N, (long long)K, t_stream * 1e3, pct(t_stream), t_after * 1e3,
-                  pct(t_after), t_v5 * 1e3, pct(t_v5), t_fp16 * 1e3, fmt_ratio(t_fp16, t_stream).c_str());
+      std::printf("| %s | %s | %lld | %lld | %lld | %s | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.2f | %s |\n", sh.model,
+                  sh.name, (long long)M, (long long)N, (long long)K, small_w ? "stream" : "decode", t_stream * 1e3,
+                  pct(t_stream), t_decode * 1e3, pct(t_decode), t_eager * 1e3, t_fp16 * 1e3,
+                  fmt_ratio(t_fp16, std::min(t_stream, t_decode)).c_str());
       std::fflush(stdout);
     }
   }
@@ -288,23 +306,21 @@ int main(int argc, char** argv) {
   const int keeper = 128;
 
   if (only.empty() || only == "gemm") {
-    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | wgmma µs | v5 µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
-    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | stream µs | decode µs | wgmma µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
+    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (const Shape& sh : shapes) {
       for (int64_t M : Ms) {
         const int64_t N = sh.N, K = sh.K;
         const double flops = 2.0 * double(M) * double(N) * double(K);
         // ---- ours
-        double t_ours, t_wgmma = 0, t_mma = 0, bytes;
+        double t_ours, t_stream = 0, t_decode = 0, t_wgmma = 0, bytes;
         {
           AtomInputs in(M, N, K, keeper);
           t_ours = in.time(GemmPath::Auto);
-          // Beside it on the same inputs: the wgmma kernel forced, and v5's mma.sync choice (decode
-          // kernel at M <= 64, 128x128 prefill kernel above).
-          if (M > kStreamMaxM) {
-            t_wgmma = in.time(GemmPath::Wgmma);
-            t_mma = in.time(M <= 64 ? GemmPath::Decode : GemmPath::Prefill);
-          }
+          // Beside it on the same inputs: every kernel that can take this M.
+          if (M <= kStreamMaxM) t_stream = in.time(GemmPath::Stream);
+          if (M <= 64) t_decode = in.time(GemmPath::Decode);
+          if (M > kStreamMaxM) t_wgmma = in.time(GemmPath::Wgmma);
           bytes = in.bytes();
         }
         const double t_fp16 = time_fp16(fp16, M, N, K);
@@ -396,10 +412,10 @@ int main(int argc, char** argv) {
         }
         cudaGetLastError();  // a refused Lt call must not poison the next row
 
-        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
+        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
                     sh.name, (long long)M, (long long)N, (long long)K, t_ours * 1e3, flops / (t_ours * 1e-3) / 1e12,
-                    bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_us(t_wgmma).c_str(),
-                    fmt_us(t_mma).c_str(), fmt_us(t_fp16).c_str(),
+                    bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_us(t_stream).c_str(),
+                    fmt_us(t_decode).c_str(), fmt_us(t_wgmma).c_str(), fmt_us(t_fp16).c_str(),
                     fmt_ratio(t_fp16, t_ours).c_str(), fmt_us(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
                     fmt_us(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
         if (!fp8_note.empty() && fp8_note != "1x128 both") std::printf("<!-- fp8 scales: %s -->\n", fp8_note.c_str());

@@ -264,10 +264,11 @@ TEST(GemmW4A4, MatchesFormatReference) {
         for (int64_t M : Ms) {
           std::vector<std::pair<OutType, GemmPath>> runs = {{OutType::F16, GemmPath::Auto}};
           // The other paths on the shapes they can take, and bf16 output, on a few shapes.
-          if (N == 4096) runs.emplace_back(OutType::F16, M <= 64 ? GemmPath::Wgmma : GemmPath::Prefill);
-          if (M <= 64 && N == 4096) runs.emplace_back(OutType::F16, GemmPath::Prefill);
-          if (M <= kStreamMaxM && (N == 512 || N == 4096)) runs.emplace_back(OutType::F16, GemmPath::Decode);
-          if (N == 4096 && (M == 7 || M == 100 || M == 2048)) runs.emplace_back(OutType::F16, GemmPath::Prefill8Warps);
+          if (M <= 64 && N == 4096) runs.emplace_back(OutType::F16, GemmPath::Wgmma);
+          if (M <= kStreamMaxM && (N == 512 || N == 4096 || N == 11008)) {
+            runs.emplace_back(OutType::F16, GemmPath::Stream);
+            runs.emplace_back(OutType::F16, GemmPath::Decode);
+          }
           if ((N == 4096 || N == 512) && (M == 2 || M == 16 || M == 100 || M == 256)) runs.emplace_back(OutType::BF16, GemmPath::Auto);
           for (const auto& [out, path] : runs) check_case(xs.at(M), x_seed[M], w, w_seed, out, path, totals);
         }

@@ -519,8 +519,24 @@ struct StreamPlan {
 };
 constexpr int kStreamUnitsForFullRate = 96;  // 48 KB per SM: ~1 µs of DRAM latency at an SM's share of 4.2 TB/s
 
+// X is read through L1 by every unit, so L1 must hold it: ask for the smallest shared-memory
+// carveout that still fits the blocks the registers allow (2 x 25 KB of the 228), not one sized for
+// the 8 blocks the thread count would allow (device run 1: 41-50% of copy bandwidth where the v5
+// kernel, which has no shared memory, streamed at 76%).
+constexpr int kStreamCarveoutPercent = 25;
+template <bool kTok16, typename OutT>
+void configure_stream_kernel() {
+  static bool done = [] {
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(stream_kernel<kTok16, OutT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           kStreamCarveoutPercent));
+    return true;
+  }();
+  (void)done;
+}
+
 int stream_blocks_per_sm() {
   static int n = [] {
+    configure_stream_kernel<true, __half>();
     int b = 0;
     NIBBLE_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, stream_kernel<true, __half>, kStreamWarps * 32, 0));
@@ -555,6 +571,7 @@ StreamPlan stream_plan(int64_t w_tiles, int slabs) {
 
 template <bool kTok16, typename OutT>
 void launch_stream_t(const StreamParams& p, const StreamPlan& d, cudaStream_t stream) {
+  configure_stream_kernel<kTok16, OutT>();
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(d.blocks));
   cfg.blockDim = dim3(kStreamWarps * 32);
@@ -586,24 +603,17 @@ void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
   }
 }
 
-// ---- Prefill: M > 64 -----------------------------------------------------------------------------
+// ---- Block tiles for M > 64: 128 W rows x 128 tokens, one cp.async stage per slab ----------------
+//
+// (v1-v5 ran them on `mma.sync` in 8 or 16 warps; the wgmma kernel below replaced those, measured
+// equal or faster on every shape of device run 1, and they were deleted.)
 
-constexpr int kBN = 128, kBM = 128, kStages = 4;
-// Warp tiles: NA 16-row tiles of W (n) x 4 8-row tiles of X (m, 32 rows). NA = 4: 8 warps of
-// 64x32 (v1/v2, 224 registers, 8 warps per SM); NA = 2: 16 warps of 32x32 (v3: twice the warps to
-// hide mma.sync and fold latency).
-template <int NA>
-constexpr int prefill_threads() { return (kBN / (16 * NA)) * 4 * 32; }
+constexpr int kBN = 128, kBM = 128;
 constexpr int kTileBytes = (kBN / kRowTile) * kSlabBytes;      // 8 KB of W (and of X) per slab
 constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's scales
-constexpr int kPrefillSmem = kStages * kStageBytes;
-constexpr int kYPitch = kBN + 8;  // epilogue staging, halves
-static_assert(kBM * kYPitch * 2 <= kPrefillSmem, "epilogue staging must fit in the pipeline buffers");
-
-using PrefillParams = GemmOperands;
 
 template <int kThreads>
-__device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* stage, int s, int64_t n_base,
+__device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* stage, int s, int64_t n_base,
                                              int64_t m_base) {
   const int tid = threadIdx.x;
   const int grp = slab_group(s, p.g4);
@@ -626,140 +636,6 @@ __device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* st
   }
 }
 
-// The epilogue's second half: the 128x128 output tile staged as ys[m * kYPitch + n] goes out in
-// 16-byte row stores.
-template <typename OutT, int kThreads>
-__device__ __forceinline__ void store_tile(const GemmOperands& p, const OutT* ys, int64_t n_base, int64_t m_base) {
-  OutT* y = static_cast<OutT*>(p.y);
-  for (int c = threadIdx.x; c < kBM * (kBN / 8); c += kThreads) {
-    const int m = c / (kBN / 8), n = (c % (kBN / 8)) * 8;
-    const int64_t gm = m_base + m, gn = n_base + n;
-    if (gm >= p.M) continue;
-    if (gn + 8 <= p.N && p.N % 8 == 0) {
-      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(ys + m * kYPitch + n);
-    } else {
-      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = ys[m * kYPitch + n + e];
-    }
-  }
-}
-
-template <typename OutT, int NA>
-__global__ void __launch_bounds__(prefill_threads<NA>(), 1) prefill_kernel(PrefillParams p) {
-  constexpr int kThreads = prefill_threads<NA>(), kWN = kBN / (16 * NA);
-  extern __shared__ __align__(128) uint8_t smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int wn = warp % kWN, wm = warp / kWN;  // warp tile: 16 NA rows of N x 32 rows of M
-  const int64_t n_base = int64_t(blockIdx.x) * kBN, m_base = int64_t(blockIdx.y) * kBM;
-
-  float acc[NA][4][4];
-#pragma unroll
-  for (int i = 0; i < NA; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0;
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < p.slabs) prefill_load<kThreads>(p, smem + s * kStageBytes, s, n_base, m_base);
-    cp_async_commit();
-  }
-
-  for (int s = 0; s < p.slabs; ++s) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = s + kStages - 1;
-    if (next < p.slabs) prefill_load<kThreads>(p, smem + (next % kStages) * kStageBytes, next, n_base, m_base);
-    cp_async_commit();
-
-    const uint8_t* stage = smem + (s % kStages) * kStageBytes;
-    uint4 A[2 * NA], B[4];
-#pragma unroll
-    for (int i = 0; i < 2 * NA; ++i)
-      A[i] = *reinterpret_cast<const uint4*>(stage + (wn * 2 * NA + i) * kSlabBytes + lane * 16);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      B[j] = *reinterpret_cast<const uint4*>(stage + kTileBytes + (wm * 4 + j) * kSlabBytes + lane * 16);
-    const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
-    const __half* sxs = sws + kBN;
-    int c[NA][4][4];
-#pragma unroll
-    for (int i = 0; i < NA; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0;
-    const bool int4 = s < p.g4;
-    if (int4) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-#pragma unroll
-        for (int i = 0; i < NA; ++i) {
-          const uint32_t a0 = hi4(word(A[2 * i], k)), a1 = hi4(word(A[2 * i + 1], k));
-          const uint32_t a2 = lo4(word(A[2 * i], k)), a3 = lo4(word(A[2 * i + 1], k));
-#pragma unroll
-          for (int j = 0; j < 4; ++j) mma_s8(c[i][j], a0, a1, a2, a3, hi4(word(B[j], k)), lo4(word(B[j], k)));
-        }
-    } else {
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-#pragma unroll
-        for (int i = 0; i < NA; ++i) {
-          const uint32_t a0 = word(A[2 * i], 2 * k), a1 = word(A[2 * i + 1], 2 * k);
-          const uint32_t a2 = word(A[2 * i], 2 * k + 1), a3 = word(A[2 * i + 1], 2 * k + 1);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) mma_s8(c[i][j], a0, a1, a2, a3, word(B[j], 2 * k), word(B[j], 2 * k + 1));
-        }
-    }
-    const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
-    float sw[NA][2], sx[4][2];
-#pragma unroll
-    for (int i = 0; i < NA; ++i) {
-      sw[i][0] = __half2float(sws[wn * 16 * NA + i * 16 + g]);
-      sw[i][1] = __half2float(sws[wn * 16 * NA + i * 16 + g + 8]);
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const __half2 v = *reinterpret_cast<const __half2*>(sxs + wm * 32 + j * 8 + 2 * t);
-      sx[j][0] = __low2float(v) * f;
-      sx[j][1] = __high2float(v) * f;
-    }
-#pragma unroll
-    for (int i = 0; i < NA; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          acc[i][j][e] = fmaf(exact_float(c[i][j][e]), sx[j][e & 1] * sw[i][e >> 1], acc[i][j][e]);
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-
-  // Epilogue: stage the 128x128 tile as Y[m][n] in shared memory, then 16-byte row stores.
-  OutT* ys = reinterpret_cast<OutT*>(smem);
-#pragma unroll
-  for (int i = 0; i < NA; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = wn * 16 * NA + i * 16 + g + (e >> 1) * 8, m = wm * 32 + j * 8 + 2 * t + (e & 1);
-        ys[m * kYPitch + n] = from_float<OutT>(acc[i][j][e]);
-      }
-  __syncthreads();
-  store_tile<OutT, kThreads>(p, ys, n_base, m_base);
-}
-
-template <typename OutT, int NA>
-void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
-  static bool configured = [] {
-    NIBBLE_CUDA_CHECK(
-        cudaFuncSetAttribute(prefill_kernel<OutT, NA>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem));
-    return true;
-  }();
-  (void)configured;
-  const dim3 grid(unsigned((p.w_rows_pad + kBN - 1) / kBN), unsigned((p.x_rows_pad + kBM - 1) / kBM));
-  prefill_kernel<OutT, NA><<<grid, prefill_threads<NA>(), kPrefillSmem, stream>>>(p);
-  NIBBLE_CUDA_CHECK_LAUNCH();
-}
-
 // ---- wgmma (sm_90a): M > 64 ------------------------------------------------------------------------
 //
 // Yᵀ = W·Xᵀ on `wgmma.mma_async.m64n128k32.s32.s8.s8`: W rows are wgmma's M (a warpgroup takes 64
@@ -770,8 +646,8 @@ void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
 // LBO = 2048 between K halves and SBO = 128 between token groups); keeper slabs are copied as they
 // are. Each warpgroup issues the slab's 4 (INT4) or 2 (keeper) wgmma into one of two int32
 // accumulator sets and, while they run, folds the previous slab's set into fp32 with the
-// per-row x per-token scales (DeepGEMM's promotion). Operands come through the prefill kernel's
-// 128x128 cp.async stages. Where the tiles do not fill the SMs, K is split over a cluster.
+// per-row x per-token scales (DeepGEMM's promotion). Operands come through 128x128 cp.async
+// stages. Where the tiles do not fill the SMs, K is split over a cluster.
 constexpr int kWgThreads = 256;     // two warpgroups: W rows 0..63 and 64..127 of the block
 constexpr int kWgStages = 5;        // cp.async stages (prefetch distance kWgStages - 2)
 constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
@@ -898,7 +774,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
 
 #pragma unroll
   for (int i = 0; i < kWgStages - 2; ++i) {
-    if (i < ns) prefill_load<kWgThreads>(p, smem + i * kStageBytes, s0 + i, n_base, m_base);
+    if (i < ns) block_tile_load<kWgThreads>(p, smem + i * kStageBytes, s0 + i, n_base, m_base);
     cp_async_commit();
   }
   // Step i (slab s0 + i): stage ready, prefetch, unpack X, issue wgmma into d_cur, fold step i - 1 from d_prev.
@@ -906,7 +782,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
     cp_async_wait<kWgStages - 3>();
     __syncthreads();  // stage i landed; step i - 2's wgmma (unpacked buffer i % 2) are done in both warpgroups
     const int next = i + kWgStages - 2;
-    if (next < ns) prefill_load<kWgThreads>(p, smem + (next % kWgStages) * kStageBytes, s0 + next, n_base, m_base);
+    if (next < ns) block_tile_load<kWgThreads>(p, smem + (next % kWgStages) * kStageBytes, s0 + next, n_base, m_base);
     cp_async_commit();
     const uint8_t* stage = smem + (i % kWgStages) * kStageBytes;
     uint8_t* ubuf = unpacked + (i % 2) * kUnpackBytes;
@@ -1040,7 +916,12 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
-  if (path == GemmPath::Auto) path = M <= kStreamMaxM ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
+  if (path == GemmPath::Auto) {
+    // Device run 1 (H200): the stream kernel won where W is small (7B q/k/v/o, 70B k/v: fixed costs
+    // dominate) and lost to v5's decode kernel on the larger layers; wgmma lost at M = 64.
+    const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
+    path = M <= kStreamMaxM && small_w ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
+  }
   switch (path) {
     case GemmPath::Stream:
       require(M <= kStreamMaxM, where, "the stream path needs M <= {}, got {}", kStreamMaxM, M);
@@ -1063,16 +944,9 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       return;
     }
     case GemmPath::Wgmma:
+    default:
       if (out == OutType::F16) launch_wgmma<__half>(ops, stream);
       else launch_wgmma<__nv_bfloat16>(ops, stream);
-      return;
-    case GemmPath::Prefill8Warps:  // v2's 8-warp tiles, kept for comparison
-      if (out == OutType::F16) launch_prefill<__half, 4>(ops, stream);
-      else launch_prefill<__nv_bfloat16, 4>(ops, stream);
-      return;
-    default:
-      if (out == OutType::F16) launch_prefill<__half, 2>(ops, stream);
-      else launch_prefill<__nv_bfloat16, 2>(ops, stream);
       return;
   }
 }

@@ -2,15 +2,16 @@
 //   Y[M, N] (fp16 or bf16) = X[M, K] · W[N, K]ᵀ
 // X and W in the GPU layout of atom_layout.h (same K, same keeper). The 4-bit codes stay 4-bit in
 // memory and are widened to INT8 in registers; each K slab (an INT4 group of 128, or half a keeper
-// group) is accumulated in int32 by `mma.sync.m16n8k32.s8` and folded into an fp32 accumulator
-// with scale_x[m, g] · scale_w[n, g] (multiplied in fp32), the DeepGEMM way.
-//   stream  (M <= 16): a GEMV at DRAM speed: W streamed once through per-warp register rings, whole
-//                      W tiles per block, split-K over a cluster only for small N, sums finished on chip.
-//   decode  (M <= 64): W streamed once through registers, split-K over the SMs, the partial sums
-//                      reduced in-kernel by the last block of each column range (deterministic).
-//   wgmma   (M > 64):  128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as the register A
-//                      operand, X unpacked to INT8 in shared memory as B, fold overlapped with the MMA.
-//   prefill:           the mma.sync 128×128 kernel it replaces (16 warps of 32×32), for comparison.
+// group) is accumulated in int32 on the tensor cores and folded into an fp32 accumulator with
+// scale_x[m, g] · scale_w[n, g] (multiplied in fp32), the DeepGEMM way. Kernels:
+//   stream (M <= 16, W <= 16 MB): a GEMV: W streamed once through per-warp register rings, whole W
+//                     tiles per block, split-K over a cluster only for small N, sums finished on chip.
+//   decode (M <= 64): W streamed once through registers (`mma.sync`), split-K over the SMs, the
+//                     partial sums reduced in-kernel by the last block of each column range.
+//   wgmma  (M > 64):  128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as the register A
+//                     operand, X unpacked to INT8 in shared memory as B, fold overlapped with the MMA,
+//                     split-K over a cluster where the tiles do not fill the SMs.
+// All deterministic (fixed summation orders).
 #pragma once
 
 #include <cstddef>
@@ -25,8 +26,9 @@ namespace nibble::cuda {
 enum class OutType { F16, BF16 };
 
 // Which kernel runs: Auto picks by M; tests and benches force the others.
-enum class GemmPath { Auto, Stream, Decode, Prefill, Prefill8Warps, Wgmma };
+enum class GemmPath { Auto, Stream, Decode, Wgmma };
 inline constexpr int64_t kStreamMaxM = 16;
+inline constexpr int64_t kStreamMaxWeightBytes = int64_t(16) << 20;  // Auto takes the stream kernel up to here
 
 // Bytes of scratch gemm_w4a4 needs for these shapes (split-K partial sums + counters). The
 // workspace must be zero-filled once when allocated; the kernels leave it zeroed again.
