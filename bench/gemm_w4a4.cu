@@ -97,10 +97,10 @@ bool lt_setup(cublasLtHandle_t lt, LtGemm& g, int64_t M, int64_t N, int64_t K, c
   return true;
 }
 
-std::string fmt_ms(double ms) {
+std::string fmt_us(double ms) {
   char b[32];
   if (ms <= 0) return "n/a";
-  std::snprintf(b, sizeof b, "%.4f", ms);
+  std::snprintf(b, sizeof b, "%.2f", ms * 1e3);
   return b;
 }
 std::string fmt_ratio(double base, double ours) {
@@ -108,6 +108,90 @@ std::string fmt_ratio(double base, double ours) {
   if (base <= 0 || ours <= 0) return "n/a";
   std::snprintf(b, sizeof b, "%.2fx", base / ours);
   return b;
+}
+
+// Milliseconds per launch when 32 launches (rotating over the input copies) are captured into one
+// CUDA graph and replayed, as the engine runs a decode step: no host launch cost between kernels.
+double time_graph_ms(const std::function<void(int, cudaStream_t)>& launch, int rots) {
+  constexpr int kLaunches = 32;
+  launch(0, nullptr);  // first-use setup (function attributes, handles) outside the capture
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  cudaStream_t stream;
+  NIBBLE_CUDA_CHECK(cudaStreamCreate(&stream));  // blocking: ordered with time_ms's events
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < kLaunches; ++i) launch(i % rots, stream);
+  NIBBLE_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  NIBBLE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double ms = time_ms([&](int) { NIBBLE_CUDA_CHECK(cudaGraphLaunch(exec, stream)); }, 1) / kLaunches;
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+  return ms;
+}
+
+// W4A4 operands of one shape (random codes and scales, rotated copies to overflow L2), the output
+// and the workspace: times gemm_w4a4 on them along a given path.
+struct AtomInputs {
+  int64_t M, N;
+  AtomShape xs, ws;
+  int rots;
+  std::vector<AtomDeviceMatrix> X, W;
+  __half* y;
+  size_t work_bytes;
+  void* work;
+  AtomInputs(int64_t m, int64_t n, int64_t K, int keeper)
+      : M(m), N(n), xs(atom_shape(m, int(K), keeper)), ws(atom_shape(n, int(K), keeper)) {
+    rots = rotations(size_t(xs.code_bytes() + ws.code_bytes() + (xs.scale_count() + ws.scale_count()) * 2));
+    for (int r = 0; r < rots; ++r) {
+      X.emplace_back(xs);
+      W.emplace_back(ws);
+      fill_bytes<<<1024, 256>>>(X.back().mut().q, size_t(xs.code_bytes()), 10 + r);
+      fill_bytes<<<1024, 256>>>(W.back().mut().q, size_t(ws.code_bytes()), 20 + r);
+      fill_scales<<<256, 256>>>(X.back().mut().s, size_t(xs.scale_count()), 30 + r);
+      fill_scales<<<256, 256>>>(W.back().mut().s, size_t(ws.scale_count()), 40 + r);
+    }
+    y = dalloc<__half>(size_t(M * N));
+    work_bytes = gemm_w4a4_workspace_bytes(M, N, int(K), keeper);
+    work = work_bytes ? dalloc<uint8_t>(work_bytes) : nullptr;
+    if (work) NIBBLE_CUDA_CHECK(cudaMemset(work, 0, work_bytes));
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  ~AtomInputs() {
+    cudaFree(y);
+    if (work) cudaFree(work);
+  }
+  // Packed operand bytes plus the fp16 output: what a kernel must move at least.
+  double bytes() const { return double(xs.packed_bytes() + ws.packed_bytes()) + double(M * N * 2); }
+  void run(int r, GemmPath path, cudaStream_t stream = nullptr) {
+    gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, work, work_bytes, stream, path);
+  }
+  double time(GemmPath path) {
+    return time_ms([&](int r) { run(r, path); }, rots);
+  }
+  double time_in_graph(GemmPath path) {
+    return time_graph_ms([&](int r, cudaStream_t stream) { run(r, path, stream); }, rots);
+  }
+};
+
+// cuBLAS fp16 on rotated random inputs of the same shape.
+double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K, bool in_graph = false) {
+  const int fr = rotations(size_t((M + N) * K * 2));
+  std::vector<__half*> xa, wa;
+  for (int r = 0; r < fr; ++r) {
+    xa.push_back(dalloc<__half>(size_t(M * K)));
+    wa.push_back(dalloc<__half>(size_t(N * K)));
+    fill_half<<<1024, 256>>>(xa.back(), size_t(M * K), 1.0f, 50 + r);
+    fill_half<<<1024, 256>>>(wa.back(), size_t(N * K), 0.05f, 60 + r);
+  }
+  __half* y = dalloc<__half>(size_t(M * N));
+  const auto launch = [&](int r, cudaStream_t stream) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, stream); };
+  const double t = in_graph ? time_graph_ms(launch, fr) : time_ms([&](int r) { launch(r, nullptr); }, fr);
+  for (auto q : xa) cudaFree(q);
+  for (auto q : wa) cudaFree(q);
+  cudaFree(y);
+  return t;
 }
 
 }  // namespace
@@ -149,8 +233,52 @@ int run_one_norm(int64_t M, int K) {
   return 0;
 }
 
+// `bench_gemm_w4a4 decode`: M <= 16 on every layer the engine runs (7B's fused q/k/v and gate/up
+// included), each kernel timed inside a CUDA graph of 32 launches as the engine's decode step runs
+// them (the stream kernel's programmatic dependent launch overlaps a launch with the previous
+// one's tail), and the stream kernel also launched eagerly, all in the same run with cuBLAS fp16.
+int run_decode(double copy_gbs) {
+  struct DecodeShape {
+    const char* model;
+    const char* name;
+    int64_t N, K;
+  };
+  const DecodeShape shapes[] = {
+      {"7B", "q/k/v fused", 12288, 4096}, {"7B", "q/k/v/o", 4096, 4096}, {"7B", "gate/up fused", 22016, 4096},
+      {"7B", "gate/up", 11008, 4096},     {"7B", "down", 4096, 11008},   {"70B", "q/o", 8192, 8192},
+      {"70B", "k/v", 1024, 8192},         {"70B", "gate/up", 28672, 8192}, {"70B", "down", 8192, 28672},
+  };
+  const int keeper = 128;
+  LinearFp16 fp16;
+  std::printf("| model | layer | M | N | K | dispatched | stream µs (graph) | %% copy BW | decode µs (graph) | %% copy BW | stream µs (eager) | fp16 µs (graph) | best vs fp16 |\n");
+  std::printf("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const DecodeShape& sh : shapes) {
+    for (int64_t M : {1, 2, 4, 8, 16}) {
+      const int64_t N = sh.N, K = sh.K;
+      double t_stream, t_decode, t_eager, bytes;
+      bool small_w;
+      {
+        AtomInputs in(M, N, K, keeper);
+        t_stream = in.time_in_graph(GemmPath::Stream);
+        t_decode = in.time_in_graph(GemmPath::Decode);
+        t_eager = in.time(GemmPath::Stream);
+        bytes = in.bytes();
+        small_w = in.ws.packed_bytes() <= kStreamMaxWeightBytes;
+      }
+      const double t_fp16 = time_fp16(fp16, M, N, K, true);
+      const auto pct = [&](double ms) { return 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs; };
+      std::printf("| %s | %s | %lld | %lld | %lld | %s | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.2f | %s |\n", sh.model,
+                  sh.name, (long long)M, (long long)N, (long long)K, small_w ? "stream" : "decode", t_stream * 1e3,
+                  pct(t_stream), t_decode * 1e3, pct(t_decode), t_eager * 1e3, t_fp16 * 1e3,
+                  fmt_ratio(t_fp16, std::min(t_stream, t_decode)).c_str());
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "norm", "one M N K" or empty for gemm + norm
+  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "decode", "norm", "one M N K" or empty for gemm + norm
   if (only == "one" && argc == 5) return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]));
   if (only == "onenorm" && argc == 4) return run_one_norm(std::atoll(argv[2]), std::atoi(argv[3]));
   cudaDeviceProp prop{};
@@ -162,6 +290,7 @@ int main(int argc, char** argv) {
               g_l2 >> 20, runtime, cublasLtGetVersion());
   const double copy_gbs = copy_bandwidth();
   std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
+  if (only == "decode") return run_decode(copy_gbs);
 
   LinearFp16 fp16;
   cublasLtHandle_t lt;
@@ -177,53 +306,24 @@ int main(int argc, char** argv) {
   const int keeper = 128;
 
   if (only.empty() || only == "gemm") {
-    std::printf("| model | layer | M | N | K | w4a4 ms | TOPS | GB/s packed | %% copy BW | fp16 ms | vs fp16 | fp8-blk ms | vs fp8-blk | int8 ms | vs int8 |\n");
-    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | stream µs | decode µs | wgmma µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
+    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (const Shape& sh : shapes) {
       for (int64_t M : Ms) {
         const int64_t N = sh.N, K = sh.K;
         const double flops = 2.0 * double(M) * double(N) * double(K);
         // ---- ours
-        const AtomShape xs = atom_shape(M, int(K), keeper), wsh = atom_shape(N, int(K), keeper);
-        const size_t set_bytes = size_t(xs.code_bytes() + wsh.code_bytes() + (xs.scale_count() + wsh.scale_count()) * 2);
-        const int rots = rotations(set_bytes);
-        std::vector<AtomDeviceMatrix> X, W;
-        for (int r = 0; r < rots; ++r) {
-          X.emplace_back(xs);
-          W.emplace_back(wsh);
-          fill_bytes<<<1024, 256>>>(X.back().mut().q, size_t(xs.code_bytes()), 10 + r);
-          fill_bytes<<<1024, 256>>>(W.back().mut().q, size_t(wsh.code_bytes()), 20 + r);
-          fill_scales<<<256, 256>>>(X.back().mut().s, size_t(xs.scale_count()), 30 + r);
-          fill_scales<<<256, 256>>>(W.back().mut().s, size_t(wsh.scale_count()), 40 + r);
-        }
-        __half* y = dalloc<__half>(size_t(M * N));
-        const size_t wsb = gemm_w4a4_workspace_bytes(M, N, int(K), keeper);
-        void* ws = wsb ? dalloc<uint8_t>(wsb) : nullptr;
-        if (ws) NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, wsb));
-        NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-        const double t_ours = time_ms(
-            [&](int r) { gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, ws, wsb, nullptr); }, rots);
-        const double bytes = double(xs.packed_bytes() + wsh.packed_bytes()) + double(M * N * 2);
-        X.clear();
-        W.clear();
-        if (ws) cudaFree(ws);
-
-        // ---- cuBLAS fp16
-        double t_fp16 = 0;
+        double t_ours, t_stream = 0, t_decode = 0, t_wgmma = 0, bytes;
         {
-          const int fr = rotations(size_t((M + N) * K * 2));
-          std::vector<__half*> xa, wa;
-          for (int r = 0; r < fr; ++r) {
-            xa.push_back(dalloc<__half>(size_t(M * K)));
-            wa.push_back(dalloc<__half>(size_t(N * K)));
-            fill_half<<<1024, 256>>>(xa.back(), size_t(M * K), 1.0f, 50 + r);
-            fill_half<<<1024, 256>>>(wa.back(), size_t(N * K), 0.05f, 60 + r);
-          }
-          t_fp16 = time_ms([&](int r) { fp16.run(xa[size_t(r)], wa[size_t(r)], y, M, N, K, nullptr); }, fr);
-          for (auto p : xa) cudaFree(p);
-          for (auto p : wa) cudaFree(p);
+          AtomInputs in(M, N, K, keeper);
+          t_ours = in.time(GemmPath::Auto);
+          // Beside it on the same inputs: every kernel that can take this M.
+          if (M <= kStreamMaxM) t_stream = in.time(GemmPath::Stream);
+          if (M <= 64) t_decode = in.time(GemmPath::Decode);
+          if (M > kStreamMaxM) t_wgmma = in.time(GemmPath::Wgmma);
+          bytes = in.bytes();
         }
-        cudaFree(y);
+        const double t_fp16 = time_fp16(fp16, M, N, K);
 
         // ---- cuBLASLt fp8 e4m3, 128-wide block scales on both operands (bf16 out)
         double t_fp8 = 0;
@@ -312,11 +412,12 @@ int main(int argc, char** argv) {
         }
         cudaGetLastError();  // a refused Lt call must not poison the next row
 
-        std::printf("| %s | %s | %lld | %lld | %lld | %.4f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s |\n", sh.model,
-                    sh.name, (long long)M, (long long)N, (long long)K, t_ours, flops / (t_ours * 1e-3) / 1e12,
-                    bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_ms(t_fp16).c_str(),
-                    fmt_ratio(t_fp16, t_ours).c_str(), fmt_ms(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
-                    fmt_ms(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
+        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
+                    sh.name, (long long)M, (long long)N, (long long)K, t_ours * 1e3, flops / (t_ours * 1e-3) / 1e12,
+                    bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_us(t_stream).c_str(),
+                    fmt_us(t_decode).c_str(), fmt_us(t_wgmma).c_str(), fmt_us(t_fp16).c_str(),
+                    fmt_ratio(t_fp16, t_ours).c_str(), fmt_us(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
+                    fmt_us(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
         if (!fp8_note.empty() && fp8_note != "1x128 both") std::printf("<!-- fp8 scales: %s -->\n", fp8_note.c_str());
         std::fflush(stdout);
       }

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 
+#include <cooperative_groups.h>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -71,9 +73,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // Scale group of slab s (INT4 groups first, then two slabs per keeper group).
 __device__ __forceinline__ int slab_group(int s, int g4) { return s < g4 ? s : g4 + (s - g4) / 2; }
 
-// ---- Decode: M <= 64 ---------------------------------------------------------------------------------
-
-// The operands and the output, as both paths read them.
+// The operands and the output, as every path reads them.
 struct GemmOperands {
   const uint8_t* xq;
   const __half* xs;
@@ -83,6 +83,184 @@ struct GemmOperands {
   int slabs, g4;
   void* y;
 };
+
+// ---- Weight streaming: M <= 16 --------------------------------------------------------------------
+//
+// A GEMV at heart: the time is W's bytes over DRAM bandwidth plus the fixed cost of one launch, so
+// every SM must have its share of W requested from the first microsecond and nothing may add a
+// round trip through global memory afterwards. The tokens are the mma's A operand (16 rows = the
+// two 8-row X tiles), an 8-row W tile its B operand, so the work unit is one (8-row W tile, slab)
+// block of 512 bytes. A block owns `tiles_per_block` consecutive W tiles (one contiguous stretch of
+// W, tile-major) and its slab range; its warps cut that stretch into equal contiguous runs of units
+// and stream them through a ring of kStreamRing units in registers, so all of a small layer's bytes
+// are in flight at once. Sums are finished on chip: a tile cut between warps is summed through
+// shared memory, a tile cut between the blocks of a cluster (split-K where N is small) through
+// distributed shared memory, in a fixed order (deterministic, no workspace, no atomics). Launched
+// with programmatic dependent launch: the W loads of the prologue overlap the previous kernel's
+// tail, X is read only after griddepcontrol.wait.
+constexpr int kStreamWarps = 8;
+constexpr int kStreamRing = 8;       // units (16 bytes a lane) in flight per warp
+constexpr int kStreamMaxTiles = 32;  // W tiles per block (their sums live in shared memory)
+
+struct StreamParams : GemmOperands {
+  int w_tiles;          // w_rows_pad / 8
+  int tiles_per_block;  // W tiles per cluster (every block of a cluster has the same tiles)
+  int cluster;          // blocks per cluster; rank r takes the r-th of `cluster` equal slab ranges
+};
+
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void grid_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
+// A walking (tile, slab) position inside a block's units; slabs of a tile run s0..s1-1.
+struct UnitCursor {
+  int tile, slab;
+  __device__ __forceinline__ void next(int s0, int s1) {
+    if (++slab == s1) {
+      slab = s0;
+      ++tile;
+    }
+  }
+};
+
+// Loads the lane's 16 bytes of W and its two rows' scales (rows 2t, 2t+1 of the tile) for one unit.
+__device__ __forceinline__ void stream_load(const StreamParams& p, int tile, int slab, int lane, uint4& w,
+                                            uint32_t& sw) {
+  w = ld_stream(p.wq + (size_t(tile) * p.slabs + slab) * kSlabBytes + lane * 16);
+  sw = __ldg(reinterpret_cast<const uint32_t*>(p.ws + size_t(slab_group(slab, p.g4)) * p.w_rows_pad + tile * 8 +
+                                                2 * (lane % 4)));
+}
+
+// acc += the unit's product: tokens g (and g + 8 when kTok16) x W rows 2t, 2t+1 of the tile.
+template <bool kTok16>
+__device__ __forceinline__ void stream_unit(const StreamParams& p, const uint4& w, uint32_t sw, int slab, int lane,
+                                            float (&acc)[4]) {
+  const uint8_t* xl = p.xq + size_t(slab) * kSlabBytes + lane * 16;
+  const uint4 x0 = __ldg(reinterpret_cast<const uint4*>(xl));
+  const uint4 x1 = kTok16 ? __ldg(reinterpret_cast<const uint4*>(xl + size_t(p.slabs) * kSlabBytes))
+                          : make_uint4(0, 0, 0, 0);
+  const bool int4 = slab < p.g4;
+  const __half* sxp = p.xs + size_t(slab_group(slab, p.g4)) * p.x_rows_pad + lane / 4;
+  const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
+  const float sx0 = __half2float(sxp[0]) * f, sx1 = kTok16 ? __half2float(sxp[8]) * f : 0.0f;
+  int c[4] = {0, 0, 0, 0};
+  if (int4) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      mma_s8(c, hi4(word(x0, k)), hi4(word(x1, k)), lo4(word(x0, k)), lo4(word(x1, k)), hi4(word(w, k)),
+             lo4(word(w, k)));
+  } else {
+#pragma unroll
+    for (int k = 0; k < 2; ++k)
+      mma_s8(c, word(x0, 2 * k), word(x1, 2 * k), word(x0, 2 * k + 1), word(x1, 2 * k + 1), word(w, 2 * k),
+             word(w, 2 * k + 1));
+  }
+  const __half2 s2 = *reinterpret_cast<const __half2*>(&sw);
+  const float sw0 = __low2float(s2), sw1 = __high2float(s2);
+  acc[0] = fmaf(exact_float(c[0]), sx0 * sw0, acc[0]);
+  acc[1] = fmaf(exact_float(c[1]), sx0 * sw1, acc[1]);
+  acc[2] = fmaf(exact_float(c[2]), sx1 * sw0, acc[2]);
+  acc[3] = fmaf(exact_float(c[3]), sx1 * sw1, acc[3]);
+}
+
+template <bool kTok16, typename OutT>
+__global__ void __launch_bounds__(kStreamWarps * 32) stream_kernel(StreamParams p) {
+  namespace cg = cooperative_groups;
+  __shared__ float4 tile_sum[kStreamMaxTiles][32];  // the block's sum of each of its tiles
+  __shared__ float4 part[kStreamWarps][2][32];       // a warp's first and last tile when cut
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rank = p.cluster > 1 ? int(cg::this_cluster().block_rank()) : 0;
+  const int t0 = int(blockIdx.x) / p.cluster * p.tiles_per_block;
+  const int ntiles = min(p.tiles_per_block, p.w_tiles - t0);
+  const int per_rank = (p.slabs + p.cluster - 1) / p.cluster;
+  const int s0 = rank * per_rank, s1 = min(p.slabs, s0 + per_rank), ns = s1 - s0;
+  const int nu = ntiles * ns;
+  const auto run_begin = [&](int w) { return w * nu / kStreamWarps; };
+  const int u0 = run_begin(warp), count = run_begin(warp + 1) - u0;
+
+  // Prologue: the first ring of W (constant) goes out before waiting on the kernel that wrote X.
+  uint4 ring_w[kStreamRing];
+  uint32_t ring_s[kStreamRing];
+  UnitCursor ld{u0 / ns, s0 + u0 % ns};
+#pragma unroll
+  for (int j = 0; j < kStreamRing; ++j)
+    if (j < count) {
+      stream_load(p, t0 + ld.tile, ld.slab, lane, ring_w[j], ring_s[j]);
+      ld.next(s0, s1);
+    }
+  grid_dependency_wait();
+  grid_dependents_launch();
+
+  UnitCursor at{u0 / ns, s0 + u0 % ns};
+  float acc[4] = {0, 0, 0, 0};
+  for (int i = 0; i < count; i += kStreamRing) {
+#pragma unroll
+    for (int j = 0; j < kStreamRing; ++j) {
+      if (i + j >= count) break;
+      stream_unit<kTok16>(p, ring_w[j], ring_s[j], at.slab, lane, acc);
+      if (i + j + kStreamRing < count) {
+        stream_load(p, t0 + ld.tile, ld.slab, lane, ring_w[j], ring_s[j]);
+        ld.next(s0, s1);
+      }
+      if (at.slab + 1 == s1 || i + j + 1 == count) {  // the tile ends here, or the warp's run does
+        const int first = at.tile * ns;
+        const bool whole = first >= u0 && first + ns <= u0 + count;
+        float4* dst = whole ? &tile_sum[at.tile][lane] : &part[warp][at.tile == u0 / ns ? 0 : 1][lane];
+        *dst = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        acc[0] = acc[1] = acc[2] = acc[3] = 0;
+      }
+      at.next(s0, s1);
+    }
+  }
+  __syncthreads();
+  // Tiles cut between warps: their pieces summed in warp order.
+  for (int tl = warp; tl < ntiles; tl += kStreamWarps) {
+    const int a = tl * ns, b = a + ns;
+    float4 s = make_float4(0, 0, 0, 0);
+    bool whole = false;
+    for (int w = 0; w < kStreamWarps; ++w) {
+      const int w0 = run_begin(w), w1 = run_begin(w + 1);
+      if (w0 == w1 || w1 <= a || w0 >= b) continue;
+      whole = w0 <= a && w1 >= b;
+      if (whole) break;
+      const float4 v = part[w][tl == w0 / ns ? 0 : 1][lane];
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    if (!whole) tile_sum[tl][lane] = s;
+  }
+  __syncthreads();
+  if (p.cluster > 1) cg::this_cluster().sync();  // every rank's tile sums are final
+
+  OutT* y = static_cast<OutT*>(p.y);
+  const int g = lane / 4, t = lane % 4;
+  for (int tl = warp; tl < ntiles; tl += kStreamWarps) {
+    if (tl % p.cluster != rank) continue;  // each rank finishes every cluster-th tile
+    float4 s = tile_sum[tl][lane];
+    if (p.cluster > 1) {  // K was split over the cluster: ranks summed in rank order
+      s = make_float4(0, 0, 0, 0);
+      for (int r = 0; r < p.cluster; ++r) {
+        const float4 v = *cg::this_cluster().map_shared_rank(&tile_sum[tl][lane], r);
+        s.x += v.x;
+        s.y += v.y;
+        s.z += v.z;
+        s.w += v.w;
+      }
+    }
+    const int64_t n = int64_t(t0 + tl) * 8 + 2 * t;
+    const float v[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t m = g + (i >> 1) * 8, nn = n + (i & 1);
+      if (m < p.M && nn < p.N) y[m * p.N + nn] = from_float<OutT>(v[i]);
+    }
+  }
+  if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its shared memory is read
+}
+
+// ---- Decode: M <= 64 ---------------------------------------------------------------------------------
+
 
 struct DecodeParams : GemmOperands {
   int splits, slabs_per_split;
@@ -331,24 +509,111 @@ void launch_decode(DecodeParams p, const DecodePlan& d, cudaStream_t stream) {
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-// ---- Prefill: M > 64 -----------------------------------------------------------------------------
+// The stream kernel's launch shape: whole W tiles per block, K split over a cluster only where
+// there are too few tiles for the SMs. Cost = units (512-byte blocks of W) on the busiest SM,
+// stretched when the SM cannot keep kStreamUnitsForFullRate of them in flight (unless all of its
+// units are requested at once), plus a wave penalty and a little for the cluster's barrier. Fewer
+// tiles per block win ties: more blocks, more bytes in flight.
+struct StreamPlan {
+  int tiles_per_block, cluster, blocks;
+};
+constexpr int kStreamUnitsForFullRate = 96;  // 48 KB per SM: ~1 µs of DRAM latency at an SM's share of 4.2 TB/s
 
-constexpr int kBN = 128, kBM = 128, kStages = 4;
-// Warp tiles: NA 16-row tiles of W (n) x 4 8-row tiles of X (m, 32 rows). NA = 4: 8 warps of
-// 64x32 (v1/v2, 224 registers, 8 warps per SM); NA = 2: 16 warps of 32x32 (v3: twice the warps to
-// hide mma.sync and fold latency).
-template <int NA>
-constexpr int prefill_threads() { return (kBN / (16 * NA)) * 4 * 32; }
+// X is read through L1 by every unit, so L1 must hold it: ask for the smallest shared-memory
+// carveout that still fits the blocks the registers allow (2 x 25 KB of the 228), not one sized for
+// the 8 blocks the thread count would allow (device run 1: 41-50% of copy bandwidth where the v5
+// kernel, which has no shared memory, streamed at 76%).
+constexpr int kStreamCarveoutPercent = 25;
+template <bool kTok16, typename OutT>
+void configure_stream_kernel() {
+  static bool done = [] {
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(stream_kernel<kTok16, OutT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                           kStreamCarveoutPercent));
+    return true;
+  }();
+  (void)done;
+}
+
+int stream_blocks_per_sm() {
+  static int n = [] {
+    configure_stream_kernel<true, __half>();
+    int b = 0;
+    NIBBLE_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, stream_kernel<true, __half>, kStreamWarps * 32, 0));
+    return std::max(b, 1);
+  }();
+  return n;
+}
+
+StreamPlan stream_plan(int64_t w_tiles, int slabs) {
+  const int64_t sms = sm_count(), slots = sms * stream_blocks_per_sm();
+  StreamPlan best{};
+  double best_cost = 1e30;
+  for (int cluster : {1, 2, 4, 8}) {
+    const int per_rank = (slabs + cluster - 1) / cluster;
+    if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
+    for (int tpb = 1; tpb <= kStreamMaxTiles; ++tpb) {
+      const int64_t blocks = (w_tiles + tpb - 1) / tpb * cluster;
+      const int64_t waves = (blocks + slots - 1) / slots, on_sm = (blocks + sms - 1) / sms;
+      const int64_t units = int64_t(tpb) * per_rank, per_sm = on_sm * units;
+      const int64_t in_flight =
+          std::min(on_sm, int64_t(stream_blocks_per_sm())) * kStreamWarps * std::min<int64_t>(kStreamRing, (units + kStreamWarps - 1) / kStreamWarps);
+      const double stretch = in_flight >= per_sm ? 1.0 : std::max(1.0, double(kStreamUnitsForFullRate) / double(in_flight));
+      const double cost = double(per_sm) * stretch + 64.0 * double(waves - 1) + (cluster > 1 ? 4 : 0);
+      if (cost < best_cost) {
+        best_cost = cost;
+        best = {tpb, cluster, int(blocks)};
+      }
+    }
+  }
+  return best;
+}
+
+template <bool kTok16, typename OutT>
+void launch_stream_t(const StreamParams& p, const StreamPlan& d, cudaStream_t stream) {
+  configure_stream_kernel<kTok16, OutT>();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(d.blocks));
+  cfg.blockDim = dim3(kStreamWarps * 32);
+  cfg.stream = stream;
+  cudaLaunchAttribute attrs[2];
+  attrs[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attrs[0].val.programmaticStreamSerializationAllowed = 1;
+  attrs[1].id = cudaLaunchAttributeClusterDimension;
+  attrs[1].val.clusterDim.x = unsigned(d.cluster);
+  attrs[1].val.clusterDim.y = attrs[1].val.clusterDim.z = 1;
+  cfg.attrs = attrs;
+  cfg.numAttrs = d.cluster > 1 ? 2 : 1;
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_kernel<kTok16, OutT>, p));
+}
+
+void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
+  StreamParams p{ops};
+  p.w_tiles = int(ops.w_rows_pad / kRowTile);
+  const StreamPlan d = stream_plan(p.w_tiles, ops.slabs);
+  p.tiles_per_block = d.tiles_per_block;
+  p.cluster = d.cluster;
+  const bool tok16 = ops.M > 8;
+  if (out == OutType::F16) {
+    if (tok16) launch_stream_t<true, __half>(p, d, stream);
+    else launch_stream_t<false, __half>(p, d, stream);
+  } else {
+    if (tok16) launch_stream_t<true, __nv_bfloat16>(p, d, stream);
+    else launch_stream_t<false, __nv_bfloat16>(p, d, stream);
+  }
+}
+
+// ---- Block tiles for M > 64: 128 W rows x 128 tokens, one cp.async stage per slab ----------------
+//
+// (v1-v5 ran them on `mma.sync` in 8 or 16 warps; the wgmma kernel below replaced those, measured
+// equal or faster on every shape of device run 1, and they were deleted.)
+
+constexpr int kBN = 128, kBM = 128;
 constexpr int kTileBytes = (kBN / kRowTile) * kSlabBytes;      // 8 KB of W (and of X) per slab
 constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's scales
-constexpr int kPrefillSmem = kStages * kStageBytes;
-constexpr int kYPitch = kBN + 8;  // epilogue staging, halves
-static_assert(kBM * kYPitch * 2 <= kPrefillSmem, "epilogue staging must fit in the pipeline buffers");
-
-using PrefillParams = GemmOperands;
 
 template <int kThreads>
-__device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* stage, int s, int64_t n_base,
+__device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* stage, int s, int64_t n_base,
                                              int64_t m_base) {
   const int tid = threadIdx.x;
   const int grp = slab_group(s, p.g4);
@@ -371,143 +636,279 @@ __device__ __forceinline__ void prefill_load(const PrefillParams& p, uint8_t* st
   }
 }
 
-template <typename OutT, int NA>
-__global__ void __launch_bounds__(prefill_threads<NA>(), 1) prefill_kernel(PrefillParams p) {
-  constexpr int kThreads = prefill_threads<NA>(), kWN = kBN / (16 * NA);
-  extern __shared__ __align__(128) uint8_t smem[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int wn = warp % kWN, wm = warp / kWN;  // warp tile: 16 NA rows of N x 32 rows of M
-  const int64_t n_base = int64_t(blockIdx.x) * kBN, m_base = int64_t(blockIdx.y) * kBM;
+// ---- wgmma (sm_90a): M > 64 ------------------------------------------------------------------------
+//
+// Yᵀ = W·Xᵀ on `wgmma.mma_async.m64n128k32.s32.s8.s8`: W rows are wgmma's M (a warpgroup takes 64
+// rows: each warp's 16-row tile is, in our slab layout, exactly its register-A fragment after the
+// two-LOP widening), the tokens are its N (128 per block), X its shared-memory B operand. Per slab
+// the block unpacks X's INT4 codes (16 * code per byte, as for A) into the canonical K-major
+// no-swizzle layout (8 tokens x 16 bytes core matrices: core (kc, j) at kc * 2048 + j * 128, so
+// LBO = 2048 between K halves and SBO = 128 between token groups); keeper slabs are copied as they
+// are. Each warpgroup issues the slab's 4 (INT4) or 2 (keeper) wgmma into one of two int32
+// accumulator sets and, while they run, folds the previous slab's set into fp32 with the
+// per-row x per-token scales (DeepGEMM's promotion). Operands come through 128x128 cp.async
+// stages. Where the tiles do not fill the SMs, K is split over a cluster.
+constexpr int kWgThreads = 256;     // two warpgroups: W rows 0..63 and 64..127 of the block
+constexpr int kWgStages = 5;        // cp.async stages (prefetch distance kWgStages - 2)
+constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
+constexpr int kWgSmem = kWgStages * kStageBytes + 2 * kUnpackBytes;
 
-  float acc[NA][4][4];
-#pragma unroll
-  for (int i = 0; i < NA; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0;
+__device__ __forceinline__ uint64_t smem_desc(const void* p) {
+  const uint64_t addr = uint32_t(__cvta_generic_to_shared(p));
+  constexpr uint64_t lbo = 2048, sbo = 128;  // K-direction and token-direction core-matrix strides
+  return ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32);  // no swizzle, base offset 0
+}
 
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Keeps the compiler from moving accesses of an accumulator across wgmma issue / wait.
+__device__ __forceinline__ void fence_regs(int (&d)[64]) {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < p.slabs) prefill_load<kThreads>(p, smem + s * kStageBytes, s, n_base, m_base);
-    cp_async_commit();
-  }
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
 
-  for (int s = 0; s < p.slabs; ++s) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    const int next = s + kStages - 1;
-    if (next < p.slabs) prefill_load<kThreads>(p, smem + (next % kStages) * kStageBytes, next, n_base, m_base);
-    cp_async_commit();
+// d (+)= A (registers, 64 x 32) · B (shared memory, 32 x 128): accumulate unless `zero`.
+__device__ __forceinline__ void wgmma_s8(int (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint64_t desc, bool zero) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.eq.u32 p, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(uint32_t(zero)));
+}
 
-    const uint8_t* stage = smem + (s % kStages) * kStageBytes;
-    uint4 A[2 * NA], B[4];
+// X's slab in the stage (16 packed 8-token tiles) -> INT8 in the canonical layout; warp w takes
+// tiles 2w and 2w + 1. A lane's word s of an INT4 slab holds its token's channels 32s + 4t.. (high
+// nibbles: core kc = 2s) and 32s + 16 + 4t.. (low nibbles: kc = 2s + 1); word j of a keeper slab
+// is core kc = j as it is.
+__device__ __forceinline__ void unpack_x(const uint8_t* packed, uint8_t* out, bool int4, int warp, int lane) {
+  const int r = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int i = 0; i < 2 * NA; ++i)
-      A[i] = *reinterpret_cast<const uint4*>(stage + (wn * 2 * NA + i) * kSlabBytes + lane * 16);
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      B[j] = *reinterpret_cast<const uint4*>(stage + kTileBytes + (wm * 4 + j) * kSlabBytes + lane * 16);
-    const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
-    const __half* sxs = sws + kBN;
-    int c[NA][4][4];
-#pragma unroll
-    for (int i = 0; i < NA; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) c[i][j][0] = c[i][j][1] = c[i][j][2] = c[i][j][3] = 0;
-    const bool int4 = s < p.g4;
-    if (int4) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-#pragma unroll
-        for (int i = 0; i < NA; ++i) {
-          const uint32_t a0 = hi4(word(A[2 * i], k)), a1 = hi4(word(A[2 * i + 1], k));
-          const uint32_t a2 = lo4(word(A[2 * i], k)), a3 = lo4(word(A[2 * i + 1], k));
-#pragma unroll
-          for (int j = 0; j < 4; ++j) mma_s8(c[i][j], a0, a1, a2, a3, hi4(word(B[j], k)), lo4(word(B[j], k)));
-        }
-    } else {
-#pragma unroll
-      for (int k = 0; k < 2; ++k)
-#pragma unroll
-        for (int i = 0; i < NA; ++i) {
-          const uint32_t a0 = word(A[2 * i], 2 * k), a1 = word(A[2 * i + 1], 2 * k);
-          const uint32_t a2 = word(A[2 * i], 2 * k + 1), a3 = word(A[2 * i + 1], 2 * k + 1);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) mma_s8(c[i][j], a0, a1, a2, a3, word(B[j], 2 * k), word(B[j], 2 * k + 1));
-        }
-    }
-    const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
-    float sw[NA][2], sx[4][2];
-#pragma unroll
-    for (int i = 0; i < NA; ++i) {
-      sw[i][0] = __half2float(sws[wn * 16 * NA + i * 16 + g]);
-      sw[i][1] = __half2float(sws[wn * 16 * NA + i * 16 + g + 8]);
-    }
+  for (int i = 0; i < 2; ++i) {
+    const int tile = 2 * warp + i;
+    const uint4 v = *reinterpret_cast<const uint4*>(packed + tile * kSlabBytes + lane * 16);
+    uint8_t* base = out + tile * 128 + r * 16 + t * 4;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const __half2 v = *reinterpret_cast<const __half2*>(sxs + wm * 32 + j * 8 + 2 * t);
-      sx[j][0] = __low2float(v) * f;
-      sx[j][1] = __high2float(v) * f;
-    }
-#pragma unroll
-    for (int i = 0; i < NA; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          acc[i][j][e] = fmaf(exact_float(c[i][j][e]), sx[j][e & 1] * sw[i][e >> 1], acc[i][j][e]);
-  }
-  cp_async_wait<0>();
-  __syncthreads();
-
-  // Epilogue: stage the 128x128 tile as Y[m][n] in shared memory, then 16-byte row stores.
-  OutT* ys = reinterpret_cast<OutT*>(smem);
-#pragma unroll
-  for (int i = 0; i < NA; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int n = wn * 16 * NA + i * 16 + g + (e >> 1) * 8, m = wm * 32 + j * 8 + 2 * t + (e & 1);
-        ys[m * kYPitch + n] = from_float<OutT>(acc[i][j][e]);
+      if (int4) {
+        *reinterpret_cast<uint32_t*>(base + (2 * j) * 2048) = hi4(word(v, j));
+        *reinterpret_cast<uint32_t*>(base + (2 * j + 1) * 2048) = lo4(word(v, j));
+      } else {
+        *reinterpret_cast<uint32_t*>(base + j * 2048) = word(v, j);
       }
-  __syncthreads();
-  OutT* y = static_cast<OutT*>(p.y);
-  for (int c = threadIdx.x; c < kBM * (kBN / 8); c += kThreads) {
-    const int m = c / (kBN / 8), n = (c % (kBN / 8)) * 8;
-    const int64_t gm = m_base + m, gn = n_base + n;
-    if (gm >= p.M) continue;
-    if (gn + 8 <= p.N && p.N % 8 == 0) {
-      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(ys + m * kYPitch + n);
-    } else {
-      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = ys[m * kYPitch + n + e];
     }
   }
 }
 
-template <typename OutT, int NA>
-void launch_prefill(const PrefillParams& p, cudaStream_t stream) {
+// Issues slab s's wgmma into d (the A fragments of this warp's 16 W rows from the stage).
+__device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, const uint8_t* unpacked, bool int4,
+                                           int wtile, int lane) {
+  const uint4 A0 = *reinterpret_cast<const uint4*>(stage + wtile * kSlabBytes + lane * 16);
+  const uint4 A1 = *reinterpret_cast<const uint4*>(stage + (wtile + 1) * kSlabBytes + lane * 16);
+  uint32_t a[4][4];  // widened before the fence: registers written after it would need another
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (int4) {
+      a[k][0] = hi4(word(A0, k)), a[k][1] = hi4(word(A1, k)), a[k][2] = lo4(word(A0, k)), a[k][3] = lo4(word(A1, k));
+    } else {  // keeper slab: k-steps 0, 1 only
+      a[k][0] = word(A0, 2 * (k % 2)), a[k][1] = word(A1, 2 * (k % 2));
+      a[k][2] = word(A0, 2 * (k % 2) + 1), a[k][3] = word(A1, 2 * (k % 2) + 1);
+    }
+  }
+  wgmma_fence();
+  fence_regs(d);
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    if (int4 || k < 2) wgmma_s8(d, a[k][0], a[k][1], a[k][2], a[k][3], smem_desc(unpacked + 2 * k * 2048), k == 0);
+  wgmma_commit();
+  fence_regs(d);
+}
+
+// acc += d · sw[row] · sx[token] (· 2^-8 for INT4 slabs); the lane holds rows g, g + 8 of its warp's
+// 16 and tokens 8j + 2t, 8j + 2t + 1.
+__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const uint8_t* stage, bool int4,
+                                           int wrow, int lane) {
+  const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
+  const __half* sxs = sws + kBN;
+  const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
+  const float sw0 = __half2float(sws[wrow]) * f, sw1 = __half2float(sws[wrow + 8]) * f;
+  const int t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const __half2 sx = *reinterpret_cast<const __half2*>(sxs + 8 * j + 2 * t);
+    const float x0 = __low2float(sx), x1 = __high2float(sx);
+    acc[4 * j + 0] = fmaf(exact_float(d[4 * j + 0]), sw0 * x0, acc[4 * j + 0]);
+    acc[4 * j + 1] = fmaf(exact_float(d[4 * j + 1]), sw0 * x1, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(exact_float(d[4 * j + 2]), sw1 * x0, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(exact_float(d[4 * j + 3]), sw1 * x1, acc[4 * j + 3]);
+  }
+}
+
+struct WgmmaParams : GemmOperands {
+  int cluster;         // blocks per cluster, splitting K: rank r takes slabs [r * per_rank, (r + 1) * per_rank)
+  int slabs_per_rank;
+};
+constexpr int kPartPitch = kBN + 4;  // floats; conflict-free staging of the fp32 tile
+static_assert(kBM * kPartPitch * 4 <= kWgSmem, "the fp32 tile must fit in the pipeline buffers");
+
+template <typename OutT>
+__global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
+  namespace cg = cooperative_groups;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* unpacked = smem + kWgStages * kStageBytes;  // two slabs: i % 2
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int wtile = warp * 2;                                   // the warp's first 8-row W tile in the block
+  const int wrow = warp * 16 + lane / 4;                        // the lane's first W row in the block
+  const int rank = int(blockIdx.x);                             // the cluster spans x
+  const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
+  const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  int d0[64], d1[64];
+
+#pragma unroll
+  for (int i = 0; i < kWgStages - 2; ++i) {
+    if (i < ns) block_tile_load<kWgThreads>(p, smem + i * kStageBytes, s0 + i, n_base, m_base);
+    cp_async_commit();
+  }
+  // Step i (slab s0 + i): stage ready, prefetch, unpack X, issue wgmma into d_cur, fold step i - 1 from d_prev.
+  const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
+    cp_async_wait<kWgStages - 3>();
+    __syncthreads();  // stage i landed; step i - 2's wgmma (unpacked buffer i % 2) are done in both warpgroups
+    const int next = i + kWgStages - 2;
+    if (next < ns) block_tile_load<kWgThreads>(p, smem + (next % kWgStages) * kStageBytes, s0 + next, n_base, m_base);
+    cp_async_commit();
+    const uint8_t* stage = smem + (i % kWgStages) * kStageBytes;
+    uint8_t* ubuf = unpacked + (i % 2) * kUnpackBytes;
+    const bool int4 = s0 + i < p.g4;
+    unpack_x(stage + kTileBytes, ubuf, int4, warp, lane);
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
+    __syncthreads();
+    wgmma_slab(d_cur, stage, ubuf, int4, wtile, lane);
+    if (i > 0) {
+      wgmma_wait<1>();
+      fence_regs(d_prev);
+      wgmma_fold(acc, d_prev, smem + ((i - 1) % kWgStages) * kStageBytes, s0 + i - 1 < p.g4, wrow, lane);
+    }
+  };
+  int i = 0;
+  for (; i + 1 < ns; i += 2) {
+    step(i, d0, d1);
+    step(i + 1, d1, d0);
+  }
+  if (i < ns) step(i, d0, d1);
+  wgmma_wait<0>();
+  const int last = ns - 1;
+  const uint8_t* last_stage = smem + (last % kWgStages) * kStageBytes;
+  if (last % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
+    fence_regs(d0);
+    wgmma_fold(acc, d0, last_stage, s0 + last < p.g4, wrow, lane);
+  } else {
+    fence_regs(d1);
+    wgmma_fold(acc, d1, last_stage, s0 + last < p.g4, wrow, lane);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Epilogue: the fp32 tile staged as part[m][n] (the lane holds rows wrow, wrow + 8 and tokens
+  // 8j + 2t, 8j + 2t + 1); rank r sums token rows [r, r + 1) * 128 / cluster over the cluster's
+  // ranks in rank order (deterministic) and writes them in 16-byte row stores.
+  float* part = reinterpret_cast<float*>(smem);
+  const int t = lane % 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) part[(8 * j + 2 * t + (e & 1)) * kPartPitch + wrow + (e >> 1) * 8] = acc[4 * j + e];
+  if (p.cluster > 1) cg::this_cluster().sync();
+  else __syncthreads();
+  OutT* y = static_cast<OutT*>(p.y);
+  const int rows = kBM / p.cluster;
+  for (int c = threadIdx.x; c < rows * (kBN / 8); c += kWgThreads) {
+    const int m = rank * rows + c / (kBN / 8), n = (c % (kBN / 8)) * 8;
+    const int64_t gm = m_base + m, gn = n_base + n;
+    if (gm >= p.M) continue;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int r = 0; r < p.cluster; ++r) {
+      const float* src = (p.cluster > 1 ? cg::this_cluster().map_shared_rank(part, r) : part) + m * kPartPitch + n;
+      const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 4);
+      v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
+    }
+    alignas(16) OutT o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = from_float<OutT>(v[e]);
+    if (gn + 8 <= p.N && p.N % 8 == 0) {
+      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(o);
+    } else {
+      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = o[e];
+    }
+  }
+  if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its tile is read
+}
+
+// Split-K over a cluster where the 128x128 tiles do not fill the SMs (one block per SM): cost =
+// waves x (slabs per rank + ~3 slabs of prologue/epilogue + 2 for the cluster's reduction).
+struct WgmmaPlan {
+  int cluster, slabs_per_rank;
+};
+WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
+  const int64_t sms = sm_count();
+  WgmmaPlan best{1, slabs};
+  double best_cost = 1e30;
+  for (int cluster : {1, 2, 4, 8}) {
+    const int per_rank = (slabs + cluster - 1) / cluster;
+    if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
+    const double waves = double((tiles * cluster + sms - 1) / sms);
+    const double cost = waves * (per_rank + 3 + (cluster > 1 ? 2 : 0));
+    if (cost < best_cost) {
+      best_cost = cost;
+      best = {cluster, per_rank};
+    }
+  }
+  return best;
+}
+
+template <typename OutT>
+void launch_wgmma(const GemmOperands& ops, cudaStream_t stream) {
   static bool configured = [] {
-    NIBBLE_CUDA_CHECK(
-        cudaFuncSetAttribute(prefill_kernel<OutT, NA>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem));
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(wgmma_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem));
     return true;
   }();
   (void)configured;
-  const dim3 grid(unsigned((p.w_rows_pad + kBN - 1) / kBN), unsigned((p.x_rows_pad + kBM - 1) / kBM));
-  prefill_kernel<OutT, NA><<<grid, prefill_threads<NA>(), kPrefillSmem, stream>>>(p);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  const int64_t n_tiles = (ops.w_rows_pad + kBN - 1) / kBN, m_tiles = (ops.x_rows_pad + kBM - 1) / kBM;
+  const WgmmaPlan d = wgmma_plan(n_tiles * m_tiles, ops.slabs);
+  WgmmaParams p{ops};
+  p.cluster = d.cluster;
+  p.slabs_per_rank = d.slabs_per_rank;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(d.cluster), unsigned(n_tiles), unsigned(m_tiles));
+  cfg.blockDim = dim3(kWgThreads);
+  cfg.dynamicSmemBytes = kWgSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = unsigned(d.cluster);
+  attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = d.cluster > 1 ? 1 : 0;
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, wgmma_kernel<OutT>, p));
 }
 
 }  // namespace
 
 size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper) {
-  if (M > 64) return 0;
+  if (M > 64) return 0;  // the decode kernel's split-K sums (enough when it is forced at M <= 16 too)
   const AtomShape w = atom_shape(N, K, keeper);
   return decode_workspace(decode_plan(M, w.rows_pad, w.slabs()));
 }
 
 void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
-               size_t workspace_bytes, cudaStream_t stream, int force_path) {
+               size_t workspace_bytes, cudaStream_t stream, GemmPath path) {
   const std::string where = "gemm_w4a4";
   require(x.shape.K == w.shape.K && x.shape.keeper == w.shape.keeper, where,
         "X is [{}, {}] keeper {}, W is [{}, {}] keeper {}: K and keeper must match", x.shape.rows, x.shape.K,
@@ -515,32 +916,39 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
-  const bool decode = force_path == 1 || (force_path == 0 && M <= 64);
-  if (decode) {
-    require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
-    const DecodePlan d = decode_plan(M, w.shape.rows_pad, w.shape.slabs());
-    const size_t need = decode_workspace(d);
-    require(workspace_bytes >= need && (need == 0 || workspace), where, "workspace of {} bytes, need {}",
-          workspace_bytes, need);
-    DecodeParams p{ops};
-    p.splits = d.splits;
-    p.slabs_per_split = d.slabs_per_split;
-    p.counters = static_cast<int*>(workspace);
-    p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + round_up(int64_t(d.nblocks) * 4, 256))
-                     : nullptr;
-    if (out == OutType::F16) launch_decode<__half>(p, d, stream);
-    else launch_decode<__nv_bfloat16>(p, d, stream);
-    return;
+  if (path == GemmPath::Auto) {
+    // Device run 1 (H200): the stream kernel won where W is small (7B q/k/v/o, 70B k/v: fixed costs
+    // dominate) and lost to v5's decode kernel on the larger layers; wgmma lost at M = 64.
+    const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
+    path = M <= kStreamMaxM && small_w ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
   }
-  const PrefillParams& p = ops;
-  // force_path 3: the 8-warp prefill kernel (v2), kept for comparison.
-  if (force_path == 3) {
-    if (out == OutType::F16) launch_prefill<__half, 4>(p, stream);
-    else launch_prefill<__nv_bfloat16, 4>(p, stream);
-    return;
+  switch (path) {
+    case GemmPath::Stream:
+      require(M <= kStreamMaxM, where, "the stream path needs M <= {}, got {}", kStreamMaxM, M);
+      launch_stream(ops, out, stream);
+      return;
+    case GemmPath::Decode: {
+      require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
+      const DecodePlan d = decode_plan(M, w.shape.rows_pad, w.shape.slabs());
+      const size_t need = decode_workspace(d);
+      require(workspace_bytes >= need && (need == 0 || workspace), where, "workspace of {} bytes, need {}",
+              workspace_bytes, need);
+      DecodeParams p{ops};
+      p.splits = d.splits;
+      p.slabs_per_split = d.slabs_per_split;
+      p.counters = static_cast<int*>(workspace);
+      p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + round_up(int64_t(d.nblocks) * 4, 256))
+                       : nullptr;
+      if (out == OutType::F16) launch_decode<__half>(p, d, stream);
+      else launch_decode<__nv_bfloat16>(p, d, stream);
+      return;
+    }
+    case GemmPath::Wgmma:
+    default:
+      if (out == OutType::F16) launch_wgmma<__half>(ops, stream);
+      else launch_wgmma<__nv_bfloat16>(ops, stream);
+      return;
   }
-  if (out == OutType::F16) launch_prefill<__half, 2>(p, stream);
-  else launch_prefill<__nv_bfloat16, 2>(p, stream);
 }
 
 }  // namespace nibble::cuda

@@ -2,11 +2,16 @@
 //   Y[M, N] (fp16 or bf16) = X[M, K] · W[N, K]ᵀ
 // X and W in the GPU layout of atom_layout.h (same K, same keeper). The 4-bit codes stay 4-bit in
 // memory and are widened to INT8 in registers; each K slab (an INT4 group of 128, or half a keeper
-// group) is accumulated in int32 by `mma.sync.m16n8k32.s8` and folded into an fp32 accumulator
-// with scale_x[m, g] · scale_w[n, g] (multiplied in fp32), the DeepGEMM way.
-//   decode  (M <= 64): W streamed once through a per-warp cp.async ring, split-K over the SMs, the partial sums
-//                      reduced in-kernel by the last block of each column range (deterministic).
-//   prefill (M > 64):  128×128 block tiles, 4-stage cp.async pipeline, 16 warps of 32×32.
+// group) is accumulated in int32 on the tensor cores and folded into an fp32 accumulator with
+// scale_x[m, g] · scale_w[n, g] (multiplied in fp32), the DeepGEMM way. Kernels:
+//   stream (M <= 16, W <= 16 MB): a GEMV: W streamed once through per-warp register rings, whole W
+//                     tiles per block, split-K over a cluster only for small N, sums finished on chip.
+//   decode (M <= 64): W streamed once through registers (`mma.sync`), split-K over the SMs, the
+//                     partial sums reduced in-kernel by the last block of each column range.
+//   wgmma  (M > 64):  128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as the register A
+//                     operand, X unpacked to INT8 in shared memory as B, fold overlapped with the MMA,
+//                     split-K over a cluster where the tiles do not fill the SMs.
+// All deterministic (fixed summation orders).
 #pragma once
 
 #include <cstddef>
@@ -20,14 +25,18 @@ namespace nibble::cuda {
 
 enum class OutType { F16, BF16 };
 
+// Which kernel runs: Auto picks by M; tests and benches force the others.
+enum class GemmPath { Auto, Stream, Decode, Wgmma };
+inline constexpr int64_t kStreamMaxM = 16;
+inline constexpr int64_t kStreamMaxWeightBytes = int64_t(16) << 20;  // Auto takes the stream kernel up to here
+
 // Bytes of scratch gemm_w4a4 needs for these shapes (split-K partial sums + counters). The
 // workspace must be zero-filled once when allocated; the kernels leave it zeroed again.
 size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper);
 
-// Throws nibble::Error on mismatched shapes or a too-small workspace. Asynchronous on `stream`.
-// `force_path`: 0 automatic, 1 decode kernel (needs M <= 64), 2 prefill kernel, 3 the 8-warp
-// prefill kernel of v2 (tests, benches).
+// Throws nibble::Error on mismatched shapes, a too-small workspace or a forced path that cannot
+// take M (Stream: M <= 16, Decode: M <= 64). Asynchronous on `stream`.
 void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
-               size_t workspace_bytes, cudaStream_t stream, int force_path = 0);
+               size_t workspace_bytes, cudaStream_t stream, GemmPath path = GemmPath::Auto);
 
 }  // namespace nibble::cuda
