@@ -6,10 +6,14 @@
 // through a private cp.async ring in shared memory. All query heads of the KV head ride in the M
 // rows of one mma.sync m16n8k16 (GQA: every K/V load serves G <= 16 heads):
 //   S (16 heads x 16 keys) = Q · Kᵀ,  O (16 heads x D) += P · V.
-// INT4 is dequantized in registers. K: the raw codes c enter the MMA (exact in fp16 through the
-// 1024 + c trick) and the score is scale · (q·c - zero · Σq); V: (c - zero) · scale in fp16
-// (= fp16 of format.h's decode) feeds the MMA. Warps combine in shared memory, splits in a
-// second small kernel (log-sum-exp weights).
+// INT4 codes enter the MMAs raw, as fp16 subnormals: a nibble masked in place in the low byte of
+// an fp16 half is the exact value c · 2^-24 (bits 0-3) or c · 2^-20 (bits 4-7), one AND per pair
+// of codes (a shift per word for its upper byte), no conversion arithmetic; the powers of two
+// come out of the fp32 results exactly. Scales and zeros are per token, so they leave the inner
+// products: K: score = scale · (q·c - zero · Σq); V: O = Σ_k (p_k · scale_k) · c_k - Σ_k (p_k ·
+// scale_k) · zero_k, the scales folded into P (16 multiplies per chunk instead of D·16) and the
+// zero term one more MMA with the zeros as B. Warps combine in shared memory, splits in a second
+// small kernel (log-sum-exp weights).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,6 +30,8 @@ using namespace attn;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarps = 4;
+// Nibbles 0 and 1 of each half of a word: as fp16 bit patterns, code · 2^-24 and code · 2^-20.
+constexpr uint32_t kNib0 = 0x000F000Fu, kNib1 = 0x00F000F0u;
 
 struct DecodeParams {
   const __half* q;
@@ -64,9 +70,10 @@ constexpr int decode_smem_bytes() {
   return pipe > reduce ? pipe : reduce;
 }
 
-// INT4 capped at 128 registers: 4 blocks (16 warps) per SM instead of 3.
+// INT4: at most 168 registers, 3 blocks (12 warps) per SM. (v2-v6 capped it at 128 for 4 blocks;
+// the zero-term accumulator of the raw-code V products no longer fits there without spilling.)
 template <int D, bool INT4, bool ROPE_K>
-__global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
+__global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
   constexpr int SB = stage_bytes<D, INT4>();
   constexpr int NS = stages<INT4>();
   constexpr int KR = 2 * D + 16;  // fp16 row stride in bytes (padded: ldmatrix conflict-free)
@@ -99,12 +106,20 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
       constexpr int VRS = v_row_stride<D>(), RU = D / 32;  // RU: 16-byte units per row of codes
+      constexpr int NU = int(CB / 16);
+      // K codes and V codes are 16 RU units each, a multiple of 32: every pass of the warp lies in
+      // one region, known at compile time (no per-unit region arithmetic).
+      static_assert(16 * RU % 32 == 0);
 #pragma unroll
-      for (int u = lane; u < CB / 16; u += 32) {
-        int d = u * 16;  // K codes and the params keep their offsets; V rows get padded
-        if (u >= 16 * RU) d = u < 32 * RU ? 8 * D + ((u - 16 * RU) / RU) * VRS + ((u - 16 * RU) % RU) * 16
-                                          : 8 * D + 16 * VRS + (u - 32 * RU) * 16;
-        cp_async16(dst + d, src + u * 16);
+      for (int it = 0; it < (NU + 31) / 32; ++it) {
+        const int u = lane + 32 * it;
+        if (32 * (it + 1) <= 16 * RU) {  // K codes: same offsets
+          cp_async16(dst + u * 16, src + u * 16);
+        } else if (32 * (it + 1) <= 32 * RU) {  // V codes: rows padded
+          cp_async16(dst + 8 * D + (u / RU - 16) * VRS + (u % RU) * 16, src + u * 16);
+        } else if (u < NU) {  // scales and zeros
+          cp_async16(dst + 8 * D + 16 * VRS + (u - 32 * RU) * 16, src + u * 16);
+        }
       }
     } else {
       constexpr int RU = D / 8;  // 16-byte units per fp16 row; rows 0..15 K, 16..31 V
@@ -126,9 +141,9 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       int d0, d1;  // dims of the a[0] / a[2] pairs
-      if constexpr (K_NIBBLE) {
-        d0 = t * (D / 4) + 8 * (ks / 2) + 4 * (ks % 2);
-        d1 = d0 + 2;
+      if constexpr (K_NIBBLE) {  // k-step 2r + a: nibbles a (dims 2a, 2a+1) and a + 2 of word r
+        d0 = t * (D / 4) + 8 * (ks / 2) + 2 * (ks % 2);
+        d1 = d0 + 4;
       } else {
         d0 = ks * 16 + 2 * t;
         d1 = d0 + 8;
@@ -140,10 +155,20 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
       qf[ks][2] = v_g ? q32g[d1 / 2] : 0u;
       qf[ks][3] = v_g8 ? q32g8[d1 / 2] : 0u;
       if constexpr (K_NIBBLE) {
+        // Odd k-steps meet nibbles 1 and 3, which the MMA reads as c · 2^-20: q / 16 there keeps
+        // every product in units of 2^-24 (exact but where q / 16 falls below fp16's normal
+        // range, |q| < 2^-10, a relative error of at most 2^-11 · 2^-10 / |q| on a tiny term).
+        // Σq sums the q the MMA sees.
+        if (ks % 2) {
+          const __half2 sixteenth = __float2half2_rn(0.0625f);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qf[ks][e] = h2u(__hmul2(u2h(qf[ks][e]), sixteenth));
+        }
+        const float f = ks % 2 ? 16.0f : 1.0f;
         const float2 a = __half22float2(u2h(qf[ks][0])), a2 = __half22float2(u2h(qf[ks][2]));
         const float2 c8 = __half22float2(u2h(qf[ks][1])), c82 = __half22float2(u2h(qf[ks][3]));
-        sumq_g += (a.x + a.y) + (a2.x + a2.y);
-        sumq_g8 += (c8.x + c8.y) + (c82.x + c82.y);
+        sumq_g += f * ((a.x + a.y) + (a2.x + a2.y));
+        sumq_g8 += f * ((c8.x + c8.y) + (c82.x + c82.y));
       }
     }
     if constexpr (K_NIBBLE) {
@@ -152,12 +177,16 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
         sumq_g += __shfl_xor_sync(0xffffffffu, sumq_g, off);
         sumq_g8 += __shfl_xor_sync(0xffffffffu, sumq_g8, off);
       }
+      sumq_g *= 0x1p-24f;  // in the units of the raw-code scores
+      sumq_g8 *= 0x1p-24f;
     }
   }
 
-  float o[D / 8][4];
+  // INT4: o[D / 8] accumulates Σ_k p_k · scale_k · zero_k (rescaled with the rest).
+  constexpr int NO = D / 8 + (INT4 ? 1 : 0);
+  float o[NO][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
+  for (int i = 0; i < NO; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
   float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
 
 #pragma unroll
@@ -241,13 +270,14 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
           const uint2 v = *reinterpret_cast<const uint2*>(krow);
           w[0] = v.x, w[1] = v.y;
         }
-        const __half2 k1024 = __float2half2_rn(1024.0f);
+        // Nibbles 0 and 2 of each half (c · 2^-24) against q, 1 and 3 (c · 2^-20) against q / 16:
+        // s = Σ q·c in units of 2^-24.
 #pragma unroll
-        for (int r = 0; r < D / 32; ++r)
-#pragma unroll
-          for (int a = 0; a < 2; ++a)
-            mma16816(s[j], qf[2 * r + a], h2u(__hsub2(u2h(nibble_pair_1024(w[r], 2 * a)), k1024)),
-                     h2u(__hsub2(u2h(nibble_pair_1024(w[r], 2 * a + 1)), k1024)));
+        for (int r = 0; r < D / 32; ++r) {
+          const uint32_t w8 = w[r] >> 8;
+          mma16816(s[j], qf[2 * r], w[r] & kNib0, w8 & kNib0);
+          mma16816(s[j], qf[2 * r + 1], w[r] & kNib1, w8 & kNib1);
+        }
       } else {
         const uint8_t* kt = ROPE_K ? krot : st;
 #pragma unroll
@@ -268,8 +298,8 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
       if constexpr (K_NIBBLE) {
         const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(prm + 2 * k0));
         const uint16_t kz = *reinterpret_cast<const uint16_t*>(prm + 64 + k0);
-        sc0 *= ksc.x;
-        sc1 *= ksc.y;
+        sc0 *= ksc.x * 0x1p24f;
+        sc1 *= ksc.y * 0x1p24f;
         zq0 = float(kz & 0xff) * sumq_g;
         zq1 = float(kz >> 8) * sumq_g;
         zq80 = float(kz & 0xff) * sumq_g8;
@@ -283,27 +313,27 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
       mx_g8 = fmaxf(mx_g8, fmaxf(s[j][2], s[j][3]));
     }
     online_softmax_step(s, o, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
-    const uint32_t pa[4] = {pack_half2(s[0][0], s[0][1]), pack_half2(s[0][2], s[0][3]), pack_half2(s[1][0], s[1][1]),
-                            pack_half2(s[1][2], s[1][3])};
 
     // ---- O += P · V ----
     if constexpr (INT4) {
-      // Keys 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1); scale 0 past the end keeps garbage out.
+      // A = P · diag(V scales) in fp16: keys 2t, 2t+1 (a[0], a[1]) and 2t+8, 2t+9 (a[2], a[3]).
+      // Scale 0 past the end keeps garbage (the slot's stale scales) out.
       constexpr int VRS = v_row_stride<D>();
       const uint8_t* vc = st + 8 * D;
-      __half2 ss01 = *reinterpret_cast<const __half2*>(prm + 32 + 4 * t);
-      __half2 ss23 = *reinterpret_cast<const __half2*>(prm + 32 + 4 * t + 16);
+      float2 sv01 = __half22float2(*reinterpret_cast<const __half2*>(prm + 32 + 4 * t));
+      float2 sv23 = __half22float2(*reinterpret_cast<const __half2*>(prm + 32 + 4 * t + 16));
+      if (nvalid < 16) {
+        sv01 = make_float2(2 * t < nvalid ? sv01.x : 0.f, 2 * t + 1 < nvalid ? sv01.y : 0.f);
+        sv23 = make_float2(2 * t + 8 < nvalid ? sv23.x : 0.f, 2 * t + 9 < nvalid ? sv23.y : 0.f);
+      }
+      const uint32_t pa[4] = {pack_half2(s[0][0] * sv01.x, s[0][1] * sv01.y),
+                              pack_half2(s[0][2] * sv01.x, s[0][3] * sv01.y),
+                              pack_half2(s[1][0] * sv23.x, s[1][1] * sv23.y),
+                              pack_half2(s[1][2] * sv23.x, s[1][3] * sv23.y)};
+      // The zeros of keys (2t, 2t+1) and (2t+8, 2t+9) as fp16 subnormal pairs (z · 2^-24): one PRMT.
       const uint32_t z01 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t);
       const uint32_t z23 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8);
-      if (nvalid < 16) {
-        const __half zero = __float2half_rn(0.0f);
-        ss01 = __halves2half2(2 * t < nvalid ? __low2half(ss01) : zero, 2 * t + 1 < nvalid ? __high2half(ss01) : zero);
-        ss23 = __halves2half2(2 * t + 8 < nvalid ? __low2half(ss23) : zero,
-                              2 * t + 9 < nvalid ? __high2half(ss23) : zero);
-      }
-      // (1024 + z0, 1024 + z1) in fp16 is the bit pattern 0x64zz for each (z < 16): one PRMT.
-      const __half2 zz01 = u2h(__byte_perm(z01, 0x64u, 0x4140));
-      const __half2 zz23 = u2h(__byte_perm(z23, 0x64u, 0x4140));
+      mma16816(o[D / 8], pa, __byte_perm(z01, 0u, 0x4140), __byte_perm(z23, 0u, 0x4140));
 #pragma unroll
       for (int r = 0; r < D / 64; ++r) {
         const int wi = g * (D / 64) + r;
@@ -311,17 +341,22 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
         const uint32_t x1 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 1) * VRS)[wi];
         const uint32_t x2 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 8) * VRS)[wi];
         const uint32_t x3 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 9) * VRS)[wi];
-        const uint32_t lo01 = __byte_perm(x0, x1, 0x5410), hi01 = __byte_perm(x0, x1, 0x7632);
-        const uint32_t lo23 = __byte_perm(x2, x3, 0x5410), hi23 = __byte_perm(x2, x3, 0x7632);
+        // Two keys' nibbles side by side: nibble k of the low (high) pair is dim 2k (2k + 1) of
+        // word wi, for keys 2t and 2t+1 (2t+8, 2t+9). Nibbles 0, 1 in place, 2, 3 after >> 8.
+        const uint32_t v01[2] = {__byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632)};
+        const uint32_t v23[2] = {__byte_perm(x2, x3, 0x5410), __byte_perm(x2, x3, 0x7632)};
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          mma16816(o[r * 8 + 2 * k], pa, h2u(dequant_pair(lo01, k, zz01, ss01)),
-                   h2u(dequant_pair(lo23, k, zz23, ss23)));
-          mma16816(o[r * 8 + 2 * k + 1], pa, h2u(dequant_pair(hi01, k, zz01, ss01)),
-                   h2u(dequant_pair(hi23, k, zz23, ss23)));
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t v01s = v01[h] >> 8, v23s = v23[h] >> 8;
+          mma16816(o[r * 8 + h], pa, v01[h] & kNib0, v23[h] & kNib0);          // dim 0 + h, · 2^-24
+          mma16816(o[r * 8 + 2 + h], pa, v01[h] & kNib1, v23[h] & kNib1);      // dim 2 + h, · 2^-20
+          mma16816(o[r * 8 + 4 + h], pa, v01s & kNib0, v23s & kNib0);          // dim 4 + h, · 2^-24
+          mma16816(o[r * 8 + 6 + h], pa, v01s & kNib1, v23s & kNib1);          // dim 6 + h, · 2^-20
         }
       }
     } else {
+      const uint32_t pa[4] = {pack_half2(s[0][0], s[0][1]), pack_half2(s[0][2], s[0][3]),
+                              pack_half2(s[1][0], s[1][1]), pack_half2(s[1][2], s[1][3])};
       const uint8_t* vt = st + 16 * KR;
 #pragma unroll
       for (int np = 0; np < D / 16; ++np) {
@@ -335,6 +370,16 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
     __syncwarp();  // the ring slot is refilled next iteration
   }
   cp_async_wait<0>();
+  if constexpr (INT4) {  // O = raw-code sums · 2^24 (n-tiles 8r + 2, 3, 6, 7: · 2^20) - the zero term
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const float f = (n & 2) ? 0x1p20f : 0x1p24f;
+      o[n][0] = (o[n][0] * f - o[D / 8][0] * 0x1p24f);
+      o[n][1] = (o[n][1] * f - o[D / 8][1] * 0x1p24f);
+      o[n][2] = (o[n][2] * f - o[D / 8][2] * 0x1p24f);
+      o[n][3] = (o[n][3] * f - o[D / 8][3] * 0x1p24f);
+    }
+  }
 
 #pragma unroll
   for (int off = 1; off <= 2; off <<= 1) {
