@@ -188,6 +188,7 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
 #pragma unroll
   for (int i = 0; i < NO; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
   float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
+  const float score_scale = p.scale_log2 * (K_NIBBLE ? 0x1p24f : 1.0f);  // raw-code scores: units of 2^-24
 
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
@@ -294,12 +295,12 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const int k0 = 8 * j + 2 * t;  // this thread's keys k0, k0 + 1
-      float sc0 = p.scale_log2, sc1 = p.scale_log2, zq0 = 0, zq1 = 0, zq80 = 0, zq81 = 0;
+      float sc0 = score_scale, sc1 = score_scale, zq0 = 0, zq1 = 0, zq80 = 0, zq81 = 0;
       if constexpr (K_NIBBLE) {
         const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(prm + 2 * k0));
         const uint16_t kz = *reinterpret_cast<const uint16_t*>(prm + 64 + k0);
-        sc0 *= ksc.x * 0x1p24f;
-        sc1 *= ksc.y * 0x1p24f;
+        sc0 *= ksc.x;
+        sc1 *= ksc.y;
         zq0 = float(kz & 0xff) * sumq_g;
         zq1 = float(kz >> 8) * sumq_g;
         zq80 = float(kz & 0xff) * sumq_g8;
