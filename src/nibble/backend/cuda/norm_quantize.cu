@@ -57,8 +57,8 @@ __device__ __forceinline__ uint32_t low_bytes(int b0, int b1, int b2, int b3) {
   return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
 }
 
-// Output channels [c0, c0 + 8) of the row, this lane's unit: the staged fp16 input (a and, for
-// swiglu, u: the raw rows in shared memory) through the permutation and the mode's formula.
+// Output channels [c0, c0 + 8) of the row, this lane's unit: the fp16 input rows a and (swiglu) u,
+// staged in shared memory or read in place, through the permutation and the mode's formula.
 template <int MODE>
 __device__ __forceinline__ void unit_values(const ActParams& p, const __half* ra, const __half* ru, int c0, float inv,
                                             float (&v)[8]) {
@@ -90,11 +90,11 @@ __device__ __forceinline__ void unit_values(const ActParams& p, const __half* ra
   }
 }
 
-// One row per block (several blocks per row when rows are few, each taking a share of the
-// groups): the raw input row is staged in shared memory with 16-byte loads (it is needed whole:
-// the norm's sum of squares and the permutation's gather), then each half warp quantizes whole
-// groups, eight channels per lane, with half-warp reductions only. The keeper groups go to one
-// half warp (they share a scale).
+// Blocks of one row, each taking a share of its groups: each half warp quantizes whole groups,
+// eight channels per lane, with half-warp reductions only; the keeper groups go to one half warp
+// (they share a scale). Where the row is needed whole (the norm's sum of squares, a permutation's
+// gather) one block covers it and stages the raw row in shared memory with 16-byte loads first;
+// otherwise each lane reads its 16 bytes in place.
 template <int MODE>
 __global__ void __launch_bounds__(1024, 1) act_quant_kernel(ActParams p) {
   extern __shared__ __align__(16) __half row_smem[];  // a's row, then (swiglu) u's row
@@ -115,18 +115,21 @@ __global__ void __launch_bounds__(1024, 1) act_quant_kernel(ActParams p) {
 
   // 1. Stage the row (all loads issued before the stores), the sum of squares on the way.
   const int K = sh.K, units = K / kUnit;
-  __half* ra = row_smem;
-  __half* ru = row_smem + K;
+  const bool staged = MODE == kNorm || p.perm;
+  const __half* ra = p.a + row * p.ld;
+  const __half* ru = MODE == kSwiglu ? p.u + row * p.ld : nullptr;
   float ss = 0;
-  {
-    const __half* a = p.a + row * p.ld;
-    const __half* u = MODE == kSwiglu ? p.u + row * p.ld : nullptr;
+  if (staged) {
+    const __half* a = ra;
+    const __half* u = ru;
+    ra = row_smem;
+    ru = row_smem + K;
 #pragma unroll 4
     for (int c = tid; c < units; c += blockDim.x) {
       const uint4 va = __ldg(reinterpret_cast<const uint4*>(a + c * kUnit));
-      *reinterpret_cast<uint4*>(ra + c * kUnit) = va;
+      *reinterpret_cast<uint4*>(row_smem + c * kUnit) = va;
       if constexpr (MODE == kSwiglu)
-        *reinterpret_cast<uint4*>(ru + c * kUnit) = __ldg(reinterpret_cast<const uint4*>(u + c * kUnit));
+        *reinterpret_cast<uint4*>(row_smem + K + c * kUnit) = __ldg(reinterpret_cast<const uint4*>(u + c * kUnit));
       if constexpr (MODE == kNorm) {
         float v[8];
         unpack8(va, v);
@@ -216,25 +219,29 @@ void launch(const ActParams& p, cudaStream_t stream) {
   }();
   (void)configured;
   const std::string where = "norm_quantize";
-  const size_t smem = size_t(p.shape.K) * 2 * (MODE == kSwiglu ? 2 : 1);
+  const bool staged = MODE == kNorm || p.perm;
+  const size_t smem = staged ? size_t(p.shape.K) * 2 * (MODE == kSwiglu ? 2 : 1) : 0;
   require(smem <= size_t(kMaxSmem), where, "K = {} is too large", p.shape.K);
   require(p.ld % 8 == 0 && p.ld >= p.shape.K, where, "row stride {} must be a multiple of 8 and >= K", p.ld);
   if (p.shape.rows_pad == 0) return;
-  // A block per row, a warp per 1024 channels: each lane stages at most four 16-byte units and
-  // quantizes at most four groups. A few rows (decode) leave most SMs idle with a block per row:
-  // split each row's groups over blocks (each stages the whole row, from L2) until about two
-  // blocks per SM are in flight, keeping at least one group per half warp.
+  // Staged: a block per row, a warp per 1024 channels, so that each lane stages at most four
+  // 16-byte units and quantizes at most four groups. Otherwise blocks of 4 warps, at most four
+  // groups per half warp. A few rows (decode) leave most SMs idle: split each row's groups over
+  // more blocks (each stages the whole row, from L2) until about two blocks per SM are in flight,
+  // keeping at least one group per half warp.
   static const int sms = [] {
     int dev = 0, n = 0;
     NIBBLE_CUDA_CHECK(cudaGetDevice(&dev));
     NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
     return n;
   }();
-  const int nwarps = std::min(32, (p.shape.K + 1023) / 1024);
+  const int nwarps = staged ? std::min(32, (p.shape.K + 1023) / 1024) : 4;
   const int64_t units_q = p.shape.g4 + (p.shape.g8 > 0 ? 1 : 0);
   const int64_t by_units = (units_q + 2 * nwarps - 1) / (2 * nwarps);
+  const int64_t least = staged ? 1 : (by_units + 3) / 4;
   const int64_t by_gpu = (2 * int64_t(sms) + p.shape.rows_pad - 1) / p.shape.rows_pad;
-  const dim3 grid(unsigned(p.shape.rows_pad), unsigned(std::clamp<int64_t>(std::min(by_units, by_gpu), 1, 65535)));
+  const int64_t splits = std::min(by_units, std::max(least, by_gpu));
+  const dim3 grid(unsigned(p.shape.rows_pad), unsigned(std::clamp<int64_t>(splits, 1, 65535)));
   act_quant_kernel<MODE><<<grid, 32 * nwarps, smem, stream>>>(p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
