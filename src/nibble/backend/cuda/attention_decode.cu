@@ -97,12 +97,15 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
   const uint8_t* kv_base = block_ptr(c, p.layer, 0, kvh);
   const int64_t page_stride = int64_t(c.kv_heads) * c.block_bytes;
 
-  // Chunk i of this warp (16 keys, contiguous in its block) into ring slot i % NS.
-  auto issue = [&](int i) {
+  // The page holding chunk i of this warp: read from the block table one iteration before its
+  // copy is issued (a table read per chunk stalled the issue by an L2/DRAM round trip).
+  auto page_of = [&](int i) { return i < my_n ? table[((c_begin + warp + i * kWarps) * 16) >> c.page_shift] : 0; };
+  // Chunk i of this warp (16 keys, contiguous in page `page`) into ring slot i % NS.
+  auto issue = [&](int i, int page) {
     if (i >= my_n) return;
     const int key0 = (c_begin + warp + i * kWarps) * 16;
     constexpr int64_t CB = INT4 ? 16 * D + 96 : 64 * D;  // a chunk in global memory (kv_cache_paged.h)
-    const uint8_t* src = kv_base + table[key0 >> c.page_shift] * page_stride + ((key0 & (c.page_size - 1)) >> 4) * CB;
+    const uint8_t* src = kv_base + page * page_stride + ((key0 & (c.page_size - 1)) >> 4) * CB;
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
       constexpr int VRS = v_row_stride<D>(), RU = D / 32;  // RU: 16-byte units per row of codes
@@ -192,12 +195,14 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
 
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
-    issue(i);
+    issue(i, page_of(i));
     cp_async_commit();
   }
+  int next_page = page_of(NS - 1);
 
   for (int i = 0; i < my_n; ++i) {
-    issue(i + NS - 1);
+    issue(i + NS - 1, next_page);
+    next_page = page_of(i + NS);
     cp_async_commit();
     cp_async_wait<NS - 1>();
     __syncwarp();
@@ -336,14 +341,24 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
       const uint32_t z23 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8);
       mma16816(o[D / 8], pa, __byte_perm(z01, 0u, 0x4140), __byte_perm(z23, 0u, 0x4140));
 #pragma unroll
+      // Words g·D/64 + r (r < D/64) of the code rows of keys 2t, 2t+1, 2t+8, 2t+9: one 8-byte (D =
+      // 128) or 4-byte load per row.
+      uint32_t xw[4][D / 64];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint8_t* row = vc + (2 * t + (q & 1) + 8 * (q >> 1)) * VRS + g * (D / 16);
+        if constexpr (D == 128) {
+          const uint2 v = *reinterpret_cast<const uint2*>(row);
+          xw[q][0] = v.x, xw[q][1] = v.y;
+        } else {
+          xw[q][0] = *reinterpret_cast<const uint32_t*>(row);
+        }
+      }
+#pragma unroll
       for (int r = 0; r < D / 64; ++r) {
-        const int wi = g * (D / 64) + r;
-        const uint32_t x0 = reinterpret_cast<const uint32_t*>(vc + (2 * t) * VRS)[wi];
-        const uint32_t x1 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 1) * VRS)[wi];
-        const uint32_t x2 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 8) * VRS)[wi];
-        const uint32_t x3 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 9) * VRS)[wi];
+        const uint32_t x0 = xw[0][r], x1 = xw[1][r], x2 = xw[2][r], x3 = xw[3][r];
         // Two keys' nibbles side by side: nibble k of the low (high) pair is dim 2k (2k + 1) of
-        // word wi, for keys 2t and 2t+1 (2t+8, 2t+9). Nibbles 0, 1 in place, 2, 3 after >> 8.
+        // word g·D/64 + r, for keys 2t and 2t+1 (2t+8, 2t+9). Nibbles 0, 1 in place, 2, 3 after >> 8.
         const uint32_t v01[2] = {__byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632)};
         const uint32_t v23[2] = {__byte_perm(x2, x3, 0x5410), __byte_perm(x2, x3, 0x7632)};
 #pragma unroll
