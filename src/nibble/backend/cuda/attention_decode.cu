@@ -70,10 +70,23 @@ constexpr int decode_smem_bytes() {
   return pipe > reduce ? pipe : reduce;
 }
 
+// 8x8 fp16 tile transposed across the warp (the m8n8 fragment: lane 4r + c holds row r, columns
+// 2c and 2c + 1).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // INT4: at most 168 registers, 3 blocks (12 warps) per SM. (v2-v6 capped it at 128 for 4 blocks;
 // the zero-term accumulator of the raw-code V products no longer fits there without spilling.)
-template <int D, bool INT4, bool ROPE_K>
+// KT (INT4 K after RoPE, G <= 8): Sᵀ = K · Qᵀ, the 16 keys as the MMA's rows and the G query
+// heads as its 8 columns, so that 8 MMAs (not 16) make a chunk's scores and a lane holds 4 of them
+// (keys g, g + 8 of heads 2t, 2t + 1) instead of 8; P is turned back into rows of heads by two
+// movmatrix transposes for the P·V product, which is the same as without KT.
+template <int D, bool INT4, bool ROPE_K, bool KT = false>
 __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
+  static_assert(!KT || (INT4 && !ROPE_K));
   constexpr int SB = stage_bytes<D, INT4>();
   constexpr int NS = stages<INT4>();
   constexpr int KR = 2 * D + 16;  // fp16 row stride in bytes (padded: ldmatrix conflict-free)
@@ -135,10 +148,12 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
     }
   };
 
-  // Q fragments (rows = the G heads of this KV head, zero beyond G) and, for the INT4 K path, Σq.
+  // Q fragments (rows = the G heads of this KV head, zero beyond G; KT: a[0], a[2] are the B
+  // fragments of Qᵀ) and, for the INT4 K path, Σq of the lane's two score rows (heads g, g + 8;
+  // KT: its two score columns, heads 2t, 2t + 1).
   const __half* qh = p.q + (int64_t(seq) * p.H + int64_t(kvh) * p.G) * D;
   uint32_t qf[D / 16][4];
-  float sumq_g = 0, sumq_g8 = 0;
+  float sumq0 = 0, sumq1 = 0;
   {
     const bool v_g = g < p.G, v_g8 = g + 8 < p.G;
 #pragma unroll
@@ -170,18 +185,23 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
         const float f = ks % 2 ? 16.0f : 1.0f;
         const float2 a = __half22float2(u2h(qf[ks][0])), a2 = __half22float2(u2h(qf[ks][2]));
         const float2 c8 = __half22float2(u2h(qf[ks][1])), c82 = __half22float2(u2h(qf[ks][3]));
-        sumq_g += f * ((a.x + a.y) + (a2.x + a2.y));
-        sumq_g8 += f * ((c8.x + c8.y) + (c82.x + c82.y));
+        sumq0 += f * ((a.x + a.y) + (a2.x + a2.y));
+        sumq1 += f * ((c8.x + c8.y) + (c82.x + c82.y));
       }
     }
     if constexpr (K_NIBBLE) {
 #pragma unroll
       for (int off = 1; off <= 2; off <<= 1) {
-        sumq_g += __shfl_xor_sync(0xffffffffu, sumq_g, off);
-        sumq_g8 += __shfl_xor_sync(0xffffffffu, sumq_g8, off);
+        sumq0 += __shfl_xor_sync(0xffffffffu, sumq0, off);
+        sumq1 += __shfl_xor_sync(0xffffffffu, sumq1, off);
       }
-      sumq_g *= 0x1p-24f;  // in the units of the raw-code scores
-      sumq_g8 *= 0x1p-24f;
+      sumq0 *= 0x1p-24f;  // in the units of the raw-code scores
+      sumq1 *= 0x1p-24f;
+      if constexpr (KT) {
+        const float q2t = __shfl_sync(0xffffffffu, sumq0, 8 * t), q2t1 = __shfl_sync(0xffffffffu, sumq0, 8 * t + 4);
+        sumq0 = q2t;
+        sumq1 = q2t1;
+      }
     }
   }
 
@@ -190,7 +210,8 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
   float o[NO][4];
 #pragma unroll
   for (int i = 0; i < NO; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
-  float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
+  // Softmax state of the lane's two score rows (KT: columns): running max (log2 domain) and sum.
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
   const float score_scale = p.scale_log2 * (K_NIBBLE ? 0x1p24f : 1.0f);  // raw-code scores: units of 2^-24
 
 #pragma unroll
@@ -261,81 +282,158 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
       __syncwarp();
     }
 
-    // ---- S = Q · Kᵀ ----
-    float s[2][4];
+    // P · diag(V scales) as the fp16 A fragments of the P·V product (rows = heads g, g + 8; k =
+    // keys 2t, 2t + 1 in a[0], a[1] and 2t + 8, 2t + 9 in a[2], a[3]).
+    uint32_t pa[4];
+    if constexpr (KT) {
+      // ---- Sᵀ = K · Qᵀ: rows keys g, g + 8; columns heads 2t, 2t + 1 ----
+      uint32_t w[2][D / 32];  // keys g, g + 8: the same words as the B fragments of the S path
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
-      if constexpr (K_NIBBLE) {
-        uint32_t w[D / 32];
+      for (int j = 0; j < 2; ++j) {
         const uint8_t* krow = st + (8 * j + g) * (D / 2) + t * (D / 8);
         if constexpr (D == 128) {
           const uint4 v = *reinterpret_cast<const uint4*>(krow);
-          w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+          w[j][0] = v.x, w[j][1] = v.y, w[j][2] = v.z, w[j][3] = v.w;
         } else {
           const uint2 v = *reinterpret_cast<const uint2*>(krow);
-          w[0] = v.x, w[1] = v.y;
+          w[j][0] = v.x, w[j][1] = v.y;
         }
-        // Nibbles 0 and 2 of each half (c · 2^-24) against q, 1 and 3 (c · 2^-20) against q / 16:
-        // s = Σ q·c in units of 2^-24.
+      }
+      float sa[4] = {0, 0, 0, 0}, sb[4] = {0, 0, 0, 0};  // nibbles 0/2 and 1/3: two MMA chains
 #pragma unroll
-        for (int r = 0; r < D / 32; ++r) {
-          const uint32_t w8 = w[r] >> 8;
-          mma16816(s[j], qf[2 * r], w[r] & kNib0, w8 & kNib0);
-          mma16816(s[j], qf[2 * r + 1], w[r] & kNib1, w8 & kNib1);
+      for (int r = 0; r < D / 32; ++r) {
+        const uint32_t g8 = w[0][r] >> 8, h8 = w[1][r] >> 8;
+        const uint32_t ka[4] = {w[0][r] & kNib0, w[1][r] & kNib0, g8 & kNib0, h8 & kNib0};
+        const uint32_t kb[4] = {w[0][r] & kNib1, w[1][r] & kNib1, g8 & kNib1, h8 & kNib1};
+        mma16816(sa, ka, qf[2 * r][0], qf[2 * r][2]);
+        mma16816(sb, kb, qf[2 * r + 1][0], qf[2 * r + 1][2]);
+      }
+      // Scores in the log2 domain: element e is key g + 8 (e / 2) of head 2t + e % 2.
+      const __half* ksc = reinterpret_cast<const __half*>(prm);
+      const float sck[2] = {score_scale * __half2float(ksc[g]), score_scale * __half2float(ksc[g + 8])};
+      const float zk[2] = {float(prm[64 + g]), float(prm[64 + g + 8])};
+      const bool ok[2] = {g < nvalid, g + 8 < nvalid};
+      float sc[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        sc[e] = ok[e / 2] ? (sa[e] + sb[e] - zk[e / 2] * (e % 2 ? sumq1 : sumq0)) * sck[e / 2] : -INFINITY;
+      // Online softmax per head: maxima over the 16 keys (lanes of the same t), one step.
+      float mx0 = fmaxf(sc[0], sc[2]), mx1 = fmaxf(sc[1], sc[3]);
+#pragma unroll
+      for (int off = 4; off <= 16; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float al0 = fast_exp2(m0 - mn0), al1 = fast_exp2(m1 - mn1);
+      m0 = mn0;
+      m1 = mn1;
+      sc[0] = fast_exp2(sc[0] - mn0);
+      sc[1] = fast_exp2(sc[1] - mn1);
+      sc[2] = fast_exp2(sc[2] - mn0);
+      sc[3] = fast_exp2(sc[3] - mn1);
+      l0 = l0 * al0 + (sc[0] + sc[2]);  // this lane's keys only: summed over the lanes at the end
+      l1 = l1 * al1 + (sc[1] + sc[3]);
+      if (__any_sync(0xffffffffu, al0 != 1.0f || al1 != 1.0f)) {
+        // The output rows are heads g: their factor lives in lane g / 2 (head 2t + g % 2).
+        const float a0 = __shfl_sync(0xffffffffu, al0, g >> 1), a1 = __shfl_sync(0xffffffffu, al1, g >> 1);
+        const float al = g & 1 ? a1 : a0;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o[n][0] *= al;
+          o[n][1] *= al;
         }
+      }
+      // P · diag(V scales) (scale 0 past the end keeps the slot's stale scales out), transposed
+      // into rows of heads; heads g + 8 do not exist (G <= 8).
+      const __half* vsc = reinterpret_cast<const __half*>(prm + 32);
+      const float sv0 = ok[0] ? __half2float(vsc[g]) : 0.f, sv1 = ok[1] ? __half2float(vsc[g + 8]) : 0.f;
+      pa[0] = transpose8x8(pack_half2(sc[0] * sv0, sc[1] * sv0));
+      pa[1] = 0;
+      pa[2] = transpose8x8(pack_half2(sc[2] * sv1, sc[3] * sv1));
+      pa[3] = 0;
+    } else {
+      // ---- S = Q · Kᵀ ----
+      float s[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+        if constexpr (K_NIBBLE) {
+          uint32_t w[D / 32];
+          const uint8_t* krow = st + (8 * j + g) * (D / 2) + t * (D / 8);
+          if constexpr (D == 128) {
+            const uint4 v = *reinterpret_cast<const uint4*>(krow);
+            w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+          } else {
+            const uint2 v = *reinterpret_cast<const uint2*>(krow);
+            w[0] = v.x, w[1] = v.y;
+          }
+          // Nibbles 0 and 2 of each half (c · 2^-24) against q, 1 and 3 (c · 2^-20) against q / 16:
+          // s = Σ q·c in units of 2^-24.
+#pragma unroll
+          for (int r = 0; r < D / 32; ++r) {
+            const uint32_t w8 = w[r] >> 8;
+            mma16816(s[j], qf[2 * r], w[r] & kNib0, w8 & kNib0);
+            mma16816(s[j], qf[2 * r + 1], w[r] & kNib1, w8 & kNib1);
+          }
+        } else {
+          const uint8_t* kt = ROPE_K ? krot : st;
+#pragma unroll
+          for (int ks = 0; ks < D / 16; ks += 2) {
+            uint32_t r[4];
+            ldmatrix_x4(r, kt + (8 * j + (lane % 8)) * KR + (ks * 16 + (lane / 8) * 8) * 2);
+            mma16816(s[j], qf[ks], r[0], r[1]);
+            mma16816(s[j], qf[ks + 1], r[2], r[3]);
+          }
+        }
+      }
+      // Scores in the log2 domain, masked past the end.
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int k0 = 8 * j + 2 * t;  // this thread's keys k0, k0 + 1
+        float sc0 = score_scale, sc1 = score_scale, zq0 = 0, zq1 = 0, zq80 = 0, zq81 = 0;
+        if constexpr (K_NIBBLE) {
+          const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(prm + 2 * k0));
+          const uint16_t kz = *reinterpret_cast<const uint16_t*>(prm + 64 + k0);
+          sc0 *= ksc.x;
+          sc1 *= ksc.y;
+          zq0 = float(kz & 0xff) * sumq0;
+          zq1 = float(kz >> 8) * sumq0;
+          zq80 = float(kz & 0xff) * sumq1;
+          zq81 = float(kz >> 8) * sumq1;
+        }
+        s[j][0] = k0 < nvalid ? (s[j][0] - zq0) * sc0 : -INFINITY;
+        s[j][1] = k0 + 1 < nvalid ? (s[j][1] - zq1) * sc1 : -INFINITY;
+        s[j][2] = k0 < nvalid ? (s[j][2] - zq80) * sc0 : -INFINITY;
+        s[j][3] = k0 + 1 < nvalid ? (s[j][3] - zq81) * sc1 : -INFINITY;
+        mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+      }
+      online_softmax_step(s, o, mx0, mx1, m0, m1, l0, l1);
+      if constexpr (INT4) {
+        // Scale 0 past the end keeps garbage (the slot's stale scales) out.
+        float2 sv01 = __half22float2(*reinterpret_cast<const __half2*>(prm + 32 + 4 * t));
+        float2 sv23 = __half22float2(*reinterpret_cast<const __half2*>(prm + 32 + 4 * t + 16));
+        if (nvalid < 16) {
+          sv01 = make_float2(2 * t < nvalid ? sv01.x : 0.f, 2 * t + 1 < nvalid ? sv01.y : 0.f);
+          sv23 = make_float2(2 * t + 8 < nvalid ? sv23.x : 0.f, 2 * t + 9 < nvalid ? sv23.y : 0.f);
+        }
+        pa[0] = pack_half2(s[0][0] * sv01.x, s[0][1] * sv01.y);
+        pa[1] = pack_half2(s[0][2] * sv01.x, s[0][3] * sv01.y);
+        pa[2] = pack_half2(s[1][0] * sv23.x, s[1][1] * sv23.y);
+        pa[3] = pack_half2(s[1][2] * sv23.x, s[1][3] * sv23.y);
       } else {
-        const uint8_t* kt = ROPE_K ? krot : st;
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ks += 2) {
-          uint32_t r[4];
-          ldmatrix_x4(r, kt + (8 * j + (lane % 8)) * KR + (ks * 16 + (lane / 8) * 8) * 2);
-          mma16816(s[j], qf[ks], r[0], r[1]);
-          mma16816(s[j], qf[ks + 1], r[2], r[3]);
-        }
+        pa[0] = pack_half2(s[0][0], s[0][1]);
+        pa[1] = pack_half2(s[0][2], s[0][3]);
+        pa[2] = pack_half2(s[1][0], s[1][1]);
+        pa[3] = pack_half2(s[1][2], s[1][3]);
       }
     }
-    // Scores in the log2 domain, masked past the end.
-    float mx_g = -INFINITY, mx_g8 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int k0 = 8 * j + 2 * t;  // this thread's keys k0, k0 + 1
-      float sc0 = score_scale, sc1 = score_scale, zq0 = 0, zq1 = 0, zq80 = 0, zq81 = 0;
-      if constexpr (K_NIBBLE) {
-        const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(prm + 2 * k0));
-        const uint16_t kz = *reinterpret_cast<const uint16_t*>(prm + 64 + k0);
-        sc0 *= ksc.x;
-        sc1 *= ksc.y;
-        zq0 = float(kz & 0xff) * sumq_g;
-        zq1 = float(kz >> 8) * sumq_g;
-        zq80 = float(kz & 0xff) * sumq_g8;
-        zq81 = float(kz >> 8) * sumq_g8;
-      }
-      s[j][0] = k0 < nvalid ? (s[j][0] - zq0) * sc0 : -INFINITY;
-      s[j][1] = k0 + 1 < nvalid ? (s[j][1] - zq1) * sc1 : -INFINITY;
-      s[j][2] = k0 < nvalid ? (s[j][2] - zq80) * sc0 : -INFINITY;
-      s[j][3] = k0 + 1 < nvalid ? (s[j][3] - zq81) * sc1 : -INFINITY;
-      mx_g = fmaxf(mx_g, fmaxf(s[j][0], s[j][1]));
-      mx_g8 = fmaxf(mx_g8, fmaxf(s[j][2], s[j][3]));
-    }
-    online_softmax_step(s, o, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
-
     // ---- O += P · V ----
     if constexpr (INT4) {
-      // A = P · diag(V scales) in fp16: keys 2t, 2t+1 (a[0], a[1]) and 2t+8, 2t+9 (a[2], a[3]).
-      // Scale 0 past the end keeps garbage (the slot's stale scales) out.
       constexpr int VRS = v_row_stride<D>();
       const uint8_t* vc = st + 8 * D;
-      float2 sv01 = __half22float2(*reinterpret_cast<const __half2*>(prm + 32 + 4 * t));
-      float2 sv23 = __half22float2(*reinterpret_cast<const __half2*>(prm + 32 + 4 * t + 16));
-      if (nvalid < 16) {
-        sv01 = make_float2(2 * t < nvalid ? sv01.x : 0.f, 2 * t + 1 < nvalid ? sv01.y : 0.f);
-        sv23 = make_float2(2 * t + 8 < nvalid ? sv23.x : 0.f, 2 * t + 9 < nvalid ? sv23.y : 0.f);
-      }
-      const uint32_t pa[4] = {pack_half2(s[0][0] * sv01.x, s[0][1] * sv01.y),
-                              pack_half2(s[0][2] * sv01.x, s[0][3] * sv01.y),
-                              pack_half2(s[1][0] * sv23.x, s[1][1] * sv23.y),
-                              pack_half2(s[1][2] * sv23.x, s[1][3] * sv23.y)};
       // The zeros of keys (2t, 2t+1) and (2t+8, 2t+9) as fp16 subnormal pairs (z · 2^-24): one PRMT.
       const uint32_t z01 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t);
       const uint32_t z23 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8);
@@ -371,8 +469,6 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
         }
       }
     } else {
-      const uint32_t pa[4] = {pack_half2(s[0][0], s[0][1]), pack_half2(s[0][2], s[0][3]),
-                              pack_half2(s[1][0], s[1][1]), pack_half2(s[1][2], s[1][3])};
       const uint8_t* vt = st + 16 * KR;
 #pragma unroll
       for (int np = 0; np < D / 16; ++np) {
@@ -397,10 +493,11 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
     }
   }
 
+  // The sums over the lanes holding a row's (KT: column's) other keys.
 #pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    l_g += __shfl_xor_sync(0xffffffffu, l_g, off);
-    l_g8 += __shfl_xor_sync(0xffffffffu, l_g8, off);
+  for (int off = KT ? 4 : 1; off <= (KT ? 16 : 2); off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
   }
 
   // ---- Combine the 4 warps in shared memory ----
@@ -409,11 +506,12 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
   float* red_l = red_m + kWarps * 16;             // [4][16]
   float* red_o = red_l + kWarps * 16;             // [4][16][D]
   const int G = p.G;
-  if (t == 0) {
-    red_m[warp * 16 + g] = m_g;
-    red_l[warp * 16 + g] = l_g;
-    red_m[warp * 16 + g + 8] = m_g8;
-    red_l[warp * 16 + g + 8] = l_g8;
+  if (KT ? g == 0 : t == 0) {
+    const int h0 = KT ? 2 * t : g, h1 = KT ? 2 * t + 1 : g + 8;
+    red_m[warp * 16 + h0] = m0;
+    red_l[warp * 16 + h0] = l0;
+    red_m[warp * 16 + h1] = m1;
+    red_l[warp * 16 + h1] = l1;
   }
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
@@ -482,6 +580,9 @@ int blocks_per_sm() {
     constexpr int smem = decode_smem_bytes<D, INT4, ROPE_K>();
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if constexpr (INT4 && !ROPE_K)  // the KT variant plans with the same occupancy (it has no less)
+      NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K, true>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int n = 0;
     NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, INT4, ROPE_K>, 128, smem));
     return std::max(n, 1);
@@ -533,7 +634,15 @@ void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p
     p.ws_o = w;
     p.ws_lse = w + slots * D;
   }
-  decode_kernel<D, INT4, ROPE_K><<<dim3(p.splits, c.kv_heads, b.batch), 128, smem, stream>>>(c, b, p);
+  const dim3 grid(p.splits, c.kv_heads, b.batch);
+  bool launched = false;
+  if constexpr (INT4 && !ROPE_K) {
+    if (p.G <= 8) {
+      decode_kernel<D, INT4, ROPE_K, true><<<grid, 128, smem, stream>>>(c, b, p);
+      launched = true;
+    }
+  }
+  if (!launched) decode_kernel<D, INT4, ROPE_K><<<grid, 128, smem, stream>>>(c, b, p);
   NIBBLE_CUDA_CHECK_LAUNCH();
   if (p.splits > 1) {
     combine_kernel<D><<<b.batch * p.H, D, 0, stream>>>(p);
