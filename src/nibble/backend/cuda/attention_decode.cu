@@ -5,7 +5,9 @@
 // batch alone cannot fill the GPU); its warps take every 4th chunk, each streaming its chunks
 // through a private cp.async ring in shared memory. All query heads of the KV head ride in the M
 // rows of one mma.sync m16n8k16 (GQA: every K/V load serves G <= 16 heads):
-//   S (16 heads x 16 keys) = Q · Kᵀ,  O (16 heads x D) += P · V.
+//   S (16 heads x 16 keys) = Q · Kᵀ,  O (16 heads x D) += P · V;
+// INT4 with G <= 8 computes the scores as Sᵀ (16 keys x 8 heads) = K · Qᵀ instead (decode_kernel's
+// KT).
 // INT4 codes enter the MMAs raw, as fp16 subnormals: a nibble masked in place in the low byte of
 // an fp16 half is the exact value c · 2^-24 (bits 0-3) or c · 2^-20 (bits 4-7), one AND per pair
 // of codes (a shift per word for its upper byte), no conversion arithmetic; the powers of two
@@ -174,8 +176,8 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KV
       qf[ks][3] = v_g8 ? q32g8[d1 / 2] : 0u;
       if constexpr (K_NIBBLE) {
         // Odd k-steps meet nibbles 1 and 3, which the MMA reads as c · 2^-20: q / 16 there keeps
-        // every product in units of 2^-24 (exact but where q / 16 falls below fp16's normal
-        // range, |q| < 2^-10, a relative error of at most 2^-11 · 2^-10 / |q| on a tiny term).
+        // every product in units of 2^-24. Exact unless q / 16 falls below fp16's normal range
+        // (|q| < 2^-10), where it rounds to a multiple of 2^-24 (error <= 2^-25 on a tiny term).
         // Σq sums the q the MMA sees.
         if (ks % 2) {
           const __half2 sixteenth = __float2half2_rn(0.0625f);
