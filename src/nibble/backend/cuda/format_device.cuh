@@ -29,9 +29,13 @@ __device__ __forceinline__ int8_t int_sym_code_device(float x, float scale, int 
   return int8_t(quant::int_sym_encode(x, scale, bits));
 }
 
-// quant::int_sym_encode(x, scale, bits) as the bits of the float 1.5·2^23 + code, whose low byte is
-// the code in two's complement (its low nibble the INT4 one), so a kernel packs codes with byte
-// permutes. qmax = 2^(bits-1) - 1; rcp = 1 / scale (IEEE, once per group; 0 when scale is 0).
+// The bias of int_sym_biased_rcp's results: code c is the float kIntSymBias + c.
+inline constexpr float kIntSymBias = 12582912.0f;  // 1.5·2^23
+
+// quant::int_sym_encode(x, scale, bits) for scale != 0 (a zero scale encodes everything as 0: the
+// caller's branch, once per group) as the bits of the float 1.5·2^23 + code, whose low byte is the
+// code in two's complement (its low nibble the INT4 one), so a kernel packs codes with byte
+// permutes. qmax = 2^(bits-1) - 1; rcp = 1 / scale (IEEE, once per group).
 //   Division: q0 = x·rcp, e = x - q0·scale (exact, FMA), y = q0 + e·rcp is the correctly rounded
 //     x / scale barring over- and underflow (Markstein), where the clamps and the zero code make the
 //     results agree anyway: three instructions instead of the IEEE division's ~10.
@@ -41,11 +45,9 @@ __device__ __forceinline__ int8_t int_sym_code_device(float x, float scale, int 
 //     like format.h's.
 //   Clamp: fmaxf first turns NaN into the low end, where format.h's comparisons put it.
 __device__ __forceinline__ int int_sym_biased_rcp(float x, float scale, float rcp, int qmax) {
-  constexpr float kMagic = 12582912.0f;  // 1.5·2^23
-  if (scale == 0) return __float_as_int(kMagic);
   const float q0 = __fmul_rn(x, rcp);
   const float y = __fmaf_rn(__fmaf_rn(-q0, scale, x), rcp, q0);
-  const float b = fminf(fmaxf(__fadd_rn(y, kMagic), kMagic - float(qmax + 1)), kMagic + float(qmax));
+  const float b = fminf(fmaxf(__fadd_rn(y, kIntSymBias), kIntSymBias - float(qmax + 1)), kIntSymBias + float(qmax));
   return __float_as_int(b);
 }
 

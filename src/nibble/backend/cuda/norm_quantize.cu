@@ -52,31 +52,47 @@ __device__ __forceinline__ void unpack8(const uint4& r, float (&v)[8]) {
   }
 }
 
+// The codes of a group's values with its scale (format.h's rule, int_sym_biased_rcp's form).
+template <int QMAX>
+__device__ __forceinline__ void encode8(const float (&v)[8], float scale, int (&b)[8]) {
+  if (scale == 0) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b[i] = __float_as_int(kIntSymBias);
+    return;
+  }
+  const float rcp = __frcp_rn(scale);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, QMAX);
+}
+
 // The low bytes of four ints, in order, as one word.
 __device__ __forceinline__ uint32_t low_bytes(int b0, int b1, int b2, int b3) {
   return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
 }
 
-// Output channels [c0, c0 + 8) of the row, this lane's unit: the fp16 input rows a and (swiglu) u,
-// staged in shared memory or read in place, through the permutation and the mode's formula.
+// Output channels [c0, c0 + 8) of the row, this lane's unit, through the permutation and the
+// mode's formula: from the rows a and (swiglu) u staged in shared memory (sa, su) where the
+// kernel staged them (the norm, a permutation), else from global memory (ga, gu).
 template <int MODE>
-__device__ __forceinline__ void unit_values(const ActParams& p, const __half* ra, const __half* ru, int c0, float inv,
-                                            float (&v)[8]) {
+__device__ __forceinline__ void unit_values(const ActParams& p, const __half* sa, const __half* su, const __half* ga,
+                                            const __half* gu, int c0, float inv, float (&v)[8]) {
   if (p.perm) {
     const int4 p0 = __ldg(reinterpret_cast<const int4*>(p.perm + c0));
     const int4 p1 = __ldg(reinterpret_cast<const int4*>(p.perm + c0 + 4));
     const int src[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
 #pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = __half2float(ra[src[i]]);
+    for (int i = 0; i < 8; ++i) v[i] = __half2float(sa[src[i]]);
     if constexpr (MODE == kSwiglu) {
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] = v[i] / (1.0f + expf(-v[i])) * __half2float(ru[src[i]]);
+      for (int i = 0; i < 8; ++i) v[i] = v[i] / (1.0f + expf(-v[i])) * __half2float(su[src[i]]);
     }
+  } else if constexpr (MODE == kNorm) {
+    unpack8(*reinterpret_cast<const uint4*>(sa + c0), v);
   } else {
-    unpack8(*reinterpret_cast<const uint4*>(ra + c0), v);
+    unpack8(__ldg(reinterpret_cast<const uint4*>(ga + c0)), v);
     if constexpr (MODE == kSwiglu) {
       float w[8];
-      unpack8(*reinterpret_cast<const uint4*>(ru + c0), w);
+      unpack8(__ldg(reinterpret_cast<const uint4*>(gu + c0)), w);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = v[i] / (1.0f + expf(-v[i])) * w[i];
     }
@@ -115,15 +131,14 @@ __global__ void __launch_bounds__(1024, 1) act_quant_kernel(ActParams p) {
 
   // 1. Stage the row (all loads issued before the stores), the sum of squares on the way.
   const int K = sh.K, units = K / kUnit;
-  const bool staged = MODE == kNorm || p.perm;
-  const __half* ra = p.a + row * p.ld;
-  const __half* ru = MODE == kSwiglu ? p.u + row * p.ld : nullptr;
+  const __half* ga = p.a + row * p.ld;
+  const __half* gu = MODE == kSwiglu ? p.u + row * p.ld : nullptr;
+  const __half* sa = row_smem;
+  const __half* su = row_smem + K;
   float ss = 0;
-  if (staged) {
-    const __half* a = ra;
-    const __half* u = ru;
-    ra = row_smem;
-    ru = row_smem + K;
+  if (MODE == kNorm || p.perm) {
+    const __half* a = ga;
+    const __half* u = gu;
 #pragma unroll 4
     for (int c = tid; c < units; c += blockDim.x) {
       const uint4 va = __ldg(reinterpret_cast<const uint4*>(a + c * kUnit));
@@ -160,17 +175,15 @@ __global__ void __launch_bounds__(1024, 1) act_quant_kernel(ActParams p) {
       // INT4 group wu. Lane l holds channels 8l..8l+7 of the group: k-step s = l / 4, the high
       // nibbles (l % 4 < 2) or the low ones of words t = 2 (l % 2) and t + 1 (atom_layout.h).
       float v[8];
-      unit_values<MODE>(p, ra, ru, wu * kGroup + l * kUnit, inv, v);
+      unit_values<MODE>(p, sa, su, ga, gu, wu * kGroup + l * kUnit, inv, v);
       if (p.q.hadamard) hadamard_blocked<8>(v, l, half);
       float amax = 0;
 #pragma unroll
       for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
       amax = half_warp_max(amax, half);
       const float scale = int_sym_scale_device(p.q.clip4, amax, 7);
-      const float rcp = scale == 0 ? 0.f : __frcp_rn(scale);
       int b[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, 7);
+      encode8<7>(v, scale, b);
       const bool low = l & 2;
       const int sh4 = low ? 0 : 4;
       const uint32_t w0 = (low_bytes(b[0], b[1], b[2], b[3]) & 0x0f0f0f0fu) << sh4;  // word t
@@ -188,20 +201,18 @@ __global__ void __launch_bounds__(1024, 1) act_quant_kernel(ActParams p) {
       float amax = 0;
       for (int c = 0; c < sh.g8; ++c) {
         float v[8];
-        unit_values<MODE>(p, ra, ru, k4 + c * kGroup + l * kUnit, inv, v);
+        unit_values<MODE>(p, sa, su, ga, gu, k4 + c * kGroup + l * kUnit, inv, v);
 #pragma unroll
         for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
       }
       amax = half_warp_max(amax, half);
       const float scale = int_sym_scale_device(p.q.clip8, amax, 127);
-      const float rcp = scale == 0 ? 0.f : __frcp_rn(scale);
       const int j = 2 * ((l % 8) / 4) + (l % 4) / 2, t = 2 * (l % 2);
       for (int c = 0; c < sh.g8; ++c) {
         float v[8];
-        unit_values<MODE>(p, ra, ru, k4 + c * kGroup + l * kUnit, inv, v);
+        unit_values<MODE>(p, sa, su, ga, gu, k4 + c * kGroup + l * kUnit, inv, v);
         int b[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, 127);
+        encode8<127>(v, scale, b);
         uint8_t* slab = q_tile + size_t(sh.g4 + 2 * c + l / 8) * kSlabBytes + j * 4;
         *reinterpret_cast<uint32_t*>(slab + t * 16) = low_bytes(b[0], b[1], b[2], b[3]);
         *reinterpret_cast<uint32_t*>(slab + (t + 1) * 16) = low_bytes(b[4], b[5], b[6], b[7]);
