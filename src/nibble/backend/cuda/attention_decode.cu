@@ -80,14 +80,15 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
-// INT4: at most 168 registers, 3 blocks (12 warps) per SM. (v2-v6 capped it at 128 for 4 blocks;
-// the zero-term accumulator of the raw-code V products no longer fits there without spilling.)
+// INT4: at most 168 registers, 3 blocks (12 warps) per SM (v2-v6 capped it at 128 for 4 blocks;
+// the zero-term accumulator of the raw-code V products no longer fits there without spilling);
+// KT fits 128 without spilling: 4 blocks (ncu of v7: latency-bound at 12 warps per SM).
 // KT (INT4 K after RoPE, G <= 8): Sᵀ = K · Qᵀ, the 16 keys as the MMA's rows and the G query
 // heads as its 8 columns, so that 8 MMAs (not 16) make a chunk's scores and a lane holds 4 of them
 // (keys g, g + 8 of heads 2t, 2t + 1) instead of 8; P is turned back into rows of heads by two
 // movmatrix transposes for the P·V product, which is the same as without KT.
 template <int D, bool INT4, bool ROPE_K, bool KT = false>
-__global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
+__global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
   static_assert(!KT || (INT4 && !ROPE_K));
   constexpr int SB = stage_bytes<D, INT4>();
   constexpr int NS = stages<INT4>();
@@ -582,7 +583,7 @@ int blocks_per_sm() {
     constexpr int smem = decode_smem_bytes<D, INT4, ROPE_K>();
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    if constexpr (INT4 && !ROPE_K)  // the KT variant plans with the same occupancy (it has no less)
+    if constexpr (INT4 && !ROPE_K)  // the KT variant plans with this occupancy (it has more: 4 blocks)
       NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K, true>,
                                              cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int n = 0;
