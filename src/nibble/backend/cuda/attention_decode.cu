@@ -321,25 +321,16 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
       for (int e = 0; e < 4; ++e)
         sc[e] = ok[e / 2] ? (sa[e] + sb[e] - zk[e / 2] * (e % 2 ? sumq1 : sumq0)) * sck[e / 2] : -INFINITY;
       // Online softmax per head: maxima over the 16 keys (lanes of the same t), one step.
-      float mx0 = fmaxf(sc[0], sc[2]), mx1 = fmaxf(sc[1], sc[3]);
-#pragma unroll
-      for (int off = 4; off <= 16; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
-      }
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float al0 = fast_exp2(m0 - mn0), al1 = fast_exp2(m1 - mn1);
-      m0 = mn0;
-      m1 = mn1;
-      sc[0] = fast_exp2(sc[0] - mn0);
-      sc[1] = fast_exp2(sc[1] - mn1);
-      sc[2] = fast_exp2(sc[2] - mn0);
-      sc[3] = fast_exp2(sc[3] - mn1);
-      l0 = l0 * al0 + (sc[0] + sc[2]);  // this lane's keys only: summed over the lanes at the end
-      l1 = l1 * al1 + (sc[1] + sc[3]);
-      if (__any_sync(0xffffffffu, al0 != 1.0f || al1 != 1.0f)) {
+      const float2 al = softmax_new_max<4, 16>(fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3]), m0, m1);
+      sc[0] = fast_exp2(sc[0] - m0);
+      sc[1] = fast_exp2(sc[1] - m1);
+      sc[2] = fast_exp2(sc[2] - m0);
+      sc[3] = fast_exp2(sc[3] - m1);
+      l0 = l0 * al.x + (sc[0] + sc[2]);  // this lane's keys only: summed over the lanes at the end
+      l1 = l1 * al.y + (sc[1] + sc[3]);
+      if (__any_sync(0xffffffffu, al.x != 1.0f || al.y != 1.0f)) {
         // The output rows are heads g: their factor lives in lane g / 2 (head 2t + g % 2).
-        const float a0 = __shfl_sync(0xffffffffu, al0, g >> 1), a1 = __shfl_sync(0xffffffffu, al1, g >> 1);
+        const float a0 = __shfl_sync(0xffffffffu, al.x, g >> 1), a1 = __shfl_sync(0xffffffffu, al.y, g >> 1);
         const float al = g & 1 ? a1 : a0;
 #pragma unroll
         for (int n = 0; n < NO; ++n) {
