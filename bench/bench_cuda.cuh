@@ -35,6 +35,9 @@ static __global__ void fill_half(__half* p, size_t n, float range, uint64_t seed
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = __float2half(range * (2.0f * unit(seed, i) - 1.0f));
 }
+static __global__ void fill_float(float* p, size_t n, float v) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = v;
+}
 static __global__ void fill_bytes(uint8_t* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = uint8_t(hash32(seed * 0x9e3779b97f4a7c15ull + i));

@@ -1,6 +1,6 @@
 // bench_gemm_w4a4: Atom W4A4 GEMM (gemm_w4a4) vs cuBLAS fp16, cuBLASLt fp8 with 128-wide block
 // scales on both operands, and cuBLASLt INT8, all measured in the same run, on the linear layers
-// of Llama-2-7B and -70B; then norm_quantize against the device's copy bandwidth.
+// of Llama-2-7B and -70B (norm_quantize, the activation side: bench_norm_quantize).
 // Timing: CUDA events around batches of launches, warm-up first, median of the batches, inputs
 // rotated over enough copies to overflow L2. Prints markdown tables (bench/RESULTS.md).
 #include <cublasLt.h>
@@ -19,7 +19,6 @@
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/backend/cuda/linear_fp16.h"
-#include "nibble/backend/cuda/norm_quantize.h"
 #include "bench/bench_cuda.cuh"
 
 using namespace nibble::cuda;
@@ -35,9 +34,6 @@ __global__ void fill_fp8(__nv_fp8_e4m3* p, size_t n, uint64_t seed) {
 __global__ void fill_scales(__half* p, size_t n, uint64_t seed) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
     p[i] = __float2half(0.01f + 0.01f * float(hash32(seed + i) >> 8) * 0x1p-24f);
-}
-__global__ void fill_float(float* p, size_t n, float v) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) p[i] = v;
 }
 
 struct Shape {
@@ -215,24 +211,6 @@ int run_one(int64_t M, int64_t N, int64_t K) {
   return 0;
 }
 
-// `bench_gemm_w4a4 onenorm M K`: five launches of rmsnorm_quantize alone (keeper 128), for ncu.
-int run_one_norm(int64_t M, int K) {
-  const AtomShape sh = atom_shape(M, K, 128);
-  AtomDeviceMatrix out(sh);
-  __half* a = dalloc<__half>(size_t(M * K));
-  fill_half<<<1024, 256>>>(a, size_t(M * K), 3.0f, 5);
-  std::vector<int32_t> perm(static_cast<size_t>(K));
-  for (int j = 0; j < K; ++j) perm[size_t(j)] = int32_t((int64_t(j) * 7919) % K);
-  int32_t* dperm = dalloc<int32_t>(size_t(K));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(dperm, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
-  float* w = dalloc<float>(size_t(K));
-  fill_float<<<64, 256>>>(w, size_t(K), 1.0f);
-  for (int i = 0; i < 5; ++i) rmsnorm_quantize(a, K, dperm, w, 1e-5f, out.mut(), ActQuant{}, nullptr);
-  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-  std::printf("onenorm: M=%lld K=%d bytes in+out %lld\n", (long long)M, K, (long long)(M * K * 2 + sh.packed_bytes()));
-  return 0;
-}
-
 // `bench_gemm_w4a4 decode`: M <= 16 on every layer the engine runs (7B's fused q/k/v and gate/up
 // included), each kernel timed inside a CUDA graph of 32 launches as the engine's decode step runs
 // them (the stream kernel's programmatic dependent launch overlaps a launch with the previous
@@ -278,9 +256,8 @@ int run_decode(double copy_gbs) {
 }
 
 int main(int argc, char** argv) {
-  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "decode", "norm", "one M N K" or empty for gemm + norm
+  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "decode", "one M N K" or empty (gemm)
   if (only == "one" && argc == 5) return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]));
-  if (only == "onenorm" && argc == 4) return run_one_norm(std::atoll(argv[2]), std::atoi(argv[3]));
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   g_l2 = size_t(prop.l2CacheSize);
@@ -425,55 +402,6 @@ int main(int argc, char** argv) {
     std::printf("\n");
   }
 
-  if (only.empty() || only == "norm") {
-    std::printf("| kernel | M | K | ms | GB/s (in + out) | %% copy BW |\n|---|---:|---:|---:|---:|---:|\n");
-    struct NormCase {
-      const char* name;
-      int K;
-    };
-    const NormCase cases[] = {{"rmsnorm_quantize", 4096}, {"rmsnorm_quantize", 8192}, {"gather_quantize", 4096},
-                              {"swiglu_quantize", 11008}, {"swiglu_quantize", 28672}};
-    for (const NormCase& c : cases) {
-      for (int64_t M : {16, 256, 4096}) {
-        const int K = c.K;
-        const bool swiglu = std::string(c.name) == "swiglu_quantize";
-        const AtomShape sh = atom_shape(M, K, keeper);
-        const size_t in_bytes = size_t(M * K * 2) * (swiglu ? 2 : 1);
-        const int rots = rotations(in_bytes + size_t(sh.code_bytes()));
-        std::vector<__half*> a, u;
-        std::vector<AtomDeviceMatrix> out;
-        for (int r = 0; r < rots; ++r) {
-          a.push_back(dalloc<__half>(size_t(M * K)));
-          u.push_back(dalloc<__half>(swiglu ? size_t(M * K) : 1));
-          fill_half<<<1024, 256>>>(a.back(), size_t(M * K), 3.0f, 110 + r);
-          if (swiglu) fill_half<<<1024, 256>>>(u.back(), size_t(M * K), 3.0f, 120 + r);
-          out.emplace_back(sh);
-        }
-        std::vector<int32_t> perm(static_cast<size_t>(K));
-        for (int j = 0; j < K; ++j) perm[size_t(j)] = int32_t((int64_t(j) * 7919) % K);  // a bijection when gcd(7919,K)=1
-        int32_t* dperm = dalloc<int32_t>(size_t(K));
-        NIBBLE_CUDA_CHECK(cudaMemcpy(dperm, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
-        float* w = dalloc<float>(size_t(K));
-        fill_float<<<64, 256>>>(w, size_t(K), 1.0f);
-        const ActQuant q{};
-        const double ms = time_ms(
-            [&](int r) {
-              if (swiglu) swiglu_quantize(a[size_t(r)], u[size_t(r)], K, nullptr, out[size_t(r)].mut(), q, nullptr);
-              else if (std::string(c.name) == "gather_quantize") gather_quantize(a[size_t(r)], K, dperm, out[size_t(r)].mut(), q, nullptr);
-              else rmsnorm_quantize(a[size_t(r)], K, dperm, w, 1e-5f, out[size_t(r)].mut(), q, nullptr);
-            },
-            rots);
-        const double bytes = double(in_bytes) + double(sh.packed_bytes());
-        std::printf("| %s | %lld | %d | %.4f | %.0f | %.0f%% |\n", c.name, (long long)M, K, ms, bytes / (ms * 1e-3) / 1e9,
-                    100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs);
-        std::fflush(stdout);
-        for (auto p : a) cudaFree(p);
-        for (auto p : u) cudaFree(p);
-        cudaFree(dperm);
-        cudaFree(w);
-      }
-    }
-  }
   cublasLtDestroy(lt);
   return 0;
 }

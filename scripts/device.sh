@@ -59,6 +59,9 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   echo "== bench_gemm_w4a4 $*"
   $BUILD/bin/bench_gemm_w4a4 "$@" >"$OUT/bench_gemm_w4a4.md" 2>&1 || status=1
   cat "$OUT/bench_gemm_w4a4.md"
+  echo "== bench_norm_quantize"
+  $BUILD/bin/bench_norm_quantize >"$OUT/bench_norm_quantize.md" 2>&1 || status=1
+  cat "$OUT/bench_norm_quantize.md"
 fi
 if [ "$what" = attention ]; then
   for t in $BUILD/bin/gpu_test_kv_cache_paged $BUILD/bin/gpu_test_attention; do
@@ -101,7 +104,7 @@ if [ "$what" = all ] || [ "$what" = profile ]; then
       $BUILD/bin/bench_gemm_w4a4 one 4096 4096 4096 2>&1 | grep -E "duration|issue|stalled" | sed 's/^ *//; s/smsp__average_warps_issue_stalled_//'
     echo "== ncu rmsnorm_quantize 4096 x 4096"
     timeout 120 ncu --metrics $m,$st -k regex:act_quant --launch-skip 2 --launch-count 1 \
-      $BUILD/bin/bench_gemm_w4a4 onenorm 4096 4096 2>&1 | grep -E "onenorm|duration|bytes|warps_active|registers|occupancy|issue|stalled" | sed 's/^ *//; s/smsp__average_warps_issue_stalled_//'
+      $BUILD/bin/bench_norm_quantize one 4096 4096 2>&1 | grep -E "one:|duration|bytes|warps_active|registers|occupancy|issue|stalled" | sed 's/^ *//; s/smsp__average_warps_issue_stalled_//'
   } 2>&1 | tee -a "$OUT/ncu.txt"
 fi
 grep -E "IMMA|IGMMA|LDL|STL" "$OUT/sass.txt"

@@ -65,7 +65,8 @@ void compare_group(const float* x, int n, int bits, float clip, float ref_scale,
   }
 }
 
-Counts run_case(Variant v, int64_t M, int K, int keeper, uint64_t seed) {
+// permuted = false: the identity order, passed as a null permutation (the kernels' direct path).
+Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t seed) {
   const int64_t ld = K + (v == Variant::Swiglu ? 0 : 64);  // a row stride wider than K, once
   std::vector<uint16_t> a(size_t(M * ld)), u(size_t(M * ld));
   std::vector<int32_t> perm(static_cast<size_t>(K));
@@ -79,7 +80,7 @@ Counts run_case(Variant v, int64_t M, int K, int keeper, uint64_t seed) {
   }
   std::iota(perm.begin(), perm.end(), 0);
   std::mt19937_64 rng(seed);
-  std::shuffle(perm.begin(), perm.end(), rng);
+  if (permuted) std::shuffle(perm.begin(), perm.end(), rng);
   for (int j = 0; j < K; ++j) w[size_t(j)] = 1.0f + 0.5f * uniform(seed + 2, uint64_t(j));
 
   // Reference values, channel j of the permuted order.
@@ -121,9 +122,9 @@ Counts run_case(Variant v, int64_t M, int K, int keeper, uint64_t seed) {
   NIBBLE_CUDA_CHECK(cudaMemset(out.mut().q, 0xab, size_t(out.shape().code_bytes())));
   NIBBLE_CUDA_CHECK(cudaMemset(out.mut().s, 0xff, size_t(out.shape().scale_count()) * 2));
   switch (v) {
-    case Variant::Norm: rmsnorm_quantize(da, ld, dperm, dw, 1e-5f, out.mut(), aq, nullptr); break;
-    case Variant::Gather: gather_quantize(da, ld, dperm, out.mut(), aq, nullptr); break;
-    case Variant::Swiglu: swiglu_quantize(da, du, ld, dperm, out.mut(), aq, nullptr); break;
+    case Variant::Norm: rmsnorm_quantize(da, ld, permuted ? dperm : nullptr, dw, 1e-5f, out.mut(), aq, nullptr); break;
+    case Variant::Gather: gather_quantize(da, ld, permuted ? dperm : nullptr, out.mut(), aq, nullptr); break;
+    case Variant::Swiglu: swiglu_quantize(da, du, ld, permuted ? dperm : nullptr, out.mut(), aq, nullptr); break;
   }
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   const AtomGpuHost got_gpu = out.download();
@@ -168,23 +169,26 @@ TEST(NormQuantize, MatchesFormat) {
     for (int K : {512, 4096, 11008, 14336}) {
       for (int keeper : {0, 128, 256}) {
         for (int64_t M : {1, 7, 64, 300}) {
-          if (keeper == 256 && K != 4096) continue;
-          const uint64_t seed = testing::fresh_seed();
-          const Counts c = run_case(v, M, K, keeper, seed);
-          const char* name = v == Variant::Norm ? "rmsnorm" : v == Variant::Gather ? "gather" : "swiglu";
-          SCOPED_TRACE(::testing::Message() << "seed " << seed);
-          EXPECT_EQ(c.bad_codes, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
-          EXPECT_EQ(c.bad_scales, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
-          EXPECT_EQ(c.bad_padding, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
-          // Boundary cases must stay rare.
-          EXPECT_LE(c.boundary_codes, c.codes / 1000 + 2) << name << " M=" << M << " K=" << K;
-          EXPECT_LE(c.boundary_scales, c.scales / 100 + 2) << name << " M=" << M << " K=" << K;
-          total.codes += c.codes;
-          total.boundary_codes += c.boundary_codes;
-          total.scales += c.scales;
-          total.boundary_scales += c.boundary_scales;
-          total.bad_codes += c.bad_codes;
-          total.bad_scales += c.bad_scales;
+          for (bool permuted : {true, false}) {
+            if (keeper == 256 && K != 4096) continue;
+            if (!permuted && (M == 7 || K == 14336)) continue;  // the direct path on fewer shapes
+            const uint64_t seed = testing::fresh_seed();
+            const Counts c = run_case(v, M, K, keeper, permuted, seed);
+            const char* name = v == Variant::Norm ? "rmsnorm" : v == Variant::Gather ? "gather" : "swiglu";
+            SCOPED_TRACE(::testing::Message() << "seed " << seed << (permuted ? " permuted" : " identity order"));
+            EXPECT_EQ(c.bad_codes, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
+            EXPECT_EQ(c.bad_scales, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
+            EXPECT_EQ(c.bad_padding, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper;
+            // Boundary cases must stay rare.
+            EXPECT_LE(c.boundary_codes, c.codes / 1000 + 2) << name << " M=" << M << " K=" << K;
+            EXPECT_LE(c.boundary_scales, c.scales / 100 + 2) << name << " M=" << M << " K=" << K;
+            total.codes += c.codes;
+            total.boundary_codes += c.boundary_codes;
+            total.scales += c.scales;
+            total.boundary_scales += c.boundary_scales;
+            total.bad_codes += c.bad_codes;
+            total.bad_scales += c.bad_scales;
+          }
         }
       }
     }

@@ -5,11 +5,17 @@
 // batch alone cannot fill the GPU); its warps take every 4th chunk, each streaming its chunks
 // through a private cp.async ring in shared memory. All query heads of the KV head ride in the M
 // rows of one mma.sync m16n8k16 (GQA: every K/V load serves G <= 16 heads):
-//   S (16 heads x 16 keys) = Q · Kᵀ,  O (16 heads x D) += P · V.
-// INT4 is dequantized in registers. K: the raw codes c enter the MMA (exact in fp16 through the
-// 1024 + c trick) and the score is scale · (q·c - zero · Σq); V: (c - zero) · scale in fp16
-// (= fp16 of format.h's decode) feeds the MMA. Warps combine in shared memory, splits in a
-// second small kernel (log-sum-exp weights).
+//   S (16 heads x 16 keys) = Q · Kᵀ,  O (16 heads x D) += P · V;
+// INT4 with G <= 8 computes the scores as Sᵀ (16 keys x 8 heads) = K · Qᵀ instead (decode_kernel's
+// KT).
+// INT4 codes enter the MMAs raw, as fp16 subnormals: a nibble masked in place in the low byte of
+// an fp16 half is the exact value c · 2^-24 (bits 0-3) or c · 2^-20 (bits 4-7), one AND per pair
+// of codes (a shift per word for its upper byte), no conversion arithmetic; the powers of two
+// come out of the fp32 results exactly. Scales and zeros are per token, so they leave the inner
+// products: K: score = scale · (q·c - zero · Σq); V: O = Σ_k (p_k · scale_k) · c_k - Σ_k (p_k ·
+// scale_k) · zero_k, the scales folded into P (16 multiplies per chunk instead of D·16) and the
+// zero term one more MMA with the zeros as B. Warps combine in shared memory, splits in a second
+// small kernel (log-sum-exp weights).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,6 +32,8 @@ using namespace attn;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarps = 4;
+// Nibbles 0 and 1 of each half of a word: as fp16 bit patterns, code · 2^-24 and code · 2^-20.
+constexpr uint32_t kNib0 = 0x000F000Fu, kNib1 = 0x00F000F0u;
 
 struct DecodeParams {
   const __half* q;
@@ -64,9 +72,24 @@ constexpr int decode_smem_bytes() {
   return pipe > reduce ? pipe : reduce;
 }
 
-// INT4 capped at 128 registers: 4 blocks (16 warps) per SM instead of 3.
-template <int D, bool INT4, bool ROPE_K>
-__global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
+// 8x8 fp16 tile transposed across the warp (the m8n8 fragment: lane 4r + c holds row r, columns
+// 2c and 2c + 1).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// INT4: at most 168 registers, 3 blocks (12 warps) per SM (v2-v6 capped it at 128 for 4 blocks;
+// the zero-term accumulator of the raw-code V products no longer fits there without spilling);
+// KT fits 128 without spilling: 4 blocks (ncu of v7: latency-bound at 12 warps per SM).
+// KT (INT4 K after RoPE, G <= 8): Sᵀ = K · Qᵀ, the 16 keys as the MMA's rows and the G query
+// heads as its 8 columns, so that 8 MMAs (not 16) make a chunk's scores and a lane holds 4 of them
+// (keys g, g + 8 of heads 2t, 2t + 1) instead of 8; P is turned back into rows of heads by two
+// movmatrix transposes for the P·V product, which is the same as without KT.
+template <int D, bool INT4, bool ROPE_K, bool KT = false>
+__global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
+  static_assert(!KT || (INT4 && !ROPE_K));
   constexpr int SB = stage_bytes<D, INT4>();
   constexpr int NS = stages<INT4>();
   constexpr int KR = 2 * D + 16;  // fp16 row stride in bytes (padded: ldmatrix conflict-free)
@@ -90,21 +113,32 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
   const uint8_t* kv_base = block_ptr(c, p.layer, 0, kvh);
   const int64_t page_stride = int64_t(c.kv_heads) * c.block_bytes;
 
-  // Chunk i of this warp (16 keys, contiguous in its block) into ring slot i % NS.
-  auto issue = [&](int i) {
+  // The page holding chunk i of this warp: read from the block table one iteration before its
+  // copy is issued (a table read per chunk stalled the issue by an L2/DRAM round trip).
+  auto page_of = [&](int i) { return i < my_n ? table[((c_begin + warp + i * kWarps) * 16) >> c.page_shift] : 0; };
+  // Chunk i of this warp (16 keys, contiguous in page `page`) into ring slot i % NS.
+  auto issue = [&](int i, int page) {
     if (i >= my_n) return;
     const int key0 = (c_begin + warp + i * kWarps) * 16;
     constexpr int64_t CB = INT4 ? 16 * D + 96 : 64 * D;  // a chunk in global memory (kv_cache_paged.h)
-    const uint8_t* src = kv_base + table[key0 >> c.page_shift] * page_stride + ((key0 & (c.page_size - 1)) >> 4) * CB;
+    const uint8_t* src = kv_base + page * page_stride + ((key0 & (c.page_size - 1)) >> 4) * CB;
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
       constexpr int VRS = v_row_stride<D>(), RU = D / 32;  // RU: 16-byte units per row of codes
+      constexpr int NU = int(CB / 16);
+      // K codes and V codes are 16 RU units each, a multiple of 32: every pass of the warp lies in
+      // one region, known at compile time (no per-unit region arithmetic).
+      static_assert(16 * RU % 32 == 0);
 #pragma unroll
-      for (int u = lane; u < CB / 16; u += 32) {
-        int d = u * 16;  // K codes and the params keep their offsets; V rows get padded
-        if (u >= 16 * RU) d = u < 32 * RU ? 8 * D + ((u - 16 * RU) / RU) * VRS + ((u - 16 * RU) % RU) * 16
-                                          : 8 * D + 16 * VRS + (u - 32 * RU) * 16;
-        cp_async16(dst + d, src + u * 16);
+      for (int it = 0; it < (NU + 31) / 32; ++it) {
+        const int u = lane + 32 * it;
+        if (32 * (it + 1) <= 16 * RU) {  // K codes: same offsets
+          cp_async16(dst + u * 16, src + u * 16);
+        } else if (32 * (it + 1) <= 32 * RU) {  // V codes: rows padded
+          cp_async16(dst + 8 * D + (u / RU - 16) * VRS + (u % RU) * 16, src + u * 16);
+        } else if (u < NU) {  // scales and zeros
+          cp_async16(dst + 8 * D + 16 * VRS + (u - 32 * RU) * 16, src + u * 16);
+        }
       }
     } else {
       constexpr int RU = D / 8;  // 16-byte units per fp16 row; rows 0..15 K, 16..31 V
@@ -117,18 +151,20 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
     }
   };
 
-  // Q fragments (rows = the G heads of this KV head, zero beyond G) and, for the INT4 K path, Σq.
+  // Q fragments (rows = the G heads of this KV head, zero beyond G; KT: a[0], a[2] are the B
+  // fragments of Qᵀ) and, for the INT4 K path, Σq of the lane's two score rows (heads g, g + 8;
+  // KT: its two score columns, heads 2t, 2t + 1).
   const __half* qh = p.q + (int64_t(seq) * p.H + int64_t(kvh) * p.G) * D;
   uint32_t qf[D / 16][4];
-  float sumq_g = 0, sumq_g8 = 0;
+  float sumq0 = 0, sumq1 = 0;
   {
     const bool v_g = g < p.G, v_g8 = g + 8 < p.G;
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
       int d0, d1;  // dims of the a[0] / a[2] pairs
-      if constexpr (K_NIBBLE) {
-        d0 = t * (D / 4) + 8 * (ks / 2) + 4 * (ks % 2);
-        d1 = d0 + 2;
+      if constexpr (K_NIBBLE) {  // k-step 2r + a: nibbles a (dims 2a, 2a+1) and a + 2 of word r
+        d0 = t * (D / 4) + 8 * (ks / 2) + 2 * (ks % 2);
+        d1 = d0 + 4;
       } else {
         d0 = ks * 16 + 2 * t;
         d1 = d0 + 8;
@@ -140,34 +176,57 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
       qf[ks][2] = v_g ? q32g[d1 / 2] : 0u;
       qf[ks][3] = v_g8 ? q32g8[d1 / 2] : 0u;
       if constexpr (K_NIBBLE) {
+        // Odd k-steps meet nibbles 1 and 3, which the MMA reads as c · 2^-20: q / 16 there keeps
+        // every product in units of 2^-24. Exact unless q / 16 falls below fp16's normal range
+        // (|q| < 2^-10), where it rounds to a multiple of 2^-24 (error <= 2^-25 on a tiny term).
+        // Σq sums the q the MMA sees.
+        if (ks % 2) {
+          const __half2 sixteenth = __float2half2_rn(0.0625f);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qf[ks][e] = h2u(__hmul2(u2h(qf[ks][e]), sixteenth));
+        }
+        const float f = ks % 2 ? 16.0f : 1.0f;
         const float2 a = __half22float2(u2h(qf[ks][0])), a2 = __half22float2(u2h(qf[ks][2]));
         const float2 c8 = __half22float2(u2h(qf[ks][1])), c82 = __half22float2(u2h(qf[ks][3]));
-        sumq_g += (a.x + a.y) + (a2.x + a2.y);
-        sumq_g8 += (c8.x + c8.y) + (c82.x + c82.y);
+        sumq0 += f * ((a.x + a.y) + (a2.x + a2.y));
+        sumq1 += f * ((c8.x + c8.y) + (c82.x + c82.y));
       }
     }
     if constexpr (K_NIBBLE) {
 #pragma unroll
       for (int off = 1; off <= 2; off <<= 1) {
-        sumq_g += __shfl_xor_sync(0xffffffffu, sumq_g, off);
-        sumq_g8 += __shfl_xor_sync(0xffffffffu, sumq_g8, off);
+        sumq0 += __shfl_xor_sync(0xffffffffu, sumq0, off);
+        sumq1 += __shfl_xor_sync(0xffffffffu, sumq1, off);
+      }
+      sumq0 *= 0x1p-24f;  // in the units of the raw-code scores
+      sumq1 *= 0x1p-24f;
+      if constexpr (KT) {
+        const float q2t = __shfl_sync(0xffffffffu, sumq0, 8 * t), q2t1 = __shfl_sync(0xffffffffu, sumq0, 8 * t + 4);
+        sumq0 = q2t;
+        sumq1 = q2t1;
       }
     }
   }
 
-  float o[D / 8][4];
+  // INT4: o[D / 8] accumulates Σ_k p_k · scale_k · zero_k (rescaled with the rest).
+  constexpr int NO = D / 8 + (INT4 ? 1 : 0);
+  float o[NO][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
-  float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
+  for (int i = 0; i < NO; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
+  // Softmax state of the lane's two score rows (KT: columns): running max (log2 domain) and sum.
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
+  const float score_scale = p.scale_log2 * (K_NIBBLE ? 0x1p24f : 1.0f);  // raw-code scores: units of 2^-24
 
 #pragma unroll
   for (int i = 0; i < NS - 1; ++i) {
-    issue(i);
+    issue(i, page_of(i));
     cp_async_commit();
   }
+  int next_page = page_of(NS - 1);
 
   for (int i = 0; i < my_n; ++i) {
-    issue(i + NS - 1);
+    issue(i + NS - 1, next_page);
+    next_page = page_of(i + NS);
     cp_async_commit();
     cp_async_wait<NS - 1>();
     __syncwarp();
@@ -226,99 +285,181 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
       __syncwarp();
     }
 
-    // ---- S = Q · Kᵀ ----
-    float s[2][4];
+    // P · diag(V scales) as the fp16 A fragments of the P·V product (rows = heads g, g + 8; k =
+    // keys 2t, 2t + 1 in a[0], a[1] and 2t + 8, 2t + 9 in a[2], a[3]).
+    uint32_t pa[4];
+    if constexpr (KT) {
+      // ---- Sᵀ = K · Qᵀ: rows keys g, g + 8; columns heads 2t, 2t + 1 ----
+      uint32_t w[2][D / 32];  // keys g, g + 8: the same words as the B fragments of the S path
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
-      if constexpr (K_NIBBLE) {
-        uint32_t w[D / 32];
+      for (int j = 0; j < 2; ++j) {
         const uint8_t* krow = st + (8 * j + g) * (D / 2) + t * (D / 8);
         if constexpr (D == 128) {
           const uint4 v = *reinterpret_cast<const uint4*>(krow);
-          w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+          w[j][0] = v.x, w[j][1] = v.y, w[j][2] = v.z, w[j][3] = v.w;
         } else {
           const uint2 v = *reinterpret_cast<const uint2*>(krow);
-          w[0] = v.x, w[1] = v.y;
+          w[j][0] = v.x, w[j][1] = v.y;
         }
-        const __half2 k1024 = __float2half2_rn(1024.0f);
+      }
+      float sa[4] = {0, 0, 0, 0}, sb[4] = {0, 0, 0, 0};  // nibbles 0/2 and 1/3: two MMA chains
 #pragma unroll
-        for (int r = 0; r < D / 32; ++r)
+      for (int r = 0; r < D / 32; ++r) {
+        const uint32_t g8 = w[0][r] >> 8, h8 = w[1][r] >> 8;
+        const uint32_t ka[4] = {w[0][r] & kNib0, w[1][r] & kNib0, g8 & kNib0, h8 & kNib0};
+        const uint32_t kb[4] = {w[0][r] & kNib1, w[1][r] & kNib1, g8 & kNib1, h8 & kNib1};
+        mma16816(sa, ka, qf[2 * r][0], qf[2 * r][2]);
+        mma16816(sb, kb, qf[2 * r + 1][0], qf[2 * r + 1][2]);
+      }
+      // Scores in the log2 domain: element e is key g + 8 (e / 2) of head 2t + e % 2.
+      const __half* ksc = reinterpret_cast<const __half*>(prm);
+      const float sck[2] = {score_scale * __half2float(ksc[g]), score_scale * __half2float(ksc[g + 8])};
+      const float zk[2] = {float(prm[64 + g]), float(prm[64 + g + 8])};
+      const bool ok[2] = {g < nvalid, g + 8 < nvalid};
+      float sc[4];
 #pragma unroll
-          for (int a = 0; a < 2; ++a)
-            mma16816(s[j], qf[2 * r + a], h2u(__hsub2(u2h(nibble_pair_1024(w[r], 2 * a)), k1024)),
-                     h2u(__hsub2(u2h(nibble_pair_1024(w[r], 2 * a + 1)), k1024)));
+      for (int e = 0; e < 4; ++e)
+        sc[e] = ok[e / 2] ? (sa[e] + sb[e] - zk[e / 2] * (e % 2 ? sumq1 : sumq0)) * sck[e / 2] : -INFINITY;
+      // Online softmax per head: maxima over the 16 keys (lanes of the same t), one step.
+      const float2 al = softmax_new_max<4, 16>(fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3]), m0, m1);
+      sc[0] = fast_exp2(sc[0] - m0);
+      sc[1] = fast_exp2(sc[1] - m1);
+      sc[2] = fast_exp2(sc[2] - m0);
+      sc[3] = fast_exp2(sc[3] - m1);
+      l0 = l0 * al.x + (sc[0] + sc[2]);  // this lane's keys only: summed over the lanes at the end
+      l1 = l1 * al.y + (sc[1] + sc[3]);
+      if (__any_sync(0xffffffffu, al.x != 1.0f || al.y != 1.0f)) {
+        // The output rows are heads g: their factor lives in lane g / 2 (head 2t + g % 2).
+        const float a0 = __shfl_sync(0xffffffffu, al.x, g >> 1), a1 = __shfl_sync(0xffffffffu, al.y, g >> 1);
+        const float al = g & 1 ? a1 : a0;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {
+          o[n][0] *= al;
+          o[n][1] *= al;
+        }
+      }
+      // P · diag(V scales) (scale 0 past the end keeps the slot's stale scales out), transposed
+      // into rows of heads; heads g + 8 do not exist (G <= 8).
+      const __half* vsc = reinterpret_cast<const __half*>(prm + 32);
+      const float sv0 = ok[0] ? __half2float(vsc[g]) : 0.f, sv1 = ok[1] ? __half2float(vsc[g + 8]) : 0.f;
+      pa[0] = transpose8x8(pack_half2(sc[0] * sv0, sc[1] * sv0));
+      pa[1] = 0;
+      pa[2] = transpose8x8(pack_half2(sc[2] * sv1, sc[3] * sv1));
+      pa[3] = 0;
+    } else {
+      // ---- S = Q · Kᵀ ----
+      float s[2][4];
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+        if constexpr (K_NIBBLE) {
+          uint32_t w[D / 32];
+          const uint8_t* krow = st + (8 * j + g) * (D / 2) + t * (D / 8);
+          if constexpr (D == 128) {
+            const uint4 v = *reinterpret_cast<const uint4*>(krow);
+            w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+          } else {
+            const uint2 v = *reinterpret_cast<const uint2*>(krow);
+            w[0] = v.x, w[1] = v.y;
+          }
+          // Nibbles 0 and 2 of each half (c · 2^-24) against q, 1 and 3 (c · 2^-20) against q / 16:
+          // s = Σ q·c in units of 2^-24.
+#pragma unroll
+          for (int r = 0; r < D / 32; ++r) {
+            const uint32_t w8 = w[r] >> 8;
+            mma16816(s[j], qf[2 * r], w[r] & kNib0, w8 & kNib0);
+            mma16816(s[j], qf[2 * r + 1], w[r] & kNib1, w8 & kNib1);
+          }
+        } else {
+          const uint8_t* kt = ROPE_K ? krot : st;
+#pragma unroll
+          for (int ks = 0; ks < D / 16; ks += 2) {
+            uint32_t r[4];
+            ldmatrix_x4(r, kt + (8 * j + (lane % 8)) * KR + (ks * 16 + (lane / 8) * 8) * 2);
+            mma16816(s[j], qf[ks], r[0], r[1]);
+            mma16816(s[j], qf[ks + 1], r[2], r[3]);
+          }
+        }
+      }
+      // Scores in the log2 domain, masked past the end.
+      float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int k0 = 8 * j + 2 * t;  // this thread's keys k0, k0 + 1
+        float sc0 = score_scale, sc1 = score_scale, zq0 = 0, zq1 = 0, zq80 = 0, zq81 = 0;
+        if constexpr (K_NIBBLE) {
+          const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(prm + 2 * k0));
+          const uint16_t kz = *reinterpret_cast<const uint16_t*>(prm + 64 + k0);
+          sc0 *= ksc.x;
+          sc1 *= ksc.y;
+          zq0 = float(kz & 0xff) * sumq0;
+          zq1 = float(kz >> 8) * sumq0;
+          zq80 = float(kz & 0xff) * sumq1;
+          zq81 = float(kz >> 8) * sumq1;
+        }
+        s[j][0] = k0 < nvalid ? (s[j][0] - zq0) * sc0 : -INFINITY;
+        s[j][1] = k0 + 1 < nvalid ? (s[j][1] - zq1) * sc1 : -INFINITY;
+        s[j][2] = k0 < nvalid ? (s[j][2] - zq80) * sc0 : -INFINITY;
+        s[j][3] = k0 + 1 < nvalid ? (s[j][3] - zq81) * sc1 : -INFINITY;
+        mx0 = fmaxf(mx0, fmaxf(s[j][0], s[j][1]));
+        mx1 = fmaxf(mx1, fmaxf(s[j][2], s[j][3]));
+      }
+      online_softmax_step(s, o, mx0, mx1, m0, m1, l0, l1);
+      if constexpr (INT4) {
+        // Scale 0 past the end keeps garbage (the slot's stale scales) out.
+        float2 sv01 = __half22float2(*reinterpret_cast<const __half2*>(prm + 32 + 4 * t));
+        float2 sv23 = __half22float2(*reinterpret_cast<const __half2*>(prm + 32 + 4 * t + 16));
+        if (nvalid < 16) {
+          sv01 = make_float2(2 * t < nvalid ? sv01.x : 0.f, 2 * t + 1 < nvalid ? sv01.y : 0.f);
+          sv23 = make_float2(2 * t + 8 < nvalid ? sv23.x : 0.f, 2 * t + 9 < nvalid ? sv23.y : 0.f);
+        }
+        pa[0] = pack_half2(s[0][0] * sv01.x, s[0][1] * sv01.y);
+        pa[1] = pack_half2(s[0][2] * sv01.x, s[0][3] * sv01.y);
+        pa[2] = pack_half2(s[1][0] * sv23.x, s[1][1] * sv23.y);
+        pa[3] = pack_half2(s[1][2] * sv23.x, s[1][3] * sv23.y);
       } else {
-        const uint8_t* kt = ROPE_K ? krot : st;
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ks += 2) {
-          uint32_t r[4];
-          ldmatrix_x4(r, kt + (8 * j + (lane % 8)) * KR + (ks * 16 + (lane / 8) * 8) * 2);
-          mma16816(s[j], qf[ks], r[0], r[1]);
-          mma16816(s[j], qf[ks + 1], r[2], r[3]);
-        }
+        pa[0] = pack_half2(s[0][0], s[0][1]);
+        pa[1] = pack_half2(s[0][2], s[0][3]);
+        pa[2] = pack_half2(s[1][0], s[1][1]);
+        pa[3] = pack_half2(s[1][2], s[1][3]);
       }
     }
-    // Scores in the log2 domain, masked past the end.
-    float mx_g = -INFINITY, mx_g8 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int k0 = 8 * j + 2 * t;  // this thread's keys k0, k0 + 1
-      float sc0 = p.scale_log2, sc1 = p.scale_log2, zq0 = 0, zq1 = 0, zq80 = 0, zq81 = 0;
-      if constexpr (K_NIBBLE) {
-        const float2 ksc = __half22float2(*reinterpret_cast<const __half2*>(prm + 2 * k0));
-        const uint16_t kz = *reinterpret_cast<const uint16_t*>(prm + 64 + k0);
-        sc0 *= ksc.x;
-        sc1 *= ksc.y;
-        zq0 = float(kz & 0xff) * sumq_g;
-        zq1 = float(kz >> 8) * sumq_g;
-        zq80 = float(kz & 0xff) * sumq_g8;
-        zq81 = float(kz >> 8) * sumq_g8;
-      }
-      s[j][0] = k0 < nvalid ? (s[j][0] - zq0) * sc0 : -INFINITY;
-      s[j][1] = k0 + 1 < nvalid ? (s[j][1] - zq1) * sc1 : -INFINITY;
-      s[j][2] = k0 < nvalid ? (s[j][2] - zq80) * sc0 : -INFINITY;
-      s[j][3] = k0 + 1 < nvalid ? (s[j][3] - zq81) * sc1 : -INFINITY;
-      mx_g = fmaxf(mx_g, fmaxf(s[j][0], s[j][1]));
-      mx_g8 = fmaxf(mx_g8, fmaxf(s[j][2], s[j][3]));
-    }
-    online_softmax_step(s, o, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
-    const uint32_t pa[4] = {pack_half2(s[0][0], s[0][1]), pack_half2(s[0][2], s[0][3]), pack_half2(s[1][0], s[1][1]),
-                            pack_half2(s[1][2], s[1][3])};
-
     // ---- O += P · V ----
     if constexpr (INT4) {
-      // Keys 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1); scale 0 past the end keeps garbage out.
       constexpr int VRS = v_row_stride<D>();
       const uint8_t* vc = st + 8 * D;
-      __half2 ss01 = *reinterpret_cast<const __half2*>(prm + 32 + 4 * t);
-      __half2 ss23 = *reinterpret_cast<const __half2*>(prm + 32 + 4 * t + 16);
+      // The zeros of keys (2t, 2t+1) and (2t+8, 2t+9) as fp16 subnormal pairs (z · 2^-24): one PRMT.
       const uint32_t z01 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t);
       const uint32_t z23 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8);
-      if (nvalid < 16) {
-        const __half zero = __float2half_rn(0.0f);
-        ss01 = __halves2half2(2 * t < nvalid ? __low2half(ss01) : zero, 2 * t + 1 < nvalid ? __high2half(ss01) : zero);
-        ss23 = __halves2half2(2 * t + 8 < nvalid ? __low2half(ss23) : zero,
-                              2 * t + 9 < nvalid ? __high2half(ss23) : zero);
+      mma16816(o[D / 8], pa, __byte_perm(z01, 0u, 0x4140), __byte_perm(z23, 0u, 0x4140));
+#pragma unroll
+      // Words g·D/64 + r (r < D/64) of the code rows of keys 2t, 2t+1, 2t+8, 2t+9: one 8-byte (D =
+      // 128) or 4-byte load per row.
+      uint32_t xw[4][D / 64];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint8_t* row = vc + (2 * t + (q & 1) + 8 * (q >> 1)) * VRS + g * (D / 16);
+        if constexpr (D == 128) {
+          const uint2 v = *reinterpret_cast<const uint2*>(row);
+          xw[q][0] = v.x, xw[q][1] = v.y;
+        } else {
+          xw[q][0] = *reinterpret_cast<const uint32_t*>(row);
+        }
       }
-      // (1024 + z0, 1024 + z1) in fp16 is the bit pattern 0x64zz for each (z < 16): one PRMT.
-      const __half2 zz01 = u2h(__byte_perm(z01, 0x64u, 0x4140));
-      const __half2 zz23 = u2h(__byte_perm(z23, 0x64u, 0x4140));
 #pragma unroll
       for (int r = 0; r < D / 64; ++r) {
-        const int wi = g * (D / 64) + r;
-        const uint32_t x0 = reinterpret_cast<const uint32_t*>(vc + (2 * t) * VRS)[wi];
-        const uint32_t x1 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 1) * VRS)[wi];
-        const uint32_t x2 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 8) * VRS)[wi];
-        const uint32_t x3 = reinterpret_cast<const uint32_t*>(vc + (2 * t + 9) * VRS)[wi];
-        const uint32_t lo01 = __byte_perm(x0, x1, 0x5410), hi01 = __byte_perm(x0, x1, 0x7632);
-        const uint32_t lo23 = __byte_perm(x2, x3, 0x5410), hi23 = __byte_perm(x2, x3, 0x7632);
+        const uint32_t x0 = xw[0][r], x1 = xw[1][r], x2 = xw[2][r], x3 = xw[3][r];
+        // Two keys' nibbles side by side: nibble k of the low (high) pair is dim 2k (2k + 1) of
+        // word g·D/64 + r, for keys 2t and 2t+1 (2t+8, 2t+9). Nibbles 0, 1 in place, 2, 3 after >> 8.
+        const uint32_t v01[2] = {__byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632)};
+        const uint32_t v23[2] = {__byte_perm(x2, x3, 0x5410), __byte_perm(x2, x3, 0x7632)};
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          mma16816(o[r * 8 + 2 * k], pa, h2u(dequant_pair(lo01, k, zz01, ss01)),
-                   h2u(dequant_pair(lo23, k, zz23, ss23)));
-          mma16816(o[r * 8 + 2 * k + 1], pa, h2u(dequant_pair(hi01, k, zz01, ss01)),
-                   h2u(dequant_pair(hi23, k, zz23, ss23)));
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t v01s = v01[h] >> 8, v23s = v23[h] >> 8;
+          mma16816(o[r * 8 + h], pa, v01[h] & kNib0, v23[h] & kNib0);          // dim 0 + h, · 2^-24
+          mma16816(o[r * 8 + 2 + h], pa, v01[h] & kNib1, v23[h] & kNib1);      // dim 2 + h, · 2^-20
+          mma16816(o[r * 8 + 4 + h], pa, v01s & kNib0, v23s & kNib0);          // dim 4 + h, · 2^-24
+          mma16816(o[r * 8 + 6 + h], pa, v01s & kNib1, v23s & kNib1);          // dim 6 + h, · 2^-20
         }
       }
     } else {
@@ -335,11 +476,22 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
     __syncwarp();  // the ring slot is refilled next iteration
   }
   cp_async_wait<0>();
-
+  if constexpr (INT4) {  // O = raw-code sums · 2^24 (n-tiles 8r + 2, 3, 6, 7: · 2^20) - the zero term
 #pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    l_g += __shfl_xor_sync(0xffffffffu, l_g, off);
-    l_g8 += __shfl_xor_sync(0xffffffffu, l_g8, off);
+    for (int n = 0; n < D / 8; ++n) {
+      const float f = (n & 2) ? 0x1p20f : 0x1p24f;
+      o[n][0] = (o[n][0] * f - o[D / 8][0] * 0x1p24f);
+      o[n][1] = (o[n][1] * f - o[D / 8][1] * 0x1p24f);
+      o[n][2] = (o[n][2] * f - o[D / 8][2] * 0x1p24f);
+      o[n][3] = (o[n][3] * f - o[D / 8][3] * 0x1p24f);
+    }
+  }
+
+  // The sums over the lanes holding a row's (KT: column's) other keys.
+#pragma unroll
+  for (int off = KT ? 4 : 1; off <= (KT ? 16 : 2); off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
   }
 
   // ---- Combine the 4 warps in shared memory ----
@@ -348,11 +500,12 @@ __global__ void __launch_bounds__(128, INT4 && !ROPE_K ? 4 : 1) decode_kernel(KV
   float* red_l = red_m + kWarps * 16;             // [4][16]
   float* red_o = red_l + kWarps * 16;             // [4][16][D]
   const int G = p.G;
-  if (t == 0) {
-    red_m[warp * 16 + g] = m_g;
-    red_l[warp * 16 + g] = l_g;
-    red_m[warp * 16 + g + 8] = m_g8;
-    red_l[warp * 16 + g + 8] = l_g8;
+  if (KT ? g == 0 : t == 0) {
+    const int h0 = KT ? 2 * t : g, h1 = KT ? 2 * t + 1 : g + 8;
+    red_m[warp * 16 + h0] = m0;
+    red_l[warp * 16 + h0] = l0;
+    red_m[warp * 16 + h1] = m1;
+    red_l[warp * 16 + h1] = l1;
   }
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) {
@@ -421,6 +574,9 @@ int blocks_per_sm() {
     constexpr int smem = decode_smem_bytes<D, INT4, ROPE_K>();
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    if constexpr (INT4 && !ROPE_K)  // the KT variant plans with this occupancy (it has more: 4 blocks)
+      NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K, true>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int n = 0;
     NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, INT4, ROPE_K>, 128, smem));
     return std::max(n, 1);
@@ -472,7 +628,15 @@ void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p
     p.ws_o = w;
     p.ws_lse = w + slots * D;
   }
-  decode_kernel<D, INT4, ROPE_K><<<dim3(p.splits, c.kv_heads, b.batch), 128, smem, stream>>>(c, b, p);
+  const dim3 grid(p.splits, c.kv_heads, b.batch);
+  bool launched = false;
+  if constexpr (INT4 && !ROPE_K) {
+    if (p.G <= 8) {
+      decode_kernel<D, INT4, ROPE_K, true><<<grid, 128, smem, stream>>>(c, b, p);
+      launched = true;
+    }
+  }
+  if (!launched) decode_kernel<D, INT4, ROPE_K><<<grid, 128, smem, stream>>>(c, b, p);
   NIBBLE_CUDA_CHECK_LAUNCH();
   if (p.splits > 1) {
     combine_kernel<D><<<b.batch * p.H, D, 0, stream>>>(p);

@@ -77,6 +77,23 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// The running maxima m0, m1 of two softmax rows move to include a step's maxima mx0, mx1 (each
+// lane's own, reduced here over the lanes lane ^ FIRST .. lane ^ LAST that share the row); returns
+// the rescale factors 2^(old - new) of the rows' sums and outputs.
+template <int FIRST, int LAST>
+__device__ __forceinline__ float2 softmax_new_max(float mx0, float mx1, float& m0, float& m1) {
+#pragma unroll
+  for (int off = FIRST; off <= LAST; off <<= 1) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+  }
+  const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+  const float2 al = make_float2(fast_exp2(m0 - mn0), fast_exp2(m1 - mn1));
+  m0 = mn0;
+  m1 = mn1;
+  return al;
+}
+
 // One online-softmax step for the two query rows a lane holds in m16n8 accumulator fragments
 // (elements 0, 1: row g; 2, 3: row g + 8; the 4 lanes of a quad share the rows). s: NJ fragments
 // of scores in the log2 domain, masked keys at -inf, turned into exp2(s - new row max); mx_g,
@@ -85,33 +102,25 @@ __device__ __forceinline__ float fast_exp2(float x) {
 template <int NJ, int NO>
 __device__ __forceinline__ void online_softmax_step(float (&s)[NJ][4], float (&o)[NO][4], float mx_g, float mx_g8,
                                                     float& m_g, float& m_g8, float& l_g, float& l_g8) {
-#pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    mx_g = fmaxf(mx_g, __shfl_xor_sync(0xffffffffu, mx_g, off));
-    mx_g8 = fmaxf(mx_g8, __shfl_xor_sync(0xffffffffu, mx_g8, off));
-  }
-  const float mn_g = fmaxf(m_g, mx_g), mn_g8 = fmaxf(m_g8, mx_g8);
-  const float al_g = fast_exp2(m_g - mn_g), al_g8 = fast_exp2(m_g8 - mn_g8);
-  m_g = mn_g;
-  m_g8 = mn_g8;
-  l_g *= al_g;
-  l_g8 *= al_g8;
+  const float2 al = softmax_new_max<1, 2>(mx_g, mx_g8, m_g, m_g8);
+  l_g *= al.x;
+  l_g8 *= al.y;
 #pragma unroll
   for (int j = 0; j < NJ; ++j) {
-    s[j][0] = fast_exp2(s[j][0] - mn_g);
-    s[j][1] = fast_exp2(s[j][1] - mn_g);
-    s[j][2] = fast_exp2(s[j][2] - mn_g8);
-    s[j][3] = fast_exp2(s[j][3] - mn_g8);
+    s[j][0] = fast_exp2(s[j][0] - m_g);
+    s[j][1] = fast_exp2(s[j][1] - m_g);
+    s[j][2] = fast_exp2(s[j][2] - m_g8);
+    s[j][3] = fast_exp2(s[j][3] - m_g8);
     l_g += s[j][0] + s[j][1];
     l_g8 += s[j][2] + s[j][3];
   }
-  if (__any_sync(0xffffffffu, al_g != 1.0f || al_g8 != 1.0f)) {  // skipped while no row max moves
+  if (__any_sync(0xffffffffu, al.x != 1.0f || al.y != 1.0f)) {  // skipped while no row max moves
 #pragma unroll
     for (int i = 0; i < NO; ++i) {
-      o[i][0] *= al_g;
-      o[i][1] *= al_g;
-      o[i][2] *= al_g8;
-      o[i][3] *= al_g8;
+      o[i][0] *= al.x;
+      o[i][1] *= al.x;
+      o[i][2] *= al.y;
+      o[i][3] *= al.y;
     }
   }
 }

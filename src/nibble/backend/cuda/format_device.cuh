@@ -29,37 +29,26 @@ __device__ __forceinline__ int8_t int_sym_code_device(float x, float scale, int 
   return int8_t(quant::int_sym_encode(x, scale, bits));
 }
 
-// quant::int_sym_encode, as an int, with round_half_even done by adding and subtracting 1.5 * 2^23
-// (two full-rate fp32 adds; round_half_even's float<->int conversions run at a quarter of the rate
-// and bounded norm_quantize v1). Same result for every input:
-//   |y| < 2^22: y + 1.5*2^23 lies in [2^23, 2^24), where the spacing is 1, so the add rounds y to
-//               the nearest integer, ties to even, and the subtraction is exact;
-//   |y| >= 2^22 and ±inf: the result is still beyond ±qmax and clamps like format.h's;
-//   NaN: both clamps compare false, so it lands on -qmax - 1 as in format.h.
-// The int comes out of the mantissa of q + 1.5*2^23 (q is an integer in [-128, 127]).
-__device__ __forceinline__ int int_sym_code_fast(float x, float scale, int bits) {
-  if (scale == 0) return 0;
-  const float qmax = float((1 << (bits - 1)) - 1);
-  float q = __fsub_rn(__fadd_rn(x / scale, 12582912.0f), 12582912.0f);
-  q = q > qmax ? qmax : q;
-  q = q >= -qmax - 1 ? q : -qmax - 1;
-  return __float_as_int(__fadd_rn(q, 12582912.0f)) - 0x4B400000;
-}
+// The bias of int_sym_biased_rcp's results: code c is the float kIntSymBias + c.
+inline constexpr float kIntSymBias = 12582912.0f;  // 1.5·2^23
 
-// int_sym_code_fast with x / scale computed from a per-group reciprocal rcp = 1 / scale (IEEE,
-// once per group) and one Newton step on the exact FMA residual (Markstein): q0 = x·rcp,
-// e = x - q0·scale (exact), y = q0 + e·rcp is the correctly rounded x / scale barring over- and
-// underflow, where the clamps and the zero code make the results agree anyway. Three instructions
-// instead of the IEEE division's ~10 (norm_quantize v4 issued at 80% of peak, instruction-bound).
-__device__ __forceinline__ int int_sym_code_rcp(float x, float scale, float rcp, int bits) {
-  if (scale == 0) return 0;
-  const float qmax = float((1 << (bits - 1)) - 1);
+// quant::int_sym_encode(x, scale, bits) for scale != 0 (a zero scale encodes everything as 0: the
+// caller's branch, once per group) as the bits of the float 1.5·2^23 + code, whose low byte is the
+// code in two's complement (its low nibble the INT4 one), so a kernel packs codes with byte
+// permutes. qmax = 2^(bits-1) - 1; rcp = 1 / scale (IEEE, once per group).
+//   Division: q0 = x·rcp, e = x - q0·scale (exact, FMA), y = q0 + e·rcp is the correctly rounded
+//     x / scale barring over- and underflow (Markstein), where the clamps and the zero code make the
+//     results agree anyway: three instructions instead of the IEEE division's ~10.
+//   Rounding: |y| < 2^22: y + 1.5·2^23 lies in [2^23, 2^24), where the spacing is 1, so the add
+//     rounds y to the nearest integer, ties to even, exactly (round_half_even's float<->int
+//     conversions run at a quarter of the rate); |y| >= 2^22 and ±inf land beyond ±qmax and clamp
+//     like format.h's.
+//   Clamp: fmaxf first turns NaN into the low end, where format.h's comparisons put it.
+__device__ __forceinline__ int int_sym_biased_rcp(float x, float scale, float rcp, int qmax) {
   const float q0 = __fmul_rn(x, rcp);
   const float y = __fmaf_rn(__fmaf_rn(-q0, scale, x), rcp, q0);
-  float q = __fsub_rn(__fadd_rn(y, 12582912.0f), 12582912.0f);
-  q = q > qmax ? qmax : q;
-  q = q >= -qmax - 1 ? q : -qmax - 1;
-  return __float_as_int(__fadd_rn(q, 12582912.0f)) - 0x4B400000;
+  const float b = fminf(fmaxf(__fadd_rn(y, kIntSymBias), kIntSymBias - float(qmax + 1)), kIntSymBias + float(qmax));
+  return __float_as_int(b);
 }
 
 }  // namespace nibble::cuda

@@ -8,8 +8,9 @@
 namespace nibble::cuda {
 
 // One butterfly stage between this lane and lane ^ mask: the lower lane keeps a + b, the upper a - b.
-__device__ __forceinline__ float butterfly_across(float x, int lane, int mask) {
-  const float other = __shfl_xor_sync(0xffffffffu, x, mask);
+// `members`: the lanes taking part (all of them call it).
+__device__ __forceinline__ float butterfly_across(float x, int lane, int mask, unsigned members = 0xffffffffu) {
+  const float other = __shfl_xor_sync(members, x, mask);
   return (lane & mask) ? other - x : x + other;
 }
 
@@ -35,24 +36,26 @@ __device__ __forceinline__ void hadamard_strided(float (&x)[E], int lane) {
   for (int e = 0; e < E; ++e) x[e] *= norm;
 }
 
-// A group of 128 values, value i of lane l being element 4l + i (the quantize kernels' layout).
-__device__ __forceinline__ void hadamard_blocked4(float (&x)[4], int lane) {
+// A group of 128 values held by 128 / E consecutive lanes (`members`), value i of lane l being
+// element E·(l % (128 / E)) + i (the quantize kernels' layout).
+template <int E>
+__device__ __forceinline__ void hadamard_blocked(float (&x)[E], int lane, unsigned members) {
 #pragma unroll
-  for (int h = 1; h < 4; h *= 2)
+  for (int h = 1; h < E; h *= 2)
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < E; ++i)
       if (!(i & h)) {
         const float a = x[i], b = x[i + h];
         x[i] = a + b;
         x[i + h] = a - b;
       }
 #pragma unroll
-  for (int mask = 1; mask < 32; mask *= 2)
+  for (int mask = 1; mask < 128 / E; mask *= 2)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = butterfly_across(x[i], lane, mask);
+    for (int i = 0; i < E; ++i) x[i] = butterfly_across(x[i], lane, mask, members);
   const float norm = rsqrtf(128.0f);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) x[i] *= norm;
+  for (int i = 0; i < E; ++i) x[i] *= norm;
 }
 
 }  // namespace nibble::cuda

@@ -26,12 +26,14 @@ struct ActParams {
   AtomShape shape;
 };
 
-constexpr int kThreads = 256, kWarps = kThreads / 32;
 constexpr int kMaxSmem = 200 * 1024;
+constexpr int kUnit = 8;  // channels per lane and 16-byte load; a group of 128 is 16 lanes
 
-__device__ __forceinline__ float warp_max(float v) {
+// Max over the 16 lanes of a half warp (one group; `half` = its lanes: the two halves of a warp
+// may be on different paths).
+__device__ __forceinline__ float half_warp_max(float v, unsigned half) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(half, v, o));
   return v;
 }
 __device__ __forceinline__ float warp_sum(float v) {
@@ -40,131 +42,183 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+__device__ __forceinline__ void unpack8(const uint4& r, float (&v)[8]) {
+  const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 f = __half22float2(h[e]);
+    v[2 * e] = f.x;
+    v[2 * e + 1] = f.y;
+  }
+}
+
+// The codes of a group's values with its scale (format.h's rule, int_sym_biased_rcp's form).
+template <int QMAX>
+__device__ __forceinline__ void encode8(const float (&v)[8], float scale, int (&b)[8]) {
+  if (scale == 0) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) b[i] = __float_as_int(kIntSymBias);
+    return;
+  }
+  const float rcp = __frcp_rn(scale);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, QMAX);
+}
+
+// The low bytes of four ints, in order, as one word.
+__device__ __forceinline__ uint32_t low_bytes(int b0, int b1, int b2, int b3) {
+  return __byte_perm(__byte_perm(b0, b1, 0x0040), __byte_perm(b2, b3, 0x0040), 0x5410);
+}
+
+// Output channels [c0, c0 + 8) of the row, this lane's unit, through the permutation and the
+// mode's formula: from the rows a and (swiglu) u staged in shared memory (sa, su) where the
+// kernel staged them (the norm, a permutation), else from global memory (ga, gu).
 template <int MODE>
-__global__ void __launch_bounds__(kThreads) act_quant_kernel(ActParams p) {
-  extern __shared__ float vals[];  // the row's K values, input channel order
-  __shared__ float red[kWarps];
+__device__ __forceinline__ void unit_values(const ActParams& p, const __half* sa, const __half* su, const __half* ga,
+                                            const __half* gu, int c0, float inv, float (&v)[8]) {
+  if (p.perm) {
+    const int4 p0 = __ldg(reinterpret_cast<const int4*>(p.perm + c0));
+    const int4 p1 = __ldg(reinterpret_cast<const int4*>(p.perm + c0 + 4));
+    const int src[8] = {p0.x, p0.y, p0.z, p0.w, p1.x, p1.y, p1.z, p1.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = __half2float(sa[src[i]]);
+    if constexpr (MODE == kSwiglu) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = v[i] / (1.0f + expf(-v[i])) * __half2float(su[src[i]]);
+    }
+  } else if constexpr (MODE == kNorm) {
+    unpack8(*reinterpret_cast<const uint4*>(sa + c0), v);
+  } else {
+    unpack8(__ldg(reinterpret_cast<const uint4*>(ga + c0)), v);
+    if constexpr (MODE == kSwiglu) {
+      float w[8];
+      unpack8(__ldg(reinterpret_cast<const uint4*>(gu + c0)), w);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = v[i] / (1.0f + expf(-v[i])) * w[i];
+    }
+  }
+  if constexpr (MODE == kNorm) {
+    const float4 w0 = __ldg(reinterpret_cast<const float4*>(p.norm_w + c0));
+    const float4 w1 = __ldg(reinterpret_cast<const float4*>(p.norm_w + c0 + 4));
+    const float w[8] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = w[i] * (v[i] * inv);  // as cpu::rms_norm
+  }
+}
+
+// Blocks of one row, each taking a share of its groups: each half warp quantizes whole groups,
+// eight channels per lane, with half-warp reductions only; the keeper groups go to one half warp
+// (they share a scale). Where the row is needed whole (the norm's sum of squares, a permutation's
+// gather) one block covers it and stages the raw row in shared memory with 16-byte loads first;
+// otherwise each lane reads its 16 bytes in place.
+template <int MODE>
+__global__ void __launch_bounds__(1024, 1) act_quant_kernel(ActParams p) {
+  extern __shared__ __align__(16) __half row_smem[];  // a's row, then (swiglu) u's row
+  __shared__ float red[32];
   const AtomShape& sh = p.shape;
   const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, lane = tid % 32, nwarps = blockDim.x / 32;
   const int slabs = sh.slabs();
   uint8_t* q_tile = p.out_q + size_t(row / kRowTile) * slabs * kSlabBytes + (row % kRowTile) * 64;
 
   if (row >= sh.rows) {  // padding row: code 0, scale 0 (written by the row's first block)
     if (blockIdx.y != 0) return;
-    for (int c = tid; c < slabs * 4; c += kThreads)
+    for (int c = tid; c < slabs * 4; c += blockDim.x)
       *reinterpret_cast<uint4*>(q_tile + size_t(c / 4) * kSlabBytes + (c % 4) * 16) = make_uint4(0, 0, 0, 0);
-    for (int gi = tid; gi < sh.groups(); gi += kThreads) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(0.f);
+    for (int gi = tid; gi < sh.groups(); gi += blockDim.x) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(0.f);
     return;
   }
 
-  // 1. The row into shared memory as fp32 (sum of squares on the way for the norm).
-  const int K = sh.K;
+  // 1. Stage the row (all loads issued before the stores), the sum of squares on the way.
+  const int K = sh.K, units = K / kUnit;
+  const __half* ga = p.a + row * p.ld;
+  const __half* gu = MODE == kSwiglu ? p.u + row * p.ld : nullptr;
+  const __half* sa = row_smem;
+  const __half* su = row_smem + K;
   float ss = 0;
-  const __half* a = p.a + row * p.ld;
-  for (int c = tid; c < K / 8; c += kThreads) {
-    const uint4 va = *reinterpret_cast<const uint4*>(a + c * 8);
-    const __half2* ha = reinterpret_cast<const __half2*>(&va);
-    float v[8];
+  if (MODE == kNorm || p.perm) {
+    const __half* a = ga;
+    const __half* u = gu;
+#pragma unroll 4
+    for (int c = tid; c < units; c += blockDim.x) {
+      const uint4 va = __ldg(reinterpret_cast<const uint4*>(a + c * kUnit));
+      *reinterpret_cast<uint4*>(row_smem + c * kUnit) = va;
+      if constexpr (MODE == kSwiglu)
+        *reinterpret_cast<uint4*>(row_smem + K + c * kUnit) = __ldg(reinterpret_cast<const uint4*>(u + c * kUnit));
+      if constexpr (MODE == kNorm) {
+        float v[8];
+        unpack8(va, v);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      v[2 * e] = __low2float(ha[e]);
-      v[2 * e + 1] = __high2float(ha[e]);
-    }
-    if constexpr (MODE == kSwiglu) {
-      const uint4 vu = *reinterpret_cast<const uint4*>(p.u + row * p.ld + c * 8);
-      const __half2* hu = reinterpret_cast<const __half2*>(&vu);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float g0 = v[2 * e], g1 = v[2 * e + 1];
-        v[2 * e] = g0 / (1.0f + expf(-g0)) * __low2float(hu[e]);
-        v[2 * e + 1] = g1 / (1.0f + expf(-g1)) * __high2float(hu[e]);
+        for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
       }
     }
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      vals[c * 8 + e] = v[e];
-      if constexpr (MODE == kNorm) ss += v[e] * v[e];
-    }
   }
-  float inv = 1.0f;
   if constexpr (MODE == kNorm) {
     ss = warp_sum(ss);
-    if (lane == 0) red[warp] = ss;
-    __syncthreads();
-    float tot = 0;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) tot += red[w];
-    inv = 1.0f / sqrtf(tot / float(K) + p.eps);  // as cpu::rms_norm
+    if (lane == 0) red[tid / 32] = ss;
   }
   __syncthreads();
-
-  // The value of output (permuted) channel j.
-  const auto value = [&](int j) {
-    float v = vals[p.perm ? p.perm[j] : j];
-    if constexpr (MODE == kNorm) v = p.norm_w[j] * (v * inv);
-    return v;
-  };
-
-  // 2. INT4 groups: one warp per group of 128, four channels per lane; the row's groups are shared
-  // among its gridDim.y blocks.
-  const int s_k = lane / 8, h = (lane / 4) & 1, t = lane & 3;
-  for (int gi = blockIdx.y * kWarps + warp; gi < sh.g4; gi += gridDim.y * kWarps) {
-    const int j0 = gi * kGroup + lane * 4;
-    // Four channels per lane: one 16-byte load of the permutation and one of the norm weight.
-    int src[4] = {j0, j0 + 1, j0 + 2, j0 + 3};
-    if (p.perm) {
-      const int4 pv = __ldg(reinterpret_cast<const int4*>(p.perm + j0));
-      src[0] = pv.x, src[1] = pv.y, src[2] = pv.z, src[3] = pv.w;
-    }
-    float v[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = vals[src[i]];
-    if constexpr (MODE == kNorm) {
-      const float4 wv = __ldg(reinterpret_cast<const float4*>(p.norm_w + j0));
-      v[0] = wv.x * (v[0] * inv), v[1] = wv.y * (v[1] * inv), v[2] = wv.z * (v[2] * inv), v[3] = wv.w * (v[3] * inv);
-    }
-    if (p.q.hadamard) hadamard_blocked4(v, lane);
-    float amax = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    amax = warp_max(amax);
-    const float scale = int_sym_scale_device(p.q.clip4, amax, 7);
-    const float rcp = scale == 0 ? 0.f : 1.0f / scale;
-    uint32_t mine = 0;
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      mine |= uint32_t(uint8_t(int_sym_code_rcp(v[i], scale, rcp, 4)) & 0xf) << (8 * i + (h ? 0 : 4));
-    const uint32_t w = mine | __shfl_xor_sync(0xffffffffu, mine, 4);
-    if (h == 0) *reinterpret_cast<uint32_t*>(q_tile + size_t(gi) * kSlabBytes + t * 16 + s_k * 4) = w;
-    if (lane == 0) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(scale);
+  float inv = 1.0f;
+  if constexpr (MODE == kNorm) {
+    float tot = 0;
+    for (int w = 0; w < nwarps; ++w) tot += red[w];
+    inv = 1.0f / sqrtf(tot / float(K) + p.eps);  // as cpu::rms_norm
   }
 
-  // 3. Keepers (by the row's last block): one scale over all of them (block reduction), then one
-  // warp per group of 128.
-  if (sh.g8 > 0 && blockIdx.y == gridDim.y - 1) {
-    const int k4 = K - sh.keeper;
-    float amax = 0;
-    for (int j = k4 + tid; j < K; j += kThreads) amax = fmaxf(amax, fabsf(value(j)));
-    amax = warp_max(amax);
-    __syncthreads();  // red[] reuse
-    if (lane == 0) red[warp] = amax;
-    __syncthreads();
-    amax = 0;
+  // 2. Work units: the INT4 groups, then (if any) all keeper groups as one unit.
+  const int l = lane % 16;
+  const unsigned half = 0xffffu << (lane & 16);
+  const int n_half = 2 * nwarps * gridDim.y;
+  const int units_q = sh.g4 + (sh.g8 > 0 ? 1 : 0);
+  for (int wu = blockIdx.y * 2 * nwarps + tid / 16; wu < units_q; wu += n_half) {
+    if (wu < sh.g4) {
+      // INT4 group wu. Lane l holds channels 8l..8l+7 of the group: k-step s = l / 4, the high
+      // nibbles (l % 4 < 2) or the low ones of words t = 2 (l % 2) and t + 1 (atom_layout.h).
+      float v[8];
+      unit_values<MODE>(p, sa, su, ga, gu, wu * kGroup + l * kUnit, inv, v);
+      if (p.q.hadamard) hadamard_blocked<8>(v, l, half);
+      float amax = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) amax = fmaxf(amax, red[w]);
-    const float scale = int_sym_scale_device(p.q.clip8, amax, 127);
-    for (int c = warp; c < sh.g8; c += kWarps) {
-      const int half = lane / 16, kk = 4 * (lane % 16);
-      const int ks = kk / 32, hh = (kk / 16) & 1, tt = (kk / 4) & 3;
-      const int j0 = k4 + c * kGroup + lane * 4;
-      uint32_t wd = 0;
+      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+      amax = half_warp_max(amax, half);
+      const float scale = int_sym_scale_device(p.q.clip4, amax, 7);
+      int b[8];
+      encode8<7>(v, scale, b);
+      const bool low = l & 2;
+      const int sh4 = low ? 0 : 4;
+      const uint32_t w0 = (low_bytes(b[0], b[1], b[2], b[3]) & 0x0f0f0f0fu) << sh4;  // word t
+      const uint32_t w1 = (low_bytes(b[4], b[5], b[6], b[7]) & 0x0f0f0f0fu) << sh4;  // word t + 1
+      // The high-nibble lane keeps word t and the low one word t + 1; each sends the other half.
+      const uint32_t word = (low ? w1 : w0) | __shfl_xor_sync(half, low ? w0 : w1, 2);
+      const int t = 2 * (l % 2) + (low ? 1 : 0);
+      *reinterpret_cast<uint32_t*>(q_tile + size_t(wu) * kSlabBytes + t * 16 + (l / 4) * 4) = word;
+      if (l == 0) p.out_s[size_t(wu) * sh.rows_pad + row] = __float2half_rn(scale);
+    } else {
+      // The keepers: one scale over all of them (values recomputed in the second pass), INT8.
+      // Lane l holds channels 8l..8l+7 of keeper group c: half l / 8 of it, word j =
+      // 2 ((l % 8) / 4) + (l % 4) / 2 of tiles t = 2 (l % 2) and t + 1.
+      const int k4 = K - sh.keeper;
+      float amax = 0;
+      for (int c = 0; c < sh.g8; ++c) {
+        float v[8];
+        unit_values<MODE>(p, sa, su, ga, gu, k4 + c * kGroup + l * kUnit, inv, v);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) wd |= uint32_t(uint8_t(int_sym_code_fast(value(j0 + i), scale, 8))) << (8 * i);
-      *reinterpret_cast<uint32_t*>(q_tile + size_t(sh.g4 + 2 * c + half) * kSlabBytes + tt * 16 + (2 * ks + hh) * 4) =
-          wd;
+        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
+      }
+      amax = half_warp_max(amax, half);
+      const float scale = int_sym_scale_device(p.q.clip8, amax, 127);
+      const int j = 2 * ((l % 8) / 4) + (l % 4) / 2, t = 2 * (l % 2);
+      for (int c = 0; c < sh.g8; ++c) {
+        float v[8];
+        unit_values<MODE>(p, sa, su, ga, gu, k4 + c * kGroup + l * kUnit, inv, v);
+        int b[8];
+        encode8<127>(v, scale, b);
+        uint8_t* slab = q_tile + size_t(sh.g4 + 2 * c + l / 8) * kSlabBytes + j * 4;
+        *reinterpret_cast<uint32_t*>(slab + t * 16) = low_bytes(b[0], b[1], b[2], b[3]);
+        *reinterpret_cast<uint32_t*>(slab + (t + 1) * 16) = low_bytes(b[4], b[5], b[6], b[7]);
+        if (l == 0) p.out_s[size_t(sh.g4 + c) * sh.rows_pad + row] = __float2half_rn(scale);
+      }
     }
-    for (int c = tid; c < sh.g8; c += kThreads) p.out_s[size_t(sh.g4 + c) * sh.rows_pad + row] = __float2half_rn(scale);
   }
 }
 
@@ -176,19 +230,30 @@ void launch(const ActParams& p, cudaStream_t stream) {
   }();
   (void)configured;
   const std::string where = "norm_quantize";
-  require(size_t(p.shape.K) * 4 <= size_t(kMaxSmem), where, "K = {} is too large", p.shape.K);
+  const bool staged = MODE == kNorm || p.perm;
+  const size_t smem = staged ? size_t(p.shape.K) * 2 * (MODE == kSwiglu ? 2 : 1) : 0;
+  require(smem <= size_t(kMaxSmem), where, "K = {} is too large", p.shape.K);
   require(p.ld % 8 == 0 && p.ld >= p.shape.K, where, "row stride {} must be a multiple of 8 and >= K", p.ld);
   if (p.shape.rows_pad == 0) return;
-  // A few rows (decode) leave most SMs idle with a block per row, and a block's time is then the
-  // kernel's: split each row's groups over blocks (each loads the whole row, from L2) until about
-  // two blocks per SM are in flight.
-  int sms = 0, dev = 0;
-  NIBBLE_CUDA_CHECK(cudaGetDevice(&dev));
-  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t by_groups = (p.shape.g4 + kWarps - 1) / kWarps;
+  // Staged: a block per row, a warp per 1024 channels, so that each lane stages at most four
+  // 16-byte units and quantizes at most four groups. Otherwise blocks of 4 warps, at most four
+  // groups per half warp. A few rows (decode) leave most SMs idle: split each row's groups over
+  // more blocks (each stages the whole row, from L2) until about two blocks per SM are in flight,
+  // keeping at least one group per half warp.
+  static const int sms = [] {
+    int dev = 0, n = 0;
+    NIBBLE_CUDA_CHECK(cudaGetDevice(&dev));
+    NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+  }();
+  const int nwarps = staged ? std::min(32, (p.shape.K + 1023) / 1024) : 4;
+  const int64_t units_q = p.shape.g4 + (p.shape.g8 > 0 ? 1 : 0);
+  const int64_t by_units = (units_q + 2 * nwarps - 1) / (2 * nwarps);
+  const int64_t least = staged ? 1 : (by_units + 3) / 4;
   const int64_t by_gpu = (2 * int64_t(sms) + p.shape.rows_pad - 1) / p.shape.rows_pad;
-  const dim3 grid(unsigned(p.shape.rows_pad), unsigned(std::clamp<int64_t>(std::min(by_groups, by_gpu), 1, 65535)));
-  act_quant_kernel<MODE><<<grid, kThreads, size_t(p.shape.K) * 4, stream>>>(p);
+  const int64_t splits = std::min(by_units, std::max(least, by_gpu));
+  const dim3 grid(unsigned(p.shape.rows_pad), unsigned(std::clamp<int64_t>(splits, 1, 65535)));
+  act_quant_kernel<MODE><<<grid, 32 * nwarps, smem, stream>>>(p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

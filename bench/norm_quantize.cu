@@ -1,0 +1,143 @@
+// bench_norm_quantize: the activation-side kernels of gemm_w4a4 (rmsnorm_quantize,
+// gather_quantize, swiglu_quantize; keeper 128) on the Llama-2-7B and -70B widths, against the
+// device's copy bandwidth measured in the same run. Bytes = fp16 input(s) read + packed operand
+// written. Two times per case: launches on a stream (CUDA events around batches, median, inputs
+// rotated past L2; bench_cuda.cuh) and the same launches replayed from a CUDA graph, as the
+// executor's captured decode step runs them (launch cost hidden; what is left is the kernel).
+// `bench_norm_quantize one M K`: five launches of rmsnorm_quantize alone, for ncu.
+#include <cuda_fp16.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "nibble/backend/cuda/atom_layout.h"
+#include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/norm_quantize.h"
+#include "bench/bench_cuda.cuh"
+
+using namespace nibble::cuda;
+using namespace nibble::bench;
+
+namespace {
+
+constexpr int kKeeper = 128;
+
+enum class Kernel { Norm, Gather, Swiglu };
+
+const char* kernel_name(Kernel k) {
+  return k == Kernel::Norm ? "rmsnorm_quantize" : k == Kernel::Gather ? "gather_quantize" : "swiglu_quantize";
+}
+
+
+// Inputs and outputs of one case, `rots` copies; the permutation (a bijection: gcd(7919, K) = 1)
+// and norm weight are shared, as in the model. swiglu runs without a permutation, as the executor
+// calls it (gate/up rows carry the order).
+struct Case {
+  Kernel kernel;
+  int64_t M;
+  int K;
+  int rots = 1;
+  std::vector<__half*> a, u;
+  std::vector<AtomDeviceMatrix> out;
+  int32_t* perm = nullptr;
+  float* w = nullptr;
+
+  Case(Kernel k, int64_t m, int kk) : kernel(k), M(m), K(kk) {
+    const AtomShape sh = atom_shape(M, K, kKeeper);
+    rots = rotations(in_bytes() + size_t(sh.code_bytes()));
+    for (int r = 0; r < rots; ++r) {
+      a.push_back(dalloc<__half>(size_t(M * K)));
+      u.push_back(dalloc<__half>(kernel == Kernel::Swiglu ? size_t(M * K) : 1));
+      fill_half<<<1024, 256>>>(a.back(), size_t(M * K), 3.0f, 110 + r);
+      if (kernel == Kernel::Swiglu) fill_half<<<1024, 256>>>(u.back(), size_t(M * K), 3.0f, 120 + r);
+      out.emplace_back(sh);
+    }
+    std::vector<int32_t> hp(static_cast<size_t>(K));
+    for (int j = 0; j < K; ++j) hp[size_t(j)] = int32_t((int64_t(j) * 7919) % K);
+    perm = dalloc<int32_t>(size_t(K));
+    NIBBLE_CUDA_CHECK(cudaMemcpy(perm, hp.data(), hp.size() * 4, cudaMemcpyHostToDevice));
+    w = dalloc<float>(size_t(K));
+    fill_float<<<64, 256>>>(w, size_t(K), 1.0f);
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  ~Case() {
+    for (auto p : a) cudaFree(p);
+    for (auto p : u) cudaFree(p);
+    cudaFree(perm);
+    cudaFree(w);
+  }
+  size_t in_bytes() const { return size_t(M * K * 2) * (kernel == Kernel::Swiglu ? 2 : 1); }
+  double bytes() const { return double(in_bytes()) + double(atom_shape(M, K, kKeeper).packed_bytes()); }
+
+  void launch(int r, cudaStream_t s) {
+    const ActQuant q{};
+    switch (kernel) {
+      case Kernel::Norm: rmsnorm_quantize(a[size_t(r)], K, perm, w, 1e-5f, out[size_t(r)].mut(), q, s); break;
+      case Kernel::Gather: gather_quantize(a[size_t(r)], K, perm, out[size_t(r)].mut(), q, s); break;
+      case Kernel::Swiglu: swiglu_quantize(a[size_t(r)], u[size_t(r)], K, nullptr, out[size_t(r)].mut(), q, s); break;
+    }
+  }
+};
+
+// Milliseconds per launch when `per_graph` launches (rotating inputs) are replayed from one graph.
+double graph_ms(Case& c) {
+  constexpr int per_graph = 32;
+  cudaStream_t s;
+  NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < per_graph; ++i) c.launch(i % c.rots, s);
+  NIBBLE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+  cudaGraphExec_t exec;
+  NIBBLE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  const double ms = time_ms([&](int) { NIBBLE_CUDA_CHECK(cudaGraphLaunch(exec, nullptr)); }, 1) / per_graph;
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(s);
+  return ms;
+}
+
+int run_one(int64_t M, int K) {
+  Case c(Kernel::Norm, M, K);
+  for (int i = 0; i < 5; ++i) c.launch(0, nullptr);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  std::printf("one: M=%lld K=%d bytes in+out %.0f\n", (long long)M, K, c.bytes());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc == 4 && std::string(argv[1]) == "one") return run_one(std::atoll(argv[2]), std::atoi(argv[3]));
+  cudaDeviceProp prop{};
+  NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  g_l2 = size_t(prop.l2CacheSize);
+  std::printf("device: %s, %d SMs, L2 %zu MB\n", prop.name, prop.multiProcessorCount, g_l2 >> 20);
+  const double copy_gbs = copy_bandwidth();
+  std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
+
+  struct Shape {
+    const char* model;
+    Kernel kernel;
+    int K;
+  };
+  const Shape shapes[] = {{"7B", Kernel::Norm, 4096},   {"7B", Kernel::Gather, 4096},  {"7B", Kernel::Swiglu, 11008},
+                          {"70B", Kernel::Norm, 8192},  {"70B", Kernel::Gather, 8192}, {"70B", Kernel::Swiglu, 28672}};
+  std::printf("| model | kernel | M | K | µs | GB/s | %% copy BW | µs in a graph | GB/s | %% copy BW |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const Shape& sh : shapes) {
+    for (int64_t M : {1, 16, 256, 4096}) {
+      Case c(sh.kernel, M, sh.K);
+      const double ms = time_ms([&](int r) { c.launch(r, nullptr); }, c.rots);
+      const double gms = graph_ms(c);
+      const double gbs = c.bytes() / (ms * 1e-3) / 1e9, ggbs = c.bytes() / (gms * 1e-3) / 1e9;
+      std::printf("| %s | %s | %lld | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% |\n", sh.model,
+                  kernel_name(sh.kernel), (long long)M, sh.K, ms * 1e3, gbs, 100.0 * gbs / copy_gbs, gms * 1e3, ggbs,
+                  100.0 * ggbs / copy_gbs);
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
