@@ -139,7 +139,7 @@ struct Streamed {
   std::string text, finish;
   json usage;
 };
-Streamed join_stream(const std::vector<std::string>& events, bool chat) {
+Streamed join_stream(const std::vector<std::string>& events, bool chat, size_t choice = 0) {
   Streamed s;
   EXPECT_GE(events.size(), 2u);
   if (events.empty()) return s;
@@ -148,7 +148,8 @@ Streamed join_stream(const std::vector<std::string>& events, bool chat) {
     const json chunk = json::parse(events[i]);
     EXPECT_EQ(chunk["object"], chat ? "chat.completion.chunk" : "text_completion");
     if (chunk.contains("usage") && !chunk["usage"].is_null()) s.usage = chunk["usage"];
-    if (chunk["choices"].empty()) continue;
+    if (chunk["choices"].empty() || chunk["choices"][0]["index"] != choice) continue;
+    EXPECT_EQ(chunk["choices"].size(), 1u);
     const json& c = chunk["choices"][0];
     EXPECT_TRUE(s.finish.empty()) << "a chunk after the finish: " << events[i];
     if (c["finish_reason"].is_string()) s.finish = c["finish_reason"];
@@ -222,6 +223,116 @@ TEST(Serve, ChatStreamedAndNotEqualsTheEngineOnTheTemplatesPrompt) {
   const Streamed got = join_stream(events, true);
   EXPECT_EQ(got.text, want.text);
   EXPECT_EQ(got.finish, finish_reason_name(want.finish));
+}
+
+// n choices per prompt, prompts as a list of strings and of token ids: choice p*n + i is prompt
+// p's answer sampled with seed + (p*n + i), each the engine's answer to that request alone.
+TEST(Serve, NChoicesAndPromptListsEachEqualTheirOwnRequest) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  const Tokenizer& tok = stories().tok;
+  const std::vector<int32_t> ids = tok.encode("The big red ball", true);
+  const std::vector<std::vector<int32_t>> prompts = {tok.encode("Once upon a time", true), tok.encode("Tom said", true), ids};
+  constexpr int kN = 3, kSeed = 77, kMax = 12;
+  std::vector<Direct> want;
+  for (size_t p = 0; p < prompts.size(); ++p)
+    for (int i = 0; i < kN; ++i) {
+      Request r;
+      r.prompt = prompts[p];
+      r.stop.max_tokens = kMax;
+      r.sampling = {.temperature = 0.8f, .seed = uint64_t(kSeed) + p * kN + uint64_t(i)};
+      want.push_back(direct(r));
+    }
+  EXPECT_NE(want[0].text, want[1].text) << "the choices of one prompt should differ (seed + i)";
+  const json body = {{"prompt", json::array({json("Once upon a time"), json("Tom said")})},
+                     {"n", kN}, {"max_tokens", kMax}, {"temperature", 0.8}, {"seed", kSeed}};
+  // The two string prompts in one request, the token ids in another (whose choices start at seed + 0).
+  json by_ids = body;
+  by_ids["prompt"] = ids;
+  by_ids["seed"] = kSeed + 2 * kN;
+  auto res = s.post("/v1/completions", body);
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  const json answer = json::parse(res->body);
+  ASSERT_EQ(answer["choices"].size(), size_t(2 * kN)) << answer;
+  int64_t completion = 0;
+  for (size_t c = 0; c < 2 * kN; ++c) {
+    EXPECT_EQ(answer["choices"][c]["index"], c);
+    EXPECT_EQ(answer["choices"][c]["text"], want[c].text) << "choice " << c;
+    completion += want[c].tokens;
+  }
+  EXPECT_EQ(answer["usage"]["prompt_tokens"], prompts[0].size() + prompts[1].size());  // each prompt once
+  EXPECT_EQ(answer["usage"]["completion_tokens"], completion);
+  res = s.post("/v1/completions", by_ids);
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  for (size_t c = 0; c < kN; ++c)
+    EXPECT_EQ(json::parse(res->body)["choices"][c]["text"], want[2 * kN + c].text) << "token-id choice " << c;
+  // Streamed: each choice's chunks carry its index and join to the same text.
+  json streamed = body;
+  streamed["stream"] = true;
+  streamed["stream_options"] = {{"include_usage", true}};
+  const auto events = s.stream("/v1/completions", streamed);
+  for (size_t c = 0; c < 2 * kN; ++c) {
+    const Streamed got = join_stream(events, false, c);
+    EXPECT_EQ(got.text, want[c].text) << "streamed choice " << c;
+    EXPECT_EQ(got.finish, finish_reason_name(want[c].finish));
+    EXPECT_EQ(got.usage, answer["usage"]);
+  }
+  // Chat's n choices.
+  res = s.post("/v1/chat/completions", {{"messages", json::array({json{{"role", "user"}, {"content", "Hi"}}})},
+                                        {"n", 2}, {"max_tokens", 5}, {"temperature", 0}});
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  const json chat = json::parse(res->body);
+  ASSERT_EQ(chat["choices"].size(), 2u);
+  EXPECT_EQ(chat["choices"][0]["message"], chat["choices"][1]["message"]);  // greedy: alike
+  EXPECT_EQ(s.metric("nibble_kv_pages_used"), 0);
+}
+
+// echo with logprobs: the prompt's tokens come first, the first without a logprob, each other
+// with its own and its top alternatives; then the answer's, as without echo.
+TEST(Serve, EchoWithLogprobsScoresThePrompt) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  const std::string prompt = "Once upon a time, there was a cat";
+  const std::vector<int32_t> ids = stories().tok.encode(prompt, true);
+  const json plain = {{"prompt", prompt}, {"max_tokens", 6}, {"temperature", 0}, {"logprobs", 2}};
+  json echo = plain;
+  echo["echo"] = true;
+  auto a = s.post("/v1/completions", plain), b = s.post("/v1/completions", echo);
+  ASSERT_TRUE(a && a->status == 200 && b && b->status == 200) << (b ? b->body : "");
+  const json without = json::parse(a->body)["choices"][0], with = json::parse(b->body)["choices"][0];
+  EXPECT_EQ(with["text"], prompt + without["text"].get<std::string>());
+  const json& lp = with["logprobs"];
+  const size_t p = ids.size();
+  ASSERT_EQ(lp["tokens"].size(), p + 6) << lp;
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+  EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+  for (size_t i = 0; i < p; ++i) {
+    int32_t id = ids[i];
+    EXPECT_EQ(lp["tokens"][i], stories().tok.decode(std::span(&id, 1))) << i;
+    if (i == 0) continue;
+    const float got = lp["token_logprobs"][i];
+    EXPECT_LT(got, 0.0f) << i;
+    ASSERT_EQ(lp["top_logprobs"][i].size(), 2u) << i;
+    float best = -1e30f;
+    for (const auto& [t, v] : lp["top_logprobs"][i].items()) best = std::max(best, v.get<float>());
+    EXPECT_LE(got, best) << i;
+  }
+  // Prompt offsets grow through the echoed prompt; the answer's start at its end.
+  for (size_t i = 1; i < p; ++i) EXPECT_GE(lp["text_offset"][i], lp["text_offset"][i - 1]);
+  EXPECT_LT(lp["text_offset"][p - 1].get<size_t>(), prompt.size());
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(lp["tokens"][p + i], without["logprobs"]["tokens"][i]) << i;
+    EXPECT_FLOAT_EQ(lp["token_logprobs"][p + i].get<float>(), without["logprobs"]["token_logprobs"][i].get<float>()) << i;
+    EXPECT_EQ(lp["text_offset"][p + i].get<size_t>(), prompt.size() + without["logprobs"]["text_offset"][i].get<size_t>());
+  }
+  // Streamed: the echo chunk carries the prompt's logprobs.
+  echo["stream"] = true;
+  const auto events = s.stream("/v1/completions", echo);
+  ASSERT_GE(events.size(), 2u);
+  const json first = json::parse(events[0])["choices"][0];
+  EXPECT_EQ(first["text"], prompt);
+  EXPECT_EQ(first["logprobs"]["token_logprobs"], json(std::vector<json>(lp["token_logprobs"].begin(), lp["token_logprobs"].begin() + ptrdiff_t(p))));
+  EXPECT_EQ(join_stream(events, false).text, with["text"]);
 }
 
 // Completions' logprobs: one entry per generated token, the sampled token among the top n;
@@ -350,7 +461,38 @@ TEST(Serve, ErrorsHaveOpenAIsShapeAndStatus) {
   expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"temperature", "hot"}}), 400, "temperature");
   expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"stop", json::array({1})}}), 400, "stop");
   expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 600}}), 400);  // past the 512 context
-  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"n", 2}}), 400, "n");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"n", 0}}), 400, "n");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"n", 129}}), 400, "n");
+  expect_error(s.post("/v1/completions", {{"prompt", json::array({"a", "b"})}, {"n", 100}}), 400);  // 200 choices
+  expect_error(s.post("/v1/completions", {{"prompt", json::array()}}), 400, "prompt");
+  expect_error(s.post("/v1/completions", {{"prompt", json::array({1.5})}}), 400, "prompt");
+  expect_error(s.post("/v1/completions", {{"prompt", json::array({1, "a"})}}), 400, "prompt");
+  expect_error(s.post("/v1/completions", {{"prompt", json::array({100000})}}), 400);  // outside the vocabulary
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"logprobs", 21}}), 400, "logprobs");
+  // Parameters nibble does not use: a wrong type is a 400, a value that changes the answer too.
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"user", 5}}), 400, "user");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"suffix", 3}}), 400, "suffix");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"best_of", "2"}}), 400, "best_of");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"best_of", 2}}), 400, "best_of");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"logit_bias", json::array()}}), 400, "logit_bias");
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"logit_bias", {{"5", 10}}}}), 400, "logit_bias");
+  const json hi = json::array({json{{"role", "user"}, {"content", "Hi"}}});
+  expect_error(s.post("/v1/chat/completions", {{"messages", hi}, {"response_format", "json"}}), 400, "response_format");
+  expect_error(s.post("/v1/chat/completions", {{"messages", hi}, {"response_format", {{"type", "json_object"}}}}), 400,
+               "response_format");
+  expect_error(s.post("/v1/chat/completions", {{"messages", hi}, {"tools", {{"type", "function"}}}}), 400, "tools");
+  expect_error(s.post("/v1/chat/completions", {{"messages", hi}, {"store", "yes"}}), 400, "store");
+  expect_error(s.post("/v1/chat/completions", {{"messages", hi}, {"top_logprobs", 30}, {"logprobs", true}}), 400,
+               "top_logprobs");
+  // ... and with the right type and no effect, accepted.
+  EXPECT_EQ(s.post("/v1/chat/completions", {{"messages", hi},
+                                            {"max_tokens", 2},
+                                            {"user", "u1"},
+                                            {"logit_bias", json::object()},
+                                            {"response_format", {{"type", "text"}}},
+                                            {"some_future_field", {1, 2}}})
+                ->status,
+            200);
   expect_error(s.post("/v1/chat/completions", {{"messages", json::array()}}), 400, "messages");
   expect_error(s.post("/v1/chat/completions", {{"messages", json::array({json{{"role", "robot"}, {"content", "x"}}})}}), 400);
   expect_error(s.post("/v1/completions", {{"model", "gpt-9"}, {"prompt", "Hi"}}), 404, "model");
