@@ -67,8 +67,8 @@ struct Served {
   Server server;
   int port;
   std::thread listener;
-  explicit Served(ServerOptions opt)
-      : exec(*stories().model, {}),
+  explicit Served(ServerOptions opt, RuntimeOptions runtime = {})
+      : exec(*stories().model, runtime),
         engine(exec, &stories().tok, {.prefix_caching = false}),  // so pages go back to 0 when idle
         server(engine, stories().tok, with_defaults(std::move(opt))),
         port(server.bind("127.0.0.1", 0)),
@@ -124,6 +124,21 @@ struct Served {
     const size_t at = res->body.find("\n" + name + " ");
     EXPECT_NE(at, std::string::npos) << name;
     return at == std::string::npos ? -1 : std::stoll(res->body.substr(at + name.size() + 2));
+  }
+  // Waits (bounded) until `done`; false when it never was.
+  template <class F>
+  static bool wait_until(F done, int seconds = 20) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+    while (!done()) {
+      if (std::chrono::steady_clock::now() > deadline) return false;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return true;
+  }
+  // Holds the engine as soon as a request has its first token (so it is mid-generation) or was aborted.
+  std::unique_lock<std::mutex> hold_once_running() {
+    EXPECT_TRUE(wait_until([&] { return server.metrics().running > 0 || server.metrics().aborted > 0; }));
+    return server.hold_engine();
   }
 };
 
@@ -284,7 +299,8 @@ TEST(Serve, NChoicesAndPromptListsEachEqualTheirOwnRequest) {
   const json chat = json::parse(res->body);
   ASSERT_EQ(chat["choices"].size(), 2u);
   EXPECT_EQ(chat["choices"][0]["message"], chat["choices"][1]["message"]);  // greedy: alike
-  EXPECT_EQ(s.metric("nibble_kv_pages_used"), 0);
+  // The engine thread counts pages after the step that answered.
+  EXPECT_TRUE(Served::wait_until([&] { return s.server.metrics().kv_pages_used == 0; }));
 }
 
 // echo with logprobs: the prompt's tokens come first, the first without a logprob, each other
@@ -431,7 +447,7 @@ TEST(Serve, SixtyFourConcurrentStreamsEachEqualTheirSerialAnswer) {
   for (auto& t : clients) t.join();
   for (int i = 0; i < kClients; ++i) EXPECT_EQ(got[size_t(i)], want[size_t(i)]) << "client " << i;
   EXPECT_EQ(s.metric("nibble_requests_finished_total"), kClients);
-  EXPECT_EQ(s.metric("nibble_kv_pages_used"), 0);
+  EXPECT_TRUE(Served::wait_until([&] { return s.server.metrics().kv_pages_used == 0; }));
 }
 
 void expect_error(const httplib::Result& res, int status, const std::string& param = "") {
@@ -575,11 +591,129 @@ TEST(Serve, AClientLeavingMidStreamAbortsItsRequestAndFreesItsPages) {
   EXPECT_EQ(s.metric("nibble_requests_aborted_total"), 1);
   EXPECT_EQ(s.metric("nibble_requests_finished_total"), 0);
   EXPECT_LT(s.metric("nibble_generated_tokens_total"), kMaxTokens);
-  EXPECT_EQ(s.metric("nibble_kv_pages_used"), 0);
+  EXPECT_TRUE(Served::wait_until([&] { return s.server.metrics().kv_pages_used == 0; }));
   // The server still answers.
   auto ok = s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 3}, {"temperature", 0}});
   ASSERT_TRUE(ok);
   EXPECT_EQ(ok->status, 200);
+}
+
+// /metrics: the TTFT, TPOT and latency histograms count each engine request; the token counters
+// add up; an unbounded CPU pool reports no free pages, a bounded one its own.
+TEST(Serve, MetricsHaveLatencyHistogramsAndTokenCounts) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  const std::string prompt = "Once upon a time";
+  auto res = s.post("/v1/completions", {{"prompt", prompt}, {"max_tokens", 10}, {"temperature", 0}, {"n", 3}});
+  ASSERT_TRUE(res && res->status == 200);
+  auto text = s.client().Get("/metrics")->body;
+  auto line = [&](const std::string& prefix) {
+    const size_t at = text.find("\n" + prefix);
+    EXPECT_NE(at, std::string::npos) << prefix << "\n" << text;
+    return at == std::string::npos ? -1.0 : std::stod(text.substr(text.find(' ', at + prefix.size()) + 1));
+  };
+  for (const char* h : {"nibble_time_to_first_token_seconds", "nibble_time_per_output_token_seconds",
+                        "nibble_request_latency_seconds"}) {
+    SCOPED_TRACE(h);
+    EXPECT_NE(text.find(fmt::format("# TYPE {} histogram", h)), std::string::npos);
+    EXPECT_EQ(line(fmt::format("{}_count", h)), 3);  // one per choice
+    EXPECT_EQ(line(fmt::format("{}_bucket{{le=\"+Inf\"}}", h)), 3);
+    EXPECT_GT(line(fmt::format("{}_sum", h)), 0);
+  }
+  EXPECT_EQ(s.server.metrics().ttft.count(), 3);
+  EXPECT_EQ(s.metric("nibble_generated_tokens_total"), 30);
+  EXPECT_EQ(s.metric("nibble_prompt_tokens_total"), int64_t(3 * stories().tok.encode(prompt, true).size()));
+  EXPECT_EQ(text.find("nibble_kv_pages_free"), std::string::npos) << "an unbounded pool has no free pages to count";
+  RuntimeOptions bounded;
+  bounded.kv_pages = 40;
+  Served b(keyed(), bounded);
+  EXPECT_EQ(b.metric("nibble_kv_pages_free"), 40);
+}
+
+// drain() (SIGTERM): a request mid-generation runs to its end and is answered in full; new ones
+// get 503 meanwhile and /health says so; then the server stops.
+TEST(Serve, DrainFinishesRunningRequestsAndRefusesNewOnes) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  const std::string prompt = "Once upon a time";
+  const Direct want = direct_completion(prompt, 200);
+  std::vector<std::string> events;
+  std::thread client([&] {
+    events = s.stream("/v1/completions", {{"prompt", prompt}, {"max_tokens", 200}, {"temperature", 0}, {"stream", true}});
+  });
+  auto hold = s.hold_once_running();
+  std::thread drainer([&] { s.server.drain(); });
+  ASSERT_TRUE(Served::wait_until([&] { return s.client().Get("/health")->status == 503; }));
+  expect_error(s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 3}}), 503);
+  hold.unlock();
+  client.join();
+  drainer.join();  // returns once the stream was answered
+  const Streamed got = join_stream(events, false);
+  EXPECT_EQ(got.text, want.text);
+  EXPECT_EQ(got.finish, finish_reason_name(want.finish));
+  EXPECT_EQ(s.server.metrics().aborted, 0);
+  EXPECT_FALSE(s.client().Get("/health")) << "the server still listens after the drain";
+}
+
+// A non-streamed request whose client leaves is aborted, all its choices, and frees its pages.
+TEST(Serve, ANonStreamedClientLeavingAbortsItsRequest) {
+  REQUIRE_STORIES();
+  Served s(keyed());
+  constexpr int kN = 16, kMaxTokens = 480;  // long enough to be held mid-generation
+  std::thread client([&] {
+    auto c = s.client();
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.body = json{{"prompt", "Once"}, {"max_tokens", kMaxTokens}, {"n", kN}}.dump();
+    req.set_header("Content-Type", "application/json");
+    req.set_header("Authorization", std::string("Bearer ") + kKey);
+    req.content_receiver = [](const char*, size_t, uint64_t, uint64_t) { return false; };  // leaves on the first byte
+    httplib::Response res;
+    httplib::Error err;
+    EXPECT_FALSE(c.send(req, res, err));
+    c.stop();
+  });
+  auto hold = s.hold_once_running();
+  client.join();
+  EXPECT_TRUE(Served::wait_until([&] { return s.server.metrics().client_disconnects == 1; }));
+  hold.unlock();
+  EXPECT_TRUE(Served::wait_until([&] { return s.server.metrics().running == 0 && s.server.metrics().waiting == 0; }));
+  EXPECT_EQ(s.metric("nibble_requests_aborted_total"), kN);
+  EXPECT_EQ(s.metric("nibble_requests_finished_total"), 0);
+  EXPECT_LT(s.metric("nibble_generated_tokens_total"), kN * kMaxTokens);
+  EXPECT_TRUE(Served::wait_until([&] { return s.server.metrics().kv_pages_used == 0; }));
+}
+
+// Connections waiting for a handler thread count toward --max-queue: with both threads busy,
+// the third request waits (room for 3), the fourth is answered 429 at once.
+TEST(Serve, ConnectionsPastTheHandlerThreadsCountTowardTheQueue) {
+  REQUIRE_STORIES();
+  ServerOptions opt = keyed();
+  opt.http_threads = 2;
+  opt.max_queue = 3;
+  Served s(opt);
+  std::vector<int> status(3, 0);
+  std::vector<std::thread> clients;
+  {
+    auto hold = s.server.hold_engine();
+    for (int i = 0; i < 3; ++i) {
+      clients.emplace_back([&, i] {
+        auto res = s.post("/v1/completions", {{"prompt", "Hi"}, {"max_tokens", 3}, {"temperature", 0}});
+        status[size_t(i)] = res ? res->status : -1;
+      });
+      // One at a time: the first two take the threads, the third waits for one.
+      ASSERT_TRUE(Served::wait_until([&] {
+        return s.server.metrics().waiting + s.server.metrics().queued_connections == i + 1;
+      }));
+    }
+    EXPECT_EQ(s.server.metrics().queued_connections, 1);
+    auto c = s.client();
+    c.set_read_timeout(5);
+    expect_error(c.Post("/v1/completions", json{{"prompt", "Hi"}, {"max_tokens", 3}}.dump(), "application/json"), 429);
+  }
+  for (auto& t : clients) t.join();
+  EXPECT_EQ(status, std::vector<int>(3, 200));
 }
 
 // The four formats' text, as their Hugging Face templates write it.

@@ -1,4 +1,5 @@
 // nibble serve -m MODEL: the OpenAI-compatible HTTP server (src/nibble/server) over one Engine.
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -36,7 +37,8 @@ void run_serve(ServeArgs a) {
   Engine engine(*exec, &tok, {.max_batch_tokens = a.max_batch_tokens, .prefix_caching = !a.no_prefix_caching});
 
   // SIGINT and SIGTERM stop the server from a thread of their own (every thread made after this
-  // inherits the blocked mask, so only that one takes them).
+  // inherits the blocked mask, so only that one takes them): the first drains it (new requests
+  // get 503, running ones finish), a second stops it at once.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGINT);
@@ -44,16 +46,23 @@ void run_serve(ServeArgs a) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   server::Server srv(engine, tok, a.server);
   const int port = srv.bind(a.host, a.port);
+  std::atomic<bool> listening{true};
   std::thread watcher([&] {
     int sig = 0;
     sigwait(&signals, &sig);
+    if (!listening) return;
+    std::fprintf(stderr, "nibble serve: draining (finishing the running requests; a second signal stops now)\n");
+    std::thread drainer([&] { srv.drain(); });
+    sigwait(&signals, &sig);
     srv.stop();
+    drainer.join();
   });
   std::fprintf(stderr, "nibble serve: '%s' on http://%s:%d (chat template: %s)\n", a.server.model_name.c_str(),
                a.host.c_str(), port,
                a.server.chat_template ? server::chat_format_name(a.server.chat_template->format) : "none");
   srv.listen();
-  pthread_kill(watcher.native_handle(), SIGTERM);  // listen() ended otherwise: let the watcher go
+  listening = false;
+  pthread_kill(watcher.native_handle(), SIGTERM);  // listen() ended: let the watcher go
   watcher.join();
 }
 }  // namespace

@@ -553,21 +553,24 @@ struct Handlers {
     return job;
   }
 
-  // Moves the channel's events to `into` (per choice), waiting up to `wait` for some; true when
-  // every choice has ended.
+  // Moves the channel's events to `into` (per choice) until every choice has ended (true) or
+  // `wait` has passed (false).
   static bool gather(Channel& ch, Job& job, std::vector<std::vector<std::pair<size_t, OutputEvent>>>& into,
                      std::chrono::milliseconds wait) {
-    std::deque<std::pair<size_t, OutputEvent>> events;
-    {
-      std::unique_lock l(ch.mu);
-      ch.cv.wait_for(l, wait, [&] { return !ch.events.empty(); });
-      events.swap(ch.events);
+    const auto deadline = std::chrono::steady_clock::now() + wait;
+    while (!job.done()) {
+      std::deque<std::pair<size_t, OutputEvent>> events;
+      {
+        std::unique_lock l(ch.mu);
+        if (!ch.cv.wait_until(l, deadline, [&] { return !ch.events.empty(); })) return false;
+        events.swap(ch.events);
+      }
+      for (auto& e : events) {
+        job.count(e.first, e.second);
+        into[e.first].push_back(std::move(e));
+      }
     }
-    for (auto& e : events) {
-      job.count(e.first, e.second);
-      into[e.first].push_back(std::move(e));
-    }
-    return job.done();
+    return true;
   }
   // A finished job's answer body, or the error of a choice that was aborted.
   std::string body_of(Job& job, const std::vector<std::vector<std::pair<size_t, OutputEvent>>>& events, int* status) const {
@@ -679,7 +682,9 @@ struct Handlers {
 
 Server::Server(Engine& engine, const Tokenizer& tokenizer, ServerOptions opt)
     : engine_(engine), tokenizer_(tokenizer), opt_(std::move(opt)), http_(std::make_unique<httplib::Server>()) {
-  metrics_.kv_pool_bounded = engine.executor().kv().capacity_tokens() < kUnboundedKVTokens;
+  const KVPool& kv = engine.executor().kv();
+  metrics_.kv_pool_bounded = kv.capacity_tokens() < kUnboundedKVTokens;
+  metrics_.kv_pages_free = kv.free_tokens() / kKVPageTokens;
   http_->new_task_queue = [this] {
     return new HandlerPool(
         opt_.http_threads, [this](int64_t waiting) { return in_server_ + waiting > opt_.max_queue; },
@@ -749,6 +754,7 @@ int Server::bind(const std::string& host, int port) {
 void Server::listen() { http_->listen_after_bind(); }
 
 void Server::stop() {
+  std::lock_guard one(stop_mu_);
   {
     std::lock_guard l(queue_mu_);
     stopping_ = true;

@@ -113,6 +113,7 @@ class Server {
   std::atomic<int64_t> next_id_{0};    // response ids
   std::atomic<bool> draining_{false};
 
+  std::mutex stop_mu_;   // one stop() at a time (drain's and a second signal's)
   std::mutex queue_mu_;  // guards the two queues and stopping_
   std::condition_variable queue_cv_;
   std::deque<std::pair<std::vector<Request>, std::shared_ptr<Channel>>> pending_;
