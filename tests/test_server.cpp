@@ -735,6 +735,66 @@ TEST(ChatTemplate, RendersTheFourFormats) {
   EXPECT_THROW(ChatTemplate::named("chatml").render({{"robot", "x"}}), Error);
 }
 
+// The real templates (tokenizer_config.json under $NIBBLE_DATA/tokenizers; Llama-2's and Mistral's
+// there have none, so theirs are Hugging Face's published ones) given as --chat-template FILE, both
+// as the template's text and as the whole tokenizer_config.json; each renders what Jinja renders
+// for them (the strings below came from jinja2 3.1 with Hugging Face's settings).
+TEST(ChatTemplate, TemplateFilesAreRecognisedAndRenderAsJinjaDoes) {
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("nibble_chat_file_{}", ::getpid());
+  std::filesystem::create_directories(dir);
+  auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir / name) << text;
+    return (dir / name).string();
+  };
+  const std::vector<ChatMessage> m = {{"system", "S"}, {"user", " U1 "}, {"assistant", "A1"}, {"user", "U2"}};
+  const std::string llama2 =
+      "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+      "messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}"
+      "{% for message in loop_messages %}{% if loop.index0 == 0 and system_message != false %}{% set content = "
+      "'<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = "
+      "message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + "
+      "' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}"
+      "{% endfor %}";
+  const std::string mistral =
+      "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] "
+      "+ ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% endif %}{% endfor %}";
+  const ChatTemplate l2 = ChatTemplate::from_option(write("llama2.jinja", llama2));
+  EXPECT_EQ(l2.format, ChatFormat::Llama2);
+  EXPECT_EQ(l2.render(m), "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\n U1 [/INST] A1 </s><s>[INST] U2 [/INST]");
+  EXPECT_EQ(ChatTemplate::from_option(write("mistral.jinja", mistral)).render({{"user", "U1"}, {"assistant", "A1"}, {"user", "U2"}}),
+            "<s>[INST] U1 [/INST]A1</s>[INST] U2 [/INST]");
+  if (std::filesystem::exists(test::data_dir() / "tokenizers/llama3/tokenizer_config.json")) {
+    for (const char* name : {"llama3", "qwen3"}) {
+      const auto config = test::data_dir() / "tokenizers" / name / "tokenizer_config.json";
+      std::ifstream in(config);
+      const json j = json::parse(in);
+      const ChatTemplate from_json = ChatTemplate::from_option(config.string());
+      const ChatTemplate from_text = ChatTemplate::from_option(write(std::string(name) + ".jinja", j["chat_template"]));
+      EXPECT_EQ(from_json.format, from_text.format) << name;
+      EXPECT_EQ(from_json.render(m), std::string(name) == "llama3"
+                                         ? "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nS<|eot_id|>"
+                                           "<|start_header_id|>user<|end_header_id|>\n\nU1<|eot_id|>"
+                                           "<|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|>"
+                                           "<|start_header_id|>user<|end_header_id|>\n\nU2<|eot_id|>"
+                                           "<|start_header_id|>assistant<|end_header_id|>\n\n"
+                                         : "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n U1 <|im_end|>\n"
+                                           "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nU2<|im_end|>\n"
+                                           "<|im_start|>assistant\n")
+          << name;
+    }
+  }
+  // A named template takes the model's BOS/EOS text.
+  ChatTemplate named = ChatTemplate::named("mistral");
+  named.use_tokens_of("<B>", "<E>");
+  EXPECT_EQ(named.render({{"user", "U"}, {"assistant", "A"}, {"user", "V"}}), "<B>[INST] U [/INST]A<E>[INST] V [/INST]");
+  // Turns that do not alternate are refused, as these templates raise_exception.
+  EXPECT_THROW(l2.render({{"user", "U"}, {"user", "V"}}), Error);
+  EXPECT_THROW(ChatTemplate::from_option(write("vicuna.jinja", "{{ '### Human: ' + m.content }}")), Error);
+  EXPECT_THROW(ChatTemplate::from_option(write("none.json", R"({"bos_token": "<s>"})")), Error);
+  EXPECT_THROW(ChatTemplate::from_option((dir / "missing.jinja").string()), Error);  // neither a file nor a name
+  std::filesystem::remove_all(dir);
+}
+
 // A model's tokenizer_config.json chat_template: recognised by its markers, refused when unknown.
 TEST(ChatTemplate, RecognisesAModelsTemplateOrRefusesIt) {
   const auto dir = std::filesystem::temp_directory_path() / fmt::format("nibble_chat_{}", ::getpid());

@@ -26,12 +26,16 @@ struct ServeArgs {
 void run_serve(ServeArgs a) {
   // A template the model names but nibble cannot render stops here, before anything loads.
   if (!a.chat_template.empty())
-    a.server.chat_template = server::ChatTemplate::named(a.chat_template);
+    a.server.chat_template = server::ChatTemplate::from_option(a.chat_template);
   else if (std::filesystem::is_directory(a.model))
     a.server.chat_template = server::ChatTemplate::from_model(a.model);
   if (a.server.model_name.empty()) a.server.model_name = std::filesystem::path(a.model).filename().string();
   warn_if_synthetic(a.model);
   auto [model, tok] = load_model_and_tokenizer(a.model, a.tokenizer);
+  if (a.server.chat_template && !a.chat_template.empty()) {  // a template by name or file: the model's own BOS/EOS
+    auto text = [&](int32_t id) { return id < 0 ? std::string() : tok.decode(std::span(&id, 1)); };
+    a.server.chat_template->use_tokens_of(text(tok.bos_id()), text(tok.eos_ids().empty() ? -1 : tok.eos_ids()[0]));
+  }
   const int64_t context = model->config().max_position_embeddings;
   auto exec = a.device.make(*model, context, a.max_batch_tokens);
   Engine engine(*exec, &tok, {.max_batch_tokens = a.max_batch_tokens, .prefix_caching = !a.no_prefix_caching});
@@ -87,7 +91,8 @@ void add_serve_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
   cmd->add_option("--chat-template", a->chat_template,
-                  "llama-2, llama-3, mistral or chatml; default: recognised in the model's tokenizer_config.json");
+                  "llama-2, llama-3, mistral, chatml, or a file (a Jinja template or tokenizer_config.json) in one of those formats; "
+                  "default: recognised in the model's tokenizer_config.json");
   cmd->add_option("--max-batch-tokens", a->max_batch_tokens, "tokens one engine step carries")->capture_default_str();
   cmd->add_flag("--no-prefix-caching", a->no_prefix_caching, "do not share prompt pages between requests");
   a->device.add_to(cmd);
