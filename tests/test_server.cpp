@@ -3,7 +3,10 @@
 // every error status; a client leaving mid-stream; the chat templates' text.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
+#include <cstdlib>
+#include <random>
 #include <fstream>
 #include <thread>
 
@@ -714,6 +717,158 @@ TEST(Serve, ConnectionsPastTheHandlerThreadsCountTowardTheQueue) {
   }
   for (auto& t : clients) t.join();
   EXPECT_EQ(status, std::vector<int>(3, 200));
+}
+
+// Prompts and answer lengths the load tests draw from, with each one's answer alone (greedy).
+struct Workload {
+  std::vector<std::string> prompts;
+  std::vector<int> max_tokens;
+  std::vector<Direct> want;
+  explicit Workload(int n) {
+    const char* subjects[] = {"The cat", "A big dog", "Lily", "Tom and Sue", "The sun", "A bird", "The tree", "Ben"};
+    for (int i = 0; i < n; ++i) {
+      prompts.push_back(fmt::format("{} {}", subjects[i % 8], std::string(size_t(i / 8), '!')));
+      max_tokens.push_back(6 + i % 7);
+      want.push_back(direct_completion(prompts.back(), max_tokens.back()));
+    }
+  }
+  json body(size_t i, bool stream) const {
+    return {{"prompt", prompts[i]}, {"max_tokens", max_tokens[i]}, {"temperature", 0}, {"stream", stream}};
+  }
+};
+
+// 1,000 streams at once (a handler thread each): every one complete and well formed, each the
+// same prompt's answer alone; the server answers afterwards and its pages are back to none.
+TEST(Serve, AThousandConcurrentStreamsEachEqualTheirSerialAnswer) {
+  REQUIRE_STORIES();
+  constexpr int kClients = 1000;
+  const Workload work(40);
+  ServerOptions opt = keyed();
+  opt.http_threads = kClients + 8;
+  opt.max_queue = kClients;
+  Served s(opt);
+  std::vector<Streamed> got(kClients);
+  std::vector<std::thread> clients;
+  clients.reserve(kClients);
+  for (int i = 0; i < kClients; ++i)
+    clients.emplace_back([&, i] { got[size_t(i)] = join_stream(s.stream("/v1/completions", work.body(size_t(i) % 40, true)), false); });
+  for (auto& t : clients) t.join();
+  int wrong = 0;
+  for (int i = 0; i < kClients; ++i) {
+    const Direct& want = work.want[size_t(i) % 40];
+    if (got[size_t(i)].text != want.text || got[size_t(i)].finish != finish_reason_name(want.finish)) {
+      ADD_FAILURE() << "client " << i << ": '" << got[size_t(i)].text << "' (" << got[size_t(i)].finish << "), want '" << want.text << "'";
+      if (++wrong == 5) break;
+    }
+  }
+  EXPECT_EQ(s.server.metrics().finished, kClients);
+  EXPECT_EQ(s.server.metrics().aborted, 0);
+  auto ok = s.post("/v1/completions", work.body(0, false));
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200);
+  EXPECT_TRUE(Served::wait_until([&] { return s.server.metrics().kv_pages_used == 0; }));
+}
+
+// Mixed clients for NIBBLE_SOAK_SECONDS (3 by default; the `soak` ctest runs 60): valid requests
+// streamed and not, malformed JSON, bodies over --max-body, wrong keys, slow readers and clients
+// that leave mid-stream. Each gets its status (valid answers equal to the answer alone); no
+// request is lost: every one that reached the engine finished or was aborted; at the end nothing
+// waits or runs and the KV pages are back to none.
+TEST(ServeSoak, MixedClientsGetTheirStatusAndNothingIsLost) {
+  REQUIRE_STORIES();
+  const char* env = std::getenv("NIBBLE_SOAK_SECONDS");
+  const int seconds = env ? std::atoi(env) : 3;
+  const uint64_t seed = 20261203;
+  std::printf("soak: %d s, seed %llu\n", seconds, static_cast<unsigned long long>(seed));
+  const Workload work(16);
+  ServerOptions opt = keyed();
+  opt.max_body = 4096;
+  Served s(opt);
+  enum Kind { Whole, Streamed_, Malformed, Oversized, WrongKey, SlowReader, Leaves, kKinds };
+  std::atomic<int64_t> sent[kKinds] = {}, engine_requests{0};
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 12; ++c)
+    clients.emplace_back([&, c] {
+      std::mt19937_64 rng(seed + uint64_t(c));
+      while (std::chrono::steady_clock::now() < deadline && !::testing::Test::HasFailure()) {
+        const auto kind = Kind(rng() % kKinds);
+        const size_t p = rng() % work.prompts.size();
+        ++sent[kind];
+        switch (kind) {
+          case Whole: {
+            auto res = s.post("/v1/completions", work.body(p, false));
+            ++engine_requests;
+            ASSERT_TRUE(res) << "a lost request";
+            ASSERT_EQ(res->status, 200) << res->body;
+            EXPECT_EQ(json::parse(res->body)["choices"][0]["text"], work.want[p].text);
+            break;
+          }
+          case Streamed_:
+          case SlowReader:
+          case Leaves: {
+            auto cl = s.client();
+            httplib::Request req;
+            req.method = "POST";
+            req.path = "/v1/completions";
+            req.body = work.body(p, true).dump();
+            req.set_header("Content-Type", "application/json");
+            req.set_header("Authorization", std::string("Bearer ") + kKey);
+            std::string raw;
+            req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+              raw.append(data, n);
+              if (kind == SlowReader) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+              return kind != Leaves;
+            };
+            httplib::Response res;
+            httplib::Error err;
+            ++engine_requests;
+            const bool answered = cl.send(req, res, err);
+            if (kind == Leaves) break;
+            ASSERT_TRUE(answered) << "a lost stream: " << httplib::to_string(err);
+            ASSERT_EQ(res.status, 200);
+            ASSERT_GE(raw.size(), 14u);
+            EXPECT_EQ(raw.substr(raw.size() - 14), "data: [DONE]\n\n");
+            std::string text;
+            for (size_t at = 0; (at = raw.find("data: {", at)) != std::string::npos; at += 6)
+              text += json::parse(raw.substr(at + 6, raw.find("\n\n", at) - at - 6))["choices"][0]["text"].get<std::string>();
+            EXPECT_EQ(text, work.want[p].text);
+            break;
+          }
+          case Malformed: {
+            auto res = s.client().Post("/v1/completions", R"({"prompt": "Hi", "max_tokens": )", "application/json");
+            ASSERT_TRUE(res);
+            EXPECT_EQ(res->status, 400);
+            break;
+          }
+          case Oversized: {
+            auto res = s.client().Post("/v1/completions", json{{"prompt", std::string(5000, 'a')}}.dump(), "application/json");
+            ASSERT_TRUE(res);
+            EXPECT_EQ(res->status, 413);
+            break;
+          }
+          case WrongKey: {
+            auto res = s.post("/v1/completions", work.body(p, false), "wrong");
+            ASSERT_TRUE(res);
+            EXPECT_EQ(res->status, 401);
+            break;
+          }
+          case kKinds: break;
+        }
+      }
+    });
+  for (auto& t : clients) t.join();
+  for (int k = 0; k < kKinds; ++k) EXPECT_GT(sent[k], 0) << "kind " << k << " never sent";
+  // Every request that reached the engine ended: finished, or aborted because its client left.
+  EXPECT_TRUE(Served::wait_until([&] {
+    const ServerMetrics& m = s.server.metrics();
+    return m.finished + m.aborted == engine_requests && m.waiting == 0 && m.running == 0 && m.kv_pages_used == 0;
+  })) << "finished " << s.server.metrics().finished << " + aborted " << s.server.metrics().aborted << " of "
+      << engine_requests;
+  EXPECT_LE(s.server.metrics().aborted, sent[Leaves]);
+  auto ok = s.post("/v1/completions", work.body(0, false));
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200);
 }
 
 // The four formats' text, as their Hugging Face templates write it.
