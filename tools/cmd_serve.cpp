@@ -33,8 +33,9 @@ void run_serve(ServeArgs a) {
   warn_if_synthetic(a.model);
   auto [model, tok] = load_model_and_tokenizer(a.model, a.tokenizer);
   if (a.server.chat_template && !a.chat_template.empty()) {  // a template by name or file: the model's own BOS/EOS
-    auto text = [&](int32_t id) { return id < 0 ? std::string() : tok.decode(std::span(&id, 1)); };
-    a.server.chat_template->use_tokens_of(text(tok.bos_id()), text(tok.eos_ids().empty() ? -1 : tok.eos_ids()[0]));
+    const int32_t bos = tok.bos_id(), eos = tok.eos_ids().empty() ? -1 : tok.eos_ids()[0];
+    a.server.chat_template->use_tokens_of(bos < 0 ? "" : tok.decode(std::span(&bos, 1)),
+                                          eos < 0 ? "" : tok.decode(std::span(&eos, 1)));
   }
   const int64_t context = model->config().max_position_embeddings;
   auto exec = a.device.make(*model, context, a.max_batch_tokens);
