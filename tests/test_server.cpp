@@ -70,9 +70,10 @@ struct Served {
   Server server;
   int port;
   std::thread listener;
-  explicit Served(ServerOptions opt, RuntimeOptions runtime = {})
+  // No prefix caching by default, so pages go back to 0 when idle.
+  explicit Served(ServerOptions opt, RuntimeOptions runtime = {}, EngineOptions engine_opt = {.prefix_caching = false})
       : exec(*stories().model, runtime),
-        engine(exec, &stories().tok, {.prefix_caching = false}),  // so pages go back to 0 when idle
+        engine(exec, &stories().tok, engine_opt),
         server(engine, stories().tok, with_defaults(std::move(opt))),
         port(server.bind("127.0.0.1", 0)),
         listener([this] { server.listen(); }) {}
@@ -465,6 +466,43 @@ void expect_error(const httplib::Result& res, int status, const std::string& par
   if (!param.empty()) {
     EXPECT_EQ(e["param"], param) << res->body;
   }
+}
+
+// vLLM's ignore_eos (nibble bench-serve sends it): the answer goes on past EOS to max_tokens.
+// stories260K never samples its EOS, so the server's engine takes the answer's 6th token as one.
+TEST(Serve, IgnoreEosGeneratesToMaxTokens) {
+  REQUIRE_STORIES();
+  const std::string prompt = "Once upon a time";
+  std::vector<int32_t> ids;
+  {
+    cpu::CpuExecutor exec(*stories().model, {});
+    Engine engine(exec, &stories().tok, {});
+    Request r;
+    r.prompt = stories().tok.encode(prompt, true);
+    r.stop.max_tokens = 30;
+    engine.submit(r, [&](const OutputEvent& ev) {
+      if (ev.token.id >= 0) ids.push_back(ev.token.id);
+    });
+    engine.run();
+  }
+  ASSERT_EQ(ids.size(), 30u);
+  const int32_t eos = ids[5];
+  const size_t first_eos = size_t(std::find(ids.begin(), ids.end(), eos) - ids.begin());
+  Served s(keyed(), {}, {.prefix_caching = false, .eos_ids = {eos}});
+  const json body = {{"prompt", prompt}, {"max_tokens", 30}, {"temperature", 0}};
+  auto res = s.post("/v1/completions", body);
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  EXPECT_EQ(json::parse(res->body)["usage"]["completion_tokens"], first_eos + 1);  // the EOS ends it
+  json ignoring = body;
+  ignoring["ignore_eos"] = true;
+  res = s.post("/v1/completions", ignoring);
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "");
+  const json answer = json::parse(res->body);
+  EXPECT_EQ(answer["usage"]["completion_tokens"], 30);
+  EXPECT_EQ(answer["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(answer["choices"][0]["text"], direct_completion(prompt, 30).text);
+  ignoring["ignore_eos"] = "yes";
+  expect_error(s.post("/v1/completions", ignoring), 400, "ignore_eos");
 }
 
 TEST(Serve, ErrorsHaveOpenAIsShapeAndStatus) {

@@ -280,6 +280,7 @@ int64_t parse_common(const json& body, Job& job, Request& base) {
       base.stop.stop_strings.push_back(x);
     }
   }
+  base.stop.ignore_eos = value<bool>(body, "ignore_eos", Kind::Bool, false);  // vLLM's extension (bench-serve sends it)
   job.stream = value<bool>(body, "stream", Kind::Bool, false);
   if (const json* opts = field(body, "stream_options", Kind::Object))
     job.include_usage = value<bool>(*opts, "include_usage", Kind::Bool, false);
