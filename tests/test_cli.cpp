@@ -356,7 +356,9 @@ TEST_F(Cli, ServeRefusesAChatTemplateItCannotRender) {
 TEST_F(Cli, ServeDrainsOnSigtermAndExitsZero) {
   REQUIRE_STORIES();
   const fs::path log = dir_ / "serve.log", rc = dir_ / "rc", pid_file = dir_ / "pid";
-  std::system(fmt::format("(sh -c 'echo $$ >{}; exec timeout 60 {} serve -m {} --device cpu --port 0 -t 1' 2>{}; echo $? >{}) &",
+  // Not under `timeout`, which would pass the signal on twice (to the child and to its group):
+  // a second signal stops at once. The test kills it if it outlives the waits below.
+  std::system(fmt::format("(sh -c 'echo $$ >{}; exec {} serve -m {} --device cpu --port 0 -t 1' 2>{}; echo $? >{}) &",
                           quote(pid_file.string()), quote(NIBBLE_CLI), quote(stories()), quote(log.string()), quote(rc.string()))
                   .c_str());
   auto wait_for = [](auto done) {
@@ -365,11 +367,16 @@ TEST_F(Cli, ServeDrainsOnSigtermAndExitsZero) {
   };
   std::smatch url;
   std::string text;
-  ASSERT_TRUE(wait_for([&] {
+  const bool listening = wait_for([&] {
     text = read_file(log);
     return std::regex_search(text, url, std::regex("http://127.0.0.1:([0-9]+)"));
-  })) << text;
+  });
+  ASSERT_TRUE(wait_for([&] { return !read_file(pid_file).empty(); }));
   const pid_t pid = std::stoi(read_file(pid_file));
+  if (!listening) {
+    ::kill(pid, SIGKILL);
+    FAIL() << "serve did not start: " << text;
+  }
   std::string stream;
   std::atomic<bool> streaming{false};
   std::thread client([&] {
@@ -392,7 +399,10 @@ TEST_F(Cli, ServeDrainsOnSigtermAndExitsZero) {
   EXPECT_TRUE(wait_for([&] { return streaming.load(); }));
   ::kill(pid, SIGTERM);
   client.join();
-  EXPECT_TRUE(wait_for([&] { return fs::exists(rc) && !read_file(rc).empty(); }));
+  if (!wait_for([&] { return fs::exists(rc) && !read_file(rc).empty(); })) {
+    ::kill(pid, SIGKILL);
+    FAIL() << "serve did not exit after SIGTERM: " << read_file(log);
+  }
   EXPECT_EQ(read_file(rc), "0\n") << read_file(log);
   EXPECT_NE(read_file(log).find("draining"), std::string::npos);
   ASSERT_GE(stream.size(), 14u);
