@@ -1,5 +1,5 @@
 // The official `openai` npm client against `nibble serve` (stories260K): completions and chat,
-// streamed and not, usage, stop and seed. Run by scripts/openai_smoke.sh, which installs the
+// streamed and not, usage, stop, seed and n. Run by scripts/openai_smoke.sh, which installs the
 // package and starts the server; argv[2] is the server's base URL.
 import assert from 'node:assert/strict';
 import OpenAI from 'openai';
@@ -38,6 +38,13 @@ assert.equal(stopped.choices[0].text, done.choices[0].text.slice(0, done.choices
 const sample = () => client.completions.create({ model, prompt, max_tokens: 24, temperature: 0.9, seed: 7 });
 assert.equal((await sample()).choices[0].text, (await sample()).choices[0].text);
 
+// n choices: choice i samples with seed + i, so choice 1 of seed 7 is choice 0 of seed 8.
+const two = await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0.9, seed: 7, n: 2 });
+assert.deepEqual(two.choices.map((c) => c.index), [0, 1]);
+assert.equal(two.choices[0].text, (await sample()).choices[0].text);
+const next = await client.completions.create({ model, prompt, max_tokens: 24, temperature: 0.9, seed: 8 });
+assert.equal(two.choices[1].text, next.choices[0].text);
+
 // Chat, streamed and not.
 const messages = [{ role: 'user', content: 'Tell me a story about a cat.' }];
 const chat = await client.chat.completions.create({ model, messages, max_tokens: 20, temperature: 0 });
@@ -52,4 +59,4 @@ assert.equal(chatText, chat.choices[0].message.content);
 const wrong = new OpenAI({ baseURL: `${process.argv[2]}/v1`, apiKey: 'wrong', maxRetries: 0 });
 await assert.rejects(wrong.models.list(), (e) => e.status === 401);
 
-console.log('openai smoke: completions, chat, streams, usage, stop, seed and 401 as the official client sees them');
+console.log('openai smoke: completions, chat, streams, usage, stop, seed, n and 401 as the official client sees them');

@@ -4,18 +4,22 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
+#include <csignal>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <regex>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <httplib.h>
 #include <nlohmann/json.hpp>
 
 #include "nibble/backend/backend.h"
@@ -351,6 +355,67 @@ TEST_F(Cli, ServeRefusesAChatTemplateItCannotRender) {
   const Result model = nibble("serve -m model --port 0");
   expect_one_line_error(model);
   EXPECT_NE(model.err.find("tokenizer_config.json: chat_template is none of the formats"), std::string::npos) << model.err;
+}
+
+// SIGTERM drains `serve`: a stream mid-generation is answered to its [DONE] (every choice to its
+// length), then the process exits 0.
+TEST_F(Cli, ServeDrainsOnSigtermAndExitsZero) {
+  REQUIRE_STORIES();
+  const fs::path log = dir_ / "serve.log", rc = dir_ / "rc", pid_file = dir_ / "pid";
+  // Not under `timeout`, which would pass the signal on twice (to the child and to its group):
+  // a second signal stops at once. The test kills it if it outlives the waits below.
+  std::system(fmt::format("(sh -c 'echo $$ >{}; exec {} serve -m {} --device cpu --port 0 -t 1' 2>{}; echo $? >{}) &",
+                          quote(pid_file.string()), quote(NIBBLE_CLI), quote(stories()), quote(log.string()), quote(rc.string()))
+                  .c_str());
+  auto wait_for = [](auto done) {
+    for (int i = 0; i < 3000 && !done(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return done();
+  };
+  std::smatch url;
+  std::string text;
+  const bool listening = wait_for([&] {
+    text = read_file(log);
+    return std::regex_search(text, url, std::regex("http://127.0.0.1:([0-9]+)"));
+  });
+  ASSERT_TRUE(wait_for([&] { return !read_file(pid_file).empty(); }));
+  const pid_t pid = std::stoi(read_file(pid_file));
+  if (!listening) {
+    ::kill(pid, SIGKILL);
+    FAIL() << "serve did not start: " << text;
+  }
+  std::string stream;
+  std::atomic<bool> streaming{false};
+  std::thread client([&] {
+    httplib::Client c("127.0.0.1", std::stoi(url[1]));
+    c.set_read_timeout(60);
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.body = R"({"prompt": "Once", "max_tokens": 480, "n": 8, "temperature": 0, "stream": true})";
+    req.set_header("Content-Type", "application/json");
+    req.content_receiver = [&](const char* data, size_t n, uint64_t, uint64_t) {
+      stream.append(data, n);
+      streaming = true;
+      return true;
+    };
+    httplib::Response res;
+    httplib::Error err;
+    EXPECT_TRUE(c.send(req, res, err)) << httplib::to_string(err);
+  });
+  EXPECT_TRUE(wait_for([&] { return streaming.load(); }));
+  ::kill(pid, SIGTERM);
+  client.join();
+  if (!wait_for([&] { return fs::exists(rc) && !read_file(rc).empty(); })) {
+    ::kill(pid, SIGKILL);
+    FAIL() << "serve did not exit after SIGTERM: " << read_file(log);
+  }
+  EXPECT_EQ(read_file(rc), "0\n") << read_file(log);
+  EXPECT_NE(read_file(log).find("draining"), std::string::npos);
+  ASSERT_GE(stream.size(), 14u);
+  EXPECT_EQ(stream.substr(stream.size() - 14), "data: [DONE]\n\n");
+  size_t finished = 0;
+  for (size_t at = 0; (at = stream.find(R"("finish_reason":"length")", at)) != std::string::npos; ++at) ++finished;
+  EXPECT_EQ(finished, 8u);
 }
 
 // Run from / with no NIBBLE_DATA: the task data is found beside the checkout the binary is in.

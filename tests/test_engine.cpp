@@ -307,6 +307,72 @@ TEST_F(EngineTest, PrefixSharingSkipsTheSharedPromptAndChangesNothing) {
   EXPECT_EQ(with.computed_tokens, without.computed_tokens - with.prefix_hit_tokens);
 }
 
+// Prompt logprobs (completions' echo with logprobs): every prompt token's log-probability given
+// the ones before it, as the model's own logits say, however the prompt is chunked, even when a
+// cached prefix could have skipped its start, and through preemption.
+TEST_F(EngineTest, PromptLogprobsScoreEveryPromptTokenAgainstTheModelsLogits) {
+  REQUIRE_STORIES();
+  const int64_t vocab = model_->config().vocab_size;
+  std::mt19937_64 rng(21);
+  const auto prompt = random_tokens(rng, 50, vocab);
+  // The reference: one forward over the whole prompt, a row per token, log-softmax by hand.
+  std::vector<double> want(prompt.size());
+  {
+    cpu::CpuExecutor exec(*model_, {});
+    std::vector<float> logits;
+    const BatchEntry whole{exec.kv().add(), prompt, true};
+    exec.forward({&whole, 1}, logits);
+    for (size_t i = 1; i < prompt.size(); ++i) {
+      const float* row = logits.data() + int64_t(i - 1) * vocab;
+      double z = 0;
+      for (int64_t v = 0; v < vocab; ++v) z += std::exp(double(row[v]));
+      want[i] = double(row[prompt[i]]) - std::log(z);
+    }
+  }
+  for (const int64_t kv_pages : {int64_t(0), int64_t(6)}) {  // 6 pages: the scored request gets preempted
+    SCOPED_TRACE(fmt::format("kv_pages {}", kv_pages));
+    RuntimeOptions ropt;
+    ropt.kv_pages = kv_pages;
+    cpu::CpuExecutor exec(*model_, ropt);
+    Engine engine(exec, tok_.get(), {.max_batch_tokens = 16});
+    Request plain;
+    plain.prompt = prompt;
+    plain.stop = {.max_tokens = 8, .ignore_eos = true};
+    Finished first;
+    engine.submit(plain, sink(first));
+    engine.run();  // its prompt's pages are cached now
+    Request scored = plain;
+    scored.prompt_logprobs = true;
+    scored.sampling.logprobs = 2;
+    // Submitted after others, it is the newest: the first preempted when the pool runs out.
+    const auto others = random_requests(3, 40, 30, 22);
+    std::vector<Finished> other_out(others.size());
+    for (size_t i = 0; i < others.size(); ++i) engine.submit(others[i], sink(other_out[i]));
+    std::vector<SampledToken> got;
+    int events_with_prompt = 0;
+    Finished second;
+    engine.submit(scored, [&](const OutputEvent& ev) {
+      if (!ev.prompt.empty()) got = ev.prompt, ++events_with_prompt;
+      sink(second)(ev);
+    });
+    engine.run();
+    EXPECT_EQ(events_with_prompt, 1);
+    ASSERT_EQ(got.size(), prompt.size());
+    EXPECT_EQ(got[0].token.id, prompt[0]);
+    EXPECT_TRUE(std::isnan(got[0].token.logprob));
+    for (size_t i = 1; i < prompt.size(); ++i) {
+      EXPECT_EQ(got[i].token.id, prompt[i]) << i;
+      EXPECT_NEAR(got[i].token.logprob, want[i], 1e-4) << i;
+      ASSERT_EQ(got[i].top.size(), 2u) << i;
+      EXPECT_GE(got[i].top[0].logprob, std::max(got[i].top[1].logprob, got[i].token.logprob)) << i;
+    }
+    EXPECT_EQ(second.tokens, first.tokens);  // scoring the prompt changes nothing of the answer
+    if (kv_pages) {
+      EXPECT_GT(engine.stats().preemptions, 0);
+    }
+  }
+}
+
 TEST_F(EngineTest, StopStringSplitAcrossTokensIsNeverStreamed) {
   REQUIRE_STORIES();
   Request r;

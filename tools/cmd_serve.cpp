@@ -1,4 +1,5 @@
 // nibble serve -m MODEL: the OpenAI-compatible HTTP server (src/nibble/server) over one Engine.
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -25,18 +26,24 @@ struct ServeArgs {
 void run_serve(ServeArgs a) {
   // A template the model names but nibble cannot render stops here, before anything loads.
   if (!a.chat_template.empty())
-    a.server.chat_template = server::ChatTemplate::named(a.chat_template);
+    a.server.chat_template = server::ChatTemplate::from_option(a.chat_template);
   else if (std::filesystem::is_directory(a.model))
     a.server.chat_template = server::ChatTemplate::from_model(a.model);
   if (a.server.model_name.empty()) a.server.model_name = std::filesystem::path(a.model).filename().string();
   warn_if_synthetic(a.model);
   auto [model, tok] = load_model_and_tokenizer(a.model, a.tokenizer);
+  if (a.server.chat_template && !a.chat_template.empty()) {  // a template by name or file: the model's own BOS/EOS
+    const int32_t bos = tok.bos_id(), eos = tok.eos_ids().empty() ? -1 : tok.eos_ids()[0];
+    a.server.chat_template->use_tokens_of(bos < 0 ? "" : tok.decode(std::span(&bos, 1)),
+                                          eos < 0 ? "" : tok.decode(std::span(&eos, 1)));
+  }
   const int64_t context = model->config().max_position_embeddings;
   auto exec = a.device.make(*model, context, a.max_batch_tokens);
   Engine engine(*exec, &tok, {.max_batch_tokens = a.max_batch_tokens, .prefix_caching = !a.no_prefix_caching});
 
   // SIGINT and SIGTERM stop the server from a thread of their own (every thread made after this
-  // inherits the blocked mask, so only that one takes them).
+  // inherits the blocked mask, so only that one takes them): the first drains it (new requests
+  // get 503, running ones finish), a second stops it at once.
   sigset_t signals;
   sigemptyset(&signals);
   sigaddset(&signals, SIGINT);
@@ -44,16 +51,23 @@ void run_serve(ServeArgs a) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   server::Server srv(engine, tok, a.server);
   const int port = srv.bind(a.host, a.port);
+  std::atomic<bool> listening{true};
   std::thread watcher([&] {
     int sig = 0;
     sigwait(&signals, &sig);
+    if (!listening) return;
+    std::fprintf(stderr, "nibble serve: draining (finishing the running requests; a second signal stops now)\n");
+    std::thread drainer([&] { srv.drain(); });
+    sigwait(&signals, &sig);
     srv.stop();
+    drainer.join();
   });
   std::fprintf(stderr, "nibble serve: '%s' on http://%s:%d (chat template: %s)\n", a.server.model_name.c_str(),
                a.host.c_str(), port,
                a.server.chat_template ? server::chat_format_name(a.server.chat_template->format) : "none");
   srv.listen();
-  pthread_kill(watcher.native_handle(), SIGTERM);  // listen() ended otherwise: let the watcher go
+  listening = false;
+  pthread_kill(watcher.native_handle(), SIGTERM);  // listen() ended: let the watcher go
   watcher.join();
 }
 }  // namespace
@@ -78,7 +92,8 @@ void add_serve_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 4096));
   cmd->add_option("--chat-template", a->chat_template,
-                  "llama-2, llama-3, mistral or chatml; default: recognised in the model's tokenizer_config.json");
+                  "llama-2, llama-3, mistral, chatml, or a file (a Jinja template or tokenizer_config.json) in one of those formats; "
+                  "default: recognised in the model's tokenizer_config.json");
   cmd->add_option("--max-batch-tokens", a->max_batch_tokens, "tokens one engine step carries")->capture_default_str();
   cmd->add_flag("--no-prefix-caching", a->no_prefix_caching, "do not share prompt pages between requests");
   a->device.add_to(cmd);

@@ -27,6 +27,8 @@ struct BatchEntry {
 
 // Both pools hand out room in pages of this many tokens (RuntimeOptions::kv_pages counts them).
 inline constexpr int64_t kKVPageTokens = 16;
+// capacity_tokens() of a pool without a bound (the CPU's without kv_pages): it grows in host memory.
+inline constexpr int64_t kUnboundedKVTokens = int64_t(1) << 40;
 
 class KVPool {
  public:

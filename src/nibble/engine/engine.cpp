@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <limits>
 
 #include "nibble/core/error.h"
 
@@ -41,10 +42,14 @@ RequestId Engine::submit(Request r, TokenSink sink) {
 
   const RequestId id = next_id_++;
   Output& out = outputs_.emplace(id, Output{std::move(sink), Sampler(r.sampling, r.prompt), prompt, max_tokens,
-                                            std::move(r.stop), std::nullopt, {}})
+                                            std::move(r.stop), std::nullopt, {}, {}, r.sampling.logprobs})
                     .first->second;
   if (tokenizer_) out.decoder.emplace(*tokenizer_, /*skip_special=*/false, /*continues_text=*/true);
-  scheduler_.add(id, std::move(r.prompt));
+  if (r.prompt_logprobs) {
+    out.prompt_scores.resize(size_t(prompt));
+    out.prompt_scores[0].token = {r.prompt[0], std::numeric_limits<float>::quiet_NaN()};
+  }
+  scheduler_.add(id, std::move(r.prompt), r.prompt_logprobs);
   return id;
 }
 
@@ -65,7 +70,8 @@ void Engine::abort(RequestId id) {
 }
 
 bool Engine::emit(RequestId id, Output& out, const SampledToken& t) {
-  OutputEvent ev{id, t.token, t.top, {}, FinishReason::None};
+  OutputEvent ev{id, t.token, t.top, {}, FinishReason::None, std::move(out.prompt_scores)};
+  out.prompt_scores.clear();
   const int32_t tok = t.token.id;
   const bool stop_token = std::find(out.stop.stop_ids.begin(), out.stop.stop_ids.end(), tok) != out.stop.stop_ids.end() ||
                           (!out.stop.ignore_eos && std::find(eos_.begin(), eos_.end(), tok) != eos_.end());
@@ -113,12 +119,14 @@ bool Engine::step() {
   std::vector<Sampler*> samplers;
   std::vector<RequestId> ids;
   bool greedy = true;
-  for (size_t i = 0; i < plan.batch.size(); ++i)
+  for (size_t i = 0; i < plan.batch.size(); ++i) {
+    greedy &= !plan.batch[i].all_logits;
     if (plan.samples[i]) {
       samplers.push_back(&outputs_.at(plan.requests[i]).sampler);
       ids.push_back(plan.requests[i]);
       greedy &= samplers.back()->plain_greedy();
     }
+  }
   std::vector<SampledToken> sampled;
   auto t2 = t1;  // when the executor returned
   if (greedy) {
@@ -132,9 +140,14 @@ bool Engine::step() {
     t2 = std::chrono::steady_clock::now();
     const int64_t vocab = exec_.config().vocab_size;
     std::vector<float> rows;
-    for (size_t i = 0; i < plan.batch.size(); ++i)
+    int64_t row = 0;  // an all_logits entry has a row per token, its last the one sampled from
+    for (size_t i = 0; i < plan.batch.size(); ++i) {
+      const int64_t n = plan.batch[i].all_logits ? int64_t(plan.batch[i].tokens.size()) : 1;
+      if (plan.batch[i].all_logits) score_prompt(plan.requests[i], plan.starts[i], logits_.data() + row * vocab, n);
+      row += n;
       if (plan.samples[i])
-        rows.insert(rows.end(), logits_.begin() + int64_t(i) * vocab, logits_.begin() + int64_t(i + 1) * vocab);
+        rows.insert(rows.end(), logits_.begin() + (row - 1) * vocab, logits_.begin() + row * vocab);
+    }
     sampled = sample_batch(rows, vocab, samplers);
   }
   std::vector<int32_t> next;
@@ -147,6 +160,18 @@ bool Engine::step() {
   times_.forward_s += std::chrono::duration<double>(t2 - t1).count();
   times_.after_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t2).count();
   return true;
+}
+
+void Engine::score_prompt(RequestId id, int64_t start, const float* rows, int64_t n) {
+  Output& out = outputs_.at(id);
+  if (out.prompt_scores.empty()) return;  // sent already: this is a preempted request's recomputation
+  const std::vector<int32_t>& tokens = scheduler_.tokens(id);
+  // Row r predicts position start + r + 1; a recomputed (preempted) prompt scores it again, alike.
+  const int64_t end = std::min(n, out.prompt_len - 1 - start);
+  const int64_t vocab = exec_.config().vocab_size;
+#pragma omp parallel for if (end > 4)
+  for (int64_t r = 0; r < end; ++r)
+    out.prompt_scores[size_t(start + r + 1)] = score_token(rows + r * vocab, vocab, tokens[size_t(start + r + 1)], out.prompt_top);
 }
 
 void Engine::run() {

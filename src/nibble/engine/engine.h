@@ -66,7 +66,13 @@ class Engine {
     StopConditions stop;
     std::optional<StreamDecoder> decoder;
     std::string pending;  // decoded text held back: it may begin a stop string
+    // Request::prompt_logprobs: the prompt's scores (top n as the sampler's logprobs), filled as
+    // the prompt is computed and sent with the first event.
+    std::vector<SampledToken> prompt_scores;
+    int prompt_top = 0;
   };
+  // Scores the prompt tokens that `n` rows of logits predict, the first row at position `start`.
+  void score_prompt(RequestId id, int64_t start, const float* rows, int64_t n);
   // Streams one sampled token of a request; true when that ends the request.
   bool emit(RequestId id, Output& out, const SampledToken& t);
   void end(RequestId id, Output& out, OutputEvent last);

@@ -35,6 +35,9 @@ struct Request {
   std::vector<int32_t> prompt;
   SamplingParams sampling;
   StopConditions stop;
+  // The first event also scores the prompt (OutputEvent::prompt): every prompt token is computed,
+  // none taken from the prefix cache.
+  bool prompt_logprobs = false;
 };
 
 enum class FinishReason { None, Length, Stop, Abort };
@@ -43,6 +46,12 @@ const char* finish_reason_name(FinishReason r);
 struct TokenLogprob {
   int32_t id = -1;
   float logprob = 0;  // log-probability under the model's distribution (before penalties, temperature)
+};
+
+// A token's logprob and the SamplingParams::logprobs most likely tokens at its position, most likely first.
+struct SampledToken {
+  TokenLogprob token;  // logprob NaN when the step took the executor's greedy ids (Sampler::plain_greedy)
+  std::vector<TokenLogprob> top;
 };
 
 // What a request produces, one event per generated token. `text` is the text that token makes
@@ -54,6 +63,9 @@ struct OutputEvent {
   std::vector<TokenLogprob> top;  // SamplingParams::logprobs most likely, most likely first
   std::string text;
   FinishReason finish = FinishReason::None;
+  // First event of a Request::prompt_logprobs request: each prompt token given the ones before it
+  // (the first has no context: NaN logprob, no top).
+  std::vector<SampledToken> prompt;
 };
 using TokenSink = std::function<void(const OutputEvent&)>;
 

@@ -28,6 +28,24 @@ void SamplingParams::validate() const {
   check(logprobs >= 0, "request", "logprobs must be >= 0, got {}", logprobs);
 }
 
+SampledToken score_token(const float* logits, int64_t vocab, int32_t id, int top_n) {
+  const float mx = *std::max_element(logits, logits + vocab);
+  double z = 0;
+  for (int64_t i = 0; i < vocab; ++i) z += std::exp(double(logits[i]) - mx);
+  const double log_z = double(mx) + std::log(z);
+  auto logprob = [&](int32_t t) { return TokenLogprob{t, float(double(logits[t]) - log_z)}; };
+  SampledToken out{logprob(id), {}};
+  if (top_n > 0) {
+    std::vector<int32_t> ids(static_cast<size_t>(vocab));
+    std::iota(ids.begin(), ids.end(), 0);
+    const int64_t n = std::min<int64_t>(top_n, vocab);
+    std::partial_sort(ids.begin(), ids.begin() + n, ids.end(),
+                      [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
+    for (int64_t i = 0; i < n; ++i) out.top.push_back(logprob(ids[size_t(i)]));
+  }
+  return out;
+}
+
 Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt)
     : p_(params), rng_(params.seed), prompt_(prompt.begin(), prompt.end()) {
   p_.validate();
@@ -85,21 +103,7 @@ SampledToken Sampler::sample(const float* logits, int64_t vocab) {
       }
   }
 
-  // Log-probabilities of the model's own distribution.
-  const float mx = *std::max_element(logits, logits + vocab);
-  double z = 0;
-  for (int64_t i = 0; i < vocab; ++i) z += std::exp(double(logits[i]) - mx);
-  const double log_z = double(mx) + std::log(z);
-  auto logprob = [&](int32_t id) { return TokenLogprob{id, float(double(logits[id]) - log_z)}; };
-  SampledToken out{logprob(pick), {}};
-  if (p_.logprobs > 0) {
-    std::vector<int32_t> ids(static_cast<size_t>(vocab));
-    std::iota(ids.begin(), ids.end(), 0);
-    const int64_t n = std::min<int64_t>(p_.logprobs, vocab);
-    std::partial_sort(ids.begin(), ids.begin() + n, ids.end(),
-                      [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
-    for (int64_t i = 0; i < n; ++i) out.top.push_back(logprob(ids[size_t(i)]));
-  }
+  SampledToken out = score_token(logits, vocab, pick, p_.logprobs);
   ++generated_[pick];
   seen_[size_t(pick)] = true;
   return out;

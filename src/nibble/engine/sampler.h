@@ -13,10 +13,8 @@
 
 namespace nibble {
 
-struct SampledToken {
-  TokenLogprob token;  // logprob NaN when the step took the executor's greedy ids (Sampler::plain_greedy)
-  std::vector<TokenLogprob> top;
-};
+// `id`'s log-probability under one row of logits (the model's distribution) and the top_n most likely.
+SampledToken score_token(const float* logits, int64_t vocab, int32_t id, int top_n);
 
 // One request's sampler: its parameters, its generator, and the tokens it has seen (penalties).
 class Sampler {

@@ -16,9 +16,10 @@ Scheduler::Scheduler(KVPool& kv, SchedulerOptions opt) : kv_(kv), opt_(opt) {
   check(opt.max_batch_tokens >= 1, "scheduler", "--max-batch-tokens must be >= 1, got {}", opt.max_batch_tokens);
 }
 
-void Scheduler::add(RequestId id, std::vector<int32_t> prompt) {
+void Scheduler::add(RequestId id, std::vector<int32_t> prompt, bool score_prompt) {
   auto s = std::make_unique<Sequence>();
   s->id = id;
+  s->score_prompt = score_prompt;
   s->prompt_len = int64_t(prompt.size());
   s->tokens = std::move(prompt);
   waiting_.push_back(s.get());
@@ -63,7 +64,7 @@ void Scheduler::attach(Sequence& s) {
   // The longest cached run of whole pages s starts with, leaving at least its last token to compute.
   const CachedPrefix* best = nullptr;
   int64_t best_len = 0;
-  if (opt_.prefix_caching)
+  if (opt_.prefix_caching && !s.score_prompt)
     for (const CachedPrefix& p : prefixes_) {
       const int64_t limit = std::min<int64_t>(int64_t(p.tokens.size()), int64_t(s.tokens.size()) - 1);
       const int64_t same = std::mismatch(p.tokens.begin(), p.tokens.begin() + std::max<int64_t>(limit, 0),
@@ -103,9 +104,11 @@ Scheduler::Step Scheduler::schedule() {
   Step step;
   int64_t budget = opt_.max_batch_tokens;
   auto plan = [&](Sequence& s, int64_t n) {
-    step.batch.push_back({s.kv, std::span(s.tokens).subspan(size_t(s.cached), size_t(n)), false});
+    step.batch.push_back({s.kv, std::span(s.tokens).subspan(size_t(s.cached), size_t(n)),
+                          s.score_prompt && s.cached < s.prompt_len});
     step.requests.push_back(s.id);
     step.samples.push_back(s.cached + n == int64_t(s.tokens.size()));
+    step.starts.push_back(s.cached);
     budget -= n;
   };
   // Running sequences, oldest first: a preemption only ever takes one not planned yet.

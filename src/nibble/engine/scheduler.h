@@ -42,13 +42,16 @@ class Scheduler {
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
-  void add(RequestId id, std::vector<int32_t> prompt);
+  // score_prompt: every prompt token is computed (no cached prefix) with its own row of logits.
+  void add(RequestId id, std::vector<int32_t> prompt, bool score_prompt = false);
   // This step's entries (tokens point into the scheduler's sequences: valid until update), with
   // room reserved for each, and which of them reach their sequence's last token: those get a new one.
+  // An entry of a score_prompt sequence that holds prompt tokens asks for all_logits.
   struct Step {
     std::vector<BatchEntry> batch;
     std::vector<RequestId> requests;
     std::vector<bool> samples;
+    std::vector<int64_t> starts;  // the position of each entry's first token in its sequence
   };
   Step schedule();
   // After the step ran: the entries' tokens are cached; `sampled` holds one token for each entry
@@ -71,6 +74,7 @@ class Scheduler {
     int64_t cached = 0;           // tokens in the pool
     uint64_t admitted = 0;        // admission tick: the highest is preempted first
     bool prompt_cached = false;   // its prompt's full pages went into the prefix cache
+    bool score_prompt = false;
   };
   // A pool sequence holding whole pages of tokens for later requests to fork. On the GPU its pages
   // are reference counted by the pool: evicting it frees only those no running sequence shares.

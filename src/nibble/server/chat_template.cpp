@@ -31,12 +31,60 @@ const char* chat_format_name(ChatFormat f) {
   return "?";
 }
 
-ChatTemplate ChatTemplate::named(const std::string& name, std::string bos, std::string eos) {
+ChatTemplate ChatTemplate::named(const std::string& name) {
   for (ChatFormat f : kFormats)
-    if (name == chat_format_name(f)) return {f, std::move(bos), std::move(eos)};
+    if (name == chat_format_name(f))
+      return {f, f == ChatFormat::Llama3 ? "<|begin_of_text|>" : "<s>", f == ChatFormat::Llama3 ? "<|end_of_text|>" : "</s>"};
   throw Error("--chat-template", fmt::format("unknown chat template '{}': nibble renders llama-2, llama-3, mistral "
-                                             "and chatml",
+                                             "and chatml, or give a template file",
                                              name));
+}
+
+void ChatTemplate::use_tokens_of(const std::string& model_bos, const std::string& model_eos) {
+  if (!model_bos.empty()) bos = model_bos;
+  if (!model_eos.empty()) eos = model_eos;
+}
+
+namespace {
+// The format whose markers a Jinja template's text holds; `where` names it in the error.
+ChatFormat recognise(const std::string& text, const std::string& where) {
+  // Llama-2 is checked before Mistral, whose [INST] it shares.
+  if (text.find("<|im_start|>") != std::string::npos) return ChatFormat::ChatML;
+  if (text.find("<|start_header_id|>") != std::string::npos) return ChatFormat::Llama3;
+  if (text.find("<<SYS>>") != std::string::npos) return ChatFormat::Llama2;
+  if (text.find("[INST]") != std::string::npos) return ChatFormat::Mistral;
+  throw Error(where, "chat_template is none of the formats nibble renders (llama-2, llama-3, mistral, chatml): give "
+                     "--chat-template NAME");
+}
+
+// A tokenizer_config.json's chat_template (a string, or a list of named ones whose "default"
+// serves chat); empty when it has none.
+std::string template_text(const nlohmann::json& config, const std::string& where) {
+  auto it = config.find("chat_template");
+  if (it == config.end() || it->is_null()) return "";
+  std::string text;
+  if (it->is_string()) {
+    text = it->get<std::string>();
+  } else if (it->is_array()) {
+    for (const auto& t : *it)
+      if (t.value("name", "") == "default" && t.contains("template") && t["template"].is_string()) text = t["template"];
+  }
+  check(!text.empty(), where, "chat_template is neither a string nor a list with a \"default\" template");
+  return text;
+}
+}  // namespace
+
+ChatTemplate ChatTemplate::from_option(const std::string& file_or_name) {
+  if (!std::filesystem::is_regular_file(file_or_name)) return named(file_or_name);
+  std::ifstream in(file_or_name, std::ios::binary);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const nlohmann::json config = nlohmann::json::parse(text, nullptr, false);
+  if (config.is_object()) {  // a tokenizer_config.json
+    const std::string tmpl = template_text(config, file_or_name);
+    check(!tmpl.empty(), file_or_name, "no chat_template in this JSON file");
+    return named(chat_format_name(recognise(tmpl, file_or_name)));
+  }
+  return named(chat_format_name(recognise(text, file_or_name)));
 }
 
 std::optional<ChatTemplate> ChatTemplate::from_model(const std::filesystem::path& model_dir) {
@@ -45,27 +93,11 @@ std::optional<ChatTemplate> ChatTemplate::from_model(const std::filesystem::path
   std::ifstream in(path);
   nlohmann::json config = nlohmann::json::parse(in, nullptr, false);
   check(!config.is_discarded(), path.string(), "not valid JSON");
-  auto it = config.find("chat_template");
-  if (it == config.end() || it->is_null()) return std::nullopt;
-  // A list of named templates: the "default" one serves chat.
-  std::string text;
-  if (it->is_string()) {
-    text = it->get<std::string>();
-  } else if (it->is_array()) {
-    for (const auto& t : *it)
-      if (t.value("name", "") == "default" && t.contains("template") && t["template"].is_string()) text = t["template"];
-  }
-  check(!text.empty(), path.string(), "chat_template is neither a string nor a list with a \"default\" template");
-  // Each format's markers; Llama-2 is checked before Mistral, whose [INST] it shares.
-  ChatFormat format;
-  if (text.find("<|im_start|>") != std::string::npos) format = ChatFormat::ChatML;
-  else if (text.find("<|start_header_id|>") != std::string::npos) format = ChatFormat::Llama3;
-  else if (text.find("<<SYS>>") != std::string::npos) format = ChatFormat::Llama2;
-  else if (text.find("[INST]") != std::string::npos) format = ChatFormat::Mistral;
-  else
-    throw Error(path.string(), "chat_template is none of the formats nibble renders (llama-2, llama-3, mistral, "
-                               "chatml): give --chat-template NAME");
-  return ChatTemplate{format, token_text(config, "bos_token", "<s>"), token_text(config, "eos_token", "</s>")};
+  const std::string text = template_text(config, path.string());
+  if (text.empty()) return std::nullopt;
+  ChatTemplate t = named(chat_format_name(recognise(text, path.string())));
+  t.use_tokens_of(token_text(config, "bos_token", ""), token_text(config, "eos_token", ""));
+  return t;
 }
 
 std::string ChatTemplate::end_of_turn() const {
@@ -75,6 +107,15 @@ std::string ChatTemplate::end_of_turn() const {
     default: return eos;
   }
 }
+
+namespace {
+// Python's str.strip() / Jinja's trim, for ASCII whitespace.
+std::string strip(const std::string& s) {
+  const char* space = " \t\n\r\v\f";
+  const size_t a = s.find_first_not_of(space);
+  return a == std::string::npos ? "" : s.substr(a, s.find_last_not_of(space) - a + 1);
+}
+}  // namespace
 
 std::string ChatTemplate::render(const std::vector<ChatMessage>& messages) const {
   check(!messages.empty(), "messages", "no message to answer");
@@ -86,10 +127,9 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages) const
   std::string out;
   switch (format) {
     case ChatFormat::Llama3:
-      out = "<|begin_of_text|>";
       for (const auto& m : messages)
-        out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + m.content + "<|eot_id|>";
-      return out + "<|start_header_id|>assistant<|end_header_id|>\n\n";
+        out += "<|start_header_id|>" + m.role + "<|end_header_id|>\n\n" + strip(m.content) + "<|eot_id|>";
+      return bos + out + "<|start_header_id|>assistant<|end_header_id|>\n\n";
     case ChatFormat::ChatML:
       for (const auto& m : messages) out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
       return out + "<|im_start|>assistant\n";
@@ -106,16 +146,14 @@ std::string ChatTemplate::render(const std::vector<ChatMessage>& messages) const
       }
       const bool llama2 = format == ChatFormat::Llama2;
       if (!llama2) out = bos;  // Mistral opens the conversation with BOS, Llama-2 every user turn
-      bool first_user = true;
       for (size_t i = first; i < messages.size(); ++i) {
         const auto& m = messages[i];
-        check(m.role != "system", fmt::format("messages[{}].role", i), "a system message must come first");
-        if (m.role == "user") {
-          out += (llama2 ? bos : "") + "[INST] " + (first_user ? system : "") + m.content + " [/INST]";
-          first_user = false;
-        } else {
-          out += llama2 ? " " + m.content + " " + eos : m.content + eos;
-        }
+        // Their templates raise_exception unless the turns go user, assistant, user, ...
+        check(m.role == ((i - first) % 2 == 0 ? "user" : "assistant"), fmt::format("messages[{}].role", i),
+              "'{}': after an optional system message, the turns must alternate user/assistant/user/...", m.role);
+        const std::string content = (i == first ? system : "") + m.content;
+        if (m.role == "user") out += (llama2 ? bos + "[INST] " + strip(content) : "[INST] " + content) + " [/INST]";
+        else out += llama2 ? " " + strip(content) + " " + eos : content + eos;
       }
       return out;
     }

@@ -77,7 +77,7 @@ CpuExecutor::CpuExecutor(Model& model, const RuntimeOptions& opt)
     : model_(model),
       pool_(model, opt.max_context > 0 ? opt.max_context : model.config().max_position_embeddings,
             // --kv-pages bounds the pool as on the GPU (pages of 16 tokens); else only memory does.
-            opt.kv_pages > 0 ? opt.kv_pages * kKVPageTokens : int64_t(1) << 40) {}
+            opt.kv_pages > 0 ? opt.kv_pages * kKVPageTokens : kUnboundedKVTokens) {}
 
 void CpuExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>& logits) {
   std::vector<Step> steps;
