@@ -46,8 +46,12 @@ void check_case(LinearFp16& blas, int64_t M, int64_t N, int64_t K, uint64_t seed
       float got;
       if constexpr (sizeof(Out) == 2) got = fp16_to_float(reinterpret_cast<const uint16_t&>(y[size_t(m * N + n)]));
       else got = y[size_t(m * N + n)];
-      // fp32 accumulation (K-term sums, well under 1e-5 of the magnitude) + the output's rounding.
-      const double tol = 1e-5 * mag + (sizeof(Out) == 2 ? std::ldexp(std::abs(ref), -10) + 1e-7 : 1e-7);
+      // fp32 accumulation (K-term sums, well under 1e-5 of the magnitude) + the output's rounding;
+      // cuBLAS (beyond the streaming rows) may round twice to fp16 (measured on the H200: 1.01x the
+      // single-rounding bound once in 84 cases), so its rows get two roundings.
+      const int roundings = M > LinearFp16::kGemvMaxRows ? 2 : 1;
+      const double tol =
+          1e-5 * mag + (sizeof(Out) == 2 ? roundings * std::ldexp(std::abs(ref), -11) + 1e-7 : 1e-7);
       ASSERT_TRUE(std::isfinite(got)) << "row " << m << " col " << n << " was not written";
       worst = std::max(worst, std::abs(double(got) - ref) / tol);
       ASSERT_LE(std::abs(double(got) - ref), tol) << "M " << M << " N " << N << " K " << K << " at (" << m << ", " << n << ")";
