@@ -5,6 +5,7 @@
 #include "nibble/io/output_file.h"
 #include "nibble/io/packed.h"
 #include "nibble/io/text_file.h"
+#include "nibble/backend/backend.h"
 #include "nibble/core/interrupt.h"
 #include "nibble/quant/quantize_checkpoint.h"
 #include "tools/commands.h"
@@ -18,12 +19,17 @@ struct QuantizeArgs {
   RecipeOptions recipe;
   bool json = false, resume = false;
   int64_t layers = 0;
+  std::string device = "cpu";
 };
 
 void run_quantize(const QuantizeArgs& a) {
   namespace fs = std::filesystem;
   if (a.json) Progress::set_quiet(!isatty(2));
   const quant::Recipe recipe = a.recipe.build();
+  if (a.device == "cuda") {
+    std::string why;
+    check(cuda_device_available(&why), "--device cuda", "{}", why);
+  }
   const fs::path tokenizer = a.tokenizer.empty() ? fs::path(a.model) : fs::path(a.tokenizer);
   const fs::path inputs[] = {a.model, tokenizer, a.calib};
   check_output_path(a.out, inputs);  // before the work, not after
@@ -52,6 +58,7 @@ void run_quantize(const QuantizeArgs& a) {
   opt.calib_where = a.calib;
   opt.resume = a.resume;
   opt.stop_after_layers = a.layers;
+  opt.on_device = a.device == "cuda";
   const quant::CheckpointQuantizeResult res = quant::quantize_checkpoint(recipe, calib, opt);
   const quant::QuantizeReport& report = res.report;
   for (const auto& w : report.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
@@ -101,6 +108,10 @@ void add_quantize_command(CLI::App& app) {
   cmd->add_option("-o,--output", a->out,
                   "packed model file to write (a regular file, not one of the inputs; replaced only when complete)")
       ->required();
+  cmd->add_option("--device", a->device,
+                  "where the calibration statistics and GPTQ's linear algebra run: cpu (the reference) or cuda "
+                  "(the forward passes stay on the CPU)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--resume", a->resume,
                 "continue an interrupted run of the same recipe and inputs from its last finished layer "
                 "(kept in .OUTPUT.partial beside the output)");

@@ -129,7 +129,7 @@ void add_spilled(SafetensorsWriter& w, const fs::path& file) {
 }  // namespace
 
 fs::path partial_dir(const fs::path& out) {
-  return out.parent_path() / ("." + out.filename().string() + ".partial");
+  return out.parent_path() / fmt::format(".{}.partial", out.filename().string());
 }
 
 int64_t expected_packed_bytes(const Recipe& r, const ModelConfig& c, int src_bytes) {
@@ -203,7 +203,7 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
     res.weight_bytes = (c.vocab_size * c.hidden_size + c.hidden_size) * 2 +
                        (c.tie_word_embeddings ? 0 : c.vocab_size * c.hidden_size * src_bytes);
     LayerQuantizer q(*model, recipe, calib_tokens, opt.calib_where,
-                     [&](std::span<const int32_t> w) { return embedder->embed(w); }, report);
+                     [&](std::span<const int32_t> w) { return embedder->embed(w); }, report, opt.on_device);
     embedder.reset();
     const int64_t last = opt.stop_after_layers > 0 ? std::min(L, opt.stop_after_layers) : L;
 

@@ -28,6 +28,7 @@ struct CheckpointQuantizeOptions {
   bool resume = false;              // continue the unfinished run of the same recipe and inputs
   int64_t stop_after_layers = 0;    // > 0: quantize this many layers, keep the work folder, write no output
   bool show_progress = true;
+  bool on_device = false;           // statistics and GPTQ on the CUDA device (LayerQuantizer)
 };
 
 struct CheckpointQuantizeResult {

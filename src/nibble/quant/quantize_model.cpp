@@ -108,8 +108,9 @@ struct Pending {
 }  // namespace
 
 LayerQuantizer::LayerQuantizer(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
-                               const std::string& calib_where, const Embed& embed, QuantizeReport& report)
-    : model_(model), recipe_(recipe), report_(report) {
+                               const std::string& calib_where, const Embed& embed, QuantizeReport& report,
+                               bool on_device)
+    : model_(model), recipe_(recipe), report_(report), on_device_(on_device) {
   const ModelConfig& c = model.config();
   recipe.validate(c);
   model.set_fp16_activations(recipe.fp16_activations);  // calibrate as the quantized model will run
@@ -172,7 +173,7 @@ void LayerQuantizer::quantize(int l) {
     model.set_observer([&, with_xtx](int, LinearSlot s, int e, const float* x, int64_t rows) {
       auto [it, inserted] = fp_stats.try_emplace({s, e});
       const int64_t dim = s == LinearSlot::Down ? I : s == LinearSlot::O ? c.q_dim() : c.hidden_size;
-      if (inserted) it->second = InputStats(dim, with_xtx && s != LinearSlot::Router);
+      if (inserted) it->second = InputStats(dim, with_xtx && s != LinearSlot::Router, on_device_);
       it->second.add(x, rows);
     });
   };
@@ -266,7 +267,7 @@ void LayerQuantizer::quantize(int l) {
         for (int64_t k = 0; k < K; ++k) xg[size_t(r * K + k)] = x[r * K + (p.perm.empty() ? k : p.perm[size_t(k)])];
       if (recipe.hessian_from_quantized_inputs) quantize_activations(xg.data(), rows, K, p.spec);
       auto [it, inserted] = quantized_inputs.try_emplace(p.key);
-      if (inserted) it->second = InputStats(K, true);
+      if (inserted) it->second = InputStats(K, true, on_device_);
       it->second.add(xg.data(), rows);
     });
     for (const auto& h : q_stream_) {
@@ -304,6 +305,7 @@ void LayerQuantizer::quantize(int l) {
       opt.block = recipe.gptq_block;
       opt.percdamp = recipe.percdamp;
       opt.clip_search = recipe.clip_search;
+      opt.on_device = on_device_;
       GptqResult g = gptq_quantize(p.weight, N, K, hit->second, p.spec, opt, where);
       *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                               std::move(g.keeper_fp16), std::move(p.bias));

@@ -35,9 +35,11 @@ struct QuantizeReport {
 class LayerQuantizer {
  public:
   using Embed = std::function<std::vector<float>(std::span<const int32_t> tokens)>;
-  // Samples the calibration windows and embeds them with `embed`; statistics and timings go to `report`.
+  // Samples the calibration windows and embeds them with `embed`; statistics and timings go to
+  // `report`. on_device: the statistics and GPTQ's linear algebra on the CUDA device
+  // (quant/device_math.h); the forward passes stay on the CPU.
   LayerQuantizer(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
-                 const std::string& calib_where, const Embed& embed, QuantizeReport& report);
+                 const std::string& calib_where, const Embed& embed, QuantizeReport& report, bool on_device = false);
   // False when the recipe changes no linear (fp16): layers stay as they are.
   bool active() const { return active_; }
   // Steps 1-4: model.layers()[l] (full precision) gets its QuantLinears; advances the
@@ -58,6 +60,7 @@ class LayerQuantizer {
   Model& model_;
   const Recipe& recipe_;
   QuantizeReport& report_;
+  bool on_device_;
   bool active_ = false, fused_stats_ = false, need_fp_stream_ = false, need_q_stream_ = false;
   int64_t ctx_ = 0;
   std::vector<std::vector<float>> fp_stream_, q_stream_;
