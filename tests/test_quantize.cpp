@@ -731,21 +731,30 @@ TEST_F(QuantizeCheckpoint, InterruptedRunLeavesNoOutputAndResumesToTheSameBytes)
   for (const Recipe& r : {small_atom(), compat}) {
     SCOPED_TRACE(r.describe());
     auto opt = options(stories(), "q.safetensors");
-    // A signal before layer 0: an error naming the way on, nothing under the output's name.
-    request_interrupt();
-    try {
-      quant::quantize_checkpoint(r, calib, opt);
+    auto interrupted = [&] {
+      request_interrupt();
+      try {
+        quant::quantize_checkpoint(r, calib, opt);
+      } catch (const Error& e) {
+        return std::string(e.what());
+      }
       ADD_FAILURE() << "an interrupted run finished";
-    } catch (const Error& e) {
-      EXPECT_NE(std::string(e.what()).find("interrupted"), std::string::npos) << e.what();
-      EXPECT_NE(std::string(e.what()).find("--resume"), std::string::npos) << e.what();
-    }
+      return std::string();
+    };
+    // A signal before layer 0: nothing under the output's name, and nothing left to resume.
+    const std::string first = interrupted();
+    EXPECT_NE(first.find("interrupted"), std::string::npos) << first;
     EXPECT_FALSE(fs::exists(opt.out));
-    // Two layers, then stopped (as a crash after layer 1 would leave it); then resumed.
+    EXPECT_FALSE(fs::exists(quant::partial_dir(opt.out)));
+    // Two layers (as a crash after layer 1 would leave them), then a signal while resuming.
     opt.stop_after_layers = 2;
     auto part = quant::quantize_checkpoint(r, calib, opt);
     EXPECT_EQ(part.bytes, 0);
     EXPECT_EQ(part.layers_done, 2);
+    opt.stop_after_layers = 0;
+    opt.resume = true;
+    const std::string second = interrupted();
+    EXPECT_NE(second.find("run again with --resume"), std::string::npos) << second;
     EXPECT_FALSE(fs::exists(opt.out));
     EXPECT_TRUE(fs::exists(quant::partial_dir(opt.out) / "layer-00001.safetensors"));
     opt.stop_after_layers = 0;

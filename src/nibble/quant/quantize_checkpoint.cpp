@@ -101,6 +101,16 @@ int64_t finished_layers(const fs::path& work, const std::string& hash, int64_t n
   return n;
 }
 
+// What a failed run leaves: the work folder when it holds finished layers (said, for --resume),
+// else nothing.
+std::string unfinished(const fs::path& work) {
+  if (fs::is_regular_file(layer_file(work, 0)))
+    return fmt::format("; the finished layers stay in {}: run again with --resume to continue", work.string());
+  std::error_code ec;
+  fs::remove_all(work, ec);
+  return "";
+}
+
 // Copies the tensors of the work folder's files into the output, one tensor in memory at a time
 // (read with pread, not through the mapping, so the pages do not stay in this process's RSS).
 void add_spilled(SafetensorsWriter& w, const fs::path& file) {
@@ -183,7 +193,6 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
 
   QuantizeReport& report = res.report;
   const auto t_start = std::chrono::steady_clock::now();
-  const std::string hint = fmt::format("; the finished layers stay in {}: run again with --resume to continue", work.string());
   try {
     // The tensors outside the layers, and the calibration windows' embeddings; the embedding is
     // held in fp32 only for this (less than a layer).
@@ -236,25 +245,22 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
     }
     res.layers_done = last;
     if (opt.show_progress) progress.finish(fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6));
+    // The output, unless stopped early on request (then the work folder is the result): every
+    // tensor copied from the work folder, in the writer's (name) order.
+    if (res.layers_done == L) {
+      SafetensorsWriter w;
+      add_spilled(w, work / kOuterFile);
+      for (int l = 0; l < int(L); ++l) add_spilled(w, layer_file(work, l));
+      add_packed_metadata(w, c, res.recipe.to_json().dump(), opt.model, source_sha256, opt.tokenizer);
+      w.write(opt.out, inputs);
+      fs::remove_all(work);
+      res.bytes = int64_t(fs::file_size(opt.out));
+    }
   } catch (const Error& e) {
-    throw Error(e.where(), e.reason() + hint);
+    throw Error(e.where(), e.reason() + unfinished(work));
   } catch (const std::bad_alloc&) {
-    throw Error(opt.out.string(), "out of memory" + hint);
+    throw Error(opt.out.string(), "out of memory" + unfinished(work));
   }
-  if (res.layers_done < L) {  // stopped early on request: the work folder is the result
-    report.seconds = seconds_since(t_start);
-    report.peak_rss_bytes = std::max(report.peak_rss_bytes, peak_rss_bytes());
-    return res;
-  }
-
-  // The output: every tensor copied from the work folder, in the writer's (name) order.
-  SafetensorsWriter w;
-  add_spilled(w, work / kOuterFile);
-  for (int l = 0; l < int(L); ++l) add_spilled(w, layer_file(work, l));
-  add_packed_metadata(w, c, res.recipe.to_json().dump(), opt.model, source_sha256, opt.tokenizer);
-  w.write(opt.out, inputs);
-  fs::remove_all(work);
-  res.bytes = int64_t(fs::file_size(opt.out));
   report.seconds = seconds_since(t_start);
   report.peak_rss_bytes = std::max(report.peak_rss_bytes, peak_rss_bytes());
   return res;
