@@ -64,7 +64,7 @@ DenseLinear& dense(Linear& l) {
 }
 
 // W[:, c] := W[:, perm[c]]
-std::vector<float> gather_columns(const std::vector<float>& w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
+std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
   if (perm.empty()) return w;
   std::vector<float> out(w.size());
   for (int64_t n = 0; n < N; ++n)
@@ -215,7 +215,8 @@ void LayerQuantizer::quantize(int l) {
     DenseLinear& d = dense(**slot);
     const int64_t N = d.out_features(), K = d.in_features();
     std::vector<int32_t> order = folded.empty() ? perm : folded;
-    Pending p{slot, perm, std::move(order), gather_columns(d.weight(), N, K, perm), fp16_rounded(d.bias()),
+    // The weight moves into GPTQ's order: the linear is replaced before it runs again.
+    Pending p{slot, perm, std::move(order), gather_columns(std::move(d.weight()), N, K, perm), fp16_rounded(d.bias()),
               recipe.linear_spec(K, lw + " " + name), key, name};
     // Group-rotated recipes hold W·Hᵀ from here on, so every pass computes the same products.
     if (p.spec.group_hadamard) rotate_groups(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
@@ -248,6 +249,7 @@ void LayerQuantizer::quantize(int l) {
       if (it == fp_stats.end() || !it->second.has_xtx()) continue;
       hessians[p.key] = permute_hessian(it->second.xtx(), p.order);
     }
+    fp_stats.clear();  // the orders are chosen: only the permuted Hessians are needed from here
   } else if (recipe.gptq) {
     std::map<Key, InputStats> quantized_inputs;
     std::map<Key, const Pending*> by_key;
@@ -307,6 +309,8 @@ void LayerQuantizer::quantize(int l) {
       opt.clip_search = recipe.clip_search;
       opt.on_device = on_device_;
       GptqResult g = gptq_quantize(p.weight, N, K, hit->second, p.spec, opt, where);
+      std::vector<float>().swap(p.weight);  // a layer's linears in flight hold one fp32 copy less
+      std::vector<double>().swap(hit->second);
       *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                               std::move(g.keeper_fp16), std::move(p.bias));
     } else {
