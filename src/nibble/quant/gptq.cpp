@@ -60,7 +60,7 @@ std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K
   return on_device ? device_inverse_cholesky_upper(std::move(H), K, where) : inverse_cholesky_upper(std::move(H), K, where);
 }
 
-GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, const std::vector<double>& xtx,
+GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std::vector<double> xtx,
                          const LinearQuantSpec& spec, const GptqOptions& opt, const std::string& where) {
   check(int64_t(xtx.size()) == K * K, where, "GPTQ: Hessian is {} values for K = {}", xtx.size(), K);
   const int64_t M = K - spec.keeper;
@@ -71,7 +71,11 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
   const std::optional<FormatSpec> kspec = keeper_spec(spec.keeper_precision);
 
   std::vector<char> dead;
-  const std::vector<double> U = gptq_inverse_hessian_factor(xtx, K, opt.percdamp, &dead, where, opt.on_device);
+  // diag(H): how much each input channel's rounding error costs at the output.
+  std::vector<double> hdiag(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) hdiag[size_t(k)] = xtx[size_t(k * K + k)];
+  const std::vector<double> U =
+      gptq_inverse_hessian_factor(std::move(xtx), K, opt.percdamp, &dead, where, opt.on_device);
   std::vector<double> W(Wf.begin(), Wf.end());
   for (int64_t k = 0; k < K; ++k)
     if (dead[size_t(k)])
@@ -91,9 +95,6 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
   std::vector<uint8_t> keeper_codes(size_t(N * spec.keeper));
   std::vector<float> keeper_scales(static_cast<size_t>(N));
 
-  // diag(H): how much each input channel's rounding error costs at the output.
-  std::vector<double> hdiag(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) hdiag[size_t(k)] = xtx[size_t(k * K + k)];
   auto best_clip_scale = [&](const FormatSpec& fs, const GroupStats& stats, int64_t n0, int row_group, int64_t k0,
                              int64_t width) {
     GroupScale best{};

@@ -32,8 +32,9 @@ struct GptqResult {
   double loss = 0;                         // Σ (w - q)² / d², GPTQ's own error measure
 };
 
-// W: [N, K] row-major, channels already permuted. xtx: XᵀX [K, K] of the inputs in the same order.
-GptqResult gptq_quantize(const std::vector<float>& W, int64_t N, int64_t K, const std::vector<double>& xtx,
+// W: [N, K] row-major, channels already permuted. xtx: XᵀX [K, K] of the inputs in the same order
+// (taken by value: a caller done with it moves it in, and GPTQ factors it in place).
+GptqResult gptq_quantize(const std::vector<float>& W, int64_t N, int64_t K, std::vector<double> xtx,
                          const LinearQuantSpec& spec, const GptqOptions& opt, const std::string& where);
 
 // Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), row-major [K, K], after GPTQ's dead-channel and

@@ -308,9 +308,8 @@ void LayerQuantizer::quantize(int l) {
       opt.percdamp = recipe.percdamp;
       opt.clip_search = recipe.clip_search;
       opt.on_device = on_device_;
-      GptqResult g = gptq_quantize(p.weight, N, K, hit->second, p.spec, opt, where);
+      GptqResult g = gptq_quantize(p.weight, N, K, std::move(hit->second), p.spec, opt, where);
       std::vector<float>().swap(p.weight);  // a layer's linears in flight hold one fp32 copy less
-      std::vector<double>().swap(hit->second);
       *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
                                               std::move(g.keeper_fp16), std::move(p.bias));
     } else {
