@@ -115,8 +115,8 @@ std::string unfinished(const fs::path& work) {
 // (read with pread, not through the mapping, so the pages do not stay in this process's RSS).
 void add_spilled(SafetensorsWriter& w, const fs::path& file) {
   auto f = SafetensorsFile::open(file);
-  for (const auto& [name, t] : f->tensors()) {
-    const std::string path = file.string();
+  for (const auto& [tensor_name, t] : f->tensors()) {
+    const std::string path = file.string(), name = tensor_name;  // clang 14 captures no structured binding
     const uint64_t offset = t.offset;
     w.add_generated(name, t.dtype, t.shape, [path, offset, name](std::span<uint8_t> out) {
       const int fd = ::open(path.c_str(), O_RDONLY);
