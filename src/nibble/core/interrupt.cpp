@@ -1,5 +1,6 @@
 #include "nibble/core/interrupt.h"
 
+#include <atomic>
 #include <csignal>
 
 #include "nibble/core/error.h"
@@ -7,10 +8,12 @@
 namespace nibble {
 
 namespace {
-volatile std::sig_atomic_t g_interrupted = 0;
+// Lock-free, so safe in a signal handler; atomic, since OpenMP threads check it (GPTQ's linears).
+std::atomic<bool> g_interrupted{false};
+static_assert(std::atomic<bool>::is_always_lock_free);
 
 void on_signal(int sig) {
-  g_interrupted = 1;
+  g_interrupted = true;
   std::signal(sig, SIG_DFL);  // the second one ends the process
 }
 }  // namespace
@@ -20,13 +23,10 @@ void install_interrupt_handler() {
   std::signal(SIGTERM, on_signal);
 }
 
-void request_interrupt() { g_interrupted = 1; }
+void request_interrupt() { g_interrupted = true; }
 
 void throw_if_interrupted(const std::string& where) {
-  if (g_interrupted) {
-    g_interrupted = 0;
-    throw Error(where, "interrupted (signal received)");
-  }
+  if (g_interrupted.exchange(false)) throw Error(where, "interrupted (signal received)");  // one thread throws
 }
 
 }  // namespace nibble

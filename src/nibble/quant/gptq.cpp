@@ -7,6 +7,7 @@
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/core/interrupt.h"
 #include "nibble/quant/device_math.h"
 
 extern "C" {
@@ -162,6 +163,7 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
   };
   for (int64_t i1 = 0, i2; i1 < K; i1 = i2) {
     i2 = block_end(i1);
+    throw_if_interrupted(where);  // a 7B down_proj takes minutes on a CPU
     const int64_t count = i2 - i1;
     // A group (or the keepers) entered here reads all its columns to choose its scales.
     if (device) device->fetch(W.data(), i1, i1 < M && i1 % group == 0 ? i1 + group : i1 == M ? K : i2);
