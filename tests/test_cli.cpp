@@ -171,12 +171,12 @@ TEST_F(Cli, QuantizeRefusesToOverwriteItsInput) {
 }
 
 // A write that fails half-way (here: a 100 KiB file size limit, SIGXFSZ ignored) leaves neither
-// a partial output nor a temporary file.
+// a partial output nor a temporary file (nor quantize's work folder: no layer was finished).
 TEST_F(Cli, FailedWriteLeavesNoTemporary) {
   REQUIRE_STORIES();
   const Result r = nibble(quantize_args(stories(), "packed.safetensors"), "ulimit -f 100; trap '' XFSZ;");
   EXPECT_EQ(r.status, 1) << r.err;
-  EXPECT_NE(r.err.find("nibble: error: packed.safetensors: write failed"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("write failed"), std::string::npos) << r.err;
   for (const auto& e : fs::directory_iterator(dir_)) ADD_FAILURE() << "left behind: " << e.path();
 }
 

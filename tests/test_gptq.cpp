@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include "nibble/core/error.h"
+#include "nibble/core/interrupt.h"
 #include "nibble/quant/gptq.h"
 
 namespace nibble::quant {
@@ -234,6 +236,20 @@ TEST(Gptq, DeadChannelsAreZeroed) {
   for (int64_t k = 0; k < p.K; ++k) p.H[size_t(5 * p.K + k)] = p.H[size_t(k * p.K + 5)] = 0;
   const GptqResult g = gptq_quantize(p.W, p.N, p.K, p.H, int4_spec(32, 1, 0), GptqOptions{}, "test");
   for (int64_t n = 0; n < p.N; ++n) EXPECT_EQ(g.main.codes[size_t(n * p.K + 5)], 0);
+}
+
+// Ctrl-C during GPTQ (minutes for a 7B down_proj on a CPU) stops it at the next block, naming the
+// linear, instead of after the whole layer; the flag is taken by that one throw.
+TEST(Gptq, InterruptStopsAtTheNextBlock) {
+  Problem p = make_problem(8, 64, 100, 4);
+  request_interrupt();
+  try {
+    gptq_quantize(p.W, p.N, p.K, p.H, int4_spec(32, 1, 0), GptqOptions{}, "layer 3 down_proj");
+    FAIL() << "GPTQ ran to the end after a signal";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("layer 3 down_proj: interrupted"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(gptq_quantize(p.W, p.N, p.K, p.H, int4_spec(32, 1, 0), GptqOptions{}, "test"));
 }
 
 }  // namespace

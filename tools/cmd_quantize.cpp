@@ -1,11 +1,13 @@
-// nibble quantize -m DIR --recipe atom-w4a4 -f CALIB_TEXT -o FILE
+// nibble quantize -m DIR --recipe atom-w4a4 -f CALIB_TEXT -o FILE [--resume] [--layers N]
 #include <cstdio>
 
 #include "nibble/core/progress.h"
 #include "nibble/io/output_file.h"
 #include "nibble/io/packed.h"
 #include "nibble/io/text_file.h"
-#include "nibble/quant/quantize_model.h"
+#include "nibble/backend/backend.h"
+#include "nibble/core/interrupt.h"
+#include "nibble/quant/quantize_checkpoint.h"
 #include "tools/commands.h"
 #include "tools/recipe_options.h"
 
@@ -15,13 +17,19 @@ namespace {
 struct QuantizeArgs {
   std::string model, tokenizer, calib, out;
   RecipeOptions recipe;
-  bool json = false;
+  bool json = false, resume = false;
+  int64_t layers = 0;
+  std::string device = "cpu";
 };
 
 void run_quantize(const QuantizeArgs& a) {
   namespace fs = std::filesystem;
   if (a.json) Progress::set_quiet(!isatty(2));
   const quant::Recipe recipe = a.recipe.build();
+  if (a.device == "cuda") {
+    std::string why;
+    check(cuda_device_available(&why), "--device cuda", "{}", why);
+  }
   const fs::path tokenizer = a.tokenizer.empty() ? fs::path(a.model) : fs::path(a.tokenizer);
   const fs::path inputs[] = {a.model, tokenizer, a.calib};
   check_output_path(a.out, inputs);  // before the work, not after
@@ -33,9 +41,8 @@ void run_quantize(const QuantizeArgs& a) {
                                    tokenizer_json.string(), a.out));
     std::fprintf(stderr, "warning: %s\n", warnings.back().c_str());
   }
-  auto model = Model::load(a.model);
-  check(model->metadata().count("nibble.recipe") == 0, a.model, "this is already a quantized nibble file");
-  recipe.validate(model->config());
+  check(!fs::is_regular_file(a.model), a.model,
+        "is a file: give a Hugging Face checkpoint directory (a packed file is already quantized)");
   std::vector<int32_t> calib;
   if (recipe.needs_calibration()) {
     check(!a.calib.empty(), "quantize", "recipe '{}' needs calibration text: give -f FILE (e.g. calib.txt)", recipe.name);
@@ -43,24 +50,44 @@ void run_quantize(const QuantizeArgs& a) {
     calib = tok.encode(read_text_file(a.calib), tok.bos_id() >= 0);
   }
   std::fprintf(stderr, "quantizing %s with %s\n", a.model.c_str(), recipe.describe().c_str());
-  const quant::QuantizeReport report = quant::quantize_model(*model, recipe, calib, a.calib);
+  install_interrupt_handler();  // Ctrl-C unwinds: the temporary files go, the finished layers stay
+  quant::CheckpointQuantizeOptions opt;
+  opt.model = a.model;
+  opt.tokenizer = tokenizer;
+  opt.out = a.out;
+  opt.calib_where = a.calib;
+  opt.resume = a.resume;
+  opt.stop_after_layers = a.layers;
+  opt.on_device = a.device == "cuda";
+  const quant::CheckpointQuantizeResult res = quant::quantize_checkpoint(recipe, calib, opt);
+  const quant::QuantizeReport& report = res.report;
   for (const auto& w : report.warnings) std::fprintf(stderr, "warning: %s\n", w.c_str());
   warnings.insert(warnings.end(), report.warnings.begin(), report.warnings.end());
-  quant::Recipe used = recipe;  // the file records the window length the calibration really used
-  if (report.calib_ctx > 0) used.calib_ctx = report.calib_ctx;
-  const int64_t bytes = save_packed_model(*model, used.to_json().dump(), tokenizer, a.out);
+  const bool complete = res.bytes > 0;
   if (a.json) {
-    nlohmann::json j = {{"out", a.out},         {"bytes", bytes},
-                        {"weight_bytes", model->storage_bytes()}, {"recipe", used.to_json()},
-                        {"seconds", report.seconds}, {"stats_seconds", report.stats_seconds},
-                        {"quantize_seconds", report.quantize_seconds}, {"advance_seconds", report.advance_seconds},
+    nlohmann::json j = {{"out", complete ? nlohmann::json(a.out) : nlohmann::json()},
+                        {"bytes", res.bytes},
+                        {"weight_bytes", res.weight_bytes},
+                        {"recipe", res.recipe.to_json()},
+                        {"layers_done", res.layers_done},
+                        {"layers_resumed", res.layers_resumed},
+                        {"seconds", report.seconds},
+                        {"stats_seconds", report.stats_seconds},
+                        {"quantize_seconds", report.quantize_seconds},
+                        {"advance_seconds", report.advance_seconds},
                         {"peak_rss_bytes", report.peak_rss_bytes},
                         {"warnings", warnings}};
     std::printf("%s\n", j.dump().c_str());
     return;
   }
-  std::printf("wrote %s: %.2f MB (weights %.2f MB), recipe %s\n", a.out.c_str(), double(bytes) / 1e6,
-              double(model->storage_bytes()) / 1e6, recipe.describe().c_str());
+  if (complete)
+    std::printf("wrote %s: %.2f MB (weights %.2f MB), recipe %s\n", a.out.c_str(), double(res.bytes) / 1e6,
+                double(res.weight_bytes) / 1e6, recipe.describe().c_str());
+  else
+    std::printf("stopped after %lld layers as asked (--layers): they are in %s; no output written "
+                "(run again with --resume to continue)\n",
+                (long long)res.layers_done, res.work_dir.c_str());
+  if (res.layers_resumed > 0) std::printf("resumed: %lld layers read back from the unfinished run\n", (long long)res.layers_resumed);
   if (report.calib_windows > 0)
     std::printf("calibration: %lld windows of %lld tokens; ", (long long)report.calib_windows,
                 (long long)report.calib_ctx);
@@ -81,6 +108,16 @@ void add_quantize_command(CLI::App& app) {
   cmd->add_option("-o,--output", a->out,
                   "packed model file to write (a regular file, not one of the inputs; replaced only when complete)")
       ->required();
+  cmd->add_option("--device", a->device,
+                  "where the calibration statistics and GPTQ's linear algebra run: cpu (the reference) or cuda "
+                  "(the forward passes stay on the CPU)")
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_flag("--resume", a->resume,
+                "continue an interrupted run of the same recipe and inputs from its last finished layer "
+                "(kept in .OUTPUT.partial beside the output)");
+  cmd->add_option("--layers", a->layers,
+                  "stop after this many layers, keeping them for --resume and writing no output (measurements)")
+      ->check(CLI::PositiveNumber);
   cmd->add_flag("--json", a->json, "stdout is one JSON object (the summary), progress and warnings on stderr");
   a->recipe.add_to(cmd, true);
   cmd->callback([a] { run_quantize(*a); });

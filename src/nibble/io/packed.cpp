@@ -5,11 +5,10 @@
 #include <set>
 #include <sstream>
 
-#include <openssl/evp.h>
-
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
 #include "nibble/core/json.h"
+#include "nibble/core/sha256.h"
 #include "nibble/io/safetensors.h"
 #include "nibble/quant/quant_linear.h"
 #include "nibble/quant/recipe.h"
@@ -106,26 +105,22 @@ std::string read_file_bytes(const std::filesystem::path& p) {
   return ss.str();
 }
 
-// SHA-256 (OpenSSL's libcrypto) of the checkpoint's .safetensors files, concatenated in the order
-// Checkpoint lists them (file-name order): reading them back costs a fraction of loading them.
+}  // namespace
+
 std::string checkpoint_sha256(const Checkpoint& ckpt) {
-  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
-  check(ctx && EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) == 1, ckpt.where(), "cannot start SHA-256");
+  Sha256 sha;
   std::vector<char> buf(1 << 20);
   for (const auto& f : ckpt.files()) {
     std::ifstream in(f->path(), std::ios::binary);
     check(bool(in), f->path(), "cannot read the file to hash it");
     while (in.read(buf.data(), std::streamsize(buf.size())) || in.gcount() > 0)
-      EVP_DigestUpdate(ctx.get(), buf.data(), size_t(in.gcount()));
+      sha.update({buf.data(), size_t(in.gcount())});
     check(in.eof(), f->path(), "read failed while hashing");
   }
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int n = 0;
-  check(EVP_DigestFinal_ex(ctx.get(), digest, &n) == 1, ckpt.where(), "SHA-256 failed");
-  std::string hex;
-  for (unsigned int i = 0; i < n; ++i) hex += fmt::format("{:02x}", digest[i]);
-  return hex;
+  return sha.hex();
 }
+
+namespace {
 
 // Reads the packed tensors back, checking each against the shape the config and recipe imply.
 class PackedReader {
@@ -247,29 +242,54 @@ class PackedReader {
   mutable std::set<std::string> read_;
 };
 
+Layer read_layer(const PackedReader& r, const ModelConfig& c, int l) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  Layer layer;
+  layer.attn_norm = r.floats(fmt::format("model.layers.{}.input_layernorm.weight", l), {H});
+  layer.mlp_norm = r.floats(fmt::format("model.layers.{}.post_attention_layernorm.weight", l), {H});
+  layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H, true);
+  layer.o = r.linear(o_name(l), H, c.q_dim(), true);
+  const bool moe = c.num_experts > 0;
+  if (moe) layer.router = r.linear(router_name(l), c.num_experts, H, false);
+  for (int64_t e = 0; e < (moe ? c.num_experts : 1); ++e) {
+    const std::string p = expert_prefix(l, int(e), moe);
+    layer.experts.push_back({r.linear(p + "gate_up_proj", 2 * I, H, true), r.linear(p + "down_proj", H, I, false)});
+  }
+  return layer;
+}
+
 }  // namespace
 
-int64_t save_packed_model(const Model& model, const std::string& recipe_json,
-                          const std::filesystem::path& tokenizer, const std::filesystem::path& out) {
-  const ModelConfig& c = model.config();
-  SafetensorsWriter w;
-  add_exact_floats(w, "model.embed_tokens.weight", model.embedding(), {c.vocab_size, c.hidden_size});
-  for (int l = 0; l < int(c.num_layers); ++l) {
-    const Layer& layer = model.layers()[size_t(l)];
-    add_exact_floats(w, fmt::format("model.layers.{}.input_layernorm.weight", l), layer.attn_norm, {c.hidden_size});
-    add_exact_floats(w, fmt::format("model.layers.{}.post_attention_layernorm.weight", l), layer.mlp_norm,
-                     {c.hidden_size});
-    add_linear(w, qkv_name(l), *layer.qkv);
-    add_linear(w, o_name(l), *layer.o);
-    if (layer.router) add_linear(w, router_name(l), *layer.router);
-    for (size_t e = 0; e < layer.experts.size(); ++e) {
-      const std::string p = expert_prefix(l, int(e), bool(layer.router));
-      add_linear(w, p + "gate_up_proj", *layer.experts[e].gate_up);
-      add_linear(w, p + "down_proj", *layer.experts[e].down);
-    }
+Layer load_packed_layer(const SafetensorsFile& file, const ModelConfig& c, const quant::Recipe& recipe, int l) {
+  PackedReader r(file, recipe);
+  Layer layer = read_layer(r, c, l);
+  r.check_all_read();
+  return layer;
+}
+
+void add_packed_layer(SafetensorsWriter& w, const Layer& layer, int l, int64_t hidden) {
+  add_exact_floats(w, fmt::format("model.layers.{}.input_layernorm.weight", l), layer.attn_norm, {hidden});
+  add_exact_floats(w, fmt::format("model.layers.{}.post_attention_layernorm.weight", l), layer.mlp_norm, {hidden});
+  add_linear(w, qkv_name(l), *layer.qkv);
+  add_linear(w, o_name(l), *layer.o);
+  if (layer.router) add_linear(w, router_name(l), *layer.router);
+  for (size_t e = 0; e < layer.experts.size(); ++e) {
+    const std::string p = expert_prefix(l, int(e), bool(layer.router));
+    add_linear(w, p + "gate_up_proj", *layer.experts[e].gate_up);
+    add_linear(w, p + "down_proj", *layer.experts[e].down);
   }
-  add_exact_floats(w, "model.norm.weight", const_cast<Model&>(model).final_norm(), {c.hidden_size});
-  if (!c.tie_word_embeddings) add_linear(w, "lm_head", const_cast<Model&>(model).lm_head());
+}
+
+void add_packed_outer(SafetensorsWriter& w, const ModelConfig& c, const std::vector<float>& embedding,
+                      const std::vector<float>& final_norm, const Linear* lm_head) {
+  add_exact_floats(w, "model.embed_tokens.weight", embedding, {c.vocab_size, c.hidden_size});
+  add_exact_floats(w, "model.norm.weight", final_norm, {c.hidden_size});
+  if (!c.tie_word_embeddings) add_linear(w, "lm_head", *lm_head);
+}
+
+void add_packed_metadata(SafetensorsWriter& w, const ModelConfig& c, const std::string& recipe_json,
+                         const std::filesystem::path& source, const std::string& source_sha256,
+                         const std::filesystem::path& tokenizer) {
   const std::filesystem::path tokenizer_json =
       std::filesystem::is_directory(tokenizer) ? tokenizer / "tokenizer.json" : tokenizer;
   for (const auto& [name, p] : {std::pair{"tokenizer.json", tokenizer_json},
@@ -283,9 +303,18 @@ int64_t save_packed_model(const Model& model, const std::string& recipe_json,
   w.set_metadata("nibble.version", NIBBLE_VERSION);
   w.set_metadata("nibble.recipe", recipe_json);
   w.set_metadata("nibble.config", c.to_json().dump());
-  const std::filesystem::path source(model.source());
   w.set_metadata("nibble.source", std::filesystem::absolute(source).lexically_normal().filename().string());
-  w.set_metadata("nibble.source_sha256", checkpoint_sha256(Checkpoint::open(source)));
+  w.set_metadata("nibble.source_sha256", source_sha256);
+}
+
+int64_t save_packed_model(const Model& model, const std::string& recipe_json,
+                          const std::filesystem::path& tokenizer, const std::filesystem::path& out) {
+  const ModelConfig& c = model.config();
+  SafetensorsWriter w;
+  for (int l = 0; l < int(c.num_layers); ++l) add_packed_layer(w, model.layers()[size_t(l)], l, c.hidden_size);
+  add_packed_outer(w, c, model.embedding(), model.final_norm(), &model.lm_head());
+  const std::filesystem::path source(model.source());
+  add_packed_metadata(w, c, recipe_json, source, checkpoint_sha256(Checkpoint::open(source)), tokenizer);
   const std::filesystem::path inputs[] = {source, tokenizer};
   w.write(out, inputs);
   return int64_t(std::filesystem::file_size(out));
@@ -312,24 +341,10 @@ std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file) {
   const quant::Recipe recipe = quant::Recipe::from_json(json_of("nibble.recipe"), path + " (metadata nibble.recipe)");
   recipe.validate(c);
   PackedReader r(file, recipe);
-  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  const int64_t H = c.hidden_size;
   std::vector<float> embedding = r.floats("model.embed_tokens.weight", {c.vocab_size, H});
   std::vector<Layer> layers;
-  for (int l = 0; l < int(c.num_layers); ++l) {
-    Layer layer;
-    layer.attn_norm = r.floats(fmt::format("model.layers.{}.input_layernorm.weight", l), {H});
-    layer.mlp_norm = r.floats(fmt::format("model.layers.{}.post_attention_layernorm.weight", l), {H});
-    layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H, true);
-    layer.o = r.linear(o_name(l), H, c.q_dim(), true);
-    const bool moe = c.num_experts > 0;
-    if (moe) layer.router = r.linear(router_name(l), c.num_experts, H, false);
-    for (int64_t e = 0; e < (moe ? c.num_experts : 1); ++e) {
-      const std::string p = expert_prefix(l, int(e), moe);
-      layer.experts.push_back(
-          {r.linear(p + "gate_up_proj", 2 * I, H, true), r.linear(p + "down_proj", H, I, false)});
-    }
-    layers.push_back(std::move(layer));
-  }
+  for (int l = 0; l < int(c.num_layers); ++l) layers.push_back(read_layer(r, c, l));
   std::vector<float> final_norm = r.floats("model.norm.weight", {H});
   std::unique_ptr<Linear> head = c.tie_word_embeddings
                                      ? std::make_unique<DenseLinear>(H, c.vocab_size, embedding, std::vector<float>{})

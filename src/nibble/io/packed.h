@@ -16,6 +16,7 @@
 
 #include "nibble/io/safetensors.h"
 #include "nibble/model/model.h"
+#include "nibble/quant/recipe.h"
 #include "nibble/tokenizer/tokenizer.h"
 
 namespace nibble {
@@ -26,6 +27,21 @@ namespace nibble {
 // (never over the source or the tokenizer files). Returns the bytes written.
 int64_t save_packed_model(const Model& model, const std::string& recipe_json,
                           const std::filesystem::path& tokenizer, const std::filesystem::path& out);
+
+// The pieces save_packed_model writes, for writers that hold one layer at a time
+// (quant/quantize_checkpoint.h): one layer's tensors; the embedding, final norm and (untied) LM
+// head; the tokenizer files and metadata. The same pieces in any order make the same file.
+void add_packed_layer(SafetensorsWriter& w, const Layer& layer, int l, int64_t hidden);
+void add_packed_outer(SafetensorsWriter& w, const ModelConfig& c, const std::vector<float>& embedding,
+                      const std::vector<float>& final_norm, const Linear* lm_head);
+void add_packed_metadata(SafetensorsWriter& w, const ModelConfig& c, const std::string& recipe_json,
+                         const std::filesystem::path& source, const std::string& source_sha256,
+                         const std::filesystem::path& tokenizer);
+// SHA-256 (OpenSSL's libcrypto) of the checkpoint's .safetensors files, concatenated in the order
+// Checkpoint lists them (file-name order): reading them back costs a fraction of loading them.
+std::string checkpoint_sha256(const Checkpoint& ckpt);
+// Layer l of a file holding the tensors add_packed_layer wrote (and nothing else but a tokenizer).
+Layer load_packed_layer(const SafetensorsFile& file, const ModelConfig& c, const quant::Recipe& recipe, int l);
 
 std::unique_ptr<Model> load_packed_model(const std::filesystem::path& path);
 // The same from a file already open (commands read the model and its tokenizer from one opening;

@@ -293,6 +293,7 @@ Checkpoint Checkpoint::open(const std::filesystem::path& path) {
     for (const auto& [name, info] : f->tensors()) {
       check(!c.index_.count(name), f->path(), "tensor '{}' also appears in another shard", name);
       c.index_[name] = &info;
+      c.shard_of_[name] = f->path();
     }
   return c;
 }
@@ -309,17 +310,43 @@ std::vector<std::string> Checkpoint::names() const {
   return out;
 }
 
-std::vector<float> Checkpoint::load_f32(const std::string& name, const std::vector<int64_t>& expected) const {
+std::string Checkpoint::describe(const std::string& name) {
+  constexpr std::string_view prefix = "model.layers.";
+  if (!name.starts_with(prefix)) return fmt::format("tensor '{}'", name);
+  const std::string rest = name.substr(prefix.size());
+  return fmt::format("layer {}, tensor '{}'", rest.substr(0, rest.find('.')), name);
+}
+
+const TensorInfo& Checkpoint::check_tensor(const std::string& name, const std::vector<int64_t>& expected) const {
   const TensorInfo& t = get(name);
   if (!expected.empty() && t.shape != expected) {
     TensorInfo e;
     e.shape = expected;
-    throw Error(where_, fmt::format("tensor '{}' has shape {} but the config implies {}", name, t.shape_str(),
+    throw Error(where_, fmt::format("{} has shape {} but the config implies {}", describe(name), t.shape_str(),
                                     e.shape_str()));
   }
-  check(dtype_is_float(t.dtype), where_, "tensor '{}' has dtype {}, expected a floating-point type", name,
+  check(dtype_is_float(t.dtype), where_, "{} has dtype {}, expected a floating-point type", describe(name),
         dtype_name(t.dtype));
-  return finite_f32(t, where_);
+  // The shard is mapped: had it shrunk since it was opened (rewritten, a copy still arriving),
+  // reading the tensor would kill the process with SIGBUS instead of saying so.
+  const std::string& file = shard_of_.at(name);
+  struct stat st {};
+  check(::stat(file.c_str(), &st) == 0, file, "{}: the shard is gone: {}", describe(name), std::strerror(errno));
+  check(uint64_t(st.st_size) >= t.offset + t.nbytes, file,
+        "{}: the shard is now {} bytes, shorter than the tensor's end at byte {} (truncated after it was opened)",
+        describe(name), st.st_size, t.offset + t.nbytes);
+  return t;
+}
+
+std::vector<float> Checkpoint::load_f32(const std::string& name, const std::vector<int64_t>& expected) const {
+  const TensorInfo& t = check_tensor(name, expected);
+  std::vector<float> out = finite_f32(t, where_);
+  // The mapped pages now count in this process's RSS; they stay in the page cache, but out of
+  // the RSS, so that a checkpoint read layer by layer does not add up to its whole size.
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t start = uintptr_t(t.data) & ~(page - 1), end = uintptr_t(t.data) + t.nbytes;
+  if (t.nbytes > 0) madvise(reinterpret_cast<void*>(start), end - start, MADV_DONTNEED);
+  return out;
 }
 
 namespace {

@@ -84,12 +84,18 @@ class Checkpoint {
   const std::vector<std::shared_ptr<SafetensorsFile>>& files() const { return files_; }
   // The tensor as fp32, after checking its shape equals `expected` (empty: any shape).
   std::vector<float> load_f32(const std::string& name, const std::vector<int64_t>& expected = {}) const;
+  // load_f32's checks without reading: the shape, a float dtype, and the shard (mapped) still
+  // holding the tensor's bytes, so that a shard truncated mid-run is named, not a SIGBUS.
+  const TensorInfo& check_tensor(const std::string& name, const std::vector<int64_t>& expected = {}) const;
+  // "layer 3, tensor 'model.layers.3.mlp.up_proj.weight'" (or "tensor 'name'" outside the layers).
+  static std::string describe(const std::string& name);
   std::string where() const { return where_; }
 
  private:
   std::string where_;
   std::vector<std::shared_ptr<SafetensorsFile>> files_;
   std::map<std::string, const TensorInfo*> index_;
+  std::map<std::string, std::string> shard_of_;  // tensor name -> its file
 };
 
 // Collects tensors and writes one safetensors file (8-byte aligned data, sorted names).

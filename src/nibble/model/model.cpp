@@ -48,12 +48,16 @@ namespace {
 // Reads the linears of a Hugging Face checkpoint; `prefix` is e.g. "model.layers.3.".
 class CheckpointReader {
  public:
-  CheckpointReader(const Checkpoint& ckpt) : ckpt_(ckpt) {}
+  // headers_only: every tensor is checked (name, shape, dtype, bytes present) but none is read:
+  // tensors come back empty and linears null.
+  CheckpointReader(const Checkpoint& ckpt, bool headers_only = false) : ckpt_(ckpt), headers_only_(headers_only) {}
 
   std::vector<float> tensor(const std::string& name, std::vector<int64_t> shape) {
     params_ += std::accumulate(shape.begin(), shape.end(), int64_t(1), std::multiplies<>());
     read_.insert(name);
-    return ckpt_.load_f32(name, shape);
+    if (!headers_only_) return ckpt_.load_f32(name, shape);
+    ckpt_.check_tensor(name, shape);
+    return {};
   }
   // Marks a tensor the model knowingly does without (it is recomputed or duplicated).
   void skip(const std::string& name) { read_.insert(name); }
@@ -79,6 +83,7 @@ class CheckpointReader {
       }
       total_out += outs[i];
     }
+    if (headers_only_) return nullptr;
     return std::make_unique<DenseLinear>(in, total_out, std::move(w), std::move(b),
                                          storage_bytes(names[0] + ".weight"));
   }
@@ -87,9 +92,74 @@ class CheckpointReader {
 
  private:
   const Checkpoint& ckpt_;
+  bool headers_only_;
   int64_t params_ = 0;
   std::set<std::string> read_;
 };
+
+Layer read_layer(CheckpointReader& r, const ModelConfig& c, int64_t l) {
+  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  const std::string p = fmt::format("model.layers.{}.", l);
+  Layer layer;
+  layer.attn_norm = r.tensor(p + "input_layernorm.weight", {H});
+  layer.mlp_norm = r.tensor(p + "post_attention_layernorm.weight", {H});
+  layer.qkv = r.stacked({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"},
+                        {c.q_dim(), c.kv_dim(), c.kv_dim()}, H, c.attention_bias);
+  layer.o = r.stacked({p + "self_attn.o_proj"}, {H}, c.q_dim(), false);
+  if (c.arch == Arch::Mixtral) {
+    const std::string moe = p + "block_sparse_moe.";
+    layer.router = r.stacked({moe + "gate"}, {c.num_experts}, H, false);
+    for (int64_t e = 0; e < c.num_experts; ++e) {
+      const std::string ex = fmt::format("{}experts.{}.", moe, e);
+      layer.experts.push_back({r.stacked({ex + "w1", ex + "w3"}, {I, I}, H, false),
+                               r.stacked({ex + "w2"}, {H}, I, false)});
+    }
+  } else {
+    layer.experts.push_back({r.stacked({p + "mlp.gate_proj", p + "mlp.up_proj"}, {I, I}, H, false),
+                             r.stacked({p + "mlp.down_proj"}, {H}, I, false)});
+  }
+  return layer;
+}
+
+// The whole model through `r`; keep_weights false (a headers-only reader) keeps only empty layer slots.
+std::unique_ptr<Model> read_model(CheckpointReader& r, const Checkpoint& ckpt, const ModelConfig& c,
+                                  const std::string& source, bool keep_weights) {
+  auto m = std::make_unique<Model>(c, source);
+  const int64_t H = c.hidden_size;
+  std::vector<float> embedding = r.tensor("model.embed_tokens.weight", {c.vocab_size, H});
+  std::vector<Layer> layers;
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    Layer layer = read_layer(r, c, l);
+    layers.push_back(keep_weights ? std::move(layer) : Layer{});
+  }
+  std::vector<float> final_norm = r.tensor("model.norm.weight", {H});
+  std::unique_ptr<Linear> head;
+  if (c.tie_word_embeddings || !ckpt.has("lm_head.weight")) {
+    check(c.tie_word_embeddings, ckpt.where(), "tensor 'lm_head.weight' not found and tie_word_embeddings is false");
+    if (keep_weights)
+      head = std::make_unique<DenseLinear>(H, c.vocab_size, embedding, std::vector<float>{},
+                                           r.storage_bytes("model.embed_tokens.weight"));
+    r.skip("lm_head.weight");  // some tied checkpoints store a copy; transformers ignores it too
+  } else {
+    head = r.stacked({"lm_head"}, {c.vocab_size}, H, false);
+  }
+  // Older checkpoints store each layer's RoPE frequencies; they are recomputed from the config.
+  for (const std::string& name : ckpt.names())
+    if (name.ends_with(".self_attn.rotary_emb.inv_freq")) r.skip(name);
+  r.check_all_read();
+  if (!keep_weights) return std::make_unique<Model>(c, source, std::vector<float>{}, std::move(layers),
+                                                    std::vector<float>{}, nullptr);
+  return std::make_unique<Model>(c, source, std::move(embedding), std::move(layers), std::move(final_norm),
+                                 std::move(head));
+}
+
+ModelConfig checkpoint_config(const std::filesystem::path& path) {
+  namespace fs = std::filesystem;
+  check(fs::is_directory(path), path.string(),
+        "not a model directory (expected a Hugging Face checkpoint folder with config.json and *.safetensors)");
+  check(fs::exists(path / "config.json"), path.string(), "no config.json in this directory");
+  return ModelConfig::from_file(path / "config.json");
+}
 
 }  // namespace
 
@@ -97,52 +167,21 @@ std::unique_ptr<Model> Model::load(const std::filesystem::path& path) {
   namespace fs = std::filesystem;
   check(fs::exists(path), path.string(), "no such file or folder");
   if (fs::is_regular_file(path)) return load_packed_model(path);
-  check(fs::is_directory(path), path.string(),
-        "not a model directory (expected a Hugging Face checkpoint folder with config.json and *.safetensors)");
-  check(fs::exists(path / "config.json"), path.string(), "no config.json in this directory");
-  ModelConfig c = ModelConfig::from_file(path / "config.json");
+  const ModelConfig c = checkpoint_config(path);
   const Checkpoint ckpt = Checkpoint::open(path);
-  auto m = std::make_unique<Model>(c, path.string());
   CheckpointReader r(ckpt);
-  const int64_t H = c.hidden_size, I = c.intermediate_size;
+  return read_model(r, ckpt, c, path.string(), true);
+}
 
-  m->embedding_ = r.tensor("model.embed_tokens.weight", {c.vocab_size, H});
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const std::string p = fmt::format("model.layers.{}.", l);
-    Layer layer;
-    layer.attn_norm = r.tensor(p + "input_layernorm.weight", {H});
-    layer.mlp_norm = r.tensor(p + "post_attention_layernorm.weight", {H});
-    layer.qkv = r.stacked({p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"},
-                          {c.q_dim(), c.kv_dim(), c.kv_dim()}, H, c.attention_bias);
-    layer.o = r.stacked({p + "self_attn.o_proj"}, {H}, c.q_dim(), false);
-    if (c.arch == Arch::Mixtral) {
-      const std::string moe = p + "block_sparse_moe.";
-      layer.router = r.stacked({moe + "gate"}, {c.num_experts}, H, false);
-      for (int64_t e = 0; e < c.num_experts; ++e) {
-        const std::string ex = fmt::format("{}experts.{}.", moe, e);
-        layer.experts.push_back({r.stacked({ex + "w1", ex + "w3"}, {I, I}, H, false),
-                                 r.stacked({ex + "w2"}, {H}, I, false)});
-      }
-    } else {
-      layer.experts.push_back({r.stacked({p + "mlp.gate_proj", p + "mlp.up_proj"}, {I, I}, H, false),
-                               r.stacked({p + "mlp.down_proj"}, {H}, I, false)});
-    }
-    m->layers_.push_back(std::move(layer));
-  }
-  m->final_norm_ = r.tensor("model.norm.weight", {H});
-  if (c.tie_word_embeddings || !ckpt.has("lm_head.weight")) {
-    check(c.tie_word_embeddings, ckpt.where(), "tensor 'lm_head.weight' not found and tie_word_embeddings is false");
-    m->lm_head_ = std::make_unique<DenseLinear>(H, c.vocab_size, m->embedding_,
-                                                std::vector<float>{}, r.storage_bytes("model.embed_tokens.weight"));
-    r.skip("lm_head.weight");  // some tied checkpoints store a copy; transformers ignores it too
-  } else {
-    m->lm_head_ = r.stacked({"lm_head"}, {c.vocab_size}, H, false);
-  }
-  // Older checkpoints store each layer's RoPE frequencies; they are recomputed from the config.
-  for (const std::string& name : ckpt.names())
-    if (name.ends_with(".self_attn.rotary_emb.inv_freq")) r.skip(name);
-  r.check_all_read();
-  return m;
+std::unique_ptr<Model> Model::open_layers(const std::filesystem::path& path, const Checkpoint& ckpt) {
+  const ModelConfig c = checkpoint_config(path);
+  CheckpointReader r(ckpt, /*headers_only=*/true);
+  return read_model(r, ckpt, c, path.string(), false);
+}
+
+void Model::load_layer(const Checkpoint& ckpt, int l) {
+  CheckpointReader r(ckpt);
+  layers_[size_t(l)] = read_layer(r, config_, l);
 }
 
 int64_t Model::parameter_count() const {
@@ -160,13 +199,17 @@ int64_t Model::parameter_count() const {
 int64_t Model::storage_bytes() const {
   // Embedding and norms as 16-bit values; every linear at its own storage size.
   int64_t n = int64_t(embedding_.size() + final_norm_.size()) * 2;
-  for (const Layer& layer : layers_) {
-    n += int64_t(layer.attn_norm.size() + layer.mlp_norm.size()) * 2 + layer.qkv->storage_bytes() +
-         layer.o->storage_bytes();
-    if (layer.router) n += layer.router->storage_bytes();
-    for (const Expert& e : layer.experts) n += e.gate_up->storage_bytes() + e.down->storage_bytes();
-  }
+  for (int l = 0; l < int(layers_.size()); ++l) n += layer_storage_bytes(l);
   if (!config_.tie_word_embeddings) n += lm_head_->storage_bytes();
+  return n;
+}
+
+int64_t Model::layer_storage_bytes(int l) const {
+  const Layer& layer = layers_[size_t(l)];
+  int64_t n = int64_t(layer.attn_norm.size() + layer.mlp_norm.size()) * 2 + layer.qkv->storage_bytes() +
+              layer.o->storage_bytes();
+  if (layer.router) n += layer.router->storage_bytes();
+  for (const Expert& e : layer.experts) n += e.gate_up->storage_bytes() + e.down->storage_bytes();
   return n;
 }
 

@@ -19,6 +19,8 @@
 
 namespace nibble {
 
+class Checkpoint;
+
 // Which linear of a layer; q/k/v are fused into one product, and so are gate/up.
 enum class LinearSlot { QKV, O, GateUp, Down, Router };
 const char* linear_slot_name(LinearSlot s);
@@ -54,6 +56,13 @@ class Model {
  public:
   // Loads a Hugging Face checkpoint directory (config.json + *.safetensors, sharded or not).
   static std::unique_ptr<Model> load(const std::filesystem::path& path);
+  // The same checkpoint (`ckpt` = Checkpoint::open(path)) without its weights: every tensor's
+  // name, shape and dtype checked against the config from the headers, nothing read; the layers
+  // are empty slots that load_layer fills and release_layer empties again (quantize_checkpoint
+  // holds one layer at a time). No embedding, final norm or LM head: it runs only run_layer.
+  static std::unique_ptr<Model> open_layers(const std::filesystem::path& path, const Checkpoint& ckpt);
+  void load_layer(const Checkpoint& ckpt, int l);
+  void release_layer(int l) { layers_[size_t(l)] = Layer{}; }
 
   const ModelConfig& config() const { return config_; }
   const std::string& source() const { return source_; }
@@ -98,6 +107,7 @@ class Model {
   int64_t parameter_count() const;
   // Bytes the weights take as stored (quantized linears at their packed size).
   int64_t storage_bytes() const;
+  int64_t layer_storage_bytes(int l) const;  // layer l's part of it
 
   Model(ModelConfig config, std::string source);
   // Assembles a model from parts (the packed-file loader).

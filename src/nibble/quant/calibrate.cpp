@@ -8,6 +8,7 @@
 
 #include "nibble/backend/cpu/ops.h"
 #include "nibble/core/error.h"
+#include "nibble/quant/device_math.h"
 
 namespace nibble::quant {
 
@@ -36,19 +37,25 @@ std::vector<std::vector<int32_t>> sample_calibration_windows(std::span<const int
   return windows;
 }
 
-InputStats::InputStats(int64_t dim, bool with_xtx)
-    : dim_(dim), sum_sq_(size_t(dim)), sum_abs_(size_t(dim)) {
-  if (with_xtx) xtx_.assign(size_t(dim * dim), 0.0);
+InputStats::InputStats(int64_t dim, bool with_xtx, bool on_device)
+    : dim_(dim), with_xtx_(with_xtx), sum_sq_(size_t(dim)), sum_abs_(size_t(dim)) {
+  if (on_device) device_ = make_device_stats(dim, with_xtx);
+  else if (with_xtx) xtx_.assign(size_t(dim * dim), 0.0);
 }
 
 void InputStats::add(const float* x, int64_t rows) {
+  count_ += rows;
+  if (device_) {
+    device_->add(x, rows);
+    read_ = false;
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < dim_; ++c) {
       const double v = x[r * dim_ + c];
       sum_sq_[size_t(c)] += v * v;
       sum_abs_[size_t(c)] += std::abs(v);
     }
-  count_ += rows;
   if (xtx_.empty()) return;
   // One window's product in fp32 through BLAS (exact enough over ~1k rows), summed in float64.
   std::vector<float> part(size_t(dim_ * dim_));
@@ -57,8 +64,16 @@ void InputStats::add(const float* x, int64_t rows) {
     for (int64_t j = i; j < dim_; ++j) xtx_[size_t(i * dim_ + j)] += part[size_t(i * dim_ + j)];
 }
 
+const InputStats& InputStats::read() const {
+  if (!read_) {
+    device_->read(sum_sq_, sum_abs_, with_xtx_ ? &xtx_ : nullptr);
+    read_ = true;
+  }
+  return *this;
+}
+
 std::vector<double> InputStats::xtx() const {
-  std::vector<double> full(xtx_);
+  std::vector<double> full(read().xtx_);
   for (int64_t i = 0; i < dim_; ++i)
     for (int64_t j = 0; j < i; ++j) full[size_t(i * dim_ + j)] = full[size_t(j * dim_ + i)];
   return full;

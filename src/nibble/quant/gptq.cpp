@@ -7,6 +7,8 @@
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/core/interrupt.h"
+#include "nibble/quant/device_math.h"
 
 extern "C" {
 // LAPACK (shipped inside OpenBLAS), Fortran calling convention, column-major.
@@ -16,20 +18,10 @@ void dpotri_(const char* uplo, const int* n, double* a, const int* lda, int* inf
 
 namespace nibble::quant {
 
-std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K, double percdamp,
-                                                std::vector<char>* dead, const std::string& where) {
-  // Channels that never fired carry no information: give them a unit diagonal (their weights are zeroed).
-  dead->assign(size_t(K), 0);
-  double mean_diag = 0;
-  for (int64_t i = 0; i < K; ++i) {
-    if (H[size_t(i * K + i)] == 0) {
-      (*dead)[size_t(i)] = 1;
-      H[size_t(i * K + i)] = 1;
-    }
-    mean_diag += H[size_t(i * K + i)];
-  }
-  mean_diag /= double(K);
-  for (int64_t i = 0; i < K; ++i) H[size_t(i * K + i)] += percdamp * mean_diag;
+namespace {
+
+// U with H⁻¹ = UᵀU (row-major, upper) by LAPACK.
+std::vector<double> inverse_cholesky_upper(std::vector<double> H, int64_t K, const std::string& where) {
   // H is symmetric, so row-major and column-major views coincide: factor with LAPACK directly.
   const int n = int(K);
   int info = 0;
@@ -50,7 +42,26 @@ std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K
   return U;
 }
 
-GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, const std::vector<double>& xtx,
+}  // namespace
+
+std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K, double percdamp,
+                                                std::vector<char>* dead, const std::string& where, bool on_device) {
+  // Channels that never fired carry no information: give them a unit diagonal (their weights are zeroed).
+  dead->assign(size_t(K), 0);
+  double mean_diag = 0;
+  for (int64_t i = 0; i < K; ++i) {
+    if (H[size_t(i * K + i)] == 0) {
+      (*dead)[size_t(i)] = 1;
+      H[size_t(i * K + i)] = 1;
+    }
+    mean_diag += H[size_t(i * K + i)];
+  }
+  mean_diag /= double(K);
+  for (int64_t i = 0; i < K; ++i) H[size_t(i * K + i)] += percdamp * mean_diag;
+  return on_device ? device_inverse_cholesky_upper(std::move(H), K, where) : inverse_cholesky_upper(std::move(H), K, where);
+}
+
+GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std::vector<double> xtx,
                          const LinearQuantSpec& spec, const GptqOptions& opt, const std::string& where) {
   check(int64_t(xtx.size()) == K * K, where, "GPTQ: Hessian is {} values for K = {}", xtx.size(), K);
   const int64_t M = K - spec.keeper;
@@ -61,11 +72,17 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
   const std::optional<FormatSpec> kspec = keeper_spec(spec.keeper_precision);
 
   std::vector<char> dead;
-  const std::vector<double> U = gptq_inverse_hessian_factor(xtx, K, opt.percdamp, &dead, where);
+  // diag(H): how much each input channel's rounding error costs at the output.
+  std::vector<double> hdiag(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) hdiag[size_t(k)] = xtx[size_t(k * K + k)];
+  const std::vector<double> U =
+      gptq_inverse_hessian_factor(std::move(xtx), K, opt.percdamp, &dead, where, opt.on_device);
   std::vector<double> W(Wf.begin(), Wf.end());
   for (int64_t k = 0; k < K; ++k)
     if (dead[size_t(k)])
       for (int64_t n = 0; n < N; ++n) W[size_t(n * K + k)] = 0;
+  // On the device, W's columns past the current block live there (the lazy updates land there).
+  const std::unique_ptr<DeviceGptqUpdate> device = opt.on_device ? make_device_gptq_update(W, N, K, U) : nullptr;
 
   GptqResult r;
   r.main.spec = wspec;
@@ -79,9 +96,6 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
   std::vector<uint8_t> keeper_codes(size_t(N * spec.keeper));
   std::vector<float> keeper_scales(static_cast<size_t>(N));
 
-  // diag(H): how much each input channel's rounding error costs at the output.
-  std::vector<double> hdiag(static_cast<size_t>(K));
-  for (int64_t k = 0; k < K; ++k) hdiag[size_t(k)] = xtx[size_t(k * K + k)];
   auto best_clip_scale = [&](const FormatSpec& fs, const GroupStats& stats, int64_t n0, int row_group, int64_t k0,
                              int64_t width) {
     GroupScale best{};
@@ -149,7 +163,10 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
   };
   for (int64_t i1 = 0, i2; i1 < K; i1 = i2) {
     i2 = block_end(i1);
+    throw_if_interrupted(where);  // a 7B down_proj takes minutes on a CPU
     const int64_t count = i2 - i1;
+    // A group (or the keepers) entered here reads all its columns to choose its scales.
+    if (device) device->fetch(W.data(), i1, i1 < M && i1 % group == 0 ? i1 + group : i1 == M ? K : i2);
     err.assign(size_t(N * count), 0.0);
     for (int64_t i = i1; i < i2; ++i) {
       if (i < M && i % group == 0) enter_group(i, group, wspec, wspec.row_group, false);
@@ -165,7 +182,8 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, con
         for (int64_t j = i + 1; j < i2; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)];
       }
     }
-    if (i2 < K)
+    if (i2 < K && device) device->update(err.data(), i1, i2);
+    else if (i2 < K)
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(K - i2), int(count), -1.0, err.data(),
                   int(count), U.data() + i1 * K + i2, int(K), 1.0, W.data() + i2, int(K));
   }

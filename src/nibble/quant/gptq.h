@@ -1,6 +1,6 @@
 // GPTQ (Frantar et al., 2022): quantize a weight column by column in the permuted (Atom) order,
 // spreading each column's rounding error over the columns not yet quantized through the inverse
-// Hessian of the layer's inputs. Float64 throughout, Cholesky from LAPACK, lazy batch updates.
+// Hessian of the layer's inputs. Float64 throughout, Cholesky from LAPACK (or cuSOLVER), lazy batch updates.
 // No act-order: Atom's reordering takes its place. Keeper columns (the last `keeper`) take part
 // in the compensation and are then stored at their own precision.
 #pragma once
@@ -20,6 +20,9 @@ struct GptqOptions {
   // Per group (and row group): the clip ratio in {1, 0.95, ..., 0.5} whose rounding error,
   // weighted by diag(H) (each input channel's energy), is smallest, instead of the fixed clip.
   bool clip_search = false;
+  // The factorisation (cuSOLVER) and the lazy batch updates (cuBLAS DGEMM) on the CUDA device,
+  // the column loop on the host (quant/device_math.h): the same codes but for rounding ties.
+  bool on_device = false;
 };
 
 struct GptqResult {
@@ -29,13 +32,15 @@ struct GptqResult {
   double loss = 0;                         // Σ (w - q)² / d², GPTQ's own error measure
 };
 
-// W: [N, K] row-major, channels already permuted. xtx: XᵀX [K, K] of the inputs in the same order.
-GptqResult gptq_quantize(const std::vector<float>& W, int64_t N, int64_t K, const std::vector<double>& xtx,
+// W: [N, K] row-major, channels already permuted. xtx: XᵀX [K, K] of the inputs in the same order
+// (taken by value: a caller done with it moves it in, and GPTQ factors it in place).
+GptqResult gptq_quantize(const std::vector<float>& W, int64_t N, int64_t K, std::vector<double> xtx,
                          const LinearQuantSpec& spec, const GptqOptions& opt, const std::string& where);
 
 // Upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), row-major [K, K], after GPTQ's dead-channel and
 // damping treatment of H: what the column loop reads. Exposed for tests.
 std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K, double percdamp,
-                                                std::vector<char>* dead, const std::string& where);
+                                                std::vector<char>* dead, const std::string& where,
+                                                bool on_device = false);
 
 }  // namespace nibble::quant

@@ -9,6 +9,7 @@
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/core/interrupt.h"
 #include "nibble/core/parallel.h"
 #include "nibble/core/progress.h"
 #include "nibble/quant/calibrate.h"
@@ -63,7 +64,7 @@ DenseLinear& dense(Linear& l) {
 }
 
 // W[:, c] := W[:, perm[c]]
-std::vector<float> gather_columns(const std::vector<float>& w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
+std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
   if (perm.empty()) return w;
   std::vector<float> out(w.size());
   for (int64_t n = 0; n < N; ++n)
@@ -106,206 +107,259 @@ struct Pending {
 
 }  // namespace
 
-QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
-                              const std::string& calib_where, bool show_progress) {
+LayerQuantizer::LayerQuantizer(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
+                               const std::string& calib_where, const Embed& embed, QuantizeReport& report,
+                               bool on_device)
+    : model_(model), recipe_(recipe), report_(report), on_device_(on_device) {
   const ModelConfig& c = model.config();
   recipe.validate(c);
-  QuantizeReport report;
-  Progress progress("quantize", c.num_layers, "layers");
   model.set_fp16_activations(recipe.fp16_activations);  // calibrate as the quantized model will run
-  if (!recipe.quantize_weights && !recipe.quantize_activations && !recipe.reorder) {
-    model.set_kv_format(recipe.kv);
-    return report;
-  }
+  active_ = recipe.quantize_weights || recipe.quantize_activations || recipe.reorder;  // as calib_window
   // Atom (--atom-compat) takes the reorder statistics from the FP model and GPTQ's Hessians from
   // the gathered, quantized inputs, which needs the order first: three passes per layer. The
   // default takes both from one pass over the calibration stream (earlier layers quantized, this
   // one full precision) and permutes the Hessians afterwards: two passes per layer.
-  const bool fused_stats = recipe.gptq && !recipe.hessian_from_quantized_inputs;
-  const bool need_fp_stream = recipe.reorder && !fused_stats;
-  const bool need_q_stream = recipe.gptq;
-  const int64_t ctx = recipe.calib_ctx > 0 ? recipe.calib_ctx : c.default_window();
-  if (recipe.needs_calibration() && ctx > c.max_position_embeddings)
+  fused_stats_ = recipe.gptq && !recipe.hessian_from_quantized_inputs;
+  need_fp_stream_ = recipe.reorder && !fused_stats_;
+  need_q_stream_ = recipe.gptq;
+  ctx_ = recipe.calib_ctx > 0 ? recipe.calib_ctx : c.default_window();
+  if (!active_ || !recipe.needs_calibration()) return;  // needs_calibration() = need_fp_stream_ || need_q_stream_
+  if (ctx_ > c.max_position_embeddings)
     report.warnings.push_back(fmt::format("calibration windows of {} tokens run past the model's context of {}: "
                                           "the statistics include positions the model never saw (as Atom's code "
                                           "does with its fixed 2048)",
-                                          ctx, c.max_position_embeddings));
-  std::vector<std::vector<float>> fp_stream, q_stream;
-  if (recipe.needs_calibration()) {  // = need_fp_stream || need_q_stream
-    report.calib_ctx = ctx;
-    report.calib_windows = recipe.calib_windows;
-    const int streams = int(need_fp_stream) + int(need_q_stream);
-    check_fits_in_memory(double(recipe.calib_windows) * double(ctx) * double(c.hidden_size) * sizeof(float) * streams,
-                         fmt::format("the hidden states of {} calibration windows of {} tokens", recipe.calib_windows,
-                                     ctx),
-                         calib_where);
-    const auto windows = sample_calibration_windows(calib_tokens, recipe.calib_windows, ctx, recipe.seed, calib_where);
-    for (const auto& w : windows) {
-      if (need_fp_stream) fp_stream.push_back(model.embed(w));
-      if (need_q_stream) q_stream.push_back(model.embed(w));
+                                          ctx_, c.max_position_embeddings));
+  report.calib_ctx = ctx_;
+  report.calib_windows = recipe.calib_windows;
+  check_fits_in_memory(double(stream_bytes(recipe, c)),
+                       fmt::format("the hidden states of {} calibration windows of {} tokens", recipe.calib_windows,
+                                   ctx_),
+                       calib_where);
+  const auto windows = sample_calibration_windows(calib_tokens, recipe.calib_windows, ctx_, recipe.seed, calib_where);
+  for (const auto& w : windows) {
+    if (need_fp_stream_) fp_stream_.push_back(embed(w));
+    if (need_q_stream_) q_stream_.push_back(embed(w));
+  }
+}
+
+int64_t LayerQuantizer::calib_window(const Recipe& recipe, const ModelConfig& c) {
+  const bool active = recipe.quantize_weights || recipe.quantize_activations || recipe.reorder;
+  if (!active || !recipe.needs_calibration()) return 0;
+  return recipe.calib_ctx > 0 ? recipe.calib_ctx : c.default_window();
+}
+
+int64_t LayerQuantizer::stream_bytes(const Recipe& recipe, const ModelConfig& c) {
+  const int64_t ctx = calib_window(recipe, c);
+  const bool fused = recipe.gptq && !recipe.hessian_from_quantized_inputs;
+  const int streams = int(recipe.reorder && !fused) + int(recipe.gptq);
+  return recipe.calib_windows * ctx * c.hidden_size * int64_t(sizeof(float)) * streams;
+}
+
+void LayerQuantizer::quantize(int l) {
+  if (!active_) return;
+  Model& model = model_;
+  const Recipe& recipe = recipe_;
+  QuantizeReport& report = report_;
+  const ModelConfig& c = model.config();
+  const int64_t ctx = ctx_, I = c.intermediate_size;
+  const KVFormat fp_kv{32, false, 1.0f};
+  Layer& layer = model.layers()[size_t(l)];
+  const std::string lw = fmt::format("layer {}", l);
+
+  // 1. Full-precision statistics of every linear input (the reorder metric); advances the FP stream.
+  auto t0 = std::chrono::steady_clock::now();
+  std::map<Key, InputStats> fp_stats;
+  auto collect = [&](bool with_xtx) {
+    model.set_observer([&, with_xtx](int, LinearSlot s, int e, const float* x, int64_t rows) {
+      auto [it, inserted] = fp_stats.try_emplace({s, e});
+      const int64_t dim = s == LinearSlot::Down ? I : s == LinearSlot::O ? c.q_dim() : c.hidden_size;
+      if (inserted) it->second = InputStats(dim, with_xtx && s != LinearSlot::Router, on_device_);
+      it->second.add(x, rows);
+    });
+  };
+  model.set_kv_format(fp_kv);
+  if (need_fp_stream_) {
+    collect(false);
+    for (auto& h : fp_stream_) {
+      throw_if_interrupted(lw);
+      model.run_layer(l, h.data(), ctx);
+    }
+  } else if (fused_stats_) {
+    collect(true);
+    for (const auto& h : q_stream_) {
+      throw_if_interrupted(lw);
+      model.observe_layer(l, h.data(), ctx);
     }
   }
-  const KVFormat fp_kv{32, false, 1.0f};
-  const int64_t I = c.intermediate_size;
+  model.set_observer(nullptr);
+  report.stats_seconds += seconds_since(t0);
+  auto order_for = [&](Key k, Key fallback) -> std::vector<int32_t> {
+    if (!recipe.reorder) return {};
+    auto it = fp_stats.find(k);
+    if (it == fp_stats.end() || it->second.count() < kMinExpertTokens) {
+      if (k.second >= 0)
+        report.warnings.push_back(fmt::format("{} expert {}: {} calibration tokens routed to it (< {}); using the "
+                                              "statistics of all tokens reaching the layer",
+                                              lw, k.second, it == fp_stats.end() ? 0 : it->second.count(),
+                                              kMinExpertTokens));
+      it = fp_stats.find(fallback);
+      if (it == fp_stats.end()) return {};
+    }
+    return salience_order(recipe.sort_metric == SortMetric::Hessian ? it->second.sum_sq() : it->second.sum_abs());
+  };
 
-  for (int l = 0; l < int(c.num_layers); ++l) {
-    Layer& layer = model.layers()[size_t(l)];
-    const std::string lw = fmt::format("layer {}", l);
+  // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).
+  std::vector<Pending> pending;
+  auto add = [&](std::unique_ptr<Linear>* slot, std::vector<int32_t> perm, Key key, std::string name,
+                 std::vector<int32_t> folded = {}) {
+    DenseLinear& d = dense(**slot);
+    const int64_t N = d.out_features(), K = d.in_features();
+    std::vector<int32_t> order = folded.empty() ? perm : folded;
+    // The weight moves into GPTQ's order: the linear is replaced before it runs again.
+    Pending p{slot, perm, std::move(order), gather_columns(std::move(d.weight()), N, K, perm), fp16_rounded(d.bias()),
+              recipe.linear_spec(K, lw + " " + name), key, name};
+    // Group-rotated recipes hold W·Hᵀ from here on, so every pass computes the same products.
+    if (p.spec.group_hadamard) rotate_groups(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
+    pending.push_back(std::move(p));
+  };
+  add(&layer.qkv, order_for({LinearSlot::QKV, -1}, {LinearSlot::QKV, -1}), {LinearSlot::QKV, -1}, "q/k/v");
+  add(&layer.o, order_for({LinearSlot::O, -1}, {LinearSlot::O, -1}), {LinearSlot::O, -1}, "o_proj");
+  for (size_t e = 0; e < layer.experts.size(); ++e) {
+    const int tag = layer.router ? int(e) : -1;
+    Expert& ex = layer.experts[e];
+    const std::vector<int32_t> down_order = order_for({LinearSlot::Down, tag}, {LinearSlot::Down, tag});
+    if (!down_order.empty()) {
+      permute_gate_up_rows(dense(*ex.gate_up), I, down_order);
+      DenseLinear& dn = dense(*ex.down);
+      dn.weight() = gather_columns(dn.weight(), dn.out_features(), I, down_order);
+    }
+    const std::string en = layer.router ? fmt::format(" expert {}", e) : "";
+    add(&ex.gate_up, order_for({LinearSlot::GateUp, tag}, {LinearSlot::Router, -1}), {LinearSlot::GateUp, tag},
+        "gate/up" + en);
+    add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en, down_order);
+  }
 
-    // 1. Full-precision statistics of every linear input (the reorder metric); advances the FP stream.
-    auto t0 = std::chrono::steady_clock::now();
-    std::map<Key, InputStats> fp_stats;
-    auto collect = [&](bool with_xtx) {
-      model.set_observer([&, with_xtx](int, LinearSlot s, int e, const float* x, int64_t rows) {
-        auto [it, inserted] = fp_stats.try_emplace({s, e});
-        const int64_t dim = s == LinearSlot::Down ? I : s == LinearSlot::O ? c.q_dim() : c.hidden_size;
-        if (inserted) it->second = InputStats(dim, with_xtx && s != LinearSlot::Router);
-        it->second.add(x, rows);
-      });
-    };
-    model.set_kv_format(fp_kv);
-    if (need_fp_stream) {
-      collect(false);
-      for (auto& h : fp_stream) model.run_layer(l, h.data(), ctx);
-    } else if (fused_stats) {
-      collect(true);
-      for (const auto& h : q_stream) model.observe_layer(l, h.data(), ctx);
+  // 3. GPTQ's Hessians from the quantized model's stream, the layer's activations quantized as
+  //    it will run (Atom), its weights still full precision.
+  std::map<Key, std::vector<double>> hessians;
+  t0 = std::chrono::steady_clock::now();
+  if (fused_stats_) {
+    for (const auto& p : pending) {
+      auto it = fp_stats.find(p.key);
+      if (it == fp_stats.end() || !it->second.has_xtx()) continue;
+      hessians[p.key] = permute_hessian(it->second.xtx(), p.order);
+    }
+    fp_stats.clear();  // the orders are chosen: only the permuted Hessians are needed from here
+  } else if (recipe.gptq) {
+    std::map<Key, InputStats> quantized_inputs;
+    std::map<Key, const Pending*> by_key;
+    for (auto& p : pending) {
+      by_key[p.key] = &p;
+      *p.slot = QuantLinear::activation_only(p.spec, (*p.slot)->out_features(), (*p.slot)->in_features(), p.perm,
+                                             p.weight, p.bias);
+    }
+    model.set_kv_format(recipe.kv);
+    model.set_observer([&](int, LinearSlot s, int e, const float* x, int64_t rows) {
+      auto pit = by_key.find({s, e});
+      if (pit == by_key.end()) return;
+      const Pending& p = *pit->second;
+      const int64_t K = (*p.slot)->in_features();
+      std::vector<float> xg(size_t(rows * K));
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < K; ++k) xg[size_t(r * K + k)] = x[r * K + (p.perm.empty() ? k : p.perm[size_t(k)])];
+      if (recipe.hessian_from_quantized_inputs) quantize_activations(xg.data(), rows, K, p.spec);
+      auto [it, inserted] = quantized_inputs.try_emplace(p.key);
+      if (inserted) it->second = InputStats(K, true, on_device_);
+      it->second.add(xg.data(), rows);
+    });
+    for (const auto& h : q_stream_) {
+      throw_if_interrupted(lw);
+      model.observe_layer(l, h.data(), ctx);
     }
     model.set_observer(nullptr);
-    report.stats_seconds += seconds_since(t0);
-    auto order_for = [&](Key k, Key fallback) -> std::vector<int32_t> {
-      if (!recipe.reorder) return {};
-      auto it = fp_stats.find(k);
-      if (it == fp_stats.end() || it->second.count() < kMinExpertTokens) {
-        if (k.second >= 0)
-          report.warnings.push_back(fmt::format("{} expert {}: {} calibration tokens routed to it (< {}); using the "
-                                                "statistics of all tokens reaching the layer",
-                                                lw, k.second, it == fp_stats.end() ? 0 : it->second.count(),
-                                                kMinExpertTokens));
-        it = fp_stats.find(fallback);
-        if (it == fp_stats.end()) return {};
-      }
-      return salience_order(recipe.sort_metric == SortMetric::Hessian ? it->second.sum_sq() : it->second.sum_abs());
-    };
-
-    // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).
-    std::vector<Pending> pending;
-    auto add = [&](std::unique_ptr<Linear>* slot, std::vector<int32_t> perm, Key key, std::string name,
-                   std::vector<int32_t> folded = {}) {
-      DenseLinear& d = dense(**slot);
-      const int64_t N = d.out_features(), K = d.in_features();
-      std::vector<int32_t> order = folded.empty() ? perm : folded;
-      Pending p{slot, perm, std::move(order), gather_columns(d.weight(), N, K, perm), fp16_rounded(d.bias()),
-                recipe.linear_spec(K, lw + " " + name), key, name};
-      // Group-rotated recipes hold W·Hᵀ from here on, so every pass computes the same products.
-      if (p.spec.group_hadamard) rotate_groups(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
-      pending.push_back(std::move(p));
-    };
-    add(&layer.qkv, order_for({LinearSlot::QKV, -1}, {LinearSlot::QKV, -1}), {LinearSlot::QKV, -1}, "q/k/v");
-    add(&layer.o, order_for({LinearSlot::O, -1}, {LinearSlot::O, -1}), {LinearSlot::O, -1}, "o_proj");
-    for (size_t e = 0; e < layer.experts.size(); ++e) {
-      const int tag = layer.router ? int(e) : -1;
-      Expert& ex = layer.experts[e];
-      const std::vector<int32_t> down_order = order_for({LinearSlot::Down, tag}, {LinearSlot::Down, tag});
-      if (!down_order.empty()) {
-        permute_gate_up_rows(dense(*ex.gate_up), I, down_order);
-        DenseLinear& dn = dense(*ex.down);
-        dn.weight() = gather_columns(dn.weight(), dn.out_features(), I, down_order);
-      }
-      const std::string en = layer.router ? fmt::format(" expert {}", e) : "";
-      add(&ex.gate_up, order_for({LinearSlot::GateUp, tag}, {LinearSlot::Router, -1}), {LinearSlot::GateUp, tag},
-          "gate/up" + en);
-      add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en, down_order);
-    }
-
-    // 3. GPTQ's Hessians from the quantized model's stream, the layer's activations quantized as
-    //    it will run (Atom), its weights still full precision.
-    std::map<Key, std::vector<double>> hessians;
-    t0 = std::chrono::steady_clock::now();
-    if (fused_stats) {
-      for (const auto& p : pending) {
-        auto it = fp_stats.find(p.key);
-        if (it == fp_stats.end() || !it->second.has_xtx()) continue;
-        hessians[p.key] = permute_hessian(it->second.xtx(), p.order);
-      }
-    } else if (recipe.gptq) {
-      std::map<Key, InputStats> quantized_inputs;
-      std::map<Key, const Pending*> by_key;
-      for (auto& p : pending) {
-        by_key[p.key] = &p;
-        *p.slot = QuantLinear::activation_only(p.spec, (*p.slot)->out_features(), (*p.slot)->in_features(), p.perm,
-                                               p.weight, p.bias);
-      }
-      model.set_kv_format(recipe.kv);
-      model.set_observer([&](int, LinearSlot s, int e, const float* x, int64_t rows) {
-        auto pit = by_key.find({s, e});
-        if (pit == by_key.end()) return;
-        const Pending& p = *pit->second;
-        const int64_t K = (*p.slot)->in_features();
-        std::vector<float> xg(size_t(rows * K));
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t k = 0; k < K; ++k) xg[size_t(r * K + k)] = x[r * K + (p.perm.empty() ? k : p.perm[size_t(k)])];
-        if (recipe.hessian_from_quantized_inputs) quantize_activations(xg.data(), rows, K, p.spec);
-        auto [it, inserted] = quantized_inputs.try_emplace(p.key);
-        if (inserted) it->second = InputStats(K, true);
-        it->second.add(xg.data(), rows);
-      });
-      for (const auto& h : q_stream) model.observe_layer(l, h.data(), ctx);
-      model.set_observer(nullptr);
-      for (auto& [key, st] : quantized_inputs) hessians[key] = st.xtx();
-    }
-    report.stats_seconds += seconds_since(t0);
-
-    // 4. Quantize every linear (RTN or GPTQ) and install it.
-    //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
-    //    (as with one thread), so GPTQ's codes do not depend on the thread count.
-    t0 = std::chrono::steady_clock::now();
-    std::vector<std::string> rtn_fallback(pending.size());  // by index: the same order on every run
-    parallel_for(int64_t(pending.size()), [&](int64_t i) {
-      Pending& p = pending[size_t(i)];
-      const int64_t K = (*p.slot)->in_features(), N = (*p.slot)->out_features();
-      const std::string where = lw + " " + p.name;
-      if (p.spec.group_hadamard) {
-        // The Hessian of the rotated inputs is R·H·R (R symmetric), unless it was collected from
-        // inputs already rotated by quantize_activations (the --hessian-quantized pass).
-        const int64_t main = K - p.spec.keeper, G = p.spec.weight.group;
-        auto hit = hessians.find(p.key);
-        if (hit != hessians.end() && !recipe.hessian_from_quantized_inputs) rotate_hessian_groups(hit->second, K, main, G);
-      }
-      if (!p.spec.quantize_weights) {
-        *p.slot = QuantLinear::activation_only(p.spec, N, K, p.perm, std::move(p.weight), std::move(p.bias));
-        return;
-      }
-      auto hit = hessians.find(p.key);
-      if (recipe.gptq && hit != hessians.end()) {
-        GptqOptions opt;
-        opt.block = recipe.gptq_block;
-        opt.percdamp = recipe.percdamp;
-        opt.clip_search = recipe.clip_search;
-        GptqResult g = gptq_quantize(p.weight, N, K, hit->second, p.spec, opt, where);
-        *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
-                                                std::move(g.keeper_fp16), std::move(p.bias));
-      } else {
-        if (recipe.gptq) rtn_fallback[size_t(i)] = where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ";
-        *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
-      }
-    }, true, Schedule::Dynamic);
-    for (std::string& w : rtn_fallback)
-      if (!w.empty()) report.warnings.push_back(std::move(w));
-
-    report.quantize_seconds += seconds_since(t0);
-
-    // 5. The quantized layer's outputs are the next layer's calibration inputs (the last feeds none).
-    t0 = std::chrono::steady_clock::now();
-    if (need_q_stream && l + 1 < int(c.num_layers)) {
-      model.set_kv_format(recipe.kv);
-      for (auto& h : q_stream) model.run_layer(l, h.data(), ctx);
-    }
-    report.advance_seconds += seconds_since(t0);
-    report.peak_rss_bytes = std::max(report.peak_rss_bytes, peak_rss_bytes());
-    if (show_progress) progress.update(l + 1, fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6));
+    for (auto& [key, st] : quantized_inputs) hessians[key] = st.xtx();
   }
+  report.stats_seconds += seconds_since(t0);
+
+  // 4. Quantize every linear (RTN or GPTQ) and install it.
+  //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
+  //    (as with one thread), so GPTQ's codes do not depend on the thread count.
+  t0 = std::chrono::steady_clock::now();
+  std::vector<std::string> rtn_fallback(pending.size());  // by index: the same order on every run
+  parallel_for(int64_t(pending.size()), [&](int64_t i) {
+    Pending& p = pending[size_t(i)];
+    const int64_t K = (*p.slot)->in_features(), N = (*p.slot)->out_features();
+    const std::string where = lw + " " + p.name;
+    if (p.spec.group_hadamard) {
+      // The Hessian of the rotated inputs is R·H·R (R symmetric), unless it was collected from
+      // inputs already rotated by quantize_activations (the --hessian-quantized pass).
+      const int64_t main = K - p.spec.keeper, G = p.spec.weight.group;
+      auto hit = hessians.find(p.key);
+      if (hit != hessians.end() && !recipe.hessian_from_quantized_inputs) rotate_hessian_groups(hit->second, K, main, G);
+    }
+    if (!p.spec.quantize_weights) {
+      *p.slot = QuantLinear::activation_only(p.spec, N, K, p.perm, std::move(p.weight), std::move(p.bias));
+      return;
+    }
+    auto hit = hessians.find(p.key);
+    if (recipe.gptq && hit != hessians.end()) {
+      GptqOptions opt;
+      opt.block = recipe.gptq_block;
+      opt.percdamp = recipe.percdamp;
+      opt.clip_search = recipe.clip_search;
+      opt.on_device = on_device_;
+      GptqResult g = gptq_quantize(p.weight, N, K, std::move(hit->second), p.spec, opt, where);
+      std::vector<float>().swap(p.weight);  // a layer's linears in flight hold one fp32 copy less
+      *p.slot = std::make_unique<QuantLinear>(p.spec, std::move(p.perm), std::move(g.main), std::move(g.keepers),
+                                              std::move(g.keeper_fp16), std::move(p.bias));
+    } else {
+      if (recipe.gptq) rtn_fallback[size_t(i)] = where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ";
+      *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
+    }
+  }, true, Schedule::Dynamic);
+  for (std::string& w : rtn_fallback)
+    if (!w.empty()) report.warnings.push_back(std::move(w));
+
+  report.quantize_seconds += seconds_since(t0);
+}
+
+void LayerQuantizer::advance(int l) {
+  // 5. The quantized layer's outputs are the next layer's calibration inputs (the last feeds none).
+  const auto t0 = std::chrono::steady_clock::now();
+  if (active_ && need_q_stream_ && l + 1 < int(model_.config().num_layers)) {
+    model_.set_kv_format(recipe_.kv);
+    for (auto& h : q_stream_) {
+      throw_if_interrupted(fmt::format("layer {}", l));
+      model_.run_layer(l, h.data(), ctx_);
+    }
+  }
+  report_.advance_seconds += seconds_since(t0);
+  report_.peak_rss_bytes = std::max(report_.peak_rss_bytes, peak_rss_bytes());
+}
+
+void LayerQuantizer::advance_full_precision(int l) {
+  if (!active_ || !need_fp_stream_) return;
+  const auto t0 = std::chrono::steady_clock::now();
+  model_.set_kv_format(KVFormat{32, false, 1.0f});
+  for (auto& h : fp_stream_) model_.run_layer(l, h.data(), ctx_);
+  report_.advance_seconds += seconds_since(t0);
+}
+
+QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
+                              const std::string& calib_where, bool show_progress) {
+  const ModelConfig& c = model.config();
+  QuantizeReport report;
+  Progress progress("quantize", c.num_layers, "layers");
+  LayerQuantizer q(model, recipe, calib_tokens, calib_where,
+                   [&](std::span<const int32_t> w) { return model.embed(w); }, report);
+  if (q.active())
+    for (int l = 0; l < int(c.num_layers); ++l) {
+      q.quantize(l);
+      q.advance(l);
+      if (show_progress) progress.update(l + 1, fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6));
+    }
   model.set_kv_format(recipe.kv);
+  if (!q.active()) return report;
   report.seconds = progress.elapsed_seconds();
   if (show_progress) progress.finish(fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6));
   return report;

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 #include <vector>
@@ -26,6 +27,43 @@ struct QuantizeReport {
   int64_t calib_windows = 0, calib_ctx = 0;
   int64_t peak_rss_bytes = 0;
   std::vector<std::string> warnings;
+};
+
+// Steps 1-5 for one layer at a time, holding the calibration windows' hidden states (fp32) from
+// layer to layer: quantize_model drives it over a model in memory, quantize_checkpoint
+// (quantize_checkpoint.h) over layers read one by one from the checkpoint.
+class LayerQuantizer {
+ public:
+  using Embed = std::function<std::vector<float>(std::span<const int32_t> tokens)>;
+  // Samples the calibration windows and embeds them with `embed`; statistics and timings go to
+  // `report`. on_device: the statistics and GPTQ's linear algebra on the CUDA device
+  // (quant/device_math.h); the forward passes stay on the CPU.
+  LayerQuantizer(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
+                 const std::string& calib_where, const Embed& embed, QuantizeReport& report, bool on_device = false);
+  // False when the recipe changes no linear (fp16): layers stay as they are.
+  bool active() const { return active_; }
+  // Steps 1-4: model.layers()[l] (full precision) gets its QuantLinears; advances the
+  // full-precision stream of --atom-compat on the way.
+  void quantize(int l);
+  // Step 5: the quantized layer l moves the calibration stream on to layer l + 1.
+  void advance(int l);
+  // A resumed run replays step 1's advance of the full-precision stream (--atom-compat) through
+  // layer l at full precision, before advance(l) through the quantized layer.
+  void advance_full_precision(int l);
+  bool needs_full_precision_stream() const { return active_ && need_fp_stream_; }
+  // The calibration window length `recipe` uses on `c`; 0 when it takes no calibration.
+  static int64_t calib_window(const Recipe& recipe, const ModelConfig& c);
+  // Bytes of the calibration streams `recipe` keeps on `c` (0 without calibration).
+  static int64_t stream_bytes(const Recipe& recipe, const ModelConfig& c);
+
+ private:
+  Model& model_;
+  const Recipe& recipe_;
+  QuantizeReport& report_;
+  bool on_device_;
+  bool active_ = false, fused_stats_ = false, need_fp_stream_ = false, need_q_stream_ = false;
+  int64_t ctx_ = 0;
+  std::vector<std::vector<float>> fp_stream_, q_stream_;
 };
 
 QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
