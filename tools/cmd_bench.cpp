@@ -5,19 +5,18 @@
 // pages, preemptions and prefix-cache hits, and with --plot the load curve (tokens/s against TPOT).
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdio>
-#include <random>
 #include <thread>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include "nibble/core/progress.h"
+#include "nibble/engine/bench_load.h"
 #include "nibble/engine/engine.h"
 #include "nibble/io/output_file.h"
+#include "tools/bench_report.h"
 #include "tools/commands.h"
-#include "tools/plot.h"
 
 namespace nibble::cli {
 
@@ -34,60 +33,36 @@ struct BenchArgs {
   DeviceOptions device;
 };
 
-struct Lengths {
-  int64_t prompt, output;
-};
-
-// Atom's draw: prompt = lognormal(shape 0.8, loc -1, scale 18) clamped to [1, maxlen - 2];
-// total = max(prompt + 2, uniform integer in [0, maxlen)); output = total - prompt.
-Lengths atom_lengths(std::mt19937_64& rng, int64_t maxlen) {
-  std::normal_distribution<double> z;
-  const double p = -1 + 18 * std::exp(0.8 * z(rng));
-  const int64_t prompt = std::clamp<int64_t>(int64_t(p), 1, maxlen - 2);
-  const int64_t total = std::max(prompt + 2, std::uniform_int_distribution<int64_t>(0, maxlen - 1)(rng));
-  return {prompt, total - prompt};
-}
-
-double percentile(std::vector<double> v, double q) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  return v[size_t(std::llround(q * double(v.size() - 1)))];
-}
-
 // One run at one arrival rate, on a fresh engine over `exec` (whose pool the last engine emptied).
 nlohmann::ordered_json run_rate(const BenchArgs& a, Executor& exec, double rate) {
   const int64_t context = exec.config().max_position_embeddings, vocab = exec.config().vocab_size;
   const int64_t maxlen = std::min(a.max_len, context);
   Engine engine(exec, nullptr, {.max_batch_tokens = a.max_batch_tokens, .prefix_caching = !a.no_prefix_caching});
 
-  // The requests and their arrival times (seconds from the start).
-  std::mt19937_64 rng(a.seed);
-  std::exponential_distribution<double> gap(rate > 0 ? rate : 1);
-  std::vector<Request> reqs(size_t(a.num_prompts));
-  std::vector<double> arrival(reqs.size(), 0);
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    const Lengths len = a.dist == "atom" ? atom_lengths(rng, maxlen) : Lengths{a.prompt_len, a.output_len};
-    reqs[i].prompt.resize(size_t(len.prompt));
-    for (int32_t& t : reqs[i].prompt) t = int32_t(rng() % uint64_t(vocab));
-    reqs[i].stop = {.max_tokens = len.output, .ignore_eos = true};
-    if (rate > 0) arrival[i] = (i ? arrival[i - 1] : 0) + gap(rng);
-  }
-
+  const std::vector<SyntheticRequest> load = synthetic_requests({.num_prompts = a.num_prompts,
+                                                                 .dist = a.dist,
+                                                                 .prompt_len = a.prompt_len,
+                                                                 .output_len = a.output_len,
+                                                                 .max_len = maxlen,
+                                                                 .vocab = vocab,
+                                                                 .rate = rate,
+                                                                 .seed = a.seed});
   struct Timing {
     double arrival = 0, first = -1, last = 0;
     int64_t tokens = 0;
   };
-  std::vector<Timing> t(reqs.size());
+  std::vector<Timing> t(load.size());
   const auto t0 = std::chrono::steady_clock::now();
   int64_t output_tokens = 0, completed = 0, refused = 0;
   Progress progress(rate > 0 ? fmt::format("bench at {:g} req/s", rate) : "bench", a.num_prompts, "requests");
   size_t next = 0;
   while (true) {
     const double now = seconds_since(t0);
-    for (; next < reqs.size() && arrival[next] <= now; ++next) {
-      t[next].arrival = rate > 0 ? arrival[next] : now;
+    for (; next < load.size() && load[next].arrival_s <= now; ++next) {
+      t[next].arrival = rate > 0 ? load[next].arrival_s : now;
       try {
-        engine.submit(reqs[next], [&, i = next](const OutputEvent& ev) {
+        Request r{.prompt = load[next].prompt, .sampling = {}, .stop = {.max_tokens = load[next].output_len, .ignore_eos = true}};
+        engine.submit(std::move(r), [&, i = next](const OutputEvent& ev) {
           const double at = seconds_since(t0);
           if (t[i].first < 0) t[i].first = at;
           t[i].last = at;
@@ -100,8 +75,8 @@ nlohmann::ordered_json run_rate(const BenchArgs& a, Executor& exec, double rate)
       }
     }
     if (engine.step()) continue;
-    if (next == reqs.size()) break;
-    std::this_thread::sleep_for(std::chrono::duration<double>(arrival[next] - seconds_since(t0)));
+    if (next == load.size()) break;
+    std::this_thread::sleep_for(std::chrono::duration<double>(load[next].arrival_s - seconds_since(t0)));
   }
   const double wall = seconds_since(t0);
   progress.finish();
@@ -132,24 +107,9 @@ nlohmann::ordered_json run_rate(const BenchArgs& a, Executor& exec, double rate)
       {"prefix_hit_tokens", s.prefix_hit_tokens},
       {"computed_tokens", s.computed_tokens},
   };
-  for (const auto& [name, v] : {std::pair{"ttft", &ttft}, std::pair{"tpot", &tpot}})
-    for (const auto& [q, label] : {std::pair{0.5, "p50"}, std::pair{0.9, "p90"}, std::pair{0.99, "p99"}})
-      j[fmt::format("{}_{}_ms", name, label)] = 1000 * percentile(*v, q);
-  double tpot_sum = 0;
-  for (double x : tpot) tpot_sum += x;
-  j["tpot_mean_ms"] = tpot.empty() ? 0.0 : 1000 * tpot_sum / double(tpot.size());
+  add_latencies(j, "ttft", ttft);
+  add_latencies(j, "tpot", tpot);
   return j;
-}
-
-// Output tokens/s against mean TPOT, one point per rate (Atom's figure 11 axes).
-std::optional<std::string> draw_load_curve(const std::vector<nlohmann::ordered_json>& runs, const std::string& model) {
-  std::string script = "set terminal pngcairo size 800,520 noenhanced\n"
-                       "set xlabel 'mean TPOT (ms)'\nset ylabel 'output tokens/s'\nset grid\nset key off\n"
-                       "set title " + gnuplot_data_string("nibble bench: " + model) + "\n"
-                       "plot '-' using 1:2 with linespoints pointtype 7\n";
-  for (const auto& j : runs)
-    script += fmt::format("{:.4f} {:.2f}\n", j["tpot_mean_ms"].get<double>(), j["output_tokens_per_s"].get<double>());
-  return run_gnuplot(script + "e\n");
 }
 
 void run_bench(const BenchArgs& a) {
@@ -159,30 +119,8 @@ void run_bench(const BenchArgs& a) {
   auto exec = a.device.make(*model, model->config().max_position_embeddings, a.max_batch_tokens);
   std::vector<nlohmann::ordered_json> runs;
   for (double rate : a.rates) runs.push_back(run_rate(a, *exec, rate));
-  if (!a.plot.empty()) {
-    const std::optional<std::string> png = draw_load_curve(runs, a.model);
-    check(png.has_value(), "nibble bench", "--plot needs gnuplot (Debian's gnuplot-nox), which did not run");
-    write_output_file(a.plot, *png, inputs);
-  }
-  if (a.json) {
-    std::printf("%s\n", (runs.size() == 1 ? nlohmann::ordered_json(runs[0]) : nlohmann::ordered_json(runs)).dump(2).c_str());
-  } else if (a.csv) {
-    std::string head;
-    for (const auto& [k, v] : runs[0].items()) head += (head.empty() ? "" : ",") + k;
-    std::printf("%s\n", head.c_str());
-    for (const auto& j : runs) {
-      std::string row;
-      for (const auto& [k, v] : j.items())
-        row += (row.empty() ? "" : ",") + (v.is_string() ? v.get<std::string>() : v.dump());
-      std::printf("%s\n", row.c_str());
-    }
-  } else {
-    for (const auto& j : runs) {
-      for (const auto& [k, v] : j.items())
-        std::printf("%-22s %s\n", k.c_str(), v.is_string() ? v.get<std::string>().c_str() : v.dump().c_str());
-      if (runs.size() > 1) std::printf("\n");
-    }
-  }
+  if (!a.plot.empty()) write_load_curve(runs, "nibble bench: " + a.model, a.plot, inputs);
+  print_runs(runs, a.json, a.csv);
 }
 }  // namespace
 
