@@ -15,9 +15,8 @@
 #include <nlohmann/json.hpp>
 
 #include "nibble/core/progress.h"
-#include "nibble/engine/bench_load.h"
 #include "nibble/io/output_file.h"
-#include "tools/bench_report.h"
+#include "tools/bench_common.h"
 #include "tools/commands.h"
 
 namespace nibble::cli {
@@ -27,14 +26,9 @@ using json = nlohmann::json;
 
 struct BenchServeArgs {
   std::string url, api_key, model;
-  int num_prompts = 100;
-  int64_t prompt_len = 128, output_len = 128, max_len = 2048, vocab_size = 32000;
-  std::string dist = "fixed";
-  std::vector<double> rates = {1};  // requests per second, one run each; 0 = all at once
-  std::string plot;
-  uint64_t seed = 0;
+  int64_t vocab_size = 32000;
   double timeout_s = 600;
-  bool json = false, csv = false;
+  BenchLoadOptions load;
 };
 
 // Where the server is: scheme://host[:port] for the client, and a path prefix for the routes.
@@ -152,19 +146,12 @@ void stream_completion(const Target& t, const SyntheticRequest& r, std::chrono::
 
 // One run at one arrival rate: every request on its own thread, started at its arrival time.
 nlohmann::ordered_json run_rate(const BenchServeArgs& a, const Target& t, double rate) {
-  const std::vector<SyntheticRequest> load = synthetic_requests({.num_prompts = a.num_prompts,
-                                                                 .dist = a.dist,
-                                                                 .prompt_len = a.prompt_len,
-                                                                 .output_len = a.output_len,
-                                                                 .max_len = a.max_len,
-                                                                 .vocab = a.vocab_size,
-                                                                 .rate = rate,
-                                                                 .seed = a.seed});
+  const std::vector<SyntheticRequest> load = synthetic_requests(a.load.spec(rate, a.vocab_size, a.load.max_len));
   std::vector<Outcome> outcomes(load.size());
   std::vector<std::thread> clients;
   std::mutex progress_mu;
   int64_t finished = 0;
-  Progress progress(rate > 0 ? fmt::format("bench-serve at {:g} req/s", rate) : "bench-serve", a.num_prompts, "requests");
+  Progress progress(rate > 0 ? fmt::format("bench-serve at {:g} req/s", rate) : "bench-serve", a.load.num_prompts, "requests");
   const auto t0 = std::chrono::steady_clock::now();
   for (size_t i = 0; i < load.size(); ++i) {
     std::this_thread::sleep_for(std::chrono::duration<double>(load[i].arrival_s - seconds_since(t0)));
@@ -204,8 +191,8 @@ nlohmann::ordered_json run_rate(const BenchServeArgs& a, const Target& t, double
   nlohmann::ordered_json j = {
       {"url", a.url},
       {"model", t.model},
-      {"num_prompts", a.num_prompts},
-      {"dist", a.dist},
+      {"num_prompts", a.load.num_prompts},
+      {"dist", a.load.dist},
       {"rate", rate},
       {"completed", completed},
       {"errors", errors},
@@ -224,52 +211,32 @@ nlohmann::ordered_json run_rate(const BenchServeArgs& a, const Target& t, double
 }
 
 void run_bench_serve(const BenchServeArgs& a) {
-  if (!a.plot.empty()) check_output_path(a.plot);  // before the work, not after it
+  if (!a.load.plot.empty()) check_output_path(a.load.plot);  // before the work, not after it
   const Target t = connect(a);
   std::vector<nlohmann::ordered_json> runs;
-  for (double rate : a.rates) runs.push_back(run_rate(a, t, rate));
-  if (!a.plot.empty()) write_load_curve(runs, "nibble bench-serve: " + t.model + " at " + a.url, a.plot);
-  print_runs(runs, a.json, a.csv);
+  for (double rate : a.load.rates) runs.push_back(run_rate(a, t, rate));
+  if (!a.load.plot.empty()) write_load_curve(runs, "nibble bench-serve: " + t.model + " at " + a.url, a.load.plot);
+  print_runs(runs, a.load.json, a.load.csv);
 }
 }  // namespace
 
 void add_bench_serve_command(CLI::App& app) {
   auto a = std::make_shared<BenchServeArgs>();
+  a->load.rates = {1};
   CLI::App* cmd = app.add_subcommand(
       "bench-serve", "Benchmark an OpenAI-compatible server (nibble serve) over HTTP: throughput, TTFT, TPOT, ITL");
   cmd->add_option("--url", a->url, "the server's address, e.g. http://127.0.0.1:8080")->required();
   cmd->add_option("--api-key", a->api_key, "sent as 'Authorization: Bearer KEY'");
   cmd->add_option("--model", a->model, "the model to ask for; default: the first the server lists");
-  cmd->add_option("--num-prompts", a->num_prompts, "requests per rate")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--prompt-len", a->prompt_len, "prompt tokens of each request (--dist fixed)")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--output-len", a->output_len, "tokens each request generates (--dist fixed)")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--dist", a->dist, "fixed: --prompt-len/--output-len; atom: Atom's lognormal prompts, uniform totals")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"fixed", "atom"}));
-  cmd->add_option("--max-len", a->max_len, "--dist atom: longest prompt + output (at most the served context)")
-      ->capture_default_str()
-      ->check(CLI::Range(int64_t(3), int64_t(1) << 30));
+  a->load.add_to(cmd);
   cmd->add_option("--vocab-size", a->vocab_size, "prompt token ids are drawn below this (at most the model's vocabulary)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t(1), int64_t(1) << 31));
-  cmd->add_option("--rates", a->rates, "Poisson arrival rates in requests per second, one run each; 0 = all at once")
-      ->delimiter(',')
-      ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--plot", a->plot, "write a PNG of output tokens/s against mean TPOT, one point per rate");
-  cmd->add_option("--seed", a->seed, "seed of the lengths, prompts and arrivals (nibble bench's for the same seed)")
-      ->capture_default_str();
   cmd->add_option("--timeout", a->timeout_s, "seconds a request may wait for its next bytes")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
-  cmd->add_flag("--json", a->json, "print JSON (one object per rate; an array for several)");
-  cmd->add_flag("--csv", a->csv, "print a CSV header and a row per rate");
   cmd->callback([a] {
-    check(!(a->json && a->csv), "nibble bench-serve", "--json and --csv are exclusive");
+    check(!(a->load.json && a->load.csv), "nibble bench-serve", "--json and --csv are exclusive");
     run_bench_serve(*a);
   });
 }

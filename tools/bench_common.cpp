@@ -1,15 +1,52 @@
-#include "tools/bench_report.h"
+#include "tools/bench_common.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include <fmt/format.h>
 
 #include "nibble/core/error.h"
-#include "nibble/engine/bench_load.h"
 #include "nibble/io/output_file.h"
 #include "tools/plot.h"
 
 namespace nibble::cli {
+
+void BenchLoadOptions::add_to(CLI::App* cmd) {
+  cmd->add_option("--num-prompts", num_prompts, "requests per rate")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--prompt-len", prompt_len, "prompt tokens of each request (--dist fixed)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--output-len", output_len, "tokens each request generates (--dist fixed)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--dist", dist, "fixed: --prompt-len/--output-len; atom: Atom's lognormal prompts, uniform totals")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fixed", "atom"}));
+  cmd->add_option("--max-len", max_len, "--dist atom: longest prompt + output (bench: at most the model's context)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t(3), int64_t(1) << 30));
+  cmd->add_option("--rate,--rates", rates,
+                  "Poisson arrivals, requests per second; 0 = all at once; a list (1,2,4) sweeps the load, one run each")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--plot", plot, "write a PNG of output tokens/s against mean TPOT, one point per rate");
+  cmd->add_option("--seed", seed, "seed of the lengths, prompts and arrivals (the same load for bench and bench-serve)")
+      ->capture_default_str();
+  cmd->add_flag("--json", json, "print JSON: one object per rate (an array for several); progress stays on stderr");
+  cmd->add_flag("--csv", csv, "print a CSV header and a row per rate");
+}
+
+LoadSpec BenchLoadOptions::spec(double rate, int64_t vocab, int64_t context) const {
+  return {.num_prompts = num_prompts,
+          .dist = dist,
+          .prompt_len = prompt_len,
+          .output_len = output_len,
+          .max_len = std::min(max_len, context),
+          .vocab = vocab,
+          .rate = rate,
+          .seed = seed};
+}
 
 void add_latencies(nlohmann::ordered_json& j, const std::string& name, std::vector<double> seconds) {
   const LatencySummary s = summarize_latencies(std::move(seconds));
