@@ -120,10 +120,13 @@ TEST(Sampler, EachRequestHasItsOwnGenerator) {
   for (int r = 0; r < 3; ++r) rows.insert(rows.end(), logits.begin(), logits.end());
   Sampler* const samplers[] = {&sb, &sg, &sa};
   for (int i = 0; i < 50; ++i) {
-    const auto t = sample_batch(rows, 4, samplers);
-    EXPECT_EQ(t[0].token.id, alone_b[size_t(i)]);
-    EXPECT_EQ(t[1].token.id, 0);  // greedy: the first of equal logits
-    EXPECT_EQ(t[2].token.id, alone_a[size_t(i)]);
+    std::vector<RowSampling> step;
+    for (Sampler* s : samplers) step.push_back(s->next_row());
+    SampledRows out;
+    sample_rows_host(rows, 4, step, out);
+    EXPECT_EQ(samplers[0]->record(out, 0).token.id, alone_b[size_t(i)]);
+    EXPECT_EQ(samplers[1]->record(out, 1).token.id, 0);  // greedy: the first of equal logits
+    EXPECT_EQ(samplers[2]->record(out, 2).token.id, alone_a[size_t(i)]);
   }
 }
 

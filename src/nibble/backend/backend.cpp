@@ -30,6 +30,12 @@ void Executor::forward_greedy(std::span<const BatchEntry> batch, std::vector<int
   }
 }
 
+void Executor::forward_sample(std::span<const BatchEntry> batch, std::span<const RowSampling> rows, SampledRows& out) {
+  std::vector<float> logits;
+  forward(batch, logits);
+  sample_rows_host(logits, config().vocab_size, rows, out);
+}
+
 std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt) {
   if (opt.device == "cpu") return std::make_unique<cpu::CpuExecutor>(model, opt);
   check(opt.device == "cuda", "--device", "unknown device '{}' (cpu or cuda)", opt.device);

@@ -74,7 +74,8 @@ class Engine {
   std::vector<int32_t> eos_;
   std::map<RequestId, Output> outputs_;
   RequestId next_id_ = 0;
-  std::vector<float> logits_;
+  std::vector<float> logits_;  // a step that scores prompts takes its rows to the host
+  SampledRows step_rows_;
   std::vector<int32_t> greedy_ids_;
 };
 
