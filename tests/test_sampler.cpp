@@ -105,6 +105,27 @@ TEST(Sampler, FiltersKeepTheRightTokensWithRenormalisedOdds) {
   expect_freqs(cold, {0.16 / 0.30, 0.09 / 0.30, 0.04 / 0.30, 0.01 / 0.30});
 }
 
+// Running weights are summed in chunks of kDrawChunk candidates (backend/sampling.h): over 300 equal
+// logits in 5 chunks, top_p 0.5 keeps exactly the first 150 in candidate order (ids 0..149: the lower
+// id first on a tie) and draws them uniformly, whichever chunk the draw lands in.
+TEST(Sampler, TopPAndTheDrawAcrossChunks) {
+  const uint64_t seed = 5;
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  const std::vector<float> logits(300, 0.25f);
+  SamplingParams p;
+  p.temperature = 1;
+  p.top_p = 0.5f;
+  p.seed = seed;
+  const int n = 30000;
+  std::vector<int> count(300);
+  Sampler s(p, {});
+  for (int i = 0; i < n; ++i) ++count[size_t(s.sample(logits.data(), 300).token.id)];
+  for (int id = 0; id < 300; ++id) {
+    if (id >= 150) EXPECT_EQ(count[size_t(id)], 0) << "token " << id;
+    else EXPECT_NEAR(count[size_t(id)], n / 150.0, 60) << "token " << id;  // 200 ± 4.3σ
+  }
+}
+
 TEST(Sampler, EachRequestHasItsOwnGenerator) {
   const std::vector<float> logits = logits_of({0.25, 0.25, 0.25, 0.25});
   SamplingParams a, b;

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "nibble/backend/cpu/executor.h"
+#include "nibble/backend/sampling.h"
 #include "nibble/core/error.h"
 #if NIBBLE_HAVE_CUDA
 #include "nibble/backend/cuda/executor.h"

@@ -10,12 +10,13 @@
 #include <string>
 #include <vector>
 
-#include "nibble/backend/sampling.h"
 #include "nibble/model/config.h"
 
 namespace nibble {
 
 class Model;
+struct RowSampling;  // backend/sampling.h
+struct SampledRows;
 using SeqId = int32_t;
 
 // One sequence's part of a step: `tokens` are appended after the sequence's cached ones.

@@ -25,7 +25,18 @@ void sample_row(const float* logits, int64_t vocab, const RowSampling& row, Samp
   } else {
     const int64_t k = rule.top_k > 0 ? std::min<int64_t>(rule.top_k, vocab) : vocab;
     std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), by_rank(l.data()));
-    pick = ids[size_t(draw_sorted([&](int64_t i) { return l[size_t(ids[size_t(i)])]; }, k, rule, row.uniform))];
+    const float best = l[size_t(ids[0])];
+    auto w = [&](int64_t i) { return draw_weight(l[size_t(ids[size_t(i)])], best, rule.temperature); };
+    int64_t keep = k;
+    if (rule.min_p > 0)
+      for (int64_t i = 0; i < k; ++i)
+        if (w(i) < rule.min_p) {
+          keep = i;
+          break;
+        }
+    std::vector<double> chunks(size_t((keep + kDrawChunk - 1) / kDrawChunk));
+    for (size_t c = 0; c < chunks.size(); ++c) chunks[c] = chunk_weight(w, int64_t(c), keep);
+    pick = ids[size_t(draw_among(w, [&](int64_t c) { return chunks[size_t(c)]; }, keep, rule, row.uniform))];
   }
   const double log_z = log_sum_exp(logits, vocab);
   out.ids[r] = pick;

@@ -75,34 +75,67 @@ NIBBLE_HOST_DEVICE inline float penalized_logit(float l, int32_t generated, cons
   return l;
 }
 
-// The position, among `n` candidates whose logits `logit(i)` are in candidate order, of the token
-// drawn: of the first top_k, those whose weight exp((l - best) / T) is at least min_p, then the
-// shortest prefix holding top_p of their weight, then the first whose running weight passes
-// uniform × that prefix's weight. Sequential double sums: the same rounding on either device.
-template <class Logit>
-NIBBLE_HOST_DEVICE int64_t draw_sorted(const Logit& logit, int64_t n, const SamplingRule& r, double uniform) {
-  if (r.top_k > 0 && r.top_k < n) n = r.top_k;
-  const double best = logit(0), t = r.temperature;
-  auto weight = [&](int64_t i) { return exp((double(logit(i)) - best) / t); };
-  double sum = 0;
-  int64_t keep = 0;
-  for (; keep < n; ++keep) {
-    const double w = weight(keep);
-    if (w < r.min_p) break;  // the best's weight is 1
-    sum += w;
-  }
-  double cum = 0;
-  for (int64_t i = 0; i < keep; ++i)
-    if ((cum += weight(i)) >= double(r.top_p) * sum) {
-      keep = i + 1;
-      sum = cum;
-      break;
+// The draw among candidates in candidate order (sorted by ranks_before), in three steps:
+//   1. candidates: the first top_k, ended by the first whose weight exp((l - best) / T) is below
+//      min_p (the best's weight is 1);
+//   2. top-p: the shortest prefix whose running weight reaches top_p × the candidates' weight;
+//   3. the first of that prefix whose running weight passes uniform × the prefix's weight.
+// Running weights are summed in chunks of kDrawChunk candidates: a chunk's weights one after the
+// other, the chunks' sums one after the other. The GPU sums the chunks in parallel and gets the
+// host's bits, and finds the crossing chunk by its sum before walking its 64 weights.
+inline constexpr int64_t kDrawChunk = 64;
+
+NIBBLE_HOST_DEVICE inline double draw_weight(float l, float best, float temperature) {
+  return exp((double(l) - double(best)) / double(temperature));
+}
+
+// The sum of chunk c's weights w(i), i below `keep`, one after the other.
+template <class Weight>
+NIBBLE_HOST_DEVICE double chunk_weight(const Weight& w, int64_t c, int64_t keep) {
+  const int64_t end = (c + 1) * kDrawChunk < keep ? (c + 1) * kDrawChunk : keep;
+  double s = 0;
+  for (int64_t i = c * kDrawChunk; i < end; ++i) s += w(i);
+  return s;
+}
+
+// The first i < n whose running weight reaches `target` (at_least) or passes it, and that running
+// weight in *running; n - 1 and the whole weight when none does. chunk_sum(c) is
+// chunk_weight(w, c, keep) for some keep >= n.
+template <class Weight, class ChunkSum>
+NIBBLE_HOST_DEVICE int64_t find_running(const Weight& w, const ChunkSum& chunk_sum, int64_t n, double target,
+                                        bool at_least, double* running) {
+  auto passes = [&](double x) { return at_least ? x >= target : x > target; };
+  const int64_t last = (n - 1) / kDrawChunk;  // the one chunk that may end before its end
+  double before = 0;
+  for (int64_t c = 0; c <= last; ++c) {
+    if (c < last && !passes(before + chunk_sum(c))) {
+      before += chunk_sum(c);
+      continue;
     }
-  const double u = uniform * sum;
-  cum = 0;
-  for (int64_t i = 0; i < keep; ++i)
-    if ((cum += weight(i)) > u) return i;
-  return keep - 1;
+    const int64_t end = (c + 1) * kDrawChunk < n ? (c + 1) * kDrawChunk : n;
+    double s = 0;
+    for (int64_t i = c * kDrawChunk; i < end; ++i) {
+      s += w(i);  // ends at chunk_sum(c) bit for bit: the walk finds what the sum announced
+      if (passes(before + s)) {
+        *running = before + s;
+        return i;
+      }
+    }
+    before += s;
+  }
+  *running = before;
+  return n - 1;
+}
+
+// Steps 2 and 3 over `keep` candidates (step 1's count): the position drawn.
+template <class Weight, class ChunkSum>
+NIBBLE_HOST_DEVICE int64_t draw_among(const Weight& w, const ChunkSum& chunk_sum, int64_t keep, const SamplingRule& r,
+                                      double uniform) {
+  double mass = 0;
+  for (int64_t c = 0; c <= (keep - 1) / kDrawChunk; ++c) mass += chunk_sum(c);
+  if (r.top_p < 1) keep = find_running(w, chunk_sum, keep, double(r.top_p) * mass, true, &mass) + 1;
+  double unused;
+  return find_running(w, chunk_sum, keep, uniform * mass, false, &unused);
 }
 
 // log softmax of one logit, given log Σ exp(logits) of its row.

@@ -101,8 +101,8 @@ __global__ void offsets_kernel(int32_t* offsets, int64_t V, int64_t rows) {
 
 // Per row: the argmax of the penalized row (greedy) or the draw over its candidates in order
 // (sorted_*: the row's penalized logits and their ids, sorted by the sort: larger first, stable, so
-// the lower id first on a tie, as ranks_before), one thread walking them as the host does; then
-// the pick's logprob from its original logit.
+// the lower id first on a tie, as ranks_before); then the pick's logprob from its original logit.
+// Dynamic shared memory: a double per kDrawChunk candidates.
 __global__ void __launch_bounds__(kThreads)
     pick_kernel(const float* logits, int64_t V, const DeviceRowSampling* rows, const PenalizedToken* penalized,
                 const float* original, const double* log_z, const float* sorted_logits, const int32_t* sorted_ids,
@@ -114,9 +114,30 @@ __global__ void __launch_bounds__(kThreads)
   if (row.rule.temperature == 0) {
     const Ranked best = block_best(l, V, none(), false);
     if (threadIdx.x == 0) pick = best.i == INT32_MAX ? 0 : best.i;  // an all-NaN row (the executor refuses it)
-  } else if (threadIdx.x == 0) {
+  } else {
+    // The host's draw (backend/sampling.h): the candidates' end and the chunk sums in parallel,
+    // then one thread finds the crossing chunks and walks them.
+    extern __shared__ double chunk_sums[];
+    __shared__ unsigned long long keep_shared;
     const float* s = sorted_logits + blockIdx.x * V;
-    pick = sorted_ids[blockIdx.x * V + draw_sorted([s](int64_t i) { return s[i]; }, V, row.rule, row.uniform)];
+    const SamplingRule& rule = row.rule;
+    const int64_t k = rule.top_k > 0 && rule.top_k < V ? rule.top_k : V;
+    const float best = s[0];
+    auto w = [&](int64_t i) { return draw_weight(s[i], best, rule.temperature); };
+    if (threadIdx.x == 0) keep_shared = (unsigned long long)k;
+    __syncthreads();
+    if (rule.min_p > 0)
+      for (int64_t i = threadIdx.x; i < k; i += kThreads)
+        if (w(i) < rule.min_p) {  // this thread's first below: the least of them ends the candidates
+          atomicMin(&keep_shared, (unsigned long long)i);
+          break;
+        }
+    __syncthreads();
+    const int64_t keep = int64_t(keep_shared);
+    for (int64_t c = threadIdx.x; c <= (keep - 1) / kDrawChunk; c += kThreads) chunk_sums[c] = chunk_weight(w, c, keep);
+    __syncthreads();
+    if (threadIdx.x == 0)
+      pick = sorted_ids[blockIdx.x * V + draw_among(w, [](int64_t c) { return chunk_sums[c]; }, keep, rule, row.uniform)];
   }
   __syncthreads();
   if (threadIdx.x != 0) return;
@@ -151,6 +172,9 @@ DeviceSampler::DeviceSampler(int64_t max_rows, int64_t vocab) : max_rows_(max_ro
   require(vocab * kSortRows < (int64_t(1) << 31), "DeviceSampler", "a vocabulary of {} is too large for the sort",
           vocab);
   const int64_t sort_rows = std::min(max_rows, kSortRows);
+  chunk_bytes_ = size_t((vocab + kDrawChunk - 1) / kDrawChunk) * sizeof(double);
+  require(chunk_bytes_ <= 48 * 1024, "DeviceSampler", "a vocabulary of {} needs {} bytes of chunk sums in shared memory",
+          vocab, chunk_bytes_);
   rows_ = DeviceArray<DeviceRowSampling>(size_t(max_rows));
   log_z_ = DeviceArray<double>(size_t(max_rows));
   ids_ = DeviceArray<int32_t>(size_t(max_rows));
@@ -209,7 +233,7 @@ void DeviceSampler::sample(float* logits, std::span<const RowSampling> rows, cud
           sort_temp_.get(), bytes, logits + r0 * V, sorted_logits_.get(), iota_.get(), sorted_ids_.get(), int(m * V),
           int(m), offsets_.get(), offsets_.get() + 1, 0, 32, stream));
     }
-    pick_kernel<<<unsigned(m), kThreads, 0, stream>>>(logits + r0 * V, V, rows_.get() + r0, penalized_.get(),
+    pick_kernel<<<unsigned(m), kThreads, chunk_bytes_, stream>>>(logits + r0 * V, V, rows_.get() + r0, penalized_.get(),
                                                        original_.get(), log_z_.get() + r0, sorted_logits_.get(),
                                                        sorted_ids_.get(), ids_.get() + r0, logprobs_.get() + r0);
     NIBBLE_CUDA_CHECK_LAUNCH();

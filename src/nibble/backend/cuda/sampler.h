@@ -35,6 +35,7 @@ class DeviceSampler {
 
  private:
   int64_t max_rows_, vocab_;
+  size_t chunk_bytes_ = 0;  // the draw's chunk sums of one row, in shared memory
   // Per step: each row's rule and where its penalized tokens sit in one list.
   DeviceArray<DeviceRowSampling> rows_;
   DeviceArray<PenalizedToken> penalized_;  // grows to the largest step's list
