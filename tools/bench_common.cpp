@@ -1,6 +1,8 @@
 #include "tools/bench_common.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstdio>
 
 #include <fmt/format.h>
@@ -29,7 +31,14 @@ void BenchLoadOptions::add_to(CLI::App* cmd) {
                   "Poisson arrivals, requests per second; 0 = all at once; a list (1,2,4) sweeps the load, one run each")
       ->delimiter(',')
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            char* end = nullptr;
+            const double rate = std::strtod(v.c_str(), &end);
+            const bool ok = end != v.c_str() && *end == '\0' && std::isfinite(rate) && rate >= 0;
+            return ok ? std::string() : "'" + v + "' is not a rate (requests per second, a number >= 0)";
+          },
+          "RATE"));
   cmd->add_option("--plot", plot, "write a PNG of output tokens/s against mean TPOT, one point per rate");
   cmd->add_option("--seed", seed, "seed of the lengths, prompts and arrivals (the same load for bench and bench-serve)")
       ->capture_default_str();

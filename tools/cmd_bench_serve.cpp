@@ -65,7 +65,8 @@ Target connect(const BenchServeArgs& a) {
   httplib::Client c = t.client();
   check(c.is_valid(), "--url", "cannot make a client for '{}' (https needs cpp-httplib with OpenSSL)", a.url);
   const httplib::Result res = c.Get(t.prefix + "/v1/models");
-  check(bool(res), "--url", "cannot reach {}: {}", a.url, httplib::to_string(res.error()));
+  check(bool(res), "--url", "cannot reach {}: {} error (is the server running there?)", a.url,
+        httplib::to_string(res.error()));
   check(res->status == 200, "--url", "GET {}/v1/models answered {}", a.url, error_message(res->status, res->body));
   if (t.model.empty()) {
     const json models = json::parse(res->body, nullptr, false);
