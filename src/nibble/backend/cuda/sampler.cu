@@ -27,32 +27,43 @@ __device__ T block_reduce(T v, Op op) {
   return total;
 }
 
-struct Ranked {  // plain: a __shared__ array of it may have no constructor
+struct Ranked {  // a logit and its id
   float v;
   int32_t i;
 };
 __device__ Ranked none() { return {-INFINITY, INT32_MAX}; }
 
 // The first of the row's values in candidate order (ranks_before) that comes after `after` (every
-// value when `excluding` is false); every thread gets it.
+// value when `excluding` is false); every thread gets it. The warps' winners go through separate
+// value and id arrays and one thread, as argmax_kernel (model_kernels.cu) does: device run 1 read
+// a winner whose id held its value's bits through the struct array this had before.
 __device__ Ranked block_best(const float* row, int64_t V, Ranked after, bool excluding) {
-  __shared__ Ranked partial[kThreads / 32];
-  Ranked best = none();
+  __shared__ float warp_v[kThreads / 32];
+  __shared__ int32_t warp_i[kThreads / 32];
+  __shared__ float best_v;
+  __shared__ int32_t best_i;
+  float bv = -INFINITY;
+  int32_t bi = INT32_MAX;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) {
-    const Ranked c{row[j], int32_t(j)};
-    if (excluding && !ranks_before(after.v, after.i, c.v, c.i)) continue;
-    if (ranks_before(c.v, c.i, best.v, best.i)) best = c;
+    const float v = row[j];
+    if (excluding && !ranks_before(after.v, after.i, v, int32_t(j))) continue;
+    if (ranks_before(v, int32_t(j), bv, bi)) bv = v, bi = int32_t(j);
   }
   for (int o = 16; o > 0; o >>= 1) {
-    const Ranked other{__shfl_xor_sync(0xffffffffu, best.v, o), __shfl_xor_sync(0xffffffffu, best.i, o)};
-    if (ranks_before(other.v, other.i, best.v, best.i)) best = other;
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    if (ranks_before(ov, oi, bv, bi)) bv = ov, bi = oi;
   }
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = best;
+  if (threadIdx.x % 32 == 0) warp_v[threadIdx.x / 32] = bv, warp_i[threadIdx.x / 32] = bi;
   __syncthreads();
-  best = partial[0];
-  for (int w = 1; w < kThreads / 32; ++w)
-    if (ranks_before(partial[w].v, partial[w].i, best.v, best.i)) best = partial[w];
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < kThreads / 32; ++w)
+      if (ranks_before(warp_v[w], warp_i[w], bv, bi)) bv = warp_v[w], bi = warp_i[w];
+    best_v = bv, best_i = bi;
+  }
   __syncthreads();
+  const Ranked best{best_v, best_i};
+  __syncthreads();  // the shared values are reused by the next call
   return best;
 }
 
