@@ -1,6 +1,11 @@
 // The `nibble` binary as a user runs it (issue 12): outputs never destroy what is there, no name
 // becomes gnuplot code, no temporary tokenizer files, one-line errors with exit status 1, and the
 // details of generate, eval, quantize and --json. Each test runs the built CLI (NIBBLE_CLI).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <spawn.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/wait.h>
@@ -334,9 +339,134 @@ TEST_F(Cli, BenchSweepsRatesAndDrawsTheCurve) {
   }
 }
 
+// A loopback port nothing listens on now (the kernel's pick, closed again).
+int free_port() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  EXPECT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  EXPECT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+// `nibble serve` on stories260K (CPU, one thread) as a child process on a free loopback port,
+// ready once /health answers (at most 60 s); SIGTERM at the end.
+class ServeProcess {
+ public:
+  ServeProcess(const std::string& model, const fs::path& log) : port_(free_port()) {
+    const std::string port = std::to_string(port_);
+    const char* argv[] = {NIBBLE_CLI, "serve", "-m", model.c_str(), "--device", "cpu", "--port", port.c_str(), "-t", "1", nullptr};
+    posix_spawn_file_actions_t io;
+    posix_spawn_file_actions_init(&io);
+    posix_spawn_file_actions_addopen(&io, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    posix_spawn_file_actions_adddup2(&io, 1, 2);
+    EXPECT_EQ(posix_spawn(&pid_, NIBBLE_CLI, &io, nullptr, const_cast<char**>(argv), environ), 0);
+    posix_spawn_file_actions_destroy(&io);
+    httplib::Client c("127.0.0.1", port_);
+    for (int i = 0; i < 600 && !ready_; ++i) {
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) {
+        pid_ = -1;
+        break;
+      }
+      const auto res = c.Get("/health");
+      ready_ = res && res->status == 200;
+      if (!ready_) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+  }
+  ~ServeProcess() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGTERM);
+    for (int i = 0; i < 100 && waitpid(pid_, nullptr, WNOHANG) == 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (kill(pid_, SIGKILL) == 0) waitpid(pid_, nullptr, 0);  // still there after 10 s
+  }
+  bool ready() const { return ready_; }
+  std::string url() const { return fmt::format("http://127.0.0.1:{}", port_); }
+
+ private:
+  int port_;
+  pid_t pid_ = -1;
+  bool ready_ = false;
+};
+
+// bench-serve against `nibble serve`: every request completes with exactly the prompt and output
+// tokens it asked for (the server's usage counts), at two rates and with Atom's lengths; the report
+// has its latencies in order, the CSV its header, and --plot its PNG.
+TEST_F(Cli, BenchServeMeasuresAServerOnLoopback) {
+  REQUIRE_STORIES();
+  ServeProcess server(stories(), dir_ / "serve.log");
+  ASSERT_TRUE(server.ready()) << read_file(dir_ / "serve.log");
+  const fs::path png = dir_ / "curve.png";
+  const Result r = nibble(fmt::format("bench-serve --url {} --num-prompts 6 --prompt-len 5 --output-len 7 "
+                                      "--vocab-size 512 --rates 50,0 --plot {} --json",
+                                      server.url(), quote(png.string())));
+  ASSERT_EQ(r.status, 0) << r.err;
+  const auto j = nlohmann::json::parse(r.out);
+  ASSERT_TRUE(j.is_array()) << r.out;
+  ASSERT_EQ(j.size(), 2u);
+  EXPECT_EQ(j[0].at("rate"), 50.0);
+  EXPECT_EQ(j[1].at("rate"), 0.0);
+  for (const auto& run : j) {
+    EXPECT_EQ(run.at("model"), "stories260K");
+    EXPECT_EQ(run.at("completed"), 6) << r.err;
+    EXPECT_EQ(run.at("errors"), 0);
+    EXPECT_EQ(run.at("requested_prompt_tokens"), 30);
+    EXPECT_EQ(run.at("prompt_tokens"), 30);
+    EXPECT_EQ(run.at("requested_output_tokens"), 42);
+    EXPECT_EQ(run.at("output_tokens"), 42);
+    EXPECT_GT(run.at("requests_per_s").get<double>(), 0);
+    EXPECT_GT(run.at("output_tokens_per_s").get<double>(), 0);
+    for (const char* name : {"ttft", "tpot", "itl"}) {
+      const double p50 = run.at(fmt::format("{}_p50_ms", name)), p90 = run.at(fmt::format("{}_p90_ms", name)),
+                   p99 = run.at(fmt::format("{}_p99_ms", name));
+      EXPECT_GT(p50, 0) << name;
+      EXPECT_LE(p50, p90) << name;
+      EXPECT_LE(p90, p99) << name;
+    }
+  }
+  if (std::system("command -v gnuplot >/dev/null") == 0) {
+    EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
+  }
+  const Result atom = nibble(fmt::format("bench-serve --url {} --num-prompts 5 --dist atom --max-len 40 --vocab-size 512 "
+                                         "--rates 0 --seed 7 --json",
+                                         server.url()));
+  ASSERT_EQ(atom.status, 0) << atom.err;
+  const auto a = nlohmann::json::parse(atom.out);
+  EXPECT_EQ(a.at("completed"), 5) << atom.err;
+  EXPECT_GT(a.at("requested_output_tokens").get<int>(), 5);
+  EXPECT_EQ(a.at("output_tokens"), a.at("requested_output_tokens"));
+  EXPECT_EQ(a.at("prompt_tokens"), a.at("requested_prompt_tokens"));
+  const Result csv = nibble(fmt::format("bench-serve --url {} --num-prompts 1 --prompt-len 2 --output-len 2 "
+                                        "--vocab-size 512 --csv",
+                                        server.url()));
+  ASSERT_EQ(csv.status, 0) << csv.err;
+  EXPECT_EQ(csv.out.rfind("url,model,", 0), 0u) << csv.out;
+}
+
+// What bench-serve refuses, each in one line with exit status 1: a server that is not there, a URL
+// that is not http, a rate that is not a non-negative number.
+TEST_F(Cli, BenchServeRefusesBadInput) {
+  const std::string nobody = fmt::format("http://127.0.0.1:{}", free_port());
+  const Result gone = nibble("bench-serve --url " + nobody + " --num-prompts 1");
+  expect_one_line_error(gone);
+  EXPECT_NE(gone.err.find("cannot reach " + nobody), std::string::npos) << gone.err;
+  const Result scheme = nibble("bench-serve --url ftp://127.0.0.1:1");
+  expect_one_line_error(scheme);
+  EXPECT_NE(scheme.err.find("not an http:// or https:// URL"), std::string::npos) << scheme.err;
+  for (const char* rates : {"1,x", "-2"}) {
+    const Result bad = nibble(fmt::format("bench-serve --url {} --rates {}", nobody, rates));
+    expect_one_line_error(bad);
+    EXPECT_NE(bad.err.find("is not a rate"), std::string::npos) << rates << ": " << bad.err;
+  }
+}
+
 TEST_F(Cli, EveryCommandTakesThreads) {
   REQUIRE_STORIES();
-  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval", "bench", "serve"}) {
+  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval", "bench", "serve",
+                          "bench-serve"}) {
     const Result help = nibble(std::string(cmd) + " --help");
     EXPECT_NE(help.out.find("-t,--threads"), std::string::npos) << cmd;
   }

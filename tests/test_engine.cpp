@@ -3,12 +3,14 @@
 // preemption, prefix sharing, sampling and stop conditions against serial runs.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 
 #include <fmt/format.h>
 
 #include "nibble/backend/cpu/executor.h"
 #include "nibble/core/error.h"
+#include "nibble/engine/bench_load.h"
 #include "nibble/engine/engine.h"
 #include "nibble/model/model.h"
 #include "nibble/tokenizer/tokenizer.h"
@@ -620,6 +622,39 @@ TEST(EngineSharedPages, PrefixSharingUsesFewerPagesAndPreemptionLosesNothing) {
   EXPECT_EQ(run(12, true, &tiny), want);
   EXPECT_GT(tiny.preemptions, 0);
   EXPECT_LE(tiny.peak_pages, 12);
+}
+
+// The benchmarks' load (engine/bench_load.h), against what Atom's bench_textgen.py states: prompts
+// of a lognormal(0.8, loc -1, scale 18) clamped to [1, maxlen - 2] average 18·e^0.32 - 1 ≈ 23.8
+// tokens; totals uniform in [0, 2048) (at least prompt + 2) make outputs average ≈ 1000; Poisson
+// gaps average 1/rate. The same seed gives the same load.
+TEST(BenchLoad, AtomLengthsAndPoissonArrivalsHaveTheirMeans) {
+  const LoadSpec spec{.num_prompts = 20000, .dist = "atom", .max_len = 2048, .vocab = 100, .rate = 4, .seed = 11};
+  const std::vector<SyntheticRequest> load = synthetic_requests(spec);
+  ASSERT_EQ(load.size(), 20000u);
+  double prompt = 0, output = 0;
+  for (const SyntheticRequest& r : load) {
+    ASSERT_GE(r.prompt.size(), 1u);
+    ASSERT_LE(r.prompt.size(), 2046u);
+    ASSERT_GE(r.output_len, 2);
+    ASSERT_LE(int64_t(r.prompt.size()) + r.output_len, 2047);
+    for (int32_t t : r.prompt) ASSERT_TRUE(t >= 0 && t < 100) << t;
+    prompt += double(r.prompt.size());
+    output += double(r.output_len);
+  }
+  EXPECT_NEAR(prompt / 20000, 18 * std::exp(0.32) - 1 - 0.5, 1.0);  // int() truncation takes ~0.5
+  EXPECT_NEAR(output / 20000, 1000, 25);
+  EXPECT_NEAR(load.back().arrival_s / 20000, 0.25, 0.01);
+  const auto again = synthetic_requests(spec);
+  EXPECT_EQ(again[123].prompt, load[123].prompt);
+  EXPECT_EQ(again[123].arrival_s, load[123].arrival_s);
+  const auto fixed = synthetic_requests({.num_prompts = 3, .prompt_len = 5, .output_len = 7, .vocab = 9});
+  for (const SyntheticRequest& r : fixed) {
+    EXPECT_EQ(r.prompt.size(), 5u);
+    EXPECT_EQ(r.output_len, 7);
+    EXPECT_EQ(r.arrival_s, 0);  // rate 0: all at once
+  }
+  EXPECT_THROW(synthetic_requests({.dist = "zipf", .vocab = 9}), Error);
 }
 
 }  // namespace

@@ -105,6 +105,27 @@ TEST(Sampler, FiltersKeepTheRightTokensWithRenormalisedOdds) {
   expect_freqs(cold, {0.16 / 0.30, 0.09 / 0.30, 0.04 / 0.30, 0.01 / 0.30});
 }
 
+// Running weights are summed in chunks of kDrawChunk candidates (backend/sampling.h): over 300 equal
+// logits in 5 chunks, top_p 0.5 keeps exactly the first 150 in candidate order (ids 0..149: the lower
+// id first on a tie) and draws them uniformly, whichever chunk the draw lands in.
+TEST(Sampler, TopPAndTheDrawAcrossChunks) {
+  const uint64_t seed = 5;
+  SCOPED_TRACE(testing::Message() << "seed " << seed);
+  const std::vector<float> logits(300, 0.25f);
+  SamplingParams p;
+  p.temperature = 1;
+  p.top_p = 0.5f;
+  p.seed = seed;
+  const int n = 30000;
+  std::vector<int> count(300);
+  Sampler s(p, {});
+  for (int i = 0; i < n; ++i) ++count[size_t(s.sample(logits.data(), 300).token.id)];
+  for (int id = 0; id < 300; ++id) {
+    if (id >= 150) EXPECT_EQ(count[size_t(id)], 0) << "token " << id;
+    else EXPECT_NEAR(count[size_t(id)], n / 150.0, 60) << "token " << id;  // 200 ± 4.3σ
+  }
+}
+
 TEST(Sampler, EachRequestHasItsOwnGenerator) {
   const std::vector<float> logits = logits_of({0.25, 0.25, 0.25, 0.25});
   SamplingParams a, b;
@@ -120,10 +141,13 @@ TEST(Sampler, EachRequestHasItsOwnGenerator) {
   for (int r = 0; r < 3; ++r) rows.insert(rows.end(), logits.begin(), logits.end());
   Sampler* const samplers[] = {&sb, &sg, &sa};
   for (int i = 0; i < 50; ++i) {
-    const auto t = sample_batch(rows, 4, samplers);
-    EXPECT_EQ(t[0].token.id, alone_b[size_t(i)]);
-    EXPECT_EQ(t[1].token.id, 0);  // greedy: the first of equal logits
-    EXPECT_EQ(t[2].token.id, alone_a[size_t(i)]);
+    std::vector<RowSampling> step;
+    for (Sampler* s : samplers) step.push_back(s->next_row());
+    SampledRows out;
+    sample_rows_host(rows, 4, step, out);
+    EXPECT_EQ(samplers[0]->record(out, 0).token.id, alone_b[size_t(i)]);
+    EXPECT_EQ(samplers[1]->record(out, 1).token.id, 0);  // greedy: the first of equal logits
+    EXPECT_EQ(samplers[2]->record(out, 2).token.id, alone_a[size_t(i)]);
   }
 }
 

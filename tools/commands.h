@@ -25,6 +25,7 @@ void add_ablate_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
 void add_synth_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
+void add_bench_serve_command(CLI::App& app);
 void add_serve_command(CLI::App& app);
 
 // --temp, --top-k, --top-p, --min-p, the penalties and --seed.

@@ -158,6 +158,7 @@ int main(int argc, char** argv) {
   nibble::cli::add_eval_command(app);
   nibble::cli::add_synth_command(app);
   nibble::cli::add_bench_command(app);
+  nibble::cli::add_bench_serve_command(app);
   nibble::cli::add_serve_command(app);
   int threads = nibble::cli::default_threads();
   const std::string threads_help = fmt::format(

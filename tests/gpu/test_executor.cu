@@ -15,6 +15,7 @@
 #include "nibble/backend/backend.h"
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/engine/engine.h"
 #include "nibble/io/safetensors.h"
 #include "nibble/model/model.h"
 #include "nibble/quant/quant_linear.h"
@@ -512,6 +513,86 @@ TEST(CudaExecutor, DecodeGraphsReplayTheLaunchesBitForBit) {
   graphs_case(Weights::Fp16, {});
   graphs_case(Weights::AtomW4A4, int4_kv(false));
   graphs_case(Weights::W8A8, {});  // cuBLASLt's INT8 GEMM inside a captured step
+}
+
+// An executor that samples on the host: the CUDA executor's forward with Executor's default
+// forward_sample (the logits copied to the host, sample_rows_host).
+class HostSampling final : public Executor {
+ public:
+  explicit HostSampling(std::unique_ptr<Executor> e) : e_(std::move(e)) {}
+  const ModelConfig& config() const override { return e_->config(); }
+  KVPool& kv() override { return e_->kv(); }
+  std::string device_name() const override { return e_->device_name(); }
+  void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) override { e_->forward(batch, logits); }
+
+ private:
+  std::unique_ptr<Executor> e_;
+};
+
+// The engine with sampling on the GPU (forward_sample's kernels) against the same engine sampling the
+// same GPU's logits on the host: 24 seeded requests of every rule, batched and preempted alike, give
+// the same tokens and logprobs.
+TEST(CudaExecutor, EngineSamplesOnTheDeviceAsOnTheHost) {
+  NIBBLE_REQUIRE_GPU();
+  const uint64_t seed = testing::fresh_seed();
+  std::printf("seed %llu\n", (unsigned long long)seed);
+  const ModelConfig c = llama_like();
+  auto model = random_model(c, seed);
+  RuntimeOptions o;
+  o.device = "cuda";
+  o.max_batch_tokens = 256;
+  o.kv_pages = 64;
+  struct Output {
+    std::vector<int32_t> ids;
+    std::vector<float> logprobs;
+    std::vector<int32_t> top;
+  };
+  auto run = [&](Executor& exec) {
+    Engine engine(exec, nullptr, {.max_batch_tokens = 256});
+    std::vector<Output> out(24);
+    std::mt19937_64 rng(seed + 1);
+    for (size_t i = 0; i < out.size(); ++i) {
+      Request r;
+      r.prompt.resize(size_t(5 + rng() % 60));
+      for (int32_t& t : r.prompt) t = int32_t(rng() % uint64_t(c.vocab_size));
+      SamplingParams& p = r.sampling;
+      p.seed = rng();
+      p.temperature = i % 6 == 0 ? 0.0f : 0.5f + float(i % 4) * 0.3f;
+      p.top_k = i % 3 == 1 ? 20 : 0;
+      p.top_p = i % 4 == 2 ? 0.85f : 1.0f;
+      p.min_p = i % 5 == 3 ? 0.05f : 0.0f;
+      p.repetition_penalty = i % 2 ? 1.2f : 1.0f;
+      p.presence_penalty = i % 3 == 0 ? 0.5f : 0.0f;
+      p.frequency_penalty = i % 4 == 0 ? 0.2f : 0.0f;
+      p.logprobs = int(i % 3);
+      r.stop = {.max_tokens = 24, .ignore_eos = true};
+      engine.submit(std::move(r), [&out, i](const OutputEvent& ev) {
+        if (ev.token.id < 0) return;
+        out[i].ids.push_back(ev.token.id);
+        out[i].logprobs.push_back(ev.token.logprob);
+        for (const TokenLogprob& t : ev.top) out[i].top.push_back(t.id);
+      });
+    }
+    engine.run();
+    return out;
+  };
+  auto device_exec = make_executor(*model, o);
+  HostSampling host_exec(make_executor(*model, o));
+  const std::vector<Output> device = run(*device_exec), host = run(host_exec);
+  for (size_t i = 0; i < host.size(); ++i) {
+    ASSERT_EQ(host[i].ids.size(), 24u);
+    EXPECT_EQ(device[i].ids, host[i].ids) << "request " << i;
+    EXPECT_EQ(device[i].top, host[i].top) << "request " << i;
+    ASSERT_EQ(device[i].logprobs.size(), host[i].logprobs.size());
+    for (size_t k = 0; k < host[i].logprobs.size(); ++k) {
+      if (std::isnan(host[i].logprobs[k])) {  // a plain greedy request: ids only
+        EXPECT_TRUE(std::isnan(device[i].logprobs[k]));
+        continue;
+      }
+      EXPECT_NEAR(device[i].logprobs[k], host[i].logprobs[k], 1e-5 * (1 + std::fabs(host[i].logprobs[k])))
+          << "request " << i << " token " << k;
+    }
+  }
 }
 
 // The architecture fixtures at the GPU's shapes (tests/fixtures/*-hd64, written by transformers

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "nibble/backend/cpu/executor.h"
+#include "nibble/backend/sampling.h"
 #include "nibble/core/error.h"
 #if NIBBLE_HAVE_CUDA
 #include "nibble/backend/cuda/executor.h"
@@ -28,6 +29,12 @@ void Executor::forward_greedy(std::span<const BatchEntry> batch, std::vector<int
     const float* row = logits.data() + r * V;
     ids[r] = int32_t(std::max_element(row, row + V) - row);
   }
+}
+
+void Executor::forward_sample(std::span<const BatchEntry> batch, std::span<const RowSampling> rows, SampledRows& out) {
+  std::vector<float> logits;
+  forward(batch, logits);
+  sample_rows_host(logits, config().vocab_size, rows, out);
 }
 
 std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt) {

@@ -15,6 +15,8 @@
 namespace nibble {
 
 class Model;
+struct RowSampling;  // backend/sampling.h
+struct SampledRows;
 using SeqId = int32_t;
 
 // One sequence's part of a step: `tokens` are appended after the sequence's cached ones.
@@ -72,6 +74,10 @@ class Executor {
   // sampler picks). A device backend finds them where the logits are, so one id per row crosses to
   // the host, not a row; this default runs forward and scans the rows.
   virtual void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids);
+  // forward, then row r of the logits sampled by rows[r] (backend/sampling.h; one per logits row,
+  // inactive rows skipped) where the logits are: only ids and logprobs cross to the host. This
+  // default runs forward and samples on the host.
+  virtual void forward_sample(std::span<const BatchEntry> batch, std::span<const RowSampling> rows, SampledRows& out);
 };
 
 // The executor for opt.device. `model` must outlive a CPU executor (it runs on the model's

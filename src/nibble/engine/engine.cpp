@@ -136,19 +136,34 @@ bool Engine::step() {
     for (size_t i = 0, s = 0; i < plan.batch.size(); ++i)
       if (plan.samples[i]) sampled.push_back(samplers[s++]->take(greedy_ids_[i]));
   } else {
-    exec_.forward(plan.batch, logits_);
-    t2 = std::chrono::steady_clock::now();
-    const int64_t vocab = exec_.config().vocab_size;
-    std::vector<float> rows;
-    int64_t row = 0;  // an all_logits entry has a row per token, its last the one sampled from
-    for (size_t i = 0; i < plan.batch.size(); ++i) {
-      const int64_t n = plan.batch[i].all_logits ? int64_t(plan.batch[i].tokens.size()) : 1;
-      if (plan.batch[i].all_logits) score_prompt(plan.requests[i], plan.starts[i], logits_.data() + row * vocab, n);
-      row += n;
-      if (plan.samples[i])
-        rows.insert(rows.end(), logits_.begin() + (row - 1) * vocab, logits_.begin() + row * vocab);
+    // One sampling row per logits row: an all_logits entry has one per token, its last sampled.
+    std::vector<RowSampling> rows;
+    std::vector<size_t> sampled_rows;  // the logits row of each sampler
+    bool scoring = false;
+    for (size_t i = 0, s = 0; i < plan.batch.size(); ++i) {
+      scoring |= plan.batch[i].all_logits;
+      rows.resize(rows.size() + (plan.batch[i].all_logits ? plan.batch[i].tokens.size() : 1));
+      if (plan.samples[i]) {
+        rows.back() = samplers[s++]->next_row();
+        sampled_rows.push_back(rows.size() - 1);
+      }
     }
-    sampled = sample_batch(rows, vocab, samplers);
+    if (scoring) {
+      // Prompt scores need the rows on the host: this step samples there too (the same rules).
+      exec_.forward(plan.batch, logits_);
+      t2 = std::chrono::steady_clock::now();
+      const int64_t vocab = exec_.config().vocab_size;
+      for (size_t i = 0, row = 0; i < plan.batch.size(); ++i) {
+        const int64_t n = plan.batch[i].all_logits ? int64_t(plan.batch[i].tokens.size()) : 1;
+        if (plan.batch[i].all_logits) score_prompt(plan.requests[i], plan.starts[i], logits_.data() + row * vocab, n);
+        row += size_t(n);
+      }
+      sample_rows_host(logits_, vocab, rows, step_rows_);
+    } else {
+      exec_.forward_sample(plan.batch, rows, step_rows_);
+      t2 = std::chrono::steady_clock::now();
+    }
+    for (size_t s = 0; s < samplers.size(); ++s) sampled.push_back(samplers[s]->record(step_rows_, sampled_rows[s]));
   }
   std::vector<int32_t> next;
   for (const SampledToken& t : sampled) next.push_back(t.token.id);

@@ -28,8 +28,8 @@ struct EngineOptions {
 };
 
 // Where the engine's steps spent their wall time (nibble bench reports it): planning, the executor
-// (host preparation, the device's work and the copy back of ids or logits), and the host's
-// sampling, streaming and bookkeeping after it.
+// (host preparation, the device's work, sampling where the executor samples, and the copy back of
+// ids or logits), and the host's sampling (when it samples), streaming and bookkeeping after it.
 struct EngineTimes {
   int64_t steps = 0;
   int64_t sequences = 0;  // summed over steps: sequences / steps is the mean batch
@@ -84,7 +84,8 @@ class Engine {
   std::vector<int32_t> eos_;
   std::map<RequestId, Output> outputs_;
   RequestId next_id_ = 0;
-  std::vector<float> logits_;
+  std::vector<float> logits_;  // a step that scores prompts takes its rows to the host
+  SampledRows step_rows_;
   std::vector<int32_t> greedy_ids_;
   EngineTimes times_;
 };

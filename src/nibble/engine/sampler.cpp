@@ -29,104 +29,70 @@ void SamplingParams::validate() const {
 }
 
 SampledToken score_token(const float* logits, int64_t vocab, int32_t id, int top_n) {
-  const float mx = *std::max_element(logits, logits + vocab);
-  double z = 0;
-  for (int64_t i = 0; i < vocab; ++i) z += std::exp(double(logits[i]) - mx);
-  const double log_z = double(mx) + std::log(z);
-  auto logprob = [&](int32_t t) { return TokenLogprob{t, float(double(logits[t]) - log_z)}; };
-  SampledToken out{logprob(id), {}};
-  if (top_n > 0) {
-    std::vector<int32_t> ids(static_cast<size_t>(vocab));
-    std::iota(ids.begin(), ids.end(), 0);
-    const int64_t n = std::min<int64_t>(top_n, vocab);
-    std::partial_sort(ids.begin(), ids.begin() + n, ids.end(),
-                      [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); });
-    for (int64_t i = 0; i < n; ++i) out.top.push_back(logprob(ids[size_t(i)]));
-  }
+  const double log_z = log_sum_exp(logits, vocab);
+  SampledToken out{{id, logprob_of(logits[id], log_z)}, {}};
+  const int64_t n = std::min<int64_t>(top_n, vocab);
+  std::vector<int32_t> ids(static_cast<size_t>(n));
+  std::vector<float> logprobs(static_cast<size_t>(n));
+  top_logprobs(logits, vocab, log_z, n, ids.data(), logprobs.data());
+  for (int64_t i = 0; i < n; ++i) out.top.push_back({ids[size_t(i)], logprobs[size_t(i)]});
   return out;
 }
 
 Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> prompt)
-    : p_(params), rng_(params.seed), prompt_(prompt.begin(), prompt.end()) {
+    : p_(params),
+      rng_(params.seed),
+      penalties_(params.repetition_penalty != 1 || params.presence_penalty != 0 || params.frequency_penalty != 0) {
   p_.validate();
+  // The prompt counts for the repetition penalty only (presence and frequency: generated tokens).
+  if (p_.repetition_penalty != 1)
+    for (int32_t t : prompt)
+      if (position_.emplace(t, penalized_.size()).second) penalized_.push_back({t, 0});
 }
 
-SampledToken Sampler::sample(const float* logits, int64_t vocab) {
-  // Penalties (vLLM's order): repetition over prompt and output, presence and frequency over the output.
-  std::vector<float> l(logits, logits + vocab);
-  if (seen_.empty()) {
-    seen_.assign(size_t(vocab), false);
-    for (int32_t t : prompt_) seen_[size_t(t)] = true;
-  }
-  if (p_.repetition_penalty != 1)
-    for (int64_t i = 0; i < vocab; ++i)
-      if (seen_[size_t(i)]) l[size_t(i)] = l[size_t(i)] > 0 ? l[size_t(i)] / p_.repetition_penalty : l[size_t(i)] * p_.repetition_penalty;
-  for (const auto& [id, count] : generated_)
-    l[size_t(id)] -= p_.frequency_penalty * float(count) + p_.presence_penalty;
+RowSampling Sampler::next_row() {
+  RowSampling row;
+  row.active = true;
+  row.rule = {.temperature = p_.temperature,
+              .top_k = p_.top_k,
+              .top_p = p_.top_p,
+              .min_p = p_.min_p,
+              .repetition_penalty = p_.repetition_penalty,
+              .presence_penalty = p_.presence_penalty,
+              .frequency_penalty = p_.frequency_penalty,
+              .top_logprobs = p_.logprobs};
+  if (p_.temperature > 0) row.uniform = std::generate_canonical<double, 53>(rng_);
+  row.penalized = penalized_;
+  return row;
+}
 
-  int32_t pick;
-  if (p_.temperature == 0) {
-    pick = int32_t(std::max_element(l.begin(), l.end()) - l.begin());
-  } else {
-    // Candidates by logit: the top k, those at least min_p as likely as the best, then the
-    // smallest prefix holding top_p of the remaining mass.
-    std::vector<int32_t> ids(static_cast<size_t>(vocab));
-    std::iota(ids.begin(), ids.end(), 0);
-    const int64_t k = p_.top_k > 0 ? std::min<int64_t>(p_.top_k, vocab) : vocab;
-    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
-      return l[size_t(a)] > l[size_t(b)] || (l[size_t(a)] == l[size_t(b)] && a < b);
-    });
-    ids.resize(size_t(k));
-    std::vector<double> w(ids.size());
-    const double best = l[size_t(ids[0])];
-    double sum = 0;
-    size_t keep = 0;
-    for (; keep < ids.size(); ++keep) {
-      w[keep] = std::exp((double(l[size_t(ids[keep])]) - best) / p_.temperature);
-      if (w[keep] < p_.min_p) break;  // w of the best is 1
-      sum += w[keep];
-    }
-    double cum = 0;
-    for (size_t i = 0; i < keep; ++i)
-      if ((cum += w[i]) >= p_.top_p * sum) {
-        keep = i + 1;
-        sum = cum;
-        break;
-      }
-    const double u = std::generate_canonical<double, 53>(rng_) * sum;
-    cum = 0;
-    pick = ids[keep - 1];
-    for (size_t i = 0; i < keep; ++i)
-      if ((cum += w[i]) > u) {
-        pick = ids[i];
-        break;
-      }
-  }
+void Sampler::count(int32_t id) {
+  if (!penalties_) return;
+  const auto [it, added] = position_.emplace(id, penalized_.size());
+  if (added) penalized_.push_back({id, 0});
+  ++penalized_[it->second].generated;
+}
 
-  SampledToken out = score_token(logits, vocab, pick, p_.logprobs);
-  ++generated_[pick];
-  seen_[size_t(pick)] = true;
+SampledToken Sampler::record(const SampledRows& rows, size_t r) {
+  SampledToken out{{rows.ids[r], rows.logprobs[r]}, {}};
+  for (int32_t i = 0; i < std::min(p_.logprobs, rows.top_n); ++i)
+    out.top.push_back({rows.top_ids[r * size_t(rows.top_n) + size_t(i)], rows.top_logprobs[r * size_t(rows.top_n) + size_t(i)]});
+  count(out.token.id);
   return out;
 }
 
-bool Sampler::plain_greedy() const {
-  return p_.temperature == 0 && p_.repetition_penalty == 1 && p_.presence_penalty == 0 &&
-         p_.frequency_penalty == 0 && p_.logprobs == 0;
-}
+bool Sampler::plain_greedy() const { return p_.temperature == 0 && !penalties_ && p_.logprobs == 0; }
 
 SampledToken Sampler::take(int32_t id) {
-  ++generated_[id];
-  if (!seen_.empty()) seen_[size_t(id)] = true;
+  count(id);
   return {TokenLogprob{id, std::numeric_limits<float>::quiet_NaN()}, {}};
 }
 
-std::vector<SampledToken> sample_batch(std::span<const float> logits, int64_t vocab, std::span<Sampler* const> samplers) {
-  check(int64_t(logits.size()) == int64_t(samplers.size()) * vocab, "sampler", "{} logits for {} rows of {}",
-        logits.size(), samplers.size(), vocab);
-  std::vector<SampledToken> out(samplers.size());
-#pragma omp parallel for if (samplers.size() > 4)
-  for (size_t i = 0; i < samplers.size(); ++i) out[i] = samplers[i]->sample(logits.data() + int64_t(i) * vocab, vocab);
-  return out;
+SampledToken Sampler::sample(const float* logits, int64_t vocab) {
+  const RowSampling row = next_row();
+  SampledRows out;
+  sample_rows_host({logits, size_t(vocab)}, vocab, {&row, 1}, out);
+  return record(out, 0);
 }
 
 }  // namespace nibble

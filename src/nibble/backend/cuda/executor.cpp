@@ -22,6 +22,7 @@
 #include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/backend/cuda/model_kernels.h"
 #include "nibble/backend/cuda/norm_quantize.h"
+#include "nibble/backend/cuda/sampler.h"
 #include "nibble/core/half.h"
 #include "nibble/model/model.h"
 #include "nibble/quant/quant_linear.h"
@@ -216,6 +217,7 @@ class CudaExecutor final : public Executor {
   std::string device_name() const override { return device_name_; }
   void forward(std::span<const BatchEntry> batch, std::vector<float>& logits) override;
   void forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) override;
+  void forward_sample(std::span<const BatchEntry> batch, std::span<const RowSampling> rows, SampledRows& out) override;
 
  private:
   // Checks the batch, appends its tokens to the pool (every sequence rolled back when one does not
@@ -253,6 +255,7 @@ class CudaExecutor final : public Executor {
   std::unique_ptr<RopeTable> rope_;
   std::unique_ptr<PagedPool> pool_;
   std::unique_ptr<AttentionBatchBuilder> batch_builder_;
+  std::unique_ptr<DeviceSampler> sampler_;
   AttentionWorkspace attn_ws_;
   struct Graph {
     bool warmed = false;
@@ -411,6 +414,7 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   shape.dtype = layout.dtype;
   attn_ws_.reserve(attention_decode_workspace_bytes(shape, int(c.num_heads), k_before_rope_));
   max_graph_batch_ = std::min<int64_t>(T, 512);
+  sampler_ = std::make_unique<DeviceSampler>(T, c.vocab_size);
   use_graphs_ = opt.cuda_graphs;
   int64_t pages = opt.kv_pages;
   if (pages == 0 && opt.gpu_mem_gb > 0) {
@@ -659,6 +663,26 @@ void CudaExecutor::forward_greedy(std::span<const BatchEntry> batch, std::vector
   const StepPlan plan = prepare(batch);
   run(plan);
   finish(plan, nullptr, ids);
+}
+
+void CudaExecutor::forward_sample(std::span<const BatchEntry> batch, std::span<const RowSampling> rows,
+                                  SampledRows& out) {
+  int64_t logits_rows = 0;
+  for (const BatchEntry& e : batch) logits_rows += e.all_logits ? int64_t(e.tokens.size()) : 1;
+  require(int64_t(rows.size()) == logits_rows, "forward_sample", "{} sampling rows for {} rows of logits", rows.size(),
+          logits_rows);
+  out.resize(0, 0);
+  if (batch.empty()) return;
+  // The device's top-n logprobs failed on the H200 (ids past some entry held float bits); their fix
+  // has not run on a GPU yet, so a step that asks for them samples on the host. The ids, draws and
+  // the pick's logprob matched the host on the device and stay there.
+  for (const RowSampling& r : rows)
+    if (r.active && r.rule.top_logprobs > 0) return Executor::forward_sample(batch, rows, out);
+  const StepPlan plan = prepare(batch);
+  run(plan);
+  std::vector<int32_t> greedy;
+  finish(plan, nullptr, greedy);  // refuses non-finite logits
+  sampler_->sample(logits_.get(), rows, stream_, out);
 }
 
 }  // namespace

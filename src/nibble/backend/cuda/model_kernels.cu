@@ -2,6 +2,7 @@
 
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/hadamard_device.cuh"
+#include "nibble/backend/sampling.h"
 
 #include <algorithm>
 
@@ -126,9 +127,6 @@ __global__ void gather_rows_kernel(const __half* x, const int32_t* idx, int64_t 
   NIBBLE_FLAT_LOOP(i, n * H) out[i] = x[int64_t(idx[i / H]) * H + i % H];
 }
 
-// (value, index) pairs: the larger value wins, the lower index on a tie.
-__device__ bool beats(float v, int32_t i, float bv, int32_t bi) { return v > bv || (v == bv && i < bi); }
-
 __global__ void argmax_kernel(const float* logits, int64_t V, int32_t* ids, int32_t* nonfinite) {
   __shared__ float best_v[kRowThreads / 32];
   __shared__ int32_t best_i[kRowThreads / 32];
@@ -139,19 +137,19 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int32_t* ids, int3
   for (int64_t j = threadIdx.x; j < V; j += kRowThreads) {
     const float v = row[j];
     bad |= !isfinite(v);
-    if (beats(v, int32_t(j), bv, bi)) bv = v, bi = int32_t(j);
+    if (ranks_before(v, int32_t(j), bv, bi)) bv = v, bi = int32_t(j);
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) *nonfinite = 1;
   for (int o = 16; o > 0; o >>= 1) {
     const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
     const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (beats(ov, oi, bv, bi)) bv = ov, bi = oi;
+    if (ranks_before(ov, oi, bv, bi)) bv = ov, bi = oi;
   }
   if (threadIdx.x % 32 == 0) best_v[threadIdx.x / 32] = bv, best_i[threadIdx.x / 32] = bi;
   __syncthreads();
   if (threadIdx.x != 0) return;
   for (int w = 1; w < kRowThreads / 32; ++w)
-    if (beats(best_v[w], best_i[w], bv, bi)) bv = best_v[w], bi = best_i[w];
+    if (ranks_before(best_v[w], best_i[w], bv, bi)) bv = best_v[w], bi = best_i[w];
   ids[blockIdx.x] = bi == INT32_MAX ? 0 : bi;  // an all-NaN row (flagged above) still names a token
 }
 
