@@ -2,6 +2,7 @@
 
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/hadamard_device.cuh"
+#include "nibble/backend/cuda/warp_best.cuh"
 #include "nibble/backend/sampling.h"
 
 #include <algorithm>
@@ -140,11 +141,7 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int32_t* ids, int3
     if (ranks_before(v, int32_t(j), bv, bi)) bv = v, bi = int32_t(j);
   }
   if (__syncthreads_or(bad) && threadIdx.x == 0) *nonfinite = 1;
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (ranks_before(ov, oi, bv, bi)) bv = ov, bi = oi;
-  }
+  warp_best(bv, bi);
   if (threadIdx.x % 32 == 0) best_v[threadIdx.x / 32] = bv, best_i[threadIdx.x / 32] = bi;
   __syncthreads();
   if (threadIdx.x != 0) return;

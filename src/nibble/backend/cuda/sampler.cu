@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/warp_best.cuh"
 
 namespace nibble::cuda {
 
@@ -49,11 +50,7 @@ __device__ Ranked block_best(const float* row, int64_t V, Ranked after, bool exc
     if (excluding && !ranks_before(after.v, after.i, v, int32_t(j))) continue;
     if (ranks_before(v, int32_t(j), bv, bi)) bv = v, bi = int32_t(j);
   }
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-    const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
-    if (ranks_before(ov, oi, bv, bi)) bv = ov, bi = oi;
-  }
+  warp_best(bv, bi);
   if (threadIdx.x % 32 == 0) warp_v[threadIdx.x / 32] = bv, warp_i[threadIdx.x / 32] = bi;
   __syncthreads();
   if (threadIdx.x == 0) {
