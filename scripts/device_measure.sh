@@ -10,17 +10,19 @@
 #   scripts/device_measure.sh engine LIKE RECIPES N [BENCH ARGS...]
 #        e.g. engine llama-2-7b fp16,w8a8,atom-w4a4 200 --gpu-mem-gb 24: `nibble bench --dist atom` with N
 #        requests on each recipe's synth model (issue 14's table), one JSON per recipe
-#   KEEP=1 keeps the synth files in /tmp for a later mode of the same call (the disk holds 64 GB).
+#   KEEP=1 keeps the synth files for a later mode of the same call (the disk holds 64 GB).
 #   scripts/device_measure.sh peer                           ../shared/peers/torch_decode.py, carried in .devdata/peers
 # Each step has its own time limit (STEP_TIMEOUT, default 150 s) so one slow row cannot eat a call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/nibble-out}
 STEP_TIMEOUT=${STEP_TIMEOUT:-150}
+# Where synth files go: /tmp (disk) by default; SYNTH_DIR=/dev/shm keeps a 70B file (35 GB) in RAM.
+SYNTH_DIR=${SYNTH_DIR:-/tmp}
 mkdir -p "$OUT"
 # synth LIKE RECIPE [LAYERS]: the model's path (made once; fp16 is a Hugging Face directory).
 synth() {
-  local like=$1 r=$2 path=/tmp/$1-$2${3:+-l$3}.nibble
+  local like=$1 r=$2 path=$SYNTH_DIR/$1-$2${3:+-l$3}.nibble
   if [ ! -e "$path" ]; then
     timeout "$STEP_TIMEOUT" nibble synth --like "$like" --recipe "$r" ${3:+--layers "$3"} -o "$path" >/dev/null 2>&1 ||
       { rm -rf "$path"; return 1; }
@@ -50,7 +52,7 @@ case "$what" in
       timeout "$STEP_TIMEOUT" bench_decode_step "${args[@]}" --batch "$batches" --ctx "$ctxs" --steps 20 \
         >"$OUT/decode-$like-$r.md" 2>"$OUT/decode-$like-$r.err" || status=1
       cat "$OUT/decode-$like-$r.md"
-      [ -n "${KEEP:-}" ] || rm -rf "/tmp/$like-$r"*.nibble
+      [ -n "${KEEP:-}" ] || rm -rf "$SYNTH_DIR/$like-$r"*.nibble
     done ;;
   engine)
     like=${1:?LIKE}; recipes=${2:-fp16,w8a8,atom-w4a4}; n=${3:-200}; shift 3 || true
@@ -61,7 +63,7 @@ case "$what" in
       python3 -c "import json,sys; d=json.load(open(sys.argv[1])); d=d if isinstance(d,list) else [d]
 for x in d: print(sys.argv[2], *(f'{k}={x.get(k)}' for k in ('rate','completed','output_tokens_per_s','tpot_mean_ms','tpot_p50_ms','ttft_p50_ms','preemptions','peak_pages','kv_pages','mean_batch','steps','forward_s','schedule_s','sample_and_stream_s','duration_s')))" \
         "$OUT/engine-$like-$r.json" "$like $r $*" || tail -3 "$OUT/engine-$like-$r.err"
-      [ -n "${KEEP:-}" ] || rm -rf "/tmp/$like-$r"*.nibble
+      [ -n "${KEEP:-}" ] || rm -rf "$SYNTH_DIR/$like-$r"*.nibble
     done ;;
   peer)
     timeout "$STEP_TIMEOUT" python3 .devdata/peers/torch_decode.py >"$OUT/peer.txt" 2>&1 || status=1
