@@ -2,6 +2,7 @@
 // against the engine's own answer for the same prompt; usage; stop strings; 64 concurrent streams;
 // every error status; a client leaving mid-stream; the chat templates' text.
 #include <gtest/gtest.h>
+#include <malloc.h>
 
 #include <atomic>
 #include <chrono>
@@ -812,6 +813,16 @@ TEST(Serve, AThousandConcurrentStreamsEachEqualTheirSerialAnswer) {
 // that leave mid-stream. Each gets its status (valid answers equal to the answer alone); no
 // request is lost: every one that reached the engine finished or was aborted; at the end nothing
 // waits or runs and the KV pages are back to none.
+// The process's resident memory in MB after glibc gives its free pages back (so that what stays is
+// what is held, not what the allocator keeps for reuse).
+double resident_mb() {
+  malloc_trim(0);
+  std::ifstream statm("/proc/self/statm");
+  long pages = 0, resident = 0;
+  statm >> pages >> resident;
+  return double(resident) * double(sysconf(_SC_PAGESIZE)) / 1e6;
+}
+
 TEST(ServeSoak, MixedClientsGetTheirStatusAndNothingIsLost) {
   REQUIRE_STORIES();
   const char* env = std::getenv("NIBBLE_SOAK_SECONDS");
@@ -824,6 +835,10 @@ TEST(ServeSoak, MixedClientsGetTheirStatusAndNothingIsLost) {
   Served s(opt);
   enum Kind { Whole, Streamed_, Malformed, Oversized, WrongKey, SlowReader, Leaves, kKinds };
   std::atomic<int64_t> sent[kKinds] = {}, engine_requests{0};
+  // Idle memory: the server up and one answer given (its threads and the engine's buffers exist).
+  ASSERT_EQ(s.post("/v1/completions", work.body(0, false))->status, 200);
+  ++engine_requests;
+  const double idle_mb = resident_mb();
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
   std::vector<std::thread> clients;
   for (int c = 0; c < 12; ++c)
@@ -904,6 +919,12 @@ TEST(ServeSoak, MixedClientsGetTheirStatusAndNothingIsLost) {
   })) << "finished " << s.server.metrics().finished << " + aborted " << s.server.metrics().aborted << " of "
       << engine_requests;
   EXPECT_LE(s.server.metrics().aborted, sent[Leaves]);
+  // Memory back to its idle level: a request's state that outlives it (a leak per request, a
+  // queue that keeps ended entries) grows with the thousands of requests a soak sends.
+  const double end_mb = resident_mb();
+  std::printf("soak: resident %.1f MB idle, %.1f MB after %lld requests\n", idle_mb, end_mb,
+              static_cast<long long>(engine_requests.load()));
+  EXPECT_LE(end_mb, idle_mb + 64) << "memory did not come back to its idle level";
   auto ok = s.post("/v1/completions", work.body(0, false));
   ASSERT_TRUE(ok);
   EXPECT_EQ(ok->status, 200);
