@@ -163,7 +163,8 @@ int64_t device_weight_bytes(const Model& m) {
   };
   int64_t n = 2 * int64_t(m.embedding().size());
   for (const Layer& layer : m.layers()) {
-    n += linear(*layer.qkv) + linear(*layer.o) + (layer.router ? linear(*layer.router) : 0);
+    n += linear(*layer.qkv) + linear(*layer.o);
+    if (layer.router) n += 4 * layer.router->in_features() * layer.router->out_features();  // held in fp32
     for (const Expert& e : layer.experts) n += linear(*e.gate_up) + linear(*e.down);
   }
   if (!m.config().tie_word_embeddings) n += linear(m.lm_head());
