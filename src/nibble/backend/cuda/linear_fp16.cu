@@ -119,9 +119,4 @@ void LinearFp16::run(const __half* x, const __half* w, float* y, int64_t M, int6
   gemm(handle_, x, w, y, CUDA_R_32F, M, N, K, stream);
 }
 
-void LinearFp16::run_cublas(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K,
-                            cudaStream_t stream) {
-  gemm(handle_, x, w, y, CUDA_R_16F, M, N, K, stream);
-}
-
 }  // namespace nibble::cuda

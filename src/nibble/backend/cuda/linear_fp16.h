@@ -22,8 +22,6 @@ class LinearFp16 {
   void run(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
   // The same product with fp32 output (the LM head's logits).
   void run(const __half* x, const __half* w, float* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
-  // cuBLAS at any M (the tests' and benchmarks' reference for the streaming path).
-  void run_cublas(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
   // Measured on the H200 (7B decode step): at 8 rows the streaming kernel, bound by its fp32
   // multiply-adds and conversions, was slower than cuBLAS (6.6 ms a step against 5.6 at 16 rows).
   static constexpr int64_t kGemvMaxRows = 4;
