@@ -171,7 +171,8 @@ struct AtomInputs {
   }
 };
 
-// cuBLAS fp16 on rotated random inputs of the same shape.
+// The FP16 linear (LinearFp16: our weight-streaming kernel up to kGemvMaxRows rows, cuBLAS above) on
+// rotated random inputs of the same shape: the faster of the two is the baseline W4A4 must beat.
 double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K, bool in_graph = false) {
   const int fr = rotations(size_t((M + N) * K * 2));
   std::vector<__half*> xa, wa;
@@ -214,7 +215,7 @@ int run_one(int64_t M, int64_t N, int64_t K) {
 // `bench_gemm_w4a4 decode`: M <= 16 on every layer the engine runs (7B's fused q/k/v and gate/up
 // included), each kernel timed inside a CUDA graph of 32 launches as the engine's decode step runs
 // them (the stream kernel's programmatic dependent launch overlaps a launch with the previous
-// one's tail), and the stream kernel also launched eagerly, all in the same run with cuBLAS fp16.
+// one's tail), and the stream kernel also launched eagerly, all in the same run with the FP16 linear (streaming kernel at M <= 4, cuBLAS above).
 int run_decode(double copy_gbs) {
   struct DecodeShape {
     const char* model;
