@@ -172,7 +172,7 @@ struct AtomInputs {
 };
 
 // The FP16 linear (LinearFp16: our weight-streaming kernel up to kGemvMaxRows rows, cuBLAS above) on
-// rotated random inputs of the same shape: the faster of the two is the baseline W4A4 must beat.
+// rotated random inputs of the same shape: the FP16 path the engine runs is the baseline W4A4 must beat.
 double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K, bool in_graph = false) {
   const int fr = rotations(size_t((M + N) * K * 2));
   std::vector<__half*> xa, wa;
