@@ -674,11 +674,6 @@ void CudaExecutor::forward_sample(std::span<const BatchEntry> batch, std::span<c
           logits_rows);
   out.resize(0, 0);
   if (batch.empty()) return;
-  // The device's top-n logprobs failed on the H200 (ids past some entry held float bits); their fix
-  // has not run on a GPU yet, so a step that asks for them samples on the host. The ids, draws and
-  // the pick's logprob matched the host on the device and stay there.
-  for (const RowSampling& r : rows)
-    if (r.active && r.rule.top_logprobs > 0) return Executor::forward_sample(batch, rows, out);
   const StepPlan plan = prepare(batch);
   run(plan);
   std::vector<int32_t> greedy;
