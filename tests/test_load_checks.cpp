@@ -94,11 +94,12 @@ fs::path fixture_copy(const std::string& name, const std::function<void(nlohmann
   return dir;
 }
 
-// A packed file of the llama3-rope fixture quantized with a reordering W4A4 recipe.
-fs::path packed_fixture(const std::string& name) {
+// A packed file of the llama3-rope fixture quantized with a reordering W4A4 recipe (or `preset`'s
+// formats in groups of 16 and 32).
+fs::path packed_fixture(const std::string& name, const std::string& preset = "w4a4-rtn") {
   auto model = Model::load(kFixture);
-  quant::Recipe r = quant::Recipe::preset("w4a4-rtn");
-  r.weight.group = r.act.group = 16;
+  quant::Recipe r = quant::Recipe::preset(preset);
+  if (preset == "w4a4-rtn") r.weight.group = r.act.group = 16;
   r.reorder = true;
   r.keeper = 16;
   r.calib_windows = 2;
@@ -160,6 +161,29 @@ TEST(LoadChecks, NaNScaleInPackedFileIsRefused) {
   });
   const std::string e = error_of([&] { Model::load(bad); });
   EXPECT_TRUE(contains(e, "model.layers.0.self_attn.o_proj.scales") && contains(e, "NaN at element 3")) << e;
+  fs::remove_all(path.parent_path());
+}
+
+// An MXFP4 scale of 2^127 (E8M0 code 254) is finite but times any nonzero code overflows: refused at
+// load although nothing dequantizes the weights there any more (the GPU reads the codes).
+TEST(LoadChecks, ScaleThatOverflowsItsCodesIsRefused) {
+  const fs::path path = packed_fixture("overflow_scale", "mxfp4");
+  const fs::path bad = path.parent_path() / "bad.safetensors";
+  std::vector<uint8_t> first_codes;
+  rewrite(path, bad, [&](std::string& name, auto& bytes) {
+    if (name == "model.layers.1.mlp.down_proj.codes") first_codes.assign(bytes.begin(), bytes.begin() + 16);
+    if (name == "model.layers.1.mlp.down_proj.scales") bytes[0] = 254;  // the first group of row 0
+    return true;
+  });
+  ASSERT_EQ(first_codes.size(), 16u);
+  // The first nonzero E2M1 code of that group (a code whose magnitude bits are 0 stays 0).
+  int64_t first = -1;
+  for (int64_t i = 0; i < 32 && first < 0; ++i)
+    if ((first_codes[size_t(i / 2)] >> (4 * (i % 2)) & 0x7) != 0) first = i;
+  ASSERT_GE(first, 0) << "the group holds only zeros";
+  const std::string e = error_of([&] { Model::load(bad); });
+  EXPECT_TRUE(contains(e, "model.layers.1.mlp.down_proj.codes") &&
+              contains(e, fmt::format("non-finite value at element {} ", first))) << e;
   fs::remove_all(path.parent_path());
 }
 

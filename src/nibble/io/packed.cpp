@@ -184,12 +184,11 @@ class PackedReader {
         std::memcpy(keeper_fp16.data(), t.data, t.nbytes);
       }
     }
-    auto q = std::make_unique<QuantLinear>(spec, std::move(perm), std::move(main), std::move(keepers),
-                                           std::move(keeper_fp16), std::move(bias));
     // Finite scales can still decode to inf (an E8M0 scale of 2^127 times a code of 6).
-    check_finite_tensor(q->dequantized().data(), int64_t(q->dequantized().size()), f_.path(),
-                        name + " (dequantized from its codes and scales)");
-    return q;
+    check_dequantizes_finite(main, name + ".codes");
+    if (keepers) check_dequantizes_finite(*keepers, name + ".keeper_codes");
+    return std::make_unique<QuantLinear>(spec, std::move(perm), std::move(main), std::move(keepers),
+                                         std::move(keeper_fp16), std::move(bias));
   }
 
   // Every tensor of the file must have been read; the tokenizer's are read by packed_tokenizer_files.
@@ -202,6 +201,12 @@ class PackedReader {
   }
 
  private:
+  void check_dequantizes_finite(const QuantizedMatrix& q, const std::string& tensor) const {
+    const int64_t i = quant::first_non_finite_dequantized(q);
+    check(i < 0, f_.path(), "tensor '{}' dequantizes to a non-finite value at element {} (of {}) with its scales: "
+          "the file is damaged", tensor, i, q.rows * q.cols);
+  }
+
   std::vector<float> expect_floats(const TensorInfo& t, const std::string& name, const std::vector<int64_t>& shape) const {
     expect(name, t.dtype, shape);
     return finite_f32(t, f_.path());

@@ -206,18 +206,46 @@ QuantizedMatrix quantize_rows(const float* x, int64_t rows, int64_t cols, const 
   return q;
 }
 
+namespace {
+
+// Dequantizes row block b of q into out ([row_group, cols]); scales: the caller's buffer, one per group.
+void dequantize_block(const QuantizedMatrix& q, int64_t b, std::vector<GroupScale>& scales, float* out) {
+  for (size_t g = 0; g < scales.size(); ++g) scales[g] = q.group_scale(b * q.spec.row_group, int64_t(g) * q.group_size());
+  dequantize_row_block(q.spec, q.codes.data() + b * q.spec.row_group * q.cols, q.cols, scales.data(), out);
+}
+
+}  // namespace
+
 void dequantize_rows(const QuantizedMatrix& q, float* out) {
   const int64_t groups = q.cols / q.group_size(), blocks = q.rows / q.spec.row_group;
 #pragma omp parallel if (blocks > 1)
   {
-    std::vector<GroupScale> scales(groups);
+    std::vector<GroupScale> scales(static_cast<size_t>(groups));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) dequantize_block(q, b, scales, out + b * q.spec.row_group * q.cols);
+  }
+}
+
+int64_t first_non_finite_dequantized(const QuantizedMatrix& q) {
+  const int64_t groups = q.cols / q.group_size(), blocks = q.rows / q.spec.row_group;
+  const int64_t block_values = q.spec.row_group * q.cols;
+  int64_t first = -1;
+#pragma omp parallel if (blocks > 1)
+  {
+    std::vector<GroupScale> scales(static_cast<size_t>(groups));
+    std::vector<float> values(static_cast<size_t>(block_values));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
-      for (int64_t g = 0; g < groups; ++g) scales[g] = q.group_scale(b * q.spec.row_group, g * q.group_size());
-      const int64_t offset = b * q.spec.row_group * q.cols;
-      dequantize_row_block(q.spec, q.codes.data() + offset, q.cols, scales.data(), out + offset);
+      dequantize_block(q, b, scales, values.data());
+      for (int64_t i = 0; i < block_values; ++i) {
+        if (std::isfinite(values[size_t(i)])) continue;
+#pragma omp critical(nibble_first_non_finite)
+        if (first < 0 || b * block_values + i < first) first = b * block_values + i;
+        break;
+      }
     }
   }
+  return first;
 }
 
 void fake_quantize_rows(float* x, int64_t rows, int64_t cols, const FormatSpec& spec, const std::string& where) {

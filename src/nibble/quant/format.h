@@ -401,6 +401,9 @@ QuantizedMatrix quantize_rows(const float* x, int64_t rows, int64_t cols, const 
                               const std::string& where);
 // out: [rows, cols].
 void dequantize_rows(const QuantizedMatrix& q, float* out);
+// The row-major index of the first value of q that dequantizes to NaN or ±inf (finite scales can
+// still overflow: an E8M0 scale of 2^127 times a code of 6), or -1; holds one row block at a time.
+int64_t first_non_finite_dequantized(const QuantizedMatrix& q);
 // The simulated path: x := dequantize(quantize(x)) in place, bit for bit equal to the two calls.
 void fake_quantize_rows(float* x, int64_t rows, int64_t cols, const FormatSpec& spec, const std::string& where);
 

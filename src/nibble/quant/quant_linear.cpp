@@ -83,26 +83,37 @@ QuantLinear::QuantLinear(LinearQuantSpec spec, std::vector<int32_t> perm, Quanti
                          std::vector<float> bias)
     : Linear(main.cols + spec.keeper, main.rows), spec_(spec), perm_(std::move(perm)), main_(std::move(main)),
       keepers_(std::move(keepers)), keeper_fp16_(std::move(keeper_fp16)), bias_(std::move(bias)) {
-  const int64_t N = out_features(), K = in_features(), M = main_.cols;
+  const int64_t N = out_features(), K = in_features();
   check(perm_.empty() || int64_t(perm_.size()) == K, "QuantLinear", "permutation has {} entries for {} channels",
         perm_.size(), K);
   check(bias_.empty() || int64_t(bias_.size()) == N, "QuantLinear", "bias has {} values for {} outputs",
         bias_.size(), N);
-  weight_.resize(size_t(N * K));
-  std::vector<float> main_values(size_t(N * M));
-  if (M > 0) dequantize_rows(main_, main_values.data());
-  std::vector<float> keep_values(size_t(N * spec_.keeper));
   if (keepers_) {
     check(keepers_->rows == N && keepers_->cols == spec_.keeper, "QuantLinear", "keeper block has the wrong shape");
-    dequantize_rows(*keepers_, keep_values.data());
   } else if (spec_.keeper > 0) {
     check(int64_t(keeper_fp16_.size()) == N * spec_.keeper, "QuantLinear", "fp16 keeper block has the wrong size");
-    for (size_t i = 0; i < keep_values.size(); ++i) keep_values[i] = fp16_to_float(keeper_fp16_[i]);
   }
-  for (int64_t n = 0; n < N; ++n) {
-    std::copy_n(main_values.begin() + n * M, M, weight_.begin() + n * K);
-    std::copy_n(keep_values.begin() + n * spec_.keeper, spec_.keeper, weight_.begin() + n * K + M);
-  }
+}
+
+const std::vector<float>& QuantLinear::dequantized() const {
+  std::call_once(dequantize_once_, [this] {
+    if (!weight_.empty()) return;  // activation_only: the weight is given, full precision
+    const int64_t N = out_features(), K = in_features(), M = main_.cols;
+    weight_.resize(size_t(N * K));
+    std::vector<float> main_values(size_t(N * M));
+    if (M > 0) dequantize_rows(main_, main_values.data());
+    std::vector<float> keep_values(size_t(N * spec_.keeper));
+    if (keepers_) {
+      dequantize_rows(*keepers_, keep_values.data());
+    } else {
+      for (size_t i = 0; i < keep_values.size(); ++i) keep_values[i] = fp16_to_float(keeper_fp16_[i]);
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      std::copy_n(main_values.begin() + n * M, M, weight_.begin() + n * K);
+      std::copy_n(keep_values.begin() + n * spec_.keeper, spec_.keeper, weight_.begin() + n * K + M);
+    }
+  });
+  return weight_;
 }
 
 QuantLinear::QuantLinear(LinearQuantSpec spec, int64_t N, int64_t K, std::vector<int32_t> perm,
@@ -134,7 +145,7 @@ void QuantLinear::forward(const float* x, int64_t rows, float* y) const {
     for (int64_t r = 0; r < rows; ++r) std::copy(bias_.begin(), bias_.end(), y + r * N);
     beta = 1.0f;
   }
-  cpu::gemm_nt(rows, N, K, xq.data(), weight_.data(), beta, y);
+  cpu::gemm_nt(rows, N, K, xq.data(), dequantized().data(), beta, y);
 }
 
 int64_t QuantLinear::storage_bytes() const {

@@ -1,12 +1,15 @@
 // A linear layer in Atom's layout: input channels gathered by a permutation so the `keeper`
 // most salient channels sit at the end; the first K-keeper channels quantized in groups, the
 // keepers at their own precision, on both the weight and (per token, at run time) the activation
-// side. Weights are held as codes + scales (what the packed file stores) and dequantized once,
-// so a model loaded from the packed file computes bit for bit what the simulated model computes.
+// side. Weights are held as codes + scales (what the packed file stores) and dequantized once, on
+// the first CPU product (a GPU backend reads the codes, so a 70B model never holds its fp32 weights
+// on the host), so a model loaded from the packed file computes bit for bit what the simulated
+// model computes.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -64,8 +67,9 @@ class QuantLinear final : public Linear {
   static std::unique_ptr<QuantLinear> activation_only(LinearQuantSpec spec, int64_t N, int64_t K,
                                                       std::vector<int32_t> perm, std::vector<float> weight,
                                                       std::vector<float> bias);
-  // The dequantized weight [N, K] in permuted channel order (what the product uses).
-  const std::vector<float>& dequantized() const { return weight_; }
+  // The dequantized weight [N, K] in permuted channel order (what the product uses), made on the
+  // first call (thread-safe).
+  const std::vector<float>& dequantized() const;
 
  private:
   QuantLinear(LinearQuantSpec spec, int64_t N, int64_t K, std::vector<int32_t> perm, std::vector<float> weight,
@@ -77,7 +81,8 @@ class QuantLinear final : public Linear {
   std::optional<QuantizedMatrix> keepers_;
   std::vector<uint16_t> keeper_fp16_;
   std::vector<float> bias_;
-  std::vector<float> weight_;
+  mutable std::once_flag dequantize_once_;
+  mutable std::vector<float> weight_;
 };
 
 // Round-to-nearest quantization of a full-precision weight [N, K] (already permuted).
