@@ -320,9 +320,10 @@ TEST_F(Cli, BenchRunsEveryRequestAndReportsTheEngine) {
 TEST_F(Cli, BenchSweepsRatesAndDrawsTheCurve) {
   REQUIRE_STORIES();
   const fs::path png = dir_ / "curve.png";
+  const bool gnuplot = std::system("command -v gnuplot >/dev/null") == 0;
   const Result r = nibble(fmt::format("bench -m {} --device cpu --num-prompts 6 --prompt-len 40 --output-len 8 "
-                                      "--kv-pages 12 --rate 400,0 --plot {} --json",
-                                      quote(stories()), quote(png.string())));
+                                      "--kv-pages 12 --rate 400,0 {} --json",
+                                      quote(stories()), gnuplot ? "--plot " + quote(png.string()) : ""));
   ASSERT_EQ(r.status, 0) << r.err;
   const auto j = nlohmann::json::parse(r.out);
   ASSERT_TRUE(j.is_array()) << r.out;
@@ -334,9 +335,24 @@ TEST_F(Cli, BenchSweepsRatesAndDrawsTheCurve) {
     EXPECT_EQ(run.at("output_tokens"), 48);
     EXPECT_GT(run.at("tpot_mean_ms").get<double>(), 0);
   }
-  if (std::system("command -v gnuplot >/dev/null") == 0) {
-    EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
-  }
+  if (gnuplot) EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
+}
+
+// --plot without a working gnuplot is refused before the model loads (a device run once lost a
+// 10-minute sweep's results to it at the end); a gnuplot that fails stands in for a missing one.
+TEST_F(Cli, BenchPlotWithoutGnuplotFailsBeforeTheWork) {
+  REQUIRE_STORIES();
+  const fs::path bin = dir_ / "fakebin";
+  fs::create_directories(bin);
+  std::ofstream(bin / "gnuplot") << "#!/bin/sh\nexit 1\n";
+  fs::permissions(bin / "gnuplot", fs::perms::owner_all);
+  const Result r = nibble(fmt::format("bench -m {} --device cpu --num-prompts 2 --output-len 4 --plot {} --json",
+                                      quote(stories()), quote((dir_ / "curve.png").string())),
+                          "PATH=" + quote(bin.string()) + ":\"$PATH\"");
+  expect_one_line_error(r);
+  EXPECT_NE(r.err.find("gnuplot"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("bench:"), std::string::npos) << "the benchmark ran first: " << r.err;
+  EXPECT_FALSE(fs::exists(dir_ / "curve.png"));
 }
 
 // A loopback port nothing listens on now (the kernel's pick, closed again).

@@ -89,6 +89,15 @@ void print_runs(const std::vector<nlohmann::ordered_json>& runs, bool json, bool
   }
 }
 
+namespace {
+constexpr const char* kNoGnuplot = "drawing the curve needs gnuplot (Debian's gnuplot-nox), which did not run";
+}  // namespace
+
+void check_load_curve_target(const std::filesystem::path& png, std::span<const std::filesystem::path> inputs) {
+  check_output_path(png, inputs);
+  check(run_gnuplot("set terminal pngcairo size 16,16\nplot 0\n").has_value(), "--plot", kNoGnuplot);
+}
+
 void write_load_curve(const std::vector<nlohmann::ordered_json>& runs, const std::string& title,
                       const std::filesystem::path& png, std::span<const std::filesystem::path> inputs) {
   std::string script = "set terminal pngcairo size 800,520 noenhanced\n"
@@ -98,7 +107,7 @@ void write_load_curve(const std::vector<nlohmann::ordered_json>& runs, const std
   for (const auto& j : runs)
     script += fmt::format("{:.4f} {:.2f}\n", j["tpot_mean_ms"].get<double>(), j["output_tokens_per_s"].get<double>());
   const std::optional<std::string> image = run_gnuplot(script + "e\n");
-  check(image.has_value(), "--plot", "drawing the curve needs gnuplot (Debian's gnuplot-nox), which did not run");
+  check(image.has_value(), "--plot", kNoGnuplot);
   write_output_file(png, *image, inputs);
 }
 

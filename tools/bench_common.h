@@ -37,6 +37,10 @@ void add_latencies(nlohmann::ordered_json& j, const std::string& name, std::vect
 // object for one run, else an array).
 void print_runs(const std::vector<nlohmann::ordered_json>& runs, bool json, bool csv);
 
+// Before the work, not after it: `png` can be written (check_output_path against `inputs`) and
+// gnuplot runs; throws naming what is missing, so a long benchmark never ends without its results.
+void check_load_curve_target(const std::filesystem::path& png, std::span<const std::filesystem::path> inputs = {});
+
 // The runs' output_tokens_per_s against tpot_mean_ms, one point per run, titled `title`, written to
 // `png` (checked with check_output_path against `inputs` first). Throws when gnuplot is missing.
 void write_load_curve(const std::vector<nlohmann::ordered_json>& runs, const std::string& title,

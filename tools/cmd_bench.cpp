@@ -108,13 +108,13 @@ nlohmann::ordered_json run_rate(const BenchArgs& a, Executor& exec, double rate)
 
 void run_bench(const BenchArgs& a) {
   const std::filesystem::path inputs[] = {a.model};
-  if (!a.load.plot.empty()) check_output_path(a.load.plot, inputs);  // before the work, not after it
+  if (!a.load.plot.empty()) check_load_curve_target(a.load.plot, inputs);
   auto model = Model::load(a.model);
   auto exec = a.device.make(*model, model->config().max_position_embeddings, a.max_batch_tokens);
   std::vector<nlohmann::ordered_json> runs;
   for (double rate : a.load.rates) runs.push_back(run_rate(a, *exec, rate));
+  print_runs(runs, a.load.json, a.load.csv);  // first: a failing plot must not take the results with it
   if (!a.load.plot.empty()) write_load_curve(runs, "nibble bench: " + a.model, a.load.plot, inputs);
-  print_runs(runs, a.load.json, a.load.csv);
 }
 }  // namespace
 

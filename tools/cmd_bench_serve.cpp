@@ -212,12 +212,12 @@ nlohmann::ordered_json run_rate(const BenchServeArgs& a, const Target& t, double
 }
 
 void run_bench_serve(const BenchServeArgs& a) {
-  if (!a.load.plot.empty()) check_output_path(a.load.plot);  // before the work, not after it
+  if (!a.load.plot.empty()) check_load_curve_target(a.load.plot);
   const Target t = connect(a);
   std::vector<nlohmann::ordered_json> runs;
   for (double rate : a.load.rates) runs.push_back(run_rate(a, t, rate));
+  print_runs(runs, a.load.json, a.load.csv);  // first: a failing plot must not take the results with it
   if (!a.load.plot.empty()) write_load_curve(runs, "nibble bench-serve: " + t.model + " at " + a.url, a.load.plot);
-  print_runs(runs, a.load.json, a.load.csv);
 }
 }  // namespace
 

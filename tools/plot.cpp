@@ -1,6 +1,8 @@
 #include "tools/plot.h"
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -15,6 +17,27 @@ std::string gnuplot_data_string(const std::string& s) {
   for (const char c : s) out += (c == '"' || c == '\\' || uint8_t(c) < 0x20 || c == 0x7f) ? '?' : c;
   return out + "\"";
 }
+
+namespace {
+
+// Writes all of `text` to a pipe; false when the reader is gone. The SIGPIPE that a gnuplot which
+// exited early would raise is blocked and consumed, so it never kills nibble.
+bool write_without_sigpipe(int fd, const std::string& text) {
+  sigset_t pipe_signal, old_mask;
+  sigemptyset(&pipe_signal);
+  sigaddset(&pipe_signal, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe_signal, &old_mask);
+  const bool ok = write(fd, text.data(), text.size()) == ssize_t(text.size());
+  if (!ok) {
+    const timespec now{};
+    while (sigtimedwait(&pipe_signal, nullptr, &now) == -1 && errno == EINTR) {
+    }
+  }
+  pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+  return ok;
+}
+
+}  // namespace
 
 std::optional<std::string> run_gnuplot(const std::string& script) {
   int in[2], out[2];
@@ -37,7 +60,7 @@ std::optional<std::string> run_gnuplot(const std::string& script) {
   close(out[1]);
   // The script is far below a pipe's buffer and gnuplot writes only once the plot is complete, so
   // writing it all before reading cannot deadlock.
-  bool ok = spawned == 0 && write(in[1], script.data(), script.size()) == ssize_t(script.size());
+  bool ok = spawned == 0 && write_without_sigpipe(in[1], script);
   close(in[1]);
   std::string image;
   char buf[65536];
