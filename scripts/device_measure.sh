@@ -90,7 +90,7 @@ case "$what" in
         sleep 1
       done
       timeout "$STEP_TIMEOUT" nibble bench-serve --url http://127.0.0.1:$port --dist atom --num-prompts "$n" \
-        --rates "$rates" --json --plot "$OUT/serve-$tag.png" >"$OUT/serve-$tag.json" 2>"$OUT/serve-$tag.err" || status=1
+        --rates "$rates" --json >"$OUT/serve-$tag.json" 2>"$OUT/serve-$tag.err" || status=1
       kill -TERM $server; wait $server
       summarize "$OUT/serve-$tag.json" "http $tag" || tail -3 "$OUT/serve-$tag.err" "$OUT/serve-$tag.log"
       timeout "$STEP_TIMEOUT" nibble bench -m "$path" --dist atom --num-prompts "$n" --rates "$rates" --device cuda "$@" \
