@@ -699,5 +699,31 @@ TEST(Format, PackRejectsBadInput) {
   EXPECT_THROW(pack_4bit(Format::Int4Sym, not_int4, 2, packed, "t"), Error);
 }
 
+// Past the threshold (un)packing runs on several threads: the bytes equal a byte-by-byte packing,
+// and of two bad codes the first is the one named.
+TEST(Format, PackUnpackOfMillionsOfCodes) {
+  const int64_t n = int64_t(3) << 20;
+  std::mt19937 rng(7321);
+  const size_t half = size_t(n / 2);
+  std::vector<uint8_t> bytes(half), codes(2 * half), repacked(half);
+  for (auto& b : bytes) b = uint8_t(rng());
+  unpack_4bit(Format::Int4Sym, bytes.data(), n, codes.data(), "t");
+  for (int64_t j = 0; j < n / 2; ++j) {
+    const int low = bytes[size_t(j)] & 15, high = bytes[size_t(j)] >> 4;
+    ASSERT_EQ(int8_t(codes[size_t(2 * j)]), low >= 8 ? low - 16 : low) << j;
+    ASSERT_EQ(int8_t(codes[size_t(2 * j + 1)]), high >= 8 ? high - 16 : high) << j;
+  }
+  pack_4bit(Format::Int4Sym, codes.data(), n, repacked.data(), "t");
+  EXPECT_EQ(repacked, bytes);
+  codes[size_t(n - 5)] = 9;
+  codes[size_t(n / 3)] = 200;  // int8 -56
+  try {
+    pack_4bit(Format::Int4Sym, codes.data(), n, repacked.data(), "t");
+    ADD_FAILURE() << "bad codes packed";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(fmt::format("code -56 at {} ", n / 3)), std::string::npos) << e.what();
+  }
+}
+
 }  // namespace
 }  // namespace nibble::quant

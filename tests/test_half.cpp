@@ -2,9 +2,12 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <random>
+#include <vector>
 
 #include <gtest/gtest.h>
 
+#include "nibble/core/dtype.h"
 #include "nibble/core/half.h"
 
 namespace nibble {
@@ -55,6 +58,32 @@ TEST(Half, Bf16RoundTripAndRounding) {
   // 1 + 2^-8 is halfway between 1 and 1 + 2^-7: ties to even gives 1.
   EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f + 0x1p-8f)), 1.0f);
   EXPECT_EQ(bf16_to_float(float_to_bf16(1.0f + 0x1p-8f + 0x1p-20f)), 1.0f + 0x1p-7f);
+}
+
+// Checkpoint-sized conversions run on several threads: every value equals its float64 decoding
+// (all 65536 fp16 patterns, repeated past the parallel threshold), and the first non-finite value
+// is found however the blocks are shared out.
+TEST(Half, LargeConversionsAndTheFirstNonFiniteValue) {
+  const size_t n = size_t(3) << 20;
+  std::vector<uint16_t> bits(n);
+  for (size_t i = 0; i < n; ++i) bits[i] = uint16_t(i * 40503u);  // odd: each pattern 48 times
+  std::vector<float> out(n);
+  convert_to_f32(bits.data(), DType::F16, n, out.data());
+  for (size_t i = 0; i < n; ++i) {
+    const double want = fp16_value(bits[i]);
+    if (std::isnan(want)) ASSERT_TRUE(std::isnan(out[i])) << i;
+    else ASSERT_EQ(double(out[i]), want) << i;
+  }
+  std::vector<float> x(n, 1.0f);
+  EXPECT_EQ(find_non_finite(x.data(), int64_t(n)), -1);
+  std::mt19937 rng(20261203);
+  for (int trial = 0; trial < 4; ++trial) {
+    std::fill(x.begin(), x.end(), 1.0f);
+    const int64_t a = int64_t(rng() % n), b = int64_t(rng() % n);
+    x[size_t(a)] = INFINITY;
+    x[size_t(b)] = std::numeric_limits<float>::quiet_NaN();
+    EXPECT_EQ(find_non_finite(x.data(), int64_t(n)), std::min(a, b)) << "seed 20261203 trial " << trial;
+  }
 }
 
 }  // namespace

@@ -44,6 +44,9 @@ bool dtype_is_float(DType t) {
   return t == DType::F64 || t == DType::F32 || t == DType::F16 || t == DType::BF16;
 }
 
+// Values from which conversions and checks run on several threads (checkpoints hold billions).
+constexpr size_t kParallelValues = size_t(1) << 20;
+
 void convert_to_f32(const void* src, DType t, size_t n, float* dst) {
   switch (t) {
     case DType::F32:
@@ -51,16 +54,19 @@ void convert_to_f32(const void* src, DType t, size_t n, float* dst) {
       return;
     case DType::F64: {
       const double* s = static_cast<const double*>(src);
+#pragma omp parallel for if (n >= kParallelValues)
       for (size_t i = 0; i < n; ++i) dst[i] = float(s[i]);
       return;
     }
     case DType::F16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
+#pragma omp parallel for if (n >= kParallelValues)
       for (size_t i = 0; i < n; ++i) dst[i] = fp16_to_float(s[i]);
       return;
     }
     case DType::BF16: {
       const uint16_t* s = static_cast<const uint16_t*>(src);
+#pragma omp parallel for if (n >= kParallelValues)
       for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_float(s[i]);
       return;
     }
@@ -71,6 +77,8 @@ void convert_to_f32(const void* src, DType t, size_t n, float* dst) {
 
 int64_t find_non_finite(const float* x, int64_t n) {
   constexpr int64_t kBlock = 4096;
+  int64_t first = n;
+#pragma omp parallel for reduction(min : first) if (n >= int64_t(kParallelValues))
   for (int64_t begin = 0; begin < n; begin += kBlock) {
     const int64_t end = std::min(n, begin + kBlock);
     uint32_t hit = 0;  // exponent all ones: inf or NaN
@@ -79,11 +87,13 @@ int64_t find_non_finite(const float* x, int64_t n) {
       std::memcpy(&bits, x + i, 4);
       hit |= uint32_t((bits & 0x7f800000u) == 0x7f800000u);
     }
-    if (hit)
-      for (int64_t i = begin; i < end; ++i)
-        if (!std::isfinite(x[i])) return i;
+    for (int64_t i = begin; hit && i < end; ++i)
+      if (!std::isfinite(x[i])) {
+        first = std::min(first, i);
+        break;
+      }
   }
-  return -1;
+  return first < n ? first : -1;
 }
 
 }  // namespace nibble

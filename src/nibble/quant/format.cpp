@@ -136,16 +136,22 @@ void validate_spec(const FormatSpec& spec, const std::string& where) {
     check(spec.clip == 1, where, "{} takes no clip ratio (got {})", name, spec.clip);
 }
 
+// Codes from which (un)packing runs on several threads: a 70B model holds tens of billions.
+constexpr int64_t kParallelCodes = int64_t(1) << 20;
+
 void pack_4bit(Format format, const uint8_t* codes, int64_t n, uint8_t* packed, const std::string& where) {
   check(format_bits(format) == 4, where, "{} is not a 4-bit format", format_name(format));
   check(n % 2 == 0, where, "cannot pack an odd number ({}) of 4-bit codes", n);
   const bool is_signed = format_signed_codes(format);
-  for (int64_t i = 0; i < n; ++i) {
-    const int value = is_signed ? int(int8_t(codes[i])) : int(codes[i]);
-    check(is_signed ? value >= -8 && value <= 7 : value <= 15, where, "code {} at {} is not a 4-bit {} code",
-          value, i, format_name(format));
-  }
-  for (int64_t i = 0; i < n; i += 2) packed[i / 2] = uint8_t((codes[i] & 0xf) | (codes[i + 1] & 0xf) << 4);
+  const auto value = [&](int64_t i) { return is_signed ? int(int8_t(codes[i])) : int(codes[i]); };
+  const auto valid = [&](int v) { return is_signed ? v >= -8 && v <= 7 : v <= 15; };
+  int64_t invalid = 0;
+#pragma omp parallel for reduction(+ : invalid) if (n >= kParallelCodes)
+  for (int64_t i = 0; i < n; ++i) invalid += !valid(value(i));
+  for (int64_t i = 0; invalid > 0 && i < n; ++i)
+    check(valid(value(i)), where, "code {} at {} is not a 4-bit {} code", value(i), i, format_name(format));
+#pragma omp parallel for if (n >= kParallelCodes)
+  for (int64_t j = 0; j < n / 2; ++j) packed[j] = uint8_t((codes[2 * j] & 0xf) | (codes[2 * j + 1] & 0xf) << 4);
 }
 
 void unpack_4bit(Format format, const uint8_t* packed, int64_t n, uint8_t* codes, const std::string& where) {
@@ -155,9 +161,10 @@ void unpack_4bit(Format format, const uint8_t* packed, int64_t n, uint8_t* codes
   const auto widen = [&](uint8_t nibble) {
     return format_signed_codes(format) ? uint8_t((nibble ^ 8) - 8) : nibble;
   };
-  for (int64_t i = 0; i < n; i += 2) {
-    codes[i] = widen(packed[i / 2] & 0xf);
-    codes[i + 1] = widen(packed[i / 2] >> 4);
+#pragma omp parallel for if (n >= kParallelCodes)
+  for (int64_t j = 0; j < n / 2; ++j) {
+    codes[2 * j] = widen(packed[j] & 0xf);
+    codes[2 * j + 1] = widen(packed[j] >> 4);
   }
 }
 
