@@ -334,6 +334,8 @@ TEST_F(Cli, BenchSweepsRatesAndDrawsTheCurve) {
     EXPECT_EQ(run.at("completed"), 6);
     EXPECT_EQ(run.at("output_tokens"), 48);
     EXPECT_GT(run.at("tpot_mean_ms").get<double>(), 0);
+    EXPECT_GT(run.at("model_read_s").get<double>(), 0);
+    EXPECT_GE(run.at("executor_setup_s").get<double>(), 0);
   }
   if (gnuplot) EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
 }

@@ -109,10 +109,19 @@ nlohmann::ordered_json run_rate(const BenchArgs& a, Executor& exec, double rate)
 void run_bench(const BenchArgs& a) {
   const std::filesystem::path inputs[] = {a.model};
   if (!a.load.plot.empty()) check_load_curve_target(a.load.plot, inputs);
+  const auto t0 = std::chrono::steady_clock::now();
   auto model = Model::load(a.model);
+  const double read_s = seconds_since(t0);
   auto exec = a.device.make(*model, model->config().max_position_embeddings, a.max_batch_tokens);
+  // Where a device run's minutes go before the first request (a 7B FP16 load once took ~80 s).
+  const double setup_s = seconds_since(t0) - read_s;
+  std::fprintf(stderr, "bench: model read in %.1f s, executor ready %.1f s later\n", read_s, setup_s);
   std::vector<nlohmann::ordered_json> runs;
-  for (double rate : a.load.rates) runs.push_back(run_rate(a, *exec, rate));
+  for (double rate : a.load.rates) {
+    runs.push_back(run_rate(a, *exec, rate));
+    runs.back()["model_read_s"] = read_s;
+    runs.back()["executor_setup_s"] = setup_s;
+  }
   print_runs(runs, a.load.json, a.load.csv);  // first: a failing plot must not take the results with it
   if (!a.load.plot.empty()) write_load_curve(runs, "nibble bench: " + a.model, a.load.plot, inputs);
 }

@@ -1,5 +1,6 @@
 // nibble serve -m MODEL: the OpenAI-compatible HTTP server (src/nibble/server) over one Engine.
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <filesystem>
@@ -7,6 +8,7 @@
 
 #include <pthread.h>
 
+#include "nibble/core/progress.h"
 #include "nibble/engine/engine.h"
 #include "nibble/server/server.h"
 #include "tools/commands.h"
@@ -31,6 +33,7 @@ void run_serve(ServeArgs a) {
     a.server.chat_template = server::ChatTemplate::from_model(a.model);
   if (a.server.model_name.empty()) a.server.model_name = std::filesystem::path(a.model).filename().string();
   warn_if_synthetic(a.model);
+  const auto t0 = std::chrono::steady_clock::now();
   auto [model, tok] = load_model_and_tokenizer(a.model, a.tokenizer);
   if (a.server.chat_template && !a.chat_template.empty()) {  // a template by name or file: the model's own BOS/EOS
     const int32_t bos = tok.bos_id(), eos = tok.eos_ids().empty() ? -1 : tok.eos_ids()[0];
@@ -39,6 +42,7 @@ void run_serve(ServeArgs a) {
   }
   const int64_t context = model->config().max_position_embeddings;
   auto exec = a.device.make(*model, context, a.max_batch_tokens);
+  std::fprintf(stderr, "nibble serve: model loaded in %.1f s\n", seconds_since(t0));
   Engine engine(*exec, &tok, {.max_batch_tokens = a.max_batch_tokens, .prefix_caching = !a.no_prefix_caching});
 
   // SIGINT and SIGTERM stop the server from a thread of their own (every thread made after this
