@@ -23,6 +23,7 @@
 #include "nibble/quant/kv_quant.h"
 #include "nibble/quant/quantize_checkpoint.h"
 #include "nibble/quant/quantize_model.h"
+#include "nibble/quant/smooth.h"
 #include "nibble/tokenizer/tokenizer.h"
 #include "tests/test_util.h"
 
@@ -638,6 +639,89 @@ TEST(GroupHadamard, RotationAloneKeepsLogits) {
   quant::rotate_groups(w.data(), d.out_features(), d.in_features(), d.in_features(), 32);
   layer.experts[0].down = quant::QuantLinear::activation_only(spec, d.out_features(), d.in_features(), {}, w, {});
   EXPECT_LE(rel_max(logits_of(*model, probe), before), 1e-5);
+}
+
+// SmoothQuant's migration folded into norms, up rows and weight columns: with nothing quantized
+// the folded model computes the unfolded model's logits (float rounding only).
+TEST(Smoothing, FoldedLayerKeepsLogits) {
+  const uint32_t seed = 31;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> ud(0.25, 4.0);
+  auto model = Model::load(test::source_dir() / "tests/fixtures/llama3-rope");
+  const std::vector<int32_t> probe = random_tokens(40, 256, 9);
+  const auto before = logits_of(*model, probe);
+  const std::vector<float> norm_before = model->layers()[0].attn_norm;
+  const ModelConfig& c = model->config();
+  for (auto& layer : model->layers())
+    for (LinearSlot slot : {LinearSlot::QKV, LinearSlot::GateUp, LinearSlot::Down}) {
+      std::vector<double> s(size_t(slot == LinearSlot::Down ? c.intermediate_size : c.hidden_size));
+      for (double& v : s) v = ud(rng);
+      quant::fold_input_scales(layer, slot, s, c.intermediate_size);
+    }
+  const auto after = logits_of(*model, probe);
+  EXPECT_LE(rel_max(after, before), 1e-5) << "seed " << seed;
+  EXPECT_NE(model->layers()[0].attn_norm, norm_before);  // really folded
+}
+
+// The scales against the formula written out: s_c ∝ rms_c^α / max|W[:, c]|^(1-α) with geometric
+// mean 1 over the smoothed channels, and 1 on the keepers (the channels of largest Σx²).
+TEST(Smoothing, ScalesFollowTheFormulaAndSpareTheKeepers) {
+  const uint32_t seed = 32;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> ud(0.1, 10.0);
+  const int64_t N = 6, K = 20, keeper = 4, count = 50;
+  const double alpha = 0.4;
+  std::vector<double> sum_sq(static_cast<size_t>(K));
+  for (auto& v : sum_sq) v = ud(rng) * count;
+  std::vector<float> w(size_t(N * K));
+  for (auto& v : w) v = float(ud(rng) - 5);
+  const std::vector<double> s = quant::smoothing_scales(sum_sq, count, w, N, K, alpha, keeper);
+  std::vector<double> sorted = sum_sq;
+  std::sort(sorted.begin(), sorted.end());
+  const double keeper_threshold = sorted[size_t(K - keeper)];
+  std::vector<double> raw;
+  double log_sum = 0;
+  for (int64_t c = 0; c < K; ++c) {
+    if (sum_sq[size_t(c)] >= keeper_threshold) continue;
+    double wmax = 0;
+    for (int64_t n = 0; n < N; ++n) wmax = std::max(wmax, std::abs(double(w[size_t(n * K + c)])));
+    raw.push_back(std::pow(sum_sq[size_t(c)] / count, alpha / 2) / std::pow(wmax, 1 - alpha));
+    log_sum += std::log(raw.back());
+  }
+  ASSERT_EQ(int64_t(raw.size()), K - keeper);
+  const double gmean = std::exp(log_sum / double(raw.size()));
+  size_t i = 0;
+  for (int64_t c = 0; c < K; ++c) {
+    if (sum_sq[size_t(c)] >= keeper_threshold) EXPECT_EQ(s[size_t(c)], 1.0) << "keeper " << c;
+    else EXPECT_NEAR(s[size_t(c)], raw[i++] / gmean, 1e-12 * raw[i - 1] / gmean) << "channel " << c << " (seed " << seed << ")";
+  }
+}
+
+// Rescaled statistics equal the statistics of the rescaled inputs (one more float64 pass).
+TEST(Calibration, ScaledStatsAreTheScaledInputsStats) {
+  const uint32_t seed = 33;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<double> ud(-3.0, 3.0);
+  const int64_t K = 16, rows = 40;
+  std::vector<float> x(size_t(rows * K));
+  for (auto& v : x) v = nd(rng);
+  std::vector<double> d(static_cast<size_t>(K));
+  for (auto& v : d) v = ud(rng);
+  std::vector<float> xd(x.size());
+  for (int64_t i = 0; i < rows * K; ++i) xd[size_t(i)] = float(x[size_t(i)] * d[size_t(i % K)]);
+  quant::InputStats scaled(K, true), direct(K, true);
+  scaled.add(x.data(), rows);
+  scaled.scale_channels(d);
+  direct.add(xd.data(), rows);
+  for (int64_t c = 0; c < K; ++c) {
+    EXPECT_NEAR(scaled.sum_sq()[size_t(c)], direct.sum_sq()[size_t(c)], 1e-6 * direct.sum_sq()[size_t(c)]) << "seed " << seed;
+    EXPECT_NEAR(scaled.sum_abs()[size_t(c)], direct.sum_abs()[size_t(c)], 1e-6 * direct.sum_abs()[size_t(c)]);
+  }
+  const auto a = scaled.xtx(), b = direct.xtx();
+  double bmax = 0;
+  for (double v : b) bmax = std::max(bmax, std::abs(v));
+  for (int64_t i = 0; i < K * K; ++i) ASSERT_NEAR(a[size_t(i)], b[size_t(i)], 1e-5 * bmax) << "entry " << i;
 }
 
 // `nibble quantize` layer by layer (quant/quantize_checkpoint.h): the streamed file equals, byte
