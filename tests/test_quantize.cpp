@@ -102,6 +102,26 @@ TEST_F(QuantizeStories, PackedFileEqualsSimulatedModelBitForBit) {
   std::filesystem::remove(path);
 }
 
+// The smoothing folded into the norms (no longer bf16-exact) and weights travels in the packed file:
+// the loaded model runs the quantized model's logits bit for bit.
+TEST_F(QuantizeStories, SmoothedPackedFileEqualsSimulatedModel) {
+  Recipe r = small_atom();
+  r.smooth_alpha = 0.5;
+  const std::vector<float> norm_before = model->layers()[0].attn_norm;
+  quant::quantize_model(*model, r, calib, "calib", false);
+  EXPECT_NE(model->layers()[0].attn_norm, norm_before);
+  const std::vector<float> simulated = logits_of(*model, probe);
+  const auto path = std::filesystem::temp_directory_path() / "nibble_test_smoothed.safetensors";
+  save_packed_model(*model, r.to_json().dump(), test::data_dir() / "models/stories260K", path);
+  auto loaded = Model::load(path);
+  EXPECT_EQ(loaded->layers()[0].attn_norm, model->layers()[0].attn_norm);
+  const std::vector<float> packed = logits_of(*loaded, probe);
+  ASSERT_EQ(packed.size(), simulated.size());
+  for (size_t i = 0; i < packed.size(); ++i) ASSERT_EQ(packed[i], simulated[i]) << "logit " << i;
+  EXPECT_EQ(Recipe::from_json(r.to_json(), "test").smooth_alpha, 0.5);
+  std::filesystem::remove(path);
+}
+
 TEST_F(QuantizeStories, EveryPresetRunsOrIsRefused) {
   for (const std::string& name : Recipe::preset_names()) {
     auto m = Model::load(test::data_dir() / "models/stories260K");
