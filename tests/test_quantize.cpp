@@ -717,6 +717,75 @@ TEST(Smoothing, ScalesFollowTheFormulaAndSpareTheKeepers) {
   }
 }
 
+// SmoothAttention folded into the q and k rows: with λ shared by the channel pairs RoPE rotates
+// together, q·k and so the logits are unchanged; a λ that splits a pair changes them (the test
+// can tell). GQA: the fixture has 4 query heads on 2 KV heads.
+TEST(Smoothing, KeyScalesKeepLogitsOnlyWhenRopePairsShareThem) {
+  const uint32_t seed = 34;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> ud(0.25, 4.0);
+  const auto dir = test::source_dir() / "tests/fixtures/llama3-rope";
+  auto model = Model::load(dir);
+  const ModelConfig& c = model->config();
+  ASSERT_LT(c.num_kv_heads, c.num_heads);
+  const std::vector<int32_t> probe = random_tokens(40, 256, 10);
+  const auto before = logits_of(*model, probe);
+  const int64_t hd = c.head_dim;
+  std::vector<double> paired(size_t(c.kv_dim())), split(size_t(c.kv_dim()));
+  for (int64_t r = 0; r < c.kv_dim(); ++r) {
+    paired[size_t(r)] = r % hd < hd / 2 ? ud(rng) : paired[size_t(r - hd / 2)];
+    split[size_t(r)] = ud(rng);
+  }
+  for (auto& layer : model->layers()) quant::fold_key_scales(layer, c, paired);
+  EXPECT_LE(rel_max(logits_of(*model, probe), before), 1e-5) << "seed " << seed;
+  auto other = Model::load(dir);
+  for (auto& layer : other->layers()) quant::fold_key_scales(layer, c, split);
+  EXPECT_GT(rel_max(logits_of(*other, probe), before), 1e-3) << "seed " << seed;
+}
+
+// λ from XᵀX against K computed row by row in float64 (k = W_k·x), paired and normalised by hand.
+TEST(Smoothing, KeyScalesMatchTheKeysOfAFloat64Pass) {
+  const uint32_t seed = 35;
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd;
+  ModelConfig c;
+  c.hidden_size = 12;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 6;
+  const int64_t H = c.hidden_size, T = 64, rows = c.q_dim() + 2 * c.kv_dim(), hd = c.head_dim;
+  const double alpha = 0.5;
+  std::vector<double> X(size_t(T * H)), xtx(size_t(H * H), 0.0);
+  for (int64_t i = 0; i < T * H; ++i) X[size_t(i)] = nd(rng) * (i % H == 3 ? 5 : 1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < H; ++j) xtx[size_t(i * H + j)] += X[size_t(t * H + i)] * X[size_t(t * H + j)];
+  std::vector<float> w(size_t(rows * H));
+  for (auto& v : w) v = float(nd(rng));
+  const std::vector<double> got = quant::key_smoothing_scales(xtx, T, w, c, alpha);
+  std::vector<double> ms(size_t(c.kv_dim()), 0.0);
+  for (int64_t r = 0; r < c.kv_dim(); ++r) {
+    for (int64_t t = 0; t < T; ++t) {
+      double k = 0;
+      for (int64_t i = 0; i < H; ++i) k += double(w[size_t((c.q_dim() + r) * H + i)]) * X[size_t(t * H + i)];
+      ms[size_t(r)] += k * k / T;
+    }
+  }
+  for (int64_t g = 0; g < c.num_kv_heads; ++g) {
+    std::vector<double> want(static_cast<size_t>(hd));
+    double log_sum = 0;
+    for (int64_t i = 0; i < hd; ++i) {
+      const int64_t p = i < hd / 2 ? i : i - hd / 2;
+      want[size_t(i)] = std::pow((ms[size_t(g * hd + p)] + ms[size_t(g * hd + p + hd / 2)]) / 2, alpha / 2);
+      log_sum += std::log(want[size_t(i)]);
+    }
+    for (int64_t i = 0; i < hd; ++i) {
+      const double expect = want[size_t(i)] / std::exp(log_sum / double(hd));
+      EXPECT_NEAR(got[size_t(g * hd + i)], expect, 1e-9 * expect) << "head " << g << " channel " << i << " (seed " << seed << ")";
+    }
+  }
+}
+
 // Rescaled statistics equal the statistics of the rescaled inputs (one more float64 pass).
 TEST(Calibration, ScaledStatsAreTheScaledInputsStats) {
   const uint32_t seed = 33;

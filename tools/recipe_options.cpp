@@ -38,6 +38,9 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   cmd->add_option("--smooth", smooth_alpha,
                   fmt::format("SmoothQuant migration strength alpha folded into norms and up rows, 0 = off (atom-w4a4: {})",
                               atom.smooth_alpha));
+  cmd->add_option("--k-smooth", k_smooth_alpha,
+                  fmt::format("SmoothAttention strength alpha for the K cache, folded into q/k rows, 0 = off (atom-w4a4: {})",
+                              atom.k_smooth_alpha));
   kv.add_to(cmd);
   tri("--hessian-fp", "--hessian-quantized", &hessian_fp,
       "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
@@ -74,6 +77,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (group_hadamard) r.group_hadamard = *group_hadamard;
   if (percdamp) r.percdamp = *percdamp;
   if (smooth_alpha) r.smooth_alpha = *smooth_alpha;
+  if (k_smooth_alpha) r.k_smooth_alpha = *k_smooth_alpha;
   kv.apply(r.kv);
   if (hessian_fp) r.hessian_from_quantized_inputs = !*hessian_fp;
   if (calib_windows) r.calib_windows = *calib_windows;

@@ -208,6 +208,12 @@ void LayerQuantizer::quantize(int l) {
       for (double& v : s) v = 1 / v;
       st.scale_channels(s);
     }
+  // 1c. SmoothAttention for the K cache, folded into the q and k rows (the statistics are unchanged).
+  if (recipe.k_smooth_alpha > 0) {
+    const InputStats& st = fp_stats.at({LinearSlot::QKV, -1});
+    fold_key_scales(layer, c, key_smoothing_scales(st.xtx(), st.count(), dense(*layer.qkv).weight(), c,
+                                                   recipe.k_smooth_alpha));
+  }
   auto order_for = [&](Key k, Key fallback) -> std::vector<int32_t> {
     if (!recipe.reorder) return {};
     auto it = fp_stats.find(k);

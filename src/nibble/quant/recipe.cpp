@@ -77,6 +77,7 @@ void Recipe::apply_atom_compat() {
   clip_search = false;
   group_hadamard = false;
   smooth_alpha = 0;
+  k_smooth_alpha = 0;
   // Atom's GPTQ quantizer uses its own INT4 grid (format.h Int4SymAtomGptq); its RTN path the plain one.
   if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
 }
@@ -126,8 +127,9 @@ void Recipe::validate(const ModelConfig& c) const {
   check(calib_windows > 0 && (calib_ctx == 0 || calib_ctx > 1), where,
         "need at least one calibration window of at least 2 tokens");
   check(smooth_alpha >= 0 && smooth_alpha < 1, where, "--smooth {} is outside [0, 1)", smooth_alpha);
-  check(smooth_alpha == 0 || (gptq && !hessian_from_quantized_inputs && c.num_experts == 0), where,
-        "--smooth needs GPTQ with full-precision Hessians (the statistics it rescales) and a dense MLP");
+  check(k_smooth_alpha >= 0 && k_smooth_alpha < 1, where, "--k-smooth {} is outside [0, 1)", k_smooth_alpha);
+  check((smooth_alpha == 0 && k_smooth_alpha == 0) || (gptq && !hessian_from_quantized_inputs && c.num_experts == 0), where,
+        "--smooth and --k-smooth need GPTQ with full-precision Hessians (the statistics it rescales) and a dense MLP");
   if (weight.row_group > 1)
     for (int64_t n : {c.q_dim() + 2 * c.kv_dim(), c.hidden_size, 2 * c.intermediate_size})
       check(n % weight.row_group == 0, where, "--w-row-group {} does not divide {} output rows", weight.row_group, n);
@@ -149,6 +151,7 @@ std::string Recipe::describe() const {
   if (group_hadamard) s += ", group Hadamard";
   if (clip_search) s += ", W clip search";
   if (smooth_alpha > 0) s += fmt::format(", smooth {}", smooth_alpha);
+  if (k_smooth_alpha > 0) s += fmt::format(", K smooth {}", k_smooth_alpha);
   if (fp16_activations) s += ", fp16 activations";
   if (atom_compat) s += ", atom-compat";
   return s;
@@ -181,6 +184,7 @@ nlohmann::json Recipe::to_json() const {
           {"clip_search", clip_search},
           {"group_hadamard", group_hadamard},
           {"smooth_alpha", smooth_alpha},
+          {"k_smooth_alpha", k_smooth_alpha},
           {"quantize_activations", quantize_activations},
           {"act", spec_json(act)},
           {"reorder", reorder},
@@ -211,6 +215,7 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
   r.clip_search = json_field<bool>(j, "clip_search", where);
   r.group_hadamard = json_field_or<bool>(j, "group_hadamard", false, where);
   r.smooth_alpha = json_field_or<double>(j, "smooth_alpha", 0.0, where);  // absent in files written before it existed
+  r.k_smooth_alpha = json_field_or<double>(j, "k_smooth_alpha", 0.0, where);
   r.quantize_activations = json_field<bool>(j, "quantize_activations", where);
   r.act = spec_from_json(j, "act", where);
   r.reorder = json_field<bool>(j, "reorder", where);

@@ -81,4 +81,48 @@ void fold_input_scales(Layer& layer, LinearSlot slot, const std::vector<double>&
   }
 }
 
+std::vector<double> key_smoothing_scales(const std::vector<double>& xtx, int64_t count, const std::vector<float>& qkv,
+                                         const ModelConfig& c, double alpha) {
+  const int64_t H = c.hidden_size, hd = c.head_dim, half = hd / 2, kvd = c.kv_dim();
+  check(int64_t(xtx.size()) == H * H && int64_t(qkv.size()) == (c.q_dim() + 2 * kvd) * H && count > 0,
+        "key smoothing", "XᵀX of {} entries and a q/k/v weight of {} for hidden {}", xtx.size(), qkv.size(), H);
+  std::vector<double> energy(static_cast<size_t>(kvd)), hw(static_cast<size_t>(H));
+  for (int64_t r = 0; r < kvd; ++r) {
+    const float* w = qkv.data() + (c.q_dim() + r) * H;
+    std::fill(hw.begin(), hw.end(), 0.0);
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < H; ++j) hw[size_t(i)] += xtx[size_t(i * H + j)] * w[j];
+    for (int64_t i = 0; i < H; ++i) energy[size_t(r)] += double(w[i]) * hw[size_t(i)];
+    energy[size_t(r)] /= double(count);
+  }
+  std::vector<double> lambda(size_t(kvd), 1.0);
+  for (int64_t g = 0; g < c.num_kv_heads; ++g) {
+    double log_sum = 0;
+    for (int64_t i = 0; i < half; ++i) {
+      const double pair = (energy[size_t(g * hd + i)] + energy[size_t(g * hd + i + half)]) / 2;
+      const double l = pair > 0 ? std::pow(pair, alpha / 2) : 1.0;
+      lambda[size_t(g * hd + i)] = lambda[size_t(g * hd + i + half)] = l;
+      log_sum += std::log(l);
+    }
+    const double norm = std::exp(log_sum / double(half));
+    for (int64_t i = 0; i < hd; ++i) lambda[size_t(g * hd + i)] /= norm;
+  }
+  return lambda;
+}
+
+void fold_key_scales(Layer& layer, const ModelConfig& c, const std::vector<double>& lambda) {
+  DenseLinear& d = dense_linear(*layer.qkv, "q/k/v");
+  const int64_t H = d.in_features(), hd = c.head_dim, kvd = c.kv_dim(), per_group = c.num_heads / c.num_kv_heads;
+  check(int64_t(lambda.size()) == kvd, "key smoothing", "{} scales for {} K channels", lambda.size(), kvd);
+  auto scale_row = [&](int64_t row, double f) {
+    for (int64_t h = 0; h < H; ++h) d.weight()[size_t(row * H + h)] = float(d.weight()[size_t(row * H + h)] * f);
+    if (!d.bias().empty()) d.bias()[size_t(row)] = float(d.bias()[size_t(row)] * f);
+  };
+  for (int64_t r = 0; r < kvd; ++r) {
+    scale_row(c.q_dim() + r, 1 / lambda[size_t(r)]);
+    const int64_t g = r / hd, i = r % hd;
+    for (int64_t h = g * per_group; h < (g + 1) * per_group; ++h) scale_row(h * hd + i, lambda[size_t(r)]);
+  }
+}
+
 }  // namespace nibble::quant

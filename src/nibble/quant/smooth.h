@@ -22,4 +22,15 @@ std::vector<double> smoothing_scales(const std::vector<double>& sum_sq, int64_t 
 // linear's weight columns W[:, c] · s_c. The linears must still be DenseLinear.
 void fold_input_scales(Layer& layer, LinearSlot slot, const std::vector<double>& s, int64_t intermediate);
 
+// QServe's SmoothAttention for the INT4 K cache: λ per K channel [kv_dim], λ = rms^α of the
+// channel pair RoPE rotates together (i, i + head_dim/2: the pair's energy is what RoPE keeps),
+// normalised to geometric mean 1 per head. rms from the q/k/v input's XᵀX [hidden, hidden] over
+// `count` rows and the k rows of the fused weight: E[k_r²] = w_rᵀ·XᵀX·w_r / count.
+std::vector<double> key_smoothing_scales(const std::vector<double>& xtx, int64_t count, const std::vector<float>& qkv,
+                                         const ModelConfig& c, double alpha);
+
+// K channel (g, i) := K / λ and every query head h of group g, channel i := Q · λ (rows and bias of
+// the fused q/k/v linear, still dense): q·k, and so attention, is unchanged.
+void fold_key_scales(Layer& layer, const ModelConfig& c, const std::vector<double>& lambda);
+
 }  // namespace nibble::quant
