@@ -156,6 +156,13 @@ TEST_F(QuantizeStories, NonsenseRecipesAreRefused) {
   r.weight.format = quant::Format::Mxfp4;  // MXFP4 needs group 32 and clip 1
   EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
   r = small_atom();
+  r.smooth_alpha = 0.3;
+  r.gptq = false;  // smoothing rescales the fused statistics pass's Hessians: RTN has none
+  EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
+  r = small_atom();
+  r.k_smooth_alpha = 1.5;  // α outside [0, 1)
+  EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
+  r = small_atom();
   r.calib_ctx = 512;
   const std::vector<int32_t> too_short(100, 5);
   EXPECT_THROW(quant::quantize_model(*model, r, too_short, "calib", false), Error);
@@ -561,7 +568,11 @@ TEST(Recipe, AtomCompatRestoresAtomsChoices) {
   EXPECT_FLOAT_EQ(r.act.clip, 0.8f);
   EXPECT_FLOAT_EQ(r.kv.clip, 0.9f);
   EXPECT_TRUE(r.group_hadamard && r.clip_search && r.kv.hadamard && !r.kv.k_before_rope && !r.fp16_activations);
+  r.smooth_alpha = 0.3;
+  r.k_smooth_alpha = 0.5;
   r.apply_atom_compat();
+  EXPECT_EQ(r.smooth_alpha, 0.0);  // Atom has no smoothing: the ladder stays Atom's
+  EXPECT_EQ(r.k_smooth_alpha, 0.0);
   EXPECT_FLOAT_EQ(r.act.clip, 0.9f);
   EXPECT_FLOAT_EQ(r.weight.clip, 0.85f);
   EXPECT_FLOAT_EQ(r.kv.clip, 1.0f);
