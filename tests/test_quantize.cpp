@@ -23,6 +23,7 @@
 #include "nibble/quant/kv_quant.h"
 #include "nibble/quant/quantize_checkpoint.h"
 #include "nibble/quant/quantize_model.h"
+#include "nibble/quant/smooth.h"
 #include "nibble/tokenizer/tokenizer.h"
 #include "tests/test_util.h"
 
@@ -101,6 +102,26 @@ TEST_F(QuantizeStories, PackedFileEqualsSimulatedModelBitForBit) {
   std::filesystem::remove(path);
 }
 
+// The smoothing folded into the norms (no longer bf16-exact) and weights travels in the packed file:
+// the loaded model runs the quantized model's logits bit for bit.
+TEST_F(QuantizeStories, SmoothedPackedFileEqualsSimulatedModel) {
+  Recipe r = small_atom();
+  r.smooth_alpha = 0.5;
+  const std::vector<float> norm_before = model->layers()[0].attn_norm;
+  quant::quantize_model(*model, r, calib, "calib", false);
+  EXPECT_NE(model->layers()[0].attn_norm, norm_before);
+  const std::vector<float> simulated = logits_of(*model, probe);
+  const auto path = std::filesystem::temp_directory_path() / "nibble_test_smoothed.safetensors";
+  save_packed_model(*model, r.to_json().dump(), test::data_dir() / "models/stories260K", path);
+  auto loaded = Model::load(path);
+  EXPECT_EQ(loaded->layers()[0].attn_norm, model->layers()[0].attn_norm);
+  const std::vector<float> packed = logits_of(*loaded, probe);
+  ASSERT_EQ(packed.size(), simulated.size());
+  for (size_t i = 0; i < packed.size(); ++i) ASSERT_EQ(packed[i], simulated[i]) << "logit " << i;
+  EXPECT_EQ(Recipe::from_json(r.to_json(), "test").smooth_alpha, 0.5);
+  std::filesystem::remove(path);
+}
+
 TEST_F(QuantizeStories, EveryPresetRunsOrIsRefused) {
   for (const std::string& name : Recipe::preset_names()) {
     auto m = Model::load(test::data_dir() / "models/stories260K");
@@ -133,6 +154,13 @@ TEST_F(QuantizeStories, NonsenseRecipesAreRefused) {
   EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
   r = small_atom();
   r.weight.format = quant::Format::Mxfp4;  // MXFP4 needs group 32 and clip 1
+  EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
+  r = small_atom();
+  r.smooth_alpha = 0.3;
+  r.gptq = false;  // smoothing rescales the fused statistics pass's Hessians: RTN has none
+  EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
+  r = small_atom();
+  r.k_smooth_alpha = 1.5;  // α outside [0, 1)
   EXPECT_THROW(quant::quantize_model(*model, r, calib, "calib", false), Error);
   r = small_atom();
   r.calib_ctx = 512;
@@ -540,7 +568,11 @@ TEST(Recipe, AtomCompatRestoresAtomsChoices) {
   EXPECT_FLOAT_EQ(r.act.clip, 0.8f);
   EXPECT_FLOAT_EQ(r.kv.clip, 0.9f);
   EXPECT_TRUE(r.group_hadamard && r.clip_search && r.kv.hadamard && !r.kv.k_before_rope && !r.fp16_activations);
+  r.smooth_alpha = 0.3;
+  r.k_smooth_alpha = 0.5;
   r.apply_atom_compat();
+  EXPECT_EQ(r.smooth_alpha, 0.0);  // Atom has no smoothing: the ladder stays Atom's
+  EXPECT_EQ(r.k_smooth_alpha, 0.0);
   EXPECT_FLOAT_EQ(r.act.clip, 0.9f);
   EXPECT_FLOAT_EQ(r.weight.clip, 0.85f);
   EXPECT_FLOAT_EQ(r.kv.clip, 1.0f);
@@ -638,6 +670,158 @@ TEST(GroupHadamard, RotationAloneKeepsLogits) {
   quant::rotate_groups(w.data(), d.out_features(), d.in_features(), d.in_features(), 32);
   layer.experts[0].down = quant::QuantLinear::activation_only(spec, d.out_features(), d.in_features(), {}, w, {});
   EXPECT_LE(rel_max(logits_of(*model, probe), before), 1e-5);
+}
+
+// SmoothQuant's migration folded into norms, up rows and weight columns: with nothing quantized
+// the folded model computes the unfolded model's logits (float rounding only).
+TEST(Smoothing, FoldedLayerKeepsLogits) {
+  const uint32_t seed = 31;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> ud(0.25, 4.0);
+  auto model = Model::load(test::source_dir() / "tests/fixtures/llama3-rope");
+  const std::vector<int32_t> probe = random_tokens(40, 256, 9);
+  const auto before = logits_of(*model, probe);
+  const std::vector<float> norm_before = model->layers()[0].attn_norm;
+  const ModelConfig& c = model->config();
+  for (auto& layer : model->layers())
+    for (LinearSlot slot : {LinearSlot::QKV, LinearSlot::GateUp, LinearSlot::Down}) {
+      std::vector<double> s(size_t(slot == LinearSlot::Down ? c.intermediate_size : c.hidden_size));
+      for (double& v : s) v = ud(rng);
+      quant::fold_input_scales(layer, slot, s, c.intermediate_size);
+    }
+  const auto after = logits_of(*model, probe);
+  EXPECT_LE(rel_max(after, before), 1e-5) << "seed " << seed;
+  EXPECT_NE(model->layers()[0].attn_norm, norm_before);  // really folded
+}
+
+// The scales against the formula written out: s_c ∝ rms_c^α / max|W[:, c]|^(1-α) with geometric
+// mean 1 over the smoothed channels, and 1 on the keepers (the channels of largest Σx²).
+TEST(Smoothing, ScalesFollowTheFormulaAndSpareTheKeepers) {
+  const uint32_t seed = 32;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> ud(0.1, 10.0);
+  const int64_t N = 6, K = 20, keeper = 4, count = 50;
+  const double alpha = 0.4;
+  std::vector<double> sum_sq(static_cast<size_t>(K));
+  for (auto& v : sum_sq) v = ud(rng) * count;
+  std::vector<float> w(size_t(N * K));
+  for (auto& v : w) v = float(ud(rng) - 5);
+  const std::vector<double> s = quant::smoothing_scales(sum_sq, count, w, N, K, alpha, keeper);
+  std::vector<double> sorted = sum_sq;
+  std::sort(sorted.begin(), sorted.end());
+  const double keeper_threshold = sorted[size_t(K - keeper)];
+  std::vector<double> raw;
+  double log_sum = 0;
+  for (int64_t c = 0; c < K; ++c) {
+    if (sum_sq[size_t(c)] >= keeper_threshold) continue;
+    double wmax = 0;
+    for (int64_t n = 0; n < N; ++n) wmax = std::max(wmax, std::abs(double(w[size_t(n * K + c)])));
+    raw.push_back(std::pow(sum_sq[size_t(c)] / count, alpha / 2) / std::pow(wmax, 1 - alpha));
+    log_sum += std::log(raw.back());
+  }
+  ASSERT_EQ(int64_t(raw.size()), K - keeper);
+  const double gmean = std::exp(log_sum / double(raw.size()));
+  size_t i = 0;
+  for (int64_t c = 0; c < K; ++c) {
+    if (sum_sq[size_t(c)] >= keeper_threshold) EXPECT_EQ(s[size_t(c)], 1.0) << "keeper " << c;
+    else EXPECT_NEAR(s[size_t(c)], raw[i++] / gmean, 1e-12 * raw[i - 1] / gmean) << "channel " << c << " (seed " << seed << ")";
+  }
+}
+
+// SmoothAttention folded into the q and k rows: with λ shared by the channel pairs RoPE rotates
+// together, q·k and so the logits are unchanged; a λ that splits a pair changes them (the test
+// can tell). GQA: the fixture has 4 query heads on 2 KV heads.
+TEST(Smoothing, KeyScalesKeepLogitsOnlyWhenRopePairsShareThem) {
+  const uint32_t seed = 34;
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> ud(0.25, 4.0);
+  const auto dir = test::source_dir() / "tests/fixtures/llama3-rope";
+  auto model = Model::load(dir);
+  const ModelConfig& c = model->config();
+  ASSERT_LT(c.num_kv_heads, c.num_heads);
+  const std::vector<int32_t> probe = random_tokens(40, 256, 10);
+  const auto before = logits_of(*model, probe);
+  const int64_t hd = c.head_dim;
+  std::vector<double> paired(size_t(c.kv_dim())), split(size_t(c.kv_dim()));
+  for (int64_t r = 0; r < c.kv_dim(); ++r) {
+    paired[size_t(r)] = r % hd < hd / 2 ? ud(rng) : paired[size_t(r - hd / 2)];
+    split[size_t(r)] = ud(rng);
+  }
+  for (auto& layer : model->layers()) quant::fold_key_scales(layer, c, paired);
+  EXPECT_LE(rel_max(logits_of(*model, probe), before), 1e-5) << "seed " << seed;
+  auto other = Model::load(dir);
+  for (auto& layer : other->layers()) quant::fold_key_scales(layer, c, split);
+  EXPECT_GT(rel_max(logits_of(*other, probe), before), 1e-3) << "seed " << seed;
+}
+
+// λ from XᵀX against K computed row by row in float64 (k = W_k·x), paired and normalised by hand.
+TEST(Smoothing, KeyScalesMatchTheKeysOfAFloat64Pass) {
+  const uint32_t seed = 35;
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> nd;
+  ModelConfig c;
+  c.hidden_size = 12;
+  c.num_heads = 4;
+  c.num_kv_heads = 2;
+  c.head_dim = 6;
+  const int64_t H = c.hidden_size, T = 64, rows = c.q_dim() + 2 * c.kv_dim(), hd = c.head_dim;
+  const double alpha = 0.5;
+  std::vector<double> X(size_t(T * H)), xtx(size_t(H * H), 0.0);
+  for (int64_t i = 0; i < T * H; ++i) X[size_t(i)] = nd(rng) * (i % H == 3 ? 5 : 1);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < H; ++i)
+      for (int64_t j = 0; j < H; ++j) xtx[size_t(i * H + j)] += X[size_t(t * H + i)] * X[size_t(t * H + j)];
+  std::vector<float> w(size_t(rows * H));
+  for (auto& v : w) v = float(nd(rng));
+  const std::vector<double> got = quant::key_smoothing_scales(xtx, T, w, c, alpha);
+  std::vector<double> ms(size_t(c.kv_dim()), 0.0);
+  for (int64_t r = 0; r < c.kv_dim(); ++r) {
+    for (int64_t t = 0; t < T; ++t) {
+      double k = 0;
+      for (int64_t i = 0; i < H; ++i) k += double(w[size_t((c.q_dim() + r) * H + i)]) * X[size_t(t * H + i)];
+      ms[size_t(r)] += k * k / T;
+    }
+  }
+  for (int64_t g = 0; g < c.num_kv_heads; ++g) {
+    std::vector<double> want(static_cast<size_t>(hd));
+    double log_sum = 0;
+    for (int64_t i = 0; i < hd; ++i) {
+      const int64_t p = i < hd / 2 ? i : i - hd / 2;
+      want[size_t(i)] = std::pow((ms[size_t(g * hd + p)] + ms[size_t(g * hd + p + hd / 2)]) / 2, alpha / 2);
+      log_sum += std::log(want[size_t(i)]);
+    }
+    for (int64_t i = 0; i < hd; ++i) {
+      const double expect = want[size_t(i)] / std::exp(log_sum / double(hd));
+      EXPECT_NEAR(got[size_t(g * hd + i)], expect, 1e-9 * expect) << "head " << g << " channel " << i << " (seed " << seed << ")";
+    }
+  }
+}
+
+// Rescaled statistics equal the statistics of the rescaled inputs (one more float64 pass).
+TEST(Calibration, ScaledStatsAreTheScaledInputsStats) {
+  const uint32_t seed = 33;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd;
+  std::uniform_real_distribution<double> ud(-3.0, 3.0);
+  const int64_t K = 16, rows = 40;
+  std::vector<float> x(size_t(rows * K));
+  for (auto& v : x) v = nd(rng);
+  std::vector<double> d(static_cast<size_t>(K));
+  for (auto& v : d) v = ud(rng);
+  std::vector<float> xd(x.size());
+  for (int64_t i = 0; i < rows * K; ++i) xd[size_t(i)] = float(x[size_t(i)] * d[size_t(i % K)]);
+  quant::InputStats scaled(K, true), direct(K, true);
+  scaled.add(x.data(), rows);
+  scaled.scale_channels(d);
+  direct.add(xd.data(), rows);
+  for (int64_t c = 0; c < K; ++c) {
+    EXPECT_NEAR(scaled.sum_sq()[size_t(c)], direct.sum_sq()[size_t(c)], 1e-6 * direct.sum_sq()[size_t(c)]) << "seed " << seed;
+    EXPECT_NEAR(scaled.sum_abs()[size_t(c)], direct.sum_abs()[size_t(c)], 1e-6 * direct.sum_abs()[size_t(c)]);
+  }
+  const auto a = scaled.xtx(), b = direct.xtx();
+  double bmax = 0;
+  for (double v : b) bmax = std::max(bmax, std::abs(v));
+  for (int64_t i = 0; i < K * K; ++i) ASSERT_NEAR(a[size_t(i)], b[size_t(i)], 1e-5 * bmax) << "entry " << i;
 }
 
 // `nibble quantize` layer by layer (quant/quantize_checkpoint.h): the streamed file equals, byte

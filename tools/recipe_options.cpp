@@ -35,6 +35,12 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
       "quantize each group of weights and activations in a Hadamard-rotated basis (exact; beyond Atom)");
   tri("--reorder", "--no-reorder", &reorder, "permute input channels by salience (keepers last)");
   cmd->add_option("--percdamp", percdamp, "GPTQ damping, a fraction of the mean Hessian diagonal (0.01)");
+  cmd->add_option("--smooth", smooth_alpha,
+                  fmt::format("SmoothQuant migration strength alpha folded into norms and up rows, 0 = off (atom-w4a4: {})",
+                              atom.smooth_alpha));
+  cmd->add_option("--k-smooth", k_smooth_alpha,
+                  fmt::format("SmoothAttention strength alpha for the K cache, folded into q/k rows, 0 = off (atom-w4a4: {})",
+                              atom.k_smooth_alpha));
   kv.add_to(cmd);
   tri("--hessian-fp", "--hessian-quantized", &hessian_fp,
       "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
@@ -70,6 +76,8 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (clip_search) r.clip_search = *clip_search;
   if (group_hadamard) r.group_hadamard = *group_hadamard;
   if (percdamp) r.percdamp = *percdamp;
+  if (smooth_alpha) r.smooth_alpha = *smooth_alpha;
+  if (k_smooth_alpha) r.k_smooth_alpha = *k_smooth_alpha;
   kv.apply(r.kv);
   if (hessian_fp) r.hessian_from_quantized_inputs = !*hessian_fp;
   if (calib_windows) r.calib_windows = *calib_windows;

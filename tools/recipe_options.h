@@ -19,6 +19,7 @@ struct RecipeOptions {
   KVOverride kv;
   std::optional<int64_t> keeper, calib_windows, calib_ctx;
   std::optional<double> percdamp;
+  std::optional<double> smooth_alpha, k_smooth_alpha;
   std::optional<uint64_t> seed;
   std::optional<bool> gptq, reorder, hessian_fp, clip_search, group_hadamard;
   bool atom_compat = false;

@@ -72,6 +72,17 @@ const InputStats& InputStats::read() const {
   return *this;
 }
 
+void InputStats::scale_channels(const std::vector<double>& d) {
+  check(int64_t(d.size()) == dim_, "InputStats", "{} scales for {} channels", d.size(), dim_);
+  read();
+  for (int64_t c = 0; c < dim_; ++c) {
+    sum_sq_[size_t(c)] *= d[size_t(c)] * d[size_t(c)];
+    sum_abs_[size_t(c)] *= std::abs(d[size_t(c)]);
+  }
+  for (int64_t i = 0; i < dim_ && !xtx_.empty(); ++i)
+    for (int64_t j = i; j < dim_; ++j) xtx_[size_t(i * dim_ + j)] *= d[size_t(i)] * d[size_t(j)];
+}
+
 std::vector<double> InputStats::xtx() const {
   std::vector<double> full(read().xtx_);
   for (int64_t i = 0; i < dim_; ++i)

@@ -39,6 +39,8 @@ class InputStats {
   bool has_xtx() const { return with_xtx_; }
   // XᵀX [dim, dim], full (both triangles filled).
   std::vector<double> xtx() const;
+  // The statistics of the inputs x_c · d_c (a folded per-channel scale), without another pass.
+  void scale_channels(const std::vector<double>& d);
 
  private:
   const InputStats& read() const;  // the device's sums into the host vectors, when on the device

@@ -14,6 +14,7 @@
 #include "nibble/core/progress.h"
 #include "nibble/quant/calibrate.h"
 #include "nibble/quant/gptq.h"
+#include "nibble/quant/smooth.h"
 
 namespace nibble::quant {
 
@@ -193,6 +194,26 @@ void LayerQuantizer::quantize(int l) {
   }
   model.set_observer(nullptr);
   report.stats_seconds += seconds_since(t0);
+  // 1b. SmoothQuant's migration folded into the layer (quant/smooth.h); the statistics follow it.
+  if (recipe.smooth_alpha > 0)
+    for (LinearSlot slot : {LinearSlot::QKV, LinearSlot::GateUp, LinearSlot::Down}) {
+      InputStats& st = fp_stats.at({slot, -1});
+      DenseLinear& d = dense(slot == LinearSlot::QKV      ? *layer.qkv
+                             : slot == LinearSlot::GateUp ? *layer.experts[0].gate_up
+                                                          : *layer.experts[0].down);
+      const int64_t keeper = recipe.linear_spec(d.in_features(), lw).keeper;
+      std::vector<double> s = smoothing_scales(st.sum_sq(), st.count(), d.weight(), d.out_features(), d.in_features(),
+                                               recipe.smooth_alpha, keeper);
+      fold_input_scales(layer, slot, s, I);
+      for (double& v : s) v = 1 / v;
+      st.scale_channels(s);
+    }
+  // 1c. SmoothAttention for the K cache, folded into the q and k rows (the statistics are unchanged).
+  if (recipe.k_smooth_alpha > 0) {
+    const InputStats& st = fp_stats.at({LinearSlot::QKV, -1});
+    fold_key_scales(layer, c, key_smoothing_scales(st.xtx(), st.count(), dense(*layer.qkv).weight(), c,
+                                                   recipe.k_smooth_alpha));
+  }
   auto order_for = [&](Key k, Key fallback) -> std::vector<int32_t> {
     if (!recipe.reorder) return {};
     auto it = fp_stats.find(k);

@@ -76,6 +76,8 @@ void Recipe::apply_atom_compat() {
   if (group_hadamard) act.clip = kAtomActClip;
   clip_search = false;
   group_hadamard = false;
+  smooth_alpha = 0;
+  k_smooth_alpha = 0;
   // Atom's GPTQ quantizer uses its own INT4 grid (format.h Int4SymAtomGptq); its RTN path the plain one.
   if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
 }
@@ -124,6 +126,10 @@ void Recipe::validate(const ModelConfig& c) const {
   check(bits >= 2 && bits <= 8, where, "weight bits {} are outside 2..8", bits);
   check(calib_windows > 0 && (calib_ctx == 0 || calib_ctx > 1), where,
         "need at least one calibration window of at least 2 tokens");
+  check(smooth_alpha >= 0 && smooth_alpha < 1, where, "--smooth {} is outside [0, 1)", smooth_alpha);
+  check(k_smooth_alpha >= 0 && k_smooth_alpha < 1, where, "--k-smooth {} is outside [0, 1)", k_smooth_alpha);
+  check((smooth_alpha == 0 && k_smooth_alpha == 0) || (gptq && !hessian_from_quantized_inputs && c.num_experts == 0), where,
+        "--smooth and --k-smooth need GPTQ with full-precision Hessians (the statistics it rescales) and a dense MLP");
   if (weight.row_group > 1)
     for (int64_t n : {c.q_dim() + 2 * c.kv_dim(), c.hidden_size, 2 * c.intermediate_size})
       check(n % weight.row_group == 0, where, "--w-row-group {} does not divide {} output rows", weight.row_group, n);
@@ -144,6 +150,8 @@ std::string Recipe::describe() const {
   s += ", KV " + kv.describe();
   if (group_hadamard) s += ", group Hadamard";
   if (clip_search) s += ", W clip search";
+  if (smooth_alpha > 0) s += fmt::format(", smooth {}", smooth_alpha);
+  if (k_smooth_alpha > 0) s += fmt::format(", K smooth {}", k_smooth_alpha);
   if (fp16_activations) s += ", fp16 activations";
   if (atom_compat) s += ", atom-compat";
   return s;
@@ -175,6 +183,8 @@ nlohmann::json Recipe::to_json() const {
           {"gptq_block", gptq_block},
           {"clip_search", clip_search},
           {"group_hadamard", group_hadamard},
+          {"smooth_alpha", smooth_alpha},
+          {"k_smooth_alpha", k_smooth_alpha},
           {"quantize_activations", quantize_activations},
           {"act", spec_json(act)},
           {"reorder", reorder},
@@ -204,6 +214,8 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
   r.gptq_block = json_field<int64_t>(j, "gptq_block", where);
   r.clip_search = json_field<bool>(j, "clip_search", where);
   r.group_hadamard = json_field_or<bool>(j, "group_hadamard", false, where);
+  r.smooth_alpha = json_field_or<double>(j, "smooth_alpha", 0.0, where);  // absent in files written before it existed
+  r.k_smooth_alpha = json_field_or<double>(j, "k_smooth_alpha", 0.0, where);
   r.quantize_activations = json_field<bool>(j, "quantize_activations", where);
   r.act = spec_from_json(j, "act", where);
   r.reorder = json_field<bool>(j, "reorder", where);

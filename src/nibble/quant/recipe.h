@@ -25,6 +25,10 @@ struct Recipe {
   int64_t gptq_block = 128;
   bool clip_search = false;  // per-group weight clip minimising the Hessian-weighted error (beyond Atom)
   bool group_hadamard = false;  // rotate each quantization group by a Hadamard matrix (beyond Atom)
+  // SmoothQuant's migration strength α, folded into norms and up rows (quant/smooth.h); 0: off.
+  double smooth_alpha = 0;
+  // SmoothAttention's strength for the K cache, folded into the q and k rows (quant/smooth.h); 0: off.
+  double k_smooth_alpha = 0;
 
   bool quantize_activations = false;
   FormatSpec act{Format::Int4Sym, 128, 1, 1.0f};
