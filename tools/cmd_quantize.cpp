@@ -76,6 +76,8 @@ void run_quantize(const QuantizeArgs& a) {
                         {"quantize_seconds", report.quantize_seconds},
                         {"advance_seconds", report.advance_seconds},
                         {"peak_rss_bytes", report.peak_rss_bytes},
+                        {"peak_device_bytes", report.peak_device_bytes},
+                        {"device_forward", report.device_forward},
                         {"warnings", warnings}};
     std::printf("%s\n", j.dump().c_str());
     return;
@@ -96,6 +98,9 @@ void run_quantize(const QuantizeArgs& a) {
   std::printf("%.1f s (statistics %.1f s, GPTQ/rounding %.1f s, quantized layers' passes %.1f s); peak RSS %.0f MB\n",
               report.seconds, report.stats_seconds, report.quantize_seconds, report.advance_seconds,
               double(report.peak_rss_bytes) / 1e6);
+  if (opt.on_device)
+    std::printf("device: calibration passes on the %s; peak device memory in use %.0f MB\n",
+                report.device_forward ? "GPU" : "CPU (see the warning)", double(report.peak_device_bytes) / 1e6);
 }
 }  // namespace
 
