@@ -292,15 +292,21 @@ double rel_rms_windows(const LayerRun& a, const LayerRun& b) {
   return worst;
 }
 
+// A random Llama-shaped model (head_dim 64: the kernels' shapes) and a generator, seeded afresh.
+struct RandomLayerCase {
+  uint64_t seed = fresh_seed();
+  std::mt19937_64 rng{seed};
+  ModelConfig c = llama_like();
+  std::unique_ptr<Model> m = random_model(c, seed);
+};
+
 // The full-precision pass (what the statistics come from): the device's linear inputs are the
 // CPU's rounded to fp16 (relative 2^-11 = 4.9e-4), so the hidden states and every statistic agree
 // to a few times that: bound 4e-3 (rms of the hidden states; largest entry of Σx², Σ|x|, XᵀX).
 TEST(QuantMath, LayerStreamFullPrecisionPassMatchesTheCpu) {
   NIBBLE_REQUIRE_GPU();
-  const uint64_t seed = fresh_seed();
-  std::mt19937_64 rng(seed);
-  const ModelConfig c = llama_like();
-  auto m = random_model(c, seed);
+  RandomLayerCase t;
+  auto& [seed, rng, c, m] = t;
   m->set_kv_format(KVFormat{32, false, 1.0f});
   const int64_t ctx = 128;
   const auto windows = random_windows(*m, rng, 3, ctx);
@@ -326,12 +332,10 @@ TEST(QuantMath, LayerStreamFullPrecisionPassMatchesTheCpu) {
 // on the same layer (as the executor's W4A4 test): device vs cpu within twice cpu-fp16 vs cpu.
 TEST(QuantMath, LayerStreamQuantizedPassWithinTheCpusFp16Sensitivity) {
   NIBBLE_REQUIRE_GPU();
-  const uint64_t seed = fresh_seed();
-  std::mt19937_64 rng(seed);
-  const ModelConfig c = llama_like();
-  auto m = random_model(c, seed);
+  RandomLayerCase t;
+  auto& [seed, rng, c, m] = t;
   std::vector<int32_t> calib(4096);
-  for (auto& t : calib) t = int32_t(rng() % uint64_t(c.vocab_size));
+  for (auto& id : calib) id = int32_t(rng() % uint64_t(c.vocab_size));
   Recipe r = Recipe::preset("atom-w4a4");  // groups of 128, 128 INT8 keepers, INT4 KV: all have kernels
   r.calib_windows = 4;
   r.calib_ctx = 128;
