@@ -347,7 +347,10 @@ void LayerQuantizer::quantize(int l) {
 
   // 4. Quantize every linear (RTN or GPTQ) and install it.
   //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
-  //    (as with one thread), so GPTQ's codes do not depend on the thread count.
+  //    (as with one thread), so GPTQ's codes do not depend on the thread count. With GPTQ's linear
+  //    algebra on the device (no host BLAS), the linears go one at a time instead and each spreads
+  //    its rows over all threads (gptq.cpp): the largest linear no longer bounds the layer's time
+  //    on one core, and one linear's W and U are on the host at a time.
   t0 = std::chrono::steady_clock::now();
   std::vector<std::string> rtn_fallback(pending.size());  // by index: the same order on every run
   parallel_for(int64_t(pending.size()), [&](int64_t i) {
@@ -380,7 +383,7 @@ void LayerQuantizer::quantize(int l) {
       if (recipe.gptq) rtn_fallback[size_t(i)] = where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ";
       *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
     }
-  }, true, Schedule::Dynamic);
+  }, !(on_device_ && recipe.gptq), Schedule::Dynamic);
   for (std::string& w : rtn_fallback)
     if (!w.empty()) report.warnings.push_back(std::move(w));
 
