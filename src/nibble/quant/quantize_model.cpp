@@ -186,17 +186,6 @@ void LayerQuantizer::fall_back_to_host(const std::string& why) {
   report_.warnings.push_back(fmt::format("--device cuda: the calibration passes run on the CPU from here on: {}", why));
 }
 
-std::vector<float> LayerQuantizer::stream_window(int64_t w) const {
-  if (!device_stream_) {
-    const std::vector<std::vector<float>>& host = need_fp_stream_ ? fp_stream_ : q_stream_;
-    check(w >= 0 && w < int64_t(host.size()), "calibration stream", "window {} of {}", w, host.size());
-    return host[size_t(w)];
-  }
-  std::vector<float> h(size_t(ctx_ * model_.config().hidden_size));
-  device_stream_->read_window(w, h.data());
-  return h;
-}
-
 int64_t LayerQuantizer::calib_window(const Recipe& recipe, const ModelConfig& c) {
   const bool active = recipe.quantize_weights || recipe.quantize_activations || recipe.reorder;
   if (!active || !recipe.needs_calibration()) return 0;

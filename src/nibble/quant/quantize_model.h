@@ -56,8 +56,6 @@ class LayerQuantizer {
   // layer l at full precision, before advance(l) through the quantized layer.
   void advance_full_precision(int l);
   bool needs_full_precision_stream() const { return active_ && need_fp_stream_; }
-  // The calibration stream's window w (the one stream kept) as it is now, [ctx, hidden] (tests).
-  std::vector<float> stream_window(int64_t w) const;
   // The calibration window length `recipe` uses on `c`; 0 when it takes no calibration.
   static int64_t calib_window(const Recipe& recipe, const ModelConfig& c);
   // Bytes of the calibration streams `recipe` keeps on `c` (0 without calibration).
