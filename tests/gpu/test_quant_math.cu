@@ -330,26 +330,32 @@ TEST(QuantMath, LayerStreamFullPrecisionPassMatchesTheCpu) {
 // The quantized pass (what feeds the next layer): INT4 activation codes flip wherever fp16 moves a
 // value across a rounding boundary, so the bound is the CPU's own sensitivity to fp16 activations
 // on the same layer (as the executor's W4A4 test): device vs cpu within twice cpu-fp16 vs cpu.
+// Atom's W4A4 (groups of 128, 128 INT8 keepers, INT4 KV: the W4A4 kernels) and a weight-only
+// recipe, reordered (the stream runs it as its dequantized weights, un-permuted).
 TEST(QuantMath, LayerStreamQuantizedPassWithinTheCpusFp16Sensitivity) {
   NIBBLE_REQUIRE_GPU();
   RandomLayerCase t;
-  auto& [seed, rng, c, m] = t;
+  auto& [seed, rng, c, m0] = t;
   std::vector<int32_t> calib(4096);
   for (auto& id : calib) id = int32_t(rng() % uint64_t(c.vocab_size));
-  Recipe r = Recipe::preset("atom-w4a4");  // groups of 128, 128 INT8 keepers, INT4 KV: all have kernels
-  r.calib_windows = 4;
-  r.calib_ctx = 128;
   Progress::set_quiet(true);
-  quantize_model(*m, r, calib, "random tokens", false);
-  const int64_t ctx = 128;
-  const auto windows = random_windows(*m, rng, 3, ctx);
-  const LayerRun cpu = run_layer0(*m, windows, ctx, false), dev = run_layer0(*m, windows, ctx, true);
-  m->set_fp16_activations(true);
-  const LayerRun cpu16 = run_layer0(*m, windows, ctx, false);
-  const double err = rel_rms_windows(dev, cpu), sensitivity = rel_rms_windows(cpu16, cpu);
-  std::printf("seed %llu: W4A4 layer, hidden rel rms: device vs cpu %.2e, cpu fp16 vs cpu %.2e\n",
-              (unsigned long long)seed, err, sensitivity);
-  EXPECT_LE(err, 2 * sensitivity + 1e-3) << "seed " << seed;
+  for (const char* preset : {"atom-w4a4", "w4a16-g128-gptq"}) {
+    Recipe r = Recipe::preset(preset);
+    r.reorder = true;
+    r.calib_windows = 4;
+    r.calib_ctx = 128;
+    auto m = random_model(c, seed);
+    quantize_model(*m, r, calib, "random tokens", false);
+    const int64_t ctx = 128;
+    const auto windows = random_windows(*m, rng, 3, ctx);
+    const LayerRun cpu = run_layer0(*m, windows, ctx, false), dev = run_layer0(*m, windows, ctx, true);
+    m->set_fp16_activations(true);
+    const LayerRun cpu16 = run_layer0(*m, windows, ctx, false);
+    const double err = rel_rms_windows(dev, cpu), sensitivity = rel_rms_windows(cpu16, cpu);
+    std::printf("seed %llu: %s layer, hidden rel rms: device vs cpu %.2e, cpu fp16 vs cpu %.2e\n",
+                (unsigned long long)seed, preset, err, sensitivity);
+    EXPECT_LE(err, 2 * sensitivity + 1e-3) << preset << " seed " << seed;
+  }
 }
 
 // A whole --device cuda quantization whose calibration passes ran on the device: the forward
