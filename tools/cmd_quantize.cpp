@@ -114,8 +114,9 @@ void add_quantize_command(CLI::App& app) {
                   "packed model file to write (a regular file, not one of the inputs; replaced only when complete)")
       ->required();
   cmd->add_option("--device", a->device,
-                  "where the calibration statistics and GPTQ's linear algebra run: cpu (the reference) or cuda "
-                  "(the forward passes stay on the CPU)")
+                  "where the calibration passes, statistics and GPTQ's linear algebra run: cpu (the reference) or "
+                  "cuda (the calibration stream resident on the GPU; passes without a kernel stay on the CPU, "
+                  "with a warning)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--resume", a->resume,
                 "continue an interrupted run of the same recipe and inputs from its last finished layer "
