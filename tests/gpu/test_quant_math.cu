@@ -329,7 +329,9 @@ TEST(QuantMath, LayerStreamFullPrecisionPassMatchesTheCpu) {
 
 // The quantized pass (what feeds the next layer): INT4 activation codes flip wherever fp16 moves a
 // value across a rounding boundary, so the bound is the CPU's own sensitivity to fp16 activations
-// on the same layer (as the executor's W4A4 test): device vs cpu within twice cpu-fp16 vs cpu.
+// on the same layer (as the executor's W4A4 test): device vs cpu within twice cpu-fp16 vs cpu, plus
+// 2e-3 for the fp16 rounding every pass has (half the full-precision pass's bound). A wrong order,
+// scale or rotation moves the layer's output by tens of percent.
 // Atom's W4A4 (groups of 128, 128 INT8 keepers, INT4 KV: the W4A4 kernels) and a weight-only
 // recipe, reordered (the stream runs it as its dequantized weights, un-permuted).
 TEST(QuantMath, LayerStreamQuantizedPassWithinTheCpusFp16Sensitivity) {
@@ -354,7 +356,7 @@ TEST(QuantMath, LayerStreamQuantizedPassWithinTheCpusFp16Sensitivity) {
     const double err = rel_rms_windows(dev, cpu), sensitivity = rel_rms_windows(cpu16, cpu);
     std::printf("seed %llu: %s layer, hidden rel rms: device vs cpu %.2e, cpu fp16 vs cpu %.2e\n",
                 (unsigned long long)seed, preset, err, sensitivity);
-    EXPECT_LE(err, 2 * sensitivity + 1e-3) << preset << " seed " << seed;
+    EXPECT_LE(err, 2 * sensitivity + 2e-3) << preset << " seed " << seed;
   }
 }
 
