@@ -76,6 +76,8 @@ void run_quantize(const QuantizeArgs& a) {
                         {"quantize_seconds", report.quantize_seconds},
                         {"advance_seconds", report.advance_seconds},
                         {"peak_rss_bytes", report.peak_rss_bytes},
+                        {"peak_device_bytes", report.peak_device_bytes},
+                        {"device_forward", report.device_forward},
                         {"warnings", warnings}};
     std::printf("%s\n", j.dump().c_str());
     return;
@@ -96,6 +98,9 @@ void run_quantize(const QuantizeArgs& a) {
   std::printf("%.1f s (statistics %.1f s, GPTQ/rounding %.1f s, quantized layers' passes %.1f s); peak RSS %.0f MB\n",
               report.seconds, report.stats_seconds, report.quantize_seconds, report.advance_seconds,
               double(report.peak_rss_bytes) / 1e6);
+  if (opt.on_device)
+    std::printf("device: calibration passes on the %s; peak device memory in use %.0f MB\n",
+                report.device_forward ? "GPU" : "CPU (see the warning)", double(report.peak_device_bytes) / 1e6);
 }
 }  // namespace
 
@@ -109,8 +114,9 @@ void add_quantize_command(CLI::App& app) {
                   "packed model file to write (a regular file, not one of the inputs; replaced only when complete)")
       ->required();
   cmd->add_option("--device", a->device,
-                  "where the calibration statistics and GPTQ's linear algebra run: cpu (the reference) or cuda "
-                  "(the forward passes stay on the CPU)")
+                  "where the calibration passes, statistics and GPTQ's linear algebra run: cpu (the reference) or "
+                  "cuda (the calibration stream resident on the GPU; passes without a kernel stay on the CPU, "
+                  "with a warning)")
       ->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--resume", a->resume,
                 "continue an interrupted run of the same recipe and inputs from its last finished layer "

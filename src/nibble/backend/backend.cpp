@@ -49,4 +49,14 @@ std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt)
 #endif
 }
 
+std::unique_ptr<LayerStream> make_cuda_layer_stream(const ModelConfig& c, int64_t windows, int64_t ctx) {
+  std::string why;
+  check(cuda_device_available(&why), "--device cuda", "{}", why);
+#if NIBBLE_HAVE_CUDA
+  return cuda::make_layer_stream(c, windows, ctx);
+#else
+  return nullptr;  // unreachable: cuda_device_available said no
+#endif
+}
+
 }  // namespace nibble

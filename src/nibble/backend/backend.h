@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -15,6 +16,7 @@
 namespace nibble {
 
 class Model;
+enum class LinearSlot;
 struct RowSampling;  // backend/sampling.h
 struct SampledRows;
 using SeqId = int32_t;
@@ -83,6 +85,39 @@ class Executor {
 // The executor for opt.device. `model` must outlive a CPU executor (it runs on the model's
 // weights); a CUDA executor copies what it needs to the device.
 std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt);
+
+// One linear's input rows where a device backend holds them: fp16 [rows, dim] in device memory,
+// valid for work queued on `stream` (the backend's cudaStream_t) until the layer's next kernel.
+struct DeviceRows {
+  const void* data = nullptr;
+  int64_t rows = 0, dim = 0;
+  void* stream = nullptr;
+};
+// Sees the input of every linear of the layer a LayerStream runs (calibration statistics), in the
+// model's channel order, as Model's LinearObserver does on the host. `expert` is -1 outside a MoE.
+using DeviceLinearObserver = std::function<void(LinearSlot slot, int expert, const DeviceRows& x)>;
+
+// The hidden states of the calibration windows (`windows` sequences of `ctx` tokens, positions
+// 0..ctx-1) resident on a device, moved through one decoder layer at a time: Model::run_layer and
+// observe_layer for `nibble quantize --device cuda`, on the executor's kernels. The layer's weights
+// are read from the model as they are at each call (full precision for the statistics, quantized
+// for the pass feeding the next layer), in the model's KV format and with the fp32 residual stream
+// of the CUDA executor.
+class LayerStream {
+ public:
+  virtual ~LayerStream() = default;
+  virtual void set_window(int64_t w, const float* hidden) = 0;  // [ctx, hidden_size] from the host
+  virtual void read_window(int64_t w, float* hidden) const = 0;  // to the host
+  // Uploads model.layers()[l] as it is now, in the model's KV format; throws nibble::Error, naming
+  // the linear, for a format without a kernel (the stream is unchanged and usable then).
+  virtual void load_layer(const Model& model, int l) = 0;
+  // Runs the loaded layer over every window: advance replaces the stream by the layer's output;
+  // otherwise only `observer` sees the linear inputs (down_proj's product skipped, stream unchanged).
+  virtual void run(bool advance, const DeviceLinearObserver& observer) = 0;
+};
+// Throws nibble::Error when the model has no CUDA layer kernels (architecture, head_dim) or the
+// stream does not fit the device's free memory.
+std::unique_ptr<LayerStream> make_cuda_layer_stream(const ModelConfig& c, int64_t windows, int64_t ctx);
 
 // Whether a CUDA device can be used; when not, *why says why (no CUDA build, no driver, no GPU).
 bool cuda_device_available(std::string* why);

@@ -64,6 +64,13 @@ void InputStats::add(const float* x, int64_t rows) {
     for (int64_t j = i; j < dim_; ++j) xtx_[size_t(i * dim_ + j)] += part[size_t(i * dim_ + j)];
 }
 
+void InputStats::add_device_f16(const void* x, int64_t rows, void* stream) {
+  check(device_ != nullptr, "calibration", "device rows given to statistics kept on the host");
+  count_ += rows;
+  device_->add_device_f16(x, rows, stream);
+  read_ = false;
+}
+
 const InputStats& InputStats::read() const {
   if (!read_) {
     device_->read(sum_sq_, sum_abs_, with_xtx_ ? &xtx_ : nullptr);

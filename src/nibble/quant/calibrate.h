@@ -31,6 +31,8 @@ class InputStats {
 
   // Adds rows of x ([rows, dim], host memory).
   void add(const float* x, int64_t rows);
+  // Adds fp16 rows already on the device (statistics made with on_device; quant/device_math.h).
+  void add_device_f16(const void* x, int64_t rows, void* stream);
 
   int64_t dim() const { return dim_; }
   int64_t count() const { return count_; }

@@ -19,5 +19,8 @@ std::unique_ptr<DeviceGptqUpdate> make_device_gptq_update(const std::vector<doub
   no_cuda();
 }
 
+void note_device_memory() {}
+int64_t device_memory_peak() { return 0; }
+
 }  // namespace nibble::quant
 #endif

@@ -18,6 +18,9 @@ class DeviceStats {
  public:
   virtual ~DeviceStats() = default;
   virtual void add(const float* host_x, int64_t rows) = 0;
+  // Rows already on the device: fp16 [rows, dim] (a LayerStream's DeviceRows), queued on `stream`
+  // (a cudaStream_t) after the kernel that wrote them; widened to fp32 (exact), then as add().
+  virtual void add_device_f16(const void* x, int64_t rows, void* stream) = 0;
   // The sums so far; xtx_upper (when given) gets [dim, dim] with the upper triangle filled.
   virtual void read(std::vector<double>& sum_sq, std::vector<double>& sum_abs, std::vector<double>* xtx_upper) = 0;
 };
@@ -39,5 +42,11 @@ class DeviceGptqUpdate {
 };
 std::unique_ptr<DeviceGptqUpdate> make_device_gptq_update(const std::vector<double>& W, int64_t N, int64_t K,
                                                           const std::vector<double>& U);
+
+// The device memory in use (cudaMemGetInfo: this process and any other), noted where calibration
+// holds the most (a layer pass of the stream, statistics read, GPTQ's upload); the peak noted so
+// far. 0 when nothing was noted (no CUDA).
+void note_device_memory();
+int64_t device_memory_peak();
 
 }  // namespace nibble::quant

@@ -8,6 +8,7 @@
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
 #include "nibble/core/interrupt.h"
+#include "nibble/core/parallel.h"
 #include "nibble/quant/device_math.h"
 
 extern "C" {
@@ -119,10 +120,11 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
     return best;
   };
 
-  // The scale a column's element uses, set when the column loop enters its group.
+  // The scale a column's element uses, set when the column loop enters its group (rows [r0, r1)).
   std::vector<GroupScale> row_scale(static_cast<size_t>(N));
-  auto enter_group = [&](int64_t k0, int64_t width, const FormatSpec& fs, int row_group, bool keeper) {
-    for (int64_t n0 = 0; n0 < N; n0 += row_group) {
+  auto enter_group = [&](int64_t k0, int64_t width, const FormatSpec& fs, int row_group, bool keeper, int64_t r0,
+                         int64_t r1) {
+    for (int64_t n0 = r0; n0 < r1; n0 += row_group) {
       GroupStats stats;
       for (int64_t n = n0; n < n0 + row_group; ++n)
         for (int64_t k = k0; k < k0 + width; ++k) stats.add(float(W[size_t(n * K + k)]));
@@ -161,6 +163,12 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
     if (i1 < M) end = std::min({end, M, (i1 / group + 1) * group});
     return end;
   };
+  // Within a block the rows are independent (each has its own scales, codes, error row and W row):
+  // chunks of whole row groups run in parallel. The chunks are fixed, not one per thread, so the
+  // loss sums in the same order at any thread count, and every value is computed as serially.
+  const int64_t chunk_rows = wspec.row_group * std::max<int64_t>(1, 64 / wspec.row_group);
+  const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
+  std::vector<double> chunk_loss(static_cast<size_t>(chunks));
   for (int64_t i1 = 0, i2; i1 < K; i1 = i2) {
     i2 = block_end(i1);
     throw_if_interrupted(where);  // a 7B down_proj takes minutes on a CPU
@@ -168,20 +176,25 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
     // A group (or the keepers) entered here reads all its columns to choose its scales.
     if (device) device->fetch(W.data(), i1, i1 < M && i1 % group == 0 ? i1 + group : i1 == M ? K : i2);
     err.assign(size_t(N * count), 0.0);
-    for (int64_t i = i1; i < i2; ++i) {
-      if (i < M && i % group == 0) enter_group(i, group, wspec, wspec.row_group, false);
-      if (i == M && kspec) enter_group(M, spec.keeper, *kspec, 1, true);
-      const double d = U[size_t(i * K + i)];
-      for (int64_t n = 0; n < N; ++n) {
-        const double w = W[size_t(n * K + i)];
-        const double q = quantize(n, i, w);
-        const double e = (w - q) / d;
-        r.loss += (w - q) * (w - q) / (d * d);
-        err[size_t(n * count + (i - i1))] = e;
-        // Spread the error over the rest of this block now; later blocks get it in one product.
-        for (int64_t j = i + 1; j < i2; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)];
+    std::fill(chunk_loss.begin(), chunk_loss.end(), 0.0);
+    parallel_for(chunks, [&](int64_t ch) {
+      const int64_t r0 = ch * chunk_rows, r1 = std::min(N, r0 + chunk_rows);
+      for (int64_t i = i1; i < i2; ++i) {
+        if (i < M && i % group == 0) enter_group(i, group, wspec, wspec.row_group, false, r0, r1);
+        if (i == M && kspec) enter_group(M, spec.keeper, *kspec, 1, true, r0, r1);
+        const double d = U[size_t(i * K + i)];
+        for (int64_t n = r0; n < r1; ++n) {
+          const double w = W[size_t(n * K + i)];
+          const double q = quantize(n, i, w);
+          const double e = (w - q) / d;
+          chunk_loss[size_t(ch)] += (w - q) * (w - q) / (d * d);
+          err[size_t(n * count + (i - i1))] = e;
+          // Spread the error over the rest of this block now; later blocks get it in one product.
+          for (int64_t j = i + 1; j < i2; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)];
+        }
       }
-    }
+    });
+    for (double l : chunk_loss) r.loss += l;
     if (i2 < K && device) device->update(err.data(), i1, i2);
     else if (i2 < K)
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(K - i2), int(count), -1.0, err.data(),

@@ -16,6 +16,7 @@
 #include "nibble/core/sha256.h"
 #include "nibble/io/packed.h"
 #include "nibble/io/safetensors.h"
+#include "nibble/quant/device_math.h"
 #include "nibble/quant/format.h"
 #include "nibble/quant/quant_linear.h"
 
@@ -228,6 +229,11 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
       model->release_layer(l);
     }
     Progress progress("quantize", last - res.layers_resumed, "layers");
+    auto peaks = [&] {
+      std::string p = fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6);
+      if (opt.on_device) p += fmt::format(", device {:.0f} MB", double(device_memory_peak()) / 1e6);
+      return p;
+    };
     for (int l = int(res.layers_resumed); l < int(last); ++l) {
       throw_if_interrupted(fmt::format("layer {}", l));
       model->load_layer(ckpt, l);
@@ -239,12 +245,11 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
       if (l + 1 < last) q.advance(l);
       model->release_layer(l);
       report.peak_rss_bytes = std::max(report.peak_rss_bytes, peak_rss_bytes());
-      if (opt.show_progress)
-        progress.update(l + 1 - res.layers_resumed, fmt::format("layer {} done, peak RSS {:.0f} MB", l,
-                                                                 double(peak_rss_bytes()) / 1e6));
+      if (opt.on_device) report.peak_device_bytes = std::max(report.peak_device_bytes, device_memory_peak());
+      if (opt.show_progress) progress.update(l + 1 - res.layers_resumed, fmt::format("layer {} done, {}", l, peaks()));
     }
     res.layers_done = last;
-    if (opt.show_progress) progress.finish(fmt::format("peak RSS {:.0f} MB", double(peak_rss_bytes()) / 1e6));
+    if (opt.show_progress) progress.finish(peaks());
     // The output, unless stopped early on request (then the work folder is the result): every
     // tensor copied from the work folder, in the writer's (name) order.
     if (res.layers_done == L) {

@@ -13,6 +13,7 @@
 #include "nibble/core/parallel.h"
 #include "nibble/core/progress.h"
 #include "nibble/quant/calibrate.h"
+#include "nibble/quant/device_math.h"
 #include "nibble/quant/gptq.h"
 #include "nibble/quant/smooth.h"
 
@@ -132,15 +133,58 @@ LayerQuantizer::LayerQuantizer(Model& model, const Recipe& recipe, std::span<con
                                           ctx_, c.max_position_embeddings));
   report.calib_ctx = ctx_;
   report.calib_windows = recipe.calib_windows;
+  const auto windows = sample_calibration_windows(calib_tokens, recipe.calib_windows, ctx_, recipe.seed, calib_where);
+  // --device cuda: the calibration passes on the device, the one stream the recipe keeps resident
+  // there. Atom's Hessians from the gathered, quantized inputs (--hessian-quantized) come from a
+  // host observer over a second stream: those passes stay on the CPU.
+  if (on_device_ && recipe.gptq && recipe.hessian_from_quantized_inputs) {
+    report.warnings.push_back("--device cuda: the calibration passes run on the CPU (statistics and GPTQ on the "
+                              "device): Hessians from quantized inputs (--hessian-quantized, --atom-compat) have no "
+                              "device path");
+  } else if (on_device_) {
+    try {
+      device_stream_ = make_cuda_layer_stream(c, int64_t(windows.size()), ctx_);
+    } catch (const Error& e) {
+      report.warnings.push_back(fmt::format("--device cuda: the calibration passes run on the CPU: {}", e.what()));
+    }
+  }
+  report.device_forward = device_stream_ != nullptr;
+  if (device_stream_) {
+    for (size_t w = 0; w < windows.size(); ++w) device_stream_->set_window(int64_t(w), embed(windows[w]).data());
+    return;
+  }
   check_fits_in_memory(double(stream_bytes(recipe, c)),
                        fmt::format("the hidden states of {} calibration windows of {} tokens", recipe.calib_windows,
                                    ctx_),
                        calib_where);
-  const auto windows = sample_calibration_windows(calib_tokens, recipe.calib_windows, ctx_, recipe.seed, calib_where);
   for (const auto& w : windows) {
     if (need_fp_stream_) fp_stream_.push_back(embed(w));
     if (need_q_stream_) q_stream_.push_back(embed(w));
   }
+}
+
+bool LayerQuantizer::run_on_device(int l, bool advance, const DeviceLinearObserver& observer) {
+  if (!device_stream_) return false;
+  try {
+    device_stream_->load_layer(model_, l);
+  } catch (const Error& e) {
+    fall_back_to_host(e.what());
+    return false;
+  }
+  device_stream_->run(advance, observer);
+  return true;
+}
+
+void LayerQuantizer::fall_back_to_host(const std::string& why) {
+  std::vector<std::vector<float>>& host = need_fp_stream_ ? fp_stream_ : q_stream_;
+  const ModelConfig& c = model_.config();
+  check_fits_in_memory(double(stream_bytes(recipe_, c)), "the calibration stream, back from the device",
+                       "--device cuda");
+  host.assign(size_t(recipe_.calib_windows), std::vector<float>(size_t(ctx_ * c.hidden_size)));
+  for (size_t w = 0; w < host.size(); ++w) device_stream_->read_window(int64_t(w), host[w].data());
+  device_stream_.reset();
+  report_.device_forward = false;
+  report_.warnings.push_back(fmt::format("--device cuda: the calibration passes run on the CPU from here on: {}", why));
 }
 
 int64_t LayerQuantizer::calib_window(const Recipe& recipe, const ModelConfig& c) {
@@ -170,27 +214,36 @@ void LayerQuantizer::quantize(int l) {
   // 1. Full-precision statistics of every linear input (the reorder metric); advances the FP stream.
   auto t0 = std::chrono::steady_clock::now();
   std::map<Key, InputStats> fp_stats;
+  auto stats_for = [&](LinearSlot s, int e, bool with_xtx) -> InputStats& {
+    auto [it, inserted] = fp_stats.try_emplace({s, e});
+    const int64_t dim = s == LinearSlot::Down ? I : s == LinearSlot::O ? c.q_dim() : c.hidden_size;
+    if (inserted) it->second = InputStats(dim, with_xtx && s != LinearSlot::Router, on_device_);
+    return it->second;
+  };
+  // The same statistics from the host's observer and from the device stream's.
   auto collect = [&](bool with_xtx) {
     model.set_observer([&, with_xtx](int, LinearSlot s, int e, const float* x, int64_t rows) {
-      auto [it, inserted] = fp_stats.try_emplace({s, e});
-      const int64_t dim = s == LinearSlot::Down ? I : s == LinearSlot::O ? c.q_dim() : c.hidden_size;
-      if (inserted) it->second = InputStats(dim, with_xtx && s != LinearSlot::Router, on_device_);
-      it->second.add(x, rows);
+      stats_for(s, e, with_xtx).add(x, rows);
+    });
+    return DeviceLinearObserver([&, with_xtx](LinearSlot s, int e, const DeviceRows& x) {
+      stats_for(s, e, with_xtx).add_device_f16(x.data, x.rows, x.stream);
     });
   };
   model.set_kv_format(fp_kv);
   if (need_fp_stream_) {
-    collect(false);
-    for (auto& h : fp_stream_) {
-      throw_if_interrupted(lw);
-      model.run_layer(l, h.data(), ctx);
-    }
+    const DeviceLinearObserver on_device = collect(false);
+    if (!run_on_device(l, true, on_device))
+      for (auto& h : fp_stream_) {
+        throw_if_interrupted(lw);
+        model.run_layer(l, h.data(), ctx);
+      }
   } else if (fused_stats_) {
-    collect(true);
-    for (const auto& h : q_stream_) {
-      throw_if_interrupted(lw);
-      model.observe_layer(l, h.data(), ctx);
-    }
+    const DeviceLinearObserver on_device = collect(true);
+    if (!run_on_device(l, false, on_device))
+      for (const auto& h : q_stream_) {
+        throw_if_interrupted(lw);
+        model.observe_layer(l, h.data(), ctx);
+      }
   }
   model.set_observer(nullptr);
   report.stats_seconds += seconds_since(t0);
@@ -304,7 +357,10 @@ void LayerQuantizer::quantize(int l) {
 
   // 4. Quantize every linear (RTN or GPTQ) and install it.
   //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
-  //    (as with one thread), so GPTQ's codes do not depend on the thread count.
+  //    (as with one thread), so GPTQ's codes do not depend on the thread count. With GPTQ's linear
+  //    algebra on the device (no host BLAS), the linears go one at a time instead and each spreads
+  //    its rows over all threads (gptq.cpp): the largest linear no longer bounds the layer's time
+  //    on one core, and one linear's W and U are on the host at a time.
   t0 = std::chrono::steady_clock::now();
   std::vector<std::string> rtn_fallback(pending.size());  // by index: the same order on every run
   parallel_for(int64_t(pending.size()), [&](int64_t i) {
@@ -337,7 +393,7 @@ void LayerQuantizer::quantize(int l) {
       if (recipe.gptq) rtn_fallback[size_t(i)] = where + ": no calibration inputs reached it; quantized by RTN instead of GPTQ";
       *p.slot = quantize_linear_rtn(p.weight, N, K, p.spec, std::move(p.perm), std::move(p.bias), where);
     }
-  }, true, Schedule::Dynamic);
+  }, !(on_device_ && recipe.gptq), Schedule::Dynamic);
   for (std::string& w : rtn_fallback)
     if (!w.empty()) report.warnings.push_back(std::move(w));
 
@@ -349,20 +405,23 @@ void LayerQuantizer::advance(int l) {
   const auto t0 = std::chrono::steady_clock::now();
   if (active_ && need_q_stream_ && l + 1 < int(model_.config().num_layers)) {
     model_.set_kv_format(recipe_.kv);
-    for (auto& h : q_stream_) {
-      throw_if_interrupted(fmt::format("layer {}", l));
-      model_.run_layer(l, h.data(), ctx_);
-    }
+    if (!run_on_device(l, true, {}))
+      for (auto& h : q_stream_) {
+        throw_if_interrupted(fmt::format("layer {}", l));
+        model_.run_layer(l, h.data(), ctx_);
+      }
   }
   report_.advance_seconds += seconds_since(t0);
   report_.peak_rss_bytes = std::max(report_.peak_rss_bytes, peak_rss_bytes());
+  if (on_device_) report_.peak_device_bytes = std::max(report_.peak_device_bytes, device_memory_peak());
 }
 
 void LayerQuantizer::advance_full_precision(int l) {
   if (!active_ || !need_fp_stream_) return;
   const auto t0 = std::chrono::steady_clock::now();
   model_.set_kv_format(KVFormat{32, false, 1.0f});
-  for (auto& h : fp_stream_) model_.run_layer(l, h.data(), ctx_);
+  if (!run_on_device(l, true, {}))
+    for (auto& h : fp_stream_) model_.run_layer(l, h.data(), ctx_);
   report_.advance_seconds += seconds_since(t0);
 }
 

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "nibble/backend/backend.h"
 #include "nibble/model/model.h"
 #include "nibble/quant/recipe.h"
 
@@ -26,6 +27,8 @@ struct QuantizeReport {
   double stats_seconds = 0, quantize_seconds = 0, advance_seconds = 0;
   int64_t calib_windows = 0, calib_ctx = 0;
   int64_t peak_rss_bytes = 0;
+  int64_t peak_device_bytes = 0;  // --device cuda: the most device memory seen in use (quant/device_math.h)
+  bool device_forward = false;    // the calibration passes ran on the device (LayerStream)
   std::vector<std::string> warnings;
 };
 
@@ -37,7 +40,9 @@ class LayerQuantizer {
   using Embed = std::function<std::vector<float>(std::span<const int32_t> tokens)>;
   // Samples the calibration windows and embeds them with `embed`; statistics and timings go to
   // `report`. on_device: the statistics and GPTQ's linear algebra on the CUDA device
-  // (quant/device_math.h); the forward passes stay on the CPU.
+  // (quant/device_math.h), and the calibration passes too, the stream resident there (LayerStream,
+  // backend.h), where the recipe's passes and the layer's formats have kernels; otherwise (Atom's
+  // Hessians from quantized inputs, a MoE, a format without a kernel: said in a warning) on the CPU.
   LayerQuantizer(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
                  const std::string& calib_where, const Embed& embed, QuantizeReport& report, bool on_device = false);
   // False when the recipe changes no linear (fp16): layers stay as they are.
@@ -62,8 +67,15 @@ class LayerQuantizer {
   QuantizeReport& report_;
   bool on_device_;
   bool active_ = false, fused_stats_ = false, need_fp_stream_ = false, need_q_stream_ = false;
+  // Runs layer l, as the model holds it now, over the stream on the device (advance: moving it on),
+  // or returns false when the device cannot (then the stream is back on the host, said once).
+  bool run_on_device(int l, bool advance, const DeviceLinearObserver& observer);
+  void fall_back_to_host(const std::string& why);
+
   int64_t ctx_ = 0;
   std::vector<std::vector<float>> fp_stream_, q_stream_;
+  // --device cuda: the one stream the recipe keeps (fp_stream_ or q_stream_) lives here instead.
+  std::unique_ptr<LayerStream> device_stream_;
 };
 
 QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,

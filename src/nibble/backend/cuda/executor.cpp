@@ -24,7 +24,9 @@
 #include "nibble/backend/cuda/norm_quantize.h"
 #include "nibble/backend/cuda/sampler.h"
 #include "nibble/core/half.h"
+#include "nibble/core/interrupt.h"
 #include "nibble/model/model.h"
+#include "nibble/quant/device_math.h"
 #include "nibble/quant/quant_linear.h"
 
 namespace nibble::cuda {
@@ -129,10 +131,31 @@ LinearWeights upload_int8(const quant::QuantLinear& q, const std::string& what) 
   return w;
 }
 
-LinearWeights upload_linear(const Linear& l, const std::vector<float>* norm, const std::string& what) {
+// A weight-only linear (no activation quantizer, no rotation) as its dequantized weight in fp16,
+// un-permuted: x · W[:, perm]ᵀ over permuted channels is x · Wdᵀ with Wd[:, perm[c]] = W[:, c].
+// What the calibration stream runs for it; the executor keeps the packed weights and refuses it.
+LinearWeights upload_dequantized(const quant::QuantLinear& q, const std::string& what) {
+  const int64_t N = q.out_features(), K = q.in_features();
+  const std::vector<float>& wq = q.dequantized();
+  std::vector<float> w(wq.size());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < K; ++c)
+      w[size_t(n * K + (q.perm().empty() ? c : q.perm()[size_t(c)]))] = wq[size_t(n * K + c)];
+  LinearWeights out;
+  out.in = K;
+  out.out = N;
+  out.w = upload_fp16(w, what);
+  out.bias = upload_fp16(q.bias(), what + ".bias");
+  return out;
+}
+
+LinearWeights upload_linear(const Linear& l, const std::vector<float>* norm, const std::string& what,
+                            bool dequantize_weight_only = false) {
   if (const auto* dense = dynamic_cast<const DenseLinear*>(&l)) return upload_dense(*dense, what);
-  if (const auto* q = dynamic_cast<const quant::QuantLinear*>(&l))
+  if (const auto* q = dynamic_cast<const quant::QuantLinear*>(&l)) {
+    if (dequantize_weight_only && !q->spec().act && !q->spec().group_hadamard) return upload_dequantized(*q, what);
     return is_w8a8(*q) ? upload_int8(*q, what) : upload_atom(*q, norm, what);
+  }
   throw Error(what, "this linear type has no CUDA kernel; use --device cpu");
 }
 
@@ -170,6 +193,251 @@ int64_t device_weight_bytes(const Model& m) {
   if (!m.config().tie_word_embeddings) n += linear(m.lm_head());
   return n;
 }
+
+// What the CUDA kernels need of a model's shape (the executor's and the calibration stream's check).
+void check_layer_kernels(const ModelConfig& c) {
+  require(c.num_experts <= kMaxExperts, "--device cuda", "the CUDA router takes at most {} experts; this model has {}",
+          kMaxExperts, c.num_experts);
+  require(c.head_dim == 64 || c.head_dim == 128, "--device cuda",
+          "the CUDA attention kernels take head_dim 64 or 128; this model has {} (use --device cpu)", c.head_dim);
+}
+
+// Layer l's weights on the device. dequantize_weight_only: weight-only linears as their dequantized
+// fp16 weights (the calibration stream's quantized pass; the executor refuses them).
+LayerWeights upload_layer(const Layer& src, int l, bool dequantize_weight_only) {
+  const std::string p = cformat("model.layers.{}.", l);
+  LayerWeights lw;
+  lw.attn_norm = DeviceArray<float>(src.attn_norm.data(), src.attn_norm.size());
+  lw.mlp_norm = DeviceArray<float>(src.mlp_norm.data(), src.mlp_norm.size());
+  lw.qkv = upload_linear(*src.qkv, &src.attn_norm, p + "self_attn.qkv", dequantize_weight_only);
+  lw.o = upload_linear(*src.o, nullptr, p + "self_attn.o_proj", dequantize_weight_only);
+  const std::string mlp = src.router ? p + "block_sparse_moe." : p + "mlp.";
+  for (size_t e = 0; e < src.experts.size(); ++e) {
+    const std::string ex = src.router ? cformat("{}experts.{}.", mlp, e) : mlp;
+    lw.experts.push_back(
+        {upload_linear(*src.experts[e].gate_up, &src.mlp_norm, ex + "gate_up", dequantize_weight_only),
+         upload_linear(*src.experts[e].down, nullptr, ex + "down_proj", dequantize_weight_only)});
+  }
+  if (src.router) {
+    const auto* router = dynamic_cast<const DenseLinear*>(src.router.get());
+    require(router != nullptr && router->bias().empty(), mlp + "gate",
+            "a quantized router has no CUDA kernel; use --device cpu");
+    lw.router = DeviceArray<float>(router->weight().data(), router->weight().size());
+  }
+  return lw;
+}
+
+// One decoder layer's kernels and what they run in: the activation buffers for up to max_tokens
+// rows, cuBLAS, the W8A8 GEMM, the W4A4 operand and scratch, the RoPE table and the KV cache's
+// quantization settings. The executor runs every layer of a step through it; the calibration
+// stream (LayerStream) one layer over each window.
+class LayerRunner {
+ public:
+  LayerRunner(const ModelConfig& c, int64_t max_tokens, int64_t max_context, cudaStream_t stream)
+      : cfg_(c), max_tokens_(max_tokens), stream_(stream) {
+    blas_ws_ = DeviceArray<uint8_t>(size_t(32) << 20);  // NVIDIA's recommendation for Hopper
+    NIBBLE_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle(), blas_ws_.get(), blas_ws_.size()));
+    rope_ = std::make_unique<RopeTable>(cpu::rope_inv_freq(c), int(max_context));
+    const int64_t T = max_tokens, H = c.hidden_size, qkv = c.q_dim() + 2 * c.kv_dim();
+    xn_ = DeviceArray<__half>(size_t(T * std::max(H, c.q_dim())));
+    qkv_ = DeviceArray<__half>(size_t(T * qkv));
+    q_rot_ = DeviceArray<__half>(size_t(T * c.q_dim()));
+    attn_ = DeviceArray<__half>(size_t(T * c.q_dim()));
+    y_ = DeviceArray<__half>(size_t(T * H));
+    gate_up_ = DeviceArray<__half>(size_t(T * 2 * c.intermediate_size));
+    act_ = DeviceArray<__half>(size_t(T * c.intermediate_size));
+    if (c.num_experts > 0) expert_weights_ = DeviceArray<float>(size_t(T * c.num_experts));
+  }
+
+  // Readies what the linears of `w` need: the W8A8 GEMM's algorithms, and one W4A4 activation
+  // operand and split-K scratch big enough for any linear seen so far (grown, never shrunk).
+  void prepare(const LayerWeights& w) {
+    const int64_t T = max_tokens_;
+    for (const LinearWeights* l : w.linears()) {
+      if (l->int8) {
+        if (!w8a8_) w8a8_ = std::make_unique<W8A8Gemm>(T);
+        w8a8_->prepare(l->w8a8);
+      }
+      if (!l->atom) continue;
+      if (!hidden16_.size()) hidden16_ = DeviceArray<__half>(size_t(T * cfg_.hidden_size));
+      const AtomShape a = atom_shape(T, int(l->in), l->keeper);
+      if (act_codes_.size() < size_t(a.code_bytes())) act_codes_ = DeviceArray<uint8_t>(size_t(a.code_bytes()));
+      if (act_scales_.size() < size_t(a.scale_count())) act_scales_ = DeviceArray<__half>(size_t(a.scale_count()));
+      size_t ws = 16;
+      for (int64_t m = 1; m <= std::min<int64_t>(T, 64); ++m)
+        ws = std::max(ws, gemm_w4a4_workspace_bytes(m, l->out, int(l->in), l->keeper));
+      if (gemm_ws_.size() < ws) {
+        gemm_ws_ = DeviceArray<uint8_t>(ws);
+        NIBBLE_CUDA_CHECK(cudaMemset(gemm_ws_.get(), 0, gemm_ws_.size()));
+      }
+    }
+  }
+
+  // The paged-cache layout of `layers` layers in KV format `kvf`, whose quantization the layers'
+  // attention will apply from now on. Throws for a format without a kernel.
+  PagedKVLayout set_kv(const KVFormat& kvf, int layers) {
+    require(kvf.bits == 4 || kvf.bits >= 16, "--device cuda",
+            "the KV cache format {} has no CUDA kernel (the GPU keeps fp16 or INT4 K/V); use --device cpu or --kv-bits",
+            kvf.describe());
+    require(!(kvf.bits == 4 && kvf.hadamard && kvf.k_before_rope), "--device cuda",
+            "a Hadamard-rotated KV cache with K stored before RoPE has no CUDA kernel (the attention kernels rotate "
+            "K by RoPE as they read it); use --k-after-rope or --device cpu");
+    PagedKVLayout layout;
+    layout.num_layers = layers;
+    layout.kv_heads = int(cfg_.num_kv_heads);
+    layout.head_dim = int(cfg_.head_dim);
+    layout.page_size = 16;
+    layout.dtype = kvf.bits == 4 ? KVDtype::Int4 : KVDtype::Fp16;
+    layout.validate("--device cuda");
+    kv_clip_ = kvf.bits == 4 ? kvf.clip : 1.0f;
+    k_before_rope_ = kvf.bits == 4 && kvf.k_before_rope;
+    kv_hadamard_ = kvf.bits == 4 && kvf.hadamard;
+    return layout;
+  }
+  bool k_before_rope() const { return k_before_rope_; }
+
+  // Layer `w` on n rows of the fp32 residual `hidden`, its K/V in layer kv_layer of `view`
+  // (attention by the decode kernel in `splits` splits, or prefill when 0). `pending` (the last
+  // linear's output of the layer before, or null) is added first; on return it is this layer's,
+  // which the next norm adds (add_pending alone at the end). observer: sees every dense linear's
+  // input (dense layers only; no MoE); need_output false skips down_proj's product (hidden is
+  // then not to be used).
+  void layer(const LayerWeights& w, int kv_layer, const KVCacheView& view, const AttentionBatch& ab, int splits,
+             int64_t n, float* hidden, const __half*& pending, const DeviceLinearObserver* observer = nullptr,
+             bool need_output = true) {
+    const ModelConfig& c = cfg_;
+    const int64_t H = c.hidden_size, I = c.intermediate_size;
+    const float eps = float(c.rms_norm_eps);
+    auto observe = [&](LinearSlot slot, const __half* x, int64_t dim) {
+      if (observer && *observer) (*observer)(slot, -1, DeviceRows{x, n, dim, stream_});
+    };
+    // The residual add of `pending`, then the RMSNorm the linears that follow take: fp16 normalized
+    // rows in xn_ (FP16, W8A8, a router) and/or the fp16 residual in hidden16_, which the fused W4A4
+    // kernels normalize, permute and quantize per linear.
+    auto add_and_norm = [&](const DeviceArray<float>& norm, bool rows16, bool atom) {
+      residual_rmsnorm(hidden, pending, n, H, rows16 ? norm.get() : nullptr, eps, rows16 ? xn_.get() : nullptr,
+                       atom ? hidden16_.get() : nullptr, stream_);
+      pending = nullptr;
+    };
+    // y = w(the rows add_and_norm left).
+    auto normed_linear = [&](const LinearWeights& lw, LinearSlot slot, __half* y) {
+      if (!lw.atom) {
+        observe(slot, xn_.get(), H);
+        return dense(lw, xn_.get(), n, y);
+      }
+      rmsnorm_quantize(hidden16_.get(), H, lw.perm.get(), lw.norm_perm.get(), eps, act_op(n, lw), lw.act, stream_);
+      w4a4(lw, n, y);
+    };
+    // gate/up → SwiGLU → down into y_.
+    auto expert_mlp = [&](const ExpertWeights& e) {
+      normed_linear(e.gate_up, LinearSlot::GateUp, gate_up_.get());
+      if (e.down.atom) {
+        swiglu_quantize(gate_up_.get(), gate_up_.get() + I, 2 * I, e.down.perm.get(), act_op(n, e.down), e.down.act,
+                        stream_);
+        w4a4(e.down, n, y_.get());
+      } else {
+        swiglu(gate_up_.get(), n, I, act_.get(), stream_);
+        observe(LinearSlot::Down, act_.get(), I);
+        if (need_output) dense(e.down, act_.get(), n, y_.get());
+      }
+    };
+    add_and_norm(w.attn_norm, !w.qkv.atom, w.qkv.atom);
+    normed_linear(w.qkv, LinearSlot::QKV, qkv_.get());
+    AppendArgs app;
+    app.qkv = qkv_.get();
+    app.qkv_stride = w.qkv.out;
+    app.num_heads = int(c.num_heads);
+    app.layer = kv_layer;
+    app.rope = rope_.get();
+    app.k_before_rope = k_before_rope_;
+    app.clip = kv_clip_;
+    app.hadamard = kv_hadamard_;
+    app.q_out = q_rot_.get();
+    attention_append(view, ab, app, stream_);
+    AttentionArgs att;
+    att.q = q_rot_.get();
+    att.out = attn_.get();
+    att.num_heads = int(c.num_heads);
+    att.layer = kv_layer;
+    att.rope = rope_.get();
+    att.k_before_rope = k_before_rope_;
+    att.num_splits = splits;
+    if (splits > 0)
+      attention_decode(view, ab, att, attn_ws_, stream_);
+    else
+      attention_prefill(view, ab, att, stream_);
+    if (kv_hadamard_) hadamard_heads(attn_.get(), n * c.num_heads, int(c.head_dim), stream_);
+    if (w.o.atom) {
+      gather_quantize(attn_.get(), w.o.in, w.o.perm.get(), act_op(n, w.o), w.o.act, stream_);
+      w4a4(w.o, n, y_.get());
+    } else {
+      observe(LinearSlot::O, attn_.get(), c.q_dim());
+      dense(w.o, attn_.get(), n, y_.get());
+    }
+    pending = y_.get();
+    if (w.experts.size() == 1) {
+      add_and_norm(w.mlp_norm, !w.experts[0].gate_up.atom, w.experts[0].gate_up.atom);
+      expert_mlp(w.experts[0]);
+      pending = y_.get();
+      return;
+    }
+    // Mixtral: every expert runs on every row and adds its output at the row's routing weight (0
+    // where the row did not choose it): k/E of the work is wasted, but the step has no host
+    // synchronisation, so it is captured like any other (MoE speed is not a target yet).
+    bool any_atom = false, any_rows16 = false;
+    for (const ExpertWeights& e : w.experts) (e.gate_up.atom ? any_atom : any_rows16) = true;
+    add_and_norm(w.mlp_norm, any_rows16, any_atom);
+    moe_route(hidden, n, H, w.mlp_norm.get(), eps, w.router.get(), int(c.num_experts), int(c.num_experts_per_tok),
+              expert_weights_.get(), stream_);
+    for (size_t e = 0; e < w.experts.size(); ++e) {
+      expert_mlp(w.experts[e]);
+      add_expert_output(hidden, y_.get(), expert_weights_.get(), int(c.num_experts), int(e), n, H, stream_);
+    }
+  }
+
+  void reserve_decode_workspace(size_t bytes) { attn_ws_.reserve(bytes); }
+  LinearFp16& blas() { return blas_; }
+  __half* xn() const { return xn_.get(); }
+  __half* y() const { return y_.get(); }
+
+ private:
+  // y = linear(x) for a linear that takes fp16 input rows: FP16 (cuBLAS) or W8A8.
+  void dense(const LinearWeights& w, const __half* x, int64_t rows, __half* y) {
+    if (w.int8) {
+      w8a8_->run(w.w8a8, x, rows, y, stream_);
+      return;
+    }
+    blas_.run(x, w.w.get(), y, rows, w.out, w.in, stream_);
+    if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
+  }
+  AtomOperandMut act_op(int64_t rows, const LinearWeights& w) const {
+    return {act_codes_.get(), act_scales_.get(), atom_shape(rows, int(w.in), w.keeper)};
+  }
+  // y = linear(quantized input) for a W4A4 linear whose input was quantized into act_op(rows, w).
+  void w4a4(const LinearWeights& w, int64_t rows, __half* y) {
+    gemm_w4a4(act_op(rows, w), w.atom_w.view(), y, OutType::F16, gemm_ws_.get(), gemm_ws_.size(), stream_);
+    if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
+  }
+
+  ModelConfig cfg_;
+  int64_t max_tokens_;
+  cudaStream_t stream_;
+  LinearFp16 blas_;
+  DeviceArray<uint8_t> blas_ws_;  // cuBLAS's workspace, set once (a captured GEMM may not allocate one)
+  std::unique_ptr<W8A8Gemm> w8a8_;  // when any linear is W8A8
+  std::unique_ptr<RopeTable> rope_;
+  AttentionWorkspace attn_ws_;
+  DeviceArray<__half> xn_, qkv_, q_rot_, attn_, y_, gate_up_, act_;
+  DeviceArray<float> expert_weights_;  // Mixtral: [rows, num_experts]
+  // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's split-K scratch.
+  DeviceArray<__half> hidden16_;
+  DeviceArray<uint8_t> act_codes_;  // sized for the largest linear input at max_tokens rows
+  DeviceArray<__half> act_scales_;
+  DeviceArray<uint8_t> gemm_ws_;
+  float kv_clip_ = 1.0f;
+  bool k_before_rope_ = false;
+  bool kv_hadamard_ = false;
+};
 
 // The paged KV cache behind the KVPool seam. One page is set aside for the padding rows of a
 // captured decode step (a batch padded to its graph's size): they write and read only there.
@@ -234,30 +502,20 @@ class CudaExecutor final : public Executor {
   // a non-finite logit is an error.
   void finish(const StepPlan& plan, std::vector<float>* logits, std::vector<int32_t>& ids);
 
-  // y = linear(x) for a linear that takes fp16 input rows: FP16 (cuBLAS) or W8A8.
-  void dense(const LinearWeights& w, const __half* x, int64_t rows, __half* y);
-  // y = linear(quantized input) for a W4A4 linear whose input was quantized into act_op(rows, w).
-  void w4a4(const LinearWeights& w, int64_t rows, __half* y);
-  AtomOperandMut act_op(int64_t rows, const LinearWeights& w) const;
-
   ModelConfig cfg_;
   std::string device_name_;
   int64_t max_tokens_, max_context_;
   int64_t max_graph_batch_ = 0;  // decode batches up to this size are padded to a graph batch
   bool use_graphs_ = true;       // and replayed as graphs (else launched kernel by kernel)
   cudaStream_t stream_ = nullptr;
-  LinearFp16 blas_;
-  DeviceArray<uint8_t> blas_ws_;  // cuBLAS's workspace, set once (a captured GEMM may not allocate one)
-  std::unique_ptr<W8A8Gemm> w8a8_;  // when any linear is W8A8
+  std::unique_ptr<LayerRunner> runner_;
   DeviceArray<__half> embedding_, lm_head_own_;
   const __half* lm_head_ = nullptr;  // the embedding when tied
   DeviceArray<float> final_norm_;
   std::vector<LayerWeights> layers_;
-  std::unique_ptr<RopeTable> rope_;
   std::unique_ptr<PagedPool> pool_;
   std::unique_ptr<AttentionBatchBuilder> batch_builder_;
   std::unique_ptr<DeviceSampler> sampler_;
-  AttentionWorkspace attn_ws_;
   struct Graph {
     bool warmed = false;
     cudaGraphExec_t exec = nullptr;
@@ -268,17 +526,6 @@ class CudaExecutor final : public Executor {
   // Activations for max_tokens_ rows.
   DeviceArray<int32_t> tokens_, head_rows_, ids_;
   DeviceArray<float> hidden_, logits_;
-  DeviceArray<__half> xn_, qkv_, q_rot_, attn_, y_, gate_up_, act_;
-  DeviceArray<float> expert_weights_;  // Mixtral: [rows, num_experts]
-  // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's split-K scratch.
-  DeviceArray<__half> hidden16_;
-  DeviceArray<uint8_t> act_codes_;  // sized for the largest linear input at max_tokens_ rows
-  DeviceArray<__half> act_scales_;
-  DeviceArray<uint8_t> gemm_ws_;
-  bool any_atom_ = false;
-  float kv_clip_ = 1.0f;
-  bool k_before_rope_ = false;
-  bool kv_hadamard_ = false;
 };
 
 CudaExecutor::~CudaExecutor() {
@@ -294,17 +541,8 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
       max_context_(opt.max_context > 0 ? std::min(opt.max_context, cfg_.max_position_embeddings)
                                        : cfg_.max_position_embeddings) {
   const ModelConfig& c = cfg_;
-  require(c.num_experts <= kMaxExperts, "--device cuda", "the CUDA router takes at most {} experts; this model has {}",
-          kMaxExperts, c.num_experts);
-  require(c.head_dim == 64 || c.head_dim == 128, "--device cuda",
-          "the CUDA attention kernels take head_dim 64 or 128; this model has {} (use --device cpu)", c.head_dim);
   const KVFormat& kvf = model.kv_format();
-  require(kvf.bits == 4 || kvf.bits >= 16, "--device cuda",
-          "the KV cache format {} has no CUDA kernel (the GPU keeps fp16 or INT4 K/V); use --device cpu or --kv-bits",
-          kvf.describe());
-  require(!(kvf.bits == 4 && kvf.hadamard && kvf.k_before_rope), "--device cuda",
-          "a Hadamard-rotated KV cache with K stored before RoPE has no CUDA kernel (the attention kernels rotate "
-          "K by RoPE as they read it); use --k-after-rope or --device cpu");
+  check_layer_kernels(c);
   require(max_tokens_ >= 1, "--device cuda", "max_batch_tokens must be >= 1, not {}", max_tokens_);
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -318,8 +556,6 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   require(weights_gb < cap_gb, "--device cuda", "the weights need {:.2f} GB on the GPU; {:.2f} GB {}", weights_gb,
           cap_gb, opt.gpu_mem_gb > 0 && opt.gpu_mem_gb * 1e9 < double(free0) ? "allowed by --gpu-mem-gb" : "free");
   NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  blas_ws_ = DeviceArray<uint8_t>(size_t(32) << 20);  // NVIDIA's recommendation for Hopper
-  NIBBLE_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle(), blas_ws_.get(), blas_ws_.size()));
 
   embedding_ = upload_fp16(model.embedding(), "model.embed_tokens.weight");
   final_norm_ = DeviceArray<float>(model.final_norm().data(), model.final_norm().size());
@@ -331,89 +567,28 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
     lm_head_own_ = upload_fp16(head->weight(), "lm_head.weight");
     lm_head_ = lm_head_own_.get();
   }
+  runner_ = std::make_unique<LayerRunner>(c, max_tokens_, max_context_, stream_);
   for (size_t l = 0; l < model.layers().size(); ++l) {
-    const Layer& src = model.layers()[l];
-    const std::string p = cformat("model.layers.{}.", l);
-    LayerWeights lw;
-    lw.attn_norm = DeviceArray<float>(src.attn_norm.data(), src.attn_norm.size());
-    lw.mlp_norm = DeviceArray<float>(src.mlp_norm.data(), src.mlp_norm.size());
-    lw.qkv = upload_linear(*src.qkv, &src.attn_norm, p + "self_attn.qkv");
-    lw.o = upload_linear(*src.o, nullptr, p + "self_attn.o_proj");
-    const std::string mlp = src.router ? p + "block_sparse_moe." : p + "mlp.";
-    for (size_t e = 0; e < src.experts.size(); ++e) {
-      const std::string ex = src.router ? cformat("{}experts.{}.", mlp, e) : mlp;
-      lw.experts.push_back({upload_linear(*src.experts[e].gate_up, &src.mlp_norm, ex + "gate_up"),
-                            upload_linear(*src.experts[e].down, nullptr, ex + "down_proj")});
-    }
-    if (src.router) {
-      const auto* router = dynamic_cast<const DenseLinear*>(src.router.get());
-      require(router != nullptr && router->bias().empty(), mlp + "gate",
-              "a quantized router has no CUDA kernel; use --device cpu");
-      lw.router = DeviceArray<float>(router->weight().data(), router->weight().size());
-    }
-    for (const LinearWeights* w : lw.linears()) {
-      any_atom_ |= w->atom;
-      if (!w->int8) continue;
-      if (!w8a8_) w8a8_ = std::make_unique<W8A8Gemm>(max_tokens_);
-      w8a8_->prepare(w->w8a8);
-    }
-    layers_.push_back(std::move(lw));
+    layers_.push_back(upload_layer(model.layers()[l], int(l), false));
+    runner_->prepare(layers_.back());
   }
-  rope_ = std::make_unique<RopeTable>(cpu::rope_inv_freq(c), int(max_context_));
 
-  const int64_t T = max_tokens_, H = c.hidden_size, qkv = c.q_dim() + 2 * c.kv_dim();
+  const int64_t T = max_tokens_, H = c.hidden_size;
   tokens_ = DeviceArray<int32_t>(size_t(T));
   head_rows_ = DeviceArray<int32_t>(size_t(T));
   ids_ = DeviceArray<int32_t>(size_t(T) + 1);  // + the non-finite flag
   NIBBLE_CUDA_CHECK(cudaMallocHost(&host_io_, (2 * size_t(T) + 1) * sizeof(int32_t)));
   hidden_ = DeviceArray<float>(size_t(T * H));
   logits_ = DeviceArray<float>(size_t(T * c.vocab_size));
-  xn_ = DeviceArray<__half>(size_t(T * std::max(H, c.q_dim())));
-  qkv_ = DeviceArray<__half>(size_t(T * qkv));
-  q_rot_ = DeviceArray<__half>(size_t(T * c.q_dim()));
-  attn_ = DeviceArray<__half>(size_t(T * c.q_dim()));
-  y_ = DeviceArray<__half>(size_t(T * H));
-  gate_up_ = DeviceArray<__half>(size_t(T * 2 * c.intermediate_size));
-  act_ = DeviceArray<__half>(size_t(T * c.intermediate_size));
-  if (c.num_experts > 0) expert_weights_ = DeviceArray<float>(size_t(T * c.num_experts));
 
-  if (any_atom_) {
-    hidden16_ = DeviceArray<__half>(size_t(T * H));
-    // One activation operand big enough for any linear's input; the split-K scratch for the largest.
-    int64_t code_bytes = 0, scale_count = 0;
-    size_t ws = 0;
-    for (const LayerWeights& lw : layers_)
-      for (const LinearWeights* w : lw.linears()) {
-        if (!w->atom) continue;
-        const AtomShape a = atom_shape(T, int(w->in), w->keeper);
-        code_bytes = std::max(code_bytes, a.code_bytes());
-        scale_count = std::max(scale_count, a.scale_count());
-        for (int64_t m = 1; m <= std::min<int64_t>(T, 64); ++m)
-          ws = std::max(ws, gemm_w4a4_workspace_bytes(m, w->out, int(w->in), w->keeper));
-      }
-    act_codes_ = DeviceArray<uint8_t>(size_t(code_bytes));
-    act_scales_ = DeviceArray<__half>(size_t(scale_count));
-    gemm_ws_ = DeviceArray<uint8_t>(std::max<size_t>(ws, 16));
-    NIBBLE_CUDA_CHECK(cudaMemset(gemm_ws_.get(), 0, gemm_ws_.size()));
-  }
-
-  PagedKVLayout layout;
-  layout.num_layers = int(c.num_layers);
-  layout.kv_heads = int(c.num_kv_heads);
-  layout.head_dim = int(c.head_dim);
-  layout.page_size = 16;
-  layout.dtype = kvf.bits == 4 ? KVDtype::Int4 : KVDtype::Fp16;
-  kv_clip_ = kvf.bits == 4 ? kvf.clip : 1.0f;
-  k_before_rope_ = kvf.bits == 4 && kvf.k_before_rope;
-  kv_hadamard_ = kvf.bits == 4 && kvf.hadamard;
-  layout.validate("--device cuda");
+  const PagedKVLayout layout = runner_->set_kv(kvf, int(c.num_layers));
   const int max_blocks = int((max_context_ + layout.page_size - 1) / layout.page_size);
   batch_builder_ = std::make_unique<AttentionBatchBuilder>(int(T), T, max_blocks);
   KVCacheView shape;  // what the decode workspace bound depends on
   shape.kv_heads = layout.kv_heads;
   shape.head_dim = layout.head_dim;
   shape.dtype = layout.dtype;
-  attn_ws_.reserve(attention_decode_workspace_bytes(shape, int(c.num_heads), k_before_rope_));
+  runner_->reserve_decode_workspace(attention_decode_workspace_bytes(shape, int(c.num_heads), runner_->k_before_rope()));
   max_graph_batch_ = std::min<int64_t>(T, 512);
   sampler_ = std::make_unique<DeviceSampler>(T, c.vocab_size);
   use_graphs_ = opt.cuda_graphs;
@@ -434,24 +609,6 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
           "GPU memory or lower --ctx",
           std::max<int64_t>(pages - 1, 0) * layout.page_size, pages, layout.page_size, max_context_);
   pool_ = std::make_unique<PagedPool>(layout, pages);
-}
-
-void CudaExecutor::dense(const LinearWeights& w, const __half* x, int64_t rows, __half* y) {
-  if (w.int8) {
-    w8a8_->run(w.w8a8, x, rows, y, stream_);
-    return;
-  }
-  blas_.run(x, w.w.get(), y, rows, w.out, w.in, stream_);
-  if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
-}
-
-AtomOperandMut CudaExecutor::act_op(int64_t rows, const LinearWeights& w) const {
-  return {act_codes_.get(), act_scales_.get(), atom_shape(rows, int(w.in), w.keeper)};
-}
-
-void CudaExecutor::w4a4(const LinearWeights& w, int64_t rows, __half* y) {
-  gemm_w4a4(act_op(rows, w), w.atom_w.view(), y, OutType::F16, gemm_ws_.get(), gemm_ws_.size(), stream_);
-  if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
 }
 
 StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
@@ -508,102 +665,24 @@ StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
   NIBBLE_CUDA_CHECK(cudaMemcpyAsync(head_rows_.get(), host_io_ + plan.n, size_t(plan.rows) * 4,
                                     cudaMemcpyHostToDevice, stream_));
   plan.ab = batch_builder_->build(cache.allocator(), seqs, news, stream_, plan.graph_batch, pool_->pad_page());
-  if (decode) plan.splits = attention_decode_splits(cache.view(), plan.ab, k_before_rope_);
+  if (decode) plan.splits = attention_decode_splits(cache.view(), plan.ab, runner_->k_before_rope());
   return plan;
 }
 
 void CudaExecutor::launch(const StepPlan& plan) {
   const ModelConfig& c = cfg_;
   const KVCacheView view = pool_->cache().view();
-  const int64_t n = plan.n, H = c.hidden_size, I = c.intermediate_size;
-  const float eps = float(c.rms_norm_eps);
+  const int64_t n = plan.n, H = c.hidden_size;
   embed_rows(tokens_.get(), n, embedding_.get(), H, hidden_.get(), stream_);
   const __half* pending = nullptr;  // the last linear's output, added to the residual by the next norm
-  // The residual add of `pending`, then the RMSNorm the linears that follow take: fp16 normalized
-  // rows in xn_ (FP16, W8A8, a router) and/or the fp16 residual in hidden16_, which the fused W4A4
-  // kernels normalize, permute and quantize per linear.
-  auto add_and_norm = [&](const DeviceArray<float>& norm, bool rows16, bool atom) {
-    residual_rmsnorm(hidden_.get(), pending, n, H, rows16 ? norm.get() : nullptr, eps, rows16 ? xn_.get() : nullptr,
-                     atom ? hidden16_.get() : nullptr, stream_);
-    pending = nullptr;
-  };
-  // y = w(the rows add_and_norm left).
-  auto normed_linear = [&](const LinearWeights& w, __half* y) {
-    if (!w.atom) return dense(w, xn_.get(), n, y);
-    rmsnorm_quantize(hidden16_.get(), H, w.perm.get(), w.norm_perm.get(), eps, act_op(n, w), w.act, stream_);
-    w4a4(w, n, y);
-  };
-  // gate/up → SwiGLU → down into y_.
-  auto expert_mlp = [&](const ExpertWeights& e) {
-    normed_linear(e.gate_up, gate_up_.get());
-    if (e.down.atom) {
-      swiglu_quantize(gate_up_.get(), gate_up_.get() + I, 2 * I, e.down.perm.get(), act_op(n, e.down), e.down.act,
-                      stream_);
-      w4a4(e.down, n, y_.get());
-    } else {
-      swiglu(gate_up_.get(), n, I, act_.get(), stream_);
-      dense(e.down, act_.get(), n, y_.get());
-    }
-  };
-  for (size_t l = 0; l < layers_.size(); ++l) {
-    const LayerWeights& w = layers_[l];
-    add_and_norm(w.attn_norm, !w.qkv.atom, w.qkv.atom);
-    normed_linear(w.qkv, qkv_.get());
-    AppendArgs app;
-    app.qkv = qkv_.get();
-    app.qkv_stride = w.qkv.out;
-    app.num_heads = int(c.num_heads);
-    app.layer = int(l);
-    app.rope = rope_.get();
-    app.k_before_rope = k_before_rope_;
-    app.clip = kv_clip_;
-    app.hadamard = kv_hadamard_;
-    app.q_out = q_rot_.get();
-    attention_append(view, plan.ab, app, stream_);
-    AttentionArgs att;
-    att.q = q_rot_.get();
-    att.out = attn_.get();
-    att.num_heads = int(c.num_heads);
-    att.layer = int(l);
-    att.rope = rope_.get();
-    att.k_before_rope = k_before_rope_;
-    att.num_splits = plan.splits;
-    if (plan.splits > 0)
-      attention_decode(view, plan.ab, att, attn_ws_, stream_);
-    else
-      attention_prefill(view, plan.ab, att, stream_);
-    if (kv_hadamard_) hadamard_heads(attn_.get(), n * c.num_heads, int(c.head_dim), stream_);
-    if (w.o.atom) {
-      gather_quantize(attn_.get(), w.o.in, w.o.perm.get(), act_op(n, w.o), w.o.act, stream_);
-      w4a4(w.o, n, y_.get());
-    } else {
-      dense(w.o, attn_.get(), n, y_.get());
-    }
-    pending = y_.get();
-    if (w.experts.size() == 1) {
-      add_and_norm(w.mlp_norm, !w.experts[0].gate_up.atom, w.experts[0].gate_up.atom);
-      expert_mlp(w.experts[0]);
-      pending = y_.get();
-      continue;
-    }
-    // Mixtral: every expert runs on every row and adds its output at the row's routing weight (0
-    // where the row did not choose it): k/E of the work is wasted, but the step has no host
-    // synchronisation, so it is captured like any other (MoE speed is not a target yet).
-    bool any_atom = false, any_rows16 = false;
-    for (const ExpertWeights& e : w.experts) (e.gate_up.atom ? any_atom : any_rows16) = true;
-    add_and_norm(w.mlp_norm, any_rows16, any_atom);
-    moe_route(hidden_.get(), n, H, w.mlp_norm.get(), eps, w.router.get(), int(c.num_experts),
-              int(c.num_experts_per_tok), expert_weights_.get(), stream_);
-    for (size_t e = 0; e < w.experts.size(); ++e) {
-      expert_mlp(w.experts[e]);
-      add_expert_output(hidden_.get(), y_.get(), expert_weights_.get(), int(c.num_experts), int(e), n, H, stream_);
-    }
-  }
-  residual_rmsnorm(hidden_.get(), pending, n, H, final_norm_.get(), eps, xn_.get(), nullptr, stream_);
+  for (size_t l = 0; l < layers_.size(); ++l)
+    runner_->layer(layers_[l], int(l), view, plan.ab, plan.splits, n, hidden_.get(), pending);
+  __half* xn = runner_->xn();
+  residual_rmsnorm(hidden_.get(), pending, n, H, final_norm_.get(), float(c.rms_norm_eps), xn, nullptr, stream_);
   // The LM head on the selected rows only, fp32 logits: Logitsᵀ [V, rows] = E [V, H] · Xᵀ.
-  __half* selected = y_.get();  // consumed by the norm above: free again
-  gather_rows(xn_.get(), head_rows_.get(), plan.rows, H, selected, stream_);
-  blas_.run(selected, lm_head_, logits_.get(), plan.rows, c.vocab_size, H, stream_);
+  __half* selected = runner_->y();  // consumed by the norm above: free again
+  gather_rows(xn, head_rows_.get(), plan.rows, H, selected, stream_);
+  runner_->blas().run(selected, lm_head_, logits_.get(), plan.rows, c.vocab_size, H, stream_);
 }
 
 void CudaExecutor::run(const StepPlan& plan) {
@@ -681,10 +760,108 @@ void CudaExecutor::forward_sample(std::span<const BatchEntry> batch, std::span<c
   sampler_->sample(logits_.get(), rows, stream_, out);
 }
 
+// The calibration windows' hidden states on the device (LayerStream): one fp32 array of
+// windows × ctx × hidden, each window run through a layer as one prefill of ctx tokens (positions
+// 0..ctx-1) in a one-layer paged cache, as Model::run_layer runs it with a fresh cache.
+class CudaLayerStream final : public LayerStream {
+ public:
+  CudaLayerStream(const ModelConfig& c, int64_t windows, int64_t ctx) : cfg_(c), windows_(windows), ctx_(ctx) {
+    check_layer_kernels(c);
+    require(c.num_experts == 0, "--device cuda",
+            "a mixture of experts' calibration forward has no device path (the device's MoE runs every expert on "
+            "every row; the statistics need the routed rows)");
+    const int64_t H = c.hidden_size;
+    size_t free = 0, total = 0;
+    NIBBLE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    const double stream_gb = double(windows * ctx * H) * 4 / 1e9;
+    require(stream_gb < 0.5 * double(free) / 1e9, "--device cuda",
+            "the calibration stream ({} windows of {} tokens, fp32) needs {:.2f} GB on the GPU, more than half of "
+            "the {:.2f} GB free; lower --calib-windows",
+            windows, ctx, stream_gb, double(free) / 1e9);
+    NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    runner_ = std::make_unique<LayerRunner>(c, ctx, ctx, stream_);
+    hidden_ = DeviceArray<float>(size_t(windows * ctx * H));
+    scratch_ = DeviceArray<float>(size_t(ctx * H));
+    builder_ = std::make_unique<AttentionBatchBuilder>(1, ctx, int(pages_per_window()));
+  }
+  ~CudaLayerStream() override {
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  void set_window(int64_t w, const float* hidden) override {
+    NIBBLE_CUDA_CHECK(cudaMemcpy(window(w), hidden, window_bytes(), cudaMemcpyHostToDevice));
+  }
+  void read_window(int64_t w, float* hidden) const override {
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    NIBBLE_CUDA_CHECK(cudaMemcpy(hidden, window(w), window_bytes(), cudaMemcpyDeviceToHost));
+  }
+
+  void load_layer(const Model& model, int l) override {
+    layer_.reset();
+    const PagedKVLayout layout = runner_->set_kv(model.kv_format(), 1);
+    layer_ = std::make_unique<LayerWeights>(upload_layer(model.layers()[size_t(l)], l, true));
+    layer_index_ = l;
+    runner_->prepare(*layer_);
+    if (!cache_ || cache_->layout().dtype != layout.dtype) {
+      cache_.reset();
+      cache_ = std::make_unique<PagedKVCache>(layout, pages_per_window());
+    }
+  }
+
+  void run(bool advance, const DeviceLinearObserver& observer) override {
+    require(layer_ != nullptr, "calibration stream", "no layer loaded");
+    const LayerWeights& w = *layer_;
+    const int64_t H = cfg_.hidden_size;
+    for (int64_t win = 0; win < windows_; ++win) {
+      throw_if_interrupted(cformat("layer {}", layer_index_));
+      // Observing leaves the stream as it was (observe_layer): the layer runs on a copy.
+      float* h = window(win);
+      if (!advance) {
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(scratch_.get(), h, window_bytes(), cudaMemcpyDeviceToDevice, stream_));
+        h = scratch_.get();
+      }
+      const SeqId seq = cache_->add_sequence();
+      require(cache_->append(seq, ctx_, stream_), "--device cuda", "the calibration window's KV cache is full");
+      const SeqId seqs[] = {seq};
+      const int news[] = {int(ctx_)};
+      const AttentionBatch ab = builder_->build(cache_->allocator(), seqs, news, stream_);
+      const __half* pending = nullptr;
+      runner_->layer(w, 0, cache_->view(), ab, 0, ctx_, h, pending, &observer, advance);
+      if (advance) residual_rmsnorm(h, pending, ctx_, H, nullptr, 0.0f, nullptr, nullptr, stream_);
+      // The batch builder's staging and the cache's pages are reused by the next window.
+      NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      cache_->free_sequence(seq);
+    }
+    quant::note_device_memory();
+  }
+
+ private:
+  int64_t pages_per_window() const { return (ctx_ + 15) / 16; }
+  float* window(int64_t w) const {
+    require(w >= 0 && w < windows_, "calibration stream", "window {} of {}", w, windows_);
+    return hidden_.get() + w * ctx_ * cfg_.hidden_size;
+  }
+  size_t window_bytes() const { return size_t(ctx_ * cfg_.hidden_size) * sizeof(float); }
+
+  ModelConfig cfg_;
+  int64_t windows_, ctx_;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<LayerRunner> runner_;
+  DeviceArray<float> hidden_, scratch_;
+  std::unique_ptr<AttentionBatchBuilder> builder_;
+  std::unique_ptr<PagedKVCache> cache_;
+  std::unique_ptr<LayerWeights> layer_;
+  int layer_index_ = -1;
+};
+
 }  // namespace
 
 std::unique_ptr<Executor> make_executor(const Model& model, const RuntimeOptions& opt) {
   return std::make_unique<CudaExecutor>(model, opt);
+}
+
+std::unique_ptr<LayerStream> make_layer_stream(const ModelConfig& c, int64_t windows, int64_t ctx) {
+  return std::make_unique<CudaLayerStream>(c, windows, ctx);
 }
 
 }  // namespace nibble::cuda

@@ -14,4 +14,6 @@ bool device_available(std::string* why);
 // without a GPU kernel is refused here, naming the layer and the format.
 std::unique_ptr<Executor> make_executor(const Model& model, const RuntimeOptions& opt);
 
+std::unique_ptr<LayerStream> make_layer_stream(const ModelConfig& c, int64_t windows, int64_t ctx);
+
 }  // namespace nibble::cuda

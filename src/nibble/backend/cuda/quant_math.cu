@@ -3,6 +3,7 @@
 #include <cusolverDn.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/device_array.h"
@@ -41,6 +42,11 @@ __global__ void column_sums(const float* x, int64_t rows, int64_t dim, double* s
   sum_abs[c] += ab;
 }
 
+__global__ void widen_f16(const __half* x, int64_t n, float* out) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = __half2float(x[i]);
+}
+
 __global__ void accumulate_f64(const float* part, int64_t n, double* acc) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) acc[i] += double(part[i]);
@@ -61,22 +67,24 @@ class CudaStats final : public DeviceStats {
 
   void add(const float* host_x, int64_t rows) override {
     if (rows <= 0) return;
-    if (x_.size() < size_t(rows * dim_)) x_ = DeviceArray<float>(size_t(rows * dim_));
+    reserve(rows);
     NIBBLE_CUDA_CHECK(cudaMemcpy(x_.get(), host_x, size_t(rows * dim_) * sizeof(float), cudaMemcpyHostToDevice));
-    column_sums<<<unsigned((dim_ + 255) / 256), 256>>>(x_.get(), rows, dim_, sum_sq_.get(), sum_abs_.get());
+    accumulate(rows, nullptr);
+  }
+
+  void add_device_f16(const void* x, int64_t rows, void* stream) override {
+    if (rows <= 0) return;
+    reserve(rows);
+    const auto s = static_cast<cudaStream_t>(stream);
+    const int64_t n = rows * dim_;
+    widen_f16<<<unsigned((n + 255) / 256), 256, 0, s>>>(static_cast<const __half*>(x), n, x_.get());
     NIBBLE_CUDA_CHECK(cudaGetLastError());
-    if (!xtx_.size()) return;
-    // x row-major [rows, dim] is column-major Xᵀ [dim, rows]: Xᵀ·X = A·Aᵀ with A = that view.
-    // Column-major lower = row-major upper, the triangle InputStats keeps.
-    const float one = 1.0f, zero = 0.0f;
-    NIBBLE_CUBLAS_CHECK(cublasSsyrk(blas_.h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, int(dim_), int(rows), &one, x_.get(),
-                                    int(dim_), &zero, part_.get(), int(dim_)));
-    const int64_t n = dim_ * dim_;
-    accumulate_f64<<<unsigned((n + 255) / 256), 256>>>(part_.get(), n, xtx_.get());
-    NIBBLE_CUDA_CHECK(cudaGetLastError());
+    accumulate(rows, s);
   }
 
   void read(std::vector<double>& sum_sq, std::vector<double>& sum_abs, std::vector<double>* xtx_upper) override {
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());  // add_device_f16's work runs on the caller's stream
+    note_device_memory();
     sum_sq.resize(size_t(dim_));
     sum_abs.resize(size_t(dim_));
     NIBBLE_CUDA_CHECK(cudaMemcpy(sum_sq.data(), sum_sq_.get(), size_t(dim_) * sizeof(double), cudaMemcpyDeviceToHost));
@@ -88,6 +96,28 @@ class CudaStats final : public DeviceStats {
   }
 
  private:
+  void reserve(int64_t rows) {
+    if (x_.size() >= size_t(rows * dim_)) return;
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());  // the old buffer may still be read by queued work
+    x_ = DeviceArray<float>(size_t(rows * dim_));
+  }
+
+  // x_ [rows, dim] into the sums, on `s` (null: the legacy default stream, as add()'s copy).
+  void accumulate(int64_t rows, cudaStream_t s) {
+    column_sums<<<unsigned((dim_ + 255) / 256), 256, 0, s>>>(x_.get(), rows, dim_, sum_sq_.get(), sum_abs_.get());
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+    if (!xtx_.size()) return;
+    NIBBLE_CUBLAS_CHECK(cublasSetStream(blas_.h, s));
+    // x row-major [rows, dim] is column-major Xᵀ [dim, rows]: Xᵀ·X = A·Aᵀ with A = that view.
+    // Column-major lower = row-major upper, the triangle InputStats keeps.
+    const float one = 1.0f, zero = 0.0f;
+    NIBBLE_CUBLAS_CHECK(cublasSsyrk(blas_.h, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, int(dim_), int(rows), &one, x_.get(),
+                                    int(dim_), &zero, part_.get(), int(dim_)));
+    const int64_t n = dim_ * dim_;
+    accumulate_f64<<<unsigned((n + 255) / 256), 256, 0, s>>>(part_.get(), n, xtx_.get());
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+  }
+
   int64_t dim_;
   CublasHandle blas_;
   DeviceArray<double> sum_sq_, sum_abs_, xtx_;
@@ -97,7 +127,9 @@ class CudaStats final : public DeviceStats {
 class CudaGptqUpdate final : public DeviceGptqUpdate {
  public:
   CudaGptqUpdate(const std::vector<double>& W, int64_t N, int64_t K, const std::vector<double>& U)
-      : N_(N), K_(K), w_(W.data(), W.size()), u_(U.data(), U.size()) {}
+      : N_(N), K_(K), w_(W.data(), W.size()), u_(U.data(), U.size()) {
+    note_device_memory();
+  }
 
   void fetch(double* host_w, int64_t i1, int64_t i2) override {
     const size_t pitch = size_t(K_) * sizeof(double);
@@ -123,7 +155,20 @@ class CudaGptqUpdate final : public DeviceGptqUpdate {
   DeviceArray<double> w_, u_, err_;
 };
 
+std::atomic<int64_t> g_device_peak{0};
+
 }  // namespace
+
+void note_device_memory() {
+  size_t free = 0, total = 0;
+  NIBBLE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  const int64_t used = int64_t(total - free);
+  int64_t seen = g_device_peak.load();
+  while (used > seen && !g_device_peak.compare_exchange_weak(seen, used)) {
+  }
+}
+
+int64_t device_memory_peak() { return g_device_peak.load(); }
 
 std::unique_ptr<DeviceStats> make_device_stats(int64_t dim, bool with_xtx) {
   return std::make_unique<CudaStats>(dim, with_xtx);
