@@ -233,8 +233,9 @@ LayerWeights upload_layer(const Layer& src, int l, bool dequantize_weight_only) 
 // stream (LayerStream) one layer over each window.
 class LayerRunner {
  public:
-  LayerRunner(const ModelConfig& c, int64_t max_tokens, int64_t max_context, cudaStream_t stream)
-      : cfg_(c), max_tokens_(max_tokens), stream_(stream) {
+  // `blas` is the owner's: created before the owner reads the free memory (see CudaExecutor::blas_).
+  LayerRunner(const ModelConfig& c, LinearFp16& blas, int64_t max_tokens, int64_t max_context, cudaStream_t stream)
+      : cfg_(c), max_tokens_(max_tokens), stream_(stream), blas_(blas) {
     blas_ws_ = DeviceArray<uint8_t>(size_t(32) << 20);  // NVIDIA's recommendation for Hopper
     NIBBLE_CUBLAS_CHECK(cublasSetWorkspace(blas_.handle(), blas_ws_.get(), blas_ws_.size()));
     rope_ = std::make_unique<RopeTable>(cpu::rope_inv_freq(c), int(max_context));
@@ -396,7 +397,6 @@ class LayerRunner {
   }
 
   void reserve_decode_workspace(size_t bytes) { attn_ws_.reserve(bytes); }
-  LinearFp16& blas() { return blas_; }
   __half* xn() const { return xn_.get(); }
   __half* y() const { return y_.get(); }
 
@@ -422,7 +422,7 @@ class LayerRunner {
   ModelConfig cfg_;
   int64_t max_tokens_;
   cudaStream_t stream_;
-  LinearFp16 blas_;
+  LinearFp16& blas_;
   DeviceArray<uint8_t> blas_ws_;  // cuBLAS's workspace, set once (a captured GEMM may not allocate one)
   std::unique_ptr<W8A8Gemm> w8a8_;  // when any linear is W8A8
   std::unique_ptr<RopeTable> rope_;
@@ -508,6 +508,9 @@ class CudaExecutor final : public Executor {
   int64_t max_graph_batch_ = 0;  // decode batches up to this size are padded to a graph batch
   bool use_graphs_ = true;       // and replayed as graphs (else launched kernel by kernel)
   cudaStream_t stream_ = nullptr;
+  // cuBLAS's handle exists before the constructor reads the free memory, so that --gpu-mem-gb caps
+  // what nibble allocates (weights, buffers, KV pages), not the library's own context.
+  LinearFp16 blas_;
   std::unique_ptr<LayerRunner> runner_;
   DeviceArray<__half> embedding_, lm_head_own_;
   const __half* lm_head_ = nullptr;  // the embedding when tied
@@ -567,7 +570,7 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
     lm_head_own_ = upload_fp16(head->weight(), "lm_head.weight");
     lm_head_ = lm_head_own_.get();
   }
-  runner_ = std::make_unique<LayerRunner>(c, max_tokens_, max_context_, stream_);
+  runner_ = std::make_unique<LayerRunner>(c, blas_, max_tokens_, max_context_, stream_);
   for (size_t l = 0; l < model.layers().size(); ++l) {
     layers_.push_back(upload_layer(model.layers()[l], int(l), false));
     runner_->prepare(layers_.back());
@@ -682,7 +685,7 @@ void CudaExecutor::launch(const StepPlan& plan) {
   // The LM head on the selected rows only, fp32 logits: Logitsᵀ [V, rows] = E [V, H] · Xᵀ.
   __half* selected = runner_->y();  // consumed by the norm above: free again
   gather_rows(xn, head_rows_.get(), plan.rows, H, selected, stream_);
-  runner_->blas().run(selected, lm_head_, logits_.get(), plan.rows, c.vocab_size, H, stream_);
+  blas_.run(selected, lm_head_, logits_.get(), plan.rows, c.vocab_size, H, stream_);
 }
 
 void CudaExecutor::run(const StepPlan& plan) {
@@ -779,7 +782,7 @@ class CudaLayerStream final : public LayerStream {
             "the {:.2f} GB free; lower --calib-windows",
             windows, ctx, stream_gb, double(free) / 1e9);
     NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-    runner_ = std::make_unique<LayerRunner>(c, ctx, ctx, stream_);
+    runner_ = std::make_unique<LayerRunner>(c, blas_, ctx, ctx, stream_);
     hidden_ = DeviceArray<float>(size_t(windows * ctx * H));
     scratch_ = DeviceArray<float>(size_t(ctx * H));
     builder_ = std::make_unique<AttentionBatchBuilder>(1, ctx, int(pages_per_window()));
@@ -846,6 +849,7 @@ class CudaLayerStream final : public LayerStream {
   ModelConfig cfg_;
   int64_t windows_, ctx_;
   cudaStream_t stream_ = nullptr;
+  LinearFp16 blas_;
   std::unique_ptr<LayerRunner> runner_;
   DeviceArray<float> hidden_, scratch_;
   std::unique_ptr<AttentionBatchBuilder> builder_;
