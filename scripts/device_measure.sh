@@ -12,7 +12,8 @@
 #        requests on each recipe's synth model (issue 14's table), one JSON per recipe
 #   scripts/device_measure.sh serve LIKE RECIPES N RATES [ARGS...]
 #        e.g. serve llama-2-7b fp16,atom-w4a4 200 4,0: `nibble serve --device cuda` swept by `nibble bench-serve`
-#        at RATES, then `nibble bench` (offline) with the same load, one JSON each (issue 15's table)
+#        at RATES, then `nibble bench` (offline) with the same load at OFFLINE_RATES (default RATES; empty: none),
+#        one JSON each (issue 15's table)
 #   KEEP=1 keeps the synth files for a later mode of the same call (the disk holds 64 GB).
 #   Llama-2 shapes get .devdata/data/tokenizers/llama2 in their synth file when it is carried (serve needs one).
 #   scripts/device_measure.sh peer                           ../shared/peers/torch_decode.py, carried in .devdata/peers
@@ -77,6 +78,7 @@ case "$what" in
     done ;;
   serve)
     like=${1:?LIKE}; recipes=${2:-fp16,atom-w4a4}; n=${3:-200}; rates=${4:-0}; shift 4 || true
+    offline_rates=${OFFLINE_RATES-$rates}  # OFFLINE_RATES= (empty) skips the offline runs
     for r in ${recipes//,/ }; do
       path=$(synth "$like" "$r" "${LAYERS:-}") || { echo "synth $like $r failed"; status=1; continue; }
       tag=$like-$r port=18080
@@ -93,9 +95,11 @@ case "$what" in
         --rates "$rates" --json >"$OUT/serve-$tag.json" 2>"$OUT/serve-$tag.err" || status=1
       kill -TERM $server; wait $server
       summarize "$OUT/serve-$tag.json" "http $tag" || tail -3 "$OUT/serve-$tag.err" "$OUT/serve-$tag.log"
-      timeout "$STEP_TIMEOUT" nibble bench -m "$path" --dist atom --num-prompts "$n" --rates "$rates" --device cuda "$@" \
-        --json >"$OUT/offline-$tag.json" 2>"$OUT/offline-$tag.err" || status=1
-      summarize "$OUT/offline-$tag.json" "offline $tag" || tail -3 "$OUT/offline-$tag.err"
+      if [ -n "$offline_rates" ]; then
+        timeout "$STEP_TIMEOUT" nibble bench -m "$path" --dist atom --num-prompts "$n" --rates "$offline_rates" --device cuda \
+          "$@" --json >"$OUT/offline-$tag.json" 2>"$OUT/offline-$tag.err" || status=1
+        summarize "$OUT/offline-$tag.json" "offline $tag" || tail -3 "$OUT/offline-$tag.err"
+      fi
       [ -n "${KEEP:-}" ] || rm -rf "$SYNTH_DIR/$like-$r"*.nibble
     done ;;
   peer)
