@@ -337,7 +337,9 @@ TEST_F(Cli, BenchSweepsRatesAndDrawsTheCurve) {
     EXPECT_GT(run.at("model_read_s").get<double>(), 0);
     EXPECT_GE(run.at("executor_setup_s").get<double>(), 0);
   }
-  if (gnuplot) EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
+  if (gnuplot) {
+    EXPECT_EQ(read_file(png).substr(1, 3), "PNG");
+  }
 }
 
 // --plot without a working gnuplot is refused before the model loads (a device run once lost a

@@ -724,7 +724,10 @@ TEST(Smoothing, ScalesFollowTheFormulaAndSpareTheKeepers) {
   size_t i = 0;
   for (int64_t c = 0; c < K; ++c) {
     if (sum_sq[size_t(c)] >= keeper_threshold) EXPECT_EQ(s[size_t(c)], 1.0) << "keeper " << c;
-    else EXPECT_NEAR(s[size_t(c)], raw[i++] / gmean, 1e-12 * raw[i - 1] / gmean) << "channel " << c << " (seed " << seed << ")";
+    else {
+      const double expected = raw[i++] / gmean;
+      EXPECT_NEAR(s[size_t(c)], expected, 1e-12 * expected) << "channel " << c << " (seed " << seed << ")";
+    }
   }
 }
 
