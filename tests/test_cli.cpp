@@ -626,5 +626,15 @@ TEST_F(Cli, JsonOutputIsOneObject) {
   }
 }
 
+// A quantize run logged with --json still says how far it is on stderr (a 7B run takes minutes a
+// layer on a CPU; a device log once held nothing but its first line).
+TEST_F(Cli, QuantizeJsonKeepsItsProgressOnStderr) {
+  REQUIRE_STORIES();
+  const Result r = nibble(quantize_args(stories(), "q.safetensors") + " --json");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.err.find("quantize: 5/5 layers (100%)"), std::string::npos) << r.err;
+  EXPECT_NO_THROW((void)nlohmann::json::parse(r.out)) << r.out;
+}
+
 }  // namespace
 }  // namespace nibble

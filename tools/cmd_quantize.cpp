@@ -24,7 +24,6 @@ struct QuantizeArgs {
 
 void run_quantize(const QuantizeArgs& a) {
   namespace fs = std::filesystem;
-  if (a.json) Progress::set_quiet(!isatty(2));
   const quant::Recipe recipe = a.recipe.build();
   if (a.device == "cuda") {
     std::string why;
