@@ -273,6 +273,22 @@ TEST_F(Cli, GenerateKeepsTheSpaceAfterThePrompt) {
   EXPECT_NE(r.out[10], ' ') << r.out;
 }
 
+// --tp on the CPU: the ranks as threads give the greedy text of one executor; a degree the heads
+// do not divide is one line naming the count.
+TEST_F(Cli, GenerateWithTensorParallelism) {
+  REQUIRE_STORIES();
+  const std::string args = fmt::format("generate -m {} -p 'Once upon' -n 12 --device cpu", quote(stories()));
+  const Result one = nibble(args), two = nibble(args + " --tp 2");
+  ASSERT_EQ(one.status, 0) << one.err;
+  ASSERT_EQ(two.status, 0) << two.err;
+  EXPECT_EQ(two.out, one.out);
+  EXPECT_NE(two.err.find("device: cpu x2 (tensor parallel)"), std::string::npos) << two.err;
+  const Result three = nibble(args + " --tp 3");
+  expect_one_line_error(three);
+  EXPECT_NE(three.err.find("num_attention_heads 8 is not divisible by 3 ranks"), std::string::npos) << three.err;
+  expect_one_line_error(nibble(args + " --tp 0"));
+}
+
 TEST_F(Cli, GenerateCountZeroAndMinusOne) {
   REQUIRE_STORIES();
   const Result zero = nibble(fmt::format("generate -m {} -p 'Once upon' -n 0", quote(stories())));

@@ -21,6 +21,7 @@
 #include "nibble/quant/quantize_model.h"
 #include "nibble/quant/synth.h"
 #include "tests/test_util.h"
+#include "tests/tiny_synth.h"
 
 namespace nibble {
 namespace {
@@ -28,25 +29,7 @@ namespace {
 namespace fs = std::filesystem;
 constexpr uint64_t kSeed = 5;
 
-// The smallest Llama layout on which atom-w4a4's groups of 128 and 128 keepers fit every linear:
-// hidden 256 (128 grouped + 128 keepers), intermediate 384, GQA (4 heads, 2 KV heads).
-quant::SynthOptions tiny(const std::string& recipe) {
-  quant::SynthOptions opt;
-  opt.config = quant::synthetic_shape("llama-2-7b").config;
-  opt.config.hidden_size = 256;
-  opt.config.intermediate_size = 384;
-  opt.config.num_layers = 2;
-  opt.config.num_heads = 4;
-  opt.config.num_kv_heads = 2;
-  opt.config.head_dim = 64;
-  opt.config.vocab_size = 300;
-  opt.config.max_position_embeddings = 256;
-  opt.recipe = quant::Recipe::preset(recipe);
-  opt.recipe.calib_windows = 2;
-  opt.recipe.calib_ctx = 64;
-  opt.seed = kSeed;
-  return opt;
-}
+quant::SynthOptions tiny(const std::string& recipe) { return test::tiny_synth(recipe, kSeed); }
 
 std::vector<float> logits(Model& m, int64_t n) {
   std::mt19937 rng{uint32_t(kSeed)};

@@ -52,6 +52,7 @@ struct DeviceOptions {
   double gpu_mem_fraction = 0.9;
   double gpu_mem_gb = 0;
   int64_t kv_pages = 0;
+  int tp = 1;  // ranks of tensor parallelism
   void add_to(CLI::App* cmd);
   // An executor for `model` whose sequences reach `max_context` tokens and whose steps carry up
   // to `max_batch_tokens`. Prints the device that runs it on stderr.

@@ -107,6 +107,11 @@ void DeviceOptions::add_to(CLI::App* cmd) {
                   "KV cache pages of 16 tokens, on either device (0: cuda from --gpu-mem-fraction, cpu unbounded)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--tp", tp,
+                  "tensor parallelism: serve the model split across N GPUs of this host (cuda; --device cpu runs the N "
+                  "ranks as threads, for testing); N must divide the attention heads")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
 }
 
 std::unique_ptr<Executor> DeviceOptions::make(Model& model, int64_t max_context, int64_t max_batch_tokens) const {
@@ -116,6 +121,7 @@ std::unique_ptr<Executor> DeviceOptions::make(Model& model, int64_t max_context,
   opt.kv_pages = kv_pages;
   opt.gpu_mem_fraction = gpu_mem_fraction;
   opt.gpu_mem_gb = gpu_mem_gb;
+  opt.tp = tp;
   // auto: the GPU when there is one and it takes the model (a format without a CUDA kernel is
   // refused by name), else the CPU, which runs every format; stderr says which, and why not the GPU.
   std::string why_not_gpu;

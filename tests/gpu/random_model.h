@@ -1,15 +1,18 @@
-// Random Llama-family models for the GPU tests (the executor's, the calibration stream's): weights
-// rounded to fp16 so that the GPU holds exactly the CPU's values.
+// Random Llama-family models for the GPU tests (the executor's, the calibration stream's, tensor
+// parallelism's) and their RTN W4A4 forms: weights rounded to fp16 so that the GPU holds exactly
+// the CPU's values.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <vector>
 
 #include "nibble/core/half.h"
 #include "nibble/model/model.h"
+#include "nibble/quant/quant_linear.h"
 
 namespace nibble {
 
@@ -75,6 +78,46 @@ inline ModelConfig llama_like() {
   c.max_position_embeddings = 512;
   c.rms_norm_eps = 1e-5;
   return c;
+}
+
+// Atom's W4A4 form: the last 128 input channels INT8 keepers, INT4 groups of 128 for weights and
+// per-token activations.
+inline quant::LinearQuantSpec atom_spec(bool group_hadamard) {
+  using namespace quant;
+  LinearQuantSpec spec;
+  spec.group_hadamard = group_hadamard;
+  spec.weight = {Format::Int4Sym, 128, 1, 0.85f};
+  spec.act = FormatSpec{Format::Int4Sym, 128, 1, 0.9f};
+  spec.keeper = 128;
+  spec.keeper_precision = KeeperPrecision::Int8;
+  return spec;
+}
+
+// Replaces every linear of the layers with its RTN quantization by `spec`, input channels in a
+// random order (the GPU gathers them as the CPU does). permute_down false leaves down_proj's in
+// order, as the quantizer does (it folds down_proj's order into gate/up's rows).
+inline void quantize_layers(Model& m, uint64_t seed, const quant::LinearQuantSpec& spec, bool permute_down = true) {
+  using namespace quant;
+  std::mt19937_64 rng(seed);
+  auto convert = [&](std::unique_ptr<Linear>& l, bool permuted) {
+    const auto& d = dynamic_cast<const DenseLinear&>(*l);
+    const int64_t N = d.out_features(), K = d.in_features();
+    std::vector<int32_t> perm(static_cast<size_t>(K));
+    std::iota(perm.begin(), perm.end(), 0);
+    if (permuted) std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<float> w(d.weight().size());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t c = 0; c < K; ++c) w[size_t(n * K + c)] = d.weight()[size_t(n * K + perm[size_t(c)])];
+    l = quantize_linear_rtn(w, N, K, spec, permuted ? perm : std::vector<int32_t>{}, d.bias(), "test");
+  };
+  for (Layer& layer : m.layers()) {
+    convert(layer.qkv, true);
+    convert(layer.o, true);
+    for (Expert& e : layer.experts) {
+      convert(e.gate_up, true);
+      convert(e.down, permute_down);
+    }
+  }
 }
 
 }  // namespace nibble

@@ -50,45 +50,6 @@ ModelConfig qwen2_like() {
   return c;
 }
 
-// Atom's W4A4 form: the last 128 input channels INT8 keepers, INT4 groups of 128 for weights and
-// per-token activations.
-quant::LinearQuantSpec atom_spec(bool group_hadamard) {
-  using namespace quant;
-  LinearQuantSpec spec;
-  spec.group_hadamard = group_hadamard;
-  spec.weight = {Format::Int4Sym, 128, 1, 0.85f};
-  spec.act = FormatSpec{Format::Int4Sym, 128, 1, 0.9f};
-  spec.keeper = 128;
-  spec.keeper_precision = KeeperPrecision::Int8;
-  return spec;
-}
-
-// Replaces every linear of the layers with its RTN quantization by `spec`, input channels in a
-// random order (the GPU gathers them as the CPU does).
-void quantize_layers(Model& m, uint64_t seed, const quant::LinearQuantSpec& spec) {
-  using namespace quant;
-  std::mt19937_64 rng(seed);
-  auto convert = [&](std::unique_ptr<Linear>& l) {
-    const auto& d = dynamic_cast<const DenseLinear&>(*l);
-    const int64_t N = d.out_features(), K = d.in_features();
-    std::vector<int32_t> perm(static_cast<size_t>(K));
-    std::iota(perm.begin(), perm.end(), 0);
-    std::shuffle(perm.begin(), perm.end(), rng);
-    std::vector<float> w(d.weight().size());
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < K; ++c) w[size_t(n * K + c)] = d.weight()[size_t(n * K + perm[size_t(c)])];
-    l = quantize_linear_rtn(w, N, K, spec, perm, d.bias(), "test");
-  };
-  for (Layer& layer : m.layers()) {
-    convert(layer.qkv);
-    convert(layer.o);
-    for (Expert& e : layer.experts) {
-      convert(e.gate_up);
-      convert(e.down);
-    }
-  }
-}
-
 struct Compare {
   double rel_max = 0;  // max |gpu - cpu| / max |cpu|
   double top1 = 0;     // rows whose argmax agrees

@@ -4,6 +4,7 @@
 
 #include "nibble/backend/cpu/executor.h"
 #include "nibble/backend/sampling.h"
+#include "nibble/backend/tensor_parallel.h"
 #include "nibble/core/error.h"
 #if NIBBLE_HAVE_CUDA
 #include "nibble/backend/cuda/executor.h"
@@ -38,6 +39,7 @@ void Executor::forward_sample(std::span<const BatchEntry> batch, std::span<const
 }
 
 std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt) {
+  if (opt.tp != 1) return make_tensor_parallel_executor(model, opt);
   if (opt.device == "cpu") return std::make_unique<cpu::CpuExecutor>(model, opt);
   check(opt.device == "cuda", "--device", "unknown device '{}' (cpu or cuda)", opt.device);
   std::string why;

@@ -59,6 +59,7 @@ struct RuntimeOptions {
   double gpu_mem_fraction = 0.9;    // cuda: share of the free device memory the KV pool may take
   double gpu_mem_gb = 0;            // cuda: cap on all nibble allocates on the device (GB); 0 = none
   bool cuda_graphs = true;          // cuda: replay decode steps as CUDA graphs (false: launch every kernel)
+  int tp = 1;                       // ranks of tensor parallelism (backend/tensor_parallel.h); 1: one executor
 };
 
 class Executor {

@@ -153,6 +153,17 @@ std::unique_ptr<Model> read_model(CheckpointReader& r, const Checkpoint& ckpt, c
                                  std::move(head));
 }
 
+// [rows, cols_kept] from every rank's [rows, width] (rank r's columns at r·width), the columns
+// past cols_kept (the last rank's padding) dropped.
+std::vector<float> gather_columns(Communicator& comm, const float* x, int64_t rows, int64_t width, int64_t cols_kept) {
+  const int64_t n = rows * width;
+  std::vector<float> all(size_t(n * comm.world())), out(size_t(rows * cols_kept));
+  comm.all_gather(x, n, all.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols_kept; ++c) out[size_t(r * cols_kept + c)] = all[size_t(c / width * n + r * width + c % width)];
+  return out;
+}
+
 ModelConfig checkpoint_config(const std::filesystem::path& path) {
   namespace fs = std::filesystem;
   check(fs::is_directory(path), path.string(),
@@ -219,13 +230,17 @@ std::unique_ptr<KVCache> Model::new_cache(int64_t max_tokens) const {
 
 std::vector<float> Model::embed(std::span<const int32_t> tokens) const {
   const int64_t H = config_.hidden_size;
-  std::vector<float> h(tokens.size() * size_t(H));
+  std::vector<float> h(tokens.size() * size_t(H), 0.0f);
   for (size_t i = 0; i < tokens.size(); ++i) {
     check(tokens[i] >= 0 && tokens[i] < config_.vocab_size, "forward", "token id {} at position {} is outside the vocabulary (0..{})",
           tokens[i], i, config_.vocab_size - 1);
-    std::copy_n(embedding_.begin() + tokens[i] * H, H, h.begin() + int64_t(i) * H);
+    // A shard holds rows vocab_begin.. of the table; the other ranks hold the rest (zeros here).
+    const int64_t row = tokens[i] - tp_.vocab_begin;
+    if (row >= 0 && row < int64_t(embedding_.size()) / H)
+      std::copy_n(embedding_.begin() + row * H, H, h.begin() + int64_t(i) * H);
   }
   store(h.data(), int64_t(h.size()));
+  if (tp_.comm) tp_.comm->all_reduce_sum(h.data(), int64_t(h.size()));  // one nonzero row per token: exact
   return h;
 }
 
@@ -322,14 +337,18 @@ void Model::layer_forward(int l, const std::vector<SeqView>& seqs, float* hidden
   layer.qkv->forward(xn.data(), rows, qkv.data());
   store(qkv.data(), int64_t(qkv.size()));
   attention(l, seqs, qkv.data(), attn.data());
+  if (tp_.gather_attention) attn = gather_columns(*tp_.comm, attn.data(), rows, qd, qd * tp_.comm->world());
   if (observer_) observer_(l, LinearSlot::O, -1, attn.data(), rows);
   layer.o->forward(attn.data(), rows, y.data());
+  // Row-parallel products: every rank's partial sum, reduced before the fp16 store as one product is.
+  if (tp_.comm) tp_.comm->all_reduce_sum(y.data(), rows * H);
   store(y.data(), rows * H);
   for (int64_t i = 0; i < rows * H; ++i) hidden[i] += y[size_t(i)];
   store(hidden, rows * H);
   cpu::rms_norm(hidden, layer.mlp_norm.data(), rows, H, c.rms_norm_eps, xn.data(), fp16_activations_);
   mlp(l, xn.data(), rows, y.data(), need_output);
   if (need_output) {
+    if (tp_.comm) tp_.comm->all_reduce_sum(y.data(), rows * H);
     store(y.data(), rows * H);
     for (int64_t i = 0; i < rows * H; ++i) hidden[i] += y[size_t(i)];
     store(hidden, rows * H);
@@ -351,8 +370,17 @@ std::vector<float> Model::head(const float* hidden, int64_t rows) const {
   const int64_t H = config_.hidden_size;
   std::vector<float> xn(size_t(rows * H)), logits(size_t(rows * config_.vocab_size));
   cpu::rms_norm(hidden, final_norm_.data(), rows, H, config_.rms_norm_eps, xn.data(), fp16_activations_);
-  lm_head_->forward(xn.data(), rows, logits.data());
-  return logits;
+  if (!tp_.comm) {
+    lm_head_->forward(xn.data(), rows, logits.data());
+    return logits;
+  }
+  // Vocabulary-parallel: this rank's slice of every row, padded to the common width, gathered.
+  const int64_t width = tp_.vocab_per_rank;
+  std::vector<float> slice(size_t(rows * width), 0.0f), part(size_t(rows * lm_head_->out_features()));
+  lm_head_->forward(xn.data(), rows, part.data());
+  for (int64_t r = 0; r < rows; ++r)
+    std::copy_n(part.begin() + r * lm_head_->out_features(), lm_head_->out_features(), slice.begin() + r * width);
+  return gather_columns(*tp_.comm, slice.data(), rows, width, config_.vocab_size);
 }
 
 std::vector<float> Model::forward(std::span<const Step> batch) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "nibble/core/half.h"
+#include "nibble/model/communicator.h"
 #include "nibble/model/config.h"
 #include "nibble/model/kv_cache.h"
 #include "nibble/model/linear.h"
@@ -78,6 +79,10 @@ class Model {
   // embedding, each norm, linear and attention output, SwiGLU and the residual stream after each add.
   void set_fp16_activations(bool on) { fp16_activations_ = on; }
   bool fp16_activations() const { return fp16_activations_; }
+  // Makes this model one rank's shard of a tensor-parallel group (backend/shard_plan.h builds the
+  // shard): forward then calls `tp.comm`'s collectives, which every rank must reach together.
+  void set_tensor_parallel(const TensorParallelRank& tp) { tp_ = tp; }
+  const TensorParallelRank& tensor_parallel() const { return tp_; }
 
   // Appends each step's tokens to its cache and returns logits [rows, vocab], rows in batch order:
   // n rows for a step with all_logits, 1 otherwise.
@@ -90,7 +95,7 @@ class Model {
   // Runs layer `l` on `hidden` only as far as the observer needs: every linear's input is seen,
   // the down_proj products (whose outputs nobody reads then) are skipped; `hidden` is unchanged.
   void observe_layer(int l, const float* hidden, int64_t n);
-  // Final norm + LM head on `rows` hidden states.
+  // Final norm + LM head on `rows` hidden states (a shard's vocabulary slices gathered from every rank).
   std::vector<float> head(const float* hidden, int64_t rows) const;
 
   void set_observer(LinearObserver obs) { observer_ = std::move(obs); }
@@ -132,7 +137,8 @@ class Model {
   std::string source_;
   KVFormat kv_format_;
   bool fp16_activations_ = false;
-  std::vector<float> embedding_;  // [vocab, hidden]
+  TensorParallelRank tp_;          // comm null: the whole model
+  std::vector<float> embedding_;  // [vocab, hidden]; a shard's rows from tp_.vocab_begin
   std::vector<Layer> layers_;
   std::vector<float> final_norm_;
   std::unique_ptr<Linear> lm_head_;  // shares embedding_'s values when tied

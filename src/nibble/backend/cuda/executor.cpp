@@ -12,6 +12,7 @@
 #include <map>
 
 #include "nibble/backend/cpu/ops.h"
+#include "nibble/backend/shard_plan.h"
 #include "nibble/backend/cuda/atom_layout.h"
 #include "nibble/backend/cuda/attention_common.h"
 #include "nibble/backend/cuda/cuda_check.h"
@@ -21,6 +22,7 @@
 #include "nibble/backend/cuda/linear_w8a8.h"
 #include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/backend/cuda/model_kernels.h"
+#include "nibble/backend/cuda/nccl_comm.h"
 #include "nibble/backend/cuda/norm_quantize.h"
 #include "nibble/backend/cuda/sampler.h"
 #include "nibble/core/half.h"
@@ -60,6 +62,7 @@ struct LinearWeights {
   bool atom = false;
   AtomDeviceMatrix atom_w;
   DeviceArray<int32_t> perm;     // [in] input channel of each permuted channel, or empty (identity)
+  int64_t ld_in = 0;             // elements between input rows: `in`, or the gathered input's width
   DeviceArray<float> norm_perm;  // the RMSNorm weight feeding this linear, in permuted order
   ActQuant act;
   int keeper = 0;
@@ -113,6 +116,7 @@ LinearWeights upload_atom(const quant::QuantLinear& q, const std::vector<float>*
   w.keeper = int(s.keeper);
   w.act = ActQuant{s.act->clip, 1.0f, s.group_hadamard};
   w.bias = upload_fp16(q.bias(), what + ".bias");
+  w.ld_in = K;
   if (!q.perm().empty()) w.perm = DeviceArray<int32_t>(q.perm().data(), q.perm().size());
   if (norm) {
     std::vector<float> np(static_cast<size_t>(K));
@@ -152,6 +156,16 @@ LinearWeights upload_dequantized(const quant::QuantLinear& q, const std::string&
 LinearWeights upload_linear(const Linear& l, const std::vector<float>* norm, const std::string& what,
                             bool dequantize_weight_only = false) {
   if (const auto* dense = dynamic_cast<const DenseLinear*>(&l)) return upload_dense(*dense, what);
+  // A tensor-parallel o_proj shard: its permuted channels read from the gathered attention output.
+  if (const auto* sub = dynamic_cast<const ChannelSubsetLinear*>(&l)) {
+    const auto* q = dynamic_cast<const quant::QuantLinear*>(&sub->inner());
+    require(q && q->spec().act && !is_w8a8(*q) && q->perm().empty(), what,
+            "a gathered tensor-parallel shard has a CUDA kernel only in the W4A4 format; use --device cpu");
+    LinearWeights w = upload_atom(*q, nullptr, what);
+    w.perm = DeviceArray<int32_t>(sub->channels().data(), sub->channels().size());
+    w.ld_in = sub->in_features();
+    return w;
+  }
   if (const auto* q = dynamic_cast<const quant::QuantLinear*>(&l)) {
     if (dequantize_weight_only && !q->spec().act && !q->spec().group_hadamard) return upload_dequantized(*q, what);
     return is_w8a8(*q) ? upload_int8(*q, what) : upload_atom(*q, norm, what);
@@ -368,17 +382,26 @@ class LayerRunner {
     else
       attention_prefill(view, ab, att, stream_);
     if (kv_hadamard_) hadamard_heads(attn_.get(), n * c.num_heads, int(c.head_dim), stream_);
+    const __half* o_in = attn_.get();
+    if (gather_attention_) {
+      comm_->all_gather(attn_.get(), n * c.q_dim(), attn_parts_.get(), stream_);
+      rank_columns(attn_parts_.get(), n, c.q_dim(), c.q_dim() * comm_->world(), attn_all_.get(), stream_);
+      o_in = attn_all_.get();
+    }
     if (w.o.atom) {
-      gather_quantize(attn_.get(), w.o.in, w.o.perm.get(), act_op(n, w.o), w.o.act, stream_);
+      gather_quantize(o_in, w.o.ld_in, w.o.perm.get(), act_op(n, w.o), w.o.act, stream_);
       w4a4(w.o, n, y_.get());
     } else {
-      observe(LinearSlot::O, attn_.get(), c.q_dim());
-      dense(w.o, attn_.get(), n, y_.get());
+      observe(LinearSlot::O, o_in, c.q_dim());
+      dense(w.o, o_in, n, y_.get());
     }
+    // Row-parallel: every rank's partial product summed (in fp16, as the product is stored).
+    if (comm_) comm_->all_reduce_sum(y_.get(), n * H, stream_);
     pending = y_.get();
     if (w.experts.size() == 1) {
       add_and_norm(w.mlp_norm, !w.experts[0].gate_up.atom, w.experts[0].gate_up.atom);
       expert_mlp(w.experts[0]);
+      if (comm_) comm_->all_reduce_sum(y_.get(), n * H, stream_);
       pending = y_.get();
       return;
     }
@@ -394,6 +417,17 @@ class LayerRunner {
       expert_mlp(w.experts[e]);
       add_expert_output(hidden, y_.get(), expert_weights_.get(), int(c.num_experts), int(e), n, H, stream_);
     }
+  }
+
+  // Makes the layers those of a tensor-parallel rank: o_proj and down_proj outputs all-reduced over
+  // `comm`, and with gather_attention o_proj reading every rank's attention output (q_dim·world wide).
+  void set_tensor_parallel(NcclComm* comm, bool gather_attention) {
+    comm_ = comm;
+    gather_attention_ = gather_attention;
+    if (!gather_attention) return;
+    const int64_t all = max_tokens_ * cfg_.q_dim() * comm->world();
+    attn_parts_ = DeviceArray<__half>(size_t(all));
+    attn_all_ = DeviceArray<__half>(size_t(all));
   }
 
   void reserve_decode_workspace(size_t bytes) { attn_ws_.reserve(bytes); }
@@ -429,6 +463,9 @@ class LayerRunner {
   AttentionWorkspace attn_ws_;
   DeviceArray<__half> xn_, qkv_, q_rot_, attn_, y_, gate_up_, act_;
   DeviceArray<float> expert_weights_;  // Mixtral: [rows, num_experts]
+  NcclComm* comm_ = nullptr;           // a tensor-parallel rank's; null: the whole model
+  bool gather_attention_ = false;
+  DeviceArray<__half> attn_parts_, attn_all_;  // gather_attention: every rank's attention output
   // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's split-K scratch.
   DeviceArray<__half> hidden16_;
   DeviceArray<uint8_t> act_codes_;  // sized for the largest linear input at max_tokens rows
@@ -443,11 +480,14 @@ class LayerRunner {
 // captured decode step (a batch padded to its graph's size): they write and read only there.
 class PagedPool final : public KVPool {
  public:
-  PagedPool(const PagedKVLayout& layout, int64_t pages)
-      : cache_(layout, pages), pad_page_(cache_.allocator().set_aside_page()) {}
+  PagedPool(const PagedKVLayout& layout, int64_t pages, int gpu)
+      : cache_(layout, pages), pad_page_(cache_.allocator().set_aside_page()), gpu_(gpu) {}
   SeqId add() override { return cache_.add_sequence(); }
   SeqId fork(SeqId seq) override { return cache_.fork(seq); }
-  bool reserve(SeqId seq, int64_t n_new) override { return cache_.reserve(seq, n_new); }
+  bool reserve(SeqId seq, int64_t n_new) override {
+    NIBBLE_CUDA_CHECK(cudaSetDevice(gpu_));  // its copy-on-write copies (a tensor-parallel group calls from one thread)
+    return cache_.reserve(seq, n_new);
+  }
   void truncate(SeqId seq, int64_t n) override { cache_.truncate(seq, n); }
   void free(SeqId seq) override { cache_.free_sequence(seq); }
   int64_t length(SeqId seq) const override { return cache_.length(seq); }
@@ -461,6 +501,7 @@ class PagedPool final : public KVPool {
  private:
   PagedKVCache cache_;
   int32_t pad_page_;
+  int gpu_;
 };
 
 // A step ready to launch: its batch metadata uploaded, its sizes (padded to the graph's batch
@@ -479,7 +520,9 @@ int64_t graph_batch_for(int64_t b) { return b <= 2 ? b : b <= 4 ? 4 : (b + 7) / 
 
 class CudaExecutor final : public Executor {
  public:
-  CudaExecutor(const Model& model, const RuntimeOptions& opt);
+  // On GPU `gpu`; with `comm`, the tensor-parallel rank comm->rank() of the shard `model`
+  // (backend/shard_plan.h; its TensorParallelRank gives the vocabulary slice and the o_proj gather).
+  CudaExecutor(const Model& model, const RuntimeOptions& opt, int gpu = 0, std::unique_ptr<NcclComm> comm = nullptr);
   ~CudaExecutor() override;
   const ModelConfig& config() const override { return cfg_; }
   KVPool& kv() override { return *pool_; }
@@ -502,15 +545,32 @@ class CudaExecutor final : public Executor {
   // a non-finite logit is an error.
   void finish(const StepPlan& plan, std::vector<float>* logits, std::vector<int32_t>& ids);
 
+  // Runs step() (launch and finish) after prepare: a failure then leaves the other ranks of a
+  // tensor-parallel group in a collective, so the group is aborted.
+  template <typename Step>
+  void after_prepare(Step&& step) {
+    try {
+      step();
+    } catch (...) {
+      if (comm_) comm_->abort();
+      throw;
+    }
+  }
+
   ModelConfig cfg_;
   std::string device_name_;
+  int gpu_ = 0;
+  std::unique_ptr<NcclComm> comm_;
+  int64_t vocab_first_ = 0, embedding_rows_ = 0;  // the embedding rows this executor holds
+  int64_t head_width_ = 0;                        // rows of its LM head (a rank's slice, padded)
+  DeviceArray<float> logits_part_, logits_ranks_;  // tensor parallel: this rank's slice, every rank's
   int64_t max_tokens_, max_context_;
   int64_t max_graph_batch_ = 0;  // decode batches up to this size are padded to a graph batch
   bool use_graphs_ = true;       // and replayed as graphs (else launched kernel by kernel)
   cudaStream_t stream_ = nullptr;
-  // cuBLAS's handle exists before the constructor reads the free memory, so that --gpu-mem-gb caps
-  // what nibble allocates (weights, buffers, KV pages), not the library's own context.
-  LinearFp16 blas_;
+  // cuBLAS's handle, made on gpu_ before the constructor reads the free memory, so that --gpu-mem-gb
+  // caps what nibble allocates (weights, buffers, KV pages), not the library's own context.
+  std::unique_ptr<LinearFp16> blas_;
   std::unique_ptr<LayerRunner> runner_;
   DeviceArray<__half> embedding_, lm_head_own_;
   const __half* lm_head_ = nullptr;  // the embedding when tied
@@ -532,14 +592,17 @@ class CudaExecutor final : public Executor {
 };
 
 CudaExecutor::~CudaExecutor() {
+  cudaSetDevice(gpu_);
   for (auto& [key, g] : graphs_)
     if (g.exec) cudaGraphExecDestroy(g.exec);
   if (host_io_) cudaFreeHost(host_io_);
   if (stream_) cudaStreamDestroy(stream_);
 }
 
-CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
+CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt, int gpu, std::unique_ptr<NcclComm> comm)
     : cfg_(model.config()),
+      gpu_(gpu),
+      comm_(std::move(comm)),
       max_tokens_(opt.max_batch_tokens),
       max_context_(opt.max_context > 0 ? std::min(opt.max_context, cfg_.max_position_embeddings)
                                        : cfg_.max_position_embeddings) {
@@ -547,9 +610,13 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   const KVFormat& kvf = model.kv_format();
   check_layer_kernels(c);
   require(max_tokens_ >= 1, "--device cuda", "max_batch_tokens must be >= 1, not {}", max_tokens_);
+  require(!comm_ || c.num_experts == 0, "--tp", "a mixture of experts under tensor parallelism has no CUDA path yet; "
+          "use --device cpu");
+  NIBBLE_CUDA_CHECK(cudaSetDevice(gpu_));
+  blas_ = std::make_unique<LinearFp16>();
   cudaDeviceProp prop{};
-  NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  device_name_ = cformat("cuda:0 ({})", prop.name);
+  NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, gpu_));
+  device_name_ = cformat("cuda:{} ({})", gpu_, prop.name);
   // The weights as they will sit on the device (fp16, or the packed W4A4 bytes) against what is free
   // and what --gpu-mem-gb allows, before anything is allocated.
   size_t free0 = 0, total = 0;
@@ -561,16 +628,26 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
   embedding_ = upload_fp16(model.embedding(), "model.embed_tokens.weight");
+  vocab_first_ = model.tensor_parallel().vocab_begin;
+  embedding_rows_ = int64_t(model.embedding().size()) / c.hidden_size;
   final_norm_ = DeviceArray<float>(model.final_norm().data(), model.final_norm().size());
   const auto* head = dynamic_cast<const DenseLinear*>(&model.lm_head());
   require(head != nullptr, "lm_head", "a quantized LM head has no CUDA kernel yet; use --device cpu");
-  if (c.tie_word_embeddings && head->weight() == model.embedding()) {
+  head_width_ = comm_ ? model.tensor_parallel().vocab_per_rank : c.vocab_size;
+  if (comm_) {
+    // Every rank's slice as wide as the first's (zero rows past the vocabulary): equal all-gathers.
+    std::vector<float> padded(head->weight());
+    padded.resize(size_t(head_width_ * c.hidden_size), 0.0f);
+    lm_head_own_ = upload_fp16(padded, "lm_head.weight");
+    lm_head_ = lm_head_own_.get();
+  } else if (c.tie_word_embeddings && head->weight() == model.embedding()) {
     lm_head_ = embedding_.get();
   } else {
     lm_head_own_ = upload_fp16(head->weight(), "lm_head.weight");
     lm_head_ = lm_head_own_.get();
   }
-  runner_ = std::make_unique<LayerRunner>(c, blas_, max_tokens_, max_context_, stream_);
+  runner_ = std::make_unique<LayerRunner>(c, *blas_, max_tokens_, max_context_, stream_);
+  if (comm_) runner_->set_tensor_parallel(comm_.get(), model.tensor_parallel().gather_attention);
   for (size_t l = 0; l < model.layers().size(); ++l) {
     layers_.push_back(upload_layer(model.layers()[l], int(l), false));
     runner_->prepare(layers_.back());
@@ -583,6 +660,10 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
   NIBBLE_CUDA_CHECK(cudaMallocHost(&host_io_, (2 * size_t(T) + 1) * sizeof(int32_t)));
   hidden_ = DeviceArray<float>(size_t(T * H));
   logits_ = DeviceArray<float>(size_t(T * c.vocab_size));
+  if (comm_) {
+    logits_part_ = DeviceArray<float>(size_t(T * head_width_));
+    logits_ranks_ = DeviceArray<float>(size_t(T * head_width_ * comm_->world()));
+  }
 
   const PagedKVLayout layout = runner_->set_kv(kvf, int(c.num_layers));
   const int max_blocks = int((max_context_ + layout.page_size - 1) / layout.page_size);
@@ -611,11 +692,14 @@ CudaExecutor::CudaExecutor(const Model& model, const RuntimeOptions& opt)
           "the KV pool holds {} tokens ({} pages of {}, one kept back), less than one sequence of {} tokens: free "
           "GPU memory or lower --ctx",
           std::max<int64_t>(pages - 1, 0) * layout.page_size, pages, layout.page_size, max_context_);
-  pool_ = std::make_unique<PagedPool>(layout, pages);
+  pool_ = std::make_unique<PagedPool>(layout, pages, gpu_);
 }
 
 StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
   const ModelConfig& c = cfg_;
+  // The captured steps hold the communicator's kernels: after an abort none may run again.
+  require(!comm_ || !comm_->aborted(), "--tp", "a step failed on rank {} of this tensor-parallel group and aborted "
+          "its NCCL communicator; the group cannot run another step (restart nibble)", comm_ ? comm_->rank() : 0);
   PagedKVCache& cache = pool_->cache();
   std::vector<int32_t> tokens, head_rows;
   std::vector<SeqId> seqs;
@@ -676,7 +760,8 @@ void CudaExecutor::launch(const StepPlan& plan) {
   const ModelConfig& c = cfg_;
   const KVCacheView view = pool_->cache().view();
   const int64_t n = plan.n, H = c.hidden_size;
-  embed_rows(tokens_.get(), n, embedding_.get(), H, hidden_.get(), stream_);
+  embed_rows(tokens_.get(), n, embedding_.get(), vocab_first_, embedding_rows_, H, hidden_.get(), stream_);
+  if (comm_) comm_->all_reduce_sum(hidden_.get(), n * H, stream_);  // one rank's row per token: exact
   const __half* pending = nullptr;  // the last linear's output, added to the residual by the next norm
   for (size_t l = 0; l < layers_.size(); ++l)
     runner_->layer(layers_[l], int(l), view, plan.ab, plan.splits, n, hidden_.get(), pending);
@@ -685,7 +770,11 @@ void CudaExecutor::launch(const StepPlan& plan) {
   // The LM head on the selected rows only, fp32 logits: Logitsᵀ [V, rows] = E [V, H] · Xᵀ.
   __half* selected = runner_->y();  // consumed by the norm above: free again
   gather_rows(xn, head_rows_.get(), plan.rows, H, selected, stream_);
-  blas_.run(selected, lm_head_, logits_.get(), plan.rows, c.vocab_size, H, stream_);
+  if (!comm_) return blas_->run(selected, lm_head_, logits_.get(), plan.rows, c.vocab_size, H, stream_);
+  // Vocabulary-parallel: this rank's slice of every row, gathered from every rank into logits_.
+  blas_->run(selected, lm_head_, logits_part_.get(), plan.rows, head_width_, H, stream_);
+  comm_->all_gather(logits_part_.get(), plan.rows * head_width_, logits_ranks_.get(), stream_);
+  rank_columns(logits_ranks_.get(), plan.rows, head_width_, c.vocab_size, logits_.get(), stream_);
 }
 
 void CudaExecutor::run(const StepPlan& plan) {
@@ -734,18 +823,24 @@ void CudaExecutor::finish(const StepPlan& plan, std::vector<float>* logits, std:
 void CudaExecutor::forward(std::span<const BatchEntry> batch, std::vector<float>& logits) {
   logits.clear();
   if (batch.empty()) return;
+  NIBBLE_CUDA_CHECK(cudaSetDevice(gpu_));
   const StepPlan plan = prepare(batch);
-  run(plan);
-  std::vector<int32_t> ids;
-  finish(plan, &logits, ids);
+  after_prepare([&] {
+    run(plan);
+    std::vector<int32_t> ids;
+    finish(plan, &logits, ids);
+  });
 }
 
 void CudaExecutor::forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) {
   ids.clear();
   if (batch.empty()) return;
+  NIBBLE_CUDA_CHECK(cudaSetDevice(gpu_));
   const StepPlan plan = prepare(batch);
-  run(plan);
-  finish(plan, nullptr, ids);
+  after_prepare([&] {
+    run(plan);
+    finish(plan, nullptr, ids);
+  });
 }
 
 void CudaExecutor::forward_sample(std::span<const BatchEntry> batch, std::span<const RowSampling> rows,
@@ -756,11 +851,14 @@ void CudaExecutor::forward_sample(std::span<const BatchEntry> batch, std::span<c
           logits_rows);
   out.resize(0, 0);
   if (batch.empty()) return;
+  NIBBLE_CUDA_CHECK(cudaSetDevice(gpu_));
   const StepPlan plan = prepare(batch);
-  run(plan);
-  std::vector<int32_t> greedy;
-  finish(plan, nullptr, greedy);  // refuses non-finite logits
-  sampler_->sample(logits_.get(), rows, stream_, out);
+  after_prepare([&] {
+    run(plan);
+    std::vector<int32_t> greedy;
+    finish(plan, nullptr, greedy);  // refuses non-finite logits
+    sampler_->sample(logits_.get(), rows, stream_, out);
+  });
 }
 
 // The calibration windows' hidden states on the device (LayerStream): one fp32 array of
@@ -862,6 +960,20 @@ class CudaLayerStream final : public LayerStream {
 
 std::unique_ptr<Executor> make_executor(const Model& model, const RuntimeOptions& opt) {
   return std::make_unique<CudaExecutor>(model, opt);
+}
+
+std::vector<std::unique_ptr<Executor>> make_tensor_parallel_ranks(
+    int world, const std::function<std::unique_ptr<Model>(int rank)>& shard, const RuntimeOptions& opt) {
+  std::vector<std::unique_ptr<NcclComm>> comms = NcclComm::create_all(world);
+  std::vector<std::unique_ptr<Executor>> ranks;
+  RuntimeOptions rank_opt = opt;
+  for (int r = 0; r < world; ++r) {
+    ranks.push_back(std::make_unique<CudaExecutor>(*shard(r), rank_opt, r, std::move(comms[size_t(r)])));
+    // Every rank's pool as large as rank 0's (sized from its free memory), so that the same calls
+    // give the same pages on each.
+    rank_opt.kv_pages = ranks[0]->kv().capacity_tokens() / kKVPageTokens + 1;  // + the padding rows' page
+  }
+  return ranks;
 }
 
 std::unique_ptr<LayerStream> make_layer_stream(const ModelConfig& c, int64_t windows, int64_t ctx) {

@@ -22,8 +22,20 @@ unsigned flat_blocks(int64_t total) { return unsigned(std::min<int64_t>((total +
 #define NIBBLE_FLAT_LOOP(i, total) \
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < (total); i += int64_t(gridDim.x) * blockDim.x)
 
-__global__ void embed_kernel(const int32_t* tokens, int64_t n, const __half* table, int64_t H, float* h) {
-  NIBBLE_FLAT_LOOP(i, n * H) h[i] = __half2float(table[int64_t(tokens[i / H]) * H + i % H]);
+__global__ void embed_kernel(const int32_t* tokens, int64_t n, const __half* table, int64_t first, int64_t table_rows,
+                             int64_t H, float* h) {
+  NIBBLE_FLAT_LOOP(i, n * H) {
+    const int64_t row = int64_t(tokens[i / H]) - first;
+    h[i] = row >= 0 && row < table_rows ? __half2float(table[row * H + i % H]) : 0.0f;
+  }
+}
+
+template <typename T>
+__global__ void rank_columns_kernel(const T* parts, int64_t rows, int64_t width, int64_t cols, T* out) {
+  NIBBLE_FLAT_LOOP(i, rows * cols) {
+    const int64_t r = i / cols, c = i % cols;
+    out[i] = parts[(c / width) * rows * width + r * width + c % width];
+  }
 }
 
 __device__ float block_sum(float v) {
@@ -152,9 +164,24 @@ __global__ void argmax_kernel(const float* logits, int64_t V, int32_t* ids, int3
 
 }  // namespace
 
-void embed_rows(const int32_t* tokens, int64_t n, const __half* table, int64_t H, float* h, cudaStream_t stream) {
+void embed_rows(const int32_t* tokens, int64_t n, const __half* table, int64_t first, int64_t table_rows, int64_t H,
+                float* h, cudaStream_t stream) {
   if (n == 0) return;
-  embed_kernel<<<flat_blocks(n * H), kThreads, 0, stream>>>(tokens, n, table, H, h);
+  embed_kernel<<<flat_blocks(n * H), kThreads, 0, stream>>>(tokens, n, table, first, table_rows, H, h);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void rank_columns(const float* parts, int64_t rows, int64_t width, int64_t cols, float* out,
+                  cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  rank_columns_kernel<<<flat_blocks(rows * cols), kThreads, 0, stream>>>(parts, rows, width, cols, out);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void rank_columns(const __half* parts, int64_t rows, int64_t width, int64_t cols, __half* out,
+                  cudaStream_t stream) {
+  if (rows * cols == 0) return;
+  rank_columns_kernel<<<flat_blocks(rows * cols), kThreads, 0, stream>>>(parts, rows, width, cols, out);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

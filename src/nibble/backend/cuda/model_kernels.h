@@ -10,8 +10,17 @@
 
 namespace nibble::cuda {
 
-// h[i, :] = float(table[tokens[i], :]) for n tokens of width H.
-void embed_rows(const int32_t* tokens, int64_t n, const __half* table, int64_t H, float* h, cudaStream_t stream);
+// h[i, :] = float(table[tokens[i] - first, :]) for n tokens of width H; 0 for a token outside the
+// table's rows first..first+table_rows-1 (a tensor-parallel rank's vocabulary slice).
+void embed_rows(const int32_t* tokens, int64_t n, const __half* table, int64_t first, int64_t table_rows, int64_t H,
+                float* h, cudaStream_t stream);
+
+// out[r, c] = parts[c / width][r, c % width] for c < cols: row-major [rows, width] blocks, one per rank,
+// one after another (an NCCL all-gather's result) as the columns of one [rows, cols] matrix.
+void rank_columns(const float* parts, int64_t rows, int64_t width, int64_t cols, float* out,
+                  cudaStream_t stream);
+void rank_columns(const __half* parts, int64_t rows, int64_t width, int64_t cols, __half* out,
+                  cudaStream_t stream);
 
 // For each of `rows` rows: h += y (when y is not null), then out = rms_norm(h) · w in fp16
 // (cpu::rms_norm: x / sqrt(mean(x²) + eps) · w) when out is not null, and h16 = fp16(h) when h16
