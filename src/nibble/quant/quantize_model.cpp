@@ -25,6 +25,14 @@ int64_t peak_rss_bytes() {
   return int64_t(u.ru_maxrss) * 1024;
 }
 
+std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
+  if (perm.empty()) return w;
+  std::vector<float> out(w.size());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < K; ++c) out[size_t(n * K + c)] = w[size_t(n * K + perm[size_t(c)])];
+  return out;
+}
+
 std::vector<int32_t> salience_order(const std::vector<double>& metric) {
   std::vector<int32_t> order(metric.size());
   std::iota(order.begin(), order.end(), 0);
@@ -63,15 +71,6 @@ DenseLinear& dense(Linear& l) {
   auto* d = dynamic_cast<DenseLinear*>(&l);
   check(d != nullptr, "quantize", "the model is already quantized: quantize a full-precision checkpoint");
   return *d;
-}
-
-// W[:, c] := W[:, perm[c]]
-std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
-  if (perm.empty()) return w;
-  std::vector<float> out(w.size());
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < K; ++c) out[size_t(n * K + c)] = w[size_t(n * K + perm[size_t(c)])];
-  return out;
 }
 
 // Rows of gate and up both reordered by `perm` (the intermediate channel order of down_proj).

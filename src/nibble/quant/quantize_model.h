@@ -84,6 +84,9 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
 // Channel order sorting `metric` ascending (stable), so the largest channels come last.
 std::vector<int32_t> salience_order(const std::vector<double>& metric);
 
+// W[:, c] := W[:, perm[c]] for W [N, K] (empty perm: W).
+std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm);
+
 // GPTQ's Hessian in a linear's channel order: Hp[i][j] = H[order[i]][order[j]] (empty order: H).
 // Exposed for tests.
 std::vector<double> permute_hessian(const std::vector<double>& H, const std::vector<int32_t>& order);
