@@ -426,6 +426,15 @@ TEST(QuantizeQuality, NibbleRefAtomW4A4) {
   EXPECT_LE(got.ppl, 33.91);
 }
 
+// GPTQ act-order in Atom's layout: the same keepers last (the top 3 ascending), the INT4 channels
+// before them descending, by hand.
+TEST(Reorder, ActOrderPutsTheInt4ChannelsMostSalientFirst) {
+  const std::vector<double> metric = {3, 1, 4, 1.5, 5, 9, 2, 6, 5.5, 3.5};
+  // Ascending: 1 3 6 0 9 2 4 8 | 7 5 ... with 3 keepers: channels 8 (5.5), 7 (6), 5 (9).
+  EXPECT_EQ(quant::salience_order(metric, 3, true), (std::vector<int32_t>{4, 2, 9, 0, 6, 3, 1, 8, 7, 5}));
+  EXPECT_EQ(quant::salience_order(metric, 3, false), (std::vector<int32_t>{1, 3, 6, 0, 9, 2, 4, 8, 7, 5}));
+}
+
 // Ascending and stable: equal channels keep their order, so the last `keeper` are the largest.
 TEST(Reorder, SalienceOrderIsAscendingAndStable) {
   EXPECT_EQ(quant::salience_order({3, 1, 4, 1, 5, 9, 2, 6, 5, 3}), (std::vector<int32_t>{1, 3, 6, 0, 9, 2, 4, 8, 7, 5}));

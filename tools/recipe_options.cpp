@@ -34,6 +34,8 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   tri("--group-hadamard", "--no-group-hadamard", &group_hadamard,
       "quantize each group of weights and activations in a Hadamard-rotated basis (exact; beyond Atom)");
   tri("--reorder", "--no-reorder", &reorder, "permute input channels by salience (keepers last)");
+  tri("--act-order", "--no-act-order", &act_order,
+      "GPTQ act-order: the INT4 channels stored and quantized most salient first (keepers still last)");
   cmd->add_option("--percdamp", percdamp, "GPTQ damping, a fraction of the mean Hessian diagonal (0.01)");
   cmd->add_option("--smooth", smooth_alpha,
                   fmt::format("SmoothQuant migration strength alpha folded into norms and up rows, 0 = off (atom-w4a4: {})",
@@ -76,6 +78,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (clip_search) r.clip_search = *clip_search;
   if (group_hadamard) r.group_hadamard = *group_hadamard;
   if (percdamp) r.percdamp = *percdamp;
+  if (act_order) r.act_order = *act_order;
   if (smooth_alpha) r.smooth_alpha = *smooth_alpha;
   if (k_smooth_alpha) r.k_smooth_alpha = *k_smooth_alpha;
   kv.apply(r.kv);

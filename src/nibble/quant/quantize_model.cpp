@@ -33,10 +33,11 @@ std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, co
   return out;
 }
 
-std::vector<int32_t> salience_order(const std::vector<double>& metric) {
+std::vector<int32_t> salience_order(const std::vector<double>& metric, int64_t keeper, bool act_order) {
   std::vector<int32_t> order(metric.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return metric[size_t(a)] < metric[size_t(b)]; });
+  if (act_order) std::reverse(order.begin(), order.end() - keeper);
   return order;
 }
 
@@ -278,7 +279,9 @@ void LayerQuantizer::quantize(int l) {
       it = fp_stats.find(fallback);
       if (it == fp_stats.end()) return {};
     }
-    return salience_order(recipe.sort_metric == SortMetric::Hessian ? it->second.sum_sq() : it->second.sum_abs());
+    const std::vector<double>& metric =
+        recipe.sort_metric == SortMetric::Hessian ? it->second.sum_sq() : it->second.sum_abs();
+    return salience_order(metric, recipe.linear_spec(int64_t(metric.size()), lw).keeper, recipe.act_order);
   };
 
   // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).

@@ -75,6 +75,7 @@ void Recipe::apply_atom_compat() {
   // The tighter activation clip belongs to the Hadamard-rotated groups; Atom's groups take its 0.9.
   if (group_hadamard) act.clip = kAtomActClip;
   clip_search = false;
+  act_order = false;
   group_hadamard = false;
   smooth_alpha = 0;
   k_smooth_alpha = 0;
@@ -150,6 +151,7 @@ std::string Recipe::describe() const {
   s += ", KV " + kv.describe();
   if (group_hadamard) s += ", group Hadamard";
   if (clip_search) s += ", W clip search";
+  if (act_order) s += ", GPTQ act-order";
   if (smooth_alpha > 0) s += fmt::format(", smooth {}", smooth_alpha);
   if (k_smooth_alpha > 0) s += fmt::format(", K smooth {}", k_smooth_alpha);
   if (fp16_activations) s += ", fp16 activations";
@@ -182,6 +184,7 @@ nlohmann::json Recipe::to_json() const {
           {"percdamp", percdamp},
           {"gptq_block", gptq_block},
           {"clip_search", clip_search},
+          {"act_order", act_order},
           {"group_hadamard", group_hadamard},
           {"smooth_alpha", smooth_alpha},
           {"k_smooth_alpha", k_smooth_alpha},
@@ -213,6 +216,7 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
   r.percdamp = json_field<double>(j, "percdamp", where);
   r.gptq_block = json_field<int64_t>(j, "gptq_block", where);
   r.clip_search = json_field<bool>(j, "clip_search", where);
+  r.act_order = json_field_or<bool>(j, "act_order", false, where);  // absent in files written before it existed
   r.group_hadamard = json_field_or<bool>(j, "group_hadamard", false, where);
   r.smooth_alpha = json_field_or<double>(j, "smooth_alpha", 0.0, where);  // absent in files written before it existed
   r.k_smooth_alpha = json_field_or<double>(j, "k_smooth_alpha", 0.0, where);

@@ -22,6 +22,9 @@ struct Recipe {
   FormatSpec weight{Format::Int4Sym, 128, 1, 1.0f};
   bool gptq = false;
   double percdamp = 0.01;
+  // GPTQ's act-order inside Atom's layout: the INT4 channels of each reordered linear stored (and so
+  // quantized by GPTQ) most salient first, the keepers still last; the same groups, another order.
+  bool act_order = false;
   int64_t gptq_block = 128;
   bool clip_search = false;  // per-group weight clip minimising the Hessian-weighted error (beyond Atom)
   bool group_hadamard = false;  // rotate each quantization group by a Hadamard matrix (beyond Atom)
