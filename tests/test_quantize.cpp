@@ -303,23 +303,29 @@ TEST_F(QuantizeStories, LossSplitRestoresTheSlotItNames) {
   }
   // gate/up and down_proj carry a folded order the split cannot undo: refused by name.
   EXPECT_THROW(quant::restore_weights(*model, *fp, LinearSlot::Down), Error);
+  // Every layer restored, with a full-precision cache: the FP model's logits.
+  const std::vector<float> want = logits_of(*fp, probe);
+  for (int l = 0; l < int(model->layers().size()); ++l) quant::restore_layer(*model, *fp, l);
+  model->set_kv_format({32, false, 1.0f});
+  EXPECT_LE(rel_max(logits_of(*model, probe), want), 1e-6);
 }
 
 // The mixed cache: K and V of each layer in their own format, each as that format's cache stores it.
 TEST(LossSplit, MixedCacheKeepsEachLayersKAndVFormat) {
   ModelConfig c;
-  c.num_layers = 2;
+  c.num_layers = 3;
   c.num_heads = c.num_kv_heads = 2;
   c.head_dim = 16;
   c.hidden_size = 32;
   const KVFormat fp{32, false, 1.0f}, int4{4, false, 0.9f, true};
-  auto mixed = quant::make_mixed_kv_cache(c, {fp, int4}, {int4, fp}, 8);
-  auto ref = make_kv_cache(2, c.kv_dim(), c.head_dim, 8, int4);
+  // Layer 2 keeps K and V in one format (one cache): V must not overwrite K there.
+  auto mixed = quant::make_mixed_kv_cache(c, {fp, int4, int4}, {int4, fp, int4}, 8);
+  auto ref = make_kv_cache(3, c.kv_dim(), c.head_dim, 8, int4);
   const int64_t n = 8, d = c.kv_dim();
   std::vector<float> k(size_t(n * d)), v(k.size());
   std::mt19937 rng(3);
   std::normal_distribution<float> nd;
-  for (int l = 0; l < 2; ++l) {
+  for (int l = 0; l < 3; ++l) {
     for (float& x : k) x = nd(rng);
     for (float& x : v) x = nd(rng);
     mixed->write(l, 0, n, k.data(), v.data());
@@ -328,7 +334,7 @@ TEST(LossSplit, MixedCacheKeepsEachLayersKAndVFormat) {
     mixed->read(l, n, mk.data(), mv.data());
     ref->read(l, n, rk.data(), rv.data());
     EXPECT_EQ(mk, l == 0 ? k : rk) << "layer " << l;
-    EXPECT_EQ(mv, l == 0 ? rv : v) << "layer " << l;
+    EXPECT_EQ(mv, l == 1 ? v : rv) << "layer " << l;
     EXPECT_NE(rk, k);  // int4 really rounds
   }
 }

@@ -41,12 +41,16 @@ class MixedKVCache final : public KVCache {
   std::unique_ptr<KVCache> clone() const override { return std::make_unique<MixedKVCache>(*this); }
 
   void write(int layer, int64_t pos, int64_t n, const float* k, const float* v) override {
-    // Each cache stores its part in both halves; the other half is never read.
-    caches_[k_cache_[size_t(layer)]]->write(layer, pos, n, k, k);
-    caches_[v_cache_[size_t(layer)]]->write(layer, pos, n, v, v);
+    KVCache& kc = *caches_[k_cache_[size_t(layer)]];
+    KVCache& vc = *caches_[v_cache_[size_t(layer)]];
+    if (&kc == &vc) return kc.write(layer, pos, n, k, v);
+    // Apart, each cache stores its part in both halves; the other half is never read.
+    kc.write(layer, pos, n, k, k);
+    vc.write(layer, pos, n, v, v);
   }
 
   void read(int layer, int64_t n, float* k, float* v) const override {
+    if (k_cache_[size_t(layer)] == v_cache_[size_t(layer)]) return caches_[k_cache_[size_t(layer)]]->read(layer, n, k, v);
     scratch_.resize(size_t(n * kv_dim_));
     caches_[k_cache_[size_t(layer)]]->read(layer, n, k, scratch_.data());
     caches_[v_cache_[size_t(layer)]]->read(layer, n, scratch_.data(), v);
