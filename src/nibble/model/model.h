@@ -69,7 +69,8 @@ class Model {
 
   // A new empty cache in this model's KV format (or from the cache factory), able to grow to max_tokens.
   std::unique_ptr<KVCache> new_cache(int64_t max_tokens) const;
-  // Caches from `make` instead of the KV format (the loss split's per-layer K/V formats); null: the format.
+  // Caches from `make` instead of the KV format (the loss split's per-layer K/V formats); null: the
+  // format. The CPU reference only: the CUDA executor keeps its paged cache in the KV format.
   using CacheFactory = std::function<std::unique_ptr<KVCache>(int64_t max_tokens)>;
   void set_cache_factory(CacheFactory make) { cache_factory_ = std::move(make); }
   void set_kv_format(KVFormat f) {
