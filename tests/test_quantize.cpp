@@ -103,6 +103,34 @@ TEST_F(QuantizeStories, PackedFileEqualsSimulatedModelBitForBit) {
   std::filesystem::remove(path);
 }
 
+// Per-slot keeper counts reach each linear and travel in the packed file's recipe: the loaded
+// model has the same counts and logits, bit for bit.
+TEST_F(QuantizeStories, KeeperBySlotEqualsInPackedFile) {
+  Recipe r = small_atom();
+  r.weight.group = r.act.group = 8;  // so that every count below tiles K = 64 exactly
+  r.keeper_by_slot = {16, 8, 0, 32};  // K = 64 (q/k/v, o, gate/up), 172 (down: 32 + 4 of remainder)
+  quant::quantize_model(*model, r, calib, "calib", false);
+  auto keeper_of = [](const Linear& l) { return dynamic_cast<const quant::QuantLinear&>(l).spec().keeper; };
+  const Layer& layer = model->layers()[1];
+  EXPECT_EQ(keeper_of(*layer.qkv), 16);
+  EXPECT_EQ(keeper_of(*layer.o), 8);
+  EXPECT_EQ(keeper_of(*layer.experts[0].gate_up), 0);
+  EXPECT_EQ(keeper_of(*layer.experts[0].down), 36);
+  const std::vector<float> simulated = logits_of(*model, probe);
+  const auto path = std::filesystem::temp_directory_path() / "nibble_test_keeper_by_slot.safetensors";
+  save_packed_model(*model, r.to_json().dump(), test::data_dir() / "models/stories260K", path);
+  auto loaded = Model::load(path);
+  EXPECT_EQ(keeper_of(*loaded->layers()[1].qkv), 16);
+  EXPECT_EQ(keeper_of(*loaded->layers()[1].experts[0].down), keeper_of(*layer.experts[0].down));
+  const std::vector<float> packed = logits_of(*loaded, probe);
+  ASSERT_EQ(packed.size(), simulated.size());
+  for (size_t i = 0; i < packed.size(); ++i) ASSERT_EQ(packed[i], simulated[i]) << "logit " << i;
+  std::filesystem::remove(path);
+  // Three counts are refused by name.
+  r.keeper_by_slot = {8, 8, 8};
+  EXPECT_THROW(r.validate(model->config()), Error);
+}
+
 // The smoothing folded into the norms (no longer bf16-exact) and weights travels in the packed file:
 // the loaded model runs the quantized model's logits bit for bit.
 TEST_F(QuantizeStories, SmoothedPackedFileEqualsSimulatedModel) {

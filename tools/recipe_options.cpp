@@ -21,6 +21,10 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   cmd->add_option("--w-clip", w_clip, fmt::format("weight clip ratio (atom-w4a4: {})", atom.weight.clip));
   cmd->add_option("--a-clip", a_clip, fmt::format("activation clip ratio (atom-w4a4: {})", atom.act.clip));
   cmd->add_option("--keeper", keeper, fmt::format("outlier channels kept at keeper precision (atom-w4a4: {})", atom.keeper));
+  cmd->add_option("--keeper-by-slot", keeper_by_slot,
+                  "keepers of q/k/v, o_proj, gate/up, down_proj in place of --keeper (4 counts, comma separated)")
+      ->delimiter(',')
+      ->expected(4);
   cmd->add_option("--keeper-precision", keeper_precision, "fp16, int8, fp8-e4m3, fp8-e5m2 (or Atom's 0..3)");
   cmd->add_option("--act-sort-metric", sort_metric, "reorder metric: hessian (sum of x^2) or abs_mean");
   // Tri-state switches: absent keeps the preset's choice.
@@ -67,6 +71,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (w_clip) r.weight.clip = *w_clip;
   if (a_clip) r.act.clip = *a_clip;
   if (keeper) r.keeper = *keeper;
+  if (!keeper_by_slot.empty()) r.keeper_by_slot = keeper_by_slot;
   if (keeper_precision) r.keeper_precision = quant::parse_keeper_precision(*keeper_precision, "--keeper-precision");
   if (sort_metric) {
     check(*sort_metric == "hessian" || *sort_metric == "abs_mean", "--act-sort-metric",

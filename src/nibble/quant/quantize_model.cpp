@@ -254,7 +254,7 @@ void LayerQuantizer::quantize(int l) {
       DenseLinear& d = dense(slot == LinearSlot::QKV      ? *layer.qkv
                              : slot == LinearSlot::GateUp ? *layer.experts[0].gate_up
                                                           : *layer.experts[0].down);
-      const int64_t keeper = recipe.linear_spec(d.in_features(), lw).keeper;
+      const int64_t keeper = recipe.linear_spec(d.in_features(), lw, slot).keeper;
       std::vector<double> s = smoothing_scales(st.sum_sq(), st.count(), d.weight(), d.out_features(), d.in_features(),
                                                recipe.smooth_alpha, keeper);
       fold_input_scales(layer, slot, s, I);
@@ -281,7 +281,7 @@ void LayerQuantizer::quantize(int l) {
     }
     const std::vector<double>& metric =
         recipe.sort_metric == SortMetric::Hessian ? it->second.sum_sq() : it->second.sum_abs();
-    return salience_order(metric, recipe.linear_spec(int64_t(metric.size()), lw).keeper, recipe.act_order);
+    return salience_order(metric, recipe.linear_spec(int64_t(metric.size()), lw, k.first).keeper, recipe.act_order);
   };
 
   // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).
@@ -293,7 +293,7 @@ void LayerQuantizer::quantize(int l) {
     std::vector<int32_t> order = folded.empty() ? perm : folded;
     // The weight moves into GPTQ's order: the linear is replaced before it runs again.
     Pending p{slot, perm, std::move(order), gather_columns(std::move(d.weight()), N, K, perm), fp16_rounded(d.bias()),
-              recipe.linear_spec(K, lw + " " + name), key, name};
+              recipe.linear_spec(K, lw + " " + name, key.first), key, name};
     // Group-rotated recipes hold W·Hᵀ from here on, so every pass computes the same products.
     if (p.spec.group_hadamard) rotate_groups(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
     pending.push_back(std::move(p));
