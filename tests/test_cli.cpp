@@ -211,6 +211,27 @@ TEST_F(Cli, AblateFileNamesAreNotGnuplotCode) {
   }
 }
 
+// nibble split: every row of the table, on a quantized stories260K; a file that is not quantized
+// from the model is refused in one line.
+TEST_F(Cli, SplitPrintsEveryRow) {
+  REQUIRE_STORIES();
+  const std::string m = quote(stories()), text = quote(sample_text());
+  ASSERT_EQ(nibble(fmt::format("quantize -m {} --recipe atom-w4a4 --group 32 --keeper 8 --calib-windows 2 --calib-ctx 64 "
+                               "-f {} -o q.safetensors",
+                               m, text))
+                .status,
+            0);
+  const Result r = nibble(fmt::format("split -m {} -q q.safetensors -f {} --ctx 64 --chunks 2 --k-clips 1 --v-clips 0.8",
+                                      m, text));
+  ASSERT_EQ(r.status, 0) << r.err;
+  for (const char* row : {"q.safetensors (as packed)", "layer 4 at full precision", "down activations at full precision",
+                          "o weights at full precision", "K at full precision", "V at full precision", "K clip 1 |",
+                          "V clip 0.8 |"})
+    EXPECT_NE(r.out.find(row), std::string::npos) << row << "\n" << r.out;
+  expect_one_line_error(nibble(fmt::format("split -m {} -q {} -f {} --ctx 64 --chunks 2", m,
+                                           quote((fs::path(stories()) / "model.safetensors").string()), text)));
+}
+
 // The packed file's tokenizer is read from memory: nothing under $TMPDIR, and a TMPDIR that
 // cannot be used does not matter.
 TEST_F(Cli, PackedTokenizerWritesNoTemporaryFiles) {
@@ -501,8 +522,8 @@ TEST_F(Cli, BenchServeRefusesBadInput) {
 
 TEST_F(Cli, EveryCommandTakesThreads) {
   REQUIRE_STORIES();
-  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "eval", "bench", "serve",
-                          "bench-serve"}) {
+  for (const char* cmd : {"generate", "perplexity", "tokenize", "inspect", "quantize", "ablate", "split", "eval", "bench",
+                          "serve", "bench-serve"}) {
     const Result help = nibble(std::string(cmd) + " --help");
     EXPECT_NE(help.out.find("-t,--threads"), std::string::npos) << cmd;
   }

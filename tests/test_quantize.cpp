@@ -21,6 +21,7 @@
 #include "nibble/model/model.h"
 #include "nibble/quant/calibrate.h"
 #include "nibble/quant/kv_quant.h"
+#include "nibble/quant/loss_split.h"
 #include "nibble/quant/quantize_checkpoint.h"
 #include "nibble/quant/quantize_model.h"
 #include "nibble/quant/smooth.h"
@@ -100,6 +101,34 @@ TEST_F(QuantizeStories, PackedFileEqualsSimulatedModelBitForBit) {
   for (size_t i = 0; i < packed.size(); ++i) ASSERT_EQ(packed[i], simulated[i]) << "logit " << i;
   EXPECT_EQ(loaded->kv_format().bits, 4);
   std::filesystem::remove(path);
+}
+
+// Per-slot keeper counts reach each linear and travel in the packed file's recipe: the loaded
+// model has the same counts and logits, bit for bit.
+TEST_F(QuantizeStories, KeeperBySlotEqualsInPackedFile) {
+  Recipe r = small_atom();
+  r.weight.group = r.act.group = 8;  // so that every count below tiles K = 64 exactly
+  r.keeper_by_slot = {16, 8, 0, 32};  // K = 64 (q/k/v, o, gate/up), 172 (down: 32 + 4 of remainder)
+  quant::quantize_model(*model, r, calib, "calib", false);
+  auto keeper_of = [](const Linear& l) { return dynamic_cast<const quant::QuantLinear&>(l).spec().keeper; };
+  const Layer& layer = model->layers()[1];
+  EXPECT_EQ(keeper_of(*layer.qkv), 16);
+  EXPECT_EQ(keeper_of(*layer.o), 8);
+  EXPECT_EQ(keeper_of(*layer.experts[0].gate_up), 0);
+  EXPECT_EQ(keeper_of(*layer.experts[0].down), 36);
+  const std::vector<float> simulated = logits_of(*model, probe);
+  const auto path = std::filesystem::temp_directory_path() / "nibble_test_keeper_by_slot.safetensors";
+  save_packed_model(*model, r.to_json().dump(), test::data_dir() / "models/stories260K", path);
+  auto loaded = Model::load(path);
+  EXPECT_EQ(keeper_of(*loaded->layers()[1].qkv), 16);
+  EXPECT_EQ(keeper_of(*loaded->layers()[1].experts[0].down), keeper_of(*layer.experts[0].down));
+  const std::vector<float> packed = logits_of(*loaded, probe);
+  ASSERT_EQ(packed.size(), simulated.size());
+  for (size_t i = 0; i < packed.size(); ++i) ASSERT_EQ(packed[i], simulated[i]) << "logit " << i;
+  std::filesystem::remove(path);
+  // Three counts are refused by name.
+  r.keeper_by_slot = {8, 8, 8};
+  EXPECT_THROW(r.validate(model->config()), Error);
 }
 
 // The smoothing folded into the norms (no longer bf16-exact) and weights travels in the packed file:
@@ -258,6 +287,86 @@ TEST_F(QuantizeStories, KVCacheEqualsFormatFakeQuantized) {
   }
 }
 
+// nibble split's pieces: a restored slot (weights and activations) computes the FP linear's
+// product, and restored activations alone are the dequantized weight's product with the input
+// gathered (and group-rotated) but not quantized.
+TEST_F(QuantizeStories, LossSplitRestoresTheSlotItNames) {
+  auto fp = Model::load(test::data_dir() / "models/stories260K");
+  quant::quantize_model(*model, small_atom(), calib, "calib", false);
+  const int64_t rows = 5;
+  for (LinearSlot s : {LinearSlot::QKV, LinearSlot::O}) {
+    SCOPED_TRACE(linear_slot_name(s));
+    Linear& fp_lin = s == LinearSlot::QKV ? *fp->layers()[1].qkv : *fp->layers()[1].o;
+    auto q_lin = [&]() -> quant::QuantLinear& {
+      return dynamic_cast<quant::QuantLinear&>(s == LinearSlot::QKV ? *model->layers()[1].qkv : *model->layers()[1].o);
+    };
+    const int64_t K = fp_lin.in_features(), N = fp_lin.out_features();
+    std::vector<float> x(size_t(rows * K));
+    std::mt19937 rng(7);
+    std::normal_distribution<float> nd;
+    for (float& v : x) v = nd(rng);
+    std::vector<float> want(size_t(rows * N)), got(want.size());
+
+    quant::restore_activations(*model, s);
+    const quant::QuantLinear& qa = q_lin();
+    EXPECT_FALSE(qa.spec().act.has_value());
+    std::vector<float> xp(x.size());  // gathered and rotated by hand
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < K; ++c) xp[size_t(r * K + c)] = x[size_t(r * K + qa.perm()[size_t(c)])];
+    quant::rotate_groups(xp.data(), rows, K, K - qa.spec().keeper, qa.spec().weight.group);
+    const std::vector<float>& w = qa.dequantized();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t n = 0; n < N; ++n) {
+        double acc = 0;
+        for (int64_t c = 0; c < K; ++c) acc += double(xp[size_t(r * K + c)]) * w[size_t(n * K + c)];
+        want[size_t(r * N + n)] = float(acc);
+      }
+    qa.forward(x.data(), rows, got.data());
+    EXPECT_LE(rel_max(got, want), 1e-5);
+
+    quant::restore_weights(*model, *fp, s);
+    fp_lin.forward(x.data(), rows, want.data());
+    q_lin().forward(x.data(), rows, got.data());
+    EXPECT_LE(rel_max(got, want), 1e-5);
+  }
+  // gate/up and down_proj carry a folded order the split cannot undo: refused by name.
+  EXPECT_THROW(quant::restore_weights(*model, *fp, LinearSlot::Down), Error);
+  // Every layer restored, with a full-precision cache: the FP model's logits.
+  const std::vector<float> want = logits_of(*fp, probe);
+  for (int l = 0; l < int(model->layers().size()); ++l) quant::restore_layer(*model, *fp, l);
+  model->set_kv_format({32, false, 1.0f});
+  EXPECT_LE(rel_max(logits_of(*model, probe), want), 1e-6);
+}
+
+// The mixed cache: K and V of each layer in their own format, each as that format's cache stores it.
+TEST(LossSplit, MixedCacheKeepsEachLayersKAndVFormat) {
+  ModelConfig c;
+  c.num_layers = 3;
+  c.num_heads = c.num_kv_heads = 2;
+  c.head_dim = 16;
+  c.hidden_size = 32;
+  const KVFormat fp{32, false, 1.0f}, int4{4, false, 0.9f, true};
+  // Layer 2 keeps K and V in one format (one cache): V must not overwrite K there.
+  auto mixed = quant::make_mixed_kv_cache(c, {fp, int4, int4}, {int4, fp, int4}, 8);
+  auto ref = make_kv_cache(3, c.kv_dim(), c.head_dim, 8, int4);
+  const int64_t n = 8, d = c.kv_dim();
+  std::vector<float> k(size_t(n * d)), v(k.size());
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd;
+  for (int l = 0; l < 3; ++l) {
+    for (float& x : k) x = nd(rng);
+    for (float& x : v) x = nd(rng);
+    mixed->write(l, 0, n, k.data(), v.data());
+    ref->write(l, 0, n, k.data(), v.data());
+    std::vector<float> mk(k.size()), mv(k.size()), rk(k.size()), rv(k.size());
+    mixed->read(l, n, mk.data(), mv.data());
+    ref->read(l, n, rk.data(), rv.data());
+    EXPECT_EQ(mk, l == 0 ? k : rk) << "layer " << l;
+    EXPECT_EQ(mv, l == 1 ? v : rv) << "layer " << l;
+    EXPECT_NE(rk, k);  // int4 really rounds
+  }
+}
+
 }  // namespace
 }  // namespace nibble
 
@@ -349,6 +458,15 @@ TEST(QuantizeQuality, NibbleRefAtomW4A4) {
   EXPECT_LE(got.kld_mean, 0.1550);
   EXPECT_GE(got.top1, 0.793);
   EXPECT_LE(got.ppl, 33.91);
+}
+
+// GPTQ act-order in Atom's layout: the same keepers last (the top 3 ascending), the INT4 channels
+// before them descending, by hand.
+TEST(Reorder, ActOrderPutsTheInt4ChannelsMostSalientFirst) {
+  const std::vector<double> metric = {3, 1, 4, 1.5, 5, 9, 2, 6, 5.5, 3.5};
+  // Ascending: 1 3 6 0 9 2 4 8 | 7 5 ... with 3 keepers: channels 8 (5.5), 7 (6), 5 (9).
+  EXPECT_EQ(quant::salience_order(metric, 3, true), (std::vector<int32_t>{4, 2, 9, 0, 6, 3, 1, 8, 7, 5}));
+  EXPECT_EQ(quant::salience_order(metric, 3, false), (std::vector<int32_t>{1, 3, 6, 0, 9, 2, 4, 8, 7, 5}));
 }
 
 // Ascending and stable: equal channels keep their order, so the last `keeper` are the largest.

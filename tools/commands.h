@@ -22,6 +22,7 @@ void add_tokenize_command(CLI::App& app);
 void add_inspect_command(CLI::App& app);
 void add_quantize_command(CLI::App& app);
 void add_ablate_command(CLI::App& app);
+void add_split_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
 void add_synth_command(CLI::App& app);
 void add_bench_command(CLI::App& app);

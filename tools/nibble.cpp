@@ -161,6 +161,7 @@ int main(int argc, char** argv) {
   nibble::cli::add_inspect_command(app);
   nibble::cli::add_quantize_command(app);
   nibble::cli::add_ablate_command(app);
+  nibble::cli::add_split_command(app);
   nibble::cli::add_eval_command(app);
   nibble::cli::add_synth_command(app);
   nibble::cli::add_bench_command(app);

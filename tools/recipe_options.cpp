@@ -21,6 +21,10 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   cmd->add_option("--w-clip", w_clip, fmt::format("weight clip ratio (atom-w4a4: {})", atom.weight.clip));
   cmd->add_option("--a-clip", a_clip, fmt::format("activation clip ratio (atom-w4a4: {})", atom.act.clip));
   cmd->add_option("--keeper", keeper, fmt::format("outlier channels kept at keeper precision (atom-w4a4: {})", atom.keeper));
+  cmd->add_option("--keeper-by-slot", keeper_by_slot,
+                  "keepers of q/k/v, o_proj, gate/up, down_proj in place of --keeper (4 counts, comma separated)")
+      ->delimiter(',')
+      ->expected(4);
   cmd->add_option("--keeper-precision", keeper_precision, "fp16, int8, fp8-e4m3, fp8-e5m2 (or Atom's 0..3)");
   cmd->add_option("--act-sort-metric", sort_metric, "reorder metric: hessian (sum of x^2) or abs_mean");
   // Tri-state switches: absent keeps the preset's choice.
@@ -34,6 +38,8 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   tri("--group-hadamard", "--no-group-hadamard", &group_hadamard,
       "quantize each group of weights and activations in a Hadamard-rotated basis (exact; beyond Atom)");
   tri("--reorder", "--no-reorder", &reorder, "permute input channels by salience (keepers last)");
+  tri("--act-order", "--no-act-order", &act_order,
+      "GPTQ act-order: the INT4 channels stored and quantized most salient first (keepers still last)");
   cmd->add_option("--percdamp", percdamp, "GPTQ damping, a fraction of the mean Hessian diagonal (0.01)");
   cmd->add_option("--smooth", smooth_alpha,
                   fmt::format("SmoothQuant migration strength alpha folded into norms and up rows, 0 = off (atom-w4a4: {})",
@@ -65,6 +71,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (w_clip) r.weight.clip = *w_clip;
   if (a_clip) r.act.clip = *a_clip;
   if (keeper) r.keeper = *keeper;
+  if (!keeper_by_slot.empty()) r.keeper_by_slot = keeper_by_slot;
   if (keeper_precision) r.keeper_precision = quant::parse_keeper_precision(*keeper_precision, "--keeper-precision");
   if (sort_metric) {
     check(*sort_metric == "hessian" || *sort_metric == "abs_mean", "--act-sort-metric",
@@ -76,6 +83,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (clip_search) r.clip_search = *clip_search;
   if (group_hadamard) r.group_hadamard = *group_hadamard;
   if (percdamp) r.percdamp = *percdamp;
+  if (act_order) r.act_order = *act_order;
   if (smooth_alpha) r.smooth_alpha = *smooth_alpha;
   if (k_smooth_alpha) r.k_smooth_alpha = *k_smooth_alpha;
   kv.apply(r.kv);

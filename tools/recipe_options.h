@@ -18,10 +18,11 @@ struct RecipeOptions {
   std::optional<float> w_clip, a_clip;
   KVOverride kv;
   std::optional<int64_t> keeper, calib_windows, calib_ctx;
+  std::vector<int64_t> keeper_by_slot;
   std::optional<double> percdamp;
   std::optional<double> smooth_alpha, k_smooth_alpha;
   std::optional<uint64_t> seed;
-  std::optional<bool> gptq, reorder, hessian_fp, clip_search, group_hadamard;
+  std::optional<bool> gptq, reorder, hessian_fp, clip_search, group_hadamard, act_order;
   bool atom_compat = false;
 
   // `with_preset`: the --recipe option too (ablate builds its own ladder).

@@ -152,12 +152,14 @@ class PackedReader {
 
   // `gathered`: the linear gathers its input channels at run time (all but down_proj, whose order is
   // folded into gate/up), so a reordering recipe stored its permutation.
-  std::unique_ptr<Linear> linear(const std::string& name, int64_t N, int64_t K, bool gathered) const {
+  // `slot`: which keeper count of the recipe applies (none: lm_head).
+  std::unique_ptr<Linear> linear(const std::string& name, int64_t N, int64_t K, bool gathered,
+                                 std::optional<LinearSlot> slot) const {
     const std::string p = name + ".";
     if (f_.has(name + ".weight"))  // left at full precision (router, lm_head)
       return std::make_unique<DenseLinear>(K, N, floats(name + ".weight", {N, K}),
                                            f_.has(name + ".bias") ? floats(name + ".bias", {N}) : std::vector<float>{});
-    const quant::LinearQuantSpec spec = recipe_.linear_spec(K, f_.path() + ": " + name);
+    const quant::LinearQuantSpec spec = recipe_.linear_spec(K, f_.path() + ": " + name, slot);
     std::vector<int32_t> perm;
     if (recipe_.reorder && gathered) {
       const TensorInfo& t = expect(p + "perm", DType::I32, {K});
@@ -252,13 +254,14 @@ Layer read_layer(const PackedReader& r, const ModelConfig& c, int l) {
   Layer layer;
   layer.attn_norm = r.floats(fmt::format("model.layers.{}.input_layernorm.weight", l), {H});
   layer.mlp_norm = r.floats(fmt::format("model.layers.{}.post_attention_layernorm.weight", l), {H});
-  layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H, true);
-  layer.o = r.linear(o_name(l), H, c.q_dim(), true);
+  layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H, true, LinearSlot::QKV);
+  layer.o = r.linear(o_name(l), H, c.q_dim(), true, LinearSlot::O);
   const bool moe = c.num_experts > 0;
-  if (moe) layer.router = r.linear(router_name(l), c.num_experts, H, false);
+  if (moe) layer.router = r.linear(router_name(l), c.num_experts, H, false, LinearSlot::Router);
   for (int64_t e = 0; e < (moe ? c.num_experts : 1); ++e) {
     const std::string p = expert_prefix(l, int(e), moe);
-    layer.experts.push_back({r.linear(p + "gate_up_proj", 2 * I, H, true), r.linear(p + "down_proj", H, I, false)});
+    layer.experts.push_back({r.linear(p + "gate_up_proj", 2 * I, H, true, LinearSlot::GateUp),
+                             r.linear(p + "down_proj", H, I, false, LinearSlot::Down)});
   }
   return layer;
 }
@@ -353,7 +356,7 @@ std::unique_ptr<Model> load_packed_model(const SafetensorsFile& file) {
   std::vector<float> final_norm = r.floats("model.norm.weight", {H});
   std::unique_ptr<Linear> head = c.tie_word_embeddings
                                      ? std::make_unique<DenseLinear>(H, c.vocab_size, embedding, std::vector<float>{})
-                                     : r.linear("lm_head", c.vocab_size, H, false);
+                                     : r.linear("lm_head", c.vocab_size, H, false, std::nullopt);
   r.check_all_read();
   auto m = std::make_unique<Model>(c, path, std::move(embedding), std::move(layers), std::move(final_norm),
                                    std::move(head));

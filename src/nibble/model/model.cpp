@@ -225,6 +225,7 @@ int64_t Model::layer_storage_bytes(int l) const {
 }
 
 std::unique_ptr<KVCache> Model::new_cache(int64_t max_tokens) const {
+  if (cache_factory_) return cache_factory_(max_tokens);
   return make_kv_cache(config_.num_layers, config_.kv_dim(), config_.head_dim, max_tokens, kv_format_);
 }
 

@@ -68,8 +68,12 @@ class Model {
   const ModelConfig& config() const { return config_; }
   const std::string& source() const { return source_; }
 
-  // A new empty cache in this model's KV format, able to grow to max_tokens.
+  // A new empty cache in this model's KV format (or from the cache factory), able to grow to max_tokens.
   std::unique_ptr<KVCache> new_cache(int64_t max_tokens) const;
+  // Caches from `make` instead of the KV format (the loss split's per-layer K/V formats); null: the
+  // format. The CPU reference only: the CUDA executor keeps its paged cache in the KV format.
+  using CacheFactory = std::function<std::unique_ptr<KVCache>(int64_t max_tokens)>;
+  void set_cache_factory(CacheFactory make) { cache_factory_ = std::move(make); }
   void set_kv_format(KVFormat f) {
     f.validate("KV cache");
     kv_format_ = f;
@@ -136,6 +140,7 @@ class Model {
   ModelConfig config_;
   std::string source_;
   KVFormat kv_format_;
+  CacheFactory cache_factory_;
   bool fp16_activations_ = false;
   TensorParallelRank tp_;          // comm null: the whole model
   std::vector<float> embedding_;  // [vocab, hidden]; a shard's rows from tp_.vocab_begin

@@ -32,9 +32,9 @@ constexpr const char* kOuterFile = "outer.safetensors";
 fs::path layer_file(const fs::path& dir, int l) { return dir / fmt::format("layer-{:05d}.safetensors", l); }
 
 // One linear's packed bytes (add_linear's tensors) from its shape and the recipe.
-int64_t packed_linear_bytes(const Recipe& r, int64_t N, int64_t K, bool gathered, int src_bytes) {
+int64_t packed_linear_bytes(const Recipe& r, int64_t N, int64_t K, bool gathered, int src_bytes, LinearSlot slot) {
   if (!r.quantize_weights && !r.quantize_activations && !r.reorder) return N * K * src_bytes;
-  const LinearQuantSpec s = r.linear_spec(K, "expected size");
+  const LinearQuantSpec s = r.linear_spec(K, "expected size", slot);
   int64_t bytes = r.reorder && gathered ? K * 4 : 0;
   if (!s.quantize_weights) return bytes + N * K * 4;
   auto matrix = [&](const FormatSpec& f, int64_t cols) {
@@ -145,10 +145,12 @@ fs::path partial_dir(const fs::path& out) {
 
 int64_t expected_packed_bytes(const Recipe& r, const ModelConfig& c, int src_bytes) {
   const int64_t H = c.hidden_size, I = c.intermediate_size, V = c.vocab_size;
-  int64_t layer = 2 * H * src_bytes + packed_linear_bytes(r, c.q_dim() + 2 * c.kv_dim(), H, true, src_bytes) +
-                  packed_linear_bytes(r, H, c.q_dim(), true, src_bytes);
+  int64_t layer = 2 * H * src_bytes +
+                  packed_linear_bytes(r, c.q_dim() + 2 * c.kv_dim(), H, true, src_bytes, LinearSlot::QKV) +
+                  packed_linear_bytes(r, H, c.q_dim(), true, src_bytes, LinearSlot::O);
   const int64_t experts = c.num_experts > 0 ? c.num_experts : 1;
-  layer += experts * (packed_linear_bytes(r, 2 * I, H, true, src_bytes) + packed_linear_bytes(r, H, I, false, src_bytes));
+  layer += experts * (packed_linear_bytes(r, 2 * I, H, true, src_bytes, LinearSlot::GateUp) +
+                      packed_linear_bytes(r, H, I, false, src_bytes, LinearSlot::Down));
   if (c.num_experts > 0) layer += c.num_experts * H * src_bytes;
   return c.num_layers * layer + (V * H + H) * src_bytes + (c.tie_word_embeddings ? 0 : V * H * src_bytes);
 }

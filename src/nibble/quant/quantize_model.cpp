@@ -25,10 +25,19 @@ int64_t peak_rss_bytes() {
   return int64_t(u.ru_maxrss) * 1024;
 }
 
-std::vector<int32_t> salience_order(const std::vector<double>& metric) {
+std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
+  if (perm.empty()) return w;
+  std::vector<float> out(w.size());
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < K; ++c) out[size_t(n * K + c)] = w[size_t(n * K + perm[size_t(c)])];
+  return out;
+}
+
+std::vector<int32_t> salience_order(const std::vector<double>& metric, int64_t keeper, bool act_order) {
   std::vector<int32_t> order(metric.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return metric[size_t(a)] < metric[size_t(b)]; });
+  if (act_order) std::reverse(order.begin(), order.end() - keeper);
   return order;
 }
 
@@ -63,15 +72,6 @@ DenseLinear& dense(Linear& l) {
   auto* d = dynamic_cast<DenseLinear*>(&l);
   check(d != nullptr, "quantize", "the model is already quantized: quantize a full-precision checkpoint");
   return *d;
-}
-
-// W[:, c] := W[:, perm[c]]
-std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
-  if (perm.empty()) return w;
-  std::vector<float> out(w.size());
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < K; ++c) out[size_t(n * K + c)] = w[size_t(n * K + perm[size_t(c)])];
-  return out;
 }
 
 // Rows of gate and up both reordered by `perm` (the intermediate channel order of down_proj).
@@ -254,7 +254,7 @@ void LayerQuantizer::quantize(int l) {
       DenseLinear& d = dense(slot == LinearSlot::QKV      ? *layer.qkv
                              : slot == LinearSlot::GateUp ? *layer.experts[0].gate_up
                                                           : *layer.experts[0].down);
-      const int64_t keeper = recipe.linear_spec(d.in_features(), lw).keeper;
+      const int64_t keeper = recipe.linear_spec(d.in_features(), lw, slot).keeper;
       std::vector<double> s = smoothing_scales(st.sum_sq(), st.count(), d.weight(), d.out_features(), d.in_features(),
                                                recipe.smooth_alpha, keeper);
       fold_input_scales(layer, slot, s, I);
@@ -279,7 +279,9 @@ void LayerQuantizer::quantize(int l) {
       it = fp_stats.find(fallback);
       if (it == fp_stats.end()) return {};
     }
-    return salience_order(recipe.sort_metric == SortMetric::Hessian ? it->second.sum_sq() : it->second.sum_abs());
+    const std::vector<double>& metric =
+        recipe.sort_metric == SortMetric::Hessian ? it->second.sum_sq() : it->second.sum_abs();
+    return salience_order(metric, recipe.linear_spec(int64_t(metric.size()), lw, k.first).keeper, recipe.act_order);
   };
 
   // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).
@@ -291,7 +293,7 @@ void LayerQuantizer::quantize(int l) {
     std::vector<int32_t> order = folded.empty() ? perm : folded;
     // The weight moves into GPTQ's order: the linear is replaced before it runs again.
     Pending p{slot, perm, std::move(order), gather_columns(std::move(d.weight()), N, K, perm), fp16_rounded(d.bias()),
-              recipe.linear_spec(K, lw + " " + name), key, name};
+              recipe.linear_spec(K, lw + " " + name, key.first), key, name};
     // Group-rotated recipes hold W·Hᵀ from here on, so every pass computes the same products.
     if (p.spec.group_hadamard) rotate_groups(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
     pending.push_back(std::move(p));

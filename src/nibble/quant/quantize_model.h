@@ -81,8 +81,12 @@ class LayerQuantizer {
 QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<const int32_t> calib_tokens,
                               const std::string& calib_where, bool show_progress = true);
 
-// Channel order sorting `metric` ascending (stable), so the largest channels come last.
-std::vector<int32_t> salience_order(const std::vector<double>& metric);
+// Channel order sorting `metric` ascending (stable), so the largest channels come last; with
+// act_order the first size - keeper (the INT4 part) descending instead, the keepers still last.
+std::vector<int32_t> salience_order(const std::vector<double>& metric, int64_t keeper = 0, bool act_order = false);
+
+// W[:, c] := W[:, perm[c]] for W [N, K] (empty perm: W).
+std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm);
 
 // GPTQ's Hessian in a linear's channel order: Hp[i][j] = H[order[i]][order[j]] (empty order: H).
 // Exposed for tests.

@@ -75,6 +75,7 @@ void Recipe::apply_atom_compat() {
   // The tighter activation clip belongs to the Hadamard-rotated groups; Atom's groups take its 0.9.
   if (group_hadamard) act.clip = kAtomActClip;
   clip_search = false;
+  act_order = false;
   group_hadamard = false;
   smooth_alpha = 0;
   k_smooth_alpha = 0;
@@ -82,11 +83,19 @@ void Recipe::apply_atom_compat() {
   if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
 }
 
-LinearQuantSpec Recipe::linear_spec(int64_t in, const std::string& where) const {
+int64_t Recipe::keeper_for(std::optional<LinearSlot> slot) const {
+  if (keeper_by_slot.empty() || !slot || *slot == LinearSlot::Router) return keeper;
+  return keeper_by_slot[size_t(*slot)];
+}
+
+LinearQuantSpec Recipe::linear_spec(int64_t in, const std::string& where, std::optional<LinearSlot> slot) const {
+  check(keeper_by_slot.empty() || keeper_by_slot.size() == 4, where,
+        "--keeper-by-slot takes 4 counts (q/k/v, o_proj, gate/up, down_proj), not {}", keeper_by_slot.size());
+  const int64_t kept = keeper_for(slot);
   LinearQuantSpec s;
   s.weight = weight;
   if (quantize_activations) s.act = act;
-  s.keeper = keeper;
+  s.keeper = kept;
   s.keeper_precision = keeper_precision;
   s.quantize_weights = quantize_weights;
   s.group_hadamard = group_hadamard;
@@ -94,7 +103,7 @@ LinearQuantSpec Recipe::linear_spec(int64_t in, const std::string& where) const 
     check(quantize_weights && quantize_activations && weight.group == act.group && weight.group > 0 &&
               (weight.group & (weight.group - 1)) == 0,
           where, "--group-hadamard needs weights and activations quantized in equal power-of-two groups");
-  check(keeper >= 0 && keeper < in, where, "--keeper {} must be below the layer's {} input channels", keeper, in);
+  check(kept >= 0 && kept < in, where, "--keeper {} must be below the layer's {} input channels", kept, in);
   std::vector<const FormatSpec*> used;
   if (quantize_weights) used.push_back(&s.weight);
   if (s.act) used.push_back(&*s.act);
@@ -106,7 +115,7 @@ LinearQuantSpec Recipe::linear_spec(int64_t in, const std::string& where) const 
     if (f->group == 0 || main % f->group == 0) continue;
     // Groups must tile the quantized channels. With keepers, the remainder (the most salient of the
     // rest, since channels are sorted) joins them; without keepers the recipe does not fit.
-    check(keeper > 0, where, "group size {} does not divide the layer's {} input channels (give --keeper to hold the "
+    check(kept > 0, where, "group size {} does not divide the layer's {} input channels (give --keeper to hold the "
           "remainder at keeper precision, or another --group)", f->group, in);
     s.keeper += main % f->group;
   }
@@ -133,9 +142,11 @@ void Recipe::validate(const ModelConfig& c) const {
   if (weight.row_group > 1)
     for (int64_t n : {c.q_dim() + 2 * c.kv_dim(), c.hidden_size, 2 * c.intermediate_size})
       check(n % weight.row_group == 0, where, "--w-row-group {} does not divide {} output rows", weight.row_group, n);
-  linear_spec(c.hidden_size, where + ", q/k/v and gate/up inputs");
-  linear_spec(c.q_dim(), where + ", o_proj input");
-  linear_spec(c.intermediate_size, where + ", down_proj input");
+  linear_spec(c.hidden_size, where + ", q/k/v input", LinearSlot::QKV);
+  linear_spec(c.q_dim(), where + ", o_proj input", LinearSlot::O);
+  linear_spec(c.hidden_size, where + ", gate/up input", LinearSlot::GateUp);
+  linear_spec(c.intermediate_size, where + ", down_proj input", LinearSlot::Down);
+  check(keeper_by_slot.empty() || c.num_experts == 0, where, "--keeper-by-slot covers dense models");
 }
 
 std::string Recipe::describe() const {
@@ -147,9 +158,13 @@ std::string Recipe::describe() const {
                      gptq ? " GPTQ" : " RTN");
   if (quantize_activations) s += fmt::format(", A {} g{} clip {}", format_name(act.format), act.group, act.clip);
   if (reorder || keeper) s += fmt::format(", reorder {} keepers at {}", keeper, keeper_precision_name(keeper_precision));
+  if (!keeper_by_slot.empty())
+    s += fmt::format(" (q/k/v {}, o {}, gate/up {}, down {})", keeper_by_slot[0], keeper_by_slot[1], keeper_by_slot[2],
+                     keeper_by_slot[3]);
   s += ", KV " + kv.describe();
   if (group_hadamard) s += ", group Hadamard";
   if (clip_search) s += ", W clip search";
+  if (act_order) s += ", GPTQ act-order";
   if (smooth_alpha > 0) s += fmt::format(", smooth {}", smooth_alpha);
   if (k_smooth_alpha > 0) s += fmt::format(", K smooth {}", k_smooth_alpha);
   if (fp16_activations) s += ", fp16 activations";
@@ -182,6 +197,7 @@ nlohmann::json Recipe::to_json() const {
           {"percdamp", percdamp},
           {"gptq_block", gptq_block},
           {"clip_search", clip_search},
+          {"act_order", act_order},
           {"group_hadamard", group_hadamard},
           {"smooth_alpha", smooth_alpha},
           {"k_smooth_alpha", k_smooth_alpha},
@@ -190,6 +206,7 @@ nlohmann::json Recipe::to_json() const {
           {"reorder", reorder},
           {"sort_metric", sort_metric == SortMetric::Hessian ? "hessian" : "abs_mean"},
           {"keeper", keeper},
+          {"keeper_by_slot", keeper_by_slot},
           {"keeper_precision", keeper_precision_name(keeper_precision)},
           {"kv_bits", kv.bits},
           {"kv_k_before_rope", kv.k_before_rope},
@@ -213,6 +230,7 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
   r.percdamp = json_field<double>(j, "percdamp", where);
   r.gptq_block = json_field<int64_t>(j, "gptq_block", where);
   r.clip_search = json_field<bool>(j, "clip_search", where);
+  r.act_order = json_field_or<bool>(j, "act_order", false, where);  // absent in files written before it existed
   r.group_hadamard = json_field_or<bool>(j, "group_hadamard", false, where);
   r.smooth_alpha = json_field_or<double>(j, "smooth_alpha", 0.0, where);  // absent in files written before it existed
   r.k_smooth_alpha = json_field_or<double>(j, "k_smooth_alpha", 0.0, where);
@@ -223,6 +241,11 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
   check(metric == "hessian" || metric == "abs_mean", where, "sort_metric '{}' is not hessian or abs_mean", metric);
   r.sort_metric = metric == "abs_mean" ? SortMetric::AbsMean : SortMetric::Hessian;
   r.keeper = json_field<int64_t>(j, "keeper", where);
+  if (j.contains("keeper_by_slot")) {  // absent in files written before it existed
+    const nlohmann::json& k = j["keeper_by_slot"];
+    check(k.is_array(), where, "field 'keeper_by_slot' is not an array: {}", k.dump());
+    for (const nlohmann::json& v : k) r.keeper_by_slot.push_back(json_as<int64_t>(v, "keeper_by_slot", where));
+  }
   r.keeper_precision = parse_keeper_precision(json_field<std::string>(j, "keeper_precision", where), where);
   r.kv.bits = json_field<int>(j, "kv_bits", where);
   r.kv.k_before_rope = json_field<bool>(j, "kv_k_before_rope", where);

@@ -10,6 +10,7 @@
 
 #include "nibble/model/config.h"
 #include "nibble/model/kv_cache.h"
+#include "nibble/model/model.h"
 #include "nibble/quant/quant_linear.h"
 
 namespace nibble::quant {
@@ -22,6 +23,9 @@ struct Recipe {
   FormatSpec weight{Format::Int4Sym, 128, 1, 1.0f};
   bool gptq = false;
   double percdamp = 0.01;
+  // GPTQ's act-order inside Atom's layout: the INT4 channels of each reordered linear stored (and so
+  // quantized by GPTQ) most salient first, the keepers still last; the same groups, another order.
+  bool act_order = false;
   int64_t gptq_block = 128;
   bool clip_search = false;  // per-group weight clip minimising the Hessian-weighted error (beyond Atom)
   bool group_hadamard = false;  // rotate each quantization group by a Hadamard matrix (beyond Atom)
@@ -36,6 +40,9 @@ struct Recipe {
   bool reorder = false;
   SortMetric sort_metric = SortMetric::Hessian;
   int64_t keeper = 0;
+  // Keepers of q/k/v, o_proj, gate/up and down_proj in that order, in place of `keeper` (the same
+  // memory spent where the loss is); empty: `keeper` everywhere.
+  std::vector<int64_t> keeper_by_slot;
   KeeperPrecision keeper_precision = KeeperPrecision::Int8;
 
   KVFormat kv{16, true, 1.0f};
@@ -59,8 +66,11 @@ struct Recipe {
   // fp16 activations.
   void apply_atom_compat();
 
-  // The spec of one linear with `in` input channels; throws when the recipe does not fit it.
-  LinearQuantSpec linear_spec(int64_t in, const std::string& where) const;
+  // The spec of one linear with `in` input channels in `slot` (none: a slot without its own keeper
+  // count); throws when the recipe does not fit it.
+  LinearQuantSpec linear_spec(int64_t in, const std::string& where, std::optional<LinearSlot> slot = std::nullopt) const;
+  // The keepers of `slot`: keeper_by_slot's entry for a dense model's four linears, else `keeper`.
+  int64_t keeper_for(std::optional<LinearSlot> slot) const;
   // Checks the recipe against every linear of the model (group divides K - keeper, keeper < K, ...).
   void validate(const ModelConfig& c) const;
   bool quantizes_anything() const { return quantize_weights || quantize_activations || kv.bits < 16; }

@@ -149,8 +149,8 @@ class SynthWriter {
   }
 
   // One quantized linear as io/packed.cpp stores it: perm (unless folded), codes, scales, keepers.
-  void quantized(const std::string& name, int64_t N, int64_t K, bool perm) {
-    const LinearQuantSpec spec = opt_.recipe.linear_spec(K, name);
+  void quantized(const std::string& name, int64_t N, int64_t K, bool perm, LinearSlot slot) {
+    const LinearQuantSpec spec = opt_.recipe.linear_spec(K, name, slot);
     const int64_t M = K - spec.keeper;
     const double sd = 1 / std::sqrt(double(K));
     const std::string p = name + ".";
@@ -265,10 +265,10 @@ int64_t write_packed_file(const SynthOptions& opt, const std::filesystem::path& 
     const std::string p = layer_prefix(l);
     s.norm(p + "input_layernorm.weight");
     s.norm(p + "post_attention_layernorm.weight");
-    s.quantized(p + "self_attn.qkv_proj", c.q_dim() + 2 * c.kv_dim(), H, r.reorder);
-    s.quantized(p + "self_attn.o_proj", H, c.q_dim(), r.reorder);
-    s.quantized(p + "mlp.gate_up_proj", 2 * I, H, r.reorder);
-    s.quantized(p + "mlp.down_proj", H, I, false);
+    s.quantized(p + "self_attn.qkv_proj", c.q_dim() + 2 * c.kv_dim(), H, r.reorder, LinearSlot::QKV);
+    s.quantized(p + "self_attn.o_proj", H, c.q_dim(), r.reorder, LinearSlot::O);
+    s.quantized(p + "mlp.gate_up_proj", 2 * I, H, r.reorder, LinearSlot::GateUp);
+    s.quantized(p + "mlp.down_proj", H, I, false, LinearSlot::Down);
   }
   s.norm("model.norm.weight");
   if (!c.tie_word_embeddings) s.weight("lm_head.weight", c.vocab_size, H);
