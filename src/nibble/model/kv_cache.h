@@ -19,6 +19,7 @@ struct KVFormat {
   std::string describe() const;
   // Throws nibble::Error(where, ...) for bits other than 4, 8, 16, 32 or a clip outside (0, 1].
   void validate(const std::string& where) const;
+  bool operator==(const KVFormat&) const = default;
 };
 
 class KVCache {

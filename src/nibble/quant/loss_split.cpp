@@ -21,9 +21,7 @@ class MixedKVCache final : public KVCache {
     auto index_of = [&](const KVFormat& f) {
       f.validate("mixed KV cache");
       for (size_t i = 0; i < formats_.size(); ++i)
-        if (formats_[i].bits == f.bits && formats_[i].clip == f.clip && formats_[i].hadamard == f.hadamard &&
-            formats_[i].k_before_rope == f.k_before_rope)
-          return i;
+        if (formats_[i] == f) return i;
       formats_.push_back(f);
       caches_.push_back(make_kv_cache(c.num_layers, c.kv_dim(), c.head_dim, capacity, f));
       return formats_.size() - 1;
