@@ -51,32 +51,42 @@ ModelConfig qwen2_like() {
 }
 
 struct Compare {
-  double rel_max = 0;  // max |gpu - cpu| / max |cpu|
-  double top1 = 0;     // rows whose argmax agrees
-  double kld = 0;      // mean KL(cpu || gpu) of the softmax distributions
+  double rel_max = 0;     // max |gpu - cpu| / max |cpu|
+  double top1 = 0;        // of the rows the CPU decides (its two best logits `tie` apart or more), those agreeing
+  double kld = 0;         // mean KL(cpu || gpu) of the softmax distributions
+  int64_t rows_past = 0;  // rows whose max |gpu - cpu| / max |cpu| exceeds `rel_tol`
 };
 
-Compare compare(const std::vector<float>& gpu, const std::vector<float>& cpu, int64_t vocab) {
+// `tie` and `rel_tol` are fractions of max |cpu|: rows whose best two CPU logits are closer than
+// `tie` are left out of top-1 (a tie at the resolution the logits are held to decides nothing).
+Compare compare(const std::vector<float>& gpu, const std::vector<float>& cpu, int64_t vocab, double tie = 0,
+                double rel_tol = 1) {
   EXPECT_EQ(gpu.size(), cpu.size());
-  double diff = 0, ref = 0, kld = 0;
-  int64_t agree = 0, rows = int64_t(cpu.size()) / vocab;
+  const int64_t rows = int64_t(cpu.size()) / vocab;
+  double ref = 0;
+  for (float v : cpu) ref = std::max(ref, std::abs(double(v)));
+  double kld = 0, worst = 0;
+  int64_t decided = 0, agree = 0, past = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const float* g = gpu.data() + r * vocab;
     const float* c = cpu.data() + r * vocab;
-    double gmax = *std::max_element(g, g + vocab), cmax = *std::max_element(c, c + vocab), gs = 0, cs = 0;
+    const int64_t gbest = std::max_element(g, g + vocab) - g, cbest = std::max_element(c, c + vocab) - c;
+    double gs = 0, cs = 0, diff = 0, second = -INFINITY;
     for (int64_t i = 0; i < vocab; ++i) {
       diff = std::max(diff, std::abs(double(g[i]) - double(c[i])));
-      ref = std::max(ref, std::abs(double(c[i])));
-      gs += std::exp(double(g[i]) - gmax);
-      cs += std::exp(double(c[i]) - cmax);
+      gs += std::exp(double(g[i]) - g[gbest]);
+      cs += std::exp(double(c[i]) - c[cbest]);
+      if (i != cbest) second = std::max(second, double(c[i]));
     }
     for (int64_t i = 0; i < vocab; ++i) {
-      const double lc = double(c[i]) - cmax - std::log(cs), lg = double(g[i]) - gmax - std::log(gs);
+      const double lc = double(c[i]) - c[cbest] - std::log(cs), lg = double(g[i]) - g[gbest] - std::log(gs);
       kld += std::exp(lc) * (lc - lg);
     }
-    agree += std::max_element(g, g + vocab) - g == std::max_element(c, c + vocab) - c;
+    worst = std::max(worst, diff);
+    past += diff > rel_tol * ref;
+    if (c[cbest] - second >= tie * ref) ++decided, agree += gbest == cbest;
   }
-  return {diff / ref, double(agree) / double(rows), kld / double(rows)};
+  return {worst / ref, decided ? double(agree) / double(decided) : 1.0, kld / double(rows), past};
 }
 
 // fp16 weights are exact on both sides; the GPU rounds each linear's input and output to fp16
@@ -93,20 +103,28 @@ constexpr double kRelTol = 1e-2;
 // most 0.15 below it. A wrong permutation, scale or rotation moves KLD by orders of magnitude more.
 struct Bounds {
   double rel_max = kRelTol, kld = 1e-4, top1 = 0.95;
+  double tie = kRelTol;  // top-1 leaves out rows tied within the tolerance the logits are held to
+  // Rows allowed past rel_max. A mixture-of-experts row whose two best router scores nearly tie may
+  // pick the other expert on the GPU (its router input differs from the CPU's by fp16 rounding):
+  // that row alone then moves by O(1) (seen: one prefill row at 3.1e-2, KLD 7.6e-6 over the step);
+  // a wrong expert index or weight moves every row, and the KLD bound still holds the step.
+  int64_t rows_past_rel_max = 0;
 };
 
-void expect_within(const Compare& r, const Bounds& b, const std::string& what) {
-  std::printf("  %s: rel max %.2e, KLD %.2e, top-1 %.3f (bounds: KLD %.2e, top-1 %.3f)\n", what.c_str(), r.rel_max,
-              r.kld, r.top1, b.kld, b.top1);
-  EXPECT_LE(r.rel_max, b.rel_max) << what;
-  EXPECT_LE(r.kld, b.kld) << what;
-  EXPECT_GE(r.top1, b.top1) << what;
+void expect_within(const std::vector<float>& g, const std::vector<float>& r, int64_t vocab, const Bounds& b,
+                   const std::string& what) {
+  const Compare c = compare(g, r, vocab, b.tie, b.rel_max);
+  std::printf("  %s: rel max %.2e (%lld rows past %.0e), KLD %.2e, top-1 %.3f (bounds: KLD %.2e, top-1 %.3f)\n",
+              what.c_str(), c.rel_max, (long long)c.rows_past, b.rel_max, c.kld, c.top1, b.kld, b.top1);
+  EXPECT_LE(c.rows_past, b.rows_past_rel_max) << what;
+  EXPECT_LE(c.kld, b.kld) << what;
+  EXPECT_GE(c.top1, b.top1) << what;
 }
 
 // Top-1 over a handful of rows says nothing on such a network (one row is a third of a decode step),
 // so it is held only where a step has many rows.
 Bounds sensitivity_bounds(const Compare& cpu16, int64_t rows) {
-  return {1.0, 5e-3 + 2 * cpu16.kld, rows >= 100 ? cpu16.top1 - 0.15 : 0.0};
+  return {1.0, 5e-3 + 2 * cpu16.kld, rows >= 100 ? cpu16.top1 - 0.15 : 0.0, 0.0};
 }
 
 enum class Weights { Fp16, AtomW4A4, AtomW4A4Rotated, W8A8 };
@@ -152,9 +170,11 @@ void run_case(const ModelConfig& c, uint64_t seed, Weights weights = Weights::Fp
   // Checks GPU against CPU logits (and, for a quantized model, the CPU's own fp16 sensitivity).
   auto check = [&](const std::vector<float>& g, const std::vector<float>& r, const std::vector<float>& h,
                    const std::string& what) {
+    const int64_t rows = int64_t(r.size()) / c.vocab_size;
     Bounds b;
-    if (quantized) b = sensitivity_bounds(compare(h, r, c.vocab_size), int64_t(r.size()) / c.vocab_size);
-    expect_within(compare(g, r, c.vocab_size), b, what);
+    if (quantized) b = sensitivity_bounds(compare(h, r, c.vocab_size), rows);
+    if (c.num_experts > 0) b.rows_past_rel_max = std::max<int64_t>(1, rows / 50);
+    expect_within(g, r, c.vocab_size, b, what);
   };
   // Runs one step on the three executors; checked alone, or (decode steps of 3 rows each, too few
   // for a sensitivity measured on the same rows to be more than noise) gathered and checked together.
