@@ -725,5 +725,37 @@ TEST(Format, PackUnpackOfMillionsOfCodes) {
   }
 }
 
+// first_non_finite_dequantized decides fp16-scaled formats from their scales alone: it must name
+// the same element as dequantizing everything and scanning, for poisoned (inf, NaN), huge and
+// ordinary scales, in every format (the others still dequantize).
+TEST(Format, FirstNonFiniteDequantizedMatchesAFullScan) {
+  const Format all[] = {Format::Int4Sym, Format::Int4SymAtomGptq, Format::Int8Sym, Format::Int4Asym, Format::Int8Asym,
+                        Format::Fp4E2M1, Format::Mxfp4,          Format::Nvfp4,   Format::Fp8E4M3,  Format::Fp8E5M2};
+  std::mt19937 rng(20261204);
+  const int64_t rows = 6, cols = 64;
+  for (Format f : all) {
+    for (int row_group : {1, 2}) {
+      const FormatSpec spec{f, f == Format::Mxfp4 ? 32 : 16, row_group, 1.0f};
+      const std::vector<float> x = make_data(Dist::Normal, rows * cols, uint32_t(rng()));
+      const QuantizedMatrix clean = quantize_rows(x.data(), rows, cols, spec, "scan");
+      const float poisons[] = {INFINITY, -INFINITY, NAN, 1e38f, 3e35f, 2.0f};
+      for (int trial = 0; trial < 12; ++trial) {
+        QuantizedMatrix q = clean;
+        if (!q.scales.empty() && trial > 0) {
+          std::uniform_int_distribution<size_t> at(0, q.scales.size() - 1);
+          for (int k = 0; k < 1 + trial % 3; ++k) q.scales[at(rng)] = poisons[rng() % std::size(poisons)];
+        }
+        std::vector<float> y(size_t(rows * cols));
+        dequantize_rows(q, y.data());
+        int64_t expected = -1;
+        for (int64_t i = 0; i < rows * cols && expected < 0; ++i)
+          if (!std::isfinite(y[size_t(i)])) expected = i;
+        EXPECT_EQ(first_non_finite_dequantized(q), expected) << format_name(f) << " row_group " << row_group
+                                                             << " trial " << trial;
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace nibble::quant
