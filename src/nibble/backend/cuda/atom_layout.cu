@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -28,6 +29,11 @@ constexpr NibblePos int4_position(int r, int k) {
 constexpr int int8_position(int r, int k) {
   const int s = k / 32, h = (k / 16) % 2, t = (k / 4) % 4, i = k % 4;
   return (4 * r + t) * 16 + 4 * (2 * s + h) + i;
+}
+
+// Nibble i of a 16-bit value into the low nibble of byte i.
+constexpr uint32_t spread_nibbles(uint32_t v) {
+  return (v & 0xF) | (v & 0xF0) << 4 | (v & 0xF00) << 8 | (v & 0xF000) << 12;
 }
 
 // Rows are independent (each owns its own bytes of every block): convert them in parallel.
@@ -111,13 +117,18 @@ AtomGpuHost to_gpu_layout(const AtomPackedHost& p) {
     const int r = int(row % kRowTile);
     for (int grp = 0; grp < sh.g4; ++grp) {
       uint8_t* block = &g.q[size_t((tile * slabs + grp) * kSlabBytes)];
-      for (int k = 0; k < kGroup; ++k) {
-        const int64_t col = int64_t(grp) * kGroup + k;
-        const uint8_t byte = p.q4[size_t(row * (k4 / 2) + col / 2)];
-        const uint8_t nib = (col % 2) ? (byte >> 4) : (byte & 0xf);  // pack_4bit: 2i low, 2i+1 high
-        const NibblePos pos = int4_position(r, k);
-        block[pos.byte] |= uint8_t(pos.high ? nib << 4 : nib);
-      }
+      const uint8_t* src = &p.q4[size_t(row * (k4 / 2) + grp * (kGroup / 2))];  // pack_4bit: 2i low, 2i+1 high
+      // int4_position, a word at a time: bytes i = 0..3 of word (4r + t) * 4 + s hold channel
+      // 32s + 4t + i in the high nibble and 32s + 16 + 4t + i in the low one; each set of four
+      // channels is two source bytes, nibble i of a little-endian uint16 (from_gpu_layout inverts
+      // it nibble by nibble, and the round-trip test holds the two together).
+      for (int s = 0; s < 4; ++s)
+        for (int t = 0; t < 4; ++t) {
+          const uint32_t hi = src[16 * s + 2 * t] | uint32_t(src[16 * s + 2 * t + 1]) << 8;
+          const uint32_t lo = src[16 * s + 8 + 2 * t] | uint32_t(src[16 * s + 8 + 2 * t + 1]) << 8;
+          const uint32_t word = spread_nibbles(hi) << 4 | spread_nibbles(lo);
+          std::memcpy(block + (4 * r + t) * 16 + 4 * s, &word, 4);
+        }
       g.s[size_t(grp * sh.rows_pad + row)] = p.s4[size_t(row * sh.g4 + grp)];
     }
     for (int c = 0; c < sh.g8; ++c) {
