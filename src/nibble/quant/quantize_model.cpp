@@ -359,10 +359,9 @@ void LayerQuantizer::quantize(int l) {
 
   // 4. Quantize every linear (RTN or GPTQ) and install it.
   //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
-  //    (as with one thread), so GPTQ's codes do not depend on the thread count. With GPTQ's linear
-  //    algebra on the device (no host BLAS), the linears go one at a time instead and each spreads
-  //    its rows over all threads (gptq.cpp): the largest linear no longer bounds the layer's time
-  //    on one core, and one linear's W and U are on the host at a time.
+  //    (as with one thread), so GPTQ's codes do not depend on the thread count. With GPTQ on the
+  //    device (factor, column loop and updates: gptq_device.cu) the linears go one at a time, each
+  //    filling the device.
   t0 = std::chrono::steady_clock::now();
   std::vector<std::string> rtn_fallback(pending.size());  // by index: the same order on every run
   parallel_for(int64_t(pending.size()), [&](int64_t i) {
