@@ -219,15 +219,19 @@ std::unique_ptr<KVCache> Model::new_cache(int64_t max_tokens) const {
 }
 
 std::vector<float> Model::embed(std::span<const int32_t> tokens) const {
+  std::vector<float> h(tokens.size() * size_t(config_.hidden_size));
+  embed(tokens, h.data());
+  return h;
+}
+
+void Model::embed(std::span<const int32_t> tokens, float* hidden) const {
   const int64_t H = config_.hidden_size;
-  std::vector<float> h(tokens.size() * size_t(H));
   for (size_t i = 0; i < tokens.size(); ++i) {
     check(tokens[i] >= 0 && tokens[i] < config_.vocab_size, "forward", "token id {} at position {} is outside the vocabulary (0..{})",
           tokens[i], i, config_.vocab_size - 1);
-    std::copy_n(embedding_.begin() + tokens[i] * H, H, h.begin() + int64_t(i) * H);
+    std::copy_n(embedding_.begin() + tokens[i] * H, H, hidden + int64_t(i) * H);
   }
-  store(h.data(), int64_t(h.size()));
-  return h;
+  store(hidden, int64_t(tokens.size()) * H);
 }
 
 void Model::attention(int l, const std::vector<SeqView>& seqs, float* qkv, float* out) {

@@ -149,8 +149,13 @@ LayerQuantizer::LayerQuantizer(Model& model, const Recipe& recipe, std::span<con
     }
   }
   report.device_forward = device_stream_ != nullptr;
+  const size_t window_values = size_t(ctx_ * c.hidden_size);
   if (device_stream_) {
-    for (size_t w = 0; w < windows.size(); ++w) device_stream_->set_window(int64_t(w), embed(windows[w]).data());
+    std::vector<float> h(window_values);  // one buffer for every window: no fresh 32 MB per 7B window
+    for (size_t w = 0; w < windows.size(); ++w) {
+      embed(windows[w], h.data());
+      device_stream_->set_window(int64_t(w), h.data());
+    }
     return;
   }
   check_fits_in_memory(double(stream_bytes(recipe, c)),
@@ -158,8 +163,8 @@ LayerQuantizer::LayerQuantizer(Model& model, const Recipe& recipe, std::span<con
                                    ctx_),
                        calib_where);
   for (const auto& w : windows) {
-    if (need_fp_stream_) fp_stream_.push_back(embed(w));
-    if (need_q_stream_) q_stream_.push_back(embed(w));
+    for (auto* stream : {need_fp_stream_ ? &fp_stream_ : nullptr, need_q_stream_ ? &q_stream_ : nullptr})
+      if (stream) embed(w, stream->emplace_back(w.size() * size_t(c.hidden_size)).data());
   }
 }
 
@@ -432,7 +437,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
   QuantizeReport report;
   Progress progress("quantize", c.num_layers, "layers");
   LayerQuantizer q(model, recipe, calib_tokens, calib_where,
-                   [&](std::span<const int32_t> w) { return model.embed(w); }, report);
+                   [&](std::span<const int32_t> w, float* h) { model.embed(w, h); }, report);
   if (q.active())
     for (int l = 0; l < int(c.num_layers); ++l) {
       q.quantize(l);
