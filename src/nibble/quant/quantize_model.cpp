@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <map>
 #include <numeric>
 
@@ -41,24 +42,43 @@ std::vector<int32_t> salience_order(const std::vector<double>& metric, int64_t k
   return order;
 }
 
+// The Hessians' reshuffles run row-parallel (a 7B's down_proj has 121 M entries; with GPTQ on the
+// device they are the host's part of a layer): every entry is computed as serially.
 std::vector<double> permute_hessian(const std::vector<double>& H, const std::vector<int32_t>& order) {
   if (order.empty()) return H;
   const int64_t K = int64_t(order.size());
   std::vector<double> Hp(H.size());
-  for (int64_t i = 0; i < K; ++i)
+  parallel_for(K, [&](int64_t i) {
     for (int64_t j = 0; j < K; ++j) Hp[size_t(i * K + j)] = H[size_t(order[size_t(i)] * K + order[size_t(j)])];
+  });
   return Hp;
 }
 
 void rotate_hessian_groups(std::vector<double>& H, int64_t K, int64_t main, int64_t group) {
   std::vector<float> HR(H.begin(), H.end());
-  rotate_groups(HR.data(), K, K, main, group);  // H·R: each row's column blocks
-  std::vector<float> T(HR.size());
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < K; ++j) T[size_t(j * K + i)] = HR[size_t(i * K + j)];
-  rotate_groups(T.data(), K, K, main, group);  // (H·R)ᵀ rows = R·H columns
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < K; ++j) H[size_t(i * K + j)] = T[size_t(j * K + i)];
+  constexpr int64_t kRows = 64;
+  parallel_for((K + kRows - 1) / kRows, [&](int64_t c) {  // H·R: each row's column blocks
+    rotate_groups(HR.data() + c * kRows * K, std::min(kRows, K - c * kRows), K, main, group);
+  });
+  // R·(H·R): each column's row blocks, as hadamard_transform's butterflies applied to whole rows
+  // (every column sees exactly that transform, without transposing K × K values twice).
+  const float norm = 1.0f / std::sqrt(float(group));
+  parallel_for(main / group, [&](int64_t b) {
+    float* block = HR.data() + b * group * K;
+    for (int64_t h = 1; h < group; h *= 2)
+      for (int64_t i = 0; i < group; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          float* ra = block + j * K;
+          float* rb = block + (j + h) * K;
+          for (int64_t c = 0; c < K; ++c) {
+            const float a = ra[c], b = rb[c];
+            ra[c] = a + b;
+            rb[c] = a - b;
+          }
+        }
+    for (int64_t v = 0; v < group * K; ++v) block[v] *= norm;
+  });
+  std::copy(HR.begin(), HR.end(), H.begin());
 }
 
 namespace {
