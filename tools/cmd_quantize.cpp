@@ -121,7 +121,7 @@ void add_quantize_command(CLI::App& app) {
                   "packed model file to write (a regular file, not one of the inputs; replaced only when complete)")
       ->required();
   cmd->add_option("--device", a->device,
-                  "where the calibration passes, statistics and GPTQ's linear algebra run: cpu (the reference) or "
+                  "where the calibration passes, statistics and GPTQ run: cpu (the reference) or "
                   "cuda (the calibration stream resident on the GPU; passes without a kernel stay on the CPU, "
                   "with a warning)")
       ->check(CLI::IsMember({"cpu", "cuda"}));

@@ -42,7 +42,7 @@ class LayerQuantizer {
  public:
   using Embed = std::function<void(std::span<const int32_t> tokens, float* hidden)>;  // Model::embed
   // Samples the calibration windows and embeds them with `embed`; statistics and timings go to
-  // `report`. on_device: the statistics and GPTQ's linear algebra on the CUDA device
+  // `report`. on_device: the statistics and GPTQ on the CUDA device
   // (quant/device_math.h), and the calibration passes too, the stream resident there (LayerStream,
   // backend.h), where the recipe's passes and the layer's formats have kernels; otherwise (Atom's
   // Hessians from quantized inputs, a MoE, a format without a kernel: said in a warning) on the CPU.
