@@ -26,12 +26,24 @@ int64_t peak_rss_bytes() {
   return int64_t(u.ru_maxrss) * 1024;
 }
 
+// The weight and Hessian reshuffles of a layer run row-parallel (a 7B layer has 202 M weights and
+// down_proj's Hessian 121 M entries; with GPTQ on the device they are the host's part of a layer):
+// every value is computed as serially.
 std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
   if (perm.empty()) return w;
   std::vector<float> out(w.size());
-  for (int64_t n = 0; n < N; ++n)
+  parallel_for(N, [&](int64_t n) {
     for (int64_t c = 0; c < K; ++c) out[size_t(n * K + c)] = w[size_t(n * K + perm[size_t(c)])];
+  });
   return out;
+}
+
+// rotate_groups over rows [0, rows) in parallel chunks.
+void rotate_groups_parallel(float* x, int64_t rows, int64_t K, int64_t main, int64_t group) {
+  constexpr int64_t kRows = 64;
+  parallel_for((rows + kRows - 1) / kRows, [&](int64_t c) {
+    rotate_groups(x + c * kRows * K, std::min(kRows, rows - c * kRows), K, main, group);
+  });
 }
 
 std::vector<int32_t> salience_order(const std::vector<double>& metric, int64_t keeper, bool act_order) {
@@ -42,8 +54,6 @@ std::vector<int32_t> salience_order(const std::vector<double>& metric, int64_t k
   return order;
 }
 
-// The Hessians' reshuffles run row-parallel (a 7B's down_proj has 121 M entries; with GPTQ on the
-// device they are the host's part of a layer): every entry is computed as serially.
 std::vector<double> permute_hessian(const std::vector<double>& H, const std::vector<int32_t>& order) {
   if (order.empty()) return H;
   const int64_t K = int64_t(order.size());
@@ -56,10 +66,7 @@ std::vector<double> permute_hessian(const std::vector<double>& H, const std::vec
 
 void rotate_hessian_groups(std::vector<double>& H, int64_t K, int64_t main, int64_t group) {
   std::vector<float> HR(H.begin(), H.end());
-  constexpr int64_t kRows = 64;
-  parallel_for((K + kRows - 1) / kRows, [&](int64_t c) {  // H·R: each row's column blocks
-    rotate_groups(HR.data() + c * kRows * K, std::min(kRows, K - c * kRows), K, main, group);
-  });
+  rotate_groups_parallel(HR.data(), K, K, main, group);  // H·R: each row's column blocks
   // R·(H·R): each column's row blocks, as hadamard_transform's butterflies applied to whole rows
   // (every column sees exactly that transform, without transposing K × K values twice).
   const float norm = 1.0f / std::sqrt(float(group));
@@ -98,9 +105,10 @@ DenseLinear& dense(Linear& l) {
 void permute_gate_up_rows(DenseLinear& gu, int64_t I, const std::vector<int32_t>& perm) {
   const int64_t H = gu.in_features();
   std::vector<float> w(gu.weight().size());
-  for (int half = 0; half < 2; ++half)
-    for (int64_t i = 0; i < I; ++i)
-      std::copy_n(gu.weight().begin() + (half * I + perm[size_t(i)]) * H, H, w.begin() + (half * I + i) * H);
+  parallel_for(2 * I, [&](int64_t r) {  // r = half · I + i
+    const int64_t half = r / I, i = r % I;
+    std::copy_n(gu.weight().begin() + (half * I + perm[size_t(i)]) * H, H, w.begin() + r * H);
+  });
   gu.weight() = std::move(w);
   if (!gu.bias().empty()) {
     std::vector<float> b(gu.bias().size());
@@ -309,7 +317,9 @@ void LayerQuantizer::quantize(int l) {
     return salience_order(metric, recipe.linear_spec(int64_t(metric.size()), lw, k.first).keeper, recipe.act_order);
   };
 
-  // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).
+  // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest). Timed with step 4:
+  //    the weights are gathered (and rotated) for GPTQ here.
+  t0 = std::chrono::steady_clock::now();
   std::vector<Pending> pending;
   auto add = [&](std::unique_ptr<Linear>* slot, std::vector<int32_t> perm, Key key, std::string name,
                  std::vector<int32_t> folded = {}) {
@@ -320,7 +330,7 @@ void LayerQuantizer::quantize(int l) {
     Pending p{slot, perm, std::move(order), gather_columns(std::move(d.weight()), N, K, perm), fp16_rounded(d.bias()),
               recipe.linear_spec(K, lw + " " + name, key.first), key, name};
     // Group-rotated recipes hold W·Hᵀ from here on, so every pass computes the same products.
-    if (p.spec.group_hadamard) rotate_groups(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
+    if (p.spec.group_hadamard) rotate_groups_parallel(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
     pending.push_back(std::move(p));
   };
   add(&layer.qkv, order_for({LinearSlot::QKV, -1}, {LinearSlot::QKV, -1}), {LinearSlot::QKV, -1}, "q/k/v");
@@ -339,6 +349,7 @@ void LayerQuantizer::quantize(int l) {
         "gate/up" + en);
     add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en, down_order);
   }
+  report.quantize_seconds += seconds_since(t0);
 
   // 3. GPTQ's Hessians from the quantized model's stream, the layer's activations quantized as
   //    it will run (Atom), its weights still full precision.

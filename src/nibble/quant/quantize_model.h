@@ -22,8 +22,9 @@ namespace nibble::quant {
 struct QuantizeReport {
   double seconds = 0;
   // Where the time went: calibration passes collecting statistics (the full-precision layer, and
-  // with --hessian-quantized the gathered quantized inputs), GPTQ or rounding, and the passes of
-  // the quantized layer that feed the next one.
+  // with --hessian-quantized the gathered quantized inputs), GPTQ or rounding (with gathering and
+  // rotating the weights into their order), and the passes of the quantized layer that feed the
+  // next one.
   double stats_seconds = 0, quantize_seconds = 0, advance_seconds = 0;
   // quantize_checkpoint only: before the first layer (hashing the checkpoint, the tensors outside
   // the layers, embedding the calibration windows), and reading each layer and writing its file.
