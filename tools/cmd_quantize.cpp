@@ -1,4 +1,5 @@
 // nibble quantize -m DIR --recipe atom-w4a4 -f CALIB_TEXT -o FILE [--resume] [--layers N]
+#include <chrono>
 #include <cstdio>
 
 #include "nibble/core/progress.h"
@@ -43,10 +44,13 @@ void run_quantize(const QuantizeArgs& a) {
   check(!fs::is_regular_file(a.model), a.model,
         "is a file: give a Hugging Face checkpoint directory (a packed file is already quantized)");
   std::vector<int32_t> calib;
+  double tokenize_seconds = 0;
   if (recipe.needs_calibration()) {
     check(!a.calib.empty(), "quantize", "recipe '{}' needs calibration text: give -f FILE (e.g. calib.txt)", recipe.name);
+    const auto t0 = std::chrono::steady_clock::now();
     const Tokenizer tok = load_tokenizer(a.model, a.tokenizer);
     calib = tok.encode(read_text_file(a.calib), tok.bos_id() >= 0);
+    tokenize_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   std::fprintf(stderr, "quantizing %s with %s\n", a.model.c_str(), recipe.describe().c_str());
   install_interrupt_handler();  // Ctrl-C unwinds: the temporary files go, the finished layers stay
@@ -74,6 +78,9 @@ void run_quantize(const QuantizeArgs& a) {
                         {"stats_seconds", report.stats_seconds},
                         {"quantize_seconds", report.quantize_seconds},
                         {"advance_seconds", report.advance_seconds},
+                        {"tokenize_seconds", tokenize_seconds},
+                        {"setup_seconds", report.setup_seconds},
+                        {"layer_io_seconds", report.layer_io_seconds},
                         {"peak_rss_bytes", report.peak_rss_bytes},
                         {"peak_device_bytes", report.peak_device_bytes},
                         {"device_forward", report.device_forward},
@@ -94,9 +101,10 @@ void run_quantize(const QuantizeArgs& a) {
                 (long long)report.calib_ctx);
   else
     std::printf("no calibration (the recipe takes no statistics); ");
-  std::printf("%.1f s (statistics %.1f s, GPTQ/rounding %.1f s, quantized layers' passes %.1f s); peak RSS %.0f MB\n",
+  std::printf("%.1f s (statistics %.1f s, GPTQ/rounding %.1f s, quantized layers' passes %.1f s; set-up %.1f s, "
+              "reading and writing layers %.1f s; tokenizing before it %.1f s); peak RSS %.0f MB\n",
               report.seconds, report.stats_seconds, report.quantize_seconds, report.advance_seconds,
-              double(report.peak_rss_bytes) / 1e6);
+              report.setup_seconds, report.layer_io_seconds, tokenize_seconds, double(report.peak_rss_bytes) / 1e6);
   if (opt.on_device)
     std::printf("device: calibration passes on the %s; peak device memory in use %.0f MB\n",
                 report.device_forward ? "GPU" : "CPU (see the warning)", double(report.peak_device_bytes) / 1e6);
@@ -113,7 +121,7 @@ void add_quantize_command(CLI::App& app) {
                   "packed model file to write (a regular file, not one of the inputs; replaced only when complete)")
       ->required();
   cmd->add_option("--device", a->device,
-                  "where the calibration passes, statistics and GPTQ's linear algebra run: cpu (the reference) or "
+                  "where the calibration passes, statistics and GPTQ run: cpu (the reference) or "
                   "cuda (the calibration stream resident on the GPU; passes without a kernel stay on the CPU, "
                   "with a warning)")
       ->check(CLI::IsMember({"cpu", "cuda"}));

@@ -2,10 +2,12 @@
 //  - the statistics (Σx², Σ|x| in float64; XᵀX as fp32 SSYRK per add, summed in float64) against
 //    a float64 loop, to the bound the CPU's own test uses (1e-5 of the largest entry for XᵀX);
 //  - the inverse-Hessian factor by cuSOLVER against LAPACK's (1e-9 relative);
-//  - GPTQ's codes on the device against the CPU's: equal except where the two DGEMMs' summation
-//    orders move a value across a rounding boundary (a tie to 1e-9); those are counted and printed;
-//  - a whole quantization of stories260K (streamed, --device cuda against cpu): the packed codes
-//    differ at few places, counted and printed per tensor. Its head_dim (8) has no attention
+//  - GPTQ on the device (factor, column loop, lazy updates) against the CPU's, for every recipe
+//    and format: codes and scales equal except where the factor's and the DGEMMs' last bits move a
+//    value across a rounding boundary; those are counted and printed; a second run is bit-identical;
+//  - a whole quantization of stories260K (streamed, --device cuda against cpu) for atom-w4a4,
+//    --atom-compat and w4a16-g128-gptq: identical up to the first layer where the device's XᵀX
+//    moves a value across a rounding tie, few codes there, printed per layer. Its head_dim (8) has no attention
 //    kernel, so its calibration passes stay on the CPU (said in a warning): only the arithmetic
 //    above differs there;
 //  - the calibration stream (LayerStream: one decoder layer over windows resident on the device)
@@ -16,6 +18,7 @@
 // Seeds are fresh on every run and printed.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -114,36 +117,124 @@ int64_t differing(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b) 
   return n;
 }
 
-// Atom's linear (groups of 128, row pairs, 128 INT8 keepers, clip search, group Hadamard off).
-TEST(QuantMath, GptqCodesMatchTheCpuButForTies) {
+int64_t differing_floats(const std::vector<float>& a, const std::vector<float>& b) {
+  int64_t n = 0;
+  for (size_t i = 0; i < a.size(); ++i) n += std::bit_cast<uint32_t>(a[i]) != std::bit_cast<uint32_t>(b[i]);
+  return n;
+}
+
+// One linear's GPTQ problem: a recipe's spec, W [N, K] and the Hessian of random inputs with
+// outlier channels and one dead channel (never fires: its weights are zeroed).
+struct GptqCase {
+  const char* name;
+  LinearQuantSpec spec;
+  bool clip_search;
+  int64_t block = 128;
+};
+
+std::vector<GptqCase> gptq_cases() {
+  auto from_recipe = [](const char* preset, bool atom_compat) {
+    Recipe r = Recipe::preset(preset);
+    if (atom_compat) r.apply_atom_compat();
+    r.group_hadamard = false;  // a rotation of W and H outside GPTQ: nothing to test here
+    return std::pair{r.linear_spec(640, "test"), r.clip_search};
+  };
+  std::vector<GptqCase> cases;
+  for (auto [name, preset, compat] : {std::tuple{"atom-w4a4", "atom-w4a4", false},
+                                      std::tuple{"atom-w4a4 --atom-compat", "atom-w4a4", true},
+                                      std::tuple{"w4a16-g128-gptq", "w4a16-g128-gptq", false}}) {
+    auto [spec, clip] = from_recipe(preset, compat);
+    cases.push_back({name, spec, clip});
+  }
+  // The other formats and keeper precisions, groups spanning several batches, whole-row groups.
+  LinearQuantSpec s;
+  s.weight = {Format::Int4Asym, 64, 1, 1.0f};
+  s.keeper = 64;
+  s.keeper_precision = KeeperPrecision::Fp16;
+  cases.push_back({"int4-asym g64, fp16 keepers, batches of 32", s, true, 32});
+  s.weight = {Format::Fp4E2M1, 32, 2, 1.0f};
+  s.keeper_precision = KeeperPrecision::Fp8E4M3;
+  cases.push_back({"fp4-e2m1 g32 row pairs, fp8-e4m3 keepers", s, true});
+  s.weight = {Format::Mxfp4, 32, 1, 1.0f};
+  s.keeper_precision = KeeperPrecision::Fp8E5M2;
+  cases.push_back({"mxfp4, fp8-e5m2 keepers", s, false});
+  s.weight = {Format::Nvfp4, 16, 1, 1.0f};
+  s.keeper = 0;
+  cases.push_back({"nvfp4", s, false});
+  s.weight = {Format::Int8Sym, 0, 1, 1.0f};
+  cases.push_back({"int8 whole rows, batches of 100", s, true, 100});
+  return cases;
+}
+
+// The device's column loop against the host's: with the same Hessian the only differences are the
+// factor's (cuSOLVER vs LAPACK) and the lazy updates' (cuBLAS vs OpenBLAS DGEMM) last bits, so
+// codes and scales differ only where those move a value across a rounding boundary (a tie to
+// ~1e-13); counted, printed, bounded at 1 in 1000. The device run again gives the same bits.
+TEST(QuantMath, GptqOnTheDeviceMatchesTheCpuButForTies) {
   NIBBLE_REQUIRE_GPU();
   const uint64_t seed = fresh_seed();
   std::mt19937_64 rng(seed);
   const int64_t N = 256, K = 640, rows = 4096;
-  Recipe r = Recipe::preset("atom-w4a4");
-  r.group_hadamard = false;
-  const LinearQuantSpec spec = r.linear_spec(K, "test");
+  std::vector<float> x = random_inputs(rng, rows, K);
+  for (int64_t r = 0; r < rows; ++r) x[size_t(r * K + 3)] = 0;  // a dead channel
   InputStats st(K, true);
-  const std::vector<float> x = random_inputs(rng, rows, K);
   st.add(x.data(), rows);
   std::normal_distribution<float> nd;
   std::vector<float> W(size_t(N * K));
   for (float& w : W) w = nd(rng) * 0.02f;
-  GptqOptions opt;
-  opt.clip_search = true;
-  const GptqResult cpu = gptq_quantize(W, N, K, st.xtx(), spec, opt, "cpu");
-  opt.on_device = true;
-  const GptqResult dev = gptq_quantize(W, N, K, st.xtx(), spec, opt, "cuda");
-  const int64_t main_diff = differing(cpu.main.codes, dev.main.codes);
-  const int64_t keeper_diff = differing(cpu.keepers->codes, dev.keepers->codes);
-  std::printf("GPTQ codes differing (rounding ties): main %lld of %zu, keepers %lld of %zu; loss %.6g vs %.6g\n",
-              (long long)main_diff, cpu.main.codes.size(), (long long)keeper_diff, cpu.keepers->codes.size(), cpu.loss,
-              dev.loss);
-  EXPECT_LE(main_diff, int64_t(cpu.main.codes.size()) / 1000) << "seed " << seed;
-  EXPECT_LE(keeper_diff, int64_t(cpu.keepers->codes.size()) / 1000) << "seed " << seed;
-  EXPECT_NEAR(dev.loss, cpu.loss, 1e-3 * cpu.loss);
+  std::printf("seed %llu\n", (unsigned long long)seed);
+  for (const GptqCase& c : gptq_cases()) {
+    SCOPED_TRACE(c.name);
+    GptqOptions opt;
+    opt.clip_search = c.clip_search;
+    opt.block = c.block;
+    const GptqResult cpu = gptq_quantize(W, N, K, st.xtx(), c.spec, opt, "cpu");
+    opt.on_device = true;
+    const GptqResult dev = gptq_quantize(W, N, K, st.xtx(), c.spec, opt, "cuda");
+    const GptqResult again = gptq_quantize(W, N, K, st.xtx(), c.spec, opt, "cuda");
+    ASSERT_EQ(cpu.main.codes.size(), dev.main.codes.size());
+    ASSERT_EQ(cpu.main.scales.size(), dev.main.scales.size());
+    ASSERT_EQ(cpu.keepers.has_value(), dev.keepers.has_value());
+    ASSERT_EQ(cpu.keeper_fp16.size(), dev.keeper_fp16.size());
+    const int64_t codes = differing(cpu.main.codes, dev.main.codes), scales = differing_floats(cpu.main.scales, dev.main.scales),
+                  zeros = differing(cpu.main.zeros, dev.main.zeros);
+    int64_t keeper_codes = 0, keeper_scales = 0, keeper_fp16 = 0;
+    if (cpu.keepers) {
+      keeper_codes = differing(cpu.keepers->codes, dev.keepers->codes);
+      keeper_scales = differing_floats(cpu.keepers->scales, dev.keepers->scales);
+    }
+    for (size_t i = 0; i < cpu.keeper_fp16.size(); ++i) keeper_fp16 += cpu.keeper_fp16[i] != dev.keeper_fp16[i];
+    std::printf("%-44s differing: codes %lld of %zu, scales %lld of %zu, zeros %lld, keeper codes %lld, keeper scales "
+                "%lld, fp16 keepers %lld; loss %.9g vs %.9g\n",
+                c.name, (long long)codes, cpu.main.codes.size(), (long long)scales, cpu.main.scales.size(),
+                (long long)zeros, (long long)keeper_codes, (long long)keeper_scales, (long long)keeper_fp16, cpu.loss,
+                dev.loss);
+    const int64_t bound = int64_t(cpu.main.codes.size()) / 1000;
+    EXPECT_LE(codes, bound) << "seed " << seed;
+    EXPECT_LE(scales + zeros, std::max<int64_t>(1, int64_t(cpu.main.scales.size()) / 1000)) << "seed " << seed;
+    EXPECT_LE(keeper_codes + keeper_scales + keeper_fp16, bound) << "seed " << seed;
+    EXPECT_NEAR(dev.loss, cpu.loss, 1e-6 * cpu.loss) << "seed " << seed;
+    // Deterministic: the same bits on a second run.
+    EXPECT_EQ(again.main.codes, dev.main.codes);
+    EXPECT_EQ(differing_floats(again.main.scales, dev.main.scales), 0);
+    EXPECT_EQ(again.main.zeros, dev.main.zeros);
+    if (dev.keepers) {
+      EXPECT_EQ(again.keepers->codes, dev.keepers->codes);
+      EXPECT_EQ(differing_floats(again.keepers->scales, dev.keepers->scales), 0);
+    }
+    EXPECT_EQ(again.keeper_fp16, dev.keeper_fp16);
+    EXPECT_EQ(std::bit_cast<uint64_t>(again.loss), std::bit_cast<uint64_t>(dev.loss));
+  }
 }
 
+// The whole `quantize --device cuda` path (streamed; GPTQ on the device) for each recipe the
+// device runs, against the CPU path. The device's XᵀX differs from the CPU's in the last bits (fp32
+// SSYRK summation order), so a code can flip where a value sits at a rounding tie; a flipped code
+// changes the quantized layer's output, and from there the calibration stream carries the
+// difference into every later layer's statistics and channel orders (as any last-bit change of XᵀX
+// does on the CPU too: notes/quantization.md). So: every layer before the first that differs is
+// identical, that first layer's differences are ties (at most 1% of its code bytes, no channel
+// order moved), and the later layers are printed, not bounded.
 TEST(QuantMath, Stories260KPackedCodesMatchTheCpuButForTies) {
   NIBBLE_REQUIRE_GPU();
   const char* data = std::getenv("NIBBLE_DATA");
@@ -154,39 +245,58 @@ TEST(QuantMath, Stories260KPackedCodesMatchTheCpuButForTies) {
   std::mt19937_64 rng(seed);
   std::vector<int32_t> calib(4096);
   for (auto& t : calib) t = int32_t(rng() % 512);
-  Recipe r = Recipe::preset("atom-w4a4");
-  r.weight.group = r.act.group = 32;
-  r.keeper = 8;
-  r.calib_windows = 8;
-  r.calib_ctx = 128;
-  const auto dir = std::filesystem::temp_directory_path();
-  std::shared_ptr<SafetensorsFile> files[2];
-  for (int device = 0; device < 2; ++device) {
-    CheckpointQuantizeOptions opt;
-    opt.model = opt.tokenizer = model;
-    opt.out = dir / (device ? "nibble_gpu_q.safetensors" : "nibble_cpu_q.safetensors");
-    opt.show_progress = false;
-    opt.on_device = device == 1;
-    quantize_checkpoint(r, calib, opt);
-    files[device] = SafetensorsFile::open(opt.out);
-  }
-  int64_t total = 0, diff = 0;
-  for (const auto& [name, t] : files[0]->tensors()) {
-    const TensorInfo& u = files[1]->get(name);
-    ASSERT_EQ(t.nbytes, u.nbytes) << name;
-    int64_t d = 0;
-    for (size_t i = 0; i < t.nbytes; ++i) d += t.data[i] != u.data[i];
-    if (name.ends_with("codes")) {
-      total += int64_t(t.nbytes);
-      diff += d;
-      if (d) std::printf("  %s: %lld of %zu code bytes differ\n", name.c_str(), (long long)d, t.nbytes);
-    } else if (name.ends_with("perm")) {
-      EXPECT_EQ(d, 0) << name << ": the channel order moved (seed " << seed << ")";
+  for (const char* name : {"atom-w4a4", "atom-w4a4 --atom-compat", "w4a16-g128-gptq"}) {
+    Recipe r = Recipe::preset(name == std::string("w4a16-g128-gptq") ? "w4a16-g128-gptq" : "atom-w4a4");
+    if (name == std::string("atom-w4a4 --atom-compat")) r.apply_atom_compat();
+    r.weight.group = 32;
+    if (r.quantize_activations) r.act.group = 32;
+    r.keeper = 8;
+    r.calib_windows = 8;
+    r.calib_ctx = 128;
+    const auto dir = std::filesystem::temp_directory_path();
+    std::shared_ptr<SafetensorsFile> files[2];
+    for (int device = 0; device < 2; ++device) {
+      CheckpointQuantizeOptions opt;
+      opt.model = opt.tokenizer = model;
+      opt.out = dir / (device ? "nibble_gpu_q.safetensors" : "nibble_cpu_q.safetensors");
+      opt.show_progress = false;
+      opt.on_device = device == 1;
+      quantize_checkpoint(r, calib, opt);
+      files[device] = SafetensorsFile::open(opt.out);
+    }
+    struct LayerDiff {
+      int64_t code_bytes = 0, differing = 0, moved_orders = 0, other = 0;  // other: scales, norms, ... bytes
+    };
+    std::map<int, LayerDiff> layers;  // -1: the tensors outside the layers
+    for (const auto& [tensor, t] : files[0]->tensors()) {
+      const TensorInfo& u = files[1]->get(tensor);
+      ASSERT_EQ(t.nbytes, u.nbytes) << tensor;
+      int64_t d = 0;
+      for (size_t i = 0; i < t.nbytes; ++i) d += t.data[i] != u.data[i];
+      const int layer = tensor.starts_with("model.layers.") ? std::stoi(tensor.substr(13)) : -1;
+      LayerDiff& ld = layers[layer];
+      if (tensor.ends_with("codes")) {
+        ld.code_bytes += int64_t(t.nbytes);
+        ld.differing += d;
+      } else if (tensor.ends_with("perm")) {
+        ld.moved_orders += d > 0;
+      } else {
+        ld.other += d;
+      }
+    }
+    int first = -2;  // the first layer that differs
+    for (const auto& [layer, ld] : layers) {
+      if (layer >= 0)
+        std::printf("stories260K %s layer %d: %lld of %lld code bytes differ, %lld channel orders moved%s\n", name, layer,
+                    (long long)ld.differing, (long long)ld.code_bytes, (long long)ld.moved_orders,
+                    first >= 0 ? " (after the first difference: not bounded)" : "");
+      if (first >= 0 || (ld.differing == 0 && ld.moved_orders == 0 && ld.other == 0)) continue;
+      first = layer;
+      EXPECT_GE(layer, 0) << name << ": the tensors outside the layers differ (seed " << seed << ")";
+      EXPECT_LE(ld.differing, ld.code_bytes / 100) << name << " layer " << layer << " seed " << seed;
+      EXPECT_EQ(ld.moved_orders, 0) << name << " layer " << layer << " seed " << seed;
     }
   }
-  std::printf("stories260K: %lld of %lld packed code bytes differ between --device cuda and cpu\n", (long long)diff,
-              (long long)total);
-  EXPECT_LE(diff, total / 100) << "seed " << seed;
 }
 
 TEST(QuantMath, Stories260KCalibrationPassesFallBackToTheCpu) {

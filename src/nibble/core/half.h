@@ -15,7 +15,7 @@ inline uint16_t float_to_bf16(float f) {
   return uint16_t(u >> 16);
 }
 
-inline float fp16_to_float(uint16_t h) {
+constexpr float fp16_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t mant = h & 0x3ffu;
@@ -28,7 +28,7 @@ inline float fp16_to_float(uint16_t h) {
   return std::bit_cast<float>(sign | ((exp + 112) << 23) | (mant << 13));
 }
 
-inline uint16_t float_to_fp16(float f) {
+constexpr uint16_t float_to_fp16(float f) {
   const uint32_t u = std::bit_cast<uint32_t>(f);
   const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
   const uint32_t a = u & 0x7fffffffu;
@@ -44,8 +44,9 @@ inline uint16_t float_to_fp16(float f) {
   return sign | uint16_t((m - (112u << 23)) >> 13);
 }
 
-// Rounds through fp16 and back: what storing a value as fp16 does to it.
-inline float round_fp16(float f) { return fp16_to_float(float_to_fp16(f)); }
+// Rounds through fp16 and back: what storing a value as fp16 does to it. constexpr: CUDA code
+// (--expt-relaxed-constexpr) calls these as they are.
+constexpr float round_fp16(float f) { return fp16_to_float(float_to_fp16(f)); }
 inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 inline void round_fp16(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] = round_fp16(x[i]);

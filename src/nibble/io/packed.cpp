@@ -38,14 +38,18 @@ std::span<const uint8_t> bytes_of(const std::vector<T>& v) {
 // Stores full-precision values in the smallest dtype that holds every one of them exactly.
 void add_exact_floats(SafetensorsWriter& w, const std::string& name, const std::vector<float>& v,
                       std::vector<int64_t> shape) {
+  // In parallel: a 7B's embedding and LM head are 131 M values each.
+  const int64_t n = int64_t(v.size());
   bool bf16 = true, fp16 = true;
-  for (float x : v) {
-    bf16 = bf16 && round_bf16(x) == x;
-    fp16 = fp16 && round_fp16(x) == x;
+#pragma omp parallel for reduction(&& : bf16, fp16) if (n >= (1 << 20))
+  for (int64_t i = 0; i < n; ++i) {
+    bf16 = bf16 && round_bf16(v[size_t(i)]) == v[size_t(i)];
+    fp16 = fp16 && round_fp16(v[size_t(i)]) == v[size_t(i)];
   }
   if (bf16 || fp16) {
     std::vector<uint16_t> h(v.size());
-    for (size_t i = 0; i < v.size(); ++i) h[i] = bf16 ? float_to_bf16(v[i]) : float_to_fp16(v[i]);
+#pragma omp parallel for if (n >= (1 << 20))
+    for (int64_t i = 0; i < n; ++i) h[size_t(i)] = bf16 ? float_to_bf16(v[size_t(i)]) : float_to_fp16(v[size_t(i)]);
     w.add(name, bf16 ? DType::BF16 : DType::F16, std::move(shape), bytes_of(h));
   } else {
     w.add(name, DType::F32, std::move(shape), bytes_of(v));

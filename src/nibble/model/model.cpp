@@ -230,19 +230,24 @@ std::unique_ptr<KVCache> Model::new_cache(int64_t max_tokens) const {
 }
 
 std::vector<float> Model::embed(std::span<const int32_t> tokens) const {
+  std::vector<float> h(tokens.size() * size_t(config_.hidden_size));
+  embed(tokens, h.data());
+  return h;
+}
+
+void Model::embed(std::span<const int32_t> tokens, float* hidden) const {
   const int64_t H = config_.hidden_size;
-  std::vector<float> h(tokens.size() * size_t(H), 0.0f);
+  std::fill_n(hidden, int64_t(tokens.size()) * H, 0.0f);
   for (size_t i = 0; i < tokens.size(); ++i) {
     check(tokens[i] >= 0 && tokens[i] < config_.vocab_size, "forward", "token id {} at position {} is outside the vocabulary (0..{})",
           tokens[i], i, config_.vocab_size - 1);
     // A shard holds rows vocab_begin.. of the table; the other ranks hold the rest (zeros here).
     const int64_t row = tokens[i] - tp_.vocab_begin;
     if (row >= 0 && row < int64_t(embedding_.size()) / H)
-      std::copy_n(embedding_.begin() + row * H, H, h.begin() + int64_t(i) * H);
+      std::copy_n(embedding_.begin() + row * H, H, hidden + int64_t(i) * H);
   }
-  store(h.data(), int64_t(h.size()));
-  if (tp_.comm) tp_.comm->all_reduce_sum(h.data(), int64_t(h.size()));  // one nonzero row per token: exact
-  return h;
+  store(hidden, int64_t(tokens.size()) * H);
+  if (tp_.comm) tp_.comm->all_reduce_sum(hidden, int64_t(tokens.size()) * H);  // one nonzero row per token: exact
 }
 
 void Model::attention(int l, const std::vector<SeqView>& seqs, float* qkv, float* out) {

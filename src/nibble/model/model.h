@@ -95,6 +95,7 @@ class Model {
   // Layer-by-layer access for calibration: hidden [n, hidden_size] of one sequence whose tokens
   // sit at positions 0..n-1; run_layer transforms it in place through layer `l` (fresh cache).
   std::vector<float> embed(std::span<const int32_t> tokens) const;
+  void embed(std::span<const int32_t> tokens, float* hidden) const;  // into [n, hidden_size]
   void run_layer(int l, float* hidden, int64_t n);
   // Runs layer `l` on `hidden` only as far as the observer needs: every linear's input is seen,
   // the down_proj products (whose outputs nobody reads then) are skipped; `hidden` is unchanged.

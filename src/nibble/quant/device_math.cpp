@@ -14,8 +14,9 @@ namespace {
 
 std::unique_ptr<DeviceStats> make_device_stats(int64_t, bool) { no_cuda(); }
 std::vector<double> device_inverse_cholesky_upper(std::vector<double>, int64_t, const std::string&) { no_cuda(); }
-std::unique_ptr<DeviceGptqUpdate> make_device_gptq_update(const std::vector<double>&, int64_t, int64_t,
-                                                          const std::vector<double>&) {
+std::unique_ptr<DeviceGptq> make_device_gptq(const std::vector<float>&, int64_t, int64_t, std::vector<double>,
+                                             const std::vector<char>&, const std::vector<double>&,
+                                             const LinearQuantSpec&, bool, const std::string&) {
   no_cuda();
 }
 

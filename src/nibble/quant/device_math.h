@@ -1,7 +1,6 @@
 // The arithmetic of calibration and GPTQ that `nibble quantize --device cuda` moves to the GPU
-// (backend/cuda/quant_math.cu): the input statistics and GPTQ's inverse-Hessian factor and lazy
-// batch updates. The CPU code (calibrate.cpp, gptq.cpp) is the reference these are tested against
-// (tests/gpu/test_quant_math.cu). Every make_* throws nibble::Error when nibble was built without
+// (backend/cuda/quant_math.cu, gptq_device.cu): the input statistics and GPTQ. The CPU code
+// (calibrate.cpp, gptq.cpp) is the reference these are tested against (tests/gpu/test_quant_math.cu). Every make_* throws nibble::Error when nibble was built without
 // CUDA or no device is present.
 #pragma once
 
@@ -9,6 +8,8 @@
 #include <memory>
 #include <string>
 #include <vector>
+
+#include "nibble/quant/gptq.h"
 
 namespace nibble::quant {
 
@@ -30,18 +31,28 @@ std::unique_ptr<DeviceStats> make_device_stats(int64_t dim, bool with_xtx);
 // cuSOLVER (potrf, potri, potrf): gptq_inverse_hessian_factor's factorisation on the device.
 std::vector<double> device_inverse_cholesky_upper(std::vector<double> H, int64_t K, const std::string& where);
 
-// GPTQ's weight W [N, K] (row-major, float64) resident on the device with the factor U [K, K]:
-// the column loop fetches a block of columns, quantizes it on the host, and hands back its scaled
-// errors E [N, count], which update the later columns: W[:, i2:] -= E · U[i1:i2, i2:] (cuBLAS DGEMM).
-class DeviceGptqUpdate {
+// GPTQ on the device (backend/cuda/gptq_device.cu), one linear: W (widened to float64, the dead
+// channels zeroed) and the factor U of H⁻¹ (cuSOLVER, as device_inverse_cholesky_upper) stay there.
+// run_block is one lazy batch [i1, i2) of gptq.cpp's loop: the column loop (one warp per row
+// group of W: group scales with the clip search where a group starts, rounding by format.h's
+// functions, the scaled errors, the updates within the block), then W[:, i2:] -= E · U[i1:i2, i2:]
+// (cuBLAS DGEMM). Its arithmetic is the host loop's operation for operation (both compiled without
+// FMA contraction): the codes equal the CPU's but where the factor's or the DGEMM's last bits move
+// a value across a rounding boundary. finish() copies the results into gptq.cpp's layout.
+class DeviceGptq {
  public:
-  virtual ~DeviceGptqUpdate() = default;
-  // W[:, i1:i2] into host_w (row-major [N, K], the other columns untouched).
-  virtual void fetch(double* host_w, int64_t i1, int64_t i2) = 0;
-  virtual void update(const double* err, int64_t i1, int64_t i2) = 0;
+  virtual ~DeviceGptq() = default;
+  virtual void run_block(int64_t i1, int64_t i2) = 0;
+  // r.main (codes, scales, zeros: sized by the caller), r.loss, and the keepers' codes [N, keeper],
+  // values [N, keeper] and per-row scales [N].
+  virtual void finish(GptqResult& r, std::vector<uint8_t>& keeper_codes, std::vector<float>& keeper_values,
+                      std::vector<float>& keeper_scales) = 0;
 };
-std::unique_ptr<DeviceGptqUpdate> make_device_gptq_update(const std::vector<double>& W, int64_t N, int64_t K,
-                                                          const std::vector<double>& U);
+// W [N, K] row-major in GPTQ's order; H [K, K] damped (gptq.cpp), dead[k] = 1 for dead channels;
+// hdiag the undamped diag(H), the clip search's weights.
+std::unique_ptr<DeviceGptq> make_device_gptq(const std::vector<float>& W, int64_t N, int64_t K, std::vector<double> H,
+                                             const std::vector<char>& dead, const std::vector<double>& hdiag,
+                                             const LinearQuantSpec& spec, bool clip_search, const std::string& where);
 
 // The device memory in use (cudaMemGetInfo: this process and any other), noted where calibration
 // holds the most (a layer pass of the stream, statistics read, GPTQ's upload); the peak noted so

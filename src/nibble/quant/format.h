@@ -254,7 +254,7 @@ struct GroupScale {
 
 // Rounds a scale to fp16 by the shared scale rules: 0 stays 0, a nonzero value never becomes 0
 // (2^-24 instead) nor inf (65504 instead).
-inline float fp16_scale(float raw) {
+constexpr float fp16_scale(float raw) {
   if (raw == 0) return 0;
   const float s = round_fp16(raw);
   if (s == 0) return 0x1p-24f;
@@ -262,10 +262,10 @@ inline float fp16_scale(float raw) {
 }
 
 // NVFP4's fp32 tensor scale: the tensor's absmax maps to E2M1's 6 times E4M3's 448.
-inline float nvfp4_tensor_scale(float tensor_absmax) { return tensor_absmax / (6.0f * 448.0f); }
+constexpr float nvfp4_tensor_scale(float tensor_absmax) { return tensor_absmax / (6.0f * 448.0f); }
 
 // NVFP4's per-group E4M3 scale value (never 0 for a nonzero group: 2^-9 instead).
-inline float nvfp4_group_scale(float absmax, float tensor_scale) {
+constexpr float nvfp4_group_scale(float absmax, float tensor_scale) {
   if (absmax == 0 || tensor_scale == 0) return 0;
   const float s = fp8_e4m3_decode(fp8_e4m3_encode(absmax / 6 / tensor_scale));
   return s == 0 ? 0x1p-9f : s;
@@ -273,7 +273,7 @@ inline float nvfp4_group_scale(float absmax, float tensor_scale) {
 
 // The scale for a group (or a row_group × group block) with range `stats`. `tensor_scale` is used
 // by Nvfp4 only (nvfp4_tensor_scale of the whole tensor).
-inline GroupScale choose_scale(const FormatSpec& spec, const GroupStats& stats, float tensor_scale = 1) {
+constexpr GroupScale choose_scale(const FormatSpec& spec, const GroupStats& stats, float tensor_scale = 1) {
   const float absmax = stats.absmax();
   switch (spec.format) {
     case Format::Int4Sym: return {fp16_scale(spec.clip * absmax / 7)};

@@ -43,12 +43,11 @@ std::vector<double> inverse_cholesky_upper(std::vector<double> H, int64_t K, con
   return U;
 }
 
-}  // namespace
-
-std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K, double percdamp,
-                                                std::vector<char>* dead, const std::string& where, bool on_device) {
-  // Channels that never fired carry no information: give them a unit diagonal (their weights are zeroed).
-  dead->assign(size_t(K), 0);
+// GPTQ's treatment of H [K, K] before the factorisation, in place: channels that never fired
+// carry no information, so they get a unit diagonal (and dead[k] = 1: their weights are zeroed);
+// then percdamp · mean(diag H) is added to the diagonal.
+void damp_hessian(std::vector<double>& H, int64_t K, double percdamp, std::vector<char>* dead) {
+  dead->assign(H.size() / size_t(K), 0);
   double mean_diag = 0;
   for (int64_t i = 0; i < K; ++i) {
     if (H[size_t(i * K + i)] == 0) {
@@ -59,6 +58,30 @@ std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K
   }
   mean_diag /= double(K);
   for (int64_t i = 0; i < K; ++i) H[size_t(i * K + i)] += percdamp * mean_diag;
+}
+
+// The keeper columns' results as GptqResult holds them: codes and one scale per row, or fp16 bits.
+void package_keepers(GptqResult& r, const LinearQuantSpec& spec, const std::optional<FormatSpec>& kspec,
+                     std::vector<uint8_t> codes, const std::vector<float>& values, const std::vector<float>& scales) {
+  if (spec.keeper == 0) return;
+  if (!kspec) {
+    for (float v : values) r.keeper_fp16.push_back(float_to_fp16(v));
+    return;
+  }
+  QuantizedMatrix km;
+  km.spec = *kspec;
+  km.rows = int64_t(scales.size());
+  km.cols = spec.keeper;
+  km.codes = std::move(codes);
+  if (scale_bytes(kspec->format) > 0) km.scales = scales;
+  r.keepers = std::move(km);
+}
+
+}  // namespace
+
+std::vector<double> gptq_inverse_hessian_factor(std::vector<double> H, int64_t K, double percdamp,
+                                                std::vector<char>* dead, const std::string& where, bool on_device) {
+  damp_hessian(H, K, percdamp, dead);
   return on_device ? device_inverse_cholesky_upper(std::move(H), K, where) : inverse_cholesky_upper(std::move(H), K, where);
 }
 
@@ -76,14 +99,7 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
   // diag(H): how much each input channel's rounding error costs at the output.
   std::vector<double> hdiag(static_cast<size_t>(K));
   for (int64_t k = 0; k < K; ++k) hdiag[size_t(k)] = xtx[size_t(k * K + k)];
-  const std::vector<double> U =
-      gptq_inverse_hessian_factor(std::move(xtx), K, opt.percdamp, &dead, where, opt.on_device);
-  std::vector<double> W(Wf.begin(), Wf.end());
-  for (int64_t k = 0; k < K; ++k)
-    if (dead[size_t(k)])
-      for (int64_t n = 0; n < N; ++n) W[size_t(n * K + k)] = 0;
-  // On the device, W's columns past the current block live there (the lazy updates land there).
-  const std::unique_ptr<DeviceGptqUpdate> device = opt.on_device ? make_device_gptq_update(W, N, K, U) : nullptr;
+  damp_hessian(xtx, K, opt.percdamp, &dead);
 
   GptqResult r;
   r.main.spec = wspec;
@@ -96,6 +112,31 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
   std::vector<float> keeper_values(size_t(N * spec.keeper));
   std::vector<uint8_t> keeper_codes(size_t(N * spec.keeper));
   std::vector<float> keeper_scales(static_cast<size_t>(N));
+
+  // A block never straddles a group start or the keeper boundary: a group's scale is then chosen
+  // after every earlier column's error has reached it, exactly as without lazy batches.
+  auto block_end = [&](int64_t i1) {
+    int64_t end = std::min(K, i1 + opt.block);
+    if (i1 < M) end = std::min({end, M, (i1 / group + 1) * group});
+    return end;
+  };
+  if (opt.on_device) {
+    const std::unique_ptr<DeviceGptq> device =
+        make_device_gptq(Wf, N, K, std::move(xtx), dead, hdiag, spec, opt.clip_search, where);
+    for (int64_t i1 = 0, i2; i1 < K; i1 = i2) {
+      i2 = block_end(i1);
+      throw_if_interrupted(where);
+      device->run_block(i1, i2);
+    }
+    device->finish(r, keeper_codes, keeper_values, keeper_scales);
+    package_keepers(r, spec, kspec, std::move(keeper_codes), keeper_values, keeper_scales);
+    return r;
+  }
+  const std::vector<double> U = inverse_cholesky_upper(std::move(xtx), K, where);
+  std::vector<double> W(Wf.begin(), Wf.end());
+  for (int64_t k = 0; k < K; ++k)
+    if (dead[size_t(k)])
+      for (int64_t n = 0; n < N; ++n) W[size_t(n * K + k)] = 0;
 
   auto best_clip_scale = [&](const FormatSpec& fs, const GroupStats& stats, int64_t n0, int row_group, int64_t k0,
                              int64_t width) {
@@ -156,13 +197,6 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
   };
 
   std::vector<double> err;
-  // A block never straddles a group start or the keeper boundary: a group's scale is then chosen
-  // after every earlier column's error has reached it, exactly as without lazy batches.
-  auto block_end = [&](int64_t i1) {
-    int64_t end = std::min(K, i1 + opt.block);
-    if (i1 < M) end = std::min({end, M, (i1 / group + 1) * group});
-    return end;
-  };
   // Within a block the rows are independent (each has its own scales, codes, error row and W row):
   // chunks of whole row groups run in parallel. The chunks are fixed, not one per thread, so the
   // loss sums in the same order at any thread count, and every value is computed as serially.
@@ -173,8 +207,6 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
     i2 = block_end(i1);
     throw_if_interrupted(where);  // a 7B down_proj takes minutes on a CPU
     const int64_t count = i2 - i1;
-    // A group (or the keepers) entered here reads all its columns to choose its scales.
-    if (device) device->fetch(W.data(), i1, i1 < M && i1 % group == 0 ? i1 + group : i1 == M ? K : i2);
     err.assign(size_t(N * count), 0.0);
     std::fill(chunk_loss.begin(), chunk_loss.end(), 0.0);
     parallel_for(chunks, [&](int64_t ch) {
@@ -195,24 +227,11 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
       }
     });
     for (double l : chunk_loss) r.loss += l;
-    if (i2 < K && device) device->update(err.data(), i1, i2);
-    else if (i2 < K)
+    if (i2 < K)
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(N), int(K - i2), int(count), -1.0, err.data(),
                   int(count), U.data() + i1 * K + i2, int(K), 1.0, W.data() + i2, int(K));
   }
-  if (spec.keeper > 0) {
-    if (kspec) {
-      QuantizedMatrix km;
-      km.spec = *kspec;
-      km.rows = N;
-      km.cols = spec.keeper;
-      km.codes = std::move(keeper_codes);
-      if (scale_bytes(kspec->format) > 0) km.scales = keeper_scales;
-      r.keepers = std::move(km);
-    } else {
-      for (float v : keeper_values) r.keeper_fp16.push_back(float_to_fp16(v));
-    }
-  }
+  package_keepers(r, spec, kspec, std::move(keeper_codes), keeper_values, keeper_scales);
   return r;
 }
 

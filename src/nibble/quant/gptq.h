@@ -20,8 +20,10 @@ struct GptqOptions {
   // Per group (and row group): the clip ratio in {1, 0.95, ..., 0.5} whose rounding error,
   // weighted by diag(H) (each input channel's energy), is smallest, instead of the fixed clip.
   bool clip_search = false;
-  // The factorisation (cuSOLVER) and the lazy batch updates (cuBLAS DGEMM) on the CUDA device,
-  // the column loop on the host (quant/device_math.h): the same codes but for rounding ties.
+  // All of it on the CUDA device (quant/device_math.h): the factorisation (cuSOLVER), the column
+  // loop (one warp per row group) and the lazy batch updates (cuBLAS DGEMM). The column loop's
+  // arithmetic is the host's, operation for operation: the same codes but for rounding ties (the
+  // factor's and the DGEMM's last bits).
   bool on_device = false;
 };
 

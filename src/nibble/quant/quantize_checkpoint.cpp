@@ -158,6 +158,7 @@ int64_t expected_packed_bytes(const Recipe& r, const ModelConfig& c, int src_byt
 CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<const int32_t> calib_tokens,
                                              const CheckpointQuantizeOptions& opt) {
   CheckpointQuantizeResult res;
+  const auto t_start = std::chrono::steady_clock::now();
   const Checkpoint ckpt = Checkpoint::open(opt.model);
   auto model = Model::open_layers(opt.model, ckpt);
   const ModelConfig& c = model->config();
@@ -195,7 +196,6 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
   }
 
   QuantizeReport& report = res.report;
-  const auto t_start = std::chrono::steady_clock::now();
   try {
     // The tensors outside the layers, and the calibration windows' embeddings; the embedding is
     // held in fp32 only for this (less than a layer).
@@ -215,7 +215,7 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
     res.weight_bytes = (c.vocab_size * c.hidden_size + c.hidden_size) * 2 +
                        (c.tie_word_embeddings ? 0 : c.vocab_size * c.hidden_size * src_bytes);
     LayerQuantizer q(*model, recipe, calib_tokens, opt.calib_where,
-                     [&](std::span<const int32_t> w) { return embedder->embed(w); }, report, opt.on_device);
+                     [&](std::span<const int32_t> w, float* h) { embedder->embed(w, h); }, report, opt.on_device);
     embedder.reset();
     const int64_t last = opt.stop_after_layers > 0 ? std::min(L, opt.stop_after_layers) : L;
 
@@ -236,13 +236,18 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
       if (opt.on_device) p += fmt::format(", device {:.0f} MB", double(device_memory_peak()) / 1e6);
       return p;
     };
+    report.setup_seconds = seconds_since(t_start);
     for (int l = int(res.layers_resumed); l < int(last); ++l) {
       throw_if_interrupted(fmt::format("layer {}", l));
+      auto t_io = std::chrono::steady_clock::now();
       model->load_layer(ckpt, l);
+      report.layer_io_seconds += seconds_since(t_io);
       q.quantize(l);
+      t_io = std::chrono::steady_clock::now();
       SafetensorsWriter w;
       add_packed_layer(w, model->layers()[size_t(l)], l, c.hidden_size);
       w.write(layer_file(work, l));
+      report.layer_io_seconds += seconds_since(t_io);
       res.weight_bytes += model->layer_storage_bytes(l);
       if (l + 1 < last) q.advance(l);
       model->release_layer(l);

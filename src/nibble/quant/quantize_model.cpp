@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <map>
 #include <numeric>
 
@@ -25,12 +26,24 @@ int64_t peak_rss_bytes() {
   return int64_t(u.ru_maxrss) * 1024;
 }
 
+// The weight and Hessian reshuffles of a layer run row-parallel (a 7B layer has 202 M weights and
+// down_proj's Hessian 121 M entries; with GPTQ on the device they are the host's part of a layer):
+// every value is computed as serially.
 std::vector<float> gather_columns(std::vector<float> w, int64_t N, int64_t K, const std::vector<int32_t>& perm) {
   if (perm.empty()) return w;
   std::vector<float> out(w.size());
-  for (int64_t n = 0; n < N; ++n)
+  parallel_for(N, [&](int64_t n) {
     for (int64_t c = 0; c < K; ++c) out[size_t(n * K + c)] = w[size_t(n * K + perm[size_t(c)])];
+  });
   return out;
+}
+
+// rotate_groups over rows [0, rows) in parallel chunks.
+void rotate_groups_parallel(float* x, int64_t rows, int64_t K, int64_t main, int64_t group) {
+  constexpr int64_t kRows = 64;
+  parallel_for((rows + kRows - 1) / kRows, [&](int64_t c) {
+    rotate_groups(x + c * kRows * K, std::min(kRows, rows - c * kRows), K, main, group);
+  });
 }
 
 std::vector<int32_t> salience_order(const std::vector<double>& metric, int64_t keeper, bool act_order) {
@@ -45,20 +58,34 @@ std::vector<double> permute_hessian(const std::vector<double>& H, const std::vec
   if (order.empty()) return H;
   const int64_t K = int64_t(order.size());
   std::vector<double> Hp(H.size());
-  for (int64_t i = 0; i < K; ++i)
+  parallel_for(K, [&](int64_t i) {
     for (int64_t j = 0; j < K; ++j) Hp[size_t(i * K + j)] = H[size_t(order[size_t(i)] * K + order[size_t(j)])];
+  });
   return Hp;
 }
 
 void rotate_hessian_groups(std::vector<double>& H, int64_t K, int64_t main, int64_t group) {
   std::vector<float> HR(H.begin(), H.end());
-  rotate_groups(HR.data(), K, K, main, group);  // H·R: each row's column blocks
-  std::vector<float> T(HR.size());
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < K; ++j) T[size_t(j * K + i)] = HR[size_t(i * K + j)];
-  rotate_groups(T.data(), K, K, main, group);  // (H·R)ᵀ rows = R·H columns
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = 0; j < K; ++j) H[size_t(i * K + j)] = T[size_t(j * K + i)];
+  rotate_groups_parallel(HR.data(), K, K, main, group);  // H·R: each row's column blocks
+  // R·(H·R): each column's row blocks, as hadamard_transform's butterflies applied to whole rows
+  // (every column sees exactly that transform, without transposing K × K values twice).
+  const float norm = 1.0f / std::sqrt(float(group));
+  parallel_for(main / group, [&](int64_t b) {
+    float* block = HR.data() + b * group * K;
+    for (int64_t h = 1; h < group; h *= 2)
+      for (int64_t i = 0; i < group; i += 2 * h)
+        for (int64_t j = i; j < i + h; ++j) {
+          float* ra = block + j * K;
+          float* rb = block + (j + h) * K;
+          for (int64_t c = 0; c < K; ++c) {
+            const float a = ra[c], b = rb[c];
+            ra[c] = a + b;
+            rb[c] = a - b;
+          }
+        }
+    for (int64_t v = 0; v < group * K; ++v) block[v] *= norm;
+  });
+  std::copy(HR.begin(), HR.end(), H.begin());
 }
 
 namespace {
@@ -78,9 +105,10 @@ DenseLinear& dense(Linear& l) {
 void permute_gate_up_rows(DenseLinear& gu, int64_t I, const std::vector<int32_t>& perm) {
   const int64_t H = gu.in_features();
   std::vector<float> w(gu.weight().size());
-  for (int half = 0; half < 2; ++half)
-    for (int64_t i = 0; i < I; ++i)
-      std::copy_n(gu.weight().begin() + (half * I + perm[size_t(i)]) * H, H, w.begin() + (half * I + i) * H);
+  parallel_for(2 * I, [&](int64_t r) {  // r = half · I + i
+    const int64_t half = r / I, i = r % I;
+    std::copy_n(gu.weight().begin() + (half * I + perm[size_t(i)]) * H, H, w.begin() + r * H);
+  });
   gu.weight() = std::move(w);
   if (!gu.bias().empty()) {
     std::vector<float> b(gu.bias().size());
@@ -149,8 +177,13 @@ LayerQuantizer::LayerQuantizer(Model& model, const Recipe& recipe, std::span<con
     }
   }
   report.device_forward = device_stream_ != nullptr;
+  const size_t window_values = size_t(ctx_ * c.hidden_size);
   if (device_stream_) {
-    for (size_t w = 0; w < windows.size(); ++w) device_stream_->set_window(int64_t(w), embed(windows[w]).data());
+    std::vector<float> h(window_values);  // one buffer for every window: no fresh 32 MB per 7B window
+    for (size_t w = 0; w < windows.size(); ++w) {
+      embed(windows[w], h.data());
+      device_stream_->set_window(int64_t(w), h.data());
+    }
     return;
   }
   check_fits_in_memory(double(stream_bytes(recipe, c)),
@@ -158,8 +191,8 @@ LayerQuantizer::LayerQuantizer(Model& model, const Recipe& recipe, std::span<con
                                    ctx_),
                        calib_where);
   for (const auto& w : windows) {
-    if (need_fp_stream_) fp_stream_.push_back(embed(w));
-    if (need_q_stream_) q_stream_.push_back(embed(w));
+    for (auto* stream : {need_fp_stream_ ? &fp_stream_ : nullptr, need_q_stream_ ? &q_stream_ : nullptr})
+      if (stream) embed(w, stream->emplace_back(w.size() * size_t(c.hidden_size)).data());
   }
 }
 
@@ -284,7 +317,9 @@ void LayerQuantizer::quantize(int l) {
     return salience_order(metric, recipe.linear_spec(int64_t(metric.size()), lw, k.first).keeper, recipe.act_order);
   };
 
-  // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest).
+  // 2. Orders, folded (down_proj) or kept for the run-time gather (the rest). Timed with step 4:
+  //    the weights are gathered (and rotated) for GPTQ here.
+  t0 = std::chrono::steady_clock::now();
   std::vector<Pending> pending;
   auto add = [&](std::unique_ptr<Linear>* slot, std::vector<int32_t> perm, Key key, std::string name,
                  std::vector<int32_t> folded = {}) {
@@ -295,7 +330,7 @@ void LayerQuantizer::quantize(int l) {
     Pending p{slot, perm, std::move(order), gather_columns(std::move(d.weight()), N, K, perm), fp16_rounded(d.bias()),
               recipe.linear_spec(K, lw + " " + name, key.first), key, name};
     // Group-rotated recipes hold W·Hᵀ from here on, so every pass computes the same products.
-    if (p.spec.group_hadamard) rotate_groups(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
+    if (p.spec.group_hadamard) rotate_groups_parallel(p.weight.data(), N, K, K - p.spec.keeper, p.spec.weight.group);
     pending.push_back(std::move(p));
   };
   add(&layer.qkv, order_for({LinearSlot::QKV, -1}, {LinearSlot::QKV, -1}), {LinearSlot::QKV, -1}, "q/k/v");
@@ -314,6 +349,7 @@ void LayerQuantizer::quantize(int l) {
         "gate/up" + en);
     add(&ex.down, {}, {LinearSlot::Down, tag}, "down_proj" + en, down_order);
   }
+  report.quantize_seconds += seconds_since(t0);
 
   // 3. GPTQ's Hessians from the quantized model's stream, the layer's activations quantized as
   //    it will run (Atom), its weights still full precision.
@@ -359,10 +395,9 @@ void LayerQuantizer::quantize(int l) {
 
   // 4. Quantize every linear (RTN or GPTQ) and install it.
   //    The linears are independent: one thread each. BLAS and LAPACK run single-threaded inside
-  //    (as with one thread), so GPTQ's codes do not depend on the thread count. With GPTQ's linear
-  //    algebra on the device (no host BLAS), the linears go one at a time instead and each spreads
-  //    its rows over all threads (gptq.cpp): the largest linear no longer bounds the layer's time
-  //    on one core, and one linear's W and U are on the host at a time.
+  //    (as with one thread), so GPTQ's codes do not depend on the thread count. With GPTQ on the
+  //    device (factor, column loop and updates: gptq_device.cu) the linears go one at a time, each
+  //    filling the device.
   t0 = std::chrono::steady_clock::now();
   std::vector<std::string> rtn_fallback(pending.size());  // by index: the same order on every run
   parallel_for(int64_t(pending.size()), [&](int64_t i) {
@@ -433,7 +468,7 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
   QuantizeReport report;
   Progress progress("quantize", c.num_layers, "layers");
   LayerQuantizer q(model, recipe, calib_tokens, calib_where,
-                   [&](std::span<const int32_t> w) { return model.embed(w); }, report);
+                   [&](std::span<const int32_t> w, float* h) { model.embed(w, h); }, report);
   if (q.active())
     for (int l = 0; l < int(c.num_layers); ++l) {
       q.quantize(l);

@@ -22,9 +22,13 @@ namespace nibble::quant {
 struct QuantizeReport {
   double seconds = 0;
   // Where the time went: calibration passes collecting statistics (the full-precision layer, and
-  // with --hessian-quantized the gathered quantized inputs), GPTQ or rounding, and the passes of
-  // the quantized layer that feed the next one.
+  // with --hessian-quantized the gathered quantized inputs), GPTQ or rounding (with gathering and
+  // rotating the weights into their order), and the passes of the quantized layer that feed the
+  // next one.
   double stats_seconds = 0, quantize_seconds = 0, advance_seconds = 0;
+  // quantize_checkpoint only: before the first layer (hashing the checkpoint, the tensors outside
+  // the layers, embedding the calibration windows), and reading each layer and writing its file.
+  double setup_seconds = 0, layer_io_seconds = 0;
   int64_t calib_windows = 0, calib_ctx = 0;
   int64_t peak_rss_bytes = 0;
   int64_t peak_device_bytes = 0;  // --device cuda: the most device memory seen in use (quant/device_math.h)
@@ -37,9 +41,9 @@ struct QuantizeReport {
 // (quantize_checkpoint.h) over layers read one by one from the checkpoint.
 class LayerQuantizer {
  public:
-  using Embed = std::function<std::vector<float>(std::span<const int32_t> tokens)>;
+  using Embed = std::function<void(std::span<const int32_t> tokens, float* hidden)>;  // Model::embed
   // Samples the calibration windows and embeds them with `embed`; statistics and timings go to
-  // `report`. on_device: the statistics and GPTQ's linear algebra on the CUDA device
+  // `report`. on_device: the statistics and GPTQ on the CUDA device
   // (quant/device_math.h), and the calibration passes too, the stream resident there (LayerStream,
   // backend.h), where the recipe's passes and the layer's formats have kernels; otherwise (Atom's
   // Hessians from quantized inputs, a MoE, a format without a kernel: said in a warning) on the CPU.

@@ -39,3 +39,16 @@ inline void check_cublas(cublasStatus_t e, const char* what, const char* file, i
 #define NIBBLE_CUBLAS_CHECK(call) ::nibble::cuda::check_cublas((call), #call, __FILE__, __LINE__)
 // After a kernel launch: launch-configuration errors now, not at the next synchronizing call.
 #define NIBBLE_CUDA_CHECK_LAUNCH() ::nibble::cuda::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+namespace nibble::cuda {
+
+// A cuBLAS handle with one owner.
+struct CublasHandle {
+  cublasHandle_t h = nullptr;
+  CublasHandle() { NIBBLE_CUBLAS_CHECK(cublasCreate(&h)); }
+  ~CublasHandle() { cublasDestroy(h); }
+  CublasHandle(const CublasHandle&) = delete;
+  CublasHandle& operator=(const CublasHandle&) = delete;
+};
+
+}  // namespace nibble::cuda

@@ -1,9 +1,7 @@
 // quant/device_math.h on a CUDA device: calibration statistics (a float64 column-sum kernel and
-// cuBLAS SSYRK summed into float64) and GPTQ's factorisation (cuSOLVER) and lazy updates (DGEMM).
-#include <cusolverDn.h>
-
-#include <algorithm>
+// cuBLAS SSYRK summed into float64) and the device's memory peak; GPTQ is gptq_device.cu.
 #include <atomic>
+#include <memory>
 
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/device_array.h"
@@ -14,19 +12,8 @@ namespace nibble::quant {
 namespace {
 
 using cuda::DeviceArray;
-using cuda::require;
 
-void check_cusolver(cusolverStatus_t s, const char* what, const std::string& where) {
-  require(s == CUSOLVER_STATUS_SUCCESS, where, "{} failed (cuSOLVER status {})", what, int(s));
-}
-
-struct CublasHandle {
-  cublasHandle_t h = nullptr;
-  CublasHandle() { NIBBLE_CUBLAS_CHECK(cublasCreate(&h)); }
-  ~CublasHandle() { cublasDestroy(h); }
-  CublasHandle(const CublasHandle&) = delete;
-  CublasHandle& operator=(const CublasHandle&) = delete;
-};
+using cuda::CublasHandle;
 
 // One thread per column: Σx² and Σ|x| over the rows, in float64, in row order (deterministic).
 __global__ void column_sums(const float* x, int64_t rows, int64_t dim, double* sum_sq, double* sum_abs) {
@@ -124,37 +111,6 @@ class CudaStats final : public DeviceStats {
   DeviceArray<float> x_, part_;
 };
 
-class CudaGptqUpdate final : public DeviceGptqUpdate {
- public:
-  CudaGptqUpdate(const std::vector<double>& W, int64_t N, int64_t K, const std::vector<double>& U)
-      : N_(N), K_(K), w_(W.data(), W.size()), u_(U.data(), U.size()) {
-    note_device_memory();
-  }
-
-  void fetch(double* host_w, int64_t i1, int64_t i2) override {
-    const size_t pitch = size_t(K_) * sizeof(double);
-    NIBBLE_CUDA_CHECK(cudaMemcpy2D(host_w + i1, pitch, w_.get() + i1, pitch, size_t(i2 - i1) * sizeof(double),
-                                   size_t(N_), cudaMemcpyDeviceToHost));
-  }
-
-  void update(const double* err, int64_t i1, int64_t i2) override {
-    const int64_t count = i2 - i1;
-    if (err_.size() < size_t(N_ * count)) err_ = DeviceArray<double>(size_t(N_ * count));
-    NIBBLE_CUDA_CHECK(cudaMemcpy(err_.get(), err, size_t(N_ * count) * sizeof(double), cudaMemcpyHostToDevice));
-    // Row-major W [N, K] is column-major Wᵀ [K, N]: Wᵀ[i2:, :] -= U[i1:i2, i2:]ᵀ · Eᵀ, where
-    // U[i1:i2, i2:]ᵀ is the column-major view of U at (i2, i1) and Eᵀ that of err [N, count].
-    const double minus_one = -1.0, one = 1.0;
-    NIBBLE_CUBLAS_CHECK(cublasDgemm(blas_.h, CUBLAS_OP_N, CUBLAS_OP_N, int(K_ - i2), int(N_), int(count), &minus_one,
-                                    u_.get() + i1 * K_ + i2, int(K_), err_.get(), int(count), &one, w_.get() + i2,
-                                    int(K_)));
-  }
-
- private:
-  int64_t N_, K_;
-  CublasHandle blas_;
-  DeviceArray<double> w_, u_, err_;
-};
-
 std::atomic<int64_t> g_device_peak{0};
 
 }  // namespace
@@ -172,60 +128,6 @@ int64_t device_memory_peak() { return g_device_peak.load(); }
 
 std::unique_ptr<DeviceStats> make_device_stats(int64_t dim, bool with_xtx) {
   return std::make_unique<CudaStats>(dim, with_xtx);
-}
-
-std::unique_ptr<DeviceGptqUpdate> make_device_gptq_update(const std::vector<double>& W, int64_t N, int64_t K,
-                                                          const std::vector<double>& U) {
-  return std::make_unique<CudaGptqUpdate>(W, N, K, U);
-}
-
-std::vector<double> device_inverse_cholesky_upper(std::vector<double> H, int64_t K, const std::string& where) {
-  cusolverDnHandle_t solver = nullptr;
-  check_cusolver(cusolverDnCreate(&solver), "cusolverDnCreate", where);
-  struct Destroy {
-    cusolverDnHandle_t s;
-    ~Destroy() { cusolverDnDestroy(s); }
-  } destroy{solver};
-  const int n = int(K);
-  DeviceArray<double> a(H.data(), H.size());
-  DeviceArray<int> info(1);
-  int lwork = 0;
-  check_cusolver(cusolverDnDpotrf_bufferSize(solver, CUBLAS_FILL_MODE_LOWER, n, a.get(), n, &lwork),
-                 "potrf_bufferSize", where);
-  int lwork_inv = 0, lwork_upper = 0;
-  check_cusolver(cusolverDnDpotri_bufferSize(solver, CUBLAS_FILL_MODE_LOWER, n, a.get(), n, &lwork_inv),
-                 "potri_bufferSize", where);
-  check_cusolver(cusolverDnDpotrf_bufferSize(solver, CUBLAS_FILL_MODE_UPPER, n, a.get(), n, &lwork_upper),
-                 "potrf_bufferSize", where);
-  lwork = std::max({lwork, lwork_inv, lwork_upper, 1});
-  DeviceArray<double> work{size_t(lwork)};
-  auto info_value = [&] {
-    int v = 0;
-    NIBBLE_CUDA_CHECK(cudaMemcpy(&v, info.get(), sizeof(int), cudaMemcpyDeviceToHost));
-    return v;
-  };
-  // The same three steps as LAPACK on the CPU (gptq.cpp): H symmetric, so row- and column-major agree.
-  check_cusolver(cusolverDnDpotrf(solver, CUBLAS_FILL_MODE_LOWER, n, a.get(), n, work.get(), lwork, info.get()),
-                 "potrf", where);
-  int v = info_value();
-  require(v == 0, where, "GPTQ: the damped Hessian is not positive definite (cuSOLVER potrf info {}); raise --percdamp", v);
-  check_cusolver(cusolverDnDpotri(solver, CUBLAS_FILL_MODE_LOWER, n, a.get(), n, work.get(), lwork, info.get()),
-                 "potri", where);
-  v = info_value();
-  require(v == 0, where, "GPTQ: inverting the Hessian failed (cuSOLVER potri info {})", v);
-  NIBBLE_CUDA_CHECK(cudaMemcpy(H.data(), a.get(), H.size() * sizeof(double), cudaMemcpyDeviceToHost));
-  for (int64_t i = 0; i < K; ++i)  // potri filled the row-major upper triangle: mirror it down
-    for (int64_t j = 0; j < i; ++j) H[size_t(i * K + j)] = H[size_t(j * K + i)];
-  NIBBLE_CUDA_CHECK(cudaMemcpy(a.get(), H.data(), H.size() * sizeof(double), cudaMemcpyHostToDevice));
-  check_cusolver(cusolverDnDpotrf(solver, CUBLAS_FILL_MODE_UPPER, n, a.get(), n, work.get(), lwork, info.get()),
-                 "potrf", where);
-  v = info_value();
-  require(v == 0, where, "GPTQ: Cholesky of the inverse Hessian failed (cuSOLVER potrf info {})", v);
-  NIBBLE_CUDA_CHECK(cudaMemcpy(H.data(), a.get(), H.size() * sizeof(double), cudaMemcpyDeviceToHost));
-  std::vector<double> U(size_t(K * K), 0.0);
-  for (int64_t i = 0; i < K; ++i)  // column-major upper factor = row-major lower: transpose it
-    for (int64_t j = i; j < K; ++j) U[size_t(i * K + j)] = H[size_t(i + j * K)];
-  return U;
 }
 
 }  // namespace nibble::quant
