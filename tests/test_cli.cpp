@@ -670,7 +670,7 @@ TEST_F(Cli, QuantizeJsonKeepsItsProgressOnStderr) {
   const Result r = nibble(quantize_args(stories(), "q.safetensors") + " --json");
   ASSERT_EQ(r.status, 0) << r.err;
   EXPECT_NE(r.err.find("quantize: 5/5 layers (100%)"), std::string::npos) << r.err;
-  EXPECT_NO_THROW((void)nlohmann::json::parse(r.out)) << r.out;
+  EXPECT_TRUE(nlohmann::json::accept(r.out)) << r.out;
 }
 
 }  // namespace
