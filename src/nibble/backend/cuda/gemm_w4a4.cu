@@ -681,15 +681,17 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[64], uint32_t a0, uint32_t a1,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(uint32_t(zero)));
 }
 
-// X's slab in the stage (16 packed 8-token tiles) -> INT8 in the canonical layout; warp w takes
-// tiles 2w and 2w + 1. A lane's word s of an INT4 slab holds its token's channels 32s + 4t.. (high
-// nibbles: core kc = 2s) and 32s + 16 + 4t.. (low nibbles: kc = 2s + 1); word j of a keeper slab
-// is core kc = j as it is.
+// X's slab in the stage (16 packed 8-token tiles) -> INT8 in the canonical layout; warp w of the
+// kWarps unpacking takes tiles w * 16 / kWarps and on. A lane's word s of an INT4 slab holds its
+// token's channels 32s + 4t.. (high nibbles: core kc = 2s) and 32s + 16 + 4t.. (low nibbles: kc =
+// 2s + 1); word j of a keeper slab is core kc = j as it is.
+template <int kWarps>
 __device__ __forceinline__ void unpack_x(const uint8_t* packed, uint8_t* out, bool int4, int warp, int lane) {
+  constexpr int kTiles = (kBM / kRowTile) / kWarps;
   const int r = lane / 4, t = lane % 4;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int tile = 2 * warp + i;
+  for (int i = 0; i < kTiles; ++i) {
+    const int tile = kTiles * warp + i;
     const uint4 v = *reinterpret_cast<const uint4*>(packed + tile * kSlabBytes + lane * 16);
     uint8_t* base = out + tile * 128 + r * 16 + t * 4;
 #pragma unroll
@@ -748,6 +750,28 @@ __device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64],
   }
 }
 
+// The slab loop of both wgmma kernels: step(i, d_cur, d_prev) for slabs i < ns with the two int32
+// accumulator sets alternating (each step issues slab i into d_cur and folds slab i - 1 from d_prev),
+// then the last slab's fold from `last_stage`.
+template <typename Step>
+__device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&d0)[64], int (&d1)[64], float (&acc)[64],
+                                                const uint8_t* last_stage, bool last_int4, int wrow, int lane) {
+  int i = 0;
+  for (; i + 1 < ns; i += 2) {
+    step(i, d0, d1);
+    step(i + 1, d1, d0);
+  }
+  if (i < ns) step(i, d0, d1);
+  wgmma_wait<0>();
+  if ((ns - 1) % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
+    fence_regs(d0);
+    wgmma_fold(acc, d0, last_stage, last_int4, wrow, lane);
+  } else {
+    fence_regs(d1);
+    wgmma_fold(acc, d1, last_stage, last_int4, wrow, lane);
+  }
+}
+
 struct WgmmaParams : GemmOperands {
   int cluster;         // blocks per cluster, splitting K: rank r takes slabs [r * per_rank, (r + 1) * per_rank)
   int slabs_per_rank;
@@ -755,9 +779,52 @@ struct WgmmaParams : GemmOperands {
 constexpr int kPartPitch = kBN + 4;  // floats; conflict-free staging of the fp32 tile
 static_assert(kBM * kPartPitch * 4 <= kWgSmem, "the fp32 tile must fit in the pipeline buffers");
 
+// Epilogue of both wgmma kernels (called by every thread of the block after the main loop, with
+// the pipeline buffers free): the fp32 tile staged as part[m][n] by the threads holding
+// accumulators (`has_acc`: rows wrow, wrow + 8, tokens 8j + 2t, 8j + 2t + 1); rank r sums token rows
+// [r, r + 1) * 128 / cluster over the cluster's ranks in rank order (deterministic) and writes them
+// in 16-byte row stores, threads `store_tid` of `store_threads` (store_tid < 0: none).
+template <typename OutT>
+__device__ __forceinline__ void write_block_tile(const WgmmaParams& p, uint8_t* smem, const float (&acc)[64],
+                                                 bool has_acc, int wrow, int lane, int rank, int64_t n_base,
+                                                 int64_t m_base, int store_tid, int store_threads) {
+  namespace cg = cooperative_groups;
+  float* part = reinterpret_cast<float*>(smem);
+  const int t = lane % 4;
+  if (has_acc) {
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) part[(8 * j + 2 * t + (e & 1)) * kPartPitch + wrow + (e >> 1) * 8] = acc[4 * j + e];
+  }
+  if (p.cluster > 1) cg::this_cluster().sync();
+  else __syncthreads();
+  OutT* y = static_cast<OutT*>(p.y);
+  const int rows = kBM / p.cluster;
+  for (int c = store_tid; store_tid >= 0 && c < rows * (kBN / 8); c += store_threads) {
+    const int m = rank * rows + c / (kBN / 8), n = (c % (kBN / 8)) * 8;
+    const int64_t gm = m_base + m, gn = n_base + n;
+    if (gm >= p.M) continue;
+    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int r = 0; r < p.cluster; ++r) {
+      const float* src = (p.cluster > 1 ? cg::this_cluster().map_shared_rank(part, r) : part) + m * kPartPitch + n;
+      const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 4);
+      v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
+    }
+    alignas(16) OutT o[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) o[e] = from_float<OutT>(v[e]);
+    if (gn + 8 <= p.N && p.N % 8 == 0) {
+      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(o);
+    } else {
+      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = o[e];
+    }
+  }
+  if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its tile is read
+}
+
 template <typename OutT>
 __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
-  namespace cg = cooperative_groups;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* unpacked = smem + kWgStages * kStageBytes;  // two slabs: i % 2
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -787,7 +854,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
     const uint8_t* stage = smem + (i % kWgStages) * kStageBytes;
     uint8_t* ubuf = unpacked + (i % 2) * kUnpackBytes;
     const bool int4 = s0 + i < p.g4;
-    unpack_x(stage + kTileBytes, ubuf, int4, warp, lane);
+    unpack_x<kWgThreads / 32>(stage + kTileBytes, ubuf, int4, warp, lane);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
     __syncthreads();
     wgmma_slab(d_cur, stage, ubuf, int4, wtile, lane);
@@ -797,58 +864,162 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
       wgmma_fold(acc, d_prev, smem + ((i - 1) % kWgStages) * kStageBytes, s0 + i - 1 < p.g4, wrow, lane);
     }
   };
-  int i = 0;
-  for (; i + 1 < ns; i += 2) {
-    step(i, d0, d1);
-    step(i + 1, d1, d0);
-  }
-  if (i < ns) step(i, d0, d1);
-  wgmma_wait<0>();
-  const int last = ns - 1;
-  const uint8_t* last_stage = smem + (last % kWgStages) * kStageBytes;
-  if (last % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
-    fence_regs(d0);
-    wgmma_fold(acc, d0, last_stage, s0 + last < p.g4, wrow, lane);
-  } else {
-    fence_regs(d1);
-    wgmma_fold(acc, d1, last_stage, s0 + last < p.g4, wrow, lane);
-  }
+  wgmma_slab_loop(ns, step, d0, d1, acc, smem + ((ns - 1) % kWgStages) * kStageBytes, s0 + ns - 1 < p.g4, wrow, lane);
   cp_async_wait<0>();
   __syncthreads();
 
-  // Epilogue: the fp32 tile staged as part[m][n] (the lane holds rows wrow, wrow + 8 and tokens
-  // 8j + 2t, 8j + 2t + 1); rank r sums token rows [r, r + 1) * 128 / cluster over the cluster's
-  // ranks in rank order (deterministic) and writes them in 16-byte row stores.
-  float* part = reinterpret_cast<float*>(smem);
-  const int t = lane % 4;
-#pragma unroll
-  for (int j = 0; j < 16; ++j)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) part[(8 * j + 2 * t + (e & 1)) * kPartPitch + wrow + (e >> 1) * 8] = acc[4 * j + e];
-  if (p.cluster > 1) cg::this_cluster().sync();
-  else __syncthreads();
-  OutT* y = static_cast<OutT*>(p.y);
-  const int rows = kBM / p.cluster;
-  for (int c = threadIdx.x; c < rows * (kBN / 8); c += kWgThreads) {
-    const int m = rank * rows + c / (kBN / 8), n = (c % (kBN / 8)) * 8;
-    const int64_t gm = m_base + m, gn = n_base + n;
-    if (gm >= p.M) continue;
-    float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int r = 0; r < p.cluster; ++r) {
-      const float* src = (p.cluster > 1 ? cg::this_cluster().map_shared_rank(part, r) : part) + m * kPartPitch + n;
-      const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 4);
-      v[0] += lo.x, v[1] += lo.y, v[2] += lo.z, v[3] += lo.w, v[4] += hi.x, v[5] += hi.y, v[6] += hi.z, v[7] += hi.w;
-    }
-    alignas(16) OutT o[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) o[e] = from_float<OutT>(v[e]);
-    if (gn + 8 <= p.N && p.N % 8 == 0) {
-      *reinterpret_cast<uint4*>(y + gm * p.N + gn) = *reinterpret_cast<const uint4*>(o);
-    } else {
-      for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = o[e];
-    }
+  write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x, kWgThreads);
+}
+
+// ---- Warp-specialised wgmma (v7): M > 64 -----------------------------------------------------------
+//
+// The same block tile, slab order, wgmma issue and fold as wgmma_kernel (bit-identical results), but
+// no block barrier in the main loop. v6 measured ~2600 clocks per slab against 512 of tensor time:
+// all 8 warps loaded, unpacked, met at two barriers and folded in lockstep, so the tensor pipe idled
+// through every phase but the MMA. Here warpgroup 0 is the producer: its warp 0 issues the slab's
+// bulk copies (`cp.async.bulk`, 34 per slab, completion counted in bytes on a `loaded` mbarrier) kSpP
+// stages ahead, and its 4 warps unpack X into a ring of kSpU INT8 buffers (`ready`). Warpgroups 1 and
+// 2 only widen W, issue wgmma and fold, and hand stages back through `consumed` mbarriers (one
+// arrival per warp). setmaxnreg moves registers from the producer (40) to the consumers (232).
+constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups (W rows 0..63, 64..127)
+constexpr int kSpP = 8;          // packed stages (W, X, scales of a slab): bulk copies kSpP - 2 slabs ahead
+constexpr int kSpU = 4;          // unpacked X buffers
+constexpr int kSpBarriers = 2 * kSpP + 2 * kSpU;  // loaded[P], consumed[P], ready[U], drained[U]
+constexpr int kSpSmem = kSpP * kStageBytes + kSpU * kUnpackBytes + kSpBarriers * 8;
+static_assert(kBM * kPartPitch * 4 <= kSpP * kStageBytes, "the fp32 tile must fit in the packed stages");
+static_assert(kSpSmem <= 227 * 1024, "shared memory per block");
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+// A global -> shared bulk copy whose completion counts `bytes` on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+
+// Warp 0 of the producer: slab s's W and X tiles and scales into `stage`. Tiles past the padded
+// rows are not copied (their stale bytes only reach outputs that are never stored).
+__device__ __forceinline__ void bulk_load_slab(const GemmOperands& p, uint8_t* stage, uint64_t* loaded, int s,
+                                               int64_t n_base, int64_t m_base, int w_tiles, int x_tiles, int lane) {
+  const int grp = slab_group(s, p.g4);
+  if (lane == 0) mbar_arrive_expect_tx(loaded, uint32_t(w_tiles + x_tiles) * (kSlabBytes + kRowTile * 2));
+  __syncwarp();
+  const int tile = lane % 16;
+  const bool is_w = lane < 16;
+  if (tile < (is_w ? w_tiles : x_tiles)) {
+    const uint8_t* src = is_w ? p.wq + ((n_base / kRowTile + tile) * p.slabs + s) * size_t(kSlabBytes)
+                              : p.xq + ((m_base / kRowTile + tile) * p.slabs + s) * size_t(kSlabBytes);
+    bulk_load(stage + (is_w ? 0 : kTileBytes) + tile * kSlabBytes, src, kSlabBytes, loaded);
   }
-  if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its tile is read
+  if (lane == 0) bulk_load(stage + 2 * kTileBytes, p.ws + size_t(grp) * p.w_rows_pad + n_base, w_tiles * kRowTile * 2, loaded);
+  if (lane == 1)
+    bulk_load(stage + 2 * kTileBytes + kBN * 2, p.xs + size_t(grp) * p.x_rows_pad + m_base, x_tiles * kRowTile * 2, loaded);
+}
+
+template <typename OutT>
+__global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* unpacked = smem + kSpP * kStageBytes;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + kSpU * kUnpackBytes);
+  uint64_t* loaded = bars;               // [kSpP] bulk copies of the stage landed (bytes)
+  uint64_t* consumed = bars + kSpP;      // [kSpP] the 8 consumer warps are done with the stage
+  uint64_t* ready = bars + 2 * kSpP;     // [kSpU] the 4 producer warps unpacked X into the buffer
+  uint64_t* drained = ready + kSpU;      // [kSpU] the 8 consumer warps' wgmma reading it completed
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rank = int(blockIdx.x);  // the cluster spans x
+  const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
+  const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kSpP; ++i) {
+      mbar_init(&loaded[i], 1);
+      mbar_init(&consumed[i], 8);
+    }
+    for (int i = 0; i < kSpU; ++i) {
+      mbar_init(&ready[i], 4);
+      mbar_init(&drained[i], 8);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  float acc[64];
+  if (warp < 4) {  // producer
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    const int w_tiles = int(min(int64_t(kBN), p.w_rows_pad - n_base) / kRowTile);
+    const int x_tiles = int(min(int64_t(kBM), p.x_rows_pad - m_base) / kRowTile);
+    if (warp == 0)
+      for (int j = 0; j < min(ns, kSpP - 2); ++j)
+        bulk_load_slab(p, smem + j * kStageBytes, &loaded[j], s0 + j, n_base, m_base, w_tiles, x_tiles, lane);
+    for (int i = 0; i < ns; ++i) {
+      mbar_wait(&loaded[i % kSpP], (i / kSpP) & 1);
+      if (i >= kSpU) mbar_wait(&drained[i % kSpU], ((i - kSpU) / kSpU) & 1);
+      unpack_x<4>(smem + (i % kSpP) * kStageBytes + kTileBytes, unpacked + (i % kSpU) * kUnpackBytes, s0 + i < p.g4,
+                  warp, lane);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&ready[i % kSpU]);
+      // The stage of slab i - 2 is refilled only now: waiting for it never delays slab i + 1.
+      const int j = i + kSpP - 2;
+      if (warp == 0 && j < ns) {
+        if (j >= kSpP) mbar_wait(&consumed[j % kSpP], ((j - kSpP) / kSpP) & 1);
+        bulk_load_slab(p, smem + (j % kSpP) * kStageBytes, &loaded[j % kSpP], s0 + j, n_base, m_base, w_tiles,
+                       x_tiles, lane);
+      }
+    }
+    __syncthreads();  // pairs with the consumers' barrier before the epilogue
+    write_block_tile<OutT>(p, smem, acc, false, 0, lane, rank, n_base, m_base, -1, 0);
+    return;
+  }
+
+  // Consumers: warp cw of 8 holds W rows 16 cw .. 16 cw + 15 of the block.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  const int cw = warp - 4;
+  const int wtile = cw * 2, wrow = cw * 16 + lane / 4;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  int d0[64], d1[64];
+  const auto release = [&](int i) {  // the warp is done with slab i's stage and unpacked buffer
+    __syncwarp();
+    if (lane == 0) {
+      mbar_arrive(&consumed[i % kSpP]);
+      mbar_arrive(&drained[i % kSpU]);
+    }
+  };
+  // Step i: issue slab i's wgmma into d_cur, then fold slab i - 1 from d_prev while they run.
+  const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
+    mbar_wait(&ready[i % kSpU], (i / kSpU) & 1);
+    mbar_wait(&loaded[i % kSpP], (i / kSpP) & 1);  // done (the producer saw it): makes the bulk writes visible here
+    wgmma_slab(d_cur, smem + (i % kSpP) * kStageBytes, unpacked + (i % kSpU) * kUnpackBytes, s0 + i < p.g4, wtile,
+               lane);
+    if (i > 0) {
+      wgmma_wait<1>();
+      fence_regs(d_prev);
+      wgmma_fold(acc, d_prev, smem + ((i - 1) % kSpP) * kStageBytes, s0 + i - 1 < p.g4, wrow, lane);
+      release(i - 1);
+    }
+  };
+  wgmma_slab_loop(ns, step, d0, d1, acc, smem + ((ns - 1) % kSpP) * kStageBytes, s0 + ns - 1 < p.g4, wrow, lane);
+  __syncthreads();  // every bulk copy was waited for by the producer: the stages are free
+  write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
 }
 
 // Split-K over a cluster where the 128x128 tiles do not fill the SMs (one block per SM): cost =
@@ -873,10 +1044,13 @@ WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
   return best;
 }
 
+// Both wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
 template <typename OutT>
-void launch_wgmma(const GemmOperands& ops, cudaStream_t stream) {
+void launch_wgmma(const GemmOperands& ops, bool specialized, cudaStream_t stream) {
   static bool configured = [] {
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(wgmma_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem));
+    NIBBLE_CUDA_CHECK(
+        cudaFuncSetAttribute(wgmma_specialized_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSpSmem));
     return true;
   }();
   (void)configured;
@@ -887,8 +1061,8 @@ void launch_wgmma(const GemmOperands& ops, cudaStream_t stream) {
   p.slabs_per_rank = d.slabs_per_rank;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(d.cluster), unsigned(n_tiles), unsigned(m_tiles));
-  cfg.blockDim = dim3(kWgThreads);
-  cfg.dynamicSmemBytes = kWgSmem;
+  cfg.blockDim = dim3(specialized ? kSpThreads : kWgThreads);
+  cfg.dynamicSmemBytes = specialized ? kSpSmem : kWgSmem;
   cfg.stream = stream;
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeClusterDimension;
@@ -896,7 +1070,8 @@ void launch_wgmma(const GemmOperands& ops, cudaStream_t stream) {
   attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = d.cluster > 1 ? 1 : 0;
-  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, wgmma_kernel<OutT>, p));
+  if (specialized) NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, wgmma_specialized_kernel<OutT>, p));
+  else NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, wgmma_kernel<OutT>, p));
 }
 
 }  // namespace
@@ -944,10 +1119,13 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       return;
     }
     case GemmPath::Wgmma:
-    default:
-      if (out == OutType::F16) launch_wgmma<__half>(ops, stream);
-      else launch_wgmma<__nv_bfloat16>(ops, stream);
+    case GemmPath::WgmmaSpecialized:
+    default: {
+      const bool specialized = path == GemmPath::WgmmaSpecialized;
+      if (out == OutType::F16) launch_wgmma<__half>(ops, specialized, stream);
+      else launch_wgmma<__nv_bfloat16>(ops, specialized, stream);
       return;
+    }
   }
 }
 

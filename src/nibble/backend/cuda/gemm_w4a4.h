@@ -11,6 +11,9 @@
 //   wgmma  (M > 64):  128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as the register A
 //                     operand, X unpacked to INT8 in shared memory as B, fold overlapped with the MMA,
 //                     split-K over a cluster where the tiles do not fill the SMs.
+//   wgmma_specialized (M > 64, being measured): the same tiles and results bit for bit, with a
+//                     producer warpgroup (bulk copies, X unpack) and two consumer warpgroups
+//                     synchronised through mbarriers only.
 // All deterministic (fixed summation orders).
 #pragma once
 
@@ -26,7 +29,7 @@ namespace nibble::cuda {
 enum class OutType { F16, BF16 };
 
 // Which kernel runs: Auto picks by M; tests and benches force the others.
-enum class GemmPath { Auto, Stream, Decode, Wgmma };
+enum class GemmPath { Auto, Stream, Decode, Wgmma, WgmmaSpecialized };
 inline constexpr int64_t kStreamMaxM = 16;
 inline constexpr int64_t kStreamMaxWeightBytes = int64_t(16) << 20;  // Auto takes the stream kernel up to here
 
