@@ -323,7 +323,7 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
 }
 
 TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
-  // The warp-specialised kernel keeps wgmma_kernel's slab order, fold and split-K plan, so its
+  // The warp-specialised kernel (both int -> float conversions of its fold) keeps wgmma_kernel's slab order, fold and split-K plan, so its
   // output must equal it bit for bit (each run twice, outputs poisoned) on M not a multiple of the
   // 128-token tile, on N from 70B k/v (cluster split-K) to 70B gate/up, keeper 0 and 128, fp16 and
   // bf16. The float64 reference above covers correctness; this covers everything it samples.
@@ -349,22 +349,24 @@ TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
           for (OutType out : {OutType::F16, OutType::BF16}) {
             if (out == OutType::BF16 && M != 100 && M != 2048) continue;
             const DeviceResult old_path = run_twice(xs.at(M).view(), w.view(), out, GemmPath::Wgmma);
-            const DeviceResult new_path = run_twice(xs.at(M).view(), w.view(), out, GemmPath::WgmmaSpecialized);
-            int64_t differ = 0;
-            for (size_t i = 0; i < old_path.y.size(); ++i) differ += old_path.y[i] != new_path.y[i];
             EXPECT_EQ(old_path.unwritten, 0);
-            EXPECT_EQ(new_path.unwritten, 0);
-            EXPECT_EQ(differ, 0);
-            std::printf("wgmma vs specialized M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
-                        (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16", (long long)differ,
-                        (long long)old_path.unwritten, (long long)new_path.unwritten);
-            ++cases;
+            for (GemmPath path : {GemmPath::WgmmaSpecialized, GemmPath::WgmmaSpecializedCvt}) {
+              const DeviceResult new_path = run_twice(xs.at(M).view(), w.view(), out, path);
+              int64_t differ = 0;
+              for (size_t i = 0; i < old_path.y.size(); ++i) differ += old_path.y[i] != new_path.y[i];
+              EXPECT_EQ(new_path.unwritten, 0) << "path " << int(path);
+              EXPECT_EQ(differ, 0) << "path " << int(path);
+              std::printf("wgmma vs path %d M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
+                          int(path), (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16",
+                          (long long)differ, (long long)old_path.unwritten, (long long)new_path.unwritten);
+              ++cases;
+            }
           }
         }
       }
     }
   }
-  std::printf("wgmma vs specialized: %d cases\n", cases);
+  std::printf("wgmma vs specialized: %d comparisons\n", cases);
 }
 
 TEST(GemmW4A4, RejectsAForcedPathThatCannotTakeM) {

@@ -44,6 +44,16 @@ __device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
 // 2^21 (INT4: 128 * 8 * 8 * 256, INT8 half slab: 64 * 128 * 128).
 __device__ __forceinline__ float exact_float(int i) { return __int_as_float(i + 0x4B400000) - 12582912.0f; }
 
+// How the wgmma fold converts its int32 slab sums (both exact, so the results are the same bits):
+// MagicAdd is exact_float (IADD + FADD, two issue slots); Cvt is one cvt.rn.f32.s32, an I2FP on
+// sm_90 if it runs at the ALU's rate it saves a quarter of the fold's issue slots (being measured).
+enum class IntToFloat { MagicAdd, Cvt };
+template <IntToFloat kConv>
+__device__ __forceinline__ float exact_float_by(int i) {
+  if constexpr (kConv == IntToFloat::Cvt) return __int2float_rn(i);
+  else return exact_float(i);
+}
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -732,6 +742,7 @@ __device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, c
 
 // acc += d · sw[row] · sx[token] (· 2^-8 for INT4 slabs); the lane holds rows g, g + 8 of its warp's
 // 16 and tokens 8j + 2t, 8j + 2t + 1.
+template <IntToFloat kConv>
 __device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const uint8_t* stage, bool int4,
                                            int wrow, int lane) {
   const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
@@ -743,17 +754,17 @@ __device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64],
   for (int j = 0; j < 16; ++j) {
     const __half2 sx = *reinterpret_cast<const __half2*>(sxs + 8 * j + 2 * t);
     const float x0 = __low2float(sx), x1 = __high2float(sx);
-    acc[4 * j + 0] = fmaf(exact_float(d[4 * j + 0]), sw0 * x0, acc[4 * j + 0]);
-    acc[4 * j + 1] = fmaf(exact_float(d[4 * j + 1]), sw0 * x1, acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(exact_float(d[4 * j + 2]), sw1 * x0, acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(exact_float(d[4 * j + 3]), sw1 * x1, acc[4 * j + 3]);
+    acc[4 * j + 0] = fmaf(exact_float_by<kConv>(d[4 * j + 0]), sw0 * x0, acc[4 * j + 0]);
+    acc[4 * j + 1] = fmaf(exact_float_by<kConv>(d[4 * j + 1]), sw0 * x1, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(exact_float_by<kConv>(d[4 * j + 2]), sw1 * x0, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(exact_float_by<kConv>(d[4 * j + 3]), sw1 * x1, acc[4 * j + 3]);
   }
 }
 
 // The slab loop of both wgmma kernels: step(i, d_cur, d_prev) for slabs i < ns with the two int32
 // accumulator sets alternating (each step issues slab i into d_cur and folds slab i - 1 from d_prev),
 // then the last slab's fold from `last_stage`.
-template <typename Step>
+template <IntToFloat kConv, typename Step>
 __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&d0)[64], int (&d1)[64], float (&acc)[64],
                                                 const uint8_t* last_stage, bool last_int4, int wrow, int lane) {
   int i = 0;
@@ -765,10 +776,10 @@ __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&
   wgmma_wait<0>();
   if ((ns - 1) % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
     fence_regs(d0);
-    wgmma_fold(acc, d0, last_stage, last_int4, wrow, lane);
+    wgmma_fold<kConv>(acc, d0, last_stage, last_int4, wrow, lane);
   } else {
     fence_regs(d1);
-    wgmma_fold(acc, d1, last_stage, last_int4, wrow, lane);
+    wgmma_fold<kConv>(acc, d1, last_stage, last_int4, wrow, lane);
   }
 }
 
@@ -861,10 +872,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
     if (i > 0) {
       wgmma_wait<1>();
       fence_regs(d_prev);
-      wgmma_fold(acc, d_prev, smem + ((i - 1) % kWgStages) * kStageBytes, s0 + i - 1 < p.g4, wrow, lane);
+      wgmma_fold<IntToFloat::MagicAdd>(acc, d_prev, smem + ((i - 1) % kWgStages) * kStageBytes, s0 + i - 1 < p.g4, wrow,
+                                       lane);
     }
   };
-  wgmma_slab_loop(ns, step, d0, d1, acc, smem + ((ns - 1) % kWgStages) * kStageBytes, s0 + ns - 1 < p.g4, wrow, lane);
+  wgmma_slab_loop<IntToFloat::MagicAdd>(ns, step, d0, d1, acc, smem + ((ns - 1) % kWgStages) * kStageBytes, s0 + ns - 1 < p.g4, wrow, lane);
   cp_async_wait<0>();
   __syncthreads();
 
@@ -935,7 +947,7 @@ __device__ __forceinline__ void bulk_load_slab(const GemmOperands& p, uint8_t* s
     bulk_load(stage + 2 * kTileBytes + kBN * 2, p.xs + size_t(grp) * p.x_rows_pad + m_base, x_tiles * kRowTile * 2, loaded);
 }
 
-template <typename OutT>
+template <typename OutT, IntToFloat kConv>
 __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* unpacked = smem + kSpP * kStageBytes;
@@ -1013,11 +1025,11 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
     if (i > 0) {
       wgmma_wait<1>();
       fence_regs(d_prev);
-      wgmma_fold(acc, d_prev, smem + ((i - 1) % kSpP) * kStageBytes, s0 + i - 1 < p.g4, wrow, lane);
+      wgmma_fold<kConv>(acc, d_prev, smem + ((i - 1) % kSpP) * kStageBytes, s0 + i - 1 < p.g4, wrow, lane);
       release(i - 1);
     }
   };
-  wgmma_slab_loop(ns, step, d0, d1, acc, smem + ((ns - 1) % kSpP) * kStageBytes, s0 + ns - 1 < p.g4, wrow, lane);
+  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, smem + ((ns - 1) % kSpP) * kStageBytes, s0 + ns - 1 < p.g4, wrow, lane);
   __syncthreads();  // every bulk copy was waited for by the producer: the stages are free
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
 }
@@ -1044,13 +1056,21 @@ WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
   return best;
 }
 
-// Both wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
+// The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
+enum class WgmmaKernel { Lockstep, Specialized, SpecializedCvt };
+template <typename Kernel>
+void set_smem(Kernel kernel, int bytes) {
+  NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
 template <typename OutT>
-void launch_wgmma(const GemmOperands& ops, bool specialized, cudaStream_t stream) {
-  static bool configured = [] {
-    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(wgmma_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem));
-    NIBBLE_CUDA_CHECK(
-        cudaFuncSetAttribute(wgmma_specialized_kernel<OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSpSmem));
+void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream) {
+  const auto lockstep = wgmma_kernel<OutT>;
+  const auto specialized = wgmma_specialized_kernel<OutT, IntToFloat::MagicAdd>;
+  const auto specialized_cvt = wgmma_specialized_kernel<OutT, IntToFloat::Cvt>;
+  static bool configured = [&] {
+    set_smem(lockstep, kWgSmem);
+    set_smem(specialized, kSpSmem);
+    set_smem(specialized_cvt, kSpSmem);
     return true;
   }();
   (void)configured;
@@ -1059,10 +1079,11 @@ void launch_wgmma(const GemmOperands& ops, bool specialized, cudaStream_t stream
   WgmmaParams p{ops};
   p.cluster = d.cluster;
   p.slabs_per_rank = d.slabs_per_rank;
+  const bool is_lockstep = kind == WgmmaKernel::Lockstep;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(d.cluster), unsigned(n_tiles), unsigned(m_tiles));
-  cfg.blockDim = dim3(specialized ? kSpThreads : kWgThreads);
-  cfg.dynamicSmemBytes = specialized ? kSpSmem : kWgSmem;
+  cfg.blockDim = dim3(is_lockstep ? kWgThreads : kSpThreads);
+  cfg.dynamicSmemBytes = is_lockstep ? kWgSmem : kSpSmem;
   cfg.stream = stream;
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeClusterDimension;
@@ -1070,8 +1091,8 @@ void launch_wgmma(const GemmOperands& ops, bool specialized, cudaStream_t stream
   attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = d.cluster > 1 ? 1 : 0;
-  if (specialized) NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, wgmma_specialized_kernel<OutT>, p));
-  else NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, wgmma_kernel<OutT>, p));
+  const auto kernel = is_lockstep ? lockstep : kind == WgmmaKernel::Specialized ? specialized : specialized_cvt;
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
 }  // namespace
@@ -1120,10 +1141,13 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
     }
     case GemmPath::Wgmma:
     case GemmPath::WgmmaSpecialized:
+    case GemmPath::WgmmaSpecializedCvt:
     default: {
-      const bool specialized = path == GemmPath::WgmmaSpecialized;
-      if (out == OutType::F16) launch_wgmma<__half>(ops, specialized, stream);
-      else launch_wgmma<__nv_bfloat16>(ops, specialized, stream);
+      const WgmmaKernel kind = path == GemmPath::WgmmaSpecialized      ? WgmmaKernel::Specialized
+                               : path == GemmPath::WgmmaSpecializedCvt ? WgmmaKernel::SpecializedCvt
+                                                                       : WgmmaKernel::Lockstep;
+      if (out == OutType::F16) launch_wgmma<__half>(ops, kind, stream);
+      else launch_wgmma<__nv_bfloat16>(ops, kind, stream);
       return;
     }
   }
