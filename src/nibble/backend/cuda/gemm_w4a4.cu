@@ -716,9 +716,10 @@ __device__ __forceinline__ void unpack_x(const uint8_t* packed, uint8_t* out, bo
   }
 }
 
-// Issues slab s's wgmma into d (the A fragments of this warp's 16 W rows from the stage).
-__device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, const uint8_t* unpacked, bool int4,
-                                           int wtile, int lane) {
+// Issues slab s's wgmma into d (the A fragments of this warp's 16 W rows from the stage; B at
+// x_desc, the descriptor of the unpacked slab, whose k-step k starts 2 * 2048 * k bytes further).
+__device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, uint64_t x_desc, bool int4, int wtile,
+                                           int lane) {
   const uint4 A0 = *reinterpret_cast<const uint4*>(stage + wtile * kSlabBytes + lane * 16);
   const uint4 A1 = *reinterpret_cast<const uint4*>(stage + (wtile + 1) * kSlabBytes + lane * 16);
   uint32_t a[4][4];  // widened before the fence: registers written after it would need another
@@ -735,38 +736,48 @@ __device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, c
   fence_regs(d);
 #pragma unroll
   for (int k = 0; k < 4; ++k)
-    if (int4 || k < 2) wgmma_s8(d, a[k][0], a[k][1], a[k][2], a[k][3], smem_desc(unpacked + 2 * k * 2048), k == 0);
+    if (int4 || k < 2) wgmma_s8(d, a[k][0], a[k][1], a[k][2], a[k][3], x_desc + (2 * k * 2048 >> 4), k == 0);
   wgmma_commit();
   fence_regs(d);
 }
 
+// The x scales of tokens i, i + 1 (i even): fp16 as loaded (wgmma_kernel) or already converted to
+// fp32 by the producer (wgmma_specialized_kernel: 32 conversions a thread and slab fewer).
+__device__ __forceinline__ float2 x_scale_pair(const __half* xs, int i) {
+  return __half22float2(*reinterpret_cast<const __half2*>(xs + i));
+}
+__device__ __forceinline__ float2 x_scale_pair(const float* xs, int i) { return *reinterpret_cast<const float2*>(xs + i); }
+
 // acc += d · sw[row] · sx[token] (· 2^-8 for INT4 slabs); the lane holds rows g, g + 8 of its warp's
-// 16 and tokens 8j + 2t, 8j + 2t + 1.
-template <IntToFloat kConv>
-__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const uint8_t* stage, bool int4,
-                                           int wrow, int lane) {
+// 16 and tokens 8j + 2t, 8j + 2t + 1. W scales from the stage, X scales from xs.
+template <IntToFloat kConv, typename XScale>
+__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const uint8_t* stage, const XScale* xs,
+                                           bool int4, int wrow, int lane) {
   const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
-  const __half* sxs = sws + kBN;
   const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
   const float sw0 = __half2float(sws[wrow]) * f, sw1 = __half2float(sws[wrow + 8]) * f;
   const int t = lane % 4;
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
-    const __half2 sx = *reinterpret_cast<const __half2*>(sxs + 8 * j + 2 * t);
-    const float x0 = __low2float(sx), x1 = __high2float(sx);
-    acc[4 * j + 0] = fmaf(exact_float_by<kConv>(d[4 * j + 0]), sw0 * x0, acc[4 * j + 0]);
-    acc[4 * j + 1] = fmaf(exact_float_by<kConv>(d[4 * j + 1]), sw0 * x1, acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(exact_float_by<kConv>(d[4 * j + 2]), sw1 * x0, acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(exact_float_by<kConv>(d[4 * j + 3]), sw1 * x1, acc[4 * j + 3]);
+    const float2 x = x_scale_pair(xs, 8 * j + 2 * t);
+    acc[4 * j + 0] = fmaf(exact_float_by<kConv>(d[4 * j + 0]), sw0 * x.x, acc[4 * j + 0]);
+    acc[4 * j + 1] = fmaf(exact_float_by<kConv>(d[4 * j + 1]), sw0 * x.y, acc[4 * j + 1]);
+    acc[4 * j + 2] = fmaf(exact_float_by<kConv>(d[4 * j + 2]), sw1 * x.x, acc[4 * j + 2]);
+    acc[4 * j + 3] = fmaf(exact_float_by<kConv>(d[4 * j + 3]), sw1 * x.y, acc[4 * j + 3]);
   }
+}
+// The fp16 X scales of a stage (wgmma_kernel).
+__device__ __forceinline__ const __half* stage_x_scales(const uint8_t* stage) {
+  return reinterpret_cast<const __half*>(stage + 2 * kTileBytes) + kBN;
 }
 
 // The slab loop of both wgmma kernels: step(i, d_cur, d_prev) for slabs i < ns with the two int32
 // accumulator sets alternating (each step issues slab i into d_cur and folds slab i - 1 from d_prev),
 // then the last slab's fold from `last_stage`.
-template <IntToFloat kConv, typename Step>
+template <IntToFloat kConv, typename Step, typename XScale>
 __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&d0)[64], int (&d1)[64], float (&acc)[64],
-                                                const uint8_t* last_stage, bool last_int4, int wrow, int lane) {
+                                                const uint8_t* last_stage, const XScale* last_xs, bool last_int4,
+                                                int wrow, int lane) {
   int i = 0;
   for (; i + 1 < ns; i += 2) {
     step(i, d0, d1);
@@ -776,10 +787,10 @@ __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&
   wgmma_wait<0>();
   if ((ns - 1) % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
     fence_regs(d0);
-    wgmma_fold<kConv>(acc, d0, last_stage, last_int4, wrow, lane);
+    wgmma_fold<kConv>(acc, d0, last_stage, last_xs, last_int4, wrow, lane);
   } else {
     fence_regs(d1);
-    wgmma_fold<kConv>(acc, d1, last_stage, last_int4, wrow, lane);
+    wgmma_fold<kConv>(acc, d1, last_stage, last_xs, last_int4, wrow, lane);
   }
 }
 
@@ -868,15 +879,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
     unpack_x<kWgThreads / 32>(stage + kTileBytes, ubuf, int4, warp, lane);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
     __syncthreads();
-    wgmma_slab(d_cur, stage, ubuf, int4, wtile, lane);
+    wgmma_slab(d_cur, stage, smem_desc(ubuf), int4, wtile, lane);
     if (i > 0) {
       wgmma_wait<1>();
       fence_regs(d_prev);
-      wgmma_fold<IntToFloat::MagicAdd>(acc, d_prev, smem + ((i - 1) % kWgStages) * kStageBytes, s0 + i - 1 < p.g4, wrow,
-                                       lane);
+      const uint8_t* prev = smem + ((i - 1) % kWgStages) * kStageBytes;
+      wgmma_fold<IntToFloat::MagicAdd>(acc, d_prev, prev, stage_x_scales(prev), s0 + i - 1 < p.g4, wrow, lane);
     }
   };
-  wgmma_slab_loop<IntToFloat::MagicAdd>(ns, step, d0, d1, acc, smem + ((ns - 1) % kWgStages) * kStageBytes, s0 + ns - 1 < p.g4, wrow, lane);
+  const uint8_t* last = smem + ((ns - 1) % kWgStages) * kStageBytes;
+  wgmma_slab_loop<IntToFloat::MagicAdd>(ns, step, d0, d1, acc, last, stage_x_scales(last), s0 + ns - 1 < p.g4, wrow,
+                                        lane);
   cp_async_wait<0>();
   __syncthreads();
 
@@ -897,7 +910,8 @@ constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups
 constexpr int kSpP = 8;          // packed stages (W, X, scales of a slab): bulk copies kSpP - 2 slabs ahead
 constexpr int kSpU = 4;          // unpacked X buffers
 constexpr int kSpBarriers = 2 * kSpP + 2 * kSpU;  // loaded[P], consumed[P], ready[U], drained[U]
-constexpr int kSpSmem = kSpP * kStageBytes + kSpU * kUnpackBytes + kSpBarriers * 8;
+constexpr int kSpUnpackStride = kUnpackBytes + kBM * 4;  // the INT8 slab of X, then its scales in fp32
+constexpr int kSpSmem = kSpP * kStageBytes + kSpU * kSpUnpackStride + kSpBarriers * 8;
 static_assert(kBM * kPartPitch * 4 <= kSpP * kStageBytes, "the fp32 tile must fit in the packed stages");
 static_assert(kSpSmem <= 227 * 1024, "shared memory per block");
 
@@ -951,10 +965,10 @@ template <typename OutT, IntToFloat kConv>
 __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* unpacked = smem + kSpP * kStageBytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + kSpU * kUnpackBytes);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + kSpU * kSpUnpackStride);
   uint64_t* loaded = bars;               // [kSpP] bulk copies of the stage landed (bytes)
   uint64_t* consumed = bars + kSpP;      // [kSpP] the 8 consumer warps are done with the stage
-  uint64_t* ready = bars + 2 * kSpP;     // [kSpU] the 4 producer warps unpacked X into the buffer
+  uint64_t* ready = bars + 2 * kSpP;     // [kSpU] the 4 producer warps unpacked X (codes, fp32 scales) into the buffer
   uint64_t* drained = ready + kSpU;      // [kSpU] the 8 consumer warps' wgmma reading it completed
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rank = int(blockIdx.x);  // the cluster spans x
@@ -984,8 +998,10 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
     for (int i = 0; i < ns; ++i) {
       mbar_wait(&loaded[i % kSpP], (i / kSpP) & 1);
       if (i >= kSpU) mbar_wait(&drained[i % kSpU], ((i - kSpU) / kSpU) & 1);
-      unpack_x<4>(smem + (i % kSpP) * kStageBytes + kTileBytes, unpacked + (i % kSpU) * kUnpackBytes, s0 + i < p.g4,
-                  warp, lane);
+      const uint8_t* stage = smem + (i % kSpP) * kStageBytes;
+      uint8_t* ubuf = unpacked + (i % kSpU) * kSpUnpackStride;
+      unpack_x<4>(stage + kTileBytes, ubuf, s0 + i < p.g4, warp, lane);
+      reinterpret_cast<float*>(ubuf + kUnpackBytes)[threadIdx.x] = __half2float(stage_x_scales(stage)[threadIdx.x]);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
       __syncwarp();
       if (lane == 0) mbar_arrive(&ready[i % kSpU]);
@@ -1009,6 +1025,8 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0;
   int d0[64], d1[64];
+  const uint64_t x_desc0 = smem_desc(unpacked);
+  const auto x_scales = [&](int i) { return reinterpret_cast<const float*>(unpacked + (i % kSpU) * kSpUnpackStride + kUnpackBytes); };
   const auto release = [&](int i) {  // the warp is done with slab i's stage and unpacked buffer
     __syncwarp();
     if (lane == 0) {
@@ -1020,16 +1038,17 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
     mbar_wait(&ready[i % kSpU], (i / kSpU) & 1);
     mbar_wait(&loaded[i % kSpP], (i / kSpP) & 1);  // done (the producer saw it): makes the bulk writes visible here
-    wgmma_slab(d_cur, smem + (i % kSpP) * kStageBytes, unpacked + (i % kSpU) * kUnpackBytes, s0 + i < p.g4, wtile,
-               lane);
+    wgmma_slab(d_cur, smem + (i % kSpP) * kStageBytes, x_desc0 + ((i % kSpU) * kSpUnpackStride >> 4), s0 + i < p.g4,
+               wtile, lane);
     if (i > 0) {
       wgmma_wait<1>();
       fence_regs(d_prev);
-      wgmma_fold<kConv>(acc, d_prev, smem + ((i - 1) % kSpP) * kStageBytes, s0 + i - 1 < p.g4, wrow, lane);
+      wgmma_fold<kConv>(acc, d_prev, smem + ((i - 1) % kSpP) * kStageBytes, x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
       release(i - 1);
     }
   };
-  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, smem + ((ns - 1) % kSpP) * kStageBytes, s0 + ns - 1 < p.g4, wrow, lane);
+  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, smem + ((ns - 1) % kSpP) * kStageBytes, x_scales(ns - 1),
+                         s0 + ns - 1 < p.g4, wrow, lane);
   __syncthreads();  // every bulk copy was waited for by the producer: the stages are free
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
 }
