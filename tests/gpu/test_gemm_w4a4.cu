@@ -323,13 +323,15 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
 }
 
 TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
-  // The warp-specialised kernel (both int -> float conversions of its fold) keeps wgmma_kernel's slab order, fold and split-K plan, so its
-  // output must equal it bit for bit (each run twice, outputs poisoned) on M not a multiple of the
-  // 128-token tile, on N from 70B k/v (cluster split-K) to 70B gate/up, keeper 0 and 128, fp16 and
-  // bf16. The float64 reference above covers correctness; this covers everything it samples.
+  // The warp-specialised kernel (with either exact int -> float conversion in its fold) keeps
+  // wgmma_kernel's slab order, fold and split-K plan, so its output must equal it bit for bit (each
+  // run twice, outputs poisoned) on M not a multiple of the 128-token tile, on N from 70B k/v
+  // (cluster split-K) to 70B gate/up, keeper 0 and 128, fp16 and bf16. The float64 reference above
+  // covers correctness on samples; this covers every element.
   NIBBLE_REQUIRE_GPU();
   const std::vector<int64_t> Ms = {65, 100, 256, 1000, 2048, 4096};
-  const std::tuple<int, std::vector<int64_t>> KNs[] = {{4096, {4096, 11008, 14336}}, {11008, {4096}}, {8192, {1024, 28672}}};
+  const std::tuple<int, std::vector<int64_t>> KNs[] = {
+      {4096, {4096, 11008, 14336}}, {11008, {4096}}, {8192, {1024, 28672}}};
   int cases = 0;
   for (int keeper : {0, 128}) {
     for (const auto& [K, Ns] : KNs) {
