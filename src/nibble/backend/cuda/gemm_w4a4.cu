@@ -961,6 +961,14 @@ __device__ __forceinline__ void bulk_load_slab(const GemmOperands& p, uint8_t* s
     bulk_load(stage + 2 * kTileBytes + kBN * 2, p.xs + size_t(grp) * p.x_rows_pad + m_base, x_tiles * kRowTile * 2, loaded);
 }
 
+// Where slab i (>= 0) sits in the two rings, and the parity of its use of them (use n of a buffer
+// completes its barriers' phase n). Unsigned, so the modulo is one AND.
+struct SpRing {
+  unsigned p, u, p_phase, u_phase;
+  __device__ __forceinline__ explicit SpRing(int i)
+      : p(unsigned(i) % kSpP), u(unsigned(i) % kSpU), p_phase(unsigned(i) / kSpP & 1), u_phase(unsigned(i) / kSpU & 1) {}
+};
+
 template <typename OutT, IntToFloat kConv>
 __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
@@ -996,21 +1004,22 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
       for (int j = 0; j < min(ns, kSpP - 2); ++j)
         bulk_load_slab(p, smem + j * kStageBytes, &loaded[j], s0 + j, n_base, m_base, w_tiles, x_tiles, lane);
     for (int i = 0; i < ns; ++i) {
-      mbar_wait(&loaded[i % kSpP], (i / kSpP) & 1);
-      if (i >= kSpU) mbar_wait(&drained[i % kSpU], ((i - kSpU) / kSpU) & 1);
-      const uint8_t* stage = smem + (i % kSpP) * kStageBytes;
-      uint8_t* ubuf = unpacked + (i % kSpU) * kSpUnpackStride;
+      const SpRing at(i);
+      mbar_wait(&loaded[at.p], at.p_phase);
+      if (i >= kSpU) mbar_wait(&drained[at.u], at.u_phase ^ 1);  // slab i - kSpU's use completed
+      const uint8_t* stage = smem + at.p * kStageBytes;
+      uint8_t* ubuf = unpacked + at.u * kSpUnpackStride;
       unpack_x<4>(stage + kTileBytes, ubuf, s0 + i < p.g4, warp, lane);
       reinterpret_cast<float*>(ubuf + kUnpackBytes)[threadIdx.x] = __half2float(stage_x_scales(stage)[threadIdx.x]);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
       __syncwarp();
-      if (lane == 0) mbar_arrive(&ready[i % kSpU]);
+      if (lane == 0) mbar_arrive(&ready[at.u]);
       // The stage of slab i - 2 is refilled only now: waiting for it never delays slab i + 1.
       const int j = i + kSpP - 2;
       if (warp == 0 && j < ns) {
-        if (j >= kSpP) mbar_wait(&consumed[j % kSpP], ((j - kSpP) / kSpP) & 1);
-        bulk_load_slab(p, smem + (j % kSpP) * kStageBytes, &loaded[j % kSpP], s0 + j, n_base, m_base, w_tiles,
-                       x_tiles, lane);
+        const SpRing to(j);
+        if (j >= kSpP) mbar_wait(&consumed[to.p], to.p_phase ^ 1);  // slab j - kSpP's use completed
+        bulk_load_slab(p, smem + to.p * kStageBytes, &loaded[to.p], s0 + j, n_base, m_base, w_tiles, x_tiles, lane);
       }
     }
     __syncthreads();  // pairs with the consumers' barrier before the epilogue
@@ -1026,29 +1035,31 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   for (int i = 0; i < 64; ++i) acc[i] = 0;
   int d0[64], d1[64];
   const uint64_t x_desc0 = smem_desc(unpacked);
-  const auto x_scales = [&](int i) { return reinterpret_cast<const float*>(unpacked + (i % kSpU) * kSpUnpackStride + kUnpackBytes); };
+  const auto stage = [&](int i) { return smem + SpRing(i).p * kStageBytes; };
+  const auto x_scales = [&](int i) {
+    return reinterpret_cast<const float*>(unpacked + SpRing(i).u * kSpUnpackStride + kUnpackBytes);
+  };
   const auto release = [&](int i) {  // the warp is done with slab i's stage and unpacked buffer
     __syncwarp();
     if (lane == 0) {
-      mbar_arrive(&consumed[i % kSpP]);
-      mbar_arrive(&drained[i % kSpU]);
+      mbar_arrive(&consumed[SpRing(i).p]);
+      mbar_arrive(&drained[SpRing(i).u]);
     }
   };
   // Step i: issue slab i's wgmma into d_cur, then fold slab i - 1 from d_prev while they run.
   const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
-    mbar_wait(&ready[i % kSpU], (i / kSpU) & 1);
-    mbar_wait(&loaded[i % kSpP], (i / kSpP) & 1);  // done (the producer saw it): makes the bulk writes visible here
-    wgmma_slab(d_cur, smem + (i % kSpP) * kStageBytes, x_desc0 + ((i % kSpU) * kSpUnpackStride >> 4), s0 + i < p.g4,
-               wtile, lane);
+    const SpRing at(i);
+    mbar_wait(&ready[at.u], at.u_phase);
+    mbar_wait(&loaded[at.p], at.p_phase);  // done (the producer saw it): makes the bulk writes visible here
+    wgmma_slab(d_cur, stage(i), x_desc0 + (at.u * kSpUnpackStride >> 4), s0 + i < p.g4, wtile, lane);
     if (i > 0) {
       wgmma_wait<1>();
       fence_regs(d_prev);
-      wgmma_fold<kConv>(acc, d_prev, smem + ((i - 1) % kSpP) * kStageBytes, x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
+      wgmma_fold<kConv>(acc, d_prev, stage(i - 1), x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
       release(i - 1);
     }
   };
-  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, smem + ((ns - 1) % kSpP) * kStageBytes, x_scales(ns - 1),
-                         s0 + ns - 1 < p.g4, wrow, lane);
+  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, stage(ns - 1), x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow, lane);
   __syncthreads();  // every bulk copy was waited for by the producer: the stages are free
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
 }
