@@ -323,7 +323,7 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
 }
 
 TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
-  // The warp-specialised kernel (with either exact int -> float conversion in its fold) keeps
+  // The warp-specialised kernel (with either way of loading its stages) keeps
   // wgmma_kernel's slab order, fold and split-K plan, so its output must equal it bit for bit (each
   // run twice, outputs poisoned) on M not a multiple of the 128-token tile, on N from 70B k/v
   // (cluster split-K) to 70B gate/up, keeper 0 and 128, fp16 and bf16. The float64 reference above
@@ -352,7 +352,7 @@ TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
             if (out == OutType::BF16 && M != 100 && M != 2048) continue;
             const DeviceResult old_path = run_twice(xs.at(M).view(), w.view(), out, GemmPath::Wgmma);
             EXPECT_EQ(old_path.unwritten, 0);
-            for (GemmPath path : {GemmPath::WgmmaSpecialized, GemmPath::WgmmaSpecializedCvt}) {
+            for (GemmPath path : {GemmPath::WgmmaSpecialized, GemmPath::WgmmaSpecializedBulk}) {
               const DeviceResult new_path = run_twice(xs.at(M).view(), w.view(), out, path);
               int64_t differ = 0;
               for (size_t i = 0; i < old_path.y.size(); ++i) differ += old_path.y[i] != new_path.y[i];

@@ -45,8 +45,8 @@ __device__ __forceinline__ uint4 ld_stream(const uint8_t* p) {
 __device__ __forceinline__ float exact_float(int i) { return __int_as_float(i + 0x4B400000) - 12582912.0f; }
 
 // How the wgmma fold converts its int32 slab sums (both exact, so the results are the same bits):
-// MagicAdd is exact_float (IADD + FADD, two issue slots); Cvt is one cvt.rn.f32.s32, an I2FP on
-// sm_90 if it runs at the ALU's rate it saves a quarter of the fold's issue slots (being measured).
+// MagicAdd is exact_float (IADD + FADD, two issue slots); Cvt is one cvt.rn.f32.s32 (I2FP.F32.S32 on
+// sm_90, an ALU instruction: run 1 measured it 5% faster in the specialised kernel).
 enum class IntToFloat { MagicAdd, Cvt };
 template <IntToFloat kConv>
 __device__ __forceinline__ float exact_float_by(int i) {
@@ -907,8 +907,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
 // 2 only widen W, issue wgmma and fold, and hand stages back through `consumed` mbarriers (one
 // arrival per warp). setmaxnreg moves registers from the producer (40) to the consumers (232).
 constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups (W rows 0..63, 64..127)
-constexpr int kSpP = 8;          // packed stages (W, X, scales of a slab): bulk copies kSpP - 2 slabs ahead
+constexpr int kSpP = 8;          // packed stages (W, X, scales of a slab)
 constexpr int kSpU = 4;          // unpacked X buffers
+constexpr int kSpLead = kSpP - 3;  // slabs loaded ahead of the one being unpacked
 constexpr int kSpBarriers = 2 * kSpP + 2 * kSpU;  // loaded[P], consumed[P], ready[U], drained[U]
 constexpr int kSpUnpackStride = kUnpackBytes + kBM * 4;  // the INT8 slab of X, then its scales in fp32
 constexpr int kSpSmem = kSpP * kStageBytes + kSpU * kSpUnpackStride + kSpBarriers * 8;
@@ -969,12 +970,22 @@ struct SpRing {
       : p(unsigned(i) % kSpP), u(unsigned(i) % kSpU), p_phase(unsigned(i) / kSpP & 1), u_phase(unsigned(i) / kSpU & 1) {}
 };
 
-template <typename OutT, IntToFloat kConv>
+// How the producer fills a packed stage. Run 1 (H200) of the bulk copies: 4040 clocks per slab,
+// slower than v6's cp.async; 34 small bulk copies a slab, issued lane by lane, are the suspect.
+//   Bulk: warp 0 issues the slab's 34 `cp.async.bulk` copies (16 + 16 tiles of 512 B, 2 scale
+//     rows), counted in bytes on `loaded`.
+//   CpAsync: the 128 producer threads issue 16-byte `cp.async` (8 + 2 per thread, v6's
+//     block_tile_load, zero-filling tiles past the padded rows), each thread's completion one
+//     arrival on `loaded` (`cp.async.mbarrier.arrive.noinc`).
+enum class StageLoad { Bulk, CpAsync };
+
+template <typename OutT, StageLoad kLoad>
 __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
+  constexpr IntToFloat kConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* unpacked = smem + kSpP * kStageBytes;
   uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + kSpU * kSpUnpackStride);
-  uint64_t* loaded = bars;               // [kSpP] bulk copies of the stage landed (bytes)
+  uint64_t* loaded = bars;               // [kSpP] the stage's copies landed
   uint64_t* consumed = bars + kSpP;      // [kSpP] the 8 consumer warps are done with the stage
   uint64_t* ready = bars + 2 * kSpP;     // [kSpU] the 4 producer warps unpacked X (codes, fp32 scales) into the buffer
   uint64_t* drained = ready + kSpU;      // [kSpU] the 8 consumer warps' wgmma reading it completed
@@ -984,7 +995,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kSpP; ++i) {
-      mbar_init(&loaded[i], 1);
+      mbar_init(&loaded[i], kLoad == StageLoad::Bulk ? 1 : 128);
       mbar_init(&consumed[i], 8);
     }
     for (int i = 0; i < kSpU; ++i) {
@@ -1000,9 +1011,19 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     const int w_tiles = int(min(int64_t(kBN), p.w_rows_pad - n_base) / kRowTile);
     const int x_tiles = int(min(int64_t(kBM), p.x_rows_pad - m_base) / kRowTile);
-    if (warp == 0)
-      for (int j = 0; j < min(ns, kSpP - 2); ++j)
-        bulk_load_slab(p, smem + j * kStageBytes, &loaded[j], s0 + j, n_base, m_base, w_tiles, x_tiles, lane);
+    const auto load = [&](int j) {  // slab j into its stage (stage free)
+      const SpRing to(j);
+      uint8_t* stage = smem + to.p * kStageBytes;
+      if constexpr (kLoad == StageLoad::Bulk) {
+        bulk_load_slab(p, stage, &loaded[to.p], s0 + j, n_base, m_base, w_tiles, x_tiles, lane);
+      } else {
+        block_tile_load<128>(p, stage, s0 + j, n_base, m_base);
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(&loaded[to.p])) : "memory");
+      }
+    };
+    const bool loader = kLoad == StageLoad::CpAsync || warp == 0;
+    if (loader)
+      for (int j = 0; j < min(ns, kSpLead); ++j) load(j);
     for (int i = 0; i < ns; ++i) {
       const SpRing at(i);
       mbar_wait(&loaded[at.p], at.p_phase);
@@ -1014,12 +1035,11 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
       __syncwarp();
       if (lane == 0) mbar_arrive(&ready[at.u]);
-      // The stage of slab i - 2 is refilled only now: waiting for it never delays slab i + 1.
-      const int j = i + kSpP - 2;
-      if (warp == 0 && j < ns) {
-        const SpRing to(j);
-        if (j >= kSpP) mbar_wait(&consumed[to.p], to.p_phase ^ 1);  // slab j - kSpP's use completed
-        bulk_load_slab(p, smem + to.p * kStageBytes, &loaded[to.p], s0 + j, n_base, m_base, w_tiles, x_tiles, lane);
+      // The stage of slab i - 3 is refilled only now: waiting for it never delays slabs i + 1, i + 2.
+      const int j = i + kSpLead;
+      if (loader && j < ns) {
+        if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
+        load(j);
       }
     }
     __syncthreads();  // pairs with the consumers' barrier before the epilogue
@@ -1087,7 +1107,7 @@ WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
 }
 
 // The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
-enum class WgmmaKernel { Lockstep, Specialized, SpecializedCvt };
+enum class WgmmaKernel { Lockstep, Specialized, SpecializedBulk };
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
@@ -1095,12 +1115,12 @@ void set_smem(Kernel kernel, int bytes) {
 template <typename OutT>
 void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream) {
   const auto lockstep = wgmma_kernel<OutT>;
-  const auto specialized = wgmma_specialized_kernel<OutT, IntToFloat::MagicAdd>;
-  const auto specialized_cvt = wgmma_specialized_kernel<OutT, IntToFloat::Cvt>;
+  const auto specialized = wgmma_specialized_kernel<OutT, StageLoad::CpAsync>;
+  const auto specialized_bulk = wgmma_specialized_kernel<OutT, StageLoad::Bulk>;
   static bool configured = [&] {
     set_smem(lockstep, kWgSmem);
     set_smem(specialized, kSpSmem);
-    set_smem(specialized_cvt, kSpSmem);
+    set_smem(specialized_bulk, kSpSmem);
     return true;
   }();
   (void)configured;
@@ -1121,7 +1141,7 @@ void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream
   attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = d.cluster > 1 ? 1 : 0;
-  const auto kernel = is_lockstep ? lockstep : kind == WgmmaKernel::Specialized ? specialized : specialized_cvt;
+  const auto kernel = is_lockstep ? lockstep : kind == WgmmaKernel::Specialized ? specialized : specialized_bulk;
   NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
@@ -1171,11 +1191,11 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
     }
     case GemmPath::Wgmma:
     case GemmPath::WgmmaSpecialized:
-    case GemmPath::WgmmaSpecializedCvt:
+    case GemmPath::WgmmaSpecializedBulk:
     default: {
-      const WgmmaKernel kind = path == GemmPath::WgmmaSpecialized      ? WgmmaKernel::Specialized
-                               : path == GemmPath::WgmmaSpecializedCvt ? WgmmaKernel::SpecializedCvt
-                                                                       : WgmmaKernel::Lockstep;
+      const WgmmaKernel kind = path == GemmPath::WgmmaSpecialized       ? WgmmaKernel::Specialized
+                               : path == GemmPath::WgmmaSpecializedBulk ? WgmmaKernel::SpecializedBulk
+                                                                        : WgmmaKernel::Lockstep;
       if (out == OutType::F16) launch_wgmma<__half>(ops, kind, stream);
       else launch_wgmma<__nv_bfloat16>(ops, kind, stream);
       return;

@@ -29,9 +29,9 @@ namespace nibble::cuda {
 enum class OutType { F16, BF16 };
 
 // Which kernel runs: Auto picks by M; tests and benches force the others.
-// WgmmaSpecialized and WgmmaSpecializedCvt differ only in how the fold converts int32 to float
-// (exactly, both): kept side by side until the device has measured them.
-enum class GemmPath { Auto, Stream, Decode, Wgmma, WgmmaSpecialized, WgmmaSpecializedCvt };
+// WgmmaSpecialized and WgmmaSpecializedBulk differ only in how the producer loads a stage (cp.async
+// or bulk copies): kept side by side with Wgmma until the device has measured them.
+enum class GemmPath { Auto, Stream, Decode, Wgmma, WgmmaSpecialized, WgmmaSpecializedBulk };
 inline constexpr int64_t kStreamMaxM = 16;
 inline constexpr int64_t kStreamMaxWeightBytes = int64_t(16) << 20;  // Auto takes the stream kernel up to here
 
