@@ -257,14 +257,13 @@ int run_decode(double copy_gbs) {
 }
 
 int main(int argc, char** argv) {
-  // "gemm [M ...]" (only these M), "decode", "one M N K [wgmma|ws|ws-bulk]" (for ncu) or empty (gemm)
+  // "gemm [M ...]" (only these M), "decode", "one M N K [wgmma|lockstep]" (for ncu) or empty (gemm)
   std::string only = argc > 1 ? argv[1] : "";
   if (only == "one" && (argc == 5 || argc == 6)) {
     const std::string forced = argc == 6 ? argv[5] : "";
-    const GemmPath path = forced == "wgmma" ? GemmPath::Wgmma
-                          : forced == "ws"  ? GemmPath::WgmmaSpecialized
-                          : forced == "ws-bulk" ? GemmPath::WgmmaSpecializedBulk
-                                               : GemmPath::Auto;
+    const GemmPath path = forced == "wgmma"      ? GemmPath::Wgmma
+                          : forced == "lockstep" ? GemmPath::WgmmaLockstep
+                                                 : GemmPath::Auto;
     return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), path);
   }
   cudaDeviceProp prop{};
@@ -296,14 +295,14 @@ int main(int argc, char** argv) {
   const int keeper = 128;
 
   if (only.empty() || only == "gemm") {
-    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | stream µs | decode µs | wgmma µs | wgmma-ws µs | ws-bulk µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
-    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | stream µs | decode µs | wgmma µs | lockstep µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
+    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (const Shape& sh : shapes) {
       for (int64_t M : Ms) {
         const int64_t N = sh.N, K = sh.K;
         const double flops = 2.0 * double(M) * double(N) * double(K);
         // ---- ours
-        double t_ours, t_stream = 0, t_decode = 0, t_wgmma = 0, t_ws = 0, t_ws_bulk = 0, bytes;
+        double t_ours, t_stream = 0, t_decode = 0, t_wgmma = 0, t_lockstep = 0, bytes;
         {
           AtomInputs in(M, N, K, keeper);
           t_ours = in.time(GemmPath::Auto);
@@ -311,8 +310,7 @@ int main(int argc, char** argv) {
           if (M <= kStreamMaxM) t_stream = in.time(GemmPath::Stream);
           if (M <= 64) t_decode = in.time(GemmPath::Decode);
           if (M > kStreamMaxM) t_wgmma = in.time(GemmPath::Wgmma);
-          if (M > kStreamMaxM) t_ws = in.time(GemmPath::WgmmaSpecialized);
-          if (M > kStreamMaxM) t_ws_bulk = in.time(GemmPath::WgmmaSpecializedBulk);
+          if (M > kStreamMaxM) t_lockstep = in.time(GemmPath::WgmmaLockstep);
           bytes = in.bytes();
         }
         const double t_fp16 = time_fp16(fp16, M, N, K);
@@ -404,10 +402,10 @@ int main(int argc, char** argv) {
         }
         cudaGetLastError();  // a refused Lt call must not poison the next row
 
-        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
+        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
                     sh.name, (long long)M, (long long)N, (long long)K, t_ours * 1e3, flops / (t_ours * 1e-3) / 1e12,
                     bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_us(t_stream).c_str(),
-                    fmt_us(t_decode).c_str(), fmt_us(t_wgmma).c_str(), fmt_us(t_ws).c_str(), fmt_us(t_ws_bulk).c_str(), fmt_us(t_fp16).c_str(),
+                    fmt_us(t_decode).c_str(), fmt_us(t_wgmma).c_str(), fmt_us(t_lockstep).c_str(), fmt_us(t_fp16).c_str(),
                     fmt_ratio(t_fp16, t_ours).c_str(), fmt_us(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
                     fmt_us(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
         if (!fp8_note.empty() && fp8_note != "1x128 both") std::printf("<!-- fp8 scales: %s -->\n", fp8_note.c_str());

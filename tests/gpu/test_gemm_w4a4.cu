@@ -287,11 +287,7 @@ TEST(GemmW4A4, MatchesFormatReference) {
             runs.emplace_back(OutType::F16, GemmPath::Stream);
             runs.emplace_back(OutType::F16, GemmPath::Decode);
           }
-          if (M > 64) runs.emplace_back(OutType::F16, GemmPath::WgmmaSpecialized);
-          if ((N == 4096 || N == 512) && (M == 2 || M == 16 || M == 100 || M == 256)) {
-            runs.emplace_back(OutType::BF16, GemmPath::Auto);
-            if (M > 64) runs.emplace_back(OutType::BF16, GemmPath::WgmmaSpecialized);
-          }
+          if ((N == 4096 || N == 512) && (M == 2 || M == 16 || M == 100 || M == 256)) runs.emplace_back(OutType::BF16, GemmPath::Auto);
           for (const auto& [out, path] : runs) check_case(xs.at(M), x_seed[M], w, w_seed, out, path, totals);
         }
       }
@@ -315,7 +311,6 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
       const uint64_t x_seed = fresh_seed();
       const Operand x = make_operand(x_seed, M, K, 128, 1.0f, 0.9f);
       check_case(x, x_seed, w, w_seed, OutType::F16, GemmPath::Auto, totals);
-      if (M > 64) check_case(x, x_seed, w, w_seed, OutType::F16, GemmPath::WgmmaSpecialized, totals);
     }
   }
   std::printf("gemm_w4a4 70B shapes: %d cases, %lld bad elements, %lld unwritten\n", totals.cases,
@@ -323,11 +318,11 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
 }
 
 TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
-  // The warp-specialised kernel (with either way of loading its stages) keeps
-  // wgmma_kernel's slab order, fold and split-K plan, so its output must equal it bit for bit (each
-  // run twice, outputs poisoned) on M not a multiple of the 128-token tile, on N from 70B k/v
-  // (cluster split-K) to 70B gate/up, keeper 0 and 128, fp16 and bf16. The float64 reference above
-  // covers correctness on samples; this covers every element.
+  // The warp-specialised wgmma kernel (Auto at M > 64) keeps the lockstep kernel's slab order, fold
+  // and split-K plan, so its output must equal it bit for bit (each run twice, outputs poisoned) on M
+  // not a multiple of the 128-token tile, on N from 70B k/v (cluster split-K) to 70B gate/up, keeper
+  // 0 and 128, fp16 and bf16. The float64 reference above covers correctness on samples; this covers
+  // every element.
   NIBBLE_REQUIRE_GPU();
   const std::vector<int64_t> Ms = {65, 100, 256, 1000, 2048, 4096};
   const std::tuple<int, std::vector<int64_t>> KNs[] = {
@@ -350,19 +345,17 @@ TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
                                             << " seeds: x " << x_seed[M] << " w " << w_seed);
           for (OutType out : {OutType::F16, OutType::BF16}) {
             if (out == OutType::BF16 && M != 100 && M != 2048) continue;
-            const DeviceResult old_path = run_twice(xs.at(M).view(), w.view(), out, GemmPath::Wgmma);
+            const DeviceResult old_path = run_twice(xs.at(M).view(), w.view(), out, GemmPath::WgmmaLockstep);
+            const DeviceResult new_path = run_twice(xs.at(M).view(), w.view(), out, GemmPath::Wgmma);
+            int64_t differ = 0;
+            for (size_t i = 0; i < old_path.y.size(); ++i) differ += old_path.y[i] != new_path.y[i];
             EXPECT_EQ(old_path.unwritten, 0);
-            for (GemmPath path : {GemmPath::WgmmaSpecialized, GemmPath::WgmmaSpecializedBulk}) {
-              const DeviceResult new_path = run_twice(xs.at(M).view(), w.view(), out, path);
-              int64_t differ = 0;
-              for (size_t i = 0; i < old_path.y.size(); ++i) differ += old_path.y[i] != new_path.y[i];
-              EXPECT_EQ(new_path.unwritten, 0) << "path " << int(path);
-              EXPECT_EQ(differ, 0) << "path " << int(path);
-              std::printf("wgmma vs path %d M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
-                          int(path), (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16",
-                          (long long)differ, (long long)old_path.unwritten, (long long)new_path.unwritten);
-              ++cases;
-            }
+            EXPECT_EQ(new_path.unwritten, 0);
+            EXPECT_EQ(differ, 0);
+            std::printf("lockstep vs specialized M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
+                        (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16", (long long)differ,
+                        (long long)old_path.unwritten, (long long)new_path.unwritten);
+            ++cases;
           }
         }
       }

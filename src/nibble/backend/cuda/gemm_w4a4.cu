@@ -898,14 +898,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
 
 // ---- Warp-specialised wgmma (v7): M > 64 -----------------------------------------------------------
 //
-// The same block tile, slab order, wgmma issue and fold as wgmma_kernel (bit-identical results), but
+// The same block tile, slab order, wgmma issue and fold as wgmma_kernel, the lockstep v6 kept as the
+// tests' oracle (bit-identical results), but
 // no block barrier in the main loop. v6 measured ~2600 clocks per slab against 512 of tensor time:
 // all 8 warps loaded, unpacked, met at two barriers and folded in lockstep, so the tensor pipe idled
-// through every phase but the MMA. Here warpgroup 0 is the producer: its warp 0 issues the slab's
-// bulk copies (`cp.async.bulk`, 34 per slab, completion counted in bytes on a `loaded` mbarrier) kSpP
-// stages ahead, and its 4 warps unpack X into a ring of kSpU INT8 buffers (`ready`). Warpgroups 1 and
-// 2 only widen W, issue wgmma and fold, and hand stages back through `consumed` mbarriers (one
-// arrival per warp). setmaxnreg moves registers from the producer (40) to the consumers (232).
+// through every phase but the MMA. Here warpgroup 0 is the producer: its 128 threads load each slab
+// (cp.async into a ring of kSpP stages, kSpLead slabs ahead, `loaded`) and unpack X into a ring of
+// kSpU INT8 buffers with its scales in fp32 (`ready`). Warpgroups 1 and 2 only widen W, issue wgmma
+// and fold, and hand buffers back through `consumed` / `drained` mbarriers (one arrival per warp).
+// setmaxnreg moves registers from the producer (40) to the consumers (232). H200, run 2: 2012
+// clocks per slab (v6 2660), 1.15-1.28x v6 on every benched shape; the consumers still wait on
+// barriers and latencies half of the time (issue 47%, tensor pipe 25%).
 constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups (W rows 0..63, 64..127)
 constexpr int kSpP = 8;          // packed stages (W, X, scales of a slab)
 constexpr int kSpU = 4;          // unpacked X buffers
@@ -923,9 +926,6 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
 // Waits until the phase of parity `parity` of the barrier has completed.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   asm volatile(
@@ -935,33 +935,6 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
-// A global -> shared bulk copy whose completion counts `bytes` on `bar`.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar))
-      : "memory");
-}
-
-// Warp 0 of the producer: slab s's W and X tiles and scales into `stage`. Tiles past the padded
-// rows are not copied (their stale bytes only reach outputs that are never stored).
-__device__ __forceinline__ void bulk_load_slab(const GemmOperands& p, uint8_t* stage, uint64_t* loaded, int s,
-                                               int64_t n_base, int64_t m_base, int w_tiles, int x_tiles, int lane) {
-  const int grp = slab_group(s, p.g4);
-  if (lane == 0) mbar_arrive_expect_tx(loaded, uint32_t(w_tiles + x_tiles) * (kSlabBytes + kRowTile * 2));
-  __syncwarp();
-  const int tile = lane % 16;
-  const bool is_w = lane < 16;
-  if (tile < (is_w ? w_tiles : x_tiles)) {
-    const uint8_t* src = is_w ? p.wq + ((n_base / kRowTile + tile) * p.slabs + s) * size_t(kSlabBytes)
-                              : p.xq + ((m_base / kRowTile + tile) * p.slabs + s) * size_t(kSlabBytes);
-    bulk_load(stage + (is_w ? 0 : kTileBytes) + tile * kSlabBytes, src, kSlabBytes, loaded);
-  }
-  if (lane == 0) bulk_load(stage + 2 * kTileBytes, p.ws + size_t(grp) * p.w_rows_pad + n_base, w_tiles * kRowTile * 2, loaded);
-  if (lane == 1)
-    bulk_load(stage + 2 * kTileBytes + kBN * 2, p.xs + size_t(grp) * p.x_rows_pad + m_base, x_tiles * kRowTile * 2, loaded);
-}
-
 // Where slab i (>= 0) sits in the two rings, and the parity of its use of them (use n of a buffer
 // completes its barriers' phase n). Unsigned, so the modulo is one AND.
 struct SpRing {
@@ -970,22 +943,13 @@ struct SpRing {
       : p(unsigned(i) % kSpP), u(unsigned(i) % kSpU), p_phase(unsigned(i) / kSpP & 1), u_phase(unsigned(i) / kSpU & 1) {}
 };
 
-// How the producer fills a packed stage. Run 1 (H200) of the bulk copies: 4040 clocks per slab,
-// slower than v6's cp.async; 34 small bulk copies a slab, issued lane by lane, are the suspect.
-//   Bulk: warp 0 issues the slab's 34 `cp.async.bulk` copies (16 + 16 tiles of 512 B, 2 scale
-//     rows), counted in bytes on `loaded`.
-//   CpAsync: the 128 producer threads issue 16-byte `cp.async` (8 + 2 per thread, v6's
-//     block_tile_load, zero-filling tiles past the padded rows), each thread's completion one
-//     arrival on `loaded` (`cp.async.mbarrier.arrive.noinc`).
-enum class StageLoad { Bulk, CpAsync };
-
-template <typename OutT, StageLoad kLoad>
+template <typename OutT>
 __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
   constexpr IntToFloat kConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* unpacked = smem + kSpP * kStageBytes;
   uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + kSpU * kSpUnpackStride);
-  uint64_t* loaded = bars;               // [kSpP] the stage's copies landed
+  uint64_t* loaded = bars;               // [kSpP] the stage's copies landed (one arrival per producer thread)
   uint64_t* consumed = bars + kSpP;      // [kSpP] the 8 consumer warps are done with the stage
   uint64_t* ready = bars + 2 * kSpP;     // [kSpU] the 4 producer warps unpacked X (codes, fp32 scales) into the buffer
   uint64_t* drained = ready + kSpU;      // [kSpU] the 8 consumer warps' wgmma reading it completed
@@ -995,7 +959,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kSpP; ++i) {
-      mbar_init(&loaded[i], kLoad == StageLoad::Bulk ? 1 : 128);
+      mbar_init(&loaded[i], 128);
       mbar_init(&consumed[i], 8);
     }
     for (int i = 0; i < kSpU; ++i) {
@@ -1009,21 +973,15 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   float acc[64];
   if (warp < 4) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    const int w_tiles = int(min(int64_t(kBN), p.w_rows_pad - n_base) / kRowTile);
-    const int x_tiles = int(min(int64_t(kBM), p.x_rows_pad - m_base) / kRowTile);
-    const auto load = [&](int j) {  // slab j into its stage (stage free)
+    // Slab j into its (free) stage: v6's 16-byte cp.async from the 128 producer threads, each
+    // thread's completion one arrival on `loaded`. (Run 1 issued 34 `cp.async.bulk` copies of 512 B
+    // a slab from one warp instead: 4040 clocks per slab against 2012 with cp.async, run 2.)
+    const auto load = [&](int j) {
       const SpRing to(j);
-      uint8_t* stage = smem + to.p * kStageBytes;
-      if constexpr (kLoad == StageLoad::Bulk) {
-        bulk_load_slab(p, stage, &loaded[to.p], s0 + j, n_base, m_base, w_tiles, x_tiles, lane);
-      } else {
-        block_tile_load<128>(p, stage, s0 + j, n_base, m_base);
-        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(&loaded[to.p])) : "memory");
-      }
+      block_tile_load<128>(p, smem + to.p * kStageBytes, s0 + j, n_base, m_base);
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(&loaded[to.p])) : "memory");
     };
-    const bool loader = kLoad == StageLoad::CpAsync || warp == 0;
-    if (loader)
-      for (int j = 0; j < min(ns, kSpLead); ++j) load(j);
+    for (int j = 0; j < min(ns, kSpLead); ++j) load(j);
     for (int i = 0; i < ns; ++i) {
       const SpRing at(i);
       mbar_wait(&loaded[at.p], at.p_phase);
@@ -1037,7 +995,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
       if (lane == 0) mbar_arrive(&ready[at.u]);
       // The stage of slab i - 3 is refilled only now: waiting for it never delays slabs i + 1, i + 2.
       const int j = i + kSpLead;
-      if (loader && j < ns) {
+      if (j < ns) {
         if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
         load(j);
       }
@@ -1070,7 +1028,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
     const SpRing at(i);
     mbar_wait(&ready[at.u], at.u_phase);
-    mbar_wait(&loaded[at.p], at.p_phase);  // done (the producer saw it): makes the bulk writes visible here
+    mbar_wait(&loaded[at.p], at.p_phase);  // done (the producer saw it): makes the copies visible here
     wgmma_slab(d_cur, stage(i), x_desc0 + (at.u * kSpUnpackStride >> 4), s0 + i < p.g4, wtile, lane);
     if (i > 0) {
       wgmma_wait<1>();
@@ -1080,7 +1038,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
     }
   };
   wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, stage(ns - 1), x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow, lane);
-  __syncthreads();  // every bulk copy was waited for by the producer: the stages are free
+  __syncthreads();  // every copy was waited for by the producer: the stages are free
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
 }
 
@@ -1107,7 +1065,7 @@ WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
 }
 
 // The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
-enum class WgmmaKernel { Lockstep, Specialized, SpecializedBulk };
+enum class WgmmaKernel { Lockstep, Specialized };
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
@@ -1115,12 +1073,10 @@ void set_smem(Kernel kernel, int bytes) {
 template <typename OutT>
 void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream) {
   const auto lockstep = wgmma_kernel<OutT>;
-  const auto specialized = wgmma_specialized_kernel<OutT, StageLoad::CpAsync>;
-  const auto specialized_bulk = wgmma_specialized_kernel<OutT, StageLoad::Bulk>;
+  const auto specialized = wgmma_specialized_kernel<OutT>;
   static bool configured = [&] {
     set_smem(lockstep, kWgSmem);
     set_smem(specialized, kSpSmem);
-    set_smem(specialized_bulk, kSpSmem);
     return true;
   }();
   (void)configured;
@@ -1141,7 +1097,7 @@ void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream
   attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = d.cluster > 1 ? 1 : 0;
-  const auto kernel = is_lockstep ? lockstep : kind == WgmmaKernel::Specialized ? specialized : specialized_bulk;
+  const auto kernel = is_lockstep ? lockstep : specialized;
   NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
 }
 
@@ -1164,7 +1120,8 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
   if (path == GemmPath::Auto) {
     // Device run 1 (H200): the stream kernel won where W is small (7B q/k/v/o, 70B k/v: fixed costs
-    // dominate) and lost to v5's decode kernel on the larger layers; wgmma lost at M = 64.
+    // dominate) and lost to v5's decode kernel on the larger layers; wgmma lost at M = 64. Above 64,
+    // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (1.15-1.28x).
     const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
     path = M <= kStreamMaxM && small_w ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
   }
@@ -1189,13 +1146,10 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       else launch_decode<__nv_bfloat16>(p, d, stream);
       return;
     }
+    case GemmPath::WgmmaLockstep:
     case GemmPath::Wgmma:
-    case GemmPath::WgmmaSpecialized:
-    case GemmPath::WgmmaSpecializedBulk:
     default: {
-      const WgmmaKernel kind = path == GemmPath::WgmmaSpecialized       ? WgmmaKernel::Specialized
-                               : path == GemmPath::WgmmaSpecializedBulk ? WgmmaKernel::SpecializedBulk
-                                                                        : WgmmaKernel::Lockstep;
+      const WgmmaKernel kind = path == GemmPath::WgmmaLockstep ? WgmmaKernel::Lockstep : WgmmaKernel::Specialized;
       if (out == OutType::F16) launch_wgmma<__half>(ops, kind, stream);
       else launch_wgmma<__nv_bfloat16>(ops, kind, stream);
       return;
