@@ -194,7 +194,7 @@ double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K, bool in_grap
 }  // namespace
 
 // `bench_gemm_w4a4 one M N K`: five launches of gemm_w4a4 alone (keeper 128), for ncu.
-int run_one(int64_t M, int64_t N, int64_t K) {
+int run_one(int64_t M, int64_t N, int64_t K, GemmPath path) {
   const AtomShape xs = atom_shape(M, int(K), 128), wsh = atom_shape(N, int(K), 128);
   AtomDeviceMatrix X(xs), W(wsh);
   fill_bytes<<<1024, 256>>>(X.mut().q, size_t(xs.code_bytes()), 1);
@@ -205,7 +205,7 @@ int run_one(int64_t M, int64_t N, int64_t K) {
   const size_t wsb = gemm_w4a4_workspace_bytes(M, N, int(K), 128);
   void* ws = wsb ? dalloc<uint8_t>(wsb) : nullptr;
   if (ws) NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, wsb));
-  for (int i = 0; i < 5; ++i) gemm_w4a4(X.view(), W.view(), y, OutType::F16, ws, wsb, nullptr);
+  for (int i = 0; i < 5; ++i) gemm_w4a4(X.view(), W.view(), y, OutType::F16, ws, wsb, nullptr, path);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   std::printf("one: M=%lld N=%lld K=%lld packed bytes %lld\n", (long long)M, (long long)N, (long long)K,
               (long long)(xs.packed_bytes() + wsh.packed_bytes() + M * N * 2));
@@ -257,8 +257,15 @@ int run_decode(double copy_gbs) {
 }
 
 int main(int argc, char** argv) {
-  std::string only = argc > 1 ? argv[1] : "";  // "gemm", "decode", "one M N K" or empty (gemm)
-  if (only == "one" && argc == 5) return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]));
+  // "gemm [M ...]" (only these M), "decode", "one M N K [wgmma|lockstep]" (for ncu) or empty (gemm)
+  std::string only = argc > 1 ? argv[1] : "";
+  if (only == "one" && (argc == 5 || argc == 6)) {
+    const std::string forced = argc == 6 ? argv[5] : "";
+    const GemmPath path = forced == "wgmma"      ? GemmPath::Wgmma
+                          : forced == "lockstep" ? GemmPath::WgmmaLockstep
+                                                 : GemmPath::Auto;
+    return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), path);
+  }
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   g_l2 = size_t(prop.l2CacheSize);
@@ -280,18 +287,22 @@ int main(int argc, char** argv) {
       {"70B", "q/o", 8192, 8192},       {"70B", "k/v", 1024, 8192},     {"70B", "gate/up", 28672, 8192},
       {"70B", "down", 8192, 28672},
   };
-  const int64_t Ms[] = {1, 16, 64, 256, 1024, 4096};
+  std::vector<int64_t> Ms = {1, 16, 64, 256, 1024, 4096};
+  if (only == "gemm" && argc > 2) {
+    Ms.clear();
+    for (int i = 2; i < argc; ++i) Ms.push_back(std::atoll(argv[i]));
+  }
   const int keeper = 128;
 
   if (only.empty() || only == "gemm") {
-    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | stream µs | decode µs | wgmma µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
-    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | stream µs | decode µs | wgmma µs | lockstep µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
+    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (const Shape& sh : shapes) {
       for (int64_t M : Ms) {
         const int64_t N = sh.N, K = sh.K;
         const double flops = 2.0 * double(M) * double(N) * double(K);
         // ---- ours
-        double t_ours, t_stream = 0, t_decode = 0, t_wgmma = 0, bytes;
+        double t_ours, t_stream = 0, t_decode = 0, t_wgmma = 0, t_lockstep = 0, bytes;
         {
           AtomInputs in(M, N, K, keeper);
           t_ours = in.time(GemmPath::Auto);
@@ -299,6 +310,7 @@ int main(int argc, char** argv) {
           if (M <= kStreamMaxM) t_stream = in.time(GemmPath::Stream);
           if (M <= 64) t_decode = in.time(GemmPath::Decode);
           if (M > kStreamMaxM) t_wgmma = in.time(GemmPath::Wgmma);
+          if (M > kStreamMaxM) t_lockstep = in.time(GemmPath::WgmmaLockstep);
           bytes = in.bytes();
         }
         const double t_fp16 = time_fp16(fp16, M, N, K);
@@ -390,10 +402,10 @@ int main(int argc, char** argv) {
         }
         cudaGetLastError();  // a refused Lt call must not poison the next row
 
-        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
+        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
                     sh.name, (long long)M, (long long)N, (long long)K, t_ours * 1e3, flops / (t_ours * 1e-3) / 1e12,
                     bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_us(t_stream).c_str(),
-                    fmt_us(t_decode).c_str(), fmt_us(t_wgmma).c_str(), fmt_us(t_fp16).c_str(),
+                    fmt_us(t_decode).c_str(), fmt_us(t_wgmma).c_str(), fmt_us(t_lockstep).c_str(), fmt_us(t_fp16).c_str(),
                     fmt_ratio(t_fp16, t_ours).c_str(), fmt_us(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
                     fmt_us(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
         if (!fp8_note.empty() && fp8_note != "1x128 both") std::printf("<!-- fp8 scales: %s -->\n", fp8_note.c_str());

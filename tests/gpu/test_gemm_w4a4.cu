@@ -98,9 +98,13 @@ struct Operand {
   AtomDeviceMatrix dev;
 };
 
-Operand make_operand(uint64_t seed, int64_t rows, int K, int keeper, float range, float clip4) {
+AtomPackedHost quantized(uint64_t seed, int64_t rows, int K, int keeper, float range, float clip4) {
   const auto f = random_matrix(seed, rows, K, range, keeper);
-  const AtomPackedHost packed = atom_quantize_host(f.data(), rows, K, keeper, clip4, 1.0f);
+  return atom_quantize_host(f.data(), rows, K, keeper, clip4, 1.0f);
+}
+
+Operand make_operand(uint64_t seed, int64_t rows, int K, int keeper, float range, float clip4) {
+  const AtomPackedHost packed = quantized(seed, rows, K, keeper, range, clip4);
   return {unpack(packed), AtomDeviceMatrix(to_gpu_layout(packed))};
 }
 
@@ -109,10 +113,15 @@ struct CheckStats {
   double err2 = 0, ref2 = 0, worst = 0;
 };
 
-// Runs Y = X·Wᵀ on the device (output poisoned first) and checks it.
-CheckStats run_and_check(const Operand& x, const Operand& w, OutType out, GemmPath path, uint64_t seed) {
-  const int64_t M = x.ints.rows, N = w.ints.rows;
-  const size_t ws_bytes = gemm_w4a4_workspace_bytes(M, N, x.ints.K, x.ints.keeper);
+// Runs Y = X·Wᵀ on the device twice, the output poisoned (NaN) before each run. `unwritten`
+// counts the elements left NaN or different between the two runs.
+struct DeviceResult {
+  std::vector<uint16_t> y;
+  int64_t unwritten = 0;
+};
+DeviceResult run_twice(const AtomOperand& x, const AtomOperand& w, OutType out, GemmPath path) {
+  const int64_t M = x.shape.rows, N = w.shape.rows;
+  const size_t ws_bytes = gemm_w4a4_workspace_bytes(M, N, x.shape.K, x.shape.keeper);
   void* ws = nullptr;
   if (ws_bytes) {
     NIBBLE_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
@@ -121,23 +130,32 @@ CheckStats run_and_check(const Operand& x, const Operand& w, OutType out, GemmPa
   uint16_t* y = nullptr;
   NIBBLE_CUDA_CHECK(cudaMalloc(&y, size_t(M * N) * 2));
   NIBBLE_CUDA_CHECK(cudaMemset(y, 0xff, size_t(M * N) * 2));  // NaN in fp16 and bf16
-  gemm_w4a4(x.dev.view(), w.dev.view(), y, out, ws, ws_bytes, nullptr, path);
+  gemm_w4a4(x, w, y, out, ws, ws_bytes, nullptr, path);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   // Twice: the split-K counters must have been left at zero, and the result must not move.
-  std::vector<uint16_t> host(size_t(M * N)), again(size_t(M * N));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(host.data(), y, host.size() * 2, cudaMemcpyDeviceToHost));
+  DeviceResult r;
+  r.y.resize(size_t(M * N));
+  std::vector<uint16_t> again(size_t(M * N));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(r.y.data(), y, r.y.size() * 2, cudaMemcpyDeviceToHost));
   NIBBLE_CUDA_CHECK(cudaMemset(y, 0xff, size_t(M * N) * 2));
-  gemm_w4a4(x.dev.view(), w.dev.view(), y, out, ws, ws_bytes, nullptr, path);
+  gemm_w4a4(x, w, y, out, ws, ws_bytes, nullptr, path);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   NIBBLE_CUDA_CHECK(cudaMemcpy(again.data(), y, again.size() * 2, cudaMemcpyDeviceToHost));
   cudaFree(y);
   if (ws) cudaFree(ws);
+  const auto is_nan = [&](uint16_t b) { return std::isnan(out == OutType::F16 ? fp16_to_float(b) : bf16_to_float(b)); };
+  for (size_t i = 0; i < r.y.size(); ++i) r.unwritten += is_nan(r.y[i]) || r.y[i] != again[i];
+  return r;
+}
 
+// Runs Y = X·Wᵀ on the device (run_twice) and checks it against the float64 reference.
+CheckStats run_and_check(const Operand& x, const Operand& w, OutType out, GemmPath path, uint64_t seed) {
+  const int64_t M = x.ints.rows, N = w.ints.rows;
+  const DeviceResult dev = run_twice(x.dev.view(), w.dev.view(), out, path);
+  const std::vector<uint16_t>& host = dev.y;
   CheckStats st;
+  st.unwritten = dev.unwritten;
   const auto to_float = [&](uint16_t b) { return out == OutType::F16 ? fp16_to_float(b) : bf16_to_float(b); };
-  for (size_t i = 0; i < host.size(); ++i) {
-    if (std::isnan(to_float(host[i])) || host[i] != again[i]) ++st.unwritten;
-  }
   // Which elements get the float64 reference: all of them for small outputs, else whole rows and
   // columns (first, last, random) plus random elements.
   std::vector<std::pair<int64_t, int64_t>> picks;
@@ -244,7 +262,7 @@ void check_case(const Operand& x, uint64_t x_seed, const Operand& w, uint64_t w_
 
 TEST(GemmW4A4, MatchesFormatReference) {
   NIBBLE_REQUIRE_GPU();
-  const std::vector<int64_t> Ms = {1, 2, 7, 16, 64, 100, 256, 1024, 2048};
+  const std::vector<int64_t> Ms = {1, 2, 7, 16, 64, 65, 100, 256, 1000, 2048};
   const std::vector<int> Ks = {512, 4096, 11008, 14336};
   const std::vector<int64_t> Ns = {512, 4096, 11008, 14336};
   CaseTotals totals;
@@ -297,6 +315,53 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
   }
   std::printf("gemm_w4a4 70B shapes: %d cases, %lld bad elements, %lld unwritten\n", totals.cases,
               (long long)totals.bad, (long long)totals.unwritten);
+}
+
+TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
+  // The warp-specialised wgmma kernel (Auto at M > 64) keeps the lockstep kernel's slab order, fold
+  // and split-K plan, so its output must equal it bit for bit (each run twice, outputs poisoned) on M
+  // not a multiple of the 128-token tile, on N from 70B k/v (cluster split-K) to 70B gate/up, keeper
+  // 0 and 128, fp16 and bf16. The float64 reference above covers correctness on samples; this covers
+  // every element.
+  NIBBLE_REQUIRE_GPU();
+  const std::vector<int64_t> Ms = {65, 100, 256, 1000, 2048, 4096};
+  const std::tuple<int, std::vector<int64_t>> KNs[] = {
+      {4096, {4096, 11008, 14336}}, {11008, {4096}}, {8192, {1024, 28672}}};
+  int cases = 0;
+  for (int keeper : {0, 128}) {
+    for (const auto& [K, Ns] : KNs) {
+      std::map<int64_t, AtomDeviceMatrix> xs;
+      std::map<int64_t, uint64_t> x_seed;
+      for (int64_t M : Ms) {
+        x_seed[M] = fresh_seed();
+        xs.emplace(M, AtomDeviceMatrix(to_gpu_layout(quantized(x_seed[M], M, K, keeper, 1.0f, 0.9f))));
+      }
+      for (int64_t N : Ns) {
+        if (keeper == 0 && N == 28672) continue;  // the largest layer once
+        const uint64_t w_seed = fresh_seed();
+        const AtomDeviceMatrix w(to_gpu_layout(quantized(w_seed, N, K, keeper, 0.05f, 1.0f)));
+        for (int64_t M : Ms) {
+          SCOPED_TRACE(::testing::Message() << "M=" << M << " N=" << N << " K=" << K << " keeper=" << keeper
+                                            << " seeds: x " << x_seed[M] << " w " << w_seed);
+          for (OutType out : {OutType::F16, OutType::BF16}) {
+            if (out == OutType::BF16 && M != 100 && M != 2048) continue;
+            const DeviceResult old_path = run_twice(xs.at(M).view(), w.view(), out, GemmPath::WgmmaLockstep);
+            const DeviceResult new_path = run_twice(xs.at(M).view(), w.view(), out, GemmPath::Wgmma);
+            int64_t differ = 0;
+            for (size_t i = 0; i < old_path.y.size(); ++i) differ += old_path.y[i] != new_path.y[i];
+            EXPECT_EQ(old_path.unwritten, 0);
+            EXPECT_EQ(new_path.unwritten, 0);
+            EXPECT_EQ(differ, 0);
+            std::printf("lockstep vs specialized M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
+                        (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16", (long long)differ,
+                        (long long)old_path.unwritten, (long long)new_path.unwritten);
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  std::printf("wgmma vs specialized: %d comparisons\n", cases);
 }
 
 TEST(GemmW4A4, RejectsAForcedPathThatCannotTakeM) {

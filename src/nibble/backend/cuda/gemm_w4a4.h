@@ -10,7 +10,12 @@
 //                     partial sums reduced in-kernel by the last block of each column range.
 //   wgmma  (M > 64):  128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as the register A
 //                     operand, X unpacked to INT8 in shared memory as B, fold overlapped with the MMA,
-//                     split-K over a cluster where the tiles do not fill the SMs.
+//                     split-K over a cluster where the tiles do not fill the SMs; warp-specialised: a
+//                     producer warpgroup (cp.async loads, X unpack) and two consumer warpgroups
+//                     (wgmma + fold) synchronised through mbarriers only.
+//   wgmma lockstep:   v6, the same tiles and results bit for bit with all 8 warps doing every phase
+//                     between block barriers: slower everywhere, kept as the bit-identity oracle of the
+//                     tests (GemmPath::WgmmaLockstep).
 // All deterministic (fixed summation orders).
 #pragma once
 
@@ -26,7 +31,7 @@ namespace nibble::cuda {
 enum class OutType { F16, BF16 };
 
 // Which kernel runs: Auto picks by M; tests and benches force the others.
-enum class GemmPath { Auto, Stream, Decode, Wgmma };
+enum class GemmPath { Auto, Stream, Decode, Wgmma, WgmmaLockstep };
 inline constexpr int64_t kStreamMaxM = 16;
 inline constexpr int64_t kStreamMaxWeightBytes = int64_t(16) << 20;  // Auto takes the stream kernel up to here
 
