@@ -432,7 +432,6 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
       const uint32_t z01 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t);
       const uint32_t z23 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8);
       mma16816(o[D / 8], pa, __byte_perm(z01, 0u, 0x4140), __byte_perm(z23, 0u, 0x4140));
-#pragma unroll
       // Words g·D/64 + r (r < D/64) of the code rows of keys 2t, 2t+1, 2t+8, 2t+9: one 8-byte (D =
       // 128) or 4-byte load per row.
       uint32_t xw[4][D / 64];
