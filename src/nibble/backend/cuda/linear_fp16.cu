@@ -102,26 +102,21 @@ bool gemv_fits(const void* x, const void* w, int64_t M, int64_t K) {
 }  // namespace
 
 LinearFp16::LinearFp16() {
-  NIBBLE_CUBLAS_CHECK(cublasCreate(&handle_));
   // Split-K partial sums stay in fp32: by default cuBLAS may round them to the fp16 output type,
   // which measured 1.6e-5 of the products' magnitude on the H200 (K 4096), past one output rounding.
-  NIBBLE_CUBLAS_CHECK(cublasSetMathMode(handle_, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
-}
-
-LinearFp16::~LinearFp16() {
-  if (handle_) cublasDestroy(handle_);
+  NIBBLE_CUBLAS_CHECK(cublasSetMathMode(handle_.h, CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION));
 }
 
 void LinearFp16::run(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K,
                      cudaStream_t stream) {
   if (gemv_fits(x, w, M, K)) return gemv(x, w, y, M, N, K, stream);
-  gemm(handle_, x, w, y, CUDA_R_16F, M, N, K, stream);
+  gemm(handle_.h, x, w, y, CUDA_R_16F, M, N, K, stream);
 }
 
 void LinearFp16::run(const __half* x, const __half* w, float* y, int64_t M, int64_t N, int64_t K,
                      cudaStream_t stream) {
   if (gemv_fits(x, w, M, K)) return gemv(x, w, y, M, N, K, stream);
-  gemm(handle_, x, w, y, CUDA_R_32F, M, N, K, stream);
+  gemm(handle_.h, x, w, y, CUDA_R_32F, M, N, K, stream);
 }
 
 }  // namespace nibble::cuda

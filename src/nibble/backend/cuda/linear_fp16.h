@@ -9,14 +9,13 @@
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 
+#include "nibble/backend/cuda/cuda_check.h"
+
 namespace nibble::cuda {
 
 class LinearFp16 {
  public:
   LinearFp16();
-  ~LinearFp16();
-  LinearFp16(const LinearFp16&) = delete;
-  LinearFp16& operator=(const LinearFp16&) = delete;
 
   // Asynchronous on `stream`; row-major X [M, K], W [N, K], Y [M, N].
   void run(const __half* x, const __half* w, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
@@ -25,10 +24,10 @@ class LinearFp16 {
   // Measured on the H200 (7B decode step): at 8 rows the streaming kernel, bound by its fp32
   // multiply-adds and conversions, was slower than cuBLAS (6.6 ms a step against 5.6 at 16 rows).
   static constexpr int64_t kGemvMaxRows = 4;
-  cublasHandle_t handle() const { return handle_; }
+  cublasHandle_t handle() const { return handle_.h; }
 
  private:
-  cublasHandle_t handle_ = nullptr;
+  CublasHandle handle_;
 };
 
 }  // namespace nibble::cuda
