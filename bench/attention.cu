@@ -117,7 +117,7 @@ DecodeResult bench_decode(const Model& m, KVDtype dt, int batch, int ctx) {
   a.num_heads = m.heads;
   DecodeResult r;
   r.ms = time_ms([&](int rot) { attention_decode(s.cache->view(), s.batches[size_t(rot)], a, ws, nullptr); }, s.rots);
-  r.splits = attention_decode_splits(s.cache->view(), s.batches[0]);
+  r.splits = attention_decode_splits(s.cache->view(), s.batches[0], m.heads);
   r.bytes = s.kv_bytes;
   cudaFree(q);
   cudaFree(out);

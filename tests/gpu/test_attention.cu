@@ -439,7 +439,7 @@ void run_decode(const DecodeCase& c, KVDtype dt, bool kbr, int forced_splits) {
     rms = std::sqrt(rms / double(ref.size()));
     for (int64_t i = 0; i < H * D; ++i) st.add(fp16_to_float(got[size_t(s * H * D + i)]), ref[size_t(i)], rms);
   }
-  const int splits = forced_splits ? forced_splits : attention_decode_splits(hs.cache->view(), b, kbr);
+  const int splits = forced_splits ? forced_splits : attention_decode_splits(hs.cache->view(), b, H, kbr);
   std::printf("decode %s kbr=%d B=%d ctx %d..%d Hkv=%d G=%d D=%d page=%d splits=%d: rel err %.2e, max err/(|ref|+rms) "
               "%.2e, non-finite %lld / %lld\n",
               kv_dtype_name(dt), int(kbr), c.batch, c.min_ctx, c.max_ctx, c.sh.hkv, c.sh.g, D, c.sh.page, splits,

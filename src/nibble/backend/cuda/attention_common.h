@@ -143,7 +143,8 @@ void attention_decode(const KVCacheView& cache, const AttentionBatch& batch, con
 
 // The split count attention_decode plans for a batch (the executor fixes it per captured step; the
 // bench prints it).
-int attention_decode_splits(const KVCacheView& cache, const AttentionBatch& batch, bool k_before_rope = false);
+int attention_decode_splits(const KVCacheView& cache, const AttentionBatch& batch, int num_heads,
+                            bool k_before_rope = false);
 // Workspace bytes attention_decode may ask for with planned splits, whatever the batch.
 size_t attention_decode_workspace_bytes(const KVCacheView& cache, int num_heads, bool k_before_rope);
 

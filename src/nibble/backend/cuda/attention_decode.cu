@@ -6,8 +6,8 @@
 // through a private cp.async ring in shared memory. All query heads of the KV head ride in the M
 // rows of one mma.sync m16n8k16 (GQA: every K/V load serves G <= 16 heads):
 //   S (16 heads x 16 keys) = Q · Kᵀ,  O (16 heads x D) += P · V;
-// INT4 with G <= 8 computes the scores as Sᵀ (16 keys x 8 heads) = K · Qᵀ instead (decode_kernel's
-// KT).
+// INT4 with G <= 8 computes the transposed products instead (decode_kernel's KT), the 8 heads as
+// the MMAs' columns: Sᵀ (16 keys x 8 heads) = K · Qᵀ, Oᵀ (D x 8 heads) += Vᵀ · Pᵀ.
 // INT4 codes enter the MMAs raw, as fp16 subnormals: a nibble masked in place in the low byte of
 // an fp16 half is the exact value c · 2^-24 (bits 0-3) or c · 2^-20 (bits 4-7), one AND per pair
 // of codes (a shift per word for its upper byte), no conversion arithmetic; the powers of two
@@ -34,6 +34,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarps = 4;
 // Nibbles 0 and 1 of each half of a word: as fp16 bit patterns, code · 2^-24 and code · 2^-20.
 constexpr uint32_t kNib0 = 0x000F000Fu, kNib1 = 0x00F000F0u;
+// KT: the running max of a head moves only when a score exceeds it by more than this (log2 units).
+constexpr float kMaxLag = 8.0f;
 
 struct DecodeParams {
   const __half* q;
@@ -80,15 +82,56 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
+// The V codes of one INT4 chunk in the pairs both P·V forms feed the MMAs: v01[r][h] holds keys
+// 2t (low half) and 2t + 1 (high half) of word g·D/64 + r of their code rows, the half with dims
+// h, 2 + h, 4 + h, 6 + h (nibbles 0..3; 0 and 1 in place, 2 and 3 after >> 8); v23 the same for
+// keys 2t + 8, 2t + 9. z01 / z23: the V zeros of those keys as fp16 subnormal pairs (z · 2^-24).
+template <int D>
+struct V_pairs {
+  uint32_t v01[D / 64][2], v23[D / 64][2], z01, z23;
+};
+template <int D>
+__device__ __forceinline__ V_pairs<D> v_code_pairs(const uint8_t* st, const uint8_t* prm, int g, int t) {
+  constexpr int VRS = v_row_stride<D>();
+  const uint8_t* vc = st + 8 * D;
+  V_pairs<D> vp;
+  vp.z01 = __byte_perm(*reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t), 0u, 0x4140);
+  vp.z23 = __byte_perm(*reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8), 0u, 0x4140);
+  // Words g·D/64 + r of the code rows of keys 2t, 2t+1, 2t+8, 2t+9: one 8-byte (D = 128) or 4-byte
+  // load per row.
+  uint32_t xw[4][D / 64];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint8_t* row = vc + (2 * t + (q & 1) + 8 * (q >> 1)) * VRS + g * (D / 16);
+    if constexpr (D == 128) {
+      const uint2 v = *reinterpret_cast<const uint2*>(row);
+      xw[q][0] = v.x, xw[q][1] = v.y;
+    } else {
+      xw[q][0] = *reinterpret_cast<const uint32_t*>(row);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < D / 64; ++r) {
+    vp.v01[r][0] = __byte_perm(xw[0][r], xw[1][r], 0x5410);
+    vp.v01[r][1] = __byte_perm(xw[0][r], xw[1][r], 0x7632);
+    vp.v23[r][0] = __byte_perm(xw[2][r], xw[3][r], 0x5410);
+    vp.v23[r][1] = __byte_perm(xw[2][r], xw[3][r], 0x7632);
+  }
+  return vp;
+}
+
 // INT4: at most 168 registers, 3 blocks (12 warps) per SM (v2-v6 capped it at 128 for 4 blocks;
 // the zero-term accumulator of the raw-code V products no longer fits there without spilling);
-// KT fits 128 without spilling: 4 blocks (ncu of v7: latency-bound at 12 warps per SM).
+// KT fits 102 registers without spilling (93 at D = 128): 5 blocks (20 warps) per SM (ncu of v7:
+// latency-bound at 12 warps per SM).
 // KT (INT4 K after RoPE, G <= 8): Sᵀ = K · Qᵀ, the 16 keys as the MMA's rows and the G query
 // heads as its 8 columns, so that 8 MMAs (not 16) make a chunk's scores and a lane holds 4 of them
-// (keys g, g + 8 of heads 2t, 2t + 1) instead of 8; P is turned back into rows of heads by two
-// movmatrix transposes for the P·V product, which is the same as without KT.
+// (keys g, g + 8 of heads 2t, 2t + 1) instead of 8; two movmatrix transposes make Pᵀ (keys x heads)
+// the B fragment of Oᵀ += Vᵀ · Pᵀ, whose A fragments are the V code pairs the S form feeds as B:
+// D/16 MMAs per chunk instead of D/8 (whose rows g + 8 were empty for G <= 8), the accumulators
+// halved, and each output column is a head of the lane's own softmax state.
 template <int D, bool INT4, bool ROPE_K, bool KT = false>
-__global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
+__global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
   static_assert(!KT || (INT4 && !ROPE_K));
   constexpr int SB = stage_bytes<D, INT4>();
   constexpr int NS = stages<INT4>();
@@ -116,6 +159,13 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
   // The page holding chunk i of this warp: read from the block table one iteration before its
   // copy is issued (a table read per chunk stalled the issue by an L2/DRAM round trip).
   auto page_of = [&](int i) { return i < my_n ? table[((c_begin + warp + i * kWarps) * 16) >> c.page_shift] : 0; };
+  // INT4: pass `it` of a chunk copy moves the lane's 16-byte unit lane + 32·it; its source is
+  // lane·16 + 512·it into the chunk, its ring offset lane·16 + 512·it (K codes, params) or
+  // v_lane + a per-pass constant (V rows, padded): loop-invariant per lane, so each copy is one
+  // cp.async on a base plus an immediate (v6 recomputed ~40 instructions of offsets per chunk).
+  constexpr int RU4 = D / 32;  // INT4: 16-byte units per row of codes
+  const int lane16 = lane * 16;
+  const int v_lane = 8 * D + (lane / RU4) * v_row_stride<D>() + (lane % RU4) * 16;
   // Chunk i of this warp (16 keys, contiguous in page `page`) into ring slot i % NS.
   auto issue = [&](int i, int page) {
     if (i >= my_n) return;
@@ -124,20 +174,20 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
     const uint8_t* src = kv_base + page * page_stride + ((key0 & (c.page_size - 1)) >> 4) * CB;
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
-      constexpr int VRS = v_row_stride<D>(), RU = D / 32;  // RU: 16-byte units per row of codes
+      constexpr int VRS = v_row_stride<D>();
       constexpr int NU = int(CB / 16);
-      // K codes and V codes are 16 RU units each, a multiple of 32: every pass of the warp lies in
-      // one region, known at compile time (no per-unit region arithmetic).
-      static_assert(16 * RU % 32 == 0);
+      // K codes and V codes are 16 RU4 units each, a multiple of 32: every pass of the warp lies in
+      // one region, known at compile time.
+      static_assert(16 * RU4 % 32 == 0);
+      src += lane16;
 #pragma unroll
       for (int it = 0; it < (NU + 31) / 32; ++it) {
-        const int u = lane + 32 * it;
-        if (32 * (it + 1) <= 16 * RU) {  // K codes: same offsets
-          cp_async16(dst + u * 16, src + u * 16);
-        } else if (32 * (it + 1) <= 32 * RU) {  // V codes: rows padded
-          cp_async16(dst + 8 * D + (u / RU - 16) * VRS + (u % RU) * 16, src + u * 16);
-        } else if (u < NU) {  // scales and zeros
-          cp_async16(dst + 8 * D + 16 * VRS + (u - 32 * RU) * 16, src + u * 16);
+        if (32 * (it + 1) <= 16 * RU4) {  // K codes: same offsets
+          cp_async16(dst + lane16 + 512 * it, src + 512 * it);
+        } else if (32 * (it + 1) <= 32 * RU4) {  // V codes: rows padded
+          cp_async16(dst + v_lane + (32 * it / RU4 - 16) * VRS, src + 512 * it);
+        } else if (lane < NU - 32 * it) {  // scales and zeros
+          cp_async16(dst + lane16 + 8 * D + 16 * VRS - 32 * RU4 * 16 + 512 * it, src + 512 * it);
         }
       }
     } else {
@@ -208,8 +258,9 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
     }
   }
 
-  // INT4: o[D / 8] accumulates Σ_k p_k · scale_k · zero_k (rescaled with the rest).
-  constexpr int NO = D / 8 + (INT4 ? 1 : 0);
+  // O in m16n8 tiles (KT: Oᵀ, rows dims and columns heads 2t, 2t + 1: half the tiles, no empty
+  // rows); INT4: o[NO - 1] accumulates Σ_k p_k · scale_k · zero_k (rescaled with the rest).
+  constexpr int NO = (KT ? D / 16 : D / 8) + (INT4 ? 1 : 0);
   float o[NO][4];
 #pragma unroll
   for (int i = 0; i < NO; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
@@ -285,9 +336,9 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
       __syncwarp();
     }
 
-    // P · diag(V scales) as the fp16 A fragments of the P·V product (rows = heads g, g + 8; k =
-    // keys 2t, 2t + 1 in a[0], a[1] and 2t + 8, 2t + 9 in a[2], a[3]).
-    uint32_t pa[4];
+    // S form: P · diag(V scales) as the fp16 A fragments of the P·V product (rows = heads g, g + 8;
+    // k = keys 2t, 2t + 1 in a[0], a[1] and 2t + 8, 2t + 9 in a[2], a[3]).
+    [[maybe_unused]] uint32_t pa[4];
     if constexpr (KT) {
       // ---- Sᵀ = K · Qᵀ: rows keys g, g + 8; columns heads 2t, 2t + 1 ----
       uint32_t w[2][D / 32];  // keys g, g + 8: the same words as the B fragments of the S path
@@ -320,32 +371,52 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         sc[e] = ok[e / 2] ? (sa[e] + sb[e] - zk[e / 2] * (e % 2 ? sumq1 : sumq0)) * sck[e / 2] : -INFINITY;
-      // Online softmax per head: maxima over the 16 keys (lanes of the same t), one step.
-      const float2 al = softmax_new_max<4, 16>(fmaxf(sc[0], sc[2]), fmaxf(sc[1], sc[3]), m0, m1);
+      // Online softmax per head (the lane's columns, heads 2t and 2t + 1) with a lazy running
+      // max: it moves (maxima over the 16 keys = the lanes of the same t, the accumulators
+      // rescaled) only when a score passes it by more than kMaxLag, so most chunks skip the
+      // shuffles and the rescale; the weights stay <= 2^kMaxLag, exact in fp32 and fp16 alike.
+      const float mx0 = fmaxf(sc[0], sc[2]), mx1 = fmaxf(sc[1], sc[3]);
+      if (__any_sync(0xffffffffu, mx0 > m0 + kMaxLag || mx1 > m1 + kMaxLag)) {
+        const float2 al = softmax_new_max<4, 16>(mx0, mx1, m0, m1);
+        l0 *= al.x;
+        l1 *= al.y;
+#pragma unroll
+        for (int n = 0; n < NO; ++n) {  // Oᵀ columns are the lane's heads
+          o[n][0] *= al.x;
+          o[n][1] *= al.y;
+          o[n][2] *= al.x;
+          o[n][3] *= al.y;
+        }
+      }
       sc[0] = fast_exp2(sc[0] - m0);
       sc[1] = fast_exp2(sc[1] - m1);
       sc[2] = fast_exp2(sc[2] - m0);
       sc[3] = fast_exp2(sc[3] - m1);
-      l0 = l0 * al.x + (sc[0] + sc[2]);  // this lane's keys only: summed over the lanes at the end
-      l1 = l1 * al.y + (sc[1] + sc[3]);
-      if (__any_sync(0xffffffffu, al.x != 1.0f || al.y != 1.0f)) {
-        // The output rows are heads g: their factor lives in lane g / 2 (head 2t + g % 2).
-        const float a0 = __shfl_sync(0xffffffffu, al.x, g >> 1), a1 = __shfl_sync(0xffffffffu, al.y, g >> 1);
-        const float al = g & 1 ? a1 : a0;
-#pragma unroll
-        for (int n = 0; n < NO; ++n) {
-          o[n][0] *= al;
-          o[n][1] *= al;
-        }
-      }
-      // P · diag(V scales) (scale 0 past the end keeps the slot's stale scales out), transposed
-      // into rows of heads; heads g + 8 do not exist (G <= 8).
+      l0 += sc[0] + sc[2];  // this lane's keys only: summed over the lanes at the end
+      l1 += sc[1] + sc[3];
+      // Pᵀ · diag(V scales) (scale 0 past the end keeps the slot's stale scales out) as the B
+      // fragment of the Oᵀ product: the movmatrix transposes give lane (g, t) head g, keys 2t,
+      // 2t + 1 (b0) and 2t + 8, 2t + 9 (b1).
       const __half* vsc = reinterpret_cast<const __half*>(prm + 32);
       const float sv0 = ok[0] ? __half2float(vsc[g]) : 0.f, sv1 = ok[1] ? __half2float(vsc[g + 8]) : 0.f;
-      pa[0] = transpose8x8(pack_half2(sc[0] * sv0, sc[1] * sv0));
-      pa[1] = 0;
-      pa[2] = transpose8x8(pack_half2(sc[2] * sv1, sc[3] * sv1));
-      pa[3] = 0;
+      const uint32_t pt0 = transpose8x8(pack_half2(sc[0] * sv0, sc[1] * sv0));
+      const uint32_t pt1 = transpose8x8(pack_half2(sc[2] * sv1, sc[3] * sv1));
+      // ---- Oᵀ (16 dims x 8 heads) += Vᵀ · Pᵀ: D/16 MMAs a chunk, not D/8 ----
+      // The zero term: every row of A is the zeros of keys (2t, 2t+1 | 2t+8, 2t+9).
+      const V_pairs vp = v_code_pairs<D>(st, prm, g, t);
+      const uint32_t zf[4] = {vp.z01, vp.z01, vp.z23, vp.z23};
+      mma16816(o[NO - 1], zf, pt0, pt1);
+#pragma unroll
+      for (int r = 0; r < D / 64; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // Rows g: dims h (+ 4) of word g·D/64 + r, c · 2^-24; rows g + 8: dims 2 + h (+ 4), c · 2^-20.
+          const uint32_t v01s = vp.v01[r][h] >> 8, v23s = vp.v23[r][h] >> 8;
+          const uint32_t lo[4] = {vp.v01[r][h] & kNib0, vp.v01[r][h] & kNib1, vp.v23[r][h] & kNib0, vp.v23[r][h] & kNib1};
+          const uint32_t hi[4] = {v01s & kNib0, v01s & kNib1, v23s & kNib0, v23s & kNib1};
+          mma16816(o[4 * r + 2 * h], lo, pt0, pt1);
+          mma16816(o[4 * r + 2 * h + 1], hi, pt0, pt1);
+        }
     } else {
       // ---- S = Q · Kᵀ ----
       float s[2][4];
@@ -424,44 +495,22 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
         pa[3] = pack_half2(s[1][2], s[1][3]);
       }
     }
-    // ---- O += P · V ----
-    if constexpr (INT4) {
-      constexpr int VRS = v_row_stride<D>();
-      const uint8_t* vc = st + 8 * D;
-      // The zeros of keys (2t, 2t+1) and (2t+8, 2t+9) as fp16 subnormal pairs (z · 2^-24): one PRMT.
-      const uint32_t z01 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t);
-      const uint32_t z23 = *reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8);
-      mma16816(o[D / 8], pa, __byte_perm(z01, 0u, 0x4140), __byte_perm(z23, 0u, 0x4140));
-      // Words g·D/64 + r (r < D/64) of the code rows of keys 2t, 2t+1, 2t+8, 2t+9: one 8-byte (D =
-      // 128) or 4-byte load per row.
-      uint32_t xw[4][D / 64];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint8_t* row = vc + (2 * t + (q & 1) + 8 * (q >> 1)) * VRS + g * (D / 16);
-        if constexpr (D == 128) {
-          const uint2 v = *reinterpret_cast<const uint2*>(row);
-          xw[q][0] = v.x, xw[q][1] = v.y;
-        } else {
-          xw[q][0] = *reinterpret_cast<const uint32_t*>(row);
-        }
-      }
+    // ---- O += P · V (KT: done above, as Oᵀ += Vᵀ · Pᵀ) ----
+    if constexpr (INT4 && !KT) {
+      const V_pairs vp = v_code_pairs<D>(st, prm, g, t);
+      mma16816(o[NO - 1], pa, vp.z01, vp.z23);
 #pragma unroll
       for (int r = 0; r < D / 64; ++r) {
-        const uint32_t x0 = xw[0][r], x1 = xw[1][r], x2 = xw[2][r], x3 = xw[3][r];
-        // Two keys' nibbles side by side: nibble k of the low (high) pair is dim 2k (2k + 1) of
-        // word g·D/64 + r, for keys 2t and 2t+1 (2t+8, 2t+9). Nibbles 0, 1 in place, 2, 3 after >> 8.
-        const uint32_t v01[2] = {__byte_perm(x0, x1, 0x5410), __byte_perm(x0, x1, 0x7632)};
-        const uint32_t v23[2] = {__byte_perm(x2, x3, 0x5410), __byte_perm(x2, x3, 0x7632)};
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const uint32_t v01s = v01[h] >> 8, v23s = v23[h] >> 8;
-          mma16816(o[r * 8 + h], pa, v01[h] & kNib0, v23[h] & kNib0);          // dim 0 + h, · 2^-24
-          mma16816(o[r * 8 + 2 + h], pa, v01[h] & kNib1, v23[h] & kNib1);      // dim 2 + h, · 2^-20
-          mma16816(o[r * 8 + 4 + h], pa, v01s & kNib0, v23s & kNib0);          // dim 4 + h, · 2^-24
-          mma16816(o[r * 8 + 6 + h], pa, v01s & kNib1, v23s & kNib1);          // dim 6 + h, · 2^-20
+          const uint32_t v01 = vp.v01[r][h], v23 = vp.v23[r][h], v01s = v01 >> 8, v23s = v23 >> 8;
+          mma16816(o[r * 8 + h], pa, v01 & kNib0, v23 & kNib0);          // dim 0 + h, · 2^-24
+          mma16816(o[r * 8 + 2 + h], pa, v01 & kNib1, v23 & kNib1);      // dim 2 + h, · 2^-20
+          mma16816(o[r * 8 + 4 + h], pa, v01s & kNib0, v23s & kNib0);    // dim 4 + h, · 2^-24
+          mma16816(o[r * 8 + 6 + h], pa, v01s & kNib1, v23s & kNib1);    // dim 6 + h, · 2^-20
         }
       }
-    } else {
+    } else if constexpr (!INT4) {
       const uint8_t* vt = st + 16 * KR;
 #pragma unroll
       for (int np = 0; np < D / 16; ++np) {
@@ -475,15 +524,16 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
     __syncwarp();  // the ring slot is refilled next iteration
   }
   cp_async_wait<0>();
-  if constexpr (INT4) {  // O = raw-code sums · 2^24 (n-tiles 8r + 2, 3, 6, 7: · 2^20) - the zero term
+  if constexpr (INT4) {
+    // O = raw-code sums · 2^24 (S form: n-tiles 8r + 2, 3, 6, 7 · 2^20; KT: rows g + 8 · 2^20) -
+    // the zero term (KT: its rows g and g + 8 are the same sums).
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const float f = (n & 2) ? 0x1p20f : 0x1p24f;
-      o[n][0] = (o[n][0] * f - o[D / 8][0] * 0x1p24f);
-      o[n][1] = (o[n][1] * f - o[D / 8][1] * 0x1p24f);
-      o[n][2] = (o[n][2] * f - o[D / 8][2] * 0x1p24f);
-      o[n][3] = (o[n][3] * f - o[D / 8][3] * 0x1p24f);
-    }
+    for (int n = 0; n < NO - 1; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float f = (KT ? e >= 2 : (n & 2) != 0) ? 0x1p20f : 0x1p24f;
+        o[n][e] = o[n][e] * f - o[NO - 1][e] * 0x1p24f;
+      }
   }
 
   // The sums over the lanes holding a row's (KT: column's) other keys.
@@ -506,8 +556,25 @@ __global__ void __launch_bounds__(128, KT ? 4 : INT4 && !ROPE_K ? 3 : 1) decode_
     red_m[warp * 16 + h1] = m1;
     red_l[warp * 16 + h1] = l1;
   }
+  if constexpr (KT) {
+    // Oᵀ tile 4r + 2h + s: row g is dim h + 4s of word g·D/64 + r, row g + 8 dim 2 + h + 4s;
+    // columns heads 2t, 2t + 1.
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) {
+    for (int n = 0; n < NO - 1; ++n) {
+      const int r = n / 4, h = (n / 2) % 2, s = n % 2;
+      const int dg = 8 * (g * (D / 64) + r) + h + 4 * s, dg8 = dg + 2;
+      if (2 * t < G) {
+        red_o[(warp * 16 + 2 * t) * D + dg] = o[n][0];
+        red_o[(warp * 16 + 2 * t) * D + dg8] = o[n][2];
+      }
+      if (2 * t + 1 < G) {
+        red_o[(warp * 16 + 2 * t + 1) * D + dg] = o[n][1];
+        red_o[(warp * 16 + 2 * t + 1) * D + dg8] = o[n][3];
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < (KT ? 0 : D / 8); ++n) {
     int d0, d1;  // output dims of columns 2t and 2t+1 of n-tile n
     if constexpr (INT4) {
       d0 = (2 * t) * (D / 8) + n;
@@ -567,20 +634,33 @@ __global__ void __launch_bounds__(D) combine_kernel(DecodeParams p) {
   p.out[sh * D + threadIdx.x] = __float2half_rn(acc / L);
 }
 
-template <int D, bool INT4, bool ROPE_K>
-int blocks_per_sm() {
+// INT4 pages with K after RoPE and G <= 8 query heads per KV head run decode_kernel's KT form.
+template <bool INT4, bool ROPE_K>
+bool kt_form(int G) {
+  return INT4 && !ROPE_K && G <= 8;
+}
+
+// Resident blocks per SM of one form of the kernel (sets its shared-memory attribute once).
+template <int D, bool INT4, bool ROPE_K, bool KT>
+int occupancy() {
   static int cached = [] {
     constexpr int smem = decode_smem_bytes<D, INT4, ROPE_K>();
-    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K>,
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K, KT>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    if constexpr (INT4 && !ROPE_K)  // the KT variant plans with this occupancy (it has more: 4 blocks)
-      NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(decode_kernel<D, INT4, ROPE_K, true>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int n = 0;
-    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, INT4, ROPE_K>, 128, smem));
+    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, decode_kernel<D, INT4, ROPE_K, KT>, 128, smem));
     return std::max(n, 1);
   }();
   return cached;
+}
+
+// ... of the form attention_decode launches for G query heads per KV head (the split plan and the
+// workspace bound count its waves: KT runs 5 blocks per SM, the S form 3).
+template <int D, bool INT4, bool ROPE_K>
+int blocks_per_sm(int G) {
+  if constexpr (INT4 && !ROPE_K)
+    if (kt_form<INT4, ROPE_K>(G)) return occupancy<D, INT4, ROPE_K, true>();
+  return occupancy<D, INT4, ROPE_K, false>();
 }
 
 int sm_count() {
@@ -594,10 +674,10 @@ int sm_count() {
 }
 
 template <int D, bool INT4, bool ROPE_K>
-int plan_splits(const AttentionBatch& b, int kv_heads) {
+int plan_splits(const AttentionBatch& b, int kv_heads, int G) {
   const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
   const int64_t base = int64_t(b.batch) * kv_heads;
-  const int64_t target = int64_t(sm_count()) * blocks_per_sm<D, INT4, ROPE_K>();
+  const int64_t target = int64_t(sm_count()) * blocks_per_sm<D, INT4, ROPE_K>(G);
   // Half the resident slots filled already: splitting only adds the combine.
   if (2 * base >= target || chunks < 2 * 4 * kWarps) return 1;
   // At least four chunks per warp (each split writes G·D fp32 partials per KV head: with GQA 8
@@ -610,17 +690,17 @@ int plan_splits(const AttentionBatch& b, int kv_heads) {
 
 // The split count for a batch, within what its longest sequence can use.
 template <int D, bool INT4, bool ROPE_K>
-int planned_splits(const KVCacheView& c, const AttentionBatch& b) {
+int planned_splits(const KVCacheView& c, const AttentionBatch& b, int G) {
   const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
-  return int(std::clamp<int64_t>(plan_splits<D, INT4, ROPE_K>(b, c.kv_heads), 1, std::max<int64_t>(chunks, 1)));
+  return int(std::clamp<int64_t>(plan_splits<D, INT4, ROPE_K>(b, c.kv_heads, G), 1, std::max<int64_t>(chunks, 1)));
 }
 
 template <int D, bool INT4, bool ROPE_K>
 void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p, int forced, AttentionWorkspace& ws,
                    Stream stream) {
   constexpr int smem = decode_smem_bytes<D, INT4, ROPE_K>();
-  blocks_per_sm<D, INT4, ROPE_K>();  // sets the smem attribute once
-  p.splits = forced > 0 ? forced : planned_splits<D, INT4, ROPE_K>(c, b);
+  blocks_per_sm<D, INT4, ROPE_K>(p.G);  // sets the smem attribute of the form launched, once
+  p.splits = forced > 0 ? forced : planned_splits<D, INT4, ROPE_K>(c, b, p.G);
   if (p.splits > 1) {
     const size_t slots = size_t(b.batch) * size_t(p.H) * size_t(p.splits);
     float* w = static_cast<float*>(ws.get(slots * (D + 1) * sizeof(float)));
@@ -630,7 +710,7 @@ void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p
   const dim3 grid(p.splits, c.kv_heads, b.batch);
   bool launched = false;
   if constexpr (INT4 && !ROPE_K) {
-    if (p.G <= 8) {
+    if (kt_form<INT4, ROPE_K>(p.G)) {
       decode_kernel<D, INT4, ROPE_K, true><<<grid, 128, smem, stream>>>(c, b, p);
       launched = true;
     }
@@ -657,15 +737,16 @@ auto with_variant(const KVCacheView& c, bool k_before_rope, F&& f) {
 
 }  // namespace
 
-int attention_decode_splits(const KVCacheView& c, const AttentionBatch& b, bool k_before_rope) {
-  return with_variant(c, k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() { return planned_splits<D, INT4, ROPE_K>(c, b); });
+int attention_decode_splits(const KVCacheView& c, const AttentionBatch& b, int num_heads, bool k_before_rope) {
+  const int G = num_heads / c.kv_heads;
+  return with_variant(c, k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() { return planned_splits<D, INT4, ROPE_K>(c, b, G); });
 }
 
 size_t attention_decode_workspace_bytes(const KVCacheView& c, int num_heads, bool k_before_rope) {
   // Planned splits keep batch · kv_heads · splits within one wave of resident blocks, so the partials
   // of all (sequence, head, split) slots are at most G · that wave.
   return with_variant(c, k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() {
-    const size_t wave = size_t(sm_count()) * size_t(blocks_per_sm<D, INT4, ROPE_K>());
+    const size_t wave = size_t(sm_count()) * size_t(blocks_per_sm<D, INT4, ROPE_K>(num_heads / c.kv_heads));
     return size_t(num_heads / c.kv_heads) * wave * (D + 1) * sizeof(float);
   });
 }

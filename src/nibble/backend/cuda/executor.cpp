@@ -752,7 +752,7 @@ StepPlan CudaExecutor::prepare(std::span<const BatchEntry> batch) {
   NIBBLE_CUDA_CHECK(cudaMemcpyAsync(head_rows_.get(), host_io_ + plan.n, size_t(plan.rows) * 4,
                                     cudaMemcpyHostToDevice, stream_));
   plan.ab = batch_builder_->build(cache.allocator(), seqs, news, stream_, plan.graph_batch, pool_->pad_page());
-  if (decode) plan.splits = attention_decode_splits(cache.view(), plan.ab, runner_->k_before_rope());
+  if (decode) plan.splits = attention_decode_splits(cache.view(), plan.ab, int(cfg_.num_heads), runner_->k_before_rope());
   return plan;
 }
 
