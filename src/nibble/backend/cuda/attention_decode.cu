@@ -201,6 +201,15 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
     }
   };
 
+  // The ring's first chunks go in flight before the Q loads, so that the two round trips overlap
+  // (issued after the Q fragments, the first copies waited for them).
+#pragma unroll
+  for (int i = 0; i < NS - 1; ++i) {
+    issue(i, page_of(i));
+    cp_async_commit();
+  }
+  int next_page = page_of(NS - 1);
+
   // Q fragments (rows = the G heads of this KV head, zero beyond G; KT: a[0], a[2] are the B
   // fragments of Qᵀ) and, for the INT4 K path, Σq of the lane's two score rows (heads g, g + 8;
   // KT: its two score columns, heads 2t, 2t + 1).
@@ -267,13 +276,6 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
   // Softmax state of the lane's two score rows (KT: columns): running max (log2 domain) and sum.
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0, l1 = 0;
   const float score_scale = p.scale_log2 * (K_NIBBLE ? 0x1p24f : 1.0f);  // raw-code scores: units of 2^-24
-
-#pragma unroll
-  for (int i = 0; i < NS - 1; ++i) {
-    issue(i, page_of(i));
-    cp_async_commit();
-  }
-  int next_page = page_of(NS - 1);
 
   for (int i = 0; i < my_n; ++i) {
     issue(i + NS - 1, next_page);
