@@ -160,6 +160,10 @@ void* AttentionWorkspace::get(size_t bytes) {
     }
     bytes_ = std::max(bytes, bytes_ * 2);
     NIBBLE_CUDA_CHECK(cudaMalloc(&ptr_, bytes_));
+    // attention_decode's arrival counters start at zero (synchronized: the caller's stream may not
+    // be ordered after the legacy default stream).
+    NIBBLE_CUDA_CHECK(cudaMemset(ptr_, 0, bytes_));
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   }
   return ptr_;
 }

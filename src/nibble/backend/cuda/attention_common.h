@@ -94,7 +94,8 @@ class RopeTable {
 };
 
 // Device scratch for the decode splits' partial results: grows on demand, or reserved once at
-// start (reserve) so that a captured step never allocates.
+// start (reserve) so that a captured step never allocates. Allocated zeroed (attention_decode
+// keeps counters in it that it leaves at zero).
 class AttentionWorkspace {
  public:
   AttentionWorkspace() = default;
@@ -132,7 +133,7 @@ struct AttentionArgs {
   const RopeTable* rope = nullptr;  // needed when k_before_rope
   bool k_before_rope = false;
   float softmax_scale = 0;  // 0: 1/sqrt(D)
-  int num_splits = 0;       // decode only: 0 = planned from the batch and the GPU, else forced (any >= 1)
+  int num_splits = 0;       // decode only: 0 = planned from the batch and the GPU, else forced (1..256)
 };
 
 void attention_append(const KVCacheView& cache, const AttentionBatch& batch, const AppendArgs& args, Stream stream);

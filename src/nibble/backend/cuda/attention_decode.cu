@@ -14,8 +14,8 @@
 // come out of the fp32 results exactly. Scales and zeros are per token, so they leave the inner
 // products: K: score = scale · (q·c - zero · Σq); V: O = Σ_k (p_k · scale_k) · c_k - Σ_k (p_k ·
 // scale_k) · zero_k, the scales folded into P (16 multiplies per chunk instead of D·16) and the
-// zero term one more MMA with the zeros as B. Warps combine in shared memory, splits in a second
-// small kernel (log-sum-exp weights).
+// zero term one more MMA with the zeros as B. Warps combine in shared memory; the splits of a
+// (sequence, KV head) are combined (log-sum-exp weights) by whichever of their blocks ends last.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -34,6 +34,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kWarps = 4;
 // Nibbles 0 and 1 of each half of a word: as fp16 bit patterns, code · 2^-24 and code · 2^-20.
 constexpr uint32_t kNib0 = 0x000F000Fu, kNib1 = 0x00F000F0u;
+// Split decoding keeps one arrival counter per (sequence, KV head) at the start of the workspace
+// (AttentionWorkspace allocates it zeroed; the kernel leaves it zero), at a fixed place whatever
+// the shape, so no launch reads another's partials as counters. Planned splits need at most
+// (SMs x blocks per SM) / 2 pairs.
+constexpr int64_t kMaxSplitPairs = 8192;
+// Splits per sequence: their combine weights fit the block's shared memory (G x kMaxSplits floats).
+constexpr int kMaxSplits = 256;
+constexpr size_t kArrivalBytes = kMaxSplitPairs * sizeof(uint32_t);
 // KT: the running max of a head moves only when a score exceeds it by more than this (log2 units).
 constexpr float kMaxLag = 8.0f;
 
@@ -46,6 +54,7 @@ struct DecodeParams {
   int splits;     // blocks per (sequence, KV head); each sequence's chunks are divided among them
   float* ws_o;    // [batch][H][splits][D]
   float* ws_lse;  // [batch][H][splits]
+  uint32_t* arrivals;  // [batch][kv_heads]: split blocks finished (zero between launches)
 };
 
 // A chunk in a ring slot. INT4: K codes [16][D/2], V codes [16][D/2 + 16] (padded: the V reads,
@@ -133,6 +142,7 @@ __device__ __forceinline__ V_pairs<D> v_code_pairs(const uint8_t* st, const uint
 template <int D, bool INT4, bool ROPE_K, bool KT = false>
 __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
   static_assert(!KT || (INT4 && !ROPE_K));
+  static_assert(16 * kMaxSplits * sizeof(float) <= decode_smem_bytes<D, INT4, ROPE_K>());
   constexpr int SB = stage_bytes<D, INT4>();
   constexpr int NS = stages<INT4>();
   constexpr int KR = 2 * D + 16;  // fp16 row stride in bytes (padded: ldmatrix conflict-free)
@@ -618,22 +628,49 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
       if (d == 0) p.ws_lse[slot] = M == -INFINITY ? -INFINITY : M + log2f(L);
     }
   }
-}
+  if (p.splits == 1) return;
 
-// out = Σ_s 2^(lse_s - max) o_s / Σ_s 2^(lse_s - max); one block per (sequence, head).
-template <int D>
-__global__ void __launch_bounds__(D) combine_kernel(DecodeParams p) {
-  const int64_t sh = blockIdx.x;
-  const float* lse = p.ws_lse + sh * p.splits;
-  float M = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) M = fmaxf(M, lse[s]);
-  float acc = 0, L = 0;
-  for (int s = 0; s < p.splits; ++s) {
-    const float f = exp2f(lse[s] - M);
-    L += f;
-    acc += f * p.ws_o[(sh * p.splits + s) * D + threadIdx.x];
+  // ---- The last split block of this (sequence, KV head) to finish combines the splits ----
+  // (a second kernel did it: one launch more per step, paid mostly at batch 1-16 where the splits
+  // are). out = Σ_s 2^(lse_s - max) o_s / Σ_s 2^(lse_s - max), the partials read from L2 (__ldcg:
+  // never a stale L1 line of another block's writes).
+  __threadfence();  // this block's partials visible device-wide before its arrival counts
+  __syncthreads();
+  bool last = false;
+  if (threadIdx.x == 0) {
+    uint32_t* arrived = p.arrivals + int64_t(seq) * c.kv_heads + kvh;
+    last = atomicAdd(arrived, 1u) == uint32_t(p.splits - 1);
+    if (last) *arrived = 0;  // every other split has counted: zero again for the next launch
+    __threadfence();
   }
-  p.out[sh * D + threadIdx.x] = __float2half_rn(acc / L);
+  if (!__syncthreads_or(last)) return;  // (also: every warp is past its reads of red_*)
+  // The weights 2^(lse_s - max) / Σ in shared memory, a warp per head, then every (head, dim)
+  // sums its splits' partials with the loads independent of each other.
+  float* wgt = reinterpret_cast<float*>(smem);  // [G][splits]
+  const int64_t sh0 = int64_t(seq) * p.H + int64_t(kvh) * G;
+  for (int row = warp; row < G; row += kWarps) {
+    const float* lse = p.ws_lse + (sh0 + row) * p.splits;
+    float M = -INFINITY, L = 0;
+    for (int s = lane; s < p.splits; s += 32) M = fmaxf(M, __ldcg(lse + s));
+    M = warp_max(M);
+    for (int s = lane; s < p.splits; s += 32) {
+      const float f = exp2f(__ldcg(lse + s) - M);
+      wgt[row * p.splits + s] = f;
+      L += f;
+    }
+#pragma unroll
+    for (int off = 16; off; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
+    for (int s = lane; s < p.splits; s += 32) wgt[row * p.splits + s] /= L;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < G * D; idx += 128) {
+    const int row = idx / D, d = idx % D;
+    const float* o_s = p.ws_o + (sh0 + row) * p.splits * D + d;
+    float acc = 0;
+#pragma unroll 8
+    for (int s = 0; s < p.splits; ++s) acc += wgt[row * p.splits + s] * __ldcg(o_s + int64_t(s) * D);
+    p.out[(sh0 + row) * D + d] = __float2half_rn(acc);
+  }
 }
 
 // INT4 pages with K after RoPE and G <= 8 query heads per KV head run decode_kernel's KT form.
@@ -687,7 +724,7 @@ int plan_splits(const AttentionBatch& b, int kv_heads, int G) {
   // partial second wave doubles the time).
   const int64_t by_work = chunks / (4 * kWarps);
   const int64_t by_gpu = target / base;
-  return int(std::max<int64_t>(1, std::min(by_work, by_gpu)));
+  return int(std::clamp<int64_t>(std::min(by_work, by_gpu), 1, kMaxSplits));
 }
 
 // The split count for a batch, within what its longest sequence can use.
@@ -704,10 +741,14 @@ void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p
   blocks_per_sm<D, INT4, ROPE_K>(p.G);  // sets the smem attribute of the form launched, once
   p.splits = forced > 0 ? forced : planned_splits<D, INT4, ROPE_K>(c, b, p.G);
   if (p.splits > 1) {
+    require(int64_t(b.batch) * c.kv_heads <= kMaxSplitPairs && p.splits <= kMaxSplits, "attention_decode",
+            "{} splits over {} sequences x {} KV heads: at most {} splits and {} (sequence, KV head) pairs",
+            p.splits, b.batch, c.kv_heads, kMaxSplits, kMaxSplitPairs);
     const size_t slots = size_t(b.batch) * size_t(p.H) * size_t(p.splits);
-    float* w = static_cast<float*>(ws.get(slots * (D + 1) * sizeof(float)));
-    p.ws_o = w;
-    p.ws_lse = w + slots * D;
+    uint8_t* w = static_cast<uint8_t*>(ws.get(kArrivalBytes + slots * (D + 1) * sizeof(float)));
+    p.arrivals = reinterpret_cast<uint32_t*>(w);
+    p.ws_o = reinterpret_cast<float*>(w + kArrivalBytes);
+    p.ws_lse = p.ws_o + slots * D;
   }
   const dim3 grid(p.splits, c.kv_heads, b.batch);
   bool launched = false;
@@ -719,10 +760,6 @@ void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p
   }
   if (!launched) decode_kernel<D, INT4, ROPE_K><<<grid, 128, smem, stream>>>(c, b, p);
   NIBBLE_CUDA_CHECK_LAUNCH();
-  if (p.splits > 1) {
-    combine_kernel<D><<<b.batch * p.H, D, 0, stream>>>(p);
-    NIBBLE_CUDA_CHECK_LAUNCH();
-  }
 }
 
 // f.template operator()<D, INT4, ROPE_K>() for the cache's variant (head_dim 64 or 128).
@@ -746,10 +783,10 @@ int attention_decode_splits(const KVCacheView& c, const AttentionBatch& b, int n
 
 size_t attention_decode_workspace_bytes(const KVCacheView& c, int num_heads, bool k_before_rope) {
   // Planned splits keep batch · kv_heads · splits within one wave of resident blocks, so the partials
-  // of all (sequence, head, split) slots are at most G · that wave.
+  // of all (sequence, head, split) slots are at most G · that wave; the arrival counters go first.
   return with_variant(c, k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() {
     const size_t wave = size_t(sm_count()) * size_t(blocks_per_sm<D, INT4, ROPE_K>(num_heads / c.kv_heads));
-    return size_t(num_heads / c.kv_heads) * wave * (D + 1) * sizeof(float);
+    return kArrivalBytes + size_t(num_heads / c.kv_heads) * wave * (D + 1) * sizeof(float);
   });
 }
 
@@ -765,7 +802,7 @@ void attention_decode(const KVCacheView& c, const AttentionBatch& b, const Atten
   if (b.batch == 0) return;
   const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
   const DecodeParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
-                       a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e, 1, nullptr, nullptr};
+                       a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e, 1, nullptr, nullptr, nullptr};
   with_variant(c, a.k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() {
     launch_decode<D, INT4, ROPE_K>(c, b, p, a.num_splits, ws, stream);
   });
