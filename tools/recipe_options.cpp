@@ -73,7 +73,10 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (w_row_group) r.weight.row_group = *w_row_group;
   if (w_clip) r.weight.clip = *w_clip;
   if (a_clip) r.act.clip = *a_clip;
-  if (keeper) r.keeper = *keeper;
+  if (keeper) {  // an explicit count replaces a preset's per-slot counts
+    r.keeper = *keeper;
+    r.keeper_by_slot.clear();
+  }
   if (!keeper_by_slot.empty()) r.keeper_by_slot = keeper_by_slot;
   if (keeper_precision) r.keeper_precision = quant::parse_keeper_precision(*keeper_precision, "--keeper-precision");
   if (sort_metric) {

@@ -6,7 +6,8 @@
 namespace nibble::quant {
 
 std::vector<std::string> Recipe::preset_names() {
-  return {"fp16", "w4a16-g128", "w4a16-g128-gptq", "w8a8", "w4a4-rtn", "atom-w4a4", "fp4-e2m1", "mxfp4", "nvfp4"};
+  return {"fp16",     "w4a16-g128", "w4a16-g128-gptq", "w8a8",  "w4a4-rtn", "atom-w4a4", "atom-w4a4-slot-keepers",
+          "fp4-e2m1", "mxfp4",      "nvfp4"};
 }
 
 namespace {
@@ -29,7 +30,7 @@ Recipe Recipe::preset(const std::string& name) {
     r.quantize_weights = r.quantize_activations = true;
     r.weight = {Format::Int4Sym, 0, 1, 1.0f};
     r.act = {Format::Int4Sym, 0, 1, 1.0f};
-  } else if (name == "atom-w4a4") {
+  } else if (name == "atom-w4a4" || name == "atom-w4a4-slot-keepers") {
     r.quantize_weights = r.quantize_activations = true;
     r.weight = {Format::Int4Sym, 128, 2, 0.85f};
     r.act = {Format::Int4Sym, 128, 1, kAtomActClip};
@@ -45,6 +46,10 @@ Recipe Recipe::preset(const std::string& name) {
     r.act.clip = 0.8f;
     r.kv = {4, false, 0.9f, true};
     r.clip_search = true;
+    // 128 more INT8 keepers on q/k/v and down_proj (+0.9% file on nibble-ref, ~+1% of a 7B's
+    // linears), chosen on calibration text (notes/quantization.md, issue 20 session 10). A preset
+    // beside the default, which must also fit MoE models, where counts per slot do not apply.
+    if (name == "atom-w4a4-slot-keepers") r.keeper_by_slot = {256, 128, 128, 256};
   } else if (name == "fp4-e2m1") {
     r.quantize_weights = r.quantize_activations = true;
     r.weight = {Format::Fp4E2M1, 32, 1, 1.0f};
