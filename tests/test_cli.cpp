@@ -211,6 +211,22 @@ TEST_F(Cli, AblateFileNamesAreNotGnuplotCode) {
   }
 }
 
+// atom-w4a4-slot-keepers (issue 20): its per-slot counts are refused by name on a model too narrow for
+// them, and an explicit --keeper replaces them rather than being silently ignored.
+TEST_F(Cli, SlotKeeperPresetYieldsToAnExplicitKeeper) {
+  REQUIRE_STORIES();
+  const std::string base = fmt::format(
+      "quantize -m {} --recipe atom-w4a4-slot-keepers --group 32 --calib-windows 2 --calib-ctx 64 -f {} ",
+      quote(stories()), quote(sample_text()));
+  const Result refused = nibble(base + "-o a.safetensors");
+  EXPECT_EQ(refused.status, 1);
+  EXPECT_NE(refused.err.find("nibble: error: recipe 'atom-w4a4-slot-keepers'"), std::string::npos) << refused.err;
+  EXPECT_NE(refused.err.find("--keeper 256 must be below"), std::string::npos) << refused.err;
+  const Result r = nibble(base + "--keeper 8 --json -o b.safetensors");
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("\"keeper\":8,\"keeper_by_slot\":[]"), std::string::npos) << r.out;
+}
+
 // nibble split: every row of the table, on a quantized stories260K; a file that is not quantized
 // from the model is refused in one line.
 TEST_F(Cli, SplitPrintsEveryRow) {

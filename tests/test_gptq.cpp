@@ -232,6 +232,40 @@ TEST(Gptq, ClipSearchDoesNotLoseToFixedClip) {
   EXPECT_LT(eb, ea);
 }
 
+// --w-clip-gptq-loss: per row group, the clip whose GPTQ loss is least, i.e. the scale and loss of
+// the best of the 11 fixed-clip GPTQ runs on that row group alone (one group per row, so no later
+// group depends on the choice). The diag(H)-weighted search, blind to the compensation, loses to it.
+TEST(Gptq, ClipSearchByGptqLossPicksTheBestFixedClip) {
+  Problem p = make_problem(8, 64, 300, 12);
+  std::mt19937 rng(13);
+  std::student_t_distribution<float> heavy(2.0f);
+  for (auto& w : p.W) w = 0.02f * heavy(rng);
+  const int row_group = 2;
+  GptqOptions by_loss, by_hdiag;
+  by_loss.clip_search = by_hdiag.clip_search = true;
+  by_loss.clip_by_gptq_loss = true;
+  const GptqResult got = gptq_quantize(p.W, p.N, p.K, p.H, int4_spec(64, row_group, 0), by_loss, "test");
+  const GptqResult hdiag = gptq_quantize(p.W, p.N, p.K, p.H, int4_spec(64, row_group, 0), by_hdiag, "test");
+  double best_total = 0;
+  for (int64_t rg = 0; rg < p.N / row_group; ++rg) {
+    const std::vector<float> rows(p.W.begin() + rg * row_group * p.K, p.W.begin() + (rg + 1) * row_group * p.K);
+    GptqResult best;
+    best.loss = -1;
+    for (int step = 0; step <= 10; ++step) {
+      LinearQuantSpec fixed = int4_spec(64, row_group, 0);
+      fixed.weight.clip = 1.0f - 0.05f * float(step);  // the search's own grid
+      GptqResult r = gptq_quantize(rows, row_group, p.K, p.H, fixed, GptqOptions{}, "test");
+      if (best.loss < 0 || r.loss < best.loss) best = std::move(r);
+    }
+    EXPECT_EQ(got.main.scales[size_t(rg)], best.main.scales[0]) << "row group " << rg;
+    best_total += best.loss;
+  }
+  std::printf("GPTQ loss: best fixed clips %.6g, search by GPTQ loss %.6g, by diag(H) %.6g\n", best_total, got.loss,
+              hdiag.loss);
+  EXPECT_NEAR(got.loss, best_total, 1e-9 * best_total);
+  EXPECT_GT(hdiag.loss, got.loss);
+}
+
 // The rows of a block run in parallel, in chunks of whole row groups (gptq.cpp): no code or scale
 // may depend on the thread count. 200 rows: chunks of 64 and a partial one. Called directly (not
 // inside quantize's loop over linears), the lazy update's host DGEMM runs threaded too and OpenBLAS

@@ -151,6 +151,33 @@ TEST_F(QuantizeStories, SmoothedPackedFileEqualsSimulatedModel) {
   std::filesystem::remove(path);
 }
 
+// --w-clip-gptq-loss picks other weight clips than the diag(H) search (other logits), travels in the
+// packed file's recipe (a file written before it, without the field, reads as off), needs the clip
+// search, and is refused by name on the device, whose column loop scores clips by diag(H) only.
+TEST_F(QuantizeStories, ClipByGptqLossTravelsInRecipeAndIsCpuOnly) {
+  auto by_hdiag = Model::load(test::data_dir() / "models/stories260K");
+  quant::quantize_model(*by_hdiag, small_atom(), calib, "calib", false);
+  Recipe r = small_atom();
+  r.clip_by_gptq_loss = true;
+  quant::quantize_model(*model, r, calib, "calib", false);
+  EXPECT_NE(logits_of(*model, probe), logits_of(*by_hdiag, probe));
+  const std::vector<float> simulated = logits_of(*model, probe);
+  const auto path = std::filesystem::temp_directory_path() / "nibble_test_clip_gptq_loss.safetensors";
+  save_packed_model(*model, r.to_json().dump(), test::data_dir() / "models/stories260K", path);
+  EXPECT_EQ(logits_of(*Model::load(path), probe), simulated);
+  std::filesystem::remove(path);
+  EXPECT_TRUE(Recipe::from_json(r.to_json(), "test").clip_by_gptq_loss);
+  nlohmann::json older = r.to_json();
+  older.erase("clip_by_gptq_loss");
+  EXPECT_FALSE(Recipe::from_json(older, "test").clip_by_gptq_loss);
+  quant::QuantizeReport report;
+  auto fresh = Model::load(test::data_dir() / "models/stories260K");
+  auto embed = [&](std::span<const int32_t> w, float* h) { fresh->embed(w, h); };
+  EXPECT_THROW(quant::LayerQuantizer(*fresh, r, calib, "calib", embed, report, true), Error);
+  r.clip_search = false;
+  EXPECT_THROW(r.validate(model->config()), Error);
+}
+
 TEST_F(QuantizeStories, EveryPresetRunsOrIsRefused) {
   for (const std::string& name : Recipe::preset_names()) {
     auto m = Model::load(test::data_dir() / "models/stories260K");
@@ -158,14 +185,16 @@ TEST_F(QuantizeStories, EveryPresetRunsOrIsRefused) {
     r.calib_windows = 4;
     r.calib_ctx = 64;
     if (name != "fp16" && name != "w8a8" && name != "w4a4-rtn") {
-      // Groups of 128 cannot fit K = 64, groups of 16 or 32 not K = 172 without keepers:
-      // a clear error naming the group and the channels.
+      // Groups of 128 cannot fit K = 64, groups of 16 or 32 not K = 172 without keepers, 256
+      // keepers not K = 64: a clear error naming the group or the keepers and the channels.
       try {
         quant::quantize_model(*m, r, calib, "calib", false);
         FAIL() << name << " should be refused on stories260K";
       } catch (const Error& e) {
         const std::string msg = e.what();
-        EXPECT_TRUE(msg.find("group size") != std::string::npos || msg.find("--keeper 128") != std::string::npos) << msg;
+        EXPECT_TRUE(msg.find("group size") != std::string::npos || msg.find("--keeper 128") != std::string::npos ||
+                    msg.find("--keeper 256 must be below") != std::string::npos)
+            << msg;
       }
       continue;
     }
@@ -688,13 +717,14 @@ TEST(Recipe, AtomCompatRestoresAtomsChoices) {
   EXPECT_TRUE(r.group_hadamard && r.clip_search && r.kv.hadamard && !r.kv.k_before_rope && !r.fp16_activations);
   r.smooth_alpha = 0.3;
   r.k_smooth_alpha = 0.5;
+  r.clip_by_gptq_loss = true;
   r.apply_atom_compat();
   EXPECT_EQ(r.smooth_alpha, 0.0);  // Atom has no smoothing: the ladder stays Atom's
   EXPECT_EQ(r.k_smooth_alpha, 0.0);
   EXPECT_FLOAT_EQ(r.act.clip, 0.9f);
   EXPECT_FLOAT_EQ(r.weight.clip, 0.85f);
   EXPECT_FLOAT_EQ(r.kv.clip, 1.0f);
-  EXPECT_FALSE(r.group_hadamard || r.clip_search || r.kv.hadamard);
+  EXPECT_FALSE(r.group_hadamard || r.clip_search || r.clip_by_gptq_loss || r.kv.hadamard);
   EXPECT_TRUE(r.kv.k_before_rope && r.fp16_activations && r.hessian_from_quantized_inputs);
   EXPECT_EQ(r.weight.format, quant::Format::Int4SymAtomGptq);
   // The ladder's steps keep their own clip ratios (1.0 before step 5).

@@ -35,6 +35,9 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
   tri("--gptq", "--no-gptq", &gptq, "quantize weights with GPTQ (else round to nearest)");
   tri("--w-clip-search", "--no-w-clip-search", &clip_search,
       "GPTQ: per-group weight clip minimising the Hessian-weighted error (beyond Atom; overrides --w-clip)");
+  tri("--w-clip-gptq-loss", "--no-w-clip-gptq-loss", &clip_by_gptq_loss,
+      "the clip search scores each clip by GPTQ's loss of the group (error after compensation) instead of diag(H) "
+      "times the rounding error (CPU only)");
   tri("--group-hadamard", "--no-group-hadamard", &group_hadamard,
       "quantize each group of weights and activations in a Hadamard-rotated basis (exact; beyond Atom)");
   tri("--reorder", "--no-reorder", &reorder, "permute input channels by salience (keepers last)");
@@ -70,7 +73,10 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (w_row_group) r.weight.row_group = *w_row_group;
   if (w_clip) r.weight.clip = *w_clip;
   if (a_clip) r.act.clip = *a_clip;
-  if (keeper) r.keeper = *keeper;
+  if (keeper) {  // an explicit count replaces a preset's per-slot counts
+    r.keeper = *keeper;
+    r.keeper_by_slot.clear();
+  }
   if (!keeper_by_slot.empty()) r.keeper_by_slot = keeper_by_slot;
   if (keeper_precision) r.keeper_precision = quant::parse_keeper_precision(*keeper_precision, "--keeper-precision");
   if (sort_metric) {
@@ -81,6 +87,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (gptq) r.gptq = *gptq;
   if (reorder) r.reorder = *reorder;
   if (clip_search) r.clip_search = *clip_search;
+  if (clip_by_gptq_loss) r.clip_by_gptq_loss = *clip_by_gptq_loss;
   if (group_hadamard) r.group_hadamard = *group_hadamard;
   if (percdamp) r.percdamp = *percdamp;
   if (act_order) r.act_order = *act_order;

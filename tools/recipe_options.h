@@ -22,7 +22,7 @@ struct RecipeOptions {
   std::optional<double> percdamp;
   std::optional<double> smooth_alpha, k_smooth_alpha;
   std::optional<uint64_t> seed;
-  std::optional<bool> gptq, reorder, hessian_fp, clip_search, group_hadamard, act_order;
+  std::optional<bool> gptq, reorder, hessian_fp, clip_search, clip_by_gptq_loss, group_hadamard, act_order;
   bool atom_compat = false;
 
   // `with_preset`: the --recipe option too (ablate builds its own ladder).

@@ -121,6 +121,7 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
     return end;
   };
   if (opt.on_device) {
+    check(!opt.clip_by_gptq_loss, where, "GPTQ on the device: no clip search by GPTQ loss there");
     const std::unique_ptr<DeviceGptq> device =
         make_device_gptq(Wf, N, K, std::move(xtx), dead, hdiag, spec, opt.clip_search, where);
     for (int64_t i1 = 0, i2; i1 < K; i1 = i2) {
@@ -138,21 +139,42 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
     if (dead[size_t(k)])
       for (int64_t n = 0; n < N; ++n) W[size_t(n * K + k)] = 0;
 
-  auto best_clip_scale = [&](const FormatSpec& fs, const GroupStats& stats, int64_t n0, int row_group, int64_t k0,
-                             int64_t width) {
-    GroupScale best{};
-    double best_err = -1;
-    for (int step = 0; step <= 10; ++step) {
-      FormatSpec trial = fs;
-      trial.clip = 1.0f - 0.05f * float(step);
-      const GroupScale g = choose_scale(trial, stats);
-      double err = 0;
-      for (int64_t n = n0; n < n0 + row_group; ++n)
+  // The trial's error: diag(H) times the rounding error of the group's current weights, or GPTQ's
+  // loss of the group (clip_by_gptq_loss): its columns quantized in turn, each error spread over the
+  // group's later columns through U, as the column loop will do.
+  auto trial_error = [&](const FormatSpec& fs, const GroupScale& g, int64_t n0, int row_group, int64_t k0,
+                         int64_t width, std::vector<double>& row) {
+    double err = 0;
+    for (int64_t n = n0; n < n0 + row_group; ++n) {
+      if (!opt.clip_by_gptq_loss) {
         for (int64_t k = k0; k < k0 + width; ++k) {
           const float w = float(W[size_t(n * K + k)]);
           const double d = w - decode_element(fs.format, encode_element(fs.format, w, g), g);
           err += hdiag[size_t(k)] * d * d;
         }
+        continue;
+      }
+      row.assign(W.begin() + n * K + k0, W.begin() + n * K + k0 + width);
+      for (int64_t i = 0; i < width; ++i) {
+        const int64_t k = k0 + i;
+        const double q = decode_element(fs.format, encode_element(fs.format, float(row[size_t(i)]), g), g);
+        const double e = (row[size_t(i)] - q) / U[size_t(k * K + k)];
+        err += e * e;
+        for (int64_t j = i + 1; j < width; ++j) row[size_t(j)] -= e * U[size_t(k * K + k0 + j)];
+      }
+    }
+    return err;
+  };
+  auto best_clip_scale = [&](const FormatSpec& fs, const GroupStats& stats, int64_t n0, int row_group, int64_t k0,
+                             int64_t width) {
+    GroupScale best{};
+    double best_err = -1;
+    std::vector<double> row;
+    for (int step = 0; step <= 10; ++step) {
+      FormatSpec trial = fs;
+      trial.clip = 1.0f - 0.05f * float(step);
+      const GroupScale g = choose_scale(trial, stats);
+      const double err = trial_error(fs, g, n0, row_group, k0, width, row);
       if (best_err < 0 || err < best_err) {
         best_err = err;
         best = g;

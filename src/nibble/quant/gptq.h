@@ -20,6 +20,11 @@ struct GptqOptions {
   // Per group (and row group): the clip ratio in {1, 0.95, ..., 0.5} whose rounding error,
   // weighted by diag(H) (each input channel's energy), is smallest, instead of the fixed clip.
   bool clip_search = false;
+  // The clip search scores each trial by GPTQ's own loss of the group, Σ (w - q)² / d² with every
+  // column's error spread over the group's later columns (the output error the column loop will
+  // really leave, through the conditioned Hessian), instead of diag(H) times the rounding error.
+  // CPU only: the device column loop refuses it.
+  bool clip_by_gptq_loss = false;
   // All of it on the CUDA device (quant/device_math.h): the factorisation (cuSOLVER), the column
   // loop (one warp per row group) and the lazy batch updates (cuBLAS DGEMM). The column loop's
   // arithmetic is the host's, operation for operation: the same codes but for rounding ties (the

@@ -143,6 +143,8 @@ LayerQuantizer::LayerQuantizer(Model& model, const Recipe& recipe, std::span<con
     : model_(model), recipe_(recipe), report_(report), on_device_(on_device) {
   const ModelConfig& c = model.config();
   recipe.validate(c);
+  check(!(on_device && recipe.gptq && recipe.clip_by_gptq_loss), "quantize --device cuda",
+        "--w-clip-gptq-loss has no device column loop: quantize it with --device cpu");
   model.set_fp16_activations(recipe.fp16_activations);  // calibrate as the quantized model will run
   active_ = recipe.quantize_weights || recipe.quantize_activations || recipe.reorder;  // as calib_window
   // Atom (--atom-compat) takes the reorder statistics from the FP model and GPTQ's Hessians from
@@ -421,6 +423,7 @@ void LayerQuantizer::quantize(int l) {
       opt.block = recipe.gptq_block;
       opt.percdamp = recipe.percdamp;
       opt.clip_search = recipe.clip_search;
+      opt.clip_by_gptq_loss = recipe.clip_by_gptq_loss;
       opt.on_device = on_device_;
       GptqResult g = gptq_quantize(p.weight, N, K, std::move(hit->second), p.spec, opt, where);
       std::vector<float>().swap(p.weight);  // a layer's linears in flight hold one fp32 copy less

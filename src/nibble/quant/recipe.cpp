@@ -6,7 +6,8 @@
 namespace nibble::quant {
 
 std::vector<std::string> Recipe::preset_names() {
-  return {"fp16", "w4a16-g128", "w4a16-g128-gptq", "w8a8", "w4a4-rtn", "atom-w4a4", "fp4-e2m1", "mxfp4", "nvfp4"};
+  return {"fp16",     "w4a16-g128", "w4a16-g128-gptq", "w8a8",  "w4a4-rtn", "atom-w4a4", "atom-w4a4-slot-keepers",
+          "fp4-e2m1", "mxfp4",      "nvfp4"};
 }
 
 namespace {
@@ -29,7 +30,7 @@ Recipe Recipe::preset(const std::string& name) {
     r.quantize_weights = r.quantize_activations = true;
     r.weight = {Format::Int4Sym, 0, 1, 1.0f};
     r.act = {Format::Int4Sym, 0, 1, 1.0f};
-  } else if (name == "atom-w4a4") {
+  } else if (name == "atom-w4a4" || name == "atom-w4a4-slot-keepers") {
     r.quantize_weights = r.quantize_activations = true;
     r.weight = {Format::Int4Sym, 128, 2, 0.85f};
     r.act = {Format::Int4Sym, 128, 1, kAtomActClip};
@@ -45,6 +46,10 @@ Recipe Recipe::preset(const std::string& name) {
     r.act.clip = 0.8f;
     r.kv = {4, false, 0.9f, true};
     r.clip_search = true;
+    // 128 more INT8 keepers on q/k/v and down_proj (+0.9% file on nibble-ref, ~+1% of a 7B's
+    // linears), chosen on calibration text (notes/quantization.md, issue 20 session 10). A preset
+    // beside the default, which must also fit MoE models, where counts per slot do not apply.
+    if (name == "atom-w4a4-slot-keepers") r.keeper_by_slot = {256, 128, 128, 256};
   } else if (name == "fp4-e2m1") {
     r.quantize_weights = r.quantize_activations = true;
     r.weight = {Format::Fp4E2M1, 32, 1, 1.0f};
@@ -75,6 +80,7 @@ void Recipe::apply_atom_compat() {
   // The tighter activation clip belongs to the Hadamard-rotated groups; Atom's groups take its 0.9.
   if (group_hadamard) act.clip = kAtomActClip;
   clip_search = false;
+  clip_by_gptq_loss = false;
   act_order = false;
   group_hadamard = false;
   smooth_alpha = 0;
@@ -136,6 +142,7 @@ void Recipe::validate(const ModelConfig& c) const {
   check(calib_windows > 0 && (calib_ctx == 0 || calib_ctx > 1), where,
         "need at least one calibration window of at least 2 tokens");
   check(smooth_alpha >= 0 && smooth_alpha < 1, where, "--smooth {} is outside [0, 1)", smooth_alpha);
+  check(!clip_by_gptq_loss || (gptq && clip_search), where, "--w-clip-gptq-loss needs GPTQ with --w-clip-search");
   check(k_smooth_alpha >= 0 && k_smooth_alpha < 1, where, "--k-smooth {} is outside [0, 1)", k_smooth_alpha);
   check((smooth_alpha == 0 && k_smooth_alpha == 0) || (gptq && !hessian_from_quantized_inputs && c.num_experts == 0), where,
         "--smooth and --k-smooth need GPTQ with full-precision Hessians (the statistics it rescales) and a dense MLP");
@@ -163,7 +170,7 @@ std::string Recipe::describe() const {
                      keeper_by_slot[3]);
   s += ", KV " + kv.describe();
   if (group_hadamard) s += ", group Hadamard";
-  if (clip_search) s += ", W clip search";
+  if (clip_search) s += clip_by_gptq_loss ? ", W clip search by GPTQ loss" : ", W clip search";
   if (act_order) s += ", GPTQ act-order";
   if (smooth_alpha > 0) s += fmt::format(", smooth {}", smooth_alpha);
   if (k_smooth_alpha > 0) s += fmt::format(", K smooth {}", k_smooth_alpha);
@@ -197,6 +204,7 @@ nlohmann::json Recipe::to_json() const {
           {"percdamp", percdamp},
           {"gptq_block", gptq_block},
           {"clip_search", clip_search},
+          {"clip_by_gptq_loss", clip_by_gptq_loss},
           {"act_order", act_order},
           {"group_hadamard", group_hadamard},
           {"smooth_alpha", smooth_alpha},
@@ -231,6 +239,7 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
   r.gptq_block = json_field<int64_t>(j, "gptq_block", where);
   r.clip_search = json_field<bool>(j, "clip_search", where);
   r.act_order = json_field_or<bool>(j, "act_order", false, where);  // absent in files written before it existed
+  r.clip_by_gptq_loss = json_field_or<bool>(j, "clip_by_gptq_loss", false, where);
   r.group_hadamard = json_field_or<bool>(j, "group_hadamard", false, where);
   r.smooth_alpha = json_field_or<double>(j, "smooth_alpha", 0.0, where);  // absent in files written before it existed
   r.k_smooth_alpha = json_field_or<double>(j, "k_smooth_alpha", 0.0, where);

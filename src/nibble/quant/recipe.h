@@ -28,6 +28,9 @@ struct Recipe {
   bool act_order = false;
   int64_t gptq_block = 128;
   bool clip_search = false;  // per-group weight clip minimising the Hessian-weighted error (beyond Atom)
+  // The clip search scores a clip by GPTQ's loss of the group (its error after the compensation
+  // inside the group) rather than by diag(H) times the rounding error (GptqOptions).
+  bool clip_by_gptq_loss = false;
   bool group_hadamard = false;  // rotate each quantization group by a Hadamard matrix (beyond Atom)
   // SmoothQuant's migration strength α, folded into norms and up rows (quant/smooth.h); 0: off.
   double smooth_alpha = 0;
