@@ -333,6 +333,8 @@ TEST(CudaExecutor, MemoryCapIsHonoured) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("GB"), std::string::npos) << e.what();
   }
+  // The cap counts what leaves the GPU's free pool during set-up, so another program allocating on
+  // the same GPU meanwhile shrinks this pool (notes/gpu-executor.md): run GPU tests one at a time.
   o.gpu_mem_gb = 0.1;
   auto gpu = make_executor(*model, o);
   const double pool_gb = double(gpu->kv().capacity_tokens()) * 2 * 2 * 128 * 3 / 1e9;  // fp16 K+V, kv_dim 128, 3 layers
