@@ -43,6 +43,15 @@ std::vector<double> inverse_cholesky_upper(std::vector<double> H, int64_t K, con
   return U;
 }
 
+// GPTQ's step for column k of one row: the rounding error (w - q) / U_kk, spread over the row's
+// columns (k, end) through U's row k. `row` holds the row's columns from row_k0 on. Returns the error.
+double gptq_column_step(double w, double q, const std::vector<double>& U, int64_t K, int64_t k, double* row,
+                        int64_t row_k0, int64_t end) {
+  const double e = (w - q) / U[size_t(k * K + k)];
+  for (int64_t j = k + 1; j < end; ++j) row[j - row_k0] -= e * U[size_t(k * K + j)];
+  return e;
+}
+
 // GPTQ's treatment of H [K, K] before the factorisation, in place: channels that never fired
 // carry no information, so they get a unit diagonal (and dead[k] = 1: their weights are zeroed);
 // then percdamp · mean(diag H) is added to the diagonal.
@@ -140,27 +149,26 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
       for (int64_t n = 0; n < N; ++n) W[size_t(n * K + k)] = 0;
 
   // The trial's error: diag(H) times the rounding error of the group's current weights, or GPTQ's
-  // loss of the group (clip_by_gptq_loss): its columns quantized in turn, each error spread over the
-  // group's later columns through U, as the column loop will do.
+  // loss of the group (clip_by_gptq_loss): its columns quantized in turn by the column loop's own
+  // step, each error spread over the group's later columns.
   auto trial_error = [&](const FormatSpec& fs, const GroupScale& g, int64_t n0, int row_group, int64_t k0,
                          int64_t width, std::vector<double>& row) {
+    auto round_trip = [&](double w) { return decode_element(fs.format, encode_element(fs.format, float(w), g), g); };
     double err = 0;
     for (int64_t n = n0; n < n0 + row_group; ++n) {
-      if (!opt.clip_by_gptq_loss) {
+      if (opt.clip_by_gptq_loss) {
+        row.assign(W.begin() + n * K + k0, W.begin() + n * K + k0 + width);
+        for (int64_t i = 0; i < width; ++i) {
+          const double e = gptq_column_step(row[size_t(i)], round_trip(row[size_t(i)]), U, K, k0 + i, row.data(),
+                                            k0, k0 + width);
+          err += e * e;
+        }
+      } else {
         for (int64_t k = k0; k < k0 + width; ++k) {
           const float w = float(W[size_t(n * K + k)]);
-          const double d = w - decode_element(fs.format, encode_element(fs.format, w, g), g);
+          const double d = w - round_trip(w);
           err += hdiag[size_t(k)] * d * d;
         }
-        continue;
-      }
-      row.assign(W.begin() + n * K + k0, W.begin() + n * K + k0 + width);
-      for (int64_t i = 0; i < width; ++i) {
-        const int64_t k = k0 + i;
-        const double q = decode_element(fs.format, encode_element(fs.format, float(row[size_t(i)]), g), g);
-        const double e = (row[size_t(i)] - q) / U[size_t(k * K + k)];
-        err += e * e;
-        for (int64_t j = i + 1; j < width; ++j) row[size_t(j)] -= e * U[size_t(k * K + k0 + j)];
       }
     }
     return err;
@@ -239,12 +247,11 @@ GptqResult gptq_quantize(const std::vector<float>& Wf, int64_t N, int64_t K, std
         const double d = U[size_t(i * K + i)];
         for (int64_t n = r0; n < r1; ++n) {
           const double w = W[size_t(n * K + i)];
+          // The error is spread over the rest of this block now; later blocks get it in one product.
           const double q = quantize(n, i, w);
-          const double e = (w - q) / d;
+          const double e = gptq_column_step(w, q, U, K, i, W.data() + n * K, 0, i2);
           chunk_loss[size_t(ch)] += (w - q) * (w - q) / (d * d);
           err[size_t(n * count + (i - i1))] = e;
-          // Spread the error over the rest of this block now; later blocks get it in one product.
-          for (int64_t j = i + 1; j < i2; ++j) W[size_t(n * K + j)] -= e * U[size_t(i * K + j)];
         }
       }
     });
