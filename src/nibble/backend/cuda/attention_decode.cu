@@ -819,6 +819,8 @@ void attention_decode(const KVCacheView& c, const AttentionBatch& b, const Atten
   require(!a.k_before_rope || (a.rope && a.rope->half_dim() * 2 == c.head_dim &&
                                b.max_seq_len <= a.rope->max_positions()),
           "attention_decode", "K stored before RoPE needs a RoPE table covering {} positions", b.max_seq_len);
+  require(reinterpret_cast<uintptr_t>(a.out) % 4 == 0, "attention_decode",
+          "the output must be 4-byte aligned (the split combine stores fp16 pairs)");
   if (b.batch == 0) return;
   const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
   const DecodeParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
