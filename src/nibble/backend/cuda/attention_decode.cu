@@ -224,23 +224,31 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
   float sumq0 = 0, sumq1 = 0;
   {
     const bool v_g = g < p.G, v_g8 = g + 8 < p.G;
+    if constexpr (K_NIBBLE) {
+      // k-step 2a + b: nibbles b (dims 2b, 2b+1) and b + 2 of word a of the lane's D/4 dims
+      // (t · D/4 on): its a[0] / a[2] pairs are words 4a + b and 4a + b + 2 of those, so a row's
+      // pairs come in D/32 16-byte loads. (One 4-byte load per pair touched 32 lines a warp and
+      // instruction at G = 8: 512 L1 passes a warp before the first chunk.)
+      const uint4* rg = reinterpret_cast<const uint4*>(qh + g * D + t * (D / 4));
+      const uint4* rg8 = reinterpret_cast<const uint4*>(qh + (g + 8) * D + t * (D / 4));
+#pragma unroll
+      for (int a = 0; a < D / 32; ++a) {
+        const uint4 x = v_g ? rg[a] : make_uint4(0, 0, 0, 0), y = v_g8 ? rg8[a] : make_uint4(0, 0, 0, 0);
+        qf[2 * a][0] = x.x, qf[2 * a + 1][0] = x.y, qf[2 * a][2] = x.z, qf[2 * a + 1][2] = x.w;
+        qf[2 * a][1] = y.x, qf[2 * a + 1][1] = y.y, qf[2 * a][3] = y.z, qf[2 * a + 1][3] = y.w;
+      }
+    }
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      int d0, d1;  // dims of the a[0] / a[2] pairs
-      if constexpr (K_NIBBLE) {  // k-step 2r + a: nibbles a (dims 2a, 2a+1) and a + 2 of word r
-        d0 = t * (D / 4) + 8 * (ks / 2) + 2 * (ks % 2);
-        d1 = d0 + 4;
+      if constexpr (!K_NIBBLE) {
+        const int d0 = ks * 16 + 2 * t, d1 = d0 + 8;  // dims of the a[0] / a[2] pairs
+        const uint32_t* q32g = reinterpret_cast<const uint32_t*>(qh + g * D);
+        const uint32_t* q32g8 = reinterpret_cast<const uint32_t*>(qh + (g + 8) * D);
+        qf[ks][0] = v_g ? q32g[d0 / 2] : 0u;
+        qf[ks][1] = v_g8 ? q32g8[d0 / 2] : 0u;
+        qf[ks][2] = v_g ? q32g[d1 / 2] : 0u;
+        qf[ks][3] = v_g8 ? q32g8[d1 / 2] : 0u;
       } else {
-        d0 = ks * 16 + 2 * t;
-        d1 = d0 + 8;
-      }
-      const uint32_t* q32g = reinterpret_cast<const uint32_t*>(qh + g * D);
-      const uint32_t* q32g8 = reinterpret_cast<const uint32_t*>(qh + (g + 8) * D);
-      qf[ks][0] = v_g ? q32g[d0 / 2] : 0u;
-      qf[ks][1] = v_g8 ? q32g8[d0 / 2] : 0u;
-      qf[ks][2] = v_g ? q32g[d1 / 2] : 0u;
-      qf[ks][3] = v_g8 ? q32g8[d1 / 2] : 0u;
-      if constexpr (K_NIBBLE) {
         // Odd k-steps meet nibbles 1 and 3, which the MMA reads as c · 2^-20: q / 16 there keeps
         // every product in units of 2^-24. Exact unless q / 16 falls below fp16's normal range
         // (|q| < 2^-10), where it rounds to a multiple of 2^-24 (error <= 2^-25 on a tiny term).
@@ -819,8 +827,9 @@ void attention_decode(const KVCacheView& c, const AttentionBatch& b, const Atten
   require(!a.k_before_rope || (a.rope && a.rope->half_dim() * 2 == c.head_dim &&
                                b.max_seq_len <= a.rope->max_positions()),
           "attention_decode", "K stored before RoPE needs a RoPE table covering {} positions", b.max_seq_len);
-  require(reinterpret_cast<uintptr_t>(a.out) % 4 == 0, "attention_decode",
-          "the output must be 4-byte aligned (the split combine stores fp16 pairs)");
+  require(reinterpret_cast<uintptr_t>(a.out) % 4 == 0 && reinterpret_cast<uintptr_t>(a.q) % 16 == 0,
+          "attention_decode", "Q must be 16-byte aligned (16-byte fragment loads), the output 4-byte aligned "
+          "(the split combine stores fp16 pairs)");
   if (b.batch == 0) return;
   const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
   const DecodeParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
