@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -481,6 +482,33 @@ TEST(AttentionDecode, KBeforeRopeRotatedOnRead) {
     run_decode({2, 3000, 4100, {2, 8, 64}}, dt, true, 0);
   }
 }
+// The splits the plan picks on this GPU for Llama-2-70B (64 query / 8 KV heads) at batch 1 and 16,
+// context 2048 and 8192, run (forced) on 2 sequences of 2 KV heads, at those contexts and at a
+// context that is no multiple of the page.
+TEST(AttentionDecode, SeventyBPlannedSplits) {
+  NIBBLE_REQUIRE_GPU();
+  KVCacheView view;
+  view.kv_heads = 8;
+  view.head_dim = 128;
+  view.dtype = KVDtype::Int4;
+  std::vector<int> splits;
+  for (int batch : {1, 16})
+    for (int ctx : {2048, 8192}) {
+      AttentionBatch b;
+      b.batch = batch;
+      b.num_tokens = batch;
+      b.max_seq_len = ctx;
+      splits.push_back(attention_decode_splits(view, b, 64));
+    }
+  std::sort(splits.begin(), splits.end());
+  splits.erase(std::unique(splits.begin(), splits.end()), splits.end());
+  for (int s : splits) {
+    run_decode({2, 2048, 2048, {2, 8, 128}}, KVDtype::Int4, false, s);
+    run_decode({2, 1900, 2100, {2, 8, 128}}, KVDtype::Int4, false, s);
+  }
+  run_decode({2, 8192, 8192, {2, 8, 128}}, KVDtype::Int4, false, splits.back());
+}
+
 TEST(AttentionDecode, ForcedSplitsAgree) {
   NIBBLE_REQUIRE_GPU();
   for (KVDtype dt : {KVDtype::Int4, KVDtype::Fp16})

@@ -142,8 +142,8 @@ void attention_prefill(const KVCacheView& cache, const AttentionBatch& batch, co
 void attention_decode(const KVCacheView& cache, const AttentionBatch& batch, const AttentionArgs& args,
                       AttentionWorkspace& ws, Stream stream);
 
-// The split count attention_decode plans for a batch (the executor fixes it per captured step; the
-// bench prints it).
+// The split count attention_decode plans for a batch (attention_plan.h's cost model; the executor
+// fixes it per captured step; the bench prints it).
 int attention_decode_splits(const KVCacheView& cache, const AttentionBatch& batch, int num_heads,
                             bool k_before_rope = false);
 // Workspace bytes attention_decode may ask for with planned splits, whatever the batch.

@@ -23,6 +23,7 @@
 #include <mutex>
 
 #include "nibble/backend/cuda/attention_device.h"
+#include "nibble/backend/cuda/attention_plan.h"
 #include "nibble/backend/cuda/cuda_check.h"
 
 namespace nibble::cuda {
@@ -31,17 +32,9 @@ namespace {
 using namespace attn;
 
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kWarps = 4;
+constexpr int kWarps = kDecodeWarps;
 // Nibbles 0 and 1 of each half of a word: as fp16 bit patterns, code · 2^-24 and code · 2^-20.
 constexpr uint32_t kNib0 = 0x000F000Fu, kNib1 = 0x00F000F0u;
-// Split decoding keeps one arrival counter per (sequence, KV head) at the start of the workspace
-// (AttentionWorkspace allocates it zeroed; the kernel leaves it zero), at a fixed place whatever
-// the shape, so no launch reads another's partials as counters. Planned splits need at most
-// (SMs x blocks per SM) / 2 pairs.
-constexpr int64_t kMaxSplitPairs = 8192;
-// Splits per sequence: their combine weights fit the block's shared memory (G x kMaxSplits floats).
-constexpr int kMaxSplits = 256;
-constexpr size_t kArrivalBytes = kMaxSplitPairs * sizeof(uint32_t);
 // KT: the running max of a head moves only when a score exceeds it by more than this (log2 units).
 constexpr float kMaxLag = 8.0f;
 
@@ -54,7 +47,10 @@ struct DecodeParams {
   int splits;     // blocks per (sequence, KV head); each sequence's chunks are divided among them
   float* ws_o;    // [batch][H][splits][D]
   float* ws_lse;  // [batch][H][splits]
-  uint32_t* arrivals;  // [batch][kv_heads]: split blocks finished (zero between launches)
+  // [batch][kv_heads]: split blocks finished (zero between launches). At the start of the workspace
+  // (AttentionWorkspace allocates it zeroed), at a fixed place whatever the shape, so no launch reads
+  // another's partials as counters (attention_plan.h: the split plan, its limits, the workspace bound).
+  uint32_t* arrivals;
 };
 
 // A chunk in a ring slot. INT4: K codes [16][D/2], V codes [16][D/2 + 16] (padded: the V reads,
@@ -142,7 +138,7 @@ __device__ __forceinline__ V_pairs<D> v_code_pairs(const uint8_t* st, const uint
 template <int D, bool INT4, bool ROPE_K, bool KT = false>
 __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_kernel(KVCacheView c, AttentionBatch b, DecodeParams p) {
   static_assert(!KT || (INT4 && !ROPE_K));
-  static_assert(16 * kMaxSplits * sizeof(float) <= decode_smem_bytes<D, INT4, ROPE_K>());
+  static_assert(16 * kDecodeMaxSplits * sizeof(float) <= decode_smem_bytes<D, INT4, ROPE_K>());
   constexpr int SB = stage_bytes<D, INT4>();
   constexpr int NS = stages<INT4>();
   constexpr int KR = 2 * D + 16;  // fp16 row stride in bytes (padded: ldmatrix conflict-free)
@@ -228,23 +224,31 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
   float sumq0 = 0, sumq1 = 0;
   {
     const bool v_g = g < p.G, v_g8 = g + 8 < p.G;
+    if constexpr (K_NIBBLE) {
+      // k-step 2a + b: nibbles b (dims 2b, 2b+1) and b + 2 of word a of the lane's D/4 dims
+      // (t · D/4 on): its a[0] / a[2] pairs are words 4a + b and 4a + b + 2 of those, so a row's
+      // pairs come in D/32 16-byte loads. (One 4-byte load per pair touched 32 lines a warp and
+      // instruction at G = 8: 512 L1 passes a warp before the first chunk.)
+      const uint4* rg = reinterpret_cast<const uint4*>(qh + g * D + t * (D / 4));
+      const uint4* rg8 = reinterpret_cast<const uint4*>(qh + (g + 8) * D + t * (D / 4));
+#pragma unroll
+      for (int a = 0; a < D / 32; ++a) {
+        const uint4 x = v_g ? rg[a] : make_uint4(0, 0, 0, 0), y = v_g8 ? rg8[a] : make_uint4(0, 0, 0, 0);
+        qf[2 * a][0] = x.x, qf[2 * a + 1][0] = x.y, qf[2 * a][2] = x.z, qf[2 * a + 1][2] = x.w;
+        qf[2 * a][1] = y.x, qf[2 * a + 1][1] = y.y, qf[2 * a][3] = y.z, qf[2 * a + 1][3] = y.w;
+      }
+    }
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) {
-      int d0, d1;  // dims of the a[0] / a[2] pairs
-      if constexpr (K_NIBBLE) {  // k-step 2r + a: nibbles a (dims 2a, 2a+1) and a + 2 of word r
-        d0 = t * (D / 4) + 8 * (ks / 2) + 2 * (ks % 2);
-        d1 = d0 + 4;
+      if constexpr (!K_NIBBLE) {
+        const int d0 = ks * 16 + 2 * t, d1 = d0 + 8;  // dims of the a[0] / a[2] pairs
+        const uint32_t* q32g = reinterpret_cast<const uint32_t*>(qh + g * D);
+        const uint32_t* q32g8 = reinterpret_cast<const uint32_t*>(qh + (g + 8) * D);
+        qf[ks][0] = v_g ? q32g[d0 / 2] : 0u;
+        qf[ks][1] = v_g8 ? q32g8[d0 / 2] : 0u;
+        qf[ks][2] = v_g ? q32g[d1 / 2] : 0u;
+        qf[ks][3] = v_g8 ? q32g8[d1 / 2] : 0u;
       } else {
-        d0 = ks * 16 + 2 * t;
-        d1 = d0 + 8;
-      }
-      const uint32_t* q32g = reinterpret_cast<const uint32_t*>(qh + g * D);
-      const uint32_t* q32g8 = reinterpret_cast<const uint32_t*>(qh + (g + 8) * D);
-      qf[ks][0] = v_g ? q32g[d0 / 2] : 0u;
-      qf[ks][1] = v_g8 ? q32g8[d0 / 2] : 0u;
-      qf[ks][2] = v_g ? q32g[d1 / 2] : 0u;
-      qf[ks][3] = v_g8 ? q32g8[d1 / 2] : 0u;
-      if constexpr (K_NIBBLE) {
         // Odd k-steps meet nibbles 1 and 3, which the MMA reads as c · 2^-20: q / 16 there keeps
         // every product in units of 2^-24. Exact unless q / 16 falls below fp16's normal range
         // (|q| < 2^-10), where it rounds to a multiple of 2^-24 (error <= 2^-25 on a tiny term).
@@ -644,32 +648,65 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
     __threadfence();
   }
   if (!__syncthreads_or(last)) return;  // (also: every warp is past its reads of red_*)
-  // The weights 2^(lse_s - max) / Σ in shared memory, a warp per head, then every (head, dim)
-  // sums its splits' partials with the loads independent of each other.
+  // Every L2 round trip here is serial time of the whole launch (~0.5 µs each): v9 made one per
+  // split and output element (G·D/128 of them per thread, splits past a multiple of 8 in a rolled
+  // loop) and two per head for the weights, ~46 at G = 8 and 5 splits. Now: the G · splits lse
+  // (contiguous) in one pass of independent loads, the weights 2^(lse_s - max) / Σ from shared
+  // memory (a warp per head), then each thread sums 4 dims of a head with 8 splits' loads in flight.
   float* wgt = reinterpret_cast<float*>(smem);  // [G][splits]
   const int64_t sh0 = int64_t(seq) * p.H + int64_t(kvh) * G;
+  const int n_lse = G * p.splits;
+  constexpr int kLseLoads = 4;  // per thread and pass (G · splits <= 512 in one pass)
+  for (int i0 = 0; i0 < n_lse; i0 += kLseLoads * 128) {
+    float v[kLseLoads];
+#pragma unroll
+    for (int j = 0; j < kLseLoads; ++j) {
+      const int i = i0 + j * 128 + threadIdx.x;
+      v[j] = i < n_lse ? __ldcg(p.ws_lse + sh0 * p.splits + i) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < kLseLoads; ++j)
+      if (i0 + j * 128 + threadIdx.x < n_lse) wgt[i0 + j * 128 + threadIdx.x] = v[j];
+  }
+  __syncthreads();
   for (int row = warp; row < G; row += kWarps) {
-    const float* lse = p.ws_lse + (sh0 + row) * p.splits;
+    float* w = wgt + row * p.splits;
     float M = -INFINITY, L = 0;
-    for (int s = lane; s < p.splits; s += 32) M = fmaxf(M, __ldcg(lse + s));
+    for (int s = lane; s < p.splits; s += 32) M = fmaxf(M, w[s]);
     M = warp_max(M);
     for (int s = lane; s < p.splits; s += 32) {
-      const float f = exp2f(__ldcg(lse + s) - M);
-      wgt[row * p.splits + s] = f;
+      const float f = exp2f(w[s] - M);
+      w[s] = f;
       L += f;
     }
 #pragma unroll
     for (int off = 16; off; off >>= 1) L += __shfl_xor_sync(0xffffffffu, L, off);
-    for (int s = lane; s < p.splits; s += 32) wgt[row * p.splits + s] /= L;
+    for (int s = lane; s < p.splits; s += 32) w[s] /= L;
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < G * D; idx += 128) {
-    const int row = idx / D, d = idx % D;
-    const float* o_s = p.ws_o + (sh0 + row) * p.splits * D + d;
-    float acc = 0;
-#pragma unroll 8
-    for (int s = 0; s < p.splits; ++s) acc += wgt[row * p.splits + s] * __ldcg(o_s + int64_t(s) * D);
-    p.out[(sh0 + row) * D + d] = __float2half_rn(acc);
+  constexpr int kInFlight = 8;  // splits' partial loads in flight per thread
+  for (int item = threadIdx.x; item < G * (D / 4); item += 128) {
+    const int row = item / (D / 4), d4 = item % (D / 4);
+    const float4* o_s = reinterpret_cast<const float4*>(p.ws_o + (sh0 + row) * p.splits * D) + d4;
+    const float* w = wgt + row * p.splits;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = 0; s0 < p.splits; s0 += kInFlight) {
+      float4 v[kInFlight];
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j)
+        v[j] = s0 + j < p.splits ? __ldcg(o_s + int64_t(s0 + j) * (D / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int j = 0; j < kInFlight; ++j) {
+        const float f = s0 + j < p.splits ? w[s0 + j] : 0.f;
+        acc.x += f * v[j].x;
+        acc.y += f * v[j].y;
+        acc.z += f * v[j].z;
+        acc.w += f * v[j].w;
+      }
+    }
+    __half2* out = reinterpret_cast<__half2*>(p.out + (sh0 + row) * D + 4 * d4);
+    out[0] = __floats2half2_rn(acc.x, acc.y);
+    out[1] = __floats2half2_rn(acc.z, acc.w);
   }
 }
 
@@ -712,26 +749,19 @@ int sm_count() {
   return n;
 }
 
-template <int D, bool INT4, bool ROPE_K>
-int plan_splits(const AttentionBatch& b, int kv_heads, int G) {
-  const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
-  const int64_t base = int64_t(b.batch) * kv_heads;
-  const int64_t target = int64_t(sm_count()) * blocks_per_sm<D, INT4, ROPE_K>(G);
-  // Half the resident slots filled already: splitting only adds the combine.
-  if (2 * base >= target || chunks < 2 * 4 * kWarps) return 1;
-  // At least four chunks per warp (each split writes G·D fp32 partials per KV head: with GQA 8
-  // and two chunks per warp they were half the KV bytes); no more blocks than one full wave (a
-  // partial second wave doubles the time).
-  const int64_t by_work = chunks / (4 * kWarps);
-  const int64_t by_gpu = target / base;
-  return int(std::clamp<int64_t>(std::min(by_work, by_gpu), 1, kMaxSplits));
-}
-
-// The split count for a batch, within what its longest sequence can use.
+// The split count attention_plan.h's cost model picks for a batch on this GPU.
 template <int D, bool INT4, bool ROPE_K>
 int planned_splits(const KVCacheView& c, const AttentionBatch& b, int G) {
-  const int64_t chunks = (int64_t(b.max_seq_len) + 15) / 16;
-  return int(std::clamp<int64_t>(plan_splits<D, INT4, ROPE_K>(b, c.kv_heads, G), 1, std::max<int64_t>(chunks, 1)));
+  DecodePlanShape shape;
+  shape.batch = b.batch;
+  shape.kv_heads = c.kv_heads;
+  shape.group = G;
+  shape.head_dim = D;
+  shape.max_seq_len = b.max_seq_len;
+  shape.chunk_bytes = INT4 ? 16 * D + 96 : 64 * D;
+  shape.sms = sm_count();
+  shape.blocks_per_sm = blocks_per_sm<D, INT4, ROPE_K>(G);
+  return plan_decode_splits(shape);
 }
 
 template <int D, bool INT4, bool ROPE_K>
@@ -741,13 +771,13 @@ void launch_decode(const KVCacheView& c, const AttentionBatch& b, DecodeParams p
   blocks_per_sm<D, INT4, ROPE_K>(p.G);  // sets the smem attribute of the form launched, once
   p.splits = forced > 0 ? forced : planned_splits<D, INT4, ROPE_K>(c, b, p.G);
   if (p.splits > 1) {
-    require(int64_t(b.batch) * c.kv_heads <= kMaxSplitPairs && p.splits <= kMaxSplits, "attention_decode",
+    require(int64_t(b.batch) * c.kv_heads <= kDecodeMaxSplitPairs && p.splits <= kDecodeMaxSplits, "attention_decode",
             "{} splits over {} sequences x {} KV heads: at most {} splits and {} (sequence, KV head) pairs",
-            p.splits, b.batch, c.kv_heads, kMaxSplits, kMaxSplitPairs);
+            p.splits, b.batch, c.kv_heads, kDecodeMaxSplits, kDecodeMaxSplitPairs);
     const size_t slots = size_t(b.batch) * size_t(p.H) * size_t(p.splits);
-    uint8_t* w = static_cast<uint8_t*>(ws.get(kArrivalBytes + slots * (D + 1) * sizeof(float)));
+    uint8_t* w = static_cast<uint8_t*>(ws.get(decode_workspace_bytes(b.batch, p.H, D, p.splits)));
     p.arrivals = reinterpret_cast<uint32_t*>(w);
-    p.ws_o = reinterpret_cast<float*>(w + kArrivalBytes);
+    p.ws_o = reinterpret_cast<float*>(w + kDecodeArrivalBytes);
     p.ws_lse = p.ws_o + slots * D;
   }
   const dim3 grid(p.splits, c.kv_heads, b.batch);
@@ -782,11 +812,9 @@ int attention_decode_splits(const KVCacheView& c, const AttentionBatch& b, int n
 }
 
 size_t attention_decode_workspace_bytes(const KVCacheView& c, int num_heads, bool k_before_rope) {
-  // Planned splits keep batch · kv_heads · splits within one wave of resident blocks, so the partials
-  // of all (sequence, head, split) slots are at most G · that wave; the arrival counters go first.
   return with_variant(c, k_before_rope, [&]<int D, bool INT4, bool ROPE_K>() {
-    const size_t wave = size_t(sm_count()) * size_t(blocks_per_sm<D, INT4, ROPE_K>(num_heads / c.kv_heads));
-    return kArrivalBytes + size_t(num_heads / c.kv_heads) * wave * (D + 1) * sizeof(float);
+    const int G = num_heads / c.kv_heads;
+    return decode_workspace_bound(G, D, sm_count(), blocks_per_sm<D, INT4, ROPE_K>(G));
   });
 }
 
@@ -799,6 +827,9 @@ void attention_decode(const KVCacheView& c, const AttentionBatch& b, const Atten
   require(!a.k_before_rope || (a.rope && a.rope->half_dim() * 2 == c.head_dim &&
                                b.max_seq_len <= a.rope->max_positions()),
           "attention_decode", "K stored before RoPE needs a RoPE table covering {} positions", b.max_seq_len);
+  require(reinterpret_cast<uintptr_t>(a.out) % 4 == 0 && reinterpret_cast<uintptr_t>(a.q) % 16 == 0,
+          "attention_decode", "Q must be 16-byte aligned (16-byte fragment loads), the output 4-byte aligned "
+          "(the split combine stores fp16 pairs)");
   if (b.batch == 0) return;
   const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
   const DecodeParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
