@@ -4,11 +4,7 @@
 // written. Two times per case: launches on a stream (CUDA events around batches, median, inputs
 // rotated past L2; bench_cuda.cuh) and the same launches replayed from a CUDA graph, as the
 // executor's captured decode step runs them (launch cost hidden; what is left is the kernel).
-// Session-12 A/B (delete with g_norm_quantize_variant after the run): every case runs v6 as
-// merged (variant 0), + the table prefetch on cold grids (1), + also the register cap (2), in one
-// table, and checks that 1 and 2 write the same bytes as v6 (codes, scales, padding rows; group
-// Hadamard off and on).
-// `bench_norm_quantize one M K [variant]`: five launches of rmsnorm_quantize alone, for ncu.
+// `bench_norm_quantize one M K`: five launches of rmsnorm_quantize alone, for ncu.
 #include <cuda_fp16.h>
 
 #include <cstdio>
@@ -23,10 +19,6 @@
 
 using namespace nibble::cuda;
 using namespace nibble::bench;
-
-namespace nibble::cuda {
-extern int g_norm_quantize_variant;  // norm_quantize.cu: the session-12 A/B switch
-}
 
 namespace {
 
@@ -51,7 +43,6 @@ struct Case {
   std::vector<AtomDeviceMatrix> out;
   int32_t* perm = nullptr;
   float* w = nullptr;
-  ActQuant q{};
 
   Case(Kernel k, int64_t m, int kk) : kernel(k), M(m), K(kk) {
     const AtomShape sh = atom_shape(M, K, kKeeper);
@@ -81,6 +72,7 @@ struct Case {
   double bytes() const { return double(in_bytes()) + double(atom_shape(M, K, kKeeper).packed_bytes()); }
 
   void launch(int r, cudaStream_t s) {
+    const ActQuant q{};
     switch (kernel) {
       case Kernel::Norm: rmsnorm_quantize(a[size_t(r)], K, perm, w, 1e-5f, out[size_t(r)].mut(), q, s); break;
       case Kernel::Gather: gather_quantize(a[size_t(r)], K, perm, out[size_t(r)].mut(), q, s); break;
@@ -107,31 +99,7 @@ double graph_ms(Case& c) {
   return ms;
 }
 
-// Whether variants 1 and 2 write exactly v6's bytes into outputs poisoned differently, with the
-// group Hadamard off and on.
-bool same_bytes_as_v6(Case& c) {
-  bool same = true;
-  for (bool hadamard : {false, true}) {
-    c.q.hadamard = hadamard;
-    AtomGpuHost want;
-    for (int variant : {0, 1, 2}) {
-      g_norm_quantize_variant = variant;
-      const AtomShape& sh = c.out[0].shape();
-      NIBBLE_CUDA_CHECK(cudaMemset(c.out[0].mut().q, 0xab + variant, size_t(sh.code_bytes())));
-      NIBBLE_CUDA_CHECK(cudaMemset(c.out[0].mut().s, 0x5c + variant, size_t(sh.scale_count()) * 2));
-      c.launch(0, nullptr);
-      NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-      AtomGpuHost got = c.out[0].download();
-      if (variant == 0) want = std::move(got);
-      else same = same && got.q == want.q && got.s == want.s;
-    }
-  }
-  c.q.hadamard = false;
-  return same;
-}
-
-int run_one(int64_t M, int K, int variant) {
-  g_norm_quantize_variant = variant;
+int run_one(int64_t M, int K) {
   Case c(Kernel::Norm, M, K);
   for (int i = 0; i < 5; ++i) c.launch(0, nullptr);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -142,8 +110,7 @@ int run_one(int64_t M, int K, int variant) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if ((argc == 4 || argc == 5) && std::string(argv[1]) == "one")
-    return run_one(std::atoll(argv[2]), std::atoi(argv[3]), argc == 5 ? std::atoi(argv[4]) : 2);
+  if (argc == 4 && std::string(argv[1]) == "one") return run_one(std::atoll(argv[2]), std::atoi(argv[3]));
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   g_l2 = size_t(prop.l2CacheSize);
@@ -158,32 +125,19 @@ int main(int argc, char** argv) {
   };
   const Shape shapes[] = {{"7B", Kernel::Norm, 4096},   {"7B", Kernel::Gather, 4096},  {"7B", Kernel::Swiglu, 11008},
                           {"70B", Kernel::Norm, 8192},  {"70B", Kernel::Gather, 8192}, {"70B", Kernel::Swiglu, 28672}};
-  std::printf("µs in a graph: v6 (as merged), +pf (table prefetch on cold grids), +pf+cap (and the 40-register\n"
-              "cap elsewhere); stream µs for v6 and +pf+cap; %% of copy BW from the graph times; same = +pf and\n"
-              "+pf+cap wrote v6's bytes (Hadamard off and on)\n\n");
-  std::printf("| model | kernel | M | K | graph v6 | graph +pf | graph +pf+cap | %% copy BW v6 | %% +pf+cap | "
-              "stream v6 | stream +pf+cap | same |\n");
-  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
-  bool all_same = true;
+  std::printf("| model | kernel | M | K | µs | GB/s | %% copy BW | µs in a graph | GB/s | %% copy BW |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Shape& sh : shapes) {
-    for (int64_t M : {1, 16, 100, 256, 1024, 4096}) {
+    for (int64_t M : {1, 16, 256, 4096}) {
       Case c(sh.kernel, M, sh.K);
-      double graph_us[3], stream_us[3];
-      for (int variant : {0, 1, 2}) {
-        g_norm_quantize_variant = variant;
-        stream_us[variant] = variant == 1 ? 0 : time_ms([&](int r) { c.launch(r, nullptr); }, c.rots) * 1e3;
-        graph_us[variant] = graph_ms(c) * 1e3;
-      }
-      const bool same = same_bytes_as_v6(c);
-      all_same = all_same && same;
-      const auto pct = [&](double us) { return 100.0 * c.bytes() / (us * 1e-6) / 1e9 / copy_gbs; };
-      std::printf("| %s | %s | %lld | %d | %.1f | %.1f | %.1f | %.0f%% | %.0f%% | %.1f | %.1f | %s |\n", sh.model,
-                  kernel_name(sh.kernel), (long long)M, sh.K, graph_us[0], graph_us[1], graph_us[2], pct(graph_us[0]),
-                  pct(graph_us[2]), stream_us[0], stream_us[2], same ? "yes" : "NO");
+      const double ms = time_ms([&](int r) { c.launch(r, nullptr); }, c.rots);
+      const double gms = graph_ms(c);
+      const double gbs = c.bytes() / (ms * 1e-3) / 1e9, ggbs = c.bytes() / (gms * 1e-3) / 1e9;
+      std::printf("| %s | %s | %lld | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% |\n", sh.model,
+                  kernel_name(sh.kernel), (long long)M, sh.K, ms * 1e3, gbs, 100.0 * gbs / copy_gbs, gms * 1e3, ggbs,
+                  100.0 * ggbs / copy_gbs);
       std::fflush(stdout);
     }
   }
-  std::printf("\nbytes equal to v6 in every case: %s\n", all_same ? "yes" : "NO");
-  g_norm_quantize_variant = 2;
-  return all_same ? 0 : 1;
+  return 0;
 }

@@ -9,11 +9,6 @@
 
 namespace nibble::cuda {
 
-// Bench-only A/B switch for the session-12 device run (bench/norm_quantize.cu sets it; delete it
-// after the run, keeping the winner): 0 = v6 as merged, 1 = + the table prefetch on cold grids,
-// 2 = + also the 40-register cap on the others (see launch).
-int g_norm_quantize_variant = 2;
-
 namespace {
 
 enum Mode { kNorm, kGather, kSwiglu };
@@ -111,38 +106,14 @@ __device__ __forceinline__ void unit_values(const ActParams& p, const __half* sa
   }
 }
 
-__device__ __forceinline__ void prefetch_l1(const void* ptr) {
-  asm volatile("prefetch.global.L1 [%0];" ::"l"(ptr));
-}
-
-// The permutation and norm-weight lines of this half warp's work units (`first`, stepping by
-// `step`; lane l's eight channels of each group), requested into L1 before the row is staged: on a
-// cold SM (a grid of at most a few blocks per SM: decode) their loads after the barrier then hit
-// L1 instead of adding a second L2/DRAM round trip behind the row's. No registers are held.
-template <int MODE>
-__device__ __forceinline__ void prefetch_table_lines(const ActParams& p, int first, int step, int l) {
-  if (MODE != kNorm && !p.perm) return;  // no table
-  const AtomShape& sh = p.shape;
-  const int units_q = sh.g4 + (sh.g8 > 0 ? 1 : 0);
-  for (int wu = first; wu < units_q; wu += step) {
-    const bool keepers = wu >= sh.g4;
-    const int c_first = keepers ? sh.K - sh.keeper : wu * kGroup, n_groups = keepers ? sh.g8 : 1;
-    for (int g = 0; g < n_groups; ++g) {
-      const int c0 = c_first + g * kGroup + l * kUnit;
-      if (p.perm) prefetch_l1(p.perm + c0);
-      if constexpr (MODE == kNorm) prefetch_l1(p.norm_w + c0);
-    }
-  }
-}
-
 // Blocks of one row, each taking a share of its groups: each half warp quantizes whole groups,
 // eight channels per lane, with half-warp reductions only; the keeper groups go to one half warp
 // (they share a scale). Where the row is needed whole (the norm's sum of squares, a permutation's
 // gather) one block covers it and stages the raw row in shared memory with 16-byte loads first;
 // otherwise each lane reads its 16 bytes in place.
-// MAX_REGS: 64 is what v6's launch bounds (1024, 1) allow (48 used); 40 lets 12 blocks of 128
-// threads share an SM instead of 10. PREFETCH: prefetch_table_lines first.
-template <int MODE, int MAX_REGS, bool PREFETCH>
+// MAX_REGS: 64 is what the launch bounds (1024, 1) allow (48 used); 40 lets 12 blocks of 128
+// threads share an SM instead of 10.
+template <int MODE, int MAX_REGS>
 __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kernel(ActParams p) {
   extern __shared__ __align__(16) __half row_smem[];  // a's row, then (swiglu) u's row
   __shared__ float red[32];
@@ -159,9 +130,6 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
     for (int gi = tid; gi < sh.groups(); gi += blockDim.x) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(0.f);
     return;
   }
-
-  if constexpr (PREFETCH)
-    prefetch_table_lines<MODE>(p, blockIdx.y * 2 * nwarps + tid / 16, 2 * nwarps * gridDim.y, lane % 16);
 
   // 1. Stage the row (all loads issued before the stores), the sum of squares on the way.
   const int K = sh.K, units = K / kUnit;
@@ -256,15 +224,15 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
   }
 }
 
-template <int MODE, int MAX_REGS, bool PREFETCH>
+template <int MODE, int MAX_REGS>
 void launch_kernel(const ActParams& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
   static bool configured = [] {
-    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(act_quant_kernel<MODE, MAX_REGS, PREFETCH>,
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(act_quant_kernel<MODE, MAX_REGS>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
     return true;
   }();
   (void)configured;
-  act_quant_kernel<MODE, MAX_REGS, PREFETCH><<<grid, threads, smem, stream>>>(p);
+  act_quant_kernel<MODE, MAX_REGS><<<grid, threads, smem, stream>>>(p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -294,16 +262,14 @@ void launch(const ActParams& p, cudaStream_t stream) {
   const int64_t by_gpu = (2 * int64_t(sms) + p.shape.rows_pad - 1) / p.shape.rows_pad;
   const int64_t splits = std::min(by_units, std::max(least, by_gpu));
   const dim3 grid(unsigned(p.shape.rows_pad), unsigned(std::clamp<int64_t>(splits, 1, 65535)));
-  // Few blocks per SM in the whole grid (decode, short prefill: SMs start cold, occupancy is no
-  // limit): prefetch the tables. Many (prefill): the resident blocks keep the tables in L1, and
-  // the occupancy the registers allow is what hides latency: cap them (swiglu keeps 64: at 40 it
-  // spills, ptxas: 16 bytes; the norm with the prefetch spills at 40 too).
-  const bool cold = int64_t(grid.x) * grid.y <= 8 * int64_t(sms);
+  // Many blocks per SM (prefill): the occupancy the registers allow is what hides the latency, so
+  // cap them (12 blocks of 128 threads an SM instead of 10: 8% faster at M = 4096, measured; swiglu
+  // keeps 64: at 40 it spills). Few (decode): occupancy is no limit, keep the uncapped kernel.
+  const bool few_blocks = int64_t(grid.x) * grid.y <= 8 * int64_t(sms);
   constexpr int capped = MODE == kSwiglu ? 64 : 40;
   const int threads = 32 * nwarps;
-  if (g_norm_quantize_variant >= 1 && cold) launch_kernel<MODE, 64, true>(p, grid, threads, smem, stream);
-  else if (g_norm_quantize_variant >= 2) launch_kernel<MODE, capped, false>(p, grid, threads, smem, stream);
-  else launch_kernel<MODE, 64, false>(p, grid, threads, smem, stream);
+  if (few_blocks) launch_kernel<MODE, 64>(p, grid, threads, smem, stream);
+  else launch_kernel<MODE, capped>(p, grid, threads, smem, stream);
 }
 
 ActParams make_params(const __half* a, const __half* u, int64_t ld, const int32_t* perm, const float* w, float eps,
