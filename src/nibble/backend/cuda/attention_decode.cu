@@ -53,16 +53,23 @@ struct DecodeParams {
   uint32_t* arrivals;
 };
 
-// A chunk in a ring slot. INT4: K codes [16][D/2], V codes [16][D/2 + 16] (padded: the V reads,
-// rows 2t.. of 4 lanes t at once, hit distinct banks), scales and zeros (96 bytes).
-// FP16: K then V, 32 rows padded to 2D + 16 bytes (ldmatrix conflict-free).
-template <int D>
-constexpr int v_row_stride() {
-  return D / 2 + 16;
-}
+// A chunk in a ring slot. INT4: the chunk's own layout (K codes [16][D/2], V codes [16][D/2], scales
+// and zeros, 96 bytes), its V codes swizzled (v_swizzle), the slot rounded up to whole 128-byte lines
+// so that every slot starts on bank 0. FP16: K then V, 32 rows padded to 2D + 16 bytes (ldmatrix
+// conflict-free).
 template <int D, bool INT4>
 constexpr int stage_bytes() {
-  return INT4 ? 8 * D + 16 * v_row_stride<D>() + 96 : 2 * 16 * (2 * D + 16);
+  return INT4 ? (16 * D + 96 + 127) / 128 * 128 : 2 * 16 * (2 * D + 16);
+}
+// The slot offset of INT4 V code byte `off` (a slot offset in [8·D, 16·D)): its 16-byte unit XOR
+// ((off / 128) mod 4) · 2 within its 128-byte line. The V reads take rows 2t (+ 1, + 8, + 9) of the
+// 4 lanes t at once (8 bytes each at D = 128): unswizzled rows of 64 bytes put those 4 rows on the
+// same banks (4-way); the swizzle sends line t's unit to bank group unit ^ 2t, distinct for the 4
+// lanes t. Each copy pass still writes whole lines (8 lanes, 128 contiguous source bytes) to one
+// permuted line: conflict-free. (v10 padded the rows to D/2 + 16 bytes instead: reads conflict-free,
+// but a pass's quarter warps wrote 2 rows 80 bytes apart, 2-way on 4 banks.)
+__host__ __device__ constexpr int v_swizzle(int off) {
+  return off ^ ((off >> 2) & 0x60);
 }
 template <bool INT4>
 constexpr int stages() {
@@ -95,19 +102,34 @@ template <int D>
 struct V_pairs {
   uint32_t v01[D / 64][2], v23[D / 64][2], z01, z23;
 };
+// Slot offsets of the lane's V code reads: rows 2t + (q & 1) + 8(q >> 1), bytes g·D/16 on (one 8-byte
+// load at D = 128, 4 bytes at D = 64), swizzled; loop-invariant, made once per lane. Rows 8 on are 4D
+// bytes further: at D = 128 a multiple of the swizzle's 512-byte period, so the reads of q = 2, 3 are
+// those of q = 0, 1 plus an immediate (two lane offsets a chunk, not four).
 template <int D>
-__device__ __forceinline__ V_pairs<D> v_code_pairs(const uint8_t* st, const uint8_t* prm, int g, int t) {
-  constexpr int VRS = v_row_stride<D>();
-  const uint8_t* vc = st + 8 * D;
+struct V_offsets {
+  int q[4];
+};
+template <int D>
+__device__ __forceinline__ V_offsets<D> v_read_offsets(int g, int t) {
+  V_offsets<D> vo;
+#pragma unroll
+  for (int q = 0; q < 4; ++q)
+    vo.q[q] = 4 * D % 512 == 0 && q >= 2
+                  ? vo.q[q - 2] + 4 * D
+                  : v_swizzle(8 * D + (2 * t + (q & 1) + 8 * (q >> 1)) * (D / 2) + g * (D / 16));
+  return vo;
+}
+template <int D>
+__device__ __forceinline__ V_pairs<D> v_code_pairs(const uint8_t* st, const uint8_t* prm, const V_offsets<D>& vo, int t) {
   V_pairs<D> vp;
   vp.z01 = __byte_perm(*reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t), 0u, 0x4140);
   vp.z23 = __byte_perm(*reinterpret_cast<const uint16_t*>(prm + 80 + 2 * t + 8), 0u, 0x4140);
-  // Words g·D/64 + r of the code rows of keys 2t, 2t+1, 2t+8, 2t+9: one 8-byte (D = 128) or 4-byte
-  // load per row.
+  // Words g·D/64 + r of the code rows of keys 2t, 2t+1, 2t+8, 2t+9.
   uint32_t xw[4][D / 64];
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    const uint8_t* row = vc + (2 * t + (q & 1) + 8 * (q >> 1)) * VRS + g * (D / 16);
+    const uint8_t* row = st + vo.q[q];
     if constexpr (D == 128) {
       const uint2 v = *reinterpret_cast<const uint2*>(row);
       xw[q][0] = v.x, xw[q][1] = v.y;
@@ -127,8 +149,9 @@ __device__ __forceinline__ V_pairs<D> v_code_pairs(const uint8_t* st, const uint
 
 // INT4: at most 168 registers, 3 blocks (12 warps) per SM (v2-v6 capped it at 128 for 4 blocks;
 // the zero-term accumulator of the raw-code V products no longer fits there without spilling);
-// KT fits 102 registers without spilling (93 at D = 128): 5 blocks (20 warps) per SM (ncu of v7:
-// latency-bound at 12 warps per SM).
+// KT fits 102 registers without spilling (96 at D = 128): 5 blocks (20 warps) per SM (ncu of v7:
+// latency-bound at 12 warps per SM). Its 34 KB of shared memory a block would allow 6, but 80
+// registers spill (56 bytes at D = 128).
 // KT (INT4 K after RoPE, G <= 8): Sᵀ = K · Qᵀ, the 16 keys as the MMA's rows and the G query
 // heads as its 8 columns, so that 8 MMAs (not 16) make a chunk's scores and a lane holds 4 of them
 // (keys g, g + 8 of heads 2t, 2t + 1) instead of 8; two movmatrix transposes make Pᵀ (keys x heads)
@@ -165,13 +188,14 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
   // The page holding chunk i of this warp: read from the block table one iteration before its
   // copy is issued (a table read per chunk stalled the issue by an L2/DRAM round trip).
   auto page_of = [&](int i) { return i < my_n ? table[((c_begin + warp + i * kWarps) * 16) >> c.page_shift] : 0; };
-  // INT4: pass `it` of a chunk copy moves the lane's 16-byte unit lane + 32·it; its source is
-  // lane·16 + 512·it into the chunk, its ring offset lane·16 + 512·it (K codes, params) or
-  // v_lane + a per-pass constant (V rows, padded): loop-invariant per lane, so each copy is one
-  // cp.async on a base plus an immediate (v6 recomputed ~40 instructions of offsets per chunk).
+  // INT4: pass `it` of a chunk copy moves the lane's 16-byte unit lane + 32·it from lane·16 + 512·it
+  // into the chunk to the same slot offset, swizzled in the V codes (v_swizzle of a multiple of 512
+  // plus lane·16 is that multiple plus v_swizzle(lane·16)): loop-invariant per lane, so each copy is
+  // one cp.async on a base plus an immediate (v6 recomputed ~40 instructions of offsets per chunk).
   constexpr int RU4 = D / 32;  // INT4: 16-byte units per row of codes
   const int lane16 = lane * 16;
-  const int v_lane = 8 * D + (lane / RU4) * v_row_stride<D>() + (lane % RU4) * 16;
+  const int v_lane = v_swizzle(lane16);
+  [[maybe_unused]] const V_offsets<D> v_off = v_read_offsets<D>(g, t);
   // Chunk i of this warp (16 keys, contiguous in page `page`) into ring slot i % NS.
   auto issue = [&](int i, int page) {
     if (i >= my_n) return;
@@ -180,7 +204,6 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
     const uint8_t* src = kv_base + page * page_stride + ((key0 & (c.page_size - 1)) >> 4) * CB;
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {
-      constexpr int VRS = v_row_stride<D>();
       constexpr int NU = int(CB / 16);
       // K codes and V codes are 16 RU4 units each, a multiple of 32: every pass of the warp lies in
       // one region, known at compile time.
@@ -188,13 +211,9 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
       src += lane16;
 #pragma unroll
       for (int it = 0; it < (NU + 31) / 32; ++it) {
-        if (32 * (it + 1) <= 16 * RU4) {  // K codes: same offsets
-          cp_async16(dst + lane16 + 512 * it, src + 512 * it);
-        } else if (32 * (it + 1) <= 32 * RU4) {  // V codes: rows padded
-          cp_async16(dst + v_lane + (32 * it / RU4 - 16) * VRS, src + 512 * it);
-        } else if (lane < NU - 32 * it) {  // scales and zeros
-          cp_async16(dst + lane16 + 8 * D + 16 * VRS - 32 * RU4 * 16 + 512 * it, src + 512 * it);
-        }
+        const bool v_codes = 32 * it >= 16 * RU4 && 32 * (it + 1) <= 32 * RU4;
+        if (32 * (it + 1) <= NU || lane < NU - 32 * it)  // (the last pass: scales and zeros, 6 lanes)
+          cp_async16(dst + (v_codes ? v_lane : lane16) + 512 * it, src + 512 * it);
       }
     } else {
       constexpr int RU = D / 8;  // 16-byte units per fp16 row; rows 0..15 K, 16..31 V
@@ -298,7 +317,7 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
     cp_async_wait<NS - 1>();
     __syncwarp();
     const uint8_t* st = ring + (i % NS) * SB;
-    const uint8_t* prm = st + 8 * D + 16 * v_row_stride<D>();  // INT4: K scales, V scales, K zeros, V zeros
+    const uint8_t* prm = st + 16 * D;  // INT4: K scales, V scales, K zeros, V zeros
     const int key0 = (c_begin + warp + i * kWarps) * 16;
     const int nvalid = min(16, len - key0);
 
@@ -419,7 +438,7 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
       const uint32_t pt1 = transpose8x8(pack_half2(sc[2] * sv1, sc[3] * sv1));
       // ---- Oᵀ (16 dims x 8 heads) += Vᵀ · Pᵀ: D/16 MMAs a chunk, not D/8 ----
       // The zero term: every row of A is the zeros of keys (2t, 2t+1 | 2t+8, 2t+9).
-      const V_pairs vp = v_code_pairs<D>(st, prm, g, t);
+      const V_pairs vp = v_code_pairs<D>(st, prm, v_off, t);
       const uint32_t zf[4] = {vp.z01, vp.z01, vp.z23, vp.z23};
       mma16816(o[NO - 1], zf, pt0, pt1);
 #pragma unroll
@@ -513,7 +532,7 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
     }
     // ---- O += P · V (KT: done above, as Oᵀ += Vᵀ · Pᵀ) ----
     if constexpr (INT4 && !KT) {
-      const V_pairs vp = v_code_pairs<D>(st, prm, g, t);
+      const V_pairs vp = v_code_pairs<D>(st, prm, v_off, t);
       mma16816(o[NO - 1], pa, vp.z01, vp.z23);
 #pragma unroll
       for (int r = 0; r < D / 64; ++r) {
@@ -563,7 +582,15 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
   __syncthreads();
   float* red_m = reinterpret_cast<float*>(smem);  // [4][16]
   float* red_l = red_m + kWarps * 16;             // [4][16]
-  float* red_o = red_l + kWarps * 16;             // [4][16][D]
+  float* red_o = red_l + kWarps * 16;             // [4][16][D], each row's dims swizzled (red_o_at)
+  // Dim d of row r (warp · 16 + head) at d ^ (((r / 2) mod 4) · D/32 + (d / 32) mod D/32): a
+  // permutation within each 32 dims. KT stores (lanes g, t: dims 16g + c of heads 2t, 2t + 1) hit
+  // 2 banks 16-way at D = 128 without it (rows are D floats, dims 16g apart), 32 distinct banks with
+  // it; the S form's INT4 stores go from 32-way to 2-way; the reads below (32 consecutive dims of a
+  // row a warp) stay conflict-free.
+  auto red_o_at = [&](int r, int d) -> float& {
+    return red_o[r * D + (d ^ (((r >> 1) & 3) * (D / 32) + ((d >> 5) & (D / 32 - 1))))];
+  };
   const int G = p.G;
   if (KT ? g == 0 : t == 0) {
     const int h0 = KT ? 2 * t : g, h1 = KT ? 2 * t + 1 : g + 8;
@@ -580,12 +607,12 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
       const int r = n / 4, h = (n / 2) % 2, s = n % 2;
       const int dg = 8 * (g * (D / 64) + r) + h + 4 * s, dg8 = dg + 2;
       if (2 * t < G) {
-        red_o[(warp * 16 + 2 * t) * D + dg] = o[n][0];
-        red_o[(warp * 16 + 2 * t) * D + dg8] = o[n][2];
+        red_o_at(warp * 16 + 2 * t, dg) = o[n][0];
+        red_o_at(warp * 16 + 2 * t, dg8) = o[n][2];
       }
       if (2 * t + 1 < G) {
-        red_o[(warp * 16 + 2 * t + 1) * D + dg] = o[n][1];
-        red_o[(warp * 16 + 2 * t + 1) * D + dg8] = o[n][3];
+        red_o_at(warp * 16 + 2 * t + 1, dg) = o[n][1];
+        red_o_at(warp * 16 + 2 * t + 1, dg8) = o[n][3];
       }
     }
   }
@@ -600,12 +627,12 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
       d1 = d0 + 1;
     }
     if (g < G) {
-      red_o[(warp * 16 + g) * D + d0] = o[n][0];
-      red_o[(warp * 16 + g) * D + d1] = o[n][1];
+      red_o_at(warp * 16 + g, d0) = o[n][0];
+      red_o_at(warp * 16 + g, d1) = o[n][1];
     }
     if (g + 8 < G) {
-      red_o[(warp * 16 + g + 8) * D + d0] = o[n][2];
-      red_o[(warp * 16 + g + 8) * D + d1] = o[n][3];
+      red_o_at(warp * 16 + g + 8, d0) = o[n][2];
+      red_o_at(warp * 16 + g + 8, d1) = o[n][3];
     }
   }
   __syncthreads();
@@ -620,7 +647,7 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
       for (int w = 0; w < kWarps; ++w) {
         const float f = exp2f(red_m[w * 16 + row] - M);
         L += red_l[w * 16 + row] * f;
-        acc += red_o[(w * 16 + row) * D + d] * f;
+        acc += red_o_at(w * 16 + row, d) * f;
       }
     }
     const int h = kvh * G + row;
