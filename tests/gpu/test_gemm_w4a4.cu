@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <functional>
 #include <map>
 #include <random>
 #include <tuple>
@@ -113,12 +115,33 @@ struct CheckStats {
   double err2 = 0, ref2 = 0, worst = 0;
 };
 
-// Runs Y = X·Wᵀ on the device twice, the output poisoned (NaN) before each run. `unwritten`
-// counts the elements left NaN or different between the two runs.
+// Runs gemm(y), a [M, N] product, on the device twice, the output poisoned (NaN) before each run.
+// `unwritten` counts the elements left NaN or different between the two runs.
 struct DeviceResult {
   std::vector<uint16_t> y;
   int64_t unwritten = 0;
 };
+DeviceResult run_twice_with(int64_t M, int64_t N, OutType out, const std::function<void(void*)>& gemm) {
+  uint16_t* y = nullptr;
+  NIBBLE_CUDA_CHECK(cudaMalloc(&y, size_t(M * N) * 2));
+  NIBBLE_CUDA_CHECK(cudaMemset(y, 0xff, size_t(M * N) * 2));  // NaN in fp16 and bf16
+  gemm(y);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  // Twice: the split-K counters must have been left at zero, and the result must not move.
+  DeviceResult r;
+  r.y.resize(size_t(M * N));
+  std::vector<uint16_t> again(size_t(M * N));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(r.y.data(), y, r.y.size() * 2, cudaMemcpyDeviceToHost));
+  NIBBLE_CUDA_CHECK(cudaMemset(y, 0xff, size_t(M * N) * 2));
+  gemm(y);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  NIBBLE_CUDA_CHECK(cudaMemcpy(again.data(), y, again.size() * 2, cudaMemcpyDeviceToHost));
+  cudaFree(y);
+  const auto is_nan = [&](uint16_t b) { return std::isnan(out == OutType::F16 ? fp16_to_float(b) : bf16_to_float(b)); };
+  for (size_t i = 0; i < r.y.size(); ++i) r.unwritten += is_nan(r.y[i]) || r.y[i] != again[i];
+  return r;
+}
+// Y = X·Wᵀ by gemm_w4a4 along `path`, twice (the split-K counters must have been left at zero).
 DeviceResult run_twice(const AtomOperand& x, const AtomOperand& w, OutType out, GemmPath path) {
   const int64_t M = x.shape.rows, N = w.shape.rows;
   const size_t ws_bytes = gemm_w4a4_workspace_bytes(M, N, x.shape.K, x.shape.keeper);
@@ -127,24 +150,9 @@ DeviceResult run_twice(const AtomOperand& x, const AtomOperand& w, OutType out, 
     NIBBLE_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
     NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, ws_bytes));
   }
-  uint16_t* y = nullptr;
-  NIBBLE_CUDA_CHECK(cudaMalloc(&y, size_t(M * N) * 2));
-  NIBBLE_CUDA_CHECK(cudaMemset(y, 0xff, size_t(M * N) * 2));  // NaN in fp16 and bf16
-  gemm_w4a4(x, w, y, out, ws, ws_bytes, nullptr, path);
-  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-  // Twice: the split-K counters must have been left at zero, and the result must not move.
-  DeviceResult r;
-  r.y.resize(size_t(M * N));
-  std::vector<uint16_t> again(size_t(M * N));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(r.y.data(), y, r.y.size() * 2, cudaMemcpyDeviceToHost));
-  NIBBLE_CUDA_CHECK(cudaMemset(y, 0xff, size_t(M * N) * 2));
-  gemm_w4a4(x, w, y, out, ws, ws_bytes, nullptr, path);
-  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-  NIBBLE_CUDA_CHECK(cudaMemcpy(again.data(), y, again.size() * 2, cudaMemcpyDeviceToHost));
-  cudaFree(y);
+  DeviceResult r =
+      run_twice_with(M, N, out, [&](void* y) { gemm_w4a4(x, w, y, out, ws, ws_bytes, nullptr, path); });
   if (ws) cudaFree(ws);
-  const auto is_nan = [&](uint16_t b) { return std::isnan(out == OutType::F16 ? fp16_to_float(b) : bf16_to_float(b)); };
-  for (size_t i = 0; i < r.y.size(); ++i) r.unwritten += is_nan(r.y[i]) || r.y[i] != again[i];
   return r;
 }
 
@@ -362,6 +370,115 @@ TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
     }
   }
   std::printf("wgmma vs specialized: %d comparisons\n", cases);
+}
+
+// ---- v9 experiment: X pre-widened to INT8 in the wgmma B layout ----------------------------------
+
+// The pre-widened blocks as gemm_w4a4.h describes them, built from the file layout's codes and
+// scales (not from the GPU layout the repack kernel reads).
+std::vector<uint8_t> host_x_int8_blocks(const IntMatrix& x) {
+  const AtomShape sh = atom_shape(x.rows, x.K, x.keeper);
+  const int slabs = sh.slabs(), k4 = x.K - x.keeper;
+  std::vector<uint8_t> out(x_int8_b_layout_bytes(sh), 0);
+  for (int64_t n = 0; n < x.rows; ++n) {
+    const int nn = int(n % 128);
+    for (int s = 0; s < slabs; ++s) {
+      uint8_t* block = &out[size_t((n / 128) * slabs + s) * kXInt8BlockBytes];
+      const bool int4 = s < sh.g4;
+      const int k0 = int4 ? s * 128 : k4 + (s - sh.g4) * 64;  // keeper slab g4 + 2c + h: channels 128c + 64h on
+      for (int k = 0; k < (int4 ? 128 : 64); ++k) {
+        const int code = x.codes[size_t(n * x.K + k0 + k)];
+        block[(k / 16) * 2048 + (nn / 8) * 128 + (nn % 8) * 16 + k % 16] = uint8_t(int4 ? 16 * code : code);
+      }
+      const float scale = int4 ? x.s4[size_t(n * x.g4 + s)] : x.s8[size_t(n)];
+      std::memcpy(block + 128 * 128 + 4 * nn, &scale, 4);
+    }
+  }
+  return out;
+}
+
+// Device bytes, freed on scope exit.
+struct DeviceBytes {
+  uint8_t* p = nullptr;
+  explicit DeviceBytes(size_t n) { NIBBLE_CUDA_CHECK(cudaMalloc(&p, n)); }
+  ~DeviceBytes() { cudaFree(p); }
+  DeviceBytes(const DeviceBytes&) = delete;
+  DeviceBytes& operator=(const DeviceBytes&) = delete;
+};
+
+TEST(GemmW4A4XInt8, RepackMatchesHostRelayout) {
+  // Every byte (codes, fp32 scales, padding tokens, a keeper slab's unused half), on a poisoned
+  // buffer; M = 300 leaves a partial 128-token tile.
+  NIBBLE_REQUIRE_GPU();
+  for (int keeper : {0, 128}) {
+    for (int64_t M : {1, 100, 300}) {
+      const int K = 1024;
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(::testing::Message() << "M=" << M << " keeper=" << keeper << " seed " << seed);
+      const Operand x = make_operand(seed, M, K, keeper, 1.0f, 0.9f);
+      const std::vector<uint8_t> want = host_x_int8_blocks(x.ints);
+      ASSERT_EQ(x_int8_b_layout_bytes(x.dev.shape()), want.size());
+      DeviceBytes dev(want.size());
+      NIBBLE_CUDA_CHECK(cudaMemset(dev.p, 0xa5, want.size()));
+      x_to_int8_b_layout(x.dev.view(), dev.p, nullptr);
+      NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+      std::vector<uint8_t> got(want.size());
+      NIBBLE_CUDA_CHECK(cudaMemcpy(got.data(), dev.p, got.size(), cudaMemcpyDeviceToHost));
+      int64_t differ = 0;
+      for (size_t i = 0; i < got.size(); ++i) differ += got[i] != want[i];
+      EXPECT_EQ(differ, 0);
+      std::printf("x_to_int8_b_layout M=%4lld K=%d keeper=%3d: %zu bytes, %lld differ\n", (long long)M, K, keeper,
+                  got.size(), (long long)differ);
+    }
+  }
+}
+
+TEST(GemmW4A4XInt8, EqualsSpecializedWgmmaBitForBit) {
+  // The v9 kernel keeps v7's consumers (same wgmma, same fold on the same values) and split plan:
+  // its output must equal GemmPath::Wgmma bit for bit (each run twice, outputs poisoned) on M not a
+  // multiple of the 128-token tile, N from 70B k/v (cluster split-K) to 7B gate/up, keeper 0 and 128.
+  NIBBLE_REQUIRE_GPU();
+  const std::vector<int64_t> Ms = {7, 65, 100, 256, 1000, 4096};
+  const std::tuple<int, std::vector<int64_t>> KNs[] = {{4096, {4096, 11008}}, {11008, {4096}}, {8192, {1024}}};
+  int cases = 0;
+  for (int keeper : {0, 128}) {
+    for (const auto& [K, Ns] : KNs) {
+      std::map<int64_t, AtomDeviceMatrix> xs;
+      std::map<int64_t, uint64_t> x_seed;
+      for (int64_t M : Ms) {
+        x_seed[M] = fresh_seed();
+        xs.emplace(M, AtomDeviceMatrix(to_gpu_layout(quantized(x_seed[M], M, K, keeper, 1.0f, 0.9f))));
+      }
+      for (int64_t N : Ns) {
+        const uint64_t w_seed = fresh_seed();
+        const AtomDeviceMatrix w(to_gpu_layout(quantized(w_seed, N, K, keeper, 0.05f, 1.0f)));
+        for (int64_t M : Ms) {
+          SCOPED_TRACE(::testing::Message() << "M=" << M << " N=" << N << " K=" << K << " keeper=" << keeper
+                                            << " seeds: x " << x_seed[M] << " w " << w_seed);
+          const AtomDeviceMatrix& x = xs.at(M);
+          DeviceBytes blocks(x_int8_b_layout_bytes(x.shape()));
+          x_to_int8_b_layout(x.view(), blocks.p, nullptr);
+          const AtomXInt8 x8{blocks.p, x.shape()};
+          for (OutType out : {OutType::F16, OutType::BF16}) {
+            if (out == OutType::BF16 && M != 100) continue;
+            const DeviceResult v7 = run_twice(x.view(), w.view(), out, GemmPath::Wgmma);
+            const DeviceResult v9 =
+                run_twice_with(M, N, out, [&](void* y) { gemm_w4a4_x_int8(x8, w.view(), y, out, nullptr); });
+            int64_t differ = 0;
+            for (size_t i = 0; i < v7.y.size(); ++i) differ += v7.y[i] != v9.y[i];
+            EXPECT_EQ(v7.unwritten, 0);
+            EXPECT_EQ(v9.unwritten, 0);
+            EXPECT_EQ(differ, 0);
+            std::printf("specialized vs x-int8 M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
+                        (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16", (long long)differ,
+                        (long long)v7.unwritten, (long long)v9.unwritten);
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  std::printf("specialized vs x-int8: %d comparisons\n", cases);
 }
 
 TEST(GemmW4A4, RejectsAForcedPathThatCannotTakeM) {

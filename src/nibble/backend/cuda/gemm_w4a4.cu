@@ -1,6 +1,7 @@
 #include "nibble/backend/cuda/gemm_w4a4.h"
 
 #include <algorithm>
+#include <type_traits>
 
 #include <cooperative_groups.h>
 
@@ -621,8 +622,26 @@ void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
 constexpr int kBN = 128, kBM = 128;
 constexpr int kTileBytes = (kBN / kRowTile) * kSlabBytes;      // 8 KB of W (and of X) per slab
 constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's scales
+constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
+static_assert(kXInt8BlockBytes == kUnpackBytes + kBM * 4, "a pre-widened X block: INT8 slab, then fp32 scales");
 
-template <int kThreads>
+// Where a pipeline stage keeps one slab of the block tile. Packed (v6, v7): W's and X's tiles as
+// stored, then their fp16 scales. XInt8 (v9 experiment): W's tile, X's pre-widened block (INT8 codes
+// in the wgmma B layout, then fp32 scales: copied as it is, the consumers read it in place), W's scales.
+struct PackedStage {
+  static constexpr bool kPackedX = true;
+  static constexpr int kWScales = 2 * kTileBytes, kBytes = kStageBytes;
+};
+struct XInt8Stage {
+  static constexpr bool kPackedX = false;
+  static constexpr int kXBlock = kTileBytes, kWScales = kXBlock + kXInt8BlockBytes, kBytes = kWScales + kBN * 2;
+};
+static_assert(PackedStage::kBytes == PackedStage::kWScales + (kBN + kBM) * 2 && XInt8Stage::kBytes % 128 == 0,
+              "stage layouts");
+
+// Slab s of the block tile into `stage` by kThreads threads (16-byte cp.async; rows past the
+// padded ones zero-filled): W's codes and scales, and X's where the stage keeps X packed.
+template <int kThreads, typename Stage = PackedStage>
 __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* stage, int s, int64_t n_base,
                                              int64_t m_base) {
   const int tid = threadIdx.x;
@@ -634,15 +653,16 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
     const int64_t wt = n_base / kRowTile + tile, xt = m_base / kRowTile + tile;
     const bool wv = wt * kRowTile < p.w_rows_pad, xv = xt * kRowTile < p.x_rows_pad;
     cp_async16(stage + c * 16, p.wq + ((wv ? wt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, wv);
-    cp_async16(stage + kTileBytes + c * 16, p.xq + ((xv ? xt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, xv);
+    if constexpr (Stage::kPackedX)
+      cp_async16(stage + kTileBytes + c * 16, p.xq + ((xv ? xt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, xv);
   }
-  if (tid < 32) {  // 16 chunks of W scales, 16 of X scales (8 halves each)
+  if (tid < (Stage::kPackedX ? 32 : 16)) {  // 16 chunks of W scales, 16 of X scales (8 halves each)
     const bool is_w = tid < 16;
     const int c = tid % 16;
     const int64_t row = (is_w ? n_base : m_base) + c * 8;
     const bool v = row < (is_w ? p.w_rows_pad : p.x_rows_pad);
     const __half* src = (is_w ? p.ws + size_t(grp) * p.w_rows_pad : p.xs + size_t(grp) * p.x_rows_pad) + (v ? row : 0);
-    cp_async16(stage + 2 * kTileBytes + (is_w ? 0 : kBN * 2) + c * 16, src, v);
+    cp_async16(stage + Stage::kWScales + (is_w ? 0 : kBN * 2) + c * 16, src, v);
   }
 }
 
@@ -660,7 +680,6 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
 // stages. Where the tiles do not fill the SMs, K is split over a cluster.
 constexpr int kWgThreads = 256;     // two warpgroups: W rows 0..63 and 64..127 of the block
 constexpr int kWgStages = 5;        // cp.async stages (prefetch distance kWgStages - 2)
-constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
 constexpr int kWgSmem = kWgStages * kStageBytes + 2 * kUnpackBytes;
 
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
@@ -691,6 +710,19 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[64], uint32_t a0, uint32_t a1,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(uint32_t(zero)));
 }
 
+// A lane's 16 bytes v of a packed 8-token tile -> `base`, its place in the slab's canonical layout
+// (tile * 128 + r * 16 + t * 4 bytes into it).
+__device__ __forceinline__ void store_int8_b(const uint4& v, uint8_t* base, bool int4) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (int4) {
+      *reinterpret_cast<uint32_t*>(base + (2 * j) * 2048) = hi4(word(v, j));
+      *reinterpret_cast<uint32_t*>(base + (2 * j + 1) * 2048) = lo4(word(v, j));
+    } else {
+      *reinterpret_cast<uint32_t*>(base + j * 2048) = word(v, j);
+    }
+  }
+}
 // X's slab in the stage (16 packed 8-token tiles) -> INT8 in the canonical layout; warp w of the
 // kWarps unpacking takes tiles w * 16 / kWarps and on. A lane's word s of an INT4 slab holds its
 // token's channels 32s + 4t.. (high nibbles: core kc = 2s) and 32s + 16 + 4t.. (low nibbles: kc =
@@ -703,16 +735,7 @@ __device__ __forceinline__ void unpack_x(const uint8_t* packed, uint8_t* out, bo
   for (int i = 0; i < kTiles; ++i) {
     const int tile = kTiles * warp + i;
     const uint4 v = *reinterpret_cast<const uint4*>(packed + tile * kSlabBytes + lane * 16);
-    uint8_t* base = out + tile * 128 + r * 16 + t * 4;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (int4) {
-        *reinterpret_cast<uint32_t*>(base + (2 * j) * 2048) = hi4(word(v, j));
-        *reinterpret_cast<uint32_t*>(base + (2 * j + 1) * 2048) = lo4(word(v, j));
-      } else {
-        *reinterpret_cast<uint32_t*>(base + j * 2048) = word(v, j);
-      }
-    }
+    store_int8_b(v, out + tile * 128 + r * 16 + t * 4, int4);
   }
 }
 
@@ -749,11 +772,10 @@ __device__ __forceinline__ float2 x_scale_pair(const __half* xs, int i) {
 __device__ __forceinline__ float2 x_scale_pair(const float* xs, int i) { return *reinterpret_cast<const float2*>(xs + i); }
 
 // acc += d · sw[row] · sx[token] (· 2^-8 for INT4 slabs); the lane holds rows g, g + 8 of its warp's
-// 16 and tokens 8j + 2t, 8j + 2t + 1. W scales from the stage, X scales from xs.
+// 16 and tokens 8j + 2t, 8j + 2t + 1. W scales from sws (the stage's), X scales from xs.
 template <IntToFloat kConv, typename XScale>
-__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const uint8_t* stage, const XScale* xs,
+__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const __half* sws, const XScale* xs,
                                            bool int4, int wrow, int lane) {
-  const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
   const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
   const float sw0 = __half2float(sws[wrow]) * f, sw1 = __half2float(sws[wrow + 8]) * f;
   const int t = lane % 4;
@@ -766,17 +788,18 @@ __device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64],
     acc[4 * j + 3] = fmaf(exact_float_by<kConv>(d[4 * j + 3]), sw1 * x.y, acc[4 * j + 3]);
   }
 }
-// The fp16 X scales of a stage (wgmma_kernel).
-__device__ __forceinline__ const __half* stage_x_scales(const uint8_t* stage) {
-  return reinterpret_cast<const __half*>(stage + 2 * kTileBytes) + kBN;
+// The fp16 W and X scales of a packed stage.
+__device__ __forceinline__ const __half* stage_w_scales(const uint8_t* stage) {
+  return reinterpret_cast<const __half*>(stage + PackedStage::kWScales);
 }
+__device__ __forceinline__ const __half* stage_x_scales(const uint8_t* stage) { return stage_w_scales(stage) + kBN; }
 
 // The slab loop of both wgmma kernels: step(i, d_cur, d_prev) for slabs i < ns with the two int32
 // accumulator sets alternating (each step issues slab i into d_cur and folds slab i - 1 from d_prev),
-// then the last slab's fold from `last_stage`.
+// then the last slab's fold with its scales last_ws, last_xs.
 template <IntToFloat kConv, typename Step, typename XScale>
 __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&d0)[64], int (&d1)[64], float (&acc)[64],
-                                                const uint8_t* last_stage, const XScale* last_xs, bool last_int4,
+                                                const __half* last_ws, const XScale* last_xs, bool last_int4,
                                                 int wrow, int lane) {
   int i = 0;
   for (; i + 1 < ns; i += 2) {
@@ -787,16 +810,17 @@ __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&
   wgmma_wait<0>();
   if ((ns - 1) % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
     fence_regs(d0);
-    wgmma_fold<kConv>(acc, d0, last_stage, last_xs, last_int4, wrow, lane);
+    wgmma_fold<kConv>(acc, d0, last_ws, last_xs, last_int4, wrow, lane);
   } else {
     fence_regs(d1);
-    wgmma_fold<kConv>(acc, d1, last_stage, last_xs, last_int4, wrow, lane);
+    wgmma_fold<kConv>(acc, d1, last_ws, last_xs, last_int4, wrow, lane);
   }
 }
 
 struct WgmmaParams : GemmOperands {
   int cluster;         // blocks per cluster, splitting K: rank r takes slabs [r * per_rank, (r + 1) * per_rank)
   int slabs_per_rank;
+  const uint8_t* x_int8;  // v9 experiment: X pre-widened ([128-token tile][slab] blocks), read instead of xq, xs
 };
 constexpr int kPartPitch = kBN + 4;  // floats; conflict-free staging of the fp32 tile
 static_assert(kBM * kPartPitch * 4 <= kWgSmem, "the fp32 tile must fit in the pipeline buffers");
@@ -884,12 +908,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
       wgmma_wait<1>();
       fence_regs(d_prev);
       const uint8_t* prev = smem + ((i - 1) % kWgStages) * kStageBytes;
-      wgmma_fold<IntToFloat::MagicAdd>(acc, d_prev, prev, stage_x_scales(prev), s0 + i - 1 < p.g4, wrow, lane);
+      wgmma_fold<IntToFloat::MagicAdd>(acc, d_prev, stage_w_scales(prev), stage_x_scales(prev), s0 + i - 1 < p.g4, wrow,
+                                       lane);
     }
   };
   const uint8_t* last = smem + ((ns - 1) % kWgStages) * kStageBytes;
-  wgmma_slab_loop<IntToFloat::MagicAdd>(ns, step, d0, d1, acc, last, stage_x_scales(last), s0 + ns - 1 < p.g4, wrow,
-                                        lane);
+  wgmma_slab_loop<IntToFloat::MagicAdd>(ns, step, d0, d1, acc, stage_w_scales(last), stage_x_scales(last),
+                                        s0 + ns - 1 < p.g4, wrow, lane);
   cp_async_wait<0>();
   __syncthreads();
 
@@ -918,6 +943,10 @@ constexpr int kSpUnpackStride = kUnpackBytes + kBM * 4;  // the INT8 slab of X, 
 constexpr int kSpSmem = kSpP * kStageBytes + kSpU * kSpUnpackStride + kSpBarriers * 8;
 static_assert(kBM * kPartPitch * 4 <= kSpP * kStageBytes, "the fp32 tile must fit in the packed stages");
 static_assert(kSpSmem <= 227 * 1024, "shared memory per block");
+// v9 (experiment): X pre-widened, no unpacked ring; every stage holds its slab's X block.
+constexpr int kSpXInt8Smem = kSpP * XInt8Stage::kBytes + 2 * kSpP * 8;  // stages, loaded[P], consumed[P]
+static_assert(kSpXInt8Smem <= 227 * 1024, "shared memory per block");
+static_assert(kSpUnpackStride == kXInt8BlockBytes, "the consumers read a pre-widened block as an unpacked buffer");
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -925,6 +954,16 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
 }
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// A global -> shared bulk copy (TMA, 1-D) whose completion counts `bytes` on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
 }
 // Waits until the phase of parity `parity` of the barrier has completed.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
@@ -943,28 +982,36 @@ struct SpRing {
       : p(unsigned(i) % kSpP), u(unsigned(i) % kSpU), p_phase(unsigned(i) / kSpP & 1), u_phase(unsigned(i) / kSpU & 1) {}
 };
 
-template <typename OutT>
+// kXInt8 (v9, experiment): X arrives pre-widened (x_to_int8_b_layout), so the producer only copies:
+// one 1-D bulk copy of the slab's X block (INT8 codes in the B layout + fp32 scales, 16.5 KB, thread 0,
+// counted in bytes on `loaded`) straight into the stage the consumers read, W as in v7 (cp.async by
+// all 128 threads). No unpacked ring, no `ready`/`drained`; the consumers' code and numerics are v7's
+// (same wgmma_slab, wgmma_fold on the same values), so the output is the same bits.
+template <typename OutT, bool kXInt8>
 __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
+  using Stage = std::conditional_t<kXInt8, XInt8Stage, PackedStage>;
   constexpr IntToFloat kConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
   extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* unpacked = smem + kSpP * kStageBytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + kSpU * kSpUnpackStride);
-  uint64_t* loaded = bars;               // [kSpP] the stage's copies landed (one arrival per producer thread)
+  uint8_t* unpacked = smem + kSpP * Stage::kBytes;  // v7 only
+  uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + (kXInt8 ? 0 : kSpU * kSpUnpackStride));
+  uint64_t* loaded = bars;               // [kSpP] the stage's copies landed (one arrival per producer thread; v9: + X's bytes)
   uint64_t* consumed = bars + kSpP;      // [kSpP] the 8 consumer warps are done with the stage
-  uint64_t* ready = bars + 2 * kSpP;     // [kSpU] the 4 producer warps unpacked X (codes, fp32 scales) into the buffer
-  uint64_t* drained = ready + kSpU;      // [kSpU] the 8 consumer warps' wgmma reading it completed
+  uint64_t* ready = bars + 2 * kSpP;     // [kSpU] v7: the 4 producer warps unpacked X (codes, fp32 scales) into the buffer
+  uint64_t* drained = ready + kSpU;      // [kSpU] v7: the 8 consumer warps' wgmma reading it completed
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rank = int(blockIdx.x);  // the cluster spans x
   const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kSpP; ++i) {
-      mbar_init(&loaded[i], 128);
+      mbar_init(&loaded[i], kXInt8 ? 129 : 128);  // v9: + thread 0's arrive.expect_tx
       mbar_init(&consumed[i], 8);
     }
-    for (int i = 0; i < kSpU; ++i) {
-      mbar_init(&ready[i], 4);
-      mbar_init(&drained[i], 8);
+    if constexpr (!kXInt8) {
+      for (int i = 0; i < kSpU; ++i) {
+        mbar_init(&ready[i], 4);
+        mbar_init(&drained[i], 8);
+      }
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -978,26 +1025,42 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
     // a slab from one warp instead: 4040 clocks per slab against 2012 with cp.async, run 2.)
     const auto load = [&](int j) {
       const SpRing to(j);
-      block_tile_load<128>(p, smem + to.p * kStageBytes, s0 + j, n_base, m_base);
+      uint8_t* stage = smem + to.p * Stage::kBytes;
+      if constexpr (kXInt8) {
+        if (threadIdx.x == 0) {
+          mbar_arrive_expect_tx(&loaded[to.p], kXInt8BlockBytes);
+          const uint8_t* x_block = p.x_int8 + (size_t(blockIdx.z) * p.slabs + s0 + j) * kXInt8BlockBytes;
+          bulk_load(stage + XInt8Stage::kXBlock, x_block, kXInt8BlockBytes, &loaded[to.p]);
+        }
+      }
+      block_tile_load<128, Stage>(p, stage, s0 + j, n_base, m_base);
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(&loaded[to.p])) : "memory");
     };
-    for (int j = 0; j < min(ns, kSpLead); ++j) load(j);
-    for (int i = 0; i < ns; ++i) {
-      const SpRing at(i);
-      mbar_wait(&loaded[at.p], at.p_phase);
-      if (i >= kSpU) mbar_wait(&drained[at.u], at.u_phase ^ 1);  // slab i - kSpU's use completed
-      const uint8_t* stage = smem + at.p * kStageBytes;
-      uint8_t* ubuf = unpacked + at.u * kSpUnpackStride;
-      unpack_x<4>(stage + kTileBytes, ubuf, s0 + i < p.g4, warp, lane);
-      reinterpret_cast<float*>(ubuf + kUnpackBytes)[threadIdx.x] = __half2float(stage_x_scales(stage)[threadIdx.x]);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&ready[at.u]);
-      // The stage of slab i - 3 is refilled only now: waiting for it never delays slabs i + 1, i + 2.
-      const int j = i + kSpLead;
-      if (j < ns) {
+    if constexpr (kXInt8) {
+      // Nothing to unpack: the ring is refilled as soon as the consumers release a stage.
+      for (int j = 0; j < ns; ++j) {
         if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
         load(j);
+      }
+    } else {
+      for (int j = 0; j < min(ns, kSpLead); ++j) load(j);
+      for (int i = 0; i < ns; ++i) {
+        const SpRing at(i);
+        mbar_wait(&loaded[at.p], at.p_phase);
+        if (i >= kSpU) mbar_wait(&drained[at.u], at.u_phase ^ 1);  // slab i - kSpU's use completed
+        const uint8_t* stage = smem + at.p * Stage::kBytes;
+        uint8_t* ubuf = unpacked + at.u * kSpUnpackStride;
+        unpack_x<4>(stage + kTileBytes, ubuf, s0 + i < p.g4, warp, lane);
+        reinterpret_cast<float*>(ubuf + kUnpackBytes)[threadIdx.x] = __half2float(stage_x_scales(stage)[threadIdx.x]);
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&ready[at.u]);
+        // The stage of slab i - 3 is refilled only now: waiting for it never delays slabs i + 1, i + 2.
+        const int j = i + kSpLead;
+        if (j < ns) {
+          if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
+          load(j);
+        }
       }
     }
     __syncthreads();  // pairs with the consumers' barrier before the epilogue
@@ -1012,33 +1075,41 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0;
   int d0[64], d1[64];
-  const uint64_t x_desc0 = smem_desc(unpacked);
-  const auto stage = [&](int i) { return smem + SpRing(i).p * kStageBytes; };
-  const auto x_scales = [&](int i) {
-    return reinterpret_cast<const float*>(unpacked + SpRing(i).u * kSpUnpackStride + kUnpackBytes);
+  const auto stage = [&](int i) { return smem + SpRing(i).p * Stage::kBytes; };
+  // Slab i's X: INT8 codes (at its descriptor), then the tokens' fp32 scales.
+  const auto x_block = [&](int i) -> const uint8_t* {
+    if constexpr (kXInt8) return stage(i) + XInt8Stage::kXBlock;
+    else return unpacked + SpRing(i).u * kSpUnpackStride;
   };
+  const uint64_t x_desc0 = smem_desc(x_block(0));
+  const auto x_desc = [&](int i) {
+    if constexpr (kXInt8) return x_desc0 + (SpRing(i).p * XInt8Stage::kBytes >> 4);
+    else return x_desc0 + (SpRing(i).u * kSpUnpackStride >> 4);
+  };
+  const auto x_scales = [&](int i) { return reinterpret_cast<const float*>(x_block(i) + kUnpackBytes); };
+  const auto w_scales = [&](int i) { return reinterpret_cast<const __half*>(stage(i) + Stage::kWScales); };
   const auto release = [&](int i) {  // the warp is done with slab i's stage and unpacked buffer
     __syncwarp();
     if (lane == 0) {
       mbar_arrive(&consumed[SpRing(i).p]);
-      mbar_arrive(&drained[SpRing(i).u]);
+      if constexpr (!kXInt8) mbar_arrive(&drained[SpRing(i).u]);
     }
   };
   // Step i: issue slab i's wgmma into d_cur, then fold slab i - 1 from d_prev while they run.
   const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
     const SpRing at(i);
-    mbar_wait(&ready[at.u], at.u_phase);
-    mbar_wait(&loaded[at.p], at.p_phase);  // done (the producer saw it): makes the copies visible here
-    wgmma_slab(d_cur, stage(i), x_desc0 + (at.u * kSpUnpackStride >> 4), s0 + i < p.g4, wtile, lane);
+    if constexpr (!kXInt8) mbar_wait(&ready[at.u], at.u_phase);
+    mbar_wait(&loaded[at.p], at.p_phase);  // v7: done (the producer saw it): makes the copies visible here
+    wgmma_slab(d_cur, stage(i), x_desc(i), s0 + i < p.g4, wtile, lane);
     if (i > 0) {
       wgmma_wait<1>();
       fence_regs(d_prev);
-      wgmma_fold<kConv>(acc, d_prev, stage(i - 1), x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
+      wgmma_fold<kConv>(acc, d_prev, w_scales(i - 1), x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
       release(i - 1);
     }
   };
-  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, stage(ns - 1), x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow, lane);
-  __syncthreads();  // every copy was waited for by the producer: the stages are free
+  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, w_scales(ns - 1), x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow, lane);
+  __syncthreads();  // every copy landed (waited for on `loaded` by the producer, v9: by the consumers): the stages are free
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
 }
 
@@ -1065,18 +1136,21 @@ WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
 }
 
 // The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
-enum class WgmmaKernel { Lockstep, Specialized };
+enum class WgmmaKernel { Lockstep, Specialized, SpecializedXInt8 };
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
+// x_int8: X pre-widened, for SpecializedXInt8 only.
 template <typename OutT>
-void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream) {
+void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream, const uint8_t* x_int8 = nullptr) {
   const auto lockstep = wgmma_kernel<OutT>;
-  const auto specialized = wgmma_specialized_kernel<OutT>;
+  const auto specialized = wgmma_specialized_kernel<OutT, false>;
+  const auto specialized_x_int8 = wgmma_specialized_kernel<OutT, true>;
   static bool configured = [&] {
     set_smem(lockstep, kWgSmem);
     set_smem(specialized, kSpSmem);
+    set_smem(specialized_x_int8, kSpXInt8Smem);
     return true;
   }();
   (void)configured;
@@ -1085,11 +1159,12 @@ void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream
   WgmmaParams p{ops};
   p.cluster = d.cluster;
   p.slabs_per_rank = d.slabs_per_rank;
+  p.x_int8 = x_int8;
   const bool is_lockstep = kind == WgmmaKernel::Lockstep;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(d.cluster), unsigned(n_tiles), unsigned(m_tiles));
   cfg.blockDim = dim3(is_lockstep ? kWgThreads : kSpThreads);
-  cfg.dynamicSmemBytes = is_lockstep ? kWgSmem : kSpSmem;
+  cfg.dynamicSmemBytes = is_lockstep ? kWgSmem : kind == WgmmaKernel::Specialized ? kSpSmem : kSpXInt8Smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeClusterDimension;
@@ -1097,8 +1172,49 @@ void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream
   attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = d.cluster > 1 ? 1 : 0;
-  const auto kernel = is_lockstep ? lockstep : specialized;
+  const auto kernel = is_lockstep ? lockstep : kind == WgmmaKernel::Specialized ? specialized : specialized_x_int8;
   NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+}
+
+// ---- v9 experiment: X pre-widened to INT8 in the wgmma B layout ------------------------------------
+//
+// One block per (slab, 128-token tile): its 4 warps widen 4 8-token tiles each with the v7 producer's
+// store_int8_b, into the global block instead of shared memory, and write the tokens' scales in fp32.
+// Tokens >= M get code 0 and scale 0; a keeper slab's unused upper half (k-steps 2, 3) is zeroed, so
+// every byte of the buffer is defined.
+struct XInt8Params {
+  const uint8_t* xq;
+  const __half* xs;
+  int64_t M, x_rows_pad;
+  int slabs, g4;
+  uint8_t* out;
+};
+__global__ void __launch_bounds__(128) x_to_int8_b_layout_kernel(XInt8Params p) {
+  constexpr int kTiles = (kBM / kRowTile) / 4;  // 8-token tiles per warp
+  const int s = int(blockIdx.x);
+  const int64_t m_base = int64_t(blockIdx.y) * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, t = lane % 4;
+  const bool int4 = s < p.g4;
+  uint8_t* block = p.out + (size_t(blockIdx.y) * p.slabs + s) * kXInt8BlockBytes;
+  uint4 v[kTiles];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {  // all loads first
+    const int64_t token = m_base + (kTiles * warp + i) * kRowTile + r;
+    v[i] = token < p.M ? __ldg(reinterpret_cast<const uint4*>(p.xq + ((token / kRowTile) * p.slabs + s) * size_t(kSlabBytes) + lane * 16))
+                       : make_uint4(0, 0, 0, 0);
+  }
+  const int64_t token = m_base + threadIdx.x;
+  const float scale = token < p.M ? __half2float(p.xs[size_t(slab_group(s, p.g4)) * p.x_rows_pad + token]) : 0.0f;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    uint8_t* base = block + (kTiles * warp + i) * 128 + r * 16 + t * 4;
+    store_int8_b(v[i], base, int4);
+    if (!int4) {
+#pragma unroll
+      for (int j = 4; j < 8; ++j) *reinterpret_cast<uint32_t*>(base + j * 2048) = 0;
+    }
+  }
+  reinterpret_cast<float*>(block + kUnpackBytes)[threadIdx.x] = scale;
 }
 
 }  // namespace
@@ -1109,12 +1225,40 @@ size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper) {
   return decode_workspace(decode_plan(M, w.rows_pad, w.slabs()));
 }
 
+namespace {
+void require_matching(const AtomShape& x, const AtomShape& w, const std::string& where) {
+  require(x.K == w.K && x.keeper == w.keeper, where,
+          "X is [{}, {}] keeper {}, W is [{}, {}] keeper {}: K and keeper must match", x.rows, x.K, x.keeper, w.rows,
+          w.K, w.keeper);
+}
+}  // namespace
+
+size_t x_int8_b_layout_bytes(const AtomShape& x) {
+  return size_t((x.rows_pad + kBM - 1) / kBM) * size_t(x.slabs()) * kXInt8BlockBytes;
+}
+
+void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream) {
+  if (x.shape.rows == 0) return;
+  const XInt8Params p{x.q, x.s, x.shape.rows, x.shape.rows_pad, x.shape.slabs(), x.shape.g4, out};
+  const dim3 grid(unsigned(x.shape.slabs()), unsigned((x.shape.rows_pad + kBM - 1) / kBM));
+  x_to_int8_b_layout_kernel<<<grid, 128, 0, stream>>>(p);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void gemm_w4a4_x_int8(const AtomXInt8& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream) {
+  require_matching(x.shape, w.shape, "gemm_w4a4_x_int8");
+  const int64_t M = x.shape.rows, N = w.shape.rows;
+  if (M == 0 || N == 0) return;
+  const GemmOperands ops{nullptr, nullptr, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(),
+                         w.shape.g4, y};
+  if (out == OutType::F16) launch_wgmma<__half>(ops, WgmmaKernel::SpecializedXInt8, stream, x.blocks);
+  else launch_wgmma<__nv_bfloat16>(ops, WgmmaKernel::SpecializedXInt8, stream, x.blocks);
+}
+
 void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
                size_t workspace_bytes, cudaStream_t stream, GemmPath path) {
   const std::string where = "gemm_w4a4";
-  require(x.shape.K == w.shape.K && x.shape.keeper == w.shape.keeper, where,
-        "X is [{}, {}] keeper {}, W is [{}, {}] keeper {}: K and keeper must match", x.shape.rows, x.shape.K,
-        x.shape.keeper, w.shape.rows, w.shape.K, w.shape.keeper);
+  require_matching(x.shape, w.shape, where);
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};

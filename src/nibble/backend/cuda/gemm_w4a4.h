@@ -44,4 +44,24 @@ size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper);
 void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
                size_t workspace_bytes, cudaStream_t stream, GemmPath path = GemmPath::Auto);
 
+// ---- v9 experiment (issue 17; bench and tests only, not in Auto) ----------------------------------
+// Does taking the X unpack out of the wgmma kernel free its producer? X pre-widened to what the
+// consumers read: per 128-token tile and slab one contiguous block of kXInt8BlockBytes, the slab's
+// INT8 codes (16 * code for INT4 slabs, as the kernels widen them) in the canonical K-major wgmma B
+// layout (byte (token n, channel k of the slab) at (k / 16) * 2048 + (n / 8) * 128 + (n % 8) * 16 +
+// k % 16; keeper slabs fill k < 64, the rest zero), then the 128 tokens' scales in fp32. Blocks
+// ordered [token tile][slab]; tokens >= M hold code 0 and scale 0. In production norm_quantize would
+// write this layout directly.
+inline constexpr int kXInt8BlockBytes = 128 * 128 + 128 * 4;
+struct AtomXInt8 {
+  const uint8_t* blocks = nullptr;  // x_int8_b_layout_bytes(shape)
+  AtomShape shape;                  // of the X it was made from
+};
+size_t x_int8_b_layout_bytes(const AtomShape& x);
+// X (GPU layout) -> the pre-widened blocks at `out`. Asynchronous on `stream`.
+void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream);
+// Y = X·Wᵀ on the warp-specialised wgmma kernel whose producer copies X's blocks (one bulk copy a
+// slab) instead of unpacking them: the same bits as GemmPath::Wgmma. Any M >= 1, no workspace.
+void gemm_w4a4_x_int8(const AtomXInt8& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream);
+
 }  // namespace nibble::cuda
