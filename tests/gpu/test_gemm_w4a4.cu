@@ -141,19 +141,28 @@ DeviceResult run_twice_with(int64_t M, int64_t N, OutType out, const std::functi
   for (size_t i = 0; i < r.y.size(); ++i) r.unwritten += is_nan(r.y[i]) || r.y[i] != again[i];
   return r;
 }
-// Y = X·Wᵀ by gemm_w4a4 along `path`, twice (the split-K counters must have been left at zero).
+// Device bytes, freed on scope exit.
+struct DeviceBytes {
+  uint8_t* p = nullptr;
+  explicit DeviceBytes(size_t n) {
+    if (n) NIBBLE_CUDA_CHECK(cudaMalloc(&p, n));
+  }
+  ~DeviceBytes() { cudaFree(p); }
+  DeviceBytes(const DeviceBytes&) = delete;
+  DeviceBytes& operator=(const DeviceBytes&) = delete;
+};
+
+// Y = X·Wᵀ by gemm_w4a4 along `path`, twice (the split-K counters must have been left at zero),
+// on scratch sized by gemm_w4a4.h's functions: the split-K buffer zeroed, the X buffer poisoned.
 DeviceResult run_twice(const AtomOperand& x, const AtomOperand& w, OutType out, GemmPath path) {
   const int64_t M = x.shape.rows, N = w.shape.rows;
-  const size_t ws_bytes = gemm_w4a4_workspace_bytes(M, N, x.shape.K, x.shape.keeper);
-  void* ws = nullptr;
-  if (ws_bytes) {
-    NIBBLE_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
-    NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, ws_bytes));
-  }
-  DeviceResult r =
-      run_twice_with(M, N, out, [&](void* y) { gemm_w4a4(x, w, y, out, ws, ws_bytes, nullptr, path); });
-  if (ws) cudaFree(ws);
-  return r;
+  const size_t split_k_bytes = gemm_w4a4_split_k_bytes(M, N, x.shape.K, x.shape.keeper);
+  const size_t x_int8_bytes = gemm_w4a4_x_int8_bytes(M, x.shape.K, x.shape.keeper);
+  DeviceBytes split_k(split_k_bytes), x_int8(x_int8_bytes);
+  if (split_k_bytes) NIBBLE_CUDA_CHECK(cudaMemset(split_k.p, 0, split_k_bytes));
+  NIBBLE_CUDA_CHECK(cudaMemset(x_int8.p, 0xa5, x_int8_bytes));
+  const GemmW4A4Scratch scratch{split_k.p, split_k_bytes, x_int8.p, x_int8_bytes};
+  return run_twice_with(M, N, out, [&](void* y) { gemm_w4a4(x, w, y, out, scratch, nullptr, path); });
 }
 
 // Runs Y = X·Wᵀ on the device (run_twice) and checks it against the float64 reference.
@@ -325,14 +334,14 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
               (long long)totals.bad, (long long)totals.unwritten);
 }
 
-TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
-  // The warp-specialised wgmma kernel (Auto at M > 64) keeps the lockstep kernel's slab order, fold
-  // and split-K plan, so its output must equal it bit for bit (each run twice, outputs poisoned) on M
-  // not a multiple of the 128-token tile, on N from 70B k/v (cluster split-K) to 70B gate/up, keeper
-  // 0 and 128, fp16 and bf16. The float64 reference above covers correctness on samples; this covers
-  // every element.
+TEST(GemmW4A4, WgmmaEqualsLockstepBitForBit) {
+  // The wgmma path (Auto at M > 64: X repacked, then the warp-specialised kernel) keeps the lockstep
+  // kernel's slab order, fold and split-K plan, so its output must equal it bit for bit (each run
+  // twice, outputs poisoned) on M not a multiple of the 128-token tile (and M = 7, a forced Wgmma),
+  // on N from 70B k/v (cluster split-K) to 70B gate/up, keeper 0 and 128, fp16 and bf16. The float64
+  // reference above covers correctness on samples; this covers every element.
   NIBBLE_REQUIRE_GPU();
-  const std::vector<int64_t> Ms = {65, 100, 256, 1000, 2048, 4096};
+  const std::vector<int64_t> Ms = {7, 65, 100, 256, 1000, 2048, 4096};
   const std::tuple<int, std::vector<int64_t>> KNs[] = {
       {4096, {4096, 11008, 14336}}, {11008, {4096}}, {8192, {1024, 28672}}};
   int cases = 0;
@@ -360,7 +369,7 @@ TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
             EXPECT_EQ(old_path.unwritten, 0);
             EXPECT_EQ(new_path.unwritten, 0);
             EXPECT_EQ(differ, 0);
-            std::printf("lockstep vs specialized M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
+            std::printf("lockstep vs wgmma M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
                         (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16", (long long)differ,
                         (long long)old_path.unwritten, (long long)new_path.unwritten);
             ++cases;
@@ -369,17 +378,17 @@ TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
       }
     }
   }
-  std::printf("wgmma vs specialized: %d comparisons\n", cases);
+  std::printf("lockstep vs wgmma: %d comparisons\n", cases);
 }
 
-// ---- v9 experiment: X pre-widened to INT8 in the wgmma B layout ----------------------------------
+// ---- The wgmma path's repack: X pre-widened to INT8 in the wgmma B layout ------------------------
 
 // The pre-widened blocks as gemm_w4a4.h describes them, built from the file layout's codes and
 // scales (not from the GPU layout the repack kernel reads).
 std::vector<uint8_t> host_x_int8_blocks(const IntMatrix& x) {
   const AtomShape sh = atom_shape(x.rows, x.K, x.keeper);
   const int slabs = sh.slabs(), k4 = x.K - x.keeper;
-  std::vector<uint8_t> out(x_int8_b_layout_bytes(sh), 0);
+  std::vector<uint8_t> out(gemm_w4a4_x_int8_bytes(x.rows, x.K, x.keeper), 0);
   for (int64_t n = 0; n < x.rows; ++n) {
     const int nn = int(n % 128);
     for (int s = 0; s < slabs; ++s) {
@@ -397,15 +406,6 @@ std::vector<uint8_t> host_x_int8_blocks(const IntMatrix& x) {
   return out;
 }
 
-// Device bytes, freed on scope exit.
-struct DeviceBytes {
-  uint8_t* p = nullptr;
-  explicit DeviceBytes(size_t n) { NIBBLE_CUDA_CHECK(cudaMalloc(&p, n)); }
-  ~DeviceBytes() { cudaFree(p); }
-  DeviceBytes(const DeviceBytes&) = delete;
-  DeviceBytes& operator=(const DeviceBytes&) = delete;
-};
-
 TEST(GemmW4A4XInt8, RepackMatchesHostRelayout) {
   // Every byte (codes, fp32 scales, padding tokens, a keeper slab's unused half), on a poisoned
   // buffer; M = 300 leaves a partial 128-token tile.
@@ -417,7 +417,7 @@ TEST(GemmW4A4XInt8, RepackMatchesHostRelayout) {
       SCOPED_TRACE(::testing::Message() << "M=" << M << " keeper=" << keeper << " seed " << seed);
       const Operand x = make_operand(seed, M, K, keeper, 1.0f, 0.9f);
       const std::vector<uint8_t> want = host_x_int8_blocks(x.ints);
-      ASSERT_EQ(x_int8_b_layout_bytes(x.dev.shape()), want.size());
+
       DeviceBytes dev(want.size());
       NIBBLE_CUDA_CHECK(cudaMemset(dev.p, 0xa5, want.size()));
       x_to_int8_b_layout(x.dev.view(), dev.p, nullptr);
@@ -433,66 +433,37 @@ TEST(GemmW4A4XInt8, RepackMatchesHostRelayout) {
   }
 }
 
-TEST(GemmW4A4XInt8, EqualsSpecializedWgmmaBitForBit) {
-  // The v9 kernel keeps v7's consumers (same wgmma, same fold on the same values) and split plan:
-  // its output must equal GemmPath::Wgmma bit for bit (each run twice, outputs poisoned) on M not a
-  // multiple of the 128-token tile, N from 70B k/v (cluster split-K) to 7B gate/up, keeper 0 and 128.
-  NIBBLE_REQUIRE_GPU();
-  const std::vector<int64_t> Ms = {7, 65, 100, 256, 1000, 4096};
-  const std::tuple<int, std::vector<int64_t>> KNs[] = {{4096, {4096, 11008}}, {11008, {4096}}, {8192, {1024}}};
-  int cases = 0;
-  for (int keeper : {0, 128}) {
-    for (const auto& [K, Ns] : KNs) {
-      std::map<int64_t, AtomDeviceMatrix> xs;
-      std::map<int64_t, uint64_t> x_seed;
-      for (int64_t M : Ms) {
-        x_seed[M] = fresh_seed();
-        xs.emplace(M, AtomDeviceMatrix(to_gpu_layout(quantized(x_seed[M], M, K, keeper, 1.0f, 0.9f))));
-      }
-      for (int64_t N : Ns) {
-        const uint64_t w_seed = fresh_seed();
-        const AtomDeviceMatrix w(to_gpu_layout(quantized(w_seed, N, K, keeper, 0.05f, 1.0f)));
-        for (int64_t M : Ms) {
-          SCOPED_TRACE(::testing::Message() << "M=" << M << " N=" << N << " K=" << K << " keeper=" << keeper
-                                            << " seeds: x " << x_seed[M] << " w " << w_seed);
-          const AtomDeviceMatrix& x = xs.at(M);
-          DeviceBytes blocks(x_int8_b_layout_bytes(x.shape()));
-          x_to_int8_b_layout(x.view(), blocks.p, nullptr);
-          const AtomXInt8 x8{blocks.p, x.shape()};
-          for (OutType out : {OutType::F16, OutType::BF16}) {
-            if (out == OutType::BF16 && M != 100) continue;
-            const DeviceResult v7 = run_twice(x.view(), w.view(), out, GemmPath::Wgmma);
-            const DeviceResult v9 =
-                run_twice_with(M, N, out, [&](void* y) { gemm_w4a4_x_int8(x8, w.view(), y, out, nullptr); });
-            int64_t differ = 0;
-            for (size_t i = 0; i < v7.y.size(); ++i) differ += v7.y[i] != v9.y[i];
-            EXPECT_EQ(v7.unwritten, 0);
-            EXPECT_EQ(v9.unwritten, 0);
-            EXPECT_EQ(differ, 0);
-            std::printf("specialized vs x-int8 M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
-                        (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16", (long long)differ,
-                        (long long)v7.unwritten, (long long)v9.unwritten);
-            ++cases;
-          }
-        }
-      }
-    }
-  }
-  std::printf("specialized vs x-int8: %d comparisons\n", cases);
-}
-
 TEST(GemmW4A4, RejectsAForcedPathThatCannotTakeM) {
   NIBBLE_REQUIRE_GPU();
   const Operand x = make_operand(1, 17, 512, 128, 1.0f, 0.9f), w = make_operand(2, 64, 512, 128, 0.05f, 1.0f);
-  EXPECT_THROW(gemm_w4a4(x.dev.view(), w.dev.view(), nullptr, OutType::F16, nullptr, 0, nullptr, GemmPath::Stream),
+  EXPECT_THROW(gemm_w4a4(x.dev.view(), w.dev.view(), nullptr, OutType::F16, {}, nullptr, GemmPath::Stream),
                Error);
+}
+
+TEST(GemmW4A4, RejectsOverlappingOrTooSmallScratch) {
+  // Host checks, before anything is launched: the executor shares one scratch over all its linears,
+  // and a repack written over the split-K counters would break every later decode-path call.
+  AtomOperand x{}, w{};
+  x.shape = atom_shape(100, 512, 128);
+  w.shape = atom_shape(256, 512, 128);
+  const size_t need = gemm_w4a4_x_int8_bytes(100, 512, 128);
+  alignas(16) static uint8_t fake[1 << 20];  // never dereferenced: the checks throw first
+  ASSERT_LE(need + 4096, sizeof(fake));
+  const auto run = [&](const GemmW4A4Scratch& s, GemmPath path) {
+    gemm_w4a4(x, w, nullptr, OutType::F16, s, nullptr, path);
+  };
+  EXPECT_THROW(run({fake + 64, 4096, fake, need}, GemmPath::Auto), Error);      // split-K inside the X buffer
+  EXPECT_THROW(run({fake, 4096, fake + 4000, need}, GemmPath::Decode), Error);  // X buffer over the split-K tail
+  EXPECT_THROW(run({fake, 4096, fake + 4096, need - 16}, GemmPath::Auto), Error);  // too small for M = 100
+  EXPECT_THROW(run({fake, 4096, nullptr, 0}, GemmPath::Wgmma), Error);             // none
+  EXPECT_THROW(run({fake, 4096, fake + 4104, need}, GemmPath::Auto), Error);       // not 16-byte aligned
 }
 
 TEST(GemmW4A4, RejectsMismatchedShapes) {
   AtomOperand x{}, w{};
   x.shape = atom_shape(4, 512, 128);
   w.shape = atom_shape(8, 512, 0);
-  EXPECT_THROW(gemm_w4a4(x, w, nullptr, OutType::F16, nullptr, 0, nullptr), Error);
+  EXPECT_THROW(gemm_w4a4(x, w, nullptr, OutType::F16, {}, nullptr), Error);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 #include "nibble/backend/cuda/gemm_w4a4.h"
 
 #include <algorithm>
-#include <type_traits>
+#include <string>
 
 #include <cooperative_groups.h>
 
@@ -625,9 +625,10 @@ constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's s
 constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
 static_assert(kXInt8BlockBytes == kUnpackBytes + kBM * 4, "a pre-widened X block: INT8 slab, then fp32 scales");
 
-// Where a pipeline stage keeps one slab of the block tile. Packed (v6, v7): W's and X's tiles as
-// stored, then their fp16 scales. XInt8 (v9 experiment): W's tile, X's pre-widened block (INT8 codes
-// in the wgmma B layout, then fp32 scales: copied as it is, the consumers read it in place), W's scales.
+// Where a pipeline stage keeps one slab of the block tile. Packed (v6, the lockstep oracle): W's and
+// X's tiles as stored, then their fp16 scales. XInt8 (v9, the specialised kernel): W's tile, X's
+// pre-widened block (INT8 codes in the wgmma B layout, then fp32 scales: copied as it is, the
+// consumers read it in place), W's scales.
 struct PackedStage {
   static constexpr bool kPackedX = true;
   static constexpr int kWScales = 2 * kTileBytes, kBytes = kStageBytes;
@@ -820,7 +821,7 @@ __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&
 struct WgmmaParams : GemmOperands {
   int cluster;         // blocks per cluster, splitting K: rank r takes slabs [r * per_rank, (r + 1) * per_rank)
   int slabs_per_rank;
-  const uint8_t* x_int8;  // v9 experiment: X pre-widened ([128-token tile][slab] blocks), read instead of xq, xs
+  const uint8_t* x_int8;  // specialised kernel: X pre-widened ([128-token tile][slab] blocks), read instead of xq, xs
 };
 constexpr int kPartPitch = kBN + 4;  // floats; conflict-free staging of the fp32 tile
 static_assert(kBM * kPartPitch * 4 <= kWgSmem, "the fp32 tile must fit in the pipeline buffers");
@@ -921,32 +922,25 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x, kWgThreads);
 }
 
-// ---- Warp-specialised wgmma (v7): M > 64 -----------------------------------------------------------
+// ---- Warp-specialised wgmma (v9): M > 64 -----------------------------------------------------------
 //
 // The same block tile, slab order, wgmma issue and fold as wgmma_kernel, the lockstep v6 kept as the
-// tests' oracle (bit-identical results), but
-// no block barrier in the main loop. v6 measured ~2600 clocks per slab against 512 of tensor time:
-// all 8 warps loaded, unpacked, met at two barriers and folded in lockstep, so the tensor pipe idled
-// through every phase but the MMA. Here warpgroup 0 is the producer: its 128 threads load each slab
-// (cp.async into a ring of kSpP stages, kSpLead slabs ahead, `loaded`) and unpack X into a ring of
-// kSpU INT8 buffers with its scales in fp32 (`ready`). Warpgroups 1 and 2 only widen W, issue wgmma
-// and fold, and hand buffers back through `consumed` / `drained` mbarriers (one arrival per warp).
-// setmaxnreg moves registers from the producer (40) to the consumers (232). H200, run 2: 2012
-// clocks per slab (v6 2660), 1.15-1.28x v6 on every benched shape; the consumers still wait on
-// barriers and latencies half of the time (issue 47%, tensor pipe 25%).
+// tests' oracle (bit-identical results), but no block barrier in the main loop, and X arrives
+// pre-widened (x_to_int8_b_layout, below, run just before on the same stream): per slab one block
+// of INT8 codes in the wgmma B layout + fp32 scales, which the consumers read in place. Warpgroup 0
+// is the producer and only copies: thread 0 one 1-D bulk copy of the slab's X block (16.5 KB,
+// counted in bytes on `loaded`), all 128 threads W's tile and scales by cp.async (each thread's
+// completion one arrival on `loaded`), into a ring of kSpP stages, refilled as soon as the
+// consumers release a stage (`consumed`, one arrival per consumer warp). Warpgroups 1 and 2 only
+// widen W, issue wgmma and fold. setmaxnreg moves registers from the producer (40) to the consumers
+// (232). History: v6 (lockstep) 2660 clocks per slab; v7 (this kernel with the producer unpacking X
+// into a second ring) 2012, 1.15-1.28x v6; v9 (X pre-widened) 1.16-1.71x v7 on all 21 benched
+// shapes, the repack included (H200, session 12; bench/NOTES-gemm_w4a4.md).
 constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups (W rows 0..63, 64..127)
-constexpr int kSpP = 8;          // packed stages (W, X, scales of a slab)
-constexpr int kSpU = 4;          // unpacked X buffers
-constexpr int kSpLead = kSpP - 3;  // slabs loaded ahead of the one being unpacked
-constexpr int kSpBarriers = 2 * kSpP + 2 * kSpU;  // loaded[P], consumed[P], ready[U], drained[U]
-constexpr int kSpUnpackStride = kUnpackBytes + kBM * 4;  // the INT8 slab of X, then its scales in fp32
-constexpr int kSpSmem = kSpP * kStageBytes + kSpU * kSpUnpackStride + kSpBarriers * 8;
-static_assert(kBM * kPartPitch * 4 <= kSpP * kStageBytes, "the fp32 tile must fit in the packed stages");
+constexpr int kSpP = 8;          // stages (W tile, X block, W scales of a slab)
+constexpr int kSpSmem = kSpP * XInt8Stage::kBytes + 2 * kSpP * 8;  // stages, loaded[P], consumed[P]
+static_assert(kBM * kPartPitch * 4 <= kSpP * XInt8Stage::kBytes, "the fp32 tile must fit in the stages");
 static_assert(kSpSmem <= 227 * 1024, "shared memory per block");
-// v9 (experiment): X pre-widened, no unpacked ring; every stage holds its slab's X block.
-constexpr int kSpXInt8Smem = kSpP * XInt8Stage::kBytes + 2 * kSpP * 8;  // stages, loaded[P], consumed[P]
-static_assert(kSpXInt8Smem <= 227 * 1024, "shared memory per block");
-static_assert(kSpUnpackStride == kXInt8BlockBytes, "the consumers read a pre-widened block as an unpacked buffer");
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -974,44 +968,29 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
-// Where slab i (>= 0) sits in the two rings, and the parity of its use of them (use n of a buffer
+// Where slab i (>= 0) sits in the ring, and the parity of its use of the stage (use n of a stage
 // completes its barriers' phase n). Unsigned, so the modulo is one AND.
 struct SpRing {
-  unsigned p, u, p_phase, u_phase;
-  __device__ __forceinline__ explicit SpRing(int i)
-      : p(unsigned(i) % kSpP), u(unsigned(i) % kSpU), p_phase(unsigned(i) / kSpP & 1), u_phase(unsigned(i) / kSpU & 1) {}
+  unsigned p, p_phase;
+  __device__ __forceinline__ explicit SpRing(int i) : p(unsigned(i) % kSpP), p_phase(unsigned(i) / kSpP & 1) {}
 };
 
-// kXInt8 (v9, experiment): X arrives pre-widened (x_to_int8_b_layout), so the producer only copies:
-// one 1-D bulk copy of the slab's X block (INT8 codes in the B layout + fp32 scales, 16.5 KB, thread 0,
-// counted in bytes on `loaded`) straight into the stage the consumers read, W as in v7 (cp.async by
-// all 128 threads). No unpacked ring, no `ready`/`drained`; the consumers' code and numerics are v7's
-// (same wgmma_slab, wgmma_fold on the same values), so the output is the same bits.
-template <typename OutT, bool kXInt8>
+template <typename OutT>
 __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
-  using Stage = std::conditional_t<kXInt8, XInt8Stage, PackedStage>;
+  using Stage = XInt8Stage;
   constexpr IntToFloat kConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
   extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* unpacked = smem + kSpP * Stage::kBytes;  // v7 only
-  uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + (kXInt8 ? 0 : kSpU * kSpUnpackStride));
-  uint64_t* loaded = bars;               // [kSpP] the stage's copies landed (one arrival per producer thread; v9: + X's bytes)
-  uint64_t* consumed = bars + kSpP;      // [kSpP] the 8 consumer warps are done with the stage
-  uint64_t* ready = bars + 2 * kSpP;     // [kSpU] v7: the 4 producer warps unpacked X (codes, fp32 scales) into the buffer
-  uint64_t* drained = ready + kSpU;      // [kSpU] v7: the 8 consumer warps' wgmma reading it completed
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kSpP * Stage::kBytes);
+  uint64_t* loaded = bars;           // [kSpP] the stage's copies landed (one arrival per producer thread + X's bytes)
+  uint64_t* consumed = bars + kSpP;  // [kSpP] the 8 consumer warps are done with the stage
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rank = int(blockIdx.x);  // the cluster spans x
   const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kSpP; ++i) {
-      mbar_init(&loaded[i], kXInt8 ? 129 : 128);  // v9: + thread 0's arrive.expect_tx
+      mbar_init(&loaded[i], 128 + 1);  // the producer threads' cp.async + thread 0's arrive.expect_tx
       mbar_init(&consumed[i], 8);
-    }
-    if constexpr (!kXInt8) {
-      for (int i = 0; i < kSpU; ++i) {
-        mbar_init(&ready[i], 4);
-        mbar_init(&drained[i], 8);
-      }
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -1020,48 +999,22 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   float acc[64];
   if (warp < 4) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    // Slab j into its (free) stage: v6's 16-byte cp.async from the 128 producer threads, each
-    // thread's completion one arrival on `loaded`. (Run 1 issued 34 `cp.async.bulk` copies of 512 B
-    // a slab from one warp instead: 4040 clocks per slab against 2012 with cp.async, run 2.)
+    // Slab j into its (free) stage. (v7 run 1 issued 34 `cp.async.bulk` copies of 512 B a slab for
+    // W from one warp instead of cp.async: 4040 clocks per slab against 2012, run 2.)
     const auto load = [&](int j) {
       const SpRing to(j);
       uint8_t* stage = smem + to.p * Stage::kBytes;
-      if constexpr (kXInt8) {
-        if (threadIdx.x == 0) {
-          mbar_arrive_expect_tx(&loaded[to.p], kXInt8BlockBytes);
-          const uint8_t* x_block = p.x_int8 + (size_t(blockIdx.z) * p.slabs + s0 + j) * kXInt8BlockBytes;
-          bulk_load(stage + XInt8Stage::kXBlock, x_block, kXInt8BlockBytes, &loaded[to.p]);
-        }
+      if (threadIdx.x == 0) {
+        mbar_arrive_expect_tx(&loaded[to.p], kXInt8BlockBytes);
+        const uint8_t* x_block = p.x_int8 + (size_t(blockIdx.z) * p.slabs + s0 + j) * kXInt8BlockBytes;
+        bulk_load(stage + Stage::kXBlock, x_block, kXInt8BlockBytes, &loaded[to.p]);
       }
       block_tile_load<128, Stage>(p, stage, s0 + j, n_base, m_base);
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(&loaded[to.p])) : "memory");
     };
-    if constexpr (kXInt8) {
-      // Nothing to unpack: the ring is refilled as soon as the consumers release a stage.
-      for (int j = 0; j < ns; ++j) {
-        if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
-        load(j);
-      }
-    } else {
-      for (int j = 0; j < min(ns, kSpLead); ++j) load(j);
-      for (int i = 0; i < ns; ++i) {
-        const SpRing at(i);
-        mbar_wait(&loaded[at.p], at.p_phase);
-        if (i >= kSpU) mbar_wait(&drained[at.u], at.u_phase ^ 1);  // slab i - kSpU's use completed
-        const uint8_t* stage = smem + at.p * Stage::kBytes;
-        uint8_t* ubuf = unpacked + at.u * kSpUnpackStride;
-        unpack_x<4>(stage + kTileBytes, ubuf, s0 + i < p.g4, warp, lane);
-        reinterpret_cast<float*>(ubuf + kUnpackBytes)[threadIdx.x] = __half2float(stage_x_scales(stage)[threadIdx.x]);
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&ready[at.u]);
-        // The stage of slab i - 3 is refilled only now: waiting for it never delays slabs i + 1, i + 2.
-        const int j = i + kSpLead;
-        if (j < ns) {
-          if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
-          load(j);
-        }
-      }
+    for (int j = 0; j < ns; ++j) {
+      if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
+      load(j);
     }
     __syncthreads();  // pairs with the consumers' barrier before the epilogue
     write_block_tile<OutT>(p, smem, acc, false, 0, lane, rank, n_base, m_base, -1, 0);
@@ -1076,30 +1029,21 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   for (int i = 0; i < 64; ++i) acc[i] = 0;
   int d0[64], d1[64];
   const auto stage = [&](int i) { return smem + SpRing(i).p * Stage::kBytes; };
-  // Slab i's X: INT8 codes (at its descriptor), then the tokens' fp32 scales.
-  const auto x_block = [&](int i) -> const uint8_t* {
-    if constexpr (kXInt8) return stage(i) + XInt8Stage::kXBlock;
-    else return unpacked + SpRing(i).u * kSpUnpackStride;
+  // Slab i's X block: INT8 codes (at its descriptor), then the tokens' fp32 scales.
+  const uint64_t x_desc0 = smem_desc(smem + Stage::kXBlock);
+  const auto x_desc = [&](int i) { return x_desc0 + (SpRing(i).p * Stage::kBytes >> 4); };
+  const auto x_scales = [&](int i) {
+    return reinterpret_cast<const float*>(stage(i) + Stage::kXBlock + kUnpackBytes);
   };
-  const uint64_t x_desc0 = smem_desc(x_block(0));
-  const auto x_desc = [&](int i) {
-    if constexpr (kXInt8) return x_desc0 + (SpRing(i).p * XInt8Stage::kBytes >> 4);
-    else return x_desc0 + (SpRing(i).u * kSpUnpackStride >> 4);
-  };
-  const auto x_scales = [&](int i) { return reinterpret_cast<const float*>(x_block(i) + kUnpackBytes); };
   const auto w_scales = [&](int i) { return reinterpret_cast<const __half*>(stage(i) + Stage::kWScales); };
-  const auto release = [&](int i) {  // the warp is done with slab i's stage and unpacked buffer
+  const auto release = [&](int i) {  // the warp is done with slab i's stage
     __syncwarp();
-    if (lane == 0) {
-      mbar_arrive(&consumed[SpRing(i).p]);
-      if constexpr (!kXInt8) mbar_arrive(&drained[SpRing(i).u]);
-    }
+    if (lane == 0) mbar_arrive(&consumed[SpRing(i).p]);
   };
   // Step i: issue slab i's wgmma into d_cur, then fold slab i - 1 from d_prev while they run.
   const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
     const SpRing at(i);
-    if constexpr (!kXInt8) mbar_wait(&ready[at.u], at.u_phase);
-    mbar_wait(&loaded[at.p], at.p_phase);  // v7: done (the producer saw it): makes the copies visible here
+    mbar_wait(&loaded[at.p], at.p_phase);  // makes the copies visible here
     wgmma_slab(d_cur, stage(i), x_desc(i), s0 + i < p.g4, wtile, lane);
     if (i > 0) {
       wgmma_wait<1>();
@@ -1109,7 +1053,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
     }
   };
   wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, w_scales(ns - 1), x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow, lane);
-  __syncthreads();  // every copy landed (waited for on `loaded` by the producer, v9: by the consumers): the stages are free
+  __syncthreads();  // every copy landed (the consumers waited for each on `loaded`): the stages are free
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
 }
 
@@ -1136,21 +1080,18 @@ WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
 }
 
 // The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
-enum class WgmmaKernel { Lockstep, Specialized, SpecializedXInt8 };
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
-// x_int8: X pre-widened, for SpecializedXInt8 only.
+// x_int8 null: the lockstep kernel on the packed X; else the specialised kernel on X pre-widened there.
 template <typename OutT>
-void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream, const uint8_t* x_int8 = nullptr) {
+void launch_wgmma(const GemmOperands& ops, const uint8_t* x_int8, cudaStream_t stream) {
   const auto lockstep = wgmma_kernel<OutT>;
-  const auto specialized = wgmma_specialized_kernel<OutT, false>;
-  const auto specialized_x_int8 = wgmma_specialized_kernel<OutT, true>;
+  const auto specialized = wgmma_specialized_kernel<OutT>;
   static bool configured = [&] {
     set_smem(lockstep, kWgSmem);
     set_smem(specialized, kSpSmem);
-    set_smem(specialized_x_int8, kSpXInt8Smem);
     return true;
   }();
   (void)configured;
@@ -1160,11 +1101,11 @@ void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream
   p.cluster = d.cluster;
   p.slabs_per_rank = d.slabs_per_rank;
   p.x_int8 = x_int8;
-  const bool is_lockstep = kind == WgmmaKernel::Lockstep;
+  const bool is_lockstep = x_int8 == nullptr;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(d.cluster), unsigned(n_tiles), unsigned(m_tiles));
   cfg.blockDim = dim3(is_lockstep ? kWgThreads : kSpThreads);
-  cfg.dynamicSmemBytes = is_lockstep ? kWgSmem : kind == WgmmaKernel::Specialized ? kSpSmem : kSpXInt8Smem;
+  cfg.dynamicSmemBytes = is_lockstep ? kWgSmem : kSpSmem;
   cfg.stream = stream;
   cudaLaunchAttribute attr;
   attr.id = cudaLaunchAttributeClusterDimension;
@@ -1172,11 +1113,10 @@ void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream
   attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = d.cluster > 1 ? 1 : 0;
-  const auto kernel = is_lockstep ? lockstep : kind == WgmmaKernel::Specialized ? specialized : specialized_x_int8;
-  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, is_lockstep ? lockstep : specialized, p));
 }
 
-// ---- v9 experiment: X pre-widened to INT8 in the wgmma B layout ------------------------------------
+// ---- X pre-widened to INT8 in the wgmma B layout (the specialised kernel's input) ------------------
 //
 // One block per (slab, 128-token tile): its 4 warps widen 4 8-token tiles each with the v7 producer's
 // store_int8_b, into the global block instead of shared memory, and write the tokens' scales in fp32.
@@ -1219,10 +1159,15 @@ __global__ void __launch_bounds__(128) x_to_int8_b_layout_kernel(XInt8Params p) 
 
 }  // namespace
 
-size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper) {
+size_t gemm_w4a4_split_k_bytes(int64_t M, int64_t N, int K, int keeper) {
   if (M > 64) return 0;  // the decode kernel's split-K sums (enough when it is forced at M <= 16 too)
   const AtomShape w = atom_shape(N, K, keeper);
   return decode_workspace(decode_plan(M, w.rows_pad, w.slabs()));
+}
+
+size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper) {
+  const AtomShape x = atom_shape(M, K, keeper);
+  return size_t((x.rows_pad + kBM - 1) / kBM) * size_t(x.slabs()) * kXInt8BlockBytes;
 }
 
 namespace {
@@ -1233,10 +1178,6 @@ void require_matching(const AtomShape& x, const AtomShape& w, const std::string&
 }
 }  // namespace
 
-size_t x_int8_b_layout_bytes(const AtomShape& x) {
-  return size_t((x.rows_pad + kBM - 1) / kBM) * size_t(x.slabs()) * kXInt8BlockBytes;
-}
-
 void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream) {
   if (x.shape.rows == 0) return;
   const XInt8Params p{x.q, x.s, x.shape.rows, x.shape.rows_pad, x.shape.slabs(), x.shape.g4, out};
@@ -1245,30 +1186,33 @@ void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream)
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-void gemm_w4a4_x_int8(const AtomXInt8& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream) {
-  require_matching(x.shape, w.shape, "gemm_w4a4_x_int8");
-  const int64_t M = x.shape.rows, N = w.shape.rows;
-  if (M == 0 || N == 0) return;
-  const GemmOperands ops{nullptr, nullptr, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(),
-                         w.shape.g4, y};
-  if (out == OutType::F16) launch_wgmma<__half>(ops, WgmmaKernel::SpecializedXInt8, stream, x.blocks);
-  else launch_wgmma<__nv_bfloat16>(ops, WgmmaKernel::SpecializedXInt8, stream, x.blocks);
-}
-
-void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
-               size_t workspace_bytes, cudaStream_t stream, GemmPath path) {
+void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, const GemmW4A4Scratch& scratch,
+               cudaStream_t stream, GemmPath path) {
   const std::string where = "gemm_w4a4";
   require_matching(x.shape, w.shape, where);
+  // Checked on every call, whatever the path: a repack written over the split-K counters would
+  // leave them non-zero for the next decode-path call.
+  const auto begin = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
+  require(!scratch.split_k || !scratch.x_int8 || scratch.split_k_bytes == 0 || scratch.x_int8_bytes == 0 ||
+              begin(scratch.split_k) + scratch.split_k_bytes <= begin(scratch.x_int8) ||
+              begin(scratch.x_int8) + scratch.x_int8_bytes <= begin(scratch.split_k),
+          where, "the split-K scratch ({} bytes) and the X scratch ({} bytes) overlap", scratch.split_k_bytes,
+          scratch.x_int8_bytes);
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
   if (path == GemmPath::Auto) {
     // Device run 1 (H200): the stream kernel won where W is small (7B q/k/v/o, 70B k/v: fixed costs
     // dominate) and lost to v5's decode kernel on the larger layers; wgmma lost at M = 64. Above 64,
-    // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (1.15-1.28x).
+    // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7 1.15-1.28x,
+    // v9 with its repack 1.16-1.71x v7).
     const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
     path = M <= kStreamMaxM && small_w ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
   }
+  const auto launch = [&](const uint8_t* x_int8) {
+    if (out == OutType::F16) launch_wgmma<__half>(ops, x_int8, stream);
+    else launch_wgmma<__nv_bfloat16>(ops, x_int8, stream);
+  };
   switch (path) {
     case GemmPath::Stream:
       require(M <= kStreamMaxM, where, "the stream path needs M <= {}, got {}", kStreamMaxM, M);
@@ -1278,24 +1222,30 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
       const DecodePlan d = decode_plan(M, w.shape.rows_pad, w.shape.slabs());
       const size_t need = decode_workspace(d);
-      require(workspace_bytes >= need && (need == 0 || workspace), where, "workspace of {} bytes, need {}",
-              workspace_bytes, need);
+      require(scratch.split_k_bytes >= need && (need == 0 || scratch.split_k), where,
+              "split-K scratch of {} bytes, need {}", scratch.split_k_bytes, need);
       DecodeParams p{ops};
       p.splits = d.splits;
       p.slabs_per_split = d.slabs_per_split;
-      p.counters = static_cast<int*>(workspace);
-      p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + round_up(int64_t(d.nblocks) * 4, 256))
+      p.counters = static_cast<int*>(scratch.split_k);
+      p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(scratch.split_k) +
+                                                  round_up(int64_t(d.nblocks) * 4, 256))
                        : nullptr;
       if (out == OutType::F16) launch_decode<__half>(p, d, stream);
       else launch_decode<__nv_bfloat16>(p, d, stream);
       return;
     }
     case GemmPath::WgmmaLockstep:
+      launch(nullptr);
+      return;
     case GemmPath::Wgmma:
     default: {
-      const WgmmaKernel kind = path == GemmPath::WgmmaLockstep ? WgmmaKernel::Lockstep : WgmmaKernel::Specialized;
-      if (out == OutType::F16) launch_wgmma<__half>(ops, kind, stream);
-      else launch_wgmma<__nv_bfloat16>(ops, kind, stream);
+      const size_t need = gemm_w4a4_x_int8_bytes(M, x.shape.K, x.shape.keeper);
+      require(scratch.x_int8 && scratch.x_int8_bytes >= need && begin(scratch.x_int8) % 16 == 0, where,
+              "X scratch of {} bytes ({}), need {} bytes, 16-byte aligned", scratch.x_int8_bytes,
+              scratch.x_int8 ? "aligned to " + std::to_string(begin(scratch.x_int8) & 15) + " mod 16" : "null", need);
+      x_to_int8_b_layout(x, scratch.x_int8, stream);
+      launch(scratch.x_int8);
       return;
     }
   }
