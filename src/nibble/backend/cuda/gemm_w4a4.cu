@@ -1165,18 +1165,19 @@ size_t gemm_w4a4_split_k_bytes(int64_t M, int64_t N, int K, int keeper) {
   return decode_workspace(decode_plan(M, w.rows_pad, w.slabs()));
 }
 
-size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper) {
-  const AtomShape x = atom_shape(M, K, keeper);
+namespace {
+// The repacked X's bytes: one block per 128-token tile (of the padded rows, as the kernels' grids) and slab.
+size_t x_int8_bytes(const AtomShape& x) {
   return size_t((x.rows_pad + kBM - 1) / kBM) * size_t(x.slabs()) * kXInt8BlockBytes;
 }
-
-namespace {
 void require_matching(const AtomShape& x, const AtomShape& w, const std::string& where) {
   require(x.K == w.K && x.keeper == w.keeper, where,
           "X is [{}, {}] keeper {}, W is [{}, {}] keeper {}: K and keeper must match", x.rows, x.K, x.keeper, w.rows,
           w.K, w.keeper);
 }
 }  // namespace
+
+size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper) { return x_int8_bytes(atom_shape(M, K, keeper)); }
 
 void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream) {
   if (x.shape.rows == 0) return;
@@ -1240,7 +1241,7 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       return;
     case GemmPath::Wgmma:
     default: {
-      const size_t need = gemm_w4a4_x_int8_bytes(M, x.shape.K, x.shape.keeper);
+      const size_t need = x_int8_bytes(x.shape);
       require(scratch.x_int8 && scratch.x_int8_bytes >= need && begin(scratch.x_int8) % 16 == 0, where,
               "X scratch of {} bytes ({}), need {} bytes, 16-byte aligned", scratch.x_int8_bytes,
               scratch.x_int8 ? "aligned to " + std::to_string(begin(scratch.x_int8) & 15) + " mod 16" : "null", need);
