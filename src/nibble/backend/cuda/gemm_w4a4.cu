@@ -766,7 +766,7 @@ __device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, u
 }
 
 // The x scales of tokens i, i + 1 (i even): fp16 as loaded (wgmma_kernel) or already converted to
-// fp32 by the producer (wgmma_specialized_kernel: 32 conversions a thread and slab fewer).
+// fp32 by the repack (wgmma_specialized_kernel: 32 conversions a thread and slab fewer).
 __device__ __forceinline__ float2 x_scale_pair(const __half* xs, int i) {
   return __half22float2(*reinterpret_cast<const __half2*>(xs + i));
 }
@@ -934,8 +934,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
 // consumers release a stage (`consumed`, one arrival per consumer warp). Warpgroups 1 and 2 only
 // widen W, issue wgmma and fold. setmaxnreg moves registers from the producer (40) to the consumers
 // (232). History: v6 (lockstep) 2660 clocks per slab; v7 (this kernel with the producer unpacking X
-// into a second ring) 2012, 1.15-1.28x v6; v9 (X pre-widened) 1.16-1.71x v7 on all 21 benched
-// shapes, the repack included (H200, session 12; bench/NOTES-gemm_w4a4.md).
+// into a second ring) 2012, 1.15-1.28x v6; v9 (X pre-widened) ~1420, 1.16-1.71x v7 on all 21 benched
+// shapes, the repack (4-51 µs) not counted (H200, session 12; bench/NOTES-gemm_w4a4.md).
 constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups (W rows 0..63, 64..127)
 constexpr int kSpP = 8;          // stages (W tile, X block, W scales of a slab)
 constexpr int kSpSmem = kSpP * XInt8Stage::kBytes + 2 * kSpP * 8;  // stages, loaded[P], consumed[P]
@@ -1118,8 +1118,8 @@ void launch_wgmma(const GemmOperands& ops, const uint8_t* x_int8, cudaStream_t s
 
 // ---- X pre-widened to INT8 in the wgmma B layout (the specialised kernel's input) ------------------
 //
-// One block per (slab, 128-token tile): its 4 warps widen 4 8-token tiles each with the v7 producer's
-// store_int8_b, into the global block instead of shared memory, and write the tokens' scales in fp32.
+// One block per (slab, 128-token tile): its 4 warps widen 4 8-token tiles each with the lockstep
+// kernel's store_int8_b, into the global block instead of shared memory, and write the tokens' scales in fp32.
 // Tokens >= M get code 0 and scale 0; a keeper slab's unused upper half (k-steps 2, 3) is zeroed, so
 // every byte of the buffer is defined.
 struct XInt8Params {
@@ -1205,8 +1205,8 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   if (path == GemmPath::Auto) {
     // Device run 1 (H200): the stream kernel won where W is small (7B q/k/v/o, 70B k/v: fixed costs
     // dominate) and lost to v5's decode kernel on the larger layers; wgmma lost at M = 64. Above 64,
-    // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7 1.15-1.28x,
-    // v9 with its repack 1.16-1.71x v7).
+    // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7 1.15-1.28x
+    // v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
     const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
     path = M <= kStreamMaxM && small_w ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
   }
