@@ -934,7 +934,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
 // consumers release a stage (`consumed`, one arrival per consumer warp). Warpgroups 1 and 2 only
 // widen W, issue wgmma and fold. setmaxnreg moves registers from the producer (40) to the consumers
 // (232). History: v6 (lockstep) 2660 clocks per slab; v7 (this kernel with the producer unpacking X
-// into a second ring) 2012, 1.15-1.28x v6; v9 (X pre-widened) ~1420, 1.16-1.71x v7 on all 21 benched
+// into a second ring) 2012, 1.15-1.28x v6; v9 (X pre-widened) ~1390, 1.16-1.71x v7 on all 21 benched
 // shapes, the repack (4-51 µs) not counted (H200, session 12; bench/NOTES-gemm_w4a4.md).
 constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups (W rows 0..63, 64..127)
 constexpr int kSpP = 8;          // stages (W tile, X block, W scales of a slab)
