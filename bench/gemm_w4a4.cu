@@ -128,15 +128,15 @@ double time_graph_ms(const std::function<void(int, cudaStream_t)>& launch, int r
 }
 
 // W4A4 operands of one shape (random codes and scales, rotated copies to overflow L2), the output
-// and the workspace: times gemm_w4a4 on them along a given path.
+// and the scratch (as the executor has it: one of each buffer, shared by the rotations): times
+// gemm_w4a4 on them along a given path.
 struct AtomInputs {
   int64_t M, N;
   AtomShape xs, ws;
   int rots;
   std::vector<AtomDeviceMatrix> X, W;
   __half* y;
-  size_t work_bytes;
-  void* work;
+  GemmW4A4Scratch scratch;
   AtomInputs(int64_t m, int64_t n, int64_t K, int keeper)
       : M(m), N(n), xs(atom_shape(m, int(K), keeper)), ws(atom_shape(n, int(K), keeper)) {
     rots = rotations(size_t(xs.code_bytes() + ws.code_bytes() + (xs.scale_count() + ws.scale_count()) * 2));
@@ -149,25 +149,33 @@ struct AtomInputs {
       fill_scales<<<256, 256>>>(W.back().mut().s, size_t(ws.scale_count()), 40 + r);
     }
     y = dalloc<__half>(size_t(M * N));
-    work_bytes = gemm_w4a4_workspace_bytes(M, N, int(K), keeper);
-    work = work_bytes ? dalloc<uint8_t>(work_bytes) : nullptr;
-    if (work) NIBBLE_CUDA_CHECK(cudaMemset(work, 0, work_bytes));
+    scratch.split_k_bytes = gemm_w4a4_split_k_bytes(M, N, int(K), keeper);
+    scratch.split_k = scratch.split_k_bytes ? dalloc<uint8_t>(scratch.split_k_bytes) : nullptr;
+    if (scratch.split_k) NIBBLE_CUDA_CHECK(cudaMemset(scratch.split_k, 0, scratch.split_k_bytes));
+    scratch.x_int8_bytes = gemm_w4a4_x_int8_bytes(M, int(K), keeper);
+    scratch.x_int8 = dalloc<uint8_t>(scratch.x_int8_bytes);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   }
   ~AtomInputs() {
     cudaFree(y);
-    if (work) cudaFree(work);
+    cudaFree(scratch.split_k);
+    cudaFree(scratch.x_int8);
   }
   // Packed operand bytes plus the fp16 output: what a kernel must move at least.
   double bytes() const { return double(xs.packed_bytes() + ws.packed_bytes()) + double(M * N * 2); }
   void run(int r, GemmPath path, cudaStream_t stream = nullptr) {
-    gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, work, work_bytes, stream, path);
+    gemm_w4a4(X[size_t(r)].view(), W[size_t(r)].view(), y, OutType::F16, scratch, stream, path);
   }
   double time(GemmPath path) {
     return time_ms([&](int r) { run(r, path); }, rots);
   }
   double time_in_graph(GemmPath path) {
     return time_graph_ms([&](int r, cudaStream_t stream) { run(r, path, stream); }, rots);
+  }
+  // The wgmma path's repack alone (its share of `wgmma µs`: what norm_quantize writing the layout
+  // directly would save).
+  double time_repack() {
+    return time_ms([&](int r) { x_to_int8_b_layout(X[size_t(r)].view(), scratch.x_int8, nullptr); }, rots);
   }
 };
 
@@ -193,7 +201,8 @@ double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K, bool in_grap
 
 }  // namespace
 
-// `bench_gemm_w4a4 one M N K`: five launches of gemm_w4a4 alone (keeper 128), for ncu.
+// `bench_gemm_w4a4 one M N K [path]`: five calls of gemm_w4a4 alone (keeper 128), for ncu (the
+// wgmma path: repack + kernel each).
 int run_one(int64_t M, int64_t N, int64_t K, GemmPath path) {
   const AtomShape xs = atom_shape(M, int(K), 128), wsh = atom_shape(N, int(K), 128);
   AtomDeviceMatrix X(xs), W(wsh);
@@ -202,11 +211,16 @@ int run_one(int64_t M, int64_t N, int64_t K, GemmPath path) {
   fill_scales<<<256, 256>>>(X.mut().s, size_t(xs.scale_count()), 3);
   fill_scales<<<256, 256>>>(W.mut().s, size_t(wsh.scale_count()), 4);
   __half* y = dalloc<__half>(size_t(M * N));
-  const size_t wsb = gemm_w4a4_workspace_bytes(M, N, int(K), 128);
-  void* ws = wsb ? dalloc<uint8_t>(wsb) : nullptr;
-  if (ws) NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, wsb));
-  for (int i = 0; i < 5; ++i) gemm_w4a4(X.view(), W.view(), y, OutType::F16, ws, wsb, nullptr, path);
+  GemmW4A4Scratch scratch;
+  scratch.split_k_bytes = gemm_w4a4_split_k_bytes(M, N, int(K), 128);
+  scratch.split_k = scratch.split_k_bytes ? dalloc<uint8_t>(scratch.split_k_bytes) : nullptr;
+  if (scratch.split_k) NIBBLE_CUDA_CHECK(cudaMemset(scratch.split_k, 0, scratch.split_k_bytes));
+  scratch.x_int8_bytes = gemm_w4a4_x_int8_bytes(M, int(K), 128);
+  scratch.x_int8 = dalloc<uint8_t>(scratch.x_int8_bytes);
+  for (int i = 0; i < 5; ++i) gemm_w4a4(X.view(), W.view(), y, OutType::F16, scratch, nullptr, path);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  cudaFree(scratch.split_k);
+  cudaFree(scratch.x_int8);
   std::printf("one: M=%lld N=%lld K=%lld packed bytes %lld\n", (long long)M, (long long)N, (long long)K,
               (long long)(xs.packed_bytes() + wsh.packed_bytes() + M * N * 2));
   return 0;
@@ -295,21 +309,22 @@ int main(int argc, char** argv) {
   const int keeper = 128;
 
   if (only.empty() || only == "gemm") {
-    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | stream µs | decode µs | wgmma µs | lockstep µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
-    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    std::printf("| model | layer | M | N | K | w4a4 µs | TOPS | GB/s packed | %% copy BW | stream µs | decode µs | wgmma µs | repack µs | lockstep µs | fp16 µs | vs fp16 | fp8-blk µs | vs fp8-blk | int8 µs | vs int8 |\n");
+    std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for (const Shape& sh : shapes) {
       for (int64_t M : Ms) {
         const int64_t N = sh.N, K = sh.K;
         const double flops = 2.0 * double(M) * double(N) * double(K);
         // ---- ours
-        double t_ours, t_stream = 0, t_decode = 0, t_wgmma = 0, t_lockstep = 0, bytes;
+        double t_ours, t_stream = 0, t_decode = 0, t_wgmma = 0, t_repack = 0, t_lockstep = 0, bytes;
         {
           AtomInputs in(M, N, K, keeper);
           t_ours = in.time(GemmPath::Auto);
           // Beside it on the same inputs: every kernel that can take this M.
           if (M <= kStreamMaxM) t_stream = in.time(GemmPath::Stream);
           if (M <= 64) t_decode = in.time(GemmPath::Decode);
-          if (M > kStreamMaxM) t_wgmma = in.time(GemmPath::Wgmma);
+          if (M > kStreamMaxM) t_wgmma = in.time(GemmPath::Wgmma);  // repack + kernel
+          if (M > kStreamMaxM) t_repack = in.time_repack();
           if (M > kStreamMaxM) t_lockstep = in.time(GemmPath::WgmmaLockstep);
           bytes = in.bytes();
         }
@@ -402,10 +417,11 @@ int main(int argc, char** argv) {
         }
         cudaGetLastError();  // a refused Lt call must not poison the next row
 
-        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
+        std::printf("| %s | %s | %lld | %lld | %lld | %.2f | %.0f | %.0f | %.0f%% | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sh.model,
                     sh.name, (long long)M, (long long)N, (long long)K, t_ours * 1e3, flops / (t_ours * 1e-3) / 1e12,
                     bytes / (t_ours * 1e-3) / 1e9, 100.0 * bytes / (t_ours * 1e-3) / 1e9 / copy_gbs, fmt_us(t_stream).c_str(),
-                    fmt_us(t_decode).c_str(), fmt_us(t_wgmma).c_str(), fmt_us(t_lockstep).c_str(), fmt_us(t_fp16).c_str(),
+                    fmt_us(t_decode).c_str(), fmt_us(t_wgmma).c_str(), fmt_us(t_repack).c_str(),
+                    fmt_us(t_lockstep).c_str(), fmt_us(t_fp16).c_str(),
                     fmt_ratio(t_fp16, t_ours).c_str(), fmt_us(t_fp8).c_str(), fmt_ratio(t_fp8, t_ours).c_str(),
                     fmt_us(t_int8).c_str(), fmt_ratio(t_int8, t_ours).c_str());
         if (!fp8_note.empty() && fp8_note != "1x128 both") std::printf("<!-- fp8 scales: %s -->\n", fp8_note.c_str());

@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <functional>
 #include <map>
 #include <random>
 #include <tuple>
@@ -113,24 +115,17 @@ struct CheckStats {
   double err2 = 0, ref2 = 0, worst = 0;
 };
 
-// Runs Y = X·Wᵀ on the device twice, the output poisoned (NaN) before each run. `unwritten`
-// counts the elements left NaN or different between the two runs.
+// Runs gemm(y), a [M, N] product, on the device twice, the output poisoned (NaN) before each run.
+// `unwritten` counts the elements left NaN or different between the two runs.
 struct DeviceResult {
   std::vector<uint16_t> y;
   int64_t unwritten = 0;
 };
-DeviceResult run_twice(const AtomOperand& x, const AtomOperand& w, OutType out, GemmPath path) {
-  const int64_t M = x.shape.rows, N = w.shape.rows;
-  const size_t ws_bytes = gemm_w4a4_workspace_bytes(M, N, x.shape.K, x.shape.keeper);
-  void* ws = nullptr;
-  if (ws_bytes) {
-    NIBBLE_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
-    NIBBLE_CUDA_CHECK(cudaMemset(ws, 0, ws_bytes));
-  }
+DeviceResult run_twice_with(int64_t M, int64_t N, OutType out, const std::function<void(void*)>& gemm) {
   uint16_t* y = nullptr;
   NIBBLE_CUDA_CHECK(cudaMalloc(&y, size_t(M * N) * 2));
   NIBBLE_CUDA_CHECK(cudaMemset(y, 0xff, size_t(M * N) * 2));  // NaN in fp16 and bf16
-  gemm_w4a4(x, w, y, out, ws, ws_bytes, nullptr, path);
+  gemm(y);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   // Twice: the split-K counters must have been left at zero, and the result must not move.
   DeviceResult r;
@@ -138,14 +133,36 @@ DeviceResult run_twice(const AtomOperand& x, const AtomOperand& w, OutType out, 
   std::vector<uint16_t> again(size_t(M * N));
   NIBBLE_CUDA_CHECK(cudaMemcpy(r.y.data(), y, r.y.size() * 2, cudaMemcpyDeviceToHost));
   NIBBLE_CUDA_CHECK(cudaMemset(y, 0xff, size_t(M * N) * 2));
-  gemm_w4a4(x, w, y, out, ws, ws_bytes, nullptr, path);
+  gemm(y);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   NIBBLE_CUDA_CHECK(cudaMemcpy(again.data(), y, again.size() * 2, cudaMemcpyDeviceToHost));
   cudaFree(y);
-  if (ws) cudaFree(ws);
   const auto is_nan = [&](uint16_t b) { return std::isnan(out == OutType::F16 ? fp16_to_float(b) : bf16_to_float(b)); };
   for (size_t i = 0; i < r.y.size(); ++i) r.unwritten += is_nan(r.y[i]) || r.y[i] != again[i];
   return r;
+}
+// Device bytes, freed on scope exit.
+struct DeviceBytes {
+  uint8_t* p = nullptr;
+  explicit DeviceBytes(size_t n) {
+    if (n) NIBBLE_CUDA_CHECK(cudaMalloc(&p, n));
+  }
+  ~DeviceBytes() { cudaFree(p); }
+  DeviceBytes(const DeviceBytes&) = delete;
+  DeviceBytes& operator=(const DeviceBytes&) = delete;
+};
+
+// Y = X·Wᵀ by gemm_w4a4 along `path`, twice (the split-K counters must have been left at zero),
+// on scratch sized by gemm_w4a4.h's functions: the split-K buffer zeroed, the X buffer poisoned.
+DeviceResult run_twice(const AtomOperand& x, const AtomOperand& w, OutType out, GemmPath path) {
+  const int64_t M = x.shape.rows, N = w.shape.rows;
+  const size_t split_k_bytes = gemm_w4a4_split_k_bytes(M, N, x.shape.K, x.shape.keeper);
+  const size_t x_int8_bytes = gemm_w4a4_x_int8_bytes(M, x.shape.K, x.shape.keeper);
+  DeviceBytes split_k(split_k_bytes), x_int8(x_int8_bytes);
+  if (split_k_bytes) NIBBLE_CUDA_CHECK(cudaMemset(split_k.p, 0, split_k_bytes));
+  NIBBLE_CUDA_CHECK(cudaMemset(x_int8.p, 0xa5, x_int8_bytes));
+  const GemmW4A4Scratch scratch{split_k.p, split_k_bytes, x_int8.p, x_int8_bytes};
+  return run_twice_with(M, N, out, [&](void* y) { gemm_w4a4(x, w, y, out, scratch, nullptr, path); });
 }
 
 // Runs Y = X·Wᵀ on the device (run_twice) and checks it against the float64 reference.
@@ -317,14 +334,14 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
               (long long)totals.bad, (long long)totals.unwritten);
 }
 
-TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
-  // The warp-specialised wgmma kernel (Auto at M > 64) keeps the lockstep kernel's slab order, fold
-  // and split-K plan, so its output must equal it bit for bit (each run twice, outputs poisoned) on M
-  // not a multiple of the 128-token tile, on N from 70B k/v (cluster split-K) to 70B gate/up, keeper
-  // 0 and 128, fp16 and bf16. The float64 reference above covers correctness on samples; this covers
-  // every element.
+TEST(GemmW4A4, WgmmaEqualsLockstepBitForBit) {
+  // The wgmma path (Auto at M > 64: X repacked, then the warp-specialised kernel) keeps the lockstep
+  // kernel's slab order, fold and split-K plan, so its output must equal it bit for bit (each run
+  // twice, outputs poisoned) on M not a multiple of the 128-token tile (and M = 7, a forced Wgmma),
+  // on N from 70B k/v (cluster split-K) to 70B gate/up, keeper 0 and 128, fp16 and bf16. The float64
+  // reference above covers correctness on samples; this covers every element.
   NIBBLE_REQUIRE_GPU();
-  const std::vector<int64_t> Ms = {65, 100, 256, 1000, 2048, 4096};
+  const std::vector<int64_t> Ms = {7, 65, 100, 256, 1000, 2048, 4096};
   const std::tuple<int, std::vector<int64_t>> KNs[] = {
       {4096, {4096, 11008, 14336}}, {11008, {4096}}, {8192, {1024, 28672}}};
   int cases = 0;
@@ -352,7 +369,7 @@ TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
             EXPECT_EQ(old_path.unwritten, 0);
             EXPECT_EQ(new_path.unwritten, 0);
             EXPECT_EQ(differ, 0);
-            std::printf("lockstep vs specialized M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
+            std::printf("lockstep vs wgmma M=%5lld N=%5lld K=%5d keeper=%3d %s: %lld differ, unwritten %lld / %lld\n",
                         (long long)M, (long long)N, K, keeper, out == OutType::F16 ? "f16 " : "bf16", (long long)differ,
                         (long long)old_path.unwritten, (long long)new_path.unwritten);
             ++cases;
@@ -361,21 +378,92 @@ TEST(GemmW4A4, SpecializedWgmmaEqualsWgmmaBitForBit) {
       }
     }
   }
-  std::printf("wgmma vs specialized: %d comparisons\n", cases);
+  std::printf("lockstep vs wgmma: %d comparisons\n", cases);
+}
+
+// ---- The wgmma path's repack: X pre-widened to INT8 in the wgmma B layout ------------------------
+
+// The pre-widened blocks as gemm_w4a4.h describes them, built from the file layout's codes and
+// scales (not from the GPU layout the repack kernel reads).
+std::vector<uint8_t> host_x_int8_blocks(const IntMatrix& x) {
+  const AtomShape sh = atom_shape(x.rows, x.K, x.keeper);
+  const int slabs = sh.slabs(), k4 = x.K - x.keeper;
+  std::vector<uint8_t> out(gemm_w4a4_x_int8_bytes(x.rows, x.K, x.keeper), 0);
+  for (int64_t n = 0; n < x.rows; ++n) {
+    const int nn = int(n % 128);
+    for (int s = 0; s < slabs; ++s) {
+      uint8_t* block = &out[size_t((n / 128) * slabs + s) * kXInt8BlockBytes];
+      const bool int4 = s < sh.g4;
+      const int k0 = int4 ? s * 128 : k4 + (s - sh.g4) * 64;  // keeper slab g4 + 2c + h: channels 128c + 64h on
+      for (int k = 0; k < (int4 ? 128 : 64); ++k) {
+        const int code = x.codes[size_t(n * x.K + k0 + k)];
+        block[(k / 16) * 2048 + (nn / 8) * 128 + (nn % 8) * 16 + k % 16] = uint8_t(int4 ? 16 * code : code);
+      }
+      const float scale = int4 ? x.s4[size_t(n * x.g4 + s)] : x.s8[size_t(n)];
+      std::memcpy(block + 128 * 128 + 4 * nn, &scale, 4);
+    }
+  }
+  return out;
+}
+
+TEST(GemmW4A4XInt8, RepackMatchesHostRelayout) {
+  // Every byte (codes, fp32 scales, padding tokens, a keeper slab's unused half), on a poisoned
+  // buffer; M = 300 leaves a partial 128-token tile.
+  NIBBLE_REQUIRE_GPU();
+  for (int keeper : {0, 128}) {
+    for (int64_t M : {1, 100, 300}) {
+      const int K = 1024;
+      const uint64_t seed = fresh_seed();
+      SCOPED_TRACE(::testing::Message() << "M=" << M << " keeper=" << keeper << " seed " << seed);
+      const Operand x = make_operand(seed, M, K, keeper, 1.0f, 0.9f);
+      const std::vector<uint8_t> want = host_x_int8_blocks(x.ints);
+
+      DeviceBytes dev(want.size());
+      NIBBLE_CUDA_CHECK(cudaMemset(dev.p, 0xa5, want.size()));
+      x_to_int8_b_layout(x.dev.view(), dev.p, nullptr);
+      NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+      std::vector<uint8_t> got(want.size());
+      NIBBLE_CUDA_CHECK(cudaMemcpy(got.data(), dev.p, got.size(), cudaMemcpyDeviceToHost));
+      int64_t differ = 0;
+      for (size_t i = 0; i < got.size(); ++i) differ += got[i] != want[i];
+      EXPECT_EQ(differ, 0);
+      std::printf("x_to_int8_b_layout M=%4lld K=%d keeper=%3d: %zu bytes, %lld differ\n", (long long)M, K, keeper,
+                  got.size(), (long long)differ);
+    }
+  }
 }
 
 TEST(GemmW4A4, RejectsAForcedPathThatCannotTakeM) {
   NIBBLE_REQUIRE_GPU();
   const Operand x = make_operand(1, 17, 512, 128, 1.0f, 0.9f), w = make_operand(2, 64, 512, 128, 0.05f, 1.0f);
-  EXPECT_THROW(gemm_w4a4(x.dev.view(), w.dev.view(), nullptr, OutType::F16, nullptr, 0, nullptr, GemmPath::Stream),
+  EXPECT_THROW(gemm_w4a4(x.dev.view(), w.dev.view(), nullptr, OutType::F16, {}, nullptr, GemmPath::Stream),
                Error);
+}
+
+TEST(GemmW4A4, RejectsOverlappingOrTooSmallScratch) {
+  // Host checks, before anything is launched: the executor shares one scratch over all its linears,
+  // and a repack written over the split-K counters would break every later decode-path call.
+  AtomOperand x{}, w{};
+  x.shape = atom_shape(100, 512, 128);
+  w.shape = atom_shape(256, 512, 128);
+  const size_t need = gemm_w4a4_x_int8_bytes(100, 512, 128);
+  alignas(16) static uint8_t fake[1 << 20];  // never dereferenced: the checks throw first
+  ASSERT_LE(need + 4096, sizeof(fake));
+  const auto run = [&](const GemmW4A4Scratch& s, GemmPath path) {
+    gemm_w4a4(x, w, nullptr, OutType::F16, s, nullptr, path);
+  };
+  EXPECT_THROW(run({fake + 64, 4096, fake, need}, GemmPath::Auto), Error);      // split-K inside the X buffer
+  EXPECT_THROW(run({fake, 4096, fake + 4000, need}, GemmPath::Decode), Error);  // X buffer over the split-K tail
+  EXPECT_THROW(run({fake, 4096, fake + 4096, need - 16}, GemmPath::Auto), Error);  // too small for M = 100
+  EXPECT_THROW(run({fake, 4096, nullptr, 0}, GemmPath::Wgmma), Error);             // none
+  EXPECT_THROW(run({fake, 4096, fake + 4104, need}, GemmPath::Auto), Error);       // not 16-byte aligned
 }
 
 TEST(GemmW4A4, RejectsMismatchedShapes) {
   AtomOperand x{}, w{};
   x.shape = atom_shape(4, 512, 128);
   w.shape = atom_shape(8, 512, 0);
-  EXPECT_THROW(gemm_w4a4(x, w, nullptr, OutType::F16, nullptr, 0, nullptr), Error);
+  EXPECT_THROW(gemm_w4a4(x, w, nullptr, OutType::F16, {}, nullptr), Error);
 }
 
 }  // namespace

@@ -265,7 +265,9 @@ class LayerRunner {
   }
 
   // Readies what the linears of `w` need: the W8A8 GEMM's algorithms, and one W4A4 activation
-  // operand and split-K scratch big enough for any linear seen so far (grown, never shrunk).
+  // operand and GEMM scratch big enough for any linear seen so far (grown, never shrunk): the
+  // split-K sums for up to 64 rows and, where steps can have more rows, the repacked X, in two
+  // buffers each sized by the maximum over the linears of its own function (gemm_w4a4.h).
   void prepare(const LayerWeights& w) {
     const int64_t T = max_tokens_;
     for (const LinearWeights* l : w.linears()) {
@@ -278,13 +280,15 @@ class LayerRunner {
       const AtomShape a = atom_shape(T, int(l->in), l->keeper);
       if (act_codes_.size() < size_t(a.code_bytes())) act_codes_ = DeviceArray<uint8_t>(size_t(a.code_bytes()));
       if (act_scales_.size() < size_t(a.scale_count())) act_scales_ = DeviceArray<__half>(size_t(a.scale_count()));
-      size_t ws = 16;
+      size_t split_k = 16;
       for (int64_t m = 1; m <= std::min<int64_t>(T, 64); ++m)
-        ws = std::max(ws, gemm_w4a4_workspace_bytes(m, l->out, int(l->in), l->keeper));
-      if (gemm_ws_.size() < ws) {
-        gemm_ws_ = DeviceArray<uint8_t>(ws);
-        NIBBLE_CUDA_CHECK(cudaMemset(gemm_ws_.get(), 0, gemm_ws_.size()));
+        split_k = std::max(split_k, gemm_w4a4_split_k_bytes(m, l->out, int(l->in), l->keeper));
+      if (gemm_split_k_.size() < split_k) {
+        gemm_split_k_ = DeviceArray<uint8_t>(split_k);
+        NIBBLE_CUDA_CHECK(cudaMemset(gemm_split_k_.get(), 0, gemm_split_k_.size()));  // the kernels keep it zeroed
       }
+      const size_t x_int8 = T > 64 ? gemm_w4a4_x_int8_bytes(T, int(l->in), l->keeper) : 0;
+      if (gemm_x_int8_.size() < x_int8) gemm_x_int8_ = DeviceArray<uint8_t>(x_int8);
     }
   }
 
@@ -449,7 +453,8 @@ class LayerRunner {
   }
   // y = linear(quantized input) for a W4A4 linear whose input was quantized into act_op(rows, w).
   void w4a4(const LinearWeights& w, int64_t rows, __half* y) {
-    gemm_w4a4(act_op(rows, w), w.atom_w.view(), y, OutType::F16, gemm_ws_.get(), gemm_ws_.size(), stream_);
+    const GemmW4A4Scratch scratch{gemm_split_k_.get(), gemm_split_k_.size(), gemm_x_int8_.get(), gemm_x_int8_.size()};
+    gemm_w4a4(act_op(rows, w), w.atom_w.view(), y, OutType::F16, scratch, stream_);
     if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
   }
 
@@ -466,11 +471,12 @@ class LayerRunner {
   NcclComm* comm_ = nullptr;           // a tensor-parallel rank's; null: the whole model
   bool gather_attention_ = false;
   DeviceArray<__half> attn_parts_, attn_all_;  // gather_attention: every rank's attention output
-  // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's split-K scratch.
+  // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's two scratch buffers.
   DeviceArray<__half> hidden16_;
   DeviceArray<uint8_t> act_codes_;  // sized for the largest linear input at max_tokens rows
   DeviceArray<__half> act_scales_;
-  DeviceArray<uint8_t> gemm_ws_;
+  DeviceArray<uint8_t> gemm_split_k_;  // zeroed once, left zeroed by the kernels
+  DeviceArray<uint8_t> gemm_x_int8_;   // the wgmma path's repacked X (rows > 64)
   float kv_clip_ = 1.0f;
   bool k_before_rope_ = false;
   bool kv_hadamard_ = false;

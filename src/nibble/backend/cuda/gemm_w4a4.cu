@@ -1,6 +1,7 @@
 #include "nibble/backend/cuda/gemm_w4a4.h"
 
 #include <algorithm>
+#include <string>
 
 #include <cooperative_groups.h>
 
@@ -621,8 +622,27 @@ void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
 constexpr int kBN = 128, kBM = 128;
 constexpr int kTileBytes = (kBN / kRowTile) * kSlabBytes;      // 8 KB of W (and of X) per slab
 constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's scales
+constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
+static_assert(kXInt8BlockBytes == kUnpackBytes + kBM * 4, "a pre-widened X block: INT8 slab, then fp32 scales");
 
-template <int kThreads>
+// Where a pipeline stage keeps one slab of the block tile. Packed (v6, the lockstep oracle): W's and
+// X's tiles as stored, then their fp16 scales. XInt8 (v9, the specialised kernel): W's tile, X's
+// pre-widened block (INT8 codes in the wgmma B layout, then fp32 scales: copied as it is, the
+// consumers read it in place), W's scales.
+struct PackedStage {
+  static constexpr bool kPackedX = true;
+  static constexpr int kWScales = 2 * kTileBytes, kBytes = kStageBytes;
+};
+struct XInt8Stage {
+  static constexpr bool kPackedX = false;
+  static constexpr int kXBlock = kTileBytes, kWScales = kXBlock + kXInt8BlockBytes, kBytes = kWScales + kBN * 2;
+};
+static_assert(PackedStage::kBytes == PackedStage::kWScales + (kBN + kBM) * 2 && XInt8Stage::kBytes % 128 == 0,
+              "stage layouts");
+
+// Slab s of the block tile into `stage` by kThreads threads (16-byte cp.async; rows past the
+// padded ones zero-filled): W's codes and scales, and X's where the stage keeps X packed.
+template <int kThreads, typename Stage = PackedStage>
 __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* stage, int s, int64_t n_base,
                                              int64_t m_base) {
   const int tid = threadIdx.x;
@@ -634,15 +654,16 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
     const int64_t wt = n_base / kRowTile + tile, xt = m_base / kRowTile + tile;
     const bool wv = wt * kRowTile < p.w_rows_pad, xv = xt * kRowTile < p.x_rows_pad;
     cp_async16(stage + c * 16, p.wq + ((wv ? wt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, wv);
-    cp_async16(stage + kTileBytes + c * 16, p.xq + ((xv ? xt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, xv);
+    if constexpr (Stage::kPackedX)
+      cp_async16(stage + kTileBytes + c * 16, p.xq + ((xv ? xt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, xv);
   }
-  if (tid < 32) {  // 16 chunks of W scales, 16 of X scales (8 halves each)
+  if (tid < (Stage::kPackedX ? 32 : 16)) {  // 16 chunks of W scales, 16 of X scales (8 halves each)
     const bool is_w = tid < 16;
     const int c = tid % 16;
     const int64_t row = (is_w ? n_base : m_base) + c * 8;
     const bool v = row < (is_w ? p.w_rows_pad : p.x_rows_pad);
     const __half* src = (is_w ? p.ws + size_t(grp) * p.w_rows_pad : p.xs + size_t(grp) * p.x_rows_pad) + (v ? row : 0);
-    cp_async16(stage + 2 * kTileBytes + (is_w ? 0 : kBN * 2) + c * 16, src, v);
+    cp_async16(stage + Stage::kWScales + (is_w ? 0 : kBN * 2) + c * 16, src, v);
   }
 }
 
@@ -660,7 +681,6 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
 // stages. Where the tiles do not fill the SMs, K is split over a cluster.
 constexpr int kWgThreads = 256;     // two warpgroups: W rows 0..63 and 64..127 of the block
 constexpr int kWgStages = 5;        // cp.async stages (prefetch distance kWgStages - 2)
-constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
 constexpr int kWgSmem = kWgStages * kStageBytes + 2 * kUnpackBytes;
 
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
@@ -691,6 +711,19 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[64], uint32_t a0, uint32_t a1,
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(uint32_t(zero)));
 }
 
+// A lane's 16 bytes v of a packed 8-token tile -> `base`, its place in the slab's canonical layout
+// (tile * 128 + r * 16 + t * 4 bytes into it).
+__device__ __forceinline__ void store_int8_b(const uint4& v, uint8_t* base, bool int4) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (int4) {
+      *reinterpret_cast<uint32_t*>(base + (2 * j) * 2048) = hi4(word(v, j));
+      *reinterpret_cast<uint32_t*>(base + (2 * j + 1) * 2048) = lo4(word(v, j));
+    } else {
+      *reinterpret_cast<uint32_t*>(base + j * 2048) = word(v, j);
+    }
+  }
+}
 // X's slab in the stage (16 packed 8-token tiles) -> INT8 in the canonical layout; warp w of the
 // kWarps unpacking takes tiles w * 16 / kWarps and on. A lane's word s of an INT4 slab holds its
 // token's channels 32s + 4t.. (high nibbles: core kc = 2s) and 32s + 16 + 4t.. (low nibbles: kc =
@@ -703,16 +736,7 @@ __device__ __forceinline__ void unpack_x(const uint8_t* packed, uint8_t* out, bo
   for (int i = 0; i < kTiles; ++i) {
     const int tile = kTiles * warp + i;
     const uint4 v = *reinterpret_cast<const uint4*>(packed + tile * kSlabBytes + lane * 16);
-    uint8_t* base = out + tile * 128 + r * 16 + t * 4;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      if (int4) {
-        *reinterpret_cast<uint32_t*>(base + (2 * j) * 2048) = hi4(word(v, j));
-        *reinterpret_cast<uint32_t*>(base + (2 * j + 1) * 2048) = lo4(word(v, j));
-      } else {
-        *reinterpret_cast<uint32_t*>(base + j * 2048) = word(v, j);
-      }
-    }
+    store_int8_b(v, out + tile * 128 + r * 16 + t * 4, int4);
   }
 }
 
@@ -742,18 +766,17 @@ __device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, u
 }
 
 // The x scales of tokens i, i + 1 (i even): fp16 as loaded (wgmma_kernel) or already converted to
-// fp32 by the producer (wgmma_specialized_kernel: 32 conversions a thread and slab fewer).
+// fp32 by the repack (wgmma_specialized_kernel: 32 conversions a thread and slab fewer).
 __device__ __forceinline__ float2 x_scale_pair(const __half* xs, int i) {
   return __half22float2(*reinterpret_cast<const __half2*>(xs + i));
 }
 __device__ __forceinline__ float2 x_scale_pair(const float* xs, int i) { return *reinterpret_cast<const float2*>(xs + i); }
 
 // acc += d · sw[row] · sx[token] (· 2^-8 for INT4 slabs); the lane holds rows g, g + 8 of its warp's
-// 16 and tokens 8j + 2t, 8j + 2t + 1. W scales from the stage, X scales from xs.
+// 16 and tokens 8j + 2t, 8j + 2t + 1. W scales from sws (the stage's), X scales from xs.
 template <IntToFloat kConv, typename XScale>
-__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const uint8_t* stage, const XScale* xs,
+__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const __half* sws, const XScale* xs,
                                            bool int4, int wrow, int lane) {
-  const __half* sws = reinterpret_cast<const __half*>(stage + 2 * kTileBytes);
   const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
   const float sw0 = __half2float(sws[wrow]) * f, sw1 = __half2float(sws[wrow + 8]) * f;
   const int t = lane % 4;
@@ -766,17 +789,18 @@ __device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64],
     acc[4 * j + 3] = fmaf(exact_float_by<kConv>(d[4 * j + 3]), sw1 * x.y, acc[4 * j + 3]);
   }
 }
-// The fp16 X scales of a stage (wgmma_kernel).
-__device__ __forceinline__ const __half* stage_x_scales(const uint8_t* stage) {
-  return reinterpret_cast<const __half*>(stage + 2 * kTileBytes) + kBN;
+// The fp16 W and X scales of a packed stage.
+__device__ __forceinline__ const __half* stage_w_scales(const uint8_t* stage) {
+  return reinterpret_cast<const __half*>(stage + PackedStage::kWScales);
 }
+__device__ __forceinline__ const __half* stage_x_scales(const uint8_t* stage) { return stage_w_scales(stage) + kBN; }
 
 // The slab loop of both wgmma kernels: step(i, d_cur, d_prev) for slabs i < ns with the two int32
 // accumulator sets alternating (each step issues slab i into d_cur and folds slab i - 1 from d_prev),
-// then the last slab's fold from `last_stage`.
+// then the last slab's fold with its scales last_ws, last_xs.
 template <IntToFloat kConv, typename Step, typename XScale>
 __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&d0)[64], int (&d1)[64], float (&acc)[64],
-                                                const uint8_t* last_stage, const XScale* last_xs, bool last_int4,
+                                                const __half* last_ws, const XScale* last_xs, bool last_int4,
                                                 int wrow, int lane) {
   int i = 0;
   for (; i + 1 < ns; i += 2) {
@@ -787,16 +811,17 @@ __device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&
   wgmma_wait<0>();
   if ((ns - 1) % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
     fence_regs(d0);
-    wgmma_fold<kConv>(acc, d0, last_stage, last_xs, last_int4, wrow, lane);
+    wgmma_fold<kConv>(acc, d0, last_ws, last_xs, last_int4, wrow, lane);
   } else {
     fence_regs(d1);
-    wgmma_fold<kConv>(acc, d1, last_stage, last_xs, last_int4, wrow, lane);
+    wgmma_fold<kConv>(acc, d1, last_ws, last_xs, last_int4, wrow, lane);
   }
 }
 
 struct WgmmaParams : GemmOperands {
   int cluster;         // blocks per cluster, splitting K: rank r takes slabs [r * per_rank, (r + 1) * per_rank)
   int slabs_per_rank;
+  const uint8_t* x_int8;  // specialised kernel: X pre-widened ([128-token tile][slab] blocks), read instead of xq, xs
 };
 constexpr int kPartPitch = kBN + 4;  // floats; conflict-free staging of the fp32 tile
 static_assert(kBM * kPartPitch * 4 <= kWgSmem, "the fp32 tile must fit in the pipeline buffers");
@@ -884,39 +909,37 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
       wgmma_wait<1>();
       fence_regs(d_prev);
       const uint8_t* prev = smem + ((i - 1) % kWgStages) * kStageBytes;
-      wgmma_fold<IntToFloat::MagicAdd>(acc, d_prev, prev, stage_x_scales(prev), s0 + i - 1 < p.g4, wrow, lane);
+      wgmma_fold<IntToFloat::MagicAdd>(acc, d_prev, stage_w_scales(prev), stage_x_scales(prev), s0 + i - 1 < p.g4, wrow,
+                                       lane);
     }
   };
   const uint8_t* last = smem + ((ns - 1) % kWgStages) * kStageBytes;
-  wgmma_slab_loop<IntToFloat::MagicAdd>(ns, step, d0, d1, acc, last, stage_x_scales(last), s0 + ns - 1 < p.g4, wrow,
-                                        lane);
+  wgmma_slab_loop<IntToFloat::MagicAdd>(ns, step, d0, d1, acc, stage_w_scales(last), stage_x_scales(last),
+                                        s0 + ns - 1 < p.g4, wrow, lane);
   cp_async_wait<0>();
   __syncthreads();
 
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x, kWgThreads);
 }
 
-// ---- Warp-specialised wgmma (v7): M > 64 -----------------------------------------------------------
+// ---- Warp-specialised wgmma (v9): M > 64 -----------------------------------------------------------
 //
 // The same block tile, slab order, wgmma issue and fold as wgmma_kernel, the lockstep v6 kept as the
-// tests' oracle (bit-identical results), but
-// no block barrier in the main loop. v6 measured ~2600 clocks per slab against 512 of tensor time:
-// all 8 warps loaded, unpacked, met at two barriers and folded in lockstep, so the tensor pipe idled
-// through every phase but the MMA. Here warpgroup 0 is the producer: its 128 threads load each slab
-// (cp.async into a ring of kSpP stages, kSpLead slabs ahead, `loaded`) and unpack X into a ring of
-// kSpU INT8 buffers with its scales in fp32 (`ready`). Warpgroups 1 and 2 only widen W, issue wgmma
-// and fold, and hand buffers back through `consumed` / `drained` mbarriers (one arrival per warp).
-// setmaxnreg moves registers from the producer (40) to the consumers (232). H200, run 2: 2012
-// clocks per slab (v6 2660), 1.15-1.28x v6 on every benched shape; the consumers still wait on
-// barriers and latencies half of the time (issue 47%, tensor pipe 25%).
+// tests' oracle (bit-identical results), but no block barrier in the main loop, and X arrives
+// pre-widened (x_to_int8_b_layout, below, run just before on the same stream): per slab one block
+// of INT8 codes in the wgmma B layout + fp32 scales, which the consumers read in place. Warpgroup 0
+// is the producer and only copies: thread 0 one 1-D bulk copy of the slab's X block (16.5 KB,
+// counted in bytes on `loaded`), all 128 threads W's tile and scales by cp.async (each thread's
+// completion one arrival on `loaded`), into a ring of kSpP stages, refilled as soon as the
+// consumers release a stage (`consumed`, one arrival per consumer warp). Warpgroups 1 and 2 only
+// widen W, issue wgmma and fold. setmaxnreg moves registers from the producer (40) to the consumers
+// (232). History: v6 (lockstep) 2660 clocks per slab; v7 (this kernel with the producer unpacking X
+// into a second ring) 2012, 1.15-1.28x v6; v9 (X pre-widened) ~1390, 1.16-1.71x v7 on all 21 benched
+// shapes, the repack (4-51 µs) not counted (H200, session 12; bench/NOTES-gemm_w4a4.md).
 constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups (W rows 0..63, 64..127)
-constexpr int kSpP = 8;          // packed stages (W, X, scales of a slab)
-constexpr int kSpU = 4;          // unpacked X buffers
-constexpr int kSpLead = kSpP - 3;  // slabs loaded ahead of the one being unpacked
-constexpr int kSpBarriers = 2 * kSpP + 2 * kSpU;  // loaded[P], consumed[P], ready[U], drained[U]
-constexpr int kSpUnpackStride = kUnpackBytes + kBM * 4;  // the INT8 slab of X, then its scales in fp32
-constexpr int kSpSmem = kSpP * kStageBytes + kSpU * kSpUnpackStride + kSpBarriers * 8;
-static_assert(kBM * kPartPitch * 4 <= kSpP * kStageBytes, "the fp32 tile must fit in the packed stages");
+constexpr int kSpP = 8;          // stages (W tile, X block, W scales of a slab)
+constexpr int kSpSmem = kSpP * XInt8Stage::kBytes + 2 * kSpP * 8;  // stages, loaded[P], consumed[P]
+static_assert(kBM * kPartPitch * 4 <= kSpP * XInt8Stage::kBytes, "the fp32 tile must fit in the stages");
 static_assert(kSpSmem <= 227 * 1024, "shared memory per block");
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -925,6 +948,16 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
 }
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// A global -> shared bulk copy (TMA, 1-D) whose completion counts `bytes` on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
 }
 // Waits until the phase of parity `parity` of the barrier has completed.
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
@@ -935,36 +968,29 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "r"(parity)
       : "memory");
 }
-// Where slab i (>= 0) sits in the two rings, and the parity of its use of them (use n of a buffer
+// Where slab i (>= 0) sits in the ring, and the parity of its use of the stage (use n of a stage
 // completes its barriers' phase n). Unsigned, so the modulo is one AND.
 struct SpRing {
-  unsigned p, u, p_phase, u_phase;
-  __device__ __forceinline__ explicit SpRing(int i)
-      : p(unsigned(i) % kSpP), u(unsigned(i) % kSpU), p_phase(unsigned(i) / kSpP & 1), u_phase(unsigned(i) / kSpU & 1) {}
+  unsigned p, p_phase;
+  __device__ __forceinline__ explicit SpRing(int i) : p(unsigned(i) % kSpP), p_phase(unsigned(i) / kSpP & 1) {}
 };
 
 template <typename OutT>
 __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
+  using Stage = XInt8Stage;
   constexpr IntToFloat kConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
   extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* unpacked = smem + kSpP * kStageBytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(unpacked + kSpU * kSpUnpackStride);
-  uint64_t* loaded = bars;               // [kSpP] the stage's copies landed (one arrival per producer thread)
-  uint64_t* consumed = bars + kSpP;      // [kSpP] the 8 consumer warps are done with the stage
-  uint64_t* ready = bars + 2 * kSpP;     // [kSpU] the 4 producer warps unpacked X (codes, fp32 scales) into the buffer
-  uint64_t* drained = ready + kSpU;      // [kSpU] the 8 consumer warps' wgmma reading it completed
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kSpP * Stage::kBytes);
+  uint64_t* loaded = bars;           // [kSpP] the stage's copies landed (one arrival per producer thread + X's bytes)
+  uint64_t* consumed = bars + kSpP;  // [kSpP] the 8 consumer warps are done with the stage
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rank = int(blockIdx.x);  // the cluster spans x
   const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
   if (threadIdx.x == 0) {
     for (int i = 0; i < kSpP; ++i) {
-      mbar_init(&loaded[i], 128);
+      mbar_init(&loaded[i], 128 + 1);  // the producer threads' cp.async + thread 0's arrive.expect_tx
       mbar_init(&consumed[i], 8);
-    }
-    for (int i = 0; i < kSpU; ++i) {
-      mbar_init(&ready[i], 4);
-      mbar_init(&drained[i], 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -973,32 +999,22 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   float acc[64];
   if (warp < 4) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    // Slab j into its (free) stage: v6's 16-byte cp.async from the 128 producer threads, each
-    // thread's completion one arrival on `loaded`. (Run 1 issued 34 `cp.async.bulk` copies of 512 B
-    // a slab from one warp instead: 4040 clocks per slab against 2012 with cp.async, run 2.)
+    // Slab j into its (free) stage. (v7 run 1 issued 34 `cp.async.bulk` copies of 512 B a slab for
+    // W from one warp instead of cp.async: 4040 clocks per slab against 2012, run 2.)
     const auto load = [&](int j) {
       const SpRing to(j);
-      block_tile_load<128>(p, smem + to.p * kStageBytes, s0 + j, n_base, m_base);
+      uint8_t* stage = smem + to.p * Stage::kBytes;
+      if (threadIdx.x == 0) {
+        mbar_arrive_expect_tx(&loaded[to.p], kXInt8BlockBytes);
+        const uint8_t* x_block = p.x_int8 + (size_t(blockIdx.z) * p.slabs + s0 + j) * kXInt8BlockBytes;
+        bulk_load(stage + Stage::kXBlock, x_block, kXInt8BlockBytes, &loaded[to.p]);
+      }
+      block_tile_load<128, Stage>(p, stage, s0 + j, n_base, m_base);
       asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(&loaded[to.p])) : "memory");
     };
-    for (int j = 0; j < min(ns, kSpLead); ++j) load(j);
-    for (int i = 0; i < ns; ++i) {
-      const SpRing at(i);
-      mbar_wait(&loaded[at.p], at.p_phase);
-      if (i >= kSpU) mbar_wait(&drained[at.u], at.u_phase ^ 1);  // slab i - kSpU's use completed
-      const uint8_t* stage = smem + at.p * kStageBytes;
-      uint8_t* ubuf = unpacked + at.u * kSpUnpackStride;
-      unpack_x<4>(stage + kTileBytes, ubuf, s0 + i < p.g4, warp, lane);
-      reinterpret_cast<float*>(ubuf + kUnpackBytes)[threadIdx.x] = __half2float(stage_x_scales(stage)[threadIdx.x]);
-      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&ready[at.u]);
-      // The stage of slab i - 3 is refilled only now: waiting for it never delays slabs i + 1, i + 2.
-      const int j = i + kSpLead;
-      if (j < ns) {
-        if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
-        load(j);
-      }
+    for (int j = 0; j < ns; ++j) {
+      if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
+      load(j);
     }
     __syncthreads();  // pairs with the consumers' barrier before the epilogue
     write_block_tile<OutT>(p, smem, acc, false, 0, lane, rank, n_base, m_base, -1, 0);
@@ -1012,33 +1028,32 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0;
   int d0[64], d1[64];
-  const uint64_t x_desc0 = smem_desc(unpacked);
-  const auto stage = [&](int i) { return smem + SpRing(i).p * kStageBytes; };
+  const auto stage = [&](int i) { return smem + SpRing(i).p * Stage::kBytes; };
+  // Slab i's X block: INT8 codes (at its descriptor), then the tokens' fp32 scales.
+  const uint64_t x_desc0 = smem_desc(smem + Stage::kXBlock);
+  const auto x_desc = [&](int i) { return x_desc0 + (SpRing(i).p * Stage::kBytes >> 4); };
   const auto x_scales = [&](int i) {
-    return reinterpret_cast<const float*>(unpacked + SpRing(i).u * kSpUnpackStride + kUnpackBytes);
+    return reinterpret_cast<const float*>(stage(i) + Stage::kXBlock + kUnpackBytes);
   };
-  const auto release = [&](int i) {  // the warp is done with slab i's stage and unpacked buffer
+  const auto w_scales = [&](int i) { return reinterpret_cast<const __half*>(stage(i) + Stage::kWScales); };
+  const auto release = [&](int i) {  // the warp is done with slab i's stage
     __syncwarp();
-    if (lane == 0) {
-      mbar_arrive(&consumed[SpRing(i).p]);
-      mbar_arrive(&drained[SpRing(i).u]);
-    }
+    if (lane == 0) mbar_arrive(&consumed[SpRing(i).p]);
   };
   // Step i: issue slab i's wgmma into d_cur, then fold slab i - 1 from d_prev while they run.
   const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
     const SpRing at(i);
-    mbar_wait(&ready[at.u], at.u_phase);
-    mbar_wait(&loaded[at.p], at.p_phase);  // done (the producer saw it): makes the copies visible here
-    wgmma_slab(d_cur, stage(i), x_desc0 + (at.u * kSpUnpackStride >> 4), s0 + i < p.g4, wtile, lane);
+    mbar_wait(&loaded[at.p], at.p_phase);  // makes the copies visible here
+    wgmma_slab(d_cur, stage(i), x_desc(i), s0 + i < p.g4, wtile, lane);
     if (i > 0) {
       wgmma_wait<1>();
       fence_regs(d_prev);
-      wgmma_fold<kConv>(acc, d_prev, stage(i - 1), x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
+      wgmma_fold<kConv>(acc, d_prev, w_scales(i - 1), x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
       release(i - 1);
     }
   };
-  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, stage(ns - 1), x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow, lane);
-  __syncthreads();  // every copy was waited for by the producer: the stages are free
+  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, w_scales(ns - 1), x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow, lane);
+  __syncthreads();  // every copy landed (the consumers waited for each on `loaded`): the stages are free
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
 }
 
@@ -1065,13 +1080,13 @@ WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
 }
 
 // The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
-enum class WgmmaKernel { Lockstep, Specialized };
 template <typename Kernel>
 void set_smem(Kernel kernel, int bytes) {
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
+// x_int8 null: the lockstep kernel on the packed X; else the specialised kernel on X pre-widened there.
 template <typename OutT>
-void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream) {
+void launch_wgmma(const GemmOperands& ops, const uint8_t* x_int8, cudaStream_t stream) {
   const auto lockstep = wgmma_kernel<OutT>;
   const auto specialized = wgmma_specialized_kernel<OutT>;
   static bool configured = [&] {
@@ -1085,7 +1100,8 @@ void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream
   WgmmaParams p{ops};
   p.cluster = d.cluster;
   p.slabs_per_rank = d.slabs_per_rank;
-  const bool is_lockstep = kind == WgmmaKernel::Lockstep;
+  p.x_int8 = x_int8;
+  const bool is_lockstep = x_int8 == nullptr;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(d.cluster), unsigned(n_tiles), unsigned(m_tiles));
   cfg.blockDim = dim3(is_lockstep ? kWgThreads : kSpThreads);
@@ -1097,34 +1113,107 @@ void launch_wgmma(const GemmOperands& ops, WgmmaKernel kind, cudaStream_t stream
   attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
   cfg.numAttrs = d.cluster > 1 ? 1 : 0;
-  const auto kernel = is_lockstep ? lockstep : specialized;
-  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, is_lockstep ? lockstep : specialized, p));
+}
+
+// ---- X pre-widened to INT8 in the wgmma B layout (the specialised kernel's input) ------------------
+//
+// One block per (slab, 128-token tile): its 4 warps widen 4 8-token tiles each with the lockstep
+// kernel's store_int8_b, into the global block instead of shared memory, and write the tokens' scales in fp32.
+// Tokens >= M get code 0 and scale 0; a keeper slab's unused upper half (k-steps 2, 3) is zeroed, so
+// every byte of the buffer is defined.
+struct XInt8Params {
+  const uint8_t* xq;
+  const __half* xs;
+  int64_t M, x_rows_pad;
+  int slabs, g4;
+  uint8_t* out;
+};
+__global__ void __launch_bounds__(128) x_to_int8_b_layout_kernel(XInt8Params p) {
+  constexpr int kTiles = (kBM / kRowTile) / 4;  // 8-token tiles per warp
+  const int s = int(blockIdx.x);
+  const int64_t m_base = int64_t(blockIdx.y) * kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, t = lane % 4;
+  const bool int4 = s < p.g4;
+  uint8_t* block = p.out + (size_t(blockIdx.y) * p.slabs + s) * kXInt8BlockBytes;
+  uint4 v[kTiles];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {  // all loads first
+    const int64_t token = m_base + (kTiles * warp + i) * kRowTile + r;
+    v[i] = token < p.M ? __ldg(reinterpret_cast<const uint4*>(p.xq + ((token / kRowTile) * p.slabs + s) * size_t(kSlabBytes) + lane * 16))
+                       : make_uint4(0, 0, 0, 0);
+  }
+  const int64_t token = m_base + threadIdx.x;
+  const float scale = token < p.M ? __half2float(p.xs[size_t(slab_group(s, p.g4)) * p.x_rows_pad + token]) : 0.0f;
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i) {
+    uint8_t* base = block + (kTiles * warp + i) * 128 + r * 16 + t * 4;
+    store_int8_b(v[i], base, int4);
+    if (!int4) {
+#pragma unroll
+      for (int j = 4; j < 8; ++j) *reinterpret_cast<uint32_t*>(base + j * 2048) = 0;
+    }
+  }
+  reinterpret_cast<float*>(block + kUnpackBytes)[threadIdx.x] = scale;
 }
 
 }  // namespace
 
-size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper) {
+size_t gemm_w4a4_split_k_bytes(int64_t M, int64_t N, int K, int keeper) {
   if (M > 64) return 0;  // the decode kernel's split-K sums (enough when it is forced at M <= 16 too)
   const AtomShape w = atom_shape(N, K, keeper);
   return decode_workspace(decode_plan(M, w.rows_pad, w.slabs()));
 }
 
-void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
-               size_t workspace_bytes, cudaStream_t stream, GemmPath path) {
+namespace {
+// The repacked X's bytes: one block per 128-token tile (of the padded rows, as the kernels' grids) and slab.
+size_t x_int8_bytes(const AtomShape& x) {
+  return size_t((x.rows_pad + kBM - 1) / kBM) * size_t(x.slabs()) * kXInt8BlockBytes;
+}
+void require_matching(const AtomShape& x, const AtomShape& w, const std::string& where) {
+  require(x.K == w.K && x.keeper == w.keeper, where,
+          "X is [{}, {}] keeper {}, W is [{}, {}] keeper {}: K and keeper must match", x.rows, x.K, x.keeper, w.rows,
+          w.K, w.keeper);
+}
+}  // namespace
+
+size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper) { return x_int8_bytes(atom_shape(M, K, keeper)); }
+
+void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream) {
+  if (x.shape.rows == 0) return;
+  const XInt8Params p{x.q, x.s, x.shape.rows, x.shape.rows_pad, x.shape.slabs(), x.shape.g4, out};
+  const dim3 grid(unsigned(x.shape.slabs()), unsigned((x.shape.rows_pad + kBM - 1) / kBM));
+  x_to_int8_b_layout_kernel<<<grid, 128, 0, stream>>>(p);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, const GemmW4A4Scratch& scratch,
+               cudaStream_t stream, GemmPath path) {
   const std::string where = "gemm_w4a4";
-  require(x.shape.K == w.shape.K && x.shape.keeper == w.shape.keeper, where,
-        "X is [{}, {}] keeper {}, W is [{}, {}] keeper {}: K and keeper must match", x.shape.rows, x.shape.K,
-        x.shape.keeper, w.shape.rows, w.shape.K, w.shape.keeper);
+  require_matching(x.shape, w.shape, where);
+  // Checked on every call, whatever the path: a repack written over the split-K counters would
+  // leave them non-zero for the next decode-path call.
+  const auto begin = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
+  require(!scratch.split_k || !scratch.x_int8 || scratch.split_k_bytes == 0 || scratch.x_int8_bytes == 0 ||
+              begin(scratch.split_k) + scratch.split_k_bytes <= begin(scratch.x_int8) ||
+              begin(scratch.x_int8) + scratch.x_int8_bytes <= begin(scratch.split_k),
+          where, "the split-K scratch ({} bytes) and the X scratch ({} bytes) overlap", scratch.split_k_bytes,
+          scratch.x_int8_bytes);
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
   if (path == GemmPath::Auto) {
     // Device run 1 (H200): the stream kernel won where W is small (7B q/k/v/o, 70B k/v: fixed costs
     // dominate) and lost to v5's decode kernel on the larger layers; wgmma lost at M = 64. Above 64,
-    // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (1.15-1.28x).
+    // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7 1.15-1.28x
+    // v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
     const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
     path = M <= kStreamMaxM && small_w ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
   }
+  const auto launch = [&](const uint8_t* x_int8) {
+    if (out == OutType::F16) launch_wgmma<__half>(ops, x_int8, stream);
+    else launch_wgmma<__nv_bfloat16>(ops, x_int8, stream);
+  };
   switch (path) {
     case GemmPath::Stream:
       require(M <= kStreamMaxM, where, "the stream path needs M <= {}, got {}", kStreamMaxM, M);
@@ -1134,24 +1223,30 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
       const DecodePlan d = decode_plan(M, w.shape.rows_pad, w.shape.slabs());
       const size_t need = decode_workspace(d);
-      require(workspace_bytes >= need && (need == 0 || workspace), where, "workspace of {} bytes, need {}",
-              workspace_bytes, need);
+      require(scratch.split_k_bytes >= need && (need == 0 || scratch.split_k), where,
+              "split-K scratch of {} bytes, need {}", scratch.split_k_bytes, need);
       DecodeParams p{ops};
       p.splits = d.splits;
       p.slabs_per_split = d.slabs_per_split;
-      p.counters = static_cast<int*>(workspace);
-      p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(workspace) + round_up(int64_t(d.nblocks) * 4, 256))
+      p.counters = static_cast<int*>(scratch.split_k);
+      p.partial = need ? reinterpret_cast<float*>(static_cast<uint8_t*>(scratch.split_k) +
+                                                  round_up(int64_t(d.nblocks) * 4, 256))
                        : nullptr;
       if (out == OutType::F16) launch_decode<__half>(p, d, stream);
       else launch_decode<__nv_bfloat16>(p, d, stream);
       return;
     }
     case GemmPath::WgmmaLockstep:
+      launch(nullptr);
+      return;
     case GemmPath::Wgmma:
     default: {
-      const WgmmaKernel kind = path == GemmPath::WgmmaLockstep ? WgmmaKernel::Lockstep : WgmmaKernel::Specialized;
-      if (out == OutType::F16) launch_wgmma<__half>(ops, kind, stream);
-      else launch_wgmma<__nv_bfloat16>(ops, kind, stream);
+      const size_t need = x_int8_bytes(x.shape);
+      require(scratch.x_int8 && scratch.x_int8_bytes >= need && begin(scratch.x_int8) % 16 == 0, where,
+              "X scratch of {} bytes ({}), need {} bytes, 16-byte aligned", scratch.x_int8_bytes,
+              scratch.x_int8 ? "aligned to " + std::to_string(begin(scratch.x_int8) & 15) + " mod 16" : "null", need);
+      x_to_int8_b_layout(x, scratch.x_int8, stream);
+      launch(scratch.x_int8);
       return;
     }
   }

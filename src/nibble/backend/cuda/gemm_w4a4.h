@@ -1,21 +1,24 @@
 // Atom's mixed-precision W4A4 GEMM on Hopper's INT8 tensor cores:
 //   Y[M, N] (fp16 or bf16) = X[M, K] · W[N, K]ᵀ
-// X and W in the GPU layout of atom_layout.h (same K, same keeper). The 4-bit codes stay 4-bit in
-// memory and are widened to INT8 in registers; each K slab (an INT4 group of 128, or half a keeper
+// X and W in the GPU layout of atom_layout.h (same K, same keeper). W's 4-bit codes stay 4-bit in
+// memory and are widened to INT8 in registers (X's too, but on the wgmma path); each K slab (an INT4 group of 128, or half a keeper
 // group) is accumulated in int32 on the tensor cores and folded into an fp32 accumulator with
 // scale_x[m, g] · scale_w[n, g] (multiplied in fp32), the DeepGEMM way. Kernels:
 //   stream (M <= 16, W <= 16 MB): a GEMV: W streamed once through per-warp register rings, whole W
 //                     tiles per block, split-K over a cluster only for small N, sums finished on chip.
 //   decode (M <= 64): W streamed once through registers (`mma.sync`), split-K over the SMs, the
 //                     partial sums reduced in-kernel by the last block of each column range.
-//   wgmma  (M > 64):  128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as the register A
-//                     operand, X unpacked to INT8 in shared memory as B, fold overlapped with the MMA,
-//                     split-K over a cluster where the tiles do not fill the SMs; warp-specialised: a
-//                     producer warpgroup (cp.async loads, X unpack) and two consumer warpgroups
-//                     (wgmma + fold) synchronised through mbarriers only.
-//   wgmma lockstep:   v6, the same tiles and results bit for bit with all 8 warps doing every phase
-//                     between block barriers: slower everywhere, kept as the bit-identity oracle of the
-//                     tests (GemmPath::WgmmaLockstep).
+//   wgmma  (M > 64):  X first repacked (x_to_int8_b_layout, into caller scratch) to what the tensor
+//                     cores read: INT8 codes in the wgmma B layout + fp32 scales per 128-token tile
+//                     and slab; then 128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as
+//                     the register A operand, X's blocks copied as they are into shared memory as B,
+//                     fold overlapped with the MMA, split-K over a cluster where the tiles do not fill
+//                     the SMs; warp-specialised: a producer warpgroup that only copies (one bulk copy
+//                     of X, cp.async of W a slab) and two consumer warpgroups (wgmma + fold),
+//                     synchronised through mbarriers only.
+//   wgmma lockstep:   v6, the same tiles and results bit for bit, X unpacked in the kernel, all 8
+//                     warps doing every phase between block barriers: slower everywhere, kept as the
+//                     bit-identity oracle of the tests (GemmPath::WgmmaLockstep).
 // All deterministic (fixed summation orders).
 #pragma once
 
@@ -35,13 +38,38 @@ enum class GemmPath { Auto, Stream, Decode, Wgmma, WgmmaLockstep };
 inline constexpr int64_t kStreamMaxM = 16;
 inline constexpr int64_t kStreamMaxWeightBytes = int64_t(16) << 20;  // Auto takes the stream kernel up to here
 
-// Bytes of scratch gemm_w4a4 needs for these shapes (split-K partial sums + counters). The
-// workspace must be zero-filled once when allocated; the kernels leave it zeroed again.
-size_t gemm_w4a4_workspace_bytes(int64_t M, int64_t N, int K, int keeper);
+// Scratch: two separate device buffers, which must not overlap (checked on every call). Callers
+// that run several shapes on one scratch (the executor: every linear of a model) size each buffer by
+// the maximum of its function over those shapes, separately: never one buffer for both.
+//   split_k: the decode kernel's split-K partial sums and arrival counters (M <= 64). Zero-filled
+//            once when allocated; the kernels leave it zeroed again, so nothing else may write it.
+//   x_int8:  the wgmma path's X repacked (M > 64 under Auto; any M when Wgmma is forced), overwritten
+//            by every such call; 16-byte aligned. Bytes grow with M: size it for the largest M.
+struct GemmW4A4Scratch {
+  void* split_k = nullptr;
+  size_t split_k_bytes = 0;
+  uint8_t* x_int8 = nullptr;
+  size_t x_int8_bytes = 0;
+};
+// split_k bytes for one shape (0 for M > 64).
+size_t gemm_w4a4_split_k_bytes(int64_t M, int64_t N, int K, int keeper);
+// x_int8 bytes for M rows of X (any M; Auto reads it only for M > 64): gemm_w4a4_x_int8_bytes(T, K,
+// keeper) serves every M <= T of that K and keeper.
+size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper);
 
-// Throws nibble::Error on mismatched shapes, a too-small workspace or a forced path that cannot
-// take M (Stream: M <= 16, Decode: M <= 64). Asynchronous on `stream`.
-void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, void* workspace,
-               size_t workspace_bytes, cudaStream_t stream, GemmPath path = GemmPath::Auto);
+// Throws nibble::Error on mismatched shapes, overlapping or too-small scratch, or a forced path that
+// cannot take M (Stream: M <= 16, Decode: M <= 64). Asynchronous on `stream` (Wgmma: two kernels).
+void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, const GemmW4A4Scratch& scratch,
+               cudaStream_t stream, GemmPath path = GemmPath::Auto);
+
+// The wgmma path's repack, exposed for its test and the bench (norm_quantize could write this layout
+// directly and save the kernel): per 128-token tile and slab one contiguous block of kXInt8BlockBytes,
+// the slab's INT8 codes (16 * code for INT4 slabs, as the kernels widen them) in the canonical K-major
+// wgmma B layout (byte (token n, channel k of the slab) at (k / 16) * 2048 + (n / 8) * 128 + (n % 8)
+// * 16 + k % 16; keeper slabs fill k < 64, the rest zero), then the 128 tokens' scales in fp32.
+// Blocks ordered [token tile][slab]; tokens >= M hold code 0 and scale 0. X (GPU layout) -> `out`
+// (gemm_w4a4_x_int8_bytes). Asynchronous on `stream`.
+inline constexpr int kXInt8BlockBytes = 128 * 128 + 128 * 4;
+void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream);
 
 }  // namespace nibble::cuda
