@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "nibble/backend/cuda/attention_plan.h"
+#include "nibble/backend/cuda/kv_cache_paged.h"
 
 namespace nibble::cuda {
 namespace {
@@ -16,7 +17,10 @@ DecodePlanShape shape(int batch, int kv_heads, int group, int head_dim, int len,
   s.group = group;
   s.head_dim = head_dim;
   s.max_seq_len = len;
-  s.chunk_bytes = int4 ? 16 * head_dim + 96 : 64 * head_dim;
+  PagedKVLayout layout;
+  layout.head_dim = head_dim;
+  layout.dtype = int4 ? KVDtype::Int4 : KVDtype::Fp16;
+  s.chunk_bytes = layout.chunk_bytes();
   s.sms = sms;
   s.blocks_per_sm = per_sm;
   return s;

@@ -785,7 +785,7 @@ int planned_splits(const KVCacheView& c, const AttentionBatch& b, int G) {
   shape.group = G;
   shape.head_dim = D;
   shape.max_seq_len = b.max_seq_len;
-  shape.chunk_bytes = INT4 ? 16 * D + 96 : 64 * D;
+  shape.chunk_bytes = c.block_bytes / (c.page_size / 16);  // the layout's 16-token chunk
   shape.sms = sm_count();
   shape.blocks_per_sm = blocks_per_sm<D, INT4, ROPE_K>(G);
   return plan_decode_splits(shape);
