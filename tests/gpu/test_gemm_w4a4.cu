@@ -18,6 +18,7 @@
 #include "gpu_test_util.h"
 #include "nibble/backend/cuda/atom_layout.h"
 #include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/device_array.h"
 #include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/core/half.h"
 #include "nibble/quant/format.h"
@@ -141,16 +142,6 @@ DeviceResult run_twice_with(int64_t M, int64_t N, OutType out, const std::functi
   for (size_t i = 0; i < r.y.size(); ++i) r.unwritten += is_nan(r.y[i]) || r.y[i] != again[i];
   return r;
 }
-// Device bytes, freed on scope exit.
-struct DeviceBytes {
-  uint8_t* p = nullptr;
-  explicit DeviceBytes(size_t n) {
-    if (n) NIBBLE_CUDA_CHECK(cudaMalloc(&p, n));
-  }
-  ~DeviceBytes() { cudaFree(p); }
-  DeviceBytes(const DeviceBytes&) = delete;
-  DeviceBytes& operator=(const DeviceBytes&) = delete;
-};
 
 // Y = X·Wᵀ by gemm_w4a4 along `path`, twice (the split-K counters must have been left at zero),
 // on scratch sized by gemm_w4a4.h's functions: the split-K buffer zeroed, the X buffer poisoned.
@@ -158,10 +149,10 @@ DeviceResult run_twice(const AtomOperand& x, const AtomOperand& w, OutType out, 
   const int64_t M = x.shape.rows, N = w.shape.rows;
   const size_t split_k_bytes = gemm_w4a4_split_k_bytes(M, N, x.shape.K, x.shape.keeper);
   const size_t x_int8_bytes = gemm_w4a4_x_int8_bytes(M, x.shape.K, x.shape.keeper);
-  DeviceBytes split_k(split_k_bytes), x_int8(x_int8_bytes);
-  if (split_k_bytes) NIBBLE_CUDA_CHECK(cudaMemset(split_k.p, 0, split_k_bytes));
-  NIBBLE_CUDA_CHECK(cudaMemset(x_int8.p, 0xa5, x_int8_bytes));
-  const GemmW4A4Scratch scratch{split_k.p, split_k_bytes, x_int8.p, x_int8_bytes};
+  DeviceArray<uint8_t> split_k(split_k_bytes), x_int8(x_int8_bytes);
+  if (split_k_bytes) NIBBLE_CUDA_CHECK(cudaMemset(split_k.get(), 0, split_k_bytes));
+  NIBBLE_CUDA_CHECK(cudaMemset(x_int8.get(), 0xa5, x_int8_bytes));
+  const GemmW4A4Scratch scratch{split_k.get(), split_k_bytes, x_int8.get(), x_int8_bytes};
   return run_twice_with(M, N, out, [&](void* y) { gemm_w4a4(x, w, y, out, scratch, nullptr, path); });
 }
 
@@ -418,12 +409,12 @@ TEST(GemmW4A4XInt8, RepackMatchesHostRelayout) {
       const Operand x = make_operand(seed, M, K, keeper, 1.0f, 0.9f);
       const std::vector<uint8_t> want = host_x_int8_blocks(x.ints);
 
-      DeviceBytes dev(want.size());
-      NIBBLE_CUDA_CHECK(cudaMemset(dev.p, 0xa5, want.size()));
-      x_to_int8_b_layout(x.dev.view(), dev.p, nullptr);
+      DeviceArray<uint8_t> dev(want.size());
+      NIBBLE_CUDA_CHECK(cudaMemset(dev.get(), 0xa5, want.size()));
+      x_to_int8_b_layout(x.dev.view(), dev.get(), nullptr);
       NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
       std::vector<uint8_t> got(want.size());
-      NIBBLE_CUDA_CHECK(cudaMemcpy(got.data(), dev.p, got.size(), cudaMemcpyDeviceToHost));
+      NIBBLE_CUDA_CHECK(cudaMemcpy(got.data(), dev.get(), got.size(), cudaMemcpyDeviceToHost));
       int64_t differ = 0;
       for (size_t i = 0; i < got.size(); ++i) differ += got[i] != want[i];
       EXPECT_EQ(differ, 0);
