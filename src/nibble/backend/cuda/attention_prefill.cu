@@ -9,6 +9,7 @@
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/format_device.cuh"
 #include "nibble/backend/cuda/hadamard_device.cuh"
+#include "nibble/backend/cuda/wgmma.cuh"
 
 namespace nibble::cuda {
 namespace {
@@ -391,7 +392,248 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
+
+// ---- attention_prefill on wgmma (sm_90a): head dim 128, FP16 pages, K stored after RoPE ------
+//
+// FlashAttention-3's structure over the paged cache. Block = 128 query rows of one sequence x one
+// head (the tiles of the mma.sync kernel), 3 warpgroups: warpgroup 0 is the producer (cp.async
+// 16-byte copies of K/V tiles of kWgBN keys from the pages into a ring of kWgStages stages, the
+// 128-byte swizzle computed in the address; each thread's copies complete as one arrival on the
+// stage's `full` barrier; setmaxnreg leaves it 40 registers), warpgroups 1 and 2 own 64 query rows
+// each: S = Q·Kᵀ by 8 `wgmma m64n128k16` (Q and K from shared memory, both K-major), online softmax
+// in registers (the accumulator's m16n8-style fragment: rows g, g + 8 of each warp), P converted in
+// place to the k16 A-register fragment, O += P·V by 8 register-A wgmma (V [key][dim] is N-major
+// for B: the descriptor's transpose bit), then the stage is released (`empty`, one arrival per
+// consumer warp).
+//
+// Shared-memory tiles (Q, each K and V stage): two 64-dim halves, each `rows` x 128 bytes with the
+// 128-byte swizzle (16-byte piece c of row r at r * 128 + ((c ^ (r % 8)) << 4), halves 1024-byte
+// aligned). Q and K are K-major (descriptor SBO = 1024 between 8-row groups; a k16 step adds 32
+// bytes inside a half), V is MN-major (LBO = the half's bytes between the two 64-dim halves of N,
+// SBO = 1024 between 8-key groups; a k16 step is 16 keys = 2048 bytes).
+constexpr int kWgD = 128;
+constexpr int kWgBN = 128;                          // keys per tile
+constexpr int kWgStages = 2;                        // K/V ring
+constexpr int kWgThreads = 384;                     // producer + 2 consumer warpgroups
+constexpr int kWgHalf = kWgBN * 128;                // one 64-dim half of a K or V tile (bytes)
+constexpr int kWgTile = 2 * kWgHalf;                // one K or V tile
+constexpr int kWgQHalf = kBM * 128;                 // one 64-dim half of the Q tile
+constexpr int kWgQ = 2 * kWgQHalf;
+constexpr int kWgBars = kWgQ + 2 * kWgStages * kWgTile;  // full[stages], empty[stages] after the tiles
+constexpr int kWgSmem = kWgBars + 2 * kWgStages * 8 + 1024;  // + alignment slack of the dynamic base
+static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
+static_assert(kWgSmem <= 227 * 1024, "shared memory per block");
+
+// Byte offset of 16-byte piece c (0..15 over the 128 dims) of row r in a swizzled two-half tile.
+__device__ __forceinline__ uint32_t swizzled(int r, int c, int half_bytes) {
+  return (c / 8) * half_bytes + r * 128 + (((c % 8) ^ (r % 8)) << 4);
+}
+
+// d (+)= A·B, m64n128k16, fp16 in, fp32 accumulate; A and B from shared memory, both K-major.
+__device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t a_desc, uint64_t b_desc, bool accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.u32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "l"(a_desc), "l"(b_desc), "r"(uint32_t(accumulate)));
+}
+// d += A·B, m64n128k16: A (the k16 fragment) from registers, B from shared memory, N-major.
+__device__ __forceinline__ void wgmma_rs_bt(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
+}
+
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
+  constexpr int D = kWgD, CB = chunk_bytes<D, false>();
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* Qs = smem;
+  const auto k_stage = [&](int s) { return smem + kWgQ + s * kWgTile; };
+  const auto v_stage = [&](int s) { return smem + kWgQ + (kWgStages + s) * kWgTile; };
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kWgBars);
+  uint64_t* empty = full + kWgStages;
+
+  const int h = blockIdx.y, kvh = h / p.G;
+  const int2 tile = b.tiles[blockIdx.x];
+  const int seq = tile.x, q0 = tile.y;
+  const int tok_base = b.cu_new[seq];
+  const int n_new = b.cu_new[seq + 1] - tok_base;
+  const int context = b.seq_lens[seq] - n_new;
+  const int rows = min(kBM, n_new - q0);
+  const int kv_end = context + q0 + rows;  // keys [0, kv_end) are visible to some row
+  const int n_tiles = (kv_end + kWgBN - 1) / kWgBN;
+  const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kWgStages; ++s) {
+      sm90::mbar_init(&full[s], 128);  // the producer threads' cp.async completions
+      sm90::mbar_init(&empty[s], 8);   // the consumer warps
+    }
+    sm90::mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128, lane = threadIdx.x % 32;
+  if (wg == 0) {
+    sm90::setmaxnreg_dec<40>();
+    // Thread i copies 16-byte piece i % 16 of rows i / 16 + 8q (q = 0..3: K rows 0..15, then V
+    // rows) of each 16-token chunk: consecutive threads read consecutive bytes, and every key it
+    // writes has key % 8 = i / 16, so its swizzled column is fixed.
+    const int r0 = threadIdx.x / 16, piece = threadIdx.x % 16;
+    const uint32_t col = swizzled(r0, piece, kWgHalf);
+    for (int kt = 0; kt < n_tiles; ++kt) {
+      const int stage = kt % kWgStages;
+      if (kt >= kWgStages) sm90::mbar_wait(&empty[stage], (kt / kWgStages - 1) & 1);  // tile kt - stages consumed
+      uint8_t* kd = k_stage(stage) + col;
+      uint8_t* vd = v_stage(stage) + col;
+#pragma unroll 2
+      for (int ch = 0; ch < kWgBN / 16; ++ch) {
+        const int key0 = kt * kWgBN + ch * 16;
+        const uint8_t* chunk = key0 < kv_end ? block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) +
+                                                   ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB)
+                                             : c.pool;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int row = r0 + 8 * q, key = ch * 16 + (row & 15);
+          // Past the end: zero rows (masked scores; V must stay finite, 0 * NaN is NaN).
+          const bool ok = key0 + (row & 15) < kv_end;
+          cp_async16((q < 2 ? kd : vd) + key * 128, ok ? chunk + row * 256 + piece * 16 : c.pool, ok ? 16 : 0);
+        }
+      }
+      sm90::cp_async_mbar_arrive(&full[stage]);
+    }
+    cp_async_wait<0>();  // no copy outlives its thread
+    return;
+  }
+
+  sm90::setmaxnreg_inc<232>();
+  const int cw = wg - 1, ctid = threadIdx.x - 128 * wg;  // consumer warpgroup 0/1: rows 64 cw ..
+  const int warp = ctid / 32, g = lane / 4, t = lane % 4;
+  const int wg_row0 = 64 * cw;
+  // Q rows of this warpgroup (zero past `rows`), visible to its wgmma once all 128 threads copied.
+  for (int i = ctid; i < 64 * (D / 8); i += 128) {
+    const int r = wg_row0 + i / (D / 8), piece = i % (D / 8);
+    const bool ok = r < rows;
+    cp_async16(Qs + swizzled(r, piece, kWgQHalf), p.q + (int64_t(tok_base + q0 + (ok ? r : 0)) * p.H + h) * D + piece * 8,
+               ok ? 16 : 0);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  sm90::fence_proxy_async();
+  named_barrier_sync(1 + cw, 128);
+
+  using sm90::Swizzle;
+  const uint64_t q_desc = sm90::smem_desc(sm90::smem_addr(Qs + wg_row0 * 128), 16, 1024, Swizzle::B128);
+  const uint64_t k_desc0 = sm90::smem_desc(sm90::smem_addr(k_stage(0)), 16, 1024, Swizzle::B128);
+  const uint64_t v_desc0 = sm90::smem_desc(sm90::smem_addr(v_stage(0)), kWgHalf, 1024, Swizzle::B128);
+  // Descriptor of k16 step ks inside a K-major two-half tile (start address in 16-byte units).
+  const auto k_step = [](int ks, int half_bytes) { return uint64_t(((ks / 4) * half_bytes + (ks % 4) * 32) >> 4); };
+
+  float o[D / 8][4], s[kWgBN / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
+#pragma unroll
+  for (int j = 0; j < kWgBN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+  float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
+  const int row_g = wg_row0 + warp * 16 + g;  // this lane's rows row_g, row_g + 8 of the block
+  const int pos_g = context + q0 + row_g, pos_g8 = pos_g + 8;
+  // Keys after this warpgroup's last valid row are never needed (none at all when it has no row).
+  const int wg_last_pos = wg_row0 < rows ? context + q0 + min(wg_row0 + 63, rows - 1) : -1;
+
+  for (int kt = 0; kt < n_tiles; ++kt) {
+    const int st = kt % kWgStages;
+    sm90::mbar_wait(&full[st], (kt / kWgStages) & 1);
+    if (kt * kWgBN <= wg_last_pos) {
+      sm90::fence_proxy_async();  // the producer's cp.async writes -> this thread's wgmma reads
+      const uint64_t k_desc = k_desc0 + ((st * kWgTile) >> 4), v_desc = v_desc0 + ((st * kWgTile) >> 4);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) wgmma_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
+
+      const bool need_mask = kt * kWgBN + kWgBN - 1 > context + q0 + wg_row0;
+      float mx_g = -INFINITY, mx_g8 = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kWgBN / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int key = kt * kWgBN + j * 8 + 2 * t + (e & 1);
+          float v = s[j][e] * p.scale_log2;
+          if (need_mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
+          s[j][e] = v;
+          if (e < 2) mx_g = fmaxf(mx_g, v);
+          else mx_g8 = fmaxf(mx_g8, v);
+        }
+      online_softmax_step(s, o, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
+      // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
+      uint32_t pa[kWgBN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kWgBN / 16; ++kk) {
+        pa[kk][0] = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = pack_half2(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kWgBN / 16; ++kk) wgmma_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
+    }
+    __syncwarp();
+    if (lane == 0) sm90::mbar_arrive(&empty[st]);  // this warp is done with the stage
+  }
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_g += __shfl_xor_sync(0xffffffffu, l_g, off);
+    l_g8 += __shfl_xor_sync(0xffffffffu, l_g8, off);
+  }
+  const float inv_g = 1.0f / l_g, inv_g8 = 1.0f / l_g8;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    if (row_g < rows)
+      *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + row_g) * p.H + h) * D + nt * 8 + 2 * t) =
+          pack_half2(o[nt][0] * inv_g, o[nt][1] * inv_g);
+    if (row_g + 8 < rows)
+      *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + row_g + 8) * p.H + h) * D + nt * 8 + 2 * t) =
+          pack_half2(o[nt][2] * inv_g8, o[nt][3] * inv_g8);
+  }
+}
+
+void launch_prefill_wgmma(const KVCacheView& c, const AttentionBatch& b, const PrefillParams& p, Stream stream) {
+  static bool configured = false;
+  if (!configured) {
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(prefill_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem));
+    configured = true;
+  }
+  prefill_wgmma_kernel<<<dim3(b.num_tiles, p.H), kWgThreads, kWgSmem, stream>>>(c, b, p);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
+
+const char* prefill_path_name(PrefillPath p) {
+  switch (p) {
+    case PrefillPath::Auto: return "auto";
+    case PrefillPath::MmaSync: return "mma.sync";
+    case PrefillPath::Wgmma: return "wgmma";
+  }
+  return "?";
+}
+
+bool prefill_wgmma_applies(const KVCacheView& c, bool k_before_rope) {
+  return c.head_dim == kWgD && c.dtype == KVDtype::Fp16 && !k_before_rope;
+}
 
 void attention_append(const KVCacheView& c, const AttentionBatch& b, const AppendArgs& a, Stream stream) {
   require(a.num_heads > 0 && a.num_heads % c.kv_heads == 0, "attention_append",
@@ -426,6 +668,14 @@ void attention_prefill(const KVCacheView& c, const AttentionBatch& b, const Atte
   const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
   PrefillParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
                   a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e};
+  const bool wgmma_applies = prefill_wgmma_applies(c, a.k_before_rope);
+  require(a.prefill_path != PrefillPath::Wgmma || wgmma_applies, "attention_prefill",
+          "the wgmma path needs head dim 128, FP16 pages and K stored after RoPE (head dim {}, {} pages{})",
+          c.head_dim, kv_dtype_name(c.dtype), a.k_before_rope ? ", K before RoPE" : "");
+  if (a.prefill_path != PrefillPath::MmaSync && wgmma_applies) {
+    launch_prefill_wgmma(c, b, p, stream);
+    return;
+  }
   const bool int4 = c.dtype == KVDtype::Int4, rk = a.k_before_rope;
 #define NIBBLE_PREFILL(D)                                               \
   if (int4) {                                                           \
