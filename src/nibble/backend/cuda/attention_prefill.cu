@@ -413,7 +413,7 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
 // SBO = 1024 between 8-key groups; a k16 step is 16 keys = 2048 bytes).
 constexpr int kWgD = 128;
 constexpr int kWgBN = 128;                          // keys per tile
-constexpr int kWgStages = 2;                        // K/V ring
+constexpr int kWgStages = 3;                        // K/V ring (a consumer holds two stages at once)
 constexpr int kWgThreads = 384;                     // producer + 2 consumer warpgroups
 constexpr int kWgHalf = kWgBN * 128;                // one 64-dim half of a K or V tile (bytes)
 constexpr int kWgTile = 2 * kWgHalf;                // one K or V tile
@@ -440,7 +440,8 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t a_desc, uin
 // d += A·B, m64n128k16: A (the k16 fragment) from registers, B from shared memory, N-major.
 __device__ __forceinline__ void wgmma_rs_bt(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc) {
   asm volatile(
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
+      "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
 }
@@ -495,13 +496,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
 #pragma unroll 2
       for (int ch = 0; ch < kWgBN / 16; ++ch) {
         const int key0 = kt * kWgBN + ch * 16;
+        if (key0 + 16 <= kv_end) {  // a whole chunk: 4 copies at fixed offsets from two bases
+          const uint8_t* chunk = block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) +
+                                 ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB) + r0 * 256 + piece * 16;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) cp_async16((q < 2 ? kd : vd) + (ch * 16 + (r0 + 8 * q) % 16) * 128, chunk + q * 8 * 256);
+          continue;
+        }
+        // The chunk of the end: rows past it zero (masked scores; V must stay finite, 0 * NaN is
+        // NaN); chunks wholly past it read nothing.
         const uint8_t* chunk = key0 < kv_end ? block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) +
                                                    ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB)
                                              : c.pool;
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int row = r0 + 8 * q, key = ch * 16 + (row & 15);
-          // Past the end: zero rows (masked scores; V must stay finite, 0 * NaN is NaN).
           const bool ok = key0 + (row & 15) < kv_end;
           cp_async16((q < 2 ? kd : vd) + key * 128, ok ? chunk + row * 256 + piece * 16 : c.pool, ok ? 16 : 0);
         }
@@ -536,6 +545,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   const auto k_step = [](int ks, int half_bytes) { return uint64_t(((ks / 4) * half_bytes + (ks % 4) * 32) >> 4); };
 
   float o[D / 8][4], s[kWgBN / 8][4];
+  uint32_t pa[kWgBN / 16][4];  // P of the previous tile as k16 A fragments
 #pragma unroll
   for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
 #pragma unroll
@@ -543,54 +553,92 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
   const int row_g = wg_row0 + warp * 16 + g;  // this lane's rows row_g, row_g + 8 of the block
   const int pos_g = context + q0 + row_g, pos_g8 = pos_g + 8;
-  // Keys after this warpgroup's last valid row are never needed (none at all when it has no row).
+  // Tiles [0, n_wg) hold keys some valid row of this warpgroup sees; the later ones (none at all
+  // when it has no valid row) are only released.
   const int wg_last_pos = wg_row0 < rows ? context + q0 + min(wg_row0 + 63, rows - 1) : -1;
+  const int n_wg = min(n_tiles, wg_last_pos / kWgBN + 1);
 
-  for (int kt = 0; kt < n_tiles; ++kt) {
-    const int st = kt % kWgStages;
-    sm90::mbar_wait(&full[st], (kt / kWgStages) & 1);
-    if (kt * kWgBN <= wg_last_pos) {
-      sm90::fence_proxy_async();  // the producer's cp.async writes -> this thread's wgmma reads
-      const uint64_t k_desc = k_desc0 + ((st * kWgTile) >> 4), v_desc = v_desc0 + ((st * kWgTile) >> 4);
-      sm90::wgmma_fence();
+  const auto wait_tile = [&](int kt) {
+    sm90::mbar_wait(&full[kt % kWgStages], (kt / kWgStages) & 1);
+    sm90::fence_proxy_async();  // the producer's cp.async writes -> this thread's wgmma reads
+  };
+  const auto release_tile = [&](int kt) {  // this warp is done with the tile's stage
+    __syncwarp();
+    if (lane == 0) sm90::mbar_arrive(&empty[kt % kWgStages]);
+  };
+  const auto issue_qk = [&](int kt) {  // s = Q·K_ktᵀ
+    const uint64_t k_desc = k_desc0 + (((kt % kWgStages) * kWgTile) >> 4);
+    sm90::wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) wgmma_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
-
-      const bool need_mask = kt * kWgBN + kWgBN - 1 > context + q0 + wg_row0;
-      float mx_g = -INFINITY, mx_g8 = -INFINITY;
+    for (int ks = 0; ks < D / 16; ++ks) wgmma_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
+    sm90::wgmma_commit();
+  };
+  const auto issue_pv = [&](int kt) {  // o += P·V_kt, P in pa
+    const uint64_t v_desc = v_desc0 + (((kt % kWgStages) * kWgTile) >> 4);
+    sm90::wgmma_fence();
 #pragma unroll
-      for (int j = 0; j < kWgBN / 8; ++j)
+    for (int kk = 0; kk < kWgBN / 16; ++kk) wgmma_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
+    sm90::wgmma_commit();
+  };
+  // Scores of tile kt (in s) -> exp2 weights, the running max and sums moved on; returns the
+  // factors of the outputs.
+  const auto softmax = [&](int kt) {
+    const bool need_mask = kt * kWgBN + kWgBN - 1 > context + q0 + wg_row0;
+    float mx_g = -INFINITY, mx_g8 = -INFINITY;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = kt * kWgBN + j * 8 + 2 * t + (e & 1);
-          float v = s[j][e] * p.scale_log2;
-          if (need_mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
-          s[j][e] = v;
-          if (e < 2) mx_g = fmaxf(mx_g, v);
-          else mx_g8 = fmaxf(mx_g8, v);
-        }
-      online_softmax_step(s, o, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
-      // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
-      uint32_t pa[kWgBN / 16][4];
+    for (int j = 0; j < kWgBN / 8; ++j)
 #pragma unroll
-      for (int kk = 0; kk < kWgBN / 16; ++kk) {
-        pa[kk][0] = pack_half2(s[2 * kk][0], s[2 * kk][1]);
-        pa[kk][1] = pack_half2(s[2 * kk][2], s[2 * kk][3]);
-        pa[kk][2] = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[kk][3] = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      for (int e = 0; e < 4; ++e) {
+        const int key = kt * kWgBN + j * 8 + 2 * t + (e & 1);
+        float v = s[j][e] * p.scale_log2;
+        if (need_mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
+        s[j][e] = v;
+        if (e < 2) mx_g = fmaxf(mx_g, v);
+        else mx_g8 = fmaxf(mx_g8, v);
       }
-      sm90::wgmma_fence();
+    return softmax_exp_step(s, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
+  };
+  // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
+  const auto pack_p = [&] {
 #pragma unroll
-      for (int kk = 0; kk < kWgBN / 16; ++kk) wgmma_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
-      sm90::wgmma_commit();
+    for (int kk = 0; kk < kWgBN / 16; ++kk) {
+      pa[kk][0] = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack_half2(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  };
+
+  // FlashAttention-3's intra-warpgroup overlap: Q·K of tile kt and P·V of tile kt - 1 are issued
+  // together, and the softmax of tile kt runs while P·V does.
+  if (n_wg > 0) {
+    wait_tile(0);
+    issue_qk(0);
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
+    softmax(0);  // o is still 0: nothing to rescale
+    pack_p();
+    for (int kt = 1; kt < n_wg; ++kt) {
+      wait_tile(kt);
+      issue_qk(kt);
+      issue_pv(kt - 1);
+      sm90::wgmma_wait<1>();  // Q·K_kt done (groups complete in order), P·V may still run
+      sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
+      const float2 al = softmax(kt);
       sm90::wgmma_wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
+      release_tile(kt - 1);
+      rescale_rows(o, al);
+      pack_p();
     }
-    __syncwarp();
-    if (lane == 0) sm90::mbar_arrive(&empty[st]);  // this warp is done with the stage
+    issue_pv(n_wg - 1);
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
+    release_tile(n_wg - 1);
+  }
+  for (int kt = max(n_wg, 0); kt < n_tiles; ++kt) {
+    sm90::mbar_wait(&full[kt % kWgStages], (kt / kWgStages) & 1);
+    release_tile(kt);
   }
 
 #pragma unroll
