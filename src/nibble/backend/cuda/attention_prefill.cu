@@ -487,7 +487,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     // rows) of each 16-token chunk: consecutive threads read consecutive bytes, and every key it
     // writes has key % 8 = i / 16, so its swizzled column is fixed.
     const int r0 = threadIdx.x / 16, piece = threadIdx.x % 16;
-    const uint32_t col = swizzled(r0, piece, kWgHalf);
+    const uint32_t col = swizzled(r0, piece, kWgHalf) - r0 * 128;  // + key * 128 for a key with key % 8 = r0
     for (int kt = 0; kt < n_tiles; ++kt) {
       const int stage = kt % kWgStages;
       if (kt >= kWgStages) sm90::mbar_wait(&empty[stage], (kt / kWgStages - 1) & 1);  // tile kt - stages consumed
@@ -556,7 +556,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // Tiles [0, n_wg) hold keys some valid row of this warpgroup sees; the later ones (none at all
   // when it has no valid row) are only released.
   const int wg_last_pos = wg_row0 < rows ? context + q0 + min(wg_row0 + 63, rows - 1) : -1;
-  const int n_wg = min(n_tiles, wg_last_pos / kWgBN + 1);
+  const int n_wg = wg_last_pos < 0 ? 0 : min(n_tiles, wg_last_pos / kWgBN + 1);
 
   const auto wait_tile = [&](int kt) {
     sm90::mbar_wait(&full[kt % kWgStages], (kt / kWgStages) & 1);
@@ -636,7 +636,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
     release_tile(n_wg - 1);
   }
-  for (int kt = max(n_wg, 0); kt < n_tiles; ++kt) {
+  for (int kt = n_wg; kt < n_tiles; ++kt) {
     sm90::mbar_wait(&full[kt % kWgStages], (kt / kWgStages) & 1);
     release_tile(kt);
   }
