@@ -4,7 +4,7 @@
 //            KV bytes the step must read (codes + scales + zeros of every cached token), % of the
 //            copy bandwidth measured in the same run, INT4 vs our FP16-KV decode.
 //   prefill: 512 / 2048 / 8192-token prompts (16384 tokens per batch), causal, TFLOP/s of each
-//            prefill path (INT4 pages: mma.sync; FP16 pages: mma.sync and wgmma) against
+//            prefill path (mma.sync and wgmma, INT4 and FP16 pages) against
 //            torch.nn.functional.scaled_dot_product_attention's flash and cuDNN backends run in the
 //            same process run (bench/attention_sdpa.py through popen, before our allocations).
 // Timing: CUDA events around batches of launches after warm-up, median of the batches; decode
@@ -246,15 +246,16 @@ int main(int argc, char** argv) {
       std::printf("### prefill (causal, %d tokens per batch, TFLOP/s = 2·batch·H·N²·D / time; attention only, the "
                   "cache already written; append = RoPE + K/V into the cache, separately)\n\n",
                   kPrefillTokens);
-      std::printf("| model | N | batch | int4 mma.sync ms | TFLOP/s | fp16 mma.sync ms | TFLOP/s | fp16 wgmma ms | TFLOP/s | sdpa flash TFLOP/s | sdpa cuDNN ms | TFLOP/s | fp16 wgmma / cuDNN | int4 / cuDNN | wgmma / mma.sync (fp16) | append int4 ms | append fp16 ms |\n");
-      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      std::printf("| model | N | batch | int4 mma.sync ms | TFLOP/s | int4 wgmma ms | TFLOP/s | fp16 mma.sync ms | TFLOP/s | fp16 wgmma ms | TFLOP/s | sdpa flash TFLOP/s | sdpa cuDNN ms | TFLOP/s | fp16 wgmma / cuDNN | int4 wgmma / cuDNN | int4 / fp16 (wgmma) | wgmma / mma.sync (fp16) | append int4 ms | append fp16 ms |\n");
+      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
       for (const Model& m : kModels)
         for (int n : kPrefillN) {
           const int batch = kPrefillTokens / n;
           const double flops = 2.0 * batch * m.heads * double(n) * n * m.head_dim;
           const PrefillResult i4 = bench_prefill(m, KVDtype::Int4, PrefillPath::MmaSync, n, batch);
+          const PrefillResult i4w = bench_prefill(m, KVDtype::Int4, PrefillPath::Wgmma, n, batch);
           const PrefillResult f16 = bench_prefill(m, KVDtype::Fp16, PrefillPath::MmaSync, n, batch);
-          const PrefillResult wg = bench_prefill(m, KVDtype::Fp16, PrefillPath::Wgmma, n, batch);
+          const PrefillResult f16w = bench_prefill(m, KVDtype::Fp16, PrefillPath::Wgmma, n, batch);
           const auto tf = [&](double ms) { return flops / (ms * 1e-3) / 1e12; };
           const auto peer_ms = [&](const char* backend) {
             const auto it = sdpa.find({backend, m.heads, m.kv_heads, n});
@@ -264,11 +265,11 @@ int main(int argc, char** argv) {
           char fl[32] = "n/a", cd[128] = "n/a | n/a | n/a | n/a";
           if (flash > 0) std::snprintf(fl, sizeof fl, "%.0f", tf(flash));
           if (cudnn > 0)
-            std::snprintf(cd, sizeof cd, "%.3f | %.0f | %.2fx | %.2fx", cudnn, tf(cudnn), tf(wg.ms) / tf(cudnn),
-                          tf(i4.ms) / tf(cudnn));
-          std::printf("| %s | %d | %d | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %s | %s | %.2fx | %.3f | %.3f |\n", m.name,
-                      n, batch, i4.ms, tf(i4.ms), f16.ms, tf(f16.ms), wg.ms, tf(wg.ms), fl, cd, f16.ms / wg.ms,
-                      i4.append_ms, f16.append_ms);
+            std::snprintf(cd, sizeof cd, "%.3f | %.0f | %.2fx | %.2fx", cudnn, tf(cudnn), tf(f16w.ms) / tf(cudnn),
+                          tf(i4w.ms) / tf(cudnn));
+          std::printf("| %s | %d | %d | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %s | %s | %.2fx | %.2fx | %.3f | %.3f |\n",
+                      m.name, n, batch, i4.ms, tf(i4.ms), i4w.ms, tf(i4w.ms), f16.ms, tf(f16.ms), f16w.ms, tf(f16w.ms), fl,
+                      cd, f16w.ms / i4w.ms, f16.ms / f16w.ms, i4.append_ms, f16.append_ms);
           std::fflush(stdout);
         }
       std::printf("\nsdpa GQA mode:");

@@ -666,9 +666,11 @@ TEST(AttentionPrefill, RaggedBatchAndChunkedContinuation) {
 // warpgroup has no valid row (<= 64 new tokens), a long chunked continuation.
 TEST(AttentionPrefill, WgmmaEdgesAgainstMmaSync) {
   NIBBLE_REQUIRE_GPU();
-  run_prefill({0, 300, 129, 0}, {257, 128, 1000, 64}, {4, 1, 128, 64}, KVDtype::Fp16, false);
-  run_prefill({127, 128, 1, 4000}, {1, 2, 63, 333}, {2, 4, 128, 256}, KVDtype::Fp16, false);
-  run_prefill({0}, {4096}, {1, 8, 128}, KVDtype::Fp16, false);
+  for (KVDtype dt : {KVDtype::Fp16, KVDtype::Int4}) {
+    run_prefill({0, 300, 129, 0}, {257, 128, 1000, 64}, {4, 1, 128, 64}, dt, false);
+    run_prefill({127, 128, 1, 4000}, {1, 2, 63, 333}, {2, 4, 128, 256}, dt, false);
+    run_prefill({0}, {4096}, {1, 8, 128}, dt, false);
+  }
 }
 TEST(AttentionPrefill, KBeforeRopeRotatedOnRead) {
   NIBBLE_REQUIRE_GPU();

@@ -393,18 +393,22 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
 }
 
 
-// ---- attention_prefill on wgmma (sm_90a): head dim 128, FP16 pages, K stored after RoPE ------
+// ---- attention_prefill on wgmma (sm_90a): head dim 128, FP16 or INT4 pages, K after RoPE -----
 //
 // FlashAttention-3's structure over the paged cache. Block = 128 query rows of one sequence x one
-// head (the tiles of the mma.sync kernel), 3 warpgroups: warpgroup 0 is the producer (cp.async
-// 16-byte copies of K/V tiles of kWgBN keys from the pages into a ring of kWgStages stages, the
-// 128-byte swizzle computed in the address; each thread's copies complete as one arrival on the
-// stage's `full` barrier; setmaxnreg leaves it 40 registers), warpgroups 1 and 2 own 64 query rows
-// each: S = Q·Kᵀ by 8 `wgmma m64n128k16` (Q and K from shared memory, both K-major), online softmax
-// in registers (the accumulator's m16n8-style fragment: rows g, g + 8 of each warp), P converted in
-// place to the k16 A-register fragment, O += P·V by 8 register-A wgmma (V [key][dim] is N-major
-// for B: the descriptor's transpose bit), then the stage is released (`empty`, one arrival per
-// consumer warp).
+// head (the tiles of the mma.sync kernel), 3 warpgroups. Warpgroup 0 is the producer: it fills
+// rings of 2 K tiles and 2 V tiles of kWgBN keys (fp16, 128-byte swizzled). FP16 pages: 16-byte
+// cp.async copies straight from the pages, the swizzle computed in the address, each thread's
+// copies completing as one arrival on the tile's `full` barrier. INT4 pages: the raw chunks by
+// cp.async into a double buffer, then dequantized by the producer into the fp16 tile (exactly
+// fp16 of format.h's decode, as the mma.sync kernel does), `fence.proxy.async`, arrival.
+// setmaxnreg leaves the producer 56 registers. Warpgroups 1 and 2 own 64 query rows each: S = Q·Kᵀ
+// by 8 `wgmma m64n128k16` (Q and K from shared memory, both K-major), online softmax in registers
+// (the accumulator's m16n8-style fragment: rows g, g + 8 of each warp), P converted in place to the
+// k16 A-register fragment, O += P·V by 8 register-A wgmma (V [key][dim] is N-major for B: the
+// descriptor's transpose bit). K and V have their own rings and `empty` barriers (one arrival per
+// consumer warp): a consumer releases K of tile k once Q·K is done and V of tile k - 1 once P·V is,
+// while it holds both (the intra-warpgroup overlap below), so 2 + 2 stages never stall the producer.
 //
 // Shared-memory tiles (Q, each K and V stage): two 64-dim halves, each `rows` x 128 bytes with the
 // 128-byte swizzle (16-byte piece c of row r at r * 128 + ((c ^ (r % 8)) << 4), halves 1024-byte
@@ -412,17 +416,27 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
 // bytes inside a half), V is MN-major (LBO = the half's bytes between the two 64-dim halves of N,
 // SBO = 1024 between 8-key groups; a k16 step is 16 keys = 2048 bytes).
 constexpr int kWgD = 128;
-constexpr int kWgBN = 128;                          // keys per tile
-constexpr int kWgStages = 3;                        // K/V ring (a consumer holds two stages at once)
-constexpr int kWgThreads = 384;                     // producer + 2 consumer warpgroups
-constexpr int kWgHalf = kWgBN * 128;                // one 64-dim half of a K or V tile (bytes)
-constexpr int kWgTile = 2 * kWgHalf;                // one K or V tile
-constexpr int kWgQHalf = kBM * 128;                 // one 64-dim half of the Q tile
+constexpr int kWgBN = 128;                    // keys per tile
+constexpr int kWgThreads = 384;               // producer + 2 consumer warpgroups
+constexpr int kWgHalf = kWgBN * 128;          // one 64-dim half of a K or V tile (bytes)
+constexpr int kWgTile = 2 * kWgHalf;          // one K or V tile
+constexpr int kWgQHalf = kBM * 128;           // one 64-dim half of the Q tile
 constexpr int kWgQ = 2 * kWgQHalf;
-constexpr int kWgBars = kWgQ + 2 * kWgStages * kWgTile;  // full[stages], empty[stages] after the tiles
-constexpr int kWgSmem = kWgBars + 2 * kWgStages * 8 + 1024;  // + alignment slack of the dynamic base
+constexpr int kWgK = kWgQ;                    // K ring [2], then V ring [2]
+constexpr int kWgV = kWgK + 2 * kWgTile;
+constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw chunks of a tile [2]
+constexpr int kWgRawTile = (kWgBN / 16) * chunk_bytes<kWgD, true>();
+template <bool INT4>
+constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2]
+  return kWgRaw + (INT4 ? 2 * kWgRawTile : 0);
+}
+template <bool INT4>
+constexpr int wg_smem() {
+  return wg_bars<INT4>() + 8 * 8 + 1024;  // + alignment slack of the dynamic base
+}
 static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
-static_assert(kWgSmem <= 227 * 1024, "shared memory per block");
+static_assert(wg_smem<true>() <= 227 * 1024, "shared memory per block");
+static_assert(kWgRawTile % 16 == 0, "16-byte copies");
 
 // Byte offset of 16-byte piece c (0..15 over the 128 dims) of row r in a swizzled two-half tile.
 __device__ __forceinline__ uint32_t swizzled(int r, int c, int half_bytes) {
@@ -450,15 +464,18 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+template <bool INT4>
 __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
-  constexpr int D = kWgD, CB = chunk_bytes<D, false>();
+  constexpr int D = kWgD, CB = chunk_bytes<D, INT4>();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* Qs = smem;
-  const auto k_stage = [&](int s) { return smem + kWgQ + s * kWgTile; };
-  const auto v_stage = [&](int s) { return smem + kWgQ + (kWgStages + s) * kWgTile; };
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kWgBars);
-  uint64_t* empty = full + kWgStages;
+  const auto k_stage = [&](int kt) { return smem + kWgK + (kt & 1) * kWgTile; };
+  const auto v_stage = [&](int kt) { return smem + kWgV + (kt & 1) * kWgTile; };
+  uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + wg_bars<INT4>());
+  uint64_t* full_v = full_k + 2;
+  uint64_t* empty_k = full_k + 4;
+  uint64_t* empty_v = full_k + 6;
 
   const int h = blockIdx.y, kvh = h / p.G;
   const int2 tile = b.tiles[blockIdx.x];
@@ -470,11 +487,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   const int kv_end = context + q0 + rows;  // keys [0, kv_end) are visible to some row
   const int n_tiles = (kv_end + kWgBN - 1) / kWgBN;
   const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
+  // The 16-token chunk of key0 (< kv_end) in the pages.
+  const auto chunk_of = [&](int key0) {
+    return block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) + ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB);
+  };
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kWgStages; ++s) {
-      sm90::mbar_init(&full[s], 128);  // the producer threads' cp.async completions
-      sm90::mbar_init(&empty[s], 8);   // the consumer warps
+    for (int i = 0; i < 2; ++i) {
+      sm90::mbar_init(&full_k[i], 128);  // the producer threads (their cp.async completions for FP16)
+      sm90::mbar_init(&full_v[i], 128);
+      sm90::mbar_init(&empty_k[i], 8);  // the consumer warps
+      sm90::mbar_init(&empty_v[i], 8);
     }
     sm90::mbar_init_fence();
   }
@@ -482,46 +505,110 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
 
   const int wg = threadIdx.x / 128, lane = threadIdx.x % 32;
   if (wg == 0) {
-    sm90::setmaxnreg_dec<40>();
-    // Thread i copies 16-byte piece i % 16 of rows i / 16 + 8q (q = 0..3: K rows 0..15, then V
-    // rows) of each 16-token chunk: consecutive threads read consecutive bytes, and every key it
-    // writes has key % 8 = i / 16, so its swizzled column is fixed.
-    const int r0 = threadIdx.x / 16, piece = threadIdx.x % 16;
-    const uint32_t col = swizzled(r0, piece, kWgHalf) - r0 * 128;  // + key * 128 for a key with key % 8 = r0
-    for (int kt = 0; kt < n_tiles; ++kt) {
-      const int stage = kt % kWgStages;
-      if (kt >= kWgStages) sm90::mbar_wait(&empty[stage], (kt / kWgStages - 1) & 1);  // tile kt - stages consumed
-      uint8_t* kd = k_stage(stage) + col;
-      uint8_t* vd = v_stage(stage) + col;
+    sm90::setmaxnreg_dec<56>();
+    // Tile kt's K or V stage is free once the consumers released tile kt - 2's.
+    const auto wait_free = [&](uint64_t* empty, int kt) {
+      if (kt >= 2) sm90::mbar_wait(&empty[kt & 1], ((kt >> 1) - 1) & 1);
+    };
+    if constexpr (!INT4) {
+      // Thread i copies 16-byte piece i % 16 of K rows (or V rows) i / 16 and i / 16 + 8 of every
+      // chunk: consecutive threads read consecutive bytes, and every key it writes has key % 8 =
+      // i / 16, so its swizzled column is one constant.
+      const int r0 = threadIdx.x / 16, piece = threadIdx.x % 16;
+      const uint32_t col = swizzled(r0, piece, kWgHalf) - r0 * 128;  // + key * 128
+      // Rows first_row + r0, + 8 of tile kt's chunks (K: 0, V: 16) into dst.
+      const auto copy_rows = [&](int kt, uint8_t* dst, int first_row) {
 #pragma unroll 2
-      for (int ch = 0; ch < kWgBN / 16; ++ch) {
-        const int key0 = kt * kWgBN + ch * 16;
-        if (key0 + 16 <= kv_end) {  // a whole chunk: 4 copies at fixed offsets from two bases
-          const uint8_t* chunk = block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) +
-                                 ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB) + r0 * 256 + piece * 16;
+        for (int ch = 0; ch < kWgBN / 16; ++ch) {
+          const int key0 = kt * kWgBN + ch * 16;
+          if (key0 + 16 <= kv_end) {  // a whole chunk
+            const uint8_t* src = chunk_of(key0) + (first_row + r0) * 256 + piece * 16;
+            cp_async16(dst + (ch * 16 + r0) * 128, src);
+            cp_async16(dst + (ch * 16 + r0 + 8) * 128, src + 8 * 256);
+            continue;
+          }
+          // The chunk of the end: rows past it zero (masked scores; V must stay finite, 0 * NaN is
+          // NaN); chunks wholly past it read nothing.
+          const uint8_t* src = key0 < kv_end ? chunk_of(key0) : c.pool;
 #pragma unroll
-          for (int q = 0; q < 4; ++q) cp_async16((q < 2 ? kd : vd) + (ch * 16 + (r0 + 8 * q) % 16) * 128, chunk + q * 8 * 256);
-          continue;
+          for (int q = 0; q < 2; ++q) {
+            const int r = r0 + 8 * q;
+            const bool ok = key0 + r < kv_end;
+            cp_async16(dst + (ch * 16 + r) * 128, ok ? src + (first_row + r) * 256 + piece * 16 : c.pool, ok ? 16 : 0);
+          }
         }
-        // The chunk of the end: rows past it zero (masked scores; V must stay finite, 0 * NaN is
-        // NaN); chunks wholly past it read nothing.
-        const uint8_t* chunk = key0 < kv_end ? block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) +
-                                                   ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB)
-                                             : c.pool;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int row = r0 + 8 * q, key = ch * 16 + (row & 15);
-          const bool ok = key0 + (row & 15) < kv_end;
-          cp_async16((q < 2 ? kd : vd) + key * 128, ok ? chunk + row * 256 + piece * 16 : c.pool, ok ? 16 : 0);
-        }
+      };
+      for (int kt = 0; kt < n_tiles; ++kt) {
+        wait_free(empty_k, kt);
+        copy_rows(kt, k_stage(kt) + col, 0);
+        sm90::cp_async_mbar_arrive(&full_k[kt & 1]);
+        wait_free(empty_v, kt);
+        copy_rows(kt, v_stage(kt) + col, 16);
+        sm90::cp_async_mbar_arrive(&full_v[kt & 1]);
       }
-      sm90::cp_async_mbar_arrive(&full[stage]);
+      cp_async_wait<0>();  // no copy outlives its thread
+    } else {
+      uint8_t* raw = smem + kWgRaw;
+      // Tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one cp.async group.
+      const auto copy_raw = [&](int kt) {
+        uint8_t* dst = raw + (kt & 1) * kWgRawTile;
+        for (int u = threadIdx.x; u < kWgRawTile / 16; u += 128) {
+          const int ch = u / (CB / 16), piece = u % (CB / 16), key0 = kt * kWgBN + ch * 16;
+          if (key0 < kv_end) cp_async16(dst + ch * CB + piece * 16, chunk_of(key0) + piece * 16);
+        }
+        cp_async_commit();
+      };
+      // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
+      // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
+      // the swizzled column. Keys past kv_end become zeros.
+      const int w = threadIdx.x % 8, rr = threadIdx.x / 8;
+      const uint32_t col = uint32_t(w ^ (rr & 7)) << 4;
+      // K (codes at 0, scales at 16D, zeros at 16D + 64) or V (+8D, +32, +16) of tile kt into dst.
+      const auto dequant = [&](int kt, uint8_t* dst, bool is_v) {
+        const uint8_t* rc = raw + (kt & 1) * kWgRawTile;
+#pragma unroll 2
+        for (int j = 0; j < kWgBN / 16; ++j) {
+          const int r = rr + 16 * j;
+          uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+          if (kt * kWgBN + r < kv_end) {
+            const uint8_t* ch = rc + j * CB;
+            const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + (is_v ? 8 * D : 0) + rr * (D / 2));
+            const uint32_t w0 = row[w], w1 = row[w + 8];
+            const __half sh = reinterpret_cast<const __half*>(ch + 16 * D + (is_v ? 32 : 0))[rr];
+            const __half zh = __int2half_rn(1024 + ch[16 * D + 64 + (is_v ? 16 : 0) + rr]);
+            const __half2 ss = __halves2half2(sh, sh), zz = __halves2half2(zh, zh);
+            lo = make_uint4(h2u(dequant_pair(w0, 0, zz, ss)), h2u(dequant_pair(w0, 1, zz, ss)),
+                            h2u(dequant_pair(w0, 2, zz, ss)), h2u(dequant_pair(w0, 3, zz, ss)));
+            hi = make_uint4(h2u(dequant_pair(w1, 0, zz, ss)), h2u(dequant_pair(w1, 1, zz, ss)),
+                            h2u(dequant_pair(w1, 2, zz, ss)), h2u(dequant_pair(w1, 3, zz, ss)));
+          }
+          *reinterpret_cast<uint4*>(dst + r * 128 + col) = lo;
+          *reinterpret_cast<uint4*>(dst + kWgHalf + r * 128 + col) = hi;
+        }
+      };
+      // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
+      for (int kt = 0; kt <= n_tiles; ++kt) {
+        if (kt < n_tiles) copy_raw(kt);
+        if (kt == 0) continue;
+        const int j = kt - 1;
+        if (kt < n_tiles) cp_async_wait<1>();
+        else cp_async_wait<0>();
+        named_barrier_sync(3, 128);  // tile j's chunks landed, from every producer thread
+        wait_free(empty_k, j);
+        dequant(j, k_stage(j), false);
+        sm90::fence_proxy_async();  // these generic writes -> the consumers' wgmma reads
+        sm90::mbar_arrive(&full_k[j & 1]);
+        wait_free(empty_v, j);
+        dequant(j, v_stage(j), true);
+        sm90::fence_proxy_async();
+        sm90::mbar_arrive(&full_v[j & 1]);
+        named_barrier_sync(3, 128);  // raw buffer j & 1 is free for tile j + 2's chunks
+      }
     }
-    cp_async_wait<0>();  // no copy outlives its thread
     return;
   }
 
-  sm90::setmaxnreg_inc<232>();
+  sm90::setmaxnreg_inc<224>();
   const int cw = wg - 1, ctid = threadIdx.x - 128 * wg;  // consumer warpgroup 0/1: rows 64 cw ..
   const int warp = ctid / 32, g = lane / 4, t = lane % 4;
   const int wg_row0 = 64 * cw;
@@ -539,8 +626,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
 
   using sm90::Swizzle;
   const uint64_t q_desc = sm90::smem_desc(sm90::smem_addr(Qs + wg_row0 * 128), 16, 1024, Swizzle::B128);
-  const uint64_t k_desc0 = sm90::smem_desc(sm90::smem_addr(k_stage(0)), 16, 1024, Swizzle::B128);
-  const uint64_t v_desc0 = sm90::smem_desc(sm90::smem_addr(v_stage(0)), kWgHalf, 1024, Swizzle::B128);
+  const uint64_t k_desc0 = sm90::smem_desc(sm90::smem_addr(smem + kWgK), 16, 1024, Swizzle::B128);
+  const uint64_t v_desc0 = sm90::smem_desc(sm90::smem_addr(smem + kWgV), kWgHalf, 1024, Swizzle::B128);
   // Descriptor of k16 step ks inside a K-major two-half tile (start address in 16-byte units).
   const auto k_step = [](int ks, int half_bytes) { return uint64_t(((ks / 4) * half_bytes + (ks % 4) * 32) >> 4); };
 
@@ -558,23 +645,24 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   const int wg_last_pos = wg_row0 < rows ? context + q0 + min(wg_row0 + 63, rows - 1) : -1;
   const int n_wg = wg_last_pos < 0 ? 0 : min(n_tiles, wg_last_pos / kWgBN + 1);
 
-  const auto wait_tile = [&](int kt) {
-    sm90::mbar_wait(&full[kt % kWgStages], (kt / kWgStages) & 1);
-    sm90::fence_proxy_async();  // the producer's cp.async writes -> this thread's wgmma reads
+  // Tile kt's K or V landed (and this thread's wgmma will see it).
+  const auto wait_full = [&](uint64_t* full, int kt) {
+    sm90::mbar_wait(&full[kt & 1], (kt >> 1) & 1);
+    sm90::fence_proxy_async();  // the producer's generic-proxy writes -> this thread's wgmma reads
   };
-  const auto release_tile = [&](int kt) {  // this warp is done with the tile's stage
+  const auto release = [&](uint64_t* empty, int kt) {  // this warp is done with tile kt's K or V
     __syncwarp();
-    if (lane == 0) sm90::mbar_arrive(&empty[kt % kWgStages]);
+    if (lane == 0) sm90::mbar_arrive(&empty[kt & 1]);
   };
   const auto issue_qk = [&](int kt) {  // s = Q·K_ktᵀ
-    const uint64_t k_desc = k_desc0 + (((kt % kWgStages) * kWgTile) >> 4);
+    const uint64_t k_desc = k_desc0 + (((kt & 1) * kWgTile) >> 4);
     sm90::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) wgmma_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
     sm90::wgmma_commit();
   };
   const auto issue_pv = [&](int kt) {  // o += P·V_kt, P in pa
-    const uint64_t v_desc = v_desc0 + (((kt % kWgStages) * kWgTile) >> 4);
+    const uint64_t v_desc = v_desc0 + (((kt & 1) * kWgTile) >> 4);
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgBN / 16; ++kk) wgmma_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
@@ -612,33 +700,39 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // FlashAttention-3's intra-warpgroup overlap: Q·K of tile kt and P·V of tile kt - 1 are issued
   // together, and the softmax of tile kt runs while P·V does.
   if (n_wg > 0) {
-    wait_tile(0);
+    wait_full(full_k, 0);
     issue_qk(0);
     sm90::wgmma_wait<0>();
     sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
+    release(empty_k, 0);
     softmax(0);  // o is still 0: nothing to rescale
     pack_p();
     for (int kt = 1; kt < n_wg; ++kt) {
-      wait_tile(kt);
+      wait_full(full_k, kt);
       issue_qk(kt);
+      wait_full(full_v, kt - 1);
       issue_pv(kt - 1);
       sm90::wgmma_wait<1>();  // Q·K_kt done (groups complete in order), P·V may still run
       sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
+      release(empty_k, kt);
       const float2 al = softmax(kt);
       sm90::wgmma_wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
-      release_tile(kt - 1);
+      release(empty_v, kt - 1);
       rescale_rows(o, al);
       pack_p();
     }
+    wait_full(full_v, n_wg - 1);
     issue_pv(n_wg - 1);
     sm90::wgmma_wait<0>();
     sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
-    release_tile(n_wg - 1);
+    release(empty_v, n_wg - 1);
   }
-  for (int kt = n_wg; kt < n_tiles; ++kt) {
-    sm90::mbar_wait(&full[kt % kWgStages], (kt / kWgStages) & 1);
-    release_tile(kt);
+  for (int kt = n_wg; kt < n_tiles; ++kt) {  // tiles after this warpgroup's rows: released unread
+    sm90::mbar_wait(&full_k[kt & 1], (kt >> 1) & 1);
+    release(empty_k, kt);
+    sm90::mbar_wait(&full_v[kt & 1], (kt >> 1) & 1);
+    release(empty_v, kt);
   }
 
 #pragma unroll
@@ -658,13 +752,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   }
 }
 
+template <bool INT4>
 void launch_prefill_wgmma(const KVCacheView& c, const AttentionBatch& b, const PrefillParams& p, Stream stream) {
+  constexpr int smem = wg_smem<INT4>();
   static bool configured = false;
   if (!configured) {
-    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(prefill_wgmma_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem));
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(prefill_wgmma_kernel<INT4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     configured = true;
   }
-  prefill_wgmma_kernel<<<dim3(b.num_tiles, p.H), kWgThreads, kWgSmem, stream>>>(c, b, p);
+  prefill_wgmma_kernel<INT4><<<dim3(b.num_tiles, p.H), kWgThreads, smem, stream>>>(c, b, p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -680,7 +776,7 @@ const char* prefill_path_name(PrefillPath p) {
 }
 
 bool prefill_wgmma_applies(const KVCacheView& c, bool k_before_rope) {
-  return c.head_dim == kWgD && c.dtype == KVDtype::Fp16 && !k_before_rope;
+  return c.head_dim == kWgD && !k_before_rope;
 }
 
 void attention_append(const KVCacheView& c, const AttentionBatch& b, const AppendArgs& a, Stream stream) {
@@ -718,10 +814,11 @@ void attention_prefill(const KVCacheView& c, const AttentionBatch& b, const Atte
                   a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e};
   const bool wgmma_applies = prefill_wgmma_applies(c, a.k_before_rope);
   require(a.prefill_path != PrefillPath::Wgmma || wgmma_applies, "attention_prefill",
-          "the wgmma path needs head dim 128, FP16 pages and K stored after RoPE (head dim {}, {} pages{})",
-          c.head_dim, kv_dtype_name(c.dtype), a.k_before_rope ? ", K before RoPE" : "");
+          "the wgmma path needs head dim 128 and K stored after RoPE (head dim {}{})", c.head_dim,
+          a.k_before_rope ? ", K before RoPE" : "");
   if (a.prefill_path != PrefillPath::MmaSync && wgmma_applies) {
-    launch_prefill_wgmma(c, b, p, stream);
+    if (c.dtype == KVDtype::Int4) launch_prefill_wgmma<true>(c, b, p, stream);
+    else launch_prefill_wgmma<false>(c, b, p, stream);
     return;
   }
   const bool int4 = c.dtype == KVDtype::Int4, rk = a.k_before_rope;
