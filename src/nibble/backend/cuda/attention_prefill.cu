@@ -139,6 +139,27 @@ __device__ __forceinline__ void copy_chunk(uint8_t* dst, const uint8_t* src, int
   for (int u = i; u < bytes / 16; u += n) cp_async16(dst + u * 16, src + u * 16);
 }
 
+// Scores s of keys key0 + 8j + 2t + (e & 1) (m16n8 fragments: elements 0, 1 of row pos_g, 2, 3
+// of row pos_g8) to the log2 domain, keys after the row's position at -inf where `mask`; returns
+// the lane's maxima of the two rows.
+template <int NJ>
+__device__ __forceinline__ float2 scale_mask_max(float (&s)[NJ][4], float scale_log2, bool mask, int key0, int t,
+                                                 int pos_g, int pos_g8) {
+  float mx_g = -INFINITY, mx_g8 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = key0 + j * 8 + 2 * t + (e & 1);
+      float v = s[j][e] * scale_log2;
+      if (mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
+      s[j][e] = v;
+      if (e < 2) mx_g = fmaxf(mx_g, v);
+      else mx_g8 = fmaxf(mx_g8, v);
+    }
+  return make_float2(mx_g, mx_g8);
+}
+
 // One block: 128 new tokens of one sequence x one query head; 8 warps of 16 rows. Key tiles of 64
 // from the paged cache (earlier chunks and this one: the append kernel wrote them first), fp16
 // tiles in shared memory (INT4 dequantized there), mma.sync m16n8k16, online softmax in registers.
@@ -331,19 +352,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(KVCacheView c, Attent
       }
     }
     const bool need_mask = kt * kBN + kBN - 1 > context + q0 + wr0;
-    float mx_g = -INFINITY, mx_g8 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = kt * kBN + j * 8 + 2 * t + (e & 1);
-        float v = s[j][e] * p.scale_log2;
-        if (need_mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
-        s[j][e] = v;
-        if (e < 2) mx_g = fmaxf(mx_g, v);
-        else mx_g8 = fmaxf(mx_g8, v);
-      }
-    online_softmax_step(s, o, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
+    const float2 mx = scale_mask_max(s, p.scale_log2, need_mask, kt * kBN, t, pos_g, pos_g8);
+    online_softmax_step(s, o, mx.x, mx.y, m_g, m_g8, l_g, l_g8);
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
@@ -672,19 +682,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // factors of the outputs.
   const auto softmax = [&](int kt) {
     const bool need_mask = kt * kWgBN + kWgBN - 1 > context + q0 + wg_row0;
-    float mx_g = -INFINITY, mx_g8 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kWgBN / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = kt * kWgBN + j * 8 + 2 * t + (e & 1);
-        float v = s[j][e] * p.scale_log2;
-        if (need_mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
-        s[j][e] = v;
-        if (e < 2) mx_g = fmaxf(mx_g, v);
-        else mx_g8 = fmaxf(mx_g8, v);
-      }
-    return softmax_exp_step(s, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
+    const float2 mx = scale_mask_max(s, p.scale_log2, need_mask, kt * kWgBN, t, pos_g, pos_g8);
+    return softmax_exp_step(s, mx.x, mx.y, m_g, m_g8, l_g, l_g8);
   };
   // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
   const auto pack_p = [&] {
