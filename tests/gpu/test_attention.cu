@@ -553,6 +553,11 @@ void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh,
   }
   Harness hs(sh, dt, kbr, pages, int(max_len));
   const std::vector<PrefillPath> paths = prefill_paths(hs);
+  // Flushed before the kernels run: if one hangs and the timeout kills the program, the last line
+  // names the case.
+  std::printf("prefill case: %s kbr=%d seqs=%zu Hkv=%d G=%d D=%d page=%d, %zu path(s)\n", kv_dtype_name(dt), int(kbr),
+              fresh.size(), sh.hkv, sh.g, D, sh.page, paths.size());
+  std::fflush(stdout);
   AttentionArgs a;
   a.num_heads = H;
   a.layer = 1;
@@ -639,6 +644,7 @@ void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh,
     std::printf("\n");
     bad.print("against the reference");
     if (k > 0) differs.print("against the first path");
+    std::fflush(stdout);
     EXPECT_EQ(st.bad, 0) << prefill_path_name(paths[k]) << ", seed " << hs.seed;
     EXPECT_LT(st.rel(), 4e-3) << prefill_path_name(paths[k]) << ", seed " << hs.seed;
     EXPECT_LT(st.max_rel, kMaxRel) << prefill_path_name(paths[k]) << ", seed " << hs.seed;
