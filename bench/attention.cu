@@ -248,6 +248,7 @@ int main(int argc, char** argv) {
                   kPrefillTokens);
       std::printf("| model | N | batch | int4 mma.sync ms | TFLOP/s | int4 wgmma ms | TFLOP/s | fp16 mma.sync ms | TFLOP/s | fp16 wgmma ms | TFLOP/s | sdpa flash TFLOP/s | sdpa cuDNN ms | TFLOP/s | fp16 wgmma / cuDNN | int4 wgmma / cuDNN | int4 / fp16 (wgmma) | wgmma / mma.sync (fp16) | append int4 ms | append fp16 ms |\n");
       std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      std::vector<std::pair<double, double>> wgmma_ms;  // (int4, fp16) per row, for the ping-pong table
       for (const Model& m : kModels)
         for (int n : kPrefillN) {
           const int batch = kPrefillTokens / n;
@@ -256,6 +257,7 @@ int main(int argc, char** argv) {
           const PrefillResult i4w = bench_prefill(m, KVDtype::Int4, PrefillPath::Wgmma, n, batch);
           const PrefillResult f16 = bench_prefill(m, KVDtype::Fp16, PrefillPath::MmaSync, n, batch);
           const PrefillResult f16w = bench_prefill(m, KVDtype::Fp16, PrefillPath::Wgmma, n, batch);
+          wgmma_ms.push_back({i4w.ms, f16w.ms});
           const auto tf = [&](double ms) { return flops / (ms * 1e-3) / 1e12; };
           const auto peer_ms = [&](const char* backend) {
             const auto it = sdpa.find({backend, m.heads, m.kv_heads, n});
@@ -270,6 +272,23 @@ int main(int argc, char** argv) {
           std::printf("| %s | %d | %d | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %s | %s | %.2fx | %.2fx | %.3f | %.3f |\n",
                       m.name, n, batch, i4.ms, tf(i4.ms), i4w.ms, tf(i4w.ms), f16.ms, tf(f16.ms), f16w.ms, tf(f16w.ms), fl,
                       cd, f16w.ms / i4w.ms, f16.ms / f16w.ms, i4.append_ms, f16.append_ms);
+          std::fflush(stdout);
+        }
+      // Separately, after the main table: a hang of the untested ping-pong variant loses nothing above.
+      std::printf("\n### prefill, wgmma with the consumer warpgroups ping-ponging (same shapes)\n\n");
+      std::printf("| model | N | int4 ping-pong ms | TFLOP/s | vs int4 wgmma | fp16 ping-pong ms | TFLOP/s | vs fp16 wgmma |\n");
+      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+      size_t row = 0;
+      for (const Model& m : kModels)
+        for (int n : kPrefillN) {
+          const int batch = kPrefillTokens / n;
+          const double flops = 2.0 * batch * m.heads * double(n) * n * m.head_dim;
+          const auto tf = [&](double ms) { return flops / (ms * 1e-3) / 1e12; };
+          const PrefillResult i4 = bench_prefill(m, KVDtype::Int4, PrefillPath::WgmmaPingPong, n, batch);
+          const PrefillResult f16 = bench_prefill(m, KVDtype::Fp16, PrefillPath::WgmmaPingPong, n, batch);
+          const auto [i4w, f16w] = wgmma_ms[row++];
+          std::printf("| %s | %d | %.3f | %.0f | %.2fx | %.3f | %.0f | %.2fx |\n", m.name, n, i4.ms, tf(i4.ms), i4w / i4.ms,
+                      f16.ms, tf(f16.ms), f16w / f16.ms);
           std::fflush(stdout);
         }
       std::printf("\nsdpa GQA mode:");

@@ -518,10 +518,14 @@ TEST(AttentionDecode, ForcedSplitsAgree) {
 // ---- prefill ---------------------------------------------------------------------------------
 
 // The prefill kernels that cover a harness's cache: the mma.sync kernel always, the wgmma one
-// where it applies.
-std::vector<PrefillPath> prefill_paths(const Harness& hs) {
+// where it applies, and its ping-pong variant when asked for (its own test, the file's last: a
+// hang there cannot hide the other results).
+std::vector<PrefillPath> prefill_paths(const Harness& hs, bool pingpong) {
   std::vector<PrefillPath> paths{PrefillPath::MmaSync};
-  if (prefill_wgmma_applies(hs.cache->view(), hs.k_before_rope)) paths.push_back(PrefillPath::Wgmma);
+  if (prefill_wgmma_applies(hs.cache->view(), hs.k_before_rope)) {
+    paths.push_back(PrefillPath::Wgmma);
+    if (pingpong) paths.push_back(PrefillPath::WgmmaPingPong);
+  }
   return paths;
 }
 
@@ -544,7 +548,8 @@ struct FirstBad {
 // whose prefill output is checked (chunked prefill when context > 0). Every prefill path that
 // applies runs on the same inputs into its own poisoned outputs; each is checked against the
 // float64 reference, and the paths against each other.
-void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh, Shape sh, KVDtype dt, bool kbr) {
+void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh, Shape sh, KVDtype dt, bool kbr,
+                 bool pingpong = false) {
   const int D = sh.d, H = sh.heads();
   int64_t pages = 8, max_len = 1;
   for (size_t i = 0; i < fresh.size(); ++i) {
@@ -552,7 +557,7 @@ void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh,
     max_len = std::max<int64_t>(max_len, context[i] + fresh[i]);
   }
   Harness hs(sh, dt, kbr, pages, int(max_len));
-  const std::vector<PrefillPath> paths = prefill_paths(hs);
+  const std::vector<PrefillPath> paths = prefill_paths(hs, pingpong);
   // Flushed before the kernels run: if one hangs and the timeout kills the program, the last line
   // names the case.
   std::printf("prefill case: %s kbr=%d seqs=%zu Hkv=%d G=%d D=%d page=%d, %zu path(s)\n", kv_dtype_name(dt), int(kbr),
@@ -683,6 +688,17 @@ TEST(AttentionPrefill, KBeforeRopeRotatedOnRead) {
   for (KVDtype dt : {KVDtype::Int4, KVDtype::Fp16}) {
     run_prefill({40, 0}, {90, 130}, {2, 4, 128}, dt, true);
     run_prefill({0, 100}, {77, 64}, {4, 2, 64, 64}, dt, true);
+  }
+}
+
+// The ping-pong variant on the wgmma cases (last in the file).
+TEST(AttentionPrefill, WgmmaPingPong) {
+  NIBBLE_REQUIRE_GPU();
+  for (KVDtype dt : {KVDtype::Fp16, KVDtype::Int4}) {
+    run_prefill({0, 0, 0, 0, 0}, {1, 17, 64, 65, 200}, {4, 4, 128}, dt, false, true);
+    run_prefill({33, 100, 0, 1, 64}, {1, 150, 70, 63, 64}, {2, 8, 128}, dt, false, true);
+    run_prefill({127, 128, 1, 4000}, {1, 2, 63, 333}, {2, 4, 128, 256}, dt, false, true);
+    run_prefill({0}, {2048}, {2, 2, 128}, dt, false, true);
   }
 }
 

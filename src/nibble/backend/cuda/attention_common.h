@@ -125,9 +125,10 @@ struct AppendArgs {
   __half* q_out = nullptr;          // [num_tokens][num_heads][D], rotated
 };
 
-// Which prefill kernel runs. Auto: Wgmma where it applies (head dim 128, FP16 pages, K stored
-// after RoPE), else MmaSync; the tests and the bench force each.
-enum class PrefillPath : uint8_t { Auto, MmaSync, Wgmma };
+// Which prefill kernel runs. Auto: Wgmma where it applies (head dim 128, K stored after RoPE), else
+// MmaSync; the tests and the bench force each. WgmmaPingPong: Wgmma with the two consumer
+// warpgroups taking turns to issue their GEMMs (FlashAttention-3's ping-pong), where Wgmma applies.
+enum class PrefillPath : uint8_t { Auto, MmaSync, Wgmma, WgmmaPingPong };
 const char* prefill_path_name(PrefillPath p);
 // Whether PrefillPath::Wgmma covers this cache and argument set.
 bool prefill_wgmma_applies(const KVCacheView& cache, bool k_before_rope);

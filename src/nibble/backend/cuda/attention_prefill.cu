@@ -473,8 +473,11 @@ __device__ __forceinline__ void wgmma_rs_bt(float (&d)[16][4], const uint32_t (&
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
-template <bool INT4>
+template <bool INT4, bool PINGPONG>
 __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
   constexpr int D = kWgD, CB = chunk_bytes<D, INT4>();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -696,42 +699,39 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     }
   };
 
-  // FlashAttention-3's intra-warpgroup overlap: Q·K of tile kt and P·V of tile kt - 1 are issued
-  // together, and the softmax of tile kt runs while P·V does.
-  if (n_wg > 0) {
-    wait_full(full_k, 0);
-    issue_qk(0);
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
-    release(empty_k, 0);
-    softmax(0);  // o is still 0: nothing to rescale
-    pack_p();
-    for (int kt = 1; kt < n_wg; ++kt) {
-      wait_full(full_k, kt);
-      issue_qk(kt);
-      wait_full(full_v, kt - 1);
-      issue_pv(kt - 1);
-      sm90::wgmma_wait<1>();  // Q·K_kt done (groups complete in order), P·V may still run
+  // Slot kt = 0..n_tiles issues Q·K(kt) if kt < n_wg and P·V(kt - 1) if 0 < kt <= n_wg back to
+  // back (FlashAttention-3's intra-warpgroup overlap: the softmax of tile kt runs while P·V(kt - 1)
+  // does); tiles after this warpgroup's rows are waited for and released unread. PINGPONG: the two
+  // warpgroups take turns to issue (named barriers 4 + cw: warpgroup cw waits for its turn on its
+  // own, passes it on the other's), so one's softmax overlaps the other's GEMMs. Both run
+  // n_tiles + 1 slots; warpgroup 0 starts, and warpgroup 1 passes no turn after its last slot, so
+  // every barrier phase has 256 threads.
+  if (PINGPONG && cw == 1) named_barrier_arrive(4, 256);
+  for (int kt = 0; kt <= n_tiles; ++kt) {
+    const bool qk = kt < n_wg, pv = kt > 0 && kt <= n_wg;
+    if (kt < n_tiles) wait_full(full_k, kt);
+    if (PINGPONG) named_barrier_sync(4 + cw, 256);
+    if (qk) issue_qk(kt);
+    if (kt > 0) wait_full(full_v, kt - 1);
+    if (pv) issue_pv(kt - 1);
+    if (PINGPONG && !(cw == 1 && kt == n_tiles)) named_barrier_arrive(5 - cw, 256);
+    float2 al = make_float2(1.0f, 1.0f);
+    if (qk) {
+      if (pv) sm90::wgmma_wait<1>();  // Q·K(kt) done (groups complete in order), P·V may still run
+      else sm90::wgmma_wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
-      release(empty_k, kt);
-      const float2 al = softmax(kt);
+    }
+    if (kt < n_tiles) release(empty_k, kt);
+    if (qk) al = softmax(kt);
+    if (pv) {
       sm90::wgmma_wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
-      release(empty_v, kt - 1);
-      rescale_rows(o, al);
+    }
+    if (kt > 0) release(empty_v, kt - 1);
+    if (qk) {
+      rescale_rows(o, al);  // tile 0: o is 0 (and al 0)
       pack_p();
     }
-    wait_full(full_v, n_wg - 1);
-    issue_pv(n_wg - 1);
-    sm90::wgmma_wait<0>();
-    sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
-    release(empty_v, n_wg - 1);
-  }
-  for (int kt = n_wg; kt < n_tiles; ++kt) {  // tiles after this warpgroup's rows: released unread
-    sm90::mbar_wait(&full_k[kt & 1], (kt >> 1) & 1);
-    release(empty_k, kt);
-    sm90::mbar_wait(&full_v[kt & 1], (kt >> 1) & 1);
-    release(empty_v, kt);
   }
 
 #pragma unroll
@@ -751,15 +751,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   }
 }
 
-template <bool INT4>
+template <bool INT4, bool PINGPONG>
 void launch_prefill_wgmma(const KVCacheView& c, const AttentionBatch& b, const PrefillParams& p, Stream stream) {
   constexpr int smem = wg_smem<INT4>();
+  const auto kernel = prefill_wgmma_kernel<INT4, PINGPONG>;
   static bool configured = false;
   if (!configured) {
-    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(prefill_wgmma_kernel<INT4>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     configured = true;
   }
-  prefill_wgmma_kernel<INT4><<<dim3(b.num_tiles, p.H), kWgThreads, smem, stream>>>(c, b, p);
+  kernel<<<dim3(b.num_tiles, p.H), kWgThreads, smem, stream>>>(c, b, p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -770,6 +771,7 @@ const char* prefill_path_name(PrefillPath p) {
     case PrefillPath::Auto: return "auto";
     case PrefillPath::MmaSync: return "mma.sync";
     case PrefillPath::Wgmma: return "wgmma";
+    case PrefillPath::WgmmaPingPong: return "wgmma-pingpong";
   }
   return "?";
 }
@@ -812,12 +814,19 @@ void attention_prefill(const KVCacheView& c, const AttentionBatch& b, const Atte
   PrefillParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
                   a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e};
   const bool wgmma_applies = prefill_wgmma_applies(c, a.k_before_rope);
-  require(a.prefill_path != PrefillPath::Wgmma || wgmma_applies, "attention_prefill",
+  const bool forced_wgmma = a.prefill_path == PrefillPath::Wgmma || a.prefill_path == PrefillPath::WgmmaPingPong;
+  require(!forced_wgmma || wgmma_applies, "attention_prefill",
           "the wgmma path needs head dim 128 and K stored after RoPE (head dim {}{})", c.head_dim,
           a.k_before_rope ? ", K before RoPE" : "");
   if (a.prefill_path != PrefillPath::MmaSync && wgmma_applies) {
-    if (c.dtype == KVDtype::Int4) launch_prefill_wgmma<true>(c, b, p, stream);
-    else launch_prefill_wgmma<false>(c, b, p, stream);
+    const bool int4 = c.dtype == KVDtype::Int4;
+    if (a.prefill_path == PrefillPath::WgmmaPingPong) {
+      if (int4) launch_prefill_wgmma<true, true>(c, b, p, stream);
+      else launch_prefill_wgmma<false, true>(c, b, p, stream);
+    } else {
+      if (int4) launch_prefill_wgmma<true, false>(c, b, p, stream);
+      else launch_prefill_wgmma<false, false>(c, b, p, stream);
+    }
     return;
   }
   const bool int4 = c.dtype == KVDtype::Int4, rk = a.k_before_rope;
