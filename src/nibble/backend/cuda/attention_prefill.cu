@@ -453,30 +453,6 @@ __device__ __forceinline__ uint32_t swizzled(int r, int c, int half_bytes) {
   return (c / 8) * half_bytes + r * 128 + (((c % 8) ^ (r % 8)) << 4);
 }
 
-// d (+)= A·B, m64n128k16, fp16 in, fp32 accumulate; A and B from shared memory, both K-major.
-__device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t a_desc, uint64_t b_desc, bool accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.u32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-      : "l"(a_desc), "l"(b_desc), "r"(uint32_t(accumulate)));
-}
-// d += A·B, m64n128k16: A (the k16 fragment) from registers, B from shared memory, N-major.
-__device__ __forceinline__ void wgmma_rs_bt(float (&d)[16][4], const uint32_t (&a)[4], uint64_t b_desc) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc));
-}
-
-__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
 template <bool INT4, bool PINGPONG>
 __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
   constexpr int D = kWgD, CB = chunk_bytes<D, INT4>();
@@ -606,7 +582,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         const int j = kt - 1;
         if (kt < n_tiles) cp_async_wait<1>();
         else cp_async_wait<0>();
-        named_barrier_sync(3, 128);  // tile j's chunks landed, from every producer thread
+        sm90::named_barrier_sync(3, 128);  // tile j's chunks landed, from every producer thread
         wait_free(empty_k, j);
         dequant(j, k_stage(j), false);
         sm90::fence_proxy_async();  // these generic writes -> the consumers' wgmma reads
@@ -615,7 +591,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         dequant(j, v_stage(j), true);
         sm90::fence_proxy_async();
         sm90::mbar_arrive(&full_v[j & 1]);
-        named_barrier_sync(3, 128);  // raw buffer j & 1 is free for tile j + 2's chunks
+        sm90::named_barrier_sync(3, 128);  // raw buffer j & 1 is free for tile j + 2's chunks
       }
     }
     return;
@@ -635,7 +611,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   cp_async_commit();
   cp_async_wait<0>();
   sm90::fence_proxy_async();
-  named_barrier_sync(1 + cw, 128);
+  sm90::named_barrier_sync(1 + cw, 128);
 
   using sm90::Swizzle;
   const uint64_t q_desc = sm90::smem_desc(sm90::smem_addr(Qs + wg_row0 * 128), 16, 1024, Swizzle::B128);
@@ -671,14 +647,14 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     const uint64_t k_desc = k_desc0 + (((kt & 1) * kWgTile) >> 4);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) wgmma_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
+    for (int ks = 0; ks < D / 16; ++ks) sm90::wgmma_f16_m64n128_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
     sm90::wgmma_commit();
   };
   const auto issue_pv = [&](int kt) {  // o += P·V_kt, P in pa
     const uint64_t v_desc = v_desc0 + (((kt & 1) * kWgTile) >> 4);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kWgBN / 16; ++kk) wgmma_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
+    for (int kk = 0; kk < kWgBN / 16; ++kk) sm90::wgmma_f16_m64n128_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
     sm90::wgmma_commit();
   };
   // Scores of tile kt (in s) -> exp2 weights, the running max and sums moved on; returns the
@@ -706,15 +682,15 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // own, passes it on the other's), so one's softmax overlaps the other's GEMMs. Both run
   // n_tiles + 1 slots; warpgroup 0 starts, and warpgroup 1 passes no turn after its last slot, so
   // every barrier phase has 256 threads.
-  if (PINGPONG && cw == 1) named_barrier_arrive(4, 256);
+  if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
   for (int kt = 0; kt <= n_tiles; ++kt) {
     const bool qk = kt < n_wg, pv = kt > 0 && kt <= n_wg;
     if (kt < n_tiles) wait_full(full_k, kt);
-    if (PINGPONG) named_barrier_sync(4 + cw, 256);
+    if (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
     if (qk) issue_qk(kt);
     if (kt > 0) wait_full(full_v, kt - 1);
     if (pv) issue_pv(kt - 1);
-    if (PINGPONG && !(cw == 1 && kt == n_tiles)) named_barrier_arrive(5 - cw, 256);
+    if (PINGPONG && !(cw == 1 && kt == n_tiles)) sm90::named_barrier_arrive(5 - cw, 256);
     float2 al = make_float2(1.0f, 1.0f);
     if (qk) {
       if (pv) sm90::wgmma_wait<1>();  // Q·K(kt) done (groups complete in order), P·V may still run
