@@ -537,10 +537,23 @@ struct FirstBad {
   size_t seq = 0;
   int64_t pos = 0, head = 0, dim = 0;
   double got = 0, ref = 0;
+  std::vector<int64_t> by_dim8;  // bad elements per group of 8 dims (a 16-byte piece)
+  void add(size_t s, int64_t p, int64_t h, int64_t d, double x, double y, bool new_row) {
+    ++elems;
+    rows += new_row;
+    if (by_dim8.size() <= size_t(d / 8)) by_dim8.resize(size_t(d / 8) + 1);
+    ++by_dim8[size_t(d / 8)];
+    if (found) return;
+    found = true;
+    seq = s, pos = p, head = h, dim = d, got = x, ref = y;
+  }
   void print(const char* what) const {
     if (!found) return;
-    std::printf("  %s: %lld bad elements in %lld rows; first: seq %zu pos %lld head %lld dim %lld got %.6g ref %.6g\n",
+    std::printf("  %s: %lld bad elements in %lld rows; first: seq %zu pos %lld head %lld dim %lld got %.6g ref %.6g; "
+                "by dims/8:",
                 what, (long long)elems, (long long)rows, seq, (long long)pos, (long long)head, (long long)dim, got, ref);
+    for (int64_t n : by_dim8) std::printf(" %lld", (long long)n);
+    std::printf("\n");
   }
 };
 
@@ -628,11 +641,8 @@ void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh,
               vs_first.add(x, x0, rms[s]);
               const auto note = [&](FirstBad& fb, bool& flagged, double y) {
                 if (std::isfinite(x) && std::fabs(x - y) <= kMaxRel * (std::fabs(y) + rms[s])) return;
-                ++fb.elems;
-                if (!flagged) ++fb.rows;
+                fb.add(s, first + i, h, d, x, y, !flagged);
                 flagged = true;
-                if (fb.found) return;
-                fb = {fb.elems, fb.rows, true, s, first + i, h, d, x, y};
               };
               note(bad, row_bad, r);
               note(differs, row_differs, x0);
