@@ -40,24 +40,30 @@ def main():
         q = torch.randn(B, N, H, D, device="cuda", dtype=torch.float16).transpose(1, 2)
         k = torch.randn(B, N, HKV, D, device="cuda", dtype=torch.float16).transpose(1, 2)
         v = torch.randn(B, N, HKV, D, device="cuda", dtype=torch.float16).transpose(1, 2)
+        # Ways to run it, tried in order until one works (K/V expanded once, outside the timing, for
+        # a backend without GQA; contiguous [B, H, N, D] copies for one that refuses the strided views).
+        def expand(t):
+            return t.repeat_interleave(H // HKV, dim=1)
+
+        variants = [("mha" if H == HKV else "enable_gqa", lambda: (q, k, v, H != HKV)),
+                    ("expanded-kv", lambda: (q, expand(k), expand(v), False)),
+                    ("expanded-kv-contiguous", lambda: (q.contiguous(), expand(k).contiguous(), expand(v).contiguous(), False))]
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            how = "mha" if H == HKV else "enable_gqa"
+            ms, errors = None, []
             with sdpa_kernel(backend):
-                try:
-                    fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != HKV)
-                    fn()
-                except RuntimeError:
-                    # A backend without GQA support (or this layout): expand K/V once (outside the timing).
-                    ke = k.repeat_interleave(H // HKV, dim=1)
-                    ve = v.repeat_interleave(H // HKV, dim=1)
-                    how = "expanded-kv"
-                    fn = lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
+                for how, make in variants:
+                    qq, kk, vv, gqa = make()
+                    fn = lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=gqa)
                     try:
                         fn()
                     except RuntimeError as ex:
-                        print(f"sdpa {name} {H}:{HKV}:{D}:{N}:{B} failed: {str(ex)[:160]}", flush=True)
+                        errors.append(f"{how}: {str(ex)[:100]}")
                         continue
-                ms = median_ms(fn)
+                    ms = median_ms(fn)
+                    break
+            if ms is None:
+                print(f"sdpa {name} {H}:{HKV}:{D}:{N}:{B} failed: {'; '.join(errors)}", flush=True)
+                continue
             flops = 2.0 * B * H * N * N * D
             print(f"sdpa {name} {H} {HKV} {D} {N} {B} {ms:.4f} {flops / ms / 1e9:.1f} {how}", flush=True)
         del q, k, v
