@@ -3,9 +3,10 @@
 //            Llama-2-70B (64 query / 8 KV heads) shapes, head_dim 128, one layer: time, GB/s on the
 //            KV bytes the step must read (codes + scales + zeros of every cached token), % of the
 //            copy bandwidth measured in the same run, INT4 vs our FP16-KV decode.
-//   prefill: 512 / 2048 / 8192-token prompts (16384 tokens per batch), causal, TFLOP/s against
-//            torch.nn.functional.scaled_dot_product_attention (flash backend) run in the same
-//            process run (bench/attention_sdpa.py through popen, before our allocations).
+//   prefill: 512 / 2048 / 8192-token prompts (16384 tokens per batch), causal, TFLOP/s of each
+//            prefill path (mma.sync and wgmma, INT4 and FP16 pages) against
+//            torch.nn.functional.scaled_dot_product_attention's flash and cuDNN backends run in the
+//            same process run (bench/attention_sdpa.py through popen, before our allocations).
 // Timing: CUDA events around batches of launches after warm-up, median of the batches; decode
 // inputs rotated over enough distinct caches (block tables over disjoint pages) to overflow L2.
 // Pool contents are random valid codes/scales/values, never zeros.
@@ -128,7 +129,7 @@ struct PrefillResult {
   double ms = 0, append_ms = 0;
 };
 
-PrefillResult bench_prefill(const Model& m, KVDtype dt, int n, int batch) {
+PrefillResult bench_prefill(const Model& m, KVDtype dt, PrefillPath path, int n, int batch) {
   const PagedKVLayout layout{1, m.kv_heads, m.head_dim, 16, dt};
   const int64_t pages = int64_t(batch) * ((n + 15) / 16);
   PagedKVCache cache(layout, pages);
@@ -159,6 +160,7 @@ PrefillResult bench_prefill(const Model& m, KVDtype dt, int n, int batch) {
   a.q = q;
   a.out = out;
   a.num_heads = m.heads;
+  a.prefill_path = path;
   PrefillResult r;
   r.append_ms = time_ms([&](int) { attention_append(cache.view(), b, ap, nullptr); }, 1);
   r.ms = time_ms([&](int) { attention_prefill(cache.view(), b, a, nullptr); }, 1);
@@ -171,9 +173,10 @@ PrefillResult bench_prefill(const Model& m, KVDtype dt, int n, int batch) {
 constexpr int kPrefillTokens = 16384;
 const int kPrefillN[] = {512, 2048, 8192};
 
-// torch SDPA (flash) on the prefill shapes, keyed by (heads, kv_heads, n).
-std::map<std::tuple<int, int, int>, std::pair<double, std::string>> run_sdpa() {
-  std::map<std::tuple<int, int, int>, std::pair<double, std::string>> res;
+// torch SDPA on the prefill shapes: (ms, how GQA ran) keyed by (backend, heads, kv_heads, n).
+using SdpaResults = std::map<std::tuple<std::string, int, int, int>, std::pair<double, std::string>>;
+SdpaResults run_sdpa() {
+  SdpaResults res;
   std::string cmd = "python3 bench/attention_sdpa.py";
   for (const Model& m : kModels)
     for (int n : kPrefillN)
@@ -186,9 +189,9 @@ std::map<std::tuple<int, int, int>, std::pair<double, std::string>> run_sdpa() {
   while (fgets(line, sizeof line, f)) {
     int h, hkv, d, n, b;
     double ms, tf;
-    char how[64] = "";
-    if (std::sscanf(line, "sdpa %d %d %d %d %d %lf %lf %63s", &h, &hkv, &d, &n, &b, &ms, &tf, how) == 8)
-      res[{h, hkv, n}] = {ms, how};
+    char backend[16] = "", how[64] = "";
+    if (std::sscanf(line, "sdpa %15s %d %d %d %d %d %lf %lf %63s", backend, &h, &hkv, &d, &n, &b, &ms, &tf, how) == 9)
+      res[{backend, h, hkv, n}] = {ms, how};
     else
       std::printf("  (sdpa) %s", line);
   }
@@ -217,7 +220,7 @@ int main(int argc, char** argv) {
     cudaRuntimeGetVersion(&rt);
     std::printf("device: %s, %d SMs, L2 %zu MB, CUDA runtime %d\n", prop.name, g_sms, g_l2 >> 20, rt);
 
-    std::map<std::tuple<int, int, int>, std::pair<double, std::string>> sdpa;
+    SdpaResults sdpa;
     if (mode == "all" || mode == "prefill") sdpa = run_sdpa();
     const double copy_gbs = copy_bandwidth();
     std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
@@ -243,25 +246,56 @@ int main(int argc, char** argv) {
       std::printf("### prefill (causal, %d tokens per batch, TFLOP/s = 2·batch·H·N²·D / time; attention only, the "
                   "cache already written; append = RoPE + K/V into the cache, separately)\n\n",
                   kPrefillTokens);
-      std::printf("| model | N | batch | int4 ms | int4 TFLOP/s | fp16 ms | fp16 TFLOP/s | sdpa ms | sdpa TFLOP/s | int4 / sdpa | fp16 / sdpa | append int4 ms | append fp16 ms |\n");
-      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      std::printf("| model | N | batch | int4 mma.sync ms | TFLOP/s | int4 wgmma ms | TFLOP/s | fp16 mma.sync ms | TFLOP/s | fp16 wgmma ms | TFLOP/s | sdpa flash TFLOP/s | sdpa cuDNN ms | TFLOP/s | fp16 wgmma / cuDNN | int4 wgmma / cuDNN | int4 / fp16 (wgmma) | wgmma / mma.sync (fp16) | append int4 ms | append fp16 ms |\n");
+      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+      std::vector<std::pair<double, double>> wgmma_ms;  // (int4, fp16) per row, for the ping-pong table
       for (const Model& m : kModels)
         for (int n : kPrefillN) {
           const int batch = kPrefillTokens / n;
           const double flops = 2.0 * batch * m.heads * double(n) * n * m.head_dim;
-          const PrefillResult i4 = bench_prefill(m, KVDtype::Int4, n, batch);
-          const PrefillResult f16 = bench_prefill(m, KVDtype::Fp16, n, batch);
-          const auto it = sdpa.find({m.heads, m.kv_heads, n});
-          const double ts = it == sdpa.end() ? 0 : it->second.first;
+          const PrefillResult i4 = bench_prefill(m, KVDtype::Int4, PrefillPath::MmaSync, n, batch);
+          const PrefillResult i4w = bench_prefill(m, KVDtype::Int4, PrefillPath::Wgmma, n, batch);
+          const PrefillResult f16 = bench_prefill(m, KVDtype::Fp16, PrefillPath::MmaSync, n, batch);
+          const PrefillResult f16w = bench_prefill(m, KVDtype::Fp16, PrefillPath::Wgmma, n, batch);
+          wgmma_ms.push_back({i4w.ms, f16w.ms});
           const auto tf = [&](double ms) { return flops / (ms * 1e-3) / 1e12; };
-          char sd[96] = "n/a | n/a | n/a | n/a";
-          if (ts > 0)
-            std::snprintf(sd, sizeof sd, "%.3f | %.0f | %.2fx | %.2fx", ts, tf(ts), tf(i4.ms) / tf(ts), tf(f16.ms) / tf(ts));
-          std::printf("| %s | %d | %d | %.3f | %.0f | %.3f | %.0f | %s | %.3f | %.3f |\n", m.name, n, batch, i4.ms,
-                      tf(i4.ms), f16.ms, tf(f16.ms), sd, i4.append_ms, f16.append_ms);
+          const auto peer_ms = [&](const char* backend) {
+            const auto it = sdpa.find({backend, m.heads, m.kv_heads, n});
+            return it == sdpa.end() ? 0.0 : it->second.first;
+          };
+          const double flash = peer_ms("flash"), cudnn = peer_ms("cudnn");
+          char fl[32] = "n/a", cd[128] = "n/a | n/a | n/a | n/a";
+          if (flash > 0) std::snprintf(fl, sizeof fl, "%.0f", tf(flash));
+          if (cudnn > 0)
+            std::snprintf(cd, sizeof cd, "%.3f | %.0f | %.2fx | %.2fx", cudnn, tf(cudnn), tf(f16w.ms) / tf(cudnn),
+                          tf(i4w.ms) / tf(cudnn));
+          std::printf("| %s | %d | %d | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %.3f | %.0f | %s | %s | %.2fx | %.2fx | %.3f | %.3f |\n",
+                      m.name, n, batch, i4.ms, tf(i4.ms), i4w.ms, tf(i4w.ms), f16.ms, tf(f16.ms), f16w.ms, tf(f16w.ms), fl,
+                      cd, f16w.ms / i4w.ms, f16.ms / f16w.ms, i4.append_ms, f16.append_ms);
           std::fflush(stdout);
         }
-      if (!sdpa.empty()) std::printf("\nsdpa GQA mode: %s\n", sdpa.rbegin()->second.second.c_str());
+      // Separately, after the main table: a hang of the untested ping-pong variant loses nothing above.
+      std::printf("\n### prefill, wgmma with the consumer warpgroups ping-ponging (same shapes)\n\n");
+      std::printf("| model | N | int4 ping-pong ms | TFLOP/s | vs int4 wgmma | fp16 ping-pong ms | TFLOP/s | vs fp16 wgmma |\n");
+      std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+      size_t row = 0;
+      for (const Model& m : kModels)
+        for (int n : kPrefillN) {
+          const int batch = kPrefillTokens / n;
+          const double flops = 2.0 * batch * m.heads * double(n) * n * m.head_dim;
+          const auto tf = [&](double ms) { return flops / (ms * 1e-3) / 1e12; };
+          const PrefillResult i4 = bench_prefill(m, KVDtype::Int4, PrefillPath::WgmmaPingPong, n, batch);
+          const PrefillResult f16 = bench_prefill(m, KVDtype::Fp16, PrefillPath::WgmmaPingPong, n, batch);
+          const auto [i4w, f16w] = wgmma_ms[row++];
+          std::printf("| %s | %d | %.3f | %.0f | %.2fx | %.3f | %.0f | %.2fx |\n", m.name, n, i4.ms, tf(i4.ms), i4w / i4.ms,
+                      f16.ms, tf(f16.ms), f16w / f16.ms);
+          std::fflush(stdout);
+        }
+      std::printf("\nsdpa GQA mode:");
+      for (const auto& [key, v] : sdpa)
+        std::printf(" %s %d:%d N=%d %s;", std::get<0>(key).c_str(), std::get<1>(key), std::get<2>(key), std::get<3>(key),
+                    v.second.c_str());
+      std::printf("\n");
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_attention: %s\n", e.what());

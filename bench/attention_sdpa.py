@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""The peer for bench/attention's prefill rows: torch.nn.functional.scaled_dot_product_attention,
-flash backend, causal, fp16, on the same shapes. bench_attention runs this (popen) in the same
-process run, before its own allocations, and prints the ratio.
+"""The peers for bench/attention's prefill rows: torch.nn.functional.scaled_dot_product_attention,
+flash and cuDNN backends (cuDNN's is FlashAttention-3-class on Hopper), causal, fp16, on the same
+shapes. bench_attention runs this (popen) in the same process run, before its own allocations,
+and prints the ratios.
 
-  attention_sdpa.py H:HKV:D:N:BATCH ...   ->  one line per shape:
-  sdpa H HKV D N BATCH <median ms> <TFLOP/s> <how GQA was run>
+  attention_sdpa.py H:HKV:D:N:BATCH ...   ->  one line per shape and backend:
+  sdpa BACKEND H HKV D N BATCH <median ms> <TFLOP/s> <how GQA was run>   (BACKEND: flash, cudnn)
 TFLOP/s counts the causal half: 2 * BATCH * H * N^2 * D (QK^T and PV over the lower triangle).
 """
 import sys
@@ -39,21 +40,32 @@ def main():
         q = torch.randn(B, N, H, D, device="cuda", dtype=torch.float16).transpose(1, 2)
         k = torch.randn(B, N, HKV, D, device="cuda", dtype=torch.float16).transpose(1, 2)
         v = torch.randn(B, N, HKV, D, device="cuda", dtype=torch.float16).transpose(1, 2)
-        how = "mha" if H == HKV else "enable_gqa"
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            try:
-                fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != HKV)
-                fn()
-            except RuntimeError:
-                # Flash backend without GQA support: expand K/V once (outside the timing).
-                ke = k.repeat_interleave(H // HKV, dim=1)
-                ve = v.repeat_interleave(H // HKV, dim=1)
-                how = "expanded-kv"
-                fn = lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)
-                fn()
-            ms = median_ms(fn)
-        flops = 2.0 * B * H * N * N * D
-        print(f"sdpa {H} {HKV} {D} {N} {B} {ms:.4f} {flops / ms / 1e9:.1f} {how}", flush=True)
+        # Ways to run it, tried in order until one works (K/V expanded once, outside the timing, for
+        # a backend without GQA; contiguous [B, H, N, D] copies for one that refuses the strided views).
+        def expand(t):
+            return t.repeat_interleave(H // HKV, dim=1)
+
+        variants = [("mha" if H == HKV else "enable_gqa", lambda: (q, k, v, H != HKV)),
+                    ("expanded-kv", lambda: (q, expand(k), expand(v), False)),
+                    ("expanded-kv-contiguous", lambda: (q.contiguous(), expand(k).contiguous(), expand(v).contiguous(), False))]
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            ms, errors = None, []
+            with sdpa_kernel(backend):
+                for how, make in variants:
+                    qq, kk, vv, gqa = make()
+                    fn = lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=gqa)
+                    try:
+                        fn()
+                    except RuntimeError as ex:
+                        errors.append(f"{how}: {str(ex)[:100]}")
+                        continue
+                    ms = median_ms(fn)
+                    break
+            if ms is None:
+                print(f"sdpa {name} {H}:{HKV}:{D}:{N}:{B} failed: {'; '.join(errors)}", flush=True)
+                continue
+            flops = 2.0 * B * H * N * N * D
+            print(f"sdpa {name} {H} {HKV} {D} {N} {B} {ms:.4f} {flops / ms / 1e9:.1f} {how}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
 

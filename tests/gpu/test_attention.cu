@@ -517,9 +517,52 @@ TEST(AttentionDecode, ForcedSplitsAgree) {
 
 // ---- prefill ---------------------------------------------------------------------------------
 
+// The prefill kernels that cover a harness's cache: the mma.sync kernel always, the wgmma one
+// where it applies, and its ping-pong variant when asked for (its own test, the file's last: a
+// hang there cannot hide the other results).
+std::vector<PrefillPath> prefill_paths(const Harness& hs, bool pingpong) {
+  std::vector<PrefillPath> paths{PrefillPath::MmaSync};
+  if (prefill_wgmma_applies(hs.cache->view(), hs.k_before_rope)) {
+    paths.push_back(PrefillPath::Wgmma);
+    if (pingpong) paths.push_back(PrefillPath::WgmmaPingPong);
+  }
+  return paths;
+}
+
+// Where an output goes wrong first (element order: sequence, token, head, dim), and how many rows
+// (token x head) hold a bad element: one device run tells a layout bug from a masking one.
+struct FirstBad {
+  int64_t elems = 0, rows = 0;
+  bool found = false;
+  size_t seq = 0;
+  int64_t pos = 0, head = 0, dim = 0;
+  double got = 0, ref = 0;
+  std::vector<int64_t> by_dim8;  // bad elements per group of 8 dims (a 16-byte piece)
+  void add(size_t s, int64_t p, int64_t h, int64_t d, double x, double y, bool new_row) {
+    ++elems;
+    rows += new_row;
+    if (by_dim8.size() <= size_t(d / 8)) by_dim8.resize(size_t(d / 8) + 1);
+    ++by_dim8[size_t(d / 8)];
+    if (found) return;
+    found = true;
+    seq = s, pos = p, head = h, dim = d, got = x, ref = y;
+  }
+  void print(const char* what) const {
+    if (!found) return;
+    std::printf("  %s: %lld bad elements in %lld rows; first: seq %zu pos %lld head %lld dim %lld got %.6g ref %.6g; "
+                "by dims/8:",
+                what, (long long)elems, (long long)rows, seq, (long long)pos, (long long)head, (long long)dim, got, ref);
+    for (int64_t n : by_dim8) std::printf(" %lld", (long long)n);
+    std::printf("\n");
+  }
+};
+
 // Sequences get `context` tokens in a first chunk (appended and prefilled), then `fresh` tokens
-// whose prefill output is checked (chunked prefill when context > 0).
-void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh, Shape sh, KVDtype dt, bool kbr) {
+// whose prefill output is checked (chunked prefill when context > 0). Every prefill path that
+// applies runs on the same inputs into its own poisoned outputs; each is checked against the
+// float64 reference, and the paths against each other.
+void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh, Shape sh, KVDtype dt, bool kbr,
+                 bool pingpong = false) {
   const int D = sh.d, H = sh.heads();
   int64_t pages = 8, max_len = 1;
   for (size_t i = 0; i < fresh.size(); ++i) {
@@ -527,6 +570,12 @@ void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh,
     max_len = std::max<int64_t>(max_len, context[i] + fresh[i]);
   }
   Harness hs(sh, dt, kbr, pages, int(max_len));
+  const std::vector<PrefillPath> paths = prefill_paths(hs, pingpong);
+  // Flushed before the kernels run: if one hangs and the timeout kills the program, the last line
+  // names the case.
+  std::printf("prefill case: %s kbr=%d seqs=%zu Hkv=%d G=%d D=%d page=%d, %zu path(s)\n", kv_dtype_name(dt), int(kbr),
+              fresh.size(), sh.hkv, sh.g, D, sh.page, paths.size());
+  std::fflush(stdout);
   AttentionArgs a;
   a.num_heads = H;
   a.layer = 1;
@@ -537,50 +586,90 @@ void run_prefill(const std::vector<int>& context, const std::vector<int>& fresh,
     ctx_tokens += context[i];
     new_tokens += fresh[i];
   }
-  __half* q0 = nullptr;
-  const AttentionBatch b0 = hs.append(context, &q0);
-  __half* out0 = alloc_poisoned(size_t(ctx_tokens) * H * D);
-  a.q = q0;
-  a.out = out0;
-  attention_prefill(hs.cache->view(), b0, a, nullptr);
-  __half* q1 = nullptr;
-  const AttentionBatch b1 = hs.append(fresh, &q1);
-  __half* out1 = alloc_poisoned(size_t(new_tokens) * H * D);
-  a.q = q1;
-  a.out = out1;
-  attention_prefill(hs.cache->view(), b1, a, nullptr);
+  // Chunk c's outputs of every path, [path][token][H][D]; a batch's metadata lives until the next
+  // append, so each chunk runs on every path before the next is appended.
+  std::vector<__half*> q(2, nullptr), outs;
+  const auto run_chunk = [&](int chunk, const std::vector<int>& n, int64_t tokens) {
+    const AttentionBatch b = hs.append(n, &q[size_t(chunk)]);
+    for (PrefillPath path : paths) {
+      outs.push_back(alloc_poisoned(size_t(tokens) * H * D));
+      a.q = q[size_t(chunk)];
+      a.out = outs.back();
+      a.prefill_path = path;
+      attention_prefill(hs.cache->view(), b, a, nullptr);
+    }
+  };
+  run_chunk(0, context, ctx_tokens);
+  run_chunk(1, fresh, new_tokens);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-  const auto got0 = download_half(out0, size_t(ctx_tokens) * H * D);
-  const auto got1 = download_half(out1, size_t(new_tokens) * H * D);
   const auto pool = hs.pool_host();
-  ErrStats st;
-  int64_t off0 = 0, off1 = 0;
+  // Reference of every checked token, in output order: chunk 0's tokens, then chunk 1's.
+  std::vector<std::vector<double>> ref(2);
+  std::vector<double> rms(fresh.size());
   for (size_t s = 0; s < fresh.size(); ++s) {
     const auto kv = hs.read_back(s, pool);
-    const auto check = [&](const std::vector<uint16_t>& got, int64_t off, int64_t first, int64_t n) {
-      if (n == 0) return;
-      const auto ref = reference(hs, s, kv, first, n);
-      double rms = 0;
-      for (double x : ref) rms += x * x;
-      rms = std::sqrt(rms / double(ref.size()));
-      for (int64_t i = 0; i < n * H * D; ++i) st.add(fp16_to_float(got[size_t(off * H * D + i)]), ref[size_t(i)], rms);
-    };
-    check(got0, off0, 0, context[s]);
-    check(got1, off1, context[s], fresh[s]);
-    off0 += context[s];
-    off1 += fresh[s];
+    for (int chunk = 0; chunk < 2; ++chunk) {
+      const int64_t first = chunk ? context[s] : 0, n = chunk ? fresh[s] : context[s];
+      if (n == 0) continue;
+      const auto r = reference(hs, s, kv, first, n);
+      ref[size_t(chunk)].insert(ref[size_t(chunk)].end(), r.begin(), r.end());
+      double sq = 0;
+      for (double x : r) sq += x * x;
+      rms[s] = std::max(rms[s], std::sqrt(sq / double(r.size())));
+    }
   }
-  std::printf("prefill %s kbr=%d seqs=%zu new tokens %lld (+%lld context) Hkv=%d G=%d D=%d page=%d: rel err %.2e, "
-              "max err/(|ref|+rms) %.2e, non-finite %lld / %lld\n",
-              kv_dtype_name(dt), int(kbr), fresh.size(), (long long)new_tokens, (long long)ctx_tokens, sh.hkv, sh.g, D,
-              sh.page, st.rel(), st.max_rel, (long long)st.bad, (long long)st.count);
-  EXPECT_EQ(st.bad, 0) << "seed " << hs.seed;
-  EXPECT_LT(st.rel(), 4e-3) << "seed " << hs.seed;
-  EXPECT_LT(st.max_rel, 5e-2) << "seed " << hs.seed;
-  cudaFree(q0);
-  cudaFree(q1);
-  cudaFree(out0);
-  cudaFree(out1);
+  std::vector<std::vector<uint16_t>> got(2 * paths.size());  // [chunk][path]
+  for (size_t i = 0; i < got.size(); ++i)
+    got[i] = download_half(outs[i], size_t(i < paths.size() ? ctx_tokens : new_tokens) * H * D);
+  const double kMaxRel = 5e-2;
+  for (size_t k = 0; k < paths.size(); ++k) {
+    ErrStats st, vs_first;
+    FirstBad bad, differs;
+    for (int chunk = 0; chunk < 2; ++chunk) {
+      const auto& g = got[size_t(chunk) * paths.size() + k];
+      const auto& g0 = got[size_t(chunk) * paths.size()];
+      int64_t row = 0;  // token of this chunk's output
+      for (size_t s = 0; s < fresh.size(); ++s) {
+        const int64_t first = chunk ? context[s] : 0, n = chunk ? fresh[s] : context[s];
+        for (int64_t i = 0; i < n; ++i, ++row)
+          for (int h = 0; h < H; ++h) {
+            bool row_bad = false, row_differs = false;
+            for (int d = 0; d < D; ++d) {
+              const size_t e = size_t((row * H + h) * D + d);
+              const double x = fp16_to_float(g[e]), r = ref[size_t(chunk)][e], x0 = fp16_to_float(g0[e]);
+              st.add(x, r, rms[s]);
+              vs_first.add(x, x0, rms[s]);
+              const auto note = [&](FirstBad& fb, bool& flagged, double y) {
+                if (std::isfinite(x) && std::fabs(x - y) <= kMaxRel * (std::fabs(y) + rms[s])) return;
+                fb.add(s, first + i, h, d, x, y, !flagged);
+                flagged = true;
+              };
+              note(bad, row_bad, r);
+              note(differs, row_differs, x0);
+            }
+          }
+      }
+    }
+    std::printf("prefill %s %s kbr=%d seqs=%zu new tokens %lld (+%lld context) Hkv=%d G=%d D=%d page=%d: rel err %.2e, "
+                "max err/(|ref|+rms) %.2e, non-finite %lld / %lld",
+                prefill_path_name(paths[k]), kv_dtype_name(dt), int(kbr), fresh.size(), (long long)new_tokens,
+                (long long)ctx_tokens, sh.hkv, sh.g, D, sh.page, st.rel(), st.max_rel, (long long)st.bad,
+                (long long)st.count);
+    if (k > 0) std::printf("; vs %s: rel diff %.2e, max %.2e", prefill_path_name(paths[0]), vs_first.rel(), vs_first.max_rel);
+    std::printf("\n");
+    bad.print("against the reference");
+    if (k > 0) differs.print("against the first path");
+    std::fflush(stdout);
+    EXPECT_EQ(st.bad, 0) << prefill_path_name(paths[k]) << ", seed " << hs.seed;
+    EXPECT_LT(st.rel(), 4e-3) << prefill_path_name(paths[k]) << ", seed " << hs.seed;
+    EXPECT_LT(st.max_rel, kMaxRel) << prefill_path_name(paths[k]) << ", seed " << hs.seed;
+    if (k > 0) {
+      EXPECT_LT(vs_first.rel(), 4e-3) << prefill_path_name(paths[k]) << " vs " << prefill_path_name(paths[0]);
+      EXPECT_LT(vs_first.max_rel, kMaxRel) << prefill_path_name(paths[k]) << " vs " << prefill_path_name(paths[0]);
+    }
+  }
+  for (__half* p : q) cudaFree(p);
+  for (__half* p : outs) cudaFree(p);
 }
 
 TEST(AttentionPrefill, RaggedBatchAndChunkedContinuation) {
@@ -593,11 +682,33 @@ TEST(AttentionPrefill, RaggedBatchAndChunkedContinuation) {
     run_prefill({0}, {2048}, {2, 2, 128}, dt, false);
   }
 }
+// The wgmma kernel's own edges (it runs wherever it applies above too): GQA 1 with pages of 64,
+// tiles of 128 keys against contexts that are not multiples of them, blocks whose second
+// warpgroup has no valid row (<= 64 new tokens), a long chunked continuation.
+TEST(AttentionPrefill, WgmmaEdgesAgainstMmaSync) {
+  NIBBLE_REQUIRE_GPU();
+  for (KVDtype dt : {KVDtype::Fp16, KVDtype::Int4}) {
+    run_prefill({0, 300, 129, 0}, {257, 128, 1000, 64}, {4, 1, 128, 64}, dt, false);
+    run_prefill({127, 128, 1, 4000}, {1, 2, 63, 333}, {2, 4, 128, 256}, dt, false);
+    run_prefill({0}, {4096}, {1, 8, 128}, dt, false);
+  }
+}
 TEST(AttentionPrefill, KBeforeRopeRotatedOnRead) {
   NIBBLE_REQUIRE_GPU();
   for (KVDtype dt : {KVDtype::Int4, KVDtype::Fp16}) {
     run_prefill({40, 0}, {90, 130}, {2, 4, 128}, dt, true);
     run_prefill({0, 100}, {77, 64}, {4, 2, 64, 64}, dt, true);
+  }
+}
+
+// The ping-pong variant on the wgmma cases (last in the file).
+TEST(AttentionPrefill, WgmmaPingPong) {
+  NIBBLE_REQUIRE_GPU();
+  for (KVDtype dt : {KVDtype::Fp16, KVDtype::Int4}) {
+    run_prefill({0, 0, 0, 0, 0}, {1, 17, 64, 65, 200}, {4, 4, 128}, dt, false, true);
+    run_prefill({33, 100, 0, 1, 64}, {1, 150, 70, 63, 64}, {2, 8, 128}, dt, false, true);
+    run_prefill({127, 128, 1, 4000}, {1, 2, 63, 333}, {2, 4, 128, 256}, dt, false, true);
+    run_prefill({0}, {2048}, {2, 2, 128}, dt, false, true);
   }
 }
 

@@ -125,6 +125,14 @@ struct AppendArgs {
   __half* q_out = nullptr;          // [num_tokens][num_heads][D], rotated
 };
 
+// Which prefill kernel runs. Auto: Wgmma where it applies (head dim 128, K stored after RoPE), else
+// MmaSync; the tests and the bench force each. WgmmaPingPong: Wgmma with the two consumer
+// warpgroups taking turns to issue their GEMMs (FlashAttention-3's ping-pong), where Wgmma applies.
+enum class PrefillPath : uint8_t { Auto, MmaSync, Wgmma, WgmmaPingPong };
+const char* prefill_path_name(PrefillPath p);
+// Whether PrefillPath::Wgmma covers this cache and argument set.
+bool prefill_wgmma_applies(const KVCacheView& cache, bool k_before_rope);
+
 struct AttentionArgs {
   const __half* q = nullptr;  // [num_tokens][num_heads][D], rotated (attention_append's q_out)
   __half* out = nullptr;      // [num_tokens][num_heads][D]
@@ -134,6 +142,7 @@ struct AttentionArgs {
   bool k_before_rope = false;
   float softmax_scale = 0;  // 0: 1/sqrt(D)
   int num_splits = 0;       // decode only: 0 = planned from the batch and the GPU, else forced (1..256)
+  PrefillPath prefill_path = PrefillPath::Auto;  // prefill only
 };
 
 void attention_append(const KVCacheView& cache, const AttentionBatch& batch, const AppendArgs& args, Stream stream);

@@ -94,14 +94,15 @@ __device__ __forceinline__ float2 softmax_new_max(float mx0, float mx1, float& m
   return al;
 }
 
-// One online-softmax step for the two query rows a lane holds in m16n8 accumulator fragments
-// (elements 0, 1: row g; 2, 3: row g + 8; the 4 lanes of a quad share the rows). s: NJ fragments
-// of scores in the log2 domain, masked keys at -inf, turned into exp2(s - new row max); mx_g,
-// mx_g8: the lane's own maxima of them (the caller takes them while it scales and masks). The
-// running max m and sum l move on; the output accumulators o are rescaled when a max moved.
-template <int NJ, int NO>
-__device__ __forceinline__ void online_softmax_step(float (&s)[NJ][4], float (&o)[NO][4], float mx_g, float mx_g8,
-                                                    float& m_g, float& m_g8, float& l_g, float& l_g8) {
+// The exponential half of an online-softmax step for the two query rows a lane holds in m16n8
+// accumulator fragments (elements 0, 1: row g; 2, 3: row g + 8; the 4 lanes of a quad share the
+// rows). s: NJ fragments of scores in the log2 domain, masked keys at -inf, turned into
+// exp2(s - new row max); mx_g, mx_g8: the lane's own maxima of them (the caller takes them while it
+// scales and masks). The running max m and sum l move on; returns the factors the rows' outputs
+// must be rescaled by (rescale_rows) before this step's P·V is added.
+template <int NJ>
+__device__ __forceinline__ float2 softmax_exp_step(float (&s)[NJ][4], float mx_g, float mx_g8, float& m_g,
+                                                   float& m_g8, float& l_g, float& l_g8) {
   const float2 al = softmax_new_max<1, 2>(mx_g, mx_g8, m_g, m_g8);
   l_g *= al.x;
   l_g8 *= al.y;
@@ -114,7 +115,13 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NJ][4], float (&o
     l_g += s[j][0] + s[j][1];
     l_g8 += s[j][2] + s[j][3];
   }
-  if (__any_sync(0xffffffffu, al.x != 1.0f || al.y != 1.0f)) {  // skipped while no row max moves
+  return al;
+}
+
+// Output accumulators o (m16n8 fragments) times the rows' factors al; skipped while no row max moves.
+template <int NO>
+__device__ __forceinline__ void rescale_rows(float (&o)[NO][4], float2 al) {
+  if (__any_sync(0xffffffffu, al.x != 1.0f || al.y != 1.0f)) {
 #pragma unroll
     for (int i = 0; i < NO; ++i) {
       o[i][0] *= al.x;
@@ -123,6 +130,13 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NJ][4], float (&o
       o[i][3] *= al.y;
     }
   }
+}
+
+// One online-softmax step (softmax_exp_step, then rescale_rows of the outputs).
+template <int NJ, int NO>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NJ][4], float (&o)[NO][4], float mx_g, float mx_g8,
+                                                    float& m_g, float& m_g8, float& l_g, float& l_g8) {
+  rescale_rows(o, softmax_exp_step(s, mx_g, mx_g8, m_g, m_g8, l_g, l_g8));
 }
 
 __device__ __forceinline__ float warp_max(float v) {

@@ -9,6 +9,7 @@
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/format_device.cuh"
 #include "nibble/backend/cuda/hadamard_device.cuh"
+#include "nibble/backend/cuda/wgmma.cuh"
 
 namespace nibble::cuda {
 namespace {
@@ -136,6 +137,27 @@ constexpr int prefill_smem_bytes() {
 // Copies chunk `bytes` (a multiple of 16) from `src` to `dst`, spread over `n` threads from `i`.
 __device__ __forceinline__ void copy_chunk(uint8_t* dst, const uint8_t* src, int bytes, int i, int n) {
   for (int u = i; u < bytes / 16; u += n) cp_async16(dst + u * 16, src + u * 16);
+}
+
+// Scores s of keys key0 + 8j + 2t + (e & 1) (m16n8 fragments: elements 0, 1 of row pos_g, 2, 3
+// of row pos_g8) to the log2 domain, keys after the row's position at -inf where `mask`; returns
+// the lane's maxima of the two rows.
+template <int NJ>
+__device__ __forceinline__ float2 scale_mask_max(float (&s)[NJ][4], float scale_log2, bool mask, int key0, int t,
+                                                 int pos_g, int pos_g8) {
+  float mx_g = -INFINITY, mx_g8 = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = key0 + j * 8 + 2 * t + (e & 1);
+      float v = s[j][e] * scale_log2;
+      if (mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
+      s[j][e] = v;
+      if (e < 2) mx_g = fmaxf(mx_g, v);
+      else mx_g8 = fmaxf(mx_g8, v);
+    }
+  return make_float2(mx_g, mx_g8);
 }
 
 // One block: 128 new tokens of one sequence x one query head; 8 warps of 16 rows. Key tiles of 64
@@ -330,19 +352,8 @@ __global__ void __launch_bounds__(kThreads) prefill_kernel(KVCacheView c, Attent
       }
     }
     const bool need_mask = kt * kBN + kBN - 1 > context + q0 + wr0;
-    float mx_g = -INFINITY, mx_g8 = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int key = kt * kBN + j * 8 + 2 * t + (e & 1);
-        float v = s[j][e] * p.scale_log2;
-        if (need_mask && key > (e < 2 ? pos_g : pos_g8)) v = -INFINITY;
-        s[j][e] = v;
-        if (e < 2) mx_g = fmaxf(mx_g, v);
-        else mx_g8 = fmaxf(mx_g8, v);
-      }
-    online_softmax_step(s, o, mx_g, mx_g8, m_g, m_g8, l_g, l_g8);
+    const float2 mx = scale_mask_max(s, p.scale_log2, need_mask, kt * kBN, t, pos_g, pos_g8);
+    online_softmax_step(s, o, mx.x, mx.y, m_g, m_g8, l_g, l_g8);
 #pragma unroll
     for (int kk = 0; kk < kBN / 16; ++kk) {
       const uint32_t pa[4] = {pack_half2(s[2 * kk][0], s[2 * kk][1]), pack_half2(s[2 * kk][2], s[2 * kk][3]),
@@ -391,7 +402,359 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
+
+// ---- attention_prefill on wgmma (sm_90a): head dim 128, FP16 or INT4 pages, K after RoPE -----
+//
+// FlashAttention-3's structure over the paged cache. Block = 128 query rows of one sequence x one
+// head (the tiles of the mma.sync kernel), 3 warpgroups. Warpgroup 0 is the producer: it fills
+// rings of 2 K tiles and 2 V tiles of kWgBN keys (fp16, 128-byte swizzled). FP16 pages: 16-byte
+// cp.async copies straight from the pages, the swizzle computed in the address, each thread's
+// copies completing as one arrival on the tile's `full` barrier. INT4 pages: the raw chunks by
+// cp.async into a double buffer, then dequantized by the producer into the fp16 tile (exactly
+// fp16 of format.h's decode, as the mma.sync kernel does), `fence.proxy.async`, arrival.
+// setmaxnreg leaves the producer 56 registers. Warpgroups 1 and 2 own 64 query rows each: S = Q·Kᵀ
+// by 8 `wgmma m64n128k16` (Q and K from shared memory, both K-major), online softmax in registers
+// (the accumulator's m16n8-style fragment: rows g, g + 8 of each warp), P converted in place to the
+// k16 A-register fragment, O += P·V by 8 register-A wgmma (V [key][dim] is N-major for B: the
+// descriptor's transpose bit). K and V have their own rings and `empty` barriers (one arrival per
+// consumer warp): a consumer releases K of tile k once Q·K is done and V of tile k - 1 once P·V is,
+// while it holds both (the intra-warpgroup overlap below), so 2 + 2 stages never stall the producer.
+//
+// Shared-memory tiles (Q, each K and V stage): two 64-dim halves, each `rows` x 128 bytes with the
+// 128-byte swizzle (16-byte piece c of row r at r * 128 + ((c ^ (r % 8)) << 4), halves 1024-byte
+// aligned). Q and K are K-major (descriptor SBO = 1024 between 8-row groups; a k16 step adds 32
+// bytes inside a half), V is MN-major (LBO = the half's bytes between the two 64-dim halves of N,
+// SBO = 1024 between 8-key groups; a k16 step is 16 keys = 2048 bytes).
+constexpr int kWgD = 128;
+constexpr int kWgBN = 128;                    // keys per tile
+constexpr int kWgThreads = 384;               // producer + 2 consumer warpgroups
+constexpr int kWgHalf = kWgBN * 128;          // one 64-dim half of a K or V tile (bytes)
+constexpr int kWgTile = 2 * kWgHalf;          // one K or V tile
+constexpr int kWgQHalf = kBM * 128;           // one 64-dim half of the Q tile
+constexpr int kWgQ = 2 * kWgQHalf;
+constexpr int kWgK = kWgQ;                    // K ring [2], then V ring [2]
+constexpr int kWgV = kWgK + 2 * kWgTile;
+constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw chunks of a tile [2]
+constexpr int kWgRawTile = (kWgBN / 16) * chunk_bytes<kWgD, true>();
+template <bool INT4>
+constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2]
+  return kWgRaw + (INT4 ? 2 * kWgRawTile : 0);
+}
+template <bool INT4>
+constexpr int wg_smem() {
+  return wg_bars<INT4>() + 8 * 8 + 1024;  // + alignment slack of the dynamic base
+}
+static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
+static_assert(wg_smem<true>() <= 227 * 1024, "shared memory per block");
+static_assert(kWgRawTile % 16 == 0, "16-byte copies");
+
+// Byte offset of 16-byte piece c (0..15 over the 128 dims) of row r in a swizzled two-half tile.
+__device__ __forceinline__ uint32_t swizzled(int r, int c, int half_bytes) {
+  return (c / 8) * half_bytes + r * 128 + (((c % 8) ^ (r % 8)) << 4);
+}
+
+template <bool INT4, bool PINGPONG>
+__global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
+  constexpr int D = kWgD, CB = chunk_bytes<D, INT4>();
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
+  uint8_t* Qs = smem;
+  const auto k_stage = [&](int kt) { return smem + kWgK + (kt & 1) * kWgTile; };
+  const auto v_stage = [&](int kt) { return smem + kWgV + (kt & 1) * kWgTile; };
+  uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + wg_bars<INT4>());
+  uint64_t* full_v = full_k + 2;
+  uint64_t* empty_k = full_k + 4;
+  uint64_t* empty_v = full_k + 6;
+
+  const int h = blockIdx.y, kvh = h / p.G;
+  const int2 tile = b.tiles[blockIdx.x];
+  const int seq = tile.x, q0 = tile.y;
+  const int tok_base = b.cu_new[seq];
+  const int n_new = b.cu_new[seq + 1] - tok_base;
+  const int context = b.seq_lens[seq] - n_new;
+  const int rows = min(kBM, n_new - q0);
+  const int kv_end = context + q0 + rows;  // keys [0, kv_end) are visible to some row
+  const int n_tiles = (kv_end + kWgBN - 1) / kWgBN;
+  const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
+  // The 16-token chunk of key0 (< kv_end) in the pages.
+  const auto chunk_of = [&](int key0) {
+    return block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) + ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB);
+  };
+
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 2; ++i) {
+      sm90::mbar_init(&full_k[i], 128);  // the producer threads (their cp.async completions for FP16)
+      sm90::mbar_init(&full_v[i], 128);
+      sm90::mbar_init(&empty_k[i], 8);  // the consumer warps
+      sm90::mbar_init(&empty_v[i], 8);
+    }
+    sm90::mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int wg = threadIdx.x / 128, lane = threadIdx.x % 32;
+  if (wg == 0) {
+    sm90::setmaxnreg_dec<56>();
+    // Tile kt's K or V stage is free once the consumers released tile kt - 2's.
+    const auto wait_free = [&](uint64_t* empty, int kt) {
+      if (kt >= 2) sm90::mbar_wait(&empty[kt & 1], ((kt >> 1) - 1) & 1);
+    };
+    if constexpr (!INT4) {
+      // Thread i copies 16-byte piece i % 16 of K rows (or V rows) i / 16 and i / 16 + 8 of every
+      // chunk: consecutive threads read consecutive bytes, and every key it writes has key % 8 =
+      // i / 16, so its swizzled column is one constant.
+      const int r0 = threadIdx.x / 16, piece = threadIdx.x % 16;
+      const uint32_t col = swizzled(r0, piece, kWgHalf) - r0 * 128;  // + key * 128
+      // Rows first_row + r0, + 8 of tile kt's chunks (K: 0, V: 16) into dst.
+      const auto copy_rows = [&](int kt, uint8_t* dst, int first_row) {
+#pragma unroll 2
+        for (int ch = 0; ch < kWgBN / 16; ++ch) {
+          const int key0 = kt * kWgBN + ch * 16;
+          if (key0 + 16 <= kv_end) {  // a whole chunk
+            const uint8_t* src = chunk_of(key0) + (first_row + r0) * 256 + piece * 16;
+            cp_async16(dst + (ch * 16 + r0) * 128, src);
+            cp_async16(dst + (ch * 16 + r0 + 8) * 128, src + 8 * 256);
+            continue;
+          }
+          // The chunk of the end: rows past it zero (masked scores; V must stay finite, 0 * NaN is
+          // NaN); chunks wholly past it read nothing.
+          const uint8_t* src = key0 < kv_end ? chunk_of(key0) : c.pool;
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const int r = r0 + 8 * q;
+            const bool ok = key0 + r < kv_end;
+            cp_async16(dst + (ch * 16 + r) * 128, ok ? src + (first_row + r) * 256 + piece * 16 : c.pool, ok ? 16 : 0);
+          }
+        }
+      };
+      for (int kt = 0; kt < n_tiles; ++kt) {
+        wait_free(empty_k, kt);
+        copy_rows(kt, k_stage(kt) + col, 0);
+        sm90::cp_async_mbar_arrive(&full_k[kt & 1]);
+        wait_free(empty_v, kt);
+        copy_rows(kt, v_stage(kt) + col, 16);
+        sm90::cp_async_mbar_arrive(&full_v[kt & 1]);
+      }
+      cp_async_wait<0>();  // no copy outlives its thread
+    } else {
+      uint8_t* raw = smem + kWgRaw;
+      // Tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one cp.async group.
+      const auto copy_raw = [&](int kt) {
+        uint8_t* dst = raw + (kt & 1) * kWgRawTile;
+        for (int u = threadIdx.x; u < kWgRawTile / 16; u += 128) {
+          const int ch = u / (CB / 16), piece = u % (CB / 16), key0 = kt * kWgBN + ch * 16;
+          if (key0 < kv_end) cp_async16(dst + ch * CB + piece * 16, chunk_of(key0) + piece * 16);
+        }
+        cp_async_commit();
+      };
+      // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
+      // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
+      // the swizzled column. Keys past kv_end become zeros.
+      const int w = threadIdx.x % 8, rr = threadIdx.x / 8;
+      const uint32_t col = uint32_t(w ^ (rr & 7)) << 4;
+      // K (codes at 0, scales at 16D, zeros at 16D + 64) or V (+8D, +32, +16) of tile kt into dst.
+      const auto dequant = [&](int kt, uint8_t* dst, bool is_v) {
+        const uint8_t* rc = raw + (kt & 1) * kWgRawTile;
+#pragma unroll 2
+        for (int j = 0; j < kWgBN / 16; ++j) {
+          const int r = rr + 16 * j;
+          uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+          if (kt * kWgBN + r < kv_end) {
+            const uint8_t* ch = rc + j * CB;
+            const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + (is_v ? 8 * D : 0) + rr * (D / 2));
+            const uint32_t w0 = row[w], w1 = row[w + 8];
+            const __half sh = reinterpret_cast<const __half*>(ch + 16 * D + (is_v ? 32 : 0))[rr];
+            const __half zh = __int2half_rn(1024 + ch[16 * D + 64 + (is_v ? 16 : 0) + rr]);
+            const __half2 ss = __halves2half2(sh, sh), zz = __halves2half2(zh, zh);
+            lo = make_uint4(h2u(dequant_pair(w0, 0, zz, ss)), h2u(dequant_pair(w0, 1, zz, ss)),
+                            h2u(dequant_pair(w0, 2, zz, ss)), h2u(dequant_pair(w0, 3, zz, ss)));
+            hi = make_uint4(h2u(dequant_pair(w1, 0, zz, ss)), h2u(dequant_pair(w1, 1, zz, ss)),
+                            h2u(dequant_pair(w1, 2, zz, ss)), h2u(dequant_pair(w1, 3, zz, ss)));
+          }
+          *reinterpret_cast<uint4*>(dst + r * 128 + col) = lo;
+          *reinterpret_cast<uint4*>(dst + kWgHalf + r * 128 + col) = hi;
+        }
+      };
+      // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
+      for (int kt = 0; kt <= n_tiles; ++kt) {
+        if (kt < n_tiles) copy_raw(kt);
+        if (kt == 0) continue;
+        const int j = kt - 1;
+        if (kt < n_tiles) cp_async_wait<1>();
+        else cp_async_wait<0>();
+        sm90::named_barrier_sync(3, 128);  // tile j's chunks landed, from every producer thread
+        wait_free(empty_k, j);
+        dequant(j, k_stage(j), false);
+        sm90::fence_proxy_async();  // these generic writes -> the consumers' wgmma reads
+        sm90::mbar_arrive(&full_k[j & 1]);
+        wait_free(empty_v, j);
+        dequant(j, v_stage(j), true);
+        sm90::fence_proxy_async();
+        sm90::mbar_arrive(&full_v[j & 1]);
+        sm90::named_barrier_sync(3, 128);  // raw buffer j & 1 is free for tile j + 2's chunks
+      }
+    }
+    return;
+  }
+
+  sm90::setmaxnreg_inc<224>();
+  const int cw = wg - 1, ctid = threadIdx.x - 128 * wg;  // consumer warpgroup 0/1: rows 64 cw ..
+  const int warp = ctid / 32, g = lane / 4, t = lane % 4;
+  const int wg_row0 = 64 * cw;
+  // Q rows of this warpgroup (zero past `rows`), visible to its wgmma once all 128 threads copied.
+  for (int i = ctid; i < 64 * (D / 8); i += 128) {
+    const int r = wg_row0 + i / (D / 8), piece = i % (D / 8);
+    const bool ok = r < rows;
+    cp_async16(Qs + swizzled(r, piece, kWgQHalf), p.q + (int64_t(tok_base + q0 + (ok ? r : 0)) * p.H + h) * D + piece * 8,
+               ok ? 16 : 0);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  sm90::fence_proxy_async();
+  sm90::named_barrier_sync(1 + cw, 128);
+
+  using sm90::Swizzle;
+  const uint64_t q_desc = sm90::smem_desc(sm90::smem_addr(Qs + wg_row0 * 128), 16, 1024, Swizzle::B128);
+  const uint64_t k_desc0 = sm90::smem_desc(sm90::smem_addr(smem + kWgK), 16, 1024, Swizzle::B128);
+  const uint64_t v_desc0 = sm90::smem_desc(sm90::smem_addr(smem + kWgV), kWgHalf, 1024, Swizzle::B128);
+  // Descriptor of k16 step ks inside a K-major two-half tile (start address in 16-byte units).
+  const auto k_step = [](int ks, int half_bytes) { return uint64_t(((ks / 4) * half_bytes + (ks % 4) * 32) >> 4); };
+
+  float o[D / 8][4], s[kWgBN / 8][4];
+  uint32_t pa[kWgBN / 16][4];  // P of the previous tile as k16 A fragments
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
+#pragma unroll
+  for (int j = 0; j < kWgBN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
+  float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
+  const int row_g = wg_row0 + warp * 16 + g;  // this lane's rows row_g, row_g + 8 of the block
+  const int pos_g = context + q0 + row_g, pos_g8 = pos_g + 8;
+  // Tiles [0, n_wg) hold keys some valid row of this warpgroup sees; the later ones (none at all
+  // when it has no valid row) are only released.
+  const int wg_last_pos = wg_row0 < rows ? context + q0 + min(wg_row0 + 63, rows - 1) : -1;
+  const int n_wg = wg_last_pos < 0 ? 0 : min(n_tiles, wg_last_pos / kWgBN + 1);
+
+  // Tile kt's K or V landed (and this thread's wgmma will see it).
+  const auto wait_full = [&](uint64_t* full, int kt) {
+    sm90::mbar_wait(&full[kt & 1], (kt >> 1) & 1);
+    sm90::fence_proxy_async();  // the producer's generic-proxy writes -> this thread's wgmma reads
+  };
+  const auto release = [&](uint64_t* empty, int kt) {  // this warp is done with tile kt's K or V
+    __syncwarp();
+    if (lane == 0) sm90::mbar_arrive(&empty[kt & 1]);
+  };
+  const auto issue_qk = [&](int kt) {  // s = Q·K_ktᵀ
+    const uint64_t k_desc = k_desc0 + (((kt & 1) * kWgTile) >> 4);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) sm90::wgmma_f16_m64n128_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
+    sm90::wgmma_commit();
+  };
+  const auto issue_pv = [&](int kt) {  // o += P·V_kt, P in pa
+    const uint64_t v_desc = v_desc0 + (((kt & 1) * kWgTile) >> 4);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWgBN / 16; ++kk) sm90::wgmma_f16_m64n128_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
+    sm90::wgmma_commit();
+  };
+  // Scores of tile kt (in s) -> exp2 weights, the running max and sums moved on; returns the
+  // factors of the outputs.
+  const auto softmax = [&](int kt) {
+    const bool need_mask = kt * kWgBN + kWgBN - 1 > context + q0 + wg_row0;
+    const float2 mx = scale_mask_max(s, p.scale_log2, need_mask, kt * kWgBN, t, pos_g, pos_g8);
+    return softmax_exp_step(s, mx.x, mx.y, m_g, m_g8, l_g, l_g8);
+  };
+  // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
+  const auto pack_p = [&] {
+#pragma unroll
+    for (int kk = 0; kk < kWgBN / 16; ++kk) {
+      pa[kk][0] = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+      pa[kk][1] = pack_half2(s[2 * kk][2], s[2 * kk][3]);
+      pa[kk][2] = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[kk][3] = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+  };
+
+  // Slot kt = 0..n_tiles issues Q·K(kt) if kt < n_wg and P·V(kt - 1) if 0 < kt <= n_wg back to
+  // back (FlashAttention-3's intra-warpgroup overlap: the softmax of tile kt runs while P·V(kt - 1)
+  // does); tiles after this warpgroup's rows are waited for and released unread. PINGPONG: the two
+  // warpgroups take turns to issue (named barriers 4 + cw: warpgroup cw waits for its turn on its
+  // own, passes it on the other's), so one's softmax overlaps the other's GEMMs. Both run
+  // n_tiles + 1 slots; warpgroup 0 starts, and warpgroup 1 passes no turn after its last slot, so
+  // every barrier phase has 256 threads.
+  if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
+  for (int kt = 0; kt <= n_tiles; ++kt) {
+    const bool qk = kt < n_wg, pv = kt > 0 && kt <= n_wg;
+    if (kt < n_tiles) wait_full(full_k, kt);
+    if (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
+    if (qk) issue_qk(kt);
+    if (kt > 0) wait_full(full_v, kt - 1);
+    if (pv) issue_pv(kt - 1);
+    if (PINGPONG && !(cw == 1 && kt == n_tiles)) sm90::named_barrier_arrive(5 - cw, 256);
+    float2 al = make_float2(1.0f, 1.0f);
+    if (qk) {
+      if (pv) sm90::wgmma_wait<1>();  // Q·K(kt) done (groups complete in order), P·V may still run
+      else sm90::wgmma_wait<0>();
+      sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
+    }
+    if (kt < n_tiles) release(empty_k, kt);
+    if (qk) al = softmax(kt);
+    if (pv) {
+      sm90::wgmma_wait<0>();
+      sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
+    }
+    if (kt > 0) release(empty_v, kt - 1);
+    if (qk) {
+      rescale_rows(o, al);  // tile 0: o is 0 (and al 0)
+      pack_p();
+    }
+  }
+
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    l_g += __shfl_xor_sync(0xffffffffu, l_g, off);
+    l_g8 += __shfl_xor_sync(0xffffffffu, l_g8, off);
+  }
+  const float inv_g = 1.0f / l_g, inv_g8 = 1.0f / l_g8;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    if (row_g < rows)
+      *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + row_g) * p.H + h) * D + nt * 8 + 2 * t) =
+          pack_half2(o[nt][0] * inv_g, o[nt][1] * inv_g);
+    if (row_g + 8 < rows)
+      *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + row_g + 8) * p.H + h) * D + nt * 8 + 2 * t) =
+          pack_half2(o[nt][2] * inv_g8, o[nt][3] * inv_g8);
+  }
+}
+
+template <bool INT4, bool PINGPONG>
+void launch_prefill_wgmma(const KVCacheView& c, const AttentionBatch& b, const PrefillParams& p, Stream stream) {
+  constexpr int smem = wg_smem<INT4>();
+  const auto kernel = prefill_wgmma_kernel<INT4, PINGPONG>;
+  static bool configured = false;
+  if (!configured) {
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    configured = true;
+  }
+  kernel<<<dim3(b.num_tiles, p.H), kWgThreads, smem, stream>>>(c, b, p);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
+
+const char* prefill_path_name(PrefillPath p) {
+  switch (p) {
+    case PrefillPath::Auto: return "auto";
+    case PrefillPath::MmaSync: return "mma.sync";
+    case PrefillPath::Wgmma: return "wgmma";
+    case PrefillPath::WgmmaPingPong: return "wgmma-pingpong";
+  }
+  return "?";
+}
+
+bool prefill_wgmma_applies(const KVCacheView& c, bool k_before_rope) {
+  return c.head_dim == kWgD && !k_before_rope;
+}
 
 void attention_append(const KVCacheView& c, const AttentionBatch& b, const AppendArgs& a, Stream stream) {
   require(a.num_heads > 0 && a.num_heads % c.kv_heads == 0, "attention_append",
@@ -426,6 +789,22 @@ void attention_prefill(const KVCacheView& c, const AttentionBatch& b, const Atte
   const float scale = a.softmax_scale > 0 ? a.softmax_scale : 1.0f / std::sqrt(float(c.head_dim));
   PrefillParams p{a.q, a.out, a.num_heads, a.num_heads / c.kv_heads, a.layer,
                   a.k_before_rope ? a.rope->data() : nullptr, scale * kLog2e};
+  const bool wgmma_applies = prefill_wgmma_applies(c, a.k_before_rope);
+  const bool forced_wgmma = a.prefill_path == PrefillPath::Wgmma || a.prefill_path == PrefillPath::WgmmaPingPong;
+  require(!forced_wgmma || wgmma_applies, "attention_prefill",
+          "the wgmma path needs head dim 128 and K stored after RoPE (head dim {}{})", c.head_dim,
+          a.k_before_rope ? ", K before RoPE" : "");
+  if (a.prefill_path != PrefillPath::MmaSync && wgmma_applies) {
+    const bool int4 = c.dtype == KVDtype::Int4;
+    if (a.prefill_path == PrefillPath::WgmmaPingPong) {
+      if (int4) launch_prefill_wgmma<true, true>(c, b, p, stream);
+      else launch_prefill_wgmma<false, true>(c, b, p, stream);
+    } else {
+      if (int4) launch_prefill_wgmma<true, false>(c, b, p, stream);
+      else launch_prefill_wgmma<false, false>(c, b, p, stream);
+    }
+    return;
+  }
   const bool int4 = c.dtype == KVDtype::Int4, rk = a.k_before_rope;
 #define NIBBLE_PREFILL(D)                                               \
   if (int4) {                                                           \

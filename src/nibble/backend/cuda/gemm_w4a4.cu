@@ -9,11 +9,14 @@
 #include <cuda_fp16.h>
 
 #include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/wgmma.cuh"
 #include "nibble/core/error.h"
 
 namespace nibble::cuda {
 
 namespace {
+
+using namespace sm90;
 
 // ---- Small device helpers ------------------------------------------------------------------------
 
@@ -684,21 +687,8 @@ constexpr int kWgStages = 5;        // cp.async stages (prefetch distance kWgSta
 constexpr int kWgSmem = kWgStages * kStageBytes + 2 * kUnpackBytes;
 
 __device__ __forceinline__ uint64_t smem_desc(const void* p) {
-  const uint64_t addr = uint32_t(__cvta_generic_to_shared(p));
-  constexpr uint64_t lbo = 2048, sbo = 128;  // K-direction and token-direction core-matrix strides
-  return ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16) | ((sbo >> 4) << 32);  // no swizzle, base offset 0
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Keeps the compiler from moving accesses of an accumulator across wgmma issue / wait.
-__device__ __forceinline__ void fence_regs(int (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
+  // K-direction and token-direction core-matrix strides, no swizzle
+  return sm90::smem_desc(sm90::smem_addr(p), 2048, 128, sm90::Swizzle::None);
 }
 
 // d (+)= A (registers, 64 x 32) · B (shared memory, 32 x 128): accumulate unless `zero`.
@@ -942,32 +932,6 @@ constexpr int kSpSmem = kSpP * XInt8Stage::kBytes + 2 * kSpP * 8;  // stages, lo
 static_assert(kBM * kPartPitch * 4 <= kSpP * XInt8Stage::kBytes, "the fp32 tile must fit in the stages");
 static_assert(kSpSmem <= 227 * 1024, "shared memory per block");
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-// A global -> shared bulk copy (TMA, 1-D) whose completion counts `bytes` on `bar`.
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar))
-      : "memory");
-}
-// Waits until the phase of parity `parity` of the barrier has completed.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nwait_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra wait_%=;\n}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
 // Where slab i (>= 0) sits in the ring, and the parity of its use of the stage (use n of a stage
 // completes its barriers' phase n). Unsigned, so the modulo is one AND.
 struct SpRing {
