@@ -4,6 +4,9 @@
 // written. Two times per case: launches on a stream (CUDA events around batches, median, inputs
 // rotated past L2; bench_cuda.cuh) and the same launches replayed from a CUDA graph, as the
 // executor's captured decode step runs them (launch cost hidden; what is left is the kernel).
+// Above 64 rows also the quantizers writing X pre-widened (the wgmma GEMM's input, as the executor
+// runs them there) beside the repack of the packed output they replace (x_to_int8_b_layout):
+// pre-widened vs packed + repack.
 // `bench_norm_quantize one M K`: five launches of rmsnorm_quantize alone, for ncu.
 #include <cuda_fp16.h>
 
@@ -14,6 +17,8 @@
 
 #include "nibble/backend/cuda/atom_layout.h"
 #include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/device_array.h"
+#include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/backend/cuda/norm_quantize.h"
 #include "bench/bench_cuda.cuh"
 
@@ -41,6 +46,7 @@ struct Case {
   int rots = 1;
   std::vector<__half*> a, u;
   std::vector<AtomDeviceMatrix> out;
+  std::vector<DeviceArray<uint8_t>> pre_widened;  // M > 64: the same rows pre-widened
   int32_t* perm = nullptr;
   float* w = nullptr;
 
@@ -53,6 +59,7 @@ struct Case {
       fill_half<<<1024, 256>>>(a.back(), size_t(M * K), 3.0f, 110 + r);
       if (kernel == Kernel::Swiglu) fill_half<<<1024, 256>>>(u.back(), size_t(M * K), 3.0f, 120 + r);
       out.emplace_back(sh);
+      if (gemm_w4a4_takes_x_int8(M)) pre_widened.emplace_back(gemm_w4a4_x_int8_bytes(M, K, kKeeper));
     }
     std::vector<int32_t> hp(static_cast<size_t>(K));
     for (int j = 0; j < K; ++j) hp[size_t(j)] = int32_t((int64_t(j) * 7919) % K);
@@ -71,24 +78,29 @@ struct Case {
   size_t in_bytes() const { return size_t(M * K * 2) * (kernel == Kernel::Swiglu ? 2 : 1); }
   double bytes() const { return double(in_bytes()) + double(atom_shape(M, K, kKeeper).packed_bytes()); }
 
-  void launch(int r, cudaStream_t s) {
+  // The packed output, or (pre_widened_out) X pre-widened.
+  void launch(int r, cudaStream_t s, bool pre_widened_out = false) {
     const ActQuant q{};
+    const ActOutput o = pre_widened_out ? ActOutput::pre_widened(pre_widened[size_t(r)].get(), out[size_t(r)].shape())
+                                        : ActOutput(out[size_t(r)].mut());
     switch (kernel) {
-      case Kernel::Norm: rmsnorm_quantize(a[size_t(r)], K, perm, w, 1e-5f, out[size_t(r)].mut(), q, s); break;
-      case Kernel::Gather: gather_quantize(a[size_t(r)], K, perm, out[size_t(r)].mut(), q, s); break;
-      case Kernel::Swiglu: swiglu_quantize(a[size_t(r)], u[size_t(r)], K, nullptr, out[size_t(r)].mut(), q, s); break;
+      case Kernel::Norm: rmsnorm_quantize(a[size_t(r)], K, perm, w, 1e-5f, o, q, s); break;
+      case Kernel::Gather: gather_quantize(a[size_t(r)], K, perm, o, q, s); break;
+      case Kernel::Swiglu: swiglu_quantize(a[size_t(r)], u[size_t(r)], K, nullptr, o, q, s); break;
     }
   }
+  // What the pre-widened output saves: the repack of the packed one.
+  void repack(int r, cudaStream_t s) { x_to_int8_b_layout(out[size_t(r)].view(), pre_widened[size_t(r)].get(), s); }
 };
 
 // Milliseconds per launch when `per_graph` launches (rotating inputs) are replayed from one graph.
-double graph_ms(Case& c) {
+double graph_ms(Case& c, bool pre_widened_out = false) {
   constexpr int per_graph = 32;
   cudaStream_t s;
   NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   cudaGraph_t graph;
   NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < per_graph; ++i) c.launch(i % c.rots, s);
+  for (int i = 0; i < per_graph; ++i) c.launch(i % c.rots, s, pre_widened_out);
   NIBBLE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
   cudaGraphExec_t exec;
   NIBBLE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
@@ -125,17 +137,26 @@ int main(int argc, char** argv) {
   };
   const Shape shapes[] = {{"7B", Kernel::Norm, 4096},   {"7B", Kernel::Gather, 4096},  {"7B", Kernel::Swiglu, 11008},
                           {"70B", Kernel::Norm, 8192},  {"70B", Kernel::Gather, 8192}, {"70B", Kernel::Swiglu, 28672}};
-  std::printf("| model | kernel | M | K | µs | GB/s | %% copy BW | µs in a graph | GB/s | %% copy BW |\n");
-  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("| model | kernel | M | K | µs | GB/s | %% copy BW | µs in a graph | GB/s | %% copy BW | pre-widened µs | "
+              "in a graph | repack µs | pre-widened vs packed + repack |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Shape& sh : shapes) {
     for (int64_t M : {1, 16, 256, 4096}) {
       Case c(sh.kernel, M, sh.K);
       const double ms = time_ms([&](int r) { c.launch(r, nullptr); }, c.rots);
       const double gms = graph_ms(c);
       const double gbs = c.bytes() / (ms * 1e-3) / 1e9, ggbs = c.bytes() / (gms * 1e-3) / 1e9;
-      std::printf("| %s | %s | %lld | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% |\n", sh.model,
+      std::printf("| %s | %s | %lld | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% |", sh.model,
                   kernel_name(sh.kernel), (long long)M, sh.K, ms * 1e3, gbs, 100.0 * gbs / copy_gbs, gms * 1e3, ggbs,
                   100.0 * ggbs / copy_gbs);
+      if (gemm_w4a4_takes_x_int8(M)) {
+        const double pms = time_ms([&](int r) { c.launch(r, nullptr, true); }, c.rots);
+        const double pgms = graph_ms(c, true);
+        const double rms = time_ms([&](int r) { c.repack(r, nullptr); }, c.rots);
+        std::printf(" %.1f | %.1f | %.1f | %.2fx |\n", pms * 1e3, pgms * 1e3, rms * 1e3, (ms + rms) / pms);
+      } else {
+        std::printf(" | | | |\n");
+      }
       std::fflush(stdout);
     }
   }

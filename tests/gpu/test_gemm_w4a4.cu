@@ -424,6 +424,47 @@ TEST(GemmW4A4XInt8, RepackMatchesHostRelayout) {
   }
 }
 
+TEST(GemmW4A4XInt8, PreWidenedEntryEqualsWgmmaPath) {
+  // gemm_w4a4 on X already pre-widened (what the quantizers write for M > 64, which
+  // NormQuantize.PreWidenedEqualsRepackOfPacked proves equal to the repack) against the packed
+  // entry's Wgmma path (repack + kernel) on every element, each run twice on poisoned outputs;
+  // M = 7 and 65 to 1000 (partial 128-token tiles), 70B k/v (cluster split-K), keeper 0 and 128,
+  // fp16 and bf16.
+  NIBBLE_REQUIRE_GPU();
+  const std::tuple<int, int64_t> KNs[] = {{4096, 4096}, {11008, 4096}, {8192, 1024}};
+  int cases = 0;
+  for (int keeper : {0, 128}) {
+    for (const auto& [K, N] : KNs) {
+      const uint64_t w_seed = fresh_seed();
+      const AtomDeviceMatrix w(to_gpu_layout(quantized(w_seed, N, K, keeper, 0.05f, 1.0f)));
+      for (int64_t M : {7, 65, 100, 256, 1000}) {
+        const uint64_t x_seed = fresh_seed();
+        const AtomDeviceMatrix x(to_gpu_layout(quantized(x_seed, M, K, keeper, 1.0f, 0.9f)));
+        const size_t bytes = gemm_w4a4_x_int8_bytes(M, K, keeper);
+        DeviceArray<uint8_t> blocks(bytes);
+        NIBBLE_CUDA_CHECK(cudaMemset(blocks.get(), 0xa5, bytes));
+        x_to_int8_b_layout(x.view(), blocks.get(), nullptr);
+        const XInt8Operand pre{blocks.get(), x.shape()};
+        for (OutType out : {OutType::F16, OutType::BF16}) {
+          if (out == OutType::BF16 && M != 100) continue;
+          SCOPED_TRACE(::testing::Message() << "M=" << M << " N=" << N << " K=" << K << " keeper=" << keeper
+                                            << " seeds: x " << x_seed << " w " << w_seed);
+          const DeviceResult packed = run_twice(x.view(), w.view(), out, GemmPath::Wgmma);
+          const DeviceResult direct =
+              run_twice_with(M, N, out, [&](void* y) { gemm_w4a4(pre, w.view(), y, out, nullptr); });
+          int64_t differ = 0;
+          for (size_t i = 0; i < packed.y.size(); ++i) differ += packed.y[i] != direct.y[i];
+          EXPECT_EQ(packed.unwritten, 0);
+          EXPECT_EQ(direct.unwritten, 0);
+          EXPECT_EQ(differ, 0);
+          ++cases;
+        }
+      }
+    }
+  }
+  std::printf("pre-widened entry vs Wgmma path: %d comparisons\n", cases);
+}
+
 TEST(GemmW4A4, RejectsAForcedPathThatCannotTakeM) {
   NIBBLE_REQUIRE_GPU();
   const Operand x = make_operand(1, 17, 512, 128, 1.0f, 0.9f), w = make_operand(2, 64, 512, 128, 0.05f, 1.0f);
@@ -455,6 +496,11 @@ TEST(GemmW4A4, RejectsMismatchedShapes) {
   x.shape = atom_shape(4, 512, 128);
   w.shape = atom_shape(8, 512, 0);
   EXPECT_THROW(gemm_w4a4(x, w, nullptr, OutType::F16, {}, nullptr), Error);
+  alignas(16) static uint8_t fake[64];  // never dereferenced: the checks throw first
+  EXPECT_THROW(gemm_w4a4(XInt8Operand{fake, x.shape}, w, nullptr, OutType::F16, nullptr), Error);
+  w.shape = atom_shape(8, 512, 128);
+  EXPECT_THROW(gemm_w4a4(XInt8Operand{nullptr, x.shape}, w, nullptr, OutType::F16, nullptr), Error);   // no X
+  EXPECT_THROW(gemm_w4a4(XInt8Operand{fake + 8, x.shape}, w, nullptr, OutType::F16, nullptr), Error);  // misaligned
 }
 
 }  // namespace

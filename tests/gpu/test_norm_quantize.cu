@@ -16,6 +16,8 @@
 #include "gpu_test_util.h"
 #include "nibble/backend/cuda/atom_layout.h"
 #include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/device_array.h"
+#include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/backend/cuda/norm_quantize.h"
 #include "nibble/core/half.h"
 #include "nibble/quant/format.h"
@@ -65,23 +67,61 @@ void compare_group(const float* x, int n, int bits, float clip, float ref_scale,
   }
 }
 
-// permuted = false: the identity order, passed as a null permutation (the kernels' direct path).
-Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t seed) {
-  const int64_t ld = K + (v == Variant::Swiglu ? 0 : 64);  // a row stride wider than K, once
-  std::vector<uint16_t> a(size_t(M * ld)), u(size_t(M * ld));
-  std::vector<int32_t> perm(static_cast<size_t>(K));
-  std::vector<float> w(static_cast<size_t>(K));
-  for (int64_t i = 0; i < M * ld; ++i) {
-    // Activations with a few outlier channels, as fp16 values.
-    const int64_t ch = i % ld;
-    const float scale = (ch % 97 == 3) ? 20.0f : 2.0f;
-    a[size_t(i)] = float_to_fp16(scale * uniform(seed, uint64_t(i)));
-    u[size_t(i)] = float_to_fp16(2.0f * uniform(seed + 1, uint64_t(i)));
+// A case's inputs: fp16 activations with a few outlier channels (a; u for swiglu), a permutation
+// and a norm weight, on the host and the device. permuted = false: the identity order, passed as
+// a null permutation (the kernels' direct path).
+struct Inputs {
+  Variant v;
+  int64_t M, ld;
+  int K;
+  bool permuted;
+  std::vector<uint16_t> a, u;
+  std::vector<int32_t> perm;
+  std::vector<float> w;
+  DeviceArray<__half> da, du;
+  DeviceArray<int32_t> dperm;
+  DeviceArray<float> dw;
+
+  Inputs(Variant variant, int64_t rows, int k, bool perm_on, uint64_t seed)
+      : v(variant), M(rows), ld(k + (variant == Variant::Swiglu ? 0 : 64)), K(k), permuted(perm_on) {
+    a.resize(size_t(M * ld));  // a row stride wider than K, once
+    u.resize(size_t(M * ld));
+    for (int64_t i = 0; i < M * ld; ++i) {
+      const int64_t ch = i % ld;
+      const float scale = (ch % 97 == 3) ? 20.0f : 2.0f;
+      a[size_t(i)] = float_to_fp16(scale * uniform(seed, uint64_t(i)));
+      u[size_t(i)] = float_to_fp16(2.0f * uniform(seed + 1, uint64_t(i)));
+    }
+    perm.resize(size_t(K));
+    std::iota(perm.begin(), perm.end(), 0);
+    std::mt19937_64 rng(seed);
+    if (permuted) std::shuffle(perm.begin(), perm.end(), rng);
+    w.resize(size_t(K));
+    for (int j = 0; j < K; ++j) w[size_t(j)] = 1.0f + 0.5f * uniform(seed + 2, uint64_t(j));
+    da = DeviceArray<__half>(reinterpret_cast<const __half*>(a.data()), a.size());
+    du = DeviceArray<__half>(reinterpret_cast<const __half*>(u.data()), u.size());
+    dperm = DeviceArray<int32_t>(perm.data(), perm.size());
+    dw = DeviceArray<float>(w.data(), w.size());
   }
-  std::iota(perm.begin(), perm.end(), 0);
-  std::mt19937_64 rng(seed);
-  if (permuted) std::shuffle(perm.begin(), perm.end(), rng);
-  for (int j = 0; j < K; ++j) w[size_t(j)] = 1.0f + 0.5f * uniform(seed + 2, uint64_t(j));
+
+  // The variant's quantizer on the device into `out`.
+  void quantize(const ActOutput& out, ActQuant q) const {
+    const int32_t* p = permuted ? dperm.get() : nullptr;
+    switch (v) {
+      case Variant::Norm: rmsnorm_quantize(da.get(), ld, p, dw.get(), 1e-5f, out, q, nullptr); break;
+      case Variant::Gather: gather_quantize(da.get(), ld, p, out, q, nullptr); break;
+      case Variant::Swiglu: swiglu_quantize(da.get(), du.get(), ld, p, out, q, nullptr); break;
+    }
+  }
+};
+
+Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t seed) {
+  const Inputs in(v, M, K, permuted, seed);
+  const std::vector<uint16_t>& a = in.a;
+  const std::vector<uint16_t>& u = in.u;
+  const std::vector<int32_t>& perm = in.perm;
+  const std::vector<float>& w = in.w;
+  const int64_t ld = in.ld;
 
   // Reference values, channel j of the permuted order.
   std::vector<float> x(size_t(M * K));
@@ -107,31 +147,12 @@ Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t
   const AtomPackedHost ref = atom_quantize_host(x.data(), M, K, keeper, aq.clip4, aq.clip8);
 
   // Device run, output poisoned.
-  __half *da = nullptr, *du = nullptr;
-  int32_t* dperm = nullptr;
-  float* dw = nullptr;
-  NIBBLE_CUDA_CHECK(cudaMalloc(&da, a.size() * 2));
-  NIBBLE_CUDA_CHECK(cudaMalloc(&du, u.size() * 2));
-  NIBBLE_CUDA_CHECK(cudaMalloc(&dperm, perm.size() * 4));
-  NIBBLE_CUDA_CHECK(cudaMalloc(&dw, w.size() * 4));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(da, a.data(), a.size() * 2, cudaMemcpyHostToDevice));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(du, u.data(), u.size() * 2, cudaMemcpyHostToDevice));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(dperm, perm.data(), perm.size() * 4, cudaMemcpyHostToDevice));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(dw, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
   AtomDeviceMatrix out(atom_shape(M, K, keeper));
   NIBBLE_CUDA_CHECK(cudaMemset(out.mut().q, 0xab, size_t(out.shape().code_bytes())));
   NIBBLE_CUDA_CHECK(cudaMemset(out.mut().s, 0xff, size_t(out.shape().scale_count()) * 2));
-  switch (v) {
-    case Variant::Norm: rmsnorm_quantize(da, ld, permuted ? dperm : nullptr, dw, 1e-5f, out.mut(), aq, nullptr); break;
-    case Variant::Gather: gather_quantize(da, ld, permuted ? dperm : nullptr, out.mut(), aq, nullptr); break;
-    case Variant::Swiglu: swiglu_quantize(da, du, ld, permuted ? dperm : nullptr, out.mut(), aq, nullptr); break;
-  }
+  in.quantize(out.mut(), aq);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   const AtomGpuHost got_gpu = out.download();
-  cudaFree(da);
-  cudaFree(du);
-  cudaFree(dperm);
-  cudaFree(dw);
   const AtomPackedHost got = from_gpu_layout(got_gpu);
 
   Counts c;
@@ -198,6 +219,55 @@ TEST(NormQuantize, MatchesFormat) {
               "%lld scales (%lld one fp16 ulp apart on a boundary, %lld wrong)\n",
               (long long)total.codes, (long long)total.boundary_codes, (long long)total.bad_codes,
               (long long)total.scales, (long long)total.boundary_scales, (long long)total.bad_scales);
+}
+
+TEST(NormQuantize, PreWidenedEqualsRepackOfPacked) {
+  // The quantizers writing X pre-widened (the wgmma path's input) must write exactly the bytes
+  // x_to_int8_b_layout makes of their packed output: every byte of the blocks (codes, fp32 scales,
+  // the tokens past M up to the 128-token tile, a keeper slab's unused half), both buffers poisoned
+  // differently; every variant, with and without a permutation and the Hadamard rotation, M not a
+  // multiple of the tile, and M = 2100 (the register-capped kernels).
+  NIBBLE_REQUIRE_GPU();
+  int cases = 0;
+  for (Variant v : {Variant::Norm, Variant::Gather, Variant::Swiglu}) {
+    for (int K : {512, 4096, 11008}) {
+      for (int keeper : {0, 128, 256}) {
+        for (int64_t M : {7, 65, 100, 300, 2100}) {
+          for (bool permuted : {true, false}) {
+            if (keeper == 256 && K != 4096) continue;
+            if (M == 2100 && K != 4096) continue;
+            const bool hadamard = (M + keeper / 128) % 2 == 1;  // half the cases rotated
+            const uint64_t seed = testing::fresh_seed();
+            const char* name = v == Variant::Norm ? "rmsnorm" : v == Variant::Gather ? "gather" : "swiglu";
+            SCOPED_TRACE(::testing::Message() << name << " M=" << M << " K=" << K << " keeper=" << keeper << " seed "
+                                              << seed << (permuted ? " permuted" : " identity order")
+                                              << (hadamard ? " hadamard" : ""));
+            const Inputs in(v, M, K, permuted, seed);
+            ActQuant aq{0.9f, 1.0f};
+            aq.hadamard = hadamard;
+            const AtomShape shape = atom_shape(M, K, keeper);
+            AtomDeviceMatrix packed(shape);
+            in.quantize(packed.mut(), aq);
+            const size_t bytes = gemm_w4a4_x_int8_bytes(M, K, keeper);
+            DeviceArray<uint8_t> repacked(bytes), direct(bytes);
+            NIBBLE_CUDA_CHECK(cudaMemset(repacked.get(), 0xa5, bytes));
+            NIBBLE_CUDA_CHECK(cudaMemset(direct.get(), 0x5a, bytes));
+            x_to_int8_b_layout(packed.view(), repacked.get(), nullptr);
+            in.quantize(ActOutput::pre_widened(direct.get(), shape), aq);
+            NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+            std::vector<uint8_t> want(bytes), got(bytes);
+            NIBBLE_CUDA_CHECK(cudaMemcpy(want.data(), repacked.get(), bytes, cudaMemcpyDeviceToHost));
+            NIBBLE_CUDA_CHECK(cudaMemcpy(got.data(), direct.get(), bytes, cudaMemcpyDeviceToHost));
+            int64_t differ = 0;
+            for (size_t i = 0; i < bytes; ++i) differ += got[i] != want[i];
+            EXPECT_EQ(differ, 0);
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  std::printf("norm_quantize pre-widened vs x_to_int8_b_layout of packed: %d cases compared byte for byte\n", cases);
 }
 
 }  // namespace

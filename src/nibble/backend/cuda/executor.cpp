@@ -264,10 +264,11 @@ class LayerRunner {
     if (c.num_experts > 0) expert_weights_ = DeviceArray<float>(size_t(T * c.num_experts));
   }
 
-  // Readies what the linears of `w` need: the W8A8 GEMM's algorithms, and one W4A4 activation
-  // operand and GEMM scratch big enough for any linear seen so far (grown, never shrunk): the
-  // split-K sums for up to 64 rows and, where steps can have more rows, the repacked X, in two
-  // buffers each sized by the maximum over the linears of its own function (gemm_w4a4.h).
+  // Readies what the linears of `w` need: the W8A8 GEMM's algorithms, and the W4A4 activation
+  // operands and GEMM scratch big enough for any linear seen so far (grown, never shrunk), each
+  // sized by the maximum over the linears of its own function: the packed operand and the split-K
+  // sums for up to 64 rows (the decode and stream kernels) and, where steps can have more rows, X
+  // pre-widened for the wgmma kernel (gemm_w4a4.h), which the quantizers write directly.
   void prepare(const LayerWeights& w) {
     const int64_t T = max_tokens_;
     for (const LinearWeights* l : w.linears()) {
@@ -277,18 +278,18 @@ class LayerRunner {
       }
       if (!l->atom) continue;
       if (!hidden16_.size()) hidden16_ = DeviceArray<__half>(size_t(T * cfg_.hidden_size));
-      const AtomShape a = atom_shape(T, int(l->in), l->keeper);
+      const AtomShape a = atom_shape(std::min<int64_t>(T, kDecodeMaxM), int(l->in), l->keeper);
       if (act_codes_.size() < size_t(a.code_bytes())) act_codes_ = DeviceArray<uint8_t>(size_t(a.code_bytes()));
       if (act_scales_.size() < size_t(a.scale_count())) act_scales_ = DeviceArray<__half>(size_t(a.scale_count()));
       size_t split_k = 16;
-      for (int64_t m = 1; m <= std::min<int64_t>(T, 64); ++m)
+      for (int64_t m = 1; m <= std::min<int64_t>(T, kDecodeMaxM); ++m)
         split_k = std::max(split_k, gemm_w4a4_split_k_bytes(m, l->out, int(l->in), l->keeper));
       if (gemm_split_k_.size() < split_k) {
         gemm_split_k_ = DeviceArray<uint8_t>(split_k);
         NIBBLE_CUDA_CHECK(cudaMemset(gemm_split_k_.get(), 0, gemm_split_k_.size()));  // the kernels keep it zeroed
       }
-      const size_t x_int8 = T > 64 ? gemm_w4a4_x_int8_bytes(T, int(l->in), l->keeper) : 0;
-      if (gemm_x_int8_.size() < x_int8) gemm_x_int8_ = DeviceArray<uint8_t>(x_int8);
+      const size_t x_int8 = gemm_w4a4_takes_x_int8(T) ? gemm_w4a4_x_int8_bytes(T, int(l->in), l->keeper) : 0;
+      if (act_x_int8_.size() < x_int8) act_x_int8_ = DeviceArray<uint8_t>(x_int8);
     }
   }
 
@@ -448,13 +449,22 @@ class LayerRunner {
     blas_.run(x, w.w.get(), y, rows, w.out, w.in, stream_);
     if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
   }
-  AtomOperandMut act_op(int64_t rows, const LinearWeights& w) const {
-    return {act_codes_.get(), act_scales_.get(), atom_shape(rows, int(w.in), w.keeper)};
+  // Where a W4A4 linear's quantized input goes: pre-widened where gemm_w4a4's kernel for `rows`
+  // reads that (no repack), else packed.
+  ActOutput act_op(int64_t rows, const LinearWeights& w) const {
+    const AtomShape shape = atom_shape(rows, int(w.in), w.keeper);
+    if (gemm_w4a4_takes_x_int8(rows)) return ActOutput::pre_widened(act_x_int8_.get(), shape);
+    return AtomOperandMut{act_codes_.get(), act_scales_.get(), shape};
   }
   // y = linear(quantized input) for a W4A4 linear whose input was quantized into act_op(rows, w).
   void w4a4(const LinearWeights& w, int64_t rows, __half* y) {
-    const GemmW4A4Scratch scratch{gemm_split_k_.get(), gemm_split_k_.size(), gemm_x_int8_.get(), gemm_x_int8_.size()};
-    gemm_w4a4(act_op(rows, w), w.atom_w.view(), y, OutType::F16, scratch, stream_);
+    const ActOutput x = act_op(rows, w);
+    if (x.x_int8) {
+      gemm_w4a4(x.x_int8_operand(), w.atom_w.view(), y, OutType::F16, stream_);
+    } else {
+      const GemmW4A4Scratch scratch{gemm_split_k_.get(), gemm_split_k_.size()};
+      gemm_w4a4(x.packed, w.atom_w.view(), y, OutType::F16, scratch, stream_);
+    }
     if (w.bias.size()) add_bias(y, w.bias.get(), rows, w.out, stream_);
   }
 
@@ -471,12 +481,13 @@ class LayerRunner {
   NcclComm* comm_ = nullptr;           // a tensor-parallel rank's; null: the whole model
   bool gather_attention_ = false;
   DeviceArray<__half> attn_parts_, attn_all_;  // gather_attention: every rank's attention output
-  // W4A4 only: the fp16 copy of the residual stream, the quantized input, the GEMM's two scratch buffers.
+  // W4A4 only: the fp16 copy of the residual stream, the quantized input (packed up to 64 rows,
+  // pre-widened above), the decode kernel's split-K scratch.
   DeviceArray<__half> hidden16_;
-  DeviceArray<uint8_t> act_codes_;  // sized for the largest linear input at max_tokens rows
+  DeviceArray<uint8_t> act_codes_;  // the largest linear input at min(max_tokens, 64) rows
   DeviceArray<__half> act_scales_;
+  DeviceArray<uint8_t> act_x_int8_;    // the largest linear input at max_tokens rows, pre-widened (max_tokens > 64)
   DeviceArray<uint8_t> gemm_split_k_;  // zeroed once, left zeroed by the kernels
-  DeviceArray<uint8_t> gemm_x_int8_;   // the wgmma path's repacked X (rows > 64)
   float kv_clip_ = 1.0f;
   bool k_before_rope_ = false;
   bool kv_hadamard_ = false;

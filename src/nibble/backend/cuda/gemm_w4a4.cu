@@ -625,7 +625,7 @@ void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
 constexpr int kBN = 128, kBM = 128;
 constexpr int kTileBytes = (kBN / kRowTile) * kSlabBytes;      // 8 KB of W (and of X) per slab
 constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's scales
-constexpr int kUnpackBytes = 16384;  // one slab of X as INT8, 128 tokens x 128 channels
+constexpr int kUnpackBytes = kXInt8CodeBytes;  // one slab of X as INT8, 128 tokens x 128 channels
 static_assert(kXInt8BlockBytes == kUnpackBytes + kBM * 4, "a pre-widened X block: INT8 slab, then fp32 scales");
 
 // Where a pipeline stage keeps one slab of the block tile. Packed (v6, the lockstep oracle): W's and
@@ -970,7 +970,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
       uint8_t* stage = smem + to.p * Stage::kBytes;
       if (threadIdx.x == 0) {
         mbar_arrive_expect_tx(&loaded[to.p], kXInt8BlockBytes);
-        const uint8_t* x_block = p.x_int8 + (size_t(blockIdx.z) * p.slabs + s0 + j) * kXInt8BlockBytes;
+        const uint8_t* x_block = p.x_int8 + x_int8_block_offset(blockIdx.z, p.slabs, s0 + j);
         bulk_load(stage + Stage::kXBlock, x_block, kXInt8BlockBytes, &loaded[to.p]);
       }
       block_tile_load<128, Stage>(p, stage, s0 + j, n_base, m_base);
@@ -1099,7 +1099,7 @@ __global__ void __launch_bounds__(128) x_to_int8_b_layout_kernel(XInt8Params p) 
   const int64_t m_base = int64_t(blockIdx.y) * kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, t = lane % 4;
   const bool int4 = s < p.g4;
-  uint8_t* block = p.out + (size_t(blockIdx.y) * p.slabs + s) * kXInt8BlockBytes;
+  uint8_t* block = p.out + x_int8_block_offset(blockIdx.y, p.slabs, s);
   uint4 v[kTiles];
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {  // all loads first
@@ -1124,7 +1124,7 @@ __global__ void __launch_bounds__(128) x_to_int8_b_layout_kernel(XInt8Params p) 
 }  // namespace
 
 size_t gemm_w4a4_split_k_bytes(int64_t M, int64_t N, int K, int keeper) {
-  if (M > 64) return 0;  // the decode kernel's split-K sums (enough when it is forced at M <= 16 too)
+  if (M > kDecodeMaxM) return 0;  // the decode kernel's split-K sums (enough when it is forced at M <= 16 too)
   const AtomShape w = atom_shape(N, K, keeper);
   return decode_workspace(decode_plan(M, w.rows_pad, w.slabs()));
 }
@@ -1172,9 +1172,9 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
     // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7 1.15-1.28x
     // v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
     const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
-    path = M <= kStreamMaxM && small_w ? GemmPath::Stream : M <= 64 ? GemmPath::Decode : GemmPath::Wgmma;
+    path = M <= kStreamMaxM && small_w ? GemmPath::Stream : gemm_w4a4_takes_x_int8(M) ? GemmPath::Wgmma : GemmPath::Decode;
   }
-  const auto launch = [&](const uint8_t* x_int8) {
+  const auto launch = [&](const uint8_t* x_int8) {  // the lockstep kernel on packed X, or the specialised one
     if (out == OutType::F16) launch_wgmma<__half>(ops, x_int8, stream);
     else launch_wgmma<__nv_bfloat16>(ops, x_int8, stream);
   };
@@ -1184,7 +1184,7 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       launch_stream(ops, out, stream);
       return;
     case GemmPath::Decode: {
-      require(M <= 64, where, "the decode path needs M <= 64, got {}", M);
+      require(M <= kDecodeMaxM, where, "the decode path needs M <= {}, got {}", kDecodeMaxM, M);
       const DecodePlan d = decode_plan(M, w.shape.rows_pad, w.shape.slabs());
       const size_t need = decode_workspace(d);
       require(scratch.split_k_bytes >= need && (need == 0 || scratch.split_k), where,
@@ -1214,6 +1214,17 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       return;
     }
   }
+}
+
+void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream) {
+  const std::string where = "gemm_w4a4 (X pre-widened)";
+  require_matching(x.shape, w.shape, where);
+  require(x.blocks && reinterpret_cast<uintptr_t>(x.blocks) % 16 == 0, where, "X blocks must be non-null and 16-byte aligned");
+  const int64_t M = x.shape.rows, N = w.shape.rows;
+  if (M == 0 || N == 0) return;
+  const GemmOperands ops{nullptr, nullptr, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
+  if (out == OutType::F16) launch_wgmma<__half>(ops, x.blocks, stream);
+  else launch_wgmma<__nv_bfloat16>(ops, x.blocks, stream);
 }
 
 }  // namespace nibble::cuda

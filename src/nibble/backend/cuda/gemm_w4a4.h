@@ -8,10 +8,11 @@
 //                     tiles per block, split-K over a cluster only for small N, sums finished on chip.
 //   decode (M <= 64): W streamed once through registers (`mma.sync`), split-K over the SMs, the
 //                     partial sums reduced in-kernel by the last block of each column range.
-//   wgmma  (M > 64):  X first repacked (x_to_int8_b_layout, into caller scratch) to what the tensor
-//                     cores read: INT8 codes in the wgmma B layout + fp32 scales per 128-token tile
-//                     and slab; then 128×128 block tiles on `wgmma.m64n128k32.s8` (sm_90a), W as
-//                     the register A operand, X's blocks copied as they are into shared memory as B,
+//   wgmma  (M > 64):  X pre-widened to what the tensor cores read (INT8 codes in the wgmma B layout
+//                     + fp32 scales per 128-token tile and slab), written so by norm_quantize or
+//                     repacked by x_to_int8_b_layout into caller scratch; then 128×128 block tiles
+//                     on `wgmma.m64n128k32.s8` (sm_90a), W as the register A operand, X's blocks
+//                     copied as they are into shared memory as B,
 //                     fold overlapped with the MMA, split-K over a cluster where the tiles do not fill
 //                     the SMs; warp-specialised: a producer warpgroup that only copies (one bulk copy
 //                     of X, cp.async of W a slab) and two consumer warpgroups (wgmma + fold),
@@ -62,14 +63,39 @@ size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper);
 void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, const GemmW4A4Scratch& scratch,
                cudaStream_t stream, GemmPath path = GemmPath::Auto);
 
-// The wgmma path's repack, exposed for its test and the bench (norm_quantize could write this layout
-// directly and save the kernel): per 128-token tile and slab one contiguous block of kXInt8BlockBytes,
-// the slab's INT8 codes (16 * code for INT4 slabs, as the kernels widen them) in the canonical K-major
-// wgmma B layout (byte (token n, channel k of the slab) at (k / 16) * 2048 + (n / 8) * 128 + (n % 8)
-// * 16 + k % 16; keeper slabs fill k < 64, the rest zero), then the 128 tokens' scales in fp32.
-// Blocks ordered [token tile][slab]; tokens >= M hold code 0 and scale 0. X (GPU layout) -> `out`
-// (gemm_w4a4_x_int8_bytes). Asynchronous on `stream`.
-inline constexpr int kXInt8BlockBytes = 128 * 128 + 128 * 4;
+// X pre-widened to what the wgmma path's tensor cores read: per 128-token tile and slab one
+// contiguous block of kXInt8BlockBytes, the slab's INT8 codes (16 * code for INT4 slabs, as the
+// kernels widen them) in the canonical K-major wgmma B layout (x_int8_b_offset; keeper slabs fill
+// k < 64, the rest zero), then the 128 tokens' scales in fp32 (the fp16 scales widened). Blocks
+// ordered [token tile][slab]; tokens >= M hold code 0 and scale 0. Written by x_to_int8_b_layout
+// (from the packed layout) or directly by the quantizers of norm_quantize.h.
+inline constexpr int kXInt8TileTokens = 128;
+inline constexpr int kXInt8CodeBytes = kXInt8TileTokens * 128;
+inline constexpr int kXInt8BlockBytes = kXInt8CodeBytes + kXInt8TileTokens * 4;
+// Byte of (token n < 128 of the tile, channel k < 128 of the slab) in its block: 8-token x 16-byte
+// core matrices, core (k / 16, n / 8) at (k / 16) * 2048 + (n / 8) * 128.
+__host__ __device__ constexpr int x_int8_b_offset(int n, int k) { return (k / 16) * 2048 + n * 16 + k % 16; }
+// Byte offset of the block of (token tile, slab).
+__host__ __device__ constexpr size_t x_int8_block_offset(int64_t token_tile, int slabs, int slab) {
+  return (size_t(token_tile) * size_t(slabs) + size_t(slab)) * kXInt8BlockBytes;
+}
+struct XInt8Operand {
+  const uint8_t* blocks = nullptr;  // gemm_w4a4_x_int8_bytes(shape.rows, shape.K, shape.keeper), 16-byte aligned
+  AtomShape shape;                  // X's: atom_shape(M, K, keeper)
+};
+
+// Auto's choice of kernel reads X pre-widened (no repack needed) exactly when this holds: the
+// executor quantizes straight into the B layout then and calls the XInt8Operand entry.
+inline constexpr int64_t kDecodeMaxM = 64;
+inline constexpr bool gemm_w4a4_takes_x_int8(int64_t M) { return M > kDecodeMaxM; }
+
+// Y = X·Wᵀ on the wgmma path from X already pre-widened (any M >= 1; one kernel, no repack). The
+// result is gemm_w4a4(packed X, ..., GemmPath::Wgmma)'s bit for bit. Throws on mismatched shapes or
+// a null / misaligned X. Asynchronous on `stream`.
+void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream);
+
+// The wgmma path's repack of X (GPU layout) into `out` (gemm_w4a4_x_int8_bytes), exposed for its
+// test and the bench. Asynchronous on `stream`.
 void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream);
 
 }  // namespace nibble::cuda

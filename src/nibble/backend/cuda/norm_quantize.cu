@@ -21,8 +21,9 @@ struct ActParams {
   const float* norm_w;
   float eps;
   ActQuant q;
-  uint8_t* out_q;
+  uint8_t* out_q;   // packed layout (out_b null)
   __half* out_s;
+  uint8_t* out_b;   // X pre-widened in the wgmma B layout (gemm_w4a4.h), or null
   AtomShape shape;
 };
 
@@ -106,14 +107,38 @@ __device__ __forceinline__ void unit_values(const ActParams& p, const __half* sa
   }
 }
 
+// X pre-widened (gemm_w4a4.h): the block of the row's 128-token tile and slab s, and the row's
+// place n in it. Codes go to x_int8_b_offset(n, k), 16 * code for INT4 slabs (the low nibble moved
+// up, as the GEMM widens W), the fp16 scale widened to fp32 after the codes.
+struct BLayoutRow {
+  uint8_t* tile;  // the row's token tile's first block (slab 0)
+  int n;
+  __device__ BLayoutRow(const ActParams& p, int64_t row)
+      : tile(p.out_b + x_int8_block_offset(row / kXInt8TileTokens, p.shape.slabs(), 0)), n(int(row % kXInt8TileTokens)) {}
+  __device__ __forceinline__ uint8_t* block(int s) const { return tile + s * kXInt8BlockBytes; }
+  // Eight codes of channels k .. k + 7 (k a multiple of 8) of slab s, one 8-byte store.
+  __device__ __forceinline__ void store8(int s, int k, uint32_t lo, uint32_t hi) const {
+    *reinterpret_cast<uint2*>(block(s) + x_int8_b_offset(n, k)) = make_uint2(lo, hi);
+  }
+  __device__ __forceinline__ void store_scale(int s, __half scale) const {
+    reinterpret_cast<float*>(block(s) + kXInt8CodeBytes)[n] = __half2float(scale);
+  }
+};
+__device__ __forceinline__ uint32_t int4_as_int8_b(uint32_t low_bytes_of_codes) {
+  return (low_bytes_of_codes << 4) & 0xF0F0F0F0u;
+}
+
 // Blocks of one row, each taking a share of its groups: each half warp quantizes whole groups,
 // eight channels per lane, with half-warp reductions only; the keeper groups go to one half warp
 // (they share a scale). Where the row is needed whole (the norm's sum of squares, a permutation's
 // gather) one block covers it and stages the raw row in shared memory with 16-byte loads first;
-// otherwise each lane reads its 16 bytes in place.
+// otherwise each lane reads its 16 bytes in place. The grid covers the padded rows of the output's
+// layout (rows_pad packed; whole 128-token tiles pre-widened), the padding rows zeroed.
 // MAX_REGS: 64 is what the launch bounds (1024, 1) allow (48 used); 40 lets 12 blocks of 128
 // threads share an SM instead of 10.
-template <int MODE, int MAX_REGS>
+// kPreWidened: write X pre-widened (p.out_b) instead of packed; a template flag so that each
+// layout's kernel keeps its own registers (a run-time branch spilled the capped norm kernel).
+template <int MODE, int MAX_REGS, bool kPreWidened>
 __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kernel(ActParams p) {
   extern __shared__ __align__(16) __half row_smem[];  // a's row, then (swiglu) u's row
   __shared__ float red[32];
@@ -121,13 +146,21 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
   const int64_t row = blockIdx.x;
   const int tid = threadIdx.x, lane = tid % 32, nwarps = blockDim.x / 32;
   const int slabs = sh.slabs();
-  uint8_t* q_tile = p.out_q + size_t(row / kRowTile) * slabs * kSlabBytes + (row % kRowTile) * 64;
+  constexpr bool pre_widened = kPreWidened;
+  uint8_t* q_tile = pre_widened ? nullptr : p.out_q + size_t(row / kRowTile) * slabs * kSlabBytes + (row % kRowTile) * 64;
+  const BLayoutRow b_row(p, row);
 
   if (row >= sh.rows) {  // padding row: code 0, scale 0 (written by the row's first block)
     if (blockIdx.y != 0) return;
-    for (int c = tid; c < slabs * 4; c += blockDim.x)
-      *reinterpret_cast<uint4*>(q_tile + size_t(c / 4) * kSlabBytes + (c % 4) * 16) = make_uint4(0, 0, 0, 0);
-    for (int gi = tid; gi < sh.groups(); gi += blockDim.x) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(0.f);
+    if constexpr (pre_widened) {
+      for (int c = tid; c < slabs * 8; c += blockDim.x)  // the row's 16 bytes in each of the 8 k-cores
+        *reinterpret_cast<uint4*>(b_row.block(c / 8) + x_int8_b_offset(b_row.n, (c % 8) * 16)) = make_uint4(0, 0, 0, 0);
+      for (int s = tid; s < slabs; s += blockDim.x) b_row.store_scale(s, __float2half_rn(0.f));
+    } else {
+      for (int c = tid; c < slabs * 4; c += blockDim.x)
+        *reinterpret_cast<uint4*>(q_tile + size_t(c / 4) * kSlabBytes + (c % 4) * 16) = make_uint4(0, 0, 0, 0);
+      for (int gi = tid; gi < sh.groups(); gi += blockDim.x) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(0.f);
+    }
     return;
   }
 
@@ -186,6 +219,12 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
       const float scale = int_sym_scale_device(p.q.clip4, amax, 7);
       int b[8];
       encode8<7>(v, scale, b);
+      if constexpr (pre_widened) {  // lane l: channels 8l .. 8l + 7 of slab wu
+        b_row.store8(wu, l * kUnit, int4_as_int8_b(low_bytes(b[0], b[1], b[2], b[3])),
+                     int4_as_int8_b(low_bytes(b[4], b[5], b[6], b[7])));
+        if (l == 0) b_row.store_scale(wu, __float2half_rn(scale));
+        continue;
+      }
       const bool low = l & 2;
       const int sh4 = low ? 0 : 4;
       const uint32_t w0 = (low_bytes(b[0], b[1], b[2], b[3]) & 0x0f0f0f0fu) << sh4;  // word t
@@ -215,6 +254,13 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
         unit_values<MODE>(p, sa, su, ga, gu, k4 + c * kGroup + l * kUnit, inv, v);
         int b[8];
         encode8<127>(v, scale, b);
+        if constexpr (pre_widened) {  // slab g4 + 2c + l / 8, channels k .. k + 7 of its 64, and k + 64 (unused) zeroed
+          const int s = sh.g4 + 2 * c + l / 8, k = (l % 8) * kUnit;
+          b_row.store8(s, k, low_bytes(b[0], b[1], b[2], b[3]), low_bytes(b[4], b[5], b[6], b[7]));
+          b_row.store8(s, k + 64, 0, 0);
+          if (l % 8 == 0) b_row.store_scale(s, __float2half_rn(scale));
+          continue;
+        }
         uint8_t* slab = q_tile + size_t(sh.g4 + 2 * c + l / 8) * kSlabBytes + j * 4;
         *reinterpret_cast<uint32_t*>(slab + t * 16) = low_bytes(b[0], b[1], b[2], b[3]);
         *reinterpret_cast<uint32_t*>(slab + (t + 1) * 16) = low_bytes(b[4], b[5], b[6], b[7]);
@@ -224,16 +270,21 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
   }
 }
 
-template <int MODE, int MAX_REGS>
-void launch_kernel(const ActParams& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+template <int MODE, int MAX_REGS, bool kPreWidened>
+void launch_kernel_t(const ActParams& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
   static bool configured = [] {
-    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(act_quant_kernel<MODE, MAX_REGS>,
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(act_quant_kernel<MODE, MAX_REGS, kPreWidened>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
     return true;
   }();
   (void)configured;
-  act_quant_kernel<MODE, MAX_REGS><<<grid, threads, smem, stream>>>(p);
+  act_quant_kernel<MODE, MAX_REGS, kPreWidened><<<grid, threads, smem, stream>>>(p);
   NIBBLE_CUDA_CHECK_LAUNCH();
+}
+template <int MODE, int MAX_REGS>
+void launch_kernel(const ActParams& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
+  if (p.out_b) launch_kernel_t<MODE, MAX_REGS, true>(p, grid, threads, smem, stream);
+  else launch_kernel_t<MODE, MAX_REGS, false>(p, grid, threads, smem, stream);
 }
 
 template <int MODE>
@@ -243,7 +294,9 @@ void launch(const ActParams& p, cudaStream_t stream) {
   const size_t smem = staged ? size_t(p.shape.K) * 2 * (MODE == kSwiglu ? 2 : 1) : 0;
   require(smem <= size_t(kMaxSmem), where, "K = {} is too large", p.shape.K);
   require(p.ld % 8 == 0 && p.ld >= p.shape.K, where, "row stride {} must be a multiple of 8 and >= K", p.ld);
+  require(!p.out_b || reinterpret_cast<uintptr_t>(p.out_b) % 16 == 0, where, "pre-widened output must be 16-byte aligned");
   if (p.shape.rows_pad == 0) return;
+  const int64_t grid_rows = p.out_b ? round_up(p.shape.rows_pad, kXInt8TileTokens) : p.shape.rows_pad;
   // Staged: a block per row, a warp per 1024 channels, so that each lane stages at most four
   // 16-byte units and quantizes at most four groups. Otherwise blocks of 4 warps, at most four
   // groups per half warp. A few rows (decode) leave most SMs idle: split each row's groups over
@@ -259,9 +312,9 @@ void launch(const ActParams& p, cudaStream_t stream) {
   const int64_t units_q = p.shape.g4 + (p.shape.g8 > 0 ? 1 : 0);
   const int64_t by_units = (units_q + 2 * nwarps - 1) / (2 * nwarps);
   const int64_t least = staged ? 1 : (by_units + 3) / 4;
-  const int64_t by_gpu = (2 * int64_t(sms) + p.shape.rows_pad - 1) / p.shape.rows_pad;
+  const int64_t by_gpu = (2 * int64_t(sms) + grid_rows - 1) / grid_rows;
   const int64_t splits = std::min(by_units, std::max(least, by_gpu));
-  const dim3 grid(unsigned(p.shape.rows_pad), unsigned(std::clamp<int64_t>(splits, 1, 65535)));
+  const dim3 grid(unsigned(grid_rows), unsigned(std::clamp<int64_t>(splits, 1, 65535)));
   // Many blocks per SM (prefill): the occupancy the registers allow is what hides the latency, so
   // cap them (12 blocks of 128 threads an SM instead of 10: 8% faster at M = 4096, measured; swiglu
   // keeps 64: at 40 it spills). Few (decode): occupancy is no limit, keep the uncapped kernel.
@@ -273,7 +326,7 @@ void launch(const ActParams& p, cudaStream_t stream) {
 }
 
 ActParams make_params(const __half* a, const __half* u, int64_t ld, const int32_t* perm, const float* w, float eps,
-                      const AtomOperandMut& out, ActQuant q) {
+                      const ActOutput& out, ActQuant q) {
   ActParams p{};
   p.a = a;
   p.u = u;
@@ -282,26 +335,27 @@ ActParams make_params(const __half* a, const __half* u, int64_t ld, const int32_
   p.norm_w = w;
   p.eps = eps;
   p.q = q;
-  p.out_q = out.q;
-  p.out_s = out.s;
-  p.shape = out.shape;
+  p.out_q = out.packed.q;
+  p.out_s = out.packed.s;
+  p.out_b = out.x_int8;
+  p.shape = out.packed.shape;
   return p;
 }
 
 }  // namespace
 
 void rmsnorm_quantize(const __half* h, int64_t ld_h, const int32_t* perm, const float* norm_w, float eps,
-                      const AtomOperandMut& out, ActQuant q, cudaStream_t stream) {
+                      const ActOutput& out, ActQuant q, cudaStream_t stream) {
   launch<kNorm>(make_params(h, nullptr, ld_h, perm, norm_w, eps, out, q), stream);
 }
 
-void gather_quantize(const __half* a, int64_t ld_a, const int32_t* perm, const AtomOperandMut& out, ActQuant q,
+void gather_quantize(const __half* a, int64_t ld_a, const int32_t* perm, const ActOutput& out, ActQuant q,
                      cudaStream_t stream) {
   launch<kGather>(make_params(a, nullptr, ld_a, perm, nullptr, 0, out, q), stream);
 }
 
 void swiglu_quantize(const __half* gate, const __half* up, int64_t ld, const int32_t* perm,
-                     const AtomOperandMut& out, ActQuant q, cudaStream_t stream) {
+                     const ActOutput& out, ActQuant q, cudaStream_t stream) {
   launch<kSwiglu>(make_params(gate, up, ld, perm, nullptr, 0, out, q), stream);
 }
 

@@ -11,6 +11,8 @@
 // perm may be null (identity). Output channels [0, K-keeper) are quantized Int4Sym per group of
 // 128 with clip4, [K-keeper, K) Int8Sym per row with clip8. The arithmetic follows
 // backend/cpu/ops.cpp (rms_norm, swiglu) in fp32; rows [M, rows_pad) of the output are zeroed.
+// The same codes and scales can instead be written pre-widened in the wgmma B layout (gemm_w4a4.h's
+// XInt8Operand), which the GEMM's wgmma path (M > 64) reads without a repack.
 #pragma once
 
 #include <cstdint>
@@ -19,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include "nibble/backend/cuda/atom_layout.h"
+#include "nibble/backend/cuda/gemm_w4a4.h"
 
 namespace nibble::cuda {
 
@@ -30,12 +33,26 @@ struct ActQuant {
   bool hadamard = false;
 };
 
-// `out` must have shape atom_shape(M, K, keeper). ld_*: elements between rows of the input.
+// Where the quantized rows go: Atom's packed operand (atom_layout.h; every GEMM path reads it), or
+// X pre-widened (gemm_w4a4.h; rows up to the 128-token tile zeroed, a keeper slab's upper half too).
+struct ActOutput {
+  AtomOperandMut packed;      // its shape is the output's either way; q and s unused when pre-widened
+  uint8_t* x_int8 = nullptr;  // set: the pre-widened blocks, gemm_w4a4_x_int8_bytes(rows, K, keeper), 16-byte aligned
+  ActOutput(const AtomOperandMut& p) : packed(p) {}  // implicit: the packed layout, as before
+  static ActOutput pre_widened(uint8_t* blocks, const AtomShape& shape) {
+    ActOutput o(AtomOperandMut{nullptr, nullptr, shape});
+    o.x_int8 = blocks;
+    return o;
+  }
+  XInt8Operand x_int8_operand() const { return {x_int8, packed.shape}; }
+};
+
+// `out`'s shape must be atom_shape(M, K, keeper). ld_*: elements between rows of the input.
 void rmsnorm_quantize(const __half* h, int64_t ld_h, const int32_t* perm, const float* norm_w, float eps,
-                      const AtomOperandMut& out, ActQuant q, cudaStream_t stream);
-void gather_quantize(const __half* a, int64_t ld_a, const int32_t* perm, const AtomOperandMut& out, ActQuant q,
+                      const ActOutput& out, ActQuant q, cudaStream_t stream);
+void gather_quantize(const __half* a, int64_t ld_a, const int32_t* perm, const ActOutput& out, ActQuant q,
                      cudaStream_t stream);
 void swiglu_quantize(const __half* gate, const __half* up, int64_t ld, const int32_t* perm,
-                     const AtomOperandMut& out, ActQuant q, cudaStream_t stream);
+                     const ActOutput& out, ActQuant q, cudaStream_t stream);
 
 }  // namespace nibble::cuda
