@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "nibble/backend/cuda/attention_device.h"
 #include "nibble/backend/cuda/cuda_check.h"
@@ -492,7 +493,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   }
   __syncthreads();
 
-  const int wg = threadIdx.x / 128, lane = threadIdx.x % 32;
+  // The warpgroup index through a shuffle: ptxas then knows it is warp-uniform, and so are the role
+  // branch and the consumers' loop bounds derived from it. Otherwise every wgmma sits in a path it
+  // takes as divergent and it serializes them (ptxas -v: C7518, a WARPGROUP.DEPBAR after each HGMMA).
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), lane = threadIdx.x % 32;
   if (wg == 0) {
     sm90::setmaxnreg_dec<56>();
     // Tile kt's K or V stage is free once the consumers released tile kt - 2's.
@@ -677,38 +681,48 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
 
   // Slot kt = 0..n_tiles issues Q·K(kt) if kt < n_wg and P·V(kt - 1) if 0 < kt <= n_wg back to
   // back (FlashAttention-3's intra-warpgroup overlap: the softmax of tile kt runs while P·V(kt - 1)
-  // does); tiles after this warpgroup's rows are waited for and released unread. PINGPONG: the two
-  // warpgroups take turns to issue (named barriers 4 + cw: warpgroup cw waits for its turn on its
-  // own, passes it on the other's), so one's softmax overlaps the other's GEMMs. Both run
-  // n_tiles + 1 slots; warpgroup 0 starts, and warpgroup 1 passes no turn after its last slot, so
-  // every barrier phase has 256 threads.
-  if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
-  for (int kt = 0; kt <= n_tiles; ++kt) {
-    const bool qk = kt < n_wg, pv = kt > 0 && kt <= n_wg;
+  // does); tiles after this warpgroup's rows are waited for and released unread. The kinds of slot
+  // are separate instances of `slot` (first: Q·K only, middle: both, last: P·V only, then idle
+  // ones): each has its wgmma issue, commit and wait in straight-line code, with no condition
+  // around them that ptxas could take for divergent. PINGPONG: the two warpgroups take turns to
+  // issue (named barriers 4 + cw: warpgroup cw waits for its turn on its own, passes it on the
+  // other's), so one's softmax overlaps the other's GEMMs. Both run n_tiles + 1 slots; warpgroup 0
+  // starts, and warpgroup 1 passes no turn after its last slot, so every barrier phase has 256
+  // threads.
+  const auto slot = [&](int kt, auto qk_tag, auto pv_tag) {
+    constexpr bool qk = decltype(qk_tag)::value, pv = decltype(pv_tag)::value;
     if (kt < n_tiles) wait_full(full_k, kt);
-    if (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
-    if (qk) issue_qk(kt);
+    if constexpr (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
+    if constexpr (qk) issue_qk(kt);
     if (kt > 0) wait_full(full_v, kt - 1);
-    if (pv) issue_pv(kt - 1);
+    if constexpr (pv) issue_pv(kt - 1);
     if (PINGPONG && !(cw == 1 && kt == n_tiles)) sm90::named_barrier_arrive(5 - cw, 256);
-    float2 al = make_float2(1.0f, 1.0f);
-    if (qk) {
-      if (pv) sm90::wgmma_wait<1>();  // Q·K(kt) done (groups complete in order), P·V may still run
-      else sm90::wgmma_wait<0>();
+    if constexpr (qk) {
+      sm90::wgmma_wait<pv ? 1 : 0>();  // Q·K(kt) done (groups complete in order), P·V may still run
       sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
     }
     if (kt < n_tiles) release(empty_k, kt);
-    if (qk) al = softmax(kt);
-    if (pv) {
+    float2 al = make_float2(1.0f, 1.0f);
+    if constexpr (qk) al = softmax(kt);
+    if constexpr (pv) {
       sm90::wgmma_wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
     }
     if (kt > 0) release(empty_v, kt - 1);
-    if (qk) {
-      rescale_rows(o, al);  // tile 0: o is 0 (and al 0)
+    if constexpr (qk) {
+      if constexpr (pv) rescale_rows(o, al);  // (the first tile's o is still 0)
       pack_p();
     }
+  };
+  using std::false_type, std::true_type;
+  if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
+  int kt = 0;
+  if (n_wg > 0) {
+    slot(0, true_type{}, false_type{});
+    for (kt = 1; kt < n_wg; ++kt) slot(kt, true_type{}, true_type{});
+    slot(kt++, false_type{}, true_type{});
   }
+  for (; kt <= n_tiles; ++kt) slot(kt, false_type{}, false_type{});
 
 #pragma unroll
   for (int off = 1; off <= 2; off <<= 1) {
