@@ -69,6 +69,29 @@ __device__ __forceinline__ __half2 dequant_pair(uint32_t word, int i, __half2 zz
   return __hmul2(__hsub2(u2h(nibble_pair_1024(word, i)), zz), ss);
 }
 
+// An INT4 word's 8 dims (page nibble order: nibbles i, i + 4 are dims 2i, 2i + 1) as 4 fp16 pairs,
+// {dequant_pair(word, 0..3)} with the same values, in fewer instructions: pairs 0 and 2 as in
+// nibble_pair_1024 (1024 + code, minus 1024 + zero: code - zero exactly); pairs 1 and 3 masked in
+// place, 1024 + 16 code (exact), brought to code - zero by one HFMA2, x / 16 - (64 + zero), whose
+// exact result is representable so its one rounding changes nothing; one shift serves two pairs.
+// Then the same single-rounding product with the scale. zero: 0..63 (the format's 0..15).
+__device__ __forceinline__ uint4 dequant_word(uint32_t word, uint32_t zero, __half2 ss) {
+  const uint32_t zero2 = zero * 0x00010001u;
+  const __half2 zz = u2h(0x64006400u | zero2), zz16 = u2h(0x54005400u | (zero2 << 4));  // 1024 + z, 64 + z
+  const __half2 sixteenth = __float2half2_rn(0.0625f);
+  uint32_t even[2], odd[2];
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const uint32_t w = word >> (8 * k);
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(even[k]) : "r"(w), "r"(0x000F000Fu), "r"(0x64006400u));
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(odd[k]) : "r"(w), "r"(0x00F000F0u), "r"(0x64006400u));
+  }
+  return make_uint4(h2u(__hmul2(__hsub2(u2h(even[0]), zz), ss)),
+                    h2u(__hmul2(__hfma2(u2h(odd[0]), sixteenth, __hneg2(zz16)), ss)),
+                    h2u(__hmul2(__hsub2(u2h(even[1]), zz), ss)),
+                    h2u(__hmul2(__hfma2(u2h(odd[1]), sixteenth, __hneg2(zz16)), ss)));
+}
+
 // 2^x in one MUFU.EX2, denormal results flushed to 0 (exp2f adds a range check and two multiplies
 // per call). Softmax arguments are <= 0 after the max is subtracted; a flushed tiny weight is 0.
 __device__ __forceinline__ float fast_exp2(float x) {

@@ -438,12 +438,12 @@ constexpr int kWgV = kWgK + 2 * kWgTile;
 constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw chunks of a tile [2]
 constexpr int kWgRawTile = (kWgBN / 16) * chunk_bytes<kWgD, true>();
 template <bool INT4>
-constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2]
+constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2]
   return kWgRaw + (INT4 ? 2 * kWgRawTile : 0);
 }
 template <bool INT4>
 constexpr int wg_smem() {
-  return wg_bars<INT4>() + 8 * 8 + 1024;  // + alignment slack of the dynamic base
+  return wg_bars<INT4>() + 10 * 8 + 1024;  // + alignment slack of the dynamic base
 }
 static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
 static_assert(wg_smem<true>() <= 227 * 1024, "shared memory per block");
@@ -466,6 +466,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   uint64_t* full_v = full_k + 2;
   uint64_t* empty_k = full_k + 4;
   uint64_t* empty_v = full_k + 6;
+  uint64_t* raw_full = full_k + 8;  // INT4: tile kt's raw chunks landed in raw buffer kt & 1
 
   const int h = blockIdx.y, kvh = h / p.G;
   const int2 tile = b.tiles[blockIdx.x];
@@ -488,6 +489,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       sm90::mbar_init(&full_v[i], 128);
       sm90::mbar_init(&empty_k[i], 8);  // the consumer warps
       sm90::mbar_init(&empty_v[i], 8);
+      sm90::mbar_init(&raw_full[i], 1);  // thread 0's arrive.expect_tx
     }
     sm90::mbar_init_fence();
   }
@@ -542,51 +544,44 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       cp_async_wait<0>();  // no copy outlives its thread
     } else {
       uint8_t* raw = smem + kWgRaw;
-      // Tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one cp.async group.
+      // Thread 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one
+      // bulk copy (TMA) a chunk, counted in bytes on raw_full[kt & 1]: no per-thread copy loop
+      // and no barrier to see the others' copies.
       const auto copy_raw = [&](int kt) {
-        uint8_t* dst = raw + (kt & 1) * kWgRawTile;
-        for (int u = threadIdx.x; u < kWgRawTile / 16; u += 128) {
-          const int ch = u / (CB / 16), piece = u % (CB / 16), key0 = kt * kWgBN + ch * 16;
-          if (key0 < kv_end) cp_async16(dst + ch * CB + piece * 16, chunk_of(key0) + piece * 16);
-        }
-        cp_async_commit();
+        if (threadIdx.x != 0) return;
+        const int n_chunks = min(kWgBN / 16, (kv_end - kt * kWgBN + 15) / 16);
+        sm90::mbar_arrive_expect_tx(&raw_full[kt & 1], n_chunks * CB);
+        for (int ch = 0; ch < n_chunks; ++ch)
+          sm90::bulk_load(raw + (kt & 1) * kWgRawTile + ch * CB, chunk_of(kt * kWgBN + ch * 16), CB, &raw_full[kt & 1]);
       };
       // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
       // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
-      // the swizzled column. Keys past kv_end become zeros.
+      // the swizzled column. Keys past kv_end (stale or never copied bytes: finite codes and
+      // zeros, any scale) get scale 0, so they become zeros without a branch.
       const int w = threadIdx.x % 8, rr = threadIdx.x / 8;
       const uint32_t col = uint32_t(w ^ (rr & 7)) << 4;
       // K (codes at 0, scales at 16D, zeros at 16D + 64) or V (+8D, +32, +16) of tile kt into dst.
       const auto dequant = [&](int kt, uint8_t* dst, bool is_v) {
         const uint8_t* rc = raw + (kt & 1) * kWgRawTile;
-#pragma unroll 2
+#pragma unroll
         for (int j = 0; j < kWgBN / 16; ++j) {
           const int r = rr + 16 * j;
-          uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-          if (kt * kWgBN + r < kv_end) {
-            const uint8_t* ch = rc + j * CB;
-            const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + (is_v ? 8 * D : 0) + rr * (D / 2));
-            const uint32_t w0 = row[w], w1 = row[w + 8];
-            const __half sh = reinterpret_cast<const __half*>(ch + 16 * D + (is_v ? 32 : 0))[rr];
-            const __half zh = __int2half_rn(1024 + ch[16 * D + 64 + (is_v ? 16 : 0) + rr]);
-            const __half2 ss = __halves2half2(sh, sh), zz = __halves2half2(zh, zh);
-            lo = make_uint4(h2u(dequant_pair(w0, 0, zz, ss)), h2u(dequant_pair(w0, 1, zz, ss)),
-                            h2u(dequant_pair(w0, 2, zz, ss)), h2u(dequant_pair(w0, 3, zz, ss)));
-            hi = make_uint4(h2u(dequant_pair(w1, 0, zz, ss)), h2u(dequant_pair(w1, 1, zz, ss)),
-                            h2u(dequant_pair(w1, 2, zz, ss)), h2u(dequant_pair(w1, 3, zz, ss)));
-          }
-          *reinterpret_cast<uint4*>(dst + r * 128 + col) = lo;
-          *reinterpret_cast<uint4*>(dst + kWgHalf + r * 128 + col) = hi;
+          const uint8_t* ch = rc + j * CB;
+          const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + (is_v ? 8 * D : 0) + rr * (D / 2));
+          const uint16_t scale_bits = reinterpret_cast<const uint16_t*>(ch + 16 * D + (is_v ? 32 : 0))[rr];
+          const uint32_t zero = ch[16 * D + 64 + (is_v ? 16 : 0) + rr];
+          const uint32_t live_scale = kt * kWgBN + r < kv_end ? scale_bits : 0u;
+          const __half2 ss = u2h(live_scale * 0x00010001u);
+          *reinterpret_cast<uint4*>(dst + r * 128 + col) = dequant_word(row[w], zero, ss);
+          *reinterpret_cast<uint4*>(dst + kWgHalf + r * 128 + col) = dequant_word(row[w + 8], zero, ss);
         }
       };
       // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
-      for (int kt = 0; kt <= n_tiles; ++kt) {
-        if (kt < n_tiles) copy_raw(kt);
-        if (kt == 0) continue;
+      copy_raw(0);
+      for (int kt = 1; kt <= n_tiles; ++kt) {
+        if (kt < n_tiles) copy_raw(kt);  // its buffer was freed by the barrier closing step kt - 1
         const int j = kt - 1;
-        if (kt < n_tiles) cp_async_wait<1>();
-        else cp_async_wait<0>();
-        sm90::named_barrier_sync(3, 128);  // tile j's chunks landed, from every producer thread
+        sm90::mbar_wait(&raw_full[j & 1], (j >> 1) & 1);
         wait_free(empty_k, j);
         dequant(j, k_stage(j), false);
         sm90::fence_proxy_async();  // these generic writes -> the consumers' wgmma reads
