@@ -636,7 +636,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // Tile kt's K or V landed (and this thread's wgmma will see it).
   const auto wait_full = [&](uint64_t* full, int kt) {
     sm90::mbar_wait(&full[kt & 1], (kt >> 1) & 1);
-    sm90::fence_proxy_async();  // the producer's generic-proxy writes -> this thread's wgmma reads
+    // FP16: the producer's cp.async (generic-proxy) writes -> this thread's wgmma reads. INT4: the
+    // producer fenced its own stores before arriving.
+    if constexpr (!INT4) sm90::fence_proxy_async();
   };
   const auto release = [&](uint64_t* empty, int kt) {  // this warp is done with tile kt's K or V
     __syncwarp();
@@ -660,8 +662,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // factors of the outputs.
   const auto softmax = [&](int kt) {
     const bool need_mask = kt * kWgBN + kWgBN - 1 > context + q0 + wg_row0;
-    const float2 mx = scale_mask_max(s, p.scale_log2, need_mask, kt * kWgBN, t, pos_g, pos_g8);
-    return softmax_exp_step(s, mx.x, mx.y, m_g, m_g8, l_g, l_g8);
+    // Masked and maxed unscaled; the scale goes into the exponent's FFMA.
+    const float2 mx = scale_mask_max(s, 1.0f, need_mask, kt * kWgBN, t, pos_g, pos_g8);
+    return softmax_exp_step(s, mx.x, mx.y, m_g, m_g8, l_g, l_g8, p.scale_log2);
   };
   // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
   const auto pack_p = [&] {
