@@ -544,15 +544,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       cp_async_wait<0>();  // no copy outlives its thread
     } else {
       uint8_t* raw = smem + kWgRaw;
-      // Thread 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one
-      // bulk copy (TMA) a chunk, counted in bytes on raw_full[kt & 1]: no per-thread copy loop
-      // and no barrier to see the others' copies.
+      // Warp 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one
+      // bulk copy (TMA) a chunk from lane ch (the page-table reads in parallel), counted in bytes
+      // on raw_full[kt & 1] after lane 0 announced them: no per-thread copy loop and no barrier to
+      // see the others' copies.
       const auto copy_raw = [&](int kt) {
-        if (threadIdx.x != 0) return;
+        if (threadIdx.x >= 32) return;
         const int n_chunks = min(kWgBN / 16, (kv_end - kt * kWgBN + 15) / 16);
-        sm90::mbar_arrive_expect_tx(&raw_full[kt & 1], n_chunks * CB);
-        for (int ch = 0; ch < n_chunks; ++ch)
-          sm90::bulk_load(raw + (kt & 1) * kWgRawTile + ch * CB, chunk_of(kt * kWgBN + ch * 16), CB, &raw_full[kt & 1]);
+        if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[kt & 1], n_chunks * CB);
+        __syncwarp();
+        if (lane < n_chunks)
+          sm90::bulk_load(raw + (kt & 1) * kWgRawTile + lane * CB, chunk_of(kt * kWgBN + lane * 16), CB, &raw_full[kt & 1]);
       };
       // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
       // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
