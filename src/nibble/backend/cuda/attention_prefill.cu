@@ -663,9 +663,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // Scores of tile kt (in s) -> exp2 weights, the running max and sums moved on; returns the
   // factors of the outputs.
   const auto softmax = [&](int kt) {
+    // Masked and maxed unscaled; the scale goes into the exponent's FFMA. The mask as a (uniform)
+    // branch around two instances: with a runtime flag the compiler predicates a compare and a
+    // select onto every score of every tile, ~160 instructions a tile where none is needed.
     const bool need_mask = kt * kWgBN + kWgBN - 1 > context + q0 + wg_row0;
-    // Masked and maxed unscaled; the scale goes into the exponent's FFMA.
-    const float2 mx = scale_mask_max(s, 1.0f, need_mask, kt * kWgBN, t, pos_g, pos_g8);
+    const float2 mx = need_mask ? scale_mask_max(s, 1.0f, true, kt * kWgBN, t, pos_g, pos_g8)
+                                : scale_mask_max(s, 1.0f, false, kt * kWgBN, t, pos_g, pos_g8);
     return softmax_exp_step(s, mx.x, mx.y, m_g, m_g8, l_g, l_g8, p.scale_log2);
   };
   // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
