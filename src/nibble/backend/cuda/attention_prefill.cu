@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "nibble/backend/cuda/attention_device.h"
 #include "nibble/backend/cuda/cuda_check.h"
@@ -437,12 +438,12 @@ constexpr int kWgV = kWgK + 2 * kWgTile;
 constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw chunks of a tile [2]
 constexpr int kWgRawTile = (kWgBN / 16) * chunk_bytes<kWgD, true>();
 template <bool INT4>
-constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2]
+constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2]
   return kWgRaw + (INT4 ? 2 * kWgRawTile : 0);
 }
 template <bool INT4>
 constexpr int wg_smem() {
-  return wg_bars<INT4>() + 8 * 8 + 1024;  // + alignment slack of the dynamic base
+  return wg_bars<INT4>() + 10 * 8 + 1024;  // + alignment slack of the dynamic base
 }
 static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
 static_assert(wg_smem<true>() <= 227 * 1024, "shared memory per block");
@@ -465,6 +466,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   uint64_t* full_v = full_k + 2;
   uint64_t* empty_k = full_k + 4;
   uint64_t* empty_v = full_k + 6;
+  uint64_t* raw_full = full_k + 8;  // INT4: tile kt's raw chunks landed in raw buffer kt & 1
 
   const int h = blockIdx.y, kvh = h / p.G;
   const int2 tile = b.tiles[blockIdx.x];
@@ -487,12 +489,16 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       sm90::mbar_init(&full_v[i], 128);
       sm90::mbar_init(&empty_k[i], 8);  // the consumer warps
       sm90::mbar_init(&empty_v[i], 8);
+      sm90::mbar_init(&raw_full[i], 1);  // thread 0's arrive.expect_tx
     }
     sm90::mbar_init_fence();
   }
   __syncthreads();
 
-  const int wg = threadIdx.x / 128, lane = threadIdx.x % 32;
+  // The warpgroup index through a shuffle: ptxas then knows it is warp-uniform, and so are the role
+  // branch and the consumers' loop bounds derived from it. Otherwise every wgmma sits in a path it
+  // takes as divergent and it serializes them (ptxas -v: C7518, a WARPGROUP.DEPBAR after each HGMMA).
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), lane = threadIdx.x % 32;
   if (wg == 0) {
     sm90::setmaxnreg_dec<56>();
     // Tile kt's K or V stage is free once the consumers released tile kt - 2's.
@@ -538,51 +544,46 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       cp_async_wait<0>();  // no copy outlives its thread
     } else {
       uint8_t* raw = smem + kWgRaw;
-      // Tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one cp.async group.
+      // Warp 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one
+      // bulk copy (TMA) a chunk from lane ch (the page-table reads in parallel), counted in bytes
+      // on raw_full[kt & 1] after lane 0 announced them: no per-thread copy loop and no barrier to
+      // see the others' copies.
       const auto copy_raw = [&](int kt) {
-        uint8_t* dst = raw + (kt & 1) * kWgRawTile;
-        for (int u = threadIdx.x; u < kWgRawTile / 16; u += 128) {
-          const int ch = u / (CB / 16), piece = u % (CB / 16), key0 = kt * kWgBN + ch * 16;
-          if (key0 < kv_end) cp_async16(dst + ch * CB + piece * 16, chunk_of(key0) + piece * 16);
-        }
-        cp_async_commit();
+        if (threadIdx.x >= 32) return;
+        const int n_chunks = min(kWgBN / 16, (kv_end - kt * kWgBN + 15) / 16);
+        if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[kt & 1], n_chunks * CB);
+        __syncwarp();
+        if (lane < n_chunks)
+          sm90::bulk_load(raw + (kt & 1) * kWgRawTile + lane * CB, chunk_of(kt * kWgBN + lane * 16), CB, &raw_full[kt & 1]);
       };
       // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
       // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
-      // the swizzled column. Keys past kv_end become zeros.
+      // the swizzled column. Keys past kv_end (stale or never copied bytes: finite codes and
+      // zeros, any scale) get scale 0, so they become zeros without a branch.
       const int w = threadIdx.x % 8, rr = threadIdx.x / 8;
       const uint32_t col = uint32_t(w ^ (rr & 7)) << 4;
       // K (codes at 0, scales at 16D, zeros at 16D + 64) or V (+8D, +32, +16) of tile kt into dst.
       const auto dequant = [&](int kt, uint8_t* dst, bool is_v) {
         const uint8_t* rc = raw + (kt & 1) * kWgRawTile;
-#pragma unroll 2
+#pragma unroll
         for (int j = 0; j < kWgBN / 16; ++j) {
           const int r = rr + 16 * j;
-          uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-          if (kt * kWgBN + r < kv_end) {
-            const uint8_t* ch = rc + j * CB;
-            const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + (is_v ? 8 * D : 0) + rr * (D / 2));
-            const uint32_t w0 = row[w], w1 = row[w + 8];
-            const __half sh = reinterpret_cast<const __half*>(ch + 16 * D + (is_v ? 32 : 0))[rr];
-            const __half zh = __int2half_rn(1024 + ch[16 * D + 64 + (is_v ? 16 : 0) + rr]);
-            const __half2 ss = __halves2half2(sh, sh), zz = __halves2half2(zh, zh);
-            lo = make_uint4(h2u(dequant_pair(w0, 0, zz, ss)), h2u(dequant_pair(w0, 1, zz, ss)),
-                            h2u(dequant_pair(w0, 2, zz, ss)), h2u(dequant_pair(w0, 3, zz, ss)));
-            hi = make_uint4(h2u(dequant_pair(w1, 0, zz, ss)), h2u(dequant_pair(w1, 1, zz, ss)),
-                            h2u(dequant_pair(w1, 2, zz, ss)), h2u(dequant_pair(w1, 3, zz, ss)));
-          }
-          *reinterpret_cast<uint4*>(dst + r * 128 + col) = lo;
-          *reinterpret_cast<uint4*>(dst + kWgHalf + r * 128 + col) = hi;
+          const uint8_t* ch = rc + j * CB;
+          const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + (is_v ? 8 * D : 0) + rr * (D / 2));
+          const uint16_t scale_bits = reinterpret_cast<const uint16_t*>(ch + 16 * D + (is_v ? 32 : 0))[rr];
+          const uint32_t zero = ch[16 * D + 64 + (is_v ? 16 : 0) + rr];
+          const uint32_t live_scale = kt * kWgBN + r < kv_end ? scale_bits : 0u;
+          const __half2 ss = u2h(live_scale * 0x00010001u);
+          *reinterpret_cast<uint4*>(dst + r * 128 + col) = dequant_word(row[w], zero, ss);
+          *reinterpret_cast<uint4*>(dst + kWgHalf + r * 128 + col) = dequant_word(row[w + 8], zero, ss);
         }
       };
       // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
-      for (int kt = 0; kt <= n_tiles; ++kt) {
-        if (kt < n_tiles) copy_raw(kt);
-        if (kt == 0) continue;
+      copy_raw(0);
+      for (int kt = 1; kt <= n_tiles; ++kt) {
+        if (kt < n_tiles) copy_raw(kt);  // its buffer was freed by the barrier closing step kt - 1
         const int j = kt - 1;
-        if (kt < n_tiles) cp_async_wait<1>();
-        else cp_async_wait<0>();
-        sm90::named_barrier_sync(3, 128);  // tile j's chunks landed, from every producer thread
+        sm90::mbar_wait(&raw_full[j & 1], (j >> 1) & 1);
         wait_free(empty_k, j);
         dequant(j, k_stage(j), false);
         sm90::fence_proxy_async();  // these generic writes -> the consumers' wgmma reads
@@ -637,7 +638,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // Tile kt's K or V landed (and this thread's wgmma will see it).
   const auto wait_full = [&](uint64_t* full, int kt) {
     sm90::mbar_wait(&full[kt & 1], (kt >> 1) & 1);
-    sm90::fence_proxy_async();  // the producer's generic-proxy writes -> this thread's wgmma reads
+    // FP16: the producer's cp.async (generic-proxy) writes -> this thread's wgmma reads. INT4: the
+    // producer fenced its own stores before arriving.
+    if constexpr (!INT4) sm90::fence_proxy_async();
   };
   const auto release = [&](uint64_t* empty, int kt) {  // this warp is done with tile kt's K or V
     __syncwarp();
@@ -660,9 +663,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // Scores of tile kt (in s) -> exp2 weights, the running max and sums moved on; returns the
   // factors of the outputs.
   const auto softmax = [&](int kt) {
+    // Masked and maxed unscaled; the scale goes into the exponent's FFMA. The mask as a (uniform)
+    // branch around two instances: with a runtime flag the compiler predicates a compare and a
+    // select onto every score of every tile, ~160 instructions a tile where none is needed.
     const bool need_mask = kt * kWgBN + kWgBN - 1 > context + q0 + wg_row0;
-    const float2 mx = scale_mask_max(s, p.scale_log2, need_mask, kt * kWgBN, t, pos_g, pos_g8);
-    return softmax_exp_step(s, mx.x, mx.y, m_g, m_g8, l_g, l_g8);
+    const float2 mx = need_mask ? scale_mask_max(s, 1.0f, true, kt * kWgBN, t, pos_g, pos_g8)
+                                : scale_mask_max(s, 1.0f, false, kt * kWgBN, t, pos_g, pos_g8);
+    return softmax_exp_step(s, mx.x, mx.y, m_g, m_g8, l_g, l_g8, p.scale_log2);
   };
   // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
   const auto pack_p = [&] {
@@ -677,38 +684,48 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
 
   // Slot kt = 0..n_tiles issues Q·K(kt) if kt < n_wg and P·V(kt - 1) if 0 < kt <= n_wg back to
   // back (FlashAttention-3's intra-warpgroup overlap: the softmax of tile kt runs while P·V(kt - 1)
-  // does); tiles after this warpgroup's rows are waited for and released unread. PINGPONG: the two
-  // warpgroups take turns to issue (named barriers 4 + cw: warpgroup cw waits for its turn on its
-  // own, passes it on the other's), so one's softmax overlaps the other's GEMMs. Both run
-  // n_tiles + 1 slots; warpgroup 0 starts, and warpgroup 1 passes no turn after its last slot, so
-  // every barrier phase has 256 threads.
-  if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
-  for (int kt = 0; kt <= n_tiles; ++kt) {
-    const bool qk = kt < n_wg, pv = kt > 0 && kt <= n_wg;
+  // does); tiles after this warpgroup's rows are waited for and released unread. The kinds of slot
+  // are separate instances of `slot` (first: Q·K only, middle: both, last: P·V only, then idle
+  // ones): each has its wgmma issue, commit and wait in straight-line code, with no condition
+  // around them that ptxas could take for divergent. PINGPONG: the two warpgroups take turns to
+  // issue (named barriers 4 + cw: warpgroup cw waits for its turn on its own, passes it on the
+  // other's), so one's softmax overlaps the other's GEMMs. Both run n_tiles + 1 slots; warpgroup 0
+  // starts, and warpgroup 1 passes no turn after its last slot, so every barrier phase has 256
+  // threads.
+  const auto slot = [&](int kt, auto qk_tag, auto pv_tag) {
+    constexpr bool qk = decltype(qk_tag)::value, pv = decltype(pv_tag)::value;
     if (kt < n_tiles) wait_full(full_k, kt);
-    if (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
-    if (qk) issue_qk(kt);
+    if constexpr (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
+    if constexpr (qk) issue_qk(kt);
     if (kt > 0) wait_full(full_v, kt - 1);
-    if (pv) issue_pv(kt - 1);
+    if constexpr (pv) issue_pv(kt - 1);
     if (PINGPONG && !(cw == 1 && kt == n_tiles)) sm90::named_barrier_arrive(5 - cw, 256);
-    float2 al = make_float2(1.0f, 1.0f);
-    if (qk) {
-      if (pv) sm90::wgmma_wait<1>();  // Q·K(kt) done (groups complete in order), P·V may still run
-      else sm90::wgmma_wait<0>();
+    if constexpr (qk) {
+      sm90::wgmma_wait<pv ? 1 : 0>();  // Q·K(kt) done (groups complete in order), P·V may still run
       sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
     }
     if (kt < n_tiles) release(empty_k, kt);
-    if (qk) al = softmax(kt);
-    if (pv) {
+    float2 al = make_float2(1.0f, 1.0f);
+    if constexpr (qk) al = softmax(kt);
+    if constexpr (pv) {
       sm90::wgmma_wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
     }
     if (kt > 0) release(empty_v, kt - 1);
-    if (qk) {
-      rescale_rows(o, al);  // tile 0: o is 0 (and al 0)
+    if constexpr (qk) {
+      if constexpr (pv) rescale_rows(o, al);  // (the first tile's o is still 0)
       pack_p();
     }
+  };
+  using std::false_type, std::true_type;
+  if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
+  int kt = 0;
+  if (n_wg > 0) {
+    slot(0, true_type{}, false_type{});
+    for (kt = 1; kt < n_wg; ++kt) slot(kt, true_type{}, true_type{});
+    slot(kt++, false_type{}, true_type{});
   }
+  for (; kt <= n_tiles; ++kt) slot(kt, false_type{}, false_type{});
 
 #pragma unroll
   for (int off = 1; off <= 2; off <<= 1) {
