@@ -785,7 +785,8 @@ int planned_splits(const KVCacheView& c, const AttentionBatch& b, int G) {
   shape.group = G;
   shape.head_dim = D;
   shape.max_seq_len = b.max_seq_len;
-  shape.chunk_bytes = c.block_bytes / (c.page_size / 16);  // the layout's 16-token chunk
+  // The layout's 16-token chunk (from dtype and head dim only: a plan needs no pages).
+  shape.chunk_bytes = PagedKVLayout{1, c.kv_heads, D, 16, c.dtype}.chunk_bytes();
   shape.sms = sm_count();
   shape.blocks_per_sm = blocks_per_sm<D, INT4, ROPE_K>(G);
   return plan_decode_splits(shape);
