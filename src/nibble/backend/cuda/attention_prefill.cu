@@ -438,12 +438,12 @@ constexpr int kWgV = kWgK + 2 * kWgTile;
 constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw chunks of a tile [2]
 constexpr int kWgRawTile = (kWgBN / 16) * chunk_bytes<kWgD, true>();
 template <bool INT4>
-constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2]
+constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2], raw_free[2]
   return kWgRaw + (INT4 ? 2 * kWgRawTile : 0);
 }
 template <bool INT4>
 constexpr int wg_smem() {
-  return wg_bars<INT4>() + 10 * 8 + 1024;  // + alignment slack of the dynamic base
+  return wg_bars<INT4>() + 12 * 8 + 1024;  // + alignment slack of the dynamic base
 }
 static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
 static_assert(wg_smem<true>() <= 227 * 1024, "shared memory per block");
@@ -466,7 +466,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   uint64_t* full_v = full_k + 2;
   uint64_t* empty_k = full_k + 4;
   uint64_t* empty_v = full_k + 6;
-  uint64_t* raw_full = full_k + 8;  // INT4: tile kt's raw chunks landed in raw buffer kt & 1
+  uint64_t* raw_full = full_k + 8;   // INT4: tile kt's raw chunks landed in raw buffer kt & 1
+  uint64_t* raw_free = full_k + 10;  // INT4: every producer warp dequantized tile kt from it
 
   const int h = blockIdx.y, kvh = h / p.G;
   const int2 tile = b.tiles[blockIdx.x];
@@ -478,9 +479,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   const int kv_end = context + q0 + rows;  // keys [0, kv_end) are visible to some row
   const int n_tiles = (kv_end + kWgBN - 1) / kWgBN;
   const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
-  // The 16-token chunk of key0 (< kv_end) in the pages.
-  const auto chunk_of = [&](int key0) {
-    return block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) + ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB);
+  // The producer reads the page-table entry of a chunk a step before it copies the chunk (the
+  // load's latency then hides behind that step's work), -1 for a chunk wholly past kv_end...
+  const auto page_of = [&](int key0) { return key0 < kv_end ? table[key0 >> c.page_shift] : -1; };
+  // ... and the 16-token chunk of key0 in that page.
+  const auto chunk_at = [&](int page, int key0) {
+    return block_ptr(c, p.layer, page, kvh) + ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB);
   };
 
   if (threadIdx.x == 0) {
@@ -490,6 +494,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       sm90::mbar_init(&empty_k[i], 8);  // the consumer warps
       sm90::mbar_init(&empty_v[i], 8);
       sm90::mbar_init(&raw_full[i], 1);  // thread 0's arrive.expect_tx
+      sm90::mbar_init(&raw_free[i], 4);  // the producer warps
     }
     sm90::mbar_init_fence();
   }
@@ -506,55 +511,75 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       if (kt >= 2) sm90::mbar_wait(&empty[kt & 1], ((kt >> 1) - 1) & 1);
     };
     if constexpr (!INT4) {
-      // Thread i copies 16-byte piece i % 16 of K rows (or V rows) i / 16 and i / 16 + 8 of every
-      // chunk: consecutive threads read consecutive bytes, and every key it writes has key % 8 =
-      // i / 16, so its swizzled column is one constant.
-      const int r0 = threadIdx.x / 16, piece = threadIdx.x % 16;
-      const uint32_t col = swizzled(r0, piece, kWgHalf) - r0 * 128;  // + key * 128
-      // Rows first_row + r0, + 8 of tile kt's chunks (K: 0, V: 16) into dst.
-      const auto copy_rows = [&](int kt, uint8_t* dst, int first_row) {
-#pragma unroll 2
-        for (int ch = 0; ch < kWgBN / 16; ++ch) {
-          const int key0 = kt * kWgBN + ch * 16;
-          if (key0 + 16 <= kv_end) {  // a whole chunk
-            const uint8_t* src = chunk_of(key0) + (first_row + r0) * 256 + piece * 16;
-            cp_async16(dst + (ch * 16 + r0) * 128, src);
-            cp_async16(dst + (ch * 16 + r0 + 8) * 128, src + 8 * 256);
-            continue;
-          }
-          // The chunk of the end: rows past it zero (masked scores; V must stay finite, 0 * NaN is
-          // NaN); chunks wholly past it read nothing.
-          const uint8_t* src = key0 < kv_end ? chunk_of(key0) : c.pool;
+      // Thread i copies chunk i / 16 of every tile (16 keys): 16-byte piece i % 16 of its 16 K rows
+      // and its 16 V rows. Its chunk's address is one page-table read a tile, issued a step ahead
+      // (the 8 chunks' reads in parallel across the threads), and every copy of a chunk is that
+      // address plus a constant: ~2 instructions a copy. (Computing each chunk's address in every
+      // thread, one after another, made the producer a serial chain of ~45 dependent instructions a
+      // chunk that could not keep up: ncu, the consumers' top stall was the wait for K.)
+      const int my_chunk = threadIdx.x / 16, piece = threadIdx.x % 16;
+      // Byte offset of key row r (0..7) of this thread's chunk and piece in a stage; rows r + 8
+      // are 1024 bytes on (same swizzled column).
+      uint32_t row_off[8];
 #pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const int r = r0 + 8 * q;
-            const bool ok = key0 + r < kv_end;
-            cp_async16(dst + (ch * 16 + r) * 128, ok ? src + (first_row + r) * 256 + piece * 16 : c.pool, ok ? 16 : 0);
-          }
+      for (int r = 0; r < 8; ++r) row_off[r] = swizzled(my_chunk * 16 + r, piece, kWgHalf);
+      // This thread's chunk and piece of tile kt, whose page is `page` (c.pool for a chunk wholly
+      // past kv_end: nothing is read there).
+      const auto chunk_ptr = [&](int kt, int page) {
+        return page < 0 ? c.pool : chunk_at(page, kt * kWgBN + my_chunk * 16) + piece * 16;
+      };
+      // K (first_row 0) or V (16) rows of tile kt's chunk at src into the stage dst.
+      const auto copy_rows = [&](int kt, const uint8_t* src, uint8_t* dst, int first_row) {
+        const int key0 = kt * kWgBN + my_chunk * 16;
+        if (key0 + 16 <= kv_end) {  // a whole chunk
+#pragma unroll
+          for (int r = 0; r < 16; ++r) cp_async16(dst + row_off[r % 8] + (r / 8) * 1024, src + (first_row + r) * 256);
+          return;
+        }
+        // The chunk of the end: rows past it zero (masked scores; V must stay finite, 0 * NaN is
+        // NaN); chunks wholly past it read nothing.
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+          const bool ok = key0 + r < kv_end;
+          cp_async16(dst + row_off[r % 8] + (r / 8) * 1024, ok ? src + (first_row + r) * 256 : c.pool, ok ? 16 : 0);
         }
       };
-      for (int kt = 0; kt < n_tiles; ++kt) {
-        wait_free(empty_k, kt);
-        copy_rows(kt, k_stage(kt) + col, 0);
-        sm90::cp_async_mbar_arrive(&full_k[kt & 1]);
-        wait_free(empty_v, kt);
-        copy_rows(kt, v_stage(kt) + col, 16);
-        sm90::cp_async_mbar_arrive(&full_v[kt & 1]);
+      // Step kt issues K(kt), then V(kt - 1): the consumers' order (slot kt waits for K(kt), then
+      // V(kt - 1)). K(kt)'s stage is freed in the middle of slot kt - 2 (Q·K(kt - 2) done), V's only
+      // at its end (P·V(kt - 3) done): K no longer waits behind V of the same tile.
+      const uint8_t* chunk_prev = c.pool;  // tile kt - 1's (its V rows)
+      int page = page_of(my_chunk * 16);  // tile kt's
+      for (int kt = 0; kt <= n_tiles; ++kt) {
+        const int page_next = page_of((kt + 1) * kWgBN + my_chunk * 16);  // read now, used next step
+        const uint8_t* chunk = chunk_ptr(kt, page);
+        if (kt < n_tiles) {
+          wait_free(empty_k, kt);
+          copy_rows(kt, chunk, k_stage(kt), 0);
+          sm90::cp_async_mbar_arrive(&full_k[kt & 1]);
+        }
+        if (kt > 0) {
+          wait_free(empty_v, kt - 1);
+          copy_rows(kt - 1, chunk_prev, v_stage(kt - 1), 16);
+          sm90::cp_async_mbar_arrive(&full_v[(kt - 1) & 1]);
+        }
+        chunk_prev = chunk;
+        page = page_next;
       }
       cp_async_wait<0>();  // no copy outlives its thread
     } else {
       uint8_t* raw = smem + kWgRaw;
       // Warp 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one
-      // bulk copy (TMA) a chunk from lane ch (the page-table reads in parallel), counted in bytes
-      // on raw_full[kt & 1] after lane 0 announced them: no per-thread copy loop and no barrier to
-      // see the others' copies.
-      const auto copy_raw = [&](int kt) {
-        if (threadIdx.x >= 32) return;
+      // bulk copy (TMA) a chunk from lane ch (the page-table reads in parallel, a step ahead:
+      // `page`), counted in bytes on raw_full[kt & 1] after lane 0 announced them: no per-thread
+      // copy loop and no barrier to see the others' copies.
+      const bool copier = threadIdx.x < 32;
+      const auto raw_page = [&](int kt) { return copier && lane < kWgBN / 16 ? page_of(kt * kWgBN + lane * 16) : -1; };
+      const auto copy_raw = [&](int kt, int page) {
         const int n_chunks = min(kWgBN / 16, (kv_end - kt * kWgBN + 15) / 16);
         if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[kt & 1], n_chunks * CB);
         __syncwarp();
         if (lane < n_chunks)
-          sm90::bulk_load(raw + (kt & 1) * kWgRawTile + lane * CB, chunk_of(kt * kWgBN + lane * 16), CB, &raw_full[kt & 1]);
+          sm90::bulk_load(raw + (kt & 1) * kWgRawTile + lane * CB, chunk_at(page, kt * kWgBN + lane * 16), CB, &raw_full[kt & 1]);
       };
       // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
       // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
@@ -579,9 +604,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         }
       };
       // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
-      copy_raw(0);
+      // Raw buffer kt & 1 is free once every producer warp arrived on raw_free for tile kt - 2:
+      // only warp 0 waits for that (an mbarrier, not a named barrier of all four warps a step,
+      // which kept three warps waiting for warp 0's copies every step).
+      if (copier) copy_raw(0, raw_page(0));
+      int page_next = raw_page(1);
       for (int kt = 1; kt <= n_tiles; ++kt) {
-        if (kt < n_tiles) copy_raw(kt);  // its buffer was freed by the barrier closing step kt - 1
+        if (copier && kt < n_tiles) {
+          if (kt >= 2) sm90::mbar_wait(&raw_free[kt & 1], ((kt >> 1) - 1) & 1);
+          copy_raw(kt, page_next);
+        }
+        page_next = raw_page(kt + 1);  // read now, used next step
         const int j = kt - 1;
         sm90::mbar_wait(&raw_full[j & 1], (j >> 1) & 1);
         wait_free(empty_k, j);
@@ -592,7 +625,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         dequant(j, v_stage(j), true);
         sm90::fence_proxy_async();
         sm90::mbar_arrive(&full_v[j & 1]);
-        sm90::named_barrier_sync(3, 128);  // raw buffer j & 1 is free for tile j + 2's chunks
+        __syncwarp();  // this warp's reads of raw buffer j & 1 are done
+        if (lane == 0) sm90::mbar_arrive(&raw_free[j & 1]);
       }
     }
     return;
@@ -682,6 +716,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     }
   };
 
+  float2 al = make_float2(1.0f, 1.0f);  // the output factors of the last softmax (tile 0's: o is 0)
   // Slot kt = 0..n_tiles issues Q·K(kt) if kt < n_wg and P·V(kt - 1) if 0 < kt <= n_wg back to
   // back (FlashAttention-3's intra-warpgroup overlap: the softmax of tile kt runs while P·V(kt - 1)
   // does); tiles after this warpgroup's rows are waited for and released unread. The kinds of slot
@@ -697,6 +732,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     if (kt < n_tiles) wait_full(full_k, kt);
     if constexpr (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
     if constexpr (qk) issue_qk(kt);
+    // O times tile kt - 1's factors before P·V(kt - 1) adds to it (FlashAttention-3's place): the
+    // multiplies run under Q·K(kt), and nothing after P·V's wait but the packing of P needs it,
+    // so the exponentials are not held behind that wait.
+    if constexpr (pv) rescale_rows(o, al);
     if (kt > 0) wait_full(full_v, kt - 1);
     if constexpr (pv) issue_pv(kt - 1);
     if (PINGPONG && !(cw == 1 && kt == n_tiles)) sm90::named_barrier_arrive(5 - cw, 256);
@@ -705,17 +744,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
     }
     if (kt < n_tiles) release(empty_k, kt);
-    float2 al = make_float2(1.0f, 1.0f);
     if constexpr (qk) al = softmax(kt);
     if constexpr (pv) {
       sm90::wgmma_wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
     }
     if (kt > 0) release(empty_v, kt - 1);
-    if constexpr (qk) {
-      if constexpr (pv) rescale_rows(o, al);  // (the first tile's o is still 0)
-      pack_p();
-    }
+    if constexpr (qk) pack_p();
   };
   using std::false_type, std::true_type;
   if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
