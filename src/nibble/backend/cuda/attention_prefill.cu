@@ -432,19 +432,19 @@ constexpr int kWgBN = 128;                    // keys per tile
 constexpr int kWgThreads = 384;               // producer + 2 consumer warpgroups
 constexpr int kWgHalf = kWgBN * 128;          // one 64-dim half of a K or V tile (bytes)
 constexpr int kWgTile = 2 * kWgHalf;          // one K or V tile
-constexpr int kWgQHalf = kBM * 128;           // one 64-dim half of the Q tile
-constexpr int kWgQ = 2 * kWgQHalf;
-constexpr int kWgK = kWgQ;                    // K ring [2], then V ring [2]
+constexpr int kWgQHalf = kBM * 128;           // one 64-dim half of a Q tile
+constexpr int kWgQ = 2 * kWgQHalf;            // one Q tile; Q ring [2] (an item's, the next one's)
+constexpr int kWgK = 2 * kWgQ;                // K ring [2], then V ring [2]
 constexpr int kWgV = kWgK + 2 * kWgTile;
 constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw chunks of a tile [2]
 constexpr int kWgRawTile = (kWgBN / 16) * chunk_bytes<kWgD, true>();
 template <bool INT4>
-constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2], raw_free[2]
+constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2], raw_free[2], q_full[2], q_empty[2]
   return kWgRaw + (INT4 ? 2 * kWgRawTile : 0);
 }
 template <bool INT4>
 constexpr int wg_smem() {
-  return wg_bars<INT4>() + 12 * 8 + 1024;  // + alignment slack of the dynamic base
+  return wg_bars<INT4>() + 16 * 8 + 1024;  // + alignment slack of the dynamic base
 }
 static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
 static_assert(wg_smem<true>() <= 227 * 1024, "shared memory per block");
@@ -468,6 +468,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // Indexed by ring position r (below): stage or raw buffer r & 1, phase (r >> 1) & 1.
   uint64_t* raw_full = full_k + 8;   // INT4: the raw chunks of position r landed in raw buffer r & 1
   uint64_t* raw_free = full_k + 10;  // INT4: every producer warp dequantized position r's from it
+  // Indexed by the block's item count n: Q tile n & 1, phase (n >> 1) & 1.
+  uint64_t* q_full = full_k + 12;   // the producer's copies of item n's Q rows landed
+  uint64_t* q_empty = full_k + 14;  // the consumers are done with item n's Q
 
   // Persistent blocks, one per SM: work items (head, tile of b.tiles), head-major as the grid of
   // one block per item was (b.tiles is longest first; the items running at once share one head's
@@ -514,6 +517,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       sm90::mbar_init(&empty_v[i], 8);
       sm90::mbar_init(&raw_full[i], 1);  // thread 0's arrive.expect_tx
       sm90::mbar_init(&raw_free[i], 4);  // the producer warps
+      sm90::mbar_init(&q_full[i], 128);  // the producer threads' cp.async completions
+      sm90::mbar_init(&q_empty[i], 8);   // the consumer warps
     }
     sm90::mbar_init_fence();
   }
@@ -529,6 +534,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     const auto wait_free = [&](uint64_t* empty, int kt) {
       const int r = ring0 + kt;
       if (r >= 2) sm90::mbar_wait(&empty[r & 1], ((r >> 1) - 1) & 1);
+    };
+    // The Q rows of the block's item n (zero past `rows`) into Q tile n & 1, once the consumers are
+    // done with item n - 2's: the producer copies them ahead, so an item's first Q·K does not wait
+    // for Q (the consumers copied it themselves at each item's start before: ~1 µs, exposed).
+    const auto copy_q = [&](int n) {
+      if (n >= 2) sm90::mbar_wait(&q_empty[n & 1], ((n >> 1) - 1) & 1);
+      uint8_t* dst = Qs + (n & 1) * kWgQ;
+#pragma unroll 1
+      for (int i = threadIdx.x; i < kBM * (D / 8); i += 128) {
+        const int r = i / (D / 8), piece = i % (D / 8);
+        const bool ok = r < rows;
+        cp_async16(dst + swizzled(r, piece, kWgQHalf), p.q + (int64_t(tok_base + q0 + (ok ? r : 0)) * p.H + h) * D + piece * 8,
+                   ok ? 16 : 0);
+      }
+      sm90::cp_async_mbar_arrive(&q_full[n & 1]);
     };
     if constexpr (!INT4) {
       // Thread i copies chunk i / 16 of every tile (16 keys): 16-byte piece i % 16 of its 16 K rows
@@ -567,8 +587,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       // Step kt issues K(kt), then V(kt - 1): the consumers' order (slot kt waits for K(kt), then
       // V(kt - 1)). K(kt)'s stage is freed in the middle of slot kt - 2 (Q·K(kt - 2) done), V's only
       // at its end (P·V(kt - 3) done): K no longer waits behind V of the same tile.
-      for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+      for (int item = blockIdx.x, n = 0; item < n_items; item += gridDim.x, ++n) {
         start_item(item);
+        copy_q(n);
         const uint8_t* chunk_prev = c.pool;  // tile kt - 1's (its V rows)
         int page = page_of(my_chunk * 16);  // tile kt's
         for (int kt = 0; kt <= n_tiles; ++kt) {
@@ -589,7 +610,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         }
         ring0 += n_tiles;
       }
-      cp_async_wait<0>();  // no copy outlives its thread
     } else {
       uint8_t* raw = smem + kWgRaw;
       // Warp 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer r & 1 (r: its
@@ -633,8 +653,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         }
       };
       // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
-      for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+      for (int item = blockIdx.x, n = 0; item < n_items; item += gridDim.x, ++n) {
         start_item(item);
+        copy_q(n);
         if (copier) copy_raw(0, raw_page(0));
         int page_next = raw_page(1);
         for (int kt = 1; kt <= n_tiles; ++kt) {
@@ -656,6 +677,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         ring0 += n_tiles;
       }
     }
+    cp_async_wait<0>();  // no copy outlives its thread
     return;
   }
 
@@ -664,7 +686,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   const int warp = ctid / 32, g = lane / 4, t = lane % 4;
   const int wg_row0 = 64 * cw;
   using sm90::Swizzle;
-  const uint64_t q_desc = sm90::smem_desc(sm90::smem_addr(Qs + wg_row0 * 128), 16, 1024, Swizzle::B128);
+  const uint64_t q_desc0 = sm90::smem_desc(sm90::smem_addr(Qs + wg_row0 * 128), 16, 1024, Swizzle::B128);
+  uint64_t q_desc = q_desc0;  // of the current item's Q tile
   const uint64_t k_desc0 = sm90::smem_desc(sm90::smem_addr(smem + kWgK), 16, 1024, Swizzle::B128);
   const uint64_t v_desc0 = sm90::smem_desc(sm90::smem_addr(smem + kWgV), kWgHalf, 1024, Swizzle::B128);
   // Descriptor of k16 step ks inside a K-major two-half tile (start address in 16-byte units).
@@ -763,17 +786,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     if constexpr (qk) pack_p();
   };
   using std::false_type, std::true_type;
-  for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
+  for (int item = blockIdx.x, n = 0; item < n_items; item += gridDim.x, ++n) {
     start_item(item);
-    // Q rows of this warpgroup (zero past `rows`), visible to its wgmma once all 128 threads copied
-    // (its wgmma of the previous item, which read Q, are complete).
-    for (int i = ctid; i < 64 * (D / 8); i += 128) {
-      const int r = wg_row0 + i / (D / 8), piece = i % (D / 8);
-      const bool ok = r < rows;
-      cp_async16(Qs + swizzled(r, piece, kWgQHalf), p.q + (int64_t(tok_base + q0 + (ok ? r : 0)) * p.H + h) * D + piece * 8,
-                 ok ? 16 : 0);
-    }
-    cp_async_commit();
+    q_desc = q_desc0 + (((n & 1) * kWgQ) >> 4);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
     m_g = m_g8 = -INFINITY;
@@ -784,9 +799,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     // when it has no valid row) are only released.
     const int wg_last_pos = wg_row0 < rows ? context + q0 + min(wg_row0 + 63, rows - 1) : -1;
     const int n_wg = wg_last_pos < 0 ? 0 : min(n_tiles, wg_last_pos / kWgBN + 1);
-    cp_async_wait<0>();
-    sm90::fence_proxy_async();
-    sm90::named_barrier_sync(1 + cw, 128);
+    sm90::mbar_wait(&q_full[n & 1], (n >> 1) & 1);
+    sm90::fence_proxy_async();  // the producer's cp.async (generic-proxy) writes -> wgmma reads
 
     if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
     int kt = 0;
@@ -796,6 +810,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       slot(kt++, false_type{}, true_type{});
     }
     for (; kt <= n_tiles; ++kt) slot(kt, false_type{}, false_type{});
+    __syncwarp();  // this warp's wgmma that read Q are complete (their waits are in the slots)
+    if (lane == 0) sm90::mbar_arrive(&q_empty[n & 1]);
 
 #pragma unroll
     for (int off = 1; off <= 2; off <<= 1) {
