@@ -474,17 +474,21 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
 
   // Persistent blocks, one per SM: work items (head, tile of b.tiles), head-major as the grid of
   // one block per item was (b.tiles is longest first; the items running at once share one head's
-  // K and V in L2); block i takes items i, i + gridDim.x, ... Every role walks the same items, and
-  // the rings run on across them: the producer fills the next item's first tiles while the
-  // consumers finish the current one (a block per item left each item's start, ~1-2 µs of copies
-  // before the first wgmma, uncovered: 512-token prompts have 1-4 key tiles an item). The
-  // current item (start_item):
+  // K and V in L2), dealt in rounds of gridDim.x, the order of the blocks reversed every other
+  // round (a plain round robin hands block 0 the longest item of every round). Every role walks the
+  // same items, and the rings run on across them: the producer fills the next item's first tiles
+  // while the consumers finish the current one (a block per item left each item's start, ~1-2 µs
+  // of copies before the first wgmma, uncovered: 512-token prompts have 1-4 key tiles an item).
+  // The current item (start_item):
   int h = 0, kvh = 0, tok_base = 0, context = 0, q0 = 0, rows = 0;
   int kv_end = 0;   // keys [0, kv_end) are visible to some row
   int n_tiles = 0;  // key tiles of kWgBN
   const int32_t* table = nullptr;
   int ring0 = 0;    // the rings' position of its tile 0: tile kt uses stage (ring0 + kt) & 1
-  const auto start_item = [&](int item) {
+  // Makes the block's item n the current one; false past the last.
+  const auto start_item = [&](int n) {
+    const int item = n * int(gridDim.x) + (n & 1 ? int(gridDim.x - 1 - blockIdx.x) : int(blockIdx.x));
+    if (item >= b.num_tiles * p.H) return false;
     const int2 tile = b.tiles[item % b.num_tiles];
     const int seq = tile.x;
     h = item / b.num_tiles;
@@ -497,8 +501,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     kv_end = context + q0 + rows;
     n_tiles = (kv_end + kWgBN - 1) / kWgBN;
     table = b.block_tables + int64_t(seq) * b.max_blocks;
+    return true;
   };
-  const int n_items = b.num_tiles * p.H;
   const auto k_stage = [&](int kt) { return smem + kWgK + ((ring0 + kt) & 1) * kWgTile; };
   const auto v_stage = [&](int kt) { return smem + kWgV + ((ring0 + kt) & 1) * kWgTile; };
   // The producer reads the page-table entry of a chunk a step before it copies the chunk (the
@@ -587,8 +591,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       // Step kt issues K(kt), then V(kt - 1): the consumers' order (slot kt waits for K(kt), then
       // V(kt - 1)). K(kt)'s stage is freed in the middle of slot kt - 2 (Q·K(kt - 2) done), V's only
       // at its end (P·V(kt - 3) done): K no longer waits behind V of the same tile.
-      for (int item = blockIdx.x, n = 0; item < n_items; item += gridDim.x, ++n) {
-        start_item(item);
+      for (int n = 0; start_item(n); ++n) {
         copy_q(n);
         const uint8_t* chunk_prev = c.pool;  // tile kt - 1's (its V rows)
         int page = page_of(my_chunk * 16);  // tile kt's
@@ -653,8 +656,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         }
       };
       // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
-      for (int item = blockIdx.x, n = 0; item < n_items; item += gridDim.x, ++n) {
-        start_item(item);
+      for (int n = 0; start_item(n); ++n) {
         copy_q(n);
         if (copier) copy_raw(0, raw_page(0));
         int page_next = raw_page(1);
@@ -786,8 +788,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     if constexpr (qk) pack_p();
   };
   using std::false_type, std::true_type;
-  for (int item = blockIdx.x, n = 0; item < n_items; item += gridDim.x, ++n) {
-    start_item(item);
+  for (int n = 0; start_item(n); ++n) {
     q_desc = q_desc0 + (((n & 1) * kWgQ) >> 4);
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
