@@ -684,13 +684,16 @@ TEST(AttentionPrefill, RaggedBatchAndChunkedContinuation) {
 }
 // The wgmma kernel's own edges (it runs wherever it applies above too): GQA 1 with pages of 64,
 // tiles of 128 keys against contexts that are not multiples of them, blocks whose second
-// warpgroup has no valid row (<= 64 new tokens), a long chunked continuation.
+// warpgroup has no valid row (<= 64 new tokens), a long chunked continuation, and those edges in
+// more work items (tile, head) than an H200 has SMs (320: its persistent blocks take several, the
+// K/V rings running on from one to the next, at odd and even ring positions).
 TEST(AttentionPrefill, WgmmaEdgesAgainstMmaSync) {
   NIBBLE_REQUIRE_GPU();
   for (KVDtype dt : {KVDtype::Fp16, KVDtype::Int4}) {
     run_prefill({0, 300, 129, 0}, {257, 128, 1000, 64}, {4, 1, 128, 64}, dt, false);
     run_prefill({127, 128, 1, 4000}, {1, 2, 63, 333}, {2, 4, 128, 256}, dt, false);
     run_prefill({0}, {4096}, {1, 8, 128}, dt, false);
+    run_prefill({127, 1, 300}, {1, 63, 333}, {2, 32, 128, 64}, dt, false);
   }
 }
 TEST(AttentionPrefill, KBeforeRopeRotatedOnRead) {
@@ -709,6 +712,7 @@ TEST(AttentionPrefill, WgmmaPingPong) {
     run_prefill({33, 100, 0, 1, 64}, {1, 150, 70, 63, 64}, {2, 8, 128}, dt, false, true);
     run_prefill({127, 128, 1, 4000}, {1, 2, 63, 333}, {2, 4, 128, 256}, dt, false, true);
     run_prefill({0}, {2048}, {2, 2, 128}, dt, false, true);
+    run_prefill({127, 1, 300}, {1, 63, 333}, {2, 32, 128, 64}, dt, false, true);
   }
 }
 

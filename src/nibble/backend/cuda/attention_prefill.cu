@@ -406,12 +406,13 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
 
 // ---- attention_prefill on wgmma (sm_90a): head dim 128, FP16 or INT4 pages, K after RoPE -----
 //
-// FlashAttention-3's structure over the paged cache. Block = 128 query rows of one sequence x one
-// head (the tiles of the mma.sync kernel), 3 warpgroups. Warpgroup 0 is the producer: it fills
-// rings of 2 K tiles and 2 V tiles of kWgBN keys (fp16, 128-byte swizzled). FP16 pages: 16-byte
-// cp.async copies straight from the pages, the swizzle computed in the address, each thread's
-// copies completing as one arrival on the tile's `full` barrier. INT4 pages: the raw chunks by
-// cp.async into a double buffer, then dequantized by the producer into the fp16 tile (exactly
+// FlashAttention-3's structure over the paged cache. Work item = 128 query rows of one sequence x
+// one head (the tiles of the mma.sync kernel); persistent blocks of 3 warpgroups, one per SM, walk
+// the items. Warpgroup 0 is the producer: it fills rings of 2 K tiles and 2 V tiles of kWgBN keys
+// (fp16, 128-byte swizzled) that run on from item to item. FP16 pages: 16-byte cp.async copies
+// straight from the pages, the swizzle computed in the address, each thread's copies completing as
+// one arrival on the tile's `full` barrier. INT4 pages: the raw chunks by bulk copies into a
+// double buffer, then dequantized by the producer into the fp16 tile (exactly
 // fp16 of format.h's decode, as the mma.sync kernel does), `fence.proxy.async`, arrival.
 // setmaxnreg leaves the producer 56 registers. Warpgroups 1 and 2 own 64 query rows each: S = Q·Kᵀ
 // by 8 `wgmma m64n128k16` (Q and K from shared memory, both K-major), online softmax in registers
@@ -431,19 +432,19 @@ constexpr int kWgBN = 128;                    // keys per tile
 constexpr int kWgThreads = 384;               // producer + 2 consumer warpgroups
 constexpr int kWgHalf = kWgBN * 128;          // one 64-dim half of a K or V tile (bytes)
 constexpr int kWgTile = 2 * kWgHalf;          // one K or V tile
-constexpr int kWgQHalf = kBM * 128;           // one 64-dim half of the Q tile
-constexpr int kWgQ = 2 * kWgQHalf;
-constexpr int kWgK = kWgQ;                    // K ring [2], then V ring [2]
+constexpr int kWgQHalf = kBM * 128;           // one 64-dim half of a Q tile
+constexpr int kWgQ = 2 * kWgQHalf;            // one Q tile; Q ring [2] (an item's, the next one's)
+constexpr int kWgK = 2 * kWgQ;                // K ring [2], then V ring [2]
 constexpr int kWgV = kWgK + 2 * kWgTile;
 constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw chunks of a tile [2]
 constexpr int kWgRawTile = (kWgBN / 16) * chunk_bytes<kWgD, true>();
 template <bool INT4>
-constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2]
+constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2], raw_free[2], q_full[2], q_empty[2]
   return kWgRaw + (INT4 ? 2 * kWgRawTile : 0);
 }
 template <bool INT4>
 constexpr int wg_smem() {
-  return wg_bars<INT4>() + 10 * 8 + 1024;  // + alignment slack of the dynamic base
+  return wg_bars<INT4>() + 16 * 8 + 1024;  // + alignment slack of the dynamic base
 }
 static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
 static_assert(wg_smem<true>() <= 227 * 1024, "shared memory per block");
@@ -460,27 +461,56 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
   uint8_t* Qs = smem;
-  const auto k_stage = [&](int kt) { return smem + kWgK + (kt & 1) * kWgTile; };
-  const auto v_stage = [&](int kt) { return smem + kWgV + (kt & 1) * kWgTile; };
   uint64_t* full_k = reinterpret_cast<uint64_t*>(smem + wg_bars<INT4>());
   uint64_t* full_v = full_k + 2;
   uint64_t* empty_k = full_k + 4;
   uint64_t* empty_v = full_k + 6;
-  uint64_t* raw_full = full_k + 8;  // INT4: tile kt's raw chunks landed in raw buffer kt & 1
+  // Indexed by ring position r (below): stage or raw buffer r & 1, phase (r >> 1) & 1.
+  uint64_t* raw_full = full_k + 8;   // INT4: the raw chunks of position r landed in raw buffer r & 1
+  uint64_t* raw_free = full_k + 10;  // INT4: every producer warp dequantized position r's from it
+  // Indexed by the block's item count n: Q tile n & 1, phase (n >> 1) & 1.
+  uint64_t* q_full = full_k + 12;   // the producer's copies of item n's Q rows landed
+  uint64_t* q_empty = full_k + 14;  // the consumers are done with item n's Q
 
-  const int h = blockIdx.y, kvh = h / p.G;
-  const int2 tile = b.tiles[blockIdx.x];
-  const int seq = tile.x, q0 = tile.y;
-  const int tok_base = b.cu_new[seq];
-  const int n_new = b.cu_new[seq + 1] - tok_base;
-  const int context = b.seq_lens[seq] - n_new;
-  const int rows = min(kBM, n_new - q0);
-  const int kv_end = context + q0 + rows;  // keys [0, kv_end) are visible to some row
-  const int n_tiles = (kv_end + kWgBN - 1) / kWgBN;
-  const int32_t* table = b.block_tables + int64_t(seq) * b.max_blocks;
-  // The 16-token chunk of key0 (< kv_end) in the pages.
-  const auto chunk_of = [&](int key0) {
-    return block_ptr(c, p.layer, table[key0 >> c.page_shift], kvh) + ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB);
+  // Persistent blocks, one per SM: work items (head, tile of b.tiles), head-major as the grid of
+  // one block per item was (b.tiles is longest first; the items running at once share one head's
+  // K and V in L2), dealt in rounds of gridDim.x, the order of the blocks reversed every other
+  // round (a plain round robin hands block 0 the longest item of every round). Every role walks the
+  // same items, and the rings run on across them: the producer fills the next item's first tiles
+  // while the consumers finish the current one (a block per item left each item's start, ~1-2 µs
+  // of copies before the first wgmma, uncovered: 512-token prompts have 1-4 key tiles an item).
+  // The current item (start_item):
+  int h = 0, kvh = 0, tok_base = 0, context = 0, q0 = 0, rows = 0;
+  int kv_end = 0;   // keys [0, kv_end) are visible to some row
+  int n_tiles = 0;  // key tiles of kWgBN
+  const int32_t* table = nullptr;
+  int ring0 = 0;    // the rings' position of its tile 0: tile kt uses stage (ring0 + kt) & 1
+  // Makes the block's item n the current one; false past the last.
+  const auto start_item = [&](int n) {
+    const int item = n * int(gridDim.x) + (n & 1 ? int(gridDim.x - 1 - blockIdx.x) : int(blockIdx.x));
+    if (item >= b.num_tiles * p.H) return false;
+    const int2 tile = b.tiles[item % b.num_tiles];
+    const int seq = tile.x;
+    h = item / b.num_tiles;
+    kvh = h / p.G;
+    q0 = tile.y;
+    tok_base = b.cu_new[seq];
+    const int n_new = b.cu_new[seq + 1] - tok_base;
+    context = b.seq_lens[seq] - n_new;
+    rows = min(kBM, n_new - q0);
+    kv_end = context + q0 + rows;
+    n_tiles = (kv_end + kWgBN - 1) / kWgBN;
+    table = b.block_tables + int64_t(seq) * b.max_blocks;
+    return true;
+  };
+  const auto k_stage = [&](int kt) { return smem + kWgK + ((ring0 + kt) & 1) * kWgTile; };
+  const auto v_stage = [&](int kt) { return smem + kWgV + ((ring0 + kt) & 1) * kWgTile; };
+  // The producer reads the page-table entry of a chunk a step before it copies the chunk (the
+  // load's latency then hides behind that step's work), -1 for a chunk wholly past kv_end...
+  const auto page_of = [&](int key0) { return key0 < kv_end ? table[key0 >> c.page_shift] : -1; };
+  // ... and the 16-token chunk of key0 in that page.
+  const auto chunk_at = [&](int page, int key0) {
+    return block_ptr(c, p.layer, page, kvh) + ((key0 & (c.page_size - 1)) >> 4) * int64_t(CB);
   };
 
   if (threadIdx.x == 0) {
@@ -490,6 +520,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       sm90::mbar_init(&empty_k[i], 8);  // the consumer warps
       sm90::mbar_init(&empty_v[i], 8);
       sm90::mbar_init(&raw_full[i], 1);  // thread 0's arrive.expect_tx
+      sm90::mbar_init(&raw_free[i], 4);  // the producer warps
+      sm90::mbar_init(&q_full[i], 128);  // the producer threads' cp.async completions
+      sm90::mbar_init(&q_empty[i], 8);   // the consumer warps
     }
     sm90::mbar_init_fence();
   }
@@ -501,60 +534,104 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), lane = threadIdx.x % 32;
   if (wg == 0) {
     sm90::setmaxnreg_dec<56>();
-    // Tile kt's K or V stage is free once the consumers released tile kt - 2's.
+    // Tile kt's K or V stage is free once the consumers released the tile two ring positions back.
     const auto wait_free = [&](uint64_t* empty, int kt) {
-      if (kt >= 2) sm90::mbar_wait(&empty[kt & 1], ((kt >> 1) - 1) & 1);
+      const int r = ring0 + kt;
+      if (r >= 2) sm90::mbar_wait(&empty[r & 1], ((r >> 1) - 1) & 1);
+    };
+    // The Q rows of the block's item n (zero past `rows`) into Q tile n & 1, once the consumers are
+    // done with item n - 2's: the producer copies them ahead, so an item's first Q·K does not wait
+    // for Q (the consumers copied it themselves at each item's start before: ~1 µs, exposed).
+    const auto copy_q = [&](int n) {
+      if (n >= 2) sm90::mbar_wait(&q_empty[n & 1], ((n >> 1) - 1) & 1);
+      uint8_t* dst = Qs + (n & 1) * kWgQ;
+#pragma unroll 1
+      for (int i = threadIdx.x; i < kBM * (D / 8); i += 128) {
+        const int r = i / (D / 8), piece = i % (D / 8);
+        const bool ok = r < rows;
+        cp_async16(dst + swizzled(r, piece, kWgQHalf), p.q + (int64_t(tok_base + q0 + (ok ? r : 0)) * p.H + h) * D + piece * 8,
+                   ok ? 16 : 0);
+      }
+      sm90::cp_async_mbar_arrive(&q_full[n & 1]);
     };
     if constexpr (!INT4) {
-      // Thread i copies 16-byte piece i % 16 of K rows (or V rows) i / 16 and i / 16 + 8 of every
-      // chunk: consecutive threads read consecutive bytes, and every key it writes has key % 8 =
-      // i / 16, so its swizzled column is one constant.
-      const int r0 = threadIdx.x / 16, piece = threadIdx.x % 16;
-      const uint32_t col = swizzled(r0, piece, kWgHalf) - r0 * 128;  // + key * 128
-      // Rows first_row + r0, + 8 of tile kt's chunks (K: 0, V: 16) into dst.
-      const auto copy_rows = [&](int kt, uint8_t* dst, int first_row) {
-#pragma unroll 2
-        for (int ch = 0; ch < kWgBN / 16; ++ch) {
-          const int key0 = kt * kWgBN + ch * 16;
-          if (key0 + 16 <= kv_end) {  // a whole chunk
-            const uint8_t* src = chunk_of(key0) + (first_row + r0) * 256 + piece * 16;
-            cp_async16(dst + (ch * 16 + r0) * 128, src);
-            cp_async16(dst + (ch * 16 + r0 + 8) * 128, src + 8 * 256);
-            continue;
-          }
-          // The chunk of the end: rows past it zero (masked scores; V must stay finite, 0 * NaN is
-          // NaN); chunks wholly past it read nothing.
-          const uint8_t* src = key0 < kv_end ? chunk_of(key0) : c.pool;
+      // Thread i copies chunk i / 16 of every tile (16 keys): 16-byte piece i % 16 of its 16 K rows
+      // and its 16 V rows. Its chunk's address is one page-table read a tile, issued a step ahead
+      // (the 8 chunks' reads in parallel across the threads), and every copy of a chunk is that
+      // address plus a constant: ~2 instructions a copy. (Computing each chunk's address in every
+      // thread, one after another, made the producer a serial chain of ~45 dependent instructions a
+      // chunk that could not keep up: ncu, the consumers' top stall was the wait for K.)
+      const int my_chunk = threadIdx.x / 16, piece = threadIdx.x % 16;
+      // Byte offset of key row r (0..7) of this thread's chunk and piece in a stage; rows r + 8
+      // are 1024 bytes on (same swizzled column).
+      uint32_t row_off[8];
 #pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const int r = r0 + 8 * q;
-            const bool ok = key0 + r < kv_end;
-            cp_async16(dst + (ch * 16 + r) * 128, ok ? src + (first_row + r) * 256 + piece * 16 : c.pool, ok ? 16 : 0);
-          }
+      for (int r = 0; r < 8; ++r) row_off[r] = swizzled(my_chunk * 16 + r, piece, kWgHalf);
+      // This thread's chunk and piece of tile kt, whose page is `page` (c.pool for a chunk wholly
+      // past kv_end: nothing is read there).
+      const auto chunk_ptr = [&](int kt, int page) {
+        return page < 0 ? c.pool : chunk_at(page, kt * kWgBN + my_chunk * 16) + piece * 16;
+      };
+      // K (first_row 0) or V (16) rows of tile kt's chunk at src into the stage dst.
+      const auto copy_rows = [&](int kt, const uint8_t* src, uint8_t* dst, int first_row) {
+        const int key0 = kt * kWgBN + my_chunk * 16;
+        if (key0 + 16 <= kv_end) {  // a whole chunk
+#pragma unroll
+          for (int r = 0; r < 16; ++r) cp_async16(dst + row_off[r % 8] + (r / 8) * 1024, src + (first_row + r) * 256);
+          return;
+        }
+        // The chunk of the end: rows past it zero (masked scores; V must stay finite, 0 * NaN is
+        // NaN); chunks wholly past it read nothing.
+#pragma unroll
+        for (int r = 0; r < 16; ++r) {
+          const bool ok = key0 + r < kv_end;
+          cp_async16(dst + row_off[r % 8] + (r / 8) * 1024, ok ? src + (first_row + r) * 256 : c.pool, ok ? 16 : 0);
         }
       };
-      for (int kt = 0; kt < n_tiles; ++kt) {
-        wait_free(empty_k, kt);
-        copy_rows(kt, k_stage(kt) + col, 0);
-        sm90::cp_async_mbar_arrive(&full_k[kt & 1]);
-        wait_free(empty_v, kt);
-        copy_rows(kt, v_stage(kt) + col, 16);
-        sm90::cp_async_mbar_arrive(&full_v[kt & 1]);
+      // Step kt issues K(kt), then V(kt - 1): the consumers' order (slot kt waits for K(kt), then
+      // V(kt - 1)). K(kt)'s stage is freed in the middle of slot kt - 2 (Q·K(kt - 2) done), V's only
+      // at its end (P·V(kt - 3) done): K no longer waits behind V of the same tile.
+      for (int n = 0; start_item(n); ++n) {
+        copy_q(n);
+        const uint8_t* chunk_prev = c.pool;  // tile kt - 1's (its V rows)
+        int page = page_of(my_chunk * 16);  // tile kt's
+        for (int kt = 0; kt <= n_tiles; ++kt) {
+          const int page_next = page_of((kt + 1) * kWgBN + my_chunk * 16);  // read now, used next step
+          const uint8_t* chunk = chunk_ptr(kt, page);
+          if (kt < n_tiles) {
+            wait_free(empty_k, kt);
+            copy_rows(kt, chunk, k_stage(kt), 0);
+            sm90::cp_async_mbar_arrive(&full_k[(ring0 + kt) & 1]);
+          }
+          if (kt > 0) {
+            wait_free(empty_v, kt - 1);
+            copy_rows(kt - 1, chunk_prev, v_stage(kt - 1), 16);
+            sm90::cp_async_mbar_arrive(&full_v[(ring0 + kt - 1) & 1]);
+          }
+          chunk_prev = chunk;
+          page = page_next;
+        }
+        ring0 += n_tiles;
       }
-      cp_async_wait<0>();  // no copy outlives its thread
     } else {
       uint8_t* raw = smem + kWgRaw;
-      // Warp 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer kt & 1, one
-      // bulk copy (TMA) a chunk from lane ch (the page-table reads in parallel), counted in bytes
-      // on raw_full[kt & 1] after lane 0 announced them: no per-thread copy loop and no barrier to
-      // see the others' copies.
-      const auto copy_raw = [&](int kt) {
-        if (threadIdx.x >= 32) return;
+      // Warp 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer r & 1 (r: its
+      // ring position), one bulk copy (TMA) a chunk from lane ch (the page-table reads in parallel,
+      // a step ahead: `page`), counted in bytes on raw_full[r & 1] after lane 0 announced them: no
+      // per-thread copy loop and no barrier to see the others' copies.
+      const bool copier = threadIdx.x < 32;
+      const auto raw_page = [&](int kt) { return copier && lane < kWgBN / 16 ? page_of(kt * kWgBN + lane * 16) : -1; };
+      // Raw buffer r & 1 (r: ring position) is free once every producer warp arrived on raw_free
+      // for position r - 2: only warp 0 waits for that (an mbarrier, not a named barrier of all
+      // four warps a step, which kept three warps waiting for warp 0's copies every step).
+      const auto copy_raw = [&](int kt, int page) {
+        const int r = ring0 + kt;
+        if (r >= 2) sm90::mbar_wait(&raw_free[r & 1], ((r >> 1) - 1) & 1);
         const int n_chunks = min(kWgBN / 16, (kv_end - kt * kWgBN + 15) / 16);
-        if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[kt & 1], n_chunks * CB);
+        if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[r & 1], n_chunks * CB);
         __syncwarp();
         if (lane < n_chunks)
-          sm90::bulk_load(raw + (kt & 1) * kWgRawTile + lane * CB, chunk_of(kt * kWgBN + lane * 16), CB, &raw_full[kt & 1]);
+          sm90::bulk_load(raw + (r & 1) * kWgRawTile + lane * CB, chunk_at(page, kt * kWgBN + lane * 16), CB, &raw_full[r & 1]);
       };
       // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
       // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
@@ -564,7 +641,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       const uint32_t col = uint32_t(w ^ (rr & 7)) << 4;
       // K (codes at 0, scales at 16D, zeros at 16D + 64) or V (+8D, +32, +16) of tile kt into dst.
       const auto dequant = [&](int kt, uint8_t* dst, bool is_v) {
-        const uint8_t* rc = raw + (kt & 1) * kWgRawTile;
+        const uint8_t* rc = raw + ((ring0 + kt) & 1) * kWgRawTile;
 #pragma unroll
         for (int j = 0; j < kWgBN / 16; ++j) {
           const int r = rr + 16 * j;
@@ -579,22 +656,30 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         }
       };
       // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
-      copy_raw(0);
-      for (int kt = 1; kt <= n_tiles; ++kt) {
-        if (kt < n_tiles) copy_raw(kt);  // its buffer was freed by the barrier closing step kt - 1
-        const int j = kt - 1;
-        sm90::mbar_wait(&raw_full[j & 1], (j >> 1) & 1);
-        wait_free(empty_k, j);
-        dequant(j, k_stage(j), false);
-        sm90::fence_proxy_async();  // these generic writes -> the consumers' wgmma reads
-        sm90::mbar_arrive(&full_k[j & 1]);
-        wait_free(empty_v, j);
-        dequant(j, v_stage(j), true);
-        sm90::fence_proxy_async();
-        sm90::mbar_arrive(&full_v[j & 1]);
-        sm90::named_barrier_sync(3, 128);  // raw buffer j & 1 is free for tile j + 2's chunks
+      for (int n = 0; start_item(n); ++n) {
+        copy_q(n);
+        if (copier) copy_raw(0, raw_page(0));
+        int page_next = raw_page(1);
+        for (int kt = 1; kt <= n_tiles; ++kt) {
+          if (copier && kt < n_tiles) copy_raw(kt, page_next);
+          page_next = raw_page(kt + 1);  // read now, used next step
+          const int j = kt - 1, r = ring0 + j;
+          sm90::mbar_wait(&raw_full[r & 1], (r >> 1) & 1);
+          wait_free(empty_k, j);
+          dequant(j, k_stage(j), false);
+          sm90::fence_proxy_async();  // these generic writes -> the consumers' wgmma reads
+          sm90::mbar_arrive(&full_k[r & 1]);
+          wait_free(empty_v, j);
+          dequant(j, v_stage(j), true);
+          sm90::fence_proxy_async();
+          sm90::mbar_arrive(&full_v[r & 1]);
+          __syncwarp();  // this warp's reads of raw buffer r & 1 are done
+          if (lane == 0) sm90::mbar_arrive(&raw_free[r & 1]);
+        }
+        ring0 += n_tiles;
       }
     }
+    cp_async_wait<0>();  // no copy outlives its thread
     return;
   }
 
@@ -602,20 +687,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   const int cw = wg - 1, ctid = threadIdx.x - 128 * wg;  // consumer warpgroup 0/1: rows 64 cw ..
   const int warp = ctid / 32, g = lane / 4, t = lane % 4;
   const int wg_row0 = 64 * cw;
-  // Q rows of this warpgroup (zero past `rows`), visible to its wgmma once all 128 threads copied.
-  for (int i = ctid; i < 64 * (D / 8); i += 128) {
-    const int r = wg_row0 + i / (D / 8), piece = i % (D / 8);
-    const bool ok = r < rows;
-    cp_async16(Qs + swizzled(r, piece, kWgQHalf), p.q + (int64_t(tok_base + q0 + (ok ? r : 0)) * p.H + h) * D + piece * 8,
-               ok ? 16 : 0);
-  }
-  cp_async_commit();
-  cp_async_wait<0>();
-  sm90::fence_proxy_async();
-  sm90::named_barrier_sync(1 + cw, 128);
-
   using sm90::Swizzle;
-  const uint64_t q_desc = sm90::smem_desc(sm90::smem_addr(Qs + wg_row0 * 128), 16, 1024, Swizzle::B128);
+  const uint64_t q_desc0 = sm90::smem_desc(sm90::smem_addr(Qs + wg_row0 * 128), 16, 1024, Swizzle::B128);
+  uint64_t q_desc = q_desc0;  // of the current item's Q tile
   const uint64_t k_desc0 = sm90::smem_desc(sm90::smem_addr(smem + kWgK), 16, 1024, Swizzle::B128);
   const uint64_t v_desc0 = sm90::smem_desc(sm90::smem_addr(smem + kWgV), kWgHalf, 1024, Swizzle::B128);
   // Descriptor of k16 step ks inside a K-major two-half tile (start address in 16-byte units).
@@ -624,37 +698,33 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   float o[D / 8][4], s[kWgBN / 8][4];
   uint32_t pa[kWgBN / 16][4];  // P of the previous tile as k16 A fragments
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
-#pragma unroll
   for (int j = 0; j < kWgBN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
-  float m_g = -INFINITY, m_g8 = -INFINITY, l_g = 0, l_g8 = 0;
+  float m_g, m_g8, l_g, l_g8;  // the rows' running maxima and sums (reset for each item)
+  float2 al = make_float2(1.0f, 1.0f);  // the output factors of the last softmax
   const int row_g = wg_row0 + warp * 16 + g;  // this lane's rows row_g, row_g + 8 of the block
-  const int pos_g = context + q0 + row_g, pos_g8 = pos_g + 8;
-  // Tiles [0, n_wg) hold keys some valid row of this warpgroup sees; the later ones (none at all
-  // when it has no valid row) are only released.
-  const int wg_last_pos = wg_row0 < rows ? context + q0 + min(wg_row0 + 63, rows - 1) : -1;
-  const int n_wg = wg_last_pos < 0 ? 0 : min(n_tiles, wg_last_pos / kWgBN + 1);
+  int pos_g = 0, pos_g8 = 0;                  // their positions in the item's sequence
 
   // Tile kt's K or V landed (and this thread's wgmma will see it).
   const auto wait_full = [&](uint64_t* full, int kt) {
-    sm90::mbar_wait(&full[kt & 1], (kt >> 1) & 1);
+    const int r = ring0 + kt;
+    sm90::mbar_wait(&full[r & 1], (r >> 1) & 1);
     // FP16: the producer's cp.async (generic-proxy) writes -> this thread's wgmma reads. INT4: the
     // producer fenced its own stores before arriving.
     if constexpr (!INT4) sm90::fence_proxy_async();
   };
   const auto release = [&](uint64_t* empty, int kt) {  // this warp is done with tile kt's K or V
     __syncwarp();
-    if (lane == 0) sm90::mbar_arrive(&empty[kt & 1]);
+    if (lane == 0) sm90::mbar_arrive(&empty[(ring0 + kt) & 1]);
   };
   const auto issue_qk = [&](int kt) {  // s = Q·K_ktᵀ
-    const uint64_t k_desc = k_desc0 + (((kt & 1) * kWgTile) >> 4);
+    const uint64_t k_desc = k_desc0 + ((((ring0 + kt) & 1) * kWgTile) >> 4);
     sm90::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < D / 16; ++ks) sm90::wgmma_f16_m64n128_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
     sm90::wgmma_commit();
   };
   const auto issue_pv = [&](int kt) {  // o += P·V_kt, P in pa
-    const uint64_t v_desc = v_desc0 + (((kt & 1) * kWgTile) >> 4);
+    const uint64_t v_desc = v_desc0 + ((((ring0 + kt) & 1) * kWgTile) >> 4);
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgBN / 16; ++kk) sm90::wgmma_f16_m64n128_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
@@ -697,6 +767,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     if (kt < n_tiles) wait_full(full_k, kt);
     if constexpr (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
     if constexpr (qk) issue_qk(kt);
+    // O times tile kt - 1's factors before P·V(kt - 1) adds to it (FlashAttention-3's place): the
+    // multiplies run under Q·K(kt), and nothing after P·V's wait but the packing of P needs it,
+    // so the exponentials are not held behind that wait.
+    if constexpr (pv) rescale_rows(o, al);
     if (kt > 0) wait_full(full_v, kt - 1);
     if constexpr (pv) issue_pv(kt - 1);
     if (PINGPONG && !(cw == 1 && kt == n_tiles)) sm90::named_barrier_arrive(5 - cw, 256);
@@ -705,42 +779,57 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
     }
     if (kt < n_tiles) release(empty_k, kt);
-    float2 al = make_float2(1.0f, 1.0f);
     if constexpr (qk) al = softmax(kt);
     if constexpr (pv) {
       sm90::wgmma_wait<0>();
       sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
     }
     if (kt > 0) release(empty_v, kt - 1);
-    if constexpr (qk) {
-      if constexpr (pv) rescale_rows(o, al);  // (the first tile's o is still 0)
-      pack_p();
-    }
+    if constexpr (qk) pack_p();
   };
   using std::false_type, std::true_type;
-  if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
-  int kt = 0;
-  if (n_wg > 0) {
-    slot(0, true_type{}, false_type{});
-    for (kt = 1; kt < n_wg; ++kt) slot(kt, true_type{}, true_type{});
-    slot(kt++, false_type{}, true_type{});
-  }
-  for (; kt <= n_tiles; ++kt) slot(kt, false_type{}, false_type{});
+  for (int n = 0; start_item(n); ++n) {
+    q_desc = q_desc0 + (((n & 1) * kWgQ) >> 4);
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0;
+    m_g = m_g8 = -INFINITY;
+    l_g = l_g8 = 0;
+    pos_g = context + q0 + row_g;
+    pos_g8 = pos_g + 8;
+    // Tiles [0, n_wg) hold keys some valid row of this warpgroup sees; the later ones (none at all
+    // when it has no valid row) are only released.
+    const int wg_last_pos = wg_row0 < rows ? context + q0 + min(wg_row0 + 63, rows - 1) : -1;
+    const int n_wg = wg_last_pos < 0 ? 0 : min(n_tiles, wg_last_pos / kWgBN + 1);
+    sm90::mbar_wait(&q_full[n & 1], (n >> 1) & 1);
+    sm90::fence_proxy_async();  // the producer's cp.async (generic-proxy) writes -> wgmma reads
+
+    if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
+    int kt = 0;
+    if (n_wg > 0) {
+      slot(0, true_type{}, false_type{});
+      for (kt = 1; kt < n_wg; ++kt) slot(kt, true_type{}, true_type{});
+      slot(kt++, false_type{}, true_type{});
+    }
+    for (; kt <= n_tiles; ++kt) slot(kt, false_type{}, false_type{});
+    __syncwarp();  // this warp's wgmma that read Q are complete (their waits are in the slots)
+    if (lane == 0) sm90::mbar_arrive(&q_empty[n & 1]);
 
 #pragma unroll
-  for (int off = 1; off <= 2; off <<= 1) {
-    l_g += __shfl_xor_sync(0xffffffffu, l_g, off);
-    l_g8 += __shfl_xor_sync(0xffffffffu, l_g8, off);
-  }
-  const float inv_g = 1.0f / l_g, inv_g8 = 1.0f / l_g8;
+    for (int off = 1; off <= 2; off <<= 1) {
+      l_g += __shfl_xor_sync(0xffffffffu, l_g, off);
+      l_g8 += __shfl_xor_sync(0xffffffffu, l_g8, off);
+    }
+    const float inv_g = 1.0f / l_g, inv_g8 = 1.0f / l_g8;
 #pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) {
-    if (row_g < rows)
-      *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + row_g) * p.H + h) * D + nt * 8 + 2 * t) =
-          pack_half2(o[nt][0] * inv_g, o[nt][1] * inv_g);
-    if (row_g + 8 < rows)
-      *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + row_g + 8) * p.H + h) * D + nt * 8 + 2 * t) =
-          pack_half2(o[nt][2] * inv_g8, o[nt][3] * inv_g8);
+    for (int nt = 0; nt < D / 8; ++nt) {
+      if (row_g < rows)
+        *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + row_g) * p.H + h) * D + nt * 8 + 2 * t) =
+            pack_half2(o[nt][0] * inv_g, o[nt][1] * inv_g);
+      if (row_g + 8 < rows)
+        *reinterpret_cast<uint32_t*>(p.out + (int64_t(tok_base + q0 + row_g + 8) * p.H + h) * D + nt * 8 + 2 * t) =
+            pack_half2(o[nt][2] * inv_g8, o[nt][3] * inv_g8);
+    }
+    ring0 += n_tiles;
   }
 }
 
@@ -753,7 +842,11 @@ void launch_prefill_wgmma(const KVCacheView& c, const AttentionBatch& b, const P
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     configured = true;
   }
-  kernel<<<dim3(b.num_tiles, p.H), kWgThreads, smem, stream>>>(c, b, p);
+  // Persistent: one block per SM (shared memory allows no second), none idle.
+  int device = 0, sms = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  kernel<<<std::min(b.num_tiles * p.H, sms), kWgThreads, smem, stream>>>(c, b, p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
