@@ -696,7 +696,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   const auto k_step = [](int ks, int half_bytes) { return uint64_t(((ks / 4) * half_bytes + (ks % 4) * 32) >> 4); };
 
   float o[D / 8][4], s[kWgBN / 8][4];
-  uint32_t pa[kWgBN / 16][4];  // P of the previous tile as k16 A fragments
+  // P of tile kt as k16 A fragments in buffer kt & 1: P·V(kt - 1) reads one buffer while tile kt's
+  // softmax fills the other, so ptxas has no register of an in-flight wgmma to wait for there.
+  uint32_t pa[2][kWgBN / 16][4];
 #pragma unroll
   for (int j = 0; j < kWgBN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0;
   float m_g, m_g8, l_g, l_g8;  // the rows' running maxima and sums (reset for each item)
@@ -723,11 +725,11 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     for (int ks = 0; ks < D / 16; ++ks) sm90::wgmma_f16_m64n128_ss(s, q_desc + k_step(ks, kWgQHalf), k_desc + k_step(ks, kWgHalf), ks > 0);
     sm90::wgmma_commit();
   };
-  const auto issue_pv = [&](int kt) {  // o += P·V_kt, P in pa
+  const auto issue_pv = [&](int kt, const uint32_t(&p_kt)[kWgBN / 16][4]) {  // o += P·V_kt
     const uint64_t v_desc = v_desc0 + ((((ring0 + kt) & 1) * kWgTile) >> 4);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kWgBN / 16; ++kk) sm90::wgmma_f16_m64n128_rs_bt(o, pa[kk], v_desc + ((kk * 16 * 128) >> 4));
+    for (int kk = 0; kk < kWgBN / 16; ++kk) sm90::wgmma_f16_m64n128_rs_bt(o, p_kt[kk], v_desc + ((kk * 16 * 128) >> 4));
     sm90::wgmma_commit();
   };
   // Scores of tile kt (in s) -> exp2 weights, the running max and sums moved on; returns the
@@ -742,52 +744,89 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     return softmax_exp_step(s, mx.x, mx.y, m_g, m_g8, l_g, l_g8, p.scale_log2);
   };
   // P in place as the k16 A fragments: keys 16kk.. are accumulator column blocks 2kk, 2kk + 1.
-  const auto pack_p = [&] {
+  const auto pack_p = [&](uint32_t(&p_kt)[kWgBN / 16][4]) {
 #pragma unroll
     for (int kk = 0; kk < kWgBN / 16; ++kk) {
-      pa[kk][0] = pack_half2(s[2 * kk][0], s[2 * kk][1]);
-      pa[kk][1] = pack_half2(s[2 * kk][2], s[2 * kk][3]);
-      pa[kk][2] = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[kk][3] = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      p_kt[kk][0] = pack_half2(s[2 * kk][0], s[2 * kk][1]);
+      p_kt[kk][1] = pack_half2(s[2 * kk][2], s[2 * kk][3]);
+      p_kt[kk][2] = pack_half2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      p_kt[kk][3] = pack_half2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
   };
 
   // Slot kt = 0..n_tiles issues Q·K(kt) if kt < n_wg and P·V(kt - 1) if 0 < kt <= n_wg back to
-  // back (FlashAttention-3's intra-warpgroup overlap: the softmax of tile kt runs while P·V(kt - 1)
-  // does); tiles after this warpgroup's rows are waited for and released unread. The kinds of slot
-  // are separate instances of `slot` (first: Q·K only, middle: both, last: P·V only, then idle
-  // ones): each has its wgmma issue, commit and wait in straight-line code, with no condition
-  // around them that ptxas could take for divergent. PINGPONG: the two warpgroups take turns to
-  // issue (named barriers 4 + cw: warpgroup cw waits for its turn on its own, passes it on the
-  // other's), so one's softmax overlaps the other's GEMMs. Both run n_tiles + 1 slots; warpgroup 0
-  // starts, and warpgroup 1 passes no turn after its last slot, so every barrier phase has 256
-  // threads.
-  const auto slot = [&](int kt, auto qk_tag, auto pv_tag) {
-    constexpr bool qk = decltype(qk_tag)::value, pv = decltype(pv_tag)::value;
+  // back (FlashAttention-3's intra-warpgroup overlap); tiles after this warpgroup's rows are waited
+  // for and released unread. P·V(kt - 1) is waited for only in slot kt + 1, after Q·K(kt + 1) is
+  // issued and before O is rescaled: between its issue and that wait, slot kt touches neither O nor
+  // P's buffer (kt - 1) & 1, so the exponentials of tile kt run under it (with one P buffer and the
+  // wait in the same slot, ptxas put the wait above the exponentials). The kinds of slot are
+  // separate functions (first: Q·K only, middle: both, last: P·V only, idle), the middle and last
+  // ones instantiated per P buffer: every wgmma issue, commit and wait is in straight-line code
+  // with no condition around it that ptxas could take for divergent, and no register array is
+  // indexed at run time. PINGPONG: the two warpgroups take turns to issue (named barriers 4 + cw:
+  // warpgroup cw waits for its turn on its own, passes it on the other's), so one's softmax
+  // overlaps the other's GEMMs. Both run n_tiles + 1 slots; warpgroup 0 starts, and warpgroup 1
+  // passes no turn after its last slot, so every barrier phase has 256 threads.
+  const auto pass_turn = [&](int kt) {
+    if (PINGPONG && !(cw == 1 && kt == n_tiles)) sm90::named_barrier_arrive(5 - cw, 256);
+  };
+  const auto first_slot = [&] {
+    wait_full(full_k, 0);
+    if constexpr (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
+    issue_qk(0);
+    pass_turn(0);
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
+    release(empty_k, 0);
+    al = softmax(0);
+    pack_p(pa[0]);
+  };
+  // P·V(kt - 2) done (the group before Q·K(kt)), V(kt - 2) released, O times tile kt - 1's factors
+  // (FlashAttention-3's place: under Q·K(kt)), then P·V(kt - 1) issued from buffer B.
+  const auto accumulate = [&](int kt, auto b_tag) {
+    constexpr int B = decltype(b_tag)::value;
+    sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
+    if (kt >= 2) release(empty_v, kt - 2);
+    rescale_rows(o, al);
+    wait_full(full_v, kt - 1);
+    issue_pv(kt - 1, pa[B]);
+    pass_turn(kt);
+  };
+  // 0 < kt < n_wg; tile kt - 1's P is in buffer B, tile kt's goes to 1 - B.
+  const auto middle_slot = [&](int kt, auto b_tag) {
+    constexpr int B = decltype(b_tag)::value;
+    wait_full(full_k, kt);
+    if constexpr (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
+    issue_qk(kt);
+    sm90::wgmma_wait<1>();  // P·V(kt - 2) (groups complete in order; Q·K(kt) may still run)
+    accumulate(kt, b_tag);
+    sm90::wgmma_wait<1>();  // Q·K(kt); P·V(kt - 1) still runs
+    sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
+    release(empty_k, kt);
+    al = softmax(kt);
+    pack_p(pa[1 - B]);
+  };
+  // kt = n_wg: P·V(kt - 1) from buffer B, then O final for the tiles of this warpgroup.
+  const auto last_slot = [&](int kt, auto b_tag) {
     if (kt < n_tiles) wait_full(full_k, kt);
     if constexpr (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
-    if constexpr (qk) issue_qk(kt);
-    // O times tile kt - 1's factors before P·V(kt - 1) adds to it (FlashAttention-3's place): the
-    // multiplies run under Q·K(kt), and nothing after P·V's wait but the packing of P needs it,
-    // so the exponentials are not held behind that wait.
-    if constexpr (pv) rescale_rows(o, al);
-    if (kt > 0) wait_full(full_v, kt - 1);
-    if constexpr (pv) issue_pv(kt - 1);
-    if (PINGPONG && !(cw == 1 && kt == n_tiles)) sm90::named_barrier_arrive(5 - cw, 256);
-    if constexpr (qk) {
-      sm90::wgmma_wait<pv ? 1 : 0>();  // Q·K(kt) done (groups complete in order), P·V may still run
-      sm90::fence_regs(reinterpret_cast<float(&)[kWgBN / 2]>(s));
-    }
+    sm90::wgmma_wait<0>();  // P·V(kt - 2)
+    accumulate(kt, b_tag);
+    sm90::wgmma_wait<0>();
+    sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
     if (kt < n_tiles) release(empty_k, kt);
-    if constexpr (qk) al = softmax(kt);
-    if constexpr (pv) {
-      sm90::wgmma_wait<0>();
-      sm90::fence_regs(reinterpret_cast<float(&)[D / 2]>(o));
-    }
-    if (kt > 0) release(empty_v, kt - 1);
-    if constexpr (qk) pack_p();
+    release(empty_v, kt - 1);
   };
-  using std::false_type, std::true_type;
+  const auto idle_slot = [&](int kt) {  // tiles past this warpgroup's rows: waited for and released
+    if (kt < n_tiles) wait_full(full_k, kt);
+    if constexpr (PINGPONG) sm90::named_barrier_sync(4 + cw, 256);
+    if (kt > 0) wait_full(full_v, kt - 1);
+    pass_turn(kt);
+    if (kt < n_tiles) release(empty_k, kt);
+    if (kt > 0) release(empty_v, kt - 1);
+  };
+  using B0 = std::integral_constant<int, 0>;
+  using B1 = std::integral_constant<int, 1>;
   for (int n = 0; start_item(n); ++n) {
     q_desc = q_desc0 + (((n & 1) * kWgQ) >> 4);
 #pragma unroll
@@ -806,11 +845,22 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
     if (PINGPONG && cw == 1) sm90::named_barrier_arrive(4, 256);
     int kt = 0;
     if (n_wg > 0) {
-      slot(0, true_type{}, false_type{});
-      for (kt = 1; kt < n_wg; ++kt) slot(kt, true_type{}, true_type{});
-      slot(kt++, false_type{}, true_type{});
+      first_slot();
+      // Unrolled by two: tile kt's P buffer kt & 1 is a compile-time index in each instance.
+      for (kt = 1;; ++kt) {
+        if (kt == n_wg) {
+          last_slot(kt++, B0{});
+          break;
+        }
+        middle_slot(kt++, B0{});
+        if (kt == n_wg) {
+          last_slot(kt++, B1{});
+          break;
+        }
+        middle_slot(kt, B1{});
+      }
     }
-    for (; kt <= n_tiles; ++kt) slot(kt, false_type{}, false_type{});
+    for (; kt <= n_tiles; ++kt) idle_slot(kt);
     __syncwarp();  // this warp's wgmma that read Q are complete (their waits are in the slots)
     if (lane == 0) sm90::mbar_arrive(&q_empty[n & 1]);
 
