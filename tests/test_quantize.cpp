@@ -1200,22 +1200,23 @@ TEST(KVQuant, BlockKeyCacheQuantizesEachBlockLikeAFloat64Reference) {
                                         quant::BlockKeyFormat{block, false, true, false},
                                         quant::BlockKeyFormat{block, true, false, false}}) {
     SCOPED_TRACE(f.describe());
-    auto cache = quant::make_block_key_kv_cache(1, d, head_dim, n, packed, f);
-    // As a chunked prefill: 16, then 16, then 8 tokens. With the residual, blocks are flushed when a
-    // write starts past them: [0, 32) is quantized, [32, 40) stays fp16.
-    for (int64_t pos : {0, 16, 32}) {
-      const int64_t m = std::min<int64_t>(16, n - pos);
-      cache->write(0, pos, m, k.data() + pos * d, v.data() + pos * d);
+    // As a chunked prefill (16, 16, then 8 tokens) and as a decode (a token at a time). With the
+    // residual, a block is flushed when a write starts past it: [0, 32) is quantized, [32, 40)
+    // stays fp16, either way.
+    for (const int64_t piece : {16, 1}) {
+      auto cache = quant::make_block_key_kv_cache(1, d, head_dim, n, packed, f);
+      for (int64_t pos = 0; pos < n; pos += piece)
+        cache->write(0, pos, std::min(piece, n - pos), k.data() + pos * d, v.data() + pos * d);
+      std::vector<float> got_k(k.size(), std::nanf("")), got_v(v.size(), std::nanf(""));
+      cache->read(0, n, got_k.data(), got_v.data());
+      const std::vector<double> want = reference(f.per_channel, f.residual ? 32 : n);
+      for (size_t i = 0; i < k.size(); ++i) ASSERT_NEAR(got_k[i], want[i], 1e-6) << "element " << i << ", pieces of " << piece;
+      for (size_t i = size_t(32 * d); f.residual && i < k.size(); ++i) ASSERT_EQ(got_k[i], round_fp16(k[i]));
+      EXPECT_EQ(got_v, want_v);
+      double err = 0;
+      for (size_t i = 0; i < size_t(32 * d); ++i) err += std::abs(got_k[i] - k[i]);
+      EXPECT_GT(err, 1e-2);  // really quantized
     }
-    std::vector<float> got_k(k.size(), std::nanf("")), got_v(v.size(), std::nanf(""));
-    cache->read(0, n, got_k.data(), got_v.data());
-    const std::vector<double> want = reference(f.per_channel, f.residual ? 32 : n);
-    for (size_t i = 0; i < k.size(); ++i) ASSERT_NEAR(got_k[i], want[i], 1e-6) << "element " << i;
-    for (size_t i = size_t(32 * d); f.residual && i < k.size(); ++i) ASSERT_EQ(got_k[i], round_fp16(k[i]));
-    EXPECT_EQ(got_v, want_v);
-    double err = 0;
-    for (size_t i = 0; i < size_t(32 * d); ++i) err += std::abs(got_k[i] - k[i]);
-    EXPECT_GT(err, 1e-2);  // really quantized
   }
 }
 

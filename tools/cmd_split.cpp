@@ -29,6 +29,7 @@ struct SplitArgs {
   std::vector<int> search_layers;                   // the layers clip_search covers (empty: all)
   int64_t k_block = 0;                              // > 0: rows of KIVI-style K caches in blocks of this many tokens
   std::vector<std::string> k_block_rows = {"channel", "channel-raw", "channel-all", "token"};
+  bool rows_on_every_file = false;                  // the rows split each packed file, not only the first
   int64_t prefill_chunk = -1;                       // -1: k_block when there are block rows, else whole windows
 };
 
@@ -64,7 +65,8 @@ void run_split(const SplitArgs& a) {
   std::vector<Variant> variants;
   for (const std::string& f : a.packed) variants.push_back({f, f + " (as packed)", [](Model&) {}});
   auto add = [&](std::string label, std::function<void(Model& q)> change) {
-    variants.push_back({split, std::move(label), std::move(change)});
+    if (!a.rows_on_every_file) return variants.push_back({split, std::move(label), std::move(change)});
+    for (const std::string& f : a.packed) variants.push_back({f, f + ": " + label, change});
   };
   if (has("layers"))
     for (int l = 0; l < layers; ++l)
@@ -109,11 +111,12 @@ void run_split(const SplitArgs& a) {
     };
   };
   const std::function<KVFormat(int)> base_k = per_layer(a.k_layer_clips, "k"), base_v = per_layer(a.v_layer_clips, "v");
-  const bool by_layer = !a.k_layer_clips.empty() || !a.v_layer_clips.empty();
-  if (by_layer)
-    add(fmt::format("K clips [{}], V clips [{}] by layer", fmt::join(a.k_layer_clips, " "),
-                    fmt::join(a.v_layer_clips, " ")),
-        [&](Model& q) { kv_variant(q, base_k, base_v); });
+  if (!a.k_layer_clips.empty() || !a.v_layer_clips.empty()) {
+    std::vector<std::string> lists;
+    if (!a.k_layer_clips.empty()) lists.push_back(fmt::format("K clips [{}]", fmt::join(a.k_layer_clips, " ")));
+    if (!a.v_layer_clips.empty()) lists.push_back(fmt::format("V clips [{}]", fmt::join(a.v_layer_clips, " ")));
+    add(fmt::format("{} by layer", fmt::join(lists, ", ")), [&](Model& q) { kv_variant(q, base_k, base_v); });
+  }
   // One step of a coordinate search: layer l's K (or V) at another clip, every other layer as the base.
   auto changed_at = [](std::function<KVFormat(int)> base, int layer, float clip) {
     return std::function<KVFormat(int)>([base, layer, clip](int l) {
@@ -146,6 +149,9 @@ void run_split(const SplitArgs& a) {
   std::vector<Model*> ptrs;
   for (const Variant& v : variants) {
     models.push_back(load_packed_model(v.file));
+    // The rows' caches are built from the first file's format.
+    check(!a.rows_on_every_file || v.file == split || models.back()->kv_format() == kv, "split", "{} has KV format {}, not the first file's {}",
+          v.file, models.back()->kv_format().describe(), kv.describe());
     v.change(*models.back());
     ptrs.push_back(models.back().get());
   }
@@ -200,6 +206,8 @@ void add_split_command(CLI::App& app) {
       ->delimiter(',');
   cmd->add_option("--v-layer-clips", a->v_layer_clips, "one V clip ratio per layer (with --k-layer-clips: one row)")
       ->delimiter(',');
+  cmd->add_flag("--rows-on-every-file", a->rows_on_every_file,
+               "every row for each packed file (same KV format), against one FP run: e.g. two calibration seeds");
   cmd->add_option("--k-block", a->k_block,
                   "rows of KIVI-style K caches (a CPU simulation) in blocks of this many tokens, V as packed");
   cmd->add_option("--k-block-rows", a->k_block_rows,
