@@ -249,11 +249,13 @@ TEST_F(Cli, SplitPrintsEveryRow) {
                           "K per token in blocks of 16 tokens", "fed in pieces of 16"})
     EXPECT_NE(r.out.find(row), std::string::npos) << row << "\n" << r.out;
   EXPECT_EQ(r.out.find("layer 3 K clip"), std::string::npos) << r.out;  // --search-layers 4 only
-  // --rows-on-every-file: each row once per packed file, against one FP run.
+  // --rows-on-every-file: each row once per packed file, against one FP run (past the first window).
   const Result each = nibble(fmt::format(
-      "split -m {} -q q.safetensors,q.safetensors -f {} --ctx 64 --chunks 2 --parts none --k-clips 1 --rows-on-every-file",
+      "split -m {} -q q.safetensors,q.safetensors -f {} --ctx 64 --chunks 2 --parts none --k-clips 1 --rows-on-every-file "
+      "--skip-windows 1",
       m, text));
   ASSERT_EQ(each.status, 0) << each.err;
+  EXPECT_NE(each.out.find("2 windows of 64 tokens after the first 1"), std::string::npos) << each.out;
   const size_t first = each.out.find("| q.safetensors: K clip 1 |");
   ASSERT_NE(first, std::string::npos) << each.out;
   EXPECT_NE(each.out.find("| q.safetensors: K clip 1 |", first + 1), std::string::npos) << each.out;

@@ -21,7 +21,7 @@ namespace {
 struct SplitArgs {
   std::string model, text, tokenizer;
   std::vector<std::string> packed;  // the rows split the first; the others are scored as packed
-  int64_t ctx = 0, chunks = 0;
+  int64_t ctx = 0, chunks = 0, skip_windows = 0;
   std::vector<std::string> parts = {"layers", "slots", "kv"};
   std::vector<float> k_clips, v_clips;
   std::vector<float> k_layer_clips, v_layer_clips;  // one ratio per layer: a row, and the search's base
@@ -159,9 +159,12 @@ void run_split(const SplitArgs& a) {
   opt.ctx = a.ctx > 0 ? a.ctx : c.default_window();
   opt.max_windows = a.chunks;
   opt.prefill_chunk = a.prefill_chunk >= 0 ? a.prefill_chunk : a.k_block;
-  const auto results = perplexity_many(ptrs, tokens, opt, base.get());
+  const size_t skipped = size_t(a.skip_windows * opt.ctx);
+  check(skipped < tokens.size(), "split", "--skip-windows {} skips the whole text", a.skip_windows);
+  const auto results = perplexity_many(ptrs, std::span<const int32_t>(tokens).subspan(skipped), opt, base.get());
   std::printf("rows split %s (KV %s); %s: %lld windows of %lld tokens", split.c_str(), kv.describe().c_str(),
               a.text.c_str(), (long long)results[0].windows, (long long)opt.ctx);
+  if (a.skip_windows > 0) std::printf(" after the first %lld", (long long)a.skip_windows);
   if (opt.prefill_chunk > 0) std::printf(" fed in pieces of %lld", (long long)opt.prefill_chunk);
   std::printf("; FP perplexity %.4f\n\n", results[0].base_ppl);
   std::printf("| variant | ppl | vs FP | KLD mean | top-1 |\n|---|---|---|---|---|\n");
@@ -190,6 +193,8 @@ void add_split_command(CLI::App& app) {
       ->check(CLI::ExistingFile);
   cmd->add_option("-c,--ctx", a->ctx, "window length (default: min(2048, context))");
   cmd->add_option("--chunks", a->chunks, "score only the first N windows (0 = all)");
+  cmd->add_option("--skip-windows", a->skip_windows,
+                  "start after the first N windows (e.g. those a clip search was screened on)");
   cmd->add_option("--parts", a->parts, "rows: layers, slots, kv (comma separated; none: only the clip rows)")
       ->delimiter(',')
       ->check(CLI::IsMember({"layers", "slots", "kv", "none"}))
