@@ -1152,6 +1152,16 @@ TEST_F(QuantizeCheckpoint, ExpectedSizeIsCloseAndTooLittleDiskIsRefusedFirst) {
   quant::check_free_disk(dir_ / "q.safetensors", dir_ / "work", 1000);
 }
 
+// Elements idx of x quantized as one Int4Asym group in float64 (but for the fp16 rounding of the
+// scale): range over the group and 0, clip, zero = round(-clip·min / scale), codes clamped to 0..15.
+void int4_asym_reference(std::vector<double>& x, const std::vector<size_t>& idx, double clip) {
+  double lo = 0, hi = 0;
+  for (size_t i : idx) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+  const double scale = double(round_fp16(float(clip * (hi - lo) / 15)));
+  const double zero = std::min(std::nearbyint(-clip * lo / scale), 15.0);
+  for (size_t i : idx) x[i] = (std::clamp(std::nearbyint(x[i] / scale) + zero, 0.0, 15.0) - zero) * scale;
+}
+
 // KIVI-style K blocks: each complete block is, channel by channel (or head by head for per-token
 // groups), a float64 Int4Asym quantization of the block (range over the block and 0, clip, fp16
 // scale, zero = round(-clip·min / scale), codes clamped to 0..15); the residual after the last
@@ -1169,14 +1179,6 @@ TEST(KVQuant, BlockKeyCacheQuantizesEachBlockLikeAFloat64Reference) {
       v[size_t(t * d + i)] = nd(rng);
     }
   const float clip = 0.9f;
-  // Elements idx[0..m) of x quantized as one group, in float64 but for the fp16 rounding of the scale.
-  auto reference_group = [&](std::vector<double>& x, const std::vector<size_t>& idx) {
-    double lo = 0, hi = 0;
-    for (size_t i : idx) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
-    const double scale = double(round_fp16(float(clip * (hi - lo) / 15)));
-    const double zero = std::min(std::nearbyint(-clip * lo / scale), 15.0);
-    for (size_t i : idx) x[i] = (std::clamp(std::nearbyint(x[i] / scale) + zero, 0.0, 15.0) - zero) * scale;
-  };
   auto reference = [&](bool per_channel, int64_t quantized) {
     std::vector<double> x(k.begin(), k.end());
     for (int64_t start = 0; start < quantized; start += block) {
@@ -1185,7 +1187,7 @@ TEST(KVQuant, BlockKeyCacheQuantizesEachBlockLikeAFloat64Reference) {
         std::vector<size_t> idx;
         for (int64_t i = 0; i < (per_channel ? t : head_dim); ++i)
           idx.push_back(size_t(per_channel ? (start + i) * d + g : start * d + g * head_dim + i));
-        reference_group(x, idx);
+        int4_asym_reference(x, idx, clip);
       }
     }
     for (size_t i = size_t(quantized * d); i < x.size(); ++i) x[i] = double(round_fp16(k[i]));
@@ -1245,14 +1247,9 @@ TEST(KVQuant, BlockKeyCacheRotatesEachHeadBeforeItsChannels) {
   std::vector<double> x(k.begin(), k.end());
   rotate(x);
   for (int64_t c = 0; c < d; ++c) {  // each rotated channel over the block's 8 tokens
-    double lo = 0, hi = 0;
-    for (int64_t t = 0; t < n; ++t) lo = std::min(lo, x[size_t(t * d + c)]), hi = std::max(hi, x[size_t(t * d + c)]);
-    const double scale = double(round_fp16(float((hi - lo) / 15)));
-    const double zero = std::min(std::nearbyint(-lo / scale), 15.0);
-    for (int64_t t = 0; t < n; ++t) {
-      double& e = x[size_t(t * d + c)];
-      e = (std::clamp(std::nearbyint(e / scale) + zero, 0.0, 15.0) - zero) * scale;
-    }
+    std::vector<size_t> idx;
+    for (int64_t t = 0; t < n; ++t) idx.push_back(size_t(t * d + c));
+    int4_asym_reference(x, idx, 1.0);
   }
   rotate(x);
   for (size_t i = 0; i < k.size(); ++i) ASSERT_NEAR(got[i], x[i], 1e-5) << "element " << i;
