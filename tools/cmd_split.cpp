@@ -1,7 +1,8 @@
 // nibble split -m FP_DIR -q PACKED -f TEXT: where a quantized model's loss is. Each row puts one
 // piece back to full precision (a whole layer with its K/V; one slot's activations or weights in
-// every layer; K or V of the cache) or changes the K or V clip alone, and is scored on the same
-// windows as the quantized model, against the FP model (perplexity, KLD, top-1).
+// every layer; K or V of the cache) or changes the K or V clip alone (globally, per layer, or one
+// layer at a time: a coordinate search), or swaps in a KIVI-style K cache (a CPU simulation), and is
+// scored on the same windows as the quantized model, against the FP model (perplexity, KLD, top-1).
 #include <cstdio>
 #include <functional>
 
@@ -150,8 +151,8 @@ void run_split(const SplitArgs& a) {
   for (const Variant& v : variants) {
     models.push_back(load_packed_model(v.file));
     // The rows' caches are built from the first file's format.
-    check(!a.rows_on_every_file || v.file == split || models.back()->kv_format() == kv, "split", "{} has KV format {}, not the first file's {}",
-          v.file, models.back()->kv_format().describe(), kv.describe());
+    check(!a.rows_on_every_file || v.file == split || models.back()->kv_format() == kv, "split",
+          "{} has KV format {}, not the first file's {}", v.file, models.back()->kv_format().describe(), kv.describe());
     v.change(*models.back());
     ptrs.push_back(models.back().get());
   }
