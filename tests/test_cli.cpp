@@ -237,13 +237,31 @@ TEST_F(Cli, SplitPrintsEveryRow) {
                                m, text))
                 .status,
             0);
-  const Result r = nibble(fmt::format("split -m {} -q q.safetensors -f {} --ctx 64 --chunks 2 --k-clips 1 --v-clips 0.8",
+  const Result r = nibble(fmt::format("split -m {} -q q.safetensors -f {} --ctx 64 --chunks 2 --k-clips 1 --v-clips 0.8 "
+                                      "--k-layer-clips 1,0.9,0.9,0.9,0.8 --clip-search 0.7 --search-layers 4 --k-block 16 "
+                                      "--k-block-rows channel,token",
                                       m, text));
   ASSERT_EQ(r.status, 0) << r.err;
   for (const char* row : {"q.safetensors (as packed)", "layer 4 at full precision", "down activations at full precision",
                           "o weights at full precision", "K at full precision", "V at full precision", "K clip 1 |",
-                          "V clip 0.8 |"})
+                          "V clip 0.8 |", "K clips [1 0.9 0.9 0.9 0.8] by layer |", "layer 4 K clip 0.7 |",
+                          "layer 4 V clip 0.7 |", "K per channel in blocks of 16 tokens, fp16 residual, Hadamard, V as packed |",
+                          "K per token in blocks of 16 tokens", "fed in pieces of 16"})
     EXPECT_NE(r.out.find(row), std::string::npos) << row << "\n" << r.out;
+  EXPECT_EQ(r.out.find("layer 3 K clip"), std::string::npos) << r.out;  // --search-layers 4 only
+  // --rows-on-every-file: each row once per packed file, against one FP run (past the first window).
+  const Result each = nibble(fmt::format(
+      "split -m {} -q q.safetensors,q.safetensors -f {} --ctx 64 --chunks 2 --parts none --k-clips 1 --rows-on-every-file "
+      "--skip-windows 1",
+      m, text));
+  ASSERT_EQ(each.status, 0) << each.err;
+  EXPECT_NE(each.out.find("2 windows of 64 tokens after the first 1"), std::string::npos) << each.out;
+  const size_t first = each.out.find("| q.safetensors: K clip 1 |");
+  ASSERT_NE(first, std::string::npos) << each.out;
+  EXPECT_NE(each.out.find("| q.safetensors: K clip 1 |", first + 1), std::string::npos) << each.out;
+  // A per-layer list of the wrong length is refused in one line.
+  expect_one_line_error(
+      nibble(fmt::format("split -m {} -q q.safetensors -f {} --ctx 64 --chunks 2 --parts none --v-layer-clips 1,1", m, text)));
   expect_one_line_error(nibble(fmt::format("split -m {} -q {} -f {} --ctx 64 --chunks 2", m,
                                            quote((fs::path(stories()) / "model.safetensors").string()), text)));
 }

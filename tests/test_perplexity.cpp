@@ -135,6 +135,28 @@ TEST(PerplexityMath, KldOfAModelWithItselfIsZero) {
   EXPECT_NE(r.window_nll[0], r.window_nll[1]);
 }
 
+// A window fed in pieces (prefill_chunk) is scored as the whole window is, for a cache whose stored
+// form depends only on each token (the INT4 per-token cache): the pieces change nothing but the
+// order of the forwards.
+TEST(PerplexityMath, ChunkedPrefillScoresLikeWholeWindows) {
+  NIBBLE_REQUIRE_DATA("models/stories260K/model.safetensors");
+  Progress::set_quiet(true);
+  auto base = Model::load(test::data_dir() / "models/stories260K");
+  auto model = Model::load(test::data_dir() / "models/stories260K");
+  model->set_kv_format({4, false, 0.9f, true});
+  const std::vector<int32_t> ids = synthetic_ids(600);
+  PerplexityOptions opt;
+  opt.ctx = 256;
+  const PerplexityResult whole = perplexity(*model, ids, opt, base.get());
+  opt.prefill_chunk = 100;  // not a divisor of the window: the last piece is shorter
+  const PerplexityResult pieces = perplexity(*model, ids, opt, base.get());
+  EXPECT_EQ(pieces.scored, whole.scored);
+  EXPECT_GT(whole.kld_mean, 1e-4);
+  EXPECT_NEAR(pieces.nll_mean, whole.nll_mean, 1e-5);
+  EXPECT_NEAR(pieces.kld_mean, whole.kld_mean, 1e-5);
+  EXPECT_NEAR(pieces.base_ppl, whole.base_ppl, 1e-4);
+}
+
 // log p in float64 from float logits, written out here (no shared helper with the library).
 std::vector<double> log_probs64(const float* logits, int64_t V) {
   long double sum = 0;

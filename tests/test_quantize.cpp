@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include "nibble/core/error.h"
+#include "nibble/core/half.h"
 #include "nibble/core/interrupt.h"
 #include "nibble/core/progress.h"
 #include "nibble/eval/perplexity.h"
@@ -1148,6 +1150,109 @@ TEST_F(QuantizeCheckpoint, ExpectedSizeIsCloseAndTooLittleDiskIsRefusedFirst) {
   }
   EXPECT_THROW(quant::check_free_disk(dir_ / "q.safetensors", dir_ / "work", int64_t(1) << 62), Error);
   quant::check_free_disk(dir_ / "q.safetensors", dir_ / "work", 1000);
+}
+
+// Elements idx of x quantized as one Int4Asym group in float64 (but for the fp16 rounding of the
+// scale): range over the group and 0, clip, zero = round(-clip·min / scale), codes clamped to 0..15.
+void int4_asym_reference(std::vector<double>& x, const std::vector<size_t>& idx, double clip) {
+  double lo = 0, hi = 0;
+  for (size_t i : idx) lo = std::min(lo, x[i]), hi = std::max(hi, x[i]);
+  const double scale = double(round_fp16(float(clip * (hi - lo) / 15)));
+  const double zero = std::min(std::nearbyint(-clip * lo / scale), 15.0);
+  for (size_t i : idx) x[i] = (std::clamp(std::nearbyint(x[i] / scale) + zero, 0.0, 15.0) - zero) * scale;
+}
+
+// KIVI-style K blocks: each complete block is, channel by channel (or head by head for per-token
+// groups), a float64 Int4Asym quantization of the block (range over the block and 0, clip, fp16
+// scale, zero = round(-clip·min / scale), codes clamped to 0..15); the residual after the last
+// flushed block is K rounded to fp16, exactly; without the residual every block present is
+// quantized; V is the packed format's own cache.
+TEST(KVQuant, BlockKeyCacheQuantizesEachBlockLikeAFloat64Reference) {
+  const int64_t head_dim = 16, heads = 2, d = head_dim * heads, block = 16, n = 40;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(size_t(n * d)), v(k.size());
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < d; ++i) {
+      // Channels with their own offset and spread (what per-channel scales are for).
+      k[size_t(t * d + i)] = float(i % 5) - 1.5f + (1 + float(i % 3)) * nd(rng);
+      v[size_t(t * d + i)] = nd(rng);
+    }
+  const float clip = 0.9f;
+  auto reference = [&](bool per_channel, int64_t quantized) {
+    std::vector<double> x(k.begin(), k.end());
+    for (int64_t start = 0; start < quantized; start += block) {
+      const int64_t t = std::min(block, quantized - start);
+      for (int64_t g = 0; g < (per_channel ? d : t * heads); ++g) {
+        std::vector<size_t> idx;
+        for (int64_t i = 0; i < (per_channel ? t : head_dim); ++i)
+          idx.push_back(size_t(per_channel ? (start + i) * d + g : start * d + g * head_dim + i));
+        int4_asym_reference(x, idx, clip);
+      }
+    }
+    for (size_t i = size_t(quantized * d); i < x.size(); ++i) x[i] = double(round_fp16(k[i]));
+    return x;
+  };
+  const KVFormat packed{4, false, clip, true};
+  auto values = make_kv_cache(1, d, head_dim, n, packed);
+  values->write(0, 0, n, v.data(), v.data());
+  std::vector<float> unused(k.size()), want_v(v.size());
+  values->read(0, n, unused.data(), want_v.data());
+  for (const quant::BlockKeyFormat f : {quant::BlockKeyFormat{block, true, true, false},
+                                        quant::BlockKeyFormat{block, false, true, false},
+                                        quant::BlockKeyFormat{block, true, false, false}}) {
+    SCOPED_TRACE(f.describe());
+    // As a chunked prefill (16, 16, then 8 tokens) and as a decode (a token at a time). With the
+    // residual, a block is flushed when a write starts past it: [0, 32) is quantized, [32, 40)
+    // stays fp16, either way.
+    for (const int64_t piece : {16, 1}) {
+      auto cache = quant::make_block_key_kv_cache(1, d, head_dim, n, packed, f);
+      for (int64_t pos = 0; pos < n; pos += piece)
+        cache->write(0, pos, std::min(piece, n - pos), k.data() + pos * d, v.data() + pos * d);
+      std::vector<float> got_k(k.size(), std::nanf("")), got_v(v.size(), std::nanf(""));
+      cache->read(0, n, got_k.data(), got_v.data());
+      const std::vector<double> want = reference(f.per_channel, f.residual ? 32 : n);
+      for (size_t i = 0; i < k.size(); ++i) ASSERT_NEAR(got_k[i], want[i], 1e-6) << "element " << i << ", pieces of " << piece;
+      for (size_t i = size_t(32 * d); f.residual && i < k.size(); ++i) ASSERT_EQ(got_k[i], round_fp16(k[i]));
+      EXPECT_EQ(got_v, want_v);
+      double err = 0;
+      for (size_t i = 0; i < size_t(32 * d); ++i) err += std::abs(got_k[i] - k[i]);
+      EXPECT_GT(err, 1e-2);  // really quantized
+    }
+  }
+}
+
+// With the Hadamard rotation, the quantized blocks are the reference's in the rotated basis of
+// each head vector (rotation and its inverse in float64 here).
+TEST(KVQuant, BlockKeyCacheRotatesEachHeadBeforeItsChannels) {
+  const int64_t head_dim = 8, d = head_dim, block = 8, n = 8;
+  std::mt19937 rng(12);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(size_t(n * d)), v(k.size(), 0.0f);
+  for (float& x : k) x = 2 * nd(rng);
+  auto cache = quant::make_block_key_kv_cache(1, d, head_dim, n, KVFormat{4, false, 1.0f}, {block, true, false, true});
+  cache->write(0, 0, n, k.data(), v.data());
+  std::vector<float> got(k.size()), unused(k.size());
+  cache->read(0, n, got.data(), unused.data());
+  // Sylvester's Hadamard matrix of order 8, H[i][j] = (-1)^popcount(i & j) / sqrt(8).
+  auto rotate = [&](std::vector<double>& x) {
+    for (int64_t t = 0; t < n; ++t) {
+      std::vector<double> y(size_t(d), 0.0);
+      for (int64_t i = 0; i < d; ++i)
+        for (int64_t j = 0; j < d; ++j)
+          y[size_t(i)] += (std::popcount(uint32_t(i & j)) % 2 ? -1.0 : 1.0) * x[size_t(t * d + j)] / std::sqrt(8.0);
+      std::copy(y.begin(), y.end(), x.begin() + t * d);
+    }
+  };
+  std::vector<double> x(k.begin(), k.end());
+  rotate(x);
+  for (int64_t c = 0; c < d; ++c) {  // each rotated channel over the block's 8 tokens
+    std::vector<size_t> idx;
+    for (int64_t t = 0; t < n; ++t) idx.push_back(size_t(t * d + c));
+    int4_asym_reference(x, idx, 1.0);
+  }
+  rotate(x);
+  for (size_t i = 0; i < k.size(); ++i) ASSERT_NEAR(got[i], x[i], 1e-5) << "element " << i;
 }
 
 }  // namespace

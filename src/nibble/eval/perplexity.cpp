@@ -37,12 +37,16 @@ namespace {
 // The logits of one window, scored from an empty cache (a fresh sequence, freed after). A NaN or
 // inf among them (a damaged model, an overflow) is an error, as every score computed from it would
 // be meaningless (std::max(0.0, NaN) even reads as 0).
-std::vector<float> window_logits(Executor& m, std::span<const int32_t> window, int64_t w) {
+std::vector<float> window_logits(Executor& m, std::span<const int32_t> window, int64_t w, int64_t chunk) {
   const SeqId seq = m.kv().add();
-  std::vector<float> logits;
-  const BatchEntry entry{seq, window, true};
+  std::vector<float> logits, piece;
+  if (chunk <= 0) chunk = int64_t(window.size());
   try {
-    m.forward({&entry, 1}, logits);
+    for (size_t start = 0; start < window.size(); start += size_t(chunk)) {
+      const BatchEntry entry{seq, window.subspan(start, std::min(size_t(chunk), window.size() - start)), true};
+      m.forward({&entry, 1}, piece);
+      logits.insert(logits.end(), piece.begin(), piece.end());
+    }
   } catch (...) {
     m.kv().free(seq);
     throw;
@@ -121,14 +125,14 @@ std::vector<PerplexityResult> perplexity_many(std::span<Executor* const> models,
   for (int64_t w = 0; w < proto.windows; ++w) {
     const auto window = tokens.subspan(size_t(w * proto.ctx), size_t(proto.ctx));
     if (base) {
-      const std::vector<float> bl = window_logits(*base, window, w);
+      const std::vector<float> bl = window_logits(*base, window, w, opt.prefill_chunk);
       base_lp.resize(npred * size_t(V));
 #pragma omp parallel for
       for (int64_t i = 0; i < preds; ++i) log_softmax(bl.data() + i * V, V, base_lp.data() + i * V);
       for (int64_t i = 0; i < preds; ++i) base_nll -= base_lp[size_t(i * V + window[size_t(i + 1)])];
     }
     for (size_t mi = 0; mi < nmodels; ++mi) {
-      const std::vector<float> logits = window_logits(*models[mi], window, w);
+      const std::vector<float> logits = window_logits(*models[mi], window, w, opt.prefill_chunk);
       std::vector<double> nll_at(npred), kld_at(npred);
       std::vector<char> agree_at(npred);
 #pragma omp parallel

@@ -23,6 +23,10 @@ struct PerplexityOptions {
   int64_t ctx = 0;          // window length; 0 = min(2048, max_position_embeddings)
   int64_t max_windows = 0;  // 0 = all
   bool show_progress = true;
+  // > 0: each window is fed in pieces of this many tokens, as a chunked prefill (every model the
+  // same way); a cache whose stored form depends on what came later (a KIVI-style fp16 residual) is
+  // then read as a decode would read it. 0: the whole window in one forward.
+  int64_t prefill_chunk = 0;
 };
 
 struct PerplexityResult {

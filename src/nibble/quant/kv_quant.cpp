@@ -1,8 +1,12 @@
 #include "nibble/quant/kv_quant.h"
 
+#include <algorithm>
 #include <cmath>
 
+#include <fmt/format.h>
+
 #include "nibble/core/error.h"
+#include "nibble/core/half.h"
 
 namespace nibble::quant {
 
@@ -90,7 +94,97 @@ class IntKVCache final : public KVCache {
   std::vector<Store> layers_;
 };
 
+// K as BlockKeyFormat says; V in a cache of the integer format `f` (which also stores a copy of K,
+// never read: the simulation's price for reusing it).
+class BlockKeyKVCache final : public KVCache {
+ public:
+  BlockKeyKVCache(int64_t layers, int64_t kv_dim, int64_t head_dim, int64_t capacity, const KVFormat& f,
+                  const BlockKeyFormat& k)
+      : KVCache(layers, kv_dim, capacity), spec_(kv_format_spec(f, k.per_channel ? k.block : head_dim)),
+        head_dim_(head_dim), key_(k), values_(make_int_kv_cache(layers, kv_dim, head_dim, capacity, f)),
+        keys_(size_t(layers)), quantized_(size_t(layers), 0) {
+    check(k.block > 0, "KVCache", "K blocks of {} tokens", k.block);
+    check(!k.hadamard || (head_dim & (head_dim - 1)) == 0, "KVCache",
+          "a Hadamard-rotated KV cache needs a power-of-two head_dim, not {}", head_dim);
+  }
+  BlockKeyKVCache(const BlockKeyKVCache& o)
+      : KVCache(o), spec_(o.spec_), head_dim_(o.head_dim_), key_(o.key_), values_(o.values_->clone()),
+        keys_(o.keys_), quantized_(o.quantized_) {}
+
+  std::unique_ptr<KVCache> clone() const override { return std::make_unique<BlockKeyKVCache>(*this); }
+
+  void write(int layer, int64_t pos, int64_t n, const float* k, const float* v) override {
+    int64_t& quantized = quantized_[size_t(layer)];
+    check(pos >= quantized, "KVCache", "position {} rewrites a quantized K block (tokens before {})", pos, quantized);
+    values_->write(layer, pos, n, v, v);
+    std::vector<float>& keys = keys_[size_t(layer)];
+    keys.resize(size_t((pos + n) * kv_dim_));
+    std::copy_n(k, n * kv_dim_, keys.begin() + pos * kv_dim_);
+    // The blocks that end at or before this write's first token are complete: quantize them now.
+    if (key_.residual) quantized = std::max(quantized, pos / key_.block * key_.block);
+  }
+
+  void read(int layer, int64_t n, float* k, float* v) const override {
+    std::vector<float> unused(size_t(n * kv_dim_));
+    values_->read(layer, n, unused.data(), v);
+    const std::vector<float>& keys = keys_[size_t(layer)];
+    const int64_t quantized = key_.residual ? std::min(quantized_[size_t(layer)], n) : n;
+    for (int64_t start = 0; start < quantized; start += key_.block)
+      fake_quantize_block(keys.data() + start * kv_dim_, std::min(key_.block, quantized - start), k + start * kv_dim_);
+    for (int64_t i = quantized * kv_dim_; i < n * kv_dim_; ++i) k[i] = round_fp16(keys[size_t(i)]);
+  }
+
+  int64_t bytes_per_token() const override {
+    // V as `f`; K: the same codes, and an fp16 scale + uint8 zero per group (a channel per block of
+    // tokens, or a head per token). The fp16 residual is per sequence, not per token: not counted.
+    const int64_t heads = kv_dim_ / head_dim_;
+    const int64_t k_bytes = kv_dim_ * format_bits(spec_.format) / 8 + (key_.per_channel ? kv_dim_ * 3 / key_.block : heads * 3);
+    return values_->bytes_per_token() / 2 + num_layers_ * k_bytes;
+  }
+
+ private:
+  // Rows [t, kv_dim] of K through the block's quantization, back in the channel basis.
+  void fake_quantize_block(const float* rows, int64_t t, float* out) const {
+    const int64_t heads = kv_dim_ / head_dim_;
+    std::vector<float> x(size_t(t * kv_dim_));
+    std::copy_n(rows, t * kv_dim_, x.begin());
+    if (key_.hadamard)
+      for (int64_t r = 0; r < t * heads; ++r) hadamard_transform(x.data() + r * head_dim_, head_dim_);
+    std::vector<float> group(size_t(std::max(t, head_dim_))), deq(group.size());
+    std::vector<uint8_t> codes(group.size());
+    // A group is one channel over the block's tokens, or one head vector of one token.
+    const int64_t groups = key_.per_channel ? kv_dim_ : t * heads, size = key_.per_channel ? t : head_dim_;
+    for (int64_t g = 0; g < groups; ++g) {
+      auto at = [&](int64_t i) { return key_.per_channel ? i * kv_dim_ + g : g * head_dim_ + i; };
+      for (int64_t i = 0; i < size; ++i) group[size_t(i)] = x[size_t(at(i))];
+      const GroupScale s = encode_group(spec_, group.data(), size, codes.data());
+      decode_group(spec_.format, codes.data(), size, s, deq.data());
+      for (int64_t i = 0; i < size; ++i) x[size_t(at(i))] = deq[size_t(i)];
+    }
+    if (key_.hadamard)
+      for (int64_t r = 0; r < t * heads; ++r) hadamard_transform(x.data() + r * head_dim_, head_dim_);
+    std::copy(x.begin(), x.end(), out);
+  }
+
+  FormatSpec spec_;
+  int64_t head_dim_;
+  BlockKeyFormat key_;
+  std::unique_ptr<KVCache> values_;
+  std::vector<std::vector<float>> keys_;  // every layer's K rows as written (fp32)
+  std::vector<int64_t> quantized_;        // per layer: tokens [0, quantized) are in quantized blocks
+};
+
 }  // namespace
+
+std::string BlockKeyFormat::describe() const {
+  return fmt::format("K {} in blocks of {} tokens{}{}", per_channel ? "per channel" : "per token", block,
+                     residual ? ", fp16 residual" : ", no residual", hadamard ? ", Hadamard" : ", no Hadamard");
+}
+
+std::unique_ptr<KVCache> make_block_key_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t head_dim,
+                                                 int64_t capacity, const KVFormat& f, const BlockKeyFormat& k) {
+  return std::make_unique<BlockKeyKVCache>(num_layers, kv_dim, head_dim, capacity, f, k);
+}
 
 std::unique_ptr<KVCache> make_int_kv_cache(int64_t num_layers, int64_t kv_dim, int64_t head_dim, int64_t capacity,
                                            const KVFormat& f) {
