@@ -35,27 +35,9 @@ namespace {
 
 using quant::Recipe;
 
-std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<int32_t> t(static_cast<size_t>(n));
-  for (auto& x : t) x = int32_t(rng() % uint32_t(vocab));
-  return t;
-}
-
-std::vector<float> logits_of(Model& m, const std::vector<int32_t>& ids) {
-  auto cache = m.new_cache(int64_t(ids.size()));
-  const Step s{cache.get(), ids, true};
-  return m.forward({&s, 1});
-}
-
-double rel_max(const std::vector<float>& a, const std::vector<float>& b) {
-  double d = 0, r = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    d = std::max(d, std::abs(double(a[i]) - b[i]));
-    r = std::max(r, std::abs(double(b[i])));
-  }
-  return d / r;
-}
+using test::logits_of;
+using test::random_tokens;
+using test::rel_max;
 
 // stories260K's scaled-down Atom recipe: K = 64 cannot take groups of 128 with 128 keepers.
 Recipe small_atom() {

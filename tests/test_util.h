@@ -3,12 +3,16 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "nibble/io/safetensors.h"
+#include "nibble/model/model.h"
 
 namespace nibble::test {
 
@@ -36,6 +40,30 @@ inline std::vector<int32_t> load_ids(const Checkpoint& ref, const std::string& n
   const TensorInfo& t = ref.get(name);
   const auto* p = reinterpret_cast<const int32_t*>(t.data);
   return std::vector<int32_t>(p, p + t.numel());
+}
+
+inline std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<int32_t> t(static_cast<size_t>(n));
+  for (auto& x : t) x = int32_t(rng() % uint32_t(vocab));
+  return t;
+}
+
+// Every position's logits of `ids` run as one sequence through a fresh cache of the model's format.
+inline std::vector<float> logits_of(Model& m, const std::vector<int32_t>& ids) {
+  auto cache = m.new_cache(int64_t(ids.size()));
+  const Step s{cache.get(), ids, true};
+  return m.forward({&s, 1});
+}
+
+// max |a - b| / max |b|.
+inline double rel_max(const std::vector<float>& a, const std::vector<float>& b) {
+  double d = 0, r = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    d = std::max(d, std::abs(double(a[i]) - b[i]));
+    r = std::max(r, std::abs(double(b[i])));
+  }
+  return d / r;
 }
 }  // namespace nibble::test
 

@@ -84,6 +84,8 @@ void run_quantize(const QuantizeArgs& a) {
                         {"peak_rss_bytes", report.peak_rss_bytes},
                         {"peak_device_bytes", report.peak_device_bytes},
                         {"device_forward", report.device_forward},
+                        {"kv_rotation_seconds", report.kv_rotation_seconds},
+                        {"kv_rotation_losses", report.kv_rotation_losses},
                         {"warnings", warnings}};
     std::printf("%s\n", j.dump().c_str());
     return;
@@ -105,6 +107,10 @@ void run_quantize(const QuantizeArgs& a) {
               "reading and writing layers %.1f s; tokenizing before it %.1f s); peak RSS %.0f MB\n",
               report.seconds, report.stats_seconds, report.quantize_seconds, report.advance_seconds,
               report.setup_seconds, report.layer_io_seconds, tokenize_seconds, double(report.peak_rss_bytes) / 1e6);
+  if (!report.kv_rotation_losses.empty()) {
+    std::printf("KV rotations learned in %.1f s (part of the statistics):\n", report.kv_rotation_seconds);
+    for (const std::string& line : report.kv_rotation_losses) std::printf("  %s\n", line.c_str());
+  }
   if (opt.on_device)
     std::printf("device: calibration passes on the %s; peak device memory in use %.0f MB\n",
                 report.device_forward ? "GPU" : "CPU (see the warning)", double(report.peak_device_bytes) / 1e6);

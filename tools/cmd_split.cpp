@@ -8,11 +8,13 @@
 
 #include <fmt/ranges.h>
 
+#include "nibble/core/json.h"
 #include "nibble/eval/perplexity.h"
 #include "nibble/io/packed.h"
 #include "nibble/io/text_file.h"
 #include "nibble/quant/kv_quant.h"
 #include "nibble/quant/loss_split.h"
+#include "nibble/quant/recipe.h"
 #include "tools/commands.h"
 
 namespace nibble::cli {
@@ -46,9 +48,15 @@ void run_split(const SplitArgs& a) {
   const std::vector<int32_t> tokens = tok.encode(read_text_file(a.text), tok.bos_id() >= 0);
   const ModelConfig& c = base->config();
   const std::string& split = a.packed[0];
-  const KVFormat kv = load_packed_model(split)->kv_format();
+  const auto split_model = load_packed_model(split);
+  const KVFormat kv = split_model->kv_format();
   const int layers = int(c.num_layers);
   auto has = [&](const std::string& p) { return std::find(a.parts.begin(), a.parts.end(), p) != a.parts.end(); };
+  const quant::Recipe split_recipe =
+      quant::Recipe::from_json(parse_json(split_model->metadata().at("nibble.recipe"), split), split);
+  check(!has("slots") || !split_recipe.learns_v_rotation(), "nibble split",
+        "{}: its learned V rotation is folded into the v rows and o_proj columns, so full-precision q/k/v or o_proj "
+        "weights cannot be put back alone; use --parts layers,kv", split);
   // K and V of every layer in the packed model's format, but for `k` / `v` where given.
   auto kv_variant = [&](Model& q, std::function<KVFormat(int)> k, std::function<KVFormat(int)> v) {
     std::vector<KVFormat> kf, vf;

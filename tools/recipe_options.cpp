@@ -51,6 +51,10 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
                   fmt::format("SmoothAttention strength alpha for the K cache, folded into q/k rows, 0 = off (atom-w4a4: {})",
                               atom.k_smooth_alpha));
   kv.add_to(cmd);
+  cmd->add_option("--kv-rotation", kv_rotation,
+                  "in front of the integer KV cache's Hadamard: hadamard (nothing), or rotations learned per layer and "
+                  "KV head on the calibration text for V (learned-v: folded into v/o_proj), K (learned-k: applied after "
+                  "RoPE, CPU only) or both (learned)");
   tri("--hessian-fp", "--hessian-quantized", &hessian_fp,
       "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
   cmd->add_flag("--atom-compat", atom_compat,
@@ -94,6 +98,7 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (smooth_alpha) r.smooth_alpha = *smooth_alpha;
   if (k_smooth_alpha) r.k_smooth_alpha = *k_smooth_alpha;
   kv.apply(r.kv);
+  if (kv_rotation) r.kv_rotation = quant::parse_kv_rotation(*kv_rotation, "--kv-rotation");
   if (hessian_fp) r.hessian_from_quantized_inputs = !*hessian_fp;
   if (calib_windows) r.calib_windows = *calib_windows;
   if (calib_ctx) r.calib_ctx = *calib_ctx;

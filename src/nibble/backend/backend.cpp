@@ -6,6 +6,7 @@
 #include "nibble/backend/sampling.h"
 #include "nibble/backend/tensor_parallel.h"
 #include "nibble/core/error.h"
+#include "nibble/model/model.h"
 #if NIBBLE_HAVE_CUDA
 #include "nibble/backend/cuda/executor.h"
 #endif
@@ -19,6 +20,14 @@ bool cuda_device_available(std::string* why) {
   if (why) *why = "this nibble was built without CUDA (nvcc was not found at build time)";
   return false;
 #endif
+}
+
+void check_cuda_layer_support(const Layer& layer, int l) {
+  // The append kernel would need a head_dim² matvec per K head and per query head after RoPE.
+  check(layer.k_rotation.empty(), "--device cuda",
+        "layer {} rotates K and the queries after RoPE by a learned rotation (--kv-rotation learned-k or learned), "
+        "which the CUDA attention kernels do not apply; use --device cpu, or a file quantized with --kv-rotation "
+        "learned-v (folded into the weights)", l);
 }
 
 void Executor::forward_greedy(std::span<const BatchEntry> batch, std::vector<int32_t>& ids) {
@@ -42,6 +51,7 @@ std::unique_ptr<Executor> make_executor(Model& model, const RuntimeOptions& opt)
   if (opt.tp != 1) return make_tensor_parallel_executor(model, opt);
   if (opt.device == "cpu") return std::make_unique<cpu::CpuExecutor>(model, opt);
   check(opt.device == "cuda", "--device", "unknown device '{}' (cpu or cuda)", opt.device);
+  for (size_t l = 0; l < model.layers().size(); ++l) check_cuda_layer_support(model.layers()[l], int(l));
   std::string why;
   check(cuda_device_available(&why), "--device cuda", "{}", why);
 #if NIBBLE_HAVE_CUDA

@@ -16,6 +16,7 @@
 namespace nibble {
 
 class Model;
+struct Layer;
 enum class LinearSlot;
 struct RowSampling;  // backend/sampling.h
 struct SampledRows;
@@ -122,5 +123,8 @@ std::unique_ptr<LayerStream> make_cuda_layer_stream(const ModelConfig& c, int64_
 
 // Whether a CUDA device can be used; when not, *why says why (no CUDA build, no driver, no GPU).
 bool cuda_device_available(std::string* why);
+// Throws nibble::Error naming what layer l carries that the CUDA kernels do not run (a learned K
+// rotation after RoPE); checked on the host before any device is touched.
+void check_cuda_layer_support(const Layer& layer, int l);
 
 }  // namespace nibble

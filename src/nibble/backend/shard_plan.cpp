@@ -237,6 +237,8 @@ std::unique_ptr<Model> shard_model(const Model& model, const ShardPlan& plan, in
   for (size_t l = 0; l < model.layers().size(); ++l) {
     const Layer& src = model.layers()[l];
     const std::string where = fmt::format("--tp {}: layer {} ", plan.world(), l);
+    check(src.k_rotation.empty(), "--tp", "layer {} rotates K by a learned rotation (--kv-rotation learned-k), which "
+          "has no tensor-parallel path; run it on one device", l);
     Layer dst;
     dst.attn_norm = src.attn_norm;
     dst.mlp_norm = src.mlp_norm;

@@ -25,6 +25,7 @@ using quant::QuantLinear;
 // Names of a layer's linears in the packed file (q/k/v and gate/up are stored fused, as they run).
 std::string qkv_name(int l) { return fmt::format("model.layers.{}.self_attn.qkv_proj", l); }
 std::string o_name(int l) { return fmt::format("model.layers.{}.self_attn.o_proj", l); }
+std::string k_rotation_name(int l) { return fmt::format("model.layers.{}.self_attn.k_rotation", l); }
 std::string router_name(int l) { return fmt::format("model.layers.{}.block_sparse_moe.gate", l); }
 std::string expert_prefix(int l, int e, bool moe) {
   return moe ? fmt::format("model.layers.{}.block_sparse_moe.experts.{}.", l, e) : fmt::format("model.layers.{}.mlp.", l);
@@ -130,6 +131,7 @@ namespace {
 class PackedReader {
  public:
   PackedReader(const SafetensorsFile& f, const quant::Recipe& r) : f_(f), recipe_(r) {}
+  const quant::Recipe& recipe() const { return recipe_; }
 
   const TensorInfo& expect(const std::string& name, DType dtype, const std::vector<int64_t>& shape) const {
     check(f_.has(name), f_.path(), "tensor '{}' is missing (the file is incomplete or from another model)", name);
@@ -260,6 +262,8 @@ Layer read_layer(const PackedReader& r, const ModelConfig& c, int l) {
   layer.mlp_norm = r.floats(fmt::format("model.layers.{}.post_attention_layernorm.weight", l), {H});
   layer.qkv = r.linear(qkv_name(l), c.q_dim() + 2 * c.kv_dim(), H, true, LinearSlot::QKV);
   layer.o = r.linear(o_name(l), H, c.q_dim(), true, LinearSlot::O);
+  if (r.recipe().learns_k_rotation())
+    layer.k_rotation = r.floats(k_rotation_name(l), {c.num_kv_heads, c.head_dim, c.head_dim});
   const bool moe = c.num_experts > 0;
   if (moe) layer.router = r.linear(router_name(l), c.num_experts, H, false, LinearSlot::Router);
   for (int64_t e = 0; e < (moe ? c.num_experts : 1); ++e) {
@@ -279,9 +283,12 @@ Layer load_packed_layer(const SafetensorsFile& file, const ModelConfig& c, const
   return layer;
 }
 
-void add_packed_layer(SafetensorsWriter& w, const Layer& layer, int l, int64_t hidden) {
+void add_packed_layer(SafetensorsWriter& w, const Layer& layer, int l, const ModelConfig& c) {
+  const int64_t hidden = c.hidden_size;
   add_exact_floats(w, fmt::format("model.layers.{}.input_layernorm.weight", l), layer.attn_norm, {hidden});
   add_exact_floats(w, fmt::format("model.layers.{}.post_attention_layernorm.weight", l), layer.mlp_norm, {hidden});
+  if (!layer.k_rotation.empty())  // fp32: the rotation's orthogonality is what keeps q·k
+    w.add(k_rotation_name(l), DType::F32, {c.num_kv_heads, c.head_dim, c.head_dim}, bytes_of(layer.k_rotation));
   add_linear(w, qkv_name(l), *layer.qkv);
   add_linear(w, o_name(l), *layer.o);
   if (layer.router) add_linear(w, router_name(l), *layer.router);
@@ -323,7 +330,7 @@ int64_t save_packed_model(const Model& model, const std::string& recipe_json,
                           const std::filesystem::path& tokenizer, const std::filesystem::path& out) {
   const ModelConfig& c = model.config();
   SafetensorsWriter w;
-  for (int l = 0; l < int(c.num_layers); ++l) add_packed_layer(w, model.layers()[size_t(l)], l, c.hidden_size);
+  for (int l = 0; l < int(c.num_layers); ++l) add_packed_layer(w, model.layers()[size_t(l)], l, c);
   add_packed_outer(w, c, model.embedding(), model.final_norm(), &model.lm_head());
   const std::filesystem::path source(model.source());
   add_packed_metadata(w, c, recipe_json, source, checkpoint_sha256(Checkpoint::open(source)), tokenizer);

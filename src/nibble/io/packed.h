@@ -31,7 +31,7 @@ int64_t save_packed_model(const Model& model, const std::string& recipe_json,
 // The pieces save_packed_model writes, for writers that hold one layer at a time
 // (quant/quantize_checkpoint.h): one layer's tensors; the embedding, final norm and (untied) LM
 // head; the tokenizer files and metadata. The same pieces in any order make the same file.
-void add_packed_layer(SafetensorsWriter& w, const Layer& layer, int l, int64_t hidden);
+void add_packed_layer(SafetensorsWriter& w, const Layer& layer, int l, const ModelConfig& c);
 void add_packed_outer(SafetensorsWriter& w, const ModelConfig& c, const std::vector<float>& embedding,
                       const std::vector<float>& final_norm, const Linear* lm_head);
 void add_packed_metadata(SafetensorsWriter& w, const ModelConfig& c, const std::string& recipe_json,

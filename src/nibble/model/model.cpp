@@ -218,7 +218,7 @@ int64_t Model::storage_bytes() const {
 int64_t Model::layer_storage_bytes(int l) const {
   const Layer& layer = layers_[size_t(l)];
   int64_t n = int64_t(layer.attn_norm.size() + layer.mlp_norm.size()) * 2 + layer.qkv->storage_bytes() +
-              layer.o->storage_bytes();
+              layer.o->storage_bytes() + int64_t(layer.k_rotation.size() * sizeof(float));
   if (layer.router) n += layer.router->storage_bytes();
   for (const Expert& e : layer.experts) n += e.gate_up->storage_bytes() + e.down->storage_bytes();
   return n;
@@ -250,6 +250,25 @@ void Model::embed(std::span<const int32_t> tokens, float* hidden) const {
   if (tp_.comm) tp_.comm->all_reduce_sum(hidden, int64_t(tokens.size()) * H);  // one nonzero row per token: exact
 }
 
+namespace {
+// x [rows, heads·d] := R_g·x per head, g = head / heads_per_rotation (R [groups, d, d]).
+void rotate_heads(const std::vector<float>& rotation, float* x, int64_t rows, int64_t heads, int64_t d,
+                  int64_t heads_per_rotation) {
+  std::vector<double> y(static_cast<size_t>(d));
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + (t * heads + h) * d;
+      const float* r = rotation.data() + h / heads_per_rotation * d * d;
+      for (int64_t i = 0; i < d; ++i) {
+        double acc = 0;
+        for (int64_t j = 0; j < d; ++j) acc += double(r[i * d + j]) * double(v[j]);
+        y[size_t(i)] = acc;
+      }
+      for (int64_t i = 0; i < d; ++i) v[i] = float(y[size_t(i)]);
+    }
+}
+}  // namespace
+
 void Model::attention(int l, const std::vector<SeqView>& seqs, float* qkv, float* out) {
   const ModelConfig& c = config_;
   const int64_t qd = c.q_dim(), kvd = c.kv_dim(), stride = qd + 2 * kvd;
@@ -265,6 +284,13 @@ void Model::attention(int l, const std::vector<SeqView>& seqs, float* qkv, float
       if (!kv_format_.k_before_rope)
         cpu::apply_rope(k.data() + i * kvd, c.num_kv_heads, c.head_dim, s.start + i, rope_inv_freq_,
                         fp16_activations_);
+    }
+    if (attention_observer_) attention_observer_(l, q.data(), k.data(), v.data(), s.n);
+    const std::vector<float>& rotation = layers_[size_t(l)].k_rotation;
+    if (!rotation.empty()) {
+      check(!kv_format_.k_before_rope, "attention", "layer {} rotates K after RoPE; its cache cannot hold K before RoPE", l);
+      rotate_heads(rotation, q.data(), s.n, c.num_heads, c.head_dim, c.num_heads / c.num_kv_heads);
+      rotate_heads(rotation, k.data(), s.n, c.num_kv_heads, c.head_dim, 1);
     }
     s.cache->write(l, s.start, s.n, k.data(), v.data());
     std::vector<float> K(size_t(total * kvd)), V(size_t(total * kvd));

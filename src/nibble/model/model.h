@@ -38,6 +38,10 @@ struct Layer {
   std::vector<float> mlp_norm;       // [hidden]
   std::vector<Expert> experts;       // one for a dense MLP; num_experts for Mixtral
   std::unique_ptr<Linear> router;    // Mixtral only: [num_experts, hidden]
+  // [num_kv_heads, head_dim, head_dim] or empty: K of each KV head and the queries of its group are
+  // multiplied by this orthogonal R after RoPE (q·k unchanged), so the cache quantizes R·k
+  // (a rotation learned for the integer cache: quant/kv_rotation.h).
+  std::vector<float> k_rotation;
 };
 
 // One sequence's part of a batch: `tokens` are appended to `cache` (positions continue from
@@ -52,6 +56,9 @@ struct Step {
 // `expert` is -1 outside a MoE; `x` is [rows, in_features] in the model's channel order.
 using LinearObserver =
     std::function<void(int layer, LinearSlot slot, int expert, const float* x, int64_t rows)>;
+// Sees each layer's attention inputs after RoPE, before the cache: q [rows, q_dim], k and v
+// [rows, kv_dim] (calibration of the KV cache's rotations).
+using AttentionObserver = std::function<void(int layer, const float* q, const float* k, const float* v, int64_t rows)>;
 
 class Model {
  public:
@@ -104,6 +111,7 @@ class Model {
   std::vector<float> head(const float* hidden, int64_t rows) const;
 
   void set_observer(LinearObserver obs) { observer_ = std::move(obs); }
+  void set_attention_observer(AttentionObserver obs) { attention_observer_ = std::move(obs); }
 
   // The weights, for quantization passes that replace linears in place.
   std::vector<Layer>& layers() { return layers_; }
@@ -150,6 +158,7 @@ class Model {
   std::unique_ptr<Linear> lm_head_;  // shares embedding_'s values when tied
   std::vector<double> rope_inv_freq_;
   LinearObserver observer_;
+  AttentionObserver attention_observer_;
   std::map<std::string, std::string> metadata_;
 };
 

@@ -245,7 +245,7 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
       q.quantize(l);
       t_io = std::chrono::steady_clock::now();
       SafetensorsWriter w;
-      add_packed_layer(w, model->layers()[size_t(l)], l, c.hidden_size);
+      add_packed_layer(w, model->layers()[size_t(l)], l, c);
       w.write(layer_file(work, l));
       report.layer_io_seconds += seconds_since(t_io);
       res.weight_bytes += model->layer_storage_bytes(l);

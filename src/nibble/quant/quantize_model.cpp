@@ -16,6 +16,8 @@
 #include "nibble/quant/calibrate.h"
 #include "nibble/quant/device_math.h"
 #include "nibble/quant/gptq.h"
+#include "nibble/quant/kv_quant.h"
+#include "nibble/quant/kv_rotation.h"
 #include "nibble/quant/smooth.h"
 
 namespace nibble::quant {
@@ -264,6 +266,7 @@ void LayerQuantizer::quantize(int l) {
       stats_for(s, e, with_xtx).add_device_f16(x.data, x.rows, x.stream);
     });
   };
+  if (recipe.kv_rotation != KVRotation::Hadamard) learn_kv_rotations(l);
   model.set_kv_format(fp_kv);
   if (need_fp_stream_) {
     const DeviceLinearObserver on_device = collect(false);
@@ -438,6 +441,88 @@ void LayerQuantizer::quantize(int l) {
     if (!w.empty()) report.warnings.push_back(std::move(w));
 
   report.quantize_seconds += seconds_since(t0);
+}
+
+void LayerQuantizer::learn_kv_rotations(int l) {
+  // Training on the first windows, the next one held out for the report.
+  constexpr int64_t kTrainWindows = 2, kHeldoutWindows = 1;
+  const auto t0 = std::chrono::steady_clock::now();
+  const ModelConfig& c = model_.config();
+  const int64_t d = c.head_dim, kvh = c.num_kv_heads, qd = c.q_dim(), kvd = c.kv_dim(),
+                per_group = c.num_heads / kvh;
+  const int64_t windows = std::min(kTrainWindows + kHeldoutWindows, recipe_.calib_windows);
+  const int64_t train_rows = std::min(kTrainWindows, windows - 1) * ctx_;
+  std::vector<float> q, k, v;  // [rows, q_dim], [rows, kv_dim] of the sampled windows, post-RoPE
+  model_.set_attention_observer([&](int layer, const float* qr, const float* kr, const float* vr, int64_t rows) {
+    if (layer != l) return;
+    q.insert(q.end(), qr, qr + rows * qd);
+    k.insert(k.end(), kr, kr + rows * kvd);
+    v.insert(v.end(), vr, vr + rows * kvd);
+  });
+  model_.set_kv_format(KVFormat{32, false, 1.0f});
+  const std::vector<std::vector<float>>& host = need_fp_stream_ ? fp_stream_ : q_stream_;
+  std::vector<float> window(size_t(ctx_ * c.hidden_size));
+  for (int64_t w = 0; w < windows; ++w) {
+    if (device_stream_) device_stream_->read_window(w, window.data());
+    model_.observe_layer(l, device_stream_ ? window.data() : host[size_t(w)].data(), ctx_);
+  }
+  model_.set_attention_observer(nullptr);
+  const int64_t rows = int64_t(k.size()) / kvd;
+
+  Layer& layer = model_.layers()[size_t(l)];
+  const auto& o = dense(*layer.o);
+  const FormatSpec spec = kv_format_spec(recipe_.kv, d);
+  // Problems 2g (K of head g) and 2g + 1 (V of head g).
+  std::vector<RotationProblem> problems(size_t(2 * kvh));
+  for (int64_t g = 0; g < kvh; ++g) {
+    for (int part = 0; part < 2; ++part) {
+      RotationProblem& p = problems[size_t(2 * g + part)];
+      p.dim = d;
+      p.spec = spec;
+      p.metric.assign(size_t(d * d), 0.0);
+      const std::vector<float>& src = part == 0 ? k : v;
+      for (int64_t t = 0; t < rows; ++t) {
+        auto& dst = t < train_rows ? p.train : p.heldout;
+        dst.insert(dst.end(), src.begin() + t * kvd + g * d, src.begin() + t * kvd + (g + 1) * d);
+      }
+    }
+    // K: the logits' error q·e over the group's queries, M = E[q·qᵀ] on the training rows.
+    std::vector<double>& mk = problems[size_t(2 * g)].metric;
+    for (int64_t t = 0; t < train_rows; ++t)
+      for (int64_t h = g * per_group; h < (g + 1) * per_group; ++h) {
+        const float* x = q.data() + t * qd + h * d;
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = 0; j < d; ++j) mk[size_t(i * d + j)] += double(x[i]) * x[j] / double(train_rows * per_group);
+      }
+    // V: the layer output's error W_o·e, M = Σ over the group's heads of W_o[:, head]ᵀ·W_o[:, head].
+    std::vector<double>& mv = problems[size_t(2 * g + 1)].metric;
+    for (int64_t h = g * per_group; h < (g + 1) * per_group; ++h)
+      for (int64_t n = 0; n < o.out_features(); ++n) {
+        const float* w = o.weight().data() + n * qd + h * d;
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = 0; j < d; ++j) mv[size_t(i * d + j)] += double(w[i]) * w[j];
+      }
+  }
+  std::vector<LearnedRotation> learned(problems.size());
+  parallel_for(int64_t(problems.size()), [&](int64_t i) {
+    const bool wanted = i % 2 == 0 ? recipe_.learns_k_rotation() : recipe_.learns_v_rotation();
+    if (wanted) learned[size_t(i)] = learn_rotation(problems[size_t(i)]);
+  }, true, Schedule::Dynamic);
+  std::vector<double> rk, rv;
+  for (int64_t i = 0; i < int64_t(problems.size()); ++i) {
+    const LearnedRotation& r = learned[size_t(i)];
+    if (r.rotation.empty()) continue;
+    (i % 2 == 0 ? rk : rv).insert((i % 2 == 0 ? rk : rv).end(), r.rotation.begin(), r.rotation.end());
+    report_.kv_rotation_losses.push_back(
+        fmt::format("layer {} {} head {}: loss {:.6g} -> {:.6g} ({:+.1f}%) on {} training rows, {:.6g} -> {:.6g} "
+                    "({:+.1f}%) held out",
+                    l, i % 2 == 0 ? "K" : "V", i / 2, r.train_hadamard, r.train_learned,
+                    100 * (r.train_learned / r.train_hadamard - 1), train_rows, r.heldout_hadamard, r.heldout_learned,
+                    100 * (r.heldout_learned / r.heldout_hadamard - 1)));
+  }
+  if (!rv.empty()) fold_value_rotation(layer, c, rv);
+  if (!rk.empty()) layer.k_rotation.assign(rk.begin(), rk.end());
+  report_.kv_rotation_seconds += seconds_since(t0);
 }
 
 void LayerQuantizer::advance(int l) {

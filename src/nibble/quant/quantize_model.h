@@ -29,6 +29,10 @@ struct QuantizeReport {
   // quantize_checkpoint only: before the first layer (hashing the checkpoint, the tensors outside
   // the layers, embedding the calibration windows), and reading each layer and writing its file.
   double setup_seconds = 0, layer_io_seconds = 0;
+  // --kv-rotation learned*: the time learning the rotations (sample passes included) and one line
+  // per (layer, K or V, head) with its loss at the plain Hadamard and learned, training and held out.
+  double kv_rotation_seconds = 0;
+  std::vector<std::string> kv_rotation_losses;
   int64_t calib_windows = 0, calib_ctx = 0;
   int64_t peak_rss_bytes = 0;
   int64_t peak_device_bytes = 0;  // --device cuda: the most device memory seen in use (quant/device_math.h)
@@ -75,6 +79,9 @@ class LayerQuantizer {
   // or returns false when the device cannot (then the stream is back on the host, said once).
   bool run_on_device(int l, bool advance, const DeviceLinearObserver& observer);
   void fall_back_to_host(const std::string& why);
+  // Step 0 of quantize(l) for --kv-rotation learned*: K/V rotations of the full-precision layer l,
+  // learned on the first calibration windows (V's folded, K's set as the layer's k_rotation).
+  void learn_kv_rotations(int l);
 
   int64_t ctx_ = 0;
   std::vector<std::vector<float>> fp_stream_, q_stream_;

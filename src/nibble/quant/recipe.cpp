@@ -70,6 +70,22 @@ Recipe Recipe::preset(const std::string& name) {
   return r;
 }
 
+const char* kv_rotation_name(KVRotation r) {
+  switch (r) {
+    case KVRotation::Hadamard: return "hadamard";
+    case KVRotation::LearnedV: return "learned-v";
+    case KVRotation::LearnedK: return "learned-k";
+    case KVRotation::Learned: return "learned";
+  }
+  return "?";
+}
+
+KVRotation parse_kv_rotation(const std::string& s, const std::string& where) {
+  for (KVRotation r : {KVRotation::Hadamard, KVRotation::LearnedV, KVRotation::LearnedK, KVRotation::Learned})
+    if (s == kv_rotation_name(r)) return r;
+  throw Error(where, fmt::format("KV rotation '{}' is not hadamard, learned-v, learned-k or learned", s));
+}
+
 void Recipe::apply_atom_compat() {
   atom_compat = true;
   hessian_from_quantized_inputs = true;
@@ -85,6 +101,7 @@ void Recipe::apply_atom_compat() {
   group_hadamard = false;
   smooth_alpha = 0;
   k_smooth_alpha = 0;
+  kv_rotation = KVRotation::Hadamard;
   // Atom's GPTQ quantizer uses its own INT4 grid (format.h Int4SymAtomGptq); its RTN path the plain one.
   if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
 }
@@ -136,6 +153,17 @@ void Recipe::validate(const ModelConfig& c) const {
   const std::string where = fmt::format("recipe '{}' on {} (hidden {}, intermediate {})", name, arch_name(c.arch),
                                         c.hidden_size, c.intermediate_size);
   kv.validate(where);
+  if (kv_rotation != KVRotation::Hadamard) {
+    check(kv.bits < 16 && kv.hadamard && (c.head_dim & (c.head_dim - 1)) == 0 && needs_calibration(), where,
+          "--kv-rotation {} learns rotations in front of a Hadamard-rotated integer KV cache (power-of-two head_dim) "
+          "on calibration data: give --kv-bits 4 or 8 with --kv-hadamard and GPTQ or --reorder",
+          kv_rotation_name(kv_rotation));
+    check(calib_windows >= 2, where, "--kv-rotation {} learns on the first calibration windows and reports on the "
+          "next: give at least 2", kv_rotation_name(kv_rotation));
+    check(!learns_k_rotation() || (!kv.k_before_rope && k_smooth_alpha == 0), where,
+          "--kv-rotation {} rotates K after RoPE: it needs --k-after-rope and no --k-smooth",
+          kv_rotation_name(kv_rotation));
+  }
   if (!quantize_weights && !quantize_activations) return;
   const int bits = format_bits(weight.format);
   check(bits >= 2 && bits <= 8, where, "weight bits {} are outside 2..8", bits);
@@ -174,6 +202,7 @@ std::string Recipe::describe() const {
   if (act_order) s += ", GPTQ act-order";
   if (smooth_alpha > 0) s += fmt::format(", smooth {}", smooth_alpha);
   if (k_smooth_alpha > 0) s += fmt::format(", K smooth {}", k_smooth_alpha);
+  if (kv_rotation != KVRotation::Hadamard) s += fmt::format(", KV rotation {}", kv_rotation_name(kv_rotation));
   if (fp16_activations) s += ", fp16 activations";
   if (atom_compat) s += ", atom-compat";
   return s;
@@ -220,6 +249,7 @@ nlohmann::json Recipe::to_json() const {
           {"kv_k_before_rope", kv.k_before_rope},
           {"kv_clip", kv.clip},
           {"kv_hadamard", kv.hadamard},
+          {"kv_rotation", kv_rotation_name(kv_rotation)},
           {"hessian_from_quantized_inputs", hessian_from_quantized_inputs},
           {"fp16_activations", fp16_activations},
           {"atom_compat", atom_compat},
@@ -260,6 +290,8 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
   r.kv.k_before_rope = json_field<bool>(j, "kv_k_before_rope", where);
   r.kv.clip = json_field<float>(j, "kv_clip", where);
   r.kv.hadamard = json_field_or<bool>(j, "kv_hadamard", false, where);
+  // absent in files written before it existed
+  r.kv_rotation = parse_kv_rotation(json_field_or<std::string>(j, "kv_rotation", "hadamard", where), where);
   r.hessian_from_quantized_inputs = json_field<bool>(j, "hessian_from_quantized_inputs", where);
   r.fp16_activations = json_field_or<bool>(j, "fp16_activations", false, where);  // absent in files written before it existed
   r.atom_compat = json_field<bool>(j, "atom_compat", where);

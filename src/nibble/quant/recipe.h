@@ -17,6 +17,13 @@ namespace nibble::quant {
 
 enum class SortMetric { Hessian, AbsMean };  // Atom's --act_sort_metric
 
+// What sits in front of the integer KV cache's per-head Hadamard: nothing, or rotations learned per
+// (layer, KV head) on calibration data (quant/kv_rotation.h): V's folded into v_proj and o_proj,
+// K's applied after RoPE at run time (stored in the packed file).
+enum class KVRotation { Hadamard, LearnedV, LearnedK, Learned };
+const char* kv_rotation_name(KVRotation r);
+KVRotation parse_kv_rotation(const std::string& s, const std::string& where);
+
 struct Recipe {
   std::string name = "fp16";
   bool quantize_weights = false;
@@ -49,6 +56,9 @@ struct Recipe {
   KeeperPrecision keeper_precision = KeeperPrecision::Int8;
 
   KVFormat kv{16, true, 1.0f};
+  KVRotation kv_rotation = KVRotation::Hadamard;
+  bool learns_k_rotation() const { return kv_rotation == KVRotation::LearnedK || kv_rotation == KVRotation::Learned; }
+  bool learns_v_rotation() const { return kv_rotation == KVRotation::LearnedV || kv_rotation == KVRotation::Learned; }
 
   // GPTQ's Hessian from the activations the quantized linear really sees (gathered and
   // quantized, as Atom) rather than from the full-precision ones.

@@ -219,6 +219,7 @@ void check_layer_kernels(const ModelConfig& c) {
 // Layer l's weights on the device. dequantize_weight_only: weight-only linears as their dequantized
 // fp16 weights (the calibration stream's quantized pass; the executor refuses them).
 LayerWeights upload_layer(const Layer& src, int l, bool dequantize_weight_only) {
+  check_cuda_layer_support(src, l);
   const std::string p = cformat("model.layers.{}.", l);
   LayerWeights lw;
   lw.attn_norm = DeviceArray<float>(src.attn_norm.data(), src.attn_norm.size());
