@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(128, KT ? 5 : INT4 && !ROPE_K ? 3 : 1) decode_
   auto issue = [&](int i, int page) {
     if (i >= my_n) return;
     const int key0 = (c_begin + warp + i * kWarps) * 16;
-    constexpr int64_t CB = INT4 ? 16 * D + 96 : 64 * D;  // a chunk in global memory (kv_cache_paged.h)
+    constexpr int64_t CB = kv_chunk_bytes(D, INT4 ? KVDtype::Int4 : KVDtype::Fp16);  // a chunk in global memory
     const uint8_t* src = kv_base + page * page_stride + ((key0 & (c.page_size - 1)) >> 4) * CB;
     uint8_t* dst = ring + (i % NS) * SB;
     if constexpr (INT4) {

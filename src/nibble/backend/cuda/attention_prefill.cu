@@ -125,8 +125,8 @@ constexpr int kThreads = kBM * 2;      // 32 threads per 16 rows
 constexpr int kBN = 64;                // keys per tile
 
 template <int D, bool INT4>
-constexpr int chunk_bytes() {  // 16 tokens of one block (kv_cache_paged.h)
-  return INT4 ? 16 * D + 96 : 64 * D;
+constexpr int chunk_bytes() {
+  return int(kv_chunk_bytes(D, INT4 ? KVDtype::Int4 : KVDtype::Fp16));
 }
 
 template <int D, bool INT4>

@@ -42,6 +42,12 @@ const char* kv_dtype_name(KVDtype d);
 #define NIBBLE_HD
 #endif
 
+// One 16-token chunk of one KV head: 16 K rows, 16 V rows, then (INT4) their fp16 scales and u8
+// zeros; a constant expression so that kernels can size their tiles with it.
+NIBBLE_HD constexpr int64_t kv_chunk_bytes(int head_dim, KVDtype dtype) {
+  return dtype == KVDtype::Int4 ? 16 * head_dim + 96 : 64 * head_dim;
+}
+
 struct PagedKVLayout {
   int num_layers = 1;
   int kv_heads = 1;
@@ -51,7 +57,7 @@ struct PagedKVLayout {
 
   void validate(const std::string& where) const;  // throws nibble::Error
   NIBBLE_HD int64_t row_bytes() const { return dtype == KVDtype::Int4 ? head_dim / 2 : head_dim * 2; }
-  NIBBLE_HD int64_t chunk_bytes() const { return 32 * row_bytes() + (dtype == KVDtype::Int4 ? 96 : 0); }
+  NIBBLE_HD int64_t chunk_bytes() const { return kv_chunk_bytes(head_dim, dtype); }
   NIBBLE_HD int64_t block_bytes() const { return page_size / 16 * chunk_bytes(); }
   // Byte offsets inside a block of token row r (0 <= r < page_size).
   NIBBLE_HD int64_t chunk_offset(int r) const { return int64_t(r / 16) * chunk_bytes(); }
