@@ -26,20 +26,9 @@ namespace {
 namespace fs = std::filesystem;
 using quant::ResidualRotation;
 using test::logits_of;
+using test::orthogonality_error;
 using test::random_tokens;
 using test::rel_max;
-
-// max |R·Rᵀ − I| (for a square R the same as RᵀR = I), in float64 loops.
-double orthogonality_error(const std::vector<double>& r, int64_t n) {
-  double worst = 0;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      double dot = 0;
-      for (int64_t k = 0; k < n; ++k) dot += r[size_t(i * n + k)] * r[size_t(j * n + k)];
-      worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
-    }
-  return worst;
-}
 
 TEST(ResidualRotation, RotationsAreOrthogonalAndSeeded) {
   // Walsh-Hadamard (64), Paley 12 ⊗ Walsh 64 (nibble-ref's 768), Paley 20 ⊗ Walsh 8, Paley 44 ⊗ 2.
