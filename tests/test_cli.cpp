@@ -266,6 +266,26 @@ TEST_F(Cli, SplitPrintsEveryRow) {
                                            quote((fs::path(stories()) / "model.safetensors").string()), text)));
 }
 
+// --residual-rotation reaches the file; split then refuses the rows that put the FP model's layers
+// or weights back (they are in the unrotated basis) in one line, and scores the file as packed.
+TEST_F(Cli, SplitRefusesLayerRowsOfAResidualRotatedFile) {
+  REQUIRE_STORIES();
+  const std::string m = quote(stories()), text = quote(sample_text());
+  ASSERT_EQ(nibble(fmt::format("quantize -m {} --recipe atom-w4a4 --group 32 --keeper 8 --calib-windows 2 --calib-ctx 64 "
+                               "--residual-rotation hadamard -f {} -o q.safetensors",
+                               m, text))
+                .status,
+            0);
+  for (const char* parts : {"layers", "slots"}) {
+    const Result r = nibble(fmt::format("split -m {} -q q.safetensors -f {} --ctx 64 --chunks 1 --parts {}", m, text, parts));
+    expect_one_line_error(r);
+    EXPECT_NE(r.err.find("--residual-rotation hadamard"), std::string::npos) << r.err;
+  }
+  const Result r = nibble(fmt::format("split -m {} -q q.safetensors -f {} --ctx 64 --chunks 1 --parts kv", m, text));
+  ASSERT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.find("q.safetensors (as packed)"), std::string::npos) << r.out;
+}
+
 // The packed file's tokenizer is read from memory: nothing under $TMPDIR, and a TMPDIR that
 // cannot be used does not matter.
 TEST_F(Cli, PackedTokenizerWritesNoTemporaryFiles) {

@@ -24,6 +24,7 @@ namespace {
 using quant::RotationProblem;
 
 using test::logits_of;
+using test::orthogonality_error;
 using test::random_tokens;
 using test::rel_max;
 
@@ -45,17 +46,6 @@ std::vector<double> random_orthogonal(int64_t d, std::mt19937& rng) {
     for (int64_t k = 0; k < d; ++k) r[k] /= std::sqrt(norm);
   }
   return q;
-}
-
-double orthogonality_error(const std::vector<double>& r, int64_t d) {
-  double worst = 0;
-  for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = 0; j < d; ++j) {
-      double dot = 0;
-      for (int64_t k = 0; k < d; ++k) dot += r[size_t(k * d + i)] * r[size_t(k * d + j)];
-      worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
-    }
-  return worst;
 }
 
 // Head vectors with a few strong channels (what the Hadamard spreads and a learned R can do better

@@ -1047,7 +1047,11 @@ TEST_F(QuantizeCheckpoint, InterruptedRunLeavesNoOutputAndResumesToTheSameBytes)
   const auto calib = random_tokens(4096, 512, 2);
   Recipe compat = small_atom();
   compat.apply_atom_compat();
-  for (const Recipe& r : {small_atom(), compat}) {
+  // A rotated residual stream, with the full-precision stream that a resume replays (rotated too).
+  Recipe rotated = small_atom();
+  rotated.residual_rotation = quant::ResidualRotation::Hadamard;
+  rotated.hessian_from_quantized_inputs = true;
+  for (const Recipe& r : {small_atom(), compat, rotated}) {
     SCOPED_TRACE(r.describe());
     auto opt = options(stories(), "q.safetensors");
     auto interrupted = [&] {

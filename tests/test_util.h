@@ -56,6 +56,18 @@ inline std::vector<float> logits_of(Model& m, const std::vector<int32_t>& ids) {
   return m.forward({&s, 1});
 }
 
+// max |R·Rᵀ − I| of a square n × n R (row-major; the same as RᵀR = I), in float64 loops.
+inline double orthogonality_error(const std::vector<double>& r, int64_t n) {
+  double worst = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      double dot = 0;
+      for (int64_t k = 0; k < n; ++k) dot += r[size_t(i * n + k)] * r[size_t(j * n + k)];
+      worst = std::max(worst, std::abs(dot - (i == j ? 1.0 : 0.0)));
+    }
+  return worst;
+}
+
 // max |a - b| / max |b|.
 inline double rel_max(const std::vector<float>& a, const std::vector<float>& b) {
   double d = 0, r = 0;

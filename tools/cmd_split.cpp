@@ -57,6 +57,11 @@ void run_split(const SplitArgs& a) {
   check(!has("slots") || !split_recipe.learns_v_rotation(), "nibble split",
         "{}: its learned V rotation is folded into the v rows and o_proj columns, so full-precision q/k/v or o_proj "
         "weights cannot be put back alone; use --parts layers,kv", split);
+  check((!has("slots") && !has("layers")) || split_recipe.residual_rotation == quant::ResidualRotation::None,
+        "nibble split",
+        "{}: its residual stream is rotated (--residual-rotation {}), so the full-precision model's layers and "
+        "weights are in another basis and cannot be put back; use --parts kv or none",
+        split, quant::residual_rotation_name(split_recipe.residual_rotation));
   // K and V of every layer in the packed model's format, but for `k` / `v` where given.
   auto kv_variant = [&](Model& q, std::function<KVFormat(int)> k, std::function<KVFormat(int)> v) {
     std::vector<KVFormat> kf, vf;

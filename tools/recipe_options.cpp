@@ -55,6 +55,10 @@ void RecipeOptions::add_to(CLI::App* cmd, bool with_preset) {
                   "in front of the integer KV cache's Hadamard: hadamard (nothing), or rotations learned per layer and "
                   "KV head on the calibration text for V (learned-v: folded into v/o_proj), K (learned-k: applied after "
                   "RoPE, CPU only) or both (learned)");
+  cmd->add_option("--residual-rotation", residual_rotation,
+                  "an orthogonal R on the residual stream, folded into every linear, the embedding and the LM head "
+                  "(norm weights folded first; zero run-time cost; a tied LM head is untied): none, hadamard "
+                  "(randomized, seeded by --seed) or random (seeded orthogonal)");
   tri("--hessian-fp", "--hessian-quantized", &hessian_fp,
       "GPTQ Hessian from full-precision inputs (else from the quantized inputs the layer sees, as Atom)");
   cmd->add_flag("--atom-compat", atom_compat,
@@ -99,6 +103,8 @@ void RecipeOptions::apply(quant::Recipe& r) const {
   if (k_smooth_alpha) r.k_smooth_alpha = *k_smooth_alpha;
   kv.apply(r.kv);
   if (kv_rotation) r.kv_rotation = quant::parse_kv_rotation(*kv_rotation, "--kv-rotation");
+  if (residual_rotation)
+    r.residual_rotation = quant::parse_residual_rotation(*residual_rotation, "--residual-rotation");
   if (hessian_fp) r.hessian_from_quantized_inputs = !*hessian_fp;
   if (calib_windows) r.calib_windows = *calib_windows;
   if (calib_ctx) r.calib_ctx = *calib_ctx;

@@ -13,7 +13,7 @@ namespace nibble::cli {
 
 struct RecipeOptions {
   std::string recipe = "atom-w4a4";
-  std::optional<std::string> w_format, a_format, keeper_precision, sort_metric, kv_rotation;
+  std::optional<std::string> w_format, a_format, keeper_precision, sort_metric, kv_rotation, residual_rotation;
   std::optional<int> group, w_group, a_group, w_row_group;
   std::optional<float> w_clip, a_clip;
   KVOverride kv;

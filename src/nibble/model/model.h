@@ -119,6 +119,13 @@ class Model {
   Linear& lm_head() { return *lm_head_; }
   const Linear& lm_head() const { return *lm_head_; }
   const std::vector<float>& embedding() const { return embedding_; }
+  std::vector<float>& embedding() { return embedding_; }
+  // `head` replaces the LM head, which stops sharing the embedding's values (a residual rotation
+  // folds the final norm into the head only): the packed file then stores both.
+  void untie_word_embeddings(std::unique_ptr<Linear> head) {
+    config_.tie_word_embeddings = false;
+    lm_head_ = std::move(head);
+  }
   std::vector<float>& final_norm() { return final_norm_; }
   const std::vector<float>& final_norm() const { return final_norm_; }
 

@@ -19,6 +19,7 @@
 #include "nibble/quant/device_math.h"
 #include "nibble/quant/format.h"
 #include "nibble/quant/quant_linear.h"
+#include "nibble/quant/residual_rotation.h"
 
 namespace nibble::quant {
 
@@ -161,8 +162,20 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
   const auto t_start = std::chrono::steady_clock::now();
   const Checkpoint ckpt = Checkpoint::open(opt.model);
   auto model = Model::open_layers(opt.model, ckpt);
-  const ModelConfig& c = model->config();
-  recipe.validate(c);
+  const ModelConfig& source_config = model->config();
+  recipe.validate(source_config);
+  // --residual-rotation: the layers are rotated as they are read, the outer tensors here; the file's
+  // config is untied (the rotated LM head holds the final norm, the embedding does not).
+  const bool rotate = recipe.residual_rotation != ResidualRotation::None;
+  const std::vector<double> rotation =
+      rotate ? residual_rotation_matrix(recipe.residual_rotation, source_config.hidden_size, recipe.seed)
+             : std::vector<double>{};
+  ModelConfig c = source_config;
+  if (rotate) c.tie_word_embeddings = false;
+  auto load_layer = [&](int l) {
+    model->load_layer(ckpt, l);
+    if (rotate) rotate_layer_residual(model->layers()[size_t(l)], rotation);
+  };
   const fs::path inputs[] = {opt.model, opt.tokenizer};
   check_output_path(opt.out, inputs);
   res.recipe = recipe;  // the file records the window length the calibration really uses
@@ -170,6 +183,7 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
   const std::string embed_name = "model.embed_tokens.weight";
   const int src_bytes = int(dtype_size(ckpt.get(embed_name).dtype));
   const int64_t L = c.num_layers;
+  const int64_t outer_values = c.vocab_size * c.hidden_size;
 
   const fs::path work = partial_dir(opt.out);
   res.work_dir = work;
@@ -199,21 +213,33 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
   try {
     // The tensors outside the layers, and the calibration windows' embeddings; the embedding is
     // held in fp32 only for this (less than a layer).
-    auto embedder = std::make_unique<Model>(c, opt.model.string(),
-                                            ckpt.load_f32(embed_name, {c.vocab_size, c.hidden_size}),
-                                            std::vector<Layer>{}, std::vector<float>{}, nullptr);
-    embedder->set_fp16_activations(recipe.fp16_activations);
+    std::vector<float> embedding = ckpt.load_f32(embed_name, {c.vocab_size, c.hidden_size});
     if (!fs::is_regular_file(work / kOuterFile)) {
       SafetensorsWriter w;
       std::unique_ptr<Linear> head;
-      if (!c.tie_word_embeddings)
-        head = std::make_unique<DenseLinear>(c.hidden_size, c.vocab_size,
-                                             ckpt.load_f32("lm_head.weight", {c.vocab_size, c.hidden_size}));
-      add_packed_outer(w, c, embedder->embedding(), ckpt.load_f32("model.norm.weight", {c.hidden_size}), head.get());
+      std::vector<float> final_norm = ckpt.load_f32("model.norm.weight", {c.hidden_size});
+      if (!source_config.tie_word_embeddings || rotate) {
+        std::vector<float> weights = source_config.tie_word_embeddings
+                                         ? embedding
+                                         : ckpt.load_f32("lm_head.weight", {c.vocab_size, c.hidden_size});
+        if (rotate) {
+          weights = rotate_lm_head(std::move(weights), final_norm, rotation);
+          std::fill(final_norm.begin(), final_norm.end(), 1.0f);
+        }
+        head = std::make_unique<DenseLinear>(c.hidden_size, c.vocab_size, std::move(weights));
+      }
+      if (rotate) embedding = rotate_embedding(std::move(embedding), rotation);
+      add_packed_outer(w, c, embedding, final_norm, head.get());
       w.write(work / kOuterFile);
+    } else if (rotate) {
+      embedding = rotate_embedding(std::move(embedding), rotation);
     }
-    res.weight_bytes = (c.vocab_size * c.hidden_size + c.hidden_size) * 2 +
-                       (c.tie_word_embeddings ? 0 : c.vocab_size * c.hidden_size * src_bytes);
+    auto embedder = std::make_unique<Model>(c, opt.model.string(), std::move(embedding), std::vector<Layer>{},
+                                            std::vector<float>{}, nullptr);
+    embedder->set_fp16_activations(recipe.fp16_activations);
+    // The rotated outer tensors are fp16 (2 bytes) whatever the checkpoint's dtype.
+    res.weight_bytes = (outer_values + c.hidden_size) * 2 +
+                       (c.tie_word_embeddings ? 0 : outer_values * (rotate ? 2 : src_bytes));
     LayerQuantizer q(*model, recipe, calib_tokens, opt.calib_where,
                      [&](std::span<const int32_t> w, float* h) { embedder->embed(w, h); }, report, opt.on_device);
     embedder.reset();
@@ -222,7 +248,7 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
     // Resumed layers: read back, and the calibration stream replayed through them.
     for (int l = 0; l < int(res.layers_resumed); ++l) {
       if (q.needs_full_precision_stream()) {
-        model->load_layer(ckpt, l);
+        load_layer(l);
         q.advance_full_precision(l);
       }
       model->layers()[size_t(l)] = load_packed_layer(*SafetensorsFile::open(layer_file(work, l)), c, res.recipe, l);
@@ -240,7 +266,7 @@ CheckpointQuantizeResult quantize_checkpoint(const Recipe& recipe, std::span<con
     for (int l = int(res.layers_resumed); l < int(last); ++l) {
       throw_if_interrupted(fmt::format("layer {}", l));
       auto t_io = std::chrono::steady_clock::now();
-      model->load_layer(ckpt, l);
+      load_layer(l);
       report.layer_io_seconds += seconds_since(t_io);
       q.quantize(l);
       t_io = std::chrono::steady_clock::now();

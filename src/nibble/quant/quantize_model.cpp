@@ -18,6 +18,7 @@
 #include "nibble/quant/gptq.h"
 #include "nibble/quant/kv_quant.h"
 #include "nibble/quant/kv_rotation.h"
+#include "nibble/quant/residual_rotation.h"
 #include "nibble/quant/smooth.h"
 
 namespace nibble::quant {
@@ -554,6 +555,10 @@ QuantizeReport quantize_model(Model& model, const Recipe& recipe, std::span<cons
                               const std::string& calib_where, bool show_progress) {
   const ModelConfig& c = model.config();
   QuantizeReport report;
+  recipe.validate(c);
+  // Before the calibration windows are embedded: every statistic is of the rotated network.
+  if (recipe.residual_rotation != ResidualRotation::None)
+    rotate_model_residual(model, residual_rotation_matrix(recipe.residual_rotation, c.hidden_size, recipe.seed));
   Progress progress("quantize", c.num_layers, "layers");
   LayerQuantizer q(model, recipe, calib_tokens, calib_where,
                    [&](std::span<const int32_t> w, float* h) { model.embed(w, h); }, report);

@@ -2,6 +2,7 @@
 
 #include "nibble/core/error.h"
 #include "nibble/core/json.h"
+#include "nibble/quant/residual_rotation.h"
 
 namespace nibble::quant {
 
@@ -86,6 +87,21 @@ KVRotation parse_kv_rotation(const std::string& s, const std::string& where) {
   throw Error(where, fmt::format("KV rotation '{}' is not hadamard, learned-v, learned-k or learned", s));
 }
 
+const char* residual_rotation_name(ResidualRotation r) {
+  switch (r) {
+    case ResidualRotation::None: return "none";
+    case ResidualRotation::Hadamard: return "hadamard";
+    case ResidualRotation::Random: return "random";
+  }
+  return "?";
+}
+
+ResidualRotation parse_residual_rotation(const std::string& s, const std::string& where) {
+  for (ResidualRotation r : {ResidualRotation::None, ResidualRotation::Hadamard, ResidualRotation::Random})
+    if (s == residual_rotation_name(r)) return r;
+  throw Error(where, fmt::format("residual rotation '{}' is not none, hadamard or random", s));
+}
+
 void Recipe::apply_atom_compat() {
   atom_compat = true;
   hessian_from_quantized_inputs = true;
@@ -102,6 +118,7 @@ void Recipe::apply_atom_compat() {
   smooth_alpha = 0;
   k_smooth_alpha = 0;
   kv_rotation = KVRotation::Hadamard;
+  residual_rotation = ResidualRotation::None;
   // Atom's GPTQ quantizer uses its own INT4 grid (format.h Int4SymAtomGptq); its RTN path the plain one.
   if (gptq && weight.format == Format::Int4Sym) weight.format = Format::Int4SymAtomGptq;
 }
@@ -164,6 +181,10 @@ void Recipe::validate(const ModelConfig& c) const {
           "--kv-rotation {} rotates K after RoPE: it needs --k-after-rope and no --k-smooth",
           kv_rotation_name(kv_rotation));
   }
+  check(residual_rotation != ResidualRotation::Hadamard || has_hadamard(c.hidden_size), where,
+        "--residual-rotation hadamard: no Hadamard construction of order {} here (2^k, or (q + 1)·2^k for a prime "
+        "q ≡ 3 mod 4); use --residual-rotation random",
+        c.hidden_size);
   if (!quantize_weights && !quantize_activations) return;
   const int bits = format_bits(weight.format);
   check(bits >= 2 && bits <= 8, where, "weight bits {} are outside 2..8", bits);
@@ -203,6 +224,8 @@ std::string Recipe::describe() const {
   if (smooth_alpha > 0) s += fmt::format(", smooth {}", smooth_alpha);
   if (k_smooth_alpha > 0) s += fmt::format(", K smooth {}", k_smooth_alpha);
   if (kv_rotation != KVRotation::Hadamard) s += fmt::format(", KV rotation {}", kv_rotation_name(kv_rotation));
+  if (residual_rotation != ResidualRotation::None)
+    s += fmt::format(", residual rotation {}", residual_rotation_name(residual_rotation));
   if (fp16_activations) s += ", fp16 activations";
   if (atom_compat) s += ", atom-compat";
   return s;
@@ -250,6 +273,7 @@ nlohmann::json Recipe::to_json() const {
           {"kv_clip", kv.clip},
           {"kv_hadamard", kv.hadamard},
           {"kv_rotation", kv_rotation_name(kv_rotation)},
+          {"residual_rotation", residual_rotation_name(residual_rotation)},
           {"hessian_from_quantized_inputs", hessian_from_quantized_inputs},
           {"fp16_activations", fp16_activations},
           {"atom_compat", atom_compat},
@@ -292,6 +316,8 @@ Recipe Recipe::from_json(const nlohmann::json& j, const std::string& where) {
   r.kv.hadamard = json_field_or<bool>(j, "kv_hadamard", false, where);
   // absent in files written before it existed
   r.kv_rotation = parse_kv_rotation(json_field_or<std::string>(j, "kv_rotation", "hadamard", where), where);
+  r.residual_rotation =  // absent in files written before it existed
+      parse_residual_rotation(json_field_or<std::string>(j, "residual_rotation", "none", where), where);
   r.hessian_from_quantized_inputs = json_field<bool>(j, "hessian_from_quantized_inputs", where);
   r.fp16_activations = json_field_or<bool>(j, "fp16_activations", false, where);  // absent in files written before it existed
   r.atom_compat = json_field<bool>(j, "atom_compat", where);

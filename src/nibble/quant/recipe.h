@@ -24,6 +24,12 @@ enum class KVRotation { Hadamard, LearnedV, LearnedK, Learned };
 const char* kv_rotation_name(KVRotation r);
 KVRotation parse_kv_rotation(const std::string& s, const std::string& where);
 
+// An orthogonal R applied to the residual stream (x := Rᵀx), folded into the weights before
+// calibration (quant/residual_rotation.h): none, a randomized Hadamard, or a random orthogonal matrix.
+enum class ResidualRotation { None, Hadamard, Random };
+const char* residual_rotation_name(ResidualRotation r);
+ResidualRotation parse_residual_rotation(const std::string& s, const std::string& where);
+
 struct Recipe {
   std::string name = "fp16";
   bool quantize_weights = false;
@@ -59,6 +65,9 @@ struct Recipe {
   KVRotation kv_rotation = KVRotation::Hadamard;
   bool learns_k_rotation() const { return kv_rotation == KVRotation::LearnedK || kv_rotation == KVRotation::Learned; }
   bool learns_v_rotation() const { return kv_rotation == KVRotation::LearnedV || kv_rotation == KVRotation::Learned; }
+  // QuaRot's / SpinQuant's R1 (not learned), seeded by `seed`: the whole recipe runs on the rotated
+  // FP model, the same network in another basis of the residual stream.
+  ResidualRotation residual_rotation = ResidualRotation::None;
 
   // GPTQ's Hessian from the activations the quantized linear really sees (gathered and
   // quantized, as Atom) rather than from the full-precision ones.
