@@ -6,6 +6,7 @@
 #include <numbers>
 
 #include "nibble/core/error.h"
+#include "nibble/quant/hadamard.h"
 
 extern "C" {
 void dgesv_(const int* n, const int* nrhs, double* a, const int* lda, int* ipiv, double* b, const int* ldb, int* info);
@@ -22,7 +23,7 @@ Matrix hadamard_matrix(int64_t d) {
   Matrix h(size_t(d * d));
   const double norm = 1 / std::sqrt(double(d));
   for (int64_t i = 0; i < d; ++i)
-    for (int64_t j = 0; j < d; ++j) h[size_t(i * d + j)] = (std::popcount(uint64_t(i & j)) % 2 ? -norm : norm);
+    for (int64_t j = 0; j < d; ++j) h[size_t(i * d + j)] = walsh_sign(i, j) * norm;
   return h;
 }
 

@@ -2,13 +2,13 @@
 
 #include <cblas.h>
 
-#include <bit>
 #include <cmath>
 #include <numbers>
 #include <random>
 
 #include "nibble/core/error.h"
 #include "nibble/core/half.h"
+#include "nibble/quant/hadamard.h"
 
 extern "C" {
 void dgeqrf_(const int* m, const int* n, double* a, const int* lda, double* tau, double* work, const int* lwork,
@@ -72,8 +72,7 @@ std::vector<double> randomized_hadamard(int64_t n, std::mt19937_64& rng) {
   for (int64_t i = 0; i < n; ++i) {
     const double sign = (rng() >> 63) ? -norm : norm;
     for (int64_t j = 0; j < n; ++j) {
-      const int walsh = std::popcount(uint64_t((i % p) & (j % p))) % 2 ? -1 : 1;
-      r[size_t(i * n + j)] = sign * paley[size_t((i / p) * m + j / p)] * walsh;
+      r[size_t(i * n + j)] = sign * paley[size_t((i / p) * m + j / p)] * walsh_sign(i % p, j % p);
     }
   }
   return r;
