@@ -640,20 +640,24 @@ __global__ void __launch_bounds__(kWgThreads<INT4>, 1) prefill_wgmma_kernel(KVCa
         uint8_t* const raw = smem + kWgRaw + kv * kWgRawHalf;  // this warpgroup's raw buffers [2]
         const int pt = threadIdx.x % 128;                     // thread of the producer warpgroup
         // Lane ch < 8 of warp 0 copies chunk ch of a tile (those holding keys < kv_end) into the raw
-        // buffer: the K or V codes, scales and zeros, three bulk copies (TMA), from the page-table
-        // entry it read a step ahead (`page`); counted in bytes on raw_full after lane 0 announced
-        // them. The buffer of position r is free once every warp of the warpgroup arrived on
-        // raw_free for position r - 2: only warp 0 waits for that.
+        // buffer: the K or V codes, scales and zeros, three bulk copies (TMA), counted in bytes on
+        // raw_full after lane 0 announced them. The buffer of position r is free once every warp of
+        // the warpgroup arrived on raw_free for position r - 2: only warp 0 waits for that. The
+        // page-table entry is read right there, not a step ahead, and the chunk's address comes from
+        // a 32-bit chunk index (a pool in device memory has < 2^31 chunks of 2144 bytes): at 32
+        // registers a thread, every value the copier keeps across the dequantization is a spill.
         const bool copier = pt < kWgBN / 16;
-        const auto raw_page = [&](int kt) { return copier ? page_of(kt * kWgBN + lane * 16) : -1; };
-        const auto copy_raw = [&](int kt, int page) {
+        const auto copy_raw = [&](int kt) {
           const int r = ring0 + kt;
           if (r >= 2) sm90::mbar_wait(&raw_free[kv + (r & 1)], ((r >> 1) - 1) & 1);
           const int n_chunks = min(kWgBN / 16, (kv_end - kt * kWgBN + 15) / 16);
           if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[kv + (r & 1)], n_chunks * kWgRawHalfChunk);
           __syncwarp(0x000000ffu);
           if (lane < n_chunks) {
-            const uint8_t* src = chunk_at(page, kt * kWgBN + lane * 16);
+            const int key0 = kt * kWgBN + lane * 16;
+            const uint32_t block = uint32_t((p.layer * int(c.num_pages) + table[key0 >> c.page_shift]) * c.kv_heads + kvh);
+            const uint32_t chunk = (block << (c.page_shift - 4)) + uint32_t((key0 & (c.page_size - 1)) >> 4);
+            const uint8_t* src = c.pool + uint64_t(chunk) * CB;  // block_ptr + chunk_at in chunks
             uint8_t* dst = raw + (r & 1) * kWgRawHalf + lane * kWgRawHalfChunk;
             uint64_t* landed = &raw_full[kv + (r & 1)];
             sm90::bulk_load(dst, src + (IS_V ? 8 * D : 0), kWgRawCodes, landed);
@@ -675,7 +679,9 @@ __global__ void __launch_bounds__(kWgThreads<INT4>, 1) prefill_wgmma_kernel(KVCa
           uint8_t* dst = smem + (IS_V ? kWgV : kWgK) + (r & 1) * kWgTile + rr * 128 + col;
           const uint8_t* rc = raw + (r & 1) * kWgRawHalf;
           const int live = kv_end - kt * kWgBN - rr;  // key rr + 16j is live where 16j < live
-#pragma unroll
+          // Not unrolled: unrolled, ptxas spills at 32 registers; a key's ~40 instructions take a
+          // few hundred cycles, 8 of them far less than a consumer slot (~3000 cycles at 8192).
+#pragma unroll 1
           for (int j = 0; j < kWgBN / 16; ++j) {
             const uint8_t* ch = rc + j * kWgRawHalfChunk;
             const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + rr * (D / 2));
@@ -695,13 +701,10 @@ __global__ void __launch_bounds__(kWgThreads<INT4>, 1) prefill_wgmma_kernel(KVCa
         // tile kt's, copied a step ago. Warpgroup 0 also copies the items' Q rows.
         for (int n = 0; start_item(n); ++n) {
           if constexpr (!IS_V) copy_q(n);
-          int page_next = raw_page(1);
-          if (copier) copy_raw(0, raw_page(0));
+          if (copier) copy_raw(0);
           for (int kt = 0; kt < n_tiles; ++kt) {
-            const int page_after = raw_page(kt + 2);  // read now, used next step
-            if (copier && kt + 1 < n_tiles) copy_raw(kt + 1, page_next);
+            if (copier && kt + 1 < n_tiles) copy_raw(kt + 1);
             dequant(kt);
-            page_next = page_after;
           }
           ring0 += n_tiles;
         }
