@@ -407,14 +407,15 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
 // ---- attention_prefill on wgmma (sm_90a): head dim 128, FP16 or INT4 pages, K after RoPE -----
 //
 // FlashAttention-3's structure over the paged cache. Work item = 128 query rows of one sequence x
-// one head (the tiles of the mma.sync kernel); persistent blocks of 3 warpgroups, one per SM, walk
-// the items. Warpgroup 0 is the producer: it fills rings of 2 K tiles and 2 V tiles of kWgBN keys
-// (fp16, 128-byte swizzled) that run on from item to item. FP16 pages: 16-byte cp.async copies
-// straight from the pages, the swizzle computed in the address, each thread's copies completing as
-// one arrival on the tile's `full` barrier. INT4 pages: the raw chunks by bulk copies into a
-// double buffer, then dequantized by the producer into the fp16 tile (exactly
-// fp16 of format.h's decode, as the mma.sync kernel does), `fence.proxy.async`, arrival.
-// setmaxnreg leaves the producer 56 registers. Warpgroups 1 and 2 own 64 query rows each: S = Q·Kᵀ
+// one head (the tiles of the mma.sync kernel); persistent blocks, one per SM, walk the items. The
+// producer warpgroups (FP16: warpgroup 0, 56 registers; INT4: 0 for K and 1 for V, 32 registers
+// each) fill rings of 2 K tiles and 2 V tiles of kWgBN keys (fp16, 128-byte swizzled) that run on
+// from item to item. FP16 pages: 16-byte cp.async copies straight from the pages, the swizzle
+// computed in the address, each thread's copies completing as one arrival on the tile's `full`
+// barrier. INT4 pages: the raw K or V halves of the chunks by bulk copies into a double buffer of
+// each producer warpgroup, then dequantized into the fp16 tile (exactly fp16 of format.h's decode,
+// as the mma.sync kernel does), `fence.proxy.async`, arrival. The last two warpgroups (224
+// registers) are the consumers, 64 query rows each: S = Q·Kᵀ
 // by 8 `wgmma m64n128k16` (Q and K from shared memory, both K-major), online softmax in registers
 // (the accumulator's m16n8-style fragment: rows g, g + 8 of each warp), P converted in place to the
 // k16 A-register fragment, O += P·V by 8 register-A wgmma (V [key][dim] is N-major for B: the
@@ -429,26 +430,36 @@ void launch_prefill(const KVCacheView& c, const AttentionBatch& b, const Prefill
 // SBO = 1024 between 8-key groups; a k16 step is 16 keys = 2048 bytes).
 constexpr int kWgD = 128;
 constexpr int kWgBN = 128;                    // keys per tile
-constexpr int kWgThreads = 384;               // producer + 2 consumer warpgroups
+// Producer warpgroups: FP16 one; INT4 two, one dequantizing K and one V (each tile's dequantization
+// is ~650 dependent instructions a producer thread; one warp a scheduler running them all set INT4's
+// pace), then 2 consumer warpgroups.
+template <bool INT4>
+constexpr int kWgProducers = INT4 ? 2 : 1;
+template <bool INT4>
+constexpr int kWgThreads = 128 * (kWgProducers<INT4> + 2);
 constexpr int kWgHalf = kWgBN * 128;          // one 64-dim half of a K or V tile (bytes)
 constexpr int kWgTile = 2 * kWgHalf;          // one K or V tile
 constexpr int kWgQHalf = kBM * 128;           // one 64-dim half of a Q tile
 constexpr int kWgQ = 2 * kWgQHalf;            // one Q tile; Q ring [2] (an item's, the next one's)
 constexpr int kWgK = 2 * kWgQ;                // K ring [2], then V ring [2]
 constexpr int kWgV = kWgK + 2 * kWgTile;
-constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw chunks of a tile [2]
-constexpr int kWgRawTile = (kWgBN / 16) * chunk_bytes<kWgD, true>();
+constexpr int kWgRaw = kWgV + 2 * kWgTile;    // INT4: raw K halves of a tile [2], then raw V halves [2]
+// INT4 chunk (16 tokens, kv_cache_paged.h): K codes at 0, V codes at 8D, K scales at 16D, V scales
+// at 16D + 32, K zeros at 16D + 64, V zeros at 16D + 80. A raw half (K or V of a chunk) in shared
+// memory: codes, then the 16 scales, then the 16 zeros.
+constexpr int kWgRawCodes = 8 * kWgD, kWgRawHalfChunk = kWgRawCodes + 32 + 16;
+constexpr int kWgRawHalf = (kWgBN / 16) * kWgRawHalfChunk;  // a tile's raw K or V
 template <bool INT4>
-constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], raw_full[2], raw_free[2], q_full[2], q_empty[2]
-  return kWgRaw + (INT4 ? 2 * kWgRawTile : 0);
+constexpr int wg_bars() {  // full_k[2], full_v[2], empty_k[2], empty_v[2], q_full[2], q_empty[2], raw_full[4], raw_free[4]
+  return kWgRaw + (INT4 ? 4 * kWgRawHalf : 0);
 }
 template <bool INT4>
 constexpr int wg_smem() {
-  return wg_bars<INT4>() + 16 * 8 + 1024;  // + alignment slack of the dynamic base
+  return wg_bars<INT4>() + 20 * 8 + 1024;  // + alignment slack of the dynamic base
 }
 static_assert(kBM == 128, "two consumer warpgroups of 64 rows");
 static_assert(wg_smem<true>() <= 227 * 1024, "shared memory per block");
-static_assert(kWgRawTile % 16 == 0, "16-byte copies");
+static_assert(kWgRawHalfChunk % 16 == 0 && 2 * kWgRawHalfChunk == chunk_bytes<kWgD, true>(), "16-byte bulk copies of whole chunks");
 
 // Byte offset of 16-byte piece c (0..15 over the 128 dims) of row r in a swizzled two-half tile.
 __device__ __forceinline__ uint32_t swizzled(int r, int c, int half_bytes) {
@@ -456,7 +467,7 @@ __device__ __forceinline__ uint32_t swizzled(int r, int c, int half_bytes) {
 }
 
 template <bool INT4, bool PINGPONG>
-__global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
+__global__ void __launch_bounds__(kWgThreads<INT4>, 1) prefill_wgmma_kernel(KVCacheView c, AttentionBatch b, PrefillParams p) {
   constexpr int D = kWgD, CB = chunk_bytes<D, INT4>();
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (sm90::smem_addr(smem_raw) & 1023)) & 1023);
@@ -465,12 +476,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   uint64_t* full_v = full_k + 2;
   uint64_t* empty_k = full_k + 4;
   uint64_t* empty_v = full_k + 6;
-  // Indexed by ring position r (below): stage or raw buffer r & 1, phase (r >> 1) & 1.
-  uint64_t* raw_full = full_k + 8;   // INT4: the raw chunks of position r landed in raw buffer r & 1
-  uint64_t* raw_free = full_k + 10;  // INT4: every producer warp dequantized position r's from it
   // Indexed by the block's item count n: Q tile n & 1, phase (n >> 1) & 1.
-  uint64_t* q_full = full_k + 12;   // the producer's copies of item n's Q rows landed
-  uint64_t* q_empty = full_k + 14;  // the consumers are done with item n's Q
+  uint64_t* q_full = full_k + 8;    // the producer's copies of item n's Q rows landed
+  uint64_t* q_empty = full_k + 10;  // the consumers are done with item n's Q
+  // INT4, K (+0) or V (+2), indexed by ring position r (below): stage or raw buffer r & 1, phase
+  // (r >> 1) & 1.
+  uint64_t* raw_full = full_k + 12;  // the raw K or V halves of position r landed in raw buffer r & 1
+  uint64_t* raw_free = full_k + 16;  // every warp of K's or V's producer warpgroup dequantized position r's
 
   // Persistent blocks, one per SM: work items (head, tile of b.tiles), head-major as the grid of
   // one block per item was (b.tiles is longest first; the items running at once share one head's
@@ -519,8 +531,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
       sm90::mbar_init(&full_v[i], 128);
       sm90::mbar_init(&empty_k[i], 8);  // the consumer warps
       sm90::mbar_init(&empty_v[i], 8);
-      sm90::mbar_init(&raw_full[i], 1);  // thread 0's arrive.expect_tx
-      sm90::mbar_init(&raw_free[i], 4);  // the producer warps
+      for (int kv = 0; kv < 4; kv += 2) {
+        sm90::mbar_init(&raw_full[kv + i], 1);  // the copier's arrive.expect_tx
+        sm90::mbar_init(&raw_free[kv + i], 4);  // the warps of the K or V producer warpgroup
+      }
       sm90::mbar_init(&q_full[i], 128);  // the producer threads' cp.async completions
       sm90::mbar_init(&q_empty[i], 8);   // the consumer warps
     }
@@ -532,8 +546,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
   // branch and the consumers' loop bounds derived from it. Otherwise every wgmma sits in a path it
   // takes as divergent and it serializes them (ptxas -v: C7518, a WARPGROUP.DEPBAR after each HGMMA).
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), lane = threadIdx.x % 32;
-  if (wg == 0) {
-    sm90::setmaxnreg_dec<56>();
+  if (wg < kWgProducers<INT4>) {
+    // INT4: 2 x 128 threads at 32 and 2 x 128 consumers at 224 fill the SM's 64K registers.
+    sm90::setmaxnreg_dec<INT4 ? 32 : 56>();
     // Tile kt's K or V stage is free once the consumers released the tile two ring positions back.
     const auto wait_free = [&](uint64_t* empty, int kt) {
       const int r = ring0 + kt;
@@ -614,77 +629,95 @@ __global__ void __launch_bounds__(kWgThreads, 1) prefill_wgmma_kernel(KVCacheVie
         ring0 += n_tiles;
       }
     } else {
-      uint8_t* raw = smem + kWgRaw;
-      // Warp 0 copies tile kt's chunks (those holding keys < kv_end) into raw buffer r & 1 (r: its
-      // ring position), one bulk copy (TMA) a chunk from lane ch (the page-table reads in parallel,
-      // a step ahead: `page`), counted in bytes on raw_full[r & 1] after lane 0 announced them: no
-      // per-thread copy loop and no barrier to see the others' copies.
-      const bool copier = threadIdx.x < 32;
-      const auto raw_page = [&](int kt) { return copier && lane < kWgBN / 16 ? page_of(kt * kWgBN + lane * 16) : -1; };
-      // Raw buffer r & 1 (r: ring position) is free once every producer warp arrived on raw_free
-      // for position r - 2: only warp 0 waits for that (an mbarrier, not a named barrier of all
-      // four warps a step, which kept three warps waiting for warp 0's copies every step).
-      const auto copy_raw = [&](int kt, int page) {
-        const int r = ring0 + kt;
-        if (r >= 2) sm90::mbar_wait(&raw_free[r & 1], ((r >> 1) - 1) & 1);
-        const int n_chunks = min(kWgBN / 16, (kv_end - kt * kWgBN + 15) / 16);
-        if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[r & 1], n_chunks * CB);
-        __syncwarp();
-        if (lane < n_chunks)
-          sm90::bulk_load(raw + (r & 1) * kWgRawTile + lane * CB, chunk_at(page, kt * kWgBN + lane * 16), CB, &raw_full[r & 1]);
-      };
-      // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
-      // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
-      // the swizzled column. Keys past kv_end (stale or never copied bytes: finite codes and
-      // zeros, any scale) get scale 0, so they become zeros without a branch.
-      const int w = threadIdx.x % 8, rr = threadIdx.x / 8;
-      const uint32_t col = uint32_t(w ^ (rr & 7)) << 4;
-      // K (codes at 0, scales at 16D, zeros at 16D + 64) or V (+8D, +32, +16) of tile kt into dst.
-      const auto dequant = [&](int kt, uint8_t* dst, bool is_v) {
-        const uint8_t* rc = raw + ((ring0 + kt) & 1) * kWgRawTile;
-#pragma unroll
-        for (int j = 0; j < kWgBN / 16; ++j) {
-          const int r = rr + 16 * j;
-          const uint8_t* ch = rc + j * CB;
-          const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + (is_v ? 8 * D : 0) + rr * (D / 2));
-          const uint16_t scale_bits = reinterpret_cast<const uint16_t*>(ch + 16 * D + (is_v ? 32 : 0))[rr];
-          const uint32_t zero = ch[16 * D + 64 + (is_v ? 16 : 0) + rr];
-          const uint32_t live_scale = kt * kWgBN + r < kv_end ? scale_bits : 0u;
-          const __half2 ss = u2h(live_scale * 0x00010001u);
-          *reinterpret_cast<uint4*>(dst + r * 128 + col) = dequant_word(row[w], zero, ss);
-          *reinterpret_cast<uint4*>(dst + kWgHalf + r * 128 + col) = dequant_word(row[w + 8], zero, ss);
-        }
-      };
-      // Step kt: copy tile kt's chunks, then dequantize tile kt - 1's (landed) while they fly.
-      for (int n = 0; start_item(n); ++n) {
-        copy_q(n);
-        if (copier) copy_raw(0, raw_page(0));
-        int page_next = raw_page(1);
-        for (int kt = 1; kt <= n_tiles; ++kt) {
-          if (copier && kt < n_tiles) copy_raw(kt, page_next);
-          page_next = raw_page(kt + 1);  // read now, used next step
-          const int j = kt - 1, r = ring0 + j;
-          sm90::mbar_wait(&raw_full[r & 1], (r >> 1) & 1);
-          wait_free(empty_k, j);
-          dequant(j, k_stage(j), false);
+      // Warpgroup 0 dequantizes K, warpgroup 1 V, each from a raw ring of its own (raw_full /
+      // raw_free + 0 for K, + 2 for V) that its warp 0 fills: two warps a scheduler run independent
+      // dequantization chains, and neither half waits for the other's stage to free (V(kt)'s frees
+      // only in slot kt, K(kt)'s in slot kt - 2). IS_V a compile-time flag: every K/V-dependent
+      // offset is an immediate (32 registers a thread; as run-time values they spilled).
+      const auto produce = [&](auto v_tag) {
+        constexpr bool IS_V = decltype(v_tag)::value;
+        constexpr int kv = IS_V ? 2 : 0;
+        uint8_t* const raw = smem + kWgRaw + kv * kWgRawHalf;  // this warpgroup's raw buffers [2]
+        const int pt = threadIdx.x % 128;                     // thread of the producer warpgroup
+        // Lane ch < 8 of warp 0 copies chunk ch of a tile (those holding keys < kv_end) into the raw
+        // buffer: the K or V codes, scales and zeros, three bulk copies (TMA), counted in bytes on
+        // raw_full after lane 0 announced them. The buffer of position r is free once every warp of
+        // the warpgroup arrived on raw_free for position r - 2: only warp 0 waits for that. The
+        // page-table entry is read right there, not a step ahead, and the chunk's address comes from
+        // a 32-bit chunk index (a pool in device memory has < 2^31 chunks of 2144 bytes): at 32
+        // registers a thread, every value the copier keeps across the dequantization is a spill.
+        const bool copier = pt < kWgBN / 16;
+        const auto copy_raw = [&](int kt) {
+          const int r = ring0 + kt;
+          if (r >= 2) sm90::mbar_wait(&raw_free[kv + (r & 1)], ((r >> 1) - 1) & 1);
+          const int n_chunks = min(kWgBN / 16, (kv_end - kt * kWgBN + 15) / 16);
+          if (lane == 0) sm90::mbar_arrive_expect_tx(&raw_full[kv + (r & 1)], n_chunks * kWgRawHalfChunk);
+          __syncwarp(0x000000ffu);
+          if (lane < n_chunks) {
+            const int key0 = kt * kWgBN + lane * 16;
+            const uint32_t block = uint32_t((p.layer * int(c.num_pages) + table[key0 >> c.page_shift]) * c.kv_heads + kvh);
+            const uint32_t chunk = (block << (c.page_shift - 4)) + uint32_t((key0 & (c.page_size - 1)) >> 4);
+            const uint8_t* src = c.pool + uint64_t(chunk) * CB;  // block_ptr + chunk_at in chunks
+            uint8_t* dst = raw + (r & 1) * kWgRawHalf + lane * kWgRawHalfChunk;
+            uint64_t* landed = &raw_full[kv + (r & 1)];
+            sm90::bulk_load(dst, src + (IS_V ? 8 * D : 0), kWgRawCodes, landed);
+            sm90::bulk_load(dst + kWgRawCodes, src + 16 * D + (IS_V ? 32 : 0), 32, landed);
+            sm90::bulk_load(dst + kWgRawCodes + 32, src + 16 * D + 64 + (IS_V ? 16 : 0), 16, landed);
+          }
+        };
+        // Thread i dequantizes words w = i % 8 and w + 8 (dims 8w.., 64 + 8w..: piece w of each
+        // 64-dim half) of keys i / 8 + 16j, j = 0..7 (chunk j, row i / 8): key % 8 is fixed, so is
+        // the swizzled column. Keys past kv_end (stale or never copied bytes: finite codes and
+        // zeros, any scale) get scale 0, so they become zeros without a branch.
+        const int w = pt % 8, rr = pt / 8;
+        const uint32_t col = uint32_t(w ^ (rr & 7)) << 4;
+        // Tile kt's K or V (landed in raw buffer r & 1) into its stage; then the buffer is released.
+        const auto dequant = [&](int kt) {
+          const int r = ring0 + kt;
+          sm90::mbar_wait(&raw_full[kv + (r & 1)], (r >> 1) & 1);
+          wait_free(IS_V ? empty_v : empty_k, kt);
+          uint8_t* dst = smem + (IS_V ? kWgV : kWgK) + (r & 1) * kWgTile + rr * 128 + col;
+          const uint8_t* rc = raw + (r & 1) * kWgRawHalf;
+          const int live = kv_end - kt * kWgBN - rr;  // key rr + 16j is live where 16j < live
+          // Not unrolled: unrolled, ptxas spills at 32 registers; a key's ~40 instructions take a
+          // few hundred cycles, 8 of them far less than a consumer slot (~3000 cycles at 8192).
+#pragma unroll 1
+          for (int j = 0; j < kWgBN / 16; ++j) {
+            const uint8_t* ch = rc + j * kWgRawHalfChunk;
+            const uint32_t* row = reinterpret_cast<const uint32_t*>(ch + rr * (D / 2));
+            const uint16_t scale_bits = reinterpret_cast<const uint16_t*>(ch + kWgRawCodes)[rr];
+            const uint32_t zero = ch[kWgRawCodes + 32 + rr];
+            const uint32_t live_scale = 16 * j < live ? scale_bits : 0u;
+            const __half2 ss = u2h(live_scale * 0x00010001u);
+            *reinterpret_cast<uint4*>(dst + j * 16 * 128) = dequant_word(row[w], zero, ss);
+            *reinterpret_cast<uint4*>(dst + kWgHalf + j * 16 * 128) = dequant_word(row[w + 8], zero, ss);
+          }
           sm90::fence_proxy_async();  // these generic writes -> the consumers' wgmma reads
-          sm90::mbar_arrive(&full_k[r & 1]);
-          wait_free(empty_v, j);
-          dequant(j, v_stage(j), true);
-          sm90::fence_proxy_async();
-          sm90::mbar_arrive(&full_v[r & 1]);
-          __syncwarp();  // this warp's reads of raw buffer r & 1 are done
-          if (lane == 0) sm90::mbar_arrive(&raw_free[r & 1]);
+          sm90::mbar_arrive(&(IS_V ? full_v : full_k)[r & 1]);
+          __syncwarp();  // this warp's reads of the raw buffer are done
+          if (lane == 0) sm90::mbar_arrive(&raw_free[kv + (r & 1)]);
+        };
+        // Step kt: copy tile kt + 1's half (its buffer was freed in step kt - 1), then dequantize
+        // tile kt's, copied a step ago. Warpgroup 0 also copies the items' Q rows.
+        for (int n = 0; start_item(n); ++n) {
+          if constexpr (!IS_V) copy_q(n);
+          if (copier) copy_raw(0);
+          for (int kt = 0; kt < n_tiles; ++kt) {
+            if (copier && kt + 1 < n_tiles) copy_raw(kt + 1);
+            dequant(kt);
+          }
+          ring0 += n_tiles;
         }
-        ring0 += n_tiles;
-      }
+      };
+      if (wg == 1) produce(std::true_type{});
+      else produce(std::false_type{});
     }
     cp_async_wait<0>();  // no copy outlives its thread
     return;
   }
 
   sm90::setmaxnreg_inc<224>();
-  const int cw = wg - 1, ctid = threadIdx.x - 128 * wg;  // consumer warpgroup 0/1: rows 64 cw ..
+  const int cw = wg - kWgProducers<INT4>, ctid = threadIdx.x - 128 * wg;  // consumer warpgroup 0/1: rows 64 cw ..
   const int warp = ctid / 32, g = lane / 4, t = lane % 4;
   const int wg_row0 = 64 * cw;
   using sm90::Swizzle;
@@ -896,7 +929,7 @@ void launch_prefill_wgmma(const KVCacheView& c, const AttentionBatch& b, const P
   int device = 0, sms = 0;
   NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
   NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  kernel<<<std::min(b.num_tiles * p.H, sms), kWgThreads, smem, stream>>>(c, b, p);
+  kernel<<<std::min(b.num_tiles * p.H, sms), kWgThreads<INT4>, smem, stream>>>(c, b, p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
