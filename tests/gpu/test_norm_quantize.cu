@@ -17,12 +17,14 @@
 #include "nibble/backend/cuda/atom_layout.h"
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/device_array.h"
+#include "nibble/backend/cuda/format_device.cuh"
 #include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/backend/cuda/norm_quantize.h"
 #include "nibble/core/half.h"
 #include "nibble/quant/format.h"
 
 namespace nibble::cuda {
+extern int g_norm_quantize_variant;  // norm_quantize.cu's A/B switch (session 14; 0 = v6.1)
 namespace {
 
 using testing::uniform;
@@ -82,7 +84,10 @@ struct Inputs {
   DeviceArray<int32_t> dperm;
   DeviceArray<float> dw;
 
-  Inputs(Variant variant, int64_t rows, int k, bool perm_on, uint64_t seed)
+  // specials: rows with the values whose codes take the rare paths (K >= 1024): a zero row, zero
+  // groups (source order) alone or with one NaN (a zero scale: every code 0, the NaN's too), ±inf,
+  // fp16 subnormals and 65504 (the smallest and largest scales).
+  Inputs(Variant variant, int64_t rows, int k, bool perm_on, uint64_t seed, bool specials = false)
       : v(variant), M(rows), ld(k + (variant == Variant::Swiglu ? 0 : 64)), K(k), permuted(perm_on) {
     a.resize(size_t(M * ld));  // a row stride wider than K, once
     u.resize(size_t(M * ld));
@@ -91,6 +96,17 @@ struct Inputs {
       const float scale = (ch % 97 == 3) ? 20.0f : 2.0f;
       a[size_t(i)] = float_to_fp16(scale * uniform(seed, uint64_t(i)));
       u[size_t(i)] = float_to_fp16(2.0f * uniform(seed + 1, uint64_t(i)));
+    }
+    for (int64_t m = 0; specials && m < M; ++m) {
+      uint16_t* r = &a[size_t(m * ld)];
+      if (m % 7 == 6) std::fill(r, r + K, uint16_t(0));
+      if (m % 3 == 1) std::fill(r + 256, r + 384, uint16_t(0));
+      if (m % 6 == 1) r[256 + 5] = 0x7e00;  // NaN
+      if (m % 3 == 2) r[512 + 7] = 0x7c00, r[512 + 9] = 0xfc00;  // +inf, -inf
+      if (m % 4 == 3)
+        for (int c = 768; c < 896; ++c) r[c] = uint16_t(1 + c % 5) | (c % 2 ? 0x8000 : 0);  // subnormals
+      if (m % 5 == 0)
+        for (int c = 896; c < 1024; ++c) r[c] = c % 3 ? 0x7bff : 0xfbff;  // ±65504
     }
     perm.resize(size_t(K));
     std::iota(perm.begin(), perm.end(), 0);
@@ -115,8 +131,8 @@ struct Inputs {
   }
 };
 
-Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t seed) {
-  const Inputs in(v, M, K, permuted, seed);
+Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t seed, bool specials = false) {
+  const Inputs in(v, M, K, permuted, seed, specials);
   const std::vector<uint16_t>& a = in.a;
   const std::vector<uint16_t>& u = in.u;
   const std::vector<int32_t>& perm = in.perm;
@@ -219,6 +235,127 @@ TEST(NormQuantize, MatchesFormat) {
               "%lld scales (%lld one fp16 ulp apart on a boundary, %lld wrong)\n",
               (long long)total.codes, (long long)total.boundary_codes, (long long)total.bad_codes,
               (long long)total.scales, (long long)total.boundary_scales, (long long)total.bad_scales);
+}
+
+TEST(NormQuantize, SpecialValuesMatchFormat) {
+  // Zero groups with and without a NaN, ±inf, fp16 subnormals and ±65504 (Inputs' specials): the
+  // zero scale's codes, the clamps and the extreme scales, against format.h with no tolerance
+  // needed beyond the usual rounding boundaries.
+  NIBBLE_REQUIRE_GPU();
+  for (Variant v : {Variant::Norm, Variant::Gather, Variant::Swiglu})
+    for (int64_t M : {64, 2100})
+      for (bool permuted : {true, false}) {
+        const uint64_t seed = testing::fresh_seed();
+        const Counts c = run_case(v, M, 4096, 128, permuted, seed, true);
+        SCOPED_TRACE(::testing::Message() << "variant " << int(v) << " M " << M << " seed " << seed
+                                          << (permuted ? " permuted" : " identity order"));
+        EXPECT_EQ(c.bad_codes, 0);
+        EXPECT_EQ(c.bad_scales, 0);
+        EXPECT_EQ(c.bad_padding, 0);
+        EXPECT_LE(c.boundary_codes, c.codes / 1000 + 2);
+      }
+}
+
+// div_by_qmax and rcp_fp16_scale (format_device.cuh) against the IEEE operations they replace, on
+// every input they can get: the fp16 scale of x / qmax for all 2^32 floats x and qmax 7 and 127
+// (the quotient itself too, which differs only for x = -0: +0), and 1 / s for every nonzero finite
+// fp16 value s.
+__global__ void scale_math_mismatches(unsigned long long* out) {
+  unsigned long long quotients = 0, scales = 0, rcps = 0;
+  const uint64_t n = uint64_t(1) << 32, step = uint64_t(gridDim.x) * blockDim.x;
+  for (uint64_t u = blockIdx.x * blockDim.x + threadIdx.x; u < n; u += step) {
+    const float x = __uint_as_float(uint32_t(u));
+    for (int i = 0; i < 2; ++i) {
+      const float q = i == 0 ? 7.0f : 127.0f;
+      const float want = x / q, got = div_by_qmax(x, q, q == 7.0f ? 1.0f / 7.0f : 1.0f / 127.0f);
+      const bool same = __float_as_uint(want) == __float_as_uint(got) || (isnan(want) && isnan(got));
+      quotients += !same && !(x == 0 && got == 0);
+      const float ws = fp16_scale_device(want), gs = int_sym_scale_device(1.0f, x, q, q == 7.0f ? 1.0f / 7.0f : 1.0f / 127.0f);
+      scales += __float_as_uint(ws) != __float_as_uint(gs) && !(isnan(ws) && isnan(gs));
+    }
+    if (u < 65536) {
+      const float sc = __half2float(__ushort_as_half(uint16_t(u)));
+      if (sc != 0 && isfinite(sc)) rcps += __float_as_uint(rcp_fp16_scale(sc)) != __float_as_uint(__frcp_rn(sc));
+    }
+  }
+  atomicAdd(&out[0], quotients);
+  atomicAdd(&out[1], scales);
+  atomicAdd(&out[2], rcps);
+}
+
+TEST(NormQuantize, ScaleMathEqualsIeee) {
+  NIBBLE_REQUIRE_GPU();
+  DeviceArray<unsigned long long> d(3);
+  NIBBLE_CUDA_CHECK(cudaMemset(d.get(), 0, 3 * sizeof(unsigned long long)));
+  scale_math_mismatches<<<1024, 256>>>(d.get());
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+  unsigned long long h[3];
+  NIBBLE_CUDA_CHECK(cudaMemcpy(h, d.get(), sizeof(h), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(h[0], 0u) << "quotients x / qmax that differ";
+  EXPECT_EQ(h[1], 0u) << "fp16 scales that differ";
+  EXPECT_EQ(h[2], 0u) << "reciprocals 1 / s that differ";
+  std::printf("scale math: 2 x 2^32 quotients and scales, 63,486 reciprocals: %llu / %llu / %llu differ\n", h[0], h[1], h[2]);
+}
+
+TEST(NormQuantize, BitIdenticalToV61) {
+  // Session 14's kernel against v6.1 as merged (g_norm_quantize_variant 0, the A/B copy): every
+  // byte of the packed and pre-widened outputs (codes, scales, padding rows, unused halves), both
+  // poisoned differently, on the decode (uncapped) and prefill (capped) grids, keeper 0/128/256,
+  // permuted or not, half the cases rotated, with the special values; then the new kernel again
+  // (repeatable).
+  NIBBLE_REQUIRE_GPU();
+  int cases = 0;
+  for (Variant v : {Variant::Norm, Variant::Gather, Variant::Swiglu}) {
+    for (int K : {512, 4096, 11008}) {
+      for (int keeper : {0, 128, 256}) {
+        for (int64_t M : {1, 7, 100, 2100}) {
+          for (bool permuted : {true, false}) {
+            if (keeper == 256 && K != 4096) continue;
+            if (M == 2100 && K == 11008) continue;
+            {
+              const bool hadamard = (M + keeper / 128 + permuted) % 2 == 1;  // half the cases rotated
+              const uint64_t seed = testing::fresh_seed();
+              const Inputs in(v, M, K, permuted, seed, K >= 1024);
+              ActQuant aq{0.9f, 1.0f};
+              aq.hadamard = hadamard;
+              const AtomShape shape = atom_shape(M, K, keeper);
+              const size_t q_bytes = size_t(shape.code_bytes()), s_bytes = size_t(shape.scale_count()) * 2;
+              const size_t b_bytes = gemm_w4a4_x_int8_bytes(M, K, keeper);
+              std::vector<std::vector<uint8_t>> got(3);
+              for (int run = 0; run < 3; ++run) {
+                g_norm_quantize_variant = run == 0 ? 0 : 1;
+                AtomDeviceMatrix packed(shape);
+                NIBBLE_CUDA_CHECK(cudaMemset(packed.mut().q, 0x11 * (run + 1), q_bytes));
+                NIBBLE_CUDA_CHECK(cudaMemset(packed.mut().s, 0x23 * (run + 1), s_bytes));
+                in.quantize(packed.mut(), aq);
+                DeviceArray<uint8_t> widened(b_bytes);
+                NIBBLE_CUDA_CHECK(cudaMemset(widened.get(), 0x37 * (run + 1), b_bytes));
+                in.quantize(ActOutput::pre_widened(widened.get(), shape), aq);
+                NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                got[size_t(run)].resize(q_bytes + s_bytes + b_bytes);
+                uint8_t* h = got[size_t(run)].data();
+                NIBBLE_CUDA_CHECK(cudaMemcpy(h, packed.mut().q, q_bytes, cudaMemcpyDeviceToHost));
+                NIBBLE_CUDA_CHECK(cudaMemcpy(h + q_bytes, packed.mut().s, s_bytes, cudaMemcpyDeviceToHost));
+                NIBBLE_CUDA_CHECK(cudaMemcpy(h + q_bytes + s_bytes, widened.get(), b_bytes, cudaMemcpyDeviceToHost));
+              }
+              g_norm_quantize_variant = 1;
+              int64_t differ = 0, differ_again = 0;
+              for (size_t i = 0; i < got[0].size(); ++i) {
+                differ += got[0][i] != got[1][i];
+                differ_again += got[1][i] != got[2][i];
+              }
+              const char* name = v == Variant::Norm ? "rmsnorm" : v == Variant::Gather ? "gather" : "swiglu";
+              EXPECT_EQ(differ, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper << " seed " << seed
+                                   << (permuted ? " permuted" : " identity") << (hadamard ? " hadamard" : "");
+              EXPECT_EQ(differ_again, 0) << name << " M=" << M << " K=" << K << " (second run)";
+              ++cases;
+            }
+          }
+        }
+      }
+    }
+  }
+  std::printf("norm_quantize vs v6.1: %d cases compared byte for byte (packed and pre-widened)\n", cases);
 }
 
 TEST(NormQuantize, PreWidenedEqualsRepackOfPacked) {
