@@ -233,8 +233,12 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
   // Packed (atom_layout.h): the row's bytes of slab 0, then for an INT4 group lane l's word:
   // k-step l / 4, the high nibbles (l % 4 < 2) or the low ones of words t = 2 (l % 2) and t + 1, the
   // high-nibble lane keeping word t and the low one word t + 1 (each sends the other its half).
-  const uint32_t q_row = uint32_t(row / kRowTile) * uint32_t(slabs) * kSlabBytes + uint32_t(row % kRowTile) * 64;
-  const uint32_t q_int4 = q_row + (2 * (l % 2) + (l / 2) % 2) * 16 + (l / 4) * 4;
+  uint32_t q_row = uint32_t(row / kRowTile) * uint32_t(slabs) * kSlabBytes + uint32_t(row % kRowTile) * 64;
+  uint32_t q_int4 = q_row + (2 * (l % 2) + (l / 2) % 2) * 16 + (l / 4) * 4;
+  int pair_step = int(nwarps * gridDim.y);
+  // Loop invariants held in registers: opaque to the compiler, which would otherwise recompute them
+  // (the row's offsets, ~12 instructions; the step from special registers) in every iteration.
+  asm("" : "+r"(q_row), "+r"(q_int4), "+r"(pair_step));
   const uint32_t rows_pad = uint32_t(sh.rows_pad);
   const auto quantize_pair = [&](int pair, auto general) {
     constexpr bool kGeneral = decltype(general)::value;
@@ -315,7 +319,6 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
       }
     }
   };
-  const int pair_step = int(nwarps * gridDim.y);
   for (int pair = int(blockIdx.y * nwarps + warp); 2 * pair < units_q; pair += pair_step) {
     if (2 * pair + 1 < sh.g4) quantize_pair(pair, std::false_type{});
     else quantize_pair(pair, std::true_type{});
