@@ -24,7 +24,7 @@
 #include "nibble/quant/format.h"
 
 namespace nibble::cuda {
-extern int g_norm_quantize_variant;  // norm_quantize.cu's A/B switch (session 14; 0 = v6.1)
+extern int g_norm_quantize_variant;  // norm_quantize.cu's A/B switch (session 14; 0 = v6.1, 2 = 32 registers)
 namespace {
 
 using testing::uniform;
@@ -301,8 +301,8 @@ TEST(NormQuantize, BitIdenticalToV61) {
   // Session 14's kernel against v6.1 as merged (g_norm_quantize_variant 0, the A/B copy): every
   // byte of the packed and pre-widened outputs (codes, scales, padding rows, unused halves), both
   // poisoned differently, on the decode (uncapped) and prefill (capped) grids, keeper 0/128/256,
-  // permuted or not, half the cases rotated, with the special values; then the new kernel again
-  // (repeatable).
+  // permuted or not, half the cases rotated, with the special values; and the new kernel at 32
+  // registers (A/B variant 2) the same.
   NIBBLE_REQUIRE_GPU();
   int cases = 0;
   for (Variant v : {Variant::Norm, Variant::Gather, Variant::Swiglu}) {
@@ -323,7 +323,7 @@ TEST(NormQuantize, BitIdenticalToV61) {
               const size_t b_bytes = gemm_w4a4_x_int8_bytes(M, K, keeper);
               std::vector<std::vector<uint8_t>> got(3);
               for (int run = 0; run < 3; ++run) {
-                g_norm_quantize_variant = run == 0 ? 0 : 1;
+                g_norm_quantize_variant = run;  // v6.1, new, new at 32 registers (the capped grids)
                 AtomDeviceMatrix packed(shape);
                 NIBBLE_CUDA_CHECK(cudaMemset(packed.mut().q, 0x11 * (run + 1), q_bytes));
                 NIBBLE_CUDA_CHECK(cudaMemset(packed.mut().s, 0x23 * (run + 1), s_bytes));
@@ -347,7 +347,7 @@ TEST(NormQuantize, BitIdenticalToV61) {
               const char* name = v == Variant::Norm ? "rmsnorm" : v == Variant::Gather ? "gather" : "swiglu";
               EXPECT_EQ(differ, 0) << name << " M=" << M << " K=" << K << " keeper=" << keeper << " seed " << seed
                                    << (permuted ? " permuted" : " identity") << (hadamard ? " hadamard" : "");
-              EXPECT_EQ(differ_again, 0) << name << " M=" << M << " K=" << K << " (second run)";
+              EXPECT_EQ(differ_again, 0) << name << " M=" << M << " K=" << K << " (32 registers)";
               ++cases;
             }
           }

@@ -326,7 +326,8 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
 }
 
 // ---- A/B (session 14, to delete after the device run): v6.1 as merged, with its IEEE scale
-// division and reciprocal, selected by g_norm_quantize_variant = 0 (declared in the bench and test).
+// division and reciprocal, selected by g_norm_quantize_variant = 0 (declared in the bench and test);
+// 2 selects the new kernel capped at 32 registers where 40 would run (launch()).
 }  // namespace
 int g_norm_quantize_variant = 1;
 namespace {
@@ -509,11 +510,16 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
 
 template <int MODE, int MAX_REGS, bool kPreWidened>
 void launch_kernel_t(const ActParams& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  auto* kernel = g_norm_quantize_variant == 0 ? act_quant_kernel_v61<MODE, MAX_REGS, kPreWidened>
-                                              : act_quant_kernel<MODE, MAX_REGS, kPreWidened>;
+  constexpr bool kA61 = MAX_REGS != 32;  // the A/B's 32-register kernels are the new one's only
+  auto* kernel = act_quant_kernel<MODE, MAX_REGS, kPreWidened>;
+  if constexpr (kA61)
+    if (g_norm_quantize_variant == 0) kernel = act_quant_kernel_v61<MODE, MAX_REGS, kPreWidened>;
   static bool configured = [] {
-    for (auto* k : {act_quant_kernel_v61<MODE, MAX_REGS, kPreWidened>, act_quant_kernel<MODE, MAX_REGS, kPreWidened>})
-      NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(act_quant_kernel<MODE, MAX_REGS, kPreWidened>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
+    if constexpr (kA61)
+      NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(act_quant_kernel_v61<MODE, MAX_REGS, kPreWidened>,
+                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
     return true;
   }();
   (void)configured;
@@ -564,8 +570,16 @@ void launch(const ActParams& p, cudaStream_t stream) {
   const bool few_blocks = int64_t(grid.x) * grid.y <= 8 * int64_t(sms);
   constexpr int capped = MODE == kSwiglu ? 64 : 40;
   const int threads = 32 * nwarps;
-  if (few_blocks) launch_kernel<MODE, 64>(p, grid, threads, smem, stream);
-  else launch_kernel<MODE, capped>(p, grid, threads, smem, stream);
+  if (few_blocks) {
+    launch_kernel<MODE, 64>(p, grid, threads, smem, stream);
+  } else if constexpr (MODE != kSwiglu) {
+    // A/B variant 2: the new kernel at 32 registers, 16 blocks of 128 threads an SM (64 warps, all
+    // an SM holds) instead of 12 (ptxas: 0-12 bytes of spills).
+    if (g_norm_quantize_variant == 2) launch_kernel<MODE, 32>(p, grid, threads, smem, stream);
+    else launch_kernel<MODE, capped>(p, grid, threads, smem, stream);
+  } else {
+    launch_kernel<MODE, capped>(p, grid, threads, smem, stream);
+  }
 }
 
 ActParams make_params(const __half* a, const __half* u, int64_t ld, const int32_t* perm, const float* w, float eps,
