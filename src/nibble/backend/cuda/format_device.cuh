@@ -22,9 +22,10 @@ __device__ __forceinline__ float fp16_scale_device(float raw) {
 // x / qmax rounded to nearest, the float `x / float(qmax)` gives, for the INT grids' qmax 7 and 127
 // (rcp = 1 / qmax rounded to nearest): Markstein's correction q0 = x·rcp, y = q0 + (x - q0·qmax)·rcp
 // (the remainder exact by FMA) equals the IEEE quotient for every finite float x, subnormals
-// included (all 2^32 inputs checked for both qmax, on the CPU and by test_norm_quantize's
-// ScaleMathEqualsIeee on the device); ±inf and NaN, where the remainder is NaN, return x, which is
-// x / qmax there. 4 instructions instead of the division's ~13 (it runs once per group and lane).
+// included, but -0 (gives +0; fp16_scale_device makes both 0): all 2^32 inputs checked for both
+// qmax, on the CPU and by test_norm_quantize's ScaleMathEqualsIeee on the device. ±inf and NaN, where
+// the remainder is NaN, return x, which is x / qmax there. 4 instructions instead of the division's
+// ~13 (it runs once per group and lane).
 __device__ __forceinline__ float div_by_qmax(float x, float qmax, float rcp) {
   const float q0 = __fmul_rn(x, rcp);
   const float y = __fmaf_rn(__fmaf_rn(-q0, qmax, x), rcp, q0);
