@@ -154,7 +154,7 @@ __device__ __forceinline__ uint32_t int4_as_int8_b(uint32_t low_bytes_of_codes) 
 template <int MODE, int MAX_REGS, bool kPreWidened>
 __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kernel(ActParams p) {
   extern __shared__ __align__(16) __half row_smem[];  // a's row, then (swiglu) u's row
-  __shared__ float red[32];
+  __shared__ __align__(16) float red[32];
   const AtomShape& sh = p.shape;
   const int64_t row = blockIdx.x;
   // Unsigned lane arithmetic: the signed forms cost a sign fix-up per division by a power of two.
@@ -212,13 +212,24 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
   if constexpr (MODE == kNorm) {
     ss = warp_sum(ss);
     if (lane == 0) red[warp] = ss;
+    if (warp == 0 && lane >= nwarps) red[lane] = 0;  // so that the sum can read red[] four at a time
   }
   __syncthreads();
   float inv = 1.0f;
   if constexpr (MODE == kNorm) {
+    // The warps' sums in order, as one at a time (adding the zero padding changes nothing: the sums
+    // are >= +0 or NaN); tot / K as a product where K is a power of two: both round tot·2^-k (the
+    // product by __fmul_rn, which is never fused with the + eps into an FMA).
     float tot = 0;
-    for (unsigned w = 0; w < nwarps; ++w) tot += red[w];
-    inv = 1.0f / sqrtf(tot / float(K) + p.eps);  // as cpu::rms_norm
+    for (unsigned w = 0; w < nwarps; w += 4) {
+      const float4 r = *reinterpret_cast<const float4*>(red + w);
+      tot += r.x;
+      tot += r.y;
+      tot += r.z;
+      tot += r.w;
+    }
+    const float ms = (K & (K - 1)) == 0 ? __fmul_rn(tot, __int_as_float((127 - (__ffs(K) - 1)) << 23)) : tot / float(K);
+    inv = 1.0f / sqrtf(ms + p.eps);  // as cpu::rms_norm
   }
 
   // 2. Work units: the INT4 groups, then (if any) all keeper groups as one unit. Half warp h of
