@@ -5,9 +5,9 @@
 // rotated past L2; bench_cuda.cuh) and the same launches replayed from a CUDA graph, as the
 // executor's captured decode step runs them (launch cost hidden; what is left is the kernel).
 // Above 64 rows also the quantizers writing X pre-widened (the wgmma GEMM's input, as the executor
-// runs them there) beside the repack of the packed output they replace (x_to_int8_b_layout).
-// `bench_norm_quantize one M K [variant]`: five launches of rmsnorm_quantize alone, for ncu (variant
-// 0: v6.1, the A/B copy of session 14; 1, the default: the new kernel; 2: the new one at 32 registers).
+// runs them there) beside the repack of the packed output they replace (x_to_int8_b_layout):
+// pre-widened vs packed + repack.
+// `bench_norm_quantize one M K`: five launches of rmsnorm_quantize alone, for ncu.
 #include <cuda_fp16.h>
 
 #include <cstdio>
@@ -24,11 +24,6 @@
 
 using namespace nibble::cuda;
 using namespace nibble::bench;
-
-namespace nibble::cuda {
-extern int g_norm_quantize_variant;  // norm_quantize.cu's A/B switch (session 14): 0 = v6.1, 1 = new,
-                                     // 2 = new at 32 registers
-}
 
 namespace {
 
@@ -94,30 +89,6 @@ struct Case {
       case Kernel::Swiglu: swiglu_quantize(a[size_t(r)], u[size_t(r)], K, nullptr, o, q, s); break;
     }
   }
-  // Whether v6.1, the new kernel and the new one at 32 registers write the same bytes (packed and,
-  // above 64 rows, pre-widened; outputs poisoned differently first).
-  bool variants_agree() {
-    const AtomShape sh = out[0].shape();
-    const size_t q = size_t(sh.code_bytes()), sc = size_t(sh.scale_count()) * 2;
-    const size_t b = pre_widened.empty() ? 0 : gemm_w4a4_x_int8_bytes(M, K, kKeeper);
-    std::vector<uint8_t> got[3];
-    for (int variant = 0; variant < 3; ++variant) {
-      g_norm_quantize_variant = variant;
-      NIBBLE_CUDA_CHECK(cudaMemset(out[0].mut().q, 0x5a + variant, q));
-      NIBBLE_CUDA_CHECK(cudaMemset(out[0].mut().s, 0x3c + variant, sc));
-      launch(0, nullptr);
-      if (b) {
-        NIBBLE_CUDA_CHECK(cudaMemset(pre_widened[0].get(), 0x77 + variant, b));
-        launch(0, nullptr, true);
-      }
-      got[variant].resize(q + sc + b);
-      NIBBLE_CUDA_CHECK(cudaMemcpy(got[variant].data(), out[0].mut().q, q, cudaMemcpyDeviceToHost));
-      NIBBLE_CUDA_CHECK(cudaMemcpy(got[variant].data() + q, out[0].mut().s, sc, cudaMemcpyDeviceToHost));
-      if (b) NIBBLE_CUDA_CHECK(cudaMemcpy(got[variant].data() + q + sc, pre_widened[0].get(), b, cudaMemcpyDeviceToHost));
-    }
-    g_norm_quantize_variant = 1;
-    return got[0] == got[1] && got[0] == got[2];
-  }
   // What the pre-widened output saves: the repack of the packed one.
   void repack(int r, cudaStream_t s) { x_to_int8_b_layout(out[size_t(r)].view(), pre_widened[size_t(r)].get(), s); }
 };
@@ -151,10 +122,7 @@ int run_one(int64_t M, int K) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if ((argc == 4 || argc == 5) && std::string(argv[1]) == "one") {
-    if (argc == 5) g_norm_quantize_variant = std::atoi(argv[4]);
-    return run_one(std::atoll(argv[2]), std::atoi(argv[3]));
-  }
+  if (argc == 4 && std::string(argv[1]) == "one") return run_one(std::atoll(argv[2]), std::atoi(argv[3]));
   cudaDeviceProp prop{};
   NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   g_l2 = size_t(prop.l2CacheSize);
@@ -169,39 +137,26 @@ int main(int argc, char** argv) {
   };
   const Shape shapes[] = {{"7B", Kernel::Norm, 4096},   {"7B", Kernel::Gather, 4096},  {"7B", Kernel::Swiglu, 11008},
                           {"70B", Kernel::Norm, 8192},  {"70B", Kernel::Gather, 8192}, {"70B", Kernel::Swiglu, 28672}};
-  // Each case: the new kernel (default), then v6.1 and the new one at 32 registers (A/B, session 14;
-  // the same as the default where the uncapped kernel runs: M <= 256) in a graph, and whether v6.1,
-  // the new kernel and the 32-register one wrote the same bytes.
-  std::printf("| model | kernel | M | K | µs | %% copy BW | µs in a graph | GB/s | %% copy BW | v6.1 µs in a graph | "
-              "v6.1 %% | 32 regs µs in a graph | pre-widened µs in a graph | v6.1 pre-widened | 32 regs pre-widened | "
-              "repack µs | same bytes |\n");
-  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+  std::printf("| model | kernel | M | K | µs | GB/s | %% copy BW | µs in a graph | GB/s | %% copy BW | pre-widened µs | "
+              "in a graph | repack µs | pre-widened vs packed + repack |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Shape& sh : shapes) {
     for (int64_t M : {1, 16, 256, 4096}) {
       Case c(sh.kernel, M, sh.K);
-      const bool same = c.variants_agree();
       const double ms = time_ms([&](int r) { c.launch(r, nullptr); }, c.rots);
       const double gms = graph_ms(c);
-      g_norm_quantize_variant = 0;
-      const double old_gms = graph_ms(c);
-      const double old_pgms = gemm_w4a4_takes_x_int8(M) ? graph_ms(c, true) : 0;
-      g_norm_quantize_variant = 2;
-      const double r32_gms = graph_ms(c);
-      const double r32_pgms = gemm_w4a4_takes_x_int8(M) ? graph_ms(c, true) : 0;
-      g_norm_quantize_variant = 1;
       const double gbs = c.bytes() / (ms * 1e-3) / 1e9, ggbs = c.bytes() / (gms * 1e-3) / 1e9;
-      const double old_ggbs = c.bytes() / (old_gms * 1e-3) / 1e9;
-      std::printf("| %s | %s | %lld | %d | %.1f | %.0f%% | %.1f | %.0f | %.0f%% | %.1f | %.0f%% | %.1f |", sh.model,
-                  kernel_name(sh.kernel), (long long)M, sh.K, ms * 1e3, 100.0 * gbs / copy_gbs, gms * 1e3, ggbs,
-                  100.0 * ggbs / copy_gbs, old_gms * 1e3, 100.0 * old_ggbs / copy_gbs, r32_gms * 1e3);
+      std::printf("| %s | %s | %lld | %d | %.1f | %.0f | %.0f%% | %.1f | %.0f | %.0f%% |", sh.model,
+                  kernel_name(sh.kernel), (long long)M, sh.K, ms * 1e3, gbs, 100.0 * gbs / copy_gbs, gms * 1e3, ggbs,
+                  100.0 * ggbs / copy_gbs);
       if (gemm_w4a4_takes_x_int8(M)) {
+        const double pms = time_ms([&](int r) { c.launch(r, nullptr, true); }, c.rots);
         const double pgms = graph_ms(c, true);
         const double rms = time_ms([&](int r) { c.repack(r, nullptr); }, c.rots);
-        std::printf(" %.1f | %.1f | %.1f | %.1f |", pgms * 1e3, old_pgms * 1e3, r32_pgms * 1e3, rms * 1e3);
+        std::printf(" %.1f | %.1f | %.1f | %.2fx |\n", pms * 1e3, pgms * 1e3, rms * 1e3, (ms + rms) / pms);
       } else {
-        std::printf(" | | | |");
+        std::printf(" | | | |\n");
       }
-      std::printf(" %s |\n", same ? "yes" : "NO");
       std::fflush(stdout);
     }
   }

@@ -336,205 +336,15 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
   }
 }
 
-// ---- A/B (session 14, to delete after the device run): v6.1 as merged, with its IEEE scale
-// division and reciprocal, selected by g_norm_quantize_variant = 0 (declared in the bench and test);
-// 2 selects the new kernel capped at 32 registers where 40 would run (launch()).
-}  // namespace
-int g_norm_quantize_variant = 1;
-namespace {
-struct V61BLayoutRow {  // BLayoutRow as merged (64-bit addresses)
-  uint8_t* tile;
-  int n;
-  __device__ V61BLayoutRow(const ActParams& p, int64_t row)
-      : tile(p.out_b + x_int8_block_offset(row / kXInt8TileTokens, p.shape.slabs(), 0)), n(int(row % kXInt8TileTokens)) {}
-  __device__ __forceinline__ uint8_t* block(int s) const { return tile + s * kXInt8BlockBytes; }
-  __device__ __forceinline__ void store8(int s, int k, uint32_t lo, uint32_t hi) const {
-    *reinterpret_cast<uint2*>(block(s) + x_int8_b_offset(n, k)) = make_uint2(lo, hi);
-  }
-  __device__ __forceinline__ void store_scale(int s, __half scale) const {
-    reinterpret_cast<float*>(block(s) + kXInt8CodeBytes)[n] = __half2float(scale);
-  }
-};
-__device__ __forceinline__ float v61_int_sym_scale(float clip, float absmax, int qmax) {
-  const float raw = clip * absmax / float(qmax);  // fp16_scale_device as merged (with branches)
-  if (raw == 0) return 0;
-  const float s = __half2float(__float2half_rn(raw));
-  if (s == 0) return 0x1p-24f;
-  return s > 65504.0f ? 65504.0f : s;
-}
-// The codes of a group's values with its scale (format.h's rule, int_sym_biased_rcp's form).
-template <int QMAX>
-__device__ __forceinline__ void encode8(const float (&v)[8], float scale, int (&b)[8]) {
-  if (scale == 0) {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) b[i] = __float_as_int(kIntSymBias);
-    return;
-  }
-  const float rcp = __frcp_rn(scale);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, QMAX);
-}
-
-// Blocks of one row, each taking a share of its groups: each half warp quantizes whole groups,
-// eight channels per lane, with half-warp reductions only; the keeper groups go to one half warp
-// (they share a scale). Where the row is needed whole (the norm's sum of squares, a permutation's
-// gather) one block covers it and stages the raw row in shared memory with 16-byte loads first;
-// otherwise each lane reads its 16 bytes in place. The grid covers the padded rows of the output's
-// layout (rows_pad packed; whole 128-token tiles pre-widened), the padding rows zeroed.
-// MAX_REGS: 64 is what the launch bounds (1024, 1) allow (48 used); 40 lets 12 blocks of 128
-// threads share an SM instead of 10.
-// kPreWidened: write X pre-widened (p.out_b) instead of packed; a template flag so that each
-// layout's kernel keeps its own registers (a run-time branch spilled the capped norm kernel).
-template <int MODE, int MAX_REGS, bool kPreWidened>
-__global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kernel_v61(ActParams p) {
-  extern __shared__ __align__(16) __half row_smem[];  // a's row, then (swiglu) u's row
-  __shared__ float red[32];
-  const AtomShape& sh = p.shape;
-  const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid % 32, nwarps = blockDim.x / 32;
-  const int slabs = sh.slabs();
-  constexpr bool pre_widened = kPreWidened;
-  uint8_t* q_tile = pre_widened ? nullptr : p.out_q + size_t(row / kRowTile) * slabs * kSlabBytes + (row % kRowTile) * 64;
-  const V61BLayoutRow b_row(p, row);
-
-  if (row >= sh.rows) {  // padding row: code 0, scale 0 (written by the row's first block)
-    if (blockIdx.y != 0) return;
-    if constexpr (pre_widened) {
-      for (int c = tid; c < slabs * 8; c += blockDim.x)  // the row's 16 bytes in each of the 8 k-cores
-        *reinterpret_cast<uint4*>(b_row.block(c / 8) + x_int8_b_offset(b_row.n, (c % 8) * 16)) = make_uint4(0, 0, 0, 0);
-      for (int s = tid; s < slabs; s += blockDim.x) b_row.store_scale(s, __float2half_rn(0.f));
-    } else {
-      for (int c = tid; c < slabs * 4; c += blockDim.x)
-        *reinterpret_cast<uint4*>(q_tile + size_t(c / 4) * kSlabBytes + (c % 4) * 16) = make_uint4(0, 0, 0, 0);
-      for (int gi = tid; gi < sh.groups(); gi += blockDim.x) p.out_s[size_t(gi) * sh.rows_pad + row] = __float2half_rn(0.f);
-    }
-    return;
-  }
-
-  // 1. Stage the row (all loads issued before the stores), the sum of squares on the way.
-  const int K = sh.K, units = K / kUnit;
-  const __half* ga = p.a + row * p.ld;
-  const __half* gu = MODE == kSwiglu ? p.u + row * p.ld : nullptr;
-  const __half* sa = row_smem;
-  const __half* su = row_smem + K;
-  float ss = 0;
-  if (MODE == kNorm || p.perm) {
-    const __half* a = ga;
-    const __half* u = gu;
-#pragma unroll 4
-    for (int c = tid; c < units; c += blockDim.x) {
-      const uint4 va = __ldg(reinterpret_cast<const uint4*>(a + c * kUnit));
-      *reinterpret_cast<uint4*>(row_smem + c * kUnit) = va;
-      if constexpr (MODE == kSwiglu)
-        *reinterpret_cast<uint4*>(row_smem + K + c * kUnit) = __ldg(reinterpret_cast<const uint4*>(u + c * kUnit));
-      if constexpr (MODE == kNorm) {
-        float v[8];
-        unpack8(va, v);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
-      }
-    }
-  }
-  if constexpr (MODE == kNorm) {
-    ss = warp_sum(ss);
-    if (lane == 0) red[tid / 32] = ss;
-  }
-  __syncthreads();
-  float inv = 1.0f;
-  if constexpr (MODE == kNorm) {
-    float tot = 0;
-    for (int w = 0; w < nwarps; ++w) tot += red[w];
-    inv = 1.0f / sqrtf(tot / float(K) + p.eps);  // as cpu::rms_norm
-  }
-
-  // 2. Work units: the INT4 groups, then (if any) all keeper groups as one unit.
-  const int l = lane % 16;
-  const unsigned half = 0xffffu << (lane & 16);
-  const int n_half = 2 * nwarps * gridDim.y;
-  const int units_q = sh.g4 + (sh.g8 > 0 ? 1 : 0);
-  for (int wu = blockIdx.y * 2 * nwarps + tid / 16; wu < units_q; wu += n_half) {
-    if (wu < sh.g4) {
-      // INT4 group wu. Lane l holds channels 8l..8l+7 of the group: k-step s = l / 4, the high
-      // nibbles (l % 4 < 2) or the low ones of words t = 2 (l % 2) and t + 1 (atom_layout.h).
-      float v[8];
-      unit_values<MODE>(p, sa, su, ga, gu, wu * kGroup + l * kUnit, inv, v);
-      if (p.q.hadamard) hadamard_blocked<8>(v, l, half);
-      float amax = 0;
-#pragma unroll
-      for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-      amax = half_warp_max(amax, half);
-      const float scale = v61_int_sym_scale(p.q.clip4, amax, 7);
-      int b[8];
-      encode8<7>(v, scale, b);
-      if constexpr (pre_widened) {  // lane l: channels 8l .. 8l + 7 of slab wu
-        b_row.store8(wu, l * kUnit, int4_as_int8_b(low_bytes(b[0], b[1], b[2], b[3])),
-                     int4_as_int8_b(low_bytes(b[4], b[5], b[6], b[7])));
-        if (l == 0) b_row.store_scale(wu, __float2half_rn(scale));
-        continue;
-      }
-      const bool low = l & 2;
-      const int sh4 = low ? 0 : 4;
-      const uint32_t w0 = (low_bytes(b[0], b[1], b[2], b[3]) & 0x0f0f0f0fu) << sh4;  // word t
-      const uint32_t w1 = (low_bytes(b[4], b[5], b[6], b[7]) & 0x0f0f0f0fu) << sh4;  // word t + 1
-      // The high-nibble lane keeps word t and the low one word t + 1; each sends the other half.
-      const uint32_t word = (low ? w1 : w0) | __shfl_xor_sync(half, low ? w0 : w1, 2);
-      const int t = 2 * (l % 2) + (low ? 1 : 0);
-      *reinterpret_cast<uint32_t*>(q_tile + size_t(wu) * kSlabBytes + t * 16 + (l / 4) * 4) = word;
-      if (l == 0) p.out_s[size_t(wu) * sh.rows_pad + row] = __float2half_rn(scale);
-    } else {
-      // The keepers: one scale over all of them (values recomputed in the second pass), INT8.
-      // Lane l holds channels 8l..8l+7 of keeper group c: half l / 8 of it, word j =
-      // 2 ((l % 8) / 4) + (l % 4) / 2 of tiles t = 2 (l % 2) and t + 1.
-      const int k4 = K - sh.keeper;
-      float amax = 0;
-      for (int c = 0; c < sh.g8; ++c) {
-        float v[8];
-        unit_values<MODE>(p, sa, su, ga, gu, k4 + c * kGroup + l * kUnit, inv, v);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(v[i]));
-      }
-      amax = half_warp_max(amax, half);
-      const float scale = v61_int_sym_scale(p.q.clip8, amax, 127);
-      const int j = 2 * ((l % 8) / 4) + (l % 4) / 2, t = 2 * (l % 2);
-      for (int c = 0; c < sh.g8; ++c) {
-        float v[8];
-        unit_values<MODE>(p, sa, su, ga, gu, k4 + c * kGroup + l * kUnit, inv, v);
-        int b[8];
-        encode8<127>(v, scale, b);
-        if constexpr (pre_widened) {  // slab g4 + 2c + l / 8, channels k .. k + 7 of its 64, and k + 64 (unused) zeroed
-          const int s = sh.g4 + 2 * c + l / 8, k = (l % 8) * kUnit;
-          b_row.store8(s, k, low_bytes(b[0], b[1], b[2], b[3]), low_bytes(b[4], b[5], b[6], b[7]));
-          b_row.store8(s, k + 64, 0, 0);
-          if (l % 8 == 0) b_row.store_scale(s, __float2half_rn(scale));
-          continue;
-        }
-        uint8_t* slab = q_tile + size_t(sh.g4 + 2 * c + l / 8) * kSlabBytes + j * 4;
-        *reinterpret_cast<uint32_t*>(slab + t * 16) = low_bytes(b[0], b[1], b[2], b[3]);
-        *reinterpret_cast<uint32_t*>(slab + (t + 1) * 16) = low_bytes(b[4], b[5], b[6], b[7]);
-        if (l == 0) p.out_s[size_t(sh.g4 + c) * sh.rows_pad + row] = __float2half_rn(scale);
-      }
-    }
-  }
-}
-
-// ---- end of the A/B copy
-
 template <int MODE, int MAX_REGS, bool kPreWidened>
 void launch_kernel_t(const ActParams& p, dim3 grid, int threads, size_t smem, cudaStream_t stream) {
-  constexpr bool kA61 = MAX_REGS != 32;  // the A/B's 32-register kernels are the new one's only
-  auto* kernel = act_quant_kernel<MODE, MAX_REGS, kPreWidened>;
-  if constexpr (kA61)
-    if (g_norm_quantize_variant == 0) kernel = act_quant_kernel_v61<MODE, MAX_REGS, kPreWidened>;
   static bool configured = [] {
     NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(act_quant_kernel<MODE, MAX_REGS, kPreWidened>,
                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
-    if constexpr (kA61)
-      NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(act_quant_kernel_v61<MODE, MAX_REGS, kPreWidened>,
-                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSmem));
     return true;
   }();
   (void)configured;
-  kernel<<<grid, threads, smem, stream>>>(p);
+  act_quant_kernel<MODE, MAX_REGS, kPreWidened><<<grid, threads, smem, stream>>>(p);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 template <int MODE, int MAX_REGS>
@@ -581,16 +391,9 @@ void launch(const ActParams& p, cudaStream_t stream) {
   const bool few_blocks = int64_t(grid.x) * grid.y <= 8 * int64_t(sms);
   constexpr int capped = MODE == kSwiglu ? 64 : 40;
   const int threads = 32 * nwarps;
-  if (few_blocks) {
-    launch_kernel<MODE, 64>(p, grid, threads, smem, stream);
-  } else if constexpr (MODE != kSwiglu) {
-    // A/B variant 2: the new kernel at 32 registers, 16 blocks of 128 threads an SM (64 warps, all
-    // an SM holds) instead of 12 (ptxas: 0-12 bytes of spills).
-    if (g_norm_quantize_variant == 2) launch_kernel<MODE, 32>(p, grid, threads, smem, stream);
-    else launch_kernel<MODE, capped>(p, grid, threads, smem, stream);
-  } else {
-    launch_kernel<MODE, capped>(p, grid, threads, smem, stream);
-  }
+  // (32 registers, 16 blocks an SM, measured the same as 40 in session 15: kept at 40.)
+  if (few_blocks) launch_kernel<MODE, 64>(p, grid, threads, smem, stream);
+  else launch_kernel<MODE, capped>(p, grid, threads, smem, stream);
 }
 
 ActParams make_params(const __half* a, const __half* u, int64_t ld, const int32_t* perm, const float* w, float eps,
