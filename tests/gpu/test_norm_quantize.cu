@@ -1,6 +1,6 @@
 // norm_quantize (rmsnorm / gather / swiglu variants) against quant/format.h: the CPU computes the
 // fp32 values the simulated model computes (backend/cpu/ops.cpp's formulas), quantizes them with
-// atom_quantize_host (format.h), and the device's codes and scales must match. A code (or scale) may
+// format.h's scale and code rules, and the device's codes and scales must match. A code (or scale) may
 // differ by one (fp16 ulp) only where x / scale (clip · absmax / qmax) sits within kTieTolerance of a
 // rounding tie (the two sides' fp32 values differ in the last bits: summation order, exp); those are
 // counted and reported. Seeds are fresh on every run and printed.
@@ -17,6 +17,7 @@
 #include "nibble/backend/cuda/atom_layout.h"
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/device_array.h"
+#include "nibble/backend/cuda/format_device.cuh"
 #include "nibble/backend/cuda/gemm_w4a4.h"
 #include "nibble/backend/cuda/norm_quantize.h"
 #include "nibble/core/half.h"
@@ -82,7 +83,10 @@ struct Inputs {
   DeviceArray<int32_t> dperm;
   DeviceArray<float> dw;
 
-  Inputs(Variant variant, int64_t rows, int k, bool perm_on, uint64_t seed)
+  // specials: rows with the values whose codes take the rare paths (K >= 1024): a zero row, zero
+  // groups (source order) alone or with one NaN (a zero scale: every code 0, the NaN's too), ±inf,
+  // fp16 subnormals and 65504 (the smallest and largest scales).
+  Inputs(Variant variant, int64_t rows, int k, bool perm_on, uint64_t seed, bool specials = false)
       : v(variant), M(rows), ld(k + (variant == Variant::Swiglu ? 0 : 64)), K(k), permuted(perm_on) {
     a.resize(size_t(M * ld));  // a row stride wider than K, once
     u.resize(size_t(M * ld));
@@ -91,6 +95,17 @@ struct Inputs {
       const float scale = (ch % 97 == 3) ? 20.0f : 2.0f;
       a[size_t(i)] = float_to_fp16(scale * uniform(seed, uint64_t(i)));
       u[size_t(i)] = float_to_fp16(2.0f * uniform(seed + 1, uint64_t(i)));
+    }
+    for (int64_t m = 0; specials && m < M; ++m) {
+      uint16_t* r = &a[size_t(m * ld)];
+      if (m % 7 == 6) std::fill(r, r + K, uint16_t(0));
+      if (m % 3 == 1) std::fill(r + 256, r + 384, uint16_t(0));
+      if (m % 6 == 1) r[256 + 5] = 0x7e00;  // NaN
+      if (m % 3 == 2) r[512 + 7] = 0x7c00, r[512 + 9] = 0xfc00;  // +inf, -inf
+      if (m % 4 == 3)
+        for (int c = 768; c < 896; ++c) r[c] = uint16_t(1 + c % 5) | (c % 2 ? 0x8000 : 0);  // subnormals
+      if (m % 5 == 0)
+        for (int c = 896; c < 1024; ++c) r[c] = c % 3 ? 0x7bff : 0xfbff;  // ±65504
     }
     perm.resize(size_t(K));
     std::iota(perm.begin(), perm.end(), 0);
@@ -115,8 +130,8 @@ struct Inputs {
   }
 };
 
-Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t seed) {
-  const Inputs in(v, M, K, permuted, seed);
+Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t seed, bool specials = false) {
+  const Inputs in(v, M, K, permuted, seed, specials);
   const std::vector<uint16_t>& a = in.a;
   const std::vector<uint16_t>& u = in.u;
   const std::vector<int32_t>& perm = in.perm;
@@ -144,7 +159,14 @@ Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t
     }
   }
   const ActQuant aq{0.9f, 1.0f};
-  const AtomPackedHost ref = atom_quantize_host(x.data(), M, K, keeper, aq.clip4, aq.clip8);
+  // The reference scales straight from format.h (atom_quantize_host refuses the special rows' NaN
+  // and inf, which format.h's scale and code rules define: NaN is no group's maximum, inf clamps).
+  const AtomShape sh = atom_shape(M, K, keeper);
+  const auto format_scale = [](quant::Format f, int n, float clip, const float* v) {
+    quant::GroupStats st;
+    st.add(v, n);
+    return quant::choose_scale({f, n, 1, clip}, st).scale;
+  };
 
   // Device run, output poisoned.
   AtomDeviceMatrix out(atom_shape(M, K, keeper));
@@ -156,19 +178,20 @@ Counts run_case(Variant v, int64_t M, int K, int keeper, bool permuted, uint64_t
   const AtomPackedHost got = from_gpu_layout(got_gpu);
 
   Counts c;
-  const AtomShape& sh = ref.shape;
   const int k4 = K - keeper;
   for (int64_t m = 0; m < M; ++m) {
     std::vector<uint8_t> codes(size_t(std::max(k4, 2)));
     if (k4) quant::unpack_4bit(quant::Format::Int4Sym, &got.q4[size_t(m * k4 / 2)], k4, codes.data(), "test");
     for (int g = 0; g < sh.g4; ++g) {
-      compare_group(&x[size_t(m * K + g * 128)], 128, 4, aq.clip4, fp16_to_float(ref.s4[size_t(m * sh.g4 + g)]),
+      compare_group(&x[size_t(m * K + g * 128)], 128, 4, aq.clip4,
+                    format_scale(quant::Format::Int4Sym, 128, aq.clip4, &x[size_t(m * K + g * 128)]),
                     fp16_to_float(got.s4[size_t(m * sh.g4 + g)]), reinterpret_cast<const int8_t*>(&codes[size_t(g * 128)]),
                     c);
     }
     if (keeper) {
-      compare_group(&x[size_t(m * K + k4)], keeper, 8, aq.clip8, fp16_to_float(ref.s8[size_t(m)]), fp16_to_float(got.s8[size_t(m)]),
-                    &got.q8[size_t(m * keeper)], c);
+      compare_group(&x[size_t(m * K + k4)], keeper, 8, aq.clip8,
+                    format_scale(quant::Format::Int8Sym, keeper, aq.clip8, &x[size_t(m * K + k4)]),
+                    fp16_to_float(got.s8[size_t(m)]), &got.q8[size_t(m * keeper)], c);
       for (int cg = 1; cg < sh.g8; ++cg)  // the keeper scale is repeated per keeper group
         if (got_gpu.s[size_t((sh.g4 + cg) * sh.rows_pad + m)] != got.s8[size_t(m)]) ++c.bad_scales;
     }
@@ -219,6 +242,66 @@ TEST(NormQuantize, MatchesFormat) {
               "%lld scales (%lld one fp16 ulp apart on a boundary, %lld wrong)\n",
               (long long)total.codes, (long long)total.boundary_codes, (long long)total.bad_codes,
               (long long)total.scales, (long long)total.boundary_scales, (long long)total.bad_scales);
+}
+
+TEST(NormQuantize, SpecialValuesMatchFormat) {
+  // Zero groups with and without a NaN, ±inf, fp16 subnormals and ±65504 (Inputs' specials): the
+  // zero scale's codes, the clamps and the extreme scales, against format.h with no tolerance
+  // needed beyond the usual rounding boundaries.
+  NIBBLE_REQUIRE_GPU();
+  for (Variant v : {Variant::Norm, Variant::Gather, Variant::Swiglu})
+    for (int64_t M : {64, 2100})
+      for (bool permuted : {true, false}) {
+        const uint64_t seed = testing::fresh_seed();
+        const Counts c = run_case(v, M, 4096, 128, permuted, seed, true);
+        SCOPED_TRACE(::testing::Message() << "variant " << int(v) << " M " << M << " seed " << seed
+                                          << (permuted ? " permuted" : " identity order"));
+        EXPECT_EQ(c.bad_codes, 0);
+        EXPECT_EQ(c.bad_scales, 0);
+        EXPECT_EQ(c.bad_padding, 0);
+        EXPECT_LE(c.boundary_codes, c.codes / 1000 + 2);
+      }
+}
+
+// div_by_qmax and rcp_fp16_scale (format_device.cuh) against the IEEE operations they replace, on
+// every input they can get: the fp16 scale of x / qmax for all 2^32 floats x and qmax 7 and 127
+// (the quotient itself too, which differs only for x = -0: +0), and 1 / s for every nonzero finite
+// fp16 value s.
+__global__ void scale_math_mismatches(unsigned long long* out) {
+  unsigned long long quotients = 0, scales = 0, rcps = 0;
+  const uint64_t n = uint64_t(1) << 32, step = uint64_t(gridDim.x) * blockDim.x;
+  for (uint64_t u = blockIdx.x * blockDim.x + threadIdx.x; u < n; u += step) {
+    const float x = __uint_as_float(uint32_t(u));
+    for (int i = 0; i < 2; ++i) {
+      const float q = i == 0 ? 7.0f : 127.0f;
+      const float want = x / q, got = div_by_qmax(x, q, q == 7.0f ? 1.0f / 7.0f : 1.0f / 127.0f);
+      const bool same = __float_as_uint(want) == __float_as_uint(got) || (isnan(want) && isnan(got));
+      quotients += !same && !(x == 0 && got == 0);
+      const float ws = fp16_scale_device(want), gs = int_sym_scale_device(1.0f, x, q, q == 7.0f ? 1.0f / 7.0f : 1.0f / 127.0f);
+      scales += __float_as_uint(ws) != __float_as_uint(gs) && !(isnan(ws) && isnan(gs));
+    }
+    if (u < 65536) {
+      const float sc = __half2float(__ushort_as_half(uint16_t(u)));
+      if (sc != 0 && isfinite(sc)) rcps += __float_as_uint(rcp_fp16_scale(sc)) != __float_as_uint(__frcp_rn(sc));
+    }
+  }
+  atomicAdd(&out[0], quotients);
+  atomicAdd(&out[1], scales);
+  atomicAdd(&out[2], rcps);
+}
+
+TEST(NormQuantize, ScaleMathEqualsIeee) {
+  NIBBLE_REQUIRE_GPU();
+  DeviceArray<unsigned long long> d(3);
+  NIBBLE_CUDA_CHECK(cudaMemset(d.get(), 0, 3 * sizeof(unsigned long long)));
+  scale_math_mismatches<<<1024, 256>>>(d.get());
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+  unsigned long long h[3];
+  NIBBLE_CUDA_CHECK(cudaMemcpy(h, d.get(), sizeof(h), cudaMemcpyDeviceToHost));
+  EXPECT_EQ(h[0], 0u) << "quotients x / qmax that differ";
+  EXPECT_EQ(h[1], 0u) << "fp16 scales that differ";
+  EXPECT_EQ(h[2], 0u) << "reciprocals 1 / s that differ";
+  std::printf("scale math: 2 x 2^32 quotients and scales, 63,486 reciprocals: %llu / %llu / %llu differ\n", h[0], h[1], h[2]);
 }
 
 TEST(NormQuantize, PreWidenedEqualsRepackOfPacked) {
