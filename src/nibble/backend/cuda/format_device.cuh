@@ -6,6 +6,8 @@
 
 #include <cuda_fp16.h>
 
+#include <cfloat>
+
 #include "nibble/quant/format.h"
 
 namespace nibble::cuda {
@@ -69,8 +71,8 @@ inline constexpr float kIntSymBias = 12582912.0f;  // 1.5·2^23
 //     results agree anyway: three instructions instead of the IEEE division's ~10.
 //   Rounding: |y| < 2^22: y + 1.5·2^23 lies in [2^23, 2^24), where the spacing is 1, so the add
 //     rounds y to the nearest integer, ties to even, exactly (round_half_even's float<->int
-//     conversions run at a quarter of the rate); |y| >= 2^22 and ±inf land beyond ±qmax and clamp
-//     like format.h's.
+//     conversions run at a quarter of the rate); |y| >= 2^22 lands beyond ±qmax and clamps
+//     like format.h's (±inf does not: clamp_infinite_values).
 //   Clamp: fmaxf first turns NaN into the low end, where format.h's comparisons put it.
 // lo, hi: the clamp's ends as biased floats, kIntSymBias - (qmax + 1) and kIntSymBias + qmax (both
 // kIntSymBias makes every code 0 whatever x and rcp are, NaN included: the zero scale's codes).
@@ -81,6 +83,17 @@ __device__ __forceinline__ int int_sym_biased_rcp(float x, float scale, float rc
 }
 __device__ __forceinline__ int int_sym_biased_rcp(float x, float scale, float rcp, int qmax) {
   return int_sym_biased_rcp(x, scale, rcp, kIntSymBias - float(qmax + 1), kIntSymBias + float(qmax));
+}
+
+// int_sym_biased_rcp's remainder x - q0·scale is NaN for x = ±inf, so both would take NaN's code,
+// the low end: right for -inf only. Only a group whose absmax is inf holds one, and its scale is then
+// 65504 (fp16_scale's cap): such a group's values are clamped to ±FLT_MAX first, which encode as ±inf
+// do (beyond ±qmax), NaN still to the low end. A branch per group, so other groups pay nothing.
+template <int N>
+__device__ __forceinline__ void clamp_infinite_values(float scale, float (&v)[N]) {
+  if (scale != 65504.0f) return;
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = fminf(fmaxf(v[i], -FLT_MAX), FLT_MAX);
 }
 
 }  // namespace nibble::cuda

@@ -108,6 +108,7 @@ __device__ __forceinline__ void keeper_codes(const ActParams& p, const __half* s
                                              float hi, uint32_t& w0, uint32_t& w1) {
   float v[8];
   unit_values<MODE>(p, sa, su, ga, gu, c0, inv, v);
+  clamp_infinite_values(scale, v);
   int b[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, lo, hi);
@@ -277,6 +278,7 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
     const float rcp = rcp_fp16_scale(scale);
     // A zero scale encodes everything as 0 (format.h): the clamp's ends both at code 0.
     const float lo = scale == 0 ? kIntSymBias : kIntSymBias - (qmax + 1), hi = scale == 0 ? kIntSymBias : kIntSymBias + qmax;
+    clamp_infinite_values(scale, v);
     int b[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, lo, hi);
