@@ -1,4 +1,4 @@
-// Device helpers of the attention kernels (include from .cu files only): cp.async, ldmatrix,
+// Device helpers of the attention kernels (include from .cu files only): ldmatrix,
 // mma.sync m16n8k16 (fp16 in, fp32 accumulate), INT4 -> fp16 pairs, block addressing.
 #pragma once
 
@@ -7,22 +7,9 @@
 #include <cstdint>
 
 #include "nibble/backend/cuda/attention_common.h"
+#include "nibble/backend/cuda/cp_async.cuh"
 
 namespace nibble::cuda::attn {
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return uint32_t(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes 0 zero-fills the destination without reading src.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes = 16) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(smem)), "l"(gmem), "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* smem) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"

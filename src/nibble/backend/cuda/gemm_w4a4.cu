@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "nibble/backend/cuda/cp_async.cuh"
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/wgmma.cuh"
 #include "nibble/core/error.h"
@@ -71,17 +72,6 @@ __device__ __forceinline__ __half from_float<__half>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
-}
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const uint32_t dst = uint32_t(__cvta_generic_to_shared(smem));
-  const int size = valid ? 16 : 0;  // 0: zero-fill, nothing read
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(size));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 // Scale group of slab s (INT4 groups first, then two slabs per keeper group).
@@ -656,9 +646,9 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
     const int tile = c / 32, l = c % 32;
     const int64_t wt = n_base / kRowTile + tile, xt = m_base / kRowTile + tile;
     const bool wv = wt * kRowTile < p.w_rows_pad, xv = xt * kRowTile < p.x_rows_pad;
-    cp_async16(stage + c * 16, p.wq + ((wv ? wt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, wv);
+    cp_async16(stage + c * 16, p.wq + ((wv ? wt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, wv ? 16 : 0);
     if constexpr (Stage::kPackedX)
-      cp_async16(stage + kTileBytes + c * 16, p.xq + ((xv ? xt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, xv);
+      cp_async16(stage + kTileBytes + c * 16, p.xq + ((xv ? xt : 0) * p.slabs + s) * size_t(kSlabBytes) + l * 16, xv ? 16 : 0);
   }
   if (tid < (Stage::kPackedX ? 32 : 16)) {  // 16 chunks of W scales, 16 of X scales (8 halves each)
     const bool is_w = tid < 16;
@@ -666,7 +656,7 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
     const int64_t row = (is_w ? n_base : m_base) + c * 8;
     const bool v = row < (is_w ? p.w_rows_pad : p.x_rows_pad);
     const __half* src = (is_w ? p.ws + size_t(grp) * p.w_rows_pad : p.xs + size_t(grp) * p.x_rows_pad) + (v ? row : 0);
-    cp_async16(stage + Stage::kWScales + (is_w ? 0 : kBN * 2) + c * 16, src, v);
+    cp_async16(stage + Stage::kWScales + (is_w ? 0 : kBN * 2) + c * 16, src, v ? 16 : 0);
   }
 }
 

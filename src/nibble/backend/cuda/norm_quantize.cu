@@ -3,7 +3,7 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "nibble/backend/cuda/attention_device.h"
+#include "nibble/backend/cuda/cp_async.cuh"
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/format_device.cuh"
 #include "nibble/backend/cuda/hadamard_device.cuh"
@@ -190,11 +190,11 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
   float ss = 0;
   if (MODE == kNorm || p.perm) {
     for (int c = tid; c < units; c += blockDim.x) {
-      attn::cp_async16(row_smem + c * kUnit, ga + c * kUnit);
-      if constexpr (MODE == kSwiglu) attn::cp_async16(row_smem + K + c * kUnit, gu + c * kUnit);
+      cp_async16(row_smem + c * kUnit, ga + c * kUnit);
+      if constexpr (MODE == kSwiglu) cp_async16(row_smem + K + c * kUnit, gu + c * kUnit);
     }
-    attn::cp_async_commit();
-    attn::cp_async_wait<0>();
+    cp_async_commit();
+    cp_async_wait<0>();
     if constexpr (MODE == kNorm) {
       for (int c = tid; c < units; c += blockDim.x) {
         // The lane's own copy, landed at the wait; one 16-byte load (a plain dereference compiles
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
         uint4 r;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                     : "r"(attn::smem_u32(row_smem + c * kUnit)));
+                     : "r"(smem_u32(row_smem + c * kUnit)));
         float v[8];
         unpack8(r, v);
 #pragma unroll
