@@ -7,11 +7,16 @@
 // Above 64 rows also the quantizers writing X pre-widened (the wgmma GEMM's input, as the executor
 // runs them there) beside the repack of the packed output they replace (x_to_int8_b_layout):
 // pre-widened vs packed + repack.
+// `bench_norm_quantize residual`: the executor's norm before a W4A4 linear as two kernels
+// (residual_rmsnorm writing h and an fp16 copy, then rmsnorm_quantize of the copy) against the fused
+// residual_rmsnorm_quantize, pairs replayed from a graph, the output pre-widened above 64 rows as
+// the executor writes it.
 // `bench_norm_quantize one M K`: five launches of rmsnorm_quantize alone, for ncu.
 #include <cuda_fp16.h>
 
 #include <cstdio>
 #include <cstdlib>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -19,6 +24,7 @@
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/device_array.h"
 #include "nibble/backend/cuda/gemm_w4a4.h"
+#include "nibble/backend/cuda/model_kernels.h"
 #include "nibble/backend/cuda/norm_quantize.h"
 #include "bench/bench_cuda.cuh"
 
@@ -36,8 +42,16 @@ const char* kernel_name(Kernel k) {
 }
 
 
-// Inputs and outputs of one case, `rots` copies; the permutation (a bijection: gcd(7919, K) = 1)
-// and norm weight are shared, as in the model. swiglu runs without a permutation, as the executor
+// A permutation of K channels on the device (a bijection: gcd(7919, K) = 1), as the model's reorder.
+int32_t* device_permutation(int K) {
+  std::vector<int32_t> hp(static_cast<size_t>(K));
+  for (int j = 0; j < K; ++j) hp[size_t(j)] = int32_t((int64_t(j) * 7919) % K);
+  int32_t* perm = dalloc<int32_t>(size_t(K));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(perm, hp.data(), hp.size() * 4, cudaMemcpyHostToDevice));
+  return perm;
+}
+
+// Inputs and outputs of one case, `rots` copies; the permutation and norm weight are shared, as in the model. swiglu runs without a permutation, as the executor
 // calls it (gate/up rows carry the order).
 struct Case {
   Kernel kernel;
@@ -61,10 +75,7 @@ struct Case {
       out.emplace_back(sh);
       if (gemm_w4a4_takes_x_int8(M)) pre_widened.emplace_back(gemm_w4a4_x_int8_bytes(M, K, kKeeper));
     }
-    std::vector<int32_t> hp(static_cast<size_t>(K));
-    for (int j = 0; j < K; ++j) hp[size_t(j)] = int32_t((int64_t(j) * 7919) % K);
-    perm = dalloc<int32_t>(size_t(K));
-    NIBBLE_CUDA_CHECK(cudaMemcpy(perm, hp.data(), hp.size() * 4, cudaMemcpyHostToDevice));
+    perm = device_permutation(K);
     w = dalloc<float>(size_t(K));
     fill_float<<<64, 256>>>(w, size_t(K), 1.0f);
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
@@ -93,14 +104,15 @@ struct Case {
   void repack(int r, cudaStream_t s) { x_to_int8_b_layout(out[size_t(r)].view(), pre_widened[size_t(r)].get(), s); }
 };
 
-// Milliseconds per launch when `per_graph` launches (rotating inputs) are replayed from one graph.
-double graph_ms(Case& c, bool pre_widened_out = false) {
+// Milliseconds per launch when `per_graph` launches (rotating inputs: launch(r, stream), r < rots) are
+// replayed from one graph.
+double graph_ms_of(const std::function<void(int, cudaStream_t)>& launch, int rots) {
   constexpr int per_graph = 32;
   cudaStream_t s;
   NIBBLE_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
   cudaGraph_t graph;
   NIBBLE_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < per_graph; ++i) c.launch(i % c.rots, s, pre_widened_out);
+  for (int i = 0; i < per_graph; ++i) launch(i % rots, s);
   NIBBLE_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
   cudaGraphExec_t exec;
   NIBBLE_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
@@ -109,6 +121,85 @@ double graph_ms(Case& c, bool pre_widened_out = false) {
   cudaGraphDestroy(graph);
   cudaStreamDestroy(s);
   return ms;
+}
+double graph_ms(Case& c, bool pre_widened_out = false) {
+  return graph_ms_of([&](int r, cudaStream_t s) { c.launch(r, s, pre_widened_out); }, c.rots);
+}
+
+// The norm before a W4A4 linear, as the executor ran it (two kernels) and as it runs it now (one).
+struct ResidualCase {
+  int64_t M;
+  int K;
+  int rots = 1;
+  std::vector<float*> h;
+  std::vector<__half*> y, h16;
+  std::vector<AtomDeviceMatrix> out;
+  std::vector<DeviceArray<uint8_t>> pre_widened;
+  int32_t* perm = nullptr;
+  float* w = nullptr;
+  int* counters = nullptr;
+
+  ResidualCase(int64_t m, int k) : M(m), K(k) {
+    const AtomShape sh = atom_shape(M, K, kKeeper);
+    rots = rotations(size_t(M * K) * (4 + 2 + 2) + size_t(sh.code_bytes()));
+    for (int r = 0; r < rots; ++r) {
+      h.push_back(dalloc<float>(size_t(M * K)));
+      y.push_back(dalloc<__half>(size_t(M * K)));
+      h16.push_back(dalloc<__half>(size_t(M * K)));
+      fill_float<<<1024, 256>>>(h.back(), size_t(M * K), 0.5f);
+      fill_half<<<1024, 256>>>(y.back(), size_t(M * K), 1.0f, 130 + r);
+      out.emplace_back(sh);
+      if (gemm_w4a4_takes_x_int8(M)) pre_widened.emplace_back(gemm_w4a4_x_int8_bytes(M, K, kKeeper));
+    }
+    perm = device_permutation(K);
+    w = dalloc<float>(size_t(K));
+    fill_float<<<64, 256>>>(w, size_t(K), 1.0f);
+    counters = dalloc<int>(size_t(M));
+    NIBBLE_CUDA_CHECK(cudaMemset(counters, 0, size_t(M) * sizeof(int)));
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  ~ResidualCase() {
+    for (auto p : h) cudaFree(p);
+    for (auto p : y) cudaFree(p);
+    for (auto p : h16) cudaFree(p);
+    cudaFree(perm);
+    cudaFree(w);
+    cudaFree(counters);
+  }
+  ActOutput output(int r) {
+    return pre_widened.empty() ? ActOutput(out[size_t(r)].mut())
+                               : ActOutput::pre_widened(pre_widened[size_t(r)].get(), out[size_t(r)].shape());
+  }
+  void launch(int r, cudaStream_t s, bool fused) {
+    if (fused) {
+      residual_rmsnorm_quantize(h[size_t(r)], y[size_t(r)], perm, w, 1e-5f, output(r), ActQuant{}, counters, s);
+      return;
+    }
+    residual_rmsnorm(h[size_t(r)], y[size_t(r)], M, K, nullptr, 1e-5f, nullptr, h16[size_t(r)], s);
+    rmsnorm_quantize(h16[size_t(r)], K, perm, w, 1e-5f, output(r), ActQuant{}, s);
+  }
+};
+
+double residual_graph_ms(ResidualCase& c, bool fused) {
+  return graph_ms_of([&](int r, cudaStream_t s) { c.launch(r, s, fused); }, c.rots);
+}
+
+int run_residual(double copy_gbs) {
+  std::printf("| model | M | K | two kernels µs (graph) | fused µs (graph) | two / fused | fused GB/s | %% copy BW |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const auto& [model, K] : {std::pair{"7B", 4096}, std::pair{"70B", 8192}}) {
+    for (int64_t M : {1, 16, 100, 256, 4096}) {
+      ResidualCase c(M, K);
+      const double two = residual_graph_ms(c, false), fused = residual_graph_ms(c, true);
+      // The fused kernel's bytes: h and y read, h written, the operand written.
+      const double bytes = double(M * K) * (4 + 2 + 4) + double(atom_shape(M, K, kKeeper).packed_bytes());
+      const double gbs = bytes / (fused * 1e-3) / 1e9;
+      std::printf("| %s | %lld | %d | %.1f | %.1f | %.2fx | %.0f | %.0f%% |\n", model, (long long)M, K, two * 1e3,
+                  fused * 1e3, two / fused, gbs, 100.0 * gbs / copy_gbs);
+      std::fflush(stdout);
+    }
+  }
+  return 0;
 }
 
 int run_one(int64_t M, int K) {
@@ -129,6 +220,7 @@ int main(int argc, char** argv) {
   std::printf("device: %s, %d SMs, L2 %zu MB\n", prop.name, prop.multiProcessorCount, g_l2 >> 20);
   const double copy_gbs = copy_bandwidth();
   std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
+  if (argc == 2 && std::string(argv[1]) == "residual") return run_residual(copy_gbs);
 
   struct Shape {
     const char* model;

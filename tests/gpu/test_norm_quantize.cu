@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 
@@ -19,6 +20,7 @@
 #include "nibble/backend/cuda/device_array.h"
 #include "nibble/backend/cuda/format_device.cuh"
 #include "nibble/backend/cuda/gemm_w4a4.h"
+#include "nibble/backend/cuda/model_kernels.h"
 #include "nibble/backend/cuda/norm_quantize.h"
 #include "nibble/core/half.h"
 #include "nibble/quant/format.h"
@@ -302,6 +304,100 @@ TEST(NormQuantize, ScaleMathEqualsIeee) {
   EXPECT_EQ(h[1], 0u) << "fp16 scales that differ";
   EXPECT_EQ(h[2], 0u) << "reciprocals 1 / s that differ";
   std::printf("scale math: 2 x 2^32 quotients and scales, 63,486 reciprocals: %llu / %llu / %llu differ\n", h[0], h[1], h[2]);
+}
+
+TEST(NormQuantize, ResidualFusedEqualsTwoKernels) {
+  // residual_rmsnorm_quantize against what it replaces in the executor, residual_rmsnorm (h += y,
+  // h16 = fp16(h)) then rmsnorm_quantize(h16): every byte of the output (packed and pre-widened,
+  // poisoned differently) and of the fp32 residual written back, run twice on fresh copies of h; the
+  // row counters left zero. M from 1 (every row split over many blocks: the last block writes h back)
+  // to 2100 (one block a row writes its own); y null adds nothing and leaves h as it was.
+  NIBBLE_REQUIRE_GPU();
+  int cases = 0;
+  for (int K : {512, 4096, 8192}) {
+    for (int keeper : {0, 128}) {
+      for (int64_t M : {1, 7, 16, 100, 300, 2100}) {
+        for (bool permuted : {true, false}) {
+          for (bool add : {true, false}) {
+            if (M == 2100 && K == 8192) continue;
+            const bool hadamard = (M + keeper / 128 + permuted) % 2 == 1;
+            const uint64_t seed = testing::fresh_seed();
+            SCOPED_TRACE(::testing::Message() << "M=" << M << " K=" << K << " keeper=" << keeper << " seed " << seed
+                                              << (permuted ? " permuted" : " identity") << (hadamard ? " hadamard" : "")
+                                              << (add ? " h + y" : " y null"));
+            const Inputs in(Variant::Norm, M, K, permuted, seed);  // its perm and norm weight
+            std::vector<float> h(size_t(M * K));
+            std::vector<uint16_t> y(size_t(M * K));
+            for (int64_t i = 0; i < M * K; ++i) {
+              const bool outlier = (i % K) % 97 == 3;
+              h[size_t(i)] = (outlier ? 30.0f : 3.0f) * uniform(seed + 3, uint64_t(i));
+              y[size_t(i)] = float_to_fp16(2.0f * uniform(seed + 4, uint64_t(i)));
+            }
+            for (int64_t m = 6; m < M; m += 7) std::fill(&h[size_t(m * K)], &h[size_t(m * K + K)], 0.0f);  // zero rows
+            const DeviceArray<__half> dy(reinterpret_cast<const __half*>(y.data()), y.size());
+            const __half* y_or_null = add ? dy.get() : nullptr;
+            const int32_t* perm = permuted ? in.dperm.get() : nullptr;
+            ActQuant aq{0.9f, 1.0f};
+            aq.hadamard = hadamard;
+            const AtomShape shape = atom_shape(M, K, keeper);
+            const size_t q_bytes = size_t(shape.code_bytes()), s_bytes = size_t(shape.scale_count()) * 2;
+            const size_t b_bytes = gemm_w4a4_x_int8_bytes(M, K, keeper);
+            DeviceArray<int> counters{size_t(M)};
+            NIBBLE_CUDA_CHECK(cudaMemset(counters.get(), 0, size_t(M) * sizeof(int)));
+            // run 0: the two kernels; runs 1, 2: the fused one. Each: the packed output, then the
+            // pre-widened one, each from a fresh copy of h; the second copy of h kept for comparison.
+            std::vector<std::vector<uint8_t>> got(3);
+            for (int run = 0; run < 3; ++run) {
+              got[size_t(run)].resize(q_bytes + s_bytes + b_bytes + 2 * h.size() * 4);
+              uint8_t* at = got[size_t(run)].data();
+              AtomDeviceMatrix packed(shape);
+              NIBBLE_CUDA_CHECK(cudaMemset(packed.mut().q, 0x11 * (run + 1), q_bytes));
+              NIBBLE_CUDA_CHECK(cudaMemset(packed.mut().s, 0x23 * (run + 1), s_bytes));
+              DeviceArray<uint8_t> widened(b_bytes);
+              NIBBLE_CUDA_CHECK(cudaMemset(widened.get(), 0x37 * (run + 1), b_bytes));
+              for (int layout = 0; layout < 2; ++layout) {
+                const ActOutput out = layout == 0 ? ActOutput(packed.mut()) : ActOutput::pre_widened(widened.get(), shape);
+                DeviceArray<float> dh(h.data(), h.size());
+                if (run == 0) {
+                  DeviceArray<__half> h16(h.size());
+                  residual_rmsnorm(dh.get(), y_or_null, M, K, nullptr, 1e-5f, nullptr, h16.get(), nullptr);
+                  rmsnorm_quantize(h16.get(), K, perm, in.dw.get(), 1e-5f, out, aq, nullptr);
+                  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+                } else {
+                  residual_rmsnorm_quantize(dh.get(), y_or_null, perm, in.dw.get(), 1e-5f, out, aq, counters.get(), nullptr);
+                }
+                NIBBLE_CUDA_CHECK(cudaMemcpy(at + q_bytes + s_bytes + b_bytes + layout * h.size() * 4, dh.get(),
+                                             h.size() * 4, cudaMemcpyDeviceToHost));
+              }
+              NIBBLE_CUDA_CHECK(cudaMemcpy(at, packed.mut().q, q_bytes, cudaMemcpyDeviceToHost));
+              NIBBLE_CUDA_CHECK(cudaMemcpy(at + q_bytes, packed.mut().s, s_bytes, cudaMemcpyDeviceToHost));
+              NIBBLE_CUDA_CHECK(cudaMemcpy(at + q_bytes + s_bytes, widened.get(), b_bytes, cudaMemcpyDeviceToHost));
+            }
+            int64_t differ = 0, differ_again = 0;
+            for (size_t i = 0; i < got[0].size(); ++i) {
+              differ += got[0][i] != got[1][i];
+              differ_again += got[1][i] != got[2][i];
+            }
+            EXPECT_EQ(differ, 0);
+            EXPECT_EQ(differ_again, 0);
+            // h itself: h + y where y was given (the write-back happened), else untouched.
+            const float* h_after = reinterpret_cast<const float*>(got[1].data() + q_bytes + s_bytes + b_bytes);
+            int64_t bad_h = 0;
+            for (size_t i = 0; i < h.size(); ++i) {
+              const float want = add ? h[i] + fp16_to_float(y[i]) : h[i];
+              bad_h += std::memcmp(&h_after[i], &want, 4) != 0;
+            }
+            EXPECT_EQ(bad_h, 0);
+            std::vector<int> left(static_cast<size_t>(M), -1);
+            NIBBLE_CUDA_CHECK(cudaMemcpy(left.data(), counters.get(), left.size() * sizeof(int), cudaMemcpyDeviceToHost));
+            EXPECT_EQ(std::count(left.begin(), left.end(), 0), M) << "row counters not left at zero";
+            ++cases;
+          }
+        }
+      }
+    }
+  }
+  std::printf("residual_rmsnorm_quantize vs residual_rmsnorm + rmsnorm_quantize: %d cases compared byte for byte\n", cases);
 }
 
 TEST(NormQuantize, PreWidenedEqualsRepackOfPacked) {

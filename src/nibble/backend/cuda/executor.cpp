@@ -278,7 +278,13 @@ class LayerRunner {
         w8a8_->prepare(l->w8a8);
       }
       if (!l->atom) continue;
-      if (!hidden16_.size()) hidden16_ = DeviceArray<__half>(size_t(T * cfg_.hidden_size));
+      // The fp16 residual only where several W4A4 linears read one norm (Mixtral's experts); a
+      // dense layer's norm is fused into its linear's quantize kernel, which counts rows.
+      if (w.experts.size() > 1 && !hidden16_.size()) hidden16_ = DeviceArray<__half>(size_t(T * cfg_.hidden_size));
+      if (!row_counters_.size()) {
+        row_counters_ = DeviceArray<int>(size_t(T));
+        NIBBLE_CUDA_CHECK(cudaMemset(row_counters_.get(), 0, row_counters_.size() * sizeof(int)));  // kept zeroed
+      }
       const AtomShape a = atom_shape(std::min<int64_t>(T, kDecodeMaxM), int(l->in), l->keeper);
       if (act_codes_.size() < size_t(a.code_bytes())) act_codes_ = DeviceArray<uint8_t>(size_t(a.code_bytes()));
       if (act_scales_.size() < size_t(a.scale_count())) act_scales_ = DeviceArray<__half>(size_t(a.scale_count()));
@@ -333,8 +339,9 @@ class LayerRunner {
       if (observer && *observer) (*observer)(slot, -1, DeviceRows{x, n, dim, stream_});
     };
     // The residual add of `pending`, then the RMSNorm the linears that follow take: fp16 normalized
-    // rows in xn_ (FP16, W8A8, a router) and/or the fp16 residual in hidden16_, which the fused W4A4
-    // kernels normalize, permute and quantize per linear.
+    // rows in xn_ (FP16, W8A8, a router) and/or the fp16 residual in hidden16_, which Mixtral's W4A4
+    // experts' kernels normalize, permute and quantize per linear (add_norm_linear, below, serves
+    // a dense layer's one reader).
     auto add_and_norm = [&](const DeviceArray<float>& norm, bool rows16, bool atom) {
       residual_rmsnorm(hidden, pending, n, H, rows16 ? norm.get() : nullptr, eps, rows16 ? xn_.get() : nullptr,
                        atom ? hidden16_.get() : nullptr, stream_);
@@ -349,9 +356,21 @@ class LayerRunner {
       rmsnorm_quantize(hidden16_.get(), H, lw.perm.get(), lw.norm_perm.get(), eps, act_op(n, lw), lw.act, stream_);
       w4a4(lw, n, y);
     };
-    // gate/up → SwiGLU → down into y_.
-    auto expert_mlp = [&](const ExpertWeights& e) {
-      normed_linear(e.gate_up, LinearSlot::GateUp, gate_up_.get());
+    // add_and_norm then y = w(...) for the norm's only reader: a W4A4 linear takes the residual add
+    // into its quantize kernel (one launch fewer, no fp16 copy of the residual).
+    auto add_norm_linear = [&](const DeviceArray<float>& norm, const LinearWeights& lw, LinearSlot slot, __half* y) {
+      if (!lw.atom) {
+        add_and_norm(norm, true, false);
+        return normed_linear(lw, slot, y);
+      }
+      residual_rmsnorm_quantize(hidden, pending, lw.perm.get(), lw.norm_perm.get(), eps, act_op(n, lw), lw.act,
+                                row_counters_.get(), stream_);
+      pending = nullptr;
+      w4a4(lw, n, y);
+    };
+    // gate/up → SwiGLU → down into y_; `first` runs gate/up.
+    auto expert_mlp = [&](const ExpertWeights& e, const auto& first) {
+      first(e.gate_up, LinearSlot::GateUp, gate_up_.get());
       if (e.down.atom) {
         swiglu_quantize(gate_up_.get(), gate_up_.get() + I, 2 * I, e.down.perm.get(), act_op(n, e.down), e.down.act,
                         stream_);
@@ -362,8 +381,7 @@ class LayerRunner {
         if (need_output) dense(e.down, act_.get(), n, y_.get());
       }
     };
-    add_and_norm(w.attn_norm, !w.qkv.atom, w.qkv.atom);
-    normed_linear(w.qkv, LinearSlot::QKV, qkv_.get());
+    add_norm_linear(w.attn_norm, w.qkv, LinearSlot::QKV, qkv_.get());
     AppendArgs app;
     app.qkv = qkv_.get();
     app.qkv_stride = w.qkv.out;
@@ -405,8 +423,9 @@ class LayerRunner {
     if (comm_) comm_->all_reduce_sum(y_.get(), n * H, stream_);
     pending = y_.get();
     if (w.experts.size() == 1) {
-      add_and_norm(w.mlp_norm, !w.experts[0].gate_up.atom, w.experts[0].gate_up.atom);
-      expert_mlp(w.experts[0]);
+      expert_mlp(w.experts[0], [&](const LinearWeights& lw, LinearSlot slot, __half* y) {
+        add_norm_linear(w.mlp_norm, lw, slot, y);
+      });
       if (comm_) comm_->all_reduce_sum(y_.get(), n * H, stream_);
       pending = y_.get();
       return;
@@ -420,7 +439,7 @@ class LayerRunner {
     moe_route(hidden, n, H, w.mlp_norm.get(), eps, w.router.get(), int(c.num_experts), int(c.num_experts_per_tok),
               expert_weights_.get(), stream_);
     for (size_t e = 0; e < w.experts.size(); ++e) {
-      expert_mlp(w.experts[e]);
+      expert_mlp(w.experts[e], normed_linear);
       add_expert_output(hidden, y_.get(), expert_weights_.get(), int(c.num_experts), int(e), n, H, stream_);
     }
   }
@@ -485,6 +504,7 @@ class LayerRunner {
   // W4A4 only: the fp16 copy of the residual stream, the quantized input (packed up to 64 rows,
   // pre-widened above), the decode kernel's split-K scratch.
   DeviceArray<__half> hidden16_;
+  DeviceArray<int> row_counters_;  // residual_rmsnorm_quantize's, one per token row
   DeviceArray<uint8_t> act_codes_;  // the largest linear input at min(max_tokens, 64) rows
   DeviceArray<__half> act_scales_;
   DeviceArray<uint8_t> act_x_int8_;    // the largest linear input at max_tokens rows, pre-widened (max_tokens > 64)

@@ -27,6 +27,11 @@ struct ActParams {
   __half* out_s;
   uint8_t* out_b;   // X pre-widened in the wgmma B layout (gemm_w4a4.h), or null
   AtomShape shape;
+  // residual_rmsnorm_quantize: the fp32 residual [rows, K] (read instead of a), the fp16 output added
+  // to it first (or null), and the per-row arrival counters of the blocks that share a row.
+  float* res_h;
+  const __half* res_y;
+  int* row_counters;
 };
 
 constexpr int kMaxSmem = 200 * 1024;
@@ -116,6 +121,46 @@ __device__ __forceinline__ void keeper_codes(const ActParams& p, const __half* s
   w1 = low_bytes(b[4], b[5], b[6], b[7]);
 }
 
+// Eight channels c0 .. c0 + 7 of the residual row h (+ y): fp32 as residual_rmsnorm adds them.
+__device__ __forceinline__ void residual_unit(const float* h, const __half* y, int c0, float (&v)[8]) {
+  const float4 h0 = *reinterpret_cast<const float4*>(h + c0), h1 = *reinterpret_cast<const float4*>(h + c0 + 4);
+  const float x[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+  float w[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (y) unpack8(__ldg(reinterpret_cast<const uint4*>(y + c0)), w);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) v[e] = y ? x[e] + w[e] : x[e];
+}
+__device__ __forceinline__ void store_unit(float* h, const float (&v)[8]) {
+  *reinterpret_cast<float4*>(h) = make_float4(v[0], v[1], v[2], v[3]);
+  *reinterpret_cast<float4*>(h + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
+  uint4 r;
+  uint32_t* w = reinterpret_cast<uint32_t*>(&r);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const __half2 hv = __floats2half2_rn(v[2 * e], v[2 * e + 1]);
+    w[e] = *reinterpret_cast<const uint32_t*>(&hv);
+  }
+  return r;
+}
+// A row split over several blocks: the one whose ticket (its arrival count, taken by thread 0 once
+// the block had read h) is the last writes h + y back from its shared fp32 copy and leaves the
+// counter at zero for the next call. Every other block has read h by then, so the writes cannot
+// reach their loads (a write-after-read order only: no fence needed); no block waits for another.
+__device__ __forceinline__ void residual_write_back(const ActParams& p, int64_t row, int K, int ticket,
+                                                    const float* row_f32) {
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    last = ticket == int(gridDim.y) - 1;
+    if (last) p.row_counters[row] = 0;
+  }
+  __syncthreads();
+  if (!last) return;
+  for (int c = threadIdx.x; c < K / 4; c += blockDim.x)
+    reinterpret_cast<float4*>(p.res_h + row * K)[c] = reinterpret_cast<const float4*>(row_f32)[c];
+}
+
 // X pre-widened (gemm_w4a4.h): the block of the row's 128-token tile and slab s, and the row's
 // place n in it. Codes go to x_int8_b_offset(n, k), 16 * code for INT4 slabs (the low nibble moved
 // up, as the GEMM widens W), the fp16 scale widened to fp32 after the codes.
@@ -183,12 +228,31 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
   // registers held: the row costs one memory round trip); the norm then sums its squares from the
   // lane's own copies, in the order of one load at a time.
   const int K = sh.K, units = K / kUnit;
-  const __half* ga = p.a + row * p.ld;
+  const __half* ga = p.a ? p.a + row * p.ld : nullptr;  // null: the residual's fp32 row instead
   const __half* gu = MODE == kSwiglu ? p.u + row * p.ld : nullptr;
   const __half* sa = row_smem;
   const __half* su = row_smem + K;
   float ss = 0;
-  if (MODE == kNorm || p.perm) {
+  if (MODE == kNorm && p.res_h) {
+    // The residual add first (residual_rmsnorm's arithmetic: h + y in fp32, then fp16), the fp16
+    // row staged and its squares summed in the same per-lane order as the staged path below. A row
+    // with one block writes h + y back here (each lane its own units, read just before); with
+    // several, the fp32 row is kept in shared memory after the fp16 one, for the write-back by the
+    // last of them (residual_write_back).
+    const float* gh = p.res_h + row * K;
+    const __half* gy = p.res_y ? p.res_y + row * K : nullptr;
+    float* row_f32 = reinterpret_cast<float*>(row_smem + K);
+    for (int c = tid; c < units; c += blockDim.x) {
+      float v[8];
+      residual_unit(gh, gy, c * kUnit, v);
+      if (gy) store_unit(gridDim.y == 1 ? p.res_h + row * K + c * kUnit : row_f32 + c * kUnit, v);
+      const uint4 r = pack8(v);
+      *reinterpret_cast<uint4*>(row_smem + c * kUnit) = r;
+      unpack8(r, v);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) ss = fmaf(v[e], v[e], ss);
+    }
+  } else if (MODE == kNorm || p.perm) {
     for (int c = tid; c < units; c += blockDim.x) {
       cp_async16(row_smem + c * kUnit, ga + c * kUnit);
       if constexpr (MODE == kSwiglu) cp_async16(row_smem + K + c * kUnit, gu + c * kUnit);
@@ -216,6 +280,10 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
     if (warp == 0 && lane >= nwarps) red[lane] = 0;  // so that the sum can read red[] four at a time
   }
   __syncthreads();
+  // A split row's blocks count their arrivals as soon as each has read h (all of its loads returned
+  // before the barrier above); thread 0 holds its ticket until the end of the kernel.
+  const bool split_residual = MODE == kNorm && p.res_h && p.res_y && gridDim.y > 1;
+  const int ticket = split_residual && tid == 0 ? atomicAdd(&p.row_counters[row], 1) : 0;
   float inv = 1.0f;
   if constexpr (MODE == kNorm) {
     // The warps' sums in order, as one at a time (adding the zero padding changes nothing: the sums
@@ -336,6 +404,7 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
     if (2 * pair + 1 < sh.g4) quantize_pair(pair, std::false_type{});
     else quantize_pair(pair, std::true_type{});
   }
+  if (split_residual) residual_write_back(p, row, K, ticket, reinterpret_cast<const float*>(row_smem + K));
 }
 
 template <int MODE, int MAX_REGS, bool kPreWidened>
@@ -359,8 +428,7 @@ template <int MODE>
 void launch(const ActParams& p, cudaStream_t stream) {
   const std::string where = "norm_quantize";
   const bool staged = MODE == kNorm || p.perm;
-  const size_t smem = staged ? size_t(p.shape.K) * 2 * (MODE == kSwiglu ? 2 : 1) : 0;
-  require(smem <= size_t(kMaxSmem), where, "K = {} is too large", p.shape.K);
+  size_t smem = staged ? size_t(p.shape.K) * 2 * (MODE == kSwiglu ? 2 : 1) : 0;
   require(p.ld % 8 == 0 && p.ld >= p.shape.K, where, "row stride {} must be a multiple of 8 and >= K", p.ld);
   require(!p.out_b || reinterpret_cast<uintptr_t>(p.out_b) % 16 == 0, where, "pre-widened output must be 16-byte aligned");
   // The kernel's output offsets are 32-bit (a 4 GiB operand is some 8 M tokens of 8192 channels).
@@ -387,6 +455,8 @@ void launch(const ActParams& p, cudaStream_t stream) {
   const int64_t by_gpu = (2 * int64_t(sms) + grid_rows - 1) / grid_rows;
   const int64_t splits = std::min(by_units, std::max(least, by_gpu));
   const dim3 grid(unsigned(grid_rows), unsigned(std::clamp<int64_t>(splits, 1, 65535)));
+  if (p.res_y && grid.y > 1) smem += size_t(p.shape.K) * 4;  // the fp32 row a split residual writes back
+  require(smem <= size_t(kMaxSmem), where, "K = {} is too large", p.shape.K);
   // Many blocks per SM (prefill): the occupancy the registers allow is what hides the latency, so
   // cap them (12 blocks of 128 threads an SM instead of 10: 8% faster at M = 4096, measured; swiglu
   // keeps 64: at 40 it spills). Few (decode): occupancy is no limit, keep the uncapped kernel.
@@ -420,6 +490,19 @@ ActParams make_params(const __half* a, const __half* u, int64_t ld, const int32_
 void rmsnorm_quantize(const __half* h, int64_t ld_h, const int32_t* perm, const float* norm_w, float eps,
                       const ActOutput& out, ActQuant q, cudaStream_t stream) {
   launch<kNorm>(make_params(h, nullptr, ld_h, perm, norm_w, eps, out, q), stream);
+}
+
+void residual_rmsnorm_quantize(float* h, const __half* y, const int32_t* perm, const float* norm_w, float eps,
+                               const ActOutput& out, ActQuant q, int* row_counters, cudaStream_t stream) {
+  const std::string where = "residual_rmsnorm_quantize";
+  require(h && reinterpret_cast<uintptr_t>(h) % 16 == 0 && (!y || reinterpret_cast<uintptr_t>(y) % 16 == 0), where,
+          "h must be non-null and h, y 16-byte aligned");
+  require(row_counters || out.packed.shape.rows == 0, where, "row counters must be non-null");
+  ActParams p = make_params(nullptr, nullptr, out.packed.shape.K, perm, norm_w, eps, out, q);
+  p.res_h = h;
+  p.res_y = y;
+  p.row_counters = row_counters;
+  launch<kNorm>(p, stream);
 }
 
 void gather_quantize(const __half* a, int64_t ld_a, const int32_t* perm, const ActOutput& out, ActQuant q,

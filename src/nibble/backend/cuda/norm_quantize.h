@@ -50,6 +50,14 @@ struct ActOutput {
 // `out`'s shape must be atom_shape(M, K, keeper). ld_*: elements between rows of the input.
 void rmsnorm_quantize(const __half* h, int64_t ld_h, const int32_t* perm, const float* norm_w, float eps,
                       const ActOutput& out, ActQuant q, cudaStream_t stream);
+// rmsnorm_quantize with the residual add in front, one launch instead of two: h += y (fp32; y fp16
+// or null: nothing added, h untouched), then rmsnorm_quantize of fp16(h) — the same bytes in `out`
+// and in h as residual_rmsnorm(h, y, rows, K, nullptr, eps, nullptr, h16) followed by
+// rmsnorm_quantize(h16, K, ...). h: [rows, K] fp32, ld K, 16-byte aligned (y too). row_counters: at
+// least `rows` ints, zero before the call and left zero (the blocks that share a row count their
+// arrivals: the last, after all have read h, writes h + y back).
+void residual_rmsnorm_quantize(float* h, const __half* y, const int32_t* perm, const float* norm_w, float eps,
+                               const ActOutput& out, ActQuant q, int* row_counters, cudaStream_t stream);
 void gather_quantize(const __half* a, int64_t ld_a, const int32_t* perm, const ActOutput& out, ActQuant q,
                      cudaStream_t stream);
 void swiglu_quantize(const __half* gate, const __half* up, int64_t ld, const int32_t* perm,
