@@ -1409,21 +1409,28 @@ GemmPath wgmma_auto_path(const GemmOperands& ops) {
   return win ? GemmPath::WgmmaStreamK : GemmPath::Wgmma;
 }
 
-// The specialised kernels on X pre-widened at x_int8: v9 (Wgmma) or stream-K (its workspace checked).
-void launch_specialized(const GemmOperands& ops, const uint8_t* x_int8, OutType out, GemmPath path,
-                        const GemmW4A4Scratch& scratch, cudaStream_t stream, const std::string& where) {
-  if (path != GemmPath::WgmmaStreamK) {
-    if (out == OutType::F16) launch_wgmma<__half>(ops, x_int8, stream);
-    else launch_wgmma<__nv_bfloat16>(ops, x_int8, stream);
-    return;
-  }
+// The stream-K plan of a shape, its workspace checked (before anything is launched).
+StreamKPlan checked_stream_k_plan(const GemmOperands& ops, const GemmW4A4Scratch& scratch, const std::string& where) {
   const StreamKPlan plan = stream_k_plan_for(ops.w_rows_pad, ops.x_rows_pad, ops.slabs);
-  require(plan.blocks > 0, where, "stream-K takes up to 2^31 (tile, slab) iterations, not {} x {}", plan.tiles, plan.slabs);
+  require(plan.blocks > 0, where, "stream-K takes fewer than 2^31 (tile, slab) iterations, not {} tiles x {} slabs",
+          wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs);
   const size_t need = stream_k_workspace_bytes(plan.blocks);
   require(scratch.stream_k && scratch.stream_k_bytes >= need && reinterpret_cast<uintptr_t>(scratch.stream_k) % 16 == 0,
           where, "stream-K workspace of {} bytes, need {} bytes, 16-byte aligned", scratch.stream_k_bytes, need);
-  if (out == OutType::F16) launch_wgmma_stream_k<__half>(ops, x_int8, plan, scratch.stream_k, stream);
-  else launch_wgmma_stream_k<__nv_bfloat16>(ops, x_int8, plan, scratch.stream_k, stream);
+  return plan;
+}
+
+// The specialised kernels on X pre-widened at x_int8: v9 (Wgmma), or stream-K on `plan`.
+void launch_specialized(const GemmOperands& ops, const uint8_t* x_int8, OutType out, GemmPath path,
+                        const StreamKPlan& plan, void* stream_k, cudaStream_t stream) {
+  if (path != GemmPath::WgmmaStreamK) {
+    if (out == OutType::F16) launch_wgmma<__half>(ops, x_int8, stream);
+    else launch_wgmma<__nv_bfloat16>(ops, x_int8, stream);
+  } else if (out == OutType::F16) {
+    launch_wgmma_stream_k<__half>(ops, x_int8, plan, stream_k, stream);
+  } else {
+    launch_wgmma_stream_k<__nv_bfloat16>(ops, x_int8, plan, stream_k, stream);
+  }
 }
 
 bool disjoint(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
@@ -1497,8 +1504,9 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       require(scratch.x_int8 && scratch.x_int8_bytes >= need && begin(scratch.x_int8) % 16 == 0, where,
               "X scratch of {} bytes ({}), need {} bytes, 16-byte aligned", scratch.x_int8_bytes,
               scratch.x_int8 ? "aligned to " + std::to_string(begin(scratch.x_int8) & 15) + " mod 16" : "null", need);
+      const StreamKPlan plan = path == GemmPath::WgmmaStreamK ? checked_stream_k_plan(ops, scratch, where) : StreamKPlan{};
       x_to_int8_b_layout(x, scratch.x_int8, stream);
-      launch_specialized(ops, scratch.x_int8, out, path, scratch, stream, where);
+      launch_specialized(ops, scratch.x_int8, out, path, plan, scratch.stream_k, stream);
       return;
     }
   }
@@ -1514,7 +1522,9 @@ void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{nullptr, nullptr, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
-  launch_specialized(ops, x.blocks, out, path == GemmPath::Auto ? wgmma_auto_path(ops) : path, scratch, stream, where);
+  if (path == GemmPath::Auto) path = wgmma_auto_path(ops);
+  const StreamKPlan plan = path == GemmPath::WgmmaStreamK ? checked_stream_k_plan(ops, scratch, where) : StreamKPlan{};
+  launch_specialized(ops, x.blocks, out, path, plan, scratch.stream_k, stream);
 }
 
 }  // namespace nibble::cuda
