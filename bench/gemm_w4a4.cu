@@ -43,6 +43,12 @@ struct Shape {
   const char* name;
   int64_t N, K;
 };
+// Every linear the engine runs on Llama-2-7B (its q/k/v and gate/up fused too) and -70B.
+const Shape kEngineLinears[] = {
+    {"7B", "q/k/v fused", 12288, 4096}, {"7B", "q/k/v/o", 4096, 4096}, {"7B", "gate/up fused", 22016, 4096},
+    {"7B", "gate/up", 11008, 4096},     {"7B", "down", 4096, 11008},   {"70B", "q/o", 8192, 8192},
+    {"70B", "k/v", 1024, 8192},         {"70B", "gate/up", 28672, 8192}, {"70B", "down", 8192, 28672},
+};
 
 // ---- cuBLASLt baselines -------------------------------------------------------------------------
 
@@ -261,21 +267,11 @@ int run_one(int64_t M, int64_t N, int64_t K, GemmPath path, bool pre_widened) {
 // them (the stream kernel's programmatic dependent launch overlaps a launch with the previous
 // one's tail), and the stream kernel also launched eagerly, all in the same run with the FP16 linear (streaming kernel at M <= 4, cuBLAS above).
 int run_decode(double copy_gbs) {
-  struct DecodeShape {
-    const char* model;
-    const char* name;
-    int64_t N, K;
-  };
-  const DecodeShape shapes[] = {
-      {"7B", "q/k/v fused", 12288, 4096}, {"7B", "q/k/v/o", 4096, 4096}, {"7B", "gate/up fused", 22016, 4096},
-      {"7B", "gate/up", 11008, 4096},     {"7B", "down", 4096, 11008},   {"70B", "q/o", 8192, 8192},
-      {"70B", "k/v", 1024, 8192},         {"70B", "gate/up", 28672, 8192}, {"70B", "down", 8192, 28672},
-  };
   const int keeper = 128;
   LinearFp16 fp16;
   std::printf("| model | layer | M | N | K | dispatched | stream µs (graph) | %% copy BW | decode µs (graph) | %% copy BW | stream µs (eager) | fp16 µs (graph) | best vs fp16 |\n");
   std::printf("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
-  for (const DecodeShape& sh : shapes) {
+  for (const Shape& sh : kEngineLinears) {
     for (int64_t M : {1, 2, 4, 8, 16}) {
       const int64_t N = sh.N, K = sh.K;
       double t_stream, t_decode, t_eager, bytes;
@@ -305,16 +301,11 @@ int run_decode(double copy_gbs) {
 // (M > 64: repack + v9; M = 64: the decode kernel) and the FP16 linear, all in the same run, with the
 // plans' slab-time costs (gemm_w4a4_plan.h) for the model's ratio.
 int run_stream_k(const std::vector<int64_t>& Ms, int sms) {
-  const Shape shapes[] = {
-      {"7B", "q/k/v/o", 4096, 4096},        {"7B", "q/k/v fused", 12288, 4096}, {"7B", "gate/up", 11008, 4096},
-      {"7B", "gate/up fused", 22016, 4096}, {"7B", "down", 4096, 11008},        {"70B", "q/o", 8192, 8192},
-      {"70B", "k/v", 1024, 8192},           {"70B", "gate/up", 28672, 8192},   {"70B", "down", 8192, 28672},
-  };
   const int keeper = 128;
   LinearFp16 fp16;
   std::printf("| model | layer | M | tiles | v9 cluster | stream-K blocks | Auto µs | v9 µs | stream-K µs | fp16 µs | v9 / stream-K | model v9 / stream-K | fp16 / stream-K | fp16 / v9 |\n");
   std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-  for (const Shape& sh : shapes) {
+  for (const Shape& sh : kEngineLinears) {
     for (int64_t M : Ms) {
       const AtomShape xs = atom_shape(M, int(sh.K), keeper), ws = atom_shape(sh.N, int(sh.K), keeper);
       const int64_t tiles = (ws.rows_pad + 127) / 128 * ((xs.rows_pad + 127) / 128);
