@@ -1063,11 +1063,12 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
 //
 // gemm_w4a4_plan.h has the scheduling (shares, spans, owners and contributors) and its cost model;
 // bench/NOTES-gemm_w4a4.md "Session 15" the protocol and why it cannot deadlock. The producer walks
-// the block's share span after span without a pause (produce_slabs, the ring position running on),
-// the consumers fold each span (consume_slabs) and then, per warp and without any block barrier,
-// either write the output (a whole tile), or write their 16 rows of the fp32 partial and raise their
-// flag (a tile's tail: the block's first span), or wait for the flags of the tile's contributors, add
-// their partials in block order and write the output (a tile's head: the block's last span).
+// the block's share span after span without a pause (produce_slabs, the ring position running on);
+// the consumers fold the share's slabs in one loop and, after each span's last slab, per warp and
+// without any block barrier, either write the output (a whole tile), or write their 16 rows of the
+// fp32 partial and raise their flag (a tile's tail: the block's first span), or wait for the flags of
+// the tile's contributors, add their partials in block order and write the output (a tile's head:
+// the block's last span).
 struct StreamKParams {
   int blocks;
   int iterations;      // tiles x slabs (iterations x blocks < 2^31)
