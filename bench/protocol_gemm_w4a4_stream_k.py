@@ -4,8 +4,8 @@
 # when the slab's copy lands, `consumed` counts the consumer warps' releases) across all the share's
 # spans and its wait for the last releases before it exits; per consumer warp the slab loop (wait,
 # read the stage, fold, release), the tail's partial stores + __threadfence + the flag's st.release,
-# the head's spin on ld.acquire of each contributor's flag, its reads of their partials in block order,
-# the flag's reset, and the output. Global memory has per-warp store buffers whose plain stores become
+# the head's poll of all its contributors' flags (relaxed loads, then fence.acq_rel), its reads of their
+# partials in block order, the flags' reset, and the output. Global memory has per-warp store buffers whose plain stores become
 # visible in any order (a fence waits for all of them, a release store only after them). Two launches
 # of the kernel share the workspace, the second programmatically dependent on the first: its blocks may
 # take an SM only once every block of the first has executed launch_dependents, and touch memory only
@@ -25,6 +25,7 @@ BUGS = {
     'no_fence': 'the flag a plain store without the fence: it can become visible before the partial',
     'no_reset': 'the owner leaves the flag raised: the next launch reads the old partial',
     'arrival_order': 'the owner adds partials as their flags appear, not in block order',
+    'no_acquire_fence': 'the owner polls the flags relaxed without the acquire fence: partial loads can pass the poll',
     'no_dependency_wait': 'the dependent launch touches the workspace before griddepcontrol.wait',
     'early_release': 'a consumer releases its stage before it has read it',
     'grid_above_sms': 'more blocks than SMs: an owner can hold the SM its contributor needs',
@@ -177,23 +178,32 @@ def run(seed, bug):
                         if bug == 'last_contributor_plus_one':
                             last += 1
                         todo = list(range(b + 1, last + 1))
-                        while todo:
-                            if bug == 'arrival_order':
+                        early = {c: mem.get(('partial', c, w), POISON) for c in todo}  # loads hoisted above the poll
+                        if bug == 'arrival_order':  # each partial added as soon as its flag shows
+                            while todo:
                                 ready = [c for c in todo if c < blocks and mem[('flag', c, w)] != 0]
-                                c = R.choice(ready) if ready else None
-                            else:
-                                c = todo[0] if todo[0] < blocks and mem[('flag', todo[0], w)] != 0 else None
-                            if c is None:
-                                yield 'blocked'
-                                continue
-                            yield 'step'  # the acquire load returned 1; the partial's loads follow it
-                            part = mem[('partial', c, w)]
+                                if not ready:
+                                    yield 'blocked'
+                                    continue
+                                c = R.choice(ready)
+                                part = mem[('partial', c, w)]
+                                assert part != POISON, f'block {b} read block {c} partial before it was written'
+                                acc.extend(part)
+                                buf.append([('flag', c, w), 0, False])
+                                todo.remove(c)
+                                yield 'step'
+                        # every flag polled (relaxed loads), then fence.acq_rel, then the partials in block order
+                        while not all(c < blocks and mem[('flag', c, w)] != 0 for c in todo):
+                            yield 'blocked'
+                        yield 'step'
+                        for c in todo:
+                            part = early[c] if bug == 'no_acquire_fence' and R.random() < 0.5 else mem[('partial', c, w)]
                             assert part != POISON, f'block {b} read block {c} partial before it was written'
                             acc.extend(part)
-                            if bug != 'no_reset':
-                                buf.append([('flag', c, w), 0, False])
-                            todo.remove(c)
                             yield 'step'
+                        if bug != 'no_reset':
+                            for c in todo:
+                                buf.append([('flag', c, w), 0, False])
                     key = (L.index, tile, w)
                     assert key not in outputs, f'tile {tile} written twice'
                     outputs[key] = tuple(acc)

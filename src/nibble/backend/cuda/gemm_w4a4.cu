@@ -1082,11 +1082,12 @@ constexpr int kSkSmem = kSkStoreOffset + kStreamKConsumerWarps * kSkStoreBytes;
 static_assert(kSkSmem <= 227 * 1024, "shared memory per block");
 static_assert(kSpSmem % 16 == 0, "16-byte aligned staging");
 
-__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
+__device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint32_t* p) {
   uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 __device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
@@ -1208,18 +1209,26 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_stream_k_kernel(WgmmaPara
     } else {
       if (s1 < p.slabs) {  // a head (the share's last span): the contributors' partials in block order
         const int last = stream_k_last_contributor(tile, p.slabs, k.iterations, k.blocks);
-        for (int c = b + 1; c <= last; ++c) {
-          uint32_t* flag = &k.flags[c * kStreamKConsumerWarps + cw];
-          while (ld_acquire_gpu(flag) == 0) {
-          }
-          const float4* src = k.partials + (size_t(c) * kStreamKConsumerWarps + cw) * 16 * 32 + lane;
-#pragma unroll
-          for (int j = 0; j < 16; ++j) {
-            const float4 v = __ldcg(src + 32 * j);
-            acc[4 * j] += v.x, acc[4 * j + 1] += v.y, acc[4 * j + 2] += v.z, acc[4 * j + 3] += v.w;
-          }
-          if (lane == 0) *flag = 0;  // 0 again for the next launch (nothing else reads it in this one)
+        // All their flags polled with relaxed loads in flight together, then one acquire fence (the PTX
+        // acquire pattern): one L2 round trip for all, not one per contributor (up to ~11 on 70B k/v).
+        for (bool all = false; !all;) {
+          all = true;
+          for (int c = b + 1; c <= last; ++c) all &= ld_relaxed_gpu(&k.flags[c * kStreamKConsumerWarps + cw]) != 0;
         }
+        fence_acq_rel_gpu();
+        // Then the partials (__ldcg: never a stale L1 line of an earlier call's partial at the same
+        // address). One at a time: the int32 set stays live across this epilogue (the next wgmma reads it
+        // as "+r"), so a second 64-register buffer would spill.
+        for (int c = b + 1; c <= last; ++c) {
+          const float4* src = k.partials + (size_t(c) * kStreamKConsumerWarps + cw) * 16 * 32 + lane;
+          float4 v[16];
+#pragma unroll
+          for (int j = 0; j < 16; ++j) v[j] = __ldcg(src + 32 * j);
+#pragma unroll
+          for (int j = 0; j < 16; ++j) acc[4 * j] += v[j].x, acc[4 * j + 1] += v[j].y, acc[4 * j + 2] += v[j].z, acc[4 * j + 3] += v[j].w;
+        }
+        if (lane == 0)  // 0 again for the next launch (nothing else reads them in this one)
+          for (int c = b + 1; c <= last; ++c) k.flags[c * kStreamKConsumerWarps + cw] = 0;
       }
       int64_t n_base;
       int m_tile;
