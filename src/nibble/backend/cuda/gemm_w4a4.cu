@@ -1,7 +1,10 @@
 #include "nibble/backend/cuda/gemm_w4a4.h"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include <cooperative_groups.h>
 
@@ -1408,14 +1411,21 @@ namespace {
 // it wgmma_cost::kStreamKMargin cheaper. Off until the device run (bench/NOTES-gemm_w4a4.md, "Session 15", decision rule).
 constexpr bool kAutoTakesStreamK = false;
 
+// A plan simulates every grid size (~100 µs of host time, more than many of the kernels it plans): computed
+// once per (tiles, slabs) and kept.
 StreamKPlan stream_k_plan_for(int64_t w_rows_pad, int64_t x_rows_pad, int slabs) {
-  return stream_k_plan(wgmma_tiles(w_rows_pad, x_rows_pad), slabs, sm_count());
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, int>, StreamKPlan> plans;
+  const int64_t tiles = wgmma_tiles(w_rows_pad, x_rows_pad);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto [at, inserted] = plans.try_emplace({tiles, slabs});
+  if (inserted) at->second = stream_k_plan(tiles, slabs, sm_count());
+  return at->second;
 }
 GemmPath wgmma_auto_path(const GemmOperands& ops) {
   if (!kAutoTakesStreamK) return GemmPath::Wgmma;
-  const int64_t tiles = wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad);
-  const bool win = stream_k_predicted_win(wgmma_cluster_plan(tiles, ops.slabs, sm_count()),
-                                          stream_k_plan(tiles, ops.slabs, sm_count()));
+  const WgmmaClusterPlan cluster = wgmma_cluster_plan(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs, sm_count());
+  const bool win = stream_k_predicted_win(cluster, stream_k_plan_for(ops.w_rows_pad, ops.x_rows_pad, ops.slabs));
   return win ? GemmPath::WgmmaStreamK : GemmPath::Wgmma;
 }
 
