@@ -14,7 +14,8 @@
 # interleavings. Checks: no hang; no stage overwritten while read and every read sees its own slab;
 # each output tile = all its slabs once, summed in slab order (the owner's span, then the contributors'
 # partials in block order: deterministic); no partial read before it was written (poison) or from the
-# other launch; every flag zero after both launches.
+# other launch; every flag zero after both launches. Also checks the output staging's index math
+# (check_output_staging).
 # Usage: python3 bench/protocol_gemm_w4a4_stream_k.py [seeds, default 300] [bug name: run with a
 # deliberate protocol bug, which must make some seeds fail]
 import random
@@ -285,7 +286,37 @@ def run(seed, bug):
     return True
 
 
+def check_output_staging():
+    """store_warp_rows' index math (gemm_w4a4.cu), under PTX's stmatrix semantics: a lane's register of an 8x8
+    b16 matrix holds fragment row lane/4, columns 2(lane%4), +1; .trans stores fragment element (r, c) at
+    position r of the row whose address lane 8i + c gives. Checks that every output read back for (token, W
+    row) is the accumulator the fold put there (acc[4j + e]: W row g + 8(e >> 1), token 8j + 2t + (e & 1)),
+    and that no stmatrix phase has two rows in one bank group."""
+    def chunk(row, h):
+        return row * 32 + ((h ^ (row >> 2 & 1)) << 4)
+    for half in range(2):
+        mem = {}
+        for jj in range(0, 8, 2):
+            j = 8 * half + jj
+            addr = [chunk(8 * (jj + (lane // 8) // 2) + lane % 8, (lane // 8) % 2) for lane in range(32)]
+            for i in range(4):  # matrix i: registers pack(acc[4j + 2i], acc[4j + 2i + 1])
+                assert len({addr[8 * i + k] // 16 % 8 for k in range(8)}) == 8, 'stmatrix bank conflict'
+                for lane in range(32):
+                    for e in range(2):
+                        a = addr[8 * i + 2 * (lane % 4) + e] + 2 * (lane // 4)
+                        assert a not in mem, 'two outputs staged at one address'
+                        mem[a] = (lane, 4 * j + 2 * i + e)
+        for c in range(128):  # lane c % 32, round c // 32: chunk (row c / 2, half h = c % 2)
+            row, h = c // 2, c % 2
+            for e in range(8):
+                lane, idx = mem[chunk(row, h) + 2 * e]
+                w_row = lane // 4 + 8 * ((idx % 4) >> 1)
+                token = 8 * (idx // 4) + 2 * (lane % 4) + (idx % 2)
+                assert (w_row, token) == (8 * h + e, 64 * half + row), 'output staged in the wrong place'
+
+
 def main():
+    check_output_staging()
     seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 300
     bugs = sys.argv[2:] if len(sys.argv) > 2 else ['none']
     status = 0
