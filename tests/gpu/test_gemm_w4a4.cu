@@ -625,6 +625,53 @@ TEST(GemmW4A4StreamK, PreWidenedEntryEqualsPackedEntry) {
   }
 }
 
+TEST(GemmW4A4StreamK, AutoTakesStreamKWhereItMeasuredFaster) {
+  // Auto's choice above 64 rows, seen in its output bit for bit: stream-K at 16-32 tiles when the
+  // scratch holds a stream-K workspace (7B q/k/v/o and down at M = 100-128, 70B k/v at M = 256),
+  // v9 at 8 or 64 tiles and whenever the workspace is missing. Both paths are deterministic; where
+  // they happen to agree on every element the case cannot tell them apart, so the differing count is
+  // printed.
+  NIBBLE_REQUIRE_GPU();
+  struct Case {
+    int64_t N;
+    int K;
+    int64_t M;
+    bool stream_k;
+  };
+  const Case cases[] = {{4096, 4096, 100, true},  {4096, 11008, 128, true}, {1024, 8192, 256, true},
+                        {1024, 8192, 100, false}, {4096, 4096, 256, false}};
+  for (const Case& c : cases) {
+    const uint64_t w_seed = fresh_seed(), x_seed = fresh_seed();
+    SCOPED_TRACE(::testing::Message() << "M=" << c.M << " N=" << c.N << " K=" << c.K << " seeds: x " << x_seed << " w "
+                                      << w_seed);
+    const AtomDeviceMatrix w(to_gpu_layout(quantized(w_seed, c.N, c.K, 128, 0.05f, 1.0f)));
+    const AtomDeviceMatrix x(to_gpu_layout(quantized(x_seed, c.M, c.K, 128, 1.0f, 0.9f)));
+    const DeviceResult automatic = run_twice(x.view(), w.view(), OutType::F16, GemmPath::Auto);
+    const DeviceResult sk = run_twice(x.view(), w.view(), OutType::F16, GemmPath::WgmmaStreamK);
+    const DeviceResult v9 = run_twice(x.view(), w.view(), OutType::F16, GemmPath::Wgmma);
+    // Auto from X pre-widened without a stream-K workspace: v9.
+    DeviceArray<uint8_t> blocks(gemm_w4a4_x_int8_bytes(c.M, c.K, 128));
+    x_to_int8_b_layout(x.view(), blocks.get(), nullptr);
+    const DeviceResult bare = run_twice_with(c.M, c.N, OutType::F16, [&](void* y) {
+      gemm_w4a4(XInt8Operand{blocks.get(), x.shape()}, w.view(), y, OutType::F16, nullptr);
+    });
+    const std::vector<uint16_t>& want = c.stream_k ? sk.y : v9.y;
+    int64_t differ_auto = 0, differ_bare = 0, differ_paths = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+      differ_auto += automatic.y[i] != want[i];
+      differ_bare += bare.y[i] != v9.y[i];
+      differ_paths += sk.y[i] != v9.y[i];
+    }
+    EXPECT_EQ(automatic.unwritten, 0);
+    EXPECT_EQ(automatic.dirty_flags, 0);
+    EXPECT_EQ(differ_auto, 0) << (c.stream_k ? "Auto should be stream-K" : "Auto should be v9");
+    EXPECT_EQ(differ_bare, 0) << "Auto without a workspace should be v9";
+    std::printf("Auto M=%lld N=%lld K=%d: %s expected, %lld differ from it; stream-K and v9 differ in %lld elements\n",
+                (long long)c.M, (long long)c.N, c.K, c.stream_k ? "stream-K" : "v9", (long long)differ_auto,
+                (long long)differ_paths);
+  }
+}
+
 TEST(GemmW4A4StreamK, RejectsAMissingOrSmallWorkspace) {
   // Checked before anything is launched (the fake buffers are never dereferenced).
   NIBBLE_REQUIRE_GPU();

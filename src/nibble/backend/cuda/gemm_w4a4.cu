@@ -1397,10 +1397,6 @@ void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream)
 }
 
 namespace {
-// Auto above 64 rows runs v9 (Wgmma) unless this is on: then stream-K where gemm_w4a4_plan.h predicts
-// it wgmma_cost::kStreamKMargin cheaper. Off until the device run (bench/NOTES-gemm_w4a4.md, "Session 15", decision rule).
-constexpr bool kAutoTakesStreamK = false;
-
 // A plan simulates every grid size (~100 µs of host time, more than many of the kernels it plans): computed
 // once per (tiles, slabs) and kept.
 StreamKPlan stream_k_plan_for(int64_t w_rows_pad, int64_t x_rows_pad, int slabs) {
@@ -1412,11 +1408,14 @@ StreamKPlan stream_k_plan_for(int64_t w_rows_pad, int64_t x_rows_pad, int slabs)
   if (inserted) at->second = stream_k_plan(tiles, slabs, sm_count());
   return at->second;
 }
-GemmPath wgmma_auto_path(const GemmOperands& ops) {
-  if (!kAutoTakesStreamK) return GemmPath::Wgmma;
-  const WgmmaClusterPlan cluster = wgmma_cluster_plan(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs, sm_count());
-  const bool win = stream_k_predicted_win(cluster, stream_k_plan_for(ops.w_rows_pad, ops.x_rows_pad, ops.slabs));
-  return win ? GemmPath::WgmmaStreamK : GemmPath::Wgmma;
+// Auto above 64 rows: stream-K where it measured faster (stream_k_measured_win) and the caller gave
+// it a workspace large enough, else v9.
+GemmPath wgmma_auto_path(const GemmOperands& ops, const GemmW4A4Scratch& scratch) {
+  if (!stream_k_measured_win(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad))) return GemmPath::Wgmma;
+  const StreamKPlan plan = stream_k_plan_for(ops.w_rows_pad, ops.x_rows_pad, ops.slabs);
+  const bool workspace = scratch.stream_k && reinterpret_cast<uintptr_t>(scratch.stream_k) % 16 == 0 &&
+                         scratch.stream_k_bytes >= stream_k_workspace_bytes(plan.blocks);
+  return plan.blocks > 0 && workspace ? GemmPath::WgmmaStreamK : GemmPath::Wgmma;
 }
 
 // The stream-K plan of a shape, its workspace checked (before anything is launched).
@@ -1478,7 +1477,7 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
     // v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
     const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
     path = M <= kStreamMaxM && small_w ? GemmPath::Stream
-           : gemm_w4a4_takes_x_int8(M)  ? wgmma_auto_path(ops)
+           : gemm_w4a4_takes_x_int8(M)  ? wgmma_auto_path(ops, scratch)
                                         : GemmPath::Decode;
   }
   switch (path) {
@@ -1532,7 +1531,7 @@ void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{nullptr, nullptr, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
-  if (path == GemmPath::Auto) path = wgmma_auto_path(ops);
+  if (path == GemmPath::Auto) path = wgmma_auto_path(ops, scratch);
   const StreamKPlan plan = path == GemmPath::WgmmaStreamK ? checked_stream_k_plan(ops, scratch, where) : StreamKPlan{};
   launch_specialized(ops, x.blocks, out, path, plan, scratch.stream_k, stream);
 }

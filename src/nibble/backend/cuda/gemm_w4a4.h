@@ -21,7 +21,8 @@
 //                     walking the flattened (tile, slab) space in equal contiguous shares; tiles cut
 //                     between blocks are finished by the block holding their first slabs, which adds
 //                     the others' fp32 partials (workspace, flags) in block order (GemmPath::WgmmaStreamK;
-//                     plan and cost model: gemm_w4a4_plan.h).
+//                     plan and cost model: gemm_w4a4_plan.h). Auto takes it over wgmma where it measured
+//                     faster, 16-32 tiles (stream_k_measured_win), if the scratch has a stream-K workspace.
 //   wgmma lockstep:   v6, the same tiles and results bit for bit, X unpacked in the kernel, all 8
 //                     warps doing every phase between block barriers: slower everywhere, kept as the
 //                     bit-identity oracle of the tests (GemmPath::WgmmaLockstep).

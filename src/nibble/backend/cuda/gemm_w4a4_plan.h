@@ -44,9 +44,6 @@ constexpr double kSpanEnd = 0.5;       // a span's last fold (not overlapped) an
 constexpr double kClusterReduce = 2;   // v9's distributed-shared-memory reduction of a split tile
 constexpr double kPartialWrite = 0.5;  // a contributor's 64 KB of fp32 partial + fence + flags
 constexpr double kPartialRead = 0.75;  // an owner's read of one 64 KB partial from L2
-// Auto would take stream-K only where it is predicted at least this much cheaper (the switch
-// kAutoTakesStreamK in gemm_w4a4.cu decides whether Auto asks at all).
-constexpr double kStreamKMargin = 0.9;
 }  // namespace wgmma_cost
 
 struct WgmmaClusterPlan {
@@ -166,8 +163,11 @@ inline StreamKPlan stream_k_plan(int64_t tiles, int slabs, int sms) {
 // The workspace any stream-K plan on `sms` SMs can need (the executor's bound).
 constexpr size_t stream_k_workspace_bound(int sms) { return stream_k_workspace_bytes(sms); }
 
-inline bool stream_k_predicted_win(const WgmmaClusterPlan& cluster, const StreamKPlan& stream_k) {
-  return stream_k.blocks > 0 && stream_k.cost <= wgmma_cost::kStreamKMargin * cluster.cost;
-}
+// Where Auto takes stream-K over v9 (above 64 rows, given a workspace): by the measurement, not the
+// model above, which mispredicted both ways (it assumes the fold overlaps the next slab's MMAs, but
+// the stream-K consumers keep one accumulator set). H200, session 15 (bench/RESULTS.md): stream-K
+// 1.21-1.42x v9 at 16-32 tiles (7B q/k/v/o and down at M 65-128, 70B k/v at M 129-512), 0.74-0.79x
+// at 8 tiles, 0.66-0.86x from 64 tiles up.
+inline bool stream_k_measured_win(int64_t tiles) { return tiles >= 16 && tiles <= 32; }
 
 }  // namespace nibble::cuda
