@@ -19,6 +19,7 @@
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/device_array.h"
 #include "nibble/backend/cuda/gemm_w4a4.h"
+#include "nibble/backend/cuda/gemm_w4a4_plan.h"
 #include "nibble/backend/cuda/linear_fp16.h"
 #include "bench/bench_cuda.cuh"
 
@@ -41,6 +42,12 @@ struct Shape {
   const char* model;
   const char* name;
   int64_t N, K;
+};
+// Every linear the engine runs on Llama-2-7B (its q/k/v and gate/up fused too) and -70B.
+const Shape kEngineLinears[] = {
+    {"7B", "q/k/v fused", 12288, 4096}, {"7B", "q/k/v/o", 4096, 4096}, {"7B", "gate/up fused", 22016, 4096},
+    {"7B", "gate/up", 11008, 4096},     {"7B", "down", 4096, 11008},   {"70B", "q/o", 8192, 8192},
+    {"70B", "k/v", 1024, 8192},         {"70B", "gate/up", 28672, 8192}, {"70B", "down", 8192, 28672},
 };
 
 // ---- cuBLASLt baselines -------------------------------------------------------------------------
@@ -155,12 +162,16 @@ struct AtomInputs {
     if (scratch.split_k) NIBBLE_CUDA_CHECK(cudaMemset(scratch.split_k, 0, scratch.split_k_bytes));
     scratch.x_int8_bytes = gemm_w4a4_x_int8_bytes(M, int(K), keeper);
     scratch.x_int8 = dalloc<uint8_t>(scratch.x_int8_bytes);
+    scratch.stream_k_bytes = gemm_w4a4_stream_k_bytes(M, N, int(K), keeper);
+    scratch.stream_k = dalloc<uint8_t>(scratch.stream_k_bytes);
+    NIBBLE_CUDA_CHECK(cudaMemset(scratch.stream_k, 0, scratch.stream_k_bytes));
     NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   }
   ~AtomInputs() {
     cudaFree(y);
     cudaFree(scratch.split_k);
     cudaFree(scratch.x_int8);
+    cudaFree(scratch.stream_k);
   }
   // Packed operand bytes plus the fp16 output: what a kernel must move at least.
   double bytes() const { return double(xs.packed_bytes() + ws.packed_bytes()) + double(M * N * 2); }
@@ -178,17 +189,19 @@ struct AtomInputs {
   double time_repack() {
     return time_ms([&](int r) { x_to_int8_b_layout(X[size_t(r)].view(), scratch.x_int8, nullptr); }, rots);
   }
-  // The wgmma kernel alone on X pre-widened (a copy per rotation, made by the repack once), as the
-  // executor runs it above 64 rows: the quantizers write that layout, so no repack runs.
+  // A wgmma kernel alone on X pre-widened (a copy per rotation, made by the repack once), as the
+  // executor runs it above 64 rows: the quantizers write that layout, so no repack runs. `path`:
+  // Auto's choice, or Wgmma (v9) / WgmmaStreamK forced.
   std::vector<DeviceArray<uint8_t>> pre_widened;
-  double time_pre_widened() {
+  double time_pre_widened(GemmPath path = GemmPath::Auto) {
     for (int r = int(pre_widened.size()); r < rots; ++r) {
       pre_widened.emplace_back(scratch.x_int8_bytes);
       x_to_int8_b_layout(X[size_t(r)].view(), pre_widened.back().get(), nullptr);
     }
     return time_ms(
         [&](int r) {
-          gemm_w4a4(XInt8Operand{pre_widened[size_t(r)].get(), xs}, W[size_t(r)].view(), y, OutType::F16, nullptr);
+          gemm_w4a4(XInt8Operand{pre_widened[size_t(r)].get(), xs}, W[size_t(r)].view(), y, OutType::F16, nullptr, path,
+                    scratch);
         },
         rots);
   }
@@ -217,7 +230,7 @@ double time_fp16(LinearFp16& fp16, int64_t M, int64_t N, int64_t K, bool in_grap
 }  // namespace
 
 // `bench_gemm_w4a4 one M N K [path]`: five calls of gemm_w4a4 alone (keeper 128), for ncu (the
-// wgmma path: repack + kernel each; `pre-widened`: one repack, then five wgmma kernels on its output).
+// wgmma and streamk paths: repack + kernel each; `pre-widened`: one repack, then five wgmma kernels on its output).
 int run_one(int64_t M, int64_t N, int64_t K, GemmPath path, bool pre_widened) {
   const AtomShape xs = atom_shape(M, int(K), 128), wsh = atom_shape(N, int(K), 128);
   AtomDeviceMatrix X(xs), W(wsh);
@@ -232,6 +245,9 @@ int run_one(int64_t M, int64_t N, int64_t K, GemmPath path, bool pre_widened) {
   if (scratch.split_k) NIBBLE_CUDA_CHECK(cudaMemset(scratch.split_k, 0, scratch.split_k_bytes));
   scratch.x_int8_bytes = gemm_w4a4_x_int8_bytes(M, int(K), 128);
   scratch.x_int8 = dalloc<uint8_t>(scratch.x_int8_bytes);
+  scratch.stream_k_bytes = gemm_w4a4_stream_k_bytes(M, N, int(K), 128);
+  scratch.stream_k = dalloc<uint8_t>(scratch.stream_k_bytes);
+  NIBBLE_CUDA_CHECK(cudaMemset(scratch.stream_k, 0, scratch.stream_k_bytes));
   if (pre_widened) x_to_int8_b_layout(X.view(), scratch.x_int8, nullptr);
   for (int i = 0; i < 5; ++i) {
     if (pre_widened) gemm_w4a4(XInt8Operand{scratch.x_int8, xs}, W.view(), y, OutType::F16, nullptr);
@@ -240,6 +256,7 @@ int run_one(int64_t M, int64_t N, int64_t K, GemmPath path, bool pre_widened) {
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   cudaFree(scratch.split_k);
   cudaFree(scratch.x_int8);
+  cudaFree(scratch.stream_k);
   std::printf("one: M=%lld N=%lld K=%lld packed bytes %lld\n", (long long)M, (long long)N, (long long)K,
               (long long)(xs.packed_bytes() + wsh.packed_bytes() + M * N * 2));
   return 0;
@@ -250,21 +267,11 @@ int run_one(int64_t M, int64_t N, int64_t K, GemmPath path, bool pre_widened) {
 // them (the stream kernel's programmatic dependent launch overlaps a launch with the previous
 // one's tail), and the stream kernel also launched eagerly, all in the same run with the FP16 linear (streaming kernel at M <= 4, cuBLAS above).
 int run_decode(double copy_gbs) {
-  struct DecodeShape {
-    const char* model;
-    const char* name;
-    int64_t N, K;
-  };
-  const DecodeShape shapes[] = {
-      {"7B", "q/k/v fused", 12288, 4096}, {"7B", "q/k/v/o", 4096, 4096}, {"7B", "gate/up fused", 22016, 4096},
-      {"7B", "gate/up", 11008, 4096},     {"7B", "down", 4096, 11008},   {"70B", "q/o", 8192, 8192},
-      {"70B", "k/v", 1024, 8192},         {"70B", "gate/up", 28672, 8192}, {"70B", "down", 8192, 28672},
-  };
   const int keeper = 128;
   LinearFp16 fp16;
   std::printf("| model | layer | M | N | K | dispatched | stream µs (graph) | %% copy BW | decode µs (graph) | %% copy BW | stream µs (eager) | fp16 µs (graph) | best vs fp16 |\n");
   std::printf("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
-  for (const DecodeShape& sh : shapes) {
+  for (const Shape& sh : kEngineLinears) {
     for (int64_t M : {1, 2, 4, 8, 16}) {
       const int64_t N = sh.N, K = sh.K;
       double t_stream, t_decode, t_eager, bytes;
@@ -289,13 +296,48 @@ int run_decode(double copy_gbs) {
   return 0;
 }
 
+// `bench_gemm_w4a4 streamk [M ...]`: GemmPath::WgmmaStreamK against v9 (GemmPath::Wgmma), both on X
+// pre-widened (the kernels alone, as the executor runs them above 64 rows), beside Auto from packed X
+// (M > 64: repack + v9; M = 64: the decode kernel) and the FP16 linear, all in the same run, with the
+// plans' slab-time costs (gemm_w4a4_plan.h) for the model's ratio.
+int run_stream_k(const std::vector<int64_t>& Ms, int sms) {
+  const int keeper = 128;
+  LinearFp16 fp16;
+  std::printf("| model | layer | M | tiles | v9 cluster | stream-K blocks | Auto µs | v9 µs | stream-K µs | fp16 µs | v9 / stream-K | model v9 / stream-K | fp16 / stream-K | fp16 / v9 |\n");
+  std::printf("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+  for (const Shape& sh : kEngineLinears) {
+    for (int64_t M : Ms) {
+      const AtomShape xs = atom_shape(M, int(sh.K), keeper), ws = atom_shape(sh.N, int(sh.K), keeper);
+      const int64_t tiles = (ws.rows_pad + 127) / 128 * ((xs.rows_pad + 127) / 128);
+      const WgmmaClusterPlan v9_plan = wgmma_cluster_plan(tiles, ws.slabs(), sms);
+      const StreamKPlan sk_plan = stream_k_plan(tiles, ws.slabs(), sms);
+      double t_auto, t_v9, t_sk;
+      {
+        AtomInputs in(M, sh.N, sh.K, keeper);
+        t_auto = in.time(GemmPath::Auto);
+        t_v9 = in.time_pre_widened(GemmPath::Wgmma);
+        t_sk = in.time_pre_widened(GemmPath::WgmmaStreamK);
+      }
+      const double t_fp16 = time_fp16(fp16, M, sh.N, sh.K);
+      std::printf("| %s | %s | %lld | %lld | %d | %d | %.2f | %.2f | %.2f | %.2f | %s | %.2fx | %s | %s |\n", sh.model, sh.name,
+                  (long long)M, (long long)tiles, v9_plan.cluster, sk_plan.blocks, t_auto * 1e3, t_v9 * 1e3, t_sk * 1e3,
+                  t_fp16 * 1e3, fmt_ratio(t_v9, t_sk).c_str(), v9_plan.cost / sk_plan.cost, fmt_ratio(t_fp16, t_sk).c_str(),
+                  fmt_ratio(t_fp16, t_v9).c_str());
+      std::fflush(stdout);
+    }
+  }
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  // "gemm [M ...]" (only these M), "decode", "one M N K [wgmma|lockstep|pre-widened]" (for ncu) or empty (gemm)
+  // "gemm [M ...]" (only these M), "decode", "streamk [M ...]", "one M N K [wgmma|lockstep|streamk|pre-widened]"
+  // (for ncu) or empty (gemm)
   std::string only = argc > 1 ? argv[1] : "";
   if (only == "one" && (argc == 5 || argc == 6)) {
     const std::string forced = argc == 6 ? argv[5] : "";
     const GemmPath path = forced == "wgmma"      ? GemmPath::Wgmma
                           : forced == "lockstep" ? GemmPath::WgmmaLockstep
+                          : forced == "streamk"  ? GemmPath::WgmmaStreamK
                                                  : GemmPath::Auto;
     return run_one(std::atoll(argv[2]), std::atoll(argv[3]), std::atoll(argv[4]), path, forced == "pre-widened");
   }
@@ -309,6 +351,12 @@ int main(int argc, char** argv) {
   const double copy_gbs = copy_bandwidth();
   std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
   if (only == "decode") return run_decode(copy_gbs);
+  if (only == "streamk") {
+    std::vector<int64_t> Ms = {64, 100, 128, 192, 256, 512, 1024, 2048};
+    if (argc > 2) Ms.clear();
+    for (int i = 2; i < argc; ++i) Ms.push_back(std::atoll(argv[i]));
+    return run_stream_k(Ms, prop.multiProcessorCount);
+  }
 
   LinearFp16 fp16;
   cublasLtHandle_t lt;

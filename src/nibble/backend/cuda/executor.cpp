@@ -269,7 +269,8 @@ class LayerRunner {
   // operands and GEMM scratch big enough for any linear seen so far (grown, never shrunk), each
   // sized by the maximum over the linears of its own function: the packed operand and the split-K
   // sums for up to 64 rows (the decode and stream kernels) and, where steps can have more rows, X
-  // pre-widened for the wgmma kernel (gemm_w4a4.h), which the quantizers write directly.
+  // pre-widened for the wgmma kernel (gemm_w4a4.h), which the quantizers write directly, and the
+  // stream-K kernel's workspace.
   void prepare(const LayerWeights& w) {
     const int64_t T = max_tokens_;
     for (const LinearWeights* l : w.linears()) {
@@ -297,6 +298,13 @@ class LayerRunner {
       }
       const size_t x_int8 = gemm_w4a4_takes_x_int8(T) ? gemm_w4a4_x_int8_bytes(T, int(l->in), l->keeper) : 0;
       if (act_x_int8_.size() < x_int8) act_x_int8_ = DeviceArray<uint8_t>(x_int8);
+      // Stream-K (a path of the pre-widened entry): the bound over every shape, ~8.6 MB on an H200,
+      // rather than each linear's plan at every row count up to T.
+      const size_t stream_k = gemm_w4a4_takes_x_int8(T) ? gemm_w4a4_stream_k_bytes_bound() : 0;
+      if (gemm_stream_k_.size() < stream_k) {
+        gemm_stream_k_ = DeviceArray<uint8_t>(stream_k);
+        NIBBLE_CUDA_CHECK(cudaMemset(gemm_stream_k_.get(), 0, gemm_stream_k_.size()));  // the kernel keeps its flags zero
+      }
     }
   }
 
@@ -480,7 +488,10 @@ class LayerRunner {
   void w4a4(const LinearWeights& w, int64_t rows, __half* y) {
     const ActOutput x = act_op(rows, w);
     if (x.x_int8) {
-      gemm_w4a4(x.x_int8_operand(), w.atom_w.view(), y, OutType::F16, stream_);
+      GemmW4A4Scratch scratch;
+      scratch.stream_k = gemm_stream_k_.get();
+      scratch.stream_k_bytes = gemm_stream_k_.size();
+      gemm_w4a4(x.x_int8_operand(), w.atom_w.view(), y, OutType::F16, stream_, GemmPath::Auto, scratch);
     } else {
       const GemmW4A4Scratch scratch{gemm_split_k_.get(), gemm_split_k_.size()};
       gemm_w4a4(x.packed, w.atom_w.view(), y, OutType::F16, scratch, stream_);
@@ -509,6 +520,7 @@ class LayerRunner {
   DeviceArray<__half> act_scales_;
   DeviceArray<uint8_t> act_x_int8_;    // the largest linear input at max_tokens rows, pre-widened (max_tokens > 64)
   DeviceArray<uint8_t> gemm_split_k_;  // zeroed once, left zeroed by the kernels
+  DeviceArray<uint8_t> gemm_stream_k_;  // zeroed once, the stream-K kernel leaves its flags zero (max_tokens > 64)
   float kv_clip_ = 1.0f;
   bool k_before_rope_ = false;
   bool kv_hadamard_ = false;

@@ -1,7 +1,10 @@
 #include "nibble/backend/cuda/gemm_w4a4.h"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <string>
+#include <utility>
 
 #include <cooperative_groups.h>
 
@@ -10,6 +13,7 @@
 
 #include "nibble/backend/cuda/cp_async.cuh"
 #include "nibble/backend/cuda/cuda_check.h"
+#include "nibble/backend/cuda/gemm_w4a4_plan.h"
 #include "nibble/backend/cuda/wgmma.cuh"
 #include "nibble/core/error.h"
 
@@ -929,108 +933,321 @@ struct SpRing {
   __device__ __forceinline__ explicit SpRing(int i) : p(unsigned(i) % kSpP), p_phase(unsigned(i) / kSpP & 1) {}
 };
 
-template <typename OutT>
-__global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
-  using Stage = XInt8Stage;
-  constexpr IntToFloat kConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
-  extern __shared__ __align__(128) uint8_t smem[];
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + kSpP * Stage::kBytes);
-  uint64_t* loaded = bars;           // [kSpP] the stage's copies landed (one arrival per producer thread + X's bytes)
-  uint64_t* consumed = bars + kSpP;  // [kSpP] the 8 consumer warps are done with the stage
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rank = int(blockIdx.x);  // the cluster spans x
-  const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
-  const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
-  if (threadIdx.x == 0) {
+// The specialised kernels' shared memory: the ring of kSpP stages, then its barriers.
+struct SpShared {
+  uint8_t* smem;
+  uint64_t* loaded;    // [kSpP] the stage's copies landed (one arrival per producer thread + X's bytes)
+  uint64_t* consumed;  // [kSpP] the 8 consumer warps are done with the stage
+  __device__ __forceinline__ explicit SpShared(uint8_t* s)
+      : smem(s), loaded(reinterpret_cast<uint64_t*>(s + kSpP * XInt8Stage::kBytes)), consumed(loaded + kSpP) {}
+  __device__ __forceinline__ uint8_t* stage(int i) const { return smem + SpRing(i).p * XInt8Stage::kBytes; }
+  __device__ __forceinline__ void init() const {  // thread 0, then a block barrier
     for (int i = 0; i < kSpP; ++i) {
       mbar_init(&loaded[i], 128 + 1);  // the producer threads' cp.async + thread 0's arrive.expect_tx
       mbar_init(&consumed[i], 8);
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
+};
+
+// Producer warpgroup: slabs s0 .. s0 + ns - 1 of the block tile at W row n_base and token tile m_tile
+// into ring positions ring0 .. ring0 + ns - 1, each once the consumers released the stage's previous
+// use. (v7 run 1 issued 34 `cp.async.bulk` copies of 512 B a slab for W from one warp instead of
+// cp.async: 4040 clocks per slab against 2012, run 2.)
+__device__ __forceinline__ void produce_slabs(const WgmmaParams& p, const SpShared& sh, int ring0, int s0, int ns,
+                                              int64_t n_base, int64_t m_tile) {
+  for (int j = 0; j < ns; ++j) {
+    const SpRing to(ring0 + j);
+    if (ring0 + j >= kSpP) mbar_wait(&sh.consumed[to.p], to.p_phase ^ 1);  // the stage's previous use completed
+    uint8_t* stage = sh.smem + to.p * XInt8Stage::kBytes;
+    if (threadIdx.x == 0) {
+      mbar_arrive_expect_tx(&sh.loaded[to.p], kXInt8BlockBytes);
+      const uint8_t* x_block = p.x_int8 + x_int8_block_offset(m_tile, p.slabs, s0 + j);
+      bulk_load(stage + XInt8Stage::kXBlock, x_block, kXInt8BlockBytes, &sh.loaded[to.p]);
+    }
+    block_tile_load<128, XInt8Stage>(p, stage, s0 + j, n_base, m_tile * kBM);
+    cp_async_mbar_arrive(&sh.loaded[to.p]);
+  }
+}
+
+// A consumer warp's view of the ring: ring position i's stage, X descriptor and scales, its wait
+// and release.
+struct SpSlabs {
+  const SpShared& sh;
+  uint64_t x_desc0;  // the descriptor of stage 0's X codes
+  int lane;
+  __device__ __forceinline__ SpSlabs(const SpShared& s, int l)
+      : sh(s), x_desc0(smem_desc(s.smem + XInt8Stage::kXBlock)), lane(l) {}
+  __device__ __forceinline__ uint8_t* stage(int i) const { return sh.stage(i); }
+  // Slab i's X block: INT8 codes (at its descriptor), then the tokens' fp32 scales.
+  __device__ __forceinline__ uint64_t x_desc(int i) const { return x_desc0 + (SpRing(i).p * XInt8Stage::kBytes >> 4); }
+  __device__ __forceinline__ const float* x_scales(int i) const {
+    return reinterpret_cast<const float*>(stage(i) + XInt8Stage::kXBlock + kUnpackBytes);
+  }
+  __device__ __forceinline__ const __half* w_scales(int i) const {
+    return reinterpret_cast<const __half*>(stage(i) + XInt8Stage::kWScales);
+  }
+  __device__ __forceinline__ void wait_loaded(int i) const {  // also makes the copies visible here
+    const SpRing at(i);
+    mbar_wait(&sh.loaded[at.p], at.p_phase);
+  }
+  __device__ __forceinline__ void release(int i) const {  // the warp is done with slab i's stage
+    __syncwarp();
+    if (lane == 0) mbar_arrive(&sh.consumed[SpRing(i).p]);
+  }
+};
+
+// Consumer warpgroups: acc = the folded sum of slabs s0 .. s0 + ns - 1 of the block tile (ring
+// positions 0 .. ns - 1), each stage released after its fold. Warp cw of 8 holds W rows 16 cw ..
+// 16 cw + 15 of the block.
+template <IntToFloat kConv>
+__device__ __forceinline__ void consume_slabs(const WgmmaParams& p, const SpShared& sh, int s0, int ns,
+                                              float (&acc)[64], int cw, int lane) {
+  const int wtile = cw * 2, wrow = cw * 16 + lane / 4;
+  const SpSlabs ring(sh, lane);
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  int d0[64], d1[64];
+  // Step i: issue slab i's wgmma into d_cur, then fold slab i - 1 from d_prev while they run.
+  const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
+    ring.wait_loaded(i);
+    wgmma_slab(d_cur, ring.stage(i), ring.x_desc(i), s0 + i < p.g4, wtile, lane);
+    if (i > 0) {
+      wgmma_wait<1>();
+      fence_regs(d_prev);
+      wgmma_fold<kConv>(acc, d_prev, ring.w_scales(i - 1), ring.x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
+      ring.release(i - 1);
+    }
+  };
+  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, ring.w_scales(ns - 1), ring.x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow,
+                         lane);
+}
+
+constexpr IntToFloat kSpConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
+
+template <typename OutT>
+__global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaParams p) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const SpShared sh(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int rank = int(blockIdx.x);  // the cluster spans x
+  const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
+  const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
+  if (threadIdx.x == 0) sh.init();
   __syncthreads();
 
   float acc[64];
   if (warp < 4) {  // producer
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    // Slab j into its (free) stage. (v7 run 1 issued 34 `cp.async.bulk` copies of 512 B a slab for
-    // W from one warp instead of cp.async: 4040 clocks per slab against 2012, run 2.)
-    const auto load = [&](int j) {
-      const SpRing to(j);
-      uint8_t* stage = smem + to.p * Stage::kBytes;
-      if (threadIdx.x == 0) {
-        mbar_arrive_expect_tx(&loaded[to.p], kXInt8BlockBytes);
-        const uint8_t* x_block = p.x_int8 + x_int8_block_offset(blockIdx.z, p.slabs, s0 + j);
-        bulk_load(stage + Stage::kXBlock, x_block, kXInt8BlockBytes, &loaded[to.p]);
-      }
-      block_tile_load<128, Stage>(p, stage, s0 + j, n_base, m_base);
-      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(&loaded[to.p])) : "memory");
-    };
-    for (int j = 0; j < ns; ++j) {
-      if (j >= kSpP) mbar_wait(&consumed[SpRing(j).p], SpRing(j).p_phase ^ 1);  // slab j - kSpP's use completed
-      load(j);
-    }
+    produce_slabs(p, sh, 0, s0, ns, n_base, blockIdx.z);
     __syncthreads();  // pairs with the consumers' barrier before the epilogue
     write_block_tile<OutT>(p, smem, acc, false, 0, lane, rank, n_base, m_base, -1, 0);
     return;
   }
-
-  // Consumers: warp cw of 8 holds W rows 16 cw .. 16 cw + 15 of the block.
   asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
   const int cw = warp - 4;
-  const int wtile = cw * 2, wrow = cw * 16 + lane / 4;
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0;
-  int d0[64], d1[64];
-  const auto stage = [&](int i) { return smem + SpRing(i).p * Stage::kBytes; };
-  // Slab i's X block: INT8 codes (at its descriptor), then the tokens' fp32 scales.
-  const uint64_t x_desc0 = smem_desc(smem + Stage::kXBlock);
-  const auto x_desc = [&](int i) { return x_desc0 + (SpRing(i).p * Stage::kBytes >> 4); };
-  const auto x_scales = [&](int i) {
-    return reinterpret_cast<const float*>(stage(i) + Stage::kXBlock + kUnpackBytes);
-  };
-  const auto w_scales = [&](int i) { return reinterpret_cast<const __half*>(stage(i) + Stage::kWScales); };
-  const auto release = [&](int i) {  // the warp is done with slab i's stage
-    __syncwarp();
-    if (lane == 0) mbar_arrive(&consumed[SpRing(i).p]);
-  };
-  // Step i: issue slab i's wgmma into d_cur, then fold slab i - 1 from d_prev while they run.
-  const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
-    const SpRing at(i);
-    mbar_wait(&loaded[at.p], at.p_phase);  // makes the copies visible here
-    wgmma_slab(d_cur, stage(i), x_desc(i), s0 + i < p.g4, wtile, lane);
-    if (i > 0) {
-      wgmma_wait<1>();
-      fence_regs(d_prev);
-      wgmma_fold<kConv>(acc, d_prev, w_scales(i - 1), x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
-      release(i - 1);
-    }
-  };
-  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, w_scales(ns - 1), x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow, lane);
+  consume_slabs<kSpConv>(p, sh, s0, ns, acc, cw, lane);
   __syncthreads();  // every copy landed (the consumers waited for each on `loaded`): the stages are free
-  write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x - 128, kSpThreads - 128);
+  write_block_tile<OutT>(p, smem, acc, true, cw * 16 + lane / 4, lane, rank, n_base, m_base, threadIdx.x - 128,
+                         kSpThreads - 128);
 }
 
-// Split-K over a cluster where the 128x128 tiles do not fill the SMs (one block per SM): cost =
-// waves x (slabs per rank + ~3 slabs of prologue/epilogue + 2 for the cluster's reduction).
-struct WgmmaPlan {
-  int cluster, slabs_per_rank;
+// ---- Stream-K (GemmPath::WgmmaStreamK): the specialised kernel's slabs on a persistent grid -------
+//
+// gemm_w4a4_plan.h has the scheduling (shares, spans, owners and contributors) and its cost model;
+// bench/NOTES-gemm_w4a4.md "Session 15" the protocol and why it cannot deadlock. The producer walks
+// the block's share span after span without a pause (produce_slabs, the ring position running on);
+// the consumers fold the share's slabs in one loop and, after each span's last slab, per warp and
+// without any block barrier, either write the output (a whole tile), or write their 16 rows of the
+// fp32 partial and raise their flag (a tile's tail: the block's first span), or wait for the flags of
+// the tile's contributors, add their partials in block order and write the output (a tile's head:
+// the block's last span).
+struct StreamKParams {
+  int blocks;
+  int iterations;      // tiles x slabs (iterations x blocks < 2^31)
+  int m_tiles;         // token tiles: tile t is W tile t / m_tiles, token tile t % m_tiles
+  uint32_t* flags;     // [blocks][8 warps], 0 between launches
+  float4* partials;    // [blocks][8 warps][16][32 lanes]
 };
-WgmmaPlan wgmma_plan(int64_t tiles, int slabs) {
-  const int64_t sms = sm_count();
-  WgmmaPlan best{1, slabs};
-  double best_cost = 1e30;
-  for (int cluster : {1, 2, 4, 8}) {
-    const int per_rank = (slabs + cluster - 1) / cluster;
-    if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
-    const double waves = double((tiles * cluster + sms - 1) / sms);
-    const double cost = waves * (per_rank + 3 + (cluster > 1 ? 2 : 0));
-    if (cost < best_cost) {
-      best_cost = cost;
-      best = {cluster, per_rank};
+constexpr int kSkStoreBytes = 64 * 32;  // a consumer warp's output staging: 64 tokens x 16 W rows x 16 bits
+constexpr int kSkStoreOffset = kSpSmem;
+constexpr int kSkSmem = kSkStoreOffset + kStreamKConsumerWarps * kSkStoreBytes;
+static_assert(kSkSmem <= 227 * 1024, "shared memory per block");
+static_assert(kSpSmem % 16 == 0, "16-byte aligned staging");
+
+__device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
+__device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+template <typename OutT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// One warp's 16 W rows x 128 tokens of the output from its accumulators (rows 16 cw + g, + 8, tokens
+// 8j + 2t, + 1), through `buf` (kSkStoreBytes) in two halves of 64 tokens: stmatrix.trans turns each
+// 8x8 fragment into 8 token rows of 8 contiguous outputs (16 bytes; the two 16-byte halves of a token
+// row swapped on every other group of 4 rows, so that neither the stmatrix nor the reads conflict),
+// then 16-byte stores of whole 32-byte sectors. Rounding as write_block_tile's (round to nearest).
+template <typename OutT>
+__device__ __forceinline__ void store_warp_rows(const WgmmaParams& p, const float (&acc)[64], uint8_t* buf, int cw,
+                                                int lane, int64_t n_base, int64_t m_base) {
+  const auto chunk = [&](int row, int h) { return buf + row * 32 + ((h ^ (row >> 2 & 1)) << 4); };
+  OutT* y = static_cast<OutT*>(p.y);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int jj = 0; jj < 8; jj += 2) {
+      const int j = 8 * half + jj;
+      const int i = lane / 8;  // the lane gives the address of row lane % 8 of matrix i: (j + i / 2, W rows + 8 (i % 2))
+      const uint32_t addr = smem_addr(chunk(8 * (jj + i / 2) + lane % 8, i % 2));
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr),
+                   "r"(pack2<OutT>(acc[4 * j + 0], acc[4 * j + 1])), "r"(pack2<OutT>(acc[4 * j + 2], acc[4 * j + 3])),
+                   "r"(pack2<OutT>(acc[4 * j + 4], acc[4 * j + 5])), "r"(pack2<OutT>(acc[4 * j + 6], acc[4 * j + 7]))
+                   : "memory");
     }
+    __syncwarp();
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int c = lane + 32 * q, row = c / 2, h = c % 2;
+      const int64_t gm = m_base + 64 * half + row, gn = n_base + 16 * cw + 8 * h;
+      const uint4 v = *reinterpret_cast<const uint4*>(chunk(row, h));
+      if (gm >= p.M) continue;
+      if (gn + 8 <= p.N && p.N % 8 == 0) {
+        *reinterpret_cast<uint4*>(y + gm * p.N + gn) = v;
+      } else {
+        const OutT* o = reinterpret_cast<const OutT*>(&v);
+        for (int e = 0; e < 8 && gn + e < p.N; ++e) y[gm * p.N + gn + e] = o[e];
+      }
+    }
+    __syncwarp();  // the buffer is read before the next half overwrites it
   }
-  return best;
+}
+
+template <typename OutT>
+__global__ void __launch_bounds__(kSpThreads, 1) wgmma_stream_k_kernel(WgmmaParams p, StreamKParams k) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  const SpShared sh(smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = int(blockIdx.x);
+  const int begin = stream_k_share_begin(b, k.iterations, k.blocks);
+  const int end = stream_k_share_begin(b + 1, k.iterations, k.blocks);
+  if (threadIdx.x == 0) sh.init();
+  __syncthreads();
+  // X (and, from an earlier stream-K call, the workspace) is the previous kernels' to finish first.
+  // Dependents may launch at once: they can only start once every block of this grid has started
+  // (executed this), so they never take the place of a block that an owner waits for.
+  grid_dependency_wait();
+  grid_dependents_launch();
+  const auto tile_origin = [&](int tile, int64_t& n_base, int& m_tile) {
+    n_base = int64_t(tile / k.m_tiles) * kBN;
+    m_tile = tile % k.m_tiles;
+  };
+
+  if (warp < 4) {  // producer: the share's spans back to back
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    int ring = 0;
+    for (int it = begin; it < end;) {
+      const StreamKSpan span = stream_k_span(it, end, p.slabs);
+      int64_t n_base;
+      int m_tile;
+      tile_origin(span.tile, n_base, m_tile);
+      produce_slabs(p, sh, ring, span.s0, span.s1 - span.s0, n_base, m_tile);
+      ring += span.s1 - span.s0;
+      it += span.s1 - span.s0;
+    }
+    // Leave only once every copy has landed: the consumers released the last stages after waiting for them.
+    for (int i = max(0, ring - kSpP); i < ring; ++i) mbar_wait(&sh.consumed[SpRing(i).p], SpRing(i).p_phase);
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  // Consumers: one slab loop over the whole share (ring positions 0 .. n - 1), each span's epilogue
+  // after its last slab, with one int32 accumulator set: issue, wait, fold, as v9 runs in fact (its
+  // `wait_group 1` returns only once the current slab is done, session 13), same fold order, so a
+  // span's sum is what v9 computes for the same slabs. (v9's two-set loop in any loop of spans made
+  // ptxas spill 200-400 bytes: it needs nearly all of the 232 registers.)
+  const int cw = warp - 4, wtile = cw * 2, wrow = cw * 16 + lane / 4;
+  const SpSlabs ring(sh, lane);
+  const int n = end - begin;
+  const auto slab_of = [&](int i) { return (begin + i) % p.slabs; };  // ring position i's slab in its tile
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  // The span whose last slab is ring position i: partial and flag (a tail), or the contributors'
+  // partials added (a head) and the output written; acc zero again for the next span.
+  const auto span_end = [&](int i) {
+    const int it = begin + i, tile = it / p.slabs;
+    const int s0 = max(0, begin - tile * p.slabs), s1 = it - tile * p.slabs + 1;
+    if (s0 > 0) {  // a tail (the share's first span): the partial to slot b, then the flag
+      float4* dst = k.partials + (size_t(b) * kStreamKConsumerWarps + cw) * 16 * 32 + lane;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) __stcg(dst + 32 * j, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
+      __threadfence();
+      __syncwarp();
+      if (lane == 0) st_release_gpu(&k.flags[b * kStreamKConsumerWarps + cw], 1);
+    } else {
+      if (s1 < p.slabs) {  // a head (the share's last span): the contributors' partials in block order
+        const int last = stream_k_last_contributor(tile, p.slabs, k.iterations, k.blocks);
+        // All their flags polled with relaxed loads in flight together, then one acquire fence (the PTX
+        // acquire pattern): one L2 round trip for all, not one per contributor (up to ~11 on 70B k/v).
+        for (bool all = false; !all;) {
+          all = true;
+          for (int c = b + 1; c <= last; ++c) all &= ld_relaxed_gpu(&k.flags[c * kStreamKConsumerWarps + cw]) != 0;
+        }
+        fence_acq_rel_gpu();
+        // Then the partials (__ldcg: never a stale L1 line of an earlier call's partial at the same
+        // address). One at a time: the int32 set stays live across this epilogue (the next wgmma reads it
+        // as "+r"), so a second 64-register buffer would spill.
+        for (int c = b + 1; c <= last; ++c) {
+          const float4* src = k.partials + (size_t(c) * kStreamKConsumerWarps + cw) * 16 * 32 + lane;
+          float4 v[16];
+#pragma unroll
+          for (int j = 0; j < 16; ++j) v[j] = __ldcg(src + 32 * j);
+#pragma unroll
+          for (int j = 0; j < 16; ++j) acc[4 * j] += v[j].x, acc[4 * j + 1] += v[j].y, acc[4 * j + 2] += v[j].z, acc[4 * j + 3] += v[j].w;
+        }
+        if (lane == 0)  // 0 again for the next launch (nothing else reads them in this one)
+          for (int c = b + 1; c <= last; ++c) k.flags[c * kStreamKConsumerWarps + cw] = 0;
+      }
+      int64_t n_base;
+      int m_tile;
+      tile_origin(tile, n_base, m_tile);
+      store_warp_rows<OutT>(p, acc, smem + kSkStoreOffset + cw * kSkStoreBytes, cw, lane, n_base, int64_t(m_tile) * kBM);
+    }
+#pragma unroll
+    for (int j = 0; j < 64; ++j) acc[j] = 0;
+  };
+  int d[64];
+  for (int i = 0; i < n; ++i) {
+    const int slab = slab_of(i);
+    const bool int4 = slab < p.g4;
+    ring.wait_loaded(i);
+    wgmma_slab(d, ring.stage(i), ring.x_desc(i), int4, wtile, lane);
+    wgmma_wait<0>();
+    fence_regs(d);
+    wgmma_fold<kSpConv>(acc, d, ring.w_scales(i), ring.x_scales(i), int4, wrow, lane);
+    ring.release(i);
+    if (slab == p.slabs - 1 || i == n - 1) span_end(i);
+  }
+}
+
+// The block tiles of a shape (W tiles x token tiles of the padded rows, as the kernels' grids).
+int64_t wgmma_tiles(int64_t w_rows_pad, int64_t x_rows_pad) {
+  return ((w_rows_pad + kBN - 1) / kBN) * ((x_rows_pad + kBM - 1) / kBM);
 }
 
 // The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
@@ -1050,7 +1267,7 @@ void launch_wgmma(const GemmOperands& ops, const uint8_t* x_int8, cudaStream_t s
   }();
   (void)configured;
   const int64_t n_tiles = (ops.w_rows_pad + kBN - 1) / kBN, m_tiles = (ops.x_rows_pad + kBM - 1) / kBM;
-  const WgmmaPlan d = wgmma_plan(n_tiles * m_tiles, ops.slabs);
+  const WgmmaClusterPlan d = wgmma_cluster_plan(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs, sm_count());
   WgmmaParams p{ops};
   p.cluster = d.cluster;
   p.slabs_per_rank = d.slabs_per_rank;
@@ -1068,6 +1285,44 @@ void launch_wgmma(const GemmOperands& ops, const uint8_t* x_int8, cudaStream_t s
   cfg.attrs = &attr;
   cfg.numAttrs = d.cluster > 1 ? 1 : 0;
   NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, is_lockstep ? lockstep : specialized, p));
+}
+
+// The stream-K kernel on X pre-widened at x_int8, with its workspace (stream_k_workspace_bytes of the
+// plan's blocks, flags zero). Every block must be resident at once (an owner spins on blocks after
+// it): one block per SM fits (checked once), and the plan never takes more blocks than SMs.
+template <typename OutT>
+void launch_wgmma_stream_k(const GemmOperands& ops, const uint8_t* x_int8, const StreamKPlan& plan, void* workspace,
+                           cudaStream_t stream) {
+  const auto kernel = wgmma_stream_k_kernel<OutT>;
+  static bool configured = [&] {
+    set_smem(kernel, kSkSmem);
+    int per_sm = 0;
+    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kSpThreads, kSkSmem));
+    require(per_sm >= 1, "gemm_w4a4", "the stream-K kernel does not fit an SM");
+    return true;
+  }();
+  (void)configured;
+  WgmmaParams p{ops};
+  p.cluster = 1;
+  p.slabs_per_rank = ops.slabs;
+  p.x_int8 = x_int8;
+  StreamKParams k;
+  k.blocks = plan.blocks;
+  k.iterations = plan.iterations();
+  k.m_tiles = int((ops.x_rows_pad + kBM - 1) / kBM);
+  k.flags = static_cast<uint32_t*>(workspace);
+  k.partials = reinterpret_cast<float4*>(static_cast<uint8_t*>(workspace) + stream_k_flags_bytes(plan.blocks));
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(plan.blocks));
+  cfg.blockDim = dim3(kSpThreads);
+  cfg.dynamicSmemBytes = kSkSmem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p, k));
 }
 
 // ---- X pre-widened to INT8 in the wgmma B layout (the specialised kernel's input) ------------------
@@ -1141,18 +1396,77 @@ void x_to_int8_b_layout(const AtomOperand& x, uint8_t* out, cudaStream_t stream)
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+// A plan simulates every grid size (~100 µs of host time, more than many of the kernels it plans): computed
+// once per (tiles, slabs) and kept.
+StreamKPlan stream_k_plan_for(int64_t w_rows_pad, int64_t x_rows_pad, int slabs) {
+  static std::mutex mutex;
+  static std::map<std::pair<int64_t, int>, StreamKPlan> plans;
+  const int64_t tiles = wgmma_tiles(w_rows_pad, x_rows_pad);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto [at, inserted] = plans.try_emplace({tiles, slabs});
+  if (inserted) at->second = stream_k_plan(tiles, slabs, sm_count());
+  return at->second;
+}
+// Auto above 64 rows: stream-K where it measured faster (stream_k_measured_win) and the caller gave
+// it a workspace large enough, else v9.
+GemmPath wgmma_auto_path(const GemmOperands& ops, const GemmW4A4Scratch& scratch) {
+  if (!stream_k_measured_win(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad))) return GemmPath::Wgmma;
+  const StreamKPlan plan = stream_k_plan_for(ops.w_rows_pad, ops.x_rows_pad, ops.slabs);
+  const bool workspace = scratch.stream_k && reinterpret_cast<uintptr_t>(scratch.stream_k) % 16 == 0 &&
+                         scratch.stream_k_bytes >= stream_k_workspace_bytes(plan.blocks);
+  return plan.blocks > 0 && workspace ? GemmPath::WgmmaStreamK : GemmPath::Wgmma;
+}
+
+// The stream-K plan of a shape, its workspace checked (before anything is launched).
+StreamKPlan checked_stream_k_plan(const GemmOperands& ops, const GemmW4A4Scratch& scratch, const std::string& where) {
+  const StreamKPlan plan = stream_k_plan_for(ops.w_rows_pad, ops.x_rows_pad, ops.slabs);
+  require(plan.blocks > 0, where, "stream-K takes fewer than 2^31 (tile, slab) iterations, not {} tiles x {} slabs",
+          wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs);
+  const size_t need = stream_k_workspace_bytes(plan.blocks);
+  require(scratch.stream_k && scratch.stream_k_bytes >= need && reinterpret_cast<uintptr_t>(scratch.stream_k) % 16 == 0,
+          where, "stream-K workspace of {} bytes, need {} bytes, 16-byte aligned", scratch.stream_k_bytes, need);
+  return plan;
+}
+
+// The specialised kernels on X pre-widened at x_int8: v9 (Wgmma), or stream-K on `plan`.
+void launch_specialized(const GemmOperands& ops, const uint8_t* x_int8, OutType out, GemmPath path,
+                        const StreamKPlan& plan, void* stream_k, cudaStream_t stream) {
+  if (path != GemmPath::WgmmaStreamK) {
+    if (out == OutType::F16) launch_wgmma<__half>(ops, x_int8, stream);
+    else launch_wgmma<__nv_bfloat16>(ops, x_int8, stream);
+  } else if (out == OutType::F16) {
+    launch_wgmma_stream_k<__half>(ops, x_int8, plan, stream_k, stream);
+  } else {
+    launch_wgmma_stream_k<__nv_bfloat16>(ops, x_int8, plan, stream_k, stream);
+  }
+}
+
+bool disjoint(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+  const auto at = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
+  return !a || !b || a_bytes == 0 || b_bytes == 0 || at(a) + a_bytes <= at(b) || at(b) + b_bytes <= at(a);
+}
+}  // namespace
+
+size_t gemm_w4a4_stream_k_bytes(int64_t M, int64_t N, int K, int keeper) {
+  const AtomShape x = atom_shape(M, K, keeper), w = atom_shape(N, K, keeper);
+  if (M == 0 || N == 0) return 0;
+  return stream_k_workspace_bytes(stream_k_plan_for(w.rows_pad, x.rows_pad, w.slabs()).blocks);
+}
+size_t gemm_w4a4_stream_k_bytes_bound() { return stream_k_workspace_bound(sm_count()); }
+
 void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, const GemmW4A4Scratch& scratch,
                cudaStream_t stream, GemmPath path) {
   const std::string where = "gemm_w4a4";
   require_matching(x.shape, w.shape, where);
-  // Checked on every call, whatever the path: a repack written over the split-K counters would
-  // leave them non-zero for the next decode-path call.
+  // Checked on every call, whatever the path: a repack written over the split-K counters or the
+  // stream-K flags would leave them non-zero for the next call that needs them zero.
   const auto begin = [](const void* q) { return reinterpret_cast<uintptr_t>(q); };
-  require(!scratch.split_k || !scratch.x_int8 || scratch.split_k_bytes == 0 || scratch.x_int8_bytes == 0 ||
-              begin(scratch.split_k) + scratch.split_k_bytes <= begin(scratch.x_int8) ||
-              begin(scratch.x_int8) + scratch.x_int8_bytes <= begin(scratch.split_k),
-          where, "the split-K scratch ({} bytes) and the X scratch ({} bytes) overlap", scratch.split_k_bytes,
-          scratch.x_int8_bytes);
+  require(disjoint(scratch.split_k, scratch.split_k_bytes, scratch.x_int8, scratch.x_int8_bytes) &&
+              disjoint(scratch.split_k, scratch.split_k_bytes, scratch.stream_k, scratch.stream_k_bytes) &&
+              disjoint(scratch.x_int8, scratch.x_int8_bytes, scratch.stream_k, scratch.stream_k_bytes),
+          where, "the split-K scratch ({} bytes), the X scratch ({} bytes) and the stream-K scratch ({} bytes) overlap",
+          scratch.split_k_bytes, scratch.x_int8_bytes, scratch.stream_k_bytes);
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
@@ -1162,12 +1476,10 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
     // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7 1.15-1.28x
     // v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
     const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
-    path = M <= kStreamMaxM && small_w ? GemmPath::Stream : gemm_w4a4_takes_x_int8(M) ? GemmPath::Wgmma : GemmPath::Decode;
+    path = M <= kStreamMaxM && small_w ? GemmPath::Stream
+           : gemm_w4a4_takes_x_int8(M)  ? wgmma_auto_path(ops, scratch)
+                                        : GemmPath::Decode;
   }
-  const auto launch = [&](const uint8_t* x_int8) {  // the lockstep kernel on packed X, or the specialised one
-    if (out == OutType::F16) launch_wgmma<__half>(ops, x_int8, stream);
-    else launch_wgmma<__nv_bfloat16>(ops, x_int8, stream);
-  };
   switch (path) {
     case GemmPath::Stream:
       require(M <= kStreamMaxM, where, "the stream path needs M <= {}, got {}", kStreamMaxM, M);
@@ -1191,30 +1503,37 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
       return;
     }
     case GemmPath::WgmmaLockstep:
-      launch(nullptr);
+      if (out == OutType::F16) launch_wgmma<__half>(ops, nullptr, stream);
+      else launch_wgmma<__nv_bfloat16>(ops, nullptr, stream);
       return;
     case GemmPath::Wgmma:
+    case GemmPath::WgmmaStreamK:
     default: {
       const size_t need = x_int8_bytes(x.shape);
       require(scratch.x_int8 && scratch.x_int8_bytes >= need && begin(scratch.x_int8) % 16 == 0, where,
               "X scratch of {} bytes ({}), need {} bytes, 16-byte aligned", scratch.x_int8_bytes,
               scratch.x_int8 ? "aligned to " + std::to_string(begin(scratch.x_int8) & 15) + " mod 16" : "null", need);
+      const StreamKPlan plan = path == GemmPath::WgmmaStreamK ? checked_stream_k_plan(ops, scratch, where) : StreamKPlan{};
       x_to_int8_b_layout(x, scratch.x_int8, stream);
-      launch(scratch.x_int8);
+      launch_specialized(ops, scratch.x_int8, out, path, plan, scratch.stream_k, stream);
       return;
     }
   }
 }
 
-void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream) {
+void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream, GemmPath path,
+               const GemmW4A4Scratch& scratch) {
   const std::string where = "gemm_w4a4 (X pre-widened)";
   require_matching(x.shape, w.shape, where);
+  require(path == GemmPath::Auto || path == GemmPath::Wgmma || path == GemmPath::WgmmaStreamK, where,
+          "X pre-widened runs the specialised wgmma kernels only");
   require(x.blocks && reinterpret_cast<uintptr_t>(x.blocks) % 16 == 0, where, "X blocks must be non-null and 16-byte aligned");
   const int64_t M = x.shape.rows, N = w.shape.rows;
   if (M == 0 || N == 0) return;
   const GemmOperands ops{nullptr, nullptr, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
-  if (out == OutType::F16) launch_wgmma<__half>(ops, x.blocks, stream);
-  else launch_wgmma<__nv_bfloat16>(ops, x.blocks, stream);
+  if (path == GemmPath::Auto) path = wgmma_auto_path(ops, scratch);
+  const StreamKPlan plan = path == GemmPath::WgmmaStreamK ? checked_stream_k_plan(ops, scratch, where) : StreamKPlan{};
+  launch_specialized(ops, x.blocks, out, path, plan, scratch.stream_k, stream);
 }
 
 }  // namespace nibble::cuda

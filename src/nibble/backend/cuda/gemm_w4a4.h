@@ -17,6 +17,12 @@
 //                     the SMs; warp-specialised: a producer warpgroup that only copies (one bulk copy
 //                     of X, cp.async of W a slab) and two consumer warpgroups (wgmma + fold),
 //                     synchronised through mbarriers only.
+//   wgmma stream-K:   the same producer, consumers and fold on a persistent grid (one block per SM)
+//                     walking the flattened (tile, slab) space in equal contiguous shares; tiles cut
+//                     between blocks are finished by the block holding their first slabs, which adds
+//                     the others' fp32 partials (workspace, flags) in block order (GemmPath::WgmmaStreamK;
+//                     plan and cost model: gemm_w4a4_plan.h). Auto takes it over wgmma where it measured
+//                     faster, 16-32 tiles (stream_k_measured_win), if the scratch has a stream-K workspace.
 //   wgmma lockstep:   v6, the same tiles and results bit for bit, X unpacked in the kernel, all 8
 //                     warps doing every phase between block barriers: slower everywhere, kept as the
 //                     bit-identity oracle of the tests (GemmPath::WgmmaLockstep).
@@ -35,28 +41,37 @@ namespace nibble::cuda {
 enum class OutType { F16, BF16 };
 
 // Which kernel runs: Auto picks by M; tests and benches force the others.
-enum class GemmPath { Auto, Stream, Decode, Wgmma, WgmmaLockstep };
+enum class GemmPath { Auto, Stream, Decode, Wgmma, WgmmaLockstep, WgmmaStreamK };
 inline constexpr int64_t kStreamMaxM = 16;
 inline constexpr int64_t kStreamMaxWeightBytes = int64_t(16) << 20;  // Auto takes the stream kernel up to here
 
-// Scratch: two separate device buffers, which must not overlap (checked on every call). Callers
+// Scratch: three separate device buffers, which must not overlap (checked on every call). Callers
 // that run several shapes on one scratch (the executor: every linear of a model) size each buffer by
 // the maximum of its function over those shapes, separately: never one buffer for both.
 //   split_k: the decode kernel's split-K partial sums and arrival counters (M <= 64). Zero-filled
 //            once when allocated; the kernels leave it zeroed again, so nothing else may write it.
 //   x_int8:  the wgmma path's X repacked (M > 64 under Auto; any M when Wgmma is forced), overwritten
 //            by every such call; 16-byte aligned. Bytes grow with M: size it for the largest M.
+//   stream_k: the stream-K kernel's flags and fp32 partial tiles (GemmPath::WgmmaStreamK, any M), 16-byte
+//            aligned. Zero-filled once when allocated; the kernel leaves its flags zero again, so
+//            nothing else may write it, and no two calls sharing it may run at the same time.
 struct GemmW4A4Scratch {
   void* split_k = nullptr;
   size_t split_k_bytes = 0;
   uint8_t* x_int8 = nullptr;
   size_t x_int8_bytes = 0;
+  void* stream_k = nullptr;
+  size_t stream_k_bytes = 0;
 };
 // split_k bytes for one shape (0 for M > 64).
 size_t gemm_w4a4_split_k_bytes(int64_t M, int64_t N, int K, int keeper);
 // x_int8 bytes for M rows of X (any M; Auto reads it only for M > 64): gemm_w4a4_x_int8_bytes(T, K,
 // keeper) serves every M <= T of that K and keeper.
 size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper);
+// stream_k bytes for one shape's plan on this device, and a bound for every shape on it (what the
+// executor allocates where its steps can have more than 64 rows).
+size_t gemm_w4a4_stream_k_bytes(int64_t M, int64_t N, int K, int keeper);
+size_t gemm_w4a4_stream_k_bytes_bound();
 
 // Throws nibble::Error on mismatched shapes, overlapping or too-small scratch, or a forced path that
 // cannot take M (Stream: M <= 16, Decode: M <= 64). Asynchronous on `stream` (Wgmma: two kernels).
@@ -90,9 +105,11 @@ inline constexpr int64_t kDecodeMaxM = 64;
 inline constexpr bool gemm_w4a4_takes_x_int8(int64_t M) { return M > kDecodeMaxM; }
 
 // Y = X·Wᵀ on the wgmma path from X already pre-widened (any M >= 1; one kernel, no repack). The
-// result is gemm_w4a4(packed X, ..., GemmPath::Wgmma)'s bit for bit. Throws on mismatched shapes or
-// a null / misaligned X. Asynchronous on `stream`.
-void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream);
+// result is gemm_w4a4(packed X, ..., path)'s bit for bit. `path`: Auto (Auto's choice above 64 rows),
+// Wgmma or WgmmaStreamK (which needs scratch.stream_k; the other buffers are not used). Throws on
+// mismatched shapes, a null / misaligned X, another path or a missing workspace. Asynchronous on `stream`.
+void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream,
+               GemmPath path = GemmPath::Auto, const GemmW4A4Scratch& scratch = {});
 
 // The wgmma path's repack of X (GPU layout) into `out` (gemm_w4a4_x_int8_bytes), exposed for its
 // test and the bench. Asynchronous on `stream`.

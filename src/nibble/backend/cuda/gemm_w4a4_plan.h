@@ -1,0 +1,173 @@
+// The launch plans of gemm_w4a4's wgmma kernels (host code without CUDA, so the CPU tests check them;
+// the share arithmetic is also compiled into the stream-K kernel). Both kernels run 128 W rows x 128
+// tokens block tiles, one block per SM, `slabs` K slabs a tile; the unit of every cost below is one
+// slab-time, what a block spends on one slab (≈ 1390 clocks ≈ 0.72 µs on the H200 with v9's consumers).
+//
+// Cluster plan (v9, GemmPath::Wgmma): one block per (tile, cluster rank), K split over a cluster of 1, 2,
+// 4 or 8 ranks where the tiles do not fill the SMs, the ranks' sums reduced through distributed shared
+// memory. Whole waves only:  cost = waves x (slabs per rank + kFixed + kSpanEnd + kClusterReduce if split).
+//
+// Stream-K plan (GemmPath::WgmmaStreamK): a persistent grid of `blocks` <= SMs blocks walks the
+// flattened (tile, slab) iteration space (tile-major, slabs inner; tiles with the token tile fastest, so
+// the token tiles of one W tile are neighbours and W is read from DRAM about once) in contiguous
+// shares: block b takes iterations [share_begin(b), share_begin(b + 1)). A share cuts into spans, each
+// one stretch of slabs of one tile: whole tiles in the middle, at most a tile's tail first (slabs
+// s > 0 on: a *contributor*, it writes its fp32 partial tile to the workspace, slot b, and raises its
+// flags) and a tile's head last (slabs 0.. on: the tile's *owner*, it waits for the flags of the
+// blocks after it that hold the rest of the tile, adds their partials in block order, and writes the
+// output). Every block writes its partial, if any, before it waits for anything, and waits only for
+// blocks with a larger index, so with all blocks resident no wait can close a cycle
+// (bench/NOTES-gemm_w4a4.md, "Session 15"). The cost is simulated block by block:
+//   a block's time  = kFixed + its iterations + kSpanEnd per span (+ kPartialWrite after its partial);
+//   an owner's end  = max(its time, its contributors' partial times) + kPartialRead per contributor.
+// The plan is the argmin over blocks in [1, min(SMs, iterations)], ties to fewer blocks.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#ifdef __CUDACC__
+#define NIBBLE_PLAN_HD __host__ __device__
+#else
+#define NIBBLE_PLAN_HD
+#endif
+
+namespace nibble::cuda {
+
+namespace wgmma_cost {
+// v9's fitted model (session 12) put 3 slab-times of fill + epilogue on every wave and 2 on a
+// cluster's reduction; stream-K fills its pipeline once and pays the epilogue per span.
+constexpr double kFixed = 2.5;         // pipeline fill: the first slab's copies before any MMA
+constexpr double kSpanEnd = 0.5;       // a span's last fold (not overlapped) and its epilogue
+constexpr double kClusterReduce = 2;   // v9's distributed-shared-memory reduction of a split tile
+constexpr double kPartialWrite = 0.5;  // a contributor's 64 KB of fp32 partial + fence + flags
+constexpr double kPartialRead = 0.75;  // an owner's read of one 64 KB partial from L2
+}  // namespace wgmma_cost
+
+struct WgmmaClusterPlan {
+  int cluster = 1, slabs_per_rank = 0;
+  double cost = 0;  // slab-times
+};
+
+inline WgmmaClusterPlan wgmma_cluster_plan(int64_t tiles, int slabs, int sms) {
+  using namespace wgmma_cost;
+  WgmmaClusterPlan best{1, slabs, 1e300};
+  for (int cluster : {1, 2, 4, 8}) {
+    const int per_rank = (slabs + cluster - 1) / cluster;
+    if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
+    const double waves = double((tiles * cluster + sms - 1) / sms);
+    const double cost = waves * (per_rank + kFixed + kSpanEnd + (cluster > 1 ? kClusterReduce : 0));
+    if (cost < best.cost) best = {cluster, per_rank, cost};
+  }
+  return best;
+}
+
+// ---- Stream-K -----------------------------------------------------------------------------------
+
+// The share arithmetic is 32-bit (a 64-bit division is a called subroutine on the GPU, and its call
+// made the consumers spill): plans keep iterations x blocks below 2^31.
+constexpr int64_t kStreamKMaxProduct = (int64_t(1) << 31) - 1;
+
+// First iteration of block b's share (b = blocks: the end). Shares differ by at most one iteration
+// and none is empty when blocks <= iterations.
+NIBBLE_PLAN_HD constexpr int stream_k_share_begin(int block, int iterations, int blocks) {
+  return iterations * block / blocks;
+}
+
+// One span of a share: slabs [s0, s1) of tile `tile`.
+struct StreamKSpan {
+  int tile;
+  int s0, s1;
+  NIBBLE_PLAN_HD constexpr bool is_head() const { return s0 == 0; }
+};
+// The span of a share that starts at iteration `it` (< end).
+NIBBLE_PLAN_HD constexpr StreamKSpan stream_k_span(int it, int end, int slabs) {
+  const int tile = it / slabs;
+  const int s0 = it - tile * slabs;
+  const int s1 = end - it < slabs - s0 ? s0 + end - it : slabs;
+  return {tile, s0, s1};
+}
+// The block whose share holds iteration x: the largest c with share_begin(c) <= x.
+NIBBLE_PLAN_HD constexpr int stream_k_block_of(int x, int iterations, int blocks) {
+  return ((x + 1) * blocks - 1) / iterations;
+}
+// The last of the blocks after a tile's owner that hold the rest of the tile (the owner itself
+// where its share holds the whole tile).
+NIBBLE_PLAN_HD constexpr int stream_k_last_contributor(int tile, int slabs, int iterations, int blocks) {
+  return stream_k_block_of((tile + 1) * slabs - 1, iterations, blocks);
+}
+
+// The workspace: per block one flag per consumer warp (uint32, 0 between launches: each flag is raised
+// by its contributor and put back to 0 by the owner that consumed it), then per block one fp32 partial
+// tile in the consumers' fragment order (slot b, warp w, float4 j, lane).
+constexpr int kStreamKConsumerWarps = 8;
+constexpr size_t kStreamKPartialBytes = size_t(128) * 128 * 4;
+NIBBLE_PLAN_HD constexpr size_t stream_k_flags_bytes(int blocks) {
+  return (size_t(blocks) * kStreamKConsumerWarps * 4 + 255) / 256 * 256;
+}
+NIBBLE_PLAN_HD constexpr size_t stream_k_workspace_bytes(int blocks) {
+  return stream_k_flags_bytes(blocks) + size_t(blocks) * kStreamKPartialBytes;
+}
+
+struct StreamKPlan {
+  int blocks = 0;  // 0: no plan (iterations at or above 2^31)
+  int tiles = 0, slabs = 0;
+  double cost = 0;  // slab-times (the simulation below)
+  int iterations() const { return tiles * slabs; }
+};
+
+// The simulated time of `blocks` blocks (the model at the top); O(blocks).
+inline double stream_k_cost(int tiles, int slabs, int blocks) {
+  using namespace wgmma_cost;
+  const int iterations = tiles * slabs;
+  // Block b's time up to the end of its share, and when its partial (if any) is in the workspace.
+  const auto block_time = [&](int b, double* partial_ready) {
+    const int begin = stream_k_share_begin(b, iterations, blocks), end = stream_k_share_begin(b + 1, iterations, blocks);
+    const int spans = (end - 1) / slabs - begin / slabs + 1;
+    const StreamKSpan first = stream_k_span(begin, end, slabs);
+    if (partial_ready) *partial_ready = kFixed + double(first.s1 - first.s0) + kSpanEnd + kPartialWrite;
+    return kFixed + double(end - begin) + kSpanEnd * double(spans) + (first.is_head() ? 0.0 : kPartialWrite);
+  };
+  double cost = 0;
+  for (int b = 0; b < blocks; ++b) {
+    double t = block_time(b, nullptr);
+    const int end = stream_k_share_begin(b + 1, iterations, blocks), last_tile = (end - 1) / slabs;
+    const bool owner = last_tile * slabs >= stream_k_share_begin(b, iterations, blocks) && end < (last_tile + 1) * slabs;
+    if (owner) {  // its last span is the head of a tile the next blocks finish
+      const int c_last = stream_k_last_contributor(last_tile, slabs, iterations, blocks);
+      for (int c = b + 1; c <= c_last; ++c) {
+        double ready = 0;
+        block_time(c, &ready);
+        t = std::max(t, ready);
+      }
+      t += kPartialRead * double(c_last - b);
+    }
+    cost = std::max(cost, t);
+  }
+  return cost;
+}
+
+inline StreamKPlan stream_k_plan(int64_t tiles, int slabs, int sms) {
+  if (tiles < 1 || slabs < 1 || tiles * slabs > kStreamKMaxProduct) return {};
+  StreamKPlan best{0, int(tiles), slabs, 1e300};
+  const int64_t most = std::min<int64_t>({sms, tiles * slabs, kStreamKMaxProduct / (tiles * slabs)});
+  for (int blocks = 1; blocks <= most; ++blocks) {
+    const double cost = stream_k_cost(int(tiles), slabs, blocks);
+    if (cost < best.cost) best = {blocks, int(tiles), slabs, cost};
+  }
+  return best;
+}
+
+// The workspace any stream-K plan on `sms` SMs can need (the executor's bound).
+constexpr size_t stream_k_workspace_bound(int sms) { return stream_k_workspace_bytes(sms); }
+
+// Where Auto takes stream-K over v9 (above 64 rows, given a workspace): by the measurement, not the
+// model above, which mispredicted both ways (it assumes the fold overlaps the next slab's MMAs, but
+// the stream-K consumers keep one accumulator set). H200, session 15 (bench/RESULTS.md): stream-K
+// 1.21-1.42x v9 at 16-32 tiles (7B q/k/v/o and down at M 65-128, 70B k/v at M 129-512), 0.74-0.79x
+// at 8 tiles, 0.66-0.86x from 64 tiles up.
+inline bool stream_k_measured_win(int64_t tiles) { return tiles >= 16 && tiles <= 32; }
+
+}  // namespace nibble::cuda
