@@ -8,6 +8,7 @@
 
 #include "nibble/backend/cuda/attention_common.h"
 #include "nibble/backend/cuda/cp_async.cuh"
+#include "nibble/backend/cuda/half_pack.cuh"
 
 namespace nibble::cuda::attn {
 
@@ -34,10 +35,6 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
 __device__ __forceinline__ uint32_t h2u(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
 __device__ __forceinline__ __half2 u2h(uint32_t u) { return *reinterpret_cast<const __half2*>(&u); }
 

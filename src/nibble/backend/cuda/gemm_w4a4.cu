@@ -14,6 +14,7 @@
 #include "nibble/backend/cuda/cp_async.cuh"
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/gemm_w4a4_plan.h"
+#include "nibble/backend/cuda/half_pack.cuh"
 #include "nibble/backend/cuda/wgmma.cuh"
 #include "nibble/core/error.h"
 
@@ -946,7 +947,7 @@ struct SpShared {
       mbar_init(&loaded[i], 128 + 1);  // the producer threads' cp.async + thread 0's arrive.expect_tx
       mbar_init(&consumed[i], 8);
     }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    mbar_init_fence();
   }
 };
 
@@ -959,7 +960,7 @@ __device__ __forceinline__ void produce_slabs(const WgmmaParams& p, const SpShar
   for (int j = 0; j < ns; ++j) {
     const SpRing to(ring0 + j);
     if (ring0 + j >= kSpP) mbar_wait(&sh.consumed[to.p], to.p_phase ^ 1);  // the stage's previous use completed
-    uint8_t* stage = sh.smem + to.p * XInt8Stage::kBytes;
+    uint8_t* stage = sh.stage(ring0 + j);
     if (threadIdx.x == 0) {
       mbar_arrive_expect_tx(&sh.loaded[to.p], kXInt8BlockBytes);
       const uint8_t* x_block = p.x_int8 + x_int8_block_offset(m_tile, p.slabs, s0 + j);
@@ -1083,19 +1084,6 @@ __device__ __forceinline__ uint32_t ld_relaxed_gpu(const uint32_t* p) {
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;\n" ::: "memory"); }
 __device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
   asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
-}
-
-template <typename OutT>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
 }
 
 // One warp's 16 W rows x 128 tokens of the output from its accumulators (rows 16 cw + g, + 8, tokens

@@ -6,6 +6,7 @@
 #include "nibble/backend/cuda/cp_async.cuh"
 #include "nibble/backend/cuda/cuda_check.h"
 #include "nibble/backend/cuda/format_device.cuh"
+#include "nibble/backend/cuda/half_pack.cuh"
 #include "nibble/backend/cuda/hadamard_device.cuh"
 #include "nibble/core/error.h"
 
@@ -104,6 +105,18 @@ __device__ __forceinline__ void unit_values(const ActParams& p, const __half* sa
   }
 }
 
+// Eight values' codes with their group's scale (rcp = 1 / scale; lo, hi: the clamp's ends, as
+// int_sym_biased_rcp takes them), as two words of low bytes.
+__device__ __forceinline__ void encode_unit(float (&v)[8], float scale, float rcp, float lo, float hi, uint32_t& w0,
+                                            uint32_t& w1) {
+  clamp_infinite_values(scale, v);
+  int b[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, lo, hi);
+  w0 = low_bytes(b[0], b[1], b[2], b[3]);
+  w1 = low_bytes(b[4], b[5], b[6], b[7]);
+}
+
 // The codes of one more keeper group (channels c0 .. c0 + 7 of it) with the keepers' scale, as two
 // words of low bytes: its values recomputed (a keeper unit of several groups keeps only its first
 // group's values across the reduction).
@@ -113,12 +126,7 @@ __device__ __forceinline__ void keeper_codes(const ActParams& p, const __half* s
                                              float hi, uint32_t& w0, uint32_t& w1) {
   float v[8];
   unit_values<MODE>(p, sa, su, ga, gu, c0, inv, v);
-  clamp_infinite_values(scale, v);
-  int b[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, lo, hi);
-  w0 = low_bytes(b[0], b[1], b[2], b[3]);
-  w1 = low_bytes(b[4], b[5], b[6], b[7]);
+  encode_unit(v, scale, rcp, lo, hi, w0, w1);
 }
 
 // Eight channels c0 .. c0 + 7 of the residual row h (+ y): fp32 as residual_rmsnorm adds them.
@@ -135,14 +143,7 @@ __device__ __forceinline__ void store_unit(float* h, const float (&v)[8]) {
   *reinterpret_cast<float4*>(h + 4) = make_float4(v[4], v[5], v[6], v[7]);
 }
 __device__ __forceinline__ uint4 pack8(const float (&v)[8]) {
-  uint4 r;
-  uint32_t* w = reinterpret_cast<uint32_t*>(&r);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const __half2 hv = __floats2half2_rn(v[2 * e], v[2 * e + 1]);
-    w[e] = *reinterpret_cast<const uint32_t*>(&hv);
-  }
-  return r;
+  return make_uint4(pack_half2(v[0], v[1]), pack_half2(v[2], v[3]), pack_half2(v[4], v[5]), pack_half2(v[6], v[7]));
 }
 // A row split over several blocks: the one whose ticket (its arrival count, taken by thread 0 once
 // the block had read h) is the last writes h + y back from its shared fp32 copy and leaves the
@@ -346,11 +347,8 @@ __global__ void __launch_bounds__(1024, 1) __maxnreg__(MAX_REGS) act_quant_kerne
     const float rcp = rcp_fp16_scale(scale);
     // A zero scale encodes everything as 0 (format.h): the clamp's ends both at code 0.
     const float lo = scale == 0 ? kIntSymBias : kIntSymBias - (qmax + 1), hi = scale == 0 ? kIntSymBias : kIntSymBias + qmax;
-    clamp_infinite_values(scale, v);
-    int b[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) b[i] = int_sym_biased_rcp(v[i], scale, rcp, lo, hi);
-    const uint32_t lb0 = low_bytes(b[0], b[1], b[2], b[3]), lb1 = low_bytes(b[4], b[5], b[6], b[7]);
+    uint32_t lb0, lb1;
+    encode_unit(v, scale, rcp, lo, hi, lb0, lb1);
     const __half scale_h = __float2half_rn(scale);
     if constexpr (pre_widened) {
       if (!store) return;
