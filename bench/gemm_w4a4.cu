@@ -308,7 +308,7 @@ int run_stream_k(const std::vector<int64_t>& Ms, int sms) {
   for (const Shape& sh : kEngineLinears) {
     for (int64_t M : Ms) {
       const AtomShape xs = atom_shape(M, int(sh.K), keeper), ws = atom_shape(sh.N, int(sh.K), keeper);
-      const int64_t tiles = (ws.rows_pad + 127) / 128 * ((xs.rows_pad + 127) / 128);
+      const int64_t tiles = wgmma_tiles(ws.rows_pad, xs.rows_pad);
       const WgmmaClusterPlan v9_plan = wgmma_cluster_plan(tiles, ws.slabs(), sms);
       const StreamKPlan sk_plan = stream_k_plan(tiles, ws.slabs(), sms);
       double t_auto, t_v9, t_sk;

@@ -155,7 +155,7 @@ TEST(GemmW4A4Plan, PredictionsForTheBenchShapesOnAnH200) {
     for (int64_t M : {64, 100, 128, 192, 256, 512, 1024, 2048}) {
       const int slabs = int((sh.K - 128) / 128) + 2;  // keeper 128: one 8-bit group in two slabs
       const int64_t rows_pad = (M + 15) / 16 * 16;
-      const int64_t tiles = (sh.N + 127) / 128 * ((rows_pad + 127) / 128);
+      const int64_t tiles = wgmma_tiles(sh.N, rows_pad);
       const WgmmaClusterPlan v9 = wgmma_cluster_plan(tiles, slabs, 132);
       const StreamKPlan sk = stream_k_plan(tiles, slabs, 132);
       std::printf("| %s | %lld | %lld | %d | %d | %.1f | %d | %.1f | %.2f |\n", sh.name, (long long)M,

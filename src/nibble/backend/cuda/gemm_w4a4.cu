@@ -618,6 +618,7 @@ void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
 // equal or faster on every shape of device run 1, and they were deleted.)
 
 constexpr int kBN = 128, kBM = 128;
+static_assert(kBN == kWgmmaTile && kBM == kWgmmaTile, "gemm_w4a4_plan.h counts tiles of this size");
 constexpr int kTileBytes = (kBN / kRowTile) * kSlabBytes;      // 8 KB of W (and of X) per slab
 constexpr int kStageBytes = 2 * kTileBytes + (kBN + kBM) * 2;  // + the slab's scales
 constexpr int kUnpackBytes = kXInt8CodeBytes;  // one slab of X as INT8, 128 tokens x 128 channels
@@ -922,6 +923,10 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
 // into a second ring) 2012, 1.15-1.28x v6; v9 (X pre-widened) ~1390, 1.16-1.71x v7 on all 21 benched
 // shapes, the repack (4-51 µs) not counted (H200, session 12; bench/NOTES-gemm_w4a4.md).
 constexpr int kSpThreads = 384;  // producer warpgroup + two consumer warpgroups (W rows 0..63, 64..127)
+// Registers a thread after setmaxnreg: the producer warpgroup gives, the two consumer warpgroups take
+// (40 + 2 x 232 = 3 x 168, the 384-thread launch's share).
+constexpr int kSpProducerRegs = 40, kSpConsumerRegs = 232;
+static_assert(kSpProducerRegs + 2 * kSpConsumerRegs <= 3 * (65536 / 384 / 8 * 8), "register file");
 constexpr int kSpP = 8;          // stages (W tile, X block, W scales of a slab)
 constexpr int kSpSmem = kSpP * XInt8Stage::kBytes + 2 * kSpP * 8;  // stages, loaded[P], consumed[P]
 static_assert(kBM * kPartPitch * 4 <= kSpP * XInt8Stage::kBytes, "the fp32 tile must fit in the stages");
@@ -1039,13 +1044,13 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
 
   float acc[64];
   if (warp < 4) {  // producer
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    setmaxnreg_dec<kSpProducerRegs>();
     produce_slabs(p, sh, 0, s0, ns, n_base, blockIdx.z);
     __syncthreads();  // pairs with the consumers' barrier before the epilogue
     write_block_tile<OutT>(p, smem, acc, false, 0, lane, rank, n_base, m_base, -1, 0);
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  setmaxnreg_inc<kSpConsumerRegs>();
   const int cw = warp - 4;
   consume_slabs<kSpConv>(p, sh, s0, ns, acc, cw, lane);
   __syncthreads();  // every copy landed (the consumers waited for each on `loaded`): the stages are free
@@ -1147,7 +1152,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_stream_k_kernel(WgmmaPara
   };
 
   if (warp < 4) {  // producer: the share's spans back to back
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    setmaxnreg_dec<kSpProducerRegs>();
     int ring = 0;
     for (int it = begin; it < end;) {
       const StreamKSpan span = stream_k_span(it, end, p.slabs);
@@ -1162,7 +1167,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_stream_k_kernel(WgmmaPara
     for (int i = max(0, ring - kSpP); i < ring; ++i) mbar_wait(&sh.consumed[SpRing(i).p], SpRing(i).p_phase);
     return;
   }
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+  setmaxnreg_inc<kSpConsumerRegs>();
   // Consumers: one slab loop over the whole share (ring positions 0 .. n - 1), each span's epilogue
   // after its last slab, with one int32 accumulator set: issue, wait, fold, as v9 runs in fact (its
   // `wait_group 1` returns only once the current slab is done, session 13), same fold order, so a
@@ -1233,10 +1238,6 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_stream_k_kernel(WgmmaPara
   }
 }
 
-// The block tiles of a shape (W tiles x token tiles of the padded rows, as the kernels' grids).
-int64_t wgmma_tiles(int64_t w_rows_pad, int64_t x_rows_pad) {
-  return ((w_rows_pad + kBN - 1) / kBN) * ((x_rows_pad + kBM - 1) / kBM);
-}
 
 // The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
 template <typename Kernel>

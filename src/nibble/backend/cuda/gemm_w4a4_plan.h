@@ -64,6 +64,13 @@ inline WgmmaClusterPlan wgmma_cluster_plan(int64_t tiles, int slabs, int sms) {
   return best;
 }
 
+// The block tiles of a shape: W tiles of 128 rows x token tiles of 128 of the padded rows (the wgmma
+// kernels' grids; gemm_w4a4.cu's kBN, kBM).
+constexpr int kWgmmaTile = 128;
+NIBBLE_PLAN_HD constexpr int64_t wgmma_tiles(int64_t w_rows_pad, int64_t x_rows_pad) {
+  return ((w_rows_pad + kWgmmaTile - 1) / kWgmmaTile) * ((x_rows_pad + kWgmmaTile - 1) / kWgmmaTile);
+}
+
 // ---- Stream-K -----------------------------------------------------------------------------------
 
 // The share arithmetic is 32-bit (a 64-bit division is a called subroutine on the GPU, and its call
