@@ -270,7 +270,6 @@ __global__ void __launch_bounds__(kStreamWarps * 32) stream_kernel(StreamParams 
 
 // ---- Decode: M <= 64 ---------------------------------------------------------------------------------
 
-
 struct DecodeParams : GemmOperands {
   int splits, slabs_per_split;
   float* partial;  // [splits][gridDim.x][8 warps][MT][32 lanes] float4
@@ -1237,7 +1236,6 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_stream_k_kernel(WgmmaPara
     if (slab == p.slabs - 1 || i == n - 1) span_end(i);
   }
 }
-
 
 // The wgmma kernels: same grid (cluster ranks x N tiles x M tiles) and split plan.
 template <typename Kernel>
