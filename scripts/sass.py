@@ -16,7 +16,8 @@ A cubin: the nvcc line of `ninja -t commands nibble_cuda` for the .cu, `-cubin` 
                                              DEPBAR.LE n = wait until n groups are pending)
   scripts/sass.py kernels CUBIN              kernel names (mangled) with their instruction counts
 
-KERNEL: a substring of the mangled name (the first match is taken). The scheduling fields are the compiler's
+KERNEL: a substring of the mangled name (the first match is taken). nvdisasm 11.8 leaves out a few labels (seen in
+the attention decode kernels): a loop whose head has no label line is not listed; `list` still shows its code. The scheduling fields are the compiler's
 control bits of each 128-bit instruction: stall (cycles before the warp may issue its next instruction),
 yield, the scoreboard it sets on write / read, the scoreboards it waits for. The sum of stalls along a loop
 body is the fewest cycles one warp needs for an iteration if no scoreboard wait or barrier ever blocks it:
@@ -26,6 +27,7 @@ import collections
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -48,7 +50,7 @@ def nvdisasm():
 def old_header_copy(cubin, directory):
     data = bytearray(open(cubin, 'rb').read())
     if data[:4] != b'\x7fELF' or struct.unpack_from('<H', data, 0x12)[0] != 190:
-        sys.exit(f'{cubin}: not a CUDA cubin (ELF machine 190)')
+        sys.exit(f'{cubin}: not a CUDA cubin (an ELF file for machine 190, EM_CUDA)')
     flags = struct.unpack_from('<I', data, 0x30)[0]
     arch = (flags >> 8) & 0xff if data[8] >= 8 else flags & 0xff  # ABI 8 moved the SM field
     if arch != 90:
@@ -167,4 +169,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet under `| head`
     main(sys.argv[1:])

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""SASS instructions per PTX line and source line, without cuobjdump/nvdisasm (this machine has neither).
+"""SASS instructions per PTX line and source line, without cuobjdump/nvdisasm (CUDA 13 here ships neither;
+scripts/sass.py shows the instructions themselves with Debian's nvdisasm 11.8).
 
 ptxas -lineinfo writes two DWARF line tables into the cubin: .debug_line (SASS address -> .cu line) and
 .nv_debug_line_sass (SASS address -> PTX line). Swapping the two sections' names lets objdump decode the
