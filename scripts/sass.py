@@ -16,10 +16,10 @@ A cubin: the nvcc line of `ninja -t commands nibble_cuda` for the .cu, `-cubin` 
                                              DEPBAR.LE n = wait until n groups are pending)
   scripts/sass.py kernels CUBIN              kernel names (mangled) with their instruction counts
 
-KERNEL: a substring of the mangled name (the first match is taken). nvdisasm 11.8 leaves out a few labels (seen in
-the attention decode kernels): a loop whose head has no label line is not listed; `list` still shows its code. The scheduling fields are the compiler's
-control bits of each 128-bit instruction: stall (cycles before the warp may issue its next instruction),
-yield, the scoreboard it sets on write / read, the scoreboards it waits for. The sum of stalls along a loop
+KERNEL: a substring of the mangled name (the first match is taken). nvdisasm 11.8 leaves out a few labels (seen
+in the attention decode kernels): a loop whose head has no label line is not listed; `list` still shows its code.
+The scheduling fields are the compiler's control bits of each 128-bit instruction: stall (cycles before the warp
+may issue its next instruction), yield, the scoreboard it sets on write / read, the scoreboards it waits for. The sum of stalls along a loop
 body is the fewest cycles one warp needs for an iteration if no scoreboard wait or barrier ever blocks it:
 with w warps a scheduler, an iteration of all of them takes at least max(sum of stalls, w x instructions).
 """
@@ -63,7 +63,7 @@ def old_header_copy(cubin, directory):
 
 
 class Instruction:
-    def __init__(self, address, text, low, high):
+    def __init__(self, address, text, high):
         self.address, self.text = address, text
         self.opcode = text.split()[0] if not text.startswith('@') else text.split()[1]
         self.predicate = text.split()[0] if text.startswith('@') else ''
@@ -98,9 +98,9 @@ def disassemble(cubin):
         if m := LABEL.match(line):
             pending_label = m.group(1)
         elif m := LINE.match(line):
-            last = (int(m.group(1), 16), m.group(2).strip().rstrip(';').strip(), int(m.group(3), 16))
+            last = (int(m.group(1), 16), m.group(2).strip().rstrip(';').strip())
         elif (m := CONTROL.match(line)) and last:
-            current.append((pending_label, Instruction(last[0], last[1], last[2], int(m.group(1), 16))))
+            current.append((pending_label, Instruction(last[0], last[1], int(m.group(1), 16))))
             pending_label, last = None, None
     return kernels
 
