@@ -684,6 +684,22 @@ TEST_F(Cli, EvalSaysWhichDeviceRan) {
     expect_one_line_error(nibble(fmt::format("eval -m {} --tasks piqa --limit 2 -q --device cuda", quote(stories()))));
 }
 
+// --device cuda without a usable GPU is refused when the option is parsed, before a model is read: the
+// error names the device even where the model path does not exist (reading a 7B fp16 checkpoint first
+// could exhaust a CPU machine's memory before the executor said no).
+TEST_F(Cli, DeviceCudaWithoutAGpuFailsBeforeReadingTheModel) {
+  std::string why;
+  if (cuda_device_available(&why)) GTEST_SKIP() << "a usable GPU is present";
+  const std::string missing = quote((dir_ / "no-such-model").string());
+  for (const std::string& cmd : std::vector<std::string>{"generate -p hi -n 1", "bench --num-prompts 1", "serve", "perplexity",
+                                "quantize -o " + quote((dir_ / "out.nibble").string())}) {
+    const Result r = nibble(fmt::format("{} -m {} --device cuda", cmd, missing));
+    expect_one_line_error(r);
+    EXPECT_NE(r.err.find("--device cuda"), std::string::npos) << cmd << ": " << r.err;
+    EXPECT_EQ(r.err.find("no-such-model"), std::string::npos) << cmd << ": " << r.err;
+  }
+}
+
 TEST_F(Cli, QuantizeHelpQuotesThePresetClips) {
   const Result r = nibble("quantize --help");
   ASSERT_EQ(r.status, 0);

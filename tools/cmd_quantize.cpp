@@ -130,7 +130,8 @@ void add_quantize_command(CLI::App& app) {
                   "where the calibration passes, statistics and GPTQ run: cpu (the reference) or "
                   "cuda (the calibration stream resident on the GPU; passes without a kernel stay on the CPU, "
                   "with a warning)")
-      ->check(CLI::IsMember({"cpu", "cuda"}));
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->each(check_cuda_when_named);
   cmd->add_flag("--resume", a->resume,
                 "continue an interrupted run of the same recipe and inputs from its last finished layer "
                 "(kept in .OUTPUT.partial beside the output)");

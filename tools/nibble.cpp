@@ -89,12 +89,18 @@ void KVOverride::apply(KVFormat& f) const {
   if (hadamard) f.hadamard = *hadamard;
 }
 
+void check_cuda_when_named(const std::string& device) {
+  std::string why;
+  if (device == "cuda") check(cuda_device_available(&why), "--device cuda", "{}", why);
+}
+
 void DeviceOptions::add_to(CLI::App* cmd) {
   cmd->add_option("--device", device,
                   "cpu, cuda, or auto: cuda when a GPU is present and the model's formats have CUDA kernels, "
                   "else cpu (stderr says which ran and why)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}))
+      ->each(check_cuda_when_named);
   cmd->add_option("--gpu-mem-fraction", gpu_mem_fraction,
                   "cuda: share of the GPU memory free after loading that the KV cache may take")
       ->capture_default_str()
