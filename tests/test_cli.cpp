@@ -691,8 +691,9 @@ TEST_F(Cli, DeviceCudaWithoutAGpuFailsBeforeReadingTheModel) {
   std::string why;
   if (cuda_device_available(&why)) GTEST_SKIP() << "a usable GPU is present";
   const std::string missing = quote((dir_ / "no-such-model").string());
-  for (const std::string& cmd : std::vector<std::string>{"generate -p hi -n 1", "bench --num-prompts 1", "serve", "perplexity",
-                                "quantize -o " + quote((dir_ / "out.nibble").string())}) {
+  const std::vector<std::string> commands = {"generate -p hi -n 1", "bench --num-prompts 1", "serve", "perplexity",
+                                             "quantize -o " + quote((dir_ / "out.nibble").string())};
+  for (const std::string& cmd : commands) {
     const Result r = nibble(fmt::format("{} -m {} --device cuda", cmd, missing));
     expect_one_line_error(r);
     EXPECT_NE(r.err.find("--device cuda"), std::string::npos) << cmd << ": " << r.err;

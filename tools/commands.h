@@ -46,12 +46,12 @@ struct KVOverride {
   void apply(Model& m) const;
 };
 
-// Where a model runs: --device cpu|cuda|auto (auto: cuda when a GPU is there and the model's
-// formats have CUDA kernels, else the CPU, saying why on stderr), and the GPU's memory knobs.
 // `--device cuda` is checked when the option is parsed, before any model or checkpoint is read: without
 // a usable GPU the error comes at once, not after loading (a 7B fp16 model can exhaust a CPU machine's memory).
 void check_cuda_when_named(const std::string& device);
 
+// Where a model runs: --device cpu|cuda|auto (auto: cuda when a GPU is there and the model's
+// formats have CUDA kernels, else the CPU, saying why on stderr), and the GPU's memory knobs.
 struct DeviceOptions {
   std::string device = "auto";
   double gpu_mem_fraction = 0.9;
