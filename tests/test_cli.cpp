@@ -598,6 +598,25 @@ TEST_F(Cli, ServeRefusesAChatTemplateItCannotRender) {
   EXPECT_NE(model.err.find("tokenizer_config.json: chat_template is none of the formats"), std::string::npos) << model.err;
 }
 
+// A port something else listens on stops `serve` before it loads the model (it printed "model loaded"
+// first, and with a 70B model that was minutes), with the system's reason.
+TEST_F(Cli, ServeRefusesATakenPortBeforeLoading) {
+  REQUIRE_STORIES();
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  ASSERT_EQ(listen(fd, 1), 0);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const Result r = nibble(fmt::format("serve -m {} --device cpu --port {}", quote(stories()), ntohs(addr.sin_port)));
+  close(fd);
+  expect_one_line_error(r);
+  EXPECT_NE(r.err.find(fmt::format("cannot listen on 127.0.0.1:{}: Address already in use", ntohs(addr.sin_port))),
+            std::string::npos) << r.err;
+}
+
 // SIGTERM drains `serve`: a stream mid-generation is answered to its [DONE] (every choice to its
 // length), then the process exits 0.
 TEST_F(Cli, ServeDrainsOnSigtermAndExitsZero) {

@@ -33,6 +33,7 @@ void run_serve(ServeArgs a) {
     a.server.chat_template = server::ChatTemplate::from_model(a.model);
   if (a.server.model_name.empty()) a.server.model_name = std::filesystem::path(a.model).filename().string();
   warn_if_synthetic(a.model);
+  server::check_can_listen(a.host, a.port);  // a taken port fails now, not after loading
   const auto t0 = std::chrono::steady_clock::now();
   auto [model, tok] = load_model_and_tokenizer(a.model, a.tokenizer);
   if (a.server.chat_template && !a.chat_template.empty()) {  // a template by name or file: the model's own BOS/EOS

@@ -1,8 +1,14 @@
 #include "nibble/server/server.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <numeric>
 #include <random>
 
@@ -737,6 +743,32 @@ Server::Server(Engine& engine, const Tokenizer& tokenizer, ServerOptions opt)
 }
 
 Server::~Server() { stop(); }
+
+void check_can_listen(const std::string& host, int port) {
+  if (port == 0) return;
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  addrinfo* found = nullptr;
+  const int rc = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found);
+  check(rc == 0, "serve", "cannot listen on {}:{}: {}", host, port, gai_strerror(rc));
+  std::string why;
+  bool bound = false;
+  for (const addrinfo* a = found; a && !bound; a = a->ai_next) {  // as httplib binds: the first address that takes it
+    const int fd = ::socket(a->ai_family, a->ai_socktype, a->ai_protocol);
+    if (fd < 0) {
+      why = std::strerror(errno);
+      continue;
+    }
+    httplib::default_socket_options(fd);
+    bound = ::bind(fd, a->ai_addr, a->ai_addrlen) == 0;
+    if (!bound) why = std::strerror(errno);
+    ::close(fd);
+  }
+  freeaddrinfo(found);
+  check(bound, "serve", "cannot listen on {}:{}: {}", host, port, why);
+}
 
 int Server::bind(const std::string& host, int port) {
   // httplib 0.11 listens with a backlog of 5, which drops connections that arrive together: the

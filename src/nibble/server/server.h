@@ -73,6 +73,11 @@ struct ServerMetrics {
 struct Channel;
 class HandlerPool;
 
+// Throws nibble::Error saying why when `host`:`port` cannot be bound now (port 0, any free port: never).
+// `nibble serve` asks before it loads the model, so that a taken port or a wrong address fails in a
+// moment rather than after minutes of loading; Server::bind binds for real once the model is up.
+void check_can_listen(const std::string& host, int port);
+
 class Server {
  public:
   Server(Engine& engine, const Tokenizer& tokenizer, ServerOptions opt);
