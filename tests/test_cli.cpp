@@ -450,8 +450,8 @@ TEST_F(Cli, BenchPlotWithoutGnuplotFailsBeforeTheWork) {
   EXPECT_FALSE(fs::exists(dir_ / "curve.png"));
 }
 
-// A loopback port nothing listens on now (the kernel's pick, closed again).
-int free_port() {
+// A socket bound to a loopback port of the kernel's pick; its port in *port.
+int loopback_socket(int* port) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -459,8 +459,15 @@ int free_port() {
   socklen_t len = sizeof addr;
   EXPECT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
   EXPECT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-  close(fd);
-  return ntohs(addr.sin_port);
+  *port = ntohs(addr.sin_port);
+  return fd;
+}
+
+// A loopback port nothing listens on now (the kernel's pick, closed again).
+int free_port() {
+  int port = 0;
+  close(loopback_socket(&port));
+  return port;
 }
 
 // `nibble serve` on stories260K (CPU, one thread) as a child process on a free loopback port,
@@ -602,19 +609,14 @@ TEST_F(Cli, ServeRefusesAChatTemplateItCannotRender) {
 // first, and with a 70B model that was minutes), with the system's reason.
 TEST_F(Cli, ServeRefusesATakenPortBeforeLoading) {
   REQUIRE_STORIES();
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  int port = 0;
+  const int fd = loopback_socket(&port);
   ASSERT_EQ(listen(fd, 1), 0);
-  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-  const Result r = nibble(fmt::format("serve -m {} --device cpu --port {}", quote(stories()), ntohs(addr.sin_port)));
+  const Result r = nibble(fmt::format("serve -m {} --device cpu --port {}", quote(stories()), port));
   close(fd);
   expect_one_line_error(r);
-  EXPECT_NE(r.err.find(fmt::format("cannot listen on 127.0.0.1:{}: Address already in use", ntohs(addr.sin_port))),
-            std::string::npos) << r.err;
+  EXPECT_NE(r.err.find(fmt::format("cannot listen on 127.0.0.1:{}: Address already in use", port)), std::string::npos)
+      << r.err;
 }
 
 // SIGTERM drains `serve`: a stream mid-generation is answered to its [DONE] (every choice to its
