@@ -779,6 +779,7 @@ int Server::bind(const std::string& host, int port) {
     *listening = sock;
   });
   const int bound = port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
+  if (bound <= 0) check_can_listen(host, port);  // the system's reason, when the probe meets it too
   check(bound > 0, "serve", "cannot listen on {}:{}", host, port);
   check(::listen(*listening, SOMAXCONN) == 0, "serve", "cannot listen on {}:{} with a backlog of {}", host, port, SOMAXCONN);
   return bound;
