@@ -80,7 +80,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 }
 
 // Scale group of slab s (INT4 groups first, then two slabs per keeper group).
-__device__ __forceinline__ int slab_group(int s, int g4) { return s < g4 ? s : g4 + (s - g4) / 2; }
+__device__ __forceinline__ int slab_group(int s, int g4) { return s < g4 ? s : g4 + ((s - g4) >> 1); }
 
 // The operands and the output, as every path reads them.
 struct GemmOperands {
@@ -93,194 +93,12 @@ struct GemmOperands {
   void* y;
 };
 
-// ---- Weight streaming: M <= 16 --------------------------------------------------------------------
-//
-// A GEMV at heart: the time is W's bytes over DRAM bandwidth plus the fixed cost of one launch, so
-// every SM must have its share of W requested from the first microsecond and nothing may add a
-// round trip through global memory afterwards. The tokens are the mma's A operand (16 rows = the
-// two 8-row X tiles), an 8-row W tile its B operand, so the work unit is one (8-row W tile, slab)
-// block of 512 bytes. A block owns `tiles_per_block` consecutive W tiles (one contiguous stretch of
-// W, tile-major) and its slab range; its warps cut that stretch into equal contiguous runs of units
-// and stream them through a ring of kStreamRing units in registers, so all of a small layer's bytes
-// are in flight at once. Sums are finished on chip: a tile cut between warps is summed through
-// shared memory, a tile cut between the blocks of a cluster (split-K where N is small) through
-// distributed shared memory, in a fixed order (deterministic, no workspace, no atomics). Launched
-// with programmatic dependent launch: the W loads of the prologue overlap the previous kernel's
-// tail, X is read only after griddepcontrol.wait.
-constexpr int kStreamWarps = 8;
-constexpr int kStreamRing = 8;       // units (16 bytes a lane) in flight per warp
-constexpr int kStreamMaxTiles = 32;  // W tiles per block (their sums live in shared memory)
+// ---- The 16-row W pair as the mma A operand (stream and decode kernels) -----------------------------
 
-struct StreamParams : GemmOperands {
-  int w_tiles;          // w_rows_pad / 8
-  int tiles_per_block;  // W tiles per cluster (every block of a cluster has the same tiles)
-  int cluster;          // blocks per cluster; rank r takes the r-th of `cluster` equal slab ranges
-};
-
-__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void grid_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
-
-// A walking (tile, slab) position inside a block's units; slabs of a tile run s0..s1-1.
-struct UnitCursor {
-  int tile, slab;
-  __device__ __forceinline__ void next(int s0, int s1) {
-    if (++slab == s1) {
-      slab = s0;
-      ++tile;
-    }
-  }
-};
-
-// Loads the lane's 16 bytes of W and its two rows' scales (rows 2t, 2t+1 of the tile) for one unit.
-__device__ __forceinline__ void stream_load(const StreamParams& p, int tile, int slab, int lane, uint4& w,
-                                            uint32_t& sw) {
-  w = ld_stream(p.wq + (size_t(tile) * p.slabs + slab) * kSlabBytes + lane * 16);
-  sw = __ldg(reinterpret_cast<const uint32_t*>(p.ws + size_t(slab_group(slab, p.g4)) * p.w_rows_pad + tile * 8 +
-                                                2 * (lane % 4)));
-}
-
-// acc += the unit's product: tokens g (and g + 8 when kTok16) x W rows 2t, 2t+1 of the tile.
-template <bool kTok16>
-__device__ __forceinline__ void stream_unit(const StreamParams& p, const uint4& w, uint32_t sw, int slab, int lane,
-                                            float (&acc)[4]) {
-  const uint8_t* xl = p.xq + size_t(slab) * kSlabBytes + lane * 16;
-  const uint4 x0 = __ldg(reinterpret_cast<const uint4*>(xl));
-  const uint4 x1 = kTok16 ? __ldg(reinterpret_cast<const uint4*>(xl + size_t(p.slabs) * kSlabBytes))
-                          : make_uint4(0, 0, 0, 0);
-  const bool int4 = slab < p.g4;
-  const __half* sxp = p.xs + size_t(slab_group(slab, p.g4)) * p.x_rows_pad + lane / 4;
-  const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
-  const float sx0 = __half2float(sxp[0]) * f, sx1 = kTok16 ? __half2float(sxp[8]) * f : 0.0f;
-  int c[4] = {0, 0, 0, 0};
-  if (int4) {
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      mma_s8(c, hi4(word(x0, k)), hi4(word(x1, k)), lo4(word(x0, k)), lo4(word(x1, k)), hi4(word(w, k)),
-             lo4(word(w, k)));
-  } else {
-#pragma unroll
-    for (int k = 0; k < 2; ++k)
-      mma_s8(c, word(x0, 2 * k), word(x1, 2 * k), word(x0, 2 * k + 1), word(x1, 2 * k + 1), word(w, 2 * k),
-             word(w, 2 * k + 1));
-  }
-  const __half2 s2 = *reinterpret_cast<const __half2*>(&sw);
-  const float sw0 = __low2float(s2), sw1 = __high2float(s2);
-  acc[0] = fmaf(exact_float(c[0]), sx0 * sw0, acc[0]);
-  acc[1] = fmaf(exact_float(c[1]), sx0 * sw1, acc[1]);
-  acc[2] = fmaf(exact_float(c[2]), sx1 * sw0, acc[2]);
-  acc[3] = fmaf(exact_float(c[3]), sx1 * sw1, acc[3]);
-}
-
-template <bool kTok16, typename OutT>
-__global__ void __launch_bounds__(kStreamWarps * 32) stream_kernel(StreamParams p) {
-  namespace cg = cooperative_groups;
-  __shared__ float4 tile_sum[kStreamMaxTiles][32];  // the block's sum of each of its tiles
-  __shared__ float4 part[kStreamWarps][2][32];       // a warp's first and last tile when cut
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int rank = p.cluster > 1 ? int(cg::this_cluster().block_rank()) : 0;
-  const int t0 = int(blockIdx.x) / p.cluster * p.tiles_per_block;
-  const int ntiles = min(p.tiles_per_block, p.w_tiles - t0);
-  const int per_rank = (p.slabs + p.cluster - 1) / p.cluster;
-  const int s0 = rank * per_rank, s1 = min(p.slabs, s0 + per_rank), ns = s1 - s0;
-  const int nu = ntiles * ns;
-  const auto run_begin = [&](int w) { return w * nu / kStreamWarps; };
-  const int u0 = run_begin(warp), count = run_begin(warp + 1) - u0;
-
-  // Prologue: the first ring of W (constant) goes out before waiting on the kernel that wrote X.
-  uint4 ring_w[kStreamRing];
-  uint32_t ring_s[kStreamRing];
-  UnitCursor ld{u0 / ns, s0 + u0 % ns};
-#pragma unroll
-  for (int j = 0; j < kStreamRing; ++j)
-    if (j < count) {
-      stream_load(p, t0 + ld.tile, ld.slab, lane, ring_w[j], ring_s[j]);
-      ld.next(s0, s1);
-    }
-  grid_dependency_wait();
-  grid_dependents_launch();
-
-  UnitCursor at{u0 / ns, s0 + u0 % ns};
-  float acc[4] = {0, 0, 0, 0};
-  for (int i = 0; i < count; i += kStreamRing) {
-#pragma unroll
-    for (int j = 0; j < kStreamRing; ++j) {
-      if (i + j >= count) break;
-      stream_unit<kTok16>(p, ring_w[j], ring_s[j], at.slab, lane, acc);
-      if (i + j + kStreamRing < count) {
-        stream_load(p, t0 + ld.tile, ld.slab, lane, ring_w[j], ring_s[j]);
-        ld.next(s0, s1);
-      }
-      if (at.slab + 1 == s1 || i + j + 1 == count) {  // the tile ends here, or the warp's run does
-        const int first = at.tile * ns;
-        const bool whole = first >= u0 && first + ns <= u0 + count;
-        float4* dst = whole ? &tile_sum[at.tile][lane] : &part[warp][at.tile == u0 / ns ? 0 : 1][lane];
-        *dst = make_float4(acc[0], acc[1], acc[2], acc[3]);
-        acc[0] = acc[1] = acc[2] = acc[3] = 0;
-      }
-      at.next(s0, s1);
-    }
-  }
-  __syncthreads();
-  // Tiles cut between warps: their pieces summed in warp order.
-  for (int tl = warp; tl < ntiles; tl += kStreamWarps) {
-    const int a = tl * ns, b = a + ns;
-    float4 s = make_float4(0, 0, 0, 0);
-    bool whole = false;
-    for (int w = 0; w < kStreamWarps; ++w) {
-      const int w0 = run_begin(w), w1 = run_begin(w + 1);
-      if (w0 == w1 || w1 <= a || w0 >= b) continue;
-      whole = w0 <= a && w1 >= b;
-      if (whole) break;
-      const float4 v = part[w][tl == w0 / ns ? 0 : 1][lane];
-      s.x += v.x;
-      s.y += v.y;
-      s.z += v.z;
-      s.w += v.w;
-    }
-    if (!whole) tile_sum[tl][lane] = s;
-  }
-  __syncthreads();
-  if (p.cluster > 1) cg::this_cluster().sync();  // every rank's tile sums are final
-
-  OutT* y = static_cast<OutT*>(p.y);
-  const int g = lane / 4, t = lane % 4;
-  for (int tl = warp; tl < ntiles; tl += kStreamWarps) {
-    if (tl % p.cluster != rank) continue;  // each rank finishes every cluster-th tile
-    float4 s = tile_sum[tl][lane];
-    if (p.cluster > 1) {  // K was split over the cluster: ranks summed in rank order
-      s = make_float4(0, 0, 0, 0);
-      for (int r = 0; r < p.cluster; ++r) {
-        const float4 v = *cg::this_cluster().map_shared_rank(&tile_sum[tl][lane], r);
-        s.x += v.x;
-        s.y += v.y;
-        s.z += v.z;
-        s.w += v.w;
-      }
-    }
-    const int64_t n = int64_t(t0 + tl) * 8 + 2 * t;
-    const float v[4] = {s.x, s.y, s.z, s.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int64_t m = g + (i >> 1) * 8, nn = n + (i & 1);
-      if (m < p.M && nn < p.N) y[m * p.N + nn] = from_float<OutT>(v[i]);
-    }
-  }
-  if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its shared memory is read
-}
-
-// ---- Decode: M <= 64 ---------------------------------------------------------------------------------
-
-struct DecodeParams : GemmOperands {
-  int splits, slabs_per_split;
-  float* partial;  // [splits][gridDim.x][8 warps][MT][32 lanes] float4
-  int* counters;   // [gridDim.x], zero between launches
-};
-
-constexpr int kDecodeWarps = 8;  // one 16-row W tile each: 128 rows of N per block
-
-// Accumulates MT m-tiles of slab s (already loaded) into c.
+// One slab of a 16-row W pair (A: the lane's 16 bytes of each 8-row tile) times MT 8-token tiles (B)
+// into c, as the decode and stream kernels both run it.
 template <int MT, bool kInt4>
-__device__ __forceinline__ void decode_slab_mma(const uint4& A0, const uint4& A1, const uint4 (&B)[MT],
+__device__ __forceinline__ void pair_slab_mma(const uint4& A0, const uint4& A1, const uint4 (&B)[MT],
                                                 int (&c)[MT][4]) {
   if constexpr (kInt4) {
 #pragma unroll
@@ -298,6 +116,227 @@ __device__ __forceinline__ void decode_slab_mma(const uint4& A0, const uint4& A1
     }
   }
 }
+
+// acc += one slab's int32 products c (W rows g, g + 8 x tokens 2t, 2t + 1 of each m-tile) times the
+// X scales sx (those two tokens) and the W scales of the two rows; f = 1/256 on an INT4 slab undoes
+// the 16 * code widening (exact).
+template <int MT>
+__device__ __forceinline__ void fold_slab(const int (&c)[MT][4], const __half2 (&sx)[MT], float sw0, float sw1,
+                                          float f, float (&acc)[MT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const float sx0 = __low2float(sx[mt]), sx1 = __high2float(sx[mt]);
+    acc[mt][0] = fmaf(exact_float(c[mt][0]), (sx0 * sw0) * f, acc[mt][0]);
+    acc[mt][1] = fmaf(exact_float(c[mt][1]), (sx1 * sw0) * f, acc[mt][1]);
+    acc[mt][2] = fmaf(exact_float(c[mt][2]), (sx0 * sw1) * f, acc[mt][2]);
+    acc[mt][3] = fmaf(exact_float(c[mt][3]), (sx1 * sw1) * f, acc[mt][3]);
+  }
+}
+
+// ---- Weight streaming: M <= 16 --------------------------------------------------------------------
+//
+// A GEMV at heart: the time is W's bytes over DRAM bandwidth plus the fixed cost of one launch, so
+// every SM must have its share of W requested from the first microsecond and nothing may add a
+// round trip through global memory afterwards. The work unit is one (16-row W pair, slab) block of
+// 1 KB: the pair's two 8-row tiles are the mma's A operand and the tokens its B operand (one 8-token
+// tile at M <= 8, two at M <= 16), the decode kernel's mapping, so at M <= 8 no mma row is padding.
+// (The tokens-as-A form it replaced spent ~145 issue slots on each 512-byte unit, as many as the
+// transfer's time: bench/NOTES-gemm_w4a4.md, "Session 18" and "Session 19".) A block owns
+// `pairs_per_block` consecutive pairs (one contiguous stretch of W) and its slab range; its warps cut
+// that stretch into equal contiguous runs of units and stream them through a ring of kStreamRing
+// units in registers, so all of a small layer's bytes are in flight at once. Sums are finished on
+// chip: a pair cut between warps is summed through shared memory, a pair cut between the blocks of a
+// cluster (split-K where N is small) through distributed shared memory, in a fixed order
+// (deterministic, no workspace, no atomics). Launched with programmatic dependent launch: the W loads
+// of the prologue overlap the previous kernel's tail, X is read only after griddepcontrol.wait.
+constexpr int kStreamWarps = 8;
+constexpr int kStreamRing = 4;       // units (32 bytes a lane) in flight per warp
+constexpr int kStreamMaxPairs = 12;  // W pairs per block (their sums live in shared memory)
+constexpr int kStreamUnitBytes = 2 * kSlabBytes;
+
+// X at M <= 16 has 16 padded rows; the kernel's offsets are 32-bit (launch_stream checks W's).
+constexpr int kStreamXRowsPad = 16;
+struct StreamParams : GemmOperands {
+  int w_scale_stride;   // w_rows_pad, 32-bit
+  int w_pairs;          // w_rows_pad / 16
+  int pairs_per_block;  // W pairs per cluster (every block of a cluster has the same pairs)
+  int cluster;          // blocks per cluster; rank r takes the r-th of `cluster` equal slab ranges
+};
+
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void grid_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
+// One unit's W as a lane holds it: its 16 bytes of each tile of the pair and the scales of its rows.
+struct StreamUnitW {
+  uint4 a0, a1;
+  __half sw0, sw1;  // rows g and g + 8 of the pair
+};
+
+// A warp's walk over its units, pair-major with slabs s0..s1-1 inside; the lane's address in the
+// pair's first tile is carried (one add a unit) instead of recomputed from (pair, slab).
+struct StreamCursor {
+  const uint8_t* w;
+  int pair, slab;
+  __device__ __forceinline__ void next(int slabs, int s0, int s1) {
+    if (++slab == s1) {
+      slab = s0;
+      ++pair;
+      w += size_t(2 * slabs - (s1 - s0) + 1) * kSlabBytes;
+    } else {
+      w += kSlabBytes;
+    }
+  }
+};
+
+__device__ __forceinline__ void stream_load(const StreamParams& p, const StreamCursor& c, int g, StreamUnitW& u) {
+  u.a0 = ld_stream(c.w);
+  u.a1 = ld_stream(c.w + size_t(p.slabs) * kSlabBytes);
+  const __half* s = p.ws + (slab_group(c.slab, p.g4) * p.w_scale_stride + c.pair * 16 + g);
+  u.sw0 = __ldg(s);
+  u.sw1 = __ldg(s + 8);
+}
+
+// acc += the unit's product: W rows g, g + 8 of the pair x tokens 2t, 2t + 1 of each token tile.
+template <int MT>
+__device__ __forceinline__ void stream_unit(const StreamParams& p, const StreamUnitW& u, int slab, int lane,
+                                            float (&acc)[MT][4]) {
+  const uint8_t* xl = p.xq + (slab * kSlabBytes + lane * 16);
+  const __half* sxp = p.xs + (slab_group(slab, p.g4) * kStreamXRowsPad + 2 * (lane % 4));
+  uint4 B[MT];
+  __half2 sx[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    B[mt] = __ldg(reinterpret_cast<const uint4*>(xl + mt * p.slabs * kSlabBytes));
+    sx[mt] = *reinterpret_cast<const __half2*>(sxp + mt * 8);
+  }
+  int c[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0;
+  const bool int4 = slab < p.g4;
+  if (int4) pair_slab_mma<MT, true>(u.a0, u.a1, B, c);
+  else pair_slab_mma<MT, false>(u.a0, u.a1, B, c);
+  fold_slab<MT>(c, sx, __half2float(u.sw0), __half2float(u.sw1), int4 ? 1.0f / 256.0f : 1.0f, acc);
+}
+
+__device__ __forceinline__ void add_to(float4& s, const float4& v) {
+  s.x += v.x;
+  s.y += v.y;
+  s.z += v.z;
+  s.w += v.w;
+}
+
+// MT: token tiles (1 at M <= 8, 2 at M <= 16). Two blocks an SM (the plan counts on it).
+template <int MT, typename OutT>
+__global__ void __launch_bounds__(kStreamWarps * 32, 2) stream_kernel(StreamParams p) {
+  namespace cg = cooperative_groups;
+  __shared__ float4 pair_sum[kStreamMaxPairs][MT][32];  // the block's sum of each of its pairs
+  __shared__ float4 part[kStreamWarps][2][MT][32];       // a warp's first and last pair when cut
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int rank = p.cluster > 1 ? int(cg::this_cluster().block_rank()) : 0;
+  const int q0 = int(blockIdx.x) / p.cluster * p.pairs_per_block;
+  const int npairs = min(p.pairs_per_block, p.w_pairs - q0);
+  const int per_rank = (p.slabs + p.cluster - 1) / p.cluster;
+  const int s0 = rank * per_rank, s1 = min(p.slabs, s0 + per_rank), ns = s1 - s0;
+  const int nu = npairs * ns;
+  const auto run_begin = [&](int w) { return w * nu / kStreamWarps; };
+  const int u0 = run_begin(warp), count = run_begin(warp + 1) - u0;
+  const int first_pair = u0 / ns, first_slab = s0 + u0 % ns;
+
+  // Prologue: the first ring of W (constant) goes out before waiting on the kernel that wrote X.
+  StreamUnitW ring[kStreamRing];
+  StreamCursor ld{p.wq + (size_t(q0 + first_pair) * 2 * p.slabs + first_slab) * kSlabBytes + lane * 16,
+                  q0 + first_pair, first_slab};
+#pragma unroll
+  for (int j = 0; j < kStreamRing; ++j)
+    if (j < count) {
+      stream_load(p, ld, g, ring[j]);
+      ld.next(p.slabs, s0, s1);
+    }
+  grid_dependency_wait();
+  grid_dependents_launch();
+
+  int at_pair = first_pair, at_slab = first_slab;
+  float acc[MT][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+  for (int i = 0; i < count; i += kStreamRing) {
+#pragma unroll
+    for (int j = 0; j < kStreamRing; ++j) {
+      if (i + j >= count) break;
+      stream_unit<MT>(p, ring[j], at_slab, lane, acc);
+      if (i + j + kStreamRing < count) {
+        stream_load(p, ld, g, ring[j]);
+        ld.next(p.slabs, s0, s1);
+      }
+      if (at_slab + 1 == s1 || i + j + 1 == count) {  // the pair ends here, or the warp's run does
+        const int first = at_pair * ns;
+        const bool whole = first >= u0 && first + ns <= u0 + count;
+        float4* dst = whole ? pair_sum[at_pair][0] : part[warp][at_pair == first_pair ? 0 : 1][0];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          dst[mt * 32 + lane] = make_float4(acc[mt][0], acc[mt][1], acc[mt][2], acc[mt][3]);
+          acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0;
+        }
+      }
+      if (++at_slab == s1) {
+        at_slab = s0;
+        ++at_pair;
+      }
+    }
+  }
+  __syncthreads();
+  // Pairs cut between warps: their pieces summed in warp order.
+  for (int pl = warp; pl < npairs; pl += kStreamWarps) {
+    const int a = pl * ns, b = a + ns;
+    float4 s[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) s[mt] = make_float4(0, 0, 0, 0);
+    bool whole = false;
+    for (int w = 0; w < kStreamWarps; ++w) {
+      const int w0 = run_begin(w), w1 = run_begin(w + 1);
+      if (w0 == w1 || w1 <= a || w0 >= b) continue;
+      whole = w0 <= a && w1 >= b;
+      if (whole) break;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) add_to(s[mt], part[w][pl == w0 / ns ? 0 : 1][mt][lane]);
+    }
+    if (!whole)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) pair_sum[pl][mt][lane] = s[mt];
+  }
+  __syncthreads();
+  if (p.cluster > 1) cg::this_cluster().sync();  // every rank's pair sums are final
+
+  OutT* y = static_cast<OutT*>(p.y);
+  for (int pl = warp; pl < npairs; pl += kStreamWarps) {
+    if (pl % p.cluster != rank) continue;  // each rank finishes every cluster-th pair
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      float4 s = pair_sum[pl][mt][lane];
+      if (p.cluster > 1) {  // K was split over the cluster: ranks summed in rank order
+        s = make_float4(0, 0, 0, 0);
+        for (int r = 0; r < p.cluster; ++r) add_to(s, *cg::this_cluster().map_shared_rank(&pair_sum[pl][mt][lane], r));
+      }
+      const float v[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t m = mt * 8 + 2 * t + (i & 1), n = int64_t(q0 + pl) * 16 + g + (i >> 1) * 8;
+        if (m < p.M && n < p.N) y[m * p.N + n] = from_float<OutT>(v[i]);
+      }
+    }
+  }
+  if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its shared memory is read
+}
+
+// ---- Decode: M <= 64 ---------------------------------------------------------------------------------
+
+struct DecodeParams : GemmOperands {
+  int splits, slabs_per_split;
+  float* partial;  // [splits][gridDim.x][8 warps][MT][32 lanes] float4
+  int* counters;   // [gridDim.x], zero between launches
+};
+
+constexpr int kDecodeWarps = 8;  // one 16-row W tile each: 128 rows of N per block
 
 // v2/v5 decode: every warp streams its 16-row W tile through registers, U slabs per batch with all
 // their loads (W, X fragments, scales) issued before the math. (v3/v4 staged W, then W + X +
@@ -334,16 +373,8 @@ __device__ __forceinline__ void decode_slabs(const DecodeParams& p, int s, int e
     int c[MT][4];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) c[mt][0] = c[mt][1] = c[mt][2] = c[mt][3] = 0;
-    decode_slab_mma<MT, kInt4>(A0[u], A1[u], B[u], c);
-    const float f = kInt4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const float sx0 = __low2float(sx[u][mt]), sx1 = __high2float(sx[u][mt]);
-      acc[mt][0] = fmaf(exact_float(c[mt][0]), (sx0 * sw0[u]) * f, acc[mt][0]);
-      acc[mt][1] = fmaf(exact_float(c[mt][1]), (sx1 * sw0[u]) * f, acc[mt][1]);
-      acc[mt][2] = fmaf(exact_float(c[mt][2]), (sx0 * sw1[u]) * f, acc[mt][2]);
-      acc[mt][3] = fmaf(exact_float(c[mt][3]), (sx1 * sw1[u]) * f, acc[mt][3]);
-    }
+    pair_slab_mma<MT, kInt4>(A0[u], A1[u], B[u], c);
+    fold_slab<MT>(c, sx[u], sw0[u], sw1[u], kInt4 ? 1.0f / 256.0f : 1.0f, acc);
   }
 }
 
@@ -517,25 +548,25 @@ void launch_decode(DecodeParams p, const DecodePlan& d, cudaStream_t stream) {
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-// The stream kernel's launch shape: whole W tiles per block, K split over a cluster only where
-// there are too few tiles for the SMs. Cost = units (512-byte blocks of W) on the busiest SM,
-// stretched when the SM cannot keep kStreamUnitsForFullRate of them in flight (unless all of its
-// units are requested at once), plus a wave penalty and a little for the cluster's barrier. Fewer
-// tiles per block win ties: more blocks, more bytes in flight.
+// The stream kernel's launch shape: whole W pairs per block, K split over a cluster only where
+// there are too few pairs for the SMs. Cost = units (1 KB of W) on the busiest SM, stretched when
+// the SM cannot keep kStreamBytesForFullRate of them in flight (unless all of its units are
+// requested at once), plus a wave penalty and a little for the cluster's barrier. Fewer pairs per
+// block win ties: more blocks, more bytes in flight.
 struct StreamPlan {
-  int tiles_per_block, cluster, blocks;
+  int pairs_per_block, cluster, blocks;
 };
-constexpr int kStreamUnitsForFullRate = 96;  // 48 KB per SM: ~1 µs of DRAM latency at an SM's share of 4.2 TB/s
+constexpr int kStreamBytesForFullRate = 48 << 10;  // per SM: ~1 µs of DRAM latency at an SM's share of 4.2 TB/s
 
 // X is read through L1 by every unit, so L1 must hold it: ask for the smallest shared-memory
-// carveout that still fits the blocks the registers allow (2 x 25 KB of the 228), not one sized for
+// carveout that still fits the blocks the registers allow (2 x 28 KB of the 228), not one sized for
 // the 8 blocks the thread count would allow (device run 1: 41-50% of copy bandwidth where the v5
 // kernel, which has no shared memory, streamed at 76%).
 constexpr int kStreamCarveoutPercent = 25;
-template <bool kTok16, typename OutT>
+template <int MT, typename OutT>
 void configure_stream_kernel() {
   static bool done = [] {
-    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(stream_kernel<kTok16, OutT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+    NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(stream_kernel<MT, OutT>, cudaFuncAttributePreferredSharedMemoryCarveout,
                                            kStreamCarveoutPercent));
     return true;
   }();
@@ -544,42 +575,42 @@ void configure_stream_kernel() {
 
 int stream_blocks_per_sm() {
   static int n = [] {
-    configure_stream_kernel<true, __half>();
+    configure_stream_kernel<2, __half>();
     int b = 0;
-    NIBBLE_CUDA_CHECK(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, stream_kernel<true, __half>, kStreamWarps * 32, 0));
+    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, stream_kernel<2, __half>, kStreamWarps * 32, 0));
     return std::max(b, 1);
   }();
   return n;
 }
 
-StreamPlan stream_plan(int64_t w_tiles, int slabs) {
-  const int64_t sms = sm_count(), slots = sms * stream_blocks_per_sm();
+StreamPlan stream_plan(int64_t w_pairs, int slabs) {
+  const int64_t sms = sm_count(), per_sm_blocks = stream_blocks_per_sm(), slots = sms * per_sm_blocks;
+  constexpr int64_t kUnitsForFullRate = kStreamBytesForFullRate / kStreamUnitBytes;
   StreamPlan best{};
   double best_cost = 1e30;
   for (int cluster : {1, 2, 4, 8}) {
     const int per_rank = (slabs + cluster - 1) / cluster;
     if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
-    for (int tpb = 1; tpb <= kStreamMaxTiles; ++tpb) {
-      const int64_t blocks = (w_tiles + tpb - 1) / tpb * cluster;
+    for (int ppb = 1; ppb <= kStreamMaxPairs; ++ppb) {
+      const int64_t blocks = (w_pairs + ppb - 1) / ppb * cluster;
       const int64_t waves = (blocks + slots - 1) / slots, on_sm = (blocks + sms - 1) / sms;
-      const int64_t units = int64_t(tpb) * per_rank, per_sm = on_sm * units;
-      const int64_t in_flight =
-          std::min(on_sm, int64_t(stream_blocks_per_sm())) * kStreamWarps * std::min<int64_t>(kStreamRing, (units + kStreamWarps - 1) / kStreamWarps);
-      const double stretch = in_flight >= per_sm ? 1.0 : std::max(1.0, double(kStreamUnitsForFullRate) / double(in_flight));
-      const double cost = double(per_sm) * stretch + 64.0 * double(waves - 1) + (cluster > 1 ? 4 : 0);
+      const int64_t units = int64_t(ppb) * per_rank, per_sm = on_sm * units;
+      const int64_t in_flight = std::min(on_sm, per_sm_blocks) * kStreamWarps *
+                                std::min<int64_t>(kStreamRing, (units + kStreamWarps - 1) / kStreamWarps);
+      const double stretch = in_flight >= per_sm ? 1.0 : std::max(1.0, double(kUnitsForFullRate) / double(in_flight));
+      const double cost = double(per_sm) * stretch + 32.0 * double(waves - 1) + (cluster > 1 ? 2 : 0);
       if (cost < best_cost) {
         best_cost = cost;
-        best = {tpb, cluster, int(blocks)};
+        best = {ppb, cluster, int(blocks)};
       }
     }
   }
   return best;
 }
 
-template <bool kTok16, typename OutT>
+template <int MT, typename OutT>
 void launch_stream_t(const StreamParams& p, const StreamPlan& d, cudaStream_t stream) {
-  configure_stream_kernel<kTok16, OutT>();
+  configure_stream_kernel<MT, OutT>();
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(unsigned(d.blocks));
   cfg.blockDim = dim3(kStreamWarps * 32);
@@ -592,22 +623,26 @@ void launch_stream_t(const StreamParams& p, const StreamPlan& d, cudaStream_t st
   attrs[1].val.clusterDim.y = attrs[1].val.clusterDim.z = 1;
   cfg.attrs = attrs;
   cfg.numAttrs = d.cluster > 1 ? 2 : 1;
-  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_kernel<kTok16, OutT>, p));
+  NIBBLE_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_kernel<MT, OutT>, p));
 }
 
 void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
+  require(ops.x_rows_pad == kStreamXRowsPad && int64_t(ops.slabs) * ops.w_rows_pad < (int64_t(1) << 31),
+          "gemm_w4a4", "the stream kernel takes at most 16 tokens and 2^31 W scales, got {} padded rows x {} slabs",
+          ops.w_rows_pad, ops.slabs);
   StreamParams p{ops};
-  p.w_tiles = int(ops.w_rows_pad / kRowTile);
-  const StreamPlan d = stream_plan(p.w_tiles, ops.slabs);
-  p.tiles_per_block = d.tiles_per_block;
+  p.w_scale_stride = int(ops.w_rows_pad);
+  p.w_pairs = int(ops.w_rows_pad / (2 * kRowTile));
+  const StreamPlan d = stream_plan(p.w_pairs, ops.slabs);
+  p.pairs_per_block = d.pairs_per_block;
   p.cluster = d.cluster;
   const bool tok16 = ops.M > 8;
   if (out == OutType::F16) {
-    if (tok16) launch_stream_t<true, __half>(p, d, stream);
-    else launch_stream_t<false, __half>(p, d, stream);
+    if (tok16) launch_stream_t<2, __half>(p, d, stream);
+    else launch_stream_t<1, __half>(p, d, stream);
   } else {
-    if (tok16) launch_stream_t<true, __nv_bfloat16>(p, d, stream);
-    else launch_stream_t<false, __nv_bfloat16>(p, d, stream);
+    if (tok16) launch_stream_t<2, __nv_bfloat16>(p, d, stream);
+    else launch_stream_t<1, __nv_bfloat16>(p, d, stream);
   }
 }
 
