@@ -269,8 +269,8 @@ int run_one(int64_t M, int64_t N, int64_t K, GemmPath path, bool pre_widened) {
 int run_decode(double copy_gbs) {
   const int keeper = 128;
   LinearFp16 fp16;
-  std::printf("| model | layer | M | N | K | dispatched | stream µs (graph) | %% copy BW | decode µs (graph) | %% copy BW | stream µs (eager) | fp16 µs (graph) | best vs fp16 |\n");
-  std::printf("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n");
+  std::printf("| model | layer | M | N | K | dispatched | stream plan (blocks / cluster / pairs a block) | stream µs (graph) | %% copy BW | decode µs (graph) | %% copy BW | stream µs (eager) | fp16 µs (graph) | best vs fp16 |\n");
+  std::printf("|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
   for (const Shape& sh : kEngineLinears) {
     for (int64_t M : {1, 2, 4, 8, 16}) {
       const int64_t N = sh.N, K = sh.K;
@@ -286,8 +286,10 @@ int run_decode(double copy_gbs) {
       }
       const double t_fp16 = time_fp16(fp16, M, N, K, true);
       const auto pct = [&](double ms) { return 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs; };
-      std::printf("| %s | %s | %lld | %lld | %lld | %s | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.2f | %s |\n", sh.model,
-                  sh.name, (long long)M, (long long)N, (long long)K, small_w ? "stream" : "decode", t_stream * 1e3,
+      const GemmW4A4StreamPlan plan = gemm_w4a4_stream_plan(N, int(K), keeper);
+      std::printf("| %s | %s | %lld | %lld | %lld | %s | %d / %d / %d | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.2f | %s |\n", sh.model,
+                  sh.name, (long long)M, (long long)N, (long long)K, small_w ? "stream" : "decode", plan.blocks,
+                  plan.cluster, plan.pairs_per_block, t_stream * 1e3,
                   pct(t_stream), t_decode * 1e3, pct(t_decode), t_eager * 1e3, t_fp16 * 1e3,
                   fmt_ratio(t_fp16, std::min(t_stream, t_decode)).c_str());
       std::fflush(stdout);
