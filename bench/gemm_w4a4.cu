@@ -275,20 +275,20 @@ int run_decode(double copy_gbs) {
     for (int64_t M : {1, 2, 4, 8, 16}) {
       const int64_t N = sh.N, K = sh.K;
       double t_stream, t_decode, t_eager, bytes;
-      bool small_w;
+      bool streams;
       {
         AtomInputs in(M, N, K, keeper);
         t_stream = in.time_in_graph(GemmPath::Stream);
         t_decode = in.time_in_graph(GemmPath::Decode);
         t_eager = in.time(GemmPath::Stream);
         bytes = in.bytes();
-        small_w = in.ws.packed_bytes() <= kStreamMaxWeightBytes;
+        streams = gemm_w4a4_auto_streams(M, in.ws.packed_bytes());
       }
       const double t_fp16 = time_fp16(fp16, M, N, K, true);
       const auto pct = [&](double ms) { return 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs; };
       const GemmW4A4StreamPlan plan = gemm_w4a4_stream_plan(N, int(K), keeper);
       std::printf("| %s | %s | %lld | %lld | %lld | %s | %d / %d / %d | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.2f | %s |\n", sh.model,
-                  sh.name, (long long)M, (long long)N, (long long)K, small_w ? "stream" : "decode", plan.blocks,
+                  sh.name, (long long)M, (long long)N, (long long)K, streams ? "stream" : "decode", plan.blocks,
                   plan.cluster, plan.pairs_per_block, t_stream * 1e3,
                   pct(t_stream), t_decode * 1e3, pct(t_decode), t_eager * 1e3, t_fp16 * 1e3,
                   fmt_ratio(t_fp16, std::min(t_stream, t_decode)).c_str());

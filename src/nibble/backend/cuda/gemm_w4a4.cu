@@ -1517,14 +1517,12 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
   if (path == GemmPath::Auto) {
-    // Device run 1 (H200): the stream kernel won where W is small (7B q/k/v/o, 70B k/v: fixed costs
-    // dominate) and lost to v5's decode kernel on the larger layers; wgmma lost at M = 64. Above 64,
-    // the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7 1.15-1.28x
-    // v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
-    const bool small_w = w.shape.packed_bytes() <= kStreamMaxWeightBytes;
-    path = M <= kStreamMaxM && small_w ? GemmPath::Stream
-           : gemm_w4a4_takes_x_int8(M)  ? wgmma_auto_path(ops, scratch)
-                                        : GemmPath::Decode;
+    // M <= 16: gemm_w4a4_auto_streams (measured, its comment); wgmma lost at M = 64 (device run 1).
+    // Above 64, the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7
+    // 1.15-1.28x v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
+    path = gemm_w4a4_auto_streams(M, w.shape.packed_bytes()) ? GemmPath::Stream
+           : gemm_w4a4_takes_x_int8(M)                       ? wgmma_auto_path(ops, scratch)
+                                                             : GemmPath::Decode;
   }
   switch (path) {
     case GemmPath::Stream:

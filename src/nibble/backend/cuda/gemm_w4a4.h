@@ -43,7 +43,13 @@ enum class OutType { F16, BF16 };
 // Which kernel runs: Auto picks by M; tests and benches force the others.
 enum class GemmPath { Auto, Stream, Decode, Wgmma, WgmmaLockstep, WgmmaStreamK };
 inline constexpr int64_t kStreamMaxM = 16;
-inline constexpr int64_t kStreamMaxWeightBytes = int64_t(16) << 20;  // Auto takes the stream kernel up to here
+// Auto at M <= 16: the stream kernel, but the decode kernel at M <= 8 on W above this, where it
+// measured 2-6% faster (H100, session 19: 7B gate/up fused, 70B gate/up and down; the stream kernel
+// won on every other layer, by 1-26% at M <= 8 and 10-44% at M = 16).
+inline constexpr int64_t kStreamMaxWeightBytesToM8 = int64_t(40) << 20;
+inline constexpr bool gemm_w4a4_auto_streams(int64_t M, int64_t w_packed_bytes) {
+  return M <= kStreamMaxM && (M > 8 || w_packed_bytes <= kStreamMaxWeightBytesToM8);
+}
 
 // Scratch: three separate device buffers, which must not overlap (checked on every call). Callers
 // that run several shapes on one scratch (the executor: every linear of a model) size each buffer by
