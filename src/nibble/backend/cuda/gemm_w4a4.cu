@@ -549,15 +549,16 @@ void launch_decode(DecodeParams p, const DecodePlan& d, cudaStream_t stream) {
 }
 
 // The stream kernel's launch shape: whole W pairs per block, K split over a cluster only where
-// there are too few pairs for the SMs. Cost = units (1 KB of W) on the busiest SM, stretched when
-// the SM cannot keep kStreamBytesForFullRate of them in flight (unless all of its units are
-// requested at once), plus a wave penalty and a little for the cluster's barrier. Fewer pairs per
-// block win ties: more blocks, more bytes in flight. Waves count the clusters the device can hold at
-// once (cudaOccupancyMaxActiveClusters): clusters of 4 need four free slots in one GPC, and 64 of
-// them at two blocks an SM did not fit an H100 at once (70B k/v: 9.6 µs against 5.9 µs with clusters
-// of 2, session 19).
+// there are too few pairs for the SMs. Cost, in units of 1 KB of W on the busiest SM: its units,
+// stretched when the SM cannot keep kStreamBytesForFullRate of them in flight (unless all of its
+// units are requested at once), kStreamBlockCost per block it holds, a wave penalty, and a little for
+// the cluster's barrier. Fewer pairs per block win ties: more blocks, more bytes in flight.
 using StreamPlan = GemmW4A4StreamPlan;
 constexpr int kStreamBytesForFullRate = 48 << 10;  // per SM: ~1 µs of DRAM latency at an SM's share of 4.2 TB/s
+// A block's fixed part (its prologue's latency, the barriers, the reduction): about 16 units' time.
+// Without it the plan of 70B k/v was 256 blocks in clusters of 4 (17 units a block): 9.6 µs, against
+// 5.9 µs for 128 blocks in clusters of 2 (H100, session 19); no other layer's plan changes.
+constexpr double kStreamBlockCost = 16;
 
 // X is read through L1 by every unit, so L1 must hold it: ask for the smallest shared-memory
 // carveout that still fits the blocks the registers allow (2 x 28 KB of the 228), not one sized for
@@ -574,37 +575,19 @@ void configure_stream_kernel() {
   (void)done;
 }
 
-// Blocks of the stream kernel (its larger instance) the device holds at once in clusters of
-// `cluster` (1, 2, 4 or 8).
-int64_t stream_slots(int cluster) {
-  static const std::map<int, int64_t> slots = [] {
-    const auto kernel = stream_kernel<2, __half>;
+// Resident blocks an SM of the larger instance (two: the kernel's launch bounds).
+int stream_blocks_per_sm() {
+  static int n = [] {
     configure_stream_kernel<2, __half>();
-    std::map<int, int64_t> m;
-    int per_sm = 0;
-    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kStreamWarps * 32, 0));
-    m[1] = int64_t(sm_count()) * std::max(per_sm, 1);
-    for (int c : {2, 4, 8}) {
-      cudaLaunchConfig_t cfg{};
-      cfg.gridDim = dim3(unsigned(c));
-      cfg.blockDim = dim3(kStreamWarps * 32);
-      cudaLaunchAttribute attr;
-      attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = unsigned(c);
-      attr.val.clusterDim.y = attr.val.clusterDim.z = 1;
-      cfg.attrs = &attr;
-      cfg.numAttrs = 1;
-      int clusters = 0;
-      NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
-      m[c] = int64_t(std::max(clusters, 1)) * c;
-    }
-    return m;
+    int b = 0;
+    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, stream_kernel<2, __half>, kStreamWarps * 32, 0));
+    return std::max(b, 1);
   }();
-  return slots.at(cluster);
+  return n;
 }
 
 StreamPlan stream_plan(int64_t w_pairs, int slabs) {
-  const int64_t sms = sm_count(), per_sm_blocks = stream_slots(1) / sms;
+  const int64_t sms = sm_count(), per_sm_blocks = stream_blocks_per_sm(), slots = sms * per_sm_blocks;
   constexpr int64_t kUnitsForFullRate = kStreamBytesForFullRate / kStreamUnitBytes;
   StreamPlan best{};
   double best_cost = 1e30;
@@ -613,12 +596,12 @@ StreamPlan stream_plan(int64_t w_pairs, int slabs) {
     if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
     for (int ppb = 1; ppb <= kStreamMaxPairs; ++ppb) {
       const int64_t blocks = (w_pairs + ppb - 1) / ppb * cluster;
-      const int64_t waves = (blocks + stream_slots(cluster) - 1) / stream_slots(cluster), on_sm = (blocks + sms - 1) / sms;
-      const int64_t units = int64_t(ppb) * per_rank, per_sm = on_sm * units;
-      const int64_t in_flight = std::min(on_sm, per_sm_blocks) * kStreamWarps *
-                                std::min<int64_t>(kStreamRing, (units + kStreamWarps - 1) / kStreamWarps);
+      const int64_t waves = (blocks + slots - 1) / slots, on_sm = (blocks + sms - 1) / sms;
+      const int64_t units = int64_t(ppb) * per_rank, per_sm = on_sm * units, resident = std::min(on_sm, per_sm_blocks);
+      const int64_t in_flight = resident * kStreamWarps * std::min<int64_t>(kStreamRing, (units + kStreamWarps - 1) / kStreamWarps);
       const double stretch = in_flight >= per_sm ? 1.0 : std::max(1.0, double(kUnitsForFullRate) / double(in_flight));
-      const double cost = double(per_sm) * stretch + 32.0 * double(waves - 1) + (cluster > 1 ? 2 : 0);
+      const double cost = double(per_sm) * stretch + kStreamBlockCost * double(resident) + 32.0 * double(waves - 1) +
+                          (cluster > 1 ? 2 : 0);
       if (cost < best_cost) {
         best_cost = cost;
         best = {int(blocks), cluster, ppb};
