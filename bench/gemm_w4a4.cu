@@ -286,7 +286,7 @@ int run_decode(double copy_gbs) {
       }
       const double t_fp16 = time_fp16(fp16, M, N, K, true);
       const auto pct = [&](double ms) { return 100.0 * bytes / (ms * 1e-3) / 1e9 / copy_gbs; };
-      const GemmW4A4StreamPlan plan = gemm_w4a4_stream_plan(N, int(K), keeper);
+      const StreamPlan plan = gemm_w4a4_stream_plan(N, int(K), keeper);
       std::printf("| %s | %s | %lld | %lld | %lld | %s | %d / %d / %d | %.2f | %.0f%% | %.2f | %.0f%% | %.2f | %.2f | %s |\n", sh.model,
                   sh.name, (long long)M, (long long)N, (long long)K, streams ? "stream" : "decode", plan.blocks,
                   plan.cluster, plan.pairs_per_block, t_stream * 1e3,

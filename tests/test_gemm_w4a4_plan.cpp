@@ -2,17 +2,24 @@
 // as the kernel walks them, over many shapes and SM counts: every (tile, slab) iteration covered
 // once, the owner / contributor roles that make the fixup deterministic and free of wait cycles, the
 // workspace within the bound the executor allocates, the grid within the SMs; the cluster plan's
-// limits; and the predictions for the bench's Llama shapes on an H200 (printed for the notes).
+// limits; the predictions for the bench's Llama shapes on an H200 (printed for the notes); and the
+// weight-streaming kernel's plan (M <= 16).
 #include <gtest/gtest.h>
 
 #include <cstdio>
 #include <map>
+#include <string>
 #include <vector>
 
 #include "nibble/backend/cuda/gemm_w4a4_plan.h"
 
 namespace nibble::cuda {
 namespace {
+
+std::string fmt_case(int sms, int blocks_per_sm, int64_t pairs, int slabs) {
+  return "sms=" + std::to_string(sms) + " blocks/SM=" + std::to_string(blocks_per_sm) + " pairs=" + std::to_string(pairs) +
+         " slabs=" + std::to_string(slabs);
+}
 
 // What the kernel does with one share, replayed on the host: its spans in order.
 std::vector<StreamKSpan> spans_of(int block, const StreamKPlan& plan) {
@@ -162,6 +169,28 @@ TEST(GemmW4A4Plan, PredictionsForTheBenchShapesOnAnH200) {
                   (long long)tiles, slabs, v9.cluster, v9.cost, sk.blocks, sk.cost, v9.cost / sk.cost);
       EXPECT_LE(sk.cost, v9.cost * 1.3) << sh.name << " M=" << M;
     }
+}
+
+TEST(GemmW4A4Plan, StreamPlansCoverWAndKeepTheMeasuredChoices) {
+  for (int sms : {78, 114, 132})
+    for (int blocks_per_sm : {1, 2})
+      for (int64_t pairs : {1, 2, 7, 32, 64, 256, 688, 1376, 1792})
+        for (int slabs : {1, 2, 6, 34, 66, 88, 226}) {
+          const StreamPlan p = stream_plan(pairs, slabs, sms, blocks_per_sm);
+          const std::string what = fmt_case(sms, blocks_per_sm, pairs, slabs);
+          ASSERT_TRUE(p.cluster == 1 || p.cluster == 2 || p.cluster == 4 || p.cluster == 8) << what;
+          ASSERT_GE(p.pairs_per_block, 1) << what;
+          ASSERT_LE(p.pairs_per_block, kStreamMaxPairs) << what;
+          // Every pair in exactly one cluster, every rank of a cluster with slabs.
+          EXPECT_EQ(p.blocks, (pairs + p.pairs_per_block - 1) / p.pairs_per_block * p.cluster) << what;
+          const int per_rank = (slabs + p.cluster - 1) / p.cluster;
+          EXPECT_LT((p.cluster - 1) * per_rank, slabs) << what;
+        }
+  // Measured on an H100 (132 SMs, two blocks an SM; bench/RESULTS.md "Session 19"): 70B k/v (64 pairs,
+  // 66 slabs) in 128 blocks, clusters of 2: 5.9 µs, where 256 blocks in clusters of 4 took 9.6; 7B
+  // q/k/v/o (256 pairs, 34 slabs) in 256 blocks of one pair: 6.25 µs, where 128 blocks of two took 7.7.
+  EXPECT_EQ(stream_plan(64, 66, 132, 2), (StreamPlan{128, 2, 1}));
+  EXPECT_EQ(stream_plan(256, 34, 132, 2), (StreamPlan{256, 1, 1}));
 }
 
 }  // namespace

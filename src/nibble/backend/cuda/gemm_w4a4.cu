@@ -149,10 +149,8 @@ __device__ __forceinline__ void fold_slab(const int (&c)[MT][4], const __half2 (
 // cluster (split-K where N is small) through distributed shared memory, in a fixed order
 // (deterministic, no workspace, no atomics). Launched with programmatic dependent launch: the W loads
 // of the prologue overlap the previous kernel's tail, X is read only after griddepcontrol.wait.
-constexpr int kStreamWarps = 8;
-constexpr int kStreamRing = 4;       // units (32 bytes a lane) in flight per warp
-constexpr int kStreamMaxPairs = 12;  // W pairs per block (their sums live in shared memory)
-constexpr int kStreamUnitBytes = 2 * kSlabBytes;
+// (kStreamWarps, kStreamRing, kStreamMaxPairs and the launch plan: gemm_w4a4_plan.h.)
+static_assert(kStreamUnitBytes == 2 * kSlabBytes, "a unit is one slab of a 16-row W pair");
 
 // X at M <= 16 has 16 padded rows; the kernel's offsets are 32-bit (launch_stream checks W's).
 constexpr int kStreamXRowsPad = 16;
@@ -548,18 +546,6 @@ void launch_decode(DecodeParams p, const DecodePlan& d, cudaStream_t stream) {
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-// The stream kernel's launch shape: whole W pairs per block, K split over a cluster only where
-// there are too few pairs for the SMs. Cost, in units of 1 KB of W on the busiest SM: its units,
-// stretched when the SM cannot keep kStreamBytesForFullRate of them in flight (unless all of its
-// units are requested at once), kStreamBlockCost per block it holds, a wave penalty, and a little for
-// the cluster's barrier. Fewer pairs per block win ties: more blocks, more bytes in flight.
-using StreamPlan = GemmW4A4StreamPlan;
-constexpr int kStreamBytesForFullRate = 48 << 10;  // per SM: ~1 µs of DRAM latency at an SM's share of 4.2 TB/s
-// A block's fixed part (its prologue's latency, the barriers, the reduction): about 16 units' time.
-// Without it the plan of 70B k/v was 256 blocks in clusters of 4 (17 units a block): 9.6 µs, against
-// 5.9 µs for 128 blocks in clusters of 2 (H100, session 19); no other layer's plan changes.
-constexpr double kStreamBlockCost = 16;
-
 // X is read through L1 by every unit, so L1 must hold it: ask for the smallest shared-memory
 // carveout that still fits the blocks the registers allow (2 x 28 KB of the 228), not one sized for
 // the 8 blocks the thread count would allow (device run 1: 41-50% of copy bandwidth where the v5
@@ -586,29 +572,8 @@ int stream_blocks_per_sm() {
   return n;
 }
 
-StreamPlan stream_plan(int64_t w_pairs, int slabs) {
-  const int64_t sms = sm_count(), per_sm_blocks = stream_blocks_per_sm(), slots = sms * per_sm_blocks;
-  constexpr int64_t kUnitsForFullRate = kStreamBytesForFullRate / kStreamUnitBytes;
-  StreamPlan best{};
-  double best_cost = 1e30;
-  for (int cluster : {1, 2, 4, 8}) {
-    const int per_rank = (slabs + cluster - 1) / cluster;
-    if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
-    for (int ppb = 1; ppb <= kStreamMaxPairs; ++ppb) {
-      const int64_t blocks = (w_pairs + ppb - 1) / ppb * cluster;
-      const int64_t waves = (blocks + slots - 1) / slots, on_sm = (blocks + sms - 1) / sms;
-      const int64_t units = int64_t(ppb) * per_rank, per_sm = on_sm * units, resident = std::min(on_sm, per_sm_blocks);
-      const int64_t in_flight = resident * kStreamWarps * std::min<int64_t>(kStreamRing, (units + kStreamWarps - 1) / kStreamWarps);
-      const double stretch = in_flight >= per_sm ? 1.0 : std::max(1.0, double(kUnitsForFullRate) / double(in_flight));
-      const double cost = double(per_sm) * stretch + kStreamBlockCost * double(resident) + 32.0 * double(waves - 1) +
-                          (cluster > 1 ? 2 : 0);
-      if (cost < best_cost) {
-        best_cost = cost;
-        best = {int(blocks), cluster, ppb};
-      }
-    }
-  }
-  return best;
+StreamPlan stream_plan_on_device(int64_t w_pairs, int slabs) {
+  return stream_plan(w_pairs, slabs, sm_count(), stream_blocks_per_sm());
 }
 
 template <int MT, typename OutT>
@@ -636,7 +601,7 @@ void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
   StreamParams p{ops};
   p.w_scale_stride = int(ops.w_rows_pad);
   p.w_pairs = int(ops.w_rows_pad / (2 * kRowTile));
-  const StreamPlan d = stream_plan(p.w_pairs, ops.slabs);
+  const StreamPlan d = stream_plan_on_device(p.w_pairs, ops.slabs);
   p.pairs_per_block = d.pairs_per_block;
   p.cluster = d.cluster;
   const bool tok16 = ops.M > 8;
@@ -1479,9 +1444,9 @@ size_t gemm_w4a4_stream_k_bytes(int64_t M, int64_t N, int K, int keeper) {
   return stream_k_workspace_bytes(stream_k_plan_for(w.rows_pad, x.rows_pad, w.slabs()).blocks);
 }
 size_t gemm_w4a4_stream_k_bytes_bound() { return stream_k_workspace_bound(sm_count()); }
-GemmW4A4StreamPlan gemm_w4a4_stream_plan(int64_t N, int K, int keeper) {
+StreamPlan gemm_w4a4_stream_plan(int64_t N, int K, int keeper) {
   const AtomShape w = atom_shape(N, K, keeper);
-  return stream_plan(w.rows_pad / (2 * kRowTile), w.slabs());
+  return stream_plan_on_device(w.rows_pad / (2 * kRowTile), w.slabs());
 }
 
 void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out, const GemmW4A4Scratch& scratch,

@@ -35,6 +35,7 @@
 #include <cuda_runtime.h>
 
 #include "nibble/backend/cuda/atom_layout.h"
+#include "nibble/backend/cuda/gemm_w4a4_plan.h"
 
 namespace nibble::cuda {
 
@@ -78,12 +79,9 @@ size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper);
 // executor allocates where its steps can have more than 64 rows).
 size_t gemm_w4a4_stream_k_bytes(int64_t M, int64_t N, int K, int keeper);
 size_t gemm_w4a4_stream_k_bytes_bound();
-// The stream kernel's launch (M <= 16) for W of N x K on this device: blocks, K split over clusters
-// of `cluster` blocks, 16-row W pairs per block (the bench prints it).
-struct GemmW4A4StreamPlan {
-  int blocks = 0, cluster = 1, pairs_per_block = 0;
-};
-GemmW4A4StreamPlan gemm_w4a4_stream_plan(int64_t N, int K, int keeper);
+// The stream kernel's launch (M <= 16) for W of N x K on this device (gemm_w4a4_plan.h; the bench
+// prints it).
+StreamPlan gemm_w4a4_stream_plan(int64_t N, int K, int keeper);
 
 // Throws nibble::Error on mismatched shapes, overlapping or too-small scratch, or a forced path that
 // cannot take M (Stream: M <= 16, Decode: M <= 64). Asynchronous on `stream` (Wgmma: two kernels).

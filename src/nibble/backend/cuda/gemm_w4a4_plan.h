@@ -1,6 +1,6 @@
-// The launch plans of gemm_w4a4's wgmma kernels (host code without CUDA, so the CPU tests check them;
-// the share arithmetic is also compiled into the stream-K kernel). Both kernels run 128 W rows x 128
-// tokens block tiles, one block per SM, `slabs` K slabs a tile; the unit of every cost below is one
+// The launch plans of gemm_w4a4's wgmma kernels and of its weight-streaming kernel (M <= 16; at the end)
+// (host code without CUDA, so the CPU tests check them; the share arithmetic is also compiled into the
+// stream-K kernel). The two wgmma kernels run 128 W rows x 128 tokens block tiles, one block per SM, `slabs` K slabs a tile; the unit of every cost below is one
 // slab-time, what a block spends on one slab (≈ 1390 clocks ≈ 0.72 µs on the H200 with v9's consumers).
 //
 // Cluster plan (v9, GemmPath::Wgmma): one block per (tile, cluster rank), K split over a cluster of 1, 2,
@@ -176,5 +176,57 @@ constexpr size_t stream_k_workspace_bound(int sms) { return stream_k_workspace_b
 // 1.21-1.42x v9 at 16-32 tiles (7B q/k/v/o and down at M 65-128, 70B k/v at M 129-512), 0.74-0.79x
 // at 8 tiles, 0.66-0.86x from 64 tiles up.
 inline bool stream_k_measured_win(int64_t tiles) { return tiles >= 16 && tiles <= 32; }
+
+// ---- The weight-streaming kernel (M <= 16) --------------------------------------------------------
+
+// Its shape: kStreamWarps warps a block, each streaming 1 KB units (one slab of a 16-row W pair)
+// through a ring of kStreamRing; a block's pairs' sums live in shared memory.
+constexpr int kStreamWarps = 8;
+constexpr int kStreamRing = 4;
+constexpr int kStreamMaxPairs = 12;
+constexpr int kStreamUnitBytes = 1024;
+constexpr int kStreamBytesForFullRate = 48 << 10;  // per SM: ~1 µs of DRAM latency at an SM's share of 4.2 TB/s
+// A block's fixed part (its prologue's latency, the barriers, the reduction): about 16 units' time.
+// Without it the plan of 70B k/v was 256 blocks in clusters of 4 (17 units a block): 9.6 µs, against
+// 5.9 µs for 128 blocks in clusters of 2 (H100, session 19); no other layer's plan changes.
+constexpr double kStreamBlockCost = 16;
+
+// Blocks of `pairs_per_block` consecutive 16-row W pairs each, K split over clusters of `cluster`
+// blocks (rank r takes the r-th of `cluster` equal slab ranges).
+struct StreamPlan {
+  int blocks = 0, cluster = 1, pairs_per_block = 0;
+  bool operator==(const StreamPlan&) const = default;
+};
+
+// Whole W pairs per block, K split over a cluster only where there are too few pairs for the SMs.
+// Cost, in units on the busiest SM: its units, stretched when the SM cannot keep
+// kStreamBytesForFullRate of them in flight (unless all of its units are requested at once),
+// kStreamBlockCost per block it holds, a wave penalty and a little for the cluster's barrier. Fewer
+// pairs per block win ties: more blocks, more bytes in flight.
+inline StreamPlan stream_plan(int64_t w_pairs, int slabs, int sms, int blocks_per_sm) {
+  constexpr int64_t kUnitsForFullRate = kStreamBytesForFullRate / kStreamUnitBytes;
+  const int64_t slots = int64_t(sms) * blocks_per_sm;
+  StreamPlan best{};
+  double best_cost = 1e300;
+  for (int cluster : {1, 2, 4, 8}) {
+    const int per_rank = (slabs + cluster - 1) / cluster;
+    if ((cluster - 1) * per_rank >= slabs) break;  // a rank without slabs
+    for (int ppb = 1; ppb <= kStreamMaxPairs; ++ppb) {
+      const int64_t blocks = (w_pairs + ppb - 1) / ppb * cluster;
+      const int64_t waves = (blocks + slots - 1) / slots, on_sm = (blocks + sms - 1) / sms;
+      const int64_t units = int64_t(ppb) * per_rank, per_sm = on_sm * units;
+      const int64_t resident = std::min<int64_t>(on_sm, blocks_per_sm);
+      const int64_t in_flight = resident * kStreamWarps * std::min<int64_t>(kStreamRing, (units + kStreamWarps - 1) / kStreamWarps);
+      const double stretch = in_flight >= per_sm ? 1.0 : std::max(1.0, double(kUnitsForFullRate) / double(in_flight));
+      const double cost = double(per_sm) * stretch + kStreamBlockCost * double(resident) + 32.0 * double(waves - 1) +
+                          (cluster > 1 ? 2 : 0);
+      if (cost < best_cost) {
+        best_cost = cost;
+        best = {int(blocks), cluster, ppb};
+      }
+    }
+  }
+  return best;
+}
 
 }  // namespace nibble::cuda
