@@ -99,7 +99,7 @@ struct GemmOperands {
 // into c, as the decode and stream kernels both run it.
 template <int MT, bool kInt4>
 __device__ __forceinline__ void pair_slab_mma(const uint4& A0, const uint4& A1, const uint4 (&B)[MT],
-                                                int (&c)[MT][4]) {
+                                              int (&c)[MT][4]) {
   if constexpr (kInt4) {
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
