@@ -4,6 +4,7 @@
 // workspace within the bound the executor allocates, the grid within the SMs; the cluster plan's
 // limits; the predictions for the bench's Llama shapes on an H200 (printed for the notes); and the
 // weight-streaming kernel's plan (M <= 16).
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cstdio>
@@ -15,11 +16,6 @@
 
 namespace nibble::cuda {
 namespace {
-
-std::string fmt_case(int sms, int blocks_per_sm, int64_t pairs, int slabs) {
-  return "sms=" + std::to_string(sms) + " blocks/SM=" + std::to_string(blocks_per_sm) + " pairs=" + std::to_string(pairs) +
-         " slabs=" + std::to_string(slabs);
-}
 
 // What the kernel does with one share, replayed on the host: its spans in order.
 std::vector<StreamKSpan> spans_of(int block, const StreamKPlan& plan) {
@@ -177,7 +173,7 @@ TEST(GemmW4A4Plan, StreamPlansCoverWAndKeepTheMeasuredChoices) {
       for (int64_t pairs : {1, 2, 7, 32, 64, 256, 688, 1376, 1792})
         for (int slabs : {1, 2, 6, 34, 66, 88, 226}) {
           const StreamPlan p = stream_plan(pairs, slabs, sms, blocks_per_sm);
-          const std::string what = fmt_case(sms, blocks_per_sm, pairs, slabs);
+          const std::string what = fmt::format("sms={} blocks/SM={} pairs={} slabs={}", sms, blocks_per_sm, pairs, slabs);
           ASSERT_TRUE(p.cluster == 1 || p.cluster == 2 || p.cluster == 4 || p.cluster == 8) << what;
           ASSERT_GE(p.pairs_per_block, 1) << what;
           ASSERT_LE(p.pairs_per_block, kStreamMaxPairs) << what;
