@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -125,6 +126,38 @@ struct DeviceResult {
   int64_t unwritten = 0;
   int64_t dirty_flags = 0;
 };
+// Where the elements left NaN or moved between the two runs lie, so that a failure points at its
+// cause: how far they moved (against the output's rms), the rows and columns they span, and how
+// many 128 x 128 block tiles and 16-row warp slices of them they touch (the first few by count).
+void print_moved(int64_t M, int64_t N, const std::vector<uint16_t>& first, const std::vector<uint16_t>& second,
+                 const std::vector<size_t>& moved, const std::function<float(uint16_t)>& to_float) {
+  double rms = 0, worst = 0;
+  int64_t nan1 = 0, nan2 = 0, m_lo = M, m_hi = -1, n_lo = N, n_hi = -1;
+  for (uint16_t b : first) rms += std::isnan(to_float(b)) ? 0 : double(to_float(b)) * to_float(b);
+  rms = std::sqrt(rms / double(first.size()));
+  std::map<std::pair<int64_t, int64_t>, int64_t> tiles, slices;
+  for (size_t i : moved) {
+    const double a = to_float(first[i]), b = to_float(second[i]);
+    nan1 += std::isnan(a), nan2 += std::isnan(b);
+    if (!std::isnan(a) && !std::isnan(b)) worst = std::max(worst, std::fabs(a - b));
+    const int64_t m = int64_t(i) / N, n = int64_t(i) % N;
+    m_lo = std::min(m_lo, m), m_hi = std::max(m_hi, m), n_lo = std::min(n_lo, n), n_hi = std::max(n_hi, n);
+    ++tiles[{m / 128, n / 128}];
+    ++slices[{m / 64, n / 16}];
+  }
+  std::printf("  moved or NaN: %zu elements (NaN in run 1: %lld, run 2: %lld), |run 2 - run 1| up to %.3g (output rms %.3g), "
+              "tokens %lld..%lld, W rows %lld..%lld, in %zu block tiles and %zu slices of 64 tokens x 16 W rows:",
+              moved.size(), (long long)nan1, (long long)nan2, worst, rms, (long long)m_lo, (long long)m_hi,
+              (long long)n_lo, (long long)n_hi, tiles.size(), slices.size());
+  std::vector<std::pair<int64_t, std::pair<int64_t, int64_t>>> by_count;
+  for (const auto& [at, count] : slices) by_count.push_back({count, at});
+  std::sort(by_count.rbegin(), by_count.rend());
+  for (size_t j = 0; j < std::min<size_t>(8, by_count.size()); ++j)
+    std::printf(" [tokens %lld.., W rows %lld..]: %lld", (long long)(by_count[j].second.first * 64),
+                (long long)(by_count[j].second.second * 16), (long long)by_count[j].first);
+  std::printf("\n");
+}
+
 DeviceResult run_twice_with(int64_t M, int64_t N, OutType out, const std::function<void(void*)>& gemm) {
   uint16_t* y = nullptr;
   NIBBLE_CUDA_CHECK(cudaMalloc(&y, size_t(M * N) * 2));
@@ -141,8 +174,12 @@ DeviceResult run_twice_with(int64_t M, int64_t N, OutType out, const std::functi
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   NIBBLE_CUDA_CHECK(cudaMemcpy(again.data(), y, again.size() * 2, cudaMemcpyDeviceToHost));
   cudaFree(y);
-  const auto is_nan = [&](uint16_t b) { return std::isnan(out == OutType::F16 ? fp16_to_float(b) : bf16_to_float(b)); };
-  for (size_t i = 0; i < r.y.size(); ++i) r.unwritten += is_nan(r.y[i]) || r.y[i] != again[i];
+  const auto to_float = [&](uint16_t b) { return out == OutType::F16 ? fp16_to_float(b) : bf16_to_float(b); };
+  std::vector<size_t> moved;
+  for (size_t i = 0; i < r.y.size(); ++i)
+    if (std::isnan(to_float(r.y[i])) || r.y[i] != again[i]) moved.push_back(i);
+  r.unwritten = int64_t(moved.size());
+  if (!moved.empty()) print_moved(M, N, r.y, again, moved, to_float);
   return r;
 }
 
