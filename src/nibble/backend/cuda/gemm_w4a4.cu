@@ -676,10 +676,11 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
 // the block unpacks X's INT4 codes (16 * code per byte, as for A) into the canonical K-major
 // no-swizzle layout (8 tokens x 16 bytes core matrices: core (kc, j) at kc * 2048 + j * 128, so
 // LBO = 2048 between K halves and SBO = 128 between token groups); keeper slabs are copied as they
-// are. Each warpgroup issues the slab's 4 (INT4) or 2 (keeper) wgmma into one of two int32
-// accumulator sets and, while they run, folds the previous slab's set into fp32 with the
-// per-row x per-token scales (DeepGEMM's promotion). Operands come through 128x128 cp.async
-// stages. Where the tiles do not fill the SMs, K is split over a cluster.
+// are. Each warpgroup issues the slab's 4 wgmma (a keeper slab's last two on zero A), waits for
+// them and folds the int32 sums into fp32 with the per-row x per-token scales (DeepGEMM's
+// promotion). This lockstep kernel is the tests' bit-identity oracle; the warp-specialised one
+// below (v9) folds under the next MMAs. Operands come through 128x128 cp.async stages. Where the
+// tiles do not fill the SMs, K is split over a cluster.
 constexpr int kWgThreads = 256;     // two warpgroups: W rows 0..63 and 64..127 of the block
 constexpr int kWgStages = 5;        // cp.async stages (prefetch distance kWgStages - 2)
 constexpr int kWgSmem = kWgStages * kStageBytes + 2 * kUnpackBytes;
@@ -696,6 +697,16 @@ __device__ __forceinline__ void wgmma_s8(int (&d)[64], uint32_t a0, uint32_t a1,
       "{\n.reg .pred p;\nsetp.eq.u32 p, %69, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, p;\n}\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(uint32_t(zero)));
+}
+
+// d (+)= A (registers, 64 x 32) · B (shared memory, 32 x 64 tokens): half of a block tile's tokens.
+__device__ __forceinline__ void wgmma_s8(int (&d)[32], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint64_t desc, bool zero) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.eq.u32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, p;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(uint32_t(zero)));
 }
 
@@ -728,27 +739,36 @@ __device__ __forceinline__ void unpack_x(const uint8_t* packed, uint8_t* out, bo
   }
 }
 
-// Issues slab s's wgmma into d (the A fragments of this warp's 16 W rows from the stage; B at
-// x_desc, the descriptor of the unpacked slab, whose k-step k starts 2 * 2048 * k bytes further).
-__device__ __forceinline__ void wgmma_slab(int (&d)[64], const uint8_t* stage, uint64_t x_desc, bool int4, int wtile,
-                                           int lane) {
+// The A fragments of this warp's 16 W rows of a slab (the stage's), widened for all four k-steps. A
+// keeper slab fills k-steps 0, 1; its k-steps 2, 3 are zero, so every slab issues four wgmma with no
+// branch around them: such a branch made ptxas close each slab's commit group in three (with a dummy
+// HGMMA), and `wait_group 1` then waited for the group just issued — no fold ran under an MMA
+// (bench/NOTES-gemm_w4a4.md, sessions 17-19). Widened before the fence: registers written after it
+// would need another.
+__device__ __forceinline__ void widen_a(uint32_t (&a)[4][4], const uint8_t* stage, bool int4, int wtile, int lane) {
   const uint4 A0 = *reinterpret_cast<const uint4*>(stage + wtile * kSlabBytes + lane * 16);
   const uint4 A1 = *reinterpret_cast<const uint4*>(stage + (wtile + 1) * kSlabBytes + lane * 16);
-  uint32_t a[4][4];  // widened before the fence: registers written after it would need another
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     if (int4) {
       a[k][0] = hi4(word(A0, k)), a[k][1] = hi4(word(A1, k)), a[k][2] = lo4(word(A0, k)), a[k][3] = lo4(word(A1, k));
-    } else {  // keeper slab: k-steps 0, 1 only
-      a[k][0] = word(A0, 2 * (k % 2)), a[k][1] = word(A1, 2 * (k % 2));
-      a[k][2] = word(A0, 2 * (k % 2) + 1), a[k][3] = word(A1, 2 * (k % 2) + 1);
+    } else if (k < 2) {
+      a[k][0] = word(A0, 2 * k), a[k][1] = word(A1, 2 * k), a[k][2] = word(A0, 2 * k + 1), a[k][3] = word(A1, 2 * k + 1);
+    } else {
+      a[k][0] = a[k][1] = a[k][2] = a[k][3] = 0;
     }
   }
+}
+
+// A slab's four k-steps into d (all 128 tokens of the tile, or a 64-token half: d's size picks the
+// wgmma), one commit group; B at x_desc, the descriptor of the slab's X, whose k-step k starts
+// 2 * 2048 * k bytes further.
+template <int R>
+__device__ __forceinline__ void issue_wgmma(int (&d)[R], const uint32_t (&a)[4][4], uint64_t x_desc) {
   wgmma_fence();
   fence_regs(d);
 #pragma unroll
-  for (int k = 0; k < 4; ++k)
-    if (int4 || k < 2) wgmma_s8(d, a[k][0], a[k][1], a[k][2], a[k][3], x_desc + (2 * k * 2048 >> 4), k == 0);
+  for (int k = 0; k < 4; ++k) wgmma_s8(d, a[k][0], a[k][1], a[k][2], a[k][3], x_desc + (2 * k * 2048 >> 4), k == 0);
   wgmma_commit();
   fence_regs(d);
 }
@@ -760,21 +780,24 @@ __device__ __forceinline__ float2 x_scale_pair(const __half* xs, int i) {
 }
 __device__ __forceinline__ float2 x_scale_pair(const float* xs, int i) { return *reinterpret_cast<const float2*>(xs + i); }
 
-// acc += d · sw[row] · sx[token] (· 2^-8 for INT4 slabs); the lane holds rows g, g + 8 of its warp's
-// 16 and tokens 8j + 2t, 8j + 2t + 1. W scales from sws (the stage's), X scales from xs.
-template <IntToFloat kConv, typename XScale>
-__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[64], const __half* sws, const XScale* xs,
-                                           bool int4, int wrow, int lane) {
+// acc += d · sw[row] · sx[token] (· 2^-8 for INT4 slabs) over kJ groups of 8 tokens from group kJ0:
+// the lane holds rows g, g + 8 of its warp's 16 and tokens 8j + 2t, 8j + 2t + 1 (acc[4j ..], d[4(j -
+// kJ0) ..]). W scales from sws (the stage's), X scales from xs. Every element gets the same
+// operations whichever part of the tile a call folds.
+template <IntToFloat kConv, int kJ, int kJ0 = 0, typename XScale>
+__device__ __forceinline__ void wgmma_fold(float (&acc)[64], const int (&d)[4 * kJ], const __half* sws,
+                                           const XScale* xs, bool int4, int wrow, int lane) {
   const float f = int4 ? 1.0f / 256.0f : 1.0f;  // exact: undoes the 16 * code widening
   const float sw0 = __half2float(sws[wrow]) * f, sw1 = __half2float(sws[wrow + 8]) * f;
   const int t = lane % 4;
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const float2 x = x_scale_pair(xs, 8 * j + 2 * t);
-    acc[4 * j + 0] = fmaf(exact_float_by<kConv>(d[4 * j + 0]), sw0 * x.x, acc[4 * j + 0]);
-    acc[4 * j + 1] = fmaf(exact_float_by<kConv>(d[4 * j + 1]), sw0 * x.y, acc[4 * j + 1]);
-    acc[4 * j + 2] = fmaf(exact_float_by<kConv>(d[4 * j + 2]), sw1 * x.x, acc[4 * j + 2]);
-    acc[4 * j + 3] = fmaf(exact_float_by<kConv>(d[4 * j + 3]), sw1 * x.y, acc[4 * j + 3]);
+  for (int j = 0; j < kJ; ++j) {
+    const float2 x = x_scale_pair(xs, 8 * (kJ0 + j) + 2 * t);
+    float* o = acc + 4 * (kJ0 + j);
+    o[0] = fmaf(exact_float_by<kConv>(d[4 * j + 0]), sw0 * x.x, o[0]);
+    o[1] = fmaf(exact_float_by<kConv>(d[4 * j + 1]), sw0 * x.y, o[1]);
+    o[2] = fmaf(exact_float_by<kConv>(d[4 * j + 2]), sw1 * x.x, o[2]);
+    o[3] = fmaf(exact_float_by<kConv>(d[4 * j + 3]), sw1 * x.y, o[3]);
   }
 }
 // The fp16 W and X scales of a packed stage.
@@ -782,29 +805,6 @@ __device__ __forceinline__ const __half* stage_w_scales(const uint8_t* stage) {
   return reinterpret_cast<const __half*>(stage + PackedStage::kWScales);
 }
 __device__ __forceinline__ const __half* stage_x_scales(const uint8_t* stage) { return stage_w_scales(stage) + kBN; }
-
-// The slab loop of both wgmma kernels: step(i, d_cur, d_prev) for slabs i < ns with the two int32
-// accumulator sets alternating (each step issues slab i into d_cur and folds slab i - 1 from d_prev),
-// then the last slab's fold with its scales last_ws, last_xs.
-template <IntToFloat kConv, typename Step, typename XScale>
-__device__ __forceinline__ void wgmma_slab_loop(int ns, const Step& step, int (&d0)[64], int (&d1)[64], float (&acc)[64],
-                                                const __half* last_ws, const XScale* last_xs, bool last_int4,
-                                                int wrow, int lane) {
-  int i = 0;
-  for (; i + 1 < ns; i += 2) {
-    step(i, d0, d1);
-    step(i + 1, d1, d0);
-  }
-  if (i < ns) step(i, d0, d1);
-  wgmma_wait<0>();
-  if ((ns - 1) % 2 == 0) {  // (two calls: selecting the array at run time would put both in local memory)
-    fence_regs(d0);
-    wgmma_fold<kConv>(acc, d0, last_ws, last_xs, last_int4, wrow, lane);
-  } else {
-    fence_regs(d1);
-    wgmma_fold<kConv>(acc, d1, last_ws, last_xs, last_int4, wrow, lane);
-  }
-}
 
 struct WgmmaParams : GemmOperands {
   int cluster;         // blocks per cluster, splitting K: rank r takes slabs [r * per_rank, (r + 1) * per_rank)
@@ -872,17 +872,17 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
   float acc[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0;
-  int d0[64], d1[64];
+  int d[64];
 
 #pragma unroll
   for (int i = 0; i < kWgStages - 2; ++i) {
     if (i < ns) block_tile_load<kWgThreads>(p, smem + i * kStageBytes, s0 + i, n_base, m_base);
     cp_async_commit();
   }
-  // Step i (slab s0 + i): stage ready, prefetch, unpack X, issue wgmma into d_cur, fold step i - 1 from d_prev.
-  const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
+  // Slab s0 + i: stage ready, prefetch, unpack X, issue its wgmma, wait for them, fold.
+  for (int i = 0; i < ns; ++i) {
     cp_async_wait<kWgStages - 3>();
-    __syncthreads();  // stage i landed; step i - 2's wgmma (unpacked buffer i % 2) are done in both warpgroups
+    __syncthreads();  // stage i landed; slab i - 2's wgmma (unpacked buffer i % 2) are done in both warpgroups
     const int next = i + kWgStages - 2;
     if (next < ns) block_tile_load<kWgThreads>(p, smem + (next % kWgStages) * kStageBytes, s0 + next, n_base, m_base);
     cp_async_commit();
@@ -892,18 +892,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
     unpack_x<kWgThreads / 32>(stage + kTileBytes, ubuf, int4, warp, lane);
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma's async proxy
     __syncthreads();
-    wgmma_slab(d_cur, stage, smem_desc(ubuf), int4, wtile, lane);
-    if (i > 0) {
-      wgmma_wait<1>();
-      fence_regs(d_prev);
-      const uint8_t* prev = smem + ((i - 1) % kWgStages) * kStageBytes;
-      wgmma_fold<IntToFloat::MagicAdd>(acc, d_prev, stage_w_scales(prev), stage_x_scales(prev), s0 + i - 1 < p.g4, wrow,
-                                       lane);
-    }
-  };
-  const uint8_t* last = smem + ((ns - 1) % kWgStages) * kStageBytes;
-  wgmma_slab_loop<IntToFloat::MagicAdd>(ns, step, d0, d1, acc, stage_w_scales(last), stage_x_scales(last),
-                                        s0 + ns - 1 < p.g4, wrow, lane);
+    uint32_t a[4][4];
+    widen_a(a, stage, int4, wtile, lane);
+    issue_wgmma(d, a, smem_desc(ubuf));
+    wgmma_wait<0>();
+    fence_regs(d);
+    wgmma_fold<IntToFloat::MagicAdd, 16>(acc, d, stage_w_scales(stage), stage_x_scales(stage), int4, wrow, lane);
+  }
   cp_async_wait<0>();
   __syncthreads();
 
@@ -1005,30 +1000,61 @@ struct SpSlabs {
   }
 };
 
-// Consumer warpgroups: acc = the folded sum of slabs s0 .. s0 + ns - 1 of the block tile (ring
-// positions 0 .. ns - 1), each stage released after its fold. Warp cw of 8 holds W rows 16 cw ..
-// 16 cw + 15 of the block.
+// Consumer warpgroups: acc += the folded sum of slabs s0 .. s0 + ns - 1 of a block tile (ring
+// positions r0 .. r0 + ns - 1), each stage released after its fold. Warp cw of 8 holds W rows 16 cw ..
+// 16 cw + 15 of the block. Each slab runs as two halves of 64 tokens, one commit group each: the lo
+// half of slab i is issued, the hi half of slab i - 1 folded while it runs, the hi half of slab i
+// issued, the lo half of slab i folded while that runs. The hi sums alternate between two register
+// sets, so a wgmma never writes the registers the fold just before it read (ptxas serializes the
+// wgmma then, C7514); 96 registers of int32 sums where v9's whole-tile sets took 128. The sets are
+// this call's: dead between spans, so stream-K's epilogue does not keep them.
 template <IntToFloat kConv>
-__device__ __forceinline__ void consume_slabs(const WgmmaParams& p, const SpShared& sh, int s0, int ns,
-                                              float (&acc)[64], int cw, int lane) {
+__device__ __forceinline__ void consume_span(const SpSlabs& ring, int r0, int s0, int ns, int g4, float (&acc)[64],
+                                             int cw, int lane) {
   const int wtile = cw * 2, wrow = cw * 16 + lane / 4;
-  const SpSlabs ring(sh, lane);
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0;
-  int d0[64], d1[64];
-  // Step i: issue slab i's wgmma into d_cur, then fold slab i - 1 from d_prev while they run.
-  const auto step = [&](int i, int (&d_cur)[64], int (&d_prev)[64]) {
-    ring.wait_loaded(i);
-    wgmma_slab(d_cur, ring.stage(i), ring.x_desc(i), s0 + i < p.g4, wtile, lane);
-    if (i > 0) {
-      wgmma_wait<1>();
-      fence_regs(d_prev);
-      wgmma_fold<kConv>(acc, d_prev, ring.w_scales(i - 1), ring.x_scales(i - 1), s0 + i - 1 < p.g4, wrow, lane);
-      ring.release(i - 1);
+  int lo[32], hi0[32], hi1[32];
+  // Slab i: issue its lo half; fold slab i - 1's hi half (in hi_prev) under it unless i is the first;
+  // issue its hi half into hi_cur; fold its lo half under that.
+  const auto step = [&](int i, bool first, int (&hi_cur)[32], int (&hi_prev)[32]) {
+    const int r = r0 + i;
+    ring.wait_loaded(r);
+    const bool int4 = s0 + i < g4;
+    uint32_t a[4][4];
+    widen_a(a, ring.stage(r), int4, wtile, lane);
+    const uint64_t x_desc = ring.x_desc(r);
+    issue_wgmma(lo, a, x_desc);
+    if (!first) {
+      wgmma_wait<1>();  // hi(i - 1) is done, lo(i) may run on
+      fence_regs(hi_prev);
+      wgmma_fold<kConv, 8, 8>(acc, hi_prev, ring.w_scales(r - 1), ring.x_scales(r - 1), s0 + i - 1 < g4, wrow, lane);
+      ring.release(r - 1);
     }
+    issue_wgmma(hi_cur, a, x_desc + (8 * 128 >> 4));  // tokens 64..127: 8 core matrices on
+    wgmma_wait<1>();  // lo(i) is done, hi(i) may run on
+    fence_regs(lo);
+    wgmma_fold<kConv, 8>(acc, lo, ring.w_scales(r), ring.x_scales(r), int4, wrow, lane);
   };
-  wgmma_slab_loop<kConv>(ns, step, d0, d1, acc, ring.w_scales(ns - 1), ring.x_scales(ns - 1), s0 + ns - 1 < p.g4, wrow,
-                         lane);
+  // The last slab's hi half, folded in the same branch as its step (folded apart, ptxas lost track
+  // of which set it was and serialized the loop's wgmma, C7514).
+  const int r_last = r0 + ns - 1;
+  const auto last_hi = [&](int (&hi)[32]) {
+    wgmma_wait<0>();
+    fence_regs(hi);
+    wgmma_fold<kConv, 8, 8>(acc, hi, ring.w_scales(r_last), ring.x_scales(r_last), s0 + ns - 1 < g4, wrow, lane);
+    ring.release(r_last);
+  };
+  step(0, true, hi0, hi1);
+  int i = 1;
+  for (; i + 1 < ns; i += 2) {
+    step(i, false, hi1, hi0);
+    step(i + 1, false, hi0, hi1);
+  }
+  if (i < ns) {
+    step(i, false, hi1, hi0);
+    last_hi(hi1);
+  } else {
+    last_hi(hi0);
+  }
 }
 
 constexpr IntToFloat kSpConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
@@ -1054,7 +1080,9 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   }
   setmaxnreg_inc<kSpConsumerRegs>();
   const int cw = warp - 4;
-  consume_slabs<kSpConv>(p, sh, s0, ns, acc, cw, lane);
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0;
+  consume_span<kSpConv>(SpSlabs(sh, lane), 0, s0, ns, p.g4, acc, cw, lane);
   __syncthreads();  // every copy landed (the consumers waited for each on `loaded`): the stages are free
   write_block_tile<OutT>(p, smem, acc, true, cw * 16 + lane / 4, lane, rank, n_base, m_base, threadIdx.x - 128,
                          kSpThreads - 128);
@@ -1170,73 +1198,64 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_stream_k_kernel(WgmmaPara
     return;
   }
   setmaxnreg_inc<kSpConsumerRegs>();
-  // Consumers: one slab loop over the whole share (ring positions 0 .. n - 1), each span's epilogue
-  // after its last slab, with one int32 accumulator set: issue, wait, fold, as v9 runs in fact (its
-  // `wait_group 1` returns only once the current slab is done, session 13), same fold order, so a
-  // span's sum is what v9 computes for the same slabs. (v9's two-set loop in any loop of spans made
-  // ptxas spill 200-400 bytes: it needs nearly all of the 232 registers.)
-  const int cw = warp - 4, wtile = cw * 2, wrow = cw * 16 + lane / 4;
+  // Consumers: the share's spans in order (ring positions running on), each folded as v9 folds its
+  // slabs (consume_span: same operations in the same order, so a span's sum is v9's for the same
+  // slabs), then its epilogue per warp.
+  const int cw = warp - 4;
   const SpSlabs ring(sh, lane);
-  const int n = end - begin;
-  const auto slab_of = [&](int i) { return (begin + i) % p.slabs; };  // ring position i's slab in its tile
   float acc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0;
-  // The span whose last slab is ring position i: partial and flag (a tail), or the contributors'
-  // partials added (a head) and the output written; acc zero again for the next span.
-  const auto span_end = [&](int i) {
-    const int it = begin + i, tile = it / p.slabs;
-    const int s0 = max(0, begin - tile * p.slabs), s1 = it - tile * p.slabs + 1;
-    if (s0 > 0) {  // a tail (the share's first span): the partial to slot b, then the flag
+  // After a span: partial and flag (a tail), or the contributors' partials added (a head) and the
+  // output written.
+  const auto span_end = [&](const StreamKSpan& span) {
+    if (span.s0 > 0) {  // a tail (the share's first span): the partial to slot b, then the flag
       float4* dst = k.partials + (size_t(b) * kStreamKConsumerWarps + cw) * 16 * 32 + lane;
 #pragma unroll
       for (int j = 0; j < 16; ++j) __stcg(dst + 32 * j, make_float4(acc[4 * j], acc[4 * j + 1], acc[4 * j + 2], acc[4 * j + 3]));
       __threadfence();
       __syncwarp();
       if (lane == 0) st_release_gpu(&k.flags[b * kStreamKConsumerWarps + cw], 1);
-    } else {
-      if (s1 < p.slabs) {  // a head (the share's last span): the contributors' partials in block order
-        const int last = stream_k_last_contributor(tile, p.slabs, k.iterations, k.blocks);
-        // All their flags polled with relaxed loads in flight together, then one acquire fence (the PTX
-        // acquire pattern): one L2 round trip for all, not one per contributor (up to ~11 on 70B k/v).
-        for (bool all = false; !all;) {
-          all = true;
-          for (int c = b + 1; c <= last; ++c) all &= ld_relaxed_gpu(&k.flags[c * kStreamKConsumerWarps + cw]) != 0;
-        }
-        fence_acq_rel_gpu();
-        // Then the partials (__ldcg: never a stale L1 line of an earlier call's partial at the same
-        // address). One at a time: the int32 set stays live across this epilogue (the next wgmma reads it
-        // as "+r"), so a second 64-register buffer would spill.
-        for (int c = b + 1; c <= last; ++c) {
-          const float4* src = k.partials + (size_t(c) * kStreamKConsumerWarps + cw) * 16 * 32 + lane;
-          float4 v[16];
-#pragma unroll
-          for (int j = 0; j < 16; ++j) v[j] = __ldcg(src + 32 * j);
-#pragma unroll
-          for (int j = 0; j < 16; ++j) acc[4 * j] += v[j].x, acc[4 * j + 1] += v[j].y, acc[4 * j + 2] += v[j].z, acc[4 * j + 3] += v[j].w;
-        }
-        if (lane == 0)  // 0 again for the next launch (nothing else reads them in this one)
-          for (int c = b + 1; c <= last; ++c) k.flags[c * kStreamKConsumerWarps + cw] = 0;
-      }
-      int64_t n_base;
-      int m_tile;
-      tile_origin(tile, n_base, m_tile);
-      store_warp_rows<OutT>(p, acc, smem + kSkStoreOffset + cw * kSkStoreBytes, cw, lane, n_base, int64_t(m_tile) * kBM);
+      return;
     }
+    if (span.s1 < p.slabs) {  // a head (the share's last span): the contributors' partials in block order
+      const int last = stream_k_last_contributor(span.tile, p.slabs, k.iterations, k.blocks);
+      // All their flags polled with relaxed loads in flight together, then one acquire fence (the PTX
+      // acquire pattern): one L2 round trip for all, not one per contributor (up to ~11 on 70B k/v).
+      for (bool all = false; !all;) {
+        all = true;
+        for (int c = b + 1; c <= last; ++c) all &= ld_relaxed_gpu(&k.flags[c * kStreamKConsumerWarps + cw]) != 0;
+      }
+      fence_acq_rel_gpu();
+      // Then the partials (__ldcg: never a stale L1 line of an earlier call's partial at the same
+      // address), one at a time.
+      for (int c = b + 1; c <= last; ++c) {
+        const float4* src = k.partials + (size_t(c) * kStreamKConsumerWarps + cw) * 16 * 32 + lane;
+        float4 v[16];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) v[j] = __ldcg(src + 32 * j);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) acc[4 * j] += v[j].x, acc[4 * j + 1] += v[j].y, acc[4 * j + 2] += v[j].z, acc[4 * j + 3] += v[j].w;
+      }
+      // 0 again for the next launch (nothing else reads them in this one), once every lane has seen them
+      // set: a lane still polling would otherwise spin on a flag already cleared.
+      __syncwarp();
+      if (lane == 0)
+        for (int c = b + 1; c <= last; ++c) k.flags[c * kStreamKConsumerWarps + cw] = 0;
+    }
+    int64_t n_base;
+    int m_tile;
+    tile_origin(span.tile, n_base, m_tile);
+    store_warp_rows<OutT>(p, acc, smem + kSkStoreOffset + cw * kSkStoreBytes, cw, lane, n_base, int64_t(m_tile) * kBM);
+  };
+  int r = 0;
+  for (int it = begin; it < end;) {
+    const StreamKSpan span = stream_k_span(it, end, p.slabs);
+    const int len = span.s1 - span.s0;
 #pragma unroll
     for (int j = 0; j < 64; ++j) acc[j] = 0;
-  };
-  int d[64];
-  for (int i = 0; i < n; ++i) {
-    const int slab = slab_of(i);
-    const bool int4 = slab < p.g4;
-    ring.wait_loaded(i);
-    wgmma_slab(d, ring.stage(i), ring.x_desc(i), int4, wtile, lane);
-    wgmma_wait<0>();
-    fence_regs(d);
-    wgmma_fold<kSpConv>(acc, d, ring.w_scales(i), ring.x_scales(i), int4, wrow, lane);
-    ring.release(i);
-    if (slab == p.slabs - 1 || i == n - 1) span_end(i);
+    consume_span<kSpConv>(ring, r, span.s0, len, p.g4, acc, cw, lane);
+    span_end(span);
+    r += len;
+    it += len;
   }
 }
 
