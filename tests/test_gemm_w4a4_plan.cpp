@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <string>
@@ -165,6 +166,44 @@ TEST(GemmW4A4Plan, PredictionsForTheBenchShapesOnAnH200) {
                   (long long)tiles, slabs, v9.cluster, v9.cost, sk.blocks, sk.cost, v9.cost / sk.cost);
       EXPECT_LE(sk.cost, v9.cost * 1.3) << sh.name << " M=" << M;
     }
+}
+
+TEST(GemmW4A4Plan, AutoRuleFitsTheMeasuredTable) {
+  // Session 21's `bench_gemm_w4a4 streamk` (H100, 132 SMs, keeper 128; bench/RESULTS.md): tiles, slabs,
+  // v9 µs, stream-K µs of the 72 rows (7B and 70B layers, M 64-4096). Auto's rule must cost at most 30%
+  // over the faster path on any row and beat both older rules in total: always v9, and stream-K at
+  // 16-32 tiles only (session 15).
+  struct Row {
+    int64_t tiles;
+    int slabs;
+    double v9_us, stream_k_us;
+  };
+  const Row rows[] = {
+      {96, 33, 28.28, 26.57}, {96, 33, 28.26, 27.81}, {96, 33, 28.36, 29.29}, {192, 33, 54.50, 48.45}, {384, 33, 80.26, 85.39}, {768, 33, 158.08, 163.07},
+      {1536, 33, 337.18, 326.72}, {3072, 33, 637.79, 624.51}, {32, 33, 27.63, 16.98}, {32, 33, 28.74, 17.52}, {32, 33, 28.41, 18.35}, {64, 33, 19.29, 21.52},
+      {128, 33, 27.89, 30.33}, {256, 33, 54.57, 60.98}, {512, 33, 108.02, 112.35}, {1024, 33, 211.97, 215.68}, {172, 33, 54.89, 41.84}, {172, 33, 55.65, 44.38},
+      {172, 33, 55.98, 46.25}, {344, 33, 82.36, 79.85}, {688, 33, 161.09, 149.98}, {1376, 33, 310.11, 299.07}, {2752, 33, 589.25, 571.01}, {5504, 33, 1126.34, 1093.57},
+      {86, 33, 36.89, 32.00}, {86, 33, 37.46, 26.56}, {86, 33, 29.58, 27.61}, {172, 33, 53.95, 46.19}, {344, 33, 81.85, 81.51}, {688, 33, 160.86, 154.21},
+      {1376, 33, 290.43, 290.37}, {2752, 33, 551.87, 563.65}, {32, 87, 54.15, 27.76}, {32, 87, 47.99, 27.60}, {32, 87, 45.95, 27.00}, {64, 87, 37.61, 38.76},
+      {128, 87, 64.86, 68.21}, {256, 87, 134.77, 133.74}, {512, 87, 260.19, 252.67}, {1024, 87, 546.75, 499.68}, {64, 65, 37.04, 34.91}, {64, 65, 32.64, 33.78},
+      {64, 65, 31.58, 34.25}, {128, 65, 51.16, 52.20}, {256, 65, 99.57, 101.98}, {512, 65, 200.64, 196.16}, {1024, 65, 403.10, 381.09}, {2048, 65, 810.91, 740.93},
+      {8, 65, 18.95, 22.41}, {8, 65, 17.21, 20.18}, {8, 65, 17.85, 20.53}, {16, 65, 31.73, 20.72}, {32, 65, 37.79, 23.79}, {64, 65, 29.84, 33.06},
+      {128, 65, 49.40, 50.61}, {256, 65, 97.23, 99.42}, {224, 65, 98.92, 86.30}, {224, 65, 99.04, 88.45}, {224, 65, 99.56, 90.41}, {448, 65, 205.92, 173.98},
+      {896, 65, 350.34, 333.98}, {1792, 65, 735.71, 666.08}, {3584, 65, 1390.08, 1359.39}, {7168, 65, 2692.29, 2659.30}, {64, 225, 104.13, 99.53}, {64, 225, 93.35, 91.11},
+      {64, 225, 93.69, 92.21}, {128, 225, 162.85, 158.91}, {256, 225, 324.83, 309.22}, {512, 225, 664.93, 620.38}, {1024, 225, 1464.42, 1185.66}, {2048, 225, 2716.83, 2340.16}};
+  double chosen = 0, always_v9 = 0, old_rule = 0, best = 0;
+  for (const Row& r : rows) {
+    const double t = stream_k_measured_win(r.tiles, r.slabs, 132) ? r.stream_k_us : r.v9_us;
+    EXPECT_LE(t, 1.3 * std::min(r.v9_us, r.stream_k_us)) << "tiles " << r.tiles << " slabs " << r.slabs;
+    chosen += t;
+    always_v9 += r.v9_us;
+    old_rule += r.tiles >= 16 && r.tiles <= 32 ? r.stream_k_us : r.v9_us;
+    best += std::min(r.v9_us, r.stream_k_us);
+  }
+  EXPECT_LT(chosen, old_rule);
+  EXPECT_LT(chosen, always_v9);
+  std::printf("Auto's rule on the session-21 table: %.0f us, best path per row %.0f, old rule %.0f, always v9 %.0f\n",
+              chosen, best, old_rule, always_v9);
 }
 
 TEST(GemmW4A4Plan, StreamPlansCoverWAndKeepTheMeasuredChoices) {

@@ -664,8 +664,9 @@ TEST(GemmW4A4StreamK, PreWidenedEntryEqualsPackedEntry) {
 
 TEST(GemmW4A4StreamK, AutoTakesStreamKWhereItMeasuredFaster) {
   // Auto's choice above 64 rows, seen in its output bit for bit: stream-K at 16-32 tiles when the
-  // scratch holds a stream-K workspace (7B q/k/v/o and down at M = 100-128, 70B k/v at M = 256),
-  // v9 at 8 or 64 tiles and whenever the workspace is missing. Both paths are deterministic; where
+  // scratch holds a stream-K workspace (7B q/k/v/o and down at M = 100-128, 70B k/v at M = 256) and
+  // where v9's one wave would leave a third of the SMs idle (7B gate/up at M = 100: 86 tiles), v9 at 8
+  // tiles, at 64 and 128 (v9's waves full) and whenever the workspace is missing. Both paths are deterministic; where
   // they happen to agree on every element the case cannot tell them apart, so the differing count is
   // printed.
   NIBBLE_REQUIRE_GPU();
@@ -676,7 +677,8 @@ TEST(GemmW4A4StreamK, AutoTakesStreamKWhereItMeasuredFaster) {
     bool stream_k;
   };
   const Case cases[] = {{4096, 4096, 100, true},  {4096, 11008, 128, true}, {1024, 8192, 256, true},
-                        {1024, 8192, 100, false}, {4096, 4096, 256, false}};
+                        {11008, 4096, 100, true}, {1024, 8192, 100, false}, {4096, 4096, 256, false},
+                        {4096, 4096, 512, false}};
   for (const Case& c : cases) {
     const uint64_t w_seed = fresh_seed(), x_seed = fresh_seed();
     SCOPED_TRACE(::testing::Message() << "M=" << c.M << " N=" << c.N << " K=" << c.K << " seeds: x " << x_seed << " w "

@@ -1420,7 +1420,7 @@ StreamKPlan stream_k_plan_for(int64_t w_rows_pad, int64_t x_rows_pad, int slabs)
 // Auto above 64 rows: stream-K where it measured faster (stream_k_measured_win) and the caller gave
 // it a workspace large enough, else v9.
 GemmPath wgmma_auto_path(const GemmOperands& ops, const GemmW4A4Scratch& scratch) {
-  if (!stream_k_measured_win(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad))) return GemmPath::Wgmma;
+  if (!stream_k_measured_win(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs, sm_count())) return GemmPath::Wgmma;
   const StreamKPlan plan = stream_k_plan_for(ops.w_rows_pad, ops.x_rows_pad, ops.slabs);
   const bool workspace = scratch.stream_k && reinterpret_cast<uintptr_t>(scratch.stream_k) % 16 == 0 &&
                          scratch.stream_k_bytes >= stream_k_workspace_bytes(plan.blocks);

@@ -22,7 +22,8 @@
 //                     between blocks are finished by the block holding their first slabs, which adds
 //                     the others' fp32 partials (workspace, flags) in block order (GemmPath::WgmmaStreamK;
 //                     plan and cost model: gemm_w4a4_plan.h). Auto takes it over wgmma where it measured
-//                     faster, 16-32 tiles (stream_k_measured_win), if the scratch has a stream-K workspace.
+//                     faster (stream_k_measured_win: 16-32 tiles, and from 64 up where v9's last wave leaves
+//                     SMs idle), if the scratch has a stream-K workspace.
 //   wgmma lockstep:   v6, the same tiles and results bit for bit, X unpacked in the kernel, all 8
 //                     warps doing every phase between block barriers: slower everywhere, kept as the
 //                     bit-identity oracle of the tests (GemmPath::WgmmaLockstep).
