@@ -15,6 +15,9 @@ A cubin: the nvcc line of `ninja -t commands nibble_cuda` for the .cu, `-cubin` 
                                              the wgmma events in order (ARRIVE, IGMMA ... gsb0 = a commit,
                                              DEPBAR.LE n = wait until n groups are pending)
   scripts/sass.py kernels CUBIN              kernel names (mangled) with their instruction counts
+  scripts/sass.py hazards CUBIN KERNEL       instructions that write an in-flight wgmma group's A or accumulator
+                                             registers, or read its accumulators, before the WARPGROUP.DEPBAR
+                                             that retires it (address order, branches not followed); exit 1 if any
 
 KERNEL: a substring of the mangled name (the first match is taken). nvdisasm 11.8 leaves out a few labels (seen
 in the attention decode kernels): a loop whose head has no label line is not listed; `list` still shows its code.
@@ -139,8 +142,49 @@ def wgmma_events(body):
     return ' '.join(events)
 
 
+# Opcodes whose first operand is not a register they write.
+NO_DEST = re.compile(r'^(ST|RED|ATOM|BRA|BAR|SYNCS|WARP|EXIT|RET|CALL|BSYNC|BSSY|MEMBAR|ERRBAR|CGAERRBAR|NOP|DEPBAR|'
+                     r'ISETP|FSETP|PLOP3|U|R2UR|ARRIVES|ELECT)')
+
+
+def registers(operand, width):
+    m = re.match(r'-?\|?R(\d+)\b', operand)
+    return set(range(int(m.group(1)), int(m.group(1)) + width)) if m else set()
+
+
+def hazards(code):
+    """(instruction, group's first wgmma, registers written, accumulators read) for every instruction that touches
+    an in-flight group's registers: a group is the wgmma up to one with gsb0 (32 accumulators of m64n64, 64 of
+    m64n128 would need the shape: taken from the opcode), retired by DEPBAR.LE n down to n pending."""
+    pending, current, found = [], None, []
+    for _, ins in code:
+        text = ins.text[len(ins.predicate):].strip()
+        operands = [o.strip() for o in text[len(ins.opcode):].split(',')]
+        if ins.opcode.startswith(('IGMMA', 'HGMMA')):
+            n = int(re.search(r'\.64x(\d+)x', ins.opcode).group(1))
+            accumulators = n // 2 if ins.opcode.startswith('IGMMA') or '.F32' in ins.opcode else n // 4
+            current = current or {'first': ins, 'a': set(), 'd': set()}
+            current['d'] |= registers(operands[0], accumulators)
+            current['a'] |= registers(operands[1], 4)
+            if text.endswith('gsb0'):
+                pending.append(current)
+                current = None
+        elif ins.opcode == 'WARPGROUP.DEPBAR.LE':
+            keep = int(operands[-1], 16)
+            pending = pending[len(pending) - keep:] if keep else []
+        elif pending:
+            width = 4 if '.128' in ins.opcode else 2 if ('.64' in ins.opcode or '.WIDE' in ins.opcode) else 1
+            writes = set() if NO_DEST.match(ins.opcode) else registers(operands[0], width)
+            reads = {int(r) for o in (operands[1:] if writes else operands) for r in re.findall(r'\bR(\d+)\b', o)}
+            for group in pending:
+                if (w := writes & (group['a'] | group['d'])) or (r := reads & group['d']):
+                    found.append((ins, group['first'], sorted(writes & (group['a'] | group['d'])),
+                                  sorted(reads & group['d'])))
+    return found
+
+
 def main(argv):
-    if len(argv) < 2 or argv[0] not in ('list', 'loops', 'kernels'):
+    if len(argv) < 2 or argv[0] not in ('list', 'loops', 'kernels', 'hazards'):
         sys.exit(__doc__)
     kernels = disassemble(argv[1])
     if argv[0] == 'kernels':
@@ -151,6 +195,12 @@ def main(argv):
         sys.exit(__doc__)
     name, code = pick(kernels, argv[2])
     print(f'# {name}: {len(code)} instructions')
+    if argv[0] == 'hazards':
+        found = hazards(code)
+        for ins, first, writes, reads in found:
+            print(f'  {ins.address:05x}  {ins.text}   [group from {first.address:05x}: writes {writes}, reads {reads}]')
+        print(f'{len(found)} hazards')
+        sys.exit(1 if found else 0)
     if argv[0] == 'list':
         for label, ins in code:
             if label:
