@@ -1057,6 +1057,29 @@ __device__ __forceinline__ void consume_span(const SpSlabs& ring, int r0, int s0
   }
 }
 
+// v9's consumer: acc += the folded sum of slabs s0 .. s0 + ns - 1 of its block tile (ring positions 0 ..
+// ns - 1), each slab issued, waited for and folded on one whole-tile int32 set: the other warpgroup's
+// MMAs run under this one's fold (as main's v9 ran in fact before session 21: its keeper branch made
+// ptxas close each slab's group early, so `wait_group 1` waited for the slab just issued). Same
+// operations per element as consume_span, so the same bits.
+template <IntToFloat kConv>
+__device__ __forceinline__ void consume_tile(const SpSlabs& ring, int s0, int ns, int g4, float (&acc)[64], int cw,
+                                             int lane) {
+  const int wtile = cw * 2, wrow = cw * 16 + lane / 4;
+  int d[64];
+  for (int i = 0; i < ns; ++i) {
+    ring.wait_loaded(i);
+    const bool int4 = s0 + i < g4;
+    uint32_t a[4][4];
+    widen_a(a, ring.stage(i), int4, wtile, lane);
+    issue_wgmma(d, a, ring.x_desc(i));
+    wgmma_wait<0>();
+    fence_regs(d);
+    wgmma_fold<kConv, 16>(acc, d, ring.w_scales(i), ring.x_scales(i), int4, wrow, lane);
+    ring.release(i);
+  }
+}
+
 constexpr IntToFloat kSpConv = IntToFloat::Cvt;  // run 1: 5% faster than the magic add, same bits
 
 template <typename OutT>
@@ -1082,7 +1105,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   const int cw = warp - 4;
 #pragma unroll
   for (int i = 0; i < 64; ++i) acc[i] = 0;
-  consume_span<kSpConv>(SpSlabs(sh, lane), 0, s0, ns, p.g4, acc, cw, lane);
+  consume_tile<kSpConv>(SpSlabs(sh, lane), s0, ns, p.g4, acc, cw, lane);
   __syncthreads();  // every copy landed (the consumers waited for each on `loaded`): the stages are free
   write_block_tile<OutT>(p, smem, acc, true, cw * 16 + lane / 4, lane, rank, n_base, m_base, threadIdx.x - 128,
                          kSpThreads - 128);
