@@ -171,11 +171,11 @@ inline StreamKPlan stream_k_plan(int64_t tiles, int slabs, int sms) {
 constexpr size_t stream_k_workspace_bound(int sms) { return stream_k_workspace_bytes(sms); }
 
 // Where Auto takes stream-K over v9 (above 64 rows, given a workspace): by the measurement, not the
-// model above. H100, session 21 (bench/RESULTS.md, `bench_gemm_w4a4 streamk`, 72 rows of the 7B and 70B
-// layers at M 64-4096): stream-K 1.53-1.95x v9 at 16-32 tiles (v9 splits K over clusters of 4-8),
-// 0.85-0.87x at 8; from 64 tiles up it wins where v9's last wave leaves SMs idle — 1.00-1.41x (median
-// 1.12) on the 18 rows whose v9 grid fills less than 90% of its waves' block slots (86, 96, 172, 192,
-// 224, 344, 448, 688 tiles), 0.89-1.24x (median 0.98) on the rest.
+// model above. H100, session 21 (bench/RESULTS.md, `bench_gemm_w4a4 streamk`, call C: 72 rows of the 7B and
+// 70B layers at M 64-4096): stream-K 1.51-1.83x v9 at 16-32 tiles (v9 splits K over clusters of 4-8),
+// 0.83-0.92x at 8; from 64 tiles up it wins where v9's last wave leaves SMs idle — 0.93-1.27x (median
+// 1.05) on the 17 rows whose v9 grid fills less than 90% of its waves' block slots (86, 96, 172, 192,
+// 224, 344, 448, 688 tiles), 0.86-1.13x (median 0.96) on the rest.
 inline bool stream_k_measured_win(int64_t tiles, int slabs, int sms) {
   if (tiles < 16) return false;
   if (tiles <= 32) return true;
