@@ -679,8 +679,9 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
 // are. Each warpgroup issues the slab's 4 wgmma (a keeper slab's last two on zero A), waits for
 // them and folds the int32 sums into fp32 with the per-row x per-token scales (DeepGEMM's
 // promotion). This lockstep kernel is the tests' bit-identity oracle; the warp-specialised one
-// below (v9) folds under the next MMAs. Operands come through 128x128 cp.async stages. Where the
-// tiles do not fill the SMs, K is split over a cluster.
+// below (v9) takes the same steps without block barriers, each warpgroup's fold under the other's
+// MMAs. Operands come through 128x128 cp.async stages. Where the tiles do not fill the SMs, K is
+// split over a cluster.
 constexpr int kWgThreads = 256;     // two warpgroups: W rows 0..63 and 64..127 of the block
 constexpr int kWgStages = 5;        // cp.async stages (prefetch distance kWgStages - 2)
 constexpr int kWgSmem = kWgStages * kStageBytes + 2 * kUnpackBytes;
