@@ -154,8 +154,9 @@ def registers(operand, width):
 
 def hazards(code):
     """(instruction, group's first wgmma, registers written, accumulators read) for every instruction that touches
-    an in-flight group's registers: a group is the wgmma up to one with gsb0 (32 accumulators of m64n64, 64 of
-    m64n128 would need the shape: taken from the opcode), retired by DEPBAR.LE n down to n pending."""
+    an in-flight group's registers. A group is the wgmma up to the one marked gsb0 (a commit); DEPBAR.LE n retires
+    all but the n newest. A wgmma's accumulators: N / 2 registers a thread for 64 x N int32 or fp32 sums (N from
+    the opcode), N / 4 for fp16; its A operand from registers: 4."""
     pending, current, found = [], None, []
     for _, ins in code:
         text = ins.text[len(ins.predicate):].strip()
@@ -177,9 +178,9 @@ def hazards(code):
             writes = set() if NO_DEST.match(ins.opcode) else registers(operands[0], width)
             reads = {int(r) for o in (operands[1:] if writes else operands) for r in re.findall(r'\bR(\d+)\b', o)}
             for group in pending:
-                if (w := writes & (group['a'] | group['d'])) or (r := reads & group['d']):
-                    found.append((ins, group['first'], sorted(writes & (group['a'] | group['d'])),
-                                  sorted(reads & group['d'])))
+                written, read = writes & (group['a'] | group['d']), reads & group['d']
+                if written or read:
+                    found.append((ins, group['first'], sorted(written), sorted(read)))
     return found
 
 
