@@ -142,6 +142,33 @@ TEST(GemmW4A4Plan, ClusterPlanWithinLimits) {
       }
 }
 
+TEST(GemmW4A4Plan, BlockOrderCoversEveryTileOnceTokenTilesFirst) {
+  for (int n_tiles : {1, 3, 32, 224})
+    for (int m_tiles : {1, 2, 7, 8, 9, 17, 32}) {
+      std::vector<int> seen(size_t(n_tiles) * size_t(m_tiles), 0);
+      for (int b = 0; b < n_tiles * m_tiles; ++b) {
+        const WgmmaTileOfBlock t = wgmma_tile_of_block(b, n_tiles, m_tiles);
+        ASSERT_TRUE(t.n_tile >= 0 && t.n_tile < n_tiles && t.m_tile >= 0 && t.m_tile < m_tiles)
+            << b << " of " << n_tiles << " x " << m_tiles;
+        ++seen[size_t(t.n_tile) * size_t(m_tiles) + size_t(t.m_tile)];
+        // Within a group the next block takes the next token tile of the same W tile.
+        if (b + 1 < n_tiles * m_tiles && (b + 1) % (kWgmmaRasterGroup * n_tiles) != 0) {
+          const WgmmaTileOfBlock next = wgmma_tile_of_block(b + 1, n_tiles, m_tiles);
+          const int rows = std::min(kWgmmaRasterGroup, m_tiles - t.m_tile / kWgmmaRasterGroup * kWgmmaRasterGroup);
+          if ((b % (kWgmmaRasterGroup * n_tiles)) % rows + 1 < rows) {
+            EXPECT_EQ(next.n_tile, t.n_tile);
+            EXPECT_EQ(next.m_tile, t.m_tile + 1);
+          }
+        }
+      }
+      for (size_t i = 0; i < seen.size(); ++i) ASSERT_EQ(seen[i], 1) << "tile " << i << " of " << n_tiles << " x " << m_tiles;
+    }
+  // The 70B gate/up grid at M = 4096 (224 x 32 tiles): a wave of 132 blocks reads 17 W tiles, not 132.
+  int max_n = 0;
+  for (int b = 0; b < 132; ++b) max_n = std::max(max_n, wgmma_tile_of_block(b, 224, 32).n_tile);
+  EXPECT_EQ(max_n, 16);
+}
+
 TEST(GemmW4A4Plan, PredictionsForTheBenchShapesOnAnH200) {
   // The table of bench/NOTES-gemm_w4a4.md "Session 15": slab-times of v9's cluster plan and of
   // stream-K per shape, 132 SMs, keeper 128. Checks only that stream-K is never predicted slower

@@ -384,7 +384,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   const int64_t tile16 = int64_t(blockIdx.x) * kDecodeWarps + warp;
   const bool active = tile16 * 16 < p.w_rows_pad;
   const int s0 = blockIdx.y * p.slabs_per_split, s1 = min(p.slabs, s0 + p.slabs_per_split);
-  const int64_t n0 = tile16 * 16 + g;
+  const int n0 = int(tile16) * 16 + g;  // 32-bit (N < 2^31): a 64-bit n0 live across the slab loops spilled at MT = 5
 
   float acc[MT][4];
 #pragma unroll
@@ -395,8 +395,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     const uint8_t* wb = wa + size_t(p.slabs) * kSlabBytes;
     const uint8_t* xl = p.xq + lane * 16;
     const int e4 = min(s1, p.g4);
-    for (int s = s0; s < e4; s += U) decode_slabs<MT, U, true>(p, s, e4, wa, wb, xl, int(n0), lane, acc);
-    for (int s = max(s0, p.g4); s < s1; s += 2) decode_slabs<MT, 2, false>(p, s, s1, wa, wb, xl, int(n0), lane, acc);
+    for (int s = s0; s < e4; s += U) decode_slabs<MT, U, true>(p, s, e4, wa, wb, xl, n0, lane, acc);
+    for (int s = max(s0, p.g4); s < s1; s += 2) decode_slabs<MT, 2, false>(p, s, s1, wa, wb, xl, n0, lane, acc);
   }
 
   if (p.splits > 1) {
@@ -444,7 +444,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     const int64_t m = mt * 8 + 2 * t;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int64_t mm = m + (i & 1), nn = n0 + (i >> 1) * 8;
+      const int64_t mm = m + (i & 1), nn = int64_t(n0) + (i >> 1) * 8;
       if (mm < p.M && nn < p.N) y[mm * p.N + nn] = from_float<OutT>(acc[mt][i]);
     }
   }
@@ -867,7 +867,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
   const int wtile = warp * 2;                                   // the warp's first 8-row W tile in the block
   const int wrow = warp * 16 + lane / 4;                        // the lane's first W row in the block
   const int rank = int(blockIdx.x);                             // the cluster spans x
-  const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
+  const WgmmaTileOfBlock tile = wgmma_tile_of_block(int(blockIdx.y + blockIdx.z * gridDim.y), int(gridDim.y), int(gridDim.z));
+  const int64_t n_base = int64_t(tile.n_tile) * kBN, m_base = int64_t(tile.m_tile) * kBM;
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
 
   float acc[64];
@@ -1090,7 +1091,8 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   const SpShared sh(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rank = int(blockIdx.x);  // the cluster spans x
-  const int64_t n_base = int64_t(blockIdx.y) * kBN, m_base = int64_t(blockIdx.z) * kBM;
+  const WgmmaTileOfBlock tile = wgmma_tile_of_block(int(blockIdx.y + blockIdx.z * gridDim.y), int(gridDim.y), int(gridDim.z));
+  const int64_t n_base = int64_t(tile.n_tile) * kBN, m_base = int64_t(tile.m_tile) * kBM;
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
   if (threadIdx.x == 0) sh.init();
   __syncthreads();
@@ -1098,7 +1100,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   float acc[64];
   if (warp < 4) {  // producer
     setmaxnreg_dec<kSpProducerRegs>();
-    produce_slabs(p, sh, 0, s0, ns, n_base, blockIdx.z);
+    produce_slabs(p, sh, 0, s0, ns, n_base, tile.m_tile);
     __syncthreads();  // pairs with the consumers' barrier before the epilogue
     write_block_tile<OutT>(p, smem, acc, false, 0, lane, rank, n_base, m_base, -1, 0);
     return;
@@ -1301,6 +1303,8 @@ void launch_wgmma(const GemmOperands& ops, const uint8_t* x_int8, cudaStream_t s
   }();
   (void)configured;
   const int64_t n_tiles = (ops.w_rows_pad + kBN - 1) / kBN, m_tiles = (ops.x_rows_pad + kBM - 1) / kBM;
+  require(n_tiles * m_tiles <= INT32_MAX && m_tiles <= 65535, "gemm_w4a4",
+          "{} x {} block tiles: the wgmma grid numbers its blocks in 32 bits, at most 65535 token tiles", n_tiles, m_tiles);
   const WgmmaClusterPlan d = wgmma_cluster_plan(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs, sm_count());
   WgmmaParams p{ops};
   p.cluster = d.cluster;
