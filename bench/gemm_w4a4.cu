@@ -190,7 +190,7 @@ struct AtomInputs {
     return time_ms([&](int r) { x_to_int8_b_layout(X[size_t(r)].view(), scratch.x_int8, nullptr); }, rots);
   }
   // A wgmma kernel alone on X pre-widened (a copy per rotation, made by the repack once), as the
-  // executor runs it above 64 rows: the quantizers write that layout, so no repack runs. `path`:
+  // executor runs it from kWgmmaMinM rows: the quantizers write that layout, so no repack runs. `path`:
   // Auto's choice, or Wgmma (v9) / WgmmaStreamK forced.
   std::vector<DeviceArray<uint8_t>> pre_widened;
   double time_pre_widened(GemmPath path = GemmPath::Auto) {
@@ -299,8 +299,8 @@ int run_decode(double copy_gbs) {
 }
 
 // `bench_gemm_w4a4 streamk [M ...]`: GemmPath::WgmmaStreamK against v9 (GemmPath::Wgmma), both on X
-// pre-widened (the kernels alone, as the executor runs them above 64 rows), beside Auto from packed X
-// (M > 64: repack + stream-K where stream_k_measured_win, else v9; M = 64: the decode kernel) and the FP16 linear, all in the same run, with the
+// pre-widened (the kernels alone, as the executor runs them from kWgmmaMinM rows), beside Auto from packed X
+// (from kWgmmaMinM rows: repack + stream-K where stream_k_measured_win, else v9; below: the decode kernel) and the FP16 linear, all in the same run, with the
 // plans' slab-time costs (gemm_w4a4_plan.h) for the model's ratio.
 int run_stream_k(const std::vector<int64_t>& Ms, int sms) {
   const int keeper = 128;

@@ -4,12 +4,12 @@
 // written. Two times per case: launches on a stream (CUDA events around batches, median, inputs
 // rotated past L2; bench_cuda.cuh) and the same launches replayed from a CUDA graph, as the
 // executor's captured decode step runs them (launch cost hidden; what is left is the kernel).
-// Above 64 rows also the quantizers writing X pre-widened (the wgmma GEMM's input, as the executor
+// From kWgmmaMinM rows also the quantizers writing X pre-widened (the wgmma GEMM's input, as the executor
 // runs them there) beside the repack of the packed output they replace (x_to_int8_b_layout):
 // pre-widened vs packed + repack.
 // `bench_norm_quantize residual`: the executor's norm before a W4A4 linear as two kernels
 // (residual_rmsnorm writing h and an fp16 copy, then rmsnorm_quantize of the copy) against the fused
-// residual_rmsnorm_quantize, pairs replayed from a graph, the output pre-widened above 64 rows as
+// residual_rmsnorm_quantize, pairs replayed from a graph, the output pre-widened from kWgmmaMinM rows as
 // the executor writes it.
 // `bench_norm_quantize one M K`: five launches of rmsnorm_quantize alone, for ncu.
 #include <cuda_fp16.h>
@@ -60,7 +60,7 @@ struct Case {
   int rots = 1;
   std::vector<__half*> a, u;
   std::vector<AtomDeviceMatrix> out;
-  std::vector<DeviceArray<uint8_t>> pre_widened;  // M > 64: the same rows pre-widened
+  std::vector<DeviceArray<uint8_t>> pre_widened;  // from kWgmmaMinM rows: the same rows pre-widened
   int32_t* perm = nullptr;
   float* w = nullptr;
 

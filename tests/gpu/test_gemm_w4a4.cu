@@ -400,7 +400,7 @@ TEST(GemmW4A4, MatchesFormatReferenceOnLlama70BShapes) {
 }
 
 TEST(GemmW4A4, WgmmaEqualsLockstepBitForBit) {
-  // The wgmma path (Auto at M > 64: X repacked, then the warp-specialised kernel) keeps the lockstep
+  // The wgmma path (Auto from kWgmmaMinM rows: X repacked, then the warp-specialised kernel) keeps the lockstep
   // kernel's slab order, fold and split-K plan, so its output must equal it bit for bit (each run
   // twice, outputs poisoned) on M not a multiple of the 128-token tile (and M = 7, a forced Wgmma),
   // on N from 70B k/v (cluster split-K) to 70B gate/up, keeper 0 and 128, fp16 and bf16. The float64
@@ -499,7 +499,7 @@ TEST(GemmW4A4XInt8, RepackMatchesHostRelayout) {
 }
 
 TEST(GemmW4A4XInt8, PreWidenedEntryEqualsWgmmaPath) {
-  // gemm_w4a4 on X already pre-widened (what the quantizers write for M > 64, which
+  // gemm_w4a4 on X already pre-widened (what the quantizers write from kWgmmaMinM rows, which
   // NormQuantize.PreWidenedEqualsRepackOfPacked proves equal to the repack) against the packed
   // entry's Wgmma path (repack + kernel) on every element, each run twice on poisoned outputs;
   // M = 7 and 65 to 1000 (partial 128-token tiles), 70B k/v (cluster split-K), keeper 0 and 128,
@@ -629,7 +629,7 @@ TEST(GemmW4A4StreamK, MatchesV9AndTheFormatReference) {
 }
 
 TEST(GemmW4A4StreamK, PreWidenedEntryEqualsPackedEntry) {
-  // The pre-widened entry (what the executor calls above 64 rows) on GemmPath::WgmmaStreamK against the
+  // The pre-widened entry (what the executor calls from kWgmmaMinM rows) on GemmPath::WgmmaStreamK against the
   // packed entry's (repack + the same kernel), every element, each twice on poisoned outputs.
   NIBBLE_REQUIRE_GPU();
   const std::tuple<int64_t, int, int, int64_t> cases[] = {{4096, 4096, 128, 100}, {1024, 8192, 128, 256}, {11008, 4096, 0, 300}};
@@ -663,11 +663,11 @@ TEST(GemmW4A4StreamK, PreWidenedEntryEqualsPackedEntry) {
 }
 
 TEST(GemmW4A4StreamK, AutoTakesStreamKWhereItMeasuredFaster) {
-  // Auto's choice above 64 rows, seen in its output bit for bit, on a 132-SM GPU (H100 SXM, H200):
+  // Auto's choice from kWgmmaMinM rows, seen in its output bit for bit, on a 132-SM GPU (H100 SXM, H200):
   // stream-K at 16-32 tiles when the scratch holds a stream-K workspace (7B q/k/v/o and down at M =
-  // 100-128, 70B k/v at M = 256) and where v9's one wave would leave a third of the SMs idle (7B gate/up
-  // at M = 100: 86 tiles); v9 at 8 tiles, at 64 and 128 (v9's waves full) and whenever the workspace is
-  // missing. Both paths are deterministic; where they happen to agree on every element the case cannot
+  // kWgmmaMinM-128, 70B k/v at M = 256) and where v9's one wave would leave a third of the SMs idle (7B
+  // gate/up at M = 100: 86 tiles); v9 at 8 tiles, at 64 and 128 (v9's waves full) and whenever the
+  // workspace is missing. Both paths are deterministic; where they happen to agree on every element the case cannot
   // tell them apart, so the differing count is printed.
   NIBBLE_REQUIRE_GPU();
   struct Case {
@@ -676,9 +676,9 @@ TEST(GemmW4A4StreamK, AutoTakesStreamKWhereItMeasuredFaster) {
     int64_t M;
     bool stream_k;
   };
-  const Case cases[] = {{4096, 4096, 100, true},  {4096, 11008, 128, true}, {1024, 8192, 256, true},
-                        {11008, 4096, 100, true}, {1024, 8192, 100, false}, {4096, 4096, 256, false},
-                        {4096, 4096, 512, false}};
+  const Case cases[] = {{4096, 4096, kWgmmaMinM, true}, {4096, 4096, 100, true},    {4096, 11008, 128, true},
+                        {1024, 8192, 256, true},         {11008, 4096, 100, true},   {1024, 8192, 100, false},
+                        {4096, 4096, 256, false},        {4096, 4096, 512, false}};
   for (const Case& c : cases) {
     const uint64_t w_seed = fresh_seed(), x_seed = fresh_seed();
     SCOPED_TRACE(::testing::Message() << "M=" << c.M << " N=" << c.N << " K=" << c.K << " seeds: x " << x_seed << " w "
@@ -709,6 +709,30 @@ TEST(GemmW4A4StreamK, AutoTakesStreamKWhereItMeasuredFaster) {
                 (long long)c.M, (long long)c.N, c.K, c.stream_k ? "stream-K" : "v9", (long long)differ_auto,
                 (long long)differ_paths);
   }
+}
+
+TEST(GemmW4A4, AutoTakesTheDecodeKernelBelowWgmmaMinM) {
+  // One row under the switch, Auto is the decode kernel bit for bit (at kWgmmaMinM the test above sees
+  // stream-K); the two kernels sum in different orders, so the differing count shows the case can tell.
+  NIBBLE_REQUIRE_GPU();
+  const int64_t M = kWgmmaMinM - 1, N = 4096;
+  const int K = 4096;
+  const uint64_t w_seed = fresh_seed(), x_seed = fresh_seed();
+  SCOPED_TRACE(::testing::Message() << "seeds: x " << x_seed << " w " << w_seed);
+  const AtomDeviceMatrix w(to_gpu_layout(quantized(w_seed, N, K, 128, 0.05f, 1.0f)));
+  const AtomDeviceMatrix x(to_gpu_layout(quantized(x_seed, M, K, 128, 1.0f, 0.9f)));
+  const DeviceResult automatic = run_twice(x.view(), w.view(), OutType::F16, GemmPath::Auto);
+  const DeviceResult decode = run_twice(x.view(), w.view(), OutType::F16, GemmPath::Decode);
+  const DeviceResult v9 = run_twice(x.view(), w.view(), OutType::F16, GemmPath::Wgmma);
+  int64_t differ_auto = 0, differ_paths = 0;
+  for (size_t i = 0; i < decode.y.size(); ++i) {
+    differ_auto += automatic.y[i] != decode.y[i];
+    differ_paths += v9.y[i] != decode.y[i];
+  }
+  EXPECT_EQ(automatic.unwritten, 0);
+  EXPECT_EQ(differ_auto, 0) << "Auto at M = " << M << " should be the decode kernel";
+  std::printf("Auto M=%lld N=%lld K=%d: decode expected, %lld differ from it; decode and v9 differ in %lld elements\n",
+              (long long)M, (long long)N, K, (long long)differ_auto, (long long)differ_paths);
 }
 
 TEST(GemmW4A4StreamK, RejectsAMissingOrSmallWorkspace) {

@@ -617,7 +617,7 @@ void launch_stream(const GemmOperands& ops, OutType out, cudaStream_t stream) {
   }
 }
 
-// ---- Block tiles for M > 64: 128 W rows x 128 tokens, one cp.async stage per slab ----------------
+// ---- Block tiles of the wgmma kernels: 128 W rows x 128 tokens, one cp.async stage per slab ---------
 //
 // (v1-v5 ran them on `mma.sync` in 8 or 16 warps; the wgmma kernel below replaced those, measured
 // equal or faster on every shape of device run 1, and they were deleted.)
@@ -671,7 +671,7 @@ __device__ __forceinline__ void block_tile_load(const GemmOperands& p, uint8_t* 
   }
 }
 
-// ---- wgmma (sm_90a): M > 64 ------------------------------------------------------------------------
+// ---- wgmma (sm_90a): Auto's from kWgmmaMinM rows -------------------------------------------------------
 //
 // Yᵀ = W·Xᵀ on `wgmma.mma_async.m64n128k32.s32.s8.s8`: W rows are wgmma's M (a warpgroup takes 64
 // rows: each warp's 16-row tile is, in our slab layout, exactly its register-A fragment after the
@@ -910,7 +910,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
   write_block_tile<OutT>(p, smem, acc, true, wrow, lane, rank, n_base, m_base, threadIdx.x, kWgThreads);
 }
 
-// ---- Warp-specialised wgmma (v9): M > 64 -----------------------------------------------------------
+// ---- Warp-specialised wgmma (v9) ---------------------------------------------------------------------
 //
 // The same block tile, slab order, wgmma issue and fold as wgmma_kernel, the lockstep v6 kept as the
 // tests' oracle (bit-identical results), but no block barrier in the main loop, and X arrives
@@ -1449,7 +1449,7 @@ StreamKPlan stream_k_plan_for(int64_t w_rows_pad, int64_t x_rows_pad, int slabs)
   if (inserted) at->second = stream_k_plan(tiles, slabs, sm_count());
   return at->second;
 }
-// Auto above 64 rows: stream-K where it measured faster (stream_k_measured_win) and the caller gave
+// Auto from kWgmmaMinM rows: stream-K where it measured faster (stream_k_measured_win) and the caller gave
 // it a workspace large enough, else v9.
 GemmPath wgmma_auto_path(const GemmOperands& ops, const GemmW4A4Scratch& scratch) {
   if (!stream_k_measured_win(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs, sm_count())) return GemmPath::Wgmma;
@@ -1516,9 +1516,9 @@ void gemm_w4a4(const AtomOperand& x, const AtomOperand& w, void* y, OutType out,
   if (M == 0 || N == 0) return;
   const GemmOperands ops{x.q, x.s, w.q, w.s, M, x.shape.rows_pad, N, w.shape.rows_pad, w.shape.slabs(), w.shape.g4, y};
   if (path == GemmPath::Auto) {
-    // M <= 16: gemm_w4a4_auto_streams (measured, its comment); wgmma lost at M = 64 (device run 1).
-    // Above 64, the warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes (v7
-    // 1.15-1.28x v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
+    // M <= 16: gemm_w4a4_auto_streams (measured, its comment); the decode kernel below kWgmmaMinM
+    // (gemm_w4a4.h). The warp-specialised wgmma kernel beat the lockstep one on all 21 benched shapes
+    // (v7 1.15-1.28x v6; v9 1.16-1.71x v7, its repack's 4-51 µs not counted).
     path = gemm_w4a4_auto_streams(M, w.shape.packed_bytes()) ? GemmPath::Stream
            : gemm_w4a4_takes_x_int8(M)                       ? wgmma_auto_path(ops, scratch)
                                                              : GemmPath::Decode;

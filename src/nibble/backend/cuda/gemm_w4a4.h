@@ -6,9 +6,10 @@
 // scale_x[m, g] · scale_w[n, g] (multiplied in fp32), the DeepGEMM way. Kernels:
 //   stream (M <= 16, W <= 16 MB): a GEMV: W streamed once through per-warp register rings, whole W
 //                     tiles per block, split-K over a cluster only for small N, sums finished on chip.
-//   decode (M <= 64): W streamed once through registers (`mma.sync`), split-K over the SMs, the
-//                     partial sums reduced in-kernel by the last block of each column range.
-//   wgmma  (M > 64):  X pre-widened to what the tensor cores read (INT8 codes in the wgmma B layout
+//   decode (M <= 64; Auto's below kWgmmaMinM): W streamed once through registers (`mma.sync`),
+//                     split-K over the SMs, the partial sums reduced in-kernel by the last block of
+//                     each column range.
+//   wgmma  (any M; Auto's from kWgmmaMinM): X pre-widened to what the tensor cores read (INT8 codes in the wgmma B layout
 //                     + fp32 scales per 128-token tile and slab), written so by norm_quantize or
 //                     repacked by x_to_int8_b_layout into caller scratch; then 128×128 block tiles
 //                     on `wgmma.m64n128k32.s8` (sm_90a), W as the register A operand, X's blocks
@@ -58,7 +59,7 @@ inline constexpr bool gemm_w4a4_auto_streams(int64_t M, int64_t w_packed_bytes) 
 // the maximum of its function over those shapes, separately: never one buffer for both.
 //   split_k: the decode kernel's split-K partial sums and arrival counters (M <= 64). Zero-filled
 //            once when allocated; the kernels leave it zeroed again, so nothing else may write it.
-//   x_int8:  the wgmma path's X repacked (M > 64 under Auto; any M when Wgmma is forced), overwritten
+//   x_int8:  the wgmma path's X repacked (M >= kWgmmaMinM under Auto; any M when Wgmma is forced), overwritten
 //            by every such call; 16-byte aligned. Bytes grow with M: size it for the largest M.
 //   stream_k: the stream-K kernel's flags and fp32 partial tiles (GemmPath::WgmmaStreamK, any M), 16-byte
 //            aligned. Zero-filled once when allocated; the kernel leaves its flags zero again, so
@@ -73,11 +74,11 @@ struct GemmW4A4Scratch {
 };
 // split_k bytes for one shape (0 for M > 64).
 size_t gemm_w4a4_split_k_bytes(int64_t M, int64_t N, int K, int keeper);
-// x_int8 bytes for M rows of X (any M; Auto reads it only for M > 64): gemm_w4a4_x_int8_bytes(T, K,
+// x_int8 bytes for M rows of X (any M; Auto reads it only from kWgmmaMinM): gemm_w4a4_x_int8_bytes(T, K,
 // keeper) serves every M <= T of that K and keeper.
 size_t gemm_w4a4_x_int8_bytes(int64_t M, int K, int keeper);
 // stream_k bytes for one shape's plan on this device, and a bound for every shape on it (what the
-// executor allocates where its steps can have more than 64 rows).
+// executor allocates where its steps can have kWgmmaMinM rows or more).
 size_t gemm_w4a4_stream_k_bytes(int64_t M, int64_t N, int K, int keeper);
 size_t gemm_w4a4_stream_k_bytes_bound();
 // The stream kernel's launch (M <= 16) for W of N x K on this device (gemm_w4a4_plan.h; the bench
@@ -111,12 +112,17 @@ struct XInt8Operand {
 };
 
 // Auto's choice of kernel reads X pre-widened (no repack needed) exactly when this holds: the
-// executor quantizes straight into the B layout then and calls the XInt8Operand entry.
-inline constexpr int64_t kDecodeMaxM = 64;
-inline constexpr bool gemm_w4a4_takes_x_int8(int64_t M) { return M > kDecodeMaxM; }
+// executor quantizes straight into the B layout then and calls the XInt8Operand entry. The wgmma
+// kernels cost one 128-token tile from M = 1 to 128, the decode kernel grows with M: pre-widened wgmma
+// (v9 or stream-K) against decode measured 0.85-1.23x at M = 40 (faster only on 70B gate/up) and
+// 0.97-1.58x at M = 64 (slower only on 7B q/k/v/o and 70B k/v, by 2-3%; 1.37x on 7B's fused q/k/v and
+// gate/up) on the H100 (bench_gemm_w4a4, session 22): the crossover near 48.
+inline constexpr int64_t kWgmmaMinM = 49;
+inline constexpr int64_t kDecodeMaxM = 64;  // the decode kernel's limit (forced; Auto's is kWgmmaMinM - 1)
+inline constexpr bool gemm_w4a4_takes_x_int8(int64_t M) { return M >= kWgmmaMinM; }
 
 // Y = X·Wᵀ on the wgmma path from X already pre-widened (any M >= 1; one kernel, no repack). The
-// result is gemm_w4a4(packed X, ..., path)'s bit for bit. `path`: Auto (Auto's choice above 64 rows),
+// result is gemm_w4a4(packed X, ..., path)'s bit for bit. `path`: Auto (Auto's choice from kWgmmaMinM rows),
 // Wgmma or WgmmaStreamK (which needs scratch.stream_k; the other buffers are not used). Throws on
 // mismatched shapes, a null / misaligned X, another path or a missing workspace. Asynchronous on `stream`.
 void gemm_w4a4(const XInt8Operand& x, const AtomOperand& w, void* y, OutType out, cudaStream_t stream,

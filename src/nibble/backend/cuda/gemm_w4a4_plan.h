@@ -187,7 +187,7 @@ inline StreamKPlan stream_k_plan(int64_t tiles, int slabs, int sms) {
 // The workspace any stream-K plan on `sms` SMs can need (the executor's bound).
 constexpr size_t stream_k_workspace_bound(int sms) { return stream_k_workspace_bytes(sms); }
 
-// Where Auto takes stream-K over v9 (above 64 rows, given a workspace): by the measurement, not the
+// Where Auto takes stream-K over v9 (from kWgmmaMinM rows, given a workspace): by the measurement, not the
 // model above. H100, session 21 (bench/RESULTS.md, `bench_gemm_w4a4 streamk`, call C: 72 rows of the 7B and
 // 70B layers at M 64-4096): stream-K 1.51-1.83x v9 at 16-32 tiles (v9 splits K over clusters of 4-8),
 // 0.83-0.92x at 8; from 64 tiles up it wins where v9's last wave leaves SMs idle — 0.93-1.27x (median

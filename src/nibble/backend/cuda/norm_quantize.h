@@ -12,7 +12,7 @@
 // 128 with clip4, [K-keeper, K) Int8Sym per row with clip8. The arithmetic follows
 // backend/cpu/ops.cpp (rms_norm, swiglu) in fp32; rows [M, rows_pad) of the output are zeroed.
 // The same codes and scales can instead be written pre-widened in the wgmma B layout (gemm_w4a4.h's
-// XInt8Operand), which the GEMM's wgmma path (M > 64) reads without a repack.
+// XInt8Operand), which the GEMM's wgmma path (Auto's from kWgmmaMinM rows) reads without a repack.
 #pragma once
 
 #include <cstdint>
