@@ -665,7 +665,7 @@ TEST(GemmW4A4StreamK, PreWidenedEntryEqualsPackedEntry) {
 TEST(GemmW4A4StreamK, AutoTakesStreamKWhereItMeasuredFaster) {
   // Auto's choice from kWgmmaMinM rows, seen in its output bit for bit, on a 132-SM GPU (H100 SXM, H200):
   // stream-K at 16-32 tiles when the scratch holds a stream-K workspace (7B q/k/v/o and down at M =
-  // kWgmmaMinM-128, 70B k/v at M = 256) and where v9's one wave would leave a third of the SMs idle (7B
+  // kWgmmaMinM to 128, 70B k/v at M = 256) and where v9's one wave would leave a third of the SMs idle (7B
   // gate/up at M = 100: 86 tiles); v9 at 8 tiles, at 64 and 128 (v9's waves full) and whenever the
   // workspace is missing. Both paths are deterministic; where they happen to agree on every element the case cannot
   // tell them apart, so the differing count is printed.

@@ -113,11 +113,13 @@ struct XInt8Operand {
 
 // Auto's choice of kernel reads X pre-widened (no repack needed) exactly when this holds: the
 // executor quantizes straight into the B layout then and calls the XInt8Operand entry. The wgmma
-// kernels cost one 128-token tile from M = 1 to 128, the decode kernel grows with M: pre-widened wgmma
-// (v9 or stream-K) against decode measured 0.85-1.23x at M = 40 (faster only on 70B gate/up) and
-// 0.97-1.58x at M = 64 (slower only on 7B q/k/v/o and 70B k/v, by 2-3%; 1.37x on 7B's fused q/k/v and
-// gate/up) on the H100 (bench_gemm_w4a4, session 22): the crossover near 48.
-inline constexpr int64_t kWgmmaMinM = 49;
+// kernels cost one 128-token tile from M = 1 to 128; the decode kernel grows with M and steps up at
+// M = 57 (8 m-tiles: 170 registers, fewer blocks an SM). Decode time / pre-widened wgmma time (v9 or
+// stream-K, Auto's choice) on the H100, every 7B and 70B layer (bench_gemm_w4a4, session 22): M = 40
+// 0.85-1.24, 48 0.88-1.01, 56 0.94-1.08 (7B under 1, 70B over), 64 0.97-1.59; the decode step of 8-layer
+// 7B / 4-layer 70B synth models (bench_decode_step, ctx 512) with the switch at 49 instead: batch 56 1.5%
+// slower, batch 64 1.10x (7B) and 1.20x (70B) faster. Hence from 57 rows.
+inline constexpr int64_t kWgmmaMinM = 57;
 inline constexpr int64_t kDecodeMaxM = 64;  // the decode kernel's limit (forced; Auto's is kWgmmaMinM - 1)
 inline constexpr bool gemm_w4a4_takes_x_int8(int64_t M) { return M >= kWgmmaMinM; }
 
