@@ -12,6 +12,7 @@
 // Pool contents are random valid codes/scales/values, never zeros.
 //   bench_attention [all|decode|prefill]
 //   bench_attention one-decode int4|fp16 7B|70B BATCH CTX   (a few launches, for ncu)
+//   bench_attention decode-splits   (INT4 decode at batch 1-16: the planned split count beside forced ones)
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -104,8 +105,8 @@ struct DecodeResult {
   int64_t bytes = 0;
 };
 
-DecodeResult bench_decode(const Model& m, KVDtype dt, int batch, int ctx) {
-  DecodeSetup s(m, dt, batch, ctx);
+// One decode launch on `s`, timed: the planned split count (splits = 0) or a forced one.
+DecodeResult time_decode(const DecodeSetup& s, const Model& m, int batch, int splits = 0) {
   __half *q = nullptr, *out = nullptr;
   const size_t n = size_t(batch) * m.heads * m.head_dim;
   NIBBLE_CUDA_CHECK(cudaMalloc(&q, n * 2));
@@ -116,13 +117,46 @@ DecodeResult bench_decode(const Model& m, KVDtype dt, int batch, int ctx) {
   a.q = q;
   a.out = out;
   a.num_heads = m.heads;
+  a.num_splits = splits;
   DecodeResult r;
   r.ms = time_ms([&](int rot) { attention_decode(s.cache->view(), s.batches[size_t(rot)], a, ws, nullptr); }, s.rots);
-  r.splits = attention_decode_splits(s.cache->view(), s.batches[0], m.heads);
+  r.splits = splits ? splits : attention_decode_splits(s.cache->view(), s.batches[0], m.heads);
   r.bytes = s.kv_bytes;
   cudaFree(q);
   cudaFree(out);
   return r;
+}
+DecodeResult bench_decode(const Model& m, KVDtype dt, int batch, int ctx) {
+  const DecodeSetup s(m, dt, batch, ctx);
+  return time_decode(s, m, batch);
+}
+
+// `bench_attention decode-splits`: the INT4 decode at batch 1-16 with every forced split count beside the
+// plan's (attention_plan.h), to check the cost model on this GPU.
+int run_decode_splits(double copy_gbs) {
+  std::printf("| model | batch | context | planned splits | planned ms | %% copy BW | best splits | best ms | %% copy BW | planned / best | ms at 1 / 2 / 4 / 8 / 16 / 32 / 64 splits |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+  for (const Model& m : kModels)
+    for (int batch : {1, 4, 16})
+      for (int ctx : {2048, 8192}) {
+        const DecodeSetup s(m, KVDtype::Int4, batch, ctx);
+        const DecodeResult planned = time_decode(s, m, batch);
+        DecodeResult best = planned;
+        std::string row;
+        for (int splits : {1, 2, 4, 8, 16, 32, 64}) {
+          const DecodeResult r = time_decode(s, m, batch, splits);
+          if (r.ms < best.ms) best = r;
+          char ms[32];
+          std::snprintf(ms, sizeof ms, "%s%.4f", row.empty() ? "" : " / ", r.ms);
+          row += ms;
+        }
+        const auto pct = [&](const DecodeResult& r) { return 100.0 * double(r.bytes) / (r.ms * 1e-3) / 1e9 / copy_gbs; };
+        std::printf("| %s | %d | %d | %d | %.4f | %.0f%% | %d | %.4f | %.0f%% | %.2fx | %s |\n", m.name, batch, ctx,
+                    planned.splits, planned.ms, pct(planned), best.splits, best.ms, pct(best), planned.ms / best.ms,
+                    row.c_str());
+        std::fflush(stdout);
+      }
+  return 0;
 }
 
 struct PrefillResult {
@@ -225,6 +259,7 @@ int main(int argc, char** argv) {
     const double copy_gbs = copy_bandwidth();
     std::printf("copy bandwidth (cudaMemcpy D2D 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
 
+    if (mode == "decode-splits") return run_decode_splits(copy_gbs);
     if (mode == "all" || mode == "decode") {
       std::printf("### decode (one layer, head_dim 128, page 16; GB/s on the KV bytes read; vs fp16 = fp16 ms / int4 ms)\n\n");
       std::printf("| model | batch | context | int4 splits | int4 ms | int4 GB/s | %% copy BW | fp16 splits | fp16 ms | fp16 GB/s | %% copy BW | int4 vs fp16 |\n");
