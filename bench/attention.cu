@@ -150,7 +150,9 @@ int run_decode_splits(double copy_gbs) {
           std::snprintf(ms, sizeof ms, "%s%.4f", row.empty() ? "" : " / ", r.ms);
           row += ms;
         }
-        const auto pct = [&](const DecodeResult& r) { return 100.0 * double(r.bytes) / (r.ms * 1e-3) / 1e9 / copy_gbs; };
+        const auto pct = [&](const DecodeResult& r) {
+          return 100.0 * double(r.bytes) / (r.ms * 1e-3) / 1e9 / copy_gbs;
+        };
         std::printf("| %s | %d | %d | %d | %.4f | %.0f%% | %d | %.4f | %.0f%% | %.2fx | %s |\n", m.name, batch, ctx,
                     planned.splits, planned.ms, pct(planned), best.splits, best.ms, pct(best), planned.ms / best.ms,
                     row.c_str());

@@ -299,9 +299,10 @@ int run_decode(double copy_gbs) {
 }
 
 // `bench_gemm_w4a4 streamk [M ...]`: GemmPath::WgmmaStreamK against v9 (GemmPath::Wgmma), both on X
-// pre-widened (the kernels alone, as the executor runs them from kWgmmaMinM rows), beside Auto from packed X
-// (from kWgmmaMinM rows: repack + stream-K where stream_k_measured_win, else v9; below: the decode kernel) and the FP16 linear, all in the same run, with the
-// plans' slab-time costs (gemm_w4a4_plan.h) for the model's ratio.
+// pre-widened (the kernels alone, as the executor runs them from kWgmmaMinM rows), beside Auto from
+// packed X (from kWgmmaMinM rows: repack + stream-K where stream_k_measured_win, else v9; below: the
+// decode kernel) and the FP16 linear, all in the same run, with the plans' slab-time costs
+// (gemm_w4a4_plan.h) for the model's ratio.
 int run_stream_k(const std::vector<int64_t>& Ms, int sms) {
   const int keeper = 128;
   LinearFp16 fp16;

@@ -161,7 +161,8 @@ TEST(GemmW4A4Plan, BlockOrderCoversEveryTileOnceTokenTilesFirst) {
           }
         }
       }
-      for (size_t i = 0; i < seen.size(); ++i) ASSERT_EQ(seen[i], 1) << "tile " << i << " of " << n_tiles << " x " << m_tiles;
+      for (size_t i = 0; i < seen.size(); ++i)
+        ASSERT_EQ(seen[i], 1) << "tile " << i << " of " << n_tiles << " x " << m_tiles;
     }
   // The 70B gate/up grid at M = 4096 (224 x 32 tiles): a wave of 132 blocks reads 17 W tiles, not 132.
   int max_n = 0;

@@ -268,9 +268,9 @@ class LayerRunner {
   // Readies what the linears of `w` need: the W8A8 GEMM's algorithms, and the W4A4 activation
   // operands and GEMM scratch big enough for any linear seen so far (grown, never shrunk), each
   // sized by the maximum over the linears of its own function: the packed operand and the split-K
-  // sums for up to 64 rows (the decode and stream kernels) and, where steps can have kWgmmaMinM rows or more, X
-  // pre-widened for the wgmma kernel (gemm_w4a4.h), which the quantizers write directly, and the
-  // stream-K kernel's workspace.
+  // sums for up to 64 rows (the decode and stream kernels) and, where steps can have kWgmmaMinM rows or
+  // more, X pre-widened for the wgmma kernel (gemm_w4a4.h), which the quantizers write directly, and
+  // the stream-K kernel's workspace.
   void prepare(const LayerWeights& w) {
     const int64_t T = max_tokens_;
     for (const LinearWeights* l : w.linears()) {
@@ -518,9 +518,9 @@ class LayerRunner {
   DeviceArray<int> row_counters_;  // residual_rmsnorm_quantize's, one per token row
   DeviceArray<uint8_t> act_codes_;  // the largest linear input at min(max_tokens, 64) rows
   DeviceArray<__half> act_scales_;
-  DeviceArray<uint8_t> act_x_int8_;    // the largest linear input at max_tokens rows, pre-widened (max_tokens >= kWgmmaMinM)
+  DeviceArray<uint8_t> act_x_int8_;  // the largest linear input at max_tokens (>= kWgmmaMinM) rows, pre-widened
   DeviceArray<uint8_t> gemm_split_k_;  // zeroed once, left zeroed by the kernels
-  DeviceArray<uint8_t> gemm_stream_k_;  // zeroed once, the stream-K kernel leaves its flags zero (max_tokens >= kWgmmaMinM)
+  DeviceArray<uint8_t> gemm_stream_k_;  // max_tokens >= kWgmmaMinM; zeroed once, the stream-K kernel leaves its flags zero
   float kv_clip_ = 1.0f;
   bool k_before_rope_ = false;
   bool kv_hadamard_ = false;

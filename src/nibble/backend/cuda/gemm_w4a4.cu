@@ -862,6 +862,11 @@ __device__ __forceinline__ void write_block_tile(const WgmmaParams& p, uint8_t* 
   if (p.cluster > 1) cg::this_cluster().sync();  // no block leaves while its tile is read
 }
 
+// This block's tile of a (cluster, W tiles, token tiles) grid, in wgmma_tile_of_block's order.
+__device__ __forceinline__ WgmmaTileOfBlock grid_tile() {
+  return wgmma_tile_of_block(int(blockIdx.y + blockIdx.z * gridDim.y), int(gridDim.y), int(gridDim.z));
+}
+
 template <typename OutT>
 __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
   extern __shared__ __align__(128) uint8_t smem[];
@@ -870,7 +875,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) wgmma_kernel(WgmmaParams p) {
   const int wtile = warp * 2;                                   // the warp's first 8-row W tile in the block
   const int wrow = warp * 16 + lane / 4;                        // the lane's first W row in the block
   const int rank = int(blockIdx.x);                             // the cluster spans x
-  const WgmmaTileOfBlock tile = wgmma_tile_of_block(int(blockIdx.y + blockIdx.z * gridDim.y), int(gridDim.y), int(gridDim.z));
+  const WgmmaTileOfBlock tile = grid_tile();
   const int64_t n_base = int64_t(tile.n_tile) * kBN, m_base = int64_t(tile.m_tile) * kBM;
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
 
@@ -1094,7 +1099,7 @@ __global__ void __launch_bounds__(kSpThreads, 1) wgmma_specialized_kernel(WgmmaP
   const SpShared sh(smem);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int rank = int(blockIdx.x);  // the cluster spans x
-  const WgmmaTileOfBlock tile = wgmma_tile_of_block(int(blockIdx.y + blockIdx.z * gridDim.y), int(gridDim.y), int(gridDim.z));
+  const WgmmaTileOfBlock tile = grid_tile();
   const int64_t n_base = int64_t(tile.n_tile) * kBN, m_base = int64_t(tile.m_tile) * kBM;
   const int s0 = rank * p.slabs_per_rank, ns = min(p.slabs, s0 + p.slabs_per_rank) - s0;
   if (threadIdx.x == 0) sh.init();
@@ -1307,7 +1312,8 @@ void launch_wgmma(const GemmOperands& ops, const uint8_t* x_int8, cudaStream_t s
   (void)configured;
   const int64_t n_tiles = (ops.w_rows_pad + kBN - 1) / kBN, m_tiles = (ops.x_rows_pad + kBM - 1) / kBM;
   require(n_tiles * m_tiles <= INT32_MAX && m_tiles <= 65535, "gemm_w4a4",
-          "{} x {} block tiles: the wgmma grid numbers its blocks in 32 bits, at most 65535 token tiles", n_tiles, m_tiles);
+          "{} x {} block tiles: the wgmma grid numbers its blocks in 32 bits, at most 65535 token tiles", n_tiles,
+          m_tiles);
   const WgmmaClusterPlan d = wgmma_cluster_plan(wgmma_tiles(ops.w_rows_pad, ops.x_rows_pad), ops.slabs, sm_count());
   WgmmaParams p{ops};
   p.cluster = d.cluster;

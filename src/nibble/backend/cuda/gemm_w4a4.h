@@ -9,8 +9,8 @@
 //   decode (M <= 64; Auto's below kWgmmaMinM): W streamed once through registers (`mma.sync`),
 //                     split-K over the SMs, the partial sums reduced in-kernel by the last block of
 //                     each column range.
-//   wgmma  (any M; Auto's from kWgmmaMinM): X pre-widened to what the tensor cores read (INT8 codes in the wgmma B layout
-//                     + fp32 scales per 128-token tile and slab), written so by norm_quantize or
+//   wgmma  (any M; Auto's from kWgmmaMinM): X pre-widened to what the tensor cores read (INT8 codes
+//                     in the wgmma B layout + fp32 scales per 128-token tile and slab), written so by norm_quantize or
 //                     repacked by x_to_int8_b_layout into caller scratch; then 128×128 block tiles
 //                     on `wgmma.m64n128k32.s8` (sm_90a), W as the register A operand, X's blocks
 //                     copied as they are into shared memory as B,
