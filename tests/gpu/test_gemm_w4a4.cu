@@ -365,6 +365,8 @@ TEST(GemmW4A4, MatchesFormatReference) {
           std::vector<std::pair<OutType, GemmPath>> runs = {{OutType::F16, GemmPath::Auto}};
           // The other paths on the shapes they can take, and bf16 output, on a few shapes.
           if (M <= 64 && N == 4096) runs.emplace_back(OutType::F16, GemmPath::Wgmma);
+          // The decode kernel above 16 rows, where Auto no longer takes it from kWgmmaMinM (M = 64).
+          if (M > kStreamMaxM && M <= kDecodeMaxM && N == 4096) runs.emplace_back(OutType::F16, GemmPath::Decode);
           if (M <= kStreamMaxM && (N == 512 || N == 4096 || N == 11008)) {
             runs.emplace_back(OutType::F16, GemmPath::Stream);
             runs.emplace_back(OutType::F16, GemmPath::Decode);
